@@ -1,0 +1,306 @@
+"""Orbax checkpoints of a params pytree plus its ModelConfig, with an integrity manifest.
+
+Layout of a checkpoint directory:
+    params/               orbax StandardCheckpointer output (arrays, sharded writes by every process)
+    spec_tpu_config.json  {"format", "version", "config": ModelConfig.to_dict(), "extra": {...}}
+    manifest.json         sha256 and size of every other file; written LAST
+
+Why a manifest: orbax CRC-checks its index but not chunk data, so damaged bytes can restore as
+silently wrong weights. Why a temporary sibling + rename: a save that dies half-way must never leave
+a directory that looks complete. The manifest is written last inside the temporary directory and the
+rename is atomic, so "manifest present and matching" means "the save finished and nothing changed".
+
+Paths are local or shared POSIX filesystems (os.rename must be atomic there); not gs:// URLs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spec_tpu.config import ModelConfig
+
+FORMAT = "spec_tpu.checkpoint"
+VERSION = 1
+PARAMS_DIR = "params"
+CONFIG_FILE = "spec_tpu_config.json"
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 8 << 20  # hash in 8 MiB reads: memory stays flat however large a file is
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete, damaged, or does not fit the request."""
+
+
+def _err(path, problem: str) -> CheckpointError:
+  return CheckpointError(f"checkpoint {os.fspath(path)!r}: {problem}")
+
+
+# ---------------------------------------------------------------- integrity manifest
+
+def _hash_file(path: str) -> tuple[str, int]:
+  h, size = hashlib.sha256(), 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+      size += len(chunk)
+  return h.hexdigest(), size
+
+
+def _list_files(root: str) -> list[str]:
+  """Relative paths of every file under root, manifest excluded, sorted for a stable manifest."""
+  out = []
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      if rel != MANIFEST_FILE:
+        out.append(rel.replace(os.sep, "/"))
+  return sorted(out)
+
+
+def _hash_all(root: str, rels: list[str]) -> dict[str, tuple[str, int]]:
+  # hashlib releases the GIL on large buffers, so threads overlap reading and hashing many files.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    digests = pool.map(lambda r: _hash_file(os.path.join(root, r)), rels)
+    return dict(zip(rels, digests))
+
+
+def _write_manifest(root: str) -> None:
+  files = {rel: {"sha256": d, "size": s} for rel, (d, s) in _hash_all(root, _list_files(root)).items()}
+  _write_json(os.path.join(root, MANIFEST_FILE),
+              {"format": FORMAT, "version": VERSION, "files": files})
+
+
+def _read_manifest(path: str) -> dict[str, dict[str, Any]]:
+  mpath = os.path.join(path, MANIFEST_FILE)
+  if not os.path.isdir(path):
+    raise _err(path, "no such directory")
+  if not os.path.isfile(mpath):
+    raise _err(path, f"no {MANIFEST_FILE}: incomplete or not a spec_tpu checkpoint")
+  try:
+    with open(mpath) as f:
+      manifest = json.load(f)
+    files = manifest["files"]
+    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+      raise ValueError(f"format {manifest.get('format')!r}")
+  except (ValueError, KeyError, TypeError) as e:
+    raise _err(path, f"{MANIFEST_FILE} is unreadable ({e}): incomplete or not a spec_tpu "
+               "checkpoint") from None
+  return files
+
+
+def verify(path) -> None:
+  """Checks every file against the manifest; raises CheckpointError naming the first bad file."""
+  _check_files(os.fspath(path))
+
+
+def _check_files(path: str) -> None:
+  expected = _read_manifest(path)
+  present = set(_list_files(path))
+  if missing := sorted(set(expected) - present):
+    raise _err(path, f"file {missing[0]!r} listed in the manifest is missing "
+               f"({len(missing)} missing in all)")
+  if unexpected := sorted(present - set(expected)):
+    raise _err(path, f"file {unexpected[0]!r} is not in the manifest (added after the save?)")
+  # Sizes first: cheap, and a truncated file gets the plainer message.
+  for rel, want in expected.items():
+    size = os.path.getsize(os.path.join(path, rel))
+    if size != want["size"]:
+      raise _err(path, f"file {rel!r} has {size} bytes, manifest says {want['size']} "
+                 "(truncated or damaged)")
+  for rel, (digest, _) in _hash_all(path, sorted(expected)).items():
+    if digest != expected[rel]["sha256"]:
+      raise _err(path, f"file {rel!r} fails its sha256 check (damaged data)")
+
+
+# ---------------------------------------------------------------- multi-host helpers
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(f"spec_tpu_checkpoint_{name}")
+
+
+def _all_agree(ok: bool) -> bool:
+  """Process 0's verdict, shared with every process so they all raise or all go on together."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)  # makes a rename durable, not just visible
+  finally:
+    os.close(fd)
+
+
+# ---------------------------------------------------------------- save
+
+def _as_arrays(params):
+  def conv(x):
+    if isinstance(x, jax.Array):
+      return x
+    if isinstance(x, (np.ndarray, np.generic, int, float)):
+      return jnp.asarray(x)
+    raise TypeError(f"params leaves must be arrays, got {type(x).__name__}")
+  return jax.tree.map(conv, params)
+
+
+def save(path, params, config: ModelConfig, *, extra: dict | None = None,
+         overwrite: bool = False) -> None:
+  """Saves params (a pytree of jax arrays, possibly sharded) and config to directory `path`.
+
+  Every process must call this (orbax writes each process's shards); process 0 alone writes the
+  config and manifest and renames. `extra` is any JSON-serialisable dict (e.g. conversion source).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not isinstance(config, ModelConfig):
+    raise _err(path, f"config must be a ModelConfig, got {type(config).__name__}")
+  if os.path.exists(path) and not overwrite:
+    raise _err(path, "destination exists; pass overwrite=True to replace it")
+  try:
+    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "extra": extra or {}}
+    json.dumps(meta)
+  except TypeError as e:
+    raise _err(path, f"extra must be JSON-serialisable: {e}") from None
+  try:
+    params = _as_arrays(params)
+  except TypeError as e:
+    raise _err(path, str(e)) from None
+
+  # Deterministic name: every host must agree on it without talking. A leftover from a dead save
+  # is garbage by construction (it never got renamed), so it is safe to delete.
+  parent, base = os.path.split(path)
+  tmp = os.path.join(parent, f".{base}.spec_tpu-tmp")
+  if _is_primary():
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _barrier("tmp_ready")
+
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr.wait_until_finished()  # async by default; also a cross-process barrier
+  _barrier("arrays_written")
+
+  if _is_primary():
+    _write_json(os.path.join(tmp, CONFIG_FILE), meta)
+    _write_manifest(tmp)  # last: its presence marks a complete checkpoint
+    if os.path.exists(path):
+      # rename() cannot replace a non-empty directory: move the old one aside, then drop it.
+      old = os.path.join(parent, f".{base}.spec_tpu-old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+    _fsync_dir(parent)
+  _barrier("renamed")
+
+
+# ---------------------------------------------------------------- load
+
+def _read_meta(path: str, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  cpath = os.path.join(path, CONFIG_FILE)
+  if CONFIG_FILE not in manifest or not os.path.isfile(cpath):
+    raise _err(path, f"no {CONFIG_FILE}: not a spec_tpu checkpoint")
+  with open(cpath, "rb") as f:
+    raw = f.read()
+  if hashlib.sha256(raw).hexdigest() != manifest[CONFIG_FILE]["sha256"]:
+    raise _err(path, f"file {CONFIG_FILE!r} fails its sha256 check (damaged data)")
+  return json.loads(raw)
+
+
+def load_config(path) -> ModelConfig:
+  """The ModelConfig stored with a checkpoint (checks the config file, not the arrays)."""
+  path = os.fspath(path)
+  meta = _read_meta(path, _read_manifest(path))
+  try:
+    return ModelConfig.from_dict(meta["config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise _err(path, f"stored config is invalid: {e}") from None
+
+
+def load_extra(path) -> dict:
+  """The `extra` dict given to save()."""
+  path = os.fspath(path)
+  return _read_meta(path, _read_manifest(path)).get("extra", {})
+
+
+def _abstract_tree(path: str, metadata_tree, shardings, dtype):
+  """ShapeDtypeStruct leaves carrying the target shardings: orbax then reads each shard in place."""
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, metadata_tree)
+
+  def leaf(meta, sharding):
+    if not isinstance(sharding, jax.sharding.Sharding):
+      raise TypeError(f"a leaf is {type(sharding).__name__}, not a jax.sharding.Sharding")
+    # Cast floats only: integer leaves (e.g. index tables) must keep their exact values.
+    want = dtype if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
+    return jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=sharding)
+
+  try:
+    return jax.tree.map(leaf, metadata_tree, shardings)
+  except (ValueError, TypeError) as e:
+    raise _err(path, "shardings do not match the stored params tree "
+               f"{jax.tree.structure(metadata_tree)}: {e}") from None
+
+
+def restore(path, *, shardings=None, dtype=None, verify: bool = True):
+  """Returns (params, config). Arrays are read straight into `shardings`, nothing gathered.
+
+  shardings: None (first local device), one Sharding for every leaf, or a pytree of Shardings with
+  the structure of the stored params (which need not match the mesh they were saved from).
+  dtype: optional cast of floating-point leaves. verify: check the manifest hashes first (process 0
+  reads every file once; skip only for checkpoints just verified).
+  """
+  path = os.path.abspath(os.fspath(path))
+  try:
+    dtype = None if dtype is None else jnp.dtype(dtype)
+  except TypeError as e:
+    raise _err(path, f"bad dtype {dtype!r}: {e}") from None
+  problem = None
+  if _is_primary():
+    try:
+      (_check_files if verify else _read_manifest)(path)
+    except CheckpointError as e:
+      problem = e
+  if not _all_agree(problem is None):
+    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
+  config = load_config(path)
+
+  params_dir = os.path.join(path, PARAMS_DIR)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      step_meta = ckptr.metadata(params_dir)
+    except (FileNotFoundError, ValueError) as e:
+      raise _err(path, f"orbax cannot read the params metadata: {e}") from None
+    item = getattr(step_meta, "item_metadata", step_meta)
+    tree = getattr(item, "tree", item)  # the plain nested dicts/lists, as saved
+    abstract = _abstract_tree(path, tree, shardings, dtype)
+    params = ckptr.restore(params_dir, abstract)
+  return params, config

@@ -1,0 +1,198 @@
+"""Model configurations: one frozen dataclass, named presets for every family served.
+
+Presets follow the published configs (transformers' Gemma/Gemma2/Gemma3/Llama config classes and
+the Chinchilla paper). Only the shapes matter to the decoder; weights come from checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+LOCAL = "local"    # sliding-window attention, ring-buffer cache of window size
+GLOBAL = "global"  # full attention, cache of the whole context
+
+_ACTIVATIONS = ("geglu", "swiglu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the decoder needs to know about a model's shape and variant."""
+
+  name: str
+  vocab_size: int                 # rows of the embedding table (may include padding rows)
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  ffw_dim: int
+  ffw_activation: str = "swiglu"  # geglu | swiglu | gelu (dense, ungated)
+  gelu_approximate: bool = True   # tanh approximation (Gemma's gelu_pytorch_tanh)
+  norm_eps: float = 1e-6
+  norm_plus_one: bool = False     # Gemma's RMSNorm multiplies by (1 + scale)
+  tie_embeddings: bool = True
+  scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
+  post_attn_norm: bool = False    # Gemma 2/3: norm after attention, before the residual add
+  post_ffw_norm: bool = False
+  qk_norm: bool = False           # Gemma 3: RMSNorm on queries and keys per head
+  query_scale: float | None = None  # None: head_dim ** -0.5
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  layer_pattern: tuple[str, ...] = (GLOBAL,)  # repeated cyclically over the layers
+  sliding_window: int | None = None
+  rope_base_global: float = 10_000.0
+  rope_base_local: float = 10_000.0
+  rope_scale_global: float = 1.0  # linear position scaling (Gemma 3 4B+ global layers)
+  rope_scale_local: float = 1.0
+  valid_vocab_size: int | None = None  # tokens a tokenizer can produce; rows past it are padding
+  tokenizer: str = ""             # names the tokenizer, so mismatched draft/target pairs are caught
+  dtype: str = "float32"          # parameter and activation dtype
+
+  def __post_init__(self):
+    problems = []
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "ffw_dim"):
+      if getattr(self, field) <= 0:
+        problems.append(f"{field} must be positive, got {getattr(self, field)}")
+    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                      f"({self.num_kv_heads})")
+    if self.ffw_activation not in _ACTIVATIONS:
+      problems.append(f"ffw_activation must be one of {_ACTIVATIONS}, got {self.ffw_activation!r}")
+    if not self.layer_pattern or any(k not in (LOCAL, GLOBAL) for k in self.layer_pattern):
+      problems.append(f"layer_pattern must hold {LOCAL!r}/{GLOBAL!r}, got {self.layer_pattern}")
+    if LOCAL in self.layer_pattern and not (self.sliding_window and self.sliding_window > 0):
+      problems.append("local layers need a positive sliding_window")
+    if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
+      problems.append(f"valid_vocab_size must be in (0, vocab_size={self.vocab_size}], "
+                      f"got {self.valid_vocab_size}")
+    if problems:
+      raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
+
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    p = self.layer_pattern
+    return tuple(p[i % len(p)] for i in range(self.num_layers))
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens that can be sampled (the rest of the embedding rows are padding)."""
+    return self.valid_vocab_size or self.vocab_size
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["layer_pattern"] = list(self.layer_pattern)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+    d = dict(d)
+    if "layer_pattern" in d:
+      d["layer_pattern"] = tuple(d["layer_pattern"])
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+  def num_params(self) -> int:
+    d, h, k, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_dim
+    attn = d * e * (2 * h + 2 * k) + (2 * e if self.qk_norm else 0)
+    ffw = d * f * (3 if self.ffw_activation != "gelu" else 2)
+    norms = d * (2 + self.post_attn_norm + self.post_ffw_norm)
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * (attn + ffw + norms) + embed + d
+
+
+def _gemma(name, **kw) -> ModelConfig:
+  base = dict(ffw_activation="geglu", norm_plus_one=True, tie_embeddings=True,
+              scale_embeddings=True, norm_eps=1e-6, dtype="bfloat16")
+  base.update(kw)
+  return ModelConfig(name=name, **base)
+
+
+def _gemma2(name, **kw) -> ModelConfig:
+  return _gemma(name, vocab_size=256_000, post_attn_norm=True, post_ffw_norm=True,
+                attn_logit_softcap=50.0, final_logit_softcap=30.0, layer_pattern=(LOCAL, GLOBAL),
+                sliding_window=4096, tokenizer="gemma", **kw)
+
+
+def _gemma3(name, **kw) -> ModelConfig:
+  return _gemma(name, post_attn_norm=True, post_ffw_norm=True, qk_norm=True,
+                layer_pattern=(LOCAL,) * 5 + (GLOBAL,), rope_base_local=10_000.0,
+                rope_base_global=1_000_000.0, tokenizer="gemma3", **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+  c.name: c for c in [
+    # Tiny shapes for tests: every feature of the decoder at a size a CPU compiles in seconds.
+    ModelConfig(name="tiny", vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=8, ffw_dim=64, tie_embeddings=False),
+    ModelConfig(name="tiny_gemma2", vocab_size=64, d_model=32, num_layers=4, num_heads=4,
+                num_kv_heads=2, head_dim=8, ffw_dim=64, ffw_activation="geglu", norm_plus_one=True,
+                scale_embeddings=True, post_attn_norm=True, post_ffw_norm=True,
+                attn_logit_softcap=50.0, final_logit_softcap=30.0, layer_pattern=(LOCAL, GLOBAL),
+                sliding_window=6, query_scale=16 ** -0.5),
+    ModelConfig(name="tiny_gemma3", vocab_size=64, d_model=32, num_layers=6, num_heads=4,
+                num_kv_heads=1, head_dim=8, ffw_dim=64, ffw_activation="geglu", norm_plus_one=True,
+                scale_embeddings=True, post_attn_norm=True, post_ffw_norm=True, qk_norm=True,
+                layer_pattern=(LOCAL, LOCAL, GLOBAL), sliding_window=5, rope_base_local=10_000.0,
+                rope_base_global=1_000_000.0, rope_scale_global=8.0),
+    # Chen et al. 2023: Chinchilla 70B target and its 4B draft (wide and shallow).
+    ModelConfig(name="chinchilla_70b", vocab_size=32_000, d_model=8192, num_layers=80,
+                num_heads=64, num_kv_heads=64, head_dim=128, ffw_dim=4 * 8192,
+                ffw_activation="gelu", tie_embeddings=False, dtype="bfloat16",
+                tokenizer="chinchilla"),
+    ModelConfig(name="chinchilla_4b_draft", vocab_size=32_000, d_model=6144, num_layers=8,
+                num_heads=48, num_kv_heads=48, head_dim=128, ffw_dim=4 * 6144,
+                ffw_activation="gelu", tie_embeddings=False, dtype="bfloat16",
+                tokenizer="chinchilla"),
+    # Gemma (v1).
+    _gemma("gemma_2b", vocab_size=256_000, d_model=2048, num_layers=18, num_heads=8,
+           num_kv_heads=1, head_dim=256, ffw_dim=16_384, tokenizer="gemma"),
+    _gemma("gemma_7b", vocab_size=256_000, d_model=3072, num_layers=28, num_heads=16,
+           num_kv_heads=16, head_dim=256, ffw_dim=24_576, tokenizer="gemma"),
+    # Gemma 2: query_pre_attn_scalar is head_dim for 2B/9B and d_model / num_heads for 27B.
+    _gemma2("gemma2_2b", d_model=2304, num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256,
+            ffw_dim=9216, query_scale=256 ** -0.5),
+    _gemma2("gemma2_9b", d_model=3584, num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256,
+            ffw_dim=14_336, query_scale=256 ** -0.5),
+    _gemma2("gemma2_27b", d_model=4608, num_layers=46, num_heads=32, num_kv_heads=16,
+            head_dim=128, ffw_dim=36_864, query_scale=144 ** -0.5),
+    # Gemma 3 (text): 4B and up scale global RoPE positions by 8.
+    _gemma3("gemma3_1b", vocab_size=262_144, d_model=1152, num_layers=26, num_heads=4,
+            num_kv_heads=1, head_dim=256, ffw_dim=6912, sliding_window=512,
+            query_scale=256 ** -0.5),
+    _gemma3("gemma3_4b", vocab_size=262_208, d_model=2560, num_layers=34, num_heads=8,
+            num_kv_heads=4, head_dim=256, ffw_dim=10_240, sliding_window=1024,
+            query_scale=256 ** -0.5, rope_scale_global=8.0),
+    _gemma3("gemma3_12b", vocab_size=262_208, d_model=3840, num_layers=48, num_heads=16,
+            num_kv_heads=8, head_dim=256, ffw_dim=15_360, sliding_window=1024,
+            query_scale=256 ** -0.5, rope_scale_global=8.0),
+    _gemma3("gemma3_27b", vocab_size=262_208, d_model=5376, num_layers=62, num_heads=32,
+            num_kv_heads=16, head_dim=128, ffw_dim=21_504, sliding_window=1024,
+            query_scale=168 ** -0.5, rope_scale_global=8.0),
+    # Llama-style shapes (GQA/MHA, SwiGLU, untied) for benchmarks.
+    ModelConfig(name="llama_7b", vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=32, head_dim=128, ffw_dim=11_008, norm_eps=1e-5,
+                tie_embeddings=False, dtype="bfloat16", tokenizer="llama"),
+    ModelConfig(name="llama3_8b", vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=8, head_dim=128, ffw_dim=14_336, norm_eps=1e-5,
+                rope_base_global=500_000.0, tie_embeddings=False, dtype="bfloat16",
+                tokenizer="llama3"),
+  ]
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+  if name not in PRESETS:
+    raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]

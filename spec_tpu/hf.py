@@ -1,0 +1,506 @@
+"""Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
+
+Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (and the text half of
+Gemma3ForConditionalGeneration), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
+  - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
+    weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
+  - Sliding windows see keys at positions > q - window (HF's sliding_window_overlay).
+  - Gemma 3 applies `rope_scaling` to the global (full_attention) layers only, and ignores
+    attn_logit_softcapping (its attention never passes it on).
+  - Mistral's sliding_window, when set, applies to every layer.
+Anything that would change numerics and that the decoder cannot express is refused with an error
+naming the config field or tensor, never silently dropped.
+
+Shapes: HF Linear weights are (out, in). The decoder's params layout is in spec_tpu/model.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from spec_tpu.config import GLOBAL, LOCAL, ModelConfig
+
+
+class HFConversionError(ValueError):
+  """A Hugging Face checkpoint that spec_tpu cannot convert faithfully."""
+
+
+# ---------------------------------------------------------------- config.json -> ModelConfig
+
+_ARCHITECTURES = {  # architecture -> family
+  "GemmaForCausalLM": "gemma",
+  "Gemma2ForCausalLM": "gemma2",
+  "Gemma3ForCausalLM": "gemma3_text",
+  "Gemma3ForConditionalGeneration": "gemma3",  # multimodal: the text_config half is converted
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "mistral",
+}
+_MODEL_TYPES = {  # used when config.json names no architecture
+  "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text", "gemma3": "gemma3",
+  "llama": "llama", "mistral": "mistral",
+}
+_REFUSED = {  # look-alikes whose numerics the decoder cannot reproduce
+  "Qwen2ForCausalLM": "its q/k/v projections have biases, which spec_tpu's decoder lacks",
+  "qwen2": "its q/k/v projections have biases, which spec_tpu's decoder lacks",
+  "MixtralForCausalLM": "it is a mixture of experts; the decoder has one dense feed-forward",
+  "mixtral": "it is a mixture of experts; the decoder has one dense feed-forward",
+}
+
+# transformers' config-class defaults for the fields read below: config.json files omit fields
+# equal to their defaults (Gemma 3 multimodal text_configs omit most), and HF fills them in.
+_COMMON = dict(rms_norm_eps=1e-6, rope_theta=10_000.0, attention_bias=False, mlp_bias=False)
+_GEMMA2_3 = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                 tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                 query_pre_attn_scalar=256, sliding_window=4096)
+_DEFAULTS = {
+  "gemma": dict(_COMMON, vocab_size=256_000, hidden_size=3072, intermediate_size=24_576,
+                num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+                tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+  "gemma2": dict(_COMMON, **_GEMMA2_3, vocab_size=256_000, attn_logit_softcapping=50.0,
+                 final_logit_softcapping=30.0),
+  "gemma3_text": dict(_COMMON, **_GEMMA2_3, vocab_size=262_208, rope_theta=1_000_000.0,
+                      rope_local_base_freq=10_000.0, sliding_window_pattern=6,
+                      attn_logit_softcapping=None, final_logit_softcapping=None),
+  "llama": dict(_COMMON, vocab_size=32_000, hidden_size=4096, intermediate_size=11_008,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                head_dim=None, tie_word_embeddings=False, hidden_act="silu"),
+  "mistral": dict(_COMMON, vocab_size=32_000, hidden_size=4096, intermediate_size=14_336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=None, tie_word_embeddings=False, hidden_act="silu",
+                  sliding_window=4096),
+}
+_GEMMAS = ("gemma", "gemma2", "gemma3_text")
+_LAYER_KINDS = {"sliding_attention": LOCAL, "full_attention": GLOBAL}
+# activation name -> (ffw_activation, gelu_approximate); every served family is gated.
+_ACTIVATIONS = {"gelu_pytorch_tanh": ("geglu", True), "gelu": ("geglu", False),
+                "silu": ("swiglu", True), "swish": ("swiglu", True)}
+
+
+def _family(hf: dict) -> str:
+  archs = hf.get("architectures") or []
+  model_type = hf.get("model_type")
+  for key in list(archs) + [model_type]:
+    if key in _REFUSED:
+      raise HFConversionError(f"{key} is not supported: {_REFUSED[key]}")
+  if len(archs) > 1:
+    raise HFConversionError(f"config.json names several architectures {archs}; expected one")
+  if archs:
+    if archs[0] not in _ARCHITECTURES:
+      raise HFConversionError(f"unknown architecture {archs[0]!r} in config.json 'architectures'; "
+                              f"supported: {sorted(_ARCHITECTURES)}")
+    return _ARCHITECTURES[archs[0]]
+  if model_type not in _MODEL_TYPES:
+    raise HFConversionError(f"unknown model_type {model_type!r} in config.json (and no "
+                            f"'architectures'); supported: {sorted(_MODEL_TYPES)}")
+  return _MODEL_TYPES[model_type]
+
+
+class _Fields:
+  """config.json fields with transformers' defaults behind them; an explicit null stays None."""
+
+  def __init__(self, hf: dict, defaults: dict):
+    self.hf, self.defaults = hf, defaults
+
+  def __getitem__(self, key):
+    return self.hf[key] if key in self.hf else self.defaults.get(key)
+
+
+def _rope_scale(params: dict | None, field: str) -> float:
+  params = params or {}
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind in ("default", None):
+    return 1.0
+  if kind != "linear":
+    raise HFConversionError(f"config field {field!r}: rope type {kind!r} is not supported "
+                            "(only default and linear)")
+  if "factor" not in params:
+    raise HFConversionError(f"config field {field!r}: linear rope scaling without 'factor'")
+  return float(params["factor"])
+
+
+def _rope(f: _Fields, family: str) -> dict[str, float]:
+  """Bases and linear position scales for global and local layers."""
+  params = f["rope_parameters"]
+  for where, p in [("partial_rotary_factor", f["partial_rotary_factor"])] + (
+      [("rope_parameters", params.get("partial_rotary_factor"))] if isinstance(params, dict) else []):
+    if p not in (None, 1, 1.0):
+      raise HFConversionError(f"config field {where!r}: partial rotary embeddings are not supported")
+  if family == "gemma3_text":
+    if params is None:
+      # Legacy fields: rope_scaling applies to global layers only (Gemma3TextConfig).
+      full = dict(f["rope_scaling"] or {}, rope_theta=f["rope_theta"])
+      slide = {"rope_theta": f["rope_local_base_freq"]}
+      fields = ("rope_scaling", "rope_scaling")
+    elif set(params) <= set(_LAYER_KINDS):
+      full = dict(params.get("full_attention") or {})
+      slide = dict(params.get("sliding_attention") or {})
+      full.setdefault("rope_theta", f["rope_theta"])
+      slide.setdefault("rope_theta", f["rope_local_base_freq"])
+      fields = ("rope_parameters.full_attention", "rope_parameters.sliding_attention")
+    else:
+      raise HFConversionError("config field 'rope_parameters': Gemma 3 expects keys "
+                              f"{sorted(_LAYER_KINDS)}, got {sorted(params)}")
+  else:
+    if params is None:
+      full = dict(f["rope_scaling"] or {}, rope_theta=f["rope_theta"])
+      fields = ("rope_scaling",) * 2
+    elif set(params) & set(_LAYER_KINDS):
+      raise HFConversionError(f"config field 'rope_parameters': per-layer-type RoPE is not "
+                              f"expected for {family}")
+    else:
+      full = dict(params)
+      full.setdefault("rope_theta", f["rope_theta"])
+      fields = ("rope_parameters",) * 2
+    slide = full
+  return dict(rope_base_global=float(full["rope_theta"]),
+              rope_scale_global=_rope_scale(full, fields[0]),
+              rope_base_local=float(slide["rope_theta"]),
+              rope_scale_local=_rope_scale(slide, fields[1]))
+
+
+def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
+  """The shortest prefix whose cyclic repetition gives every layer's kind."""
+  for p in range(1, len(kinds) + 1):
+    if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
+      return tuple(kinds[:p])
+  raise AssertionError("unreachable: the full list is its own period")
+
+
+def _layer_pattern(f: _Fields, family: str, num_layers: int) -> tuple[str, ...]:
+  if family in ("gemma", "llama"):
+    return (GLOBAL,)
+  if family == "mistral":
+    return (GLOBAL,) if f["sliding_window"] is None else (LOCAL,)
+  names = f["layer_types"]
+  if names is None:
+    # What the config classes derive when layer_types is absent (older config.json files).
+    period = 2 if family == "gemma2" else (
+        f["sliding_window_pattern"] or f["_sliding_window_pattern"] or 6)
+    names = ["sliding_attention" if (i + 1) % period else "full_attention"
+             for i in range(num_layers)]
+  if len(names) != num_layers:
+    raise HFConversionError(f"config field 'layer_types' has {len(names)} entries for "
+                            f"num_hidden_layers={num_layers}")
+  for i, name in enumerate(names):
+    if name not in _LAYER_KINDS:
+      raise HFConversionError(f"config field 'layer_types[{i}]' is {name!r}; supported: "
+                              f"{sorted(_LAYER_KINDS)}")
+  return _shortest_period([_LAYER_KINDS[n] for n in names])
+
+
+def _refuse_unsupported(f: _Fields, family: str) -> None:
+  for field in ("attention_bias", "mlp_bias"):
+    if f[field]:
+      raise HFConversionError(f"config field {field!r} is true: the decoder has no biases")
+  if f["use_bidirectional_attention"]:
+    raise HFConversionError("config field 'use_bidirectional_attention' is true: the decoder "
+                            "is causal")
+  for field in ("num_local_experts", "num_experts", "n_routed_experts"):
+    if f[field]:
+      raise HFConversionError(f"config field {field!r} is set: mixtures of experts are not "
+                              "supported")
+
+
+def _text_config(hf: dict) -> tuple[dict, str]:
+  family = _family(hf)
+  if family != "gemma3":
+    return hf, family
+  text = hf.get("text_config")
+  if not isinstance(text, dict):
+    raise HFConversionError("Gemma3ForConditionalGeneration config.json has no 'text_config'")
+  text = dict(text)
+  for key in ("tie_word_embeddings", "dtype", "torch_dtype"):  # may live at the top level only
+    if key not in text and key in hf:
+      text[key] = hf[key]
+  return text, "gemma3_text"
+
+
+def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
+                   dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig of a transformers config.json (its parsed contents).
+
+  dtype: the params dtype; defaults to the checkpoint's declared dtype, else float32.
+  Raises HFConversionError naming the field for anything the decoder cannot reproduce.
+  """
+  text, family = _text_config(hf_config)
+  f = _Fields(text, _DEFAULTS[family])
+  _refuse_unsupported(f, family)
+  gemma = family in _GEMMAS
+
+  act_field = "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"
+  act_name = f[act_field]
+  if family == "gemma" and act_name == "gelu":
+    act_name = "gelu_pytorch_tanh"  # GemmaConfig maps the legacy "gelu" to the tanh form
+  if act_name not in _ACTIVATIONS:
+    raise HFConversionError(f"config field {act_field!r} is {act_name!r}; supported: "
+                            f"{sorted(_ACTIVATIONS)}")
+  activation, approximate = _ACTIVATIONS[act_name]
+
+  heads = f["num_attention_heads"]
+  kv_heads = f["num_key_value_heads"] or heads
+  head_dim = f["head_dim"] or f["hidden_size"] // heads
+  num_layers = f["num_hidden_layers"]
+  pattern = _layer_pattern(f, family, num_layers)
+  window = f["sliding_window"] if LOCAL in pattern else None
+  if LOCAL in pattern and not (isinstance(window, int) and window > 0):
+    raise HFConversionError(f"config field 'sliding_window' is {window!r}; sliding-window "
+                            "layers need a positive integer")
+  query_scale = None
+  if family in ("gemma2", "gemma3_text"):
+    query_scale = float(f["query_pre_attn_scalar"]) ** -0.5
+  attn_cap = f["attn_logit_softcapping"] if family == "gemma2" else None
+  final_cap = f["final_logit_softcapping"] if family in ("gemma2", "gemma3_text") else None
+
+  dtype = dtype or f["dtype"] or f["torch_dtype"] or "float32"
+  try:
+    dtype = jnp.dtype(dtype).name
+  except TypeError:
+    raise HFConversionError(f"unknown dtype {dtype!r}") from None
+  try:
+    return ModelConfig(
+        name=name or text.get("_name_or_path") or family,
+        vocab_size=f["vocab_size"], d_model=f["hidden_size"], num_layers=num_layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        ffw_dim=f["intermediate_size"], ffw_activation=activation, gelu_approximate=approximate,
+        norm_eps=float(f["rms_norm_eps"]), norm_plus_one=gemma,
+        tie_embeddings=bool(f["tie_word_embeddings"]), scale_embeddings=gemma,
+        post_attn_norm=family in ("gemma2", "gemma3_text"),
+        post_ffw_norm=family in ("gemma2", "gemma3_text"), qk_norm=family == "gemma3_text",
+        query_scale=query_scale,
+        attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+        final_logit_softcap=None if final_cap is None else float(final_cap),
+        layer_pattern=pattern, sliding_window=window, dtype=dtype, **_rope(f, family))
+  except ValueError as e:
+    raise HFConversionError(f"config.json gives an invalid model: {e}") from None
+
+
+# ---------------------------------------------------------------- weights
+
+# Prefixes of the decoder's tensors: causal LMs, then the two layouts of Gemma 3 multimodal
+# checkpoints (hub files, and transformers' in-memory naming), then a bare base model.
+_PREFIXES = ("model.", "language_model.model.", "model.language_model.", "")
+_MULTIMODAL_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
+
+
+def _head_name(prefix: str) -> str:
+  return "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
+
+
+def _locate(names: set[str]) -> str:
+  found = [p for p in _PREFIXES if f"{p}embed_tokens.weight" in names]
+  if not found:
+    raise HFConversionError("no embedding table in the checkpoint (looked for "
+                            + ", ".join(f"'{p}embed_tokens.weight'" for p in _PREFIXES) + ")")
+  if len(found) > 1:
+    raise HFConversionError(f"several embedding tables in the checkpoint (prefixes {found})")
+  return found[0]
+
+
+# A step of the plan: (HF name, HF shape, destination path in params, HF array -> ours).
+Step = tuple[str, tuple[int, ...], tuple, Callable[[np.ndarray], np.ndarray]]
+
+
+def _same(a):
+  return a
+
+
+def _transpose(a):
+  return a.T
+
+
+def _plan(cfg: ModelConfig, prefix: str) -> Iterator[Step]:
+  d, h, k, e, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim,
+                      cfg.vocab_size)
+  gemma23 = cfg.post_attn_norm  # Gemma 2/3 name the norms around attention/FFW differently
+
+  def heads_in(n):  # (n*e, d) -> (d n e)
+    return lambda a: a.reshape(n, e, d).transpose(2, 0, 1)
+
+  yield f"{prefix}embed_tokens.weight", (v, d), ("embed",), _same
+  if not cfg.tie_embeddings:
+    yield _head_name(prefix), (v, d), ("unembed",), _transpose
+  yield f"{prefix}norm.weight", (d,), ("final_norm",), _same
+  for i in range(cfg.num_layers):
+    p, L = f"{prefix}layers.{i}.", ("layers", i)
+    yield p + "input_layernorm.weight", (d,), L + ("attn_norm",), _same
+    yield p + "self_attn.q_proj.weight", (h * e, d), L + ("attn", "q"), heads_in(h)
+    yield p + "self_attn.k_proj.weight", (k * e, d), L + ("attn", "k"), heads_in(k)
+    yield p + "self_attn.v_proj.weight", (k * e, d), L + ("attn", "v"), heads_in(k)
+    yield (p + "self_attn.o_proj.weight", (d, h * e), L + ("attn", "o"),
+           lambda a: a.reshape(d, h, e).transpose(1, 2, 0))
+    if cfg.qk_norm:
+      yield p + "self_attn.q_norm.weight", (e,), L + ("attn", "q_norm"), _same
+      yield p + "self_attn.k_norm.weight", (e,), L + ("attn", "k_norm"), _same
+    if gemma23:
+      yield p + "post_attention_layernorm.weight", (d,), L + ("post_attn_norm",), _same
+      yield p + "pre_feedforward_layernorm.weight", (d,), L + ("ffw_norm",), _same
+      yield p + "post_feedforward_layernorm.weight", (d,), L + ("post_ffw_norm",), _same
+    else:
+      yield p + "post_attention_layernorm.weight", (d,), L + ("ffw_norm",), _same
+    yield p + "mlp.gate_proj.weight", (f, d), L + ("ffw", "gate"), _transpose
+    yield p + "mlp.up_proj.weight", (f, d), L + ("ffw", "up"), _transpose
+    yield p + "mlp.down_proj.weight", (d, f), L + ("ffw", "down"), _transpose
+
+
+def _ignorable(name: str, prefix: str, cfg: ModelConfig) -> bool:
+  if name.endswith("rotary_emb.inv_freq"):
+    return True  # a buffer older transformers saved; recomputed from the config
+  if cfg.tie_embeddings and name == _head_name(prefix):
+    return True  # some writers store the tied head too; HF ties it to the embedding on load
+  return prefix != "model." and name.startswith(_MULTIMODAL_PARTS)
+
+
+def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConfig) -> None:
+  names = set(index.names())
+  wanted = {step[0] for step in plan}
+  missing = [s[0] for s in plan if s[0] not in names]
+  if missing:
+    raise HFConversionError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all; "
+                            f"config: {cfg.num_layers} layers, tie_embeddings="
+                            f"{cfg.tie_embeddings})")
+  unexpected = sorted(n for n in names - wanted if not _ignorable(n, prefix, cfg))
+  if unexpected:
+    raise HFConversionError(
+        f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all): the "
+        "checkpoint holds weights the decoder would not use (biases? more layers than "
+        "config.json says?); refusing rather than dropping them")
+  for name, shape, _, _ in plan:
+    found = tuple(index.shape(name))
+    if found != shape:
+      raise HFConversionError(f"tensor {name!r} has shape {found}, expected {shape} from "
+                              "config.json")
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree[key]
+  tree[path[-1]] = value
+
+
+def _skeleton(cfg: ModelConfig) -> dict:
+  layer = lambda: {"attn": {}, "ffw": {}}  # noqa: E731
+  return {"layers": [layer() for _ in range(cfg.num_layers)]}
+
+
+def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
+  """Params (numpy arrays, model.py layout) from a checkpoint index.
+
+  index: anything with names(), shape(name) and get(name) -> np.ndarray (a SafetensorsIndex).
+  Every name and shape is checked before any tensor is read; then tensors are read, cast and
+  laid out one at a time, so peak memory is about one source tensor on top of the output.
+  """
+  dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
+  prefix = _locate(set(index.names()))
+  plan = list(_plan(cfg, prefix))
+  _check_names_and_shapes(index, plan, prefix, cfg)
+  params = _skeleton(cfg)
+  for name, _, path, layout in plan:
+    src = index.get(name)
+    if not jnp.issubdtype(src.dtype, jnp.floating):
+      raise HFConversionError(f"tensor {name!r} has dtype {src.dtype}; expected floating point "
+                              "(quantized checkpoints are not supported)")
+    # One copy: the layout change is a view, ascontiguousarray casts while materialising it.
+    _set(params, path, np.ascontiguousarray(layout(src), dtype=dtype))
+    del src
+  return params
+
+
+# ---------------------------------------------------------------- directories
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+TOKENIZER_DIR = "tokenizer"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_hf_config(src: str) -> dict:
+  path = os.path.join(src, "config.json")
+  if not os.path.isfile(path):
+    raise HFConversionError(f"{src!r} has no config.json: not a Hugging Face model directory")
+  try:
+    with open(path) as fh:
+      hf = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise HFConversionError(f"cannot read {path!r}: {e}") from None
+  if not isinstance(hf, dict):
+    raise HFConversionError(f"{path!r} does not hold a JSON object")
+  return hf
+
+
+def _check_weight_files(src: str) -> None:
+  files = os.listdir(src)
+  if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in files):
+    return
+  pickled = sorted(n for n in files if n.endswith(_PICKLE_SUFFIXES))
+  if pickled:
+    raise HFConversionError(
+        f"{src!r} holds only pickle-based weights ({pickled[0]}, ...): only safetensors is "
+        "supported, since unpickling runs arbitrary code. Re-save the model with "
+        "save_pretrained(..., safe_serialization=True) in a trusted environment.")
+  raise HFConversionError(f"{src!r} holds no *.safetensors weights")
+
+
+def tokenizer_id(src: str) -> str:
+  """Names a tokenizer by its vocabulary file's hash, so a draft and a target converted from
+  different tokenizers are told apart (sizes alone can coincide)."""
+  for name in ("tokenizer.model", "tokenizer.json"):
+    path = os.path.join(src, name)
+    if os.path.isfile(path):
+      h = hashlib.sha256()
+      with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+          h.update(chunk)
+      return f"{name}:sha256:{h.hexdigest()[:16]}"
+  return ""
+
+
+def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelConfig:
+  """Converts a transformers safetensors model directory to a spec_tpu checkpoint at dst.
+
+  The checkpoint embeds the ModelConfig; tokenizer files are copied to dst/tokenizer/.
+  Every cheap check (paths, config.json, architecture, weight format) runs before any tensor is
+  read. Returns the ModelConfig.
+  """
+  from spec_tpu import checkpoint  # heavy imports (orbax) only once there is work to do
+  from spec_tpu.safetensors_io import SafetensorsIndex
+
+  src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+  if not os.path.isdir(src):
+    raise HFConversionError(f"source {src!r} is not a directory")
+  hf = read_hf_config(src)
+  cfg = config_from_hf(hf, name=os.path.basename(src), dtype=dtype)
+  if os.path.exists(dst) and not overwrite:
+    raise HFConversionError(f"destination {dst!r} exists; pass overwrite=True (--overwrite) "
+                            "to replace it")
+  if dst == src or src.startswith(dst + os.sep):
+    raise HFConversionError(f"destination {dst!r} would replace the source {src!r}")
+  _check_weight_files(src)
+  cfg = cfg.replace(tokenizer=tokenizer_id(src))
+
+  params = convert_params(SafetensorsIndex(src), cfg)
+  extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),
+           "model_type": hf.get("model_type")}
+  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite)
+  del params
+  _copy_tokenizer(src, dst)
+  return cfg
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+  present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  if not present:
+    return
+  out = os.path.join(dst, TOKENIZER_DIR)
+  os.makedirs(out, exist_ok=True)
+  for name in present:
+    shutil.copyfile(os.path.join(src, name), os.path.join(out, name))

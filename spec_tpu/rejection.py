@@ -1,0 +1,37 @@
+"""The modified rejection step of speculative sampling (Chen et al. 2023, Algorithm 2).
+
+Given the draft's tokens x_1..x_K drawn from p and the target's q at K+1 positions: accept x_t
+with probability min(1, q(x_t) / p(x_t)); at the first rejection draw from
+normalize(max(0, q - p)); if all K are accepted draw a bonus token from q at position K+1.
+The result is distributed exactly as q, whatever p is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def accept(key, draft_bn, p_bnv, q_bmv):
+  """Returns (n_b accepted draft tokens in 0..K, next_b the token that follows them).
+
+  draft_bn: b K tokens; p_bnv: b K v draft distributions they were drawn from; q_bmv: b K+1 v
+  target distributions (float32, same filtering as p).
+  """
+  b, k = draft_bn.shape
+  key_u, key_next = jax.random.split(key)
+  p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
+  q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
+  u = jax.random.uniform(key_u, (b, k), jnp.float32)
+  # u < q/p without dividing; p(x) > 0 because x was drawn from p.
+  accepted = u * p_x < q_x
+  n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
+  rows = jnp.arange(b)
+  q_n = q_bmv[rows, n]
+  p_n = jnp.where((n < k)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)
+  residual = jnp.maximum(q_n - p_n, 0.0)
+  total = jnp.sum(residual, axis=-1, keepdims=True)
+  # A rejection where q <= p everywhere has probability zero; rounding could still get here.
+  dist = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), q_n)
+  next_tok = jax.random.categorical(key_next, jnp.log(dist), axis=-1).astype(jnp.int32)
+  return n.astype(jnp.int32), next_tok

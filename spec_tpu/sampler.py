@@ -1,0 +1,147 @@
+"""The user-facing sampler: validates input on the host, then runs one compiled program per
+(shapes, K, static sampling options) with the target and draft on their own shardings.
+
+    sampler = Sampler(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...)
+    result = sampler.generate(prompts, max_new_tokens=64, k=4, sampling=SamplingParams(...))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from spec_tpu import decode, prompts as prompts_lib, sharding
+from spec_tpu.config import ModelConfig
+from spec_tpu.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class Result:
+  tokens: list[list[int]]     # generated tokens per prompt (EOS included when hit)
+  rounds: np.ndarray          # target calls per row after prefill
+  accepted: np.ndarray        # accepted draft tokens per row
+  reached: np.ndarray         # b K: rounds where draft position j was judged
+  accepted_at: np.ndarray     # b K: rounds where draft position j was accepted
+  k: int
+  seconds: float              # wall time of the device program (compile excluded)
+
+  @property
+  def num_generated(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  def acceptance_rate(self, row: int | None = None) -> float:
+    """Accepted / proposed draft tokens."""
+    sl = slice(None) if row is None else slice(row, row + 1)
+    proposed = self.k * self.rounds[sl].sum()
+    return float(self.accepted[sl].sum() / proposed) if proposed else float("nan")
+
+  def tokens_per_call(self, row: int | None = None) -> float:
+    """Generated tokens per target call (the prefill counts as one call)."""
+    rows = range(len(self.tokens)) if row is None else [row]
+    n = sum(len(self.tokens[r]) for r in rows)
+    calls = sum(int(self.rounds[r]) + 1 for r in rows)
+    return n / calls
+
+  def acceptance_by_position(self) -> np.ndarray:
+    reached = self.reached.sum(0)
+    return np.where(reached > 0, self.accepted_at.sum(0) / np.maximum(reached, 1), np.nan)
+
+  def row_stats(self, row: int) -> dict:
+    return {"new_tokens": len(self.tokens[row]), "target_calls": int(self.rounds[row]) + 1,
+            "accepted": int(self.accepted[row]), "acceptance_rate": self.acceptance_rate(row),
+            "tokens_per_target_call": self.tokens_per_call(row)}
+
+
+def check_pair(target: ModelConfig, draft: ModelConfig):
+  """Draft and target must share a tokenizer; padded embedding tables may differ in size."""
+  if target.tokenizer != draft.tokenizer:
+    raise ValueError(f"draft tokenizer {draft.tokenizer!r} differs from target tokenizer "
+                     f"{target.tokenizer!r}: speculative sampling needs one vocabulary")
+  if target.num_tokens != draft.num_tokens:
+    raise ValueError(f"draft has {draft.num_tokens} tokens, target {target.num_tokens}: the "
+                     "vocabularies differ (set valid_vocab_size for padded embedding tables)")
+
+
+class Sampler:
+  """Holds sharded params of a target (and optionally a draft) and compiles decode programs."""
+
+  def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
+               draft_params=None, draft_cfg: ModelConfig | None = None,
+               target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
+               eos_id: int | None = None, pad_id: int = 0, max_cache_len: int | None = None):
+    if (draft_params is None) != (draft_cfg is None):
+      raise ValueError("give both draft_params and draft_cfg, or neither")
+    if draft_cfg is not None:
+      check_pair(target_cfg, draft_cfg)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
+    self.target_rules, self.draft_rules = target_rules, draft_rules
+    self.eos_id, self.pad_id, self.max_cache_len = eos_id, pad_id, max_cache_len
+    self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
+    self.draft_params = (None if draft_params is None else
+                         sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
+
+  def _spec(self, k, top_k, max_new, prompt_len) -> decode.LoopSpec:
+    return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
+                           top_k=top_k, max_new_tokens=max_new,
+                           max_len=prompt_len + max_new + k + 1, eos_id=self.eos_id,
+                           pad_id=self.pad_id)
+
+  @functools.lru_cache(maxsize=32)
+  def _compiled(self, spec: decode.LoopSpec, batch: int):
+    mesh = self.mesh
+    tp = sharding.param_shardings(spec.target, mesh, self.target_rules, self.target_params)
+    dp = (sharding.param_shardings(spec.draft, mesh, self.draft_rules, self.draft_params)
+          if spec.k else None)
+    rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
+    rep = sharding.replicated(mesh)
+    n = max(spec.k, 1)
+    fn = functools.partial(decode.run, spec)
+    # Caches live and die inside the program (created at prefill, carried by the while loop),
+    # so nothing needs donating; the compiler updates them in place.
+    return jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep),
+                   out_shardings=(rows(batch, spec.max_new_tokens), rows(batch),
+                                  decode.Stats(rows(batch), rows(batch), rows(batch, n),
+                                               rows(batch, n))))
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
+               sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:
+    sampling.validate()
+    k = int(k)
+    if k < 0:
+      raise ValueError(f"k (draft tokens per round) must be >= 0, got {k}")
+    if k > 0 and self.draft_cfg is None:
+      raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0)")
+    tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
+    prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
+    spec = self._spec(k, sampling.effective_top_k(self.target_cfg.num_tokens), max_new_tokens,
+                      tokens.shape[1])
+    fn = self._compiled(spec, tokens.shape[0])
+    args = (self.target_params, self.draft_params if k else None, tokens, lengths,
+            jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p))
+    with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else _null():
+      compiled = fn.lower(*args).compile()
+      start = time.perf_counter()
+      out, num, stats = jax.block_until_ready(compiled(*args))
+      seconds = time.perf_counter() - start
+    out, num = np.asarray(out), np.asarray(num)
+    n = max(k, 1)
+    return Result(tokens=[out[i, :num[i]].tolist() for i in range(len(prompts))],
+                  rounds=np.asarray(stats.rounds_b), accepted=np.asarray(stats.accepted_b),
+                  reached=np.asarray(stats.reached_bn)[:, :n],
+                  accepted_at=np.asarray(stats.accepted_bn)[:, :n], k=k, seconds=seconds)
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False

@@ -1,0 +1,198 @@
+"""Checkpoint save/restore: resharding on restore, integrity checks, atomic layout, config round trip."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from spec_tpu import checkpoint
+from spec_tpu.checkpoint import CheckpointError
+from spec_tpu.config import ModelConfig
+
+CONFIG = ModelConfig(name="tiny", vocab_size=64, d_model=16, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=4, ffw_dim=32, dtype="bfloat16")
+
+
+def _mesh(a, b):
+  return jax.make_mesh((a, b), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _specs():
+  # Same structure as _params(): dims divisible by 8 so every mesh below can shard them.
+  return {"embed": P("model", None), "layers": [{"w": P("data", "model")}, {"w": P(None, "model")}]}
+
+
+def _params(mesh):
+  rng = np.random.default_rng(0)
+  host = {"embed": rng.standard_normal((64, 16), dtype=np.float32),
+          "layers": [{"w": rng.standard_normal((16, 32)).astype(jnp.bfloat16)},
+                     {"w": rng.standard_normal((16, 32)).astype(jnp.bfloat16)}]}
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), _specs())
+  return jax.tree.map(jax.device_put, host, shardings), host
+
+
+def _assert_same(restored, host):
+  assert jax.tree.structure(restored) == jax.tree.structure(host)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(host)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt") / "model"
+  params, host = _params(_mesh(2, 4))
+  checkpoint.save(path, params, CONFIG, extra={"source": "unit test"})
+  return path, host
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_restore_onto_other_meshes(saved, shape):
+  path, host = saved
+  mesh = _mesh(*shape)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), _specs())
+  params, config = checkpoint.restore(path, shardings=shardings)
+  _assert_same(params, host)
+  assert config == CONFIG
+  for leaf, sh in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    assert leaf.sharding == sh  # placed straight into the requested layout
+
+
+def test_restore_one_device_and_single_sharding(saved):
+  path, host = saved
+  params, _ = checkpoint.restore(path)
+  _assert_same(params, host)
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
+  replicated = NamedSharding(_mesh(2, 4), P())
+  params, _ = checkpoint.restore(path, shardings=replicated, verify=False)
+  _assert_same(params, host)
+  assert all(x.sharding == replicated for x in jax.tree.leaves(params))
+
+
+def test_restore_dtype_cast(saved):
+  path, host = saved
+  params, _ = checkpoint.restore(path, dtype="float32")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  np.testing.assert_array_equal(np.asarray(params["layers"][0]["w"]),
+                                host["layers"][0]["w"].astype(np.float32))
+
+
+def test_bad_dtype(saved):
+  with pytest.raises(CheckpointError, match="bad dtype 'float99'"):
+    checkpoint.restore(saved[0], dtype="float99", verify=False)
+
+
+def test_config_and_extra_round_trip(saved):
+  path, _ = saved
+  assert checkpoint.load_config(path) == CONFIG
+  assert checkpoint.load_extra(path) == {"source": "unit test"}
+  # No temporary sibling left behind by a finished save.
+  assert sorted(os.listdir(path.parent)) == ["model"]
+
+
+def test_mismatched_shardings_tree(saved):
+  path, _ = saved
+  with pytest.raises(CheckpointError, match="do not match"):
+    checkpoint.restore(path, shardings={"embed": NamedSharding(_mesh(2, 4), P())})
+
+
+def test_refuses_existing_destination_unless_overwrite(tmp_path):
+  params, _ = _params(_mesh(2, 4))
+  path = tmp_path / "model"
+  checkpoint.save(path, params, CONFIG)
+  with pytest.raises(CheckpointError, match="exists.*overwrite=True"):
+    checkpoint.save(path, params, CONFIG)
+  other = CONFIG.replace(name="tiny2")
+  checkpoint.save(path, params, other, overwrite=True)
+  assert checkpoint.load_config(path) == other
+  assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_bad_extra_is_refused_before_writing(tmp_path):
+  params, _ = _params(_mesh(2, 4))
+  with pytest.raises(CheckpointError, match="JSON"):
+    checkpoint.save(tmp_path / "model", params, CONFIG, extra={"x": object()})
+  assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def fresh(tmp_path):
+  path = tmp_path / "model"
+  params, _ = _params(_mesh(2, 4))
+  checkpoint.save(path, params, CONFIG)
+  return path
+
+
+def _largest_file(path):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_damaged_data_is_refused(fresh):
+  victim = _largest_file(fresh)
+  with open(victim, "r+b") as f:
+    f.seek(os.path.getsize(victim) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  rel = os.path.relpath(victim, fresh)
+  with pytest.raises(CheckpointError, match=f"{rel}.*sha256"):
+    checkpoint.restore(fresh)
+
+
+def test_truncated_file_is_refused(fresh):
+  victim = _largest_file(fresh)
+  os.truncate(victim, os.path.getsize(victim) - 10)
+  with pytest.raises(CheckpointError, match="truncated"):
+    checkpoint.restore(fresh)
+
+
+def test_missing_manifest_is_refused(fresh):
+  os.remove(fresh / checkpoint.MANIFEST_FILE)
+  for load in (checkpoint.restore, checkpoint.load_config):
+    with pytest.raises(CheckpointError, match="incomplete or not a spec_tpu checkpoint"):
+      load(fresh)
+
+
+def test_missing_and_extra_files_are_refused(fresh):
+  (fresh / "stray.bin").write_bytes(b"x")
+  with pytest.raises(CheckpointError, match="stray.bin.*not in the manifest"):
+    checkpoint.restore(fresh)
+  os.remove(fresh / "stray.bin")
+  os.remove(_largest_file(fresh))
+  with pytest.raises(CheckpointError, match="missing"):
+    checkpoint.restore(fresh)
+
+
+def test_damaged_config_is_refused(fresh):
+  cfg = fresh / checkpoint.CONFIG_FILE
+  meta = json.loads(cfg.read_text())
+  meta["config"]["num_layers"] = 3
+  cfg.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="spec_tpu_config.json"):
+    checkpoint.load_config(fresh)
+
+
+def test_not_a_directory(tmp_path):
+  with pytest.raises(CheckpointError, match="no such directory"):
+    checkpoint.restore(tmp_path / "nope")
+
+
+def test_save_dying_half_way_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+  params, host = _params(_mesh(2, 4))
+  path = tmp_path / "model"
+
+  def die(root):
+    raise KeyboardInterrupt("killed while hashing")
+  monkeypatch.setattr(checkpoint, "_write_manifest", die)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save(path, params, CONFIG)
+  assert not path.exists()
+  monkeypatch.undo()
+  checkpoint.save(path, params, CONFIG)  # the stale temporary directory is cleared, not an error
+  _assert_same(checkpoint.restore(path)[0], host)
+  assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -9,6 +9,7 @@ file never moves another file between splits).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -50,13 +51,16 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
   if not root.is_dir():
     raise FileNotFoundError(f"stdlib directory not found: {root}")
   selected = []
-  for path in root.rglob("*.py"):
-    rel = path.relative_to(root)
-    if any(part in _EXCLUDED_DIRS for part in rel.parts[:-1]):
-      continue
-    if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES or _is_generated(path):
-      continue
-    selected.append(path)
+  # os.walk so excluded directories are pruned, not walked (test/ is a third of the stdlib), and so
+  # symlinked directories are never followed.
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+    for name in filenames:
+      path = Path(dirpath) / name
+      if (not name.endswith(".py") or not path.is_file()
+          or path.stat().st_size > MAX_FILE_BYTES or _is_generated(path)):
+        continue
+      selected.append(path)
   # Sort by the POSIX relative path so the order does not depend on the filesystem or the OS.
   selected.sort(key=lambda p: p.relative_to(root).as_posix())
   return selected
@@ -67,7 +71,8 @@ def _relative_key(path: Path, root: Path | None) -> str:
   try:
     return path.relative_to(root).as_posix()
   except ValueError:
-    return path.as_posix()
+    # Hashing an absolute path would make the split depend on where Python is installed.
+    raise ValueError(f"{path} is not under {root}; pass the root its files were selected from") from None
 
 
 def is_heldout(relative_path: str) -> bool:
@@ -105,6 +110,30 @@ def read_text(files: Iterable[Path], max_bytes: int | None = None,
     parts.append(text)
     total += size
   return separator.join(parts)
+
+
+def token_stream(tokenizer, files: Iterable[Path], max_bytes: int | None = None) -> np.ndarray:
+  """1-D int32 token stream for LM training: each file encoded on its own, followed by eos.
+
+  Files are encoded separately (sentencepiece slows down on multi-megabyte strings) and the eos
+  marks the document boundary. `tokenizer` needs `encode_batch` and `eos_id` (see tokenizer.py).
+  """
+  texts, total = [], 0
+  for path in files:
+    text = read_text([path])
+    if not text:
+      continue  # undecodable or empty
+    total += len(text.encode("utf-8"))
+    if max_bytes is not None and total > max_bytes:
+      break
+    texts.append(text)
+  if not texts:
+    raise ValueError("no readable files to tokenize")
+  eos = np.array([tokenizer.eos_id], np.int32)
+  parts = []
+  for ids in tokenizer.encode_batch(texts):
+    parts += [np.asarray(ids, np.int32), eos]
+  return np.concatenate(parts)
 
 
 def token_batches(ids: np.ndarray, batch: int, seq_len: int,

@@ -68,7 +68,7 @@ _DEFAULTS = {
   "gemma2": dict(_COMMON, **_GEMMA2_3, vocab_size=256_000, attn_logit_softcapping=50.0,
                  final_logit_softcapping=30.0),
   "gemma3_text": dict(_COMMON, **_GEMMA2_3, vocab_size=262_208, rope_theta=1_000_000.0,
-                      rope_local_base_freq=10_000.0, sliding_window_pattern=6,
+                      rope_local_base_freq=10_000.0,
                       attn_logit_softcapping=None, final_logit_softcapping=None),
   "llama": dict(_COMMON, vocab_size=32_000, hidden_size=4096, intermediate_size=11_008,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
@@ -114,8 +114,10 @@ class _Fields:
     return self.hf[key] if key in self.hf else self.defaults.get(key)
 
 
-def _rope_scale(params: dict | None, field: str) -> float:
-  params = params or {}
+def _rope_scale(params: dict, field: str) -> float:
+  if params.get("partial_rotary_factor") not in (None, 1, 1.0):
+    raise HFConversionError(f"config field {field!r}: partial rotary embeddings are not "
+                            "supported")
   kind = params.get("rope_type", params.get("type", "default"))
   if kind in ("default", None):
     return 1.0
@@ -129,11 +131,10 @@ def _rope_scale(params: dict | None, field: str) -> float:
 
 def _rope(f: _Fields, family: str) -> dict[str, float]:
   """Bases and linear position scales for global and local layers."""
+  if f["partial_rotary_factor"] not in (None, 1, 1.0):
+    raise HFConversionError("config field 'partial_rotary_factor': partial rotary embeddings "
+                            "are not supported")
   params = f["rope_parameters"]
-  for where, p in [("partial_rotary_factor", f["partial_rotary_factor"])] + (
-      [("rope_parameters", params.get("partial_rotary_factor"))] if isinstance(params, dict) else []):
-    if p not in (None, 1, 1.0):
-      raise HFConversionError(f"config field {where!r}: partial rotary embeddings are not supported")
   if family == "gemma3_text":
     if params is None:
       # Legacy fields: rope_scaling applies to global layers only (Gemma3TextConfig).
@@ -183,6 +184,8 @@ def _layer_pattern(f: _Fields, family: str, num_layers: int) -> tuple[str, ...]:
   names = f["layer_types"]
   if names is None:
     # What the config classes derive when layer_types is absent (older config.json files).
+    # Gemma3TextConfig reads sliding_window_pattern (default 6); transformers 5 writes it back
+    # as _sliding_window_pattern.
     period = 2 if family == "gemma2" else (
         f["sliding_window_pattern"] or f["_sliding_window_pattern"] or 6)
     names = ["sliding_attention" if (i + 1) % period else "full_attention"
@@ -197,7 +200,7 @@ def _layer_pattern(f: _Fields, family: str, num_layers: int) -> tuple[str, ...]:
   return _shortest_period([_LAYER_KINDS[n] for n in names])
 
 
-def _refuse_unsupported(f: _Fields, family: str) -> None:
+def _refuse_unsupported(f: _Fields) -> None:
   for field in ("attention_bias", "mlp_bias"):
     if f[field]:
       raise HFConversionError(f"config field {field!r} is true: the decoder has no biases")
@@ -218,6 +221,12 @@ def _text_config(hf: dict) -> tuple[dict, str]:
   if not isinstance(text, dict):
     raise HFConversionError("Gemma3ForConditionalGeneration config.json has no 'text_config'")
   text = dict(text)
+  if text.get("final_logit_softcapping") is not None:
+    # transformers' Gemma3ForConditionalGeneration never applies it (Gemma3ForCausalLM does):
+    # which one the checkpoint was made for is ambiguous, so refuse rather than guess.
+    raise HFConversionError("config field 'text_config.final_logit_softcapping' is set, but "
+                            "Gemma3ForConditionalGeneration ignores it; set it to null to "
+                            "convert the model as transformers runs it")
   for key in ("tie_word_embeddings", "dtype", "torch_dtype"):  # may live at the top level only
     if key not in text and key in hf:
       text[key] = hf[key]
@@ -231,9 +240,19 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   dtype: the params dtype; defaults to the checkpoint's declared dtype, else float32.
   Raises HFConversionError naming the field for anything the decoder cannot reproduce.
   """
+  try:
+    return _config_from_hf(hf_config, name, dtype)
+  except HFConversionError:
+    raise
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    # A field of the wrong type (a string for a size, null for a required number, ...).
+    raise HFConversionError(f"config.json is malformed: {type(e).__name__}: {e}") from None
+
+
+def _config_from_hf(hf_config, name, dtype) -> ModelConfig:
   text, family = _text_config(hf_config)
   f = _Fields(text, _DEFAULTS[family])
-  _refuse_unsupported(f, family)
+  _refuse_unsupported(f)
   gemma = family in _GEMMAS
 
   act_field = "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"
@@ -260,6 +279,7 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   attn_cap = f["attn_logit_softcapping"] if family == "gemma2" else None
   final_cap = f["final_logit_softcapping"] if family in ("gemma2", "gemma3_text") else None
 
+  rope = _rope(f, family)
   dtype = dtype or f["dtype"] or f["torch_dtype"] or "float32"
   try:
     dtype = jnp.dtype(dtype).name
@@ -278,7 +298,7 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
         query_scale=query_scale,
         attn_logit_softcap=None if attn_cap is None else float(attn_cap),
         final_logit_softcap=None if final_cap is None else float(final_cap),
-        layer_pattern=pattern, sliding_window=window, dtype=dtype, **_rope(f, family))
+        layer_pattern=pattern, sliding_window=window, dtype=dtype, **rope)
   except ValueError as e:
     raise HFConversionError(f"config.json gives an invalid model: {e}") from None
 
@@ -379,6 +399,9 @@ def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConf
     if found != shape:
       raise HFConversionError(f"tensor {name!r} has shape {found}, expected {shape} from "
                               "config.json")
+    if not jnp.issubdtype(index.dtype(name), jnp.floating):
+      raise HFConversionError(f"tensor {name!r} has dtype {index.dtype(name)}; expected floating "
+                              "point (quantized checkpoints are not supported)")
 
 
 def _set(tree, path, value):
@@ -395,7 +418,8 @@ def _skeleton(cfg: ModelConfig) -> dict:
 def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   """Params (numpy arrays, model.py layout) from a checkpoint index.
 
-  index: anything with names(), shape(name) and get(name) -> np.ndarray (a SafetensorsIndex).
+  index: anything with names(), shape(name), dtype(name) and get(name) -> np.ndarray (a
+    spec_tpu.safetensors_io.SafetensorsIndex).
   Every name and shape is checked before any tensor is read; then tensors are read, cast and
   laid out one at a time, so peak memory is about one source tensor on top of the output.
   """
@@ -406,9 +430,6 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   params = _skeleton(cfg)
   for name, _, path, layout in plan:
     src = index.get(name)
-    if not jnp.issubdtype(src.dtype, jnp.floating):
-      raise HFConversionError(f"tensor {name!r} has dtype {src.dtype}; expected floating point "
-                              "(quantized checkpoints are not supported)")
     # One copy: the layout change is a view, ascontiguousarray casts while materialising it.
     _set(params, path, np.ascontiguousarray(layout(src), dtype=dtype))
     del src
@@ -451,16 +472,17 @@ def _check_weight_files(src: str) -> None:
 
 
 def tokenizer_id(src: str) -> str:
-  """Names a tokenizer by its vocabulary file's hash, so a draft and a target converted from
-  different tokenizers are told apart (sizes alone can coincide)."""
-  for name in ("tokenizer.model", "tokenizer.json"):
+  """Names a tokenizer by a hash of its vocabulary file, so a draft and a target converted with
+  different tokenizers are told apart (sizes alone can coincide). The "sp:" form is the one
+  spec_tpu.tokenizer.Tokenizer.name gives the same sentencepiece file."""
+  for name, tag in (("tokenizer.model", "sp"), ("tokenizer.json", "json")):
     path = os.path.join(src, name)
     if os.path.isfile(path):
       h = hashlib.sha256()
       with open(path, "rb") as fh:
         while chunk := fh.read(8 << 20):
           h.update(chunk)
-      return f"{name}:sha256:{h.hexdigest()[:16]}"
+      return f"{tag}:{h.hexdigest()[:12]}"
   return ""
 
 
@@ -492,15 +514,19 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelCon
            "model_type": hf.get("model_type")}
   checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite)
   del params
-  _copy_tokenizer(src, dst)
+  if _copy_tokenizer(src, dst):
+    # checkpoint.save cannot take extra files yet, and verification rejects files its manifest
+    # does not list: reseal, so the tokenizer is hash-checked along with the weights. A crash
+    # before the reseal leaves a checkpoint that fails verification, never one that loads wrong.
+    checkpoint._write_manifest(dst)  # pylint: disable=protected-access
   return cfg
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
   present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-  if not present:
-    return
-  out = os.path.join(dst, TOKENIZER_DIR)
-  os.makedirs(out, exist_ok=True)
-  for name in present:
-    shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+  if present:
+    out = os.path.join(dst, TOKENIZER_DIR)
+    os.makedirs(out, exist_ok=True)
+    for name in present:
+      shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+  return present

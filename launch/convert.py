@@ -1,0 +1,44 @@
+"""Converts a model checkpoint from another framework to a spec_tpu checkpoint.
+
+    python -m launch.convert --from=hf --src=/models/gemma-2-2b --dst=/ckpt/gemma2_2b \
+        [--dtype=bfloat16] [--overwrite]
+
+--from=hf: a transformers model directory (config.json + *.safetensors). Pickle-based weights
+(*.bin, *.pt) are refused, and no remote code is ever run. The logic lives in
+spec_tpu.hf.convert_directory; this file only parses flags.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format: hf (Hugging Face safetensors).")
+_SRC = flags.DEFINE_string("src", None, "Source model directory.")
+_DST = flags.DEFINE_string("dst", None, "Destination checkpoint directory.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Params dtype (e.g. bfloat16); default: the "
+                             "source's declared dtype.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+flags.mark_flags_as_required(["from", "src", "dst"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Conversion needs no accelerator, and a whole model may not fit in one device's memory.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
+  from spec_tpu import hf  # after flag parsing: --help stays fast
+  try:
+    cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
+                               overwrite=_OVERWRITE.value)
+  except ValueError as e:  # HFConversionError, SafetensorsError, CheckpointError: user errors
+    raise SystemExit(f"convert: {e}") from None
+  print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
+        f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,89 @@
+"""The one schema every config in this directory fills in (not a runnable config itself).
+
+    model.*     the target: where its weights come from and how it is sharded
+      preset        name in spec_tpu.config.PRESETS ('' = `fields` give the whole ModelConfig)
+      fields.*      ModelConfig fields that override the preset, e.g. --config.model.fields.num_layers=2
+      checkpoint    spec_tpu checkpoint directory ('' = none); a checkpoint carries its own
+                    ModelConfig, so preset and fields describe the random-weight fallback (and
+                    the plan); only valid_vocab_size and tokenizer also apply over a checkpoint
+      allow_random  no checkpoint (or a missing one) -> random weights with a loud warning;
+                    False makes that an error raised before anything compiles
+      rules         sharding rule set: tensor_parallel | replicated
+      tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
+    draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
+    sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
+                top_k (0 = off), max_new_tokens, seed
+    mesh.*      shape (data, model), -1 = every device not used by the other axis;
+                multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
+    run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
+                speedup), max_cache_len (0 = just what the prompts and new tokens need),
+                prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer)
+
+Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
+`--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from spec_tpu import config as config_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS_DIR = os.path.join(REPO_ROOT, "spec_tpu", "assets")
+
+
+def _field_type(field: dataclasses.Field) -> type:
+  # Annotations are strings (postponed evaluation); the schema only needs the scalar kind.
+  ann = str(field.type)
+  for name, kind in (("tuple", tuple), ("bool", bool), ("float", float), ("int", int)):
+    if ann.startswith(name) or f"{name} |" in ann or f"| {name}" in ann:
+      return kind
+  return str
+
+
+def model_fields(**values) -> ml_collections.ConfigDict:
+  """One typed placeholder per ModelConfig field (None = take the preset's value), so any field
+  can be overridden from the command line and a misspelt one is an error."""
+  known = {f.name: f for f in dataclasses.fields(config_lib.ModelConfig)}
+  unknown = set(values) - set(known)
+  if unknown:
+    raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+  fields = ml_collections.ConfigDict()
+  for name, field in known.items():
+    fields[name] = config_dict.placeholder(_field_type(field))
+    if name in values:
+      fields[name] = values[name]
+  return fields
+
+
+def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = False,
+                  rules: str = "tensor_parallel", tokenizer: str = "",
+                  **fields) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.preset = preset
+  s.fields = model_fields(**fields)
+  s.checkpoint = checkpoint
+  s.allow_random = allow_random
+  s.rules = rules
+  s.tokenizer = tokenizer
+  return s
+
+
+def base(**run) -> ml_collections.ConfigDict:
+  """Every key of the schema with a neutral default; config files change what they need."""
+  c = ml_collections.ConfigDict()
+  c.model = model_section()
+  c.draft = model_section()
+  c.sampling = ml_collections.ConfigDict(dict(
+      k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
+  c.run = ml_collections.ConfigDict(dict(
+      batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
+      prompt_len=128))
+  c.run.update(run)
+  return c

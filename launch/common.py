@@ -1,0 +1,274 @@
+"""Glue from a config (configs/common.py schema) to library objects, shared by the launchers:
+model configs, checkpoints or random weights, the mesh, the tokenizer, the Sampler.
+
+Everything that can fail on user input is checked in `resolve` before any weights are read or
+any program compiles, so a typo costs seconds, not a 70B compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from spec_tpu import checkpoint, config as config_lib, model, sharding
+from spec_tpu.sampling import SamplingParams
+
+
+class SetupError(ValueError):
+  """The config or the files it names cannot work; raised before anything compiles."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+  cfg: config_lib.ModelConfig
+  checkpoint: str | None   # None: random weights
+  rules: sharding.Rules
+  role: str                # "target" | "draft"
+
+  @property
+  def random(self) -> bool:
+    return self.checkpoint is None
+
+  def describe(self) -> str:
+    src = self.checkpoint or "RANDOM WEIGHTS (no checkpoint)"
+    return f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params) from {src}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  target: ModelSetup
+  draft: ModelSetup | None
+  sampling: SamplingParams
+  k: int
+
+  @property
+  def any_random(self) -> bool:
+    return self.target.random or (self.draft is not None and self.draft.random)
+
+
+# ---------------------------------------------------------------- config -> model configs
+
+def _fields(section) -> dict[str, Any]:
+  out = {}
+  for name, value in section.fields.items():
+    if value is not None:
+      out[name] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+# ModelConfig fields a config may set on top of a checkpoint's own config (no param shape changes).
+CHECKPOINT_OVERRIDABLE = ("valid_vocab_size", "tokenizer")
+
+
+def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None:
+  """The ModelConfig for one section; checks that its checkpoint exists when weights are needed."""
+  if section.rules not in sharding.RULE_SETS:
+    raise SetupError(f"{role}.rules must be one of {sorted(sharding.RULE_SETS)}, "
+                     f"got {section.rules!r}")
+  rules = sharding.RULE_SETS[section.rules]
+  path = section.checkpoint
+  fields = _fields(section)
+  if not path and not section.preset and not fields:
+    return None  # no such model (only meaningful for the draft)
+  if path and os.path.isdir(path):
+    try:
+      cfg = checkpoint.load_config(path)  # manifest + config file only: cheap
+    except checkpoint.CheckpointError as e:
+      raise SetupError(str(e)) from None
+    # The checkpoint's shapes win; fields that leave every param shape alone still apply.
+    neutral = {k: v for k, v in fields.items() if k in CHECKPOINT_OVERRIDABLE}
+    if neutral:
+      try:
+        cfg = cfg.replace(**neutral)
+      except ValueError as e:
+        raise SetupError(f"{role}: {e}") from None
+    if section.preset or set(fields) - set(neutral):
+      logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
+                   role, path)
+    return ModelSetup(cfg, os.path.abspath(path), rules, role)
+  if need_weights and not section.allow_random:
+    problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
+    raise SetupError(f"{role}: {problem}; set --config.{_section_name(role)}.checkpoint=DIR "
+                     f"(or --config.{_section_name(role)}.allow_random=True for random weights)")
+  try:
+    base = config_lib.get_preset(section.preset) if section.preset else None
+    cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
+  except (KeyError, TypeError, ValueError) as e:
+    raise SetupError(f"{role}: bad model config: {e}") from None
+  if need_weights:
+    logging.warning("%s %s: %s; using RANDOM WEIGHTS (allow_random=True): outputs are noise",
+                    role, cfg.name, f"checkpoint {path} not found" if path else "no checkpoint")
+  return ModelSetup(cfg, None, rules, role)
+
+
+def _section_name(role: str) -> str:
+  return "model" if role == "target" else "draft"
+
+
+def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup:
+  """Model configs and sampling options from a config; raises SetupError on anything wrong."""
+  target = _model_setup(config.model, "target", need_weights=need_weights)
+  if target is None:
+    raise SetupError("model: give model.checkpoint or model.preset")
+  draft = _model_setup(config.draft, "draft", need_weights=need_weights)
+  k = int(config.sampling.k if k is None else k)
+  if k < 0:
+    raise SetupError(f"sampling.k must be >= 0, got {k}")
+  if k > 0 and draft is None:
+    raise SetupError(f"sampling.k={k} needs a draft (draft.checkpoint or draft.preset); "
+                     "use --config.sampling.k=0 for autoregressive sampling")
+  if draft is not None:
+    from spec_tpu import sampler as sampler_lib
+    try:
+      sampler_lib.check_pair(target.cfg, draft.cfg)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
+  s = config.sampling
+  try:
+    params = SamplingParams(temperature=float(s.temperature), top_k=int(s.top_k),
+                            top_p=float(s.top_p)).validate()
+  except ValueError as e:
+    raise SetupError(f"sampling: {e}") from None
+  if int(s.max_new_tokens) <= 0:
+    raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
+  return Setup(target=target, draft=draft, sampling=params, k=k)
+
+
+# ---------------------------------------------------------------- mesh
+
+def mesh_shape(shape, num_devices: int) -> tuple[int, int]:
+  """(data, model) with at most one -1, filled from the device count."""
+  shape = tuple(int(x) for x in shape)
+  if len(shape) != 2:
+    raise SetupError(f"mesh.shape must be (data, model), got {shape}")
+  if shape.count(-1) > 1 or any(x == 0 or x < -1 for x in shape):
+    raise SetupError(f"mesh.shape {shape}: sizes must be positive, at most one -1")
+  if -1 in shape:
+    known = abs(np.prod(shape))  # product of the other axis
+    if num_devices % known:
+      raise SetupError(f"mesh.shape {shape}: {num_devices} devices do not divide by {known}")
+    shape = tuple(num_devices // known if x == -1 else x for x in shape)
+  if np.prod(shape) != num_devices:
+    raise SetupError(f"mesh.shape {shape} needs {np.prod(shape)} devices, there are "
+                     f"{num_devices} ({jax.devices()[0].platform}); on CPU set "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+  return shape
+
+
+def build_mesh(config):
+  shape = mesh_shape(config.mesh.shape, jax.device_count())
+  if jax.process_count() > 1 and shape[0] > 1:
+    # Sampler.generate feeds host numpy batches, which JAX accepts across processes only when
+    # the batch is not split over them; every process feeds the same full batch instead.
+    raise SetupError(f"multi-host sampling needs mesh data=1 (every process feeds the same full "
+                     f"batch), got mesh.shape={shape}")
+  return sharding.make_mesh(shape)
+
+
+# ---------------------------------------------------------------- multi-host
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """jax.distributed.initialize(); with no arguments it finds the pod/cluster by itself."""
+  kw = {}
+  if coordinator_address:
+    kw.update(coordinator_address=coordinator_address, num_processes=num_processes,
+              process_id=process_id)
+  jax.distributed.initialize(**kw)
+
+
+def all_agree(ok: bool) -> bool:
+  """Process 0's verdict on every process, so they all stop together (none waits forever)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def broadcast(x: np.ndarray) -> np.ndarray:
+  """Process 0's array on every process."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+# ---------------------------------------------------------------- weights
+
+def _seed(name: str) -> int:
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def load_params(m: ModelSetup, mesh):
+  """Params placed on their shardings: restored shard by shard, or random (with a warning)."""
+  if m.checkpoint is not None:
+    abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
+    shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)
+    params, _ = checkpoint.restore(m.checkpoint, shardings=shardings)
+    return params
+  shardings = sharding.param_shardings(m.cfg, mesh, m.rules)
+  # Initialised in place: no host copy, and every process computes the same values from the
+  # same key (the key depends on the role and name only).
+  init = jax.jit(lambda key: model.init_params(m.cfg, key), out_shardings=shardings)
+  return init(jax.random.key(_seed(f"{m.role}:{m.cfg.name}")))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def load_tokenizer(config, setup: Setup):
+  """The target's tokenizer (None if the config names none); its ids must fit both models."""
+  spec = config.model.tokenizer
+  if not spec:
+    return None
+  from spec_tpu import tokenizer as tokenizer_lib
+  try:
+    tok = tokenizer_lib.load(spec)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise SetupError(f"model.tokenizer {spec!r}: {e}") from None
+  if config.draft.tokenizer and config.draft.tokenizer != spec:
+    raise SetupError(f"draft.tokenizer {config.draft.tokenizer!r} differs from model.tokenizer "
+                     f"{spec!r}: speculative sampling needs one vocabulary")
+  for m in (setup.target, setup.draft):
+    if m is not None and tok.vocab_size > m.cfg.num_tokens:
+      raise SetupError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but {m.role} "
+                       f"{m.cfg.name} only {m.cfg.num_tokens}")
+  return tok
+
+
+# ---------------------------------------------------------------- sampler
+
+def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
+                  max_cache_len: int = 0, use_draft: bool = True):
+  from spec_tpu import sampler as sampler_lib
+  target_params = load_params(setup.target, mesh)
+  draft = setup.draft if use_draft else None
+  draft_params = load_params(draft, mesh) if draft is not None else None
+  return sampler_lib.Sampler(
+      target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
+      draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
+      draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
+      pad_id=pad_id, max_cache_len=max_cache_len or None)
+
+
+def ideal_speedup(a: float, c: float, k: int) -> float:
+  """Leviathan et al. 2023, Thm 3.8: (1 - a^(K+1)) / ((1 - a)(K c + 1)); 1 at K = 0 and NaN
+  where the acceptance rate is undefined (no draft token was judged)."""
+  from spec_tpu import k_policy
+  if k == 0:
+    return 1.0
+  if not (math.isfinite(a) and math.isfinite(c)):
+    return float("nan")
+  return k_policy.expected_speedup(a, c, k)
+
+
+def synthetic_prompts(batch: int, length: int, num_tokens: int, seed: int = 0) -> list[list[int]]:
+  """Random token prompts for benchmarks and plans when there is no tokenizer."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(4, num_tokens, size=(batch, length)).tolist()

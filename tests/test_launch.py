@@ -1,0 +1,274 @@
+"""The launchers as users run them: sampling to JSONL, resuming after SIGKILL, planning a 70B
+setup without allocating it, and refusing bad input before anything compiles."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/ and launch/ are not installed packages; a bare `pytest` does not put the repo root on
+# sys.path (python -m pytest does).
+sys.path.insert(0, REPO)
+
+from configs import default as default_config  # noqa: E402
+from launch import common, sample  # noqa: E402
+
+
+def _tiny_config(**sampling):
+  """The embedded default with its random-weight fallback forced: no checkpoint is read."""
+  c = default_config.get_config()
+  c.model.checkpoint = c.draft.checkpoint = ""
+  c.run.batch_size = 2
+  c.sampling.update(max_new_tokens=8, **sampling)
+  return c
+
+
+def _env(tmp_path, devices=8):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             # Later subprocesses of a test reuse the first one's compiled programs.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _read(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _write_prompts(path, n):
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):\n    return x * {i}"}) + "\n")
+
+
+def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
+  # Given three prompts on 8 simulated devices (mesh 1x8) with random tiny models,
+  out = tmp_path / "out.jsonl"
+  config = _tiny_config()
+  # when sampled with the AR comparison on,
+  summary = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
+                       compare_ar=True, multihost=False)
+  # then each prompt has one line whose text is the decoding of its tokens,
+  lines = _read(out)
+  assert [r["id"] for r in lines] == [0, 1, 2]
+  from spec_tpu import tokenizer
+  tok = tokenizer.load(config.model.tokenizer)
+  for r in lines:
+    assert 1 <= len(r["tokens"]) <= 8
+    assert r["text"] == tok.decode(r["tokens"])
+    assert r["stats"]["new_tokens"] == len(r["tokens"]) and r["stats"]["k"] == 4
+  # and the summary reports throughput, acceptance and a measured speedup.
+  assert summary["generated_tokens"] == sum(len(r["tokens"]) for r in lines)
+  assert summary["random_weights"] is True
+  assert 0.0 <= summary["acceptance_rate"] <= 1.0
+  assert summary["tokens_per_target_call"] >= 1.0
+  assert summary["speedup_vs_ar"] > 0
+
+
+def test_finished_ids_cuts_a_torn_last_line_and_refuses_a_foreign_file(tmp_path):
+  path = tmp_path / "out.jsonl"
+  path.write_text('{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n{"id": "c", "te')
+  assert sample.finished_ids(str(path)) == {'"a"', "2"}
+  assert path.read_text() == '{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n'
+  path.write_text('not json\n{"id": 2}\n')
+  with pytest.raises(sample.InputError, match="line 1"):
+    sample.finished_ids(str(path))
+
+
+def _no_weights_or_compiles(monkeypatch):
+  def forbidden(*a, **k):
+    raise AssertionError("bad input must be refused before weights are loaded or compiled")
+  monkeypatch.setattr(common, "load_params", forbidden)
+  monkeypatch.setattr(common, "build_sampler", forbidden)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("unreadable_prompts", sample.InputError, "cannot read prompt file"),
+    ("bad_jsonl", sample.InputError, "expected"),
+    ("duplicate_ids", sample.InputError, "appears twice"),
+    ("output_dir_missing", sample.InputError, "does not exist"),
+    ("missing_checkpoint", common.SetupError, "does not exist"),
+    ("no_checkpoint", common.SetupError, "no checkpoint given"),
+    ("k_without_draft", common.SetupError, "needs a draft"),
+    ("bad_top_p", common.SetupError, "top_p"),
+    ("prompt_too_long", sample.InputError, "does not fit the cache"),
+])
+def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, match):
+  _no_weights_or_compiles(monkeypatch)
+  config, prompts_file, output = _tiny_config(), None, str(tmp_path / "out.jsonl")
+  if case == "unreadable_prompts":
+    prompts_file = str(tmp_path / "nope.jsonl")
+  elif case == "bad_jsonl":
+    prompts_file = str(tmp_path / "p.jsonl")
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "text": "no prompt key"}\n')
+  elif case == "duplicate_ids":
+    prompts_file = str(tmp_path / "p.jsonl")
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+  elif case == "output_dir_missing":
+    output = str(tmp_path / "no" / "such" / "dir" / "out.jsonl")
+  elif case == "missing_checkpoint":
+    config.model.checkpoint = str(tmp_path / "no_such_checkpoint")
+    config.model.allow_random = False
+  elif case == "no_checkpoint":
+    config.draft.allow_random = False
+  elif case == "k_without_draft":
+    config.draft.preset = ""
+    for name in config.draft.fields:
+      config.draft.fields[name] = None
+  elif case == "bad_top_p":
+    config.sampling.top_p = 1.5
+  elif case == "prompt_too_long":
+    config.run.max_cache_len = 16
+  with pytest.raises(error, match=match):
+    sample.run(config, [], prompts_file, output, compare_ar=False, multihost=False)
+
+
+def test_unknown_config_field_is_refused_by_the_launcher(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.sample", "--config=configs/default.py",
+       "--config.sampling.temprature=0.5", f"--output={tmp_path / 'o.jsonl'}"],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "temprature" in proc.stderr
+  assert not (tmp_path / "o.jsonl").exists()
+
+
+def _sample_cmd(prompts, output):
+  return [sys.executable, "-m", "launch.sample", "--config=configs/default.py",
+          "--config.model.checkpoint=", "--config.draft.checkpoint=",
+          "--config.run.batch_size=2", "--config.sampling.max_new_tokens=8",
+          "--nocompare_ar", f"--prompts={prompts}", f"--output={output}"]
+
+
+def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
+  prompts, n = tmp_path / "prompts.jsonl", 16
+  _write_prompts(prompts, n)
+  env = _env(tmp_path)
+  # Given the output of an uninterrupted run,
+  reference = tmp_path / "reference.jsonl"
+  subprocess.run(_sample_cmd(prompts, reference), cwd=REPO, env=env, check=True,
+                 capture_output=True, timeout=300)
+  expected = {r["id"]: r for r in _read(reference)}
+  assert len(expected) == n
+  # when a second run is SIGKILLed as soon as its first batch is on disk,
+  output = tmp_path / "out.jsonl"
+  proc = subprocess.Popen(_sample_cmd(prompts, output), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+      if output.exists() and output.read_bytes().count(b"\n") >= 2:
+        break
+      time.sleep(0.005)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  written = output.read_bytes().count(b"\n")
+  assert 2 <= written < n, f"the kill landed after {written} of {n} lines"
+  # (and, as a kill in the middle of a write would, leaves a torn last line),
+  with open(output, "ab") as f:
+    f.write(b'{"id": "p15", "prompt": "def f15(x')
+  # then a restart finishes the rest: every id exactly once, each as the uninterrupted run wrote it.
+  subprocess.run(_sample_cmd(prompts, output), cwd=REPO, env=env, check=True,
+                 capture_output=True, timeout=300)
+  lines = _read(output)
+  assert sorted(r["id"] for r in lines) == sorted(expected)
+  for r in lines:
+    assert r == expected[r["id"]]
+
+
+@pytest.mark.slow
+def test_plan_chinchilla_70b_on_16_devices(tmp_path):
+  # Given Chinchilla 70B + 4B on a simulated 1x16 mesh (abstract params: nothing allocated),
+  report_path = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/chinchilla_70b.py",
+       "--topology=1x16", "--batch=1", "--context=2048", f"--output_json={report_path}"],
+      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(report_path.read_text())
+  # then the weights split 16 ways (~8.6 GB per device of bf16 70B + 4B),
+  weights = report["analytic"]["weights"]
+  assert 8.0e9 < weights["target"] < 9.0e9 and 0.4e9 < weights["draft"] < 0.6e9
+  assert report["compiled"]["arguments"] >= weights["target"] + weights["draft"]
+  # and, with ~9 GiB needed per device, it fits every chip (v5e's 16 GiB included).
+  assert report["mesh"] == {"data": 1, "model": 16}
+  assert weights["target"] < report["estimated_need"] < 12 * 2**30
+  assert all(report["fits"].values())
+  assert "TPU v5e" in proc.stdout and "DOES NOT FIT" not in proc.stdout
+
+
+def test_plan_tiny_on_2x8_reports_memory(tmp_path):
+  report_path = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/default.py", "--topology=2x8",
+       "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
+       f"--output_json={report_path}"],
+      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(report_path.read_text())
+  assert report["mesh"] == {"data": 2, "model": 8}
+  assert report["compiled"]["total"] > 0 and all(report["fits"].values())
+
+
+def test_benchmark_writes_table_json_and_plot(tmp_path):
+  # Given the random tiny pair, a sweep over K in {0, 2} at batch 2
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", "--config=configs/default.py",
+       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
+       "--ks=0,2", "--batches=2", "--max_new_tokens=8", "--repeats=1", "--step_repeats=2"],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # reports every column per point, with K=0 as the speedup baseline,
+  result = json.loads((tmp_path / "results.json").read_text())
+  base, spec = result["points"]
+  assert (base["k"], base["speedup"], base["ideal_speedup"]) == (0, 1.0, 1.0)
+  for key in ("ms_per_token", "tokens_per_s", "cost_ratio_c", "speedup", "ideal_speedup",
+              "measured_over_ideal", "verify_cost", "bandwidth_utilisation"):
+    assert spec[key] > 0, key
+  assert 0 <= spec["acceptance"] <= 1
+  expected = common.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], 2)
+  assert abs(spec["ideal_speedup"] - expected) < 1e-9
+  # and writes the table (also to stdout) and the plot.
+  assert "meas/ideal" in (tmp_path / "table.txt").read_text() and "meas/ideal" in proc.stdout
+  assert (tmp_path / "speedup_vs_k.png").stat().st_size > 1000
+
+
+def test_ideal_speedup_matches_leviathan_formula():
+  assert common.ideal_speedup(0.0, 0.1, 4) == 1 / 1.4
+  assert abs(common.ideal_speedup(0.8, 0.05, 4) - (1 - 0.8 ** 5) / (0.2 * 1.2)) < 1e-12
+  assert common.ideal_speedup(1.0, 0.0, 3) == 4.0
+  assert common.ideal_speedup(0.5, 0.1, 0) == 1.0
+
+
+def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
+  import jax
+  import numpy as np
+  from spec_tpu import checkpoint, model, sharding
+  # Given a saved tiny target and a config pointing at it (its preset fields say otherwise),
+  config = _tiny_config()
+  cfg = common.resolve(config, need_weights=False).target.cfg.replace(name="saved_target")
+  params = model.init_params(cfg, jax.random.key(7))
+  checkpoint.save(tmp_path / "ckpt", params, cfg)
+  config.model.checkpoint = str(tmp_path / "ckpt")
+  config.model.allow_random = False
+  # Shape-neutral fields still apply over the checkpoint (the draft must agree on the vocabulary).
+  config.model.fields.valid_vocab_size = config.draft.fields.valid_vocab_size = 2000
+  # when the launcher glue resolves and loads it on a 1x8 mesh,
+  setup = common.resolve(config)
+  mesh = common.build_mesh(config)
+  loaded = common.load_params(setup.target, mesh)
+  # then the checkpoint's config and weights are used, sharded by the rule table.
+  assert setup.target.cfg.name == "saved_target" and not setup.target.random
+  assert setup.target.cfg.valid_vocab_size == 2000
+  np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
+  want = sharding.param_shardings(cfg, mesh)["layers"][0]["ffw"]["up"]
+  assert loaded["layers"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 2)

@@ -1,0 +1,86 @@
+"""Temperature / top-k / top-p filters match an independent numpy reference exactly."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spec_tpu import sampling
+from spec_tpu.sampling import SamplingParams
+
+
+def reference(logits, temperature, top_k, top_p):
+  """Straight from the definitions in spec_tpu/sampling.py, one token at a time."""
+  logits = np.asarray(logits, np.float64)
+  v = len(logits)
+  if temperature == 0:
+    out = np.zeros(v)
+    out[int(np.argmax(logits))] = 1.0
+    return out
+  z = logits / temperature
+  if 0 < top_k < v:
+    kth = np.sort(z)[::-1][top_k - 1]
+    z = np.where(z >= kth, z, -np.inf)
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  if top_p < 1:
+    keep = np.array([p[p > p[i]].sum() < top_p for i in range(v)])
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+  return p
+
+
+LOG = np.log
+CASES = {
+    # name: logits
+    "distinct": np.array([2.0, 1.0, 0.5, -1.0, 0.0, 3.0]),
+    "ties": LOG(np.array([0.25, 0.25, 0.25, 0.125, 0.0625, 0.0625])),
+    "one_hot_ish": np.array([10.0, -10.0, -10.0, -10.0]),
+    "all_equal": np.zeros(8),
+}
+FILTERS = [  # temperature, top_k, top_p
+    (1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (0.0, 0, 1.0),
+    (1.0, 1, 1.0), (1.0, 2, 1.0), (1.0, 3, 1.0), (1.0, 100, 1.0),
+    (1.0, 0, 0.5), (1.0, 0, 0.6), (1.0, 0, 0.75), (1.0, 0, 0.9), (1.0, 0, 1e-6),
+    (0.7, 3, 0.8), (1.0, 4, 0.5), (1.0, 1, 0.3),
+]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_filters_match_reference(case):
+  logits = CASES[case]
+  v = len(logits)
+  for temperature, top_k, top_p in FILTERS:
+    params = SamplingParams(temperature, top_k, top_p).validate()
+    got = np.asarray(sampling.probabilities(jnp.asarray(logits[None], jnp.float32), temperature,
+                                            params.effective_top_k(v), top_p))[0]
+    want = reference(logits, temperature, top_k, top_p)
+    # The kept set must match exactly; the kept probabilities to float32 rounding.
+    assert (got > 0).tolist() == (want > 0).tolist(), (case, temperature, top_k, top_p, got, want)
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str((case, temperature, top_k, top_p)))
+
+
+def test_tie_semantics_are_symmetric():
+  # Given four tokens tied at the top-p edge, all of them are kept or none.
+  logits = LOG(np.array([0.25, 0.25, 0.25, 0.125, 0.0625, 0.0625]))
+  p = np.asarray(sampling.probabilities(jnp.asarray(logits[None], jnp.float32), 1.0, 0, 0.5))[0]
+  assert (p > 0).tolist() == [True, True, True, False, False, False]
+  p = np.asarray(sampling.probabilities(jnp.asarray(logits[None], jnp.float32), 1.0, 2, 1.0))[0]
+  assert (p > 0).sum() == 3  # k = 2 keeps the whole tie at the edge
+
+
+def test_sampling_never_draws_filtered_tokens():
+  import jax
+  logits = jnp.asarray(np.array([[3.0, 2.0, 1.0, 0.0, -1.0]] * 4000), jnp.float32)
+  probs = sampling.probabilities(logits, 1.0, 2, 1.0)
+  draws = np.asarray(sampling.sample(jax.random.key(0), probs))
+  assert set(draws.tolist()) == {0, 1}
+  assert abs((draws == 0).mean() - float(probs[0, 0])) < 0.03
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k")])
+def test_bad_sampling_parameters_are_refused(bad, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingParams(**bad).validate()

@@ -1,0 +1,116 @@
+"""Sharded runs compute what one device computes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spec_tpu import cache as cache_lib
+from spec_tpu import config, model, sharding
+from spec_tpu.sampler import Sampler
+from spec_tpu.sampling import SamplingParams
+
+MESHES = [(1, 8), (2, 4), (8, 1)]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [9, 8, 7], [3, 1, 4, 1, 5, 9, 2, 6],
+           [2, 7], [6, 6, 6, 6], [1], [4, 4, 2, 2, 1, 1, 0]]
+
+
+@functools.lru_cache
+def _model(name):
+  # A model with 8 query heads over 2 KV heads (tiny_gemma2: 4 heads, 2 KV heads widened), so a
+  # model axis of 8 shards query heads while KV heads replicate.
+  cfg = config.get_preset(name).replace(num_heads=8, num_kv_heads=2 if name != "tiny_gemma3" else 1)
+  return cfg, model.init_params(cfg, jax.random.key(0))
+
+
+def _prefill_logits(cfg, params, mesh, tokens, lengths):
+  cache = cache_lib.init_cache(cfg, tokens.shape[0], 32, spec_tokens=4)
+  p_sh = sharding.param_shardings(cfg, mesh, params_shape=params)
+  c_sh = sharding.cache_shardings(cache, mesh)
+  rows = sharding.batch_sharding(mesh, tokens.shape)
+  fn = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n)[0],
+               in_shardings=(p_sh, rows, c_sh, sharding.batch_sharding(mesh, lengths.shape)))
+  return np.asarray(fn(jax.device_put(params, p_sh), tokens, cache, lengths))
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_sharded_logits_are_close_to_one_device(name):
+  cfg, params = _model(name)
+  tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, cfg.vocab_size)
+  lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
+  one = np.asarray(model.forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
+                                 lengths)[0])
+  for shape in MESHES:
+    got = _prefill_logits(cfg, params, sharding.make_mesh(shape), tokens, lengths)
+    for i, n in enumerate(lengths.tolist()):
+      np.testing.assert_allclose(got[i, :n], one[i, :n], atol=1e-5, err_msg=str(shape))
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])
+def test_sharded_greedy_tokens_equal_one_device(name):
+  cfg, params = _model(name)
+  greedy = SamplingParams(temperature=0.0)
+  want = Sampler(params, cfg).generate(PROMPTS, max_new_tokens=12, sampling=greedy).tokens
+  assert len({tuple(t) for t in want}) > 1  # not a degenerate model
+  for shape in MESHES:
+    got = Sampler(params, cfg, mesh=sharding.make_mesh(shape)).generate(
+        PROMPTS, max_new_tokens=12, sampling=greedy).tokens
+    assert got == want, shape
+
+
+def test_kv_heads_replicate_when_fewer_than_model_shards():
+  cfg, params = _model("tiny_gemma3")  # one KV head
+  sh = sharding.param_shardings(cfg, sharding.make_mesh((2, 4)), params_shape=params)
+  assert sh["layers"][0]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, None, None)
+  assert sh["layers"][0]["attn"]["q"].spec == jax.sharding.PartitionSpec(None, "model", None)
+  cache = cache_lib.abstract_cache(cfg, 4, 16)
+  c_sh = sharding.cache_shardings(cache, sharding.make_mesh((2, 4)))
+  assert c_sh.layers[0].k.spec == jax.sharding.PartitionSpec("data", None, None, None)
+
+
+def test_mesh_that_does_not_match_the_devices_is_refused():
+  with pytest.raises(ValueError, match="needs 12 devices but there are 8"):
+    sharding.make_mesh((3, 4))
+  with pytest.raises(ValueError, match="differ in length"):
+    sharding.make_mesh((8,), ("data", "model"))
+
+
+class TestBadInput:
+  cfg, params = _model("tiny_gemma2")
+
+  def sampler(self, **kw):
+    return Sampler(self.params, self.cfg, **kw)
+
+  def test_empty_prompt(self):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+      self.sampler().generate([[1, 2], []], max_new_tokens=4)
+
+  def test_no_prompts(self):
+    with pytest.raises(ValueError, match="no prompts"):
+      self.sampler().generate([], max_new_tokens=4)
+
+  def test_token_outside_vocabulary(self):
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 64\)"):
+      self.sampler().generate([[1, 64]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+      self.sampler().generate([[-1]], max_new_tokens=4)
+
+  def test_prompt_longer_than_the_cache(self):
+    with pytest.raises(ValueError, match="does not fit the cache of 16 tokens"):
+      self.sampler(max_cache_len=16).generate([[1] * 14], max_new_tokens=4)
+
+  def test_bad_sampling(self):
+    with pytest.raises(ValueError, match="temperature"):
+      self.sampler().generate([[1]], max_new_tokens=4, sampling=SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="top_p"):
+      self.sampler().generate([[1]], max_new_tokens=4, sampling=SamplingParams(top_p=0))
+
+  def test_bad_max_new_tokens(self):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+      self.sampler().generate([[1]], max_new_tokens=0)
+
+  def test_k_without_draft(self):
+    with pytest.raises(ValueError, match="needs a draft"):
+      self.sampler().generate([[1]], max_new_tokens=4, k=2)

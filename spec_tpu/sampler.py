@@ -95,7 +95,8 @@ class Sampler:
                            pad_id=self.pad_id)
 
   @functools.lru_cache(maxsize=32)
-  def _compiled(self, spec: decode.LoopSpec, batch: int):
+  def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
+    """The compiled program for one (static spec, batch, prompt bucket)."""
     mesh = self.mesh
     tp = sharding.param_shardings(spec.target, mesh, self.target_rules, self.target_params)
     dp = (sharding.param_shardings(spec.draft, mesh, self.draft_rules, self.draft_params)
@@ -106,10 +107,15 @@ class Sampler:
     fn = functools.partial(decode.run, spec)
     # Caches live and die inside the program (created at prefill, carried by the while loop),
     # so nothing needs donating; the compiler updates them in place.
-    return jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep),
+    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep),
                    out_shardings=(rows(batch, spec.max_new_tokens), rows(batch),
                                   decode.Stats(rows(batch), rows(batch), rows(batch, n),
                                                rows(batch, n))))
+    args = (self.target_params, self.draft_params if spec.k else None,
+            jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0),
+            jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+    return jitted.lower(*args).compile()
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:
@@ -123,25 +129,15 @@ class Sampler:
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
     spec = self._spec(k, sampling.effective_top_k(self.target_cfg.num_tokens), max_new_tokens,
                       tokens.shape[1])
-    fn = self._compiled(spec, tokens.shape[0])
+    compiled = self._compiled(spec, *tokens.shape)
     args = (self.target_params, self.draft_params if k else None, tokens, lengths,
             jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p))
-    with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else _null():
-      compiled = fn.lower(*args).compile()
-      start = time.perf_counter()
-      out, num, stats = jax.block_until_ready(compiled(*args))
-      seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    out, num, stats = jax.block_until_ready(compiled(*args))
+    seconds = time.perf_counter() - start
     out, num = np.asarray(out), np.asarray(num)
     n = max(k, 1)
     return Result(tokens=[out[i, :num[i]].tolist() for i in range(len(prompts))],
                   rounds=np.asarray(stats.rounds_b), accepted=np.asarray(stats.accepted_b),
                   reached=np.asarray(stats.reached_bn)[:, :n],
                   accepted_at=np.asarray(stats.accepted_bn)[:, :n], k=k, seconds=seconds)
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False

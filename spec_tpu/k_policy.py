@@ -1,0 +1,238 @@
+"""Choosing K, the draft tokens per round, so that speculation never makes users slower.
+
+Cost model (Leviathan et al. 2023, Thm 3.8): if each draft token is accepted with probability a
+(independently) and one draft step costs c target steps, a round of K drafts costs K c + 1 target
+steps and yields 1 + a + ... + a^K tokens, so against plain decoding (K = 0) the speedup is
+
+    expected_speedup(a, c, K) = (1 - a^(K+1)) / ((1 - a) (K c + 1)).
+
+Here a is the acceptance of a judged draft token: Result.accepted_at.sum() / Result.reached.sum().
+Result.acceptance_rate() (accepted / proposed) is lower for K > 1, since the drafts after a
+rejection are proposed but never judged; it is not the a of this formula.
+
+Verifying K + 1 tokens is not free when the target is compute-bound (CPU, large batches): with
+measured times `cost_ratio` folds the extra verification cost into c, per draft token, so the
+formula stays the same. (That share is measured at one K and assumed the same at the others,
+i.e. verification cost linear in K; re-measure at the K in use if that matters.)
+
+A launcher adapts K between batches (the Sampler itself stays stateless):
+
+    policy = AdaptiveK(k0=4, k_max=8)
+    policy.observe_times(*measure_step_times(sampler, batch=8, prompt_len=128, k=4), k=4)
+    for prompts in batches:
+      result = sampler.generate(prompts, max_new_tokens=256, k=policy.k, sampling=...)
+      policy.observe(result)      # acceptance from the batch's per-position statistics
+    # policy.a, policy.c, policy.speedup() are there to log.
+
+`policy.k` is 0 whenever the estimated speedup of the best K is not above 1 + margin, so a poor
+draft, a slow draft or a compute-bound target turns speculation off. While K = 0 no acceptance is
+observed; opting in with `probe_every=N` runs one batch at K = 1 after N batches at K = 0, so a
+draft that became good again is noticed. That probe (`policy.probing`) is the only time K > 0 is
+chosen on an estimate below 1 + margin; it costs at most one batch in N + 1.
+Distinct K values compile distinct programs: keep k_max small.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from spec_tpu import cache as cache_lib
+from spec_tpu import model, prompts as prompts_lib, sharding
+
+
+def expected_speedup(a: float, c: float, k: int) -> float:
+  """Expected tokens per unit of target time relative to plain decoding (1.0 at k = 0).
+
+  The geometric sum 1 + a + ... + a^k equals (1 - a^(k+1)) / (1 - a) and stays exact at a = 1,
+  where the speedup is (k + 1) / (k c + 1).
+  """
+  _check(a, c, k)
+  return sum(a ** i for i in range(k + 1)) / (k * c + 1.0)
+
+
+def choose_k(a: float, c: float, k_max: int, margin: float = 0.0) -> int:
+  """The k in 0..k_max with the largest expected speedup; 0 unless it beats 1 + margin.
+
+  Ties go to the smaller k (fewer wasted draft steps, fewer compiled programs)."""
+  _check(a, c, k_max)
+  best_k, best = 0, 1.0 + margin
+  for k in range(1, k_max + 1):
+    s = expected_speedup(a, c, k)
+    if s > best * (1 + 1e-12):
+      best_k, best = k, s
+  return best_k
+
+
+def cost_ratio(draft_step_s: float, target_verify_s: float, target_step_s: float,
+               k: int) -> float:
+  """c for the speedup formula from measured times: a draft step plus its share of the extra
+  cost of verifying k + 1 tokens instead of one, in target steps.
+
+  A round costs k t_draft + t_verify = t_step (k c + 1) with this c."""
+  if k < 1:
+    raise ValueError(f"cost_ratio needs k >= 1 (times of a speculative round), got {k}")
+  if not (draft_step_s >= 0 and target_verify_s >= 0 and target_step_s > 0):
+    raise ValueError("step times must be non-negative and the target step positive, got "
+                     f"{draft_step_s}, {target_verify_s}, {target_step_s}")
+  return max(0.0, (k * draft_step_s + target_verify_s - target_step_s) / (k * target_step_s))
+
+
+def _check(a, c, k):
+  if not 0.0 <= a <= 1.0:
+    raise ValueError(f"acceptance rate a must be in [0, 1], got {a}")
+  if not c >= 0.0:  # also catches NaN
+    raise ValueError(f"cost ratio c must be >= 0, got {c}")
+  if int(k) != k or k < 0:
+    raise ValueError(f"k must be an integer >= 0, got {k}")
+
+
+class AdaptiveK:
+  """Running estimates of a and c; `.k` is the K to use for the next batch.
+
+  a: exponential moving average over batches (weight `weight` on the newest) of each batch's
+    acceptance, accepted / judged draft tokens (drafts after a rejection are never judged, so
+    they are not counted as failures), smoothed by a Beta(prior) so a tiny batch cannot swing it
+    to 0 or 1. Averaging batches rather than pooling their counts makes a batch at large K count
+    no more than one at small K, so a draft that turns bad is dropped within a few batches.
+  c: exponential moving average (same weight) of `cost_ratio` from measured step times.
+  Until c has been observed (or given as c0) the policy keeps k0: without a cost it cannot tell
+  whether speculation pays.
+  """
+
+  def __init__(self, k0: int = 4, k_max: int = 8, *, c0: float | None = None,
+               prior: tuple[float, float] = (1.0, 1.0), weight: float = 0.5,
+               margin: float = 0.02, probe_every: int | None = None):
+    if int(k_max) != k_max or k_max < 0 or int(k0) != k0 or not 0 <= k0 <= k_max:
+      raise ValueError(f"need integers 0 <= k0 <= k_max, got k0={k0}, k_max={k_max}")
+    if not (prior[0] > 0 and prior[1] > 0):
+      raise ValueError(f"Beta prior counts must be positive, got {prior}")
+    if not 0.0 < weight <= 1.0:
+      raise ValueError(f"weight must be in (0, 1], got {weight}")
+    if probe_every is not None and probe_every < 1:
+      raise ValueError(f"probe_every must be >= 1 or None, got {probe_every}")
+    self.k_max, self.margin, self.weight = int(k_max), margin, weight
+    self.probe_every = probe_every
+    self._prior = (float(prior[0]), float(prior[1]))
+    self._a = None  # no batch seen yet: the prior's mean
+    self._c = None if c0 is None else float(c0)
+    self._k = int(k0)
+    self._batches_off = 0  # consecutive batches run with k = 0 by choice
+    self._probing = False
+
+  @property
+  def k(self) -> int:
+    """K for the next batch."""
+    return self._k
+
+  @property
+  def a(self) -> float:
+    return self._prior[0] / sum(self._prior) if self._a is None else self._a
+
+  @property
+  def c(self) -> float | None:
+    return self._c
+
+  @property
+  def probing(self) -> bool:
+    """Whether `.k` is a probe (K = 1 against the estimate) rather than the best choice."""
+    return self._probing
+
+  def speedup(self, k: int | None = None) -> float:
+    """Estimated speedup at k (default: the current choice); nan while c is unknown."""
+    k = self._k if k is None else k
+    return math.nan if self._c is None else expected_speedup(self.a, self._c, k)
+
+  def observe(self, result) -> int:
+    """Takes a finished batch (a sampler Result); returns the K for the next batch."""
+    if result.k > 0:
+      return self.observe_acceptance(float(result.accepted_at.sum()), float(result.reached.sum()))
+    self._batches_off += 1
+    return self._update(batch_done=True)
+
+  def observe_acceptance(self, accepted: float, judged: float) -> int:
+    """A finished batch with K > 0 as raw counts: `judged` draft tokens tested, `accepted` kept."""
+    if not 0 <= accepted <= judged:
+      raise ValueError(f"need 0 <= accepted <= judged, got {accepted}, {judged}")
+    if judged == 0:  # e.g. every row finished at prefill: no evidence either way
+      return self._k
+    batch_a = (self._prior[0] + accepted) / (sum(self._prior) + judged)
+    self._a = batch_a if self._a is None else self._ema(self._a, batch_a)
+    self._batches_off = 0
+    return self._update(batch_done=True)
+
+  def observe_times(self, draft_step_s: float, target_verify_s: float, target_step_s: float,
+                    k: int) -> int:
+    """Measured step times (e.g. from measure_step_times) for rounds of k drafts."""
+    c = cost_ratio(draft_step_s, target_verify_s, target_step_s, k)
+    self._c = c if self._c is None else self._ema(self._c, c)
+    return self._update()
+
+  def _ema(self, old, new):
+    return self.weight * new + (1 - self.weight) * old
+
+  def _update(self, batch_done: bool = False) -> int:
+    if self._c is None or (self._probing and not batch_done):
+      return self._k  # no cost known yet, or a probe waiting for its batch
+    k = choose_k(self.a, self._c, self.k_max, self.margin)
+    self._probing = bool(batch_done and k == 0 and self.probe_every
+                         and self._batches_off >= self.probe_every)
+    if self._probing:
+      # Measure the draft again now and then; one batch at k = 1 is the cheapest probe.
+      k, self._batches_off = 1, 0
+    self._k = k
+    return k
+
+
+def measure_step_times(sampler, batch: int, prompt_len: int, k: int, *,
+                       max_new_tokens: int = 64, repeats: int = 5) -> tuple[float, float, float]:
+  """(draft_step_seconds, target_verify_seconds, target_step_seconds), each the median of
+  `repeats` timed calls after a warm-up, of one jitted `model.forward` on the sampler's sharded
+  params and mesh with the decode loop's shapes: `batch` rows whose caches hold `prompt_len`
+  tokens in buffers sized as `Sampler.generate` sizes them; the draft and the target step feed
+  1 token, the verification k + 1. Caches are donated and threaded, as in the loop.
+  """
+  if sampler.draft_cfg is None:
+    raise ValueError("measure_step_times needs a Sampler with a draft model")
+  if k < 1 or batch < 1 or prompt_len < 1 or repeats < 1:
+    raise ValueError(f"need k, batch, prompt_len, repeats >= 1, got {k}, {batch}, "
+                     f"{prompt_len}, {repeats}")
+  max_len = prompts_lib.bucket(prompt_len) + max_new_tokens + k + 1
+  draft = _time_forward(sampler, sampler.draft_params, sampler.draft_cfg, sampler.draft_rules,
+                        batch, max_len, prompt_len, k, 1, repeats)
+  verify = _time_forward(sampler, sampler.target_params, sampler.target_cfg,
+                         sampler.target_rules, batch, max_len, prompt_len, k, k + 1, repeats)
+  step = _time_forward(sampler, sampler.target_params, sampler.target_cfg, sampler.target_rules,
+                       batch, max_len, prompt_len, k, 1, repeats)
+  return draft, verify, step
+
+
+def _time_forward(sampler, params, cfg, rules, batch, max_len, prompt_len, k, t, repeats):
+  mesh = sampler.mesh
+  cache_sh = sharding.cache_shardings(cache_lib.abstract_cache(cfg, batch, max_len, k + 1), mesh,
+                                      rules)
+  rows = sharding.batch_sharding(mesh, (batch,), rules)
+  tokens = jax.device_put(jnp.zeros((batch, t), jnp.int32),
+                          sharding.batch_sharding(mesh, (batch, t), rules))
+
+  def fn(params, tokens, cache):
+    logits, cache = model.forward(params, cfg, tokens, cache)
+    # The loop consumes the logits on device; a per-row token stands in for that use without
+    # timing a gather of the (vocab-sharded) logits to one place.
+    return jnp.argmax(logits[:, -1], axis=-1), cache
+
+  step = jax.jit(fn, out_shardings=(rows, cache_sh), donate_argnums=2)
+  cache = jax.device_put(cache_lib.init_cache(cfg, batch, max_len, k + 1), cache_sh)
+  times = []
+  for i in range(repeats + 1):  # the first call compiles and warms up
+    # Every call sees a cache holding prompt_len tokens, like a round early in decoding.
+    cache = cache._replace(length=jax.device_put(jnp.full((batch,), prompt_len, jnp.int32), rows))
+    start = time.perf_counter()
+    _, cache = jax.block_until_ready(step(params, tokens, cache))
+    if i:
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)

@@ -1,0 +1,199 @@
+"""K policy: the speedup formula, the choice of K, and the adaptive controller between batches."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from spec_tpu import k_policy, model
+from spec_tpu.config import get_preset
+from spec_tpu.k_policy import AdaptiveK, choose_k, cost_ratio, expected_speedup
+from spec_tpu.sampler import Result, Sampler
+from spec_tpu.sharding import make_mesh
+
+
+# ---------------------------------------------------------------------------------------------
+# The formula.
+
+@pytest.mark.parametrize("a,c,k,want", [
+    (0.8, 0.05, 4, (1 - 0.8 ** 5) / (0.2 * 1.2)),  # = 0.67232 / 0.24 = 2.80133...
+    (0.8, 0.05, 4, 2.8013333333),
+    (0.5, 0.1, 1, 1.5 / 1.1),
+    (0.0, 0.1, 3, 1 / 1.3),                          # nothing accepted: pure overhead
+    (1.0, 0.1, 3, 4 / 1.3),                          # a = 1: the limit (k + 1) / (k c + 1)
+    (1.0, 0.0, 7, 8.0),
+    (0.3, 5.0, 0, 1.0),                              # k = 0 is plain decoding
+])
+def test_expected_speedup_matches_hand_computed_values(a, c, k, want):
+  assert expected_speedup(a, c, k) == pytest.approx(want, rel=1e-9)
+
+
+def test_expected_speedup_is_continuous_at_a_equals_one():
+  assert expected_speedup(1 - 1e-9, 0.2, 5) == pytest.approx(expected_speedup(1.0, 0.2, 5))
+
+
+def test_paper_operating_point_favours_speculation():
+  # Chen et al.: draft 1.8 ms, target 14.1 ms per token; K=4 gave ~2x on XSum.
+  c = 1.8 / 14.1
+  assert 1.5 < expected_speedup(0.8, c, 4) < 2.5
+  assert choose_k(0.8, c, 8) in (3, 4, 5)
+
+
+@pytest.mark.parametrize("a,c,k", [(-0.1, 0.1, 1), (1.1, 0.1, 1), (0.5, -1.0, 1),
+                                   (0.5, float("nan"), 1), (0.5, 0.1, -1), (0.5, 0.1, 1.5)])
+def test_bad_arguments_are_refused(a, c, k):
+  with pytest.raises(ValueError):
+    expected_speedup(a, c, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing K.
+
+@pytest.mark.parametrize("a,c", [(0.99, 1.0), (0.5, 0.6), (0.03, 0.05), (0.0, 0.0)])
+def test_choose_k_is_zero_when_drafting_cannot_pay(a, c):
+  # Given a draft as slow as the target, or one that is almost never accepted; then K = 0.
+  assert choose_k(a, c, 8) == 0
+  assert all(expected_speedup(a, c, k) <= 1.0 for k in range(9))
+
+
+def test_choose_k_grows_with_acceptance():
+  ks = [choose_k(a, 0.05, 16) for a in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)]
+  assert ks == sorted(ks) and ks[0] < ks[-1]
+  assert ks[0] >= 1  # cheap draft, 30% acceptance: still worth one token
+
+
+def test_choose_k_is_the_argmax_within_range():
+  for a in np.linspace(0, 1, 11):
+    for c in (0.0, 0.01, 0.1, 0.3):
+      k = choose_k(a, c, 6)
+      best = max(expected_speedup(a, c, j) for j in range(7))
+      assert expected_speedup(a, c, k) == pytest.approx(best)
+  assert choose_k(1.0, 0.0, 6) == 6  # free, always-right draft: as many as allowed
+
+
+def test_choose_k_margin_keeps_marginal_gains_off():
+  # Given a best speedup of ~1.03; then a 5% margin turns speculation off.
+  a, c = 0.3, 0.25
+  assert 1.0 < expected_speedup(a, c, 1) < 1.05
+  assert choose_k(a, c, 8) == 1
+  assert choose_k(a, c, 8, margin=0.05) == 0
+
+
+def test_cost_ratio_charges_extra_verification_to_each_draft():
+  # Verification as cheap as a step (memory-bound): c is the plain time ratio.
+  assert cost_ratio(1.0, 10.0, 10.0, 4) == pytest.approx(0.1)
+  # Verifying 3 tokens costs 2 steps (compute-bound): +0.5 step per draft token when k = 2.
+  assert cost_ratio(1.0, 20.0, 10.0, 2) == pytest.approx(0.1 + 0.5)
+  # The round costs what the formula charges: k t_draft + t_verify = t_step (k c + 1).
+  c = cost_ratio(0.7, 13.0, 10.0, 3)
+  assert 3 * 0.7 + 13.0 == pytest.approx(10.0 * (3 * c + 1))
+  with pytest.raises(ValueError):
+    cost_ratio(1.0, 10.0, 10.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaptiveK on synthetic streams of batches.
+
+def _batch(rng, a, k, rounds=400):
+  """A Result as the sampler reports it, for rounds whose draft tokens are each accepted with
+  probability a (independently), stopping at the first rejection."""
+  n = np.sum(np.cumprod(rng.random((rounds, k)) < a, axis=1), axis=1)
+  j = np.arange(k)[None, :]
+  reached = np.sum(j <= n[:, None], axis=0)[None, :]
+  accepted_at = np.sum(j < n[:, None], axis=0)[None, :]
+  return Result(tokens=[[]], rounds=np.array([rounds]), accepted=np.array([n.sum()]),
+                reached=reached, accepted_at=accepted_at, k=k, seconds=0.0)
+
+
+def _run(policy, rng, a, batches, c):
+  history = []
+  for _ in range(batches):
+    k = policy.k
+    if k:
+      policy.observe(_batch(rng, a, k))
+    else:
+      policy.observe(Result(tokens=[[]], rounds=np.array([0]), accepted=np.array([0]),
+                            reached=np.zeros((1, 1)), accepted_at=np.zeros((1, 1)), k=0,
+                            seconds=0.0))
+    policy.observe_times(c * 10.0, 10.0, 10.0, k=max(k, 1))
+    history.append(policy.k)
+    # Never speculate on a speedup estimate below 1 (except an opted-in probe).
+    assert policy.k == 0 or policy.speedup() > 1.0 or policy.probing
+  return history
+
+
+def test_adaptive_k_keeps_k0_until_it_knows_the_cost():
+  policy = AdaptiveK(k0=3, k_max=8)
+  policy.observe(_batch(np.random.default_rng(0), 0.05, 3))
+  assert policy.k == 3 and math.isnan(policy.speedup())
+
+
+def test_adaptive_k_converges_to_the_best_k():
+  # Given a stream with a = 0.8 and c = 0.05; then the estimates converge and K is the optimum.
+  rng = np.random.default_rng(1)
+  policy = AdaptiveK(k0=1, k_max=10)
+  history = _run(policy, rng, a=0.8, batches=15, c=0.05)
+  assert policy.a == pytest.approx(0.8, abs=0.03)
+  assert policy.c == pytest.approx(0.05)
+  # Near the optimum the curve is flat (k = 7, 8, 9 within 0.5%): demand the optimum's speed.
+  best = max(expected_speedup(0.8, 0.05, k) for k in range(11))
+  assert all(expected_speedup(0.8, 0.05, k) > 0.99 * best for k in history[-5:])
+
+
+def test_adaptive_k_turns_speculation_off_and_probes_back():
+  # Given a good draft that turns bad then good again; then K drops to 0 while it is bad (no
+  # batch runs slower than plain decoding on the estimate), probes with K = 1 now and then,
+  # and recovers once the probe sees good acceptance.
+  rng = np.random.default_rng(2)
+  policy = AdaptiveK(k0=4, k_max=8, probe_every=3)
+  _run(policy, rng, a=0.85, batches=5, c=0.1)
+  assert policy.k >= 3
+  bad = _run(policy, rng, a=0.05, batches=12, c=0.1)
+  assert bad[-1] == 0 or bad[-1] == 1
+  assert 0 in bad[:5]  # dropped within a few batches
+  assert bad.count(0) >= 6 and 1 in bad[5:]  # then mostly off, with probes
+  good = _run(policy, rng, a=0.85, batches=8, c=0.1)
+  assert good[-1] >= 3
+
+
+def test_adaptive_k_turns_off_when_the_draft_is_too_slow():
+  rng = np.random.default_rng(3)
+  policy = AdaptiveK(k0=4, k_max=8)
+  history = _run(policy, rng, a=0.7, batches=4, c=0.9)
+  assert history == [0, 0, 0, 0]
+
+
+def test_adaptive_k_refuses_bad_settings():
+  with pytest.raises(ValueError):
+    AdaptiveK(k0=5, k_max=4)
+  with pytest.raises(ValueError):
+    AdaptiveK(prior=(0.0, 1.0))
+  with pytest.raises(ValueError):
+    AdaptiveK().observe_acceptance(5, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured step times on a real (tiny, sharded) sampler.
+
+def test_measure_step_times_feeds_the_policy():
+  # Given a tensor-parallel tiny target and draft on a 2x4 mesh; then the three timings are
+  # positive and give the policy a finite cost ratio.
+  target = get_preset("tiny")
+  draft = target.replace(name="tiny_draft", num_layers=1)
+  sampler = Sampler(model.init_params(target, jax.random.key(0)), target,
+                    mesh=make_mesh((2, 4)), draft_params=model.init_params(draft, jax.random.key(1)),
+                    draft_cfg=draft)
+  times = k_policy.measure_step_times(sampler, batch=2, prompt_len=8, k=3, max_new_tokens=8,
+                                      repeats=3)
+  assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times)
+  policy = AdaptiveK(k0=2, k_max=4)
+  policy.observe_times(*times, k=3)
+  assert math.isfinite(policy.c) and policy.c >= 0 and 0 <= policy.k <= 4
+
+
+def test_measure_step_times_needs_a_draft():
+  target = get_preset("tiny")
+  sampler = Sampler(model.init_params(target, jax.random.key(0)), target)
+  with pytest.raises(ValueError, match="draft"):
+    k_policy.measure_step_times(sampler, batch=1, prompt_len=4, k=2)

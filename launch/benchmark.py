@@ -188,8 +188,8 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
       tps = tokens / seconds
       if k == 0:
         baseline_tps = tps
-      proposed = sum(k * r.rounds.sum() for r in runs)
-      a = float(sum(r.accepted.sum() for r in runs) / proposed) if proposed else float("nan")
+      judged = sum(r.reached.sum() for r in runs) if k else 0
+      a = float(sum(r.accepted.sum() for r in runs) / judged) if judged else float("nan")
       ideal = common.ideal_speedup(a, c, k)
       t_verify = target_timer.seconds_per_step(k + 1, step_repeats) if k else t_target
       measured = tps / baseline_tps

@@ -183,13 +183,14 @@ class Totals:
   rounds: int = 0          # speculative rounds (target calls after the prefill)
   calls: int = 0           # every target call, the prefill included
   accepted: int = 0
+  judged: int = 0          # draft tokens judged by the target (the a of the speedup formula)
   ar_tokens: int = 0
   ar_seconds: float = 0.0
 
   def summary(self, k: int, random_weights: bool) -> dict:
     tps = self.tokens / self.seconds if self.seconds else float("nan")
     out = {"generated_tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": tps,
-           "k": k, "acceptance_rate": self.accepted / (k * self.rounds) if k and self.rounds
+           "k": k, "acceptance_rate": self.accepted / self.judged if k and self.judged
            else float("nan"),
            "tokens_per_target_call": self.tokens / self.calls if self.calls else float("nan"),
            "random_weights": random_weights}
@@ -286,6 +287,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     totals.rounds += int(res.rounds[:n].sum())
     totals.calls += int(res.rounds[:n].sum()) + n  # the prefill is a target call too
     totals.accepted += int(res.accepted[:n].sum())
+    totals.judged += int(res.reached[:n].sum()) if res.k else 0
     if compare_ar:
       ar = sampler.generate(ids, max_new_tokens=max_new, k=0, sampling=setup.sampling, seed=s)
       totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])

@@ -6,9 +6,8 @@ steps and yields 1 + a + ... + a^K tokens, so against plain decoding (K = 0) the
 
     expected_speedup(a, c, K) = (1 - a^(K+1)) / ((1 - a) (K c + 1)).
 
-Here a is the acceptance of a judged draft token: Result.accepted_at.sum() / Result.reached.sum().
-Result.acceptance_rate() (accepted / proposed) is lower for K > 1, since the drafts after a
-rejection are proposed but never judged; it is not the a of this formula.
+Here a is the acceptance of a judged draft token, Result.acceptance_rate() =
+Result.accepted.sum() / Result.reached.sum() (drafts after a rejection are never judged).
 
 Verifying K + 1 tokens is not free when the target is compute-bound (CPU, large batches): with
 measured times `cost_ratio` folds the extra verification cost into c, per draft token, so the

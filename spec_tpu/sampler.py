@@ -37,10 +37,11 @@ class Result:
     return sum(len(t) for t in self.tokens)
 
   def acceptance_rate(self, row: int | None = None) -> float:
-    """Accepted / proposed draft tokens."""
+    """Accepted / judged draft tokens: the a of the expected-speedup formula. (Drafts after a
+    rejection are proposed but never judged, so accepted / proposed would understate a.)"""
     sl = slice(None) if row is None else slice(row, row + 1)
-    proposed = self.k * self.rounds[sl].sum()
-    return float(self.accepted[sl].sum() / proposed) if proposed else float("nan")
+    judged = self.reached[sl].sum() if self.k else 0
+    return float(self.accepted[sl].sum() / judged) if judged else float("nan")
 
   def tokens_per_call(self, row: int | None = None) -> float:
     """Generated tokens per target call (the prefill counts as one call)."""
@@ -84,19 +85,30 @@ class Sampler:
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules
     self.eos_id, self.pad_id, self.max_cache_len = eos_id, pad_id, max_cache_len
+    self._programs = {}
     self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
     self.draft_params = (None if draft_params is None else
                          sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
 
   def _spec(self, k, top_k, max_new, prompt_len) -> decode.LoopSpec:
+    # Positions written reach prompt + max_new + k; prompt_len is the padded bucket, so the
+    # cache is capped at max_cache_len (already checked against the real prompt lengths).
+    max_len = prompt_len + max_new + k + 1
+    if self.max_cache_len is not None:
+      max_len = min(max_len, self.max_cache_len)
     return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
-                           top_k=top_k, max_new_tokens=max_new,
-                           max_len=prompt_len + max_new + k + 1, eos_id=self.eos_id,
+                           top_k=top_k, max_new_tokens=max_new, max_len=max_len,
+                           eos_id=self.eos_id,
                            pad_id=self.pad_id)
 
-  @functools.lru_cache(maxsize=32)
   def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
-    """The compiled program for one (static spec, batch, prompt bucket)."""
+    """The compiled program for one (static spec, batch, prompt bucket), kept per Sampler."""
+    key = (spec, batch, prompt_len)
+    if key not in self._programs:
+      self._programs[key] = self._compile(spec, batch, prompt_len)
+    return self._programs[key]
+
+  def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     mesh = self.mesh
     tp = sharding.param_shardings(spec.target, mesh, self.target_rules, self.target_params)
     dp = (sharding.param_shardings(spec.draft, mesh, self.draft_rules, self.draft_params)

@@ -5,9 +5,8 @@ source, with its sentencepiece tokenizer and a few built-in prompts.
     python -m launch.sample --config=configs/default.py --prompts=prompts.jsonl --output=out.jsonl
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
 
-Until the trained checkpoints exist, both models fall back to RANDOM-WEIGHT tiny models
-(allow_random=True; every launcher says so loudly), which exercises the whole pipeline but
-produces noise and a meaningless acceptance rate. Point the fields elsewhere with e.g.
+Trained with `python -m launch.train` (configs/train.py); evaluated with
+`python -m launch.evaluate_pair`. Point the fields elsewhere with e.g.
 --config.model.checkpoint=/ckpt/target --config.draft.checkpoint=/ckpt/draft.
 """
 
@@ -29,15 +28,12 @@ def get_config(arg=None):
   del arg
   c = common.base(batch_size=4, prompts=PROMPTS, compare_ar=True)
   tokenizer = os.path.join(common.ASSETS_DIR, "stdlib_sp2048.model")
-  # The fallback shapes only matter while the checkpoints are missing: tiny, with the
-  # tokenizer's 2048-token vocabulary so real prompts can be fed.
-  c.model = common.model_section(
-      preset="tiny", checkpoint=os.path.join(common.ASSETS_DIR, "stdlib_target"),
-      allow_random=True, tokenizer=tokenizer, name="random_tiny_target", vocab_size=2048)
-  c.draft = common.model_section(
-      preset="tiny", checkpoint=os.path.join(common.ASSETS_DIR, "stdlib_draft"),
-      allow_random=True, tokenizer=tokenizer, name="random_tiny_draft", vocab_size=2048,
-      num_layers=1)
+  c.model = common.model_section(checkpoint=os.path.join(common.ASSETS_DIR, "target"),
+                                 tokenizer=tokenizer)
+  c.draft = common.model_section(checkpoint=os.path.join(common.ASSETS_DIR, "draft"),
+                                 tokenizer=tokenizer)
+  # The pair was trained on files separated by EOS, never with a BOS in front.
+  c.run.add_bos = False
   c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
   c.mesh.shape = (1, -1)
   return c

@@ -15,12 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sys.path (python -m pytest does).
 sys.path.insert(0, REPO)
 
-from configs import default as default_config  # noqa: E402
+from configs import tiny_random as default_config  # noqa: E402
 from launch import common, sample  # noqa: E402
 
 
 def _tiny_config(**sampling):
-  """The embedded default with its random-weight fallback forced: no checkpoint is read."""
+  """Random tiny models with the shipped tokenizer: no checkpoint is read."""
   c = default_config.get_config()
   c.model.checkpoint = c.draft.checkpoint = ""
   c.run.batch_size = 2
@@ -133,7 +133,7 @@ def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, 
 
 def test_unknown_config_field_is_refused_by_the_launcher(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.sample", "--config=configs/default.py",
+      [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
        "--config.sampling.temprature=0.5", f"--output={tmp_path / 'o.jsonl'}"],
       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -142,7 +142,7 @@ def test_unknown_config_field_is_refused_by_the_launcher(tmp_path):
 
 
 def _sample_cmd(prompts, output):
-  return [sys.executable, "-m", "launch.sample", "--config=configs/default.py",
+  return [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
           "--config.model.checkpoint=", "--config.draft.checkpoint=",
           "--config.run.batch_size=2", "--config.sampling.max_new_tokens=8",
           "--nocompare_ar", f"--prompts={prompts}", f"--output={output}"]
@@ -209,7 +209,7 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
 def test_plan_tiny_on_2x8_reports_memory(tmp_path):
   report_path = tmp_path / "plan.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.plan", "--config=configs/default.py", "--topology=2x8",
+      [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=2x8",
        "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
        f"--output_json={report_path}"],
       cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=300)
@@ -222,7 +222,7 @@ def test_plan_tiny_on_2x8_reports_memory(tmp_path):
 def test_benchmark_writes_table_json_and_plot(tmp_path):
   # Given the random tiny pair, a sweep over K in {0, 2} at batch 2
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", "--config=configs/default.py",
+      [sys.executable, "-m", "launch.benchmark", "--config=configs/tiny_random.py",
        "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
        "--ks=0,2", "--batches=2", "--max_new_tokens=8", "--repeats=1", "--step_repeats=2"],
       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)

@@ -169,11 +169,13 @@ def _as_arrays(params):
 
 
 def save(path, params, config: ModelConfig, *, extra: dict | None = None,
-         overwrite: bool = False) -> None:
+         overwrite: bool = False, files: dict[str, str] | None = None) -> None:
   """Saves params (a pytree of jax arrays, possibly sharded) and config to directory `path`.
 
   Every process must call this (orbax writes each process's shards); process 0 alone writes the
   config and manifest and renames. `extra` is any JSON-serialisable dict (e.g. conversion source).
+  `files` maps relative paths inside the checkpoint to files to copy in (e.g. tokenizer files);
+  they are copied before the manifest is written, so they are hash-checked with the weights.
   """
   path = os.path.abspath(os.fspath(path))
   if not isinstance(config, ModelConfig):
@@ -206,6 +208,12 @@ def save(path, params, config: ModelConfig, *, extra: dict | None = None,
 
   if _is_primary():
     _write_json(os.path.join(tmp, CONFIG_FILE), meta)
+    for rel, src in (files or {}).items():
+      dst = os.path.normpath(os.path.join(tmp, rel))
+      if not dst.startswith(tmp + os.sep) or rel.split("/")[0] in (PARAMS_DIR, CONFIG_FILE):
+        raise _err(path, f"extra file path {rel!r} must stay inside the checkpoint")
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.copyfile(src, dst)
     _write_manifest(tmp)  # last: its presence marks a complete checkpoint
     if os.path.exists(path):
       # rename() cannot replace a non-empty directory: move the old one aside, then drop it.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
@@ -512,21 +511,14 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelCon
   params = convert_params(SafetensorsIndex(src), cfg)
   extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),
            "model_type": hf.get("model_type")}
-  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite)
+  # Tokenizer files go in before the manifest seals the checkpoint, so they are hash-checked
+  # with the weights.
+  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite, files=_tokenizer_files(src))
   del params
-  if _copy_tokenizer(src, dst):
-    # checkpoint.save cannot take extra files yet, and verification rejects files its manifest
-    # does not list: reseal, so the tokenizer is hash-checked along with the weights. A crash
-    # before the reseal leaves a checkpoint that fails verification, never one that loads wrong.
-    checkpoint._write_manifest(dst)  # pylint: disable=protected-access
   return cfg
 
 
-def _copy_tokenizer(src: str, dst: str) -> list[str]:
-  present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-  if present:
-    out = os.path.join(dst, TOKENIZER_DIR)
-    os.makedirs(out, exist_ok=True)
-    for name in present:
-      shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
-  return present
+def _tokenizer_files(src: str) -> dict[str, str]:
+  """Checkpoint-relative path -> source path of the tokenizer files present in src."""
+  return {f"{TOKENIZER_DIR}/{n}": os.path.join(src, n) for n in TOKENIZER_FILES
+          if os.path.isfile(os.path.join(src, n))}

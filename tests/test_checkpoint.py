@@ -119,6 +119,22 @@ def test_bad_extra_is_refused_before_writing(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_extra_files_are_sealed_with_the_weights(tmp_path):
+  # Given a tokenizer file saved inside the checkpoint,
+  params, _ = _params(_mesh(2, 4))
+  (tmp_path / "tok.model").write_bytes(b"vocab")
+  path = tmp_path / "model"
+  checkpoint.save(path, params, CONFIG, files={"tokenizer/tok.model": str(tmp_path / "tok.model")})
+  assert (path / "tokenizer" / "tok.model").read_bytes() == b"vocab"
+  checkpoint.verify(path)
+  # when it is altered, then the checkpoint no longer verifies.
+  (path / "tokenizer" / "tok.model").write_bytes(b"vocaB")
+  with pytest.raises(CheckpointError, match="tok.model"):
+    checkpoint.verify(path)
+  with pytest.raises(CheckpointError, match="inside the checkpoint"):
+    checkpoint.save(tmp_path / "m2", params, CONFIG, files={"../x": str(tmp_path / "tok.model")})
+
+
 @pytest.fixture
 def fresh(tmp_path):
   path = tmp_path / "model"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from spec_tpu import sampling
+
 
 def accept(key, draft_bn, p_bnv, q_bmv):
   """Returns (n_b accepted draft tokens in 0..K, next_b the token that follows them).
@@ -33,5 +35,5 @@ def accept(key, draft_bn, p_bnv, q_bmv):
   total = jnp.sum(residual, axis=-1, keepdims=True)
   # A rejection where q <= p everywhere has probability zero; rounding could still get here.
   dist = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), q_n)
-  next_tok = jax.random.categorical(key_next, jnp.log(dist), axis=-1).astype(jnp.int32)
+  next_tok = sampling.sample(key_next, dist)
   return n.astype(jnp.int32), next_tok

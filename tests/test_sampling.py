@@ -77,6 +77,37 @@ def test_sampling_never_draws_filtered_tokens():
   assert abs((draws == 0).mean() - float(probs[0, 0])) < 0.03
 
 
+def test_top_p_bisection_matches_reference_on_random_rows_with_ties():
+  # Given many rows with heavy ties (logits from a few levels) and top_p traced inside a jitted
+  # program (the runtime branch and the bit-pattern bisection, not a constant-folded path),
+  import jax
+  rng = np.random.default_rng(0)
+  logits = rng.choice(np.array([-3.0, -1.0, 0.0, 0.5, 2.0]), size=(300, 40))
+  top_ps = rng.uniform(0.02, 0.999, size=300)
+  fn = jax.jit(lambda l, tp: sampling.probabilities(l, 1.0, 0, tp))
+  # then every row keeps exactly the reference's tokens, with its probabilities.
+  for row, top_p in zip(logits, top_ps):
+    g = np.asarray(fn(jnp.asarray(row[None], jnp.float32), jnp.float32(top_p)))[0]
+    want = reference(row, 1.0, 0, top_p)
+    assert (g > 0).tolist() == (want > 0).tolist(), (row, top_p)
+    np.testing.assert_allclose(g, want, atol=1e-6)
+
+
+def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law():
+  import jax
+  # Zero-mass tokens at the start, in between and at the end.
+  probs = np.array([0.0, 0.5, 0.0, 0.0, 0.125, 0.375, 0.0], np.float32)
+  draws = np.asarray(sampling.sample(jax.random.key(3), jnp.asarray(np.tile(probs, (20000, 1)))))
+  counts = np.bincount(draws, minlength=len(probs))
+  assert set(np.flatnonzero(counts)) == {1, 4, 5}
+  # Within 4.5 standard deviations of the expected counts.
+  expected = 20000 * probs
+  assert np.all(np.abs(counts - expected) <= 4.5 * np.sqrt(expected * (1 - probs)) + 1e-9)
+  # All mass on the last token, or on the first.
+  one_hot = jnp.asarray(np.eye(7, dtype=np.float32)[[6, 0]])
+  assert np.asarray(sampling.sample(jax.random.key(4), one_hot)).tolist() == [6, 0]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),

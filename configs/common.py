@@ -12,7 +12,9 @@
       tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
-                top_k (0 = off), max_new_tokens, seed
+                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample chooses K per
+                batch (0 = speculation off) from the measured acceptance and step times,
+                starting at k and never above k_max (see spec_tpu/k_policy.py)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
@@ -80,7 +82,8 @@ def base(**run) -> ml_collections.ConfigDict:
   c.model = model_section()
   c.draft = model_section()
   c.sampling = ml_collections.ConfigDict(dict(
-      k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0))
+      k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0,
+      adaptive_k=False, k_max=8))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,

@@ -16,6 +16,15 @@ a seed derived from (sampling.seed, i), so a resumed run writes exactly what an 
 would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
 whole (its finished rows are computed again but not written).
 
+Adaptive K (--config.sampling.adaptive_k=True): before the first batch the draft step, the
+target step and the target's K+1 verification are timed on the sampler's mesh (the cost ratio c);
+after every batch its acceptance updates a; the next batch runs with the K in 0..sampling.k_max
+that the expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a
+K = 1 probe every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
+Each line's stats record the K its batch ran with. Every K gives samples from the target's
+distribution, but a resumed adaptive run may pick other K than the killed one did, so its texts
+are equally valid samples, not byte-identical ones (every prompt is still written exactly once).
+
 The summary reports tokens/s, acceptance rate and tokens per target call; with --compare_ar
 (default for configs with run.compare_ar, e.g. the embedded default) every batch also runs with
 k=0 and the measured speedup is the ratio of the two throughputs.
@@ -186,11 +195,12 @@ class Totals:
   judged: int = 0          # draft tokens judged by the target (the a of the speedup formula)
   ar_tokens: int = 0
   ar_seconds: float = 0.0
+  ks: list = dataclasses.field(default_factory=list)  # K of each batch run (adaptive K)
 
   def summary(self, k: int, random_weights: bool) -> dict:
     tps = self.tokens / self.seconds if self.seconds else float("nan")
     out = {"generated_tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": tps,
-           "k": k, "acceptance_rate": self.accepted / self.judged if k and self.judged
+           "k": k, "acceptance_rate": self.accepted / self.judged if self.judged
            else float("nan"),
            "tokens_per_target_call": self.tokens / self.calls if self.calls else float("nan"),
            "random_weights": random_weights}
@@ -220,10 +230,16 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   if batch_size <= 0:
     raise common.SetupError(f"run.batch_size must be positive, got {batch_size}")
   from spec_tpu import prompts as prompts_lib
+  adaptive = bool(config.sampling.adaptive_k)
+  k_max = int(config.sampling.k_max) if adaptive else setup.k
+  if adaptive and not 1 <= setup.k <= k_max:
+    raise common.SetupError(f"sampling.adaptive_k needs a draft and 1 <= sampling.k <= "
+                            f"sampling.k_max (k is the starting K), got k={setup.k}, "
+                            f"k_max={k_max}")
   longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
   try:
     prompts_lib.check_fits(len(encoded[longest]), int(config.sampling.max_new_tokens),
-                           int(config.run.max_cache_len) or None, extra=setup.k + 1)
+                           int(config.run.max_cache_len) or None, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
 
@@ -267,6 +283,18 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                                  max_cache_len=int(config.run.max_cache_len))
   k, max_new, seed = setup.k, int(config.sampling.max_new_tokens), int(config.sampling.seed)
   compare_ar = compare_ar and k > 0
+  policy = None
+  if adaptive:
+    from spec_tpu import k_policy
+    policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=4)
+    times = k_policy.measure_step_times(sampler, batch=batch_size,
+                                        prompt_len=len(encoded[longest]), k=k,
+                                        max_new_tokens=max_new)
+    policy.observe_times(*times, k=k)
+    if primary:
+      logging.info("adaptive K: draft step %.3g ms, target step %.3g ms, verify %d tokens "
+                   "%.3g ms -> c = %.3f; first K = %d", times[0] * 1e3, times[2] * 1e3, k + 1,
+                   times[1] * 1e3, policy.c, policy.k)
   totals = Totals()
   from tqdm import tqdm
   bar = tqdm(total=remaining, unit="prompt", disable=not primary, file=sys.stderr,
@@ -280,7 +308,13 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     # every batch, and the padding rows are dropped.
     ids = ids + [ids[0]] * (batch_size - len(ids))
     s = batch_seed(seed, b)
+    if policy is not None:
+      # Step times differ between processes: process 0's choice is everyone's.
+      k = int(common.broadcast(np.array([policy.k], np.int32))[0])
     res = sampler.generate(ids, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=s)
+    if policy is not None:
+      policy.observe(res)
+      totals.ks.append(k)
     n = len(chunk)
     totals.tokens += sum(len(t) for t in res.tokens[:n])
     totals.seconds += res.seconds
@@ -289,7 +323,9 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     totals.accepted += int(res.accepted[:n].sum())
     totals.judged += int(res.reached[:n].sum()) if res.k else 0
     if compare_ar:
-      ar = sampler.generate(ids, max_new_tokens=max_new, k=0, sampling=setup.sampling, seed=s)
+      # A batch adaptive K ran at K = 0 is its own autoregressive baseline.
+      ar = res if k == 0 else sampler.generate(ids, max_new_tokens=max_new, k=0,
+                                               sampling=setup.sampling, seed=s)
       totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])
       totals.ar_seconds += ar.seconds
     records = []
@@ -307,7 +343,10 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
           print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
     bar.update(len(records))
   bar.close()
-  summary = totals.summary(k, setup.any_random)
+  summary = totals.summary(setup.k, setup.any_random)
+  if policy is not None:
+    summary.update(adaptive_k_per_batch=totals.ks, adaptive_a=policy.a, adaptive_c=policy.c,
+                   adaptive_expected_speedup=policy.speedup(), adaptive_next_k=policy.k)
   return summary
 
 

@@ -73,6 +73,29 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert summary["speedup_vs_ar"] > 0
 
 
+@pytest.mark.parametrize("draft_step_s, expected_k", [(0.0, 6), (10.0, 0)])
+def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, draft_step_s, expected_k):
+  # Given step times as measured (a free draft, or one 10x slower than the target; faked here so
+  # the choice does not hang on this machine's timings),
+  from spec_tpu import k_policy
+  monkeypatch.setattr(k_policy, "measure_step_times",
+                      lambda *a, **k: (draft_step_s, 1.0, 1.0))
+  config = _tiny_config(adaptive_k=True, k=2, k_max=6)
+  out = tmp_path / "out.jsonl"
+  summary = sample.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
+                       multihost=False)
+  # then a free draft runs at k_max (more drafts only add accepted tokens), a slow one turns
+  # speculation off from the first batch, and every prompt is written once with its batch's K.
+  assert summary["adaptive_k_per_batch"] == [expected_k] * 3
+  lines = _read(out)
+  assert sorted(r["id"] for r in lines) == list(range(6))
+  assert all(r["stats"]["k"] == expected_k for r in lines)
+  if expected_k == 0:
+    assert summary["acceptance_rate"] is None and summary["speedup_vs_ar"] == 1.0
+  else:
+    assert 0.0 < summary["acceptance_rate"] <= 1.0
+
+
 def test_finished_ids_cuts_a_torn_last_line_and_refuses_a_foreign_file(tmp_path):
   path = tmp_path / "out.jsonl"
   path.write_text('{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n{"id": "c", "te')
@@ -100,6 +123,7 @@ def _no_weights_or_compiles(monkeypatch):
     ("k_without_draft", common.SetupError, "needs a draft"),
     ("bad_top_p", common.SetupError, "top_p"),
     ("prompt_too_long", sample.InputError, "does not fit the cache"),
+    ("adaptive_k_above_k_max", common.SetupError, "adaptive_k needs"),
 ])
 def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, match):
   _no_weights_or_compiles(monkeypatch)
@@ -127,6 +151,8 @@ def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, 
     config.sampling.top_p = 1.5
   elif case == "prompt_too_long":
     config.run.max_cache_len = 16
+  elif case == "adaptive_k_above_k_max":
+    config.sampling.update(adaptive_k=True, k=5, k_max=4)
   with pytest.raises(error, match=match):
     sample.run(config, [], prompts_file, output, compare_ar=False, multihost=False)
 

@@ -14,13 +14,17 @@ import os
 
 from configs import common
 
+# Prompts end in the indentation of the next line: the tokenizer attaches whitespace to the end
+# of pieces (":\n        " is one token), so a prompt cut right after "\n" would end in a split
+# the models never saw in training.
 PROMPTS = (
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "import os\n\n\ndef list_python_files(root):\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    ",
+    "import os\n\n\ndef list_python_files(root):\n    ",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, item):\n        ",
     "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
-    "    for i, line in enumerate(lines):\n        if line.startswith('#'):\n",
-    "def read_json(path):\n    with open(path) as f:\n",
+    "    for i, line in enumerate(lines):\n        if line.startswith('#'):\n            ",
+    "def read_json(path):\n    with open(path) as f:\n        ",
 )
 
 

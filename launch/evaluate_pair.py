@@ -1,0 +1,139 @@
+"""Evaluates target/draft pairs: held-out loss, acceptance rate, tokens per target call, speedup.
+
+    python -m launch.evaluate_pair
+    python -m launch.evaluate_pair --draft=distilled=spec_tpu/assets/draft \
+        --draft=data_only=/tmp/spec_assets/draft_data --output=/tmp/pair_eval.json
+
+Prompts are --prompt_len-token windows cut from the held-out stdlib files (one per file, a third
+of the way in, so they sit in code rather than in license headers), never seen in training. Every
+draft is run at K=--k with temperature 1 and greedy; the target alone (K=0) at the same settings
+is the baseline of the wall-clock speedup. Times exclude compilation (Sampler.generate's seconds)
+and are the best of --repeats runs, since other work on a shared machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from spec_tpu import checkpoint, corpus, train
+from spec_tpu import tokenizer as tokenizer_lib
+from spec_tpu.sampler import Sampler
+from spec_tpu.sampling import SamplingParams
+
+_TARGET = flags.DEFINE_string("target", "spec_tpu/assets/target", "Target checkpoint.")
+_DRAFT = flags.DEFINE_multi_string("draft", ["distilled=spec_tpu/assets/draft"],
+                                   "label=checkpoint of a draft to evaluate (repeatable).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Held-out prompts (one batch).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt.")
+_K = flags.DEFINE_integer("k", 4, "Draft tokens per round.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting; the fastest counts.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Window length for the held-out loss.")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 256, "Held-out windows for the loss.")
+_DTYPE = flags.DEFINE_string("dtype", "", "Cast params for sampling (default: as stored).")
+_SAMPLES = flags.DEFINE_integer("show_samples", 2, "Decoded continuations to print.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+
+SETTINGS = {"temp1": SamplingParams(temperature=1.0), "greedy": SamplingParams(temperature=0.0)}
+
+
+def heldout_prompts(tok, files, n: int, length: int) -> list[list[int]]:
+  prompts = []
+  for ids in tok.encode_batch([corpus.read_text([f]) for f in files]):
+    if len(ids) >= 3 * length:
+      start = len(ids) // 3
+      prompts.append(ids[start:start + length])
+    if len(prompts) == n:
+      break
+  if len(prompts) < n:
+    raise app.UsageError(f"only {len(prompts)} held-out files are long enough for {n} prompts")
+  return prompts
+
+
+def _restore(path):
+  params, cfg = checkpoint.restore(path, dtype=_DTYPE.value or None)
+  return params, (cfg.replace(dtype=_DTYPE.value) if _DTYPE.value else cfg)
+
+
+def _timed(sampler, prompts, k, sampling):
+  runs = [sampler.generate(prompts, max_new_tokens=_MAX_NEW.value, k=k, sampling=sampling,
+                           seed=_SEED.value) for _ in range(max(1, _REPEATS.value))]
+  return min(runs, key=lambda r: r.seconds)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  drafts = []
+  for spec in _DRAFT.value:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+      raise app.UsageError(f"--draft takes label=path, got {spec!r}")
+    drafts.append((label, path))
+
+  tok = tokenizer_lib.load()
+  _, heldout_files = corpus.split(corpus.stdlib_files())
+  windows = corpus.heldout_windows(corpus.token_stream(tok, heldout_files), _SEQ_LEN.value,
+                                   _EVAL_WINDOWS.value)
+  prompts = heldout_prompts(tok, heldout_files, _NUM_PROMPTS.value, _PROMPT_LEN.value)
+
+  def loss_of(path):
+    # Scored in float32 from the stored weights, whatever --dtype sampling uses.
+    params, cfg = checkpoint.restore(path, dtype="float32")
+    return train.evaluate(params, cfg.replace(dtype="float32"), windows)
+
+  t_params, t_cfg = _restore(_TARGET.value)
+  out = {"target": {"checkpoint": _TARGET.value, "num_params": t_cfg.num_params(),
+                    "heldout_loss": loss_of(_TARGET.value)},
+         "k": _K.value, "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
+         "max_new_tokens": _MAX_NEW.value, "dtype": t_cfg.dtype, "drafts": {}, "baseline": {}}
+  baseline = Sampler(t_params, t_cfg, eos_id=tok.eos_id)
+  for name, sp in SETTINGS.items():
+    r = _timed(baseline, prompts, 0, sp)
+    out["baseline"][name] = {"seconds": r.seconds, "tokens": r.num_generated}
+
+  rows, samples = [], []
+  for label, path in drafts:
+    d_params, d_cfg = _restore(path)
+    sampler = Sampler(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_id=tok.eos_id)
+    entry = {"checkpoint": path, "num_params": d_cfg.num_params(), "heldout_loss": loss_of(path)}
+    for name, sp in SETTINGS.items():
+      r = _timed(sampler, prompts, _K.value, sp)
+      base = out["baseline"][name]
+      # Rows may stop at EOS, so compare throughputs (tokens/s), not raw seconds.
+      speedup = (r.num_generated / r.seconds) / (base["tokens"] / base["seconds"])
+      entry[name] = {"acceptance_rate": r.acceptance_rate(),
+                     "tokens_per_call": r.tokens_per_call(), "seconds": r.seconds,
+                     "tokens": r.num_generated, "speedup": speedup,
+                     "acceptance_by_position": [float(x) for x in r.acceptance_by_position()]}
+      rows.append((label, name, entry["heldout_loss"], r.acceptance_rate(), r.tokens_per_call(),
+                   speedup))
+      if name == "temp1" and not samples:
+        samples = [(tok.decode(prompts[i]), tok.decode(r.tokens[i]))
+                   for i in range(min(_SAMPLES.value, len(prompts)))]
+    out["drafts"][label] = entry
+
+  print(f"target {_TARGET.value}: {t_cfg.num_params() / 1e6:.2f}M params, held-out loss "
+        f"{out['target']['heldout_loss']:.3f} nats/token; {len(prompts)} held-out prompts x "
+        f"{_MAX_NEW.value} new tokens, K={_K.value}, dtype {t_cfg.dtype}")
+  print(f"{'draft':<12} {'params':>8} {'sampling':<8} {'loss':>6} {'accept':>7} {'tok/call':>9} "
+        f"{'speedup':>8}")
+  for label, name, loss, acc, tpc, speedup in rows:
+    n = out["drafts"][label]["num_params"]
+    print(f"{label:<12} {n / 1e6:>7.2f}M {name:<8} {loss:>6.3f} {acc:>7.3f} {tpc:>9.2f} "
+          f"{speedup:>7.2f}x")
+  for prompt, text in samples:
+    print("\n--- prompt (held-out) ---\n" + prompt + "\n--- continuation ---\n" + text)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"\nwrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Trains a small LM on the stdlib corpus, distils a draft from a trained target, or trains the
+draft shape on data alone (for comparison). Commands in configs/train.py:
+
+    python -m launch.train --config=configs/train.py:target
+    python -m launch.train --config=configs/train.py:distill
+    python -m launch.train --config=configs/train.py:draft
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import logging
+from ml_collections import config_flags
+
+from spec_tpu import checkpoint, corpus, train
+from spec_tpu import tokenizer as tokenizer_lib
+from spec_tpu.config import ModelConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py:target", "Training setup.")
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  if c.mode not in ("target", "distill", "draft"):
+    raise app.UsageError(f"mode must be target, distill or draft, got {c.mode!r}")
+  if os.path.exists(c.output) and not c.overwrite:
+    raise app.UsageError(f"{c.output} exists; pass --config.overwrite=True to replace it")
+  tok = tokenizer_lib.load(c.tokenizer or None)
+  # Train in float32 (bf16 Adam updates lose small steps); a bf16 copy is what gets stored.
+  cfg = ModelConfig(**c.model.to_dict(), valid_vocab_size=tok.vocab_size, tokenizer=tok.name,
+                    dtype="float32")
+  teacher = None
+  if c.mode == "distill":
+    t_params, t_cfg = checkpoint.restore(c.teacher, dtype="float32")
+    if t_cfg.tokenizer != tok.name:
+      raise app.UsageError(f"teacher tokenizer {t_cfg.tokenizer} != {tok.name}")
+    teacher = (t_params, t_cfg.replace(dtype="float32"))
+
+  train_files, heldout_files = corpus.split(corpus.stdlib_files())
+  stream = corpus.token_stream(tok, train_files)
+  heldout = corpus.heldout_windows(corpus.token_stream(tok, heldout_files), c.seq_len,
+                                   c.eval_windows)
+  logging.info("%s (%s): %.2fM params, %d train tokens, %d held-out windows", cfg.name, c.mode,
+               cfg.num_params() / 1e6, len(stream), len(heldout))
+  result = train.train(cfg, stream, steps=c.steps, batch=c.batch, seq_len=c.seq_len, lr=c.lr,
+                       seconds_budget=c.seconds, teacher=teacher, seed=c.seed,
+                       warmup_steps=c.warmup_steps, log_fn=logging.info)
+  loss = train.evaluate(result.params, cfg, heldout)
+  logging.info("held-out loss %.4f nats/token after %d steps (%.0fs)", loss, result.steps,
+               result.seconds)
+  save_cfg = cfg.replace(dtype=c.save_dtype)
+  params = jax.tree.map(lambda x: x.astype(jnp.dtype(c.save_dtype)), result.params)
+  checkpoint.save(c.output, params, save_cfg, overwrite=c.overwrite,
+                  extra={"heldout_loss": loss, "steps": result.steps,
+                         "train_seconds": result.seconds, "tokens_seen": result.tokens_seen,
+                         "mode": c.mode, "teacher": c.teacher, "batch": c.batch,
+                         "seq_len": c.seq_len, "lr": c.lr, "num_params": cfg.num_params()})
+  print(f"{cfg.name}: {cfg.num_params() / 1e6:.2f}M params, held-out loss {loss:.4f} nats/token, "
+        f"{result.steps} steps, {result.seconds:.0f}s -> {c.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

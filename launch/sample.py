@@ -16,9 +16,11 @@ a seed derived from (sampling.seed, i), so a resumed run writes exactly what an 
 would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
 whole (its finished rows are computed again but not written).
 
-Adaptive K (--config.sampling.adaptive_k=True): before the first batch the draft step, the
-target step and the target's K+1 verification are timed on the sampler's mesh (the cost ratio c);
-after every batch its acceptance updates a; the next batch runs with the K in 0..sampling.k_max
+Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
+at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
+the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
+all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its acceptance
+updates a; the next batch runs with the K in 0..sampling.k_max
 that the expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a
 K = 1 probe every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
 Each line's stats record the K its batch ran with. Every K gives samples from the target's
@@ -177,6 +179,12 @@ def _finite(x):
   return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def round_seconds(result) -> float:
+  """Seconds per iteration of a run's decode loop (the prefill counted as one): the loop runs
+  until its slowest row is done."""
+  return result.seconds / (int(result.rounds.max()) + 1)
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
   """The seed of batch i: fixed by (seed, i) alone, so a resumed run reproduces it."""
   digest = hashlib.sha256(f"spec_tpu.sample:{seed}:{batch_index}".encode()).digest()
@@ -283,18 +291,38 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                                  max_cache_len=int(config.run.max_cache_len))
   k, max_new, seed = setup.k, int(config.sampling.max_new_tokens), int(config.sampling.seed)
   compare_ar = compare_ar and k > 0
+  def batch_ids(b):
+    ids = encoded[b * batch_size:(b + 1) * batch_size]
+    # A short last batch is padded with copies of its first prompt: one compiled shape serves
+    # every batch, and the padding rows are dropped.
+    return ids + [ids[0]] * (batch_size - len(ids))
+
+  warm = set()
+
+  def warm_up(kk, ids):
+    # The first run of a compiled program pays one-off costs (buffers, thread pools): when runs
+    # are timed against each other, each K gets an untimed run first.
+    if (compare_ar or adaptive) and kk not in warm:
+      sampler.generate(ids, max_new_tokens=max_new, k=kk, sampling=setup.sampling, seed=seed)
+      warm.add(kk)
+
   policy = None
   if adaptive:
     from spec_tpu import k_policy
     policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=4)
-    times = k_policy.measure_step_times(sampler, batch=batch_size,
-                                        prompt_len=len(encoded[longest]), k=k,
-                                        max_new_tokens=max_new)
-    policy.observe_times(*times, k=k)
+    # Calibrate on the first batch to run: one loop iteration at K = 0 and at K = k.
+    ids0 = batch_ids(int(np.argmax(todo)))
+    warm_up(0, ids0)
+    warm_up(k, ids0)
+    ar_round = round_seconds(sampler.generate(ids0, max_new_tokens=max_new, k=0,
+                                              sampling=setup.sampling, seed=seed))
+    cal = sampler.generate(ids0, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=seed)
+    policy.observe_times(0.0, round_seconds(cal), ar_round, k)
+    policy.observe(cal)
     if primary:
-      logging.info("adaptive K: draft step %.3g ms, target step %.3g ms, verify %d tokens "
-                   "%.3g ms -> c = %.3f; first K = %d", times[0] * 1e3, times[2] * 1e3, k + 1,
-                   times[1] * 1e3, policy.c, policy.k)
+      logging.info("adaptive K: a loop iteration takes %.3g ms at K=0, %.3g ms at K=%d -> "
+                   "c = %.3f, a = %.3f; first K = %d", ar_round * 1e3,
+                   round_seconds(cal) * 1e3, k, policy.c, policy.a, policy.k)
   totals = Totals()
   from tqdm import tqdm
   bar = tqdm(total=remaining, unit="prompt", disable=not primary, file=sys.stderr,
@@ -303,18 +331,15 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     if not todo[b]:
       continue
     chunk = prompts[b * batch_size:(b + 1) * batch_size]
-    ids = encoded[b * batch_size:(b + 1) * batch_size]
-    # A short last batch is padded with copies of its first prompt: one compiled shape serves
-    # every batch, and the padding rows are dropped.
-    ids = ids + [ids[0]] * (batch_size - len(ids))
+    ids = batch_ids(b)
     s = batch_seed(seed, b)
     if policy is not None:
       # Step times differ between processes: process 0's choice is everyone's.
       k = int(common.broadcast(np.array([policy.k], np.int32))[0])
+    warm_up(k, ids)
+    if compare_ar:
+      warm_up(0, ids)
     res = sampler.generate(ids, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=s)
-    if policy is not None:
-      policy.observe(res)
-      totals.ks.append(k)
     n = len(chunk)
     totals.tokens += sum(len(t) for t in res.tokens[:n])
     totals.seconds += res.seconds
@@ -328,6 +353,15 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                                                sampling=setup.sampling, seed=s)
       totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])
       totals.ar_seconds += ar.seconds
+      if policy is not None:
+        ar_round = round_seconds(ar)
+    if policy is not None:
+      if k == 0:
+        ar_round = round_seconds(res)
+      else:
+        policy.observe_times(0.0, round_seconds(res), ar_round, k)
+      policy.observe(res)
+      totals.ks.append(k)
     records = []
     for row, p in enumerate(chunk):
       if p.key in done_keys:

@@ -73,13 +73,11 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert summary["speedup_vs_ar"] > 0
 
 
-@pytest.mark.parametrize("draft_step_s, expected_k", [(0.0, 6), (10.0, 0)])
-def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, draft_step_s, expected_k):
-  # Given step times as measured (a free draft, or one 10x slower than the target; faked here so
-  # the choice does not hang on this machine's timings),
-  from spec_tpu import k_policy
-  monkeypatch.setattr(k_policy, "measure_step_times",
-                      lambda *a, **k: (draft_step_s, 1.0, 1.0))
+@pytest.mark.parametrize("c, expected_k", [(0.0, 6), (10.0, 0)])
+def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected_k):
+  # Given loop iterations that cost 1 + K c units (c faked: a free draft or one 10x slower than
+  # the target, so the choice does not hang on this machine's timings),
+  monkeypatch.setattr(sample, "round_seconds", lambda res: 1.0 + res.k * c)
   config = _tiny_config(adaptive_k=True, k=2, k_max=6)
   out = tmp_path / "out.jsonl"
   summary = sample.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
@@ -87,6 +85,7 @@ def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, draft_step_
   # then a free draft runs at k_max (more drafts only add accepted tokens), a slow one turns
   # speculation off from the first batch, and every prompt is written once with its batch's K.
   assert summary["adaptive_k_per_batch"] == [expected_k] * 3
+  assert summary["adaptive_c"] == pytest.approx(c)
   lines = _read(out)
   assert sorted(r["id"] for r in lines) == list(range(6))
   assert all(r["stats"]["k"] == expected_k for r in lines)

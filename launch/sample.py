@@ -29,7 +29,9 @@ are equally valid samples, not byte-identical ones (every prompt is still writte
 
 The summary reports tokens/s, acceptance rate and tokens per target call; with --compare_ar
 (default for configs with run.compare_ar, e.g. the embedded default) every batch also runs with
-k=0 and the measured speedup is the ratio of the two throughputs.
+k=0 and the measured speedup is the ratio of the two throughputs. When runs are timed against
+each other (--compare_ar, adaptive K), each K's first run is an untimed warm-up: a compiled
+program's first execution pays one-off costs that would bias the comparison.
 
 Multi-host (--multihost or mesh.multihost): jax.distributed.initialize() is called first (with
 --coordinator_address/--num_processes/--process_id when given, else auto-detected on pods).

@@ -46,6 +46,9 @@ class ModelConfig:
   rope_base_local: float = 10_000.0
   rope_scale_global: float = 1.0  # linear position scaling (Gemma 3 4B+ global layers)
   rope_scale_local: float = 1.0
+  # Llama 3.1+ frequency-dependent RoPE scaling, every layer: (factor, low_freq_factor,
+  # high_freq_factor, original_max_position_embeddings); None for plain RoPE.
+  rope_llama3: tuple[float, float, float, float] | None = None
   valid_vocab_size: int | None = None  # tokens a tokenizer can produce; rows past it are padding
   tokenizer: str = ""             # names the tokenizer, so mismatched draft/target pairs are caught
   dtype: str = "float32"          # parameter and activation dtype
@@ -68,6 +71,13 @@ class ModelConfig:
     if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
       problems.append(f"valid_vocab_size must be in (0, vocab_size={self.vocab_size}], "
                       f"got {self.valid_vocab_size}")
+    if self.rope_llama3 is not None:
+      r = self.rope_llama3
+      if (not isinstance(r, tuple) or len(r) != 4 or not all(x > 0 for x in r)
+          or not r[1] < r[2]):
+        problems.append("rope_llama3 must be (factor, low_freq_factor, high_freq_factor, "
+                        "original_max_position_embeddings), all positive, low < high; "
+                        f"got {r}")
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
 
@@ -98,6 +108,8 @@ class ModelConfig:
     d = dict(d)
     if "layer_pattern" in d:
       d["layer_pattern"] = tuple(d["layer_pattern"])
+    if d.get("rope_llama3") is not None:
+      d["rope_llama3"] = tuple(d["rope_llama3"])
     return cls(**d)
 
   def to_json(self) -> str:
@@ -188,6 +200,14 @@ PRESETS: dict[str, ModelConfig] = {
                 num_kv_heads=8, head_dim=128, ffw_dim=14_336, norm_eps=1e-5,
                 rope_base_global=500_000.0, tie_embeddings=False, dtype="bfloat16",
                 tokenizer="llama3"),
+    ModelConfig(name="llama31_8b", vocab_size=128_256, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=8, head_dim=128, ffw_dim=14_336, norm_eps=1e-5,
+                rope_base_global=500_000.0, rope_llama3=(8.0, 1.0, 4.0, 8192.0),
+                tie_embeddings=False, dtype="bfloat16", tokenizer="llama3"),
+    ModelConfig(name="llama32_1b", vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32,
+                num_kv_heads=8, head_dim=64, ffw_dim=8192, norm_eps=1e-5,
+                rope_base_global=500_000.0, rope_llama3=(32.0, 1.0, 4.0, 8192.0),
+                tie_embeddings=True, dtype="bfloat16", tokenizer="llama3"),
   ]
 }
 

@@ -9,6 +9,8 @@ transformers' modeling code (5.x), which is also what tests/test_hf_parity.py ch
   - Gemma 3 applies `rope_scaling` to the global (full_attention) layers only, and ignores
     attn_logit_softcapping (its attention never passes it on).
   - Mistral's sliding_window, when set, applies to every layer.
+  - Llama 3.1's rope_type "llama3" rescales the RoPE frequencies of every layer
+    (layers.rope_frequencies).
 Anything that would change numerics and that the decoder cannot express is refused with an error
 naming the config field or tensor, never silently dropped.
 
@@ -113,23 +115,43 @@ class _Fields:
     return self.hf[key] if key in self.hf else self.defaults.get(key)
 
 
-def _rope_scale(params: dict, field: str) -> float:
+def _rope_scaling(params: dict, field: str, f: "_Fields") -> tuple[float, tuple | None]:
+  """(linear position scale, Llama 3.1 parameters or None) of one rope parameter dict."""
   if params.get("partial_rotary_factor") not in (None, 1, 1.0):
     raise HFConversionError(f"config field {field!r}: partial rotary embeddings are not "
                             "supported")
   kind = params.get("rope_type", params.get("type", "default"))
   if kind in ("default", None):
-    return 1.0
-  if kind != "linear":
+    return 1.0, None
+  if kind not in ("linear", "llama3"):
     raise HFConversionError(f"config field {field!r}: rope type {kind!r} is not supported "
-                            "(only default and linear)")
-  if "factor" not in params:
-    raise HFConversionError(f"config field {field!r}: linear rope scaling without 'factor'")
-  return float(params["factor"])
+                            "(only default, linear and llama3)")
+  keys = ["factor"]
+  if kind == "llama3":
+    keys += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    # transformers falls back to max_position_embeddings for the original context.
+    if "original_max_position_embeddings" not in params and f["max_position_embeddings"]:
+      params = dict(params, original_max_position_embeddings=f["max_position_embeddings"])
+  missing = [k for k in keys if params.get(k) is None]
+  if missing:
+    raise HFConversionError(f"config field {field!r}: {kind} rope scaling without {missing}")
+  try:
+    values = tuple(float(params[k]) for k in keys)
+  except (TypeError, ValueError):
+    raise HFConversionError(f"config field {field!r}: malformed {kind} rope parameters "
+                            f"{ {k: params[k] for k in keys} }") from None
+  if kind == "linear":
+    return values[0], None
+  factor, low, high, context = values
+  if not (factor > 0 and 0 < low < high and context > 0):
+    raise HFConversionError(f"config field {field!r}: llama3 rope scaling needs factor > 0, "
+                            f"0 < low_freq_factor < high_freq_factor and a positive "
+                            f"original_max_position_embeddings, got {params}")
+  return 1.0, values
 
 
-def _rope(f: _Fields, family: str) -> dict[str, float]:
-  """Bases and linear position scales for global and local layers."""
+def _rope(f: _Fields, family: str) -> dict:
+  """Bases and linear position scales for global and local layers, and Llama 3.1 scaling."""
   if f["partial_rotary_factor"] not in (None, 1, 1.0):
     raise HFConversionError("config field 'partial_rotary_factor': partial rotary embeddings "
                             "are not supported")
@@ -161,10 +183,14 @@ def _rope(f: _Fields, family: str) -> dict[str, float]:
       full.setdefault("rope_theta", f["rope_theta"])
       fields = ("rope_parameters",) * 2
     slide = full
-  return dict(rope_base_global=float(full["rope_theta"]),
-              rope_scale_global=_rope_scale(full, fields[0]),
-              rope_base_local=float(slide["rope_theta"]),
-              rope_scale_local=_rope_scale(slide, fields[1]))
+  scale_global, llama3_global = _rope_scaling(full, fields[0], f)
+  scale_local, llama3_local = _rope_scaling(slide, fields[1], f)
+  if llama3_global != llama3_local:
+    raise HFConversionError(f"config field {fields[0]!r}: llama3 rope scaling on one layer type "
+                            "only is not supported")
+  return dict(rope_base_global=float(full["rope_theta"]), rope_scale_global=scale_global,
+              rope_base_local=float(slide["rope_theta"]), rope_scale_local=scale_local,
+              rope_llama3=llama3_global)
 
 
 def _shortest_period(kinds: list[str]) -> tuple[str, ...]:

@@ -5,6 +5,8 @@ Shape letters are defined in spec_tpu/shapes.py.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -20,10 +22,29 @@ def rms_norm(x, scale, eps: float, plus_one: bool):
   return (y * (1.0 + s if plus_one else s)).astype(x.dtype)
 
 
-def rope(x_bthe, positions_bt, base: float, scale: float):
-  """Rotary embedding, half-split layout (as transformers' rotate_half)."""
-  e = x_bthe.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, e, 2, dtype=F32) / e))
+def rope_frequencies(head_dim: int, base: float, llama3=None):
+  """Inverse frequencies (e/2,) in float32, as transformers computes them.
+
+  llama3 = (factor, low_freq_factor, high_freq_factor, original_context): Llama 3.1's scaling
+  keeps wavelengths shorter than original_context / high_freq_factor, divides the frequencies of
+  those longer than original_context / low_freq_factor by factor, and interpolates in between.
+  """
+  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
+  if llama3 is None:
+    return inv_freq
+  factor, low, high, context = llama3
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+  smooth = (context / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= context / high) & (wavelen <= context / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x_bthe, positions_bt, base: float, scale: float, llama3=None):
+  """Rotary embedding, half-split layout (as transformers' rotate_half); positions are divided
+  by scale (linear scaling), frequencies optionally Llama 3.1-scaled (rope_frequencies)."""
+  inv_freq = rope_frequencies(x_bthe.shape[-1], base, llama3)
   angles = (positions_bt.astype(F32) / scale)[..., None] * inv_freq  # b t e/2
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]

@@ -72,8 +72,8 @@ def _project_qkv(cfg, p, x_btd, positions_bt, kind):
   local = kind == LOCAL
   base = cfg.rope_base_local if local else cfg.rope_base_global
   scale = cfg.rope_scale_local if local else cfg.rope_scale_global
-  q = layers.rope(q, positions_bt, base, scale)
-  k = layers.rope(k, positions_bt, base, scale)
+  q = layers.rope(q, positions_bt, base, scale, cfg.rope_llama3)
+  k = layers.rope(k, positions_bt, base, scale, cfg.rope_llama3)
   query_scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
   return (q.astype(F32) * query_scale).astype(q.dtype), k, v
 

@@ -35,6 +35,8 @@ VOCAB = 256
 _SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
               head_dim=8)
 S, F = "sliding_attention", "full_attention"
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 # name -> (transformers config class, kwargs, save_pretrained kwargs)
 CASES = {
   "gemma_mqa": ("GemmaConfig", dict(_SMALL, num_hidden_layers=2, num_key_value_heads=1), {}),
@@ -56,6 +58,12 @@ CASES = {
                                     num_hidden_layers=2, num_attention_heads=6,
                                     num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
                                     rope_theta=5e5, tie_word_embeddings=False), {}),
+  # Llama 3.1 RoPE scaling with a short original context, so that positions < SEQ meet all three
+  # frequency bands (kept, interpolated, divided by factor).
+  "llama31": ("LlamaConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5,
+                                  rope_theta=1e4, rope_scaling=_LLAMA3_ROPE), {}),
   "mistral": ("MistralConfig", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, sliding_window=7), {}),
@@ -145,6 +153,9 @@ def test_logits_match_transformers(converted):
   assert got.shape == want.shape
   err = _rel_err(got, want)
   assert err < 1e-5, f"{case}: relative logits error {err:.2e}"
+  if cfg.rope_llama3 is not None:  # the scaling must matter here, or parity proves nothing of it
+    plain = np.asarray(_forward_full(params, cfg.replace(rope_llama3=None), tokens))
+    assert _rel_err(plain, want) > 1e-3, f"{case}: llama3 rope scaling is moot at these positions"
 
 
 def test_greedy_matches_transformers_generate(converted):
@@ -226,12 +237,19 @@ def test_published_configs_match_presets():
                "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
                "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0,
                "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256}
+  llama31_8b = dict(llama3_8b, rope_scaling={
+      "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+      "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+  llama32_1b = dict(llama31_8b, head_dim=64, hidden_size=2048, intermediate_size=8192,
+                    num_hidden_layers=16, tie_word_embeddings=True,
+                    rope_scaling=dict(llama31_8b["rope_scaling"], factor=32.0))
   gemma_2b = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "head_dim": 256,
               "hidden_act": "gelu", "hidden_size": 2048, "intermediate_size": 16384,
               "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1,
               "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "vocab_size": 256000}
   for hf_config, preset in [(gemma2_2b, "gemma2_2b"), (gemma3_4b, "gemma3_4b"),
-                            (llama3_8b, "llama3_8b"), (gemma_2b, "gemma_2b")]:
+                            (llama3_8b, "llama3_8b"), (llama31_8b, "llama31_8b"),
+                            (llama32_1b, "llama32_1b"), (gemma_2b, "gemma_2b")]:
     assert _numerics(hf.config_from_hf(hf_config)) == _numerics(get_preset(preset)), preset
   assert hf.config_from_hf(gemma3_4b).dtype == "bfloat16"
   assert hf.config_from_hf(gemma3_4b, dtype="float32").dtype == "float32"
@@ -271,7 +289,10 @@ def test_gemma3_rope_formats_agree():
     ({"attention_bias": True}, "'attention_bias'"),
     ({"mlp_bias": True}, "'mlp_bias'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'rope_scaling'.*'yarn'"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "'rope_parameters'.*'llama3'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 8.0}}, "'rope_parameters'.*'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "'rope_scaling'.*low_freq_factor"),
+    ({"rope_scaling": dict(_LLAMA3_ROPE, low_freq_factor=4.0)}, "'rope_scaling'.*low_freq_factor"),
     ({"hidden_act": "relu"}, "'hidden_act'.*'relu'"),
     ({"num_local_experts": 8}, "'num_local_experts'"),
     ({"partial_rotary_factor": 0.5}, "'partial_rotary_factor'"),

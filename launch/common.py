@@ -163,13 +163,7 @@ def mesh_shape(shape, num_devices: int) -> tuple[int, int]:
 
 
 def build_mesh(config):
-  shape = mesh_shape(config.mesh.shape, jax.device_count())
-  if jax.process_count() > 1 and shape[0] > 1:
-    # Sampler.generate feeds host numpy batches, which JAX accepts across processes only when
-    # the batch is not split over them; every process feeds the same full batch instead.
-    raise SetupError(f"multi-host sampling needs mesh data=1 (every process feeds the same full "
-                     f"batch), got mesh.shape={shape}")
-  return sharding.make_mesh(shape)
+  return sharding.make_mesh(mesh_shape(config.mesh.shape, jax.device_count()))
 
 
 # ---------------------------------------------------------------- multi-host

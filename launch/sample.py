@@ -35,9 +35,9 @@ program's first execution pays one-off costs that would bias the comparison.
 
 Multi-host (--multihost or mesh.multihost): jax.distributed.initialize() is called first (with
 --coordinator_address/--num_processes/--process_id when given, else auto-detected on pods).
-Every process tokenises the same prompts and feeds the SAME FULL BATCH (the batch is not split
-over the data axis, so the mesh must have data=1); process 0 alone reads and writes the output
-and tells the others which batches to run.
+Every process tokenises the same prompts and places on its own devices only the rows of each
+batch that the mesh's data axis gives them (all rows when data=1); the outputs are gathered, and
+process 0 alone reads and writes the output file and tells the others which batches to run.
 """
 
 from __future__ import annotations

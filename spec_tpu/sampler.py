@@ -142,14 +142,24 @@ class Sampler:
     spec = self._spec(k, sampling.effective_top_k(self.target_cfg.num_tokens), max_new_tokens,
                       tokens.shape[1])
     compiled = self._compiled(spec, *tokens.shape)
+    # Host arrays, the same on every process: with several processes jit places on each one's
+    # devices the rows they hold along the mesh's data axis.
     args = (self.target_params, self.draft_params if k else None, tokens, lengths,
             jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p))
     start = time.perf_counter()
     out, num, stats = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start
-    out, num = np.asarray(out), np.asarray(num)
+    out, num, stats = _to_host((out, num, stats))
     n = max(k, 1)
     return Result(tokens=[out[i, :num[i]].tolist() for i in range(len(prompts))],
-                  rounds=np.asarray(stats.rounds_b), accepted=np.asarray(stats.accepted_b),
-                  reached=np.asarray(stats.reached_bn)[:, :n],
-                  accepted_at=np.asarray(stats.accepted_bn)[:, :n], k=k, seconds=seconds)
+                  rounds=stats.rounds_b, accepted=stats.accepted_b,
+                  reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
+                  seconds=seconds)
+
+
+def _to_host(tree):
+  """Program outputs as numpy on every process (gathered when rows live on other processes)."""
+  if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

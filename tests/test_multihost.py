@@ -1,5 +1,6 @@
 """Multi-host sampling: two processes of four CPU devices each (jax.distributed on localhost, gloo
-collectives) produce the same tokens as one process with eight devices.
+collectives) produce the same tokens as one process with eight devices, whether the model axis
+spans both processes or each batch is split between them.
 
 Multi-process CPU jobs ignore SIGTERM and hang forever if a peer dies, so every process runs
 under `timeout -s KILL`.
@@ -10,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_S = 300  # per process; a healthy run takes well under a minute
@@ -41,22 +44,30 @@ def _tokens(path):
     return {r["id"]: r["tokens"] for r in map(json.loads, f)}
 
 
-def test_two_processes_sample_the_same_tokens_as_one(tmp_path):
-  # Given the same prompts, seed and random-weight models,
-  single = tmp_path / "single.jsonl"
-  subprocess.run(_cmd(single), cwd=REPO, env=_env(8), check=True, capture_output=True,
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """Tokens of one process with eight devices."""
+  path = tmp_path_factory.mktemp("single") / "single.jsonl"
+  subprocess.run(_cmd(path), cwd=REPO, env=_env(8), check=True, capture_output=True,
                  timeout=LIMIT_S + 30)
-  # when they are sampled by 2 processes x 4 devices (mesh 1x8 across both),
+  return _tokens(path)
+
+
+@pytest.mark.parametrize("mesh", ["1,8", "2,4"])
+def test_two_processes_sample_the_same_tokens_as_one(tmp_path, mesh, single):
+  # Given the same prompts, seed and random-weight models,
+  # when they are sampled by 2 processes x 4 devices, with the model axis spanning both (1x8)
+  # or each batch split between them along the data axis (2x4: every process feeds one row),
   multi = tmp_path / "multi.jsonl"
   port = _free_port()
   procs = [subprocess.Popen(
       _cmd(multi, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-           "--num_processes=2", f"--process_id={i}"),
+           "--num_processes=2", f"--process_id={i}", f"--config.mesh.shape=({mesh})"),
       cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
       for i in range(2)]
   logs = [p.communicate(timeout=LIMIT_S + 30)[0].decode(errors="replace") for p in procs]
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{logs[i][-3000:]}"
   # then process 0 alone wrote every prompt, with the single process's tokens.
-  assert _tokens(multi) == _tokens(single)
+  assert _tokens(multi) == single
   assert len(multi.read_text().splitlines()) == 3

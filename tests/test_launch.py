@@ -30,7 +30,9 @@ def _tiny_config(**sampling):
 
 def _env(tmp_path, devices=8):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  # conftest's cheaper XLA:CPU backend flags carry over to the launched processes.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
              # Later subprocesses of a test reuse the first one's compiled programs.
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

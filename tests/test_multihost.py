@@ -20,7 +20,9 @@ LIMIT_S = 300  # per process; a healthy run takes well under a minute
 
 def _env(devices):
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  # conftest's cheaper XLA:CPU backend flags carry over to the launched processes.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   return env
 
 

@@ -19,10 +19,10 @@ whole (its finished rows are computed again but not written).
 Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
 at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
 the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
-all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its acceptance
-updates a; the next batch runs with the K in 0..sampling.k_max
-that the expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a
-K = 1 probe every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
+all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its
+acceptance updates a; the next batch runs with the K in 0..sampling.k_max that the
+expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a K = 1 probe
+every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
 Each line's stats record the K its batch ran with. Every K gives samples from the target's
 distribution, but a resumed adaptive run may pick other K than the killed one did, so its texts
 are equally valid samples, not byte-identical ones (every prompt is still written exactly once).
@@ -355,12 +355,10 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                                                sampling=setup.sampling, seed=s)
       totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])
       totals.ar_seconds += ar.seconds
-      if policy is not None:
-        ar_round = round_seconds(ar)
     if policy is not None:
-      if k == 0:
-        ar_round = round_seconds(res)
-      else:
+      if compare_ar or k == 0:  # this batch has a fresh K = 0 timing
+        ar_round = round_seconds(ar if compare_ar else res)
+      if k:
         policy.observe_times(0.0, round_seconds(res), ar_round, k)
       policy.observe(res)
       totals.ks.append(k)

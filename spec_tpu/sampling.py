@@ -82,7 +82,8 @@ def _top_p_keep(probs_bv, top_p):
   That is the rule above without a sort of the vocabulary (slow on every backend, very slow on
   CPU): if p_i >= t then mass(p > p_i) <= mass(p > t) < top_p, and if p_i < t then
   mass(p > p_i) >= top_p because t is the smallest such float. Non-negative float32s are ordered
-  like their bit patterns, so a bisection over the int32 bits finds t exactly in 31 steps.
+  like their bit patterns, so a bisection over the int32 bits finds t exactly: probabilities in
+  [0, 1] span fewer than 2^30 bit patterns, so the 32 halvings below always reach it.
   """
   bits = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
 

@@ -1,5 +1,6 @@
 """Temperature / top-k / top-p filters match an independent numpy reference exactly."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,7 +81,6 @@ def test_sampling_never_draws_filtered_tokens():
 def test_top_p_bisection_matches_reference_on_random_rows_with_ties():
   # Given many rows with heavy ties (logits from a few levels) and top_p traced inside a jitted
   # program (the runtime branch and the bit-pattern bisection, not a constant-folded path),
-  import jax
   rng = np.random.default_rng(0)
   logits = rng.choice(np.array([-3.0, -1.0, 0.0, 0.5, 2.0]), size=(300, 40))
   top_ps = rng.uniform(0.02, 0.999, size=300)
@@ -94,7 +94,6 @@ def test_top_p_bisection_matches_reference_on_random_rows_with_ties():
 
 
 def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law():
-  import jax
   # Zero-mass tokens at the start, in between and at the end.
   probs = np.array([0.0, 0.5, 0.0, 0.0, 0.125, 0.375, 0.0], np.float32)
   draws = np.asarray(sampling.sample(jax.random.key(3), jnp.asarray(np.tile(probs, (20000, 1)))))

@@ -1,7 +1,7 @@
 """The one schema every config in this directory fills in (not a runnable config itself).
 
     model.*     the target: where its weights come from and how it is sharded
-      preset        name in spec_tpu.config.PRESETS ('' = `fields` give the whole ModelConfig)
+      preset        name in spec_tpu.models.config.PRESETS ('' = `fields` give the whole ModelConfig)
       fields.*      ModelConfig fields that override the preset, e.g. --config.model.fields.num_layers=2
       checkpoint    spec_tpu checkpoint directory ('' = none); a checkpoint carries its own
                     ModelConfig, so preset and fields describe the random-weight fallback (and
@@ -33,7 +33,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from spec_tpu import config as config_lib
+from spec_tpu.models import config as config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS_DIR = os.path.join(REPO_ROOT, "spec_tpu", "assets")

@@ -64,7 +64,8 @@ class StepTimer:
   def __init__(self, params, cfg, rules, mesh, batch: int, context: int, max_tokens: int):
     import jax
     import jax.numpy as jnp
-    from spec_tpu import cache as cache_lib, model, sharding
+    from spec_tpu.models import cache as cache_lib, model
+    from spec_tpu import sharding
     self.cfg, self.batch, self.context = cfg, batch, context
     buffer_len = context + max_tokens
     abstract = cache_lib.abstract_cache(cfg, batch, buffer_len, max_tokens)
@@ -284,7 +285,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from launch import common
-  from spec_tpu import checkpoint
+  from spec_tpu.checkpoints import checkpoint
   try:
     run(_CONFIG.value, _OUTPUT_DIR.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
         _REPEATS.value, _STEP_REPEATS.value)

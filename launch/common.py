@@ -17,8 +17,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from spec_tpu import checkpoint, config as config_lib, model, sharding
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.models import config as config_lib, model
+from spec_tpu import sharding
+from spec_tpu.decoding.sampling import SamplingParams
 
 
 class SetupError(ValueError):
@@ -125,7 +127,7 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
     raise SetupError(f"sampling.k={k} needs a draft (draft.checkpoint or draft.preset); "
                      "use --config.sampling.k=0 for autoregressive sampling")
   if draft is not None:
-    from spec_tpu import sampler as sampler_lib
+    from spec_tpu.decoding import sampler as sampler_lib
     try:
       sampler_lib.check_pair(target.cfg, draft.cfg)
     except ValueError as e:
@@ -240,7 +242,7 @@ def load_tokenizer(config, setup: Setup):
 
 def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
                   max_cache_len: int = 0, use_draft: bool = True):
-  from spec_tpu import sampler as sampler_lib
+  from spec_tpu.decoding import sampler as sampler_lib
   target_params = load_params(setup.target, mesh)
   draft = setup.draft if use_draft else None
   draft_params = load_params(draft, mesh) if draft is not None else None
@@ -254,7 +256,7 @@ def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
 def ideal_speedup(a: float, c: float, k: int) -> float:
   """Leviathan et al. 2023, Thm 3.8: (1 - a^(K+1)) / ((1 - a)(K c + 1)); 1 at K = 0 and NaN
   where the acceptance rate is undefined (no draft token was judged)."""
-  from spec_tpu import k_policy
+  from spec_tpu.decoding import k_policy
   if k == 0:
     return 1.0
   if not (math.isfinite(a) and math.isfinite(c)):

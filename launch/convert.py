@@ -5,7 +5,7 @@
 
 --from=hf: a transformers model directory (config.json + *.safetensors). Pickle-based weights
 (*.bin, *.pt) are refused, and no remote code is ever run. The logic lives in
-spec_tpu.hf.convert_directory; this file only parses flags.
+spec_tpu.checkpoints.hf.convert_directory; this file only parses flags.
 """
 
 import os
@@ -30,7 +30,7 @@ def main(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-  from spec_tpu import hf  # after flag parsing: --help stays fast
+  from spec_tpu.checkpoints import hf  # after flag parsing: --help stays fast
   try:
     cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
                                overwrite=_OVERWRITE.value)

@@ -19,10 +19,11 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from spec_tpu import checkpoint, corpus, train
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
-from spec_tpu.sampler import Sampler
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
 
 _TARGET = flags.DEFINE_string("target", "spec_tpu/assets/target", "Target checkpoint.")
 _DRAFT = flags.DEFINE_multi_string("draft", ["distilled=spec_tpu/assets/draft"],

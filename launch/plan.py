@@ -114,7 +114,9 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   import jax
   import numpy as np
   from launch import common
-  from spec_tpu import cache as cache_lib, decode, model, sharding
+  from spec_tpu.models import cache as cache_lib, model
+  from spec_tpu.decoding import decode
+  from spec_tpu import sharding
 
   setup = common.resolve(config, need_weights=False, k=k)
   k = setup.k
@@ -251,7 +253,7 @@ def main(argv):
   if not _TPU.value:
     ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
   from launch import common
-  from spec_tpu import checkpoint
+  from spec_tpu.checkpoints import checkpoint
   try:
     report = plan(config, topology, _BATCH.value or int(config.run.batch_size), _CONTEXT.value,
                   _K.value, _MAX_NEW.value, _TPU.value)

@@ -239,7 +239,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   batch_size = int(config.run.batch_size)
   if batch_size <= 0:
     raise common.SetupError(f"run.batch_size must be positive, got {batch_size}")
-  from spec_tpu import prompts as prompts_lib
+  from spec_tpu.decoding import prompts as prompts_lib
   adaptive = bool(config.sampling.adaptive_k)
   k_max = int(config.sampling.k_max) if adaptive else setup.k
   if adaptive and not 1 <= setup.k <= k_max:
@@ -310,7 +310,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
 
   policy = None
   if adaptive:
-    from spec_tpu import k_policy
+    from spec_tpu.decoding import k_policy
     policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=4)
     # Calibrate on the first batch to run: one loop iteration at K = 0 and at K = k.
     ids0 = batch_ids(int(np.argmax(todo)))
@@ -401,7 +401,7 @@ def main(argv):
   compare_ar = config.run.compare_ar if _COMPARE_AR.value is None else _COMPARE_AR.value
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
   from launch import common
-  from spec_tpu import checkpoint
+  from spec_tpu.checkpoints import checkpoint
   try:
     summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
                   _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -16,9 +16,10 @@ from absl import app
 from absl import logging
 from ml_collections import config_flags
 
-from spec_tpu import checkpoint, corpus, train
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
-from spec_tpu.config import ModelConfig
+from spec_tpu.models.config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py:target", "Training setup.")
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spec_tpu.cache import Cache, LayerCache
-from spec_tpu.config import ModelConfig
+from spec_tpu.models.cache import Cache, LayerCache
+from spec_tpu.models.config import ModelConfig
 
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -75,7 +75,7 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
-  """Logical axes of every param, in the pytree layout of spec_tpu.model."""
+  """Logical axes of every param, in the pytree layout of spec_tpu.models.model."""
   attn = {"q": ("embed", "heads", "head_dim"), "k": ("embed", "kv_heads", "head_dim"),
           "v": ("embed", "kv_heads", "head_dim"), "o": ("heads", "head_dim", "embed")}
   if cfg.qk_norm:
@@ -104,7 +104,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = TENSOR_PARALLEL
   """NamedShardings for the params; shapes come from params_shape (arrays or ShapeDtypeStructs)
   or, if omitted, from the config."""
   if params_shape is None:
-    from spec_tpu import model
+    from spec_tpu.models import model
     params_shape = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
   axes = param_logical_axes(cfg)
   return jax.tree.map(lambda ax, x: NamedSharding(mesh, spec_for(ax, x.shape, mesh, rules)),

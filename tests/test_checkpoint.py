@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spec_tpu import checkpoint
-from spec_tpu.checkpoint import CheckpointError
-from spec_tpu.config import ModelConfig
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.checkpoints.checkpoint import CheckpointError
+from spec_tpu.models.config import ModelConfig
 
 CONFIG = ModelConfig(name="tiny", vocab_size=64, d_model=16, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=4, ffw_dim=32, dtype="bfloat16")

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spec_tpu import corpus
+from spec_tpu.training import corpus
 from spec_tpu.tokenizer import ByteTokenizer
 
 

@@ -41,10 +41,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spec_tpu import model, rejection, sampling
-from spec_tpu.config import GLOBAL, LOCAL, ModelConfig
-from spec_tpu.sampler import Sampler
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.models import model
+from spec_tpu.decoding import rejection, sampling
+from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.sharding import REPLICATED, make_mesh
 
 V = 8                     # vocabulary: small enough to enumerate V**L continuations

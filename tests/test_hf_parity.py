@@ -2,7 +2,7 @@
 fails with an error that names the problem.
 
 Tiny random-weight models of every served family are built with transformers (torch, CPU,
-float32, eager attention), saved as safetensors, converted by spec_tpu.hf, restored from the
+float32, eager attention), saved as safetensors, converted by spec_tpu.checkpoints.hf, restored from the
 spec_tpu checkpoint, and compared: logits on sequences longer than every sliding window, and
 greedy continuations token for token (transformers' generate vs spec_tpu's cached decoder).
 """
@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import checkpoint
-from spec_tpu import hf
-from spec_tpu import model
-from spec_tpu.config import GLOBAL, LOCAL, get_preset
-from spec_tpu.hf import HFConversionError
-from spec_tpu.safetensors_io import SafetensorsError
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.checkpoints import hf
+from spec_tpu.models import model
+from spec_tpu.models.config import GLOBAL, LOCAL, get_preset
+from spec_tpu.checkpoints.hf import HFConversionError
+from spec_tpu.checkpoints.safetensors_io import SafetensorsError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from spec_tpu import k_policy, model
-from spec_tpu.config import get_preset
-from spec_tpu.k_policy import AdaptiveK, choose_k, cost_ratio, expected_speedup
-from spec_tpu.sampler import Result, Sampler
+from spec_tpu.decoding import k_policy
+from spec_tpu.models import model
+from spec_tpu.models.config import get_preset
+from spec_tpu.decoding.k_policy import AdaptiveK, choose_k, cost_ratio, expected_speedup
+from spec_tpu.decoding.sampler import Result, Sampler
 from spec_tpu.sharding import make_mesh
 
 

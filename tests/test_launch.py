@@ -279,7 +279,9 @@ def test_ideal_speedup_matches_leviathan_formula():
 def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
   import jax
   import numpy as np
-  from spec_tpu import checkpoint, model, sharding
+  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.models import model
+  from spec_tpu import sharding
   # Given a saved tiny target and a config pointing at it (its preset fields say otherwise),
   config = _tiny_config()
   cfg = common.resolve(config, need_weights=False).target.cfg.replace(name="saved_target")

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import config, model
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import config, model
 
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
@@ -50,7 +50,7 @@ def test_rollback_is_a_pointer_move(name):
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
   _, cache = model.forward(params, cfg, wrong, cache)
   kept = jnp.array([0, 3])  # row 0 keeps nothing of the block, row 1 keeps 3 wrong tokens
-  cache = cache._replace(length=8 + kept)
+  cache = cache_lib.rollback(cache, 8 + kept)
   # when decoding goes on from the kept length with the true tokens (row 1 re-writes them),
   for step in range(12):
     pos = jnp.array([8 + step, 8 + step])

@@ -11,7 +11,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from spec_tpu.safetensors_io import SafetensorsError, SafetensorsIndex
+from spec_tpu.checkpoints.safetensors_io import SafetensorsError, SafetensorsIndex
 
 
 def _tensors():

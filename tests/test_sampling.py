@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spec_tpu import sampling
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.decoding import sampling
+from spec_tpu.decoding.sampling import SamplingParams
 
 
 def reference(logits, temperature, top_k, top_p):

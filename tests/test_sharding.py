@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import config, model, sharding
-from spec_tpu.sampler import Sampler
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import config, model
+from spec_tpu import sharding
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [9, 8, 7], [3, 1, 4, 1, 5, 9, 2, 6],

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from spec_tpu import checkpoint
+from spec_tpu.checkpoints import checkpoint
 from spec_tpu import tokenizer as tokenizer_lib
-from spec_tpu.sampler import Sampler
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
 
 ASSETS = os.path.join(os.path.dirname(tokenizer_lib.__file__), "assets")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spec_tpu import corpus
+from spec_tpu.training import corpus
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.tokenizer import ByteTokenizer, Tokenizer
 

@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from spec_tpu import config, model, train
+from spec_tpu.models import config, model
+from spec_tpu.training import train
 
 CFG = config.get_preset("tiny").replace(num_layers=1)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spec_tpu.config import ModelConfig
+from spec_tpu.models.config import ModelConfig
 
 FORMAT = "spec_tpu.checkpoint"
 VERSION = 1

@@ -14,9 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import layers
-from spec_tpu.config import LOCAL, ModelConfig
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import layers
+from spec_tpu.models.config import LOCAL, ModelConfig
 
 F32 = jnp.float32
 
@@ -144,7 +144,7 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   sit at positions cache.length[i] ... + t - 1; only the first num_new_b[i] are real (ragged
   prompts are right-padded) and only those are written to the cache. Returns float32 logits
   (b t v), or (b 1 v) at each row's last real token when last_only, and the cache with
-  length += num_new. Rolling back is `cache._replace(length=...)`.
+  length += num_new. Rolling back is `cache.rollback(cache, length)`.
   """
   b, t = tokens_bt.shape
   if num_new_b is None:

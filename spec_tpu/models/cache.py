@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spec_tpu.config import LOCAL, ModelConfig
+from spec_tpu.models.config import LOCAL, ModelConfig
 
 
 class LayerCache(NamedTuple):
@@ -57,6 +57,13 @@ def abstract_cache(cfg: ModelConfig, batch: int, max_len: int, spec_tokens: int 
                    dtype=None) -> Cache:
   """Shapes and dtypes of `init_cache` without allocating (for AOT compilation)."""
   return jax.eval_shape(lambda: init_cache(cfg, batch, max_len, spec_tokens, dtype))
+
+
+def rollback(cache: Cache, length_b) -> Cache:
+  """The cache holding only each row's first length_b tokens, after a call that wrote past them
+  (rejected speculative tokens). For KV caches this moves the length: later writes overwrite
+  the rejected entries, and no query ever sees them (see the module docstring)."""
+  return cache._replace(length=length_b)
 
 
 def slot_positions(length_b, num_slots: int):

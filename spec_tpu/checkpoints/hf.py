@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 
 class HFConversionError(ValueError):
@@ -444,7 +444,7 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   """Params (numpy arrays, model.py layout) from a checkpoint index.
 
   index: anything with names(), shape(name), dtype(name) and get(name) -> np.ndarray (a
-    spec_tpu.safetensors_io.SafetensorsIndex).
+    spec_tpu.checkpoints.safetensors_io.SafetensorsIndex).
   Every name and shape is checked before any tensor is read; then tensors are read, cast and
   laid out one at a time, so peak memory is about one source tensor on top of the output.
   """
@@ -518,8 +518,8 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelCon
   Every cheap check (paths, config.json, architecture, weight format) runs before any tensor is
   read. Returns the ModelConfig.
   """
-  from spec_tpu import checkpoint  # heavy imports (orbax) only once there is work to do
-  from spec_tpu.safetensors_io import SafetensorsIndex
+  from spec_tpu.checkpoints import checkpoint  # heavy imports (orbax) only once there is work to do
+  from spec_tpu.checkpoints.safetensors_io import SafetensorsIndex
 
   src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
   if not os.path.isdir(src):

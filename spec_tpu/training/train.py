@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spec_tpu import corpus
-from spec_tpu import model
-from spec_tpu.config import ModelConfig
+from spec_tpu.training import corpus
+from spec_tpu.models import model
+from spec_tpu.models.config import ModelConfig
 
 F32 = jnp.float32
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spec_tpu import sampling
+from spec_tpu.decoding import sampling
 
 
 def accept(key, draft_bn, p_bnv, q_bmv):

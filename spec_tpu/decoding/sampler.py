@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from spec_tpu import decode, prompts as prompts_lib, sharding
-from spec_tpu.config import ModelConfig
-from spec_tpu.sampling import SamplingParams
+from spec_tpu.decoding import decode, prompts as prompts_lib
+from spec_tpu import sharding
+from spec_tpu.models.config import ModelConfig
+from spec_tpu.decoding.sampling import SamplingParams
 
 
 @dataclasses.dataclass

@@ -40,8 +40,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import model, prompts as prompts_lib, sharding
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import model
+from spec_tpu.decoding import prompts as prompts_lib
+from spec_tpu import sharding
 
 
 def expected_speedup(a: float, c: float, k: int) -> float:

@@ -16,9 +16,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spec_tpu import cache as cache_lib
-from spec_tpu import model, rejection, sampling
-from spec_tpu.config import ModelConfig
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import model
+from spec_tpu.decoding import rejection, sampling
+from spec_tpu.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +156,11 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State, temperatur
     n = jnp.zeros((b,), jnp.int32)
     nxt = sampling.sample(k_accept, q_bmv[:, 0])
   # Roll back: the target keeps last + n accepted drafts; finished rows stay where they are.
-  tc = tc._replace(length=jnp.where(active, l0 + n + 1, l0))
+  tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0))
   all_in = n == k
   if k > 0:
-    dc = dc._replace(length=jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
-                                      state.draft_cache.length))
+    dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
+                                          state.draft_cache.length))
     x_k = draft_bn[:, -1]
     pending = jnp.where(all_in[:, None], jnp.stack([x_k, nxt], 1),
                         jnp.stack([nxt, jnp.full_like(nxt, spec.pad_id)], 1))

@@ -1,0 +1,1 @@
+"""Orbax checkpoints with an integrity manifest; conversion from HF safetensors."""

@@ -1,0 +1,1 @@
+"""The one decoder and what it is made of: configs, layers, caches."""

@@ -1,0 +1,1 @@
+"""The embedded pair: corpus, training and distillation."""

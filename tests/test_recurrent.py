@@ -1,0 +1,565 @@
+"""RecurrentGemma (Griffin) pieces: the recurrent block, its rollback by selection, the MLP and
+attention details, conversion, and presets, against both references.
+
+References: the recurrentgemma package (1.0.1, the JAX implementation the released weights come
+from) and transformers' RecurrentGemmaForCausalLM. They differ at the attention window's edge:
+with window W the package lets a query see itself and the W keys before it, transformers only
+W keys in all. spec_tpu follows the package (sliding_window = W + 1): the two agree below
+position W, and test_hf_logits_... shows that the edge is their only difference.
+
+Tiny random-weight models in float32 (tiny_recurrentgemma: d 32, lru width 24, 4 heads, window
+4, pattern (R, R, L) over 4 layers), so every test compiles in seconds on a CPU.
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spec_tpu.checkpoints import recurrent_convert
+from spec_tpu.checkpoints.hf import HFConversionError
+from spec_tpu.checkpoints.recurrent_convert import ReferenceConversionError
+from spec_tpu.models import config, layers, recurrent
+from spec_tpu.models.config import LOCAL, RECURRENT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+rg_common = pytest.importorskip("recurrentgemma.common")
+rg_griffin = pytest.importorskip("recurrentgemma.jax.griffin")
+rg_modules = pytest.importorskip("recurrentgemma.jax.modules")
+
+CFG = config.get_preset("tiny_recurrentgemma")
+WINDOW = CFG.sliding_window - 1  # the reference's attention_window_size
+SEQ = 12                          # longer than the window: its edge is exercised
+K = 4                             # draft tokens per round in the rollback tests
+LINEAR = rg_common.ScanType.LINEAR_NATIVE
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------- references
+
+def _reference_config():
+  kinds = {RECURRENT: rg_common.TemporalBlockType.RECURRENT,
+           LOCAL: rg_common.TemporalBlockType.ATTENTION}
+  return rg_common.GriffinConfig(
+      vocab_size=CFG.vocab_size, width=CFG.d_model, mlp_expanded_width=CFG.ffw_dim,
+      num_heads=CFG.num_heads, lru_width=CFG.lru_width,
+      block_types=tuple(kinds[k] for k in CFG.layer_types), embeddings_scale_by_sqrt_dim=True,
+      attention_window_size=WINDOW, logits_soft_cap=CFG.final_logit_softcap, scan_type=LINEAR)
+
+
+def _randomize(params, key):
+  """The reference inits biases and norm scales at zero and its conv near zero, where a
+  missing bias or a swapped tap would hardly show: make them matter."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for (path, a), k in zip(leaves, jax.random.split(key, len(leaves))):
+    noise = jax.random.normal(k, a.shape, a.dtype)
+    name = path[-1].key
+    if name in ("b", "bias", "scale"):
+      a = 0.3 * noise
+    elif name == "w" and "conv_1d" in jax.tree_util.keystr(path):
+      a = noise / 2
+    out.append(a)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """(Griffin module, its random params, the same params converted to spec_tpu's layout)."""
+  model = rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
+  tokens = jnp.zeros((1, SEQ), jnp.int32)
+  # One compiled program: the reference's eager init costs ~4x more on a 2-core CPU.
+  params = jax.jit(lambda: _randomize(model.init(jax.random.key(0), tokens,
+                                                 _positions(1, SEQ))["params"],
+                                      jax.random.key(1)))()
+  ours = recurrent_convert.convert_reference_params(params, CFG)
+  return model, params, jax.tree.map(jnp.asarray, ours)
+
+
+def _ref_block():
+  return rg_modules.RecurrentBlock(width=CFG.d_model, num_heads=CFG.num_heads,
+                                   lru_width=CFG.lru_width, scan_type=LINEAR)
+
+
+def _positions(b, t, start=0):
+  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
+
+
+def _x(b, t, seed=0):
+  return jax.random.normal(jax.random.key(100 + seed), (b, t, CFG.d_model))
+
+
+_block = jax.jit(recurrent.recurrent_block, static_argnames="scan")
+_select = jax.jit(recurrent.select)
+
+
+def _run(p, x_btd, positions_bt, num_new_b=None, state=None):
+  b, t, _ = x_btd.shape
+  if num_new_b is None:
+    num_new_b = jnp.full((b,), t, jnp.int32)
+  if state is None:
+    state = recurrent.init_state(b, CFG.lru_width, CFG.conv1d_width)
+  return _block(p, x_btd, positions_bt, jnp.asarray(num_new_b, jnp.int32), state)
+
+
+def _assert_state(got: recurrent.RecurrentState, h, conv, msg=""):
+  np.testing.assert_allclose(got.h, h, err_msg=f"h {msg}", **TOL)
+  np.testing.assert_allclose(got.conv, conv, err_msg=f"conv {msg}", **TOL)
+
+
+# ---------------------------------------------------------------- the recurrent block
+
+@pytest.mark.parametrize("scan", recurrent.SCANS)
+def test_recurrent_block_equals_the_reference_block(reference, scan):
+  # Given the reference's recurrent block and the same weights in spec_tpu's layout,
+  _, ref_params, ours = reference
+  x, pos = _x(2, SEQ), _positions(2, SEQ)
+  want, want_cache = _ref_block().apply({"params": ref_params["blocks.0"]["recurrent_block"]},
+                                        x, pos)
+  # when a whole sequence goes through spec_tpu's block from the empty state,
+  out, trace = _block(ours["layers"][0]["recurrent"], x, pos, jnp.array([SEQ, SEQ]),
+                      recurrent.init_state(2, CFG.lru_width), scan=scan)
+  # then the outputs and the final state (RG-LRU state, conv window) are the reference's.
+  np.testing.assert_allclose(out, want, **TOL)
+  _assert_state(_select(trace, jnp.array([SEQ, SEQ])), want_cache.rg_lru_state,
+                want_cache.conv1d_state)
+  # and the trace's last state is the final state: the RG-LRU output is the state itself.
+  np.testing.assert_array_equal(trace.h[:, -1], _select(trace, jnp.array([SEQ, SEQ])).h)
+
+
+@pytest.mark.parametrize("chunks", [[1] * SEQ, [K + 1, K + 1, SEQ - 2 * (K + 1)],
+                                    "ragged"], ids=["ones", "k_plus_1", "ragged"])
+def test_chunks_on_the_carried_state_equal_one_pass(reference, chunks):
+  # Given one pass over a sequence,
+  p = reference[2]["layers"][0]["recurrent"]
+  x, pos = _x(2, SEQ, seed=2), _positions(2, SEQ)
+  want, trace = _run(p, x, pos)
+  want_state = _select(trace, jnp.array([SEQ, SEQ]))
+  # when the same tokens arrive in chunks on top of the carried state (ragged: each row has
+  # its own chunk sizes, right-padded with garbage to one call shape),
+  per_row = [[5, 7], [2, 10]] if chunks == "ragged" else [chunks, chunks]
+  state = recurrent.init_state(2, CFG.lru_width)
+  got = np.zeros_like(want)
+  done = np.zeros(2, int)
+  for call in range(len(per_row[0])):
+    n = np.array([row[call] for row in per_row])
+    t = int(n.max())
+    idx = np.minimum(done[:, None] + np.arange(t)[None], SEQ - 1)
+    xc = jnp.where((np.arange(t)[None] < n[:, None])[..., None],
+                   x[np.arange(2)[:, None], idx], 1e3)
+    out, trace = _run(p, xc, jnp.asarray(done[:, None] + np.arange(t)[None], jnp.int32), n,
+                      state)
+    state = _select(trace, jnp.asarray(n))
+    for r in range(2):
+      got[r, done[r]:done[r] + n[r]] = out[r, :n[r]]
+    done += n
+  # then outputs and final state equal the one pass.
+  np.testing.assert_allclose(got, want, **TOL)
+  _assert_state(state, want_state.h, want_state.conv)
+
+
+def _reference_steps(ref_params, x, prefill: int):
+  """The reference's own states: prefill, then one token at a time (the only way it can add
+  tokens to a cache). Returns the caches after prefill + n tokens, n = 0..t-prefill, and the
+  outputs of the single steps."""
+  block, p = _ref_block(), {"params": ref_params["blocks.0"]["recurrent_block"]}
+  b, t, _ = x.shape
+  _, cache = block.apply(p, x[:, :prefill], _positions(b, prefill))
+  caches, outs = [cache], []
+  for j in range(prefill, t):
+    out, cache = block.apply(p, x[:, j:j + 1], _positions(b, 1, j), cache)
+    caches.append(cache)
+    outs.append(out)
+  return caches, jnp.concatenate(outs, axis=1)
+
+
+def test_rollback_selects_the_state_after_the_kept_prefix(reference):
+  # Given a prefilled state and a verification call of K+1 tokens on top of it,
+  _, ref_params, ours = reference
+  p = ours["layers"][0]["recurrent"]
+  prefill = 5
+  x = _x(2, prefill + K + 1, seed=3)
+  _, trace = _run(p, x[:, :prefill], _positions(2, prefill))
+  state = _select(trace, jnp.array([prefill, prefill]))
+  out, trace = _run(p, x[:, prefill:], _positions(2, K + 1, prefill), state=state)
+  ref_caches, ref_outs = _reference_steps(ref_params, x, prefill)
+  # then the K+1 outputs equal the reference's one-token steps,
+  np.testing.assert_allclose(out, ref_outs, **TOL)
+  # and for every kept count n (rows keeping different counts in one selection), the selected
+  # state is the reference's state after exactly prefill + n tokens: no recompute needed.
+  for n in range(K + 2):
+    kept = jnp.array([n, K + 1 - n])
+    got = _select(trace, kept)
+    for r in range(2):
+      ref = ref_caches[int(kept[r])]
+      _assert_state(jax.tree.map(lambda a: a[r], got), ref.rg_lru_state[r],
+                    ref.conv1d_state[r], msg=f"row {r} kept {int(kept[r])}")
+
+
+@pytest.mark.parametrize("kept", [0, 2, K + 1])
+def test_decoding_goes_on_from_the_selected_state_as_from_a_fresh_prefix(reference, kept):
+  # Given a verification of K+1 tokens of which `kept` survive,
+  p = reference[2]["layers"][0]["recurrent"]
+  x = _x(1, 4 + K + 1, seed=4)
+  nxt = _x(1, 3, seed=5)  # what comes after the kept prefix (a correction token, more drafts)
+  _, trace = _run(p, x[:, :4], _positions(1, 4))
+  _, trace = _run(p, x[:, 4:], _positions(1, K + 1, 4), state=_select(trace, jnp.array([4])))
+  state = _select(trace, jnp.array([kept]))
+  # when decoding continues from the selected state,
+  got, _ = _run(p, nxt, _positions(1, 3, 4 + kept), state=state)
+  # then it computes what a fresh pass over the kept prefix and the new tokens computes.
+  want, _ = _run(p, jnp.concatenate([x[:, :4 + kept], nxt], axis=1), _positions(1, 4 + kept + 3))
+  np.testing.assert_allclose(got, want[:, 4 + kept:], **TOL)
+
+
+def test_a_recurrent_draft_selects_among_its_step_states(reference):
+  # Given a draft that feeds K single tokens in a scan, stacking the state after each step,
+  p = reference[2]["layers"][0]["recurrent"]
+  x = _x(2, 3 + K, seed=6)
+  _, trace = _run(p, x[:, :3], _positions(2, 3))
+  state0 = _select(trace, jnp.array([3, 3]))
+
+  def step(state, inputs):
+    x_b1d, pos_b1 = inputs
+    _, tr = recurrent.recurrent_block(p, x_b1d, pos_b1, jnp.ones((2,), jnp.int32), state)
+    state = recurrent.select(tr, jnp.ones((2,), jnp.int32))
+    return state, state
+
+  xs = (jnp.moveaxis(x[:, 3:, None], 1, 0), jnp.moveaxis(_positions(2, K, 3)[:, :, None], 1, 0))
+  _, states = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))(state0, xs)
+  _, one_pass = _run(p, x[:, 3:], _positions(2, K, 3), state=state0)
+  # when each row keeps its own number of draft steps,
+  for index in ([0, K - 1], [2, 1], [K - 1, 0]):
+    index = jnp.array(index)
+    got = recurrent.select_step(states, index)
+    # then its state is the one after that many tokens.
+    want = _select(one_pass, index + 1)
+    _assert_state(got, want.h, want.conv, msg=f"steps {index}")
+
+
+def test_padding_never_changes_the_state(reference):
+  # Given ragged rows whose padding holds either zeros or huge garbage,
+  p = reference[2]["layers"][0]["recurrent"]
+  x = _x(3, 8, seed=7)
+  num_new = jnp.array([8, 3, 0])
+  pad = (jnp.arange(8)[None] >= num_new[:, None])[..., None]
+  prior = _select(_run(p, _x(3, 4, seed=8), _positions(3, 4))[1], jnp.array([4, 4, 4]))
+  pos = _positions(3, 8, 4)
+  out_zeros, tr_zeros = _run(p, jnp.where(pad, 0.0, x), pos, num_new, prior)
+  out_junk, tr_junk = _run(p, jnp.where(pad, 1e4, x), pos, num_new, prior)
+  # then the real outputs and the final states are the same,
+  real = ~pad[..., 0]
+  np.testing.assert_array_equal(np.where(real[..., None], out_zeros, 0),
+                                np.where(real[..., None], out_junk, 0))
+  s_zeros, s_junk = _select(tr_zeros, num_new), _select(tr_junk, num_new)
+  np.testing.assert_array_equal(s_zeros.h, s_junk.h)
+  np.testing.assert_array_equal(s_zeros.conv, s_junk.conv)
+  # the state at padding positions is the state after the row's last real token (row 2 has
+  # none: the state it came with),
+  for r in range(3):
+    n = int(num_new[r])
+    last = tr_junk.h[r, n - 1] if n else prior.h[r]
+    np.testing.assert_array_equal(tr_junk.h[r, n:], jnp.broadcast_to(last, tr_junk.h[r, n:].shape))
+  # and a row with no real tokens keeps its state entirely.
+  np.testing.assert_array_equal(s_junk.h[2], prior.h[2])
+  np.testing.assert_array_equal(s_junk.conv[2], prior.conv[2])
+
+
+def test_position_zero_resets_the_state(reference):
+  # Given a state left by another sequence (a reused cache slot),
+  p = reference[2]["layers"][0]["recurrent"]
+  old = _select(_run(p, _x(2, 6, seed=9), _positions(2, 6))[1], jnp.array([6, 6]))
+  assert float(jnp.abs(old.h).min()) > 0 and float(jnp.abs(old.conv).min()) > 0
+  # when a new sequence starts at position 0 on top of it,
+  x, pos = _x(2, 5, seed=10), _positions(2, 5)
+  got, got_trace = _run(p, x, pos, state=old)
+  want, want_trace = _run(p, x, pos)
+  # then nothing of the old state shows: neither through the RG-LRU nor the conv window.
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_trace.h, want_trace.h)
+
+
+def test_init_params_has_the_layout_conversion_produces(reference):
+  # Given random params from init_params and the reference's converted params,
+  p = recurrent.init_params(jax.random.key(15), CFG.d_model, CFG.lru_width, CFG.num_heads,
+                            CFG.conv1d_width)
+  converted = reference[2]["layers"][0]["recurrent"]
+  # then names and shapes are the same (and every param has logical axes for sharding),
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, converted)
+  assert set(recurrent.PARAM_AXES) == set(p)
+  assert all(len(recurrent.PARAM_AXES[n]) == p[n].ndim for n in p)
+  # and the recurrence starts stable: a = exp(-8 r softplus(a_param)) is in [0.9, 0.999] at
+  # r = 1/8, as the reference initialises it.
+  a = jnp.exp(-jax.nn.softplus(p["a_param"]))
+  assert 0.9 <= float(a.min()) and float(a.max()) <= 0.999 + 1e-6
+
+
+# ---------------------------------------------------------------- the other layers' details
+
+def test_mlp_equals_the_reference_mlp(reference):
+  _, ref_params, ours = reference
+  x = _x(2, 5, seed=11)
+  block = rg_modules.MLPBlock(width=CFG.d_model, expanded_width=CFG.ffw_dim)
+  want = block.apply({"params": ref_params["blocks.1"]["mlp_block"]}, x)
+  np.testing.assert_allclose(recurrent.mlp(ours["layers"][1]["ffw"], x), want, **TOL)
+
+
+def test_partial_rope_rotates_the_first_half_as_the_reference():
+  x = jax.random.normal(jax.random.key(12), (2, 7, 3, CFG.head_dim))
+  pos = _positions(2, 7, 1000)  # large positions: every frequency turns
+  want = rg_modules._apply_rope(x, pos)
+  got = recurrent.partial_rope(x, pos, 0.5)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  np.testing.assert_array_equal(got[..., CFG.head_dim // 2:], x[..., CFG.head_dim // 2:])
+
+
+def test_attention_equals_the_reference_including_the_window_edge(reference):
+  # Given the reference's local attention (window W) and a sequence longer than W,
+  _, ref_params, ours = reference
+  x, pos = _x(2, SEQ, seed=13), _positions(2, SEQ)
+  block = rg_modules.LocalAttentionBlock(width=CFG.d_model, num_heads=CFG.num_heads,
+                                         window_size=WINDOW)
+  want, _ = block.apply({"params": ref_params["blocks.2"]["attention_block"]}, x, pos)
+  # then spec_tpu's attention with sliding_window = W + 1 (itself and W keys) is the reference,
+  p = ours["layers"][2]["attn"]
+  np.testing.assert_allclose(recurrent.local_attention(CFG, p, x, pos), want, **TOL)
+  # and one key fewer (transformers' reading of W) is not: the edge matters here.
+  narrow = recurrent.local_attention(CFG.replace(sliding_window=WINDOW), p, x, pos)
+  np.testing.assert_allclose(narrow[:, :WINDOW], want[:, :WINDOW], **TOL)
+  assert float(jnp.abs(narrow[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-2
+
+
+def _forward_full(params, cfg, tokens_bt):
+  """The whole model from this module's pieces (phase 2's decoder must compute this)."""
+  b, t = tokens_bt.shape
+  pos = _positions(b, t)
+
+  def norm(x, scale):
+    return layers.rms_norm(x, scale, cfg.norm_eps, cfg.norm_plus_one)
+
+  x = params["embed"][tokens_bt] * recurrent.embedding_scale(cfg, jnp.float32)
+  for lp, kind in zip(params["layers"], cfg.layer_types):
+    if kind == RECURRENT:
+      mixed, _ = recurrent.recurrent_block(lp["recurrent"], norm(x, lp["recurrent_norm"]), pos,
+                                           jnp.full((b,), t), recurrent.init_state(
+                                               b, cfg.recurrent_width, cfg.conv1d_width))
+    else:
+      mixed = recurrent.local_attention(cfg, lp["attn"], norm(x, lp["attn_norm"]), pos)
+    x = x + mixed
+    x = x + recurrent.mlp(lp["ffw"], norm(x, lp["ffw_norm"]))
+  logits = norm(x, params["final_norm"]) @ params["embed"].T
+  return layers.softcap(logits, cfg.final_logit_softcap)
+
+
+_forward = jax.jit(_forward_full, static_argnums=1)
+
+
+def test_whole_model_logits_equal_the_reference_griffin(reference):
+  # Given the reference's Griffin and its params converted from the Flax tree,
+  model, ref_params, ours = reference
+  tokens = jax.random.randint(jax.random.key(14), (2, SEQ), 0, CFG.vocab_size)
+  want, _ = model.apply({"params": ref_params}, tokens, _positions(2, SEQ), return_cache=False)
+  # then the pieces, composed as the decoder will, give its logits past the window,
+  got = _forward(ours, CFG, tokens)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # |logits| up to ~5
+  # and the bfloat16-rounded embedding scale is part of that (sqrt(32) = 5.657 -> 5.65625):
+  # unrounded, the logits move by more than 5x that tolerance.
+  exact = _forward(ours, CFG.replace(embed_scale_dtype=None), tokens)
+  assert float(jnp.abs(exact - want).max()) > 1e-4
+
+
+def test_config_from_reference_params_is_the_tiny_preset(reference):
+  cfg = recurrent_convert.config_from_reference(reference[1], attention_window_size=WINDOW,
+                                                dtype="float32")
+  assert cfg.replace(name=CFG.name, tokenizer=CFG.tokenizer) == CFG
+
+
+# ---------------------------------------------------------------- transformers
+
+def _hf_config(transformers, **kw):
+  return transformers.RecurrentGemmaConfig(**dict(
+      vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=2 * CFG.ffw_dim,
+      num_attention_heads=CFG.num_heads, num_key_value_heads=1, lru_width=CFG.lru_width,
+      attention_window_size=WINDOW, num_hidden_layers=CFG.num_layers, **kw))
+
+
+class _DictIndex:
+  """A safetensors index over a dict of numpy arrays (for damaged-checkpoint tests)."""
+
+  def __init__(self, tensors):
+    self.tensors = tensors
+
+  def names(self):
+    return list(self.tensors)
+
+  def shape(self, name):
+    return self.tensors[name].shape
+
+  def dtype(self, name):
+    return self.tensors[name].dtype
+
+  def get(self, name):
+    return self.tensors[name]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+  """(transformers model, its safetensors index, converted config and params)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from spec_tpu.checkpoints.safetensors_io import SafetensorsIndex
+  m = transformers.RecurrentGemmaForCausalLM(_hf_config(transformers)).eval()
+  m.config._attn_implementation = "eager"
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if name.endswith("recurrent_param"):
+        continue  # keep the ring init: a in [0.9, 0.999]^(8r)
+      if p.ndim == 1 or name.endswith("_bias"):
+        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+      elif "embed_tokens" in name:
+        p.copy_(torch.randn(p.shape, generator=gen))
+      else:
+        p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+  path = tmp_path_factory.mktemp("hf_recurrentgemma")
+  m.save_pretrained(path, safe_serialization=True)
+  cfg = recurrent_convert.config_from_hf(m.config.to_dict())
+  index = SafetensorsIndex(path)
+  params = jax.tree.map(jnp.asarray, recurrent_convert.convert_hf_params(index, cfg))
+  return m, index, cfg, params
+
+
+def test_config_from_hf_is_the_tiny_preset(hf_model):
+  cfg = hf_model[2]
+  assert cfg.replace(name=CFG.name, tokenizer=CFG.tokenizer) == CFG
+  assert cfg.sliding_window == WINDOW + 1  # the reference's window, not transformers'
+
+
+def test_hf_logits_equal_within_the_window_and_differ_only_at_its_edge(hf_model):
+  torch = pytest.importorskip("torch")
+  m, _, cfg, params = hf_model
+  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, SEQ))
+  with torch.no_grad():
+    want = m(torch.tensor(tokens), use_cache=False).logits.numpy()
+  got = np.asarray(_forward(params, cfg, jnp.asarray(tokens)))
+  # Positions below W see every key under both readings of the window: equal.
+  np.testing.assert_allclose(got[:, :WINDOW], want[:, :WINDOW], atol=1e-4, rtol=1e-5)
+  # Past it spec_tpu (the reference's reading) sees one key more than transformers,
+  assert float(np.abs(got[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-2
+  # and that key is the only difference: with transformers' window the logits are equal.
+  narrow = np.asarray(_forward(params, cfg.replace(sliding_window=WINDOW), jnp.asarray(tokens)))
+  np.testing.assert_allclose(narrow, want, atol=1e-4, rtol=1e-5)
+
+
+def test_hf_and_reference_conversions_agree_on_released_shapes():
+  transformers = pytest.importorskip("transformers")
+  # transformers' conversion script's 2B config: intermediate_size 15360 is a 7680 MLP.
+  hf = transformers.RecurrentGemmaConfig(num_attention_heads=10, num_key_value_heads=1,
+                                         hidden_size=2560, intermediate_size=15360,
+                                         vocab_size=256000, num_hidden_layers=26)
+  cfg = recurrent_convert.config_from_hf(hf.to_dict(), dtype="bfloat16")
+  preset = config.get_preset("recurrentgemma_2b")
+  assert cfg.replace(name=preset.name, tokenizer=preset.tokenizer) == preset
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_a_missing_conv_or_gate_tensor_is_named(hf_model, reference):
+  _, index, cfg, _ = hf_model
+  tensors = {n: index.get(n) for n in index.names()}
+  for name in ("model.layers.0.temporal_block.conv_1d.weight",
+               "model.layers.3.temporal_block.rg_lru.recurrent_gate_weight",
+               "model.layers.1.temporal_block.rg_lru.input_gate_bias"):
+    broken = {n: a for n, a in tensors.items() if n != name}
+    with pytest.raises(HFConversionError, match=f"missing tensor '{name}'"):
+      recurrent_convert.convert_hf_params(_DictIndex(broken), cfg)
+  ref_params = reference[1]
+  for block, path in ((0, ("conv_1d", "w")), (1, ("rg_lru", "a_gate", "b"))):
+    broken = jax.tree.map(lambda a: a, ref_params)
+    parent = broken[f"blocks.{block}"]["recurrent_block"]
+    for key in path[:-1]:
+      parent = parent[key]
+    del parent[path[-1]]
+    name = f"blocks.{block}/recurrent_block/" + "/".join(path)
+    with pytest.raises(ReferenceConversionError, match=f"missing tensor '{name}'"):
+      recurrent_convert.convert_reference_params(broken, CFG)
+
+
+def test_a_layer_pattern_that_does_not_match_the_checkpoint_is_refused(hf_model, reference):
+  _, index, cfg, _ = hf_model
+  wrong = cfg.replace(layer_pattern=(RECURRENT, LOCAL))  # layer 1 is recurrent in the weights
+  with pytest.raises(HFConversionError, match=r"layer 1 .* recurrent .*layer_pattern"):
+    recurrent_convert.convert_hf_params(index, wrong)
+  with pytest.raises(ReferenceConversionError, match=r"blocks.1 .* recurrent .*layer_pattern"):
+    recurrent_convert.convert_reference_params(reference[1], wrong)
+  fewer = cfg.replace(num_layers=3)  # the checkpoint's 4th layer would be dropped
+  with pytest.raises(HFConversionError, match="unexpected tensor 'model.layers.3"):
+    recurrent_convert.convert_hf_params(index, fewer)
+
+
+def test_unsupported_hf_config_fields_are_named():
+  transformers = pytest.importorskip("transformers")
+  base = _hf_config(transformers).to_dict()
+  for change, field in ((dict(attention_bias=True), "attention_bias"),
+                        (dict(block_types=["recurrent", "mlp"]), "block_types"),
+                        (dict(hidden_activation="gelu"), "hidden_activation"),
+                        (dict(intermediate_size=97), "intermediate_size"),
+                        (dict(architectures=["GemmaForCausalLM"], model_type="gemma"),
+                         "not a RecurrentGemma")):
+    with pytest.raises(HFConversionError, match=field):
+      recurrent_convert.config_from_hf({**base, **change})
+
+
+# ---------------------------------------------------------------- config and presets
+
+@pytest.mark.parametrize("name, preset", [("recurrentgemma_2b", "RECURRENT_GEMMA_2B_V1"),
+                                          ("recurrentgemma_9b", "RECURRENT_GEMMA_9B_V1")])
+def test_presets_are_the_reference_packages(name, preset):
+  ref = rg_common.GriffinConfig.from_preset(getattr(rg_common.Preset, preset))
+  cfg = config.get_preset(name)
+  assert (cfg.vocab_size, cfg.d_model, cfg.ffw_dim, cfg.num_heads, cfg.recurrent_width,
+          cfg.num_layers) == (ref.vocab_size, ref.width, ref.mlp_expanded_width, ref.num_heads,
+                              ref.lru_width, ref.num_layers)
+  kinds = {rg_common.TemporalBlockType.RECURRENT: RECURRENT,
+           rg_common.TemporalBlockType.ATTENTION: LOCAL}
+  assert cfg.layer_types == tuple(kinds[k] for k in ref.block_types)
+  assert cfg.sliding_window == ref.attention_window_size + 1
+  assert cfg.final_logit_softcap == ref.logits_soft_cap
+  assert cfg.head_dim * cfg.num_heads == ref.width and cfg.num_kv_heads == 1
+  assert cfg.scale_embeddings and cfg.embed_scale_dtype == "bfloat16" and cfg.tokenizer == "gemma"
+  # num_params counts what the reference model allocates (abstract init: nothing allocated).
+  shapes = jax.eval_shape(lambda: rg_griffin.Griffin(ref, gradient_checkpointing=False).init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)))
+  assert cfg.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def test_embedding_scale_is_rounded_to_bfloat16():
+  cfg = config.get_preset("recurrentgemma_2b")
+  assert float(recurrent.embedding_scale(cfg, jnp.float32)) == 50.5  # sqrt(2560) = 50.596
+  gemma = config.get_preset("gemma_2b").replace(dtype="float32")
+  assert float(recurrent.embedding_scale(gemma, jnp.float32)) == np.float32(math.sqrt(2048))
+
+
+def test_recurrent_configs_are_validated():
+  assert config.ModelConfig.from_dict(CFG.to_dict()) == CFG
+  with pytest.raises(ValueError, match="lru_width .* multiple of num_heads"):
+    CFG.replace(lru_width=26)
+  with pytest.raises(ValueError, match="rope_fraction"):
+    CFG.replace(rope_fraction=0.3)
+  with pytest.raises(ValueError, match="layer_pattern"):
+    CFG.replace(layer_pattern=(RECURRENT, "mamba"))
+  with pytest.raises(ValueError, match="embed_scale_dtype"):
+    CFG.replace(embed_scale_dtype="int8")
+  with pytest.raises(ValueError, match="conv1d_width"):
+    CFG.replace(conv1d_width=0)
+
+
+def test_verification_memory_is_k_plus_1_states_per_recurrent_layer():
+  cfg = config.get_preset("recurrentgemma_9b")
+  assert sum(kind == RECURRENT for kind in cfg.layer_types) == 26
+  # b (K+1) w float32 states plus b (K+1) w bfloat16 conv inputs, for each of 26 layers.
+  assert recurrent.verification_trace_bytes(cfg, batch=1, spec_tokens=5) == 26 * 5 * 4096 * 6
+  assert recurrent.verification_trace_bytes(config.get_preset("gemma_2b"), 8, 5) == 0

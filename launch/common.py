@@ -17,13 +17,14 @@ from absl import logging
 import jax
 import numpy as np
 
+from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.models import config as config_lib, model
 from spec_tpu import sharding
 from spec_tpu.decoding.sampling import SamplingParams
 
 
-class SetupError(ValueError):
+class SetupError(cli.UserError):
   """The config or the files it names cannot work; raised before anything compiles."""
 
 
@@ -86,6 +87,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
       raise SetupError(str(e)) from None
     # The checkpoint's shapes win; fields that leave every param shape alone still apply.
     neutral = {k: v for k, v in fields.items() if k in CHECKPOINT_OVERRIDABLE}
+    if neutral.get("tokenizer", cfg.tokenizer) != cfg.tokenizer:
+      logging.warning("%s: checkpoint %s records tokenizer %r; using %r instead, as "
+                      "%s.fields.tokenizer says", role, path, cfg.tokenizer, neutral["tokenizer"],
+                      _section_name(role))
     if neutral:
       try:
         cfg = cfg.replace(**neutral)
@@ -231,11 +236,45 @@ def load_tokenizer(config, setup: Setup):
   if config.draft.tokenizer and config.draft.tokenizer != spec:
     raise SetupError(f"draft.tokenizer {config.draft.tokenizer!r} differs from model.tokenizer "
                      f"{spec!r}: speculative sampling needs one vocabulary")
-  for m in (setup.target, setup.draft):
-    if m is not None and tok.vocab_size > m.cfg.num_tokens:
+  models = [m for m in (setup.target, setup.draft) if m is not None]
+  check_tokenizer_matches(models, tok, spec)
+  for m in models:
+    if tok.vocab_size > m.cfg.num_tokens:
       raise SetupError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but {m.role} "
                        f"{m.cfg.name} only {m.cfg.num_tokens}")
   return tok
+
+
+def _verifiable(name: str) -> bool:
+  # Names spec_tpu.tokenizer gives: "sp:<hash of the model file>" and "bytes". Others ("gemma",
+  # or "json:..." from a converted tokenizer.json) say which vocabulary, not which file.
+  return name.startswith("sp:") or name == "bytes"
+
+
+def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
+  """Weights from a checkpoint decode correctly only with the tokenizer they were trained with:
+  any other vocabulary runs without an error and prints garbage. The user may still say, through
+  a model's `fields.tokenizer`, that they mean another one (the checkpoint's record then reads
+  as that name)."""
+  wrong = []
+  for m in models:
+    recorded = m.cfg.tokenizer
+    if m.checkpoint is None or not recorded or recorded == tok.name:
+      continue
+    if _verifiable(recorded) or _verifiable(tok.name):
+      wrong.append(m)
+    else:
+      logging.warning("%s checkpoint %s names tokenizer %r, which cannot be compared with %r "
+                      "(%s): make sure they are the same vocabulary", m.role, m.checkpoint,
+                      recorded, tok.name, spec)
+  if wrong:
+    made = "; ".join(f"{m.role} checkpoint {m.checkpoint} was made with {m.cfg.tokenizer!r}"
+                     for m in wrong)
+    overrides = " ".join(f"--config.{_section_name(m.role)}.fields.tokenizer={tok.name}"
+                         for m in wrong)
+    raise SetupError(f"model.tokenizer {spec!r} is tokenizer {tok.name!r} but {made}: its "
+                     "token ids would decode into garbage. Give the tokenizer the checkpoint "
+                     f"was trained with, or, if you mean it, {overrides}")
 
 
 # ---------------------------------------------------------------- sampler

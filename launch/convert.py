@@ -10,9 +10,10 @@ spec_tpu.checkpoints.hf.convert_directory; this file only parses flags.
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from launch import cli
 
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format: hf (Hugging Face safetensors).")
 _SRC = flags.DEFINE_string("src", None, "Source model directory.")
@@ -24,21 +25,18 @@ flags.mark_flags_as_required(["from", "src", "dst"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   # Conversion needs no accelerator, and a whole model may not fit in one device's memory.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
   from spec_tpu.checkpoints import hf  # after flag parsing: --help stays fast
-  try:
-    cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
-                               overwrite=_OVERWRITE.value)
-  except ValueError as e:  # HFConversionError, SafetensorsError, CheckpointError: user errors
-    raise SystemExit(f"convert: {e}") from None
+  # HFConversionError, SafetensorsError, CheckpointError: one line each (cli.run).
+  cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
+                             overwrite=_OVERWRITE.value)
   print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

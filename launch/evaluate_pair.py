@@ -19,6 +19,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
@@ -68,8 +69,7 @@ def _timed(sampler, prompts, k, sampling):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   drafts = []
   for spec in _DRAFT.value:
     label, sep, path = spec.partition("=")
@@ -137,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -29,11 +29,11 @@ import json
 import sys
 import time
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/chinchilla_70b.py", "Setup to plan.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/chinchilla_70b.py", "Setup to plan.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Mesh DATAxMODEL, e.g. 1x16 or 2x8 "
                                 "(default: the config's mesh.shape).")
 _BATCH = flags.DEFINE_integer("batch", None, "Rows per batch (default: run.batch_size).")
@@ -240,8 +240,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   config = _CONFIG.value
   try:
     topology = (parse_topology(_TOPOLOGY.value) if _TOPOLOGY.value
@@ -266,4 +265,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,12 @@ a seed derived from (sampling.seed, i), so a resumed run writes exactly what an 
 would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
 whole (its finished rows are computed again but not written).
 
+An existing output is refused, untouched, when it holds anything but result lines and the torn
+start of one (it is not ours), or when its lines were written with other settings: each line
+records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, batch size,
+K policy, sampling values) and the error names what differs; --append_other_settings appends
+anyway, saying so. --prompts and --output may not be the same file.
+
 Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
 at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
 the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
@@ -49,12 +55,12 @@ import math
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Setup to run.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable); overrides --prompts.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL output (appended; resumable).")
@@ -65,9 +71,13 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initiali
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_APPEND_OTHER = flags.DEFINE_bool(
+    "append_other_settings", False, "Resume into an --output whose lines were written with "
+    "other settings (seed, models, K, sampling, ...) instead of refusing; the file then mixes "
+    "settings, and every line records its own.")
 
 
-class InputError(ValueError):
+class InputError(cli.UserError):
   """Bad prompts or output path; raised before anything compiles."""
 
 
@@ -139,31 +149,137 @@ def check_output_path(path: str) -> None:
     raise InputError(f"--output {path!r}: not writable")
 
 
-def finished_ids(path: str) -> set[str]:
-  """Keys of the prompts already in the output; cuts away a torn tail left by a kill mid-write."""
+# Every line this launcher writes is json.dumps of a dict whose first key is "id", and holds these.
+_LINE_START = b'{"id": '
+_RESULT_KEYS = ("id", "prompt", "text", "tokens", "stats")
+
+
+def _result_line(line: bytes) -> dict | None:
+  try:
+    obj = json.loads(line)
+  except ValueError:
+    return None
+  return obj if isinstance(obj, dict) and all(k in obj for k in _RESULT_KEYS) else None
+
+
+def _parses(line: bytes) -> bool:
+  try:
+    json.loads(line)
+  except ValueError:
+    return False
+  return True
+
+
+def _torn(tail: bytes) -> bool:
+  """The end of a file after a kill mid-write: the beginning of one of our lines (a write cut
+  short), possibly followed by zeros (a crash that extended the file but lost the data)."""
+  head = tail.rstrip(b"\0")
+  return _LINE_START.startswith(head) or head.startswith(_LINE_START)
+
+
+@dataclasses.dataclass(frozen=True)
+class Existing:
+  """What an output file already holds; reading it changes nothing."""
+  records: dict          # prompt key -> its line (a dict)
+  keep_bytes: int        # whole result lines; what follows is a torn write to drop
+  size: int
+
+
+def read_output(path: str) -> Existing:
+  """The result lines of an existing output. Refuses (InputError) a file holding anything a
+  kill of this launcher cannot have left there: then it is not ours, and is left untouched."""
   if not os.path.exists(path):
-    return set()
+    return Existing({}, 0, 0)
   with open(path, "rb") as f:
     data = f.read()
-  complete = data.split(b"\n")[:-1]  # what follows the last newline is torn (or empty)
-  keys, good_bytes = set(), 0
+  *complete, tail = data.split(b"\n")  # whatever follows the last newline is torn (or empty)
+  records, keep = {}, 0
   for n, line in enumerate(complete):
-    try:
-      keys.add(json.dumps(json.loads(line)["id"]))
-    except (ValueError, KeyError, TypeError):
-      if n < len(complete) - 1:
-        raise InputError(f"--output {path!r}: line {n + 1} is not a result line; refusing to "
-                         "append to a file this launcher did not write") from None
-      break  # the last line was cut or zero-filled by a crash: drop it as well
-    good_bytes += len(line) + 1
-  if good_bytes < len(data):
-    logging.warning("output %s: dropping %d bytes of an unfinished last line",
-                    path, len(data) - good_bytes)
+    record = _result_line(line)
+    if record is None:
+      if n == len(complete) - 1 and not tail and line and _torn(line):
+        tail = line  # a crash zero-filled the last write, newline included
+        break
+      raise InputError(f"--output {path!r}: line {n + 1} is not a result line of launch.sample; "
+                       "refusing to touch a file this launcher did not write (choose another "
+                       "--output)")
+    records[json.dumps(record["id"])] = record
+    keep += len(line) + 1
+  if tail and (not _torn(tail) or _parses(tail) and _result_line(tail) is None):
+    raise InputError(f"--output {path!r}: its last line is neither a result line nor the torn "
+                     "end of one; refusing to touch a file this launcher did not write (choose "
+                     "another --output)")
+  return Existing(records, keep, len(data))
+
+
+def drop_torn_tail(path: str, existing: Existing) -> None:
+  """Cuts away the torn end of the last write, so appended lines start on a line of their own."""
+  if existing.keep_bytes < existing.size:
+    logging.warning("output %s: dropping %d bytes of an unfinished last line", path,
+                    existing.size - existing.keep_bytes)
     with open(path, "r+b") as f:
-      f.truncate(good_bytes)
+      f.truncate(existing.keep_bytes)
       f.flush()
       os.fsync(f.fileno())
-  return keys
+
+
+def finished_ids(path: str) -> set[str]:
+  """Keys of the prompts already in the output; cuts away a torn tail left by a kill mid-write."""
+  existing = read_output(path)
+  drop_torn_tail(path, existing)
+  return set(existing.records)
+
+
+# ---------------------------------------------------------------- what made a line
+
+def model_identity(m) -> dict:
+  """Names one model's weights: the checkpoint's manifest hash (its content, wherever it lies)
+  or "random", and its config (neutral overrides such as valid_vocab_size included)."""
+  from spec_tpu.checkpoints import checkpoint
+  weights = checkpoint.fingerprint(m.checkpoint) if m.checkpoint else "random"
+  config = hashlib.sha256(m.cfg.to_json().encode()).hexdigest()[:12]
+  return {"name": m.cfg.name, "weights": weights, "config": config}
+
+
+def run_settings(config, setup, tok, k_max: int) -> dict:
+  """Everything that decides what a line holds, written into every line (as JSON reads it
+  back): a resume compares it with the file's, so a file never mixes settings silently."""
+  s, adaptive = setup.sampling, bool(config.sampling.adaptive_k)
+  uses_draft = setup.k > 0 or adaptive
+  settings = {
+      "target": model_identity(setup.target),
+      "draft": model_identity(setup.draft) if uses_draft else None,
+      "tokenizer": tok.name, "add_bos": bool(config.run.add_bos),
+      "batch_size": int(config.run.batch_size),  # batches are the unit of seeding
+      "seed": int(config.sampling.seed), "max_new_tokens": int(config.sampling.max_new_tokens),
+      "k": setup.k, "adaptive_k": adaptive, "k_max": k_max if adaptive else None,
+      "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+  return json.loads(json.dumps(settings))
+
+
+def _show(value) -> str:
+  if isinstance(value, dict):
+    return " ".join(f"{k}={v}" for k, v in value.items())
+  return json.dumps(value)
+
+
+def settings_differences(existing: Existing, settings: dict, prompts) -> list[str]:
+  """How the lines already in an output differ from this run: one phrase per setting."""
+  found = {}
+  texts = {p.key: p.text for p in prompts}
+  for key, record in existing.records.items():
+    theirs = record.get("settings")
+    if not isinstance(theirs, dict):
+      found.setdefault("settings", f"line of prompt {record['id']!r} records no settings "
+                       "(written by an older launch.sample)")
+      continue
+    for name in sorted(set(theirs) | set(settings)):
+      if theirs.get(name) != settings.get(name) and name not in found:
+        found[name] = (f"{name} is {_show(theirs.get(name))} in the file, "
+                       f"{_show(settings.get(name))} now")
+    if key in texts and record.get("prompt") != texts[key]:
+      found.setdefault("prompt", f"prompt {record['id']!r} has another text in the file")
+  return list(found.values())
 
 
 def append_lines(path: str, records: list[dict]) -> None:
@@ -220,13 +336,30 @@ class Totals:
     return {k_: _finite(v) for k_, v in out.items()}
 
 
+def check_not_same_file(prompts_path: str | None, output: str | None) -> None:
+  # The output is appended to and its ids count as done: read as the prompts too, every prompt
+  # would count as done and nothing would be sampled.
+  if (prompts_path and output and os.path.exists(prompts_path) and os.path.exists(output)
+      and os.path.samefile(prompts_path, output)):
+    raise InputError(f"--prompts {prompts_path!r} and --output {output!r} are the same file: "
+                     "results are appended to the output, so it cannot also hold the prompts")
+
+
+def _mixed_settings_error(output: str, differences: list[str]) -> InputError:
+  return InputError(
+      f"--output {output!r} holds lines written with other settings ({'; '.join(differences)}): "
+      "resuming would mix them. Use another --output, the same settings, or "
+      "--append_other_settings to append anyway (every line records the settings that made it)")
+
+
 def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coordinator=None,
-        num_processes=None, process_id=None) -> dict:
+        num_processes=None, process_id=None, append_other_settings=False) -> dict:
   """The whole launcher minus flag parsing (tests call this in-process)."""
   from launch import common
 
   # Everything that reads only files and the config comes first: bad input fails in seconds, on
   # every process alike, before devices, weights or compiles.
+  check_not_same_file(prompts_path, output)
   prompts = read_prompts(flag_prompts, prompts_path, config.run.prompts)
   setup = common.resolve(config, need_weights=True)
   tok = common.load_tokenizer(config, setup)
@@ -252,6 +385,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                            int(config.run.max_cache_len) or None, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
+  settings = run_settings(config, setup, tok, k_max)
 
   if multihost:
     common.init_distributed(coordinator, num_processes, process_id)
@@ -259,21 +393,31 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   import numpy as np
   primary = jax.process_index() == 0
 
-  problem = None
+  # Process 0 alone reads the output; every process must stop if it refuses it.
+  problem, existing, mixed = None, Existing({}, 0, 0), []
   if primary and output:
     try:
       check_output_path(output)
+      existing = read_output(output)
+      mixed = settings_differences(existing, settings, prompts)
+      if mixed and not append_other_settings:
+        raise _mixed_settings_error(output, mixed)
     except InputError as e:
       problem = e
   if not common.all_agree(problem is None):
-    raise problem or InputError("process 0 cannot write the output")
+    raise problem or InputError("process 0 refused the output file")
   mesh = common.build_mesh(config)
 
   num_batches = -(-len(prompts) // batch_size)
   todo = np.ones((num_batches,), np.int32)
   done_keys = set()
   if primary and output:
-    done_keys = finished_ids(output)
+    if mixed:
+      logging.warning("appending to %s, whose lines were written with other settings (%s), as "
+                      "--append_other_settings asks; each line records its own", output,
+                      "; ".join(mixed))
+    drop_torn_tail(output, existing)
+    done_keys = set(existing.records)
     for b in range(num_batches):
       chunk = prompts[b * batch_size:(b + 1) * batch_size]
       todo[b] = any(p.key not in done_keys for p in chunk)
@@ -286,8 +430,9 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     if done_keys:
       logging.info("resuming: %d of %d prompts already in %s", len(prompts) - remaining,
                    len(prompts), output)
+  note = {"mixed_settings": "; ".join(mixed)} if mixed else {}
   if not todo.any():
-    return {"generated_tokens": 0, "note": "every prompt already done"}
+    return {"generated_tokens": 0, "note": "every prompt already done", **note}
 
   sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                  max_cache_len=int(config.run.max_cache_len))
@@ -368,7 +513,8 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
         continue
       stats = {key: _finite(v) for key, v in res.row_stats(row).items()}
       records.append({"id": p.id, "prompt": p.text, "text": tok.decode(res.tokens[row]),
-                      "tokens": res.tokens[row], "stats": dict(stats, k=k, seed=s)})
+                      "tokens": res.tokens[row], "stats": dict(stats, k=k, seed=s),
+                      "settings": settings})
     if primary:
       if output:
         append_lines(output, records)
@@ -377,7 +523,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
           print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
     bar.update(len(records))
   bar.close()
-  summary = totals.summary(setup.k, setup.any_random)
+  summary = dict(totals.summary(setup.k, setup.any_random), **note)
   if policy is not None:
     summary.update(adaptive_k_per_batch=totals.ks, adaptive_a=policy.a, adaptive_c=policy.c,
                    adaptive_expected_speedup=policy.speedup(), adaptive_next_k=policy.k)
@@ -395,22 +541,17 @@ def _print_summary(s: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   config = _CONFIG.value
   compare_ar = config.run.compare_ar if _COMPARE_AR.value is None else _COMPARE_AR.value
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
-  from launch import common
-  from spec_tpu.checkpoints import checkpoint
-  try:
-    summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
-                  _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except (InputError, common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
+                _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                append_other_settings=_APPEND_OTHER.value)
   import jax
   if jax.process_index() == 0:
     _print_summary(summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -255,10 +255,11 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
   tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0))
-  dc = state.draft_cache
   if k > 0:
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
                                           state.draft_cache.length))
+  else:
+    dc = state.draft_cache  # K = 0 never runs the draft
   j = jnp.arange(k + 1)[None, :]
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)

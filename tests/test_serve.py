@@ -258,3 +258,75 @@ def test_greedy_through_the_server_equals_sampler_greedy(server):
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
     assert got.choices[0].text == tok.decode(tokens)
     assert got.usage.completion_tokens == len(tokens)
+
+
+def test_two_processes_serve_like_one(server, tmp_path):
+  # Given the same server as 2 processes x 1 device, rows split between them (mesh 2x1):
+  # process 0 runs HTTP and the scheduler and broadcasts every device call, process 1 follows,
+  port, coordinator = _free_port(), _free_port()
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "wb") as out:
+      # Multi-process CPU jobs ignore SIGTERM and hang if a peer dies: bounded by SIGKILL.
+      procs.append(subprocess.Popen(
+          ["timeout", "-s", "KILL", "300", sys.executable, "-m", "launch.serve",
+           "--config=configs/tiny_random.py", f"--port={port}", *OVERRIDES, "--multihost",
+           f"--coordinator_address=127.0.0.1:{coordinator}", "--num_processes=2",
+           f"--process_id={i}", "--config.mesh.shape=(2,1)"],
+          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 240
+    while True:
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-2000:]
+      assert time.monotonic() < deadline, logs[0].read_text()[-2000:]
+      try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+          break
+      except OSError:
+        time.sleep(0.5)
+    # when a few requests arrive at once (inserted and stepped on both processes),
+    prompts = ["def add(a, b):", "import os\n", "x = 1"]
+    batch = _client(url).completions.create(model=MODEL, prompt=prompts, max_tokens=12,
+                                            temperature=0)
+    multi = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+    one = [_client(server).completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                              temperature=0).choices[0].text for p in prompts]
+    # then the greedy texts are the single process's, and both processes stop together.
+    assert multi == one
+  finally:
+    procs[0].send_signal(signal.SIGINT)
+    for p in procs:
+      try:
+        p.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], logs[1].read_text()[-2000:]
+
+
+def test_serve_bench_writes_table_json_and_plot(tmp_path):
+  # Given the serving benchmark shrunk to seconds (random tiny pair, 2 slots),
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.serve_bench", "--config=configs/tiny_random.py",
+       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
+       "--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
+       "--latency_requests=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # then it compares fixed batches and the engine, and measures latency per client count,
+  result = json.loads((tmp_path / "results.json").read_text())
+  modes = [(t["mode"], t["k"].split(":")[0]) for t in result["throughput"]]
+  assert modes == [("fixed batches", "0"), ("fixed batches", "4"), ("engine", "0"),
+                   ("engine", "adaptive")]
+  assert all(t["tokens_per_s"] > 0 and t["tokens"] > 0 for t in result["throughput"])
+  assert [l["clients"] for l in result["latency"]] == [1, 2]
+  assert all(l["ttft_p50_ms"] > 0 and l["requests"] >= 2 for l in result["latency"])
+  assert "TTFT p50" in proc.stdout and "TTFT p50" in (tmp_path / "table.txt").read_text()
+  assert (tmp_path / "serve_bench.png").stat().st_size > 1000

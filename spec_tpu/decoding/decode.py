@@ -290,17 +290,18 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
 
 
 def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b, max_rounds,
-               stop_on_free) -> tuple[State, Out]:
+               stop_on_free, *, catch_up: bool = True) -> tuple[State, Out]:
   """Up to `max_rounds` rounds for every live row, in one lax.while_loop.
 
   live_b: rows that hold a request (the others are marked done: a cancelled request stops).
   Stops early when no row is left running; when `stop_on_free` and a row finished in this call
   (a slot the host can refill); or when a row's share of the out buffer could not take one
-  more round. max_rounds and stop_on_free are traced: no recompile per value.
+  more round. max_rounds and stop_on_free are traced: no recompile per value. catch_up=False
+  (static) leaves out the draft's catch-up, for callers whose draft never lags (generate).
   """
   b = state.done_b.shape[0]
   state = state._replace(done_b=state.done_b | ~live_b)
-  if spec.k > 0:
+  if spec.k > 0 and catch_up:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
   out = Out(tokens_bw=jnp.full((b, spec.out_len), spec.pad_id, jnp.int32),
@@ -334,8 +335,9 @@ def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, 
               seeds, full(max_new, jnp.int32))
   state, first = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
                          with_draft=spec.k > 0)
+  # The draft was prefilled with the target and runs every round: it never lags.
   state, out = run_rounds(spec, target_params, draft_params, state, jnp.ones((b,), bool),
-                          max_new, False)
+                          max_new, False, catch_up=False)
   tokens = jnp.concatenate([first[:, None], out.tokens_bw], axis=1)[:, :max_new]
   num = state.num_out_b
   tokens = jnp.where(jnp.arange(max_new)[None, :] < num[:, None], tokens, spec.pad_id)

@@ -74,6 +74,9 @@ from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completi
                                       GenerationParams, Request, RequestStats)
 
 
+_KEEPALIVE_S = 10.0  # multi-host: an idle leader still broadcasts this often
+
+
 class ContextLengthError(ValueError):
   """A request does not fit a slot: prompt + max_new_tokens + k_max + 1 > max_len."""
 
@@ -261,13 +264,19 @@ class Engine:
 
   def _serve(self):
     try:
+      idle_since = time.monotonic()
       while True:
         with self._lock:
           if self._stopping:
             return
-        if not self.step():
-          with self._lock:
-            self._lock.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+        if self.step():
+          idle_since = time.monotonic()
+          continue
+        with self._lock:
+          self._lock.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+        if self._channel is not None and time.monotonic() - idle_since > _KEEPALIVE_S:
+          self._channel.send_noop()
+          idle_since = time.monotonic()
     except BaseException as e:  # the device or a program failed: no request may hang on it
       self.failure = e
       self._abort_all(e)
@@ -577,6 +586,8 @@ class Engine:
       message = self._channel.receive()
       if message.kind == "stop":
         return
+      if message.kind == "noop":
+        continue
       if message.kind == "insert":
         first, done = self._run_insert(*message.args)
         to_host((first, done))

@@ -16,13 +16,13 @@ import numpy as np
 
 from spec_tpu.decoding import decode
 
-_STEP, _INSERT, _STOP = 1, 2, 3
+_STEP, _INSERT, _STOP, _NOOP = 1, 2, 3, 4
 _HEADER = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-  kind: str     # "step" | "insert" | "stop"
+  kind: str     # "step" | "insert" | "stop" | "noop"
   args: tuple   # the Engine's _run_step_call / _run_insert arguments
 
 
@@ -57,6 +57,11 @@ class Channel:
   def send_stop(self) -> None:
     self._broadcast(self._header(_STOP))
 
+  def send_noop(self) -> None:
+    """Keeps the followers' pending broadcast from waiting into a collective timeout while
+    the server idles."""
+    self._broadcast(self._header(_NOOP))
+
   def receive(self) -> Message:
     h = self._broadcast(self._header())
     kind = int(h[0])
@@ -69,6 +74,8 @@ class Channel:
       return Message("insert", (with_draft, *unpack_insert(payload, t)))
     if kind == _STOP:
       return Message("stop", ())
+    if kind == _NOOP:
+      return Message("noop", ())
     raise ValueError(f"unknown engine message kind {kind}")
 
 

@@ -20,6 +20,14 @@
     run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
                 speedup), max_cache_len (0 = just what the prompts and new tokens need),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer)
+    serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; see
+                spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
+                prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
+                0..sampling.k_max, starting at sampling.k; False: always sampling.k),
+                calibrate (time K = 0 and K = sampling.k before serving), rounds_per_step
+                (N; 0 = chosen from measured times), max_rounds_per_step, max_top_k (largest
+                per-request top_k), prefill_rows (requests per insert call), model_name
+                ('' = the target's name)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -89,4 +97,7 @@ def base(**run) -> ml_collections.ConfigDict:
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
       prompt_len=128))
   c.run.update(run)
+  c.serve = ml_collections.ConfigDict(dict(
+      num_slots=8, max_len=1024, adaptive_k=True, calibrate=True, rounds_per_step=0,
+      max_rounds_per_step=16, max_top_k=64, prefill_rows=1, model_name=""))
   return c

@@ -4,6 +4,7 @@ source, with its sentencepiece tokenizer and a few built-in prompts.
     python -m launch.sample --config=configs/default.py
     python -m launch.sample --config=configs/default.py --prompts=prompts.jsonl --output=out.jsonl
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
+    python -m launch.serve --config=configs/default.py --port=8000
 
 Trained with `python -m launch.train` (configs/train.py); evaluated with
 `python -m launch.evaluate_pair`. Point the fields elsewhere with e.g.
@@ -40,4 +41,7 @@ def get_config(arg=None):
   c.run.add_bos = False
   c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
   c.mesh.shape = (1, -1)
+  # The pair was trained on 128-token windows; every round attends over the whole slot, so a
+  # context far beyond what the models can use only costs time.
+  c.serve.max_len = 256
   return c

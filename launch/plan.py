@@ -7,9 +7,9 @@ parameters, nothing allocated, and reports memory per device against TPU v4 / v5
     python -m launch.plan --config=configs/gemma3_27b.py --topology=1x16 --context=32768
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:4x4   # needs libtpu
 
-The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
-their NamedShardings (the same rule tables the Sampler uses). `--context` is the cache length:
-prompt + max_new_tokens + K + 1 tokens. Reported per device:
+The program is `jax.jit(decode.generate).lower(...).compile()` (Sampler.generate's program) with
+jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables the Sampler
+uses). `--context` is the cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
   compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries
   analytic   weights and KV caches from the shardings alone
 On CPU the mesh is simulated: the launcher raises jax_num_cpu_devices itself before any JAX op.
@@ -146,20 +146,20 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   tp, t_sh = abstract_params(setup.target)
   dp, d_sh = abstract_params(draft) if draft else (None, None)
   spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
-                         top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_new_tokens=max_new, max_len=context, eos_id=None)
+                         k_max=k,
+                         max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
+                         max_len=context, out_len=max_new + k, eos_id=None)
   rules = setup.target.rules
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(
       mesh, shape, rules))
   rep = sharding.replicated(mesh)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  args = (tp, dp, rows(batch, prompt_len), rows(batch),
-          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-          jax.ShapeDtypeStruct((), np.float32, sharding=rep),
-          jax.ShapeDtypeStruct((), np.float32, sharding=rep))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
+  # tokens, lengths, temperature, top_p, top_k, seed
+  args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
+          scalar(np.int32), scalar(np.uint32))
 
   start = time.perf_counter()
-  lowered = jax.jit(functools.partial(decode.run, spec)).lower(*args)
+  lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality

@@ -357,13 +357,20 @@ def _always_accept(key, draft_bn, p_bnv, q_bmv):
   return jnp.full((b,), k, jnp.int32), nxt
 
 
+def _split2(key):
+  """Two keys from one key, or two per row from one per row (what the decode loop passes)."""
+  if key.shape == ():
+    return jax.random.split(key)
+  return jnp.moveaxis(sampling.split_rows(key, 2), 1, 0)
+
+
 def _resample_from_target(key, draft_bn, p_bnv, q_bmv):
   """WRONG: on rejection draws from q instead of normalize(max(0, q - p))."""
   b, k = draft_bn.shape
-  key_u, key_next = jax.random.split(key)
+  key_u, key_next = _split2(key)
   p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
-  accepted = jax.random.uniform(key_u, (b, k)) * p_x < q_x
+  accepted = sampling.uniform(key_u, (b,), (k,)) * p_x < q_x
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   return n, sampling.sample(key_next, q_bmv[jnp.arange(b), n])
 
@@ -380,8 +387,9 @@ def _swapped_ratio(key, draft_bn, p_bnv, q_bmv):
 def _wrong_by_row(key, draft_bn, p_bnv, q_bmv):
   """Even rows always_accept, odd rows resample_from_target: two broken rules in one compiled
   program (each extra program costs seconds of XLA compile)."""
-  n_a, next_a = _always_accept(key, draft_bn, p_bnv, q_bmv)
-  n_b, next_b = _resample_from_target(jax.random.fold_in(key, 1), draft_bn, p_bnv, q_bmv)
+  key_a, key_b = _split2(key)
+  n_a, next_a = _always_accept(key_a, draft_bn, p_bnv, q_bmv)
+  n_b, next_b = _resample_from_target(key_b, draft_bn, p_bnv, q_bmv)
   even = jnp.arange(draft_bn.shape[0]) % 2 == 0
   return jnp.where(even, n_a, n_b), jnp.where(even, next_a, next_b)
 
@@ -540,10 +548,10 @@ def test_accept_matches_its_exact_law(k):
 def _shared_uniform(key, draft_bn, p_bnv, q_bmv):
   """WRONG (subtly): one uniform per row for all K tests, so acceptances are correlated."""
   b, k = draft_bn.shape
-  key_u, key_next = jax.random.split(key)
+  key_u, key_next = _split2(key)
   p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
-  accepted = jax.random.uniform(key_u, (b, 1)) * p_x < q_x
+  accepted = sampling.uniform(key_u, (b,), (1,)) * p_x < q_x
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   rows = jnp.arange(b)
   p_n = jnp.where((n < k)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)

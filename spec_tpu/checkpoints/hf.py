@@ -464,7 +464,8 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
 # ---------------------------------------------------------------- directories
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")  # newer checkpoints keep the chat template apart
 TOKENIZER_DIR = "tokenizer"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

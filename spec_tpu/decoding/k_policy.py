@@ -14,7 +14,8 @@ measured times `cost_ratio` folds the extra verification cost into c, per draft 
 formula stays the same. (That share is measured at one K and assumed the same at the others,
 i.e. verification cost linear in K; re-measure at the K in use if that matters.)
 
-A launcher adapts K between batches (the Sampler itself stays stateless):
+The serving engine (spec_tpu/serving/engine.py) owns one, fed per window of rounds from its
+own steps; a launcher driving a Sampler adapts K between batches (the Sampler stays stateless):
 
     policy = AdaptiveK(k0=4, k_max=8)
     policy.observe_times(*measure_step_times(sampler, batch=8, prompt_len=128, k=4), k=4)
@@ -152,6 +153,10 @@ class AdaptiveK:
     """Takes a finished batch (a sampler Result); returns the K for the next batch."""
     if result.k > 0:
       return self.observe_acceptance(float(result.accepted_at.sum()), float(result.reached.sum()))
+    return self.observe_off()
+
+  def observe_off(self) -> int:
+    """A finished batch run at K = 0: nothing to learn about a, one batch closer to a probe."""
     self._batches_off += 1
     return self._update(batch_done=True)
 

@@ -66,6 +66,16 @@ def rollback(cache: Cache, length_b) -> Cache:
   return cache._replace(length=length_b)
 
 
+def insert_rows(cache: Cache, rows: Cache, slots_r) -> Cache:
+  """The cache with row i of `rows` (freshly prefilled, same max_len and spec_tokens, r rows)
+  written over row slots_r[i] of `cache`, everything held there before (buffers and length)
+  replaced. A slot >= the batch drops its row, so a fixed-width insert can carry padding rows.
+  Rows not named are untouched; under jit with `cache` donated this updates it in place.
+  (Batch is axis 0 of every buffer in this layout.)"""
+  return jax.tree.map(lambda old, new: old.at[slots_r].set(new.astype(old.dtype), mode="drop"),
+                      cache, rows)
+
+
 def slot_positions(length_b, num_slots: int):
   """b s: the position each slot holds for rows holding `length` tokens (< 0: empty)."""
   last = length_b[:, None] - 1

@@ -299,5 +299,5 @@ def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
   assert setup.target.cfg.name == "saved_target" and not setup.target.random
   assert setup.target.cfg.valid_vocab_size == 2000
   np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
-  want = sharding.param_shardings(cfg, mesh)["layers"][0]["ffw"]["up"]
-  assert loaded["layers"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 2)
+  want = sharding.param_shardings(cfg, mesh)["groups"][0]["ffw"]["up"]
+  assert loaded["groups"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 3)

@@ -286,11 +286,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from launch import common
   from spec_tpu.checkpoints import checkpoint
+  cache_dir = common.use_compile_cache(_CONFIG.value)
   try:
     run(_CONFIG.value, _OUTPUT_DIR.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
         _REPEATS.value, _STEP_REPEATS.value)
   except (common.SetupError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
+  logging.info("%s", common.compile_cache_summary(cache_dir))
 
 
 if __name__ == "__main__":

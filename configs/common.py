@@ -19,7 +19,9 @@
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
                 speedup), max_cache_len (0 = just what the prompts and new tokens need),
-                prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer)
+                prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
+                compile_cache (JAX's persistent compilation cache directory for sample,
+                benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
     serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; see
                 spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
                 prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
@@ -44,6 +46,9 @@ from ml_collections import config_dict
 from spec_tpu.models import config as config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A second run of a setup loads its compiled programs from here (a 70B decode program takes
+# tens of seconds to compile, and every prompt bucket and K is another program).
+DEFAULT_COMPILE_CACHE = "~/.cache/spec_tpu/jax"
 ASSETS_DIR = os.path.join(REPO_ROOT, "spec_tpu", "assets")
 
 
@@ -95,7 +100,7 @@ def base(**run) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
-      prompt_len=128))
+      prompt_len=128, compile_cache=DEFAULT_COMPILE_CACHE))
   c.run.update(run)
   c.serve = ml_collections.ConfigDict(dict(
       num_slots=8, max_len=1024, adaptive_k=True, calibrate=True, rounds_per_step=0,

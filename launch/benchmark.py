@@ -330,8 +330,11 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  from launch import common
+  cache_dir = common.use_compile_cache(_CONFIG.value)
   run(_CONFIG.value, _OUTPUT_DIR.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
       _REPEATS.value, _STEP_REPEATS.value)
+  logging.info("%s", common.compile_cache_summary(cache_dir))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,9 @@ def format_report(r: dict) -> str:
          else " (autoregressive)"),
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
-      f"lower {r['lower_seconds']:.1f} s, compile {r['compile_seconds']:.1f} s",
+      f"lower {r['lower_seconds']:.1f} s, compile {r['compile_seconds']:.1f} s"
+      + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
+         "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
       "",
       "per device, compiled (XLA memory_analysis):",
       f"  arguments (params + inputs) {g(c['arguments'])}",
@@ -253,11 +255,15 @@ def main(argv):
     ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
   from launch import common
   from spec_tpu.checkpoints import checkpoint
+  # A program compiled for a described TPU (no TPU attached) can be stored but not loaded back
+  # (jax 0.10: "PjRtCompiler must be constructed with a Client"), so --tpu plans compile afresh.
+  cache_dir = None if _TPU.value else common.use_compile_cache(config)
   try:
     report = plan(config, topology, _BATCH.value or int(config.run.batch_size), _CONTEXT.value,
                   _K.value, _MAX_NEW.value, _TPU.value)
   except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
+  report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
   print(format_report(report), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:

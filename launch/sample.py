@@ -545,12 +545,15 @@ def main(argv):
   config = _CONFIG.value
   compare_ar = config.run.compare_ar if _COMPARE_AR.value is None else _COMPARE_AR.value
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
+  from launch import common
+  cache_dir = common.use_compile_cache(config)
   summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
                 _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                 append_other_settings=_APPEND_OTHER.value)
   import jax
   if jax.process_index() == 0:
     _print_summary(summary)
+    logging.info("%s", common.compile_cache_summary(cache_dir))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class LoopSpec:
   out_len: int               # tokens one run_rounds call can return per row
   eos_id: int | None
   pad_id: int = 0
+  prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
 
   @property
   def num_tokens(self) -> int:
@@ -131,15 +132,16 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   speculation starts). Returns (state of r rows, first_r)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
-  logits, tc = model.forward(target_params, spec.target, tokens_rt, tc, lengths_r,
-                             last_only=True)
+  logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
+                             spec.prefill_chunk)
   key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
   first = sampling.sample(key_r, _probs(spec, logits[:, 0], rows))
   dc = None
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
     if with_draft:
-      _, dc = model.forward(draft_params, spec.draft, tokens_rt, dc, lengths_r, last_only=True)
+      _, dc = model.prefill(draft_params, spec.draft, tokens_rt, dc, lengths_r,
+                            spec.prefill_chunk)
   pos = jnp.arange(spec.max_len)[None, :]
   prompt = jnp.pad(tokens_rt, ((0, 0), (0, max(spec.max_len - t, 0))),
                    constant_values=spec.pad_id)[:, :spec.max_len]

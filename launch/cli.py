@@ -8,7 +8,7 @@ its argument, stray positional arguments, and the errors the launchers and the l
 purpose (UserError below and the spec_tpu error classes such as CheckpointError). Anything else
 is a bug and keeps its traceback.
 
-This module imports absl only, so `--help` and flag errors stay fast.
+This module imports absl and ml_collections only, so `--help` and flag errors stay fast.
 """
 
 from __future__ import annotations

@@ -310,13 +310,13 @@ def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
                       "(%s): make sure they are the same vocabulary", m.role, m.checkpoint,
                       recorded, tok.name, spec)
   if wrong:
-    made = "; ".join(f"{m.role} checkpoint {m.checkpoint} was made with {m.cfg.tokenizer!r}"
-                     for m in wrong)
+    given = f"{spec!r}" + (f" ({tok.name})" if tok.name != spec else "")
+    made = "; ".join(f"{m.role} {m.checkpoint}: {m.cfg.tokenizer!r}" for m in wrong)
     overrides = " ".join(f"--config.{_section_name(m.role)}.fields.tokenizer={tok.name}"
                          for m in wrong)
-    raise SetupError(f"model.tokenizer {spec!r} is tokenizer {tok.name!r} but {made}: its "
-                     "token ids would decode into garbage. Give the tokenizer the checkpoint "
-                     f"was trained with, or, if you mean it, {overrides}")
+    raise SetupError(f"model.tokenizer {given} is not the tokenizer the checkpoint was made "
+                     f"with ({made}): token ids would decode into garbage. Give that tokenizer, "
+                     f"or, if you mean it, {overrides}")
 
 
 # ---------------------------------------------------------------- sampler

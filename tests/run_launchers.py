@@ -6,8 +6,8 @@ drives it.
     python tests/run_launchers.py COMMANDS.json RESULTS.jsonl
 
 COMMANDS.json: a list of argv lists, ["launch.sample", "--config=...", ...]. For each command one
-line is appended to RESULTS.jsonl as soon as it ends: {"index", "rc", "seconds", "log"} (log:
-its stdout and stderr). A command that hangs leaves the lines of those before it.
+line is appended to RESULTS.jsonl as soon as it ends: {"index", "rc", "seconds", "cpu_seconds",
+"log"} (log: its stdout and stderr). A command that hangs leaves the lines of those before it.
 """
 
 import contextlib
@@ -81,13 +81,14 @@ def main(commands_path: str, results_path: str) -> None:
   log_dir = os.path.dirname(os.path.abspath(results_path))
   for index, argv in enumerate(commands):
     log_path = os.path.join(log_dir, f"command_{index}.log")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rc = run_one(argv, log_path)
     with open(log_path, errors="replace") as f:
       log = f.read()
     with open(results_path, "a") as f:
       f.write(json.dumps({"index": index, "rc": rc, "log": log,
-                          "seconds": time.perf_counter() - start}) + "\n")
+                          "seconds": time.perf_counter() - start,
+                          "cpu_seconds": time.process_time() - cpu_start}) + "\n")
 
 
 if __name__ == "__main__":

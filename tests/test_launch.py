@@ -278,9 +278,9 @@ def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeyp
   config.model.tokenizer = config.draft.tokenizer = "bytes"
   setup = common.resolve(config)
   # then the mismatch is refused, naming both checkpoints and how to override,
-  with pytest.raises(common.SetupError, match=r"'bytes'.*target checkpoint .* was made with "
-                     r"'sp:.*draft checkpoint .* 'sp:.*--config.model.fields.tokenizer=bytes "
-                     r"--config.draft.fields.tokenizer=bytes"):
+  with pytest.raises(common.SetupError, match=r"'bytes' is not the tokenizer the checkpoint was "
+                     r"made with \(target .*: 'sp:.*; draft .*: 'sp:.*--config.model.fields."
+                     r"tokenizer=bytes --config.draft.fields.tokenizer=bytes"):
     common.load_tokenizer(config, setup)
   # and accepted once the user says they mean it.
   config.model.fields.tokenizer = config.draft.fields.tokenizer = "bytes"

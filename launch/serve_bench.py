@@ -139,8 +139,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
                tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                acceptance=sum(c.stats.accepted for c in done) / judged if judged else None)
     if report is not None:
-      row.update(calibration={key: v for key, v in report.items()
-                              if isinstance(v, (int, float, type(None)))})
+      row.update(calibration=report)
     result["throughput"].append(row)
     logging.info("engine %s: %.1f tokens/s", row["k"], tokens / seconds)
     if adaptive:
@@ -188,7 +187,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     e.shutdown()
 
   with open(os.path.join(output_dir, "results.json"), "w") as f:
-    json.dump(_finite(result), f, indent=1)
+    json.dump(_finite(result), f, indent=1, default=list)
   table = format_table(result)
   with open(os.path.join(output_dir, "table.txt"), "w") as f:
     f.write(table + "\n")
@@ -199,7 +198,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
 
 def _finite(x):
   if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
+    return {str(k): _finite(v) for k, v in x.items()}
   if isinstance(x, list):
     return [_finite(v) for v in x]
   if isinstance(x, float) and not math.isfinite(x):

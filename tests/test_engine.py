@@ -255,7 +255,7 @@ def same_draft_engine():
 
 
 def _fresh_policy(engine, k0=1):
-  engine.policy = k_policy.AdaptiveK(k0=k0, k_max=engine.k_max, probe_every=16)
+  engine.policy = k_policy.AdaptiveK(k0=k0, k_max=engine.k_max, probe_every=16, ks=engine.ks)
   engine.pacing = Pacing(engine.pacing.max_rounds)
 
 
@@ -276,17 +276,20 @@ def test_a_draft_equal_to_the_target_is_always_accepted(same_draft_engine):
 
 
 def test_k_follows_measured_acceptance_and_cost(same_draft_engine):
-  # Given a draft that is always right and round times (faked, so the choice does not hang on
-  # this machine) of 1 + K c,
+  # Given a draft that is always right, and round times of 1 + K c at every K the engine may
+  # pick (as calibration measures them; faked here so the choice does not hang on this machine),
   engine = same_draft_engine
   _fresh_policy(engine)
   engine.pacing.observe_step = lambda *a: None
-  for draft_cost, want_k in [(0.01, 3), (3.0, 0)]:
-    engine.pacing.round_s = {k: 1.0 + k * draft_cost for k in range(4)}
+  assert engine.ks == (0, 1, 2)
+  for draft_cost, want_k in [(0.01, 2), (3.0, 0)]:
+    engine.pacing.round_s = {k: 1.0 + k * draft_cost for k in engine.ks}
+    for k, seconds in engine.pacing.round_s.items():
+      engine.policy.observe_round_time(k, seconds)
     # when requests run long enough for a few windows of rounds,
     results = engine.generate([ex.PROMPT] * 8, GenerationParams(max_new_tokens=40, seed=1))
-    # then the policy saw a ~ 1 and moved K to the best one: k_max while the draft is nearly
-    # free, K = 0 (plain decoding) once it costs more than the target.
+    # then the policy saw a ~ 1 and moved K to the best one: the largest while the draft is
+    # nearly free, K = 0 (plain decoding) once it costs more than the target.
     assert engine.policy.a > 0.9
     assert engine.k == want_k
     assert want_k in results[-1].stats.ks
@@ -295,20 +298,18 @@ def test_k_follows_measured_acceptance_and_cost(same_draft_engine):
 def test_calibration_times_both_programs_and_picks_k(same_draft_engine):
   # Given an idle engine, when it calibrates on its own,
   engine = same_draft_engine
-  _fresh_policy(engine, k0=2)
+  _fresh_policy(engine)
   report = engine.calibrate(rounds=2, repeats=1)
-  # then it measured a round at K = 0 and K = 2 and a step call, and chose K from them,
-  assert report["round_s_k0"] > 0 and report["round_s_k2"] > 0 and report["call_s"] > 0
+  # then it measured a step call and a round at every K it may pick, and chose the K whose
+  # measured round time and acceptance promise the most,
+  assert report["call_s"] > 0 and all(report[f"round_s_k{k}"] > 0 for k in engine.ks)
   assert report["accepted"] == report["judged"] > 0 and engine.policy.c is not None
-  assert engine.k == k_policy_choice(engine)
+  costs = {k: report[f"round_s_k{k}"] / report["round_s_k0"] for k in engine.ks}
+  assert engine.k == k_policy.choose_k_measured(engine.policy.a, costs, engine.policy.margin)
   # leaving no request behind, and serving correctly afterwards.
   assert engine.active_slots == 0 and engine.metrics.snapshot()["generated_tokens"] == 0
   out = engine.generate([ex.PROMPT], GenerationParams(max_new_tokens=5, temperature=0.0))
   assert len(out[0].tokens) == 5
-
-
-def k_policy_choice(engine):
-  return k_policy.choose_k(engine.policy.a, engine.policy.c, engine.k_max, engine.policy.margin)
 
 
 def test_rounds_per_step_amortise_the_host_overhead():

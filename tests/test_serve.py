@@ -330,3 +330,27 @@ def test_serve_bench_writes_table_json_and_plot(tmp_path):
   assert all(l["ttft_p50_ms"] > 0 and l["requests"] >= 2 for l in result["latency"])
   assert "TTFT p50" in proc.stdout and "TTFT p50" in (tmp_path / "table.txt").read_text()
   assert (tmp_path / "serve_bench.png").stat().st_size > 1000
+
+
+def test_chat_template_comes_from_the_checkpoint_tokenizer_files(tmp_path):
+  from spec_tpu.serving import chat
+  # Given a converted checkpoint's tokenizer_config.json with a Gemma-style template,
+  (tmp_path / "tokenizer").mkdir()
+  template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+              "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+  (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": template, "bos_token": "<bos>", "eos_token": {"content": "<eos>"}}))
+  # then messages render through it, the BOS string becoming a flag (the id is added instead),
+  text, bos = chat.load(str(tmp_path)).render(
+      [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+  assert (text, bos) == ("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", True)
+  # a separate chat_template.jinja wins, and a checkpoint without one gets the plain fallback.
+  (tmp_path / "tokenizer" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+  assert chat.load(str(tmp_path)).render([{"role": "user", "content": "x"}]) == ("x!", False)
+  fallback = chat.load(str(tmp_path / "none"))
+  assert fallback.is_fallback
+  assert fallback.render([{"role": "system", "content": "a"},
+                          {"role": "user", "content": "b"}]) == ("a\nb\n", False)
+  with pytest.raises(chat.ChatTemplateError):
+    fallback.render([{"role": "robot", "content": "x"}])

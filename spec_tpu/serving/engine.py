@@ -29,17 +29,22 @@ while requests wait, as soon as a slot frees up. Between steps the host delivers
 
 N (rounds per step) trades host round-trips against streaming granularity: see pacing.py.
 
-K (draft tokens per round) comes from `k_policy.AdaptiveK`, owned here: `calibrate()` times a
-round at K = 0 and at the starting K with every slot busy (the cost ratio c the speedup formula
-needs, measured as this engine pays it: its slot count, its draft, verification included) and
-the acceptance a on the calibration prompts; after that every window of `window_rounds` rounds
-updates a (and c when both K's have fresh timings), and every step runs the K the formula
-favours, K = 0 when speculation does not pay, with a K = 1 probe every `probe_every` windows
-while off. Occupancy does not enter the formula: every slot is computed whether it holds a
-request or not, so a round costs the same at any occupancy and the speedup per request is the
-same. Each K is its own compiled step program; the caches keep k_max + 1 slots of rollback
-slack so any K <= k_max can run on them. At K = 0 the draft is not run at all, not even at
-insert; a later speculative step first feeds it the tokens it missed (decode.catch_up_draft).
+K (draft tokens per round) comes from `k_policy.AdaptiveK`, owned here, choosing among `ks`
+(0, the starting K and powers of two up to k_max): each is a compiled step program, compiled
+and timed by `calibrate()` before serving, so a change of K never waits for a compile.
+Calibration runs every slot busy and times a round at each K as this engine pays it (its slot
+count, its draft, verification, sampling and all), and measures the acceptance a; after that
+every window of `window_rounds` rounds refreshes a and the round time of the K in use. The
+choice maximises the expected tokens per unit time, (1 + a + ... + a^K) / (t_K / t_0), with
+the measured round times t_K rather than a cost assumed linear in K (on CPU verifying K + 1
+tokens has a fixed cost that makes small K worse than a line through K = 0 and K = 4
+predicts), and K = 0 unless that beats plain decoding by the policy's margin; while off, one
+window in `probe_every` runs the smallest K to re-measure a. Occupancy does not enter the
+formula: every slot is computed whether it holds a request or not, so a round costs the same
+at any occupancy and so does the speedup per request. The caches keep k_max + 1 slots of
+rollback slack so any K <= k_max can run on them. At K = 0 the draft is not run at all, not
+even at insert; a later speculative step first feeds it the tokens it missed
+(decode.catch_up_draft).
 
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
 round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
@@ -99,8 +104,9 @@ class Engine:
                k: int | None = None, k_max: int | None = None, adaptive_k: bool = True,
                max_top_k: int = 64, rounds_per_step: int | None = None,
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
-               add_bos: bool = False, min_prompt_bucket: int = 16, window_rounds: int = 64,
-               probe_every: int = 16, seed: int = 0, channel=None):
+               ks: Sequence[int] | None = None, add_bos: bool = False,
+               min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
+               margin: float = 0.1, seed: int = 0, channel=None):
     has_draft = sampler.draft_cfg is not None
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -115,8 +121,17 @@ class Engine:
     self.prefill_rows = min(int(prefill_rows), self.num_slots)
     self.min_prompt_bucket, self.window_rounds = min_prompt_bucket, window_rounds
     self.k_max, self.adaptive_k, self._fixed_k = k_max, adaptive_k, k
-    self.policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=probe_every) \
-        if adaptive_k else None
+    # The K the policy may pick: each is a compiled step program, timed at calibration, so a
+    # change of K never waits for a compile. Powers of two keep the set (and startup) small.
+    if ks is None:
+      ks = [0, k] + [2 ** i for i in range(8) if 2 ** i <= k_max]
+    self.ks = tuple(sorted({int(x) for x in ks} | {0, k})) if adaptive_k else (k,)
+    if any(not 0 <= x <= k_max for x in self.ks):
+      raise ValueError(f"ks {self.ks} must lie in 0..k_max={k_max}")
+    # margin: speculate only where the estimate beats plain decoding by 10% (by default):
+    # timings on a shared machine are noisy, and a wrong K > 0 costs more than a missed one.
+    self.policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=probe_every, ks=self.ks,
+                                     margin=margin) if adaptive_k else None
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
     num_tokens = sampler.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
@@ -309,12 +324,12 @@ class Engine:
           taken.append(r)
     return taken
 
-  def _admit(self):
+  def _admit(self, with_draft: bool | None = None):
     free = [i for i, s in enumerate(self._slots) if s is None]
     requests = self._take_waiting(len(free))
     if not requests:
       return
-    with_draft = self.k > 0
+    with_draft = self.k > 0 if with_draft is None else with_draft and self.k_max > 0
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
       by_bucket[self._bucket(len(r.prompt))].append((slot, r))
@@ -440,8 +455,8 @@ class Engine:
     w["judged"] += judged
     if w["rounds"] < self.window_rounds:
       return
-    if k > 0 and 0 in self.pacing.round_s and k in self.pacing.round_s:
-      self.policy.observe_times(0.0, self.pacing.round_s[k], self.pacing.round_s[0], k)
+    if self.pacing.round_s.get(k):
+      self.policy.observe_round_time(k, self.pacing.round_s[k])
     if k > 0:
       self.policy.observe_acceptance(w["accepted"], w["judged"])
     else:
@@ -449,23 +464,22 @@ class Engine:
     w.update(rounds=0, accepted=0, judged=0)
 
   def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
-                repeats: int = 2) -> dict:
+                repeats: int = 3) -> dict:
     """Compiles and times what serving runs, before any request: with every slot busy on
-    `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds), a round at
-    K = 0 and at the starting K (each after an untimed warm-up call), and the acceptance the
-    draft gets there. Seeds the pacing and the K policy with them, so the first real step
-    already runs the K the formula favours (K = 0 where speculation does not pay). Returns the
-    measurements."""
+    `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
+    each K the policy may pick (each after an untimed warm-up call), and the acceptance the
+    draft gets. Seeds the pacing and the K policy with them, so the first real step already
+    runs the K the measured times and acceptance favour (K = 0 where speculation does not
+    pay). Returns the measurements."""
     if self.active_slots or self._queue:
       raise RuntimeError("calibrate() runs on an idle engine")
     if prompts is None:
       prompts = self._rng.integers(4, self.sampler.target_cfg.num_tokens,
                                    size=(self.num_slots, self.min_prompt_bucket // 2)).tolist()
-    k = self.k if self.k > 0 else self.k_max
     room = self.room(max(len(p) for p in prompts))
     if room < 1:
       raise ContextLengthError(f"calibration prompts leave no room in a {self.max_len}-token slot")
-    max_new = min(room, (repeats + 1) * rounds * (k + 1))
+    max_new = min(room, (repeats + 2) * (rounds + 1) * (max(self.ks) + 1))
     count = iter(range(2 ** 62))
 
     def call(kk, n):
@@ -474,52 +488,70 @@ class Engine:
         i = next(count)
         self.submit(prompts[i % len(prompts)],
                     GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))
-      self._admit()
+      self._admit(with_draft=True)  # no catch-up inside a timed call
       return self._run_step(kk, n=n, timed=False)
 
-    report = {"k": k}
+    report = {"ks": self.ks}
     for _ in range(2):
       _, seconds, _, _ = call(0, 0)
     self.pacing.observe_call(seconds)
     report["call_s"] = seconds
-    for kk in ([0, k] if k > 0 else [0]):
+    accepted = judged = 0
+    for kk in self.ks:
       call(kk, rounds)  # compiles; at K > 0 the draft catches up first
-      accepted = judged = 0
-      for _ in range(repeats):
+    # Each K timed `repeats` times, the K's interleaved so that a busy spell of the machine
+    # hits them all alike, keeping each K's fastest round: interference only adds time.
+    best = {}
+    for _ in range(repeats):
+      for kk in self.ks:
+        if kk > 0:
+          call(kk, 1)  # the draft catches up after K = 0 calls, untimed
         r, seconds, a, j = call(kk, rounds)
-        self.pacing.observe_step(kk, r, seconds)
+        if r:
+          t = max(seconds - self.pacing.call_s, 1e-9) / r
+          best[kk] = min(best.get(kk, t), t)
         accepted, judged = accepted + a, judged + j
-      report[f"round_s_k{kk}"] = self.pacing.round_s.get(kk)
-      if kk > 0:
-        report["accepted"], report["judged"] = accepted, judged
-    for i, slot in enumerate(self._slots):
+    for kk, t in best.items():
+      self.pacing.round_s[kk] = t
+      report[f"round_s_k{kk}"] = t
+    report["accepted"], report["judged"] = accepted, judged
+    for slot in self._slots:
       if slot is not None:
         slot.request.cancel()
     self._free_cancelled()
     self._run_step(0, n=0, timed=False)  # marks the rows done on device
-    if self.policy is not None and k > 0 and report.get(f"round_s_k{k}") is not None:
-      self.policy.observe_times(0.0, report[f"round_s_k{k}"], report["round_s_k0"], k)
-      if report.get("judged"):
-        self.policy.observe_acceptance(report["accepted"], report["judged"])
+    if self.policy is not None:
+      for kk in self.ks:
+        if self.pacing.round_s.get(kk):
+          self.policy.observe_round_time(kk, self.pacing.round_s[kk])
+      if judged:
+        self.policy.observe_acceptance(accepted, judged)
+    if 0 in best:
+      report["relative_cost"] = {kk: t / best[0] for kk, t in best.items()}
     report.update(chosen_k=self.k, a=self.policy.a if self.policy else None,
-                  c=self.policy.c if self.policy else None)
-    # The first requests should not wait for a compile: the chosen K's step and the insert
-    # (with or without the draft, as that K needs) for the calibration prompts' buckets.
-    self.warm_up([self.k], [len(p) for p in prompts])
+                  c=self.policy.c if self.policy else None,
+                  expected_speedup={kk: self.policy.speedup(kk) for kk in self.ks}
+                  if self.policy else None)
+    # The first requests should not wait for a compile: inserts for the calibration prompts'
+    # buckets, with and without the draft (K = 0 inserts skip it).
+    self.warm_up(self.ks, [len(p) for p in prompts], both_inserts=True)
     self.metrics.reset()
     self._window.update(k=None, rounds=0, accepted=0, judged=0)
     self._host_mark = None
     self._publish_gauges()
     return report
 
-  def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = ()) -> None:
+  def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = (),
+              both_inserts: bool = False) -> None:
     """Compiles the step programs for these K and the insert programs for prompts of these
-    lengths (their buckets, inserting as the current K does), so no request waits for them.
-    Others compile on first use (seconds on CPU; more for large models)."""
+    lengths (their buckets; inserting as the current K does, or both ways), so no request
+    waits for them. Others compile on first use (seconds on CPU; more for large models)."""
     for k in ks:
       self._step_program(int(k))
+    drafts = {True, False} if both_inserts and self.k_max > 0 else {self.k > 0}
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
-      self._insert_program(self.k > 0, t)
+      for with_draft in drafts:
+        self._insert_program(with_draft, t)
 
   def _publish_gauges(self):
     g = dict(queue_length=len(self._queue), active_slots=self.active_slots,

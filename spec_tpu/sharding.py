@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from spec_tpu.models import quant
 from spec_tpu.models.cache import Cache, LayerCache
 from spec_tpu.models.config import ModelConfig
 
@@ -92,6 +93,9 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
           "layers": [layer] * cfg.num_layers}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
+  if cfg.quantize:
+    # int8 values shard as the weight; scales as its output axes (quant.py).
+    axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
   return axes
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spec_tpu.models import quant
 from spec_tpu.models.config import ModelConfig
 
 FORMAT = "spec_tpu.checkpoint"
@@ -264,15 +265,18 @@ def _abstract_tree(path: str, metadata_tree, shardings, dtype):
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, metadata_tree)
 
-  def leaf(meta, sharding):
+  def leaf(path, meta, sharding):
     if not isinstance(sharding, jax.sharding.Sharding):
       raise TypeError(f"a leaf is {type(sharding).__name__}, not a jax.sharding.Sharding")
-    # Cast floats only: integer leaves (e.g. index tables) must keep their exact values.
-    want = dtype if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
-    return jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=sharding)
+    # Cast floats only: integer leaves (e.g. int8 weights) must keep their exact values, and so
+    # must the float32 scales of int8 weights (they are part of the quantized model).
+    cast = (dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating)
+            and not quant.is_scale_path(path))
+    return jax.ShapeDtypeStruct(tuple(meta.shape), dtype if cast else meta.dtype,
+                                sharding=sharding)
 
   try:
-    return jax.tree.map(leaf, metadata_tree, shardings)
+    return jax.tree_util.tree_map_with_path(leaf, metadata_tree, shardings)
   except (ValueError, TypeError) as e:
     raise _err(path, "shardings do not match the stored params tree "
                f"{jax.tree.structure(metadata_tree)}: {e}") from None

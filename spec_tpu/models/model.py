@@ -5,6 +5,9 @@ Params are a plain pytree of arrays:
   layers: list of {attn_norm (d), attn: {q (d h e), k (d k e), v (d k e), o (h e d),
                    [q_norm (e), k_norm (e)]}, [post_attn_norm (d)], ffw_norm (d),
                    ffw: {[gate (d f)], up (d f), down (f d)}, [post_ffw_norm (d)]}
+With cfg.quantize = "int8", every matmul weight (and a tied embedding table) is instead
+{"w": int8 of the same shape, "scale": float32 over its output axes} (models/quant.py), and every
+matmul goes through quant.einsum, which takes either form.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layers
+from spec_tpu.models import quant
 from spec_tpu.models.config import LOCAL, ModelConfig
 
 F32 = jnp.float32
@@ -55,7 +59,18 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
     if cfg.post_ffw_norm:
       layer["post_ffw_norm"] = norm()
     params["layers"].append(layer)
+  if cfg.quantize:
+    params = quantize(params, cfg)
   return params
+
+
+def quantize(params, cfg: ModelConfig, **kw):
+  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
+  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
+  quant.quantize_params (out_shardings, delete_source)."""
+  from spec_tpu import sharding  # sharding imports this package's cache and config
+  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
 
 
 def _norm(cfg, x, scale):
@@ -63,9 +78,9 @@ def _norm(cfg, x, scale):
 
 
 def _project_qkv(cfg, p, x_btd, positions_bt, kind):
-  q = jnp.einsum("btd,dhe->bthe", x_btd, p["q"])
-  k = jnp.einsum("btd,dke->btke", x_btd, p["k"])
-  v = jnp.einsum("btd,dke->btke", x_btd, p["v"])
+  q = quant.einsum("btd,dhe->bthe", x_btd, p["q"])
+  k = quant.einsum("btd,dke->btke", x_btd, p["k"])
+  v = quant.einsum("btd,dke->btke", x_btd, p["v"])
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
     k = _norm(cfg, k, p["k_norm"])
@@ -90,7 +105,7 @@ def _visible(cfg, kind, q_pos_bt, k_pos_bs):
 def _block(cfg, lp, x_btd, attn_fn):
   h = _norm(cfg, x_btd, lp["attn_norm"])
   a = attn_fn(h)
-  a = jnp.einsum("bthe,hed->btd", a, lp["attn"]["o"])
+  a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
   x_btd = x_btd + a
@@ -102,7 +117,9 @@ def _block(cfg, lp, x_btd, attn_fn):
 
 
 def _embed(cfg, params, tokens_bt):
-  x = jnp.take(params["embed"], tokens_bt, axis=0)
+  x = quant.embed_lookup(params["embed"], tokens_bt)
+  if quant.is_quantized(params["embed"]):
+    x = x.astype(cfg.dtype)
   if cfg.scale_embeddings:
     # Gemma rounds the normalizer to the activation dtype.
     x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
@@ -112,9 +129,9 @@ def _embed(cfg, params, tokens_bt):
 def _unembed(cfg, params, x_btd):
   x = _norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
   logits = layers.softcap(logits, cfg.final_logit_softcap)
   if cfg.num_tokens < cfg.vocab_size:
     # Padding rows of the embedding table can never be sampled.

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import config as config_lib, model
+from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu import sharding
 from spec_tpu.decoding.sampling import SamplingParams
 
@@ -33,6 +33,9 @@ class ModelSetup:
   checkpoint: str | None   # None: random weights
   rules: sharding.Rules
   role: str                # "target" | "draft"
+  # The checkpoint holds float weights and cfg.quantize names the form to serve: quantized
+  # leaf by leaf as they are read (load_params).
+  quantize_on_load: bool = False
 
   @property
   def random(self) -> bool:
@@ -40,7 +43,10 @@ class ModelSetup:
 
   def describe(self) -> str:
     src = self.checkpoint or "RANDOM WEIGHTS (no checkpoint)"
-    return f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params) from {src}"
+    form = (f", {self.cfg.quantize} weights" + (" (quantized on load)" if self.quantize_on_load
+                                                 else "")) if self.cfg.quantize else ""
+    return (f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params{form}) "
+            f"from {src}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     raise SetupError(f"{role}.rules must be one of {sorted(sharding.RULE_SETS)}, "
                      f"got {section.rules!r}")
   rules = sharding.RULE_SETS[section.rules]
+  try:
+    quantize = quant.check_mode(section.quantize)
+  except ValueError as e:
+    raise SetupError(f"{role}: {e}") from None
   path = section.checkpoint
   fields = _fields(section)
   if not path and not section.preset and not fields:
@@ -94,7 +104,14 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if section.preset or set(fields) - set(neutral):
       logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
                    role, path)
-    return ModelSetup(cfg, os.path.abspath(path), rules, role)
+    # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
+    on_load = bool(quantize) and cfg.quantize is None
+    if on_load:
+      cfg = cfg.replace(quantize=quantize)
+    elif quantize and cfg.quantize != quantize:
+      raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
+                       f"served as {quantize}")
+    return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
   if need_weights and not section.allow_random:
     problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
     raise SetupError(f"{role}: {problem}; set --config.{_section_name(role)}.checkpoint=DIR "
@@ -102,6 +119,8 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
   try:
     base = config_lib.get_preset(section.preset) if section.preset else None
     cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
+    if quantize:
+      cfg = cfg.replace(quantize=quantize)  # random weights are made, then quantized
   except (KeyError, TypeError, ValueError) as e:
     raise SetupError(f"{role}: bad model config: {e}") from None
   if need_weights:
@@ -204,6 +223,14 @@ def _seed(name: str) -> int:
 
 def load_params(m: ModelSetup, mesh):
   """Params placed on their shardings: restored shard by shard, or random (with a warning)."""
+  if m.checkpoint is not None and m.quantize_on_load:
+    stored = m.cfg.replace(quantize=None)
+    to = quant.leaf_quantizer(sharding.param_logical_axes(stored), embed=m.cfg.tie_embeddings,
+                              out_shardings=sharding.param_shardings(m.cfg, mesh, m.rules),
+                              delete_source=True)
+    params, _ = checkpoint.restore_transformed(
+        m.checkpoint, shardings=sharding.param_shardings(stored, mesh, m.rules), transform=to)
+    return params
   if m.checkpoint is not None:
     abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
     shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)

@@ -324,3 +324,30 @@ def test_int8_checkpoint_round_trip_needs_no_flag(tmp_path):
   assert cast["layers"][0]["attn"]["q"]["scale"].dtype == jnp.float32
   assert cast["layers"][0]["attn"]["q"]["w"].dtype == jnp.int8
   assert cast["layers"][0]["attn_norm"].dtype == jnp.bfloat16
+
+
+def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tmp_path):
+  # Given a random transformers Llama in safetensors; when converted with quantize="int8" and
+  # without; then the int8 checkpoint loads as int8 with no option, and equals the float one
+  # quantized while it loads (launch.common with model.quantize=int8), value for value.
+  pytest.importorskip("torch")
+  import test_hf_parity as parity
+  from configs import common as configs_common
+  from launch import common
+  from spec_tpu.checkpoints import hf
+  torch, transformers = parity._torch()
+  parity._build_hf(torch, transformers, "llama_gqa", tmp_path / "hf")
+  hf.convert_directory(tmp_path / "hf", tmp_path / "int8", quantize="int8")
+  hf.convert_directory(tmp_path / "hf", tmp_path / "float")
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  loaded = {}
+  for name, path, option in [("stored", "int8", ""), ("on_load", "float", "int8")]:
+    c = configs_common.base()
+    c.model = configs_common.model_section(checkpoint=str(tmp_path / path), quantize=option)
+    c.sampling.k = 0
+    setup = common.resolve(c)
+    assert setup.target.cfg.quantize == "int8"
+    assert setup.target.quantize_on_load == (name == "on_load")
+    loaded[name] = common.load_params(setup.target, mesh)
+  assert quant.is_quantized(loaded["stored"]["layers"][1]["ffw"]["down"])
+  jax.tree.map(np.testing.assert_array_equal, loaded["stored"], loaded["on_load"])

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from spec_tpu.models import quant
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 
@@ -447,18 +448,44 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
     spec_tpu.checkpoints.safetensors_io.SafetensorsIndex).
   Every name and shape is checked before any tensor is read; then tensors are read, cast and
   laid out one at a time, so peak memory is about one source tensor on top of the output.
+  With cfg.quantize, each weight is quantized (quant.py, in numpy: the same values as at load
+  time) as soon as it is read, so the output held is the int8 model, never a float one.
   """
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   prefix = _locate(set(index.names()))
   plan = list(_plan(cfg, prefix))
   _check_names_and_shapes(index, plan, prefix, cfg)
   params = _skeleton(cfg)
+  quantizer = _quantizer(cfg)
   for name, _, path, layout in plan:
     src = index.get(name)
-    # One copy: the layout change is a view, ascontiguousarray casts while materialising it.
-    _set(params, path, np.ascontiguousarray(layout(src), dtype=dtype))
+    if quantizer is not None and quantizer(path) is not None:
+      _set(params, path, quant.quantize(layout(src), quantizer(path), xp=np))
+    else:
+      # One copy: the layout change is a view, ascontiguousarray casts while materialising it.
+      _set(params, path, np.ascontiguousarray(layout(src), dtype=dtype))
     del src
   return params
+
+
+def _quantizer(cfg: ModelConfig):
+  """None for float weights; else path -> contracting axes of the weight there (None: a leaf
+  that stays float), from the logical axes the sharding rules use."""
+  if not cfg.quantize:
+    return None
+  from spec_tpu import sharding
+  axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  names = quant.quantized_names(cfg.tie_embeddings)
+
+  def contracting(path):
+    if path[-1] not in names:
+      return None
+    node = axes
+    for key in path:
+      node = node[key]
+    return quant.contracting_axes(node, path[-1])
+
+  return contracting
 
 
 # ---------------------------------------------------------------- directories
@@ -511,8 +538,12 @@ def tokenizer_id(src: str) -> str:
   return ""
 
 
-def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelConfig:
+def convert_directory(src, dst, dtype=None, overwrite: bool = False,
+                      quantize: str | None = None) -> ModelConfig:
   """Converts a transformers safetensors model directory to a spec_tpu checkpoint at dst.
+
+  quantize: None (float weights in dtype) or "int8" (models/quant.py; each tensor is quantized
+  as it is read, and the checkpoint's config says so, so it loads as int8 with no option).
 
   The checkpoint embeds the ModelConfig; tokenizer files are copied to dst/tokenizer/.
   Every cheap check (paths, config.json, architecture, weight format) runs before any tensor is
@@ -532,7 +563,7 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelCon
   if dst == src or src.startswith(dst + os.sep):
     raise HFConversionError(f"destination {dst!r} would replace the source {src!r}")
   _check_weight_files(src)
-  cfg = cfg.replace(tokenizer=tokenizer_id(src))
+  cfg = cfg.replace(tokenizer=tokenizer_id(src), quantize=quant.check_mode(quantize))
 
   params = convert_params(SafetensorsIndex(src), cfg)
   extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),

@@ -29,6 +29,7 @@ step, never read whole), so it stays in the model dtype; norms and biases always
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -155,32 +156,45 @@ def quantize_params(params, logical_axes, *, embed: bool, out_shardings=None,
   delete_source: free each float weight once quantized (arrays the caller will not use again),
     so memory peaks at the float params plus one quantized weight, not two copies of the model.
   """
-  names = quantized_names(embed)
-  path_axes = {p: ax for p, ax in jax.tree_util.tree_flatten_with_path(
-      logical_axes, is_leaf=_is_axes)[0]}
+  fn = leaf_quantizer(logical_axes, embed=embed, out_shardings=out_shardings,
+                      delete_source=delete_source)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  out_sh = None
-  if out_shardings is not None:
-    out_sh = dict(jax.tree_util.tree_flatten_with_path(out_shardings)[0])
-  leaves = []
-  for path, x in flat:
+  return jax.tree_util.tree_unflatten(treedef, [fn(path, x) for path, x in flat])
+
+
+def leaf_quantizer(logical_axes, *, embed: bool, out_shardings=None, delete_source=False):
+  """fn(keypath, leaf) -> the leaf, quantized if it is a quantizable weight: quantize_params one
+  leaf at a time (checkpoint.restore_transformed quantizes leaves as they are read)."""
+  names = quantized_names(embed)
+  path_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_axes)[0])
+  out_sh = (None if out_shardings is None
+            else dict(jax.tree_util.tree_flatten_with_path(out_shardings)[0]))
+
+  def fn(path, x):
     name = _leaf_name(path)
     if name not in names:
-      leaves.append(x)
-      continue
+      return x
     if path not in path_axes:
       raise ValueError(f"no logical axes for param {jax.tree_util.keystr(path)}")
-    axes = contracting_axes(path_axes[path], name)
+    axes = tuple(contracting_axes(path_axes[path], name))
     if out_sh is not None:
-      sh = {"w": out_sh[path + (jax.tree_util.DictKey("w"),)],
-            "scale": out_sh[path + (jax.tree_util.DictKey("scale"),)]}
-      q = jax.jit(lambda a, axes=tuple(axes): quantize(a, axes), out_shardings=sh)(x)
+      sh = {k: out_sh[path + (jax.tree_util.DictKey(k),)] for k in ("w", "scale")}
+      q = _quantize_into(axes, sh["w"], sh["scale"])(x)
     else:
       q = quantize(x, axes)
     if delete_source and isinstance(x, jax.Array):
       x.delete()
-    leaves.append(q)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+    return q
+
+  return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_into(axes, w_sharding, scale_sharding):
+  # One compiled program per (axes, shardings), reused by every leaf of that shape (jit caches
+  # by shape): layers of one model share a handful.
+  return jax.jit(lambda a: quantize(a, axes),
+                 out_shardings={"w": w_sharding, "scale": scale_sharding})
 
 
 def quantized_logical_axes(logical_axes, *, embed: bool):

@@ -162,6 +162,18 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   return Setup(target=target, draft=draft, sampling=params, k=k)
 
 
+def with_quantize(config, mode: str | None):
+  """The config with both models' weights in form `mode` (a --quantize value of the plan and
+  benchmark launchers): None leaves it unchanged, 'none' asks for float, 'int8' for int8."""
+  if mode is None:
+    return config
+  if mode not in ("none",) + quant.MODES:
+    raise SetupError(f"--quantize takes none or one of {quant.MODES}, got {mode!r}")
+  config = config.copy_and_resolve_references()
+  config.model.quantize = config.draft.quantize = "" if mode == "none" else mode
+  return config
+
+
 # ---------------------------------------------------------------- mesh
 
 def mesh_shape(shape, num_devices: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ parameters, nothing allocated, and reports memory per device against TPU v4 / v5
     python -m launch.plan --config=configs/gemma2_27b.py --topology=1x16 --context=8192
     python -m launch.plan --config=configs/gemma3_27b.py --topology=1x16 --context=32768
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:4x4   # needs libtpu
+    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --quantize=none,int8
 
 The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
 their NamedShardings (the same rule tables the Sampler uses). `--context` is the cache length:
@@ -20,6 +21,8 @@ The estimate is rough: for Chinchilla 70B + 4B on 1x16 (batch 1, context 2048) i
 where an exact v5e compile (--tpu=v5e:4x4) needs 12.4 GiB, so narrow margins are flagged.
 `--tpu=TOPOLOGY` (e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2) compiles for real TPU devices described by
 libtpu, without TPU hardware, and gives exact numbers for that chip.
+`--quantize=none,int8` plans each weight form in turn (target and draft alike; default: as the
+config says) and ends with a side-by-side table.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens (default: sa
 _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtpu "
                            "(e.g. v5e:4x4) instead of the local devices.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the report here.")
+_QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for target and draft "
+                              "alike: none (float) and/or int8 (default: the config's).")
 
 GIB = 1 << 30
 HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
@@ -101,12 +106,13 @@ def _per_device_bytes(structs, shardings) -> int:
                  for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))))
 
 
-def _low_precision_bytes(structs, shardings) -> int:
+def _f32_copy_bytes(structs, shardings) -> int:
+  """Bytes of float32 copies of the bf16 and int8 weight matrices (what XLA:CPU makes)."""
   import jax
   import numpy as np
-  return int(sum(np.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return int(sum(np.prod(s.shard_shape(x.shape)) * 4
                  for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))
-                 if np.dtype(x.dtype).itemsize == 2 and len(x.shape) >= 2))
+                 if np.dtype(x.dtype).itemsize < 4 and len(x.shape) >= 2))
 
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
@@ -176,11 +182,12 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   platform = devices[0].platform
   upcast = 0
   if platform == "cpu":
-    upcast = 2 * (_low_precision_bytes(tp, t_sh) + (_low_precision_bytes(dp, d_sh) if draft else 0))
+    upcast = _f32_copy_bytes(tp, t_sh) + (_f32_copy_bytes(dp, d_sh) if draft else 0)
     upcast = min(upcast, mem.temp_size_in_bytes)
   need = compiled_total - upcast
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
+      quantize=setup.target.cfg.quantize or "none",
       target_params=setup.target.cfg.num_params(),
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
@@ -207,7 +214,8 @@ def format_report(r: dict) -> str:
          else " (autoregressive)"),
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
-      f"lower {r['lower_seconds']:.1f} s, compile {r['compile_seconds']:.1f} s",
+      f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
+      f"{r['compile_seconds']:.1f} s",
       "",
       "per device, compiled (XLA memory_analysis):",
       f"  arguments (params + inputs) {g(c['arguments'])}",
@@ -254,15 +262,38 @@ def main(argv):
     ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
   from launch import common
   from spec_tpu.checkpoints import checkpoint
-  try:
-    report = plan(config, topology, _BATCH.value or int(config.run.batch_size), _CONTEXT.value,
-                  _K.value, _MAX_NEW.value, _TPU.value)
-  except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
-  print(format_report(report), flush=True)
+  modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
+  reports = []
+  for mode in modes:
+    try:
+      report = plan(common.with_quantize(config, mode), topology,
+                    _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
+                    _MAX_NEW.value, _TPU.value)
+    except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
+      sys.exit(f"error: {e}")
+    print(format_report(report) + "\n", flush=True)
+    reports.append(report)
+  if len(reports) > 1:
+    print(format_comparison(reports), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(reports[0] if len(reports) == 1 else reports, f, indent=1)
+
+
+def format_comparison(reports: list[dict]) -> str:
+  """One line per weight form: what each device holds and whether it fits."""
+  unit, scale = ("GiB", GIB) if max(r["estimated_need"] for r in reports) >= GIB else ("MiB", 1 << 20)
+  g = lambda b: f"{b / scale:.2f}"  # noqa: E731
+  head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
+          + "  ".join(f"{chip:>8}" for chip in HBM) + f"   ({unit} per device)")
+  lines = [head]
+  for r in reports:
+    a = r["analytic"]
+    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>8}" for chip in HBM)
+    lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "
+                 f"{g(sum(a['kv_caches'].values())):>6} {g(r['compiled']['total']):>9} "
+                 f"{g(r['estimated_need']):>6}  {fits}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -351,3 +351,10 @@ def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tm
     loaded[name] = common.load_params(setup.target, mesh)
   assert quant.is_quantized(loaded["stored"]["layers"][1]["ffw"]["down"])
   jax.tree.map(np.testing.assert_array_equal, loaded["stored"], loaded["on_load"])
+  # Read one leaf at a time (chunks of 1 byte): the same params.
+  float_cfg = checkpoint.load_config(tmp_path / "float")
+  to = quant.leaf_quantizer(sharding.param_logical_axes(float_cfg), embed=False)
+  one_by_one, _ = checkpoint.restore_transformed(
+      tmp_path / "float", shardings=sharding.param_shardings(float_cfg, mesh), transform=to,
+      chunk_bytes=1)
+  jax.tree.map(np.testing.assert_array_equal, one_by_one, loaded["stored"])

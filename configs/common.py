@@ -22,7 +22,9 @@
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
                 speedup), max_cache_len (0 = just what the prompts and new tokens need),
-                prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer)
+                prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
+                compile_cache (JAX's persistent compilation cache directory for sample,
+                benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -39,6 +41,9 @@ from ml_collections import config_dict
 from spec_tpu.models import config as config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A second run of a setup loads its compiled programs from here (a 70B decode program takes
+# tens of seconds to compile, and every prompt bucket and K is another program).
+DEFAULT_COMPILE_CACHE = "~/.cache/spec_tpu/jax"
 ASSETS_DIR = os.path.join(REPO_ROOT, "spec_tpu", "assets")
 
 
@@ -91,6 +96,6 @@ def base(**run) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
-      prompt_len=128))
+      prompt_len=128, compile_cache=DEFAULT_COMPILE_CACHE))
   c.run.update(run)
   return c

@@ -297,6 +297,7 @@ def main(argv):
   from launch import common
   from spec_tpu.checkpoints import checkpoint
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
+  cache_dir = common.use_compile_cache(_CONFIG.value)
   results = []
   for mode in modes:
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
@@ -305,6 +306,7 @@ def main(argv):
                          _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value))
     except (common.SetupError, checkpoint.CheckpointError) as e:
       sys.exit(f"error: {e}")
+  logging.info("%s", common.compile_cache_summary(cache_dir))
   if len(results) > 1:
     table = format_comparison(results)
     with open(os.path.join(_OUTPUT_DIR.value, "quantize.txt"), "w") as f:

@@ -199,6 +199,48 @@ def build_mesh(config):
   return sharding.make_mesh(mesh_shape(config.mesh.shape, jax.device_count()))
 
 
+# ---------------------------------------------------------------- persistent compilation cache
+
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
+                 "/jax/compilation_cache/cache_misses": "misses"}
+compile_cache_counts = {"hits": 0, "misses": 0}  # this process's lookups since use_compile_cache
+_listening = []
+
+
+def _count_cache_event(event: str, **_) -> None:
+  if event in _CACHE_EVENTS:
+    compile_cache_counts[_CACHE_EVENTS[event]] += 1
+
+
+def use_compile_cache(config) -> str | None:
+  """Turns on JAX's persistent compilation cache in config.run.compile_cache ('' = off), before
+  anything compiles; JAX_COMPILATION_CACHE_DIR, when set, names the directory instead. Returns
+  the directory in use, or None.
+
+  A compiled decode program is stored under a key of its HLO, devices, compiler options and
+  versions, so a second run of the same setup (same shapes, K, topology) loads it instead of
+  compiling. Only process 0 of a multi-host job writes entries; every process reads them, so a
+  pod shares one directory that all hosts can read (README: sharing the cache on a pod).
+  """
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(config.run.compile_cache or "")
+  if not path:
+    return None
+  if "://" not in path:
+    path = os.path.abspath(os.path.expanduser(path))
+  jax.config.update("jax_compilation_cache_dir", path)
+  if not _listening:
+    jax.monitoring.register_event_listener(_count_cache_event)
+    _listening.append(True)
+  return path
+
+
+def compile_cache_summary(path: str | None) -> str:
+  if path is None:
+    return "persistent compilation cache off (run.compile_cache is empty)"
+  c = compile_cache_counts
+  return f"compilation cache {path}: {c['hits']} programs loaded, {c['misses']} compiled and stored"
+
+
 # ---------------------------------------------------------------- multi-host
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -215,7 +215,9 @@ def format_report(r: dict) -> str:
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
       f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
-      f"{r['compile_seconds']:.1f} s",
+      f"{r['compile_seconds']:.1f} s"
+      + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
+         "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
       "",
       "per device, compiled (XLA memory_analysis):",
       f"  arguments (params + inputs) {g(c['arguments'])}",
@@ -263,6 +265,9 @@ def main(argv):
   from launch import common
   from spec_tpu.checkpoints import checkpoint
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
+  # A program compiled for a described TPU (no TPU attached) can be stored but not loaded back
+  # (jax 0.10: "PjRtCompiler must be constructed with a Client"), so --tpu plans compile afresh.
+  cache_dir = None if _TPU.value else common.use_compile_cache(config)
   reports = []
   for mode in modes:
     try:
@@ -271,6 +276,7 @@ def main(argv):
                     _MAX_NEW.value, _TPU.value)
     except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
       sys.exit(f"error: {e}")
+    report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
     print(format_report(report) + "\n", flush=True)
     reports.append(report)
   if len(reports) > 1:

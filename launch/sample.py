@@ -402,6 +402,7 @@ def main(argv):
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
   from launch import common
   from spec_tpu.checkpoints import checkpoint
+  cache_dir = common.use_compile_cache(config)
   try:
     summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
                   _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -410,6 +411,7 @@ def main(argv):
   import jax
   if jax.process_index() == 0:
     _print_summary(summary)
+    logging.info("%s", common.compile_cache_summary(cache_dir))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import quant
-from spec_tpu.models.cache import Cache, LayerCache
-from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 Rules = tuple[tuple[str, str | None], ...]
 
 # Megatron-style tensor parallelism over 'model', batch over 'data'.
 TENSOR_PARALLEL: Rules = (
     ("batch", "data"),
+    ("layers", None),  # the stacked axis of scanned layer groups: every device holds every layer
     ("vocab", "model"),
     ("heads", "model"),
     ("kv_heads", "model"),
@@ -75,10 +76,12 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   return P(*out)
 
 
-def param_logical_axes(cfg: ModelConfig) -> dict:
-  """Logical axes of every param, in the pytree layout of spec_tpu.models.model."""
-  attn = {"q": ("embed", "heads", "head_dim"), "k": ("embed", "kv_heads", "head_dim"),
-          "v": ("embed", "kv_heads", "head_dim"), "o": ("heads", "head_dim", "embed")}
+def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
+  """Logical axes of one (unstacked) layer's params of the given kind."""
+  if kind not in (LOCAL, GLOBAL):
+    raise ValueError(f"no logical axes for layer kind {kind!r}")
+  attn = {"q": ("heads", "embed", "head_dim"), "k": ("kv_heads", "embed", "head_dim"),
+          "v": ("kv_heads", "embed", "head_dim"), "o": ("heads", "head_dim", "embed")}
   if cfg.qk_norm:
     attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
   ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
@@ -89,8 +92,18 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
     layer["post_attn_norm"] = ("embed",)
   if cfg.post_ffw_norm:
     layer["post_ffw_norm"] = ("embed",)
+  return layer
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """Logical axes of every param, in the pytree layout of spec_tpu.models.model (stacked group
+  entries lead with 'layers')."""
+  stacked = lambda axes: jax.tree.map(lambda ax: ("layers",) + ax, axes, is_leaf=_is_axes)  # noqa: E731
+  pattern = cfg.layer_pattern
   axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),
-          "layers": [layer] * cfg.num_layers}
+          "groups": [stacked(layer_logical_axes(cfg, kind)) for kind in pattern]
+                    if cfg.num_groups else [],
+          "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
   if cfg.quantize:
@@ -100,7 +113,8 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
 
 
 def _is_axes(x):
-  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  # Non-empty: an empty tuple is a pytree node (e.g. a cache with no remainder layers).
+  return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = TENSOR_PARALLEL,
@@ -115,13 +129,12 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = TENSOR_PARALLEL
                       axes, params_shape, is_leaf=_is_axes)
 
 
-def cache_shardings(cache: Cache, mesh: Mesh, rules: Rules = TENSOR_PARALLEL) -> Cache:
-  """KV caches shard by batch and KV heads (replicated where KV heads < model shards)."""
-  def kv(x):
-    return NamedSharding(mesh, spec_for(("batch", "cache_seq", "kv_heads", "head_dim"), x.shape,
-                                        mesh, rules))
-  layers = tuple(LayerCache(k=kv(l.k), v=kv(l.v)) for l in cache.layers)
-  return Cache(layers=layers, length=batch_sharding(mesh, cache.length.shape, rules))
+def cache_shardings(cache: cache_lib.Cache, mesh: Mesh,
+                    rules: Rules = TENSOR_PARALLEL) -> cache_lib.Cache:
+  """Caches shard by batch and (KV) heads, replicated where heads < model shards; stacked
+  entries keep every layer on every device (the 'layers' axis maps to no mesh axis)."""
+  return jax.tree.map(lambda ax, x: NamedSharding(mesh, spec_for(ax, x.shape, mesh, rules)),
+                      cache_lib.logical_axes(cache), cache, is_leaf=_is_axes)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = TENSOR_PARALLEL):

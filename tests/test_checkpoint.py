@@ -212,3 +212,57 @@ def test_save_dying_half_way_leaves_nothing_that_looks_complete(tmp_path, monkey
   checkpoint.save(path, params, CONFIG)  # the stale temporary directory is cleared, not an error
   _assert_same(checkpoint.restore(path)[0], host)
   assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ---------------------------------------------------------------- format version 1 (list of layers)
+
+def _v1_params(cfg):
+  """Params as format version 1 stored them: one dict per layer under "layers", attention
+  projections d h e."""
+  from spec_tpu.models import layout, model
+  params = model.init_params(cfg, jax.random.key(0))
+  old = {k: v for k, v in params.items() if k not in ("groups", "remainder")}
+  old["layers"] = [dict(lp, attn={n: jnp.swapaxes(w, 0, 1) if n in "qkv" else w
+                                  for n, w in lp["attn"].items()})
+                   for lp in layout.unstack(cfg, params["groups"], params["remainder"])]
+  return params, old
+
+
+def test_version_1_checkpoint_restores_sharded_in_the_grouped_layout(tmp_path, monkeypatch):
+  from spec_tpu import sharding
+  from spec_tpu.models import config as config_lib
+  # Given a version-1 checkpoint of a 5-layer (local, global) model: 2 groups + 1 remainder layer,
+  cfg = config_lib.get_preset("tiny_gemma2").replace(num_layers=5, num_heads=8)
+  params, old = _v1_params(cfg)
+  monkeypatch.setattr(checkpoint, "VERSION", 1)
+  checkpoint.save(tmp_path / "v1", old, cfg)
+  monkeypatch.undo()
+  assert json.loads((tmp_path / "v1" / checkpoint.CONFIG_FILE).read_text())["version"] == 1
+  # when it is restored onto a 2x4 mesh with the current layout's shardings,
+  mesh = _mesh(2, 4)
+  shardings = sharding.param_shardings(cfg, mesh)
+  restored, restored_cfg = checkpoint.restore(tmp_path / "v1", shardings=shardings)
+  # then it has the grouped layout, the same values, and each leaf sits on its sharding,
+  assert restored_cfg == cfg
+  assert jax.tree.structure(restored) == jax.tree.structure(params)
+  for got, want, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(params),
+                           jax.tree.leaves(shardings)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding.is_equivalent_to(sh, got.ndim)
+  assert restored["groups"][0]["attn"]["q"].sharding.spec == P(None, "model", None, None)
+  assert restored["remainder"][0]["attn"]["q"].sharding.spec == P("model", None, None)
+  # also onto one device, and a re-save writes the current version.
+  single, _ = checkpoint.restore(tmp_path / "v1", verify=False)
+  for got, want in zip(jax.tree.leaves(single), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  checkpoint.save(tmp_path / "v2", single, cfg)
+  assert json.loads((tmp_path / "v2" / checkpoint.CONFIG_FILE).read_text())["version"] == 2
+
+
+def test_checkpoint_from_a_newer_format_is_refused(tmp_path, monkeypatch):
+  params, _ = _params(_mesh(2, 4))
+  monkeypatch.setattr(checkpoint, "VERSION", 3)
+  checkpoint.save(tmp_path / "model", params, CONFIG)
+  monkeypatch.undo()
+  with pytest.raises(CheckpointError, match="format version 3"):
+    checkpoint.restore(tmp_path / "model")

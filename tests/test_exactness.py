@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spec_tpu.models import model
+from spec_tpu.models import layout, model
 from spec_tpu.decoding import rejection, sampling
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 from spec_tpu.decoding.sampler import Sampler
@@ -85,7 +85,9 @@ def target_params():
 @functools.lru_cache(maxsize=None)
 def draft_params():
   other = _scaled(model.init_params(DRAFT, jax.random.key(2)))
-  return jax.tree.map(lambda t, o: (1 - DRAFT_MIX) * t + DRAFT_MIX * o, target_params(), other)
+  # The target's layers, grouped for the draft's (all-global) pattern.
+  target = layout.regroup(target_params(), TARGET, DRAFT, jnp.stack)
+  return jax.tree.map(lambda t, o: (1 - DRAFT_MIX) * t + DRAFT_MIX * o, target, other)
 
 
 # Models whose law the tests enumerate, by name: law functions take model= (tests/test_quant.py

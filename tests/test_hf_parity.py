@@ -362,8 +362,8 @@ def test_missing_and_unexpected_tensors_are_named():
   del state["model.layers.0.self_attn.q_proj.bias"]
   state["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros((8,), np.float32)
   params = hf.convert_params(_DictIndex(state), cfg, dtype="bfloat16")
-  assert params["layers"][0]["attn"]["q"].shape == (48, 6, 16)
-  assert params["layers"][0]["attn"]["q"].dtype == jnp.bfloat16
+  assert params["groups"][0]["attn"]["q"].shape == (2, 6, 48, 16)  # both layers, stacked
+  assert params["groups"][0]["attn"]["q"].dtype == jnp.bfloat16
 
 
 def test_integer_tensor_is_refused():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spec_tpu.models import cache as cache_lib
-from spec_tpu.models import config, model
+from spec_tpu.models import config, layout, model
 
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
@@ -71,6 +71,88 @@ def test_prefill_longer_than_ring_buffer_keeps_the_window():
   for pos in range(25, 30):
     logits, cache = model.forward(params, cfg, tokens[:, pos:pos + 1], cache)
     np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=2e-5)
+
+
+# Depths with a remainder after the last whole period of the pattern: 5 = 2 * (local, global) + 1,
+# 8 = 2 * (local, local, global) + 2.
+SCAN_CASES = [("tiny", 2), ("tiny_gemma2", 5), ("tiny_gemma3", 8)]
+
+
+@pytest.mark.parametrize("name,num_layers", SCAN_CASES)
+def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
+  # Given a model whose depth is not a whole number of pattern periods,
+  cfg = config.get_preset(name).replace(num_layers=num_layers)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  lengths = jnp.array([12, 7])
+  full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
+  fwd = jax.jit(model.forward, static_argnums=1, static_argnames="unrolled")
+  # when it runs under the layer scan and as a Python loop over the layers in depth order,
+  for unrolled in (False, True):
+    logits = full(params, cfg, tokens, unrolled=unrolled)
+    cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
+    prefill, cache = fwd(params, cfg, tokens[:, :9], cache, jnp.minimum(lengths, 9),
+                         unrolled=unrolled)
+    step, cache = fwd(params, cfg, tokens[:, 9:11], cache, unrolled=unrolled)
+    if unrolled:
+      want = (logits, prefill, step, cache)
+    else:
+      got = (logits, prefill, step, cache)
+  # then logits (full, prefill, a 2-token step) and every cache entry agree to float32 rounding.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_params_and_caches_are_stacked_per_pattern_period():
+  # Given Gemma 3's shape with 8 layers of pattern (local, local, global): 2 groups + 2 layers,
+  cfg = config.get_preset("tiny_gemma3").replace(num_layers=8)
+  params = model.init_params(cfg, jax.random.key(0))
+  cache = cache_lib.init_cache(cfg, batch=3, max_len=20, spec_tokens=2)
+  # then each pattern position is one stacked entry and the remainder is unstacked,
+  assert [e["attn"]["q"].shape for e in params["groups"]] == [(2, 4, 32, 8)] * 3  # l h d e
+  assert [e["attn"]["q"].shape for e in params["remainder"]] == [(4, 32, 8)] * 2
+  assert [e.k.shape for e in cache.groups] == [(2, 3, 1, 7, 8)] * 2 + [(2, 3, 1, 20, 8)]  # l b k s e
+  assert [e.k.shape for e in cache.remainder] == [(3, 1, 7, 8)] * 2  # two local rings
+  # layer i = 3 g + j sits at groups[j][g], layer 6 + r at remainder[r],
+  assert [layout.where(cfg, i) for i in (0, 4, 5, 6, 7)] == [
+      ("groups", 0, 0), ("groups", 1, 1), ("groups", 2, 1), ("remainder", 0, None),
+      ("remainder", 1, None)]
+  # and unstacking then stacking gives the same pytree back.
+  layers = layout.unstack(cfg, params["groups"], params["remainder"])
+  assert len(layers) == 8 and layers[5]["attn"]["q"].shape == (4, 32, 8)
+  groups, remainder = layout.stack(cfg, layers, jnp.stack)
+  again = dict(params, groups=groups, remainder=remainder)
+  assert jax.tree.structure(again) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name,num_layers", SCAN_CASES)
+def test_chunked_prefill_equals_one_call(name, num_layers):
+  # Given ragged prompts longer than the chunk and than every local window (5-6 tokens),
+  cfg = config.get_preset(name).replace(num_layers=num_layers)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 15), 0, cfg.vocab_size)
+  lengths = jnp.array([15, 4, 9])
+  cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
+  # when prefilled in chunks of 4 tokens (15 is not a multiple) and in one call,
+  chunked = model.prefill(params, cfg, tokens, cache, lengths, chunk=4)
+  whole = model.forward(params, cfg, tokens, cache, lengths, last_only=True)
+  # then the last-token logits and the whole cache agree (float32 rounding),
+  for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # and both are the full recompute's logits at each row's last token.
+  full = model.forward_full(params, cfg, tokens)
+  np.testing.assert_allclose(chunked[0][:, 0], full[jnp.arange(3), lengths - 1], atol=2e-5)
+
+
+def test_fewer_layers_than_one_period_are_all_remainder():
+  cfg = config.get_preset("tiny_gemma3").replace(num_layers=2)
+  params = model.init_params(cfg, jax.random.key(0))
+  assert params["groups"] == [] and len(params["remainder"]) == 2
+  tokens = jnp.arange(8)[None] % cfg.vocab_size
+  np.testing.assert_allclose(model.forward_full(params, cfg, tokens),
+                             model.forward_full(params, cfg, tokens, unrolled=True), atol=1e-5)
 
 
 def test_local_layer_memory_grows_with_the_window_not_the_context():

@@ -64,11 +64,12 @@ def test_sharded_greedy_tokens_equal_one_device(name):
 def test_kv_heads_replicate_when_fewer_than_model_shards():
   cfg, params = _model("tiny_gemma3")  # one KV head
   sh = sharding.param_shardings(cfg, sharding.make_mesh((2, 4)), params_shape=params)
-  assert sh["layers"][0]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, None, None)
-  assert sh["layers"][0]["attn"]["q"].spec == jax.sharding.PartitionSpec(None, "model", None)
+  # (stacked params and caches lead with the layers axis, which no mesh axis splits)
+  assert sh["groups"][0]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, None, None, None)
+  assert sh["groups"][0]["attn"]["q"].spec == jax.sharding.PartitionSpec(None, "model", None, None)
   cache = cache_lib.abstract_cache(cfg, 4, 16)
   c_sh = sharding.cache_shardings(cache, sharding.make_mesh((2, 4)))
-  assert c_sh.layers[0].k.spec == jax.sharding.PartitionSpec("data", None, None, None)
+  assert c_sh.groups[0].k.spec == jax.sharding.PartitionSpec(None, "data", None, None, None)
 
 
 def test_mesh_that_does_not_match_the_devices_is_refused():

@@ -5,6 +5,14 @@ Layout of a checkpoint directory:
     spec_tpu_config.json  {"format", "version", "config": ModelConfig.to_dict(), "extra": {...}}
     manifest.json         sha256 and size of every other file; written LAST
 
+Format versions (of the params pytree; the files are the same):
+  1  "layers": a list of num_layers per-layer dicts; attention projections q, k, v are d h e
+  2  "groups" (stacked per period of the layer pattern) and "remainder" (spec_tpu/models/
+     layout.py); q, k, v are heads-major, h d e (spec_tpu/models/model.py says why)
+Version 1 checkpoints still load: restore reads them in the old layout (sharded straight into
+each layer's part of the requested shardings) and converts them leaf by leaf, freeing each old
+leaf as it goes, so memory stays near one copy of the weights.
+
 Why a manifest: orbax CRC-checks its index but not chunk data, so damaged bytes can restore as
 silently wrong weights. Why a temporary sibling + rename: a save that dies half-way must never leave
 a directory that looks complete. The manifest is written last inside the temporary directory and the
@@ -27,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spec_tpu.models import layout
 from spec_tpu.models import quant
 from spec_tpu.models.config import ModelConfig
 
 FORMAT = "spec_tpu.checkpoint"
-VERSION = 1
+VERSION = 2  # params in the grouped layout (module docstring); 1 = a list of layers
 PARAMS_DIR = "params"
 CONFIG_FILE = "spec_tpu_config.json"
 MANIFEST_FILE = "manifest.json"
@@ -245,7 +254,10 @@ def _read_meta(path: str, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]
 def load_config(path) -> ModelConfig:
   """The ModelConfig stored with a checkpoint (checks the config file, not the arrays)."""
   path = os.fspath(path)
-  meta = _read_meta(path, _read_manifest(path))
+  return _config(path, _read_meta(path, _read_manifest(path)))
+
+
+def _config(path: str, meta: dict) -> ModelConfig:
   try:
     return ModelConfig.from_dict(meta["config"])
   except (KeyError, TypeError, ValueError) as e:
@@ -286,7 +298,8 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True):
   """Returns (params, config). Arrays are read straight into `shardings`, nothing gathered.
 
   shardings: None (first local device), one Sharding for every leaf, or a pytree of Shardings with
-  the structure of the stored params (which need not match the mesh they were saved from).
+  the structure of the params in the current layout (sharding.param_shardings), whatever the
+  version and mesh they were saved with.
   dtype: optional cast of floating-point leaves. verify: check the manifest hashes first (process 0
   reads every file once; skip only for checkpoints just verified).
   """
@@ -303,7 +316,11 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True):
       problem = e
   if not _all_agree(problem is None):
     raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
-  config = load_config(path)
+  meta = _read_meta(path, _read_manifest(path))
+  config, version = _config(path, meta), meta.get("version")
+  if version not in (1, VERSION):
+    raise _err(path, f"format version {version!r} is not one this spec_tpu reads (1..{VERSION}); "
+               "a newer spec_tpu wrote it?")
 
   params_dir = os.path.join(path, PARAMS_DIR)
   with ocp.StandardCheckpointer() as ckptr:
@@ -313,8 +330,12 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True):
       raise _err(path, f"orbax cannot read the params metadata: {e}") from None
     item = getattr(step_meta, "item_metadata", step_meta)
     tree = getattr(item, "tree", item)  # the plain nested dicts/lists, as saved
-    abstract = _abstract_tree(path, tree, shardings, dtype)
+    v1 = version == 1 and isinstance(tree, dict) and isinstance(tree.get("layers"), list)
+    stored_shardings = _v1_shardings(config, shardings) if v1 else shardings
+    abstract = _abstract_tree(path, tree, stored_shardings, dtype)
     params = ckptr.restore(params_dir, abstract)
+  if v1:
+    params = _v1_to_grouped(config, params, shardings)
   return params, config
 
 
@@ -338,7 +359,15 @@ def restore_transformed(path, *, shardings, transform, chunk_bytes: int = 1 << 3
       problem = e
   if not _all_agree(problem is None):
     raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
-  config = load_config(path)
+  meta = _read_meta(path, _read_manifest(path))
+  config = _config(path, meta)
+  if meta.get("version") != VERSION:
+    # An older layout is regrouped by restore() (leaf by leaf, about one copy of the model);
+    # the transform then runs on the result, freeing each stored leaf as it goes.
+    params, config = restore(path, shardings=shardings, verify=False)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    del params
+    return jax.tree_util.tree_unflatten(treedef, [transform(p, x) for p, x in flat]), config
   params_dir = os.path.join(path, PARAMS_DIR)
   with ocp.StandardCheckpointer() as ckptr:
     try:
@@ -374,3 +403,85 @@ def restore_transformed(path, *, shardings, transform, chunk_bytes: int = 1 << 3
         out[i] = transform(flat[i][0], leaves[i])
       del restored, leaves
   return jax.tree_util.tree_unflatten(treedef, out), config
+
+
+# ---------------------------------------------------------------- version 1 (list of layers)
+
+_V1_HEADS_MINOR = ("q", "k", "v")  # version 1 stored these d h e; now h d e
+
+
+def _is_v1_projection(path) -> bool:
+  keys = tuple(getattr(p, "key", None) for p in path)
+  return len(keys) == 2 and keys[0] == "attn" and keys[1] in _V1_HEADS_MINOR
+
+
+def _v1_leaf_sharding(path, sharding, stacked: bool):
+  """The sharding of one layer's version-1 leaf, from the current layout's (stacked) one."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = list(sharding.spec) + [None] * 4  # padded: a spec may omit trailing axes
+  if stacked:
+    spec = spec[1:]
+  if _is_v1_projection(path):
+    spec[0], spec[1] = spec[1], spec[0]  # h d e -> d h e
+  while spec and spec[-1] is None:
+    spec.pop()
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _v1_shardings(config: ModelConfig, shardings):
+  """The requested (current-layout) shardings rearranged as the version-1 tree."""
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    return shardings
+  old = {k: v for k, v in shardings.items() if k not in ("groups", "remainder")}
+  old["layers"] = []
+  for i in range(config.num_layers):
+    part, j, g = layout.where(config, i)
+    old["layers"].append(jax.tree_util.tree_map_with_path(
+        lambda path, sh, stacked=g is not None: _v1_leaf_sharding(path, sh, stacked),
+        shardings[part][j]))
+  return old
+
+
+def _v1_to_grouped(config: ModelConfig, params: dict, shardings) -> dict:
+  """Version-1 params (restored) in the current layout. Converts leaf by leaf and deletes each
+  old leaf once converted: the extra memory is one new leaf, not a second copy of the model."""
+  layers = params.pop("layers")
+  flat = [jax.tree_util.tree_flatten_with_path(lp) for lp in layers]
+
+  def convert(arrays, path, target, stacked: bool):
+    if not stacked and not _is_v1_projection(path):
+      return arrays[0]  # unchanged, and already restored onto its sharding
+
+    def fn(*xs):
+      x = jnp.stack(xs) if stacked else xs[0]
+      return jnp.swapaxes(x, -3, -2) if _is_v1_projection(path) else x  # d h e -> h d e
+
+    new = (jax.jit(fn, out_shardings=target)(*arrays)
+           if isinstance(target, jax.sharding.Sharding) else fn(*arrays))
+    for a in arrays:
+      a.delete()
+    return new
+
+  def targets(part: str, idx: int, num_leaves: int):
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+      return [shardings] * num_leaves
+    return jax.tree.leaves(shardings[part][idx])
+
+  p, n = len(config.layer_pattern), config.num_groups * len(config.layer_pattern)
+  groups = []
+  for j in range(p if config.num_groups else 0):
+    members = list(range(j, n, p))
+    paths = [path for path, _ in flat[j][0]]
+    tgt = targets("groups", j, len(paths))
+    leaves = [convert([flat[i][0][m][1] for i in members], paths[m], tgt[m], stacked=True)
+              for m in range(len(paths))]
+    groups.append(jax.tree.unflatten(jax.tree.structure(layers[j]), leaves))
+  remainder = []
+  for r, i in enumerate(range(n, config.num_layers)):
+    tgt = targets("remainder", r, len(flat[i][0]))
+    leaves = [convert([leaf], path, tgt[m], stacked=False)
+              for m, (path, leaf) in enumerate(flat[i][0])]
+    remainder.append(jax.tree.unflatten(jax.tree.structure(layers[i]), leaves))
+  params["groups"], params["remainder"] = groups, remainder
+  return params

@@ -14,7 +14,8 @@ transformers' modeling code (5.x), which is also what tests/test_hf_parity.py ch
 Anything that would change numerics and that the decoder cannot express is refused with an error
 naming the config field or tensor, never silently dropped.
 
-Shapes: HF Linear weights are (out, in). The decoder's params layout is in spec_tpu/model.py.
+Shapes: HF Linear weights are (out, in). The decoder's params layout is in spec_tpu/models/model.py
+(layer i's place in it: spec_tpu/models/layout.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu.models import quant
+from spec_tpu.models import layout, model, quant
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 
@@ -369,8 +371,8 @@ def _plan(cfg: ModelConfig, prefix: str) -> Iterator[Step]:
                       cfg.vocab_size)
   gemma23 = cfg.post_attn_norm  # Gemma 2/3 name the norms around attention/FFW differently
 
-  def heads_in(n):  # (n*e, d) -> (d n e)
-    return lambda a: a.reshape(n, e, d).transpose(2, 0, 1)
+  def heads_in(n):  # (n*e, d) -> (n d e)
+    return lambda a: a.reshape(n, e, d).transpose(0, 2, 1)
 
   yield f"{prefix}embed_tokens.weight", (v, d), ("embed",), _same
   if not cfg.tie_embeddings:
@@ -430,15 +432,45 @@ def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConf
                               "point (quantized checkpoints are not supported)")
 
 
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree[key]
-  tree[path[-1]] = value
+def _empty_params(cfg: ModelConfig, dtype) -> dict:
+  """Uninitialised numpy arrays in the params layout (np.empty: pages are only touched as the
+  tensors are copied in, so memory grows with the conversion, never past the output). Float
+  leaves get dtype; a quantized weight's int8 values and float32 scales keep theirs."""
+  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: np.empty(x.shape, x.dtype if x.dtype == jnp.int8 or quant.is_scale_path(path)
+                               else dtype), shapes)
 
 
-def _skeleton(cfg: ModelConfig) -> dict:
-  layer = lambda: {"attn": {}, "ffw": {}}  # noqa: E731
-  return {"layers": [layer() for _ in range(cfg.num_layers)]}
+def _contracting_axes(cfg: ModelConfig):
+  """plan path -> contracting axes of the (unstacked) weight there, from the logical axes the
+  sharding rules use."""
+  from spec_tpu import sharding
+  top = sharding.param_logical_axes(cfg.replace(quantize=None))
+
+  def contracting(path):
+    if path[0] == "layers":
+      node = sharding.layer_logical_axes(cfg, cfg.layer_types[path[1]])
+      path = path[2:]
+    else:
+      node = top
+    for key in path:
+      node = node[key]
+    return quant.contracting_axes(node, path[-1])
+
+  return contracting
+
+
+def _destination(cfg: ModelConfig, params: dict, path: tuple):
+  """(array, index) to copy a tensor with plan path `path` into: stacked layers take index g."""
+  if path[0] != "layers":
+    node, rest, index = params, path, ()
+  else:
+    part, j, g = layout.where(cfg, path[1])
+    node, rest, index = params[part][j], path[2:], (() if g is None else (g,))
+  for key in rest:
+    node = node[key]
+  return node, index
 
 
 def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
@@ -446,46 +478,40 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
 
   index: anything with names(), shape(name), dtype(name) and get(name) -> np.ndarray (a
     spec_tpu.checkpoints.safetensors_io.SafetensorsIndex).
-  Every name and shape is checked before any tensor is read; then tensors are read, cast and
-  laid out one at a time, so peak memory is about one source tensor on top of the output.
-  With cfg.quantize, each weight is quantized (quant.py, in numpy: the same values as at load
-  time) as soon as it is read, so the output held is the int8 model, never a float one.
+  Every name and shape is checked before any tensor is read. The output's stacked arrays are
+  allocated first and each tensor is read, laid out and cast straight into its slice, one at a
+  time, so peak memory is about one source tensor on top of the output. With cfg.quantize, each
+  weight is quantized (quant.py, in numpy: the same values as at load time) as it is read, so
+  the output allocated and held is the int8 model, never a float one.
   """
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   prefix = _locate(set(index.names()))
   plan = list(_plan(cfg, prefix))
   _check_names_and_shapes(index, plan, prefix, cfg)
-  params = _skeleton(cfg)
-  quantizer = _quantizer(cfg)
-  for name, _, path, layout in plan:
+  params = _empty_params(cfg, dtype)
+  contracting = _contracting_axes(cfg)
+  written = set()
+  for name, _, path, layout_fn in plan:
     src = index.get(name)
-    if quantizer is not None and quantizer(path) is not None:
-      _set(params, path, quant.quantize(layout(src), quantizer(path), xp=np))
+    dst, at = _destination(cfg, params, path)
+    if quant.is_quantized(dst):
+      q = quant.quantize(layout_fn(src), contracting(path), xp=np)
+      for key in ("w", "scale"):
+        dst[key][at] = q[key]
+        written.add((id(dst[key]), at))
+      del q
     else:
-      # One copy: the layout change is a view, ascontiguousarray casts while materialising it.
-      _set(params, path, np.ascontiguousarray(layout(src), dtype=dtype))
+      dst[at] = layout_fn(src)  # the layout change is a view; the assignment casts while copying
+      written.add((id(dst), at))
     del src
+  # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
+  expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
+              for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
+  if written != expected:
+    raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
   return params
 
 
-def _quantizer(cfg: ModelConfig):
-  """None for float weights; else path -> contracting axes of the weight there (None: a leaf
-  that stays float), from the logical axes the sharding rules use."""
-  if not cfg.quantize:
-    return None
-  from spec_tpu import sharding
-  axes = sharding.param_logical_axes(cfg.replace(quantize=None))
-  names = quant.quantized_names(cfg.tie_embeddings)
-
-  def contracting(path):
-    if path[-1] not in names:
-      return None
-    node = axes
-    for key in path:
-      node = node[key]
-    return quant.contracting_axes(node, path[-1])
-
-  return contracting
 
 
 # ---------------------------------------------------------------- directories

@@ -33,6 +33,7 @@ class LoopSpec:
   max_len: int           # cache length
   eos_id: int | None
   pad_id: int = 0
+  prefill_chunk: int = 128  # prompt tokens per layer pass at prefill (model.prefill says why)
 
   @property
   def num_tokens(self) -> int:
@@ -89,13 +90,14 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, k
   b = tokens_bt.shape[0]
   spec_tokens = spec.k + 1
   tc = cache_lib.init_cache(spec.target, b, spec.max_len, spec_tokens)
-  logits, tc = model.forward(target_params, spec.target, tokens_bt, tc, lengths_b, last_only=True)
+  logits, tc = model.prefill(target_params, spec.target, tokens_bt, tc, lengths_b,
+                             spec.prefill_chunk)
   key, sub = jax.random.split(key)
   first = sampling.sample(sub, _probs(spec, logits[:, 0], temperature, top_p))
   dc = None
   if spec.k > 0:
     dc = cache_lib.init_cache(spec.draft, b, spec.max_len, spec_tokens)
-    _, dc = model.forward(draft_params, spec.draft, tokens_bt, dc, lengths_b, last_only=True)
+    _, dc = model.prefill(draft_params, spec.draft, tokens_bt, dc, lengths_b, spec.prefill_chunk)
   zeros_b = jnp.zeros((b,), jnp.int32)
   n = max(spec.k, 1)
   state = State(

@@ -129,6 +129,16 @@ class ModelConfig:
     return self.lru_width or self.d_model
 
   @property
+  def num_groups(self) -> int:
+    """Whole periods of layer_pattern: the layer groups run under one lax.scan."""
+    return self.num_layers // len(self.layer_pattern)
+
+  @property
+  def num_remainder(self) -> int:
+    """Layers after the last whole period (kinds layer_pattern[:num_remainder]), unscanned."""
+    return self.num_layers % len(self.layer_pattern)
+
+  @property
   def num_tokens(self) -> int:
     """Tokens that can be sampled (the rest of the embedding rows are padding)."""
     return self.valid_vocab_size or self.vocab_size

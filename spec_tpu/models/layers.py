@@ -43,16 +43,34 @@ def rope_frequencies(head_dim: int, base: float, llama3=None):
   return jnp.where(medium, smoothed, scaled)
 
 
-def rope(x_bthe, positions_bt, base: float, scale: float, llama3=None):
-  """Rotary embedding, half-split layout (as transformers' rotate_half); positions are divided
-  by scale (linear scaling), frequencies optionally Llama 3.1-scaled (rope_frequencies)."""
-  inv_freq = rope_frequencies(x_bthe.shape[-1], base, llama3)
-  angles = (positions_bt.astype(F32) / scale)[..., None] * inv_freq  # b t e/2
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x_bthe.astype(F32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_bthe.dtype)
+def _rotate_half_matrix(e: int):
+  """e e: x @ R = concatenate([-x2, x1]) (transformers' rotate_half), as a signed permutation."""
+  i = jnp.arange(e)
+  source = (i[None, :] + e // 2) % e  # column f takes x[(f + e/2) mod e] ...
+  sign = jnp.where(i[None, :] < e // 2, -1.0, 1.0)  # ... negated in the first half
+  return jnp.where(i[:, None] == source, sign, 0.0).astype(F32)
+
+
+def rope(x, positions, base: float, scale: float, llama3=None):
+  """Rotary embedding, half-split layout (as transformers' rotate_half), over the last axis of x
+  (queries b t h e or keys b k t e); positions broadcast against x's other axes (b t 1 or b 1 t).
+  Positions are divided by scale (linear scaling), frequencies optionally Llama 3.1-scaled
+  (rope_frequencies).
+
+  The half rotation is a product with a signed permutation matrix (exact: one nonzero term per
+  output, at HIGHEST precision) rather than slices and a concatenation along e: with the
+  concatenation, XLA:TPU lays the q/k projections out e-major for prompt-sized chunks and copies
+  the whole stacked q and k weights into that layout (1.25 GiB per device for Chinchilla 70B).
+  """
+  e = x.shape[-1]
+  inv_freq = rope_frequencies(e, base, llama3)
+  angles = (positions.astype(F32) / scale)[..., None] * inv_freq
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
+  x32 = x.astype(F32)
+  rotated = jnp.einsum("...e,ef->...f", x32, _rotate_half_matrix(e),
+                       precision=jax.lax.Precision.HIGHEST)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def feed_forward(x_btd, p, activation: str, gelu_approximate: bool):
@@ -73,15 +91,17 @@ def softcap(x, cap: float | None):
 def attend(q_bthe, blocks, num_kv_heads: int, logit_softcap: float | None):
   """Attention of queries over several key/value blocks with one joint softmax.
 
-  Each block is (k_bske, v_bske, mask_bts). Splitting the keys into blocks (the cache, the new
+  Each block is (k_bkse, v_bkse, mask_bts). Splitting the keys into blocks (the cache, the new
   tokens) avoids concatenating the cache with the new keys, which would copy the whole cache per
-  layer per step. Queries are already scaled. Returns b t h e in the query dtype.
+  layer per step. Keys and values are heads-major (b k s e): a TPU tiles the two minor axes, and
+  s e keeps them large (k e with 1-8 heads per device would pad tiles and force a relayout copy
+  of the cache per step). Queries are already scaled. Returns b t h e in the query dtype.
   """
   b, t, h, e = q_bthe.shape
   q = q_bthe.reshape(b, t, num_kv_heads, h // num_kv_heads, e)
   scores = []
   for k, _, mask in blocks:
-    s = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=F32)
+    s = jnp.einsum("btkge,bkse->bkgts", q, k, preferred_element_type=F32)
     s = softcap(s, logit_softcap)
     scores.append(jnp.where(mask[:, None, None, :, :], s, MASKED))
   sizes = [s.shape[-1] for s in scores]
@@ -90,6 +110,8 @@ def attend(q_bthe, blocks, num_kv_heads: int, logit_softcap: float | None):
   start = 0
   for (_, v, _), size in zip(blocks, sizes):
     wb = w[..., start:start + size].astype(v.dtype)
-    out = out + jnp.einsum("bkgts,bske->btkge", wb, v, preferred_element_type=F32)
+    # Output b k g t e, transposed after: XLA:CPU (jax 0.10) cannot run a bf16 x bf16 -> f32
+    # dot that also permutes its output ("Unsupported element type for DotThunk").
+    out = out + jnp.einsum("bkgts,bkse->bkgte", wb, v, preferred_element_type=F32)
     start += size
-  return out.reshape(b, t, h, e).astype(q_bthe.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)

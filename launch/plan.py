@@ -57,6 +57,10 @@ _CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0,
                      "xla_llvm_disable_expensive_passes": True}
 
 
+class DoesNotFit(ValueError):
+  """The device's compiler found the program larger than the device memory."""
+
+
 def parse_topology(text: str) -> tuple[int, int]:
   try:
     data, model = (int(x) for x in text.lower().split("x"))
@@ -170,7 +174,13 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   start = time.perf_counter()
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
   # does not change buffer assignment, which is what memory_analysis reports).
-  compiled = lowered.compile(_CPU_FAST_COMPILE if devices[0].platform == "cpu" else None)
+  try:
+    compiled = lowered.compile(_CPU_FAST_COMPILE if devices[0].platform == "cpu" else None)
+  except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the program: "
+                     f"{str(e).splitlines()[0]}") from None
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
 
@@ -274,6 +284,11 @@ def main(argv):
       report = plan(common.with_quantize(config, mode), topology,
                     _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
                     _MAX_NEW.value, _TPU.value)
+    except DoesNotFit as e:
+      # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
+      print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)
+      reports.append(dict(quantize=mode or "as configured", does_not_fit=str(e)))
+      continue
     except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
       sys.exit(f"error: {e}")
     report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
@@ -288,12 +303,16 @@ def main(argv):
 
 def format_comparison(reports: list[dict]) -> str:
   """One line per weight form: what each device holds and whether it fits."""
-  unit, scale = ("GiB", GIB) if max(r["estimated_need"] for r in reports) >= GIB else ("MiB", 1 << 20)
+  big = max(r.get("estimated_need", GIB) for r in reports) >= GIB
+  unit, scale = ("GiB", GIB) if big else ("MiB", 1 << 20)
   g = lambda b: f"{b / scale:.2f}"  # noqa: E731
   head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
           + "  ".join(f"{chip:>8}" for chip in HBM) + f"   ({unit} per device)")
   lines = [head]
   for r in reports:
+    if "does_not_fit" in r:
+      lines.append(f"{r['quantize']:8} DOES NOT FIT: {r['does_not_fit']}")
+      continue
     a = r["analytic"]
     fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>8}" for chip in HBM)
     lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "

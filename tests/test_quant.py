@@ -99,12 +99,13 @@ def test_params_tree_quantizer_covers_exactly_the_matmul_weights():
   for name, tied in [("tiny_gemma2", True), ("tiny", False)]:
     cfg = config.get_preset(name).replace(quantize="int8")
     params = jax.eval_shape(lambda cfg=cfg: model.init_params(cfg, jax.random.key(0)))
-    layer = params["layers"][0]
+    layer = params["groups"][0]  # stacked over the groups: a leading l axis
     for group, leaf in [("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
                         ("ffw", "up"), ("ffw", "down")]:
       assert quant.is_quantized(layer[group][leaf]) and layer[group][leaf]["w"].dtype == jnp.int8
-    assert layer["attn"]["o"]["scale"].shape == (cfg.d_model,)
-    assert layer["attn"]["q"]["scale"].shape == (cfg.num_heads, cfg.head_dim)
+    g = cfg.num_groups
+    assert layer["attn"]["o"]["scale"].shape == (g, cfg.d_model)
+    assert layer["attn"]["q"]["scale"].shape == (g, cfg.num_heads, cfg.head_dim)
     assert not quant.is_quantized(layer["attn_norm"])
     assert quant.is_quantized(params["embed"]) == tied
     if not tied:
@@ -201,10 +202,11 @@ def test_sharded_int8_logits_equal_one_device():
   for shape in [(1, 8), (2, 4)]:
     mesh = sharding.make_mesh(shape)
     sh = sharding.param_shardings(cfg, mesh, params_shape=params)
-    assert sh["layers"][0]["attn"]["q"]["w"].spec == P(None, "model", None)
-    assert sh["layers"][0]["attn"]["q"]["scale"].spec == P("model", None)  # heads
-    assert sh["layers"][0]["attn"]["o"]["scale"].spec == P(None)          # embed: replicated
-    assert sh["embed"]["scale"].spec == P("model")                         # vocab
+    attn = sh["groups"][0]["attn"]  # l h d e, stacked
+    assert attn["q"]["w"].spec == P(None, "model", None, None)
+    assert attn["q"]["scale"].spec == P(None, "model", None)  # l h e: heads
+    assert attn["o"]["scale"].spec == P(None, None)           # l d: replicated
+    assert sh["embed"]["scale"].spec == P("model")            # vocab
     fn = jax.jit(fwd, in_shardings=(sh, sharding.batch_sharding(mesh, tokens.shape),
                                     sharding.cache_shardings(cache, mesh),
                                     sharding.batch_sharding(mesh, lengths.shape)))
@@ -321,9 +323,9 @@ def test_int8_checkpoint_round_trip_needs_no_flag(tmp_path):
   assert got_cfg.quantize == "int8"
   jax.tree.map(np.testing.assert_array_equal, restored, params)
   cast, _ = checkpoint.restore(tmp_path / "ckpt", dtype="bfloat16")
-  assert cast["layers"][0]["attn"]["q"]["scale"].dtype == jnp.float32
-  assert cast["layers"][0]["attn"]["q"]["w"].dtype == jnp.int8
-  assert cast["layers"][0]["attn_norm"].dtype == jnp.bfloat16
+  assert cast["groups"][0]["attn"]["q"]["scale"].dtype == jnp.float32
+  assert cast["groups"][0]["attn"]["q"]["w"].dtype == jnp.int8
+  assert cast["groups"][0]["attn_norm"].dtype == jnp.bfloat16
 
 
 def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tmp_path):
@@ -349,7 +351,7 @@ def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tm
     assert setup.target.cfg.quantize == "int8"
     assert setup.target.quantize_on_load == (name == "on_load")
     loaded[name] = common.load_params(setup.target, mesh)
-  assert quant.is_quantized(loaded["stored"]["layers"][1]["ffw"]["down"])
+  assert quant.is_quantized(loaded["stored"]["groups"][0]["ffw"]["down"])
   jax.tree.map(np.testing.assert_array_equal, loaded["stored"], loaded["on_load"])
   # Read one leaf at a time (chunks of 1 byte): the same params.
   float_cfg = checkpoint.load_config(tmp_path / "float")

@@ -437,9 +437,11 @@ def _empty_params(cfg: ModelConfig, dtype) -> dict:
   tensors are copied in, so memory grows with the conversion, never past the output). Float
   leaves get dtype; a quantized weight's int8 values and float32 scales keep theirs."""
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: np.empty(x.shape, x.dtype if x.dtype == jnp.int8 or quant.is_scale_path(path)
-                               else dtype), shapes)
+  def empty(path, x):
+    keep = x.dtype == jnp.int8 or quant.is_scale_path(path)
+    return np.empty(x.shape, x.dtype if keep else dtype)
+
+  return jax.tree_util.tree_map_with_path(empty, shapes)
 
 
 def _contracting_axes(cfg: ModelConfig):

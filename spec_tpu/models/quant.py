@@ -219,23 +219,6 @@ def is_scale_path(path) -> bool:
   return len(keys) >= 2 and keys[-1] == "scale" and keys[-2] in CONTRACTING
 
 
-def weight_bytes(params) -> dict[str, int]:
-  """Bytes of the params by storage kind: int8 values, their scales, and float weights."""
-  out = {"int8": 0, "scales": 0, "float": 0}
-
-  def visit(path, x):
-    n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-    if np.dtype(x.dtype) == np.int8:
-      out["int8"] += n
-    elif is_scale_path(path):
-      out["scales"] += n
-    else:
-      out["float"] += n
-
-  jax.tree_util.tree_map_with_path(visit, params)
-  return out
-
-
 def check_mode(mode: Any) -> str | None:
   """None (float weights) or a known mode; anything else is a ValueError naming the modes."""
   if mode in (None, "", "none"):

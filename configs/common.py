@@ -9,6 +9,9 @@
       allow_random  no checkpoint (or a missing one) -> random weights with a loud warning;
                     False makes that an error raised before anything compiles
       rules         sharding rule set: tensor_parallel | replicated
+      quantize      '' = the weights as stored (a checkpoint converted or saved in int8 loads
+                    as int8 with no option), 'int8' = int8 weights with per-output-channel
+                    scales (spec_tpu/models/quant.py), quantized while a float checkpoint loads
       tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
@@ -77,7 +80,7 @@ def model_fields(**values) -> ml_collections.ConfigDict:
 
 
 def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = False,
-                  rules: str = "tensor_parallel", tokenizer: str = "",
+                  rules: str = "tensor_parallel", tokenizer: str = "", quantize: str = "",
                   **fields) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.preset = preset
@@ -86,6 +89,7 @@ def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = F
   s.allow_random = allow_random
   s.rules = rules
   s.tokenizer = tokenizer
+  s.quantize = quantize
   return s
 
 

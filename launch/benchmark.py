@@ -3,6 +3,8 @@
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
     python -m launch.benchmark --config=configs/llama_7b_bench.py --output_dir=/tmp/bench_llama \
         --ks=0,1,2,4,6,8 --batches=1,8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
+        --ks=0,4 --batches=1,8 --quantize=none,int8
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -19,6 +21,9 @@ Generation ignores EOS (every row makes max_new_tokens), so all points do the sa
 Prompts: the config's run.prompts through its tokenizer (cycled to fill a batch); without a
 tokenizer, random tokens of run.prompt_len. Compilation and a warm-up run are excluded from
 every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs_k.png.
+`--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
+process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
+ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes to sweep.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens per row (default: config).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (the fastest is kept).")
 _STEP_REPEATS = flags.DEFINE_integer("step_repeats", 20, "Steps per timed step loop.")
+_QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
+                              "draft alike: none (float) and/or int8 (default: the config's).")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -229,6 +236,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                    verify_cost=t_verify / t_target,
                    target_step_ms=1e3 * t_target, draft_step_ms=1e3 * t_draft,
                    target_bytes_per_step_per_device=step_bytes,
+                   target_mib_per_step=step_bytes / (1 << 20),
                    bandwidth_utilisation=step_bytes / t_target / bandwidth,
                    tokens_per_target_call=runs[0].tokens_per_call())
       points.append(point)
@@ -236,6 +244,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                    measured)
     del res
   result = dict(
+      quantize=setup.target.cfg.quantize or "none",
       target=setup.target.describe(), draft=setup.draft.describe() if setup.draft else None,
       random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), mesh=dict(mesh.shape), max_new_tokens=max_new,
@@ -268,7 +277,8 @@ COLUMNS = [("batch", "B", "{:d}"), ("k", "K", "{:d}"), ("ms_per_token", "ms/tok"
            ("tokens_per_s", "tok/s", "{:.1f}"), ("acceptance", "a", "{:.3f}"),
            ("cost_ratio_c", "c", "{:.3f}"), ("speedup", "speedup", "{:.2f}"),
            ("ideal_speedup", "ideal", "{:.2f}"), ("measured_over_ideal", "meas/ideal", "{:.2f}"),
-           ("verify_cost", "verify", "{:.2f}"), ("bandwidth_utilisation", "bw util", "{:.1%}")]
+           ("verify_cost", "verify", "{:.2f}"), ("bandwidth_utilisation", "bw util", "{:.1%}"),
+           ("target_mib_per_step", "MiB/step", "{:.2f}")]
 
 
 CACHED_NOTE = ("* bw util above 100%: the step read its weights faster than memory can deliver "
@@ -331,10 +341,38 @@ def plot(result: dict, path: str) -> None:
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from launch import common
+  modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   cache_dir = common.use_compile_cache(_CONFIG.value)
-  run(_CONFIG.value, _OUTPUT_DIR.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
-      _REPEATS.value, _STEP_REPEATS.value)
+  results = []
+  for mode in modes:
+    out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
+    results.append(run(common.with_quantize(_CONFIG.value, mode), out, _KS.value,
+                       _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value))
   logging.info("%s", common.compile_cache_summary(cache_dir))
+  if len(results) > 1:
+    table = format_comparison(results)
+    with open(os.path.join(_OUTPUT_DIR.value, "quantize.txt"), "w") as f:
+      f.write(table + "\n")
+    print("\n" + table, flush=True)
+
+
+def format_comparison(results: list[dict]) -> str:
+  """ms/token of each weight form at every (batch, K), side by side, with the target's bytes
+  read per step (weights + KV cache, per device) and each form's time relative to the first."""
+  forms = [r["quantize"] for r in results]
+  by_form = [{(p["batch"], p["k"]): p for p in r["points"]} for r in results]
+  head = ["B", "K"] + [f"{f} ms/tok" for f in forms] + [f"{f} / {forms[0]}" for f in forms[1:]] \
+      + [f"{f} MiB/step" for f in forms]
+  rows = [head]
+  for key in by_form[0]:
+    if not all(key in points for points in by_form):
+      continue
+    ms = [points[key]["ms_per_token"] for points in by_form]
+    rows.append([str(key[0]), str(key[1])] + [f"{m:.2f}" for m in ms]
+                + [f"{m / ms[0]:.2f}" for m in ms[1:]]
+                + [f"{points[key]['target_mib_per_step']:.2f}" for points in by_form])
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 if __name__ == "__main__":

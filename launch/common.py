@@ -19,7 +19,7 @@ import numpy as np
 
 from launch import cli
 from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import config as config_lib, model
+from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu import sharding
 from spec_tpu.decoding.sampling import SamplingParams
 
@@ -34,6 +34,9 @@ class ModelSetup:
   checkpoint: str | None   # None: random weights
   rules: sharding.Rules
   role: str                # "target" | "draft"
+  # The checkpoint holds float weights and cfg.quantize names the form to serve: quantized
+  # leaf by leaf as they are read (load_params).
+  quantize_on_load: bool = False
 
   @property
   def random(self) -> bool:
@@ -41,7 +44,10 @@ class ModelSetup:
 
   def describe(self) -> str:
     src = self.checkpoint or "RANDOM WEIGHTS (no checkpoint)"
-    return f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params) from {src}"
+    form = (f", {self.cfg.quantize} weights" + (" (quantized on load)" if self.quantize_on_load
+                                                 else "")) if self.cfg.quantize else ""
+    return (f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params{form}) "
+            f"from {src}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     raise SetupError(f"{role}.rules must be one of {sorted(sharding.RULE_SETS)}, "
                      f"got {section.rules!r}")
   rules = sharding.RULE_SETS[section.rules]
+  try:
+    quantize = quant.check_mode(section.quantize)
+  except ValueError as e:
+    raise SetupError(f"{role}: {e}") from None
   path = section.checkpoint
   fields = _fields(section)
   if not path and not section.preset and not fields:
@@ -99,7 +109,14 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if section.preset or set(fields) - set(neutral):
       logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
                    role, path)
-    return ModelSetup(cfg, os.path.abspath(path), rules, role)
+    # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
+    on_load = bool(quantize) and cfg.quantize is None
+    if on_load:
+      cfg = cfg.replace(quantize=quantize)
+    elif quantize and cfg.quantize != quantize:
+      raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
+                       f"served as {quantize}")
+    return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
   if need_weights and not section.allow_random:
     problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
     raise SetupError(f"{role}: {problem}; set --config.{_section_name(role)}.checkpoint=DIR "
@@ -107,6 +124,8 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
   try:
     base = config_lib.get_preset(section.preset) if section.preset else None
     cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
+    if quantize:
+      cfg = cfg.replace(quantize=quantize)  # random weights are made, then quantized
   except (KeyError, TypeError, ValueError) as e:
     raise SetupError(f"{role}: bad model config: {e}") from None
   if need_weights:
@@ -146,6 +165,18 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   if int(s.max_new_tokens) <= 0:
     raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
   return Setup(target=target, draft=draft, sampling=params, k=k)
+
+
+def with_quantize(config, mode: str | None):
+  """The config with both models' weights in form `mode` (a --quantize value of the plan and
+  benchmark launchers): None leaves it unchanged, 'none' asks for float, 'int8' for int8."""
+  if mode is None:
+    return config
+  if mode not in ("none",) + quant.MODES:
+    raise SetupError(f"--quantize takes none or one of {quant.MODES}, got {mode!r}")
+  config = config.copy_and_resolve_references()
+  config.model.quantize = config.draft.quantize = "" if mode == "none" else mode
+  return config
 
 
 # ---------------------------------------------------------------- mesh
@@ -251,6 +282,14 @@ def _seed(name: str) -> int:
 
 def load_params(m: ModelSetup, mesh):
   """Params placed on their shardings: restored shard by shard, or random (with a warning)."""
+  if m.checkpoint is not None and m.quantize_on_load:
+    stored = m.cfg.replace(quantize=None)
+    to = quant.leaf_quantizer(sharding.param_logical_axes(stored), embed=m.cfg.tie_embeddings,
+                              out_shardings=sharding.param_shardings(m.cfg, mesh, m.rules),
+                              delete_source=True)
+    params, _ = checkpoint.restore_transformed(
+        m.checkpoint, shardings=sharding.param_shardings(stored, mesh, m.rules), transform=to)
+    return params
   if m.checkpoint is not None:
     abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
     shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)

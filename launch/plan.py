@@ -6,6 +6,7 @@ parameters, nothing allocated, and reports memory per device against TPU v4 / v5
     python -m launch.plan --config=configs/gemma2_27b.py --topology=1x16 --context=8192
     python -m launch.plan --config=configs/gemma3_27b.py --topology=1x16 --context=32768
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:4x4   # needs libtpu
+    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --quantize=none,int8
 
 The program is `jax.jit(decode.generate).lower(...).compile()` (Sampler.generate's program) with
 jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables the Sampler
@@ -20,6 +21,8 @@ The estimate is rough: for Chinchilla 70B + 4B on 1x16 (batch 1, context 2048) i
 where an exact v5e compile (--tpu=v5e:4x4) needs 12.4 GiB, so narrow margins are flagged.
 `--tpu=TOPOLOGY` (e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2) compiles for real TPU devices described by
 libtpu, without TPU hardware, and gives exact numbers for that chip.
+`--quantize=none,int8` plans each weight form in turn (target and draft alike; default: as the
+config says) and ends with a side-by-side table.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens (default: sa
 _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtpu "
                            "(e.g. v5e:4x4) instead of the local devices.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the report here.")
+_QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for target and draft "
+                              "alike: none (float) and/or int8 (default: the config's).")
 
 GIB = 1 << 30
 HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
@@ -50,6 +55,10 @@ HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
 
 _CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0,
                      "xla_llvm_disable_expensive_passes": True}
+
+
+class DoesNotFit(ValueError):
+  """The device's compiler found the program larger than the device memory."""
 
 
 def parse_topology(text: str) -> tuple[int, int]:
@@ -101,12 +110,13 @@ def _per_device_bytes(structs, shardings) -> int:
                  for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))))
 
 
-def _low_precision_bytes(structs, shardings) -> int:
+def _f32_copy_bytes(structs, shardings) -> int:
+  """Bytes of float32 copies of the bf16 and int8 weight matrices (what XLA:CPU makes)."""
   import jax
   import numpy as np
-  return int(sum(np.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return int(sum(np.prod(s.shard_shape(x.shape)) * 4
                  for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))
-                 if np.dtype(x.dtype).itemsize == 2 and len(x.shape) >= 2))
+                 if np.dtype(x.dtype).itemsize < 4 and len(x.shape) >= 2))
 
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
@@ -164,7 +174,13 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   start = time.perf_counter()
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
   # does not change buffer assignment, which is what memory_analysis reports).
-  compiled = lowered.compile(_CPU_FAST_COMPILE if devices[0].platform == "cpu" else None)
+  try:
+    compiled = lowered.compile(_CPU_FAST_COMPILE if devices[0].platform == "cpu" else None)
+  except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the program: "
+                     f"{str(e).splitlines()[0]}") from None
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
 
@@ -176,11 +192,12 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   platform = devices[0].platform
   upcast = 0
   if platform == "cpu":
-    upcast = 2 * (_low_precision_bytes(tp, t_sh) + (_low_precision_bytes(dp, d_sh) if draft else 0))
+    upcast = _f32_copy_bytes(tp, t_sh) + (_f32_copy_bytes(dp, d_sh) if draft else 0)
     upcast = min(upcast, mem.temp_size_in_bytes)
   need = compiled_total - upcast
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
+      quantize=setup.target.cfg.quantize or "none",
       target_params=setup.target.cfg.num_params(),
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
@@ -207,7 +224,8 @@ def format_report(r: dict) -> str:
          else " (autoregressive)"),
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
-      f"lower {r['lower_seconds']:.1f} s, compile {r['compile_seconds']:.1f} s"
+      f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
+      f"{r['compile_seconds']:.1f} s"
       + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
          "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
       "",
@@ -255,19 +273,51 @@ def main(argv):
     ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
   from launch import common
   from spec_tpu.checkpoints import checkpoint
+  modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   # A program compiled for a described TPU (no TPU attached) can be stored but not loaded back
   # (jax 0.10: "PjRtCompiler must be constructed with a Client"), so --tpu plans compile afresh.
   cache_dir = None if _TPU.value else common.use_compile_cache(config)
-  try:
-    report = plan(config, topology, _BATCH.value or int(config.run.batch_size), _CONTEXT.value,
-                  _K.value, _MAX_NEW.value, _TPU.value)
-  except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
-  report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
-  print(format_report(report), flush=True)
+  reports = []
+  for mode in modes:
+    try:
+      report = plan(common.with_quantize(config, mode), topology,
+                    _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
+                    _MAX_NEW.value, _TPU.value)
+    except DoesNotFit as e:
+      # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
+      print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)
+      reports.append(dict(quantize=mode or "as configured", does_not_fit=str(e)))
+      continue
+    except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
+      sys.exit(f"error: {e}")
+    report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
+    print(format_report(report) + "\n", flush=True)
+    reports.append(report)
+  if len(reports) > 1:
+    print(format_comparison(reports), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(reports[0] if len(reports) == 1 else reports, f, indent=1)
+
+
+def format_comparison(reports: list[dict]) -> str:
+  """One line per weight form: what each device holds and whether it fits."""
+  big = max(r.get("estimated_need", GIB) for r in reports) >= GIB
+  unit, scale = ("GiB", GIB) if big else ("MiB", 1 << 20)
+  g = lambda b: f"{b / scale:.2f}"  # noqa: E731
+  head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
+          + "  ".join(f"{chip:>8}" for chip in HBM) + f"   ({unit} per device)")
+  lines = [head]
+  for r in reports:
+    if "does_not_fit" in r:
+      lines.append(f"{r['quantize']:8} DOES NOT FIT: {r['does_not_fit']}")
+      continue
+    a = r["analytic"]
+    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>8}" for chip in HBM)
+    lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "
+                 f"{g(sum(a['kv_caches'].values())):>6} {g(r['compiled']['total']):>9} "
+                 f"{g(r['estimated_need']):>6}  {fits}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

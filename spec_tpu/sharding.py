@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import quant
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 Rules = tuple[tuple[str, str | None], ...]
@@ -105,6 +106,9 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
           "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
+  if cfg.quantize:
+    # int8 values shard as the weight; scales as its output axes (quant.py).
+    axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
   return axes
 
 

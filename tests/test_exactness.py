@@ -90,6 +90,11 @@ def draft_params():
   return jax.tree.map(lambda t, o: (1 - DRAFT_MIX) * t + DRAFT_MIX * o, target, other)
 
 
+# Models whose law the tests enumerate, by name: law functions take model= (tests/test_quant.py
+# adds the int8-quantized target, whose law is the one an int8 sampler must follow).
+LAW_MODELS = {"target": target_params}
+
+
 def _padded(params):
   # Padding rows/columns with large weights: an unmasked padding logit would win every draw.
   big = 10.0 * jax.random.normal(jax.random.key(3), (4, TARGET.d_model))
@@ -115,10 +120,11 @@ def _law_device(params, temperature, top_p, top_k):
 
 
 @functools.lru_cache(maxsize=None)
-def exact_law(temperature=1.0, top_k=0, top_p=1.0):
-  """P(first L tokens) under the target with the sampler's filters: an array of shape (V,)*L."""
+def exact_law(temperature=1.0, top_k=0, top_p=1.0, model="target"):
+  """P(first L tokens) under the target (or LAW_MODELS[model]) with the sampler's filters: an
+  array of shape (V,)*L."""
   top_k = SamplingParams(top_k=top_k).effective_top_k(TARGET.num_tokens)
-  law = np.asarray(_law_device(target_params(), np.float32(temperature), np.float32(top_p),
+  law = np.asarray(_law_device(LAW_MODELS[model](), np.float32(temperature), np.float32(top_p),
                                top_k), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((V,) * L)
@@ -168,7 +174,7 @@ def _conditionals_device(params, seqs_bt, temperature, top_p, top_k):
   return sampling.probabilities(logits, temperature, top_k, top_p)
 
 
-def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
+def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0, model="target"):
   """Every generated token against the target's q(. | the row's own prefix): two p-values.
 
   The enumerated law only reaches the first L tokens, i.e. the first round or two; this test
@@ -185,7 +191,7 @@ def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
     seqs[i, :len(PROMPT) + len(row)] = tuple(PROMPT) + tuple(row)
     real[i, :len(row)] = True
   top_k = SamplingParams(top_k=top_k).effective_top_k(TARGET.num_tokens)
-  q = np.asarray(_conditionals_device(target_params(), seqs, np.float32(temperature),
+  q = np.asarray(_conditionals_device(LAW_MODELS[model](), seqs, np.float32(temperature),
                                       np.float32(top_p), top_k), np.float64)[real]
   x = seqs[:, len(PROMPT):][real]
   if np.any(q[np.arange(len(x)), x] == 0):
@@ -202,11 +208,12 @@ def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
   return pvalues
 
 
-def exactness_pvalue(rows, **options):
+def exactness_pvalue(rows, model="target", **options):
   """Bonferroni combination of the two law tests and the two sequential tests (rows: token
-  lists of full length MAX_NEW)."""
+  lists of full length MAX_NEW) against LAW_MODELS[model]."""
   tokens = np.array(rows)
-  pvalues = law_pvalues(tokens[:, :L], exact_law(**options)) + sequential_pvalues(rows, **options)
+  pvalues = (law_pvalues(tokens[:, :L], exact_law(**options, model=model))
+             + sequential_pvalues(rows, **options, model=model))
   return min(1.0, len(pvalues) * min(pvalues)), pvalues
 
 

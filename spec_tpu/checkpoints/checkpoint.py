@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from spec_tpu.models import config as config_lib
 from spec_tpu.models import model
 from spec_tpu.models import layout
+from spec_tpu.models import quant
 from spec_tpu.models.config import ModelConfig
 
 FORMAT = "spec_tpu.checkpoint"
@@ -396,15 +397,18 @@ def _abstract_tree(path: str, metadata_tree, shardings, dtype):
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, metadata_tree)
 
-  def leaf(meta, sharding):
+  def leaf(path, meta, sharding):
     if not isinstance(sharding, jax.sharding.Sharding):
       raise TypeError(f"a leaf is {type(sharding).__name__}, not a jax.sharding.Sharding")
-    # Cast floats only: integer leaves (e.g. index tables) must keep their exact values.
-    want = dtype if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
-    return jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=sharding)
+    # Cast floats only: integer leaves (e.g. int8 weights) must keep their exact values, and so
+    # must the float32 scales of int8 weights (they are part of the quantized model).
+    cast = (dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating)
+            and not quant.is_scale_path(path))
+    return jax.ShapeDtypeStruct(tuple(meta.shape), dtype if cast else meta.dtype,
+                                sharding=sharding)
 
   try:
-    return jax.tree.map(leaf, metadata_tree, shardings)
+    return jax.tree_util.tree_map_with_path(leaf, metadata_tree, shardings)
   except (ValueError, TypeError) as e:
     raise _err(path, "shardings do not match the stored params tree "
                f"{jax.tree.structure(metadata_tree)}: {e}") from None
@@ -460,6 +464,72 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True,
     if check_config:  # version 1 stored another layout: its shapes are checked once converted
       check_arrays(path, config, params)
   return params, config
+
+
+def restore_transformed(path, *, shardings, transform, chunk_bytes: int = 1 << 30,
+                        verify: bool = True):
+  """restore() that hands each leaf to transform(keypath, array) as soon as it is read and keeps
+  only the result: (params, config). Leaves are read a few at a time (up to chunk_bytes of this
+  process's shards per read), so memory holds the transformed params plus one chunk of stored
+  ones, never the whole stored model. Used to quantize a float checkpoint while loading it:
+  a bfloat16 70B does not fit 8 v5e chips, its int8 form does.
+
+  shardings: a pytree of Shardings with the stored params' structure (where each stored leaf is
+  read to). transform must keep a leaf's place in the tree (it may replace it with a subtree).
+  """
+  path = os.path.abspath(os.fspath(path))
+  problem = None
+  if _is_primary():
+    try:
+      (_check_files if verify else _read_manifest)(path)
+    except CheckpointError as e:
+      problem = e
+  if not _all_agree(problem is None):
+    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
+  meta = _read_meta(path, _read_manifest(path))
+  config = _config(path, meta)
+  if meta.get("version") != VERSION:
+    # An older layout is regrouped by restore() (leaf by leaf, about one copy of the model);
+    # the transform then runs on the result, freeing each stored leaf as it goes.
+    params, config = restore(path, shardings=shardings, verify=False)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    del params
+    return jax.tree_util.tree_unflatten(treedef, [transform(p, x) for p, x in flat]), config
+  params_dir = os.path.join(path, PARAMS_DIR)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      step_meta = ckptr.metadata(params_dir)
+    except (FileNotFoundError, ValueError) as e:
+      raise _err(path, f"orbax cannot read the params metadata: {e}") from None
+  item = getattr(step_meta, "item_metadata", step_meta)
+  tree = getattr(item, "tree", item)
+  abstract = _abstract_tree(path, tree, shardings, None)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  chunks, size = [[]], 0
+  for i, (_, x) in enumerate(flat):
+    n = x.sharding.shard_shape(x.shape)
+    n = int(np.prod(n)) * np.dtype(x.dtype).itemsize
+    if chunks[-1] and size + n > chunk_bytes:
+      chunks.append([])
+      size = 0
+    chunks[-1].append(i)
+    size += n
+  out = [None] * len(flat)
+  handler = ocp.PyTreeCheckpointHandler()
+  with ocp.Checkpointer(handler) as ckptr:
+    for chunk in chunks:
+      wanted = set(chunk)
+      item = [x if i in wanted else ocp.PLACEHOLDER for i, (_, x) in enumerate(flat)]
+      args = [ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype) if i in wanted
+              else ocp.PLACEHOLDER for i, (_, x) in enumerate(flat)]
+      restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=jax.tree_util.tree_unflatten(treedef, item),
+          restore_args=jax.tree_util.tree_unflatten(treedef, args)))
+      leaves = jax.tree_util.tree_leaves(restored, is_leaf=lambda x: x is ocp.PLACEHOLDER)
+      for i in chunk:
+        out[i] = transform(flat[i][0], leaves[i])
+      del restored, leaves
+  return jax.tree_util.tree_unflatten(treedef, out), config
 
 
 # ---------------------------------------------------------------- version 1 (list of layers)

@@ -18,6 +18,7 @@ LAYER_KINDS = (LOCAL, GLOBAL, RECURRENT)
 
 _ACTIVATIONS = ("geglu", "swiglu", "gelu")
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+_QUANTIZE_MODES = ("int8",)  # models/quant.py MODES (config.py stays free of JAX imports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,9 @@ class ModelConfig:
   valid_vocab_size: int | None = None  # tokens a tokenizer can produce; rows past it are padding
   tokenizer: str = ""             # names the tokenizer, so mismatched draft/target pairs are caught
   dtype: str = "float32"          # parameter and activation dtype
+  # Weight-only quantization of the matmul weights (models/quant.py): None, or "int8" (int8
+  # values with float32 per-output-channel scales; activations stay in `dtype`).
+  quantize: str | None = None
 
   def __post_init__(self):
     problems = []
@@ -109,6 +113,8 @@ class ModelConfig:
         problems.append("rope_llama3 must be (factor, low_freq_factor, high_freq_factor, "
                         "original_max_position_embeddings), all positive, low < high; "
                         f"got {r}")
+    if self.quantize not in (None,) + _QUANTIZE_MODES:
+      problems.append(f"quantize must be None or one of {_QUANTIZE_MODES}, got {self.quantize!r}")
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
 

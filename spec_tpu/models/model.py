@@ -15,6 +15,10 @@ An attention layer (kinds local and global) is
   {attn_norm (d), attn: {q (h d e), k (k d e), v (k d e), o (h e d), [q_norm (e), k_norm (e)]},
    [post_attn_norm (d)], ffw_norm (d), ffw: {[gate (d f)], up (d f), down (f d)},
    [post_ffw_norm (d)]}
+With cfg.quantize = "int8", every matmul weight (and a tied embedding table) is instead
+{"w": int8 of the same shape, "scale": float32 over its output axes} (models/quant.py; a stacked
+entry's scale keeps the leading l axis), and every matmul goes through quant.einsum, which takes
+either form.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layers
 from spec_tpu.models import layout
+from spec_tpu.models import quant
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
 
 F32 = jnp.float32
@@ -88,7 +93,27 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
       for j, kind in enumerate(cfg.layer_pattern)] if cfg.num_groups else []
   params["remainder"] = [init_layer(cfg, cfg.layer_pattern[r], keys[2 + n + r], dtype)
                          for r in range(cfg.num_remainder)]
+  if cfg.quantize:
+    params = quantize(params, cfg)
   return params
+
+
+def quantize(params, cfg: ModelConfig, **kw):
+  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
+  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
+  quant.quantize_params (out_shardings, delete_source)."""
+  from spec_tpu import sharding  # sharding imports this package's cache and config
+  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
+
+
+def quantize(params, cfg: ModelConfig, **kw):
+  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
+  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
+  quant.quantize_params (out_shardings, delete_source)."""
+  from spec_tpu import sharding  # sharding imports this package's cache and config
+  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
 
 
 def _norm(cfg, x, scale):
@@ -97,9 +122,9 @@ def _norm(cfg, x, scale):
 
 def _project_qkv(cfg, p, x_btd, positions_bt, kind):
   """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them)."""
-  q = jnp.einsum("btd,hde->bthe", x_btd, p["q"])
-  k = jnp.einsum("btd,kde->bkte", x_btd, p["k"])
-  v = jnp.einsum("btd,kde->bkte", x_btd, p["v"])
+  q = quant.einsum("btd,hde->bthe", x_btd, p["q"])
+  k = quant.einsum("btd,kde->bkte", x_btd, p["k"])
+  v = quant.einsum("btd,kde->bkte", x_btd, p["v"])
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
     k = _norm(cfg, k, p["k_norm"])
@@ -141,7 +166,7 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: cache_lib.KVCache 
     blocks.append((lc.k, lc.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
   blocks.append((k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt)))
   a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
-  a = jnp.einsum("bthe,hed->btd", a, lp["attn"]["o"])
+  a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
   x_btd = x_btd + a
@@ -235,7 +260,9 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
 
 
 def _embed(cfg, params, tokens_bt):
-  x = jnp.take(params["embed"], tokens_bt, axis=0)
+  x = quant.embed_lookup(params["embed"], tokens_bt)
+  if quant.is_quantized(params["embed"]):
+    x = x.astype(cfg.dtype)
   if cfg.scale_embeddings:
     # Gemma rounds the normalizer to the activation dtype.
     x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
@@ -245,9 +272,9 @@ def _embed(cfg, params, tokens_bt):
 def _unembed(cfg, params, x_btd):
   x = _norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
   logits = layers.softcap(logits, cfg.final_logit_softcap)
   if cfg.num_tokens < cfg.vocab_size:
     # Padding rows of the embedding table can never be sampled.

@@ -296,8 +296,9 @@ def partial_rope(x_bthe, positions_bt, fraction: float, base: float = 10_000.0):
   e = x_bthe.shape[-1]
   rotated = int(round(e * fraction))
   if rotated == e:
-    return layers.rope(x_bthe, positions_bt, base, 1.0)
-  head = layers.rope(x_bthe[..., :rotated], positions_bt, base, 1.0)
+    return layers.rope(x_bthe, positions_bt[:, :, None], base, 1.0)
+  # layers.rope broadcasts positions against x's other axes (b t 1 for b t h e).
+  head = layers.rope(x_bthe[..., :rotated], positions_bt[:, :, None], base, 1.0)
   return jnp.concatenate([head, x_bthe[..., rotated:]], axis=-1)
 
 
@@ -318,7 +319,10 @@ def local_attention(cfg: ModelConfig, p: dict, x_btd, positions_bt):
   q = (q.astype(F32) * scale).astype(q.dtype)
   qp, kp = positions_bt[:, :, None], positions_bt[:, None, :]
   mask = (kp <= qp) & (kp > qp - cfg.sliding_window)
-  a = layers.attend(q, [(k, v, mask)], cfg.num_kv_heads, cfg.attn_logit_softcap)
+  # layers.attend takes keys and values heads-major (b k s e).
+  heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+  a = layers.attend(q, [(heads_major(k), heads_major(v), mask)], cfg.num_kv_heads,
+                    cfg.attn_logit_softcap)
   return jnp.einsum("bthe,hed->btd", a, p["o"]) + p["o_bias"]
 
 

@@ -103,7 +103,11 @@ class StepTimer:
     import jax
     import numpy as np
     tokens = np.full((self.batch, num_tokens), 4, np.int32)
-    compiled = self._fn.lower(self.params, tokens, 0).compile()
+    from spec_tpu.decoding import sampler
+    # The same XLA options as the decode programs, so steps are timed as the loop runs them.
+    platform = jax.tree.leaves(self.params)[0].sharding.device_set.pop().platform
+    compiled = self._fn.lower(self.params, tokens, 0).compile(
+        sampler.compiler_options(platform))
 
     def timed(n):
       best = float("inf")

@@ -1,32 +1,37 @@
-"""Will a setup fit? AOT-compiles the whole decode program on a (simulated) mesh with abstract
-parameters, nothing allocated, and reports memory per device against TPU v4 / v5e / v5p HBM.
+"""Will a setup fit, and how fast might it run? AOT-compiles the whole decode program on a
+(simulated) mesh with abstract parameters, nothing allocated, and reports memory per device; on
+a TPU topology, also a roofline estimate of step times.
 
     python -m launch.plan --config=configs/chinchilla_70b.py --topology=1x16 --batch=1 --context=2048
     python -m launch.plan --config=configs/chinchilla_70b.py --topology=2x8 --batch=2 --context=2048
     python -m launch.plan --config=configs/gemma2_27b.py --topology=1x16 --context=8192
     python -m launch.plan --config=configs/gemma3_27b.py --topology=1x16 --context=32768
-    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:4x4   # needs libtpu
-    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --quantize=none,int8
+    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v4:2x2x2 --topology=1x16 \
+        --batch=1 --context=2048                                             # needs libtpu
+    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --topology=1x8 \
+        --batch=1 --context=2048 --quantize=none,int8
 
-The program is `jax.jit(decode.generate).lower(...).compile()` (Sampler.generate's program) with
-jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables the Sampler
-uses). `--context` is the cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
-  compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries
+The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
+their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
+cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
+  compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries (the
+             caches live inside the program, so they count here)
   analytic   weights and KV caches from the shardings alone
-On CPU the mesh is simulated: the launcher raises jax_num_cpu_devices itself before any JAX op.
-XLA:CPU computes bfloat16 dots in float32 and hoists float32 copies of the weights out of the
-decode loop, so its temporaries overstate an accelerator's by about 2 bytes per bf16 weight; the
-verdict uses that corrected estimate on CPU (labelled as such) and the compiled total elsewhere.
-The estimate is rough: for Chinchilla 70B + 4B on 1x16 (batch 1, context 2048) it says 9.2 GiB
-where an exact v5e compile (--tpu=v5e:4x4) needs 12.4 GiB, so narrow margins are flagged.
-`--tpu=TOPOLOGY` (e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2) compiles for real TPU devices described by
-libtpu, without TPU hardware, and gives exact numbers for that chip.
+On CPU the mesh is simulated: the launcher raises jax_num_cpu_devices itself before any JAX op,
+and the verdict against TPU v4 / v5e / v5p HBM is an estimate (XLA:CPU's temporaries are not a
+TPU's, e.g. its float32 copy of one layer's bf16 weights).
+`--tpu=TOPOLOGY` (e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2) compiles for TPU devices described by libtpu,
+without TPU hardware: exact memory for that device, and a roofline estimate per device
+(spec_tpu/roofline.py) of one target step, one verification of K+1 tokens and one draft step,
+from the TPU compiler's cost analysis, with the speedup at the --acceptance rates.
 `--quantize=none,int8` plans each weight form in turn (target and draft alike; default: as the
-config says) and ends with a side-by-side table.
+config says) and ends with a side-by-side table; a form the TPU compiler refuses for lack of
+memory is reported as DOES NOT FIT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -48,8 +53,11 @@ _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtp
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the report here.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for target and draft "
                               "alike: none (float) and/or int8 (default: the config's).")
+_ACCEPTANCE = flags.DEFINE_list("acceptance", ["0.6", "0.7", "0.8", "0.9"],
+                                "Acceptance rates a for the --tpu speed estimate.")
 
 GIB = 1 << 30
+# Per chip, one jax device per chip (v4/v5p megacore); --tpu checks the device it compiled for.
 HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
 
 
@@ -110,17 +118,78 @@ def _per_device_bytes(structs, shardings) -> int:
                  for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))))
 
 
-def _f32_copy_bytes(structs, shardings) -> int:
-  """Bytes of float32 copies of the bf16 and int8 weight matrices (what XLA:CPU makes)."""
+def _step_cost(cfg, rules, mesh, batch: int, context: int, t: int, spec_tokens: int):
+  """What one forward of t tokens per row costs one device, with a cache of `context` slots.
+
+  Flops and collectives: XLA's cost analysis and HLO of unrolled programs of one and of two layer
+  groups, extrapolated to the depth (while-loop bodies count once in XLA's cost analysis, so the
+  scanned program would not do). HBM bytes: every param and cache array's per-device bytes (the
+  attention reads every cache slot), except an untied embedding table (t rows are gathered).
+  """
   import jax
   import numpy as np
-  return int(sum(np.prod(s.shard_shape(x.shape)) * 4
-                 for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))
-                 if np.dtype(x.dtype).itemsize < 4 and len(x.shape) >= 2))
+  from spec_tpu import roofline, sharding
+  from spec_tpu.models import cache as cache_lib, model
+
+  def abstract(c):
+    shapes = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
+    p_sh = sharding.param_shardings(c, mesh, rules, shapes)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, p_sh)
+    cache = cache_lib.abstract_cache(c, batch, context, spec_tokens)
+    c_sh = sharding.cache_shardings(cache, mesh, rules)
+    cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         cache, c_sh)
+    return params, p_sh, cache, c_sh
+
+  def cost(groups: int):
+    c = cfg.replace(num_layers=groups * len(cfg.layer_pattern) + cfg.num_remainder)
+    params, _, cache, _ = abstract(c)
+    tokens = jax.ShapeDtypeStruct((batch, t), np.int32,
+                                  sharding=sharding.batch_sharding(mesh, (batch, t), rules))
+    step = jax.jit(lambda p, x, kv: model.forward(p, c, x, kv, unrolled=True), donate_argnums=2)
+    return roofline.program_cost(step.lower(params, tokens, cache).compile())
+
+  total = (cost(cfg.num_groups) if cfg.num_groups <= 1
+           else roofline.extrapolate(cost(1), cost(2), cfg.num_groups))
+  params, p_sh, cache, c_sh = abstract(cfg)
+  if not cfg.tie_embeddings:
+    params, p_sh = (dict(x, embed=None) for x in (params, p_sh))
+  hbm = _per_device_bytes(params, p_sh) + _per_device_bytes(cache, c_sh)
+  return dataclasses.replace(total, hbm_bytes=float(hbm))
+
+
+def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
+                   acceptances) -> dict:
+  """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
+  a draft step on this TPU, per device, and of speculative rounds at the given acceptances."""
+  from spec_tpu import roofline
+  chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
+  start = time.perf_counter()
+  programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
+  if k > 0:
+    programs["draft_step"] = (setup.draft, 1)
+  costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
+           for name, (m, t) in programs.items()}
+  times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
+  out = dict(chip=chip.name, device_share_of_chip=share,
+             hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
+             bf16_flops_per_s=chip.bf16_flops_per_s * share,
+             collective_latency_s=roofline.COLLECTIVE_LATENCY_S,
+             compile_seconds=time.perf_counter() - start,
+             programs={name: dict(cost=dataclasses.asdict(costs[name]), seconds=times[name])
+                       for name in costs})
+  if k > 0:
+    out["speculative"] = {
+        str(a): roofline.speculative(times["target_step"]["total"], times["verify"]["total"],
+                                     times["draft_step"]["total"], k, float(a))
+        for a in acceptances}
+  return out
 
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
-         max_new: int | None, tpu_topology: str | None = None) -> dict:
+         max_new: int | None, tpu_topology: str | None = None,
+         acceptances=(0.6, 0.7, 0.8, 0.9)) -> dict:
   import jax
   import numpy as np
   from launch import common
@@ -171,17 +240,22 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   start = time.perf_counter()
   lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
   lower_s = time.perf_counter() - start
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
   # does not change buffer assignment, which is what memory_analysis reports).
+  from spec_tpu.decoding import sampler
+  options = sampler.compiler_options(devices[0].platform)  # what the Sampler compiles with
+  if devices[0].platform == "cpu":
+    options.update(_CPU_FAST_COMPILE)
   try:
-    compiled = lowered.compile(_CPU_FAST_COMPILE if devices[0].platform == "cpu" else None)
+    compiled = lowered.compile(options)
   except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the program: "
                      f"{str(e).splitlines()[0]}") from None
-  compile_s = time.perf_counter() - start
+  # CPU time too: on a shared machine the wall time depends on everyone else's load.
+  compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
 
   weights = {"target": _per_device_bytes(tp, t_sh),
@@ -190,11 +264,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
-  upcast = 0
-  if platform == "cpu":
-    upcast = _f32_copy_bytes(tp, t_sh) + (_f32_copy_bytes(dp, d_sh) if draft else 0)
-    upcast = min(upcast, mem.temp_size_in_bytes)
-  need = compiled_total - upcast
+  need = compiled_total
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
       quantize=setup.target.cfg.quantize or "none",
@@ -202,16 +272,23 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
       batch=batch, context=context, prompt_len=prompt_len, max_new_tokens=max_new, k=k,
-      lower_seconds=lower_s, compile_seconds=compile_s,
+      lower_seconds=lower_s, compile_seconds=compile_s, compile_cpu_seconds=compile_cpu_s,
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
                     generated_code=mem.generated_code_size_in_bytes, total=compiled_total),
       analytic=dict(weights=weights, kv_caches=caches,
                     total=sum(weights.values()) + sum(caches.values())),
-      cpu_f32_weight_copies=upcast, estimated_need=need,
-      estimate_basis=("compiled total minus XLA:CPU's float32 weight copies (estimate)"
-                      if upcast else "compiled total"),
+      estimated_need=need,
+      estimate_basis=("compiled total on CPU (XLA:CPU's float32 copy of one layer's weights "
+                      "included; confirm with --tpu)" if platform == "cpu" else "compiled total"),
       fits={chip: need <= hbm for chip, hbm in HBM.items()})
+  if platform == "tpu":
+    from spec_tpu import roofline
+    device = devices[0]
+    hbm = roofline.CHIPS[device.device_kind].hbm_bytes * roofline.device_share(device)
+    report["device_hbm"] = hbm
+    report["fits"] = {device.device_kind: need <= hbm}
+    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances)
   return report
 
 
@@ -225,7 +302,7 @@ def format_report(r: dict) -> str:
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
       f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
-      f"{r['compile_seconds']:.1f} s"
+      f"{r['compile_seconds']:.1f} s ({r['compile_cpu_seconds']:.1f} s of CPU time)"
       + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
          "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
       "",
@@ -241,12 +318,10 @@ def format_report(r: dict) -> str:
       f"  draft KV cache              {g(a['kv_caches']['draft'])}",
       f"  total                       {g(a['total'])}",
   ]
-  if r["cpu_f32_weight_copies"]:
-    lines.append(f"  XLA:CPU f32 weight copies   {g(r['cpu_f32_weight_copies'])} "
-                 "(not needed on TPU: subtracted)")
-  estimated = bool(r["cpu_f32_weight_copies"])
+  estimated = r["platform"] == "cpu"
   lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
-  for chip, hbm in HBM.items():
+  chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)
+  for chip, hbm in chips.items():
     spare = hbm - r["estimated_need"]
     if spare < 0:
       verdict = f"DOES NOT FIT (short by {-spare / GIB:.1f} GiB)"
@@ -256,7 +331,39 @@ def format_report(r: dict) -> str:
         # Compiling for a real TPU (--tpu) measured ~3 GiB more than this estimate for 70B.
         verdict += ", borderline for an estimate: confirm with --tpu"
     lines.append(f"  {chip:8s} {hbm / GIB:4.0f} GiB HBM: {verdict}")
+  if "speed" in r:
+    lines += ["", *format_speed(r["speed"], r["k"])]
   return "\n".join(lines)
+
+
+def format_speed(sp: dict, k: int) -> list[str]:
+  ms = lambda s: f"{s * 1e3:8.3f}"  # noqa: E731
+  lines = [
+      f"speed per device: an ESTIMATE from the TPU compiler's cost analysis (roofline: bytes / "
+      f"HBM bandwidth vs flops / peak, plus {sp['collective_latency_s'] * 1e6:.0f} us assumed "
+      "per collective; spec_tpu/roofline.py says what it leaves out)",
+      f"  {sp['chip']} x {sp['device_share_of_chip']:g} per device: "
+      f"{sp['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM, {sp['bf16_flops_per_s'] / 1e12:.1f} "
+      f"TFLOP/s bf16; step programs compiled in {sp['compile_seconds']:.1f} s",
+      "  program        HBM GiB  XLA's GiB*   GFLOP  collectives  memory ms compute ms   coll. ms"
+      "  estimate ms"]
+  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step"}
+  for name, p in sp["programs"].items():
+    c, t = p["cost"], p["seconds"]
+    lines.append(f"  {names[name]:13s} {c['hbm_bytes'] / GIB:8.3f} {c['xla_bytes'] / GIB:10.3f} "
+                 f"{c['flops'] / 1e9:8.1f} {c['collectives']:12.0f} {ms(t['memory'])}  "
+                 f"{ms(t['compute'])} {ms(t['collectives'])}     {ms(t['total'])}")
+  if "speculative" in sp:
+    first = next(iter(sp["speculative"].values()))
+    lines.append("  * XLA:TPU's bytes accessed of a one-layer-group program, for reference (it counts "
+                 "fused temporaries and on-chip copies; not HBM traffic)")
+    lines.append(f"  K = {k}: c = draft / target step = {first['c']:.3f}; a round (K draft steps + "
+                 f"verify) = {first['round_s'] * 1e3:.2f} ms")
+    lines.append("  acceptance a  tokens/round  ms/token  speedup  (formula with c)")
+    for a, e in sp["speculative"].items():
+      lines.append(f"  {float(a):12.2f} {e['tokens_per_round']:13.2f} {e['s_per_token'] * 1e3:9.2f}"
+                   f" {e['speedup']:7.2f}x  ({e['formula_speedup']:.2f}x)")
+  return lines
 
 
 def main(argv):
@@ -282,7 +389,7 @@ def main(argv):
     try:
       report = plan(common.with_quantize(config, mode), topology,
                     _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
-                    _MAX_NEW.value, _TPU.value)
+                    _MAX_NEW.value, _TPU.value, tuple(float(a) for a in _ACCEPTANCE.value))
     except DoesNotFit as e:
       # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
       print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)

@@ -1,6 +1,7 @@
 """The launchers as users run them: sampling to JSONL, resuming after SIGKILL, planning a 70B
 setup without allocating it, and refusing bad input before anything compiles."""
 
+import importlib.util
 import json
 import os
 import re
@@ -397,6 +398,38 @@ def test_plan_tiny_on_2x8_reports_memory(tmp_path):
   report = json.loads(report_path.read_text())
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
+  # Given the tiny pair and a TPU v5e 2x4 slice described by libtpu (no TPU attached),
+  report_path = tmp_path / "plan.json"
+  env = _env(tmp_path, devices=1)
+  del env["JAX_PLATFORMS"]
+  env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
+             TPU_WORKER_HOSTNAMES="localhost")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--tpu=v5e:2x4",
+       "--topology=1x8", "--batch=1", "--context=64", "--config.sampling.max_new_tokens=8",
+       "--acceptance=0.5,0.9", f"--output_json={report_path}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(report_path.read_text())
+  # when it plans the decode program there,
+  assert report["platform"] == "tpu" and report["device_kind"] == "TPU v5 lite"
+  assert report["fits"] == {"TPU v5 lite": True}
+  # then it estimates a target step, a verification of K+1 and a draft step from what the TPU
+  # compiler says they read, compute and communicate,
+  speed, weights = report["speed"], report["analytic"]["weights"]
+  steps = {name: p["seconds"]["total"] for name, p in speed["programs"].items()}
+  target = speed["programs"]["target_step"]["cost"]
+  assert 0 < target["hbm_bytes"] <= weights["target"] + report["analytic"]["kv_caches"]["target"]
+  assert target["collectives"] > 0 and target["flops"] > 0  # tensor parallel over 8 devices
+  assert 0 < steps["draft_step"] < steps["target_step"] <= steps["verify"]
+  # and the expected speedup grows with the acceptance rate.
+  low, high = speed["speculative"]["0.5"], speed["speculative"]["0.9"]
+  assert low["speedup"] < high["speedup"] and low["c"] == high["c"] < 1
+  assert "ESTIMATE" in proc.stdout
 
 
 def test_second_plan_loads_its_program_from_the_compile_cache(tmp_path):

@@ -61,6 +61,17 @@ class Result:
             "tokens_per_target_call": self.tokens_per_call(row)}
 
 
+# XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion hoists the float32
+# copy of each stacked weight out of the layer scan: a float32 copy of the whole model, twice the
+# bf16 weights' memory. Without that pass the copy is one layer's at a time.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compiler_options(platform: str) -> dict | None:
+  """XLA options for compiling a decode program for devices of this platform."""
+  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def check_pair(target: ModelConfig, draft: ModelConfig):
   """Draft and target must share a tokenizer; padded embedding tables may differ in size."""
   if target.tokenizer != draft.tokenizer:
@@ -134,7 +145,7 @@ class Sampler:
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32))
-    return jitted.lower(*args).compile()
+    return jitted.lower(*args).compile(compiler_options(mesh.devices.flat[0].platform))
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:

@@ -6,9 +6,10 @@ Both give the unstacked layout: {embed (v d), final_norm (d), layers: [one dict 
 layer being, by kind (config.layer_types):
   recurrent: {recurrent_norm (d), recurrent: models/recurrent.py's block params, ffw_norm (d),
               ffw: {gate (d f), gate_bias (f), up (d f), up_bias (f), down (f d), down_bias (d)}}
-  local:     {attn_norm (d), attn: {q (d h e), k (d k e), v (d k e), o (h e d), o_bias (d)},
+  local:     {attn_norm (d), attn: {q (h d e), k (k d e), v (k d e), o (h e d), o_bias (d)},
               ffw_norm (d), ffw: as above}
-Stacking layers per repeating group of the layer pattern is the decoder's business.
+`stacked` turns that into the decoder's layout (layers stacked per group of the pattern,
+models/layout.py).
 
 Every name, shape and layer kind is checked before any tensor is read; a missing conv or gate
 tensor, a stray tensor, or a layer whose weights are of the other kind than the config's layer
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_tpu.checkpoints.hf import HFConversionError
+from spec_tpu.models import layout
 from spec_tpu.models.config import LOCAL, RECURRENT, ModelConfig
 
 
@@ -151,8 +153,8 @@ def _hf_plan(cfg: ModelConfig) -> Iterator[Step]:
   w, c = cfg.recurrent_width, cfg.conv1d_width
   i = w // h
 
-  def heads_in(n):  # (n*e, d) -> (d n e)
-    return lambda a: a.reshape(n, e, d).transpose(2, 0, 1)
+  def heads_in(n):  # (n*e, d) -> (n d e), heads-major as the decoder's (model.py)
+    return lambda a: a.reshape(n, e, d).transpose(0, 2, 1)
 
   yield "model.embed_tokens.weight", (v, d), ("embed",), _same
   yield "model.final_norm.weight", (d,), ("final_norm",), _same
@@ -273,9 +275,10 @@ def _reference_plan(cfg: ModelConfig) -> Iterator[Step]:
                                        "has exactly one key/value head")
       t, A = p + "attention_block/", L + ("attn",)
       yield p + "temporal_pre_norm/scale", (d,), L + ("attn_norm",), _same
-      yield t + "proj_q/kernel", (d, h * e), A + ("q",), lambda a: a.reshape(d, h, e)
-      yield t + "proj_k/kernel", (d, e), A + ("k",), lambda a: a.reshape(d, 1, e)
-      yield t + "proj_v/kernel", (d, e), A + ("v",), lambda a: a.reshape(d, 1, e)
+      yield (t + "proj_q/kernel", (d, h * e), A + ("q",),
+             lambda a: a.reshape(d, h, e).transpose(1, 0, 2))
+      yield t + "proj_k/kernel", (d, e), A + ("k",), lambda a: a.reshape(1, d, e)
+      yield t + "proj_v/kernel", (d, e), A + ("v",), lambda a: a.reshape(1, d, e)
       yield t + "proj_final/kernel", (h * e, d), A + ("o",), lambda a: a.reshape(h, e, d)
       yield t + "proj_final/bias", (d,), A + ("o_bias",), _same
     yield p + "channel_pre_norm/scale", (d,), L + ("ffw_norm",), _same
@@ -367,6 +370,14 @@ def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- shared
+
+def stacked(params: Mapping, cfg: ModelConfig, stack_fn: Callable = np.stack) -> dict:
+  """The decoder's params (models/model.py) from the unstacked layout: the per-layer dicts
+  stacked per period of the layer pattern (layout.stack)."""
+  groups, remainder = layout.stack(cfg, params["layers"], stack_fn)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  return dict(out, groups=groups, remainder=remainder)
+
 
 def _check(plan: list[Step], names: set[str], shape_of, dtype_of, ignorable, error,
            cfg: ModelConfig) -> None:

@@ -23,6 +23,7 @@ from spec_tpu.checkpoints import recurrent_convert
 from spec_tpu.checkpoints.hf import HFConversionError
 from spec_tpu.checkpoints.recurrent_convert import ReferenceConversionError
 from spec_tpu import sharding
+from spec_tpu.decoding import decode
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, layers, model, recurrent
 from spec_tpu.models.config import LOCAL, RECURRENT
@@ -500,6 +501,52 @@ def test_inserting_a_row_replaces_its_recurrent_state():
     np.testing.assert_array_equal(jnp.take(g, 0, axis=axis), jnp.take(o, 0, axis=axis))
   jax.tree.map(check, cache_lib.logical_axes(got), got, old, fresh, is_leaf=_is_axes)
   assert isinstance(got.groups[0], recurrent.RecurrentState)
+
+
+# ---------------------------------------------------------------- rollback in the decode loop
+
+def _recurrent_states(cache):
+  """Each recurrent entry's (h, conv), in depth order of the entries."""
+  entries = cache_lib.recurrent_entries(cache)
+  return [e for e in entries.groups + entries.remainder if e is not None]
+
+
+def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(reference):
+  # Given a recurrent target and a different recurrent draft in the speculative decode loop,
+  # sampling at T = 1 (so rounds end in partial rejections), over ragged prompts,
+  k = 3
+  target = _decoder_params(reference)
+  draft = model.init_params(CFG, jax.random.key(30))
+  spec = decode.LoopSpec(target=CFG, draft=CFG, k=k, k_max=k, max_top_k=0, max_len=48,
+                         out_len=k + 1, eos_id=None)
+  b = 4
+  lengths = jnp.array([6, 1, 9, 4])
+  prompts = jax.random.randint(jax.random.key(31), (b, 9), 0, CFG.vocab_size)
+  rows = decode.Rows(jnp.ones((b,), jnp.float32), jnp.ones((b,), jnp.float32),
+                     jnp.zeros((b,), jnp.int32), jnp.stack([jnp.arange(b), jnp.zeros(b)], 1)
+                     .astype(jnp.uint32), jnp.full((b,), 1000, jnp.int32))
+  state, _ = jax.jit(decode.prefill, static_argnums=0, static_argnames="with_draft")(
+      spec, target, draft, prompts, lengths, rows, with_draft=True)
+  round_ = jax.jit(decode.round_, static_argnums=0)
+  fresh = jax.jit(lambda params, tokens, n: model.forward(
+      params, CFG, tokens, cache_lib.init_cache(CFG, b, spec.max_len, k + 1), n)[1])
+  partial = 0
+  for _ in range(8):
+    before = state.target_cache.length
+    # when a round drafts K tokens, verifies K + 1 and rolls both caches back,
+    state, _, _ = round_(spec, target, draft, state)
+    accepted = state.target_cache.length - before - 1
+    partial += int(jnp.sum((accepted > 0) & (accepted < k)))
+    # then every kept recurrent state (target and draft, every layer, every row) is the state
+    # a fresh forward over exactly the kept prefix computes.
+    for name, params, cache in (("target", target, state.target_cache),
+                                ("draft", draft, state.draft_cache)):
+      want = fresh(params, state.tokens_bs, cache.length)
+      for got_s, want_s in zip(_recurrent_states(cache), _recurrent_states(want)):
+        _assert_state(got_s, want_s.h, want_s.conv,
+                      msg=f"{name} lengths {cache.length} (accepted {accepted})")
+  # (the rounds did roll back past rejected drafts, not only keep everything).
+  assert partial >= 3
 
 
 def test_config_from_reference_params_is_the_tiny_preset(reference):

@@ -549,6 +549,29 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   assert partial >= 3
 
 
+def test_a_released_style_reference_checkpoint_converts_to_a_servable_one(reference, tmp_path):
+  # Given the reference's params saved as its released checkpoints are (an orbax PyTree),
+  import orbax.checkpoint as ocp
+  from spec_tpu.checkpoints import checkpoint
+  model_ref, ref_params, _ = reference
+  src, dst = tmp_path / "2b", tmp_path / "converted"
+  ocp.PyTreeCheckpointer().save(src, jax.tree.map(np.asarray, ref_params))
+  # when launch.convert --from=reference's function converts it,
+  cfg = recurrent_convert.convert_reference_directory(src, dst, dtype="float32",
+                                                      attention_window_size=WINDOW)
+  # then the checkpoint restores (its config implies its shapes) and serves the reference's
+  # logits through the one decoder.
+  params, stored = checkpoint.restore(dst)
+  assert stored == cfg and cfg.layer_pattern == CFG.layer_pattern and cfg.tokenizer == "gemma"
+  tokens = jax.random.randint(jax.random.key(25), (1, SEQ), 0, CFG.vocab_size)
+  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(1, SEQ),
+                            return_cache=False)
+  np.testing.assert_allclose(_forward_full_model(params, CFG, tokens), want, atol=5e-5, rtol=0)
+  # and a source that is not such a checkpoint is one clear error.
+  with pytest.raises(ReferenceConversionError, match="orbax"):
+    recurrent_convert.convert_reference_directory(tmp_path, tmp_path / "x")
+
+
 def test_config_from_reference_params_is_the_tiny_preset(reference):
   cfg = recurrent_convert.config_from_reference(reference[1], attention_window_size=WINDOW,
                                                 dtype="float32")

@@ -319,6 +319,50 @@ def convert_reference_params(tree: Mapping, cfg: ModelConfig, dtype=None) -> dic
   return _materialise(plan, lambda name: np.asarray(flat[name]), cfg, dtype)
 
 
+def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite: bool = False,
+                                attention_window_size: int = 2048,
+                                tokenizer: str = "gemma") -> ModelConfig:
+  """Converts a recurrentgemma checkpoint as released (Kaggle google/recurrentgemma, e.g. its
+  2b/ directory: an orbax PyTree checkpoint of the Flax params) to a spec_tpu checkpoint.
+
+  The config comes from the param shapes (config_from_reference); the window and soft-cap are
+  the released models' (not stored in the params). Returns the ModelConfig.
+  """
+  import os
+
+  import orbax.checkpoint as ocp
+
+  from spec_tpu.checkpoints import checkpoint
+
+  src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+  if not os.path.isdir(src):
+    raise ReferenceConversionError(f"source {src!r} is not a directory (expected the orbax "
+                                   "checkpoint directory of the recurrentgemma params)")
+  if os.path.exists(dst) and not overwrite:
+    raise ReferenceConversionError(f"destination {dst!r} exists; pass --overwrite to replace it")
+  try:
+    tree = ocp.PyTreeCheckpointer().restore(src)
+  except Exception as e:  # orbax raises many types for a directory that is not its format
+    raise ReferenceConversionError(f"cannot restore {src!r} as an orbax checkpoint: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                   ) from None
+  tree = jax_tree_to_numpy(tree)
+  cfg = config_from_reference(tree, name=os.path.basename(src.rstrip(os.sep)),
+                              attention_window_size=attention_window_size,
+                              dtype=dtype or "bfloat16").replace(tokenizer=tokenizer)
+  params = stacked(convert_reference_params(tree, cfg), cfg)
+  checkpoint.save(dst, params, cfg, extra={"source": "recurrentgemma", "src": src},
+                  overwrite=overwrite)
+  return cfg
+
+
+def jax_tree_to_numpy(tree):
+  """Nested dicts with numpy leaves (orbax restores jax or numpy arrays)."""
+  if isinstance(tree, Mapping):
+    return {k: jax_tree_to_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
 def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
                           attention_window_size: int = 2048, logits_soft_cap: float = 30.0,
                           dtype: str = "bfloat16") -> ModelConfig:

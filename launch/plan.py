@@ -246,10 +246,10 @@ def format_report(r: dict) -> str:
   ]
   for role in ("target", "draft"):
     if a.get("recurrent_states", {}).get(role):
-      lines += [f"    {role} recurrent state (in its cache above)  "
-                f"{g(a['recurrent_states'][role])}",
-                f"  {role} verification trace    {g(a['verification_traces'][role])}"
-                " (states per position, held until the rollback)"]
+      lines += [f"  {role + ' recurrent state':28s}{g(a['recurrent_states'][role])}"
+                " (part of its cache above)",
+                f"  {role + ' verification trace':28s}{g(a['verification_traces'][role])}"
+                " (a state per position, held until the rollback)"]
   lines += [
       f"  total                       {g(a['total'])}",
   ]

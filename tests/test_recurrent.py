@@ -572,6 +572,33 @@ def test_a_released_style_reference_checkpoint_converts_to_a_servable_one(refere
     recurrent_convert.convert_reference_directory(tmp_path, tmp_path / "x")
 
 
+@pytest.mark.parametrize("drop", ["blocks.0/recurrent_block/conv_1d/w",
+                                  "blocks.1/recurrent_block/rg_lru/a_gate/b"])
+def test_launch_convert_names_a_missing_conv_or_gate_tensor_in_one_line(reference, tmp_path,
+                                                                        drop):
+  # Given a reference checkpoint missing a conv or gate tensor,
+  import subprocess
+  import sys
+  import orbax.checkpoint as ocp
+  params = jax.tree.map(np.asarray, reference[1])
+  *path, leaf = drop.split("/")
+  node = params
+  for key in path:
+    node = node[key]
+  del node[leaf]
+  ocp.PyTreeCheckpointer().save(tmp_path / "src", params)
+  # when launch.convert --from=reference reads it,
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", "--from=reference",
+                         f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'dst'}"],
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        capture_output=True, text=True, timeout=300)
+  # then it fails with one line naming the tensor, and writes nothing.
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and drop in lines[0], proc.stderr
+  assert not (tmp_path / "dst").exists()
+
+
 def test_config_from_reference_params_is_the_tiny_preset(reference):
   cfg = recurrent_convert.config_from_reference(reference[1], attention_window_size=WINDOW,
                                                 dtype="float32")

@@ -403,7 +403,11 @@ def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
 
 def _first_conv(root, kinds):
   n = kinds.index(RECURRENT)
-  return root[f"blocks.{n}"]["recurrent_block"]["conv_1d"]["w"]
+  try:
+    return root[f"blocks.{n}"]["recurrent_block"]["conv_1d"]["w"]
+  except (KeyError, TypeError):
+    raise ReferenceConversionError(f"missing tensor 'blocks.{n}/recurrent_block/conv_1d/w': "
+                                   "the conv width cannot be read") from None
 
 
 def _shortest_period(kinds: list[str]) -> tuple[str, ...]:

@@ -682,6 +682,25 @@ def test_hf_logits_equal_within_the_window_and_differ_only_at_its_edge(hf_model)
   np.testing.assert_allclose(narrow, want, atol=1e-4, rtol=1e-5)
 
 
+def test_decoder_after_launch_convert_path_equals_transformers(hf_model):
+  # Given a transformers RecurrentGemmaForCausalLM converted as launch.convert --from=hf does
+  # (hf.config_from_hf and hf.convert_params detect it and stack the layers for the decoder),
+  torch = pytest.importorskip("torch")
+  from spec_tpu.checkpoints import hf
+  m, index, cfg, _ = hf_model
+  assert hf.config_from_hf(m.config.to_dict()) == cfg
+  params = jax.tree.map(jnp.asarray, hf.convert_params(index, cfg))
+  tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, SEQ))
+  with torch.no_grad():
+    want = m(torch.tensor(tokens), use_cache=False).logits.numpy()
+  # then the decoder's logits are transformers' below the window edge,
+  got = np.asarray(_forward_full_model(params, cfg, jnp.asarray(tokens)))
+  np.testing.assert_allclose(got[:, :WINDOW], want[:, :WINDOW], atol=1e-4, rtol=1e-5)
+  # and everywhere with transformers' (one key narrower) reading of the window.
+  narrow = _forward_full_model(params, cfg.replace(sliding_window=WINDOW), jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(narrow), want, atol=1e-4, rtol=1e-5)
+
+
 def test_hf_and_reference_conversions_agree_on_released_shapes():
   transformers = pytest.importorskip("transformers")
   # transformers' conversion script's 2B config: intermediate_size 15360 is a 7680 MLP.

@@ -30,8 +30,10 @@ state after a right-padded row's real tokens is select(trace, num_new_b).
   - Target verification: t = K + 1 (the last sampled token and K drafts). After n accepted
     drafts the kept count is n + 1, the same count the attention layers' length moves by.
   - A recurrent draft: its K calls (decode.py: the 1-2 pending tokens, then K-1 single steps)
-    each end in a state; the scan over steps stacks them (n b w and n b (c-1) w) and
-    select_step picks the one at the draft's kept length.
+    each end in a state; the scan over steps stacks them (n b w and n b (c-1) w),
+    steps_trace makes them a Trace that starts after the first call, and the same select
+    picks the one at the draft's kept length (cache.rollback does both, in decode.py's round;
+    select_step is the direct form).
 Extra memory per verification, held from the forward to the rollback: per recurrent layer
 b (K+1) w float32 for h plus b (K+1) w activations for the conv inputs (the c-1 window part is
 the cache itself); verification_trace_bytes gives the total for launch.plan.

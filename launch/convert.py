@@ -3,9 +3,15 @@
     python -m launch.convert --from=hf --src=/models/gemma-2-2b --dst=/ckpt/gemma2_2b \
         [--dtype=bfloat16] [--quantize=int8] [--overwrite]
 
+    python -m launch.convert --from=reference --src=/models/recurrentgemma/2b \
+        --dst=/ckpt/recurrentgemma_2b
+
 --from=hf: a transformers model directory (config.json + *.safetensors). Pickle-based weights
-(*.bin, *.pt) are refused, and no remote code is ever run. The logic lives in
-spec_tpu.checkpoints.hf.convert_directory; this file only parses flags.
+(*.bin, *.pt) are refused, and no remote code is ever run. RecurrentGemmaForCausalLM is
+detected from config.json. The logic lives in spec_tpu.checkpoints.hf.convert_directory.
+--from=reference: a RecurrentGemma checkpoint of the recurrentgemma package as released (the
+orbax PyTree checkpoint of its Flax params, e.g. Kaggle's google/recurrentgemma 2b/ or 9b/);
+spec_tpu.checkpoints.recurrent_convert.convert_reference_directory. This file only parses flags.
 """
 
 import os
@@ -15,7 +21,9 @@ from absl import logging
 
 from launch import cli
 
-_FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format: hf (Hugging Face safetensors).")
+_FROM = flags.DEFINE_enum("from", None, ["hf", "reference"],
+                          "Source format: hf (Hugging Face safetensors), reference (the "
+                          "recurrentgemma package's orbax param checkpoint).")
 _SRC = flags.DEFINE_string("src", None, "Source model directory.")
 _DST = flags.DEFINE_string("dst", None, "Destination checkpoint directory.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Params dtype (e.g. bfloat16); default: the "
@@ -33,10 +41,19 @@ def main(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-  from spec_tpu.checkpoints import hf  # after flag parsing: --help stays fast
-  # HFConversionError, SafetensorsError, CheckpointError: one line each (cli.run).
-  cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
-                             overwrite=_OVERWRITE.value, quantize=_QUANTIZE.value)
+  # After flag parsing: --help stays fast. HFConversionError, ReferenceConversionError,
+  # SafetensorsError, CheckpointError: one line each (cli.run).
+  if _FROM.value == "reference":
+    if _QUANTIZE.value:
+      cli.fail("--quantize works with --from=hf; convert the reference checkpoint first, then "
+               "load it with --config.model.quantize=int8")
+    from spec_tpu.checkpoints import recurrent_convert
+    cfg = recurrent_convert.convert_reference_directory(
+        _SRC.value, _DST.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  else:
+    from spec_tpu.checkpoints import hf
+    cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
+                               overwrite=_OVERWRITE.value, quantize=_QUANTIZE.value)
   print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}"
         + (f", {cfg.quantize} weights" if cfg.quantize else ""))

@@ -16,7 +16,9 @@ their NamedShardings (the same rule tables and XLA options the Sampler uses). `-
 cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
   compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries (the
              caches live inside the program, so they count here)
-  analytic   weights and KV caches from the shardings alone
+  analytic   weights and caches from the shardings alone; for recurrent (Griffin) layers also
+             their fixed-size states (part of the cache) and the per-position states a
+             verification keeps until its rollback (recurrent.verification_trace_bytes)
 On CPU the mesh is simulated: the launcher raises jax_num_cpu_devices itself before any JAX op,
 and the verdict against TPU v4 / v5e / v5p HBM is an estimate (XLA:CPU's temporaries are not a
 TPU's, e.g. its float32 copy of one layer's bf16 weights).
@@ -193,7 +195,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   import jax
   import numpy as np
   from launch import common
-  from spec_tpu.models import cache as cache_lib, model
+  from spec_tpu.models import cache as cache_lib, model, recurrent
   from spec_tpu.decoding import decode
   from spec_tpu import sharding
 
@@ -220,6 +222,20 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   def cache_bytes(m):
     abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
     return _per_device_bytes(abstract, sharding.cache_shardings(abstract, mesh, m.rules))
+
+  def recurrent_bytes(m, positions):
+    """(state, trace) bytes per device of the recurrent layers: the states in the cache, and
+    those after each of `positions` tokens of one call (sharded like the states)."""
+    abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
+    shards = sharding.cache_shardings(abstract, mesh, m.rules)
+    entries = cache_lib.recurrent_entries(abstract)
+    pairs = [(e, s) for e, s in zip(entries.groups + entries.remainder,
+                                    shards.groups + shards.remainder) if e is not None]
+    state = sum(_per_device_bytes(e, s) for e, s in pairs)
+    full = sum(_per_device_bytes(e, jax.tree.map(lambda _: sharding.replicated(mesh), e))
+               for e, _ in pairs)
+    trace = recurrent.verification_trace_bytes(m.cfg, batch, positions)
+    return state, (trace * state // full if full else 0)
 
   draft = setup.draft if k > 0 else None
   tp, t_sh = abstract_params(setup.target)
@@ -261,6 +277,11 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   weights = {"target": _per_device_bytes(tp, t_sh),
              "draft": _per_device_bytes(dp, d_sh) if draft else 0}
   caches = {"target": cache_bytes(setup.target), "draft": cache_bytes(draft) if draft else 0}
+  # Recurrent layers: the target traces K + 1 positions, the draft stacks its K - 1 steps.
+  t_state, t_trace = recurrent_bytes(setup.target, k + 1)
+  d_state, d_trace = recurrent_bytes(draft, max(k - 1, 0)) if draft else (0, 0)
+  states = {"target": t_state, "draft": d_state}
+  traces = {"target": t_trace, "draft": d_trace}
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
@@ -276,8 +297,9 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
                     generated_code=mem.generated_code_size_in_bytes, total=compiled_total),
-      analytic=dict(weights=weights, kv_caches=caches,
-                    total=sum(weights.values()) + sum(caches.values())),
+      analytic=dict(weights=weights, kv_caches=caches, recurrent_states=states,
+                    verification_traces=traces,
+                    total=sum(weights.values()) + sum(caches.values()) + sum(traces.values())),
       estimated_need=need,
       estimate_basis=("compiled total on CPU (XLA:CPU's float32 copy of one layer's weights "
                       "included; confirm with --tpu)" if platform == "cpu" else "compiled total"),
@@ -316,6 +338,14 @@ def format_report(r: dict) -> str:
       f"  draft weights               {g(a['weights']['draft'])}",
       f"  target KV cache             {g(a['kv_caches']['target'])}",
       f"  draft KV cache              {g(a['kv_caches']['draft'])}",
+  ]
+  for role in ("target", "draft"):
+    if a.get("recurrent_states", {}).get(role):
+      lines += [f"  {role + ' recurrent state':28s}{g(a['recurrent_states'][role])}"
+                " (part of its cache above)",
+                f"  {role + ' verification trace':28s}{g(a['verification_traces'][role])}"
+                " (a state per position, held until the rollback)"]
+  lines += [
       f"  total                       {g(a['total'])}",
   ]
   estimated = r["platform"] == "cpu"

@@ -237,7 +237,8 @@ def _tiny(cfg, tokenizer):
   return cfg.replace(num_layers=min(cfg.num_layers, 2), d_model=32, num_heads=2, num_kv_heads=kv,
                      head_dim=16, ffw_dim=64, vocab_size=tokenizer.vocab_size,
                      valid_vocab_size=None, tokenizer=tokenizer.name,
-                     sliding_window=cfg.sliding_window and min(cfg.sliding_window, 16))
+                     sliding_window=cfg.sliding_window and min(cfg.sliding_window, 16),
+                     lru_width=cfg.lru_width and 32)
 
 
 def _write_prompts(path):

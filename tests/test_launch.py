@@ -550,3 +550,25 @@ def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
   want = sharding.param_shardings(cfg, mesh)["groups"][0]["ffw"]["up"]
   assert loaded["groups"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 3)
+
+
+def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
+  # Given RecurrentGemma 9B verified by 2B (3 layers each: 2 recurrent, 1 local) on 1x8, K = 4,
+  report_path = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/recurrentgemma_9b.py",
+       "--topology=1x8", "--batch=1", "--context=512", "--config.sampling.max_new_tokens=16",
+       "--config.model.fields.num_layers=3", "--config.draft.fields.num_layers=3",
+       f"--output_json={report_path}"],
+      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a = json.loads(report_path.read_text())["analytic"]
+  # then per device (width split 8 ways) each recurrent layer holds a float32 state and 3 bf16
+  # conv inputs: 2 layers x (4096 x 4 + 3 x 4096 x 2) bytes / 8 for the 9B,
+  assert a["recurrent_states"] == {"target": 2 * (4096 * 4 + 3 * 4096 * 2) // 8,
+                                   "draft": 2 * (2560 * 4 + 3 * 2560 * 2) // 8}
+  # and a verification keeps a state and a conv input per position: K + 1 for the target, the
+  # K - 1 single steps for the draft,
+  assert a["verification_traces"] == {"target": 2 * 5 * 4096 * (4 + 2) // 8,
+                                      "draft": 2 * 3 * 2560 * (4 + 2) // 8}
+  assert "target verification trace" in proc.stdout

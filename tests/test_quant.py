@@ -133,7 +133,7 @@ def _quantize(params, cfg):
   return jax.jit(model.quantize, static_argnums=1)(params, cfg)
 
 
-ex.LAW_MODELS["int8_target"] = q_target_params
+ex.LAW_MODELS["int8_target"] = (Q_TARGET, q_target_params)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +145,10 @@ def int8_pair():
 def test_int8_pair_follows_the_int8_target_law(int8_pair):
   # Given an int8 target and an int8 draft; when sampling at K = 3; then the output follows the
   # quantized target's law (the law of the model served), and the test is not vacuous.
-  law_int8, law_float = ex.exact_law(model="int8_target"), ex.exact_law()
+  law_int8, law_float = ex.exact_law(target="int8_target"), ex.exact_law()
   assert np.abs(law_int8 - law_float).max() > 1e-6, "quantization did not change the model"
   result = int8_pair.generate([ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=3, seed=41)
-  p, each = ex.exactness_pvalue(ex._full_rows(result), model="int8_target")
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="int8_target")
   assert p > ex.ALPHA, f"output departs from the int8 target's law (p = {p:.2e}; tests: {each})"
   assert 0.2 < ex.judged_acceptance(result) < 0.9
 

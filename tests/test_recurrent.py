@@ -22,7 +22,10 @@ import pytest
 from spec_tpu.checkpoints import recurrent_convert
 from spec_tpu.checkpoints.hf import HFConversionError
 from spec_tpu.checkpoints.recurrent_convert import ReferenceConversionError
-from spec_tpu.models import config, layers, recurrent
+from spec_tpu import sharding
+from spec_tpu.decoding import decode
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import config, layers, model, recurrent
 from spec_tpu.models.config import LOCAL, RECURRENT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -311,7 +314,7 @@ def test_partial_rope_rotates_the_first_half_as_the_reference():
   x = jax.random.normal(jax.random.key(12), (2, 7, 3, CFG.head_dim))
   pos = _positions(2, 7, 1000)  # large positions: every frequency turns
   want = rg_modules._apply_rope(x, pos)
-  got = recurrent.partial_rope(x, pos, 0.5)
+  got = recurrent.partial_rope(x, pos[:, :, None], 0.5)  # b t 1 against b t h e, as layers.rope
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
   np.testing.assert_array_equal(got[..., CFG.head_dim // 2:], x[..., CFG.head_dim // 2:])
 
@@ -369,6 +372,231 @@ def test_whole_model_logits_equal_the_reference_griffin(reference):
   # unrounded, the logits move by more than 5x that tolerance.
   exact = _forward(ours, CFG.replace(embed_scale_dtype=None), tokens)
   assert float(jnp.abs(exact - want).max()) > 1e-4
+
+
+# ---------------------------------------------------------------- the decoder (model.py)
+
+def _decoder_params(reference):
+  return recurrent_convert.stacked(reference[2], CFG, jnp.stack)
+
+
+_forward_full_model = jax.jit(model.forward_full, static_argnums=1)
+_forward_model = jax.jit(model.forward, static_argnums=1, static_argnames=("last_only", "chunk"))
+
+
+def _reference_greedy(model_ref, ref_params, prompt_bt, steps):
+  """The reference's greedy continuation: a prefill, then one token at a time on its cache
+  (its only way to add tokens); returns the tokens and each step's logits."""
+  b, t = prompt_bt.shape
+  apply = jax.jit(model_ref.apply, static_argnames="return_cache")
+  logits, cache = apply({"params": ref_params}, prompt_bt, _positions(b, t), return_cache=True)
+  out, all_logits = [], []
+  for j in range(steps):
+    tok = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+    out.append(tok)
+    all_logits.append(logits[:, -1])
+    logits, cache = apply({"params": ref_params}, tok, _positions(b, 1, t + j), cache,
+                          return_cache=True)
+  return jnp.concatenate(out, axis=1), jnp.stack(all_logits, axis=1)
+
+
+def test_decoder_logits_equal_the_reference_griffin(reference):
+  # Given the reference's Griffin and the same weights stacked for spec_tpu's one decoder,
+  model_ref, ref_params, _ = reference
+  tokens = jax.random.randint(jax.random.key(20), (2, 3 * SEQ), 0, CFG.vocab_size)
+  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(2, 3 * SEQ),
+                            return_cache=False)
+  # when the decoder (recurrent kind under the layer scan, partial RoPE, biases, bf16-rounded
+  # embedding scale) runs whole sequences 9 windows long,
+  got = _forward_full_model(_decoder_params(reference), CFG, tokens)
+  # then its float32 logits are the reference's.
+  np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)
+
+
+def test_decoder_greedy_continuation_equals_the_reference(reference):
+  # Given a prompt and the reference's greedy continuation well past the attention window,
+  model_ref, ref_params, _ = reference
+  prompt = jax.random.randint(jax.random.key(21), (2, 6), 0, CFG.vocab_size)
+  steps = 3 * SEQ
+  want_tokens, want_logits = _reference_greedy(model_ref, ref_params, prompt, steps)
+  # when the decoder prefills the prompt into its cache and decodes one token per call,
+  params = _decoder_params(reference)
+  cache = cache_lib.init_cache(CFG, 2, 6 + steps)
+  logits, cache = _forward_model(params, CFG, prompt, cache, last_only=True)
+  got_tokens, got_logits = [], []
+  for _ in range(steps):
+    tok = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+    got_tokens.append(tok)
+    got_logits.append(logits[:, -1])
+    logits, cache = _forward_model(params, CFG, tok, cache)
+  # then it continues with the reference's tokens, from the reference's logits.
+  np.testing.assert_array_equal(jnp.concatenate(got_tokens, axis=1), want_tokens)
+  np.testing.assert_allclose(jnp.stack(got_logits, axis=1), want_logits, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_decoder_incremental_calls_equal_forward_full(reference, chunk):
+  # Given ragged prompts (right-padded) and continuations fed K+1 tokens per call,
+  params = _decoder_params(reference)
+  seq = 3 * SEQ
+  tokens = jax.random.randint(jax.random.key(22), (3, seq), 0, CFG.vocab_size)
+  lengths = jnp.array([7, 3, 10])
+  want = _forward_full_model(params, CFG, tokens)
+  # when the prompts are prefilled (in chunks, or in one piece) and the rest goes K+1 at a time,
+  cache = cache_lib.init_cache(CFG, 3, seq, K + 1)
+  prompt = jnp.where(jnp.arange(10)[None] < lengths[:, None], tokens[:, :10], 0)
+  if chunk:
+    logits, cache = jax.jit(model.prefill, static_argnums=(1, 5))(params, CFG, prompt, cache,
+                                                                   lengths, chunk)
+  else:
+    logits, cache = _forward_model(params, CFG, prompt, cache, lengths, last_only=True)
+  np.testing.assert_allclose(logits[:, 0], want[jnp.arange(3), lengths - 1], atol=5e-5, rtol=0)
+  # then every call's logits are forward_full's at the same positions.
+  at = lengths
+  while int(at.max()) + K + 1 <= seq:
+    idx = at[:, None] + jnp.arange(K + 1)[None]
+    logits, cache = _forward_model(params, CFG, jnp.take_along_axis(tokens, idx, axis=1), cache)
+    np.testing.assert_allclose(logits, want[jnp.arange(3)[:, None], idx], atol=5e-5, rtol=0,
+                               err_msg=f"positions {idx}")
+    at = at + K + 1
+
+
+def test_decoder_params_and_cache_have_logical_axes():
+  # Given random decoder params and a cache of the recurrent preset,
+  params = model.init_params(CFG, jax.random.key(23))
+  cache = cache_lib.init_cache(CFG, 2, 16, K + 1)
+  # then every leaf has logical axes of its rank (what shardings and insert_rows read),
+  axes = sharding.param_logical_axes(CFG)
+  jax.tree.map(lambda ax, x: assert_rank(ax, x), axes, params, is_leaf=_is_axes)
+  jax.tree.map(lambda ax, x: assert_rank(ax, x), cache_lib.logical_axes(cache), cache,
+               is_leaf=_is_axes)
+  # and a recurrent entry is the float32 state plus c-1 conv inputs, stacked per group.
+  entry = cache.groups[0]
+  assert isinstance(entry, recurrent.RecurrentState)
+  assert entry.h.shape == (CFG.num_groups, 2, CFG.lru_width) and entry.h.dtype == jnp.float32
+  assert entry.conv.shape == (CFG.num_groups, 2, CFG.conv1d_width - 1, CFG.lru_width)
+
+
+def assert_rank(ax, x):
+  assert len(ax) == x.ndim, (ax, x.shape)
+
+
+def _is_axes(x):
+  return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
+
+
+def test_inserting_a_row_replaces_its_recurrent_state():
+  # Given a cache whose row 1 holds another request's recurrent state,
+  params = model.init_params(CFG, jax.random.key(24))
+  old = cache_lib.init_cache(CFG, 2, 16, K + 1)
+  _, old = _forward_model(params, CFG, jnp.ones((2, 5), jnp.int32), old)
+  fresh = cache_lib.init_cache(CFG, 1, 16, K + 1)
+  _, fresh = _forward_model(params, CFG, jnp.full((1, 3), 2, jnp.int32), fresh)
+  # when a freshly prefilled row is inserted at slot 1,
+  got = cache_lib.insert_rows(old, fresh, jnp.array([1]))
+  # then that row is the fresh one in every leaf, and row 0 is untouched.
+  def check(ax, g, o, f):
+    axis = ax.index("batch")
+    np.testing.assert_array_equal(jnp.take(g, 1, axis=axis), jnp.take(f, 0, axis=axis))
+    np.testing.assert_array_equal(jnp.take(g, 0, axis=axis), jnp.take(o, 0, axis=axis))
+  jax.tree.map(check, cache_lib.logical_axes(got), got, old, fresh, is_leaf=_is_axes)
+  assert isinstance(got.groups[0], recurrent.RecurrentState)
+
+
+# ---------------------------------------------------------------- rollback in the decode loop
+
+def _recurrent_states(cache):
+  """Each recurrent entry's (h, conv), in depth order of the entries."""
+  entries = cache_lib.recurrent_entries(cache)
+  return [e for e in entries.groups + entries.remainder if e is not None]
+
+
+def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(reference):
+  # Given a recurrent target and a different recurrent draft in the speculative decode loop,
+  # sampling at T = 1 (so rounds end in partial rejections), over ragged prompts,
+  k = 3
+  target = _decoder_params(reference)
+  draft = model.init_params(CFG, jax.random.key(30))
+  spec = decode.LoopSpec(target=CFG, draft=CFG, k=k, k_max=k, max_top_k=0, max_len=48,
+                         out_len=k + 1, eos_id=None)
+  b = 4
+  lengths = jnp.array([6, 1, 9, 4])
+  prompts = jax.random.randint(jax.random.key(31), (b, 9), 0, CFG.vocab_size)
+  rows = decode.Rows(jnp.ones((b,), jnp.float32), jnp.ones((b,), jnp.float32),
+                     jnp.zeros((b,), jnp.int32), jnp.stack([jnp.arange(b), jnp.zeros(b)], 1)
+                     .astype(jnp.uint32), jnp.full((b,), 1000, jnp.int32))
+  state, _ = jax.jit(decode.prefill, static_argnums=0, static_argnames="with_draft")(
+      spec, target, draft, prompts, lengths, rows, with_draft=True)
+  round_ = jax.jit(decode.round_, static_argnums=0)
+  fresh = jax.jit(lambda params, tokens, n: model.forward(
+      params, CFG, tokens, cache_lib.init_cache(CFG, b, spec.max_len, k + 1), n)[1])
+  partial = 0
+  for _ in range(8):
+    before = state.target_cache.length
+    # when a round drafts K tokens, verifies K + 1 and rolls both caches back,
+    state, _, _ = round_(spec, target, draft, state)
+    accepted = state.target_cache.length - before - 1
+    partial += int(jnp.sum((accepted > 0) & (accepted < k)))
+    # then every kept recurrent state (target and draft, every layer, every row) is the state
+    # a fresh forward over exactly the kept prefix computes.
+    for name, params, cache in (("target", target, state.target_cache),
+                                ("draft", draft, state.draft_cache)):
+      want = fresh(params, state.tokens_bs, cache.length)
+      for got_s, want_s in zip(_recurrent_states(cache), _recurrent_states(want)):
+        _assert_state(got_s, want_s.h, want_s.conv,
+                      msg=f"{name} lengths {cache.length} (accepted {accepted})")
+  # (the rounds did roll back past rejected drafts, not only keep everything).
+  assert partial >= 3
+
+
+def test_a_released_style_reference_checkpoint_converts_to_a_servable_one(reference, tmp_path):
+  # Given the reference's params saved as its released checkpoints are (an orbax PyTree),
+  import orbax.checkpoint as ocp
+  from spec_tpu.checkpoints import checkpoint
+  model_ref, ref_params, _ = reference
+  src, dst = tmp_path / "2b", tmp_path / "converted"
+  ocp.PyTreeCheckpointer().save(src, jax.tree.map(np.asarray, ref_params))
+  # when launch.convert --from=reference's function converts it,
+  cfg = recurrent_convert.convert_reference_directory(src, dst, dtype="float32",
+                                                      attention_window_size=WINDOW)
+  # then the checkpoint restores (its config implies its shapes) and serves the reference's
+  # logits through the one decoder.
+  params, stored = checkpoint.restore(dst)
+  assert stored == cfg and cfg.layer_pattern == CFG.layer_pattern and cfg.tokenizer == "gemma"
+  tokens = jax.random.randint(jax.random.key(25), (1, SEQ), 0, CFG.vocab_size)
+  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(1, SEQ),
+                            return_cache=False)
+  np.testing.assert_allclose(_forward_full_model(params, CFG, tokens), want, atol=5e-5, rtol=0)
+  # and a source that is not such a checkpoint is one clear error.
+  with pytest.raises(ReferenceConversionError, match="orbax"):
+    recurrent_convert.convert_reference_directory(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.parametrize("drop", ["blocks.0/recurrent_block/conv_1d/w",
+                                  "blocks.1/recurrent_block/rg_lru/a_gate/b"])
+def test_launch_convert_names_a_missing_conv_or_gate_tensor_in_one_line(reference, tmp_path,
+                                                                        drop):
+  # Given a reference checkpoint missing a conv or gate tensor,
+  import subprocess
+  import sys
+  import orbax.checkpoint as ocp
+  params = jax.tree.map(np.asarray, reference[1])
+  *path, leaf = drop.split("/")
+  node = params
+  for key in path:
+    node = node[key]
+  del node[leaf]
+  ocp.PyTreeCheckpointer().save(tmp_path / "src", params)
+  # when launch.convert --from=reference reads it,
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", "--from=reference",
+                         f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'dst'}"],
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        capture_output=True, text=True, timeout=300)
+  # then it fails with one line naming the tensor, and writes nothing.
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and drop in lines[0], proc.stderr
+  assert not (tmp_path / "dst").exists()
 
 
 def test_config_from_reference_params_is_the_tiny_preset(reference):
@@ -452,6 +680,25 @@ def test_hf_logits_equal_within_the_window_and_differ_only_at_its_edge(hf_model)
   # and that key is the only difference: with transformers' window the logits are equal.
   narrow = np.asarray(_forward(params, cfg.replace(sliding_window=WINDOW), jnp.asarray(tokens)))
   np.testing.assert_allclose(narrow, want, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_after_launch_convert_path_equals_transformers(hf_model):
+  # Given a transformers RecurrentGemmaForCausalLM converted as launch.convert --from=hf does
+  # (hf.config_from_hf and hf.convert_params detect it and stack the layers for the decoder),
+  torch = pytest.importorskip("torch")
+  from spec_tpu.checkpoints import hf
+  m, index, cfg, _ = hf_model
+  assert hf.config_from_hf(m.config.to_dict()) == cfg
+  params = jax.tree.map(jnp.asarray, hf.convert_params(index, cfg))
+  tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, SEQ))
+  with torch.no_grad():
+    want = m(torch.tensor(tokens), use_cache=False).logits.numpy()
+  # then the decoder's logits are transformers' below the window edge,
+  got = np.asarray(_forward_full_model(params, cfg, jnp.asarray(tokens)))
+  np.testing.assert_allclose(got[:, :WINDOW], want[:, :WINDOW], atol=1e-4, rtol=1e-5)
+  # and everywhere with transformers' (one key narrower) reading of the window.
+  narrow = _forward_full_model(params, cfg.replace(sliding_window=WINDOW), jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(narrow), want, atol=1e-4, rtol=1e-5)
 
 
 def test_hf_and_reference_conversions_agree_on_released_shapes():

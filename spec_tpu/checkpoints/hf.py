@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_tpu.models import layout, model, quant
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
 class HFConversionError(ValueError):
@@ -267,7 +267,11 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
 
   dtype: the params dtype; defaults to the checkpoint's declared dtype, else float32.
   Raises HFConversionError naming the field for anything the decoder cannot reproduce.
+  RecurrentGemmaForCausalLM (Griffin) has its own mapping, recurrent_convert.config_from_hf.
   """
+  from spec_tpu.checkpoints import recurrent_convert  # it imports this module's error type
+  if recurrent_convert.is_hf_recurrent_gemma(hf_config):
+    return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
     return _config_from_hf(hf_config, name, dtype)
   except HFConversionError:
@@ -485,7 +489,11 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   time, so peak memory is about one source tensor on top of the output. With cfg.quantize, each
   weight is quantized (quant.py, in numpy: the same values as at load time) as it is read, so
   the output allocated and held is the int8 model, never a float one.
+  A config with recurrent layers reads RecurrentGemmaForCausalLM names (recurrent_convert).
   """
+  if RECURRENT in cfg.layer_pattern:
+    from spec_tpu.checkpoints import recurrent_convert
+    return recurrent_convert.stacked(recurrent_convert.convert_hf_params(index, cfg, dtype), cfg)
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   prefix = _locate(set(index.names()))
   plan = list(_plan(cfg, prefix))

@@ -6,9 +6,10 @@ Both give the unstacked layout: {embed (v d), final_norm (d), layers: [one dict 
 layer being, by kind (config.layer_types):
   recurrent: {recurrent_norm (d), recurrent: models/recurrent.py's block params, ffw_norm (d),
               ffw: {gate (d f), gate_bias (f), up (d f), up_bias (f), down (f d), down_bias (d)}}
-  local:     {attn_norm (d), attn: {q (d h e), k (d k e), v (d k e), o (h e d), o_bias (d)},
+  local:     {attn_norm (d), attn: {q (h d e), k (k d e), v (k d e), o (h e d), o_bias (d)},
               ffw_norm (d), ffw: as above}
-Stacking layers per repeating group of the layer pattern is the decoder's business.
+`stacked` turns that into the decoder's layout (layers stacked per group of the pattern,
+models/layout.py).
 
 Every name, shape and layer kind is checked before any tensor is read; a missing conv or gate
 tensor, a stray tensor, or a layer whose weights are of the other kind than the config's layer
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_tpu.checkpoints.hf import HFConversionError
+from spec_tpu.models import layout
 from spec_tpu.models.config import LOCAL, RECURRENT, ModelConfig
 
 
@@ -151,8 +153,8 @@ def _hf_plan(cfg: ModelConfig) -> Iterator[Step]:
   w, c = cfg.recurrent_width, cfg.conv1d_width
   i = w // h
 
-  def heads_in(n):  # (n*e, d) -> (d n e)
-    return lambda a: a.reshape(n, e, d).transpose(2, 0, 1)
+  def heads_in(n):  # (n*e, d) -> (n d e), heads-major as the decoder's (model.py)
+    return lambda a: a.reshape(n, e, d).transpose(0, 2, 1)
 
   yield "model.embed_tokens.weight", (v, d), ("embed",), _same
   yield "model.final_norm.weight", (d,), ("final_norm",), _same
@@ -273,9 +275,10 @@ def _reference_plan(cfg: ModelConfig) -> Iterator[Step]:
                                        "has exactly one key/value head")
       t, A = p + "attention_block/", L + ("attn",)
       yield p + "temporal_pre_norm/scale", (d,), L + ("attn_norm",), _same
-      yield t + "proj_q/kernel", (d, h * e), A + ("q",), lambda a: a.reshape(d, h, e)
-      yield t + "proj_k/kernel", (d, e), A + ("k",), lambda a: a.reshape(d, 1, e)
-      yield t + "proj_v/kernel", (d, e), A + ("v",), lambda a: a.reshape(d, 1, e)
+      yield (t + "proj_q/kernel", (d, h * e), A + ("q",),
+             lambda a: a.reshape(d, h, e).transpose(1, 0, 2))
+      yield t + "proj_k/kernel", (d, e), A + ("k",), lambda a: a.reshape(1, d, e)
+      yield t + "proj_v/kernel", (d, e), A + ("v",), lambda a: a.reshape(1, d, e)
       yield t + "proj_final/kernel", (h * e, d), A + ("o",), lambda a: a.reshape(h, e, d)
       yield t + "proj_final/bias", (d,), A + ("o_bias",), _same
     yield p + "channel_pre_norm/scale", (d,), L + ("ffw_norm",), _same
@@ -314,6 +317,50 @@ def convert_reference_params(tree: Mapping, cfg: ModelConfig, dtype=None) -> dic
   dtype_of = lambda name: np.asarray(flat[name]).dtype  # noqa: E731
   _check(plan, set(flat), shape, dtype_of, lambda name: False, ReferenceConversionError, cfg)
   return _materialise(plan, lambda name: np.asarray(flat[name]), cfg, dtype)
+
+
+def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite: bool = False,
+                                attention_window_size: int = 2048,
+                                tokenizer: str = "gemma") -> ModelConfig:
+  """Converts a recurrentgemma checkpoint as released (Kaggle google/recurrentgemma, e.g. its
+  2b/ directory: an orbax PyTree checkpoint of the Flax params) to a spec_tpu checkpoint.
+
+  The config comes from the param shapes (config_from_reference); the window and soft-cap are
+  the released models' (not stored in the params). Returns the ModelConfig.
+  """
+  import os
+
+  import orbax.checkpoint as ocp
+
+  from spec_tpu.checkpoints import checkpoint
+
+  src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+  if not os.path.isdir(src):
+    raise ReferenceConversionError(f"source {src!r} is not a directory (expected the orbax "
+                                   "checkpoint directory of the recurrentgemma params)")
+  if os.path.exists(dst) and not overwrite:
+    raise ReferenceConversionError(f"destination {dst!r} exists; pass --overwrite to replace it")
+  try:
+    tree = ocp.PyTreeCheckpointer().restore(src)
+  except Exception as e:  # orbax raises many types for a directory that is not its format
+    raise ReferenceConversionError(f"cannot restore {src!r} as an orbax checkpoint: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                   ) from None
+  tree = jax_tree_to_numpy(tree)
+  cfg = config_from_reference(tree, name=os.path.basename(src.rstrip(os.sep)),
+                              attention_window_size=attention_window_size,
+                              dtype=dtype or "bfloat16").replace(tokenizer=tokenizer)
+  params = stacked(convert_reference_params(tree, cfg), cfg)
+  checkpoint.save(dst, params, cfg, extra={"source": "recurrentgemma", "src": src},
+                  overwrite=overwrite)
+  return cfg
+
+
+def jax_tree_to_numpy(tree):
+  """Nested dicts with numpy leaves (orbax restores jax or numpy arrays)."""
+  if isinstance(tree, Mapping):
+    return {k: jax_tree_to_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
 
 
 def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
@@ -356,7 +403,11 @@ def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
 
 def _first_conv(root, kinds):
   n = kinds.index(RECURRENT)
-  return root[f"blocks.{n}"]["recurrent_block"]["conv_1d"]["w"]
+  try:
+    return root[f"blocks.{n}"]["recurrent_block"]["conv_1d"]["w"]
+  except (KeyError, TypeError):
+    raise ReferenceConversionError(f"missing tensor 'blocks.{n}/recurrent_block/conv_1d/w': "
+                                   "the conv width cannot be read") from None
 
 
 def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
@@ -367,6 +418,14 @@ def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- shared
+
+def stacked(params: Mapping, cfg: ModelConfig, stack_fn: Callable = np.stack) -> dict:
+  """The decoder's params (models/model.py) from the unstacked layout: the per-layer dicts
+  stacked per period of the layer pattern (layout.stack)."""
+  groups, remainder = layout.stack(cfg, params["layers"], stack_fn)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  return dict(out, groups=groups, remainder=remainder)
+
 
 def _check(plan: list[Step], names: set[str], shape_of, dtype_of, ignorable, error,
            cfg: ModelConfig) -> None:

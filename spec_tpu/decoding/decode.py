@@ -196,7 +196,10 @@ def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
 
 
 def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
-  """K draft tokens and the distributions they were drawn from."""
+  """K draft tokens, the distributions they were drawn from, the draft cache after them, and
+  what its rollback needs for recurrent layers: the traces of the K-1 single steps (the state
+  after each, recurrent.steps_trace) and the length they start from (after the first call,
+  which every kept prefix of a live row includes)."""
   tc, dc = state.target_cache, state.draft_cache
   num_pending = jnp.where(state.done_b, 0, tc.length - dc.length + 1)  # 1 or 2 when live
   at = jnp.clip(dc.length[:, None] + jnp.arange(2)[None, :], 0, spec.max_len - 1)
@@ -206,17 +209,22 @@ def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
   p0 = _probs(spec, logits[:, 0], state.rows)
   x0 = sampling.sample(keys_bn[:, 0], p0)
 
+  first = cache_lib.recurrent_entries(dc)
+  start_b = dc.length
+
   def step(carry, key_b):
     dc, x = carry
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     p = _probs(spec, logits[:, 0], state.rows)
     nxt = sampling.sample(key_b, p)
-    return (dc, nxt), (nxt, p)
+    # A recurrent layer's state after each step, stacked by the scan: the rollback selects
+    # the one its kept length ends on (None for attention layers: nothing stacked).
+    return (dc, nxt), (nxt, p, cache_lib.recurrent_entries(dc))
 
-  (dc, _), (xs, ps) = jax.lax.scan(step, (dc, x0), jnp.moveaxis(keys_bn[:, 1:], 1, 0))
+  (dc, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0), jnp.moveaxis(keys_bn[:, 1:], 1, 0))
   draft_bn = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
   p_bnv = jnp.concatenate([p0[:, None], jnp.moveaxis(ps, 0, 1)], axis=1)
-  return draft_bn, p_bnv, dc
+  return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
 
 
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):
@@ -242,12 +250,16 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
   if k > 0:
-    draft_bn, p_bnv, dc = _draft(spec, draft_params, state, keys_bn[:, :k])
+    draft_bn, p_bnv, dc, draft_traces, draft_start = _draft(spec, draft_params, state,
+                                                            keys_bn[:, :k])
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   else:
     draft_bn = jnp.zeros((b, 0), jnp.int32)
     verify_bm = last[:, None]
-  logits, tc = model.forward(target_params, spec.target, verify_bm, tc0)
+  # traces: recurrent layers keep their state after each of the K+1 positions until the
+  # rollback below selects the kept one (attention layers need only the length move).
+  logits, tc, target_traces = model.forward(target_params, spec.target, verify_bm, tc0,
+                                            traces=True)
   q_bmv = _probs(spec, logits, state.rows)
   if k > 0:
     n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv)
@@ -256,10 +268,10 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     nxt = sampling.sample(keys_bn[:, 0], q_bmv[:, 0])
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
-  tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0))
+  tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0), target_traces, l0)
   if k > 0:
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
-                                          state.draft_cache.length))
+                                          state.draft_cache.length), draft_traces, draft_start)
   else:
     dc = state.draft_cache  # K = 0 never runs the draft
   j = jnp.arange(k + 1)[None, :]

@@ -30,8 +30,10 @@ state after a right-padded row's real tokens is select(trace, num_new_b).
   - Target verification: t = K + 1 (the last sampled token and K drafts). After n accepted
     drafts the kept count is n + 1, the same count the attention layers' length moves by.
   - A recurrent draft: its K calls (decode.py: the 1-2 pending tokens, then K-1 single steps)
-    each end in a state; the scan over steps stacks them (n b w and n b (c-1) w) and
-    select_step picks the one at the draft's kept length.
+    each end in a state; the scan over steps stacks them (n b w and n b (c-1) w),
+    steps_trace makes them a Trace that starts after the first call, and the same select
+    picks the one at the draft's kept length (cache.rollback does both, in decode.py's round;
+    select_step is the direct form).
 Extra memory per verification, held from the forward to the rollback: per recurrent layer
 b (K+1) w float32 for h plus b (K+1) w activations for the conv inputs (the c-1 window part is
 the cache itself); verification_trace_bytes gives the total for launch.plan.
@@ -82,8 +84,13 @@ SCANS = ("associative", "linear")
 
 class RecurrentState(NamedTuple):
   """A recurrent layer's cache: everything the next token needs, of fixed size."""
-  h: jax.Array     # b w float32
-  conv: jax.Array  # b (c-1) w, oldest first
+  h: jax.Array     # (l) b w float32
+  conv: jax.Array  # (l) b (c-1) w, oldest first
+
+  @staticmethod
+  def logical_axes() -> "RecurrentState":
+    """Logical axes of one layer's leaves (a stacked cache entry adds a leading 'layers')."""
+    return STATE_AXES
 
 
 class Trace(NamedTuple):
@@ -191,6 +198,17 @@ def select(trace: Trace, kept_b) -> RecurrentState:
   conv = jax.vmap(lambda row, k: jax.lax.dynamic_slice_in_dim(row, k, window, axis=0))(
       trace.conv_inputs, kept_b)
   return RecurrentState(h=h, conv=conv)
+
+
+def steps_trace(first: RecurrentState, steps: RecurrentState) -> Trace:
+  """The Trace of single-token steps taken after a call that ended in `first`: steps holds the
+  state after each step stacked on a leading axis (h n ... b w, conv n ... b (c-1) w, as a
+  lax.scan over the steps outputs them). select(trace, j) is the state after j of the steps
+  (0: first), the same selection as for one call over the n tokens; leading axes (a stacked
+  layer axis l) are kept. The step's conv input is the newest row of its window."""
+  h = jnp.moveaxis(steps.h, 0, -2)                       # ... b n w
+  inputs = jnp.moveaxis(steps.conv[..., -1, :], 0, -2)   # ... b n w
+  return Trace(h0=first.h, h=h, conv_inputs=jnp.concatenate([first.conv, inputs], axis=-2))
 
 
 def select_step(states: RecurrentState, index_b) -> RecurrentState:
@@ -307,14 +325,14 @@ def local_attention(cfg: ModelConfig, p: dict, x_btd, positions_bt):
   cached decoder must compute: MQA/GQA, no q/k/v biases, partial RoPE, head_dim ** -0.5 (or
   cfg.query_scale), keys at positions in (q - sliding_window, q], output bias.
 
-  p: {q (d h e), k (d k e), v (d k e), o (h e d), o_bias (d)}: model.py's attention params plus
+  p: {q (h d e), k (k d e), v (k d e), o (h e d), o_bias (d)}: model.py's attention params plus
   o_bias (config.attn_out_bias).
   """
-  q = jnp.einsum("btd,dhe->bthe", x_btd, p["q"])
-  k = jnp.einsum("btd,dke->btke", x_btd, p["k"])
-  v = jnp.einsum("btd,dke->btke", x_btd, p["v"])
-  q = partial_rope(q, positions_bt, cfg.rope_fraction, cfg.rope_base_local)
-  k = partial_rope(k, positions_bt, cfg.rope_fraction, cfg.rope_base_local)
+  q = jnp.einsum("btd,hde->bthe", x_btd, p["q"])
+  k = jnp.einsum("btd,kde->bkte", x_btd, p["k"])  # keys heads-major, as layers.attend takes
+  v = jnp.einsum("btd,kde->bkte", x_btd, p["v"])
+  q = partial_rope(q, positions_bt[:, :, None], cfg.rope_fraction, cfg.rope_base_local)
+  k = partial_rope(k, positions_bt[:, None, :], cfg.rope_fraction, cfg.rope_base_local)
   scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
   q = (q.astype(F32) * scale).astype(q.dtype)
   qp, kp = positions_bt[:, :, None], positions_bt[:, None, :]

@@ -115,6 +115,9 @@ def test_params_tree_quantizer_covers_exactly_the_matmul_weights():
         jax.tree.structure(jax.tree.map(lambda _: 0, params))
   with pytest.raises(ValueError, match="quantize must be"):
     config.get_preset("tiny").replace(quantize="int4")
+  # RecurrentGemma's own matmuls are not quantized yet: refused, not half-quantized.
+  with pytest.raises(ValueError, match="not supported for RecurrentGemma"):
+    config.get_preset("tiny_recurrentgemma").replace(quantize="int8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,11 @@ class ModelConfig:
                         f"got {r}")
     if self.quantize not in (None,) + _QUANTIZE_MODES:
       problems.append(f"quantize must be None or one of {_QUANTIZE_MODES}, got {self.quantize!r}")
+    if self.quantize and (RECURRENT in self.layer_pattern or self.ffw_bias or self.attn_out_bias):
+      # The recurrent block and the biased MLP (RecurrentGemma) have matmuls of their own that do
+      # not go through quant.einsum yet: refuse rather than run a half-quantized model.
+      problems.append("quantize is not supported for RecurrentGemma-style models (recurrent "
+                      "layers, biased MLP or attention output) yet")
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
 

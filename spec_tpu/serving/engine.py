@@ -215,7 +215,7 @@ class Engine:
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
-      request = Request(self._next_id, tokens, params, self.tokenizer, self.sampler.eos_id)
+      request = Request(self._next_id, tokens, params, self.tokenizer)
       self._next_id += 1
       self._queue.append(request)
       self._lock.notify_all()

@@ -464,7 +464,7 @@ class Engine:
     w.update(rounds=0, accepted=0, judged=0)
 
   def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
-                repeats: int = 3) -> dict:
+                repeats: int = 5) -> dict:
     """Compiles and times what serving runs, before any request: with every slot busy on
     `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
     each K the policy may pick (each after an untimed warm-up call), and the acceptance the

@@ -193,7 +193,12 @@ class Request:
   async def _aiter(self) -> AsyncIterator[Chunk]:
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
-    waker = lambda: loop.call_soon_threadsafe(event.set)
+
+    def waker():
+      try:
+        loop.call_soon_threadsafe(event.set)
+      except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+        pass
     with self._lock:
       self._wakers.append(waker)
     try:

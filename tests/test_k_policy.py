@@ -227,3 +227,12 @@ def test_choice_is_limited_to_the_allowed_ks():
   assert policy.k == 4
   assert choose_k_measured(0.9, {0: 1.0, 1: 1.05, 3: 1.2}) == 3
   assert choose_k_measured(0.5, {0: 1.0, 1: 1.6}) == 0
+
+
+def test_a_measured_cost_below_a_smaller_ks_is_timing_noise():
+  # A round at K = 2 timed faster than one at K = 1 (a busy machine): K = 2 costs at least K = 1.
+  policy = AdaptiveK(k0=1, k_max=2)
+  for k, t in {0: 5.0, 1: 18.0, 2: 9.0}.items():
+    policy.observe_round_time(k, t)
+  assert policy.cost(2) == pytest.approx(18.0 / 5.0)
+  assert policy.k == 0

@@ -205,6 +205,24 @@ def test_client_disconnecting_mid_stream_frees_its_slot(server):
   assert m["spec_tpu_active_slots"] == 0
 
 
+def test_client_disconnecting_from_a_plain_request_cancels_it(server):
+  cancelled = lambda m: m.get('spec_tpu_requests_total{finish_reason="cancelled"}', 0)
+  before = cancelled(_metrics(server))
+  # Given a long non-streamed request whose client hangs up once the server has it,
+  body = json.dumps({"model": MODEL, "prompt": "def g():", "max_tokens": 400}).encode()
+  host, port = server.split("//")[1].split(":")
+  with socket.create_connection((host, int(port))) as sock:
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)
+  # then the server notices (it polls) and cancels it, freeing the slot.
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline and cancelled(_metrics(server)) == before:
+    time.sleep(0.05)
+  m = _metrics(server)
+  assert cancelled(m) == before + 1 and m["spec_tpu_active_slots"] == 0
+
+
 @pytest.mark.parametrize("body, status, code", [
     (b'{"model": "random_tiny_target", "prompt": "x"', 400, None),          # malformed JSON
     (b'[1, 2]', 400, None),                                                  # not an object

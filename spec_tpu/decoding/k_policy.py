@@ -172,11 +172,13 @@ class AdaptiveK:
 
   def cost(self, k: int) -> float | None:
     """A round at k relative to a round at K = 0: measured where both were timed, else
-    k c + 1; None while neither is known."""
+    k c + 1; None while neither is known. A round at a larger K does strictly more work, so a
+    measured cost below that of a smaller measured K (timing noise on a busy machine) is
+    raised to it."""
     if k == 0:
       return 1.0
     if k in self._round_s and 0 in self._round_s:
-      return self._round_s[k] / self._round_s[0]
+      return max(self._round_s[j] for j in self._round_s if j <= k) / self._round_s[0]
     return None if self._c is None else k * self._c + 1.0
 
   def speedup(self, k: int | None = None) -> float:

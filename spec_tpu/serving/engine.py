@@ -33,18 +33,19 @@ K (draft tokens per round) comes from `k_policy.AdaptiveK`, owned here, choosing
 (0, the starting K and powers of two up to k_max): each is a compiled step program, compiled
 and timed by `calibrate()` before serving, so a change of K never waits for a compile.
 Calibration runs every slot busy and times a round at each K as this engine pays it (its slot
-count, its draft, verification, sampling and all), and measures the acceptance a; after that
-every window of `window_rounds` rounds refreshes a and the round time of the K in use. The
-choice maximises the expected tokens per unit time, (1 + a + ... + a^K) / (t_K / t_0), with
-the measured round times t_K rather than a cost assumed linear in K (on CPU verifying K + 1
-tokens has a fixed cost that makes small K worse than a line through K = 0 and K = 4
-predicts), and K = 0 unless that beats plain decoding by the policy's margin; while off, one
-window in `probe_every` runs the smallest K to re-measure a. Occupancy does not enter the
-formula: every slot is computed whether it holds a request or not, so a round costs the same
-at any occupancy and so does the speedup per request. The caches keep k_max + 1 slots of
-rollback slack so any K <= k_max can run on them. At K = 0 the draft is not run at all, not
-even at insert; a later speculative step first feeds it the tokens it missed
-(decode.catch_up_draft).
+count, its draft, verification, sampling and all; on the CPU backend in process CPU time, which
+other processes on a shared machine do not inflate), and measures the acceptance a; after
+that every window of `window_rounds` rounds refreshes a. The choice maximises the expected
+tokens per unit time, (1 + a + ... + a^K) / (t_K / t_0), with the measured round times t_K
+rather than a cost assumed linear in K (on CPU a speculative round has a fixed cost that a line
+through K = 0 and K = 4 hides), and is K = 0 unless that beats plain decoding by the margin
+(10%); while off, one window in `probe_every` runs the smallest K to re-measure a. Round costs
+are not re-measured from traffic: every slot is computed whether it holds a request or not,
+so a round costs the same at any occupancy (which is also why occupancy does not enter the
+formula), and timings taken while the process streams to clients are noisier than the
+calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_max can run on
+them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
+feeds it the tokens it missed (decode.catch_up_draft).
 
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
 round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
@@ -148,6 +149,11 @@ class Engine:
     self._state_sh = self._state_shardings()
     self._state = jax.jit(lambda: decode.init_state(self._spec, self.num_slots),
                           out_shardings=self._state_sh)()
+    # Round costs for the K policy. On the CPU backend, process CPU time: other processes on a
+    # shared machine do not inflate it (wall-clock ratios between K's swung by 2x under load;
+    # CPU-time ratios by a few %). Elsewhere the device's wall time is the cost.
+    platform = sampler.mesh.devices.flat[0].platform
+    self._cost_clock = time.process_time if platform == "cpu" else time.perf_counter
     self._params = (sampler.target_params, sampler.draft_params if k_max > 0 else None)
     self._param_sh = sampler.param_shardings(k_max > 0)
 
@@ -215,7 +221,7 @@ class Engine:
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
-      request = Request(self._next_id, tokens, params, self.tokenizer, self.sampler.eos_id)
+      request = Request(self._next_id, tokens, params, self.tokenizer)
       self._next_id += 1
       self._queue.append(request)
       self._lock.notify_all()
@@ -381,16 +387,17 @@ class Engine:
     return first, done
 
   def _run_step(self, k: int, n: int | None = None, timed: bool = True):
-    """One step at K for the live slots; delivers its tokens. Returns (rounds, seconds)."""
+    """One step at K for the live slots; delivers its tokens. Returns (rounds, wall seconds,
+    accepted, judged, cost seconds) (cost: see _cost_clock)."""
     n = self.pacing.rounds(k) if n is None else n
     live = np.array([s is not None for s in self._slots])
     stop_on_free = bool(self._queue)
     catching_up = k > 0 and self._draft_behind
     if self._channel is not None:
       self._channel.send_step(k, live, n, stop_on_free)
-    start = time.perf_counter()
+    start, cost_start = time.perf_counter(), self._cost_clock()
     out, done, stats = self._run_step_call(k, live, n, stop_on_free)
-    seconds = time.perf_counter() - start
+    seconds, cost = time.perf_counter() - start, self._cost_clock() - cost_start
     rounds = int(out.rounds)
     if timed and not catching_up:
       self.pacing.observe_step(k, rounds, seconds)
@@ -412,7 +419,7 @@ class Engine:
     self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
     if timed:
       self._observe_window(k, rounds, step_accepted, step_judged)
-    return rounds, seconds, step_accepted, step_judged
+    return rounds, seconds, step_accepted, step_judged, cost
 
   def _run_step_call(self, k, live, n, stop_on_free):
     program = self._step_program(k)
@@ -443,8 +450,9 @@ class Engine:
   # ------------------------------------------------------------------ choosing K
 
   def _observe_window(self, k, rounds, accepted, judged):
-    """Feeds the K policy once per window of rounds at one K: acceptance, and c from the
-    per-round times of K = 0 and this K."""
+    """Feeds the K policy the acceptance once per window of rounds at one K. (Round costs come
+    from calibrate(): measured with every slot busy and no other work in the process, they
+    do not change with traffic, since every slot is computed anyway.)"""
     if self.policy is None or rounds == 0:
       return
     w = self._window
@@ -455,8 +463,6 @@ class Engine:
     w["judged"] += judged
     if w["rounds"] < self.window_rounds:
       return
-    if self.pacing.round_s.get(k):
-      self.policy.observe_round_time(k, self.pacing.round_s[k])
     if k > 0:
       self.policy.observe_acceptance(w["accepted"], w["judged"])
     else:
@@ -464,7 +470,7 @@ class Engine:
     w.update(rounds=0, accepted=0, judged=0)
 
   def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
-                repeats: int = 3) -> dict:
+                repeats: int = 5) -> dict:
     """Compiles and times what serving runs, before any request: with every slot busy on
     `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
     each K the policy may pick (each after an untimed warm-up call), and the acceptance the
@@ -491,29 +497,31 @@ class Engine:
       self._admit(with_draft=True)  # no catch-up inside a timed call
       return self._run_step(kk, n=n, timed=False)
 
-    report = {"ks": self.ks}
+    report = {"ks": self.ks, "clock": self._cost_clock.__name__}
     for _ in range(2):
-      _, seconds, _, _ = call(0, 0)
+      _, seconds, _, _, call_cost = call(0, 0)
     self.pacing.observe_call(seconds)
-    report["call_s"] = seconds
+    report["call_s"], report["call_cost_s"] = seconds, call_cost
     accepted = judged = 0
     for kk in self.ks:
       call(kk, rounds)  # compiles; at K > 0 the draft catches up first
     # Each K timed `repeats` times, the K's interleaved so that a busy spell of the machine
-    # hits them all alike, keeping each K's fastest round: interference only adds time.
-    best = {}
+    # hits them all alike, keeping each K's cheapest round: interference only adds time.
+    best, best_wall = {}, {}
     for _ in range(repeats):
       for kk in self.ks:
         if kk > 0:
           call(kk, 1)  # the draft catches up after K = 0 calls, untimed
-        r, seconds, a, j = call(kk, rounds)
+        r, seconds, a, j, cost = call(kk, rounds)
         if r:
-          t = max(seconds - self.pacing.call_s, 1e-9) / r
+          t = max(cost - call_cost, 1e-9) / r
           best[kk] = min(best.get(kk, t), t)
+          t = max(seconds - self.pacing.call_s, 1e-9) / r
+          best_wall[kk] = min(best_wall.get(kk, t), t)
         accepted, judged = accepted + a, judged + j
-    for kk, t in best.items():
-      self.pacing.round_s[kk] = t
-      report[f"round_s_k{kk}"] = t
+    for kk in best:
+      self.pacing.round_s[kk] = best_wall[kk]
+      report[f"round_s_k{kk}"] = best[kk]
     report["accepted"], report["judged"] = accepted, judged
     for slot in self._slots:
       if slot is not None:
@@ -521,9 +529,8 @@ class Engine:
     self._free_cancelled()
     self._run_step(0, n=0, timed=False)  # marks the rows done on device
     if self.policy is not None:
-      for kk in self.ks:
-        if self.pacing.round_s.get(kk):
-          self.policy.observe_round_time(kk, self.pacing.round_s[kk])
+      for kk, t in best.items():
+        self.policy.observe_round_time(kk, t)
       if judged:
         self.policy.observe_acceptance(accepted, judged)
     if 0 in best:

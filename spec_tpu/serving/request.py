@@ -126,13 +126,11 @@ class Request:
   """A submitted request: its stream of chunks and, once finished, its Completion."""
 
   def __init__(self, request_id: int, prompt: Sequence[int], params: GenerationParams,
-               tokenizer=None, eos_id: int | None = None):
+               tokenizer=None):
     self.id = request_id
     self.prompt = list(prompt)
     self.params = params
     self.submitted = time.perf_counter()
-    self._tokenizer = tokenizer
-    self._eos_id = eos_id
     self._detok = _Detokenizer(tokenizer) if tokenizer is not None else None
     self._lock = threading.Condition()
     self._chunks: list[Chunk] = []
@@ -195,7 +193,12 @@ class Request:
   async def _aiter(self) -> AsyncIterator[Chunk]:
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
-    waker = lambda: loop.call_soon_threadsafe(event.set)
+
+    def waker():
+      try:
+        loop.call_soon_threadsafe(event.set)
+      except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+        pass
     with self._lock:
       self._wakers.append(waker)
     try:

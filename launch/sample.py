@@ -9,41 +9,51 @@ Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-em
 number), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
 prompt, text, tokens and per-prompt stats; without --output the texts go to stdout.
 
-Resumable: output lines are appended and fsynced once per batch. On start the existing output is
-read (a torn last line, left by a kill mid-write, is cut away) and prompts whose id is already
-there are not written again. Batches are fixed slices of the prompt list and batch i samples with
-a seed derived from (sampling.seed, i), so a resumed run writes exactly what an uninterrupted run
-would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
-whole (its finished rows are computed again but not written).
+It runs on the serving engine (spec_tpu/serving/engine.py), the one decoder under every
+launcher: every prompt is a request, run.batch_size requests share the engine's slots, and a
+finished request's slot is refilled from the queue at once, so one long output no longer holds
+the others back. Each line is written when its request finishes, so lines come in the order
+prompts finish, not the order they were given.
+
+Resumable: each finished request's line is appended and fsynced at once (requests finishing in
+the same engine step share one write), so a kill loses at most the unfinished ones. On start
+the existing output is read (a torn last line, left by a kill mid-write, is cut away) and
+prompts whose id is already there are not submitted again. A prompt's request samples with a
+seed derived from (sampling.seed, prompt id) alone, and a request's tokens depend on its seed
+and K only, not on what shares the batch: a resumed run writes for each prompt exactly what an
+uninterrupted run would have, at the same K (same prompts, slot count and seed). With adaptive
+K the resumed run may pick other K than the killed one did, so its texts are equally valid
+samples of the target, not byte-identical ones (every prompt is still written exactly once).
 
 An existing output is refused, untouched, when it holds anything but result lines and the torn
 start of one (it is not ours), or when its lines were written with other settings: each line
-records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, batch size,
-K policy, sampling values) and the error names what differs; --append_other_settings appends
-anyway, saying so. --prompts and --output may not be the same file.
+records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, num_slots
+(run.batch_size), K policy, sampling values) and the error names what differs;
+--append_other_settings appends anyway, saying so. --prompts and --output may not be the same
+file.
 
-Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
-at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
-the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
-all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its
-acceptance updates a; the next batch runs with the K in 0..sampling.k_max that the
-expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a K = 1 probe
-every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
-Each line's stats record the K its batch ran with. Every K gives samples from the target's
-distribution, but a resumed adaptive run may pick other K than the killed one did, so its texts
-are equally valid samples, not byte-identical ones (every prompt is still written exactly once).
+Adaptive K (sampling.adaptive_k, on in configs/default.py): the engine's policy
+(k_policy.AdaptiveK, owned by the engine) chooses K per step among 0, sampling.k and powers of
+two up to sampling.k_max. Before the first request the engine calibrates: it compiles every one
+of those K and times a round of each with all slots busy on these prompts, measuring the
+acceptance a too, so the first step already runs the K the measurement favours, K = 0 (plain
+decoding) unless speculation beats it by a margin; every window of rounds then refreshes a and
+the round time of the K in use, probing a small K now and then while off. Each line's stats
+record the K its request ran with (a list when the K changed during it).
 
-The summary reports tokens/s, acceptance rate and tokens per target call; with --compare_ar
-(default for configs with run.compare_ar, e.g. the embedded default) every batch also runs with
-k=0 and the measured speedup is the ratio of the two throughputs. When runs are timed against
-each other (--compare_ar, adaptive K), each K's first run is an untimed warm-up: a compiled
+Per line: new_tokens, target_calls (the prefill and every round), accepted, acceptance_rate,
+tokens_per_target_call, k and the request's seed. The summary reports tokens/s, acceptance rate
+and tokens per target call over the run; with --compare_ar (default for configs with
+run.compare_ar, e.g. the embedded default) the same prompts run again through the engine at
+K = 0 and speedup_vs_ar is the ratio of the two throughputs (a run adaptive K kept at K = 0 is
+its own baseline: 1.0). Without calibration, each K gets an untimed warm-up first: a compiled
 program's first execution pays one-off costs that would bias the comparison.
 
 Multi-host (--multihost or mesh.multihost): jax.distributed.initialize() is called first (with
 --coordinator_address/--num_processes/--process_id when given, else auto-detected on pods).
-Every process tokenises the same prompts and places on its own devices only the rows of each
-batch that the mesh's data axis gives them (all rows when data=1); the outputs are gathered, and
-process 0 alone reads and writes the output file and tells the others which batches to run.
+Every process builds the same engine; process 0 alone reads and writes the output file, runs the
+scheduler and broadcasts each device call's inputs, and the others run the same calls
+(Engine.follow) until process 0 shuts the engine down.
 """
 
 from __future__ import annotations
@@ -285,7 +295,8 @@ def settings_differences(existing: Existing, settings: dict, prompts) -> list[st
 
 
 def append_lines(path: str, records: list[dict]) -> None:
-  """One write and one fsync per batch: a kill leaves whole lines plus at most one torn one."""
+  """One write and one fsync per call (the requests that finished in one engine step): a kill
+  leaves whole lines plus at most one torn one."""
   data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:

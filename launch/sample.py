@@ -471,7 +471,7 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   if not common.all_agree(bool(todo)):
     return {"generated_tokens": 0, "note": "every prompt already done", **note}
 
-  from spec_tpu.serving import Engine, GenerationParams, multihost as multihost_lib
+  from spec_tpu.serving import Engine, multihost as multihost_lib
   sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id)
   s, serve = setup.sampling, config.serve
   channel = multihost_lib.Channel(num_slots) if jax.process_count() > 1 else None
@@ -486,14 +486,15 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     return {}
   try:
     return _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings,
-                     compare_ar and k_max > 0, note, GenerationParams)
+                     compare_ar and k_max > 0, note)
   finally:
     engine.shutdown()
 
 
 def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings, compare_ar,
-              note, GenerationParams) -> dict:
+              note) -> dict:
   """Process 0's part: every prompt left is a request; each finished one is written at once."""
+  from spec_tpu.serving import GenerationParams
   s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
   seed = int(config.sampling.seed)
 

@@ -87,6 +87,24 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert again["note"] == "every prompt already done" and _read(out) == lines
 
 
+def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
+  # Given three prompts of one length, sampled together,
+  texts = {"a": "x = 1", "b": "x = 2", "c": "x = 3"}
+  def sample_ids(ids, name):
+    prompts = tmp_path / f"{name}.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": texts[i]}) + "\n" for i in ids))
+    out = tmp_path / f"{name}_out.jsonl"
+    sample.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
+    return {r["id"]: r["tokens"] for r in _read(out)}
+  together = sample_ids(["a", "b", "c"], "together")
+  # when two of them run again in another order, without the third (as a resumed run would),
+  apart = sample_ids(["c", "a"], "apart")
+  # then each is sampled with the same tokens: its seed comes from (seed, id), and its request
+  # shares no randomness with the requests beside it.
+  assert apart == {i: together[i] for i in ("a", "c")}
+  assert together["a"] != together["c"]
+
+
 @pytest.mark.parametrize("c, expected_k", [(0.0, 4), (10.0, 0)])
 def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected_k):
   # Given rounds that cost 1 + K c units at every K the engine may pick (c faked after its

@@ -15,17 +15,19 @@
       tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
-                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample chooses K per
-                batch (0 = speculation off) from the measured acceptance and step times,
-                starting at k and never above k_max (see spec_tpu/k_policy.py)
+                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample's engine
+                chooses K per step (0 = speculation off) from the measured acceptance and
+                round times, starting at k and never above k_max (see spec_tpu/k_policy.py)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
-    run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
-                speedup), max_cache_len (0 = just what the prompts and new tokens need),
+    run.*       batch_size (launch.sample: the engine's slots), prompts (text), add_bos,
+                compare_ar (also run k=0 and report the speedup), max_cache_len (launch.sample:
+                a slot's context; 0 = just what the prompts and new tokens need),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
                 benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
-    serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; see
+    serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; launch.sample takes
+                rounds_per_step, max_rounds_per_step and prefill_rows from here; see
                 spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
                 prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
                 0..sampling.k_max, starting at sampling.k; False: always sampling.k),

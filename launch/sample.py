@@ -9,41 +9,51 @@ Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-em
 number), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
 prompt, text, tokens and per-prompt stats; without --output the texts go to stdout.
 
-Resumable: output lines are appended and fsynced once per batch. On start the existing output is
-read (a torn last line, left by a kill mid-write, is cut away) and prompts whose id is already
-there are not written again. Batches are fixed slices of the prompt list and batch i samples with
-a seed derived from (sampling.seed, i), so a resumed run writes exactly what an uninterrupted run
-would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
-whole (its finished rows are computed again but not written).
+It runs on the serving engine (spec_tpu/serving/engine.py), the one decoder under every
+launcher: every prompt is a request, run.batch_size requests share the engine's slots, and a
+finished request's slot is refilled from the queue at once, so one long output no longer holds
+the others back. Each line is written when its request finishes, so lines come in the order
+prompts finish, not the order they were given.
+
+Resumable: each finished request's line is appended and fsynced at once (requests finishing in
+the same engine step share one write), so a kill loses at most the unfinished ones. On start
+the existing output is read (a torn last line, left by a kill mid-write, is cut away) and
+prompts whose id is already there are not submitted again. A prompt's request samples with a
+seed derived from (sampling.seed, prompt id) alone, and a request's tokens depend on its seed
+and K only, not on what shares the batch: a resumed run writes for each prompt exactly what an
+uninterrupted run would have, at the same K (same prompts, slot count and seed). With adaptive
+K the resumed run may pick other K than the killed one did, so its texts are equally valid
+samples of the target, not byte-identical ones (every prompt is still written exactly once).
 
 An existing output is refused, untouched, when it holds anything but result lines and the torn
 start of one (it is not ours), or when its lines were written with other settings: each line
-records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, batch size,
-K policy, sampling values) and the error names what differs; --append_other_settings appends
-anyway, saying so. --prompts and --output may not be the same file.
+records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, num_slots
+(run.batch_size), K policy, sampling values) and the error names what differs;
+--append_other_settings appends anyway, saying so. --prompts and --output may not be the same
+file.
 
-Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
-at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
-the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
-all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its
-acceptance updates a; the next batch runs with the K in 0..sampling.k_max that the
-expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a K = 1 probe
-every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
-Each line's stats record the K its batch ran with. Every K gives samples from the target's
-distribution, but a resumed adaptive run may pick other K than the killed one did, so its texts
-are equally valid samples, not byte-identical ones (every prompt is still written exactly once).
+Adaptive K (sampling.adaptive_k, on in configs/default.py): the engine's policy
+(k_policy.AdaptiveK, owned by the engine) chooses K per step among 0, sampling.k and powers of
+two up to sampling.k_max. Before the first request the engine calibrates: it compiles every one
+of those K and times a round of each with all slots busy on these prompts, measuring the
+acceptance a too, so the first step already runs the K the measurement favours, K = 0 (plain
+decoding) unless speculation beats it by a margin; every window of rounds then refreshes a and
+the round time of the K in use, probing a small K now and then while off. Each line's stats
+record the K its request ran with (a list when the K changed during it).
 
-The summary reports tokens/s, acceptance rate and tokens per target call; with --compare_ar
-(default for configs with run.compare_ar, e.g. the embedded default) every batch also runs with
-k=0 and the measured speedup is the ratio of the two throughputs. When runs are timed against
-each other (--compare_ar, adaptive K), each K's first run is an untimed warm-up: a compiled
+Per line: new_tokens, target_calls (the prefill and every round), accepted, acceptance_rate,
+tokens_per_target_call, k and the request's seed. The summary reports tokens/s, acceptance rate
+and tokens per target call over the run; with --compare_ar (default for configs with
+run.compare_ar, e.g. the embedded default) the same prompts run again through the engine at
+K = 0 and speedup_vs_ar is the ratio of the two throughputs (a run adaptive K kept at K = 0 is
+its own baseline: 1.0). Without calibration, each K gets an untimed warm-up first: a compiled
 program's first execution pays one-off costs that would bias the comparison.
 
 Multi-host (--multihost or mesh.multihost): jax.distributed.initialize() is called first (with
 --coordinator_address/--num_processes/--process_id when given, else auto-detected on pods).
-Every process tokenises the same prompts and places on its own devices only the rows of each
-batch that the mesh's data axis gives them (all rows when data=1); the outputs are gathered, and
-process 0 alone reads and writes the output file and tells the others which batches to run.
+Every process builds the same engine; process 0 alone reads and writes the output file, runs the
+scheduler and broadcasts each device call's inputs, and the others run the same calls
+(Engine.follow) until process 0 shuts the engine down.
 """
 
 from __future__ import annotations
@@ -250,7 +260,9 @@ def run_settings(config, setup, tok, k_max: int) -> dict:
       "target": model_identity(setup.target),
       "draft": model_identity(setup.draft) if uses_draft else None,
       "tokenizer": tok.name, "add_bos": bool(config.run.add_bos),
-      "batch_size": int(config.run.batch_size),  # batches are the unit of seeding
+      # The slots are the engine's batch: every request's law and seeded stream are its own,
+      # but another batch width is another program, whose float rounding may differ.
+      "num_slots": int(config.run.batch_size),
       "seed": int(config.sampling.seed), "max_new_tokens": int(config.sampling.max_new_tokens),
       "k": setup.k, "adaptive_k": adaptive, "k_max": k_max if adaptive else None,
       "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
@@ -283,7 +295,8 @@ def settings_differences(existing: Existing, settings: dict, prompts) -> list[st
 
 
 def append_lines(path: str, records: list[dict]) -> None:
-  """One write and one fsync per batch: a kill leaves whole lines plus at most one torn one."""
+  """One write and one fsync per call (the requests that finished in one engine step): a kill
+  leaves whole lines plus at most one torn one."""
   data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
@@ -297,16 +310,18 @@ def _finite(x):
   return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def round_seconds(result) -> float:
-  """Seconds per iteration of a run's decode loop (the prefill counted as one): the loop runs
-  until its slowest row is done."""
-  return result.seconds / (int(result.rounds.max()) + 1)
+def request_seed(seed: int, key: str) -> int:
+  """The seed of one prompt's request: fixed by (sampling.seed, prompt id) alone, so a resumed
+  run, or a run over other prompts, samples a prompt with the same random stream."""
+  digest = hashlib.sha256(f"spec_tpu.sample:{seed}:{key}".encode()).digest()
+  return int.from_bytes(digest[:8], "little") >> 1
 
 
-def batch_seed(seed: int, batch_index: int) -> int:
-  """The seed of batch i: fixed by (seed, i) alone, so a resumed run reproduces it."""
-  digest = hashlib.sha256(f"spec_tpu.sample:{seed}:{batch_index}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") >> 1
+def _k_used(ks) -> int | list | None:
+  """The K a request's steps ran with: one int, the list when adaptive K changed it meanwhile,
+  None when it finished at its prefill."""
+  ks = [int(k) for k in ks]
+  return ks[0] if len(ks) == 1 else (ks or None)
 
 
 # ---------------------------------------------------------------- main
@@ -315,19 +330,25 @@ def batch_seed(seed: int, batch_index: int) -> int:
 class Totals:
   tokens: int = 0
   seconds: float = 0.0
-  rounds: int = 0          # speculative rounds (target calls after the prefill)
   calls: int = 0           # every target call, the prefill included
   accepted: int = 0
   judged: int = 0          # draft tokens judged by the target (the a of the speedup formula)
+  ks: set = dataclasses.field(default_factory=set)  # every K a step ran with
   ar_tokens: int = 0
   ar_seconds: float = 0.0
-  ks: list = dataclasses.field(default_factory=list)  # K of each batch run (adaptive K)
+
+  def add(self, stats) -> None:
+    self.tokens += stats.new_tokens
+    self.calls += stats.target_calls
+    self.accepted += stats.accepted
+    self.judged += stats.judged
+    self.ks.update(stats.ks)
 
   def summary(self, k: int, random_weights: bool) -> dict:
     tps = self.tokens / self.seconds if self.seconds else float("nan")
     out = {"generated_tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": tps,
-           "k": k, "acceptance_rate": self.accepted / self.judged if self.judged
-           else float("nan"),
+           "k": k, "ks_used": sorted(self.ks),
+           "acceptance_rate": self.accepted / self.judged if self.judged else float("nan"),
            "tokens_per_target_call": self.tokens / self.calls if self.calls else float("nan"),
            "random_weights": random_weights}
     if self.ar_seconds:
@@ -352,6 +373,24 @@ def _mixed_settings_error(output: str, differences: list[str]) -> InputError:
       "--append_other_settings to append anyway (every line records the settings that made it)")
 
 
+def drain(engine, requests: list, k: int | None = None, on_finish=None) -> float:
+  """Steps the engine (at K = k, default: its policy's) until every request is done, calling
+  on_finish with the requests that finished after each step. Returns the seconds it took."""
+  import time
+  pending = list(requests)
+  start = time.perf_counter()
+  while pending:
+    busy = engine.step(k)
+    done = [r for r in pending if r.finished]
+    if done:
+      pending = [r for r in pending if not r.finished]
+      if on_finish is not None:
+        on_finish(done)
+    if not busy and pending:
+      raise RuntimeError(f"the engine went idle with {len(pending)} requests unfinished")
+  return time.perf_counter() - start
+
+
 def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coordinator=None,
         num_processes=None, process_id=None, append_other_settings=False) -> dict:
   """The whole launcher minus flag parsing (tests call this in-process)."""
@@ -369,9 +408,10 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   for p, ids in zip(prompts, encoded):
     if not ids:
       raise InputError(f"prompt {p.id!r} encodes to no tokens (set run.add_bos=True)")
-  batch_size = int(config.run.batch_size)
-  if batch_size <= 0:
-    raise common.SetupError(f"run.batch_size must be positive, got {batch_size}")
+  num_slots = int(config.run.batch_size)
+  if num_slots <= 0:
+    raise common.SetupError(f"run.batch_size (the engine's slots) must be positive, got "
+                            f"{num_slots}")
   from spec_tpu.decoding import prompts as prompts_lib
   adaptive = bool(config.sampling.adaptive_k)
   k_max = int(config.sampling.k_max) if adaptive else setup.k
@@ -379,10 +419,13 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     raise common.SetupError(f"sampling.adaptive_k needs a draft and 1 <= sampling.k <= "
                             f"sampling.k_max (k is the starting K), got k={setup.k}, "
                             f"k_max={k_max}")
+  max_new, seed = int(config.sampling.max_new_tokens), int(config.sampling.seed)
   longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
+  # A slot holds the longest prompt of the whole list (not of what is left to do: a resumed run
+  # must run the same programs), its new tokens and a verification block.
+  max_len = int(config.run.max_cache_len) or len(encoded[longest]) + max_new + k_max + 1
   try:
-    prompts_lib.check_fits(len(encoded[longest]), int(config.sampling.max_new_tokens),
-                           int(config.run.max_cache_len) or None, extra=k_max + 1)
+    prompts_lib.check_fits(len(encoded[longest]), max_new, max_len, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
   settings = run_settings(config, setup, tok, k_max)
@@ -408,8 +451,6 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     raise problem or InputError("process 0 refused the output file")
   mesh = common.build_mesh(config)
 
-  num_batches = -(-len(prompts) // batch_size)
-  todo = np.ones((num_batches,), np.int32)
   done_keys = set()
   if primary and output:
     if mixed:
@@ -418,116 +459,111 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                       "; ".join(mixed))
     drop_torn_tail(output, existing)
     done_keys = set(existing.records)
-    for b in range(num_batches):
-      chunk = prompts[b * batch_size:(b + 1) * batch_size]
-      todo[b] = any(p.key not in done_keys for p in chunk)
-  todo = common.broadcast(todo)
-  remaining = sum(p.key not in done_keys for p in prompts)
+  todo = [i for i, p in enumerate(prompts) if p.key not in done_keys]
   if primary:
     for m in (setup.target, setup.draft):
       if m is not None:
         logging.info("%s", m.describe())
     if done_keys:
-      logging.info("resuming: %d of %d prompts already in %s", len(prompts) - remaining,
+      logging.info("resuming: %d of %d prompts already in %s", len(prompts) - len(todo),
                    len(prompts), output)
   note = {"mixed_settings": "; ".join(mixed)} if mixed else {}
-  if not todo.any():
+  if not common.all_agree(bool(todo)):
     return {"generated_tokens": 0, "note": "every prompt already done", **note}
 
-  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                 max_cache_len=int(config.run.max_cache_len))
-  k, max_new, seed = setup.k, int(config.sampling.max_new_tokens), int(config.sampling.seed)
-  compare_ar = compare_ar and k > 0
-  def batch_ids(b):
-    ids = encoded[b * batch_size:(b + 1) * batch_size]
-    # A short last batch is padded with copies of its first prompt: one compiled shape serves
-    # every batch, and the padding rows are dropped.
-    return ids + [ids[0]] * (batch_size - len(ids))
+  from spec_tpu.serving import Engine, multihost as multihost_lib
+  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  s, serve = setup.sampling, config.serve
+  channel = multihost_lib.Channel(num_slots) if jax.process_count() > 1 else None
+  engine = Engine(sampler, num_slots=num_slots, max_len=max_len, k=setup.k, k_max=k_max,
+                  adaptive_k=adaptive, max_top_k=max(1, int(s.top_k)),
+                  rounds_per_step=int(serve.rounds_per_step) or None,
+                  max_rounds_per_step=int(serve.max_rounds_per_step),
+                  prefill_rows=int(serve.prefill_rows), tokenizer=tok, seed=seed,
+                  channel=channel)
+  if not primary:
+    engine.follow()  # process 0's device calls, until it shuts the engine down
+    return {}
+  try:
+    return _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings,
+                     compare_ar and k_max > 0, note)
+  finally:
+    engine.shutdown()
 
-  warm = set()
 
-  def warm_up(kk, ids):
-    # The first run of a compiled program pays one-off costs (buffers, thread pools): when runs
-    # are timed against each other, each K gets an untimed run first.
-    if (compare_ar or adaptive) and kk not in warm:
-      sampler.generate(ids, max_new_tokens=max_new, k=kk, sampling=setup.sampling, seed=seed)
-      warm.add(kk)
+def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings, compare_ar,
+              note) -> dict:
+  """Process 0's part: every prompt left is a request; each finished one is written at once."""
+  from spec_tpu.serving import GenerationParams
+  s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
+  seed = int(config.sampling.seed)
 
-  policy = None
-  if adaptive:
-    from spec_tpu.decoding import k_policy
-    policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=4)
-    # Calibrate on the first batch to run: one loop iteration at K = 0 and at K = k.
-    ids0 = batch_ids(int(np.argmax(todo)))
-    warm_up(0, ids0)
-    warm_up(k, ids0)
-    ar_round = round_seconds(sampler.generate(ids0, max_new_tokens=max_new, k=0,
-                                              sampling=setup.sampling, seed=seed))
-    cal = sampler.generate(ids0, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=seed)
-    policy.observe_times(0.0, round_seconds(cal), ar_round, k)
-    policy.observe(cal)
-    if primary:
-      logging.info("adaptive K: a loop iteration takes %.3g ms at K=0, %.3g ms at K=%d -> "
-                   "c = %.3f, a = %.3f; first K = %d", ar_round * 1e3,
-                   round_seconds(cal) * 1e3, k, policy.c, policy.a, policy.k)
-  totals = Totals()
+  def params(i, max_new_tokens=max_new):
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=float(s.temperature),
+                            top_p=float(s.top_p), top_k=int(s.top_k),
+                            seed=request_seed(seed, prompts[i].key))
+
+  if engine.policy is not None:
+    # Every K the policy may pick is compiled and timed with all slots busy on these prompts
+    # before the first request, and the first step runs the K the measurement favours.
+    report = engine.calibrate([encoded[i] for i in todo])
+    logging.info("adaptive K: a round takes %s; K = %d chosen (a = %.3f, expected speedup "
+                 "%.2f)", {k: f"{v * 1e3:.2f} ms" for k, v in engine.pacing.round_s.items()},
+                 report["chosen_k"], engine.policy.a, engine.policy.speedup())
+  elif compare_ar:
+    # The first run of a compiled program pays one-off costs (buffers, thread pools): when the
+    # two passes are timed against each other, each K gets an untimed run first.
+    few = todo[:engine.num_slots]
+    for k in (engine.k, 0):
+      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new))) for i in few], k)
+
   from tqdm import tqdm
-  bar = tqdm(total=remaining, unit="prompt", disable=not primary, file=sys.stderr,
+  bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr,
              desc="sampling (RANDOM WEIGHTS)" if setup.any_random else "sampling")
-  for b in range(num_batches):
-    if not todo[b]:
-      continue
-    chunk = prompts[b * batch_size:(b + 1) * batch_size]
-    ids = batch_ids(b)
-    s = batch_seed(seed, b)
-    if policy is not None:
-      # Step times differ between processes: process 0's choice is everyone's.
-      k = int(common.broadcast(np.array([policy.k], np.int32))[0])
-    warm_up(k, ids)
-    if compare_ar:
-      warm_up(0, ids)
-    res = sampler.generate(ids, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=s)
-    n = len(chunk)
-    totals.tokens += sum(len(t) for t in res.tokens[:n])
-    totals.seconds += res.seconds
-    totals.rounds += int(res.rounds[:n].sum())
-    totals.calls += int(res.rounds[:n].sum()) + n  # the prefill is a target call too
-    totals.accepted += int(res.accepted[:n].sum())
-    totals.judged += int(res.reached[:n].sum()) if res.k else 0
-    if compare_ar:
-      # A batch adaptive K ran at K = 0 is its own autoregressive baseline.
-      ar = res if k == 0 else sampler.generate(ids, max_new_tokens=max_new, k=0,
-                                               sampling=setup.sampling, seed=s)
-      totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])
-      totals.ar_seconds += ar.seconds
-    if policy is not None:
-      if compare_ar or k == 0:  # this batch has a fresh K = 0 timing
-        ar_round = round_seconds(ar if compare_ar else res)
-      if k:
-        policy.observe_times(0.0, round_seconds(res), ar_round, k)
-      policy.observe(res)
-      totals.ks.append(k)
+  totals = Totals()
+  index = {}
+
+  def write(done):
     records = []
-    for row, p in enumerate(chunk):
-      if p.key in done_keys:
-        continue
-      stats = {key: _finite(v) for key, v in res.row_stats(row).items()}
-      records.append({"id": p.id, "prompt": p.text, "text": tok.decode(res.tokens[row]),
-                      "tokens": res.tokens[row], "stats": dict(stats, k=k, seed=s),
+    for r in done:
+      i = index[r.id]
+      c = r.result()
+      totals.add(c.stats)
+      stats = {"new_tokens": c.stats.new_tokens, "target_calls": c.stats.target_calls,
+               "accepted": c.stats.accepted, "acceptance_rate": c.stats.acceptance_rate,
+               "tokens_per_target_call": c.stats.tokens_per_target_call,
+               "k": _k_used(c.stats.ks), "seed": r.params.seed}
+      records.append({"id": prompts[i].id, "prompt": prompts[i].text,
+                      "text": tok.decode(c.tokens), "tokens": c.tokens,
+                      "stats": {key: _finite(v) for key, v in stats.items()},
                       "settings": settings})
-    if primary:
-      if output:
-        append_lines(output, records)
-      else:
-        for r in records:
-          print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
+    if output:
+      append_lines(output, records)
+    else:
+      for r in records:
+        print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
     bar.update(len(records))
+
+  requests = []
+  for i in todo:
+    r = engine.submit(encoded[i], params(i))
+    index[r.id] = i
+    requests.append(r)
+  totals.seconds = drain(engine, requests, on_finish=write)
   bar.close()
-  summary = dict(totals.summary(setup.k, setup.any_random), **note)
-  if policy is not None:
-    summary.update(adaptive_k_per_batch=totals.ks, adaptive_a=policy.a, adaptive_c=policy.c,
-                   adaptive_expected_speedup=policy.speedup(), adaptive_next_k=policy.k)
-  return summary
+  summary = {}
+  if engine.policy is not None:
+    p = engine.policy
+    summary.update(adaptive_a=p.a, adaptive_c=p.c, adaptive_expected_speedup=p.speedup(),
+                   adaptive_next_k=p.k)
+  if compare_ar:
+    if totals.ks <= {0}:  # adaptive K kept speculation off: the run was its own baseline
+      totals.ar_tokens, totals.ar_seconds = totals.tokens, totals.seconds
+    else:
+      ar = [engine.submit(encoded[i], params(i)) for i in todo]
+      totals.ar_seconds = drain(engine, ar, k=0)
+      totals.ar_tokens = sum(len(r.result().tokens) for r in ar)
+  return dict(totals.summary(setup.k, setup.any_random), **summary, **note)
 
 
 def _print_summary(s: dict) -> None:

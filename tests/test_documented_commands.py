@@ -40,6 +40,7 @@ NOT_RUN = {
     "venv": "creates the environment this suite already runs in",
     "pip": "installs the package this suite already imports (needs the network)",
     "pytest": "is this test suite",
+    "launch.serve": "serves until stopped; tests/test_serve.py starts the server and talks to it",
 }
 
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.

@@ -60,9 +60,10 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   # when sampled with the AR comparison on,
   summary = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
                        compare_ar=True, multihost=False)
-  # then each prompt has one line whose text is the decoding of its tokens,
+  # then each prompt has one line (in the order they finished) whose text is the decoding of
+  # its tokens,
   lines = _read(out)
-  assert [r["id"] for r in lines] == [0, 1, 2]
+  assert sorted(r["id"] for r in lines) == [0, 1, 2]
   from spec_tpu import tokenizer
   tok = tokenizer.load(config.model.tokenizer)
   for r in lines:
@@ -87,18 +88,54 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert again["note"] == "every prompt already done" and _read(out) == lines
 
 
-@pytest.mark.parametrize("c, expected_k", [(0.0, 6), (10.0, 0)])
+def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
+  # Given three prompts of one length, sampled together,
+  texts = {"a": "x = 1", "b": "x = 2", "c": "x = 3"}
+  def sample_ids(ids, name):
+    prompts = tmp_path / f"{name}.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": texts[i]}) + "\n" for i in ids))
+    out = tmp_path / f"{name}_out.jsonl"
+    sample.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
+    return {r["id"]: r["tokens"] for r in _read(out)}
+  together = sample_ids(["a", "b", "c"], "together")
+  # when two of them run again in another order, without the third (as a resumed run would),
+  apart = sample_ids(["c", "a"], "apart")
+  # then each is sampled with the same tokens: its seed comes from (seed, id), and its request
+  # shares no randomness with the requests beside it.
+  assert apart == {i: together[i] for i in ("a", "c")}
+  assert together["a"] != together["c"]
+
+
+@pytest.mark.parametrize("c, expected_k", [(0.0, 4), (10.0, 0)])
 def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected_k):
-  # Given loop iterations that cost 1 + K c units (c faked: a free draft or one 10x slower than
-  # the target, so the choice does not hang on this machine's timings),
-  monkeypatch.setattr(sample, "round_seconds", lambda res: 1.0 + res.k * c)
+  # Given rounds that cost 1 + K c units at every K the engine may pick (c faked after its
+  # calibration: a free draft or one 10x slower than the target, so the choice does not hang on
+  # this machine's timings),
+  from spec_tpu.decoding import k_policy
+  from spec_tpu.serving import Engine
+  calibrate = Engine.calibrate
+
+  def faked(engine, *args, **kwargs):
+    report = calibrate(engine, *args, **kwargs)
+    # A fresh policy (the measured times would blend into the faked ones), given the
+    # acceptance calibration measured and the faked round times.
+    engine.policy = k_policy.AdaptiveK(k0=engine.k, k_max=engine.k_max, ks=engine.ks)
+    engine.policy.observe_acceptance(report["accepted"], report["judged"])
+    engine.pacing.observe_step = lambda *a: None
+    engine.pacing.round_s = {k: 1.0 + k * c for k in engine.ks}
+    for k, seconds in engine.pacing.round_s.items():
+      engine.policy.observe_round_time(k, seconds)
+    return report
+
+  monkeypatch.setattr(Engine, "calibrate", faked)
   config = _tiny_config(adaptive_k=True, k=2, k_max=6)
   out = tmp_path / "out.jsonl"
   summary = sample.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
                        multihost=False)
-  # then a free draft runs at k_max (more drafts only add accepted tokens), a slow one turns
-  # speculation off from the first batch, and every prompt is written once with its batch's K.
-  assert summary["adaptive_k_per_batch"] == [expected_k] * 3
+  # then the engine's policy runs a free draft at the largest K it compiled (0, 1, 2, 4: more
+  # drafts only add accepted tokens), turns a slow one off from the first step, and every
+  # prompt is written once with the K its request ran with.
+  assert summary["ks_used"] == [expected_k]
   assert summary["adaptive_c"] == pytest.approx(c)
   lines = _read(out)
   assert sorted(r["id"] for r in lines) == list(range(6))
@@ -232,7 +269,7 @@ def _settings(config):
     (lambda c: c.sampling.update(temperature=0.5), "temperature is 0.8"),
     (lambda c: c.sampling.update(top_p=1.0), "top_p is 0.95"),
     (lambda c: c.sampling.update(top_k=5), "top_k is 0"),
-    (lambda c: c.run.update(batch_size=3), "batch_size is 2"),
+    (lambda c: c.run.update(batch_size=3), "num_slots is 2"),
     (lambda c: c.draft.fields.update(num_layers=2), "draft is name=random_tiny_draft"),
     (lambda c: c.model.fields.update(name="other"), "target is name=random_tiny_target"),
 ])

@@ -41,6 +41,9 @@ NOT_RUN = {
     "pip": "installs the package this suite already imports (needs the network)",
     "pytest": "is this test suite",
     "launch.serve": "serves until stopped; tests/test_serve.py starts the server and talks to it",
+    "-c": "inline Python that writes a random transformers model to convert; the suite makes its "
+          "stand-in Hugging Face models the same way (_make_hf_model), and the launch.convert "
+          "commands that follow run on it",
 }
 
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
@@ -54,6 +57,9 @@ SHRINK = {
     "launch.evaluate_pair": ["--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
                              "--repeats=1", "--seq_len=8", "--eval_windows=1", "--show_samples=1"],
     "launch.convert": [],
+    "launch.compare_quant": ["--windows=2", "--seq_len=16"],
+    "launch.serve_bench": ["--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
+                           "--latency_requests=2"],
 }
 
 # Appended to the commands of one launcher naming one config (--config=..., as written).

@@ -71,9 +71,13 @@ def build_engine(config, multihost: bool = False, coordinator=None, num_processe
     prompts = [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in config.run.prompts]
   if bool(s.calibrate) and (channel is None or channel.is_leader):
     report = engine.calibrate(prompts)
-    logging.info("calibration: a round takes %s; K = %s chosen (a = %s, c = %s)",
-                 {k: f"{v * 1e3:.2f} ms" for k, v in engine.pacing.round_s.items()},
-                 report["chosen_k"], report["a"], report["c"])
+    times = {int(key[len("round_s_k"):]): v for key, v in report.items()
+             if key.startswith("round_s_k")}
+    speedups = report.get("expected_speedup") or {}
+    logging.info("calibration: a round takes %s (%s); a = %s; expected speedup %s; K = %d",
+                 ", ".join(f"K={k}: {v * 1e3:.2f} ms" for k, v in times.items()),
+                 report["clock"], report["a"],
+                 ", ".join(f"K={k}: {v:.2f}" for k, v in speedups.items()), report["chosen_k"])
   else:  # compile what the first requests need before accepting them
     engine.warm_up([engine.k], [len(p) for p in prompts or []])
   return engine, tok, setup

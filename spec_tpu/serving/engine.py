@@ -37,9 +37,10 @@ count, its draft, verification, sampling and all; on the CPU backend in process 
 other processes on a shared machine do not inflate), and measures the acceptance a; after
 that every window of `window_rounds` rounds refreshes a. The choice maximises the expected
 tokens per unit time, (1 + a + ... + a^K) / (t_K / t_0), with the measured round times t_K
-rather than a cost assumed linear in K (on CPU a speculative round has a fixed cost that a line
-through K = 0 and K = 4 hides), and is K = 0 unless that beats plain decoding by the margin
-(10%); while off, one window in `probe_every` runs the smallest K to re-measure a. Round costs
+rather than a cost modelled as linear in K from one K (no assumption about how verification
+grows with K, and a noisy timing at one K cannot move the others), and is K = 0 unless that
+beats plain decoding by the margin (10%); while off, one window in `probe_every` runs the
+smallest K to re-measure a. Round costs
 are not re-measured from traffic: every slot is computed whether it holds a request or not,
 so a round costs the same at any occupancy (which is also why occupancy does not enter the
 formula), and timings taken while the process streams to clients are noisier than the

@@ -12,8 +12,9 @@ of the step,
 capped so a chunk reaches clients at least every `max_interval_s` (N t <= max_interval_s), and
 by the out buffer the step programs were compiled for (max_rounds). h and t are measured:
 exponential moving averages over steps, t per K (a round at K = 4 costs more than at K = 0).
-Example: on the 2-core CPU with the embedded pair, t ~ 4 ms and h ~ 1 ms give N = 5 (20 ms
-chunks); on an accelerator, t ~ 15 ms and h ~ 0.5 ms give N = 1 or 2.
+Examples: t ~ 5 ms and h ~ 1 ms give N = 4 (20 ms chunks); on the loaded 2-core CPU, where a
+step call alone took several ms, the embedded pair ran at N = 13-16; on an accelerator, t ~ 15
+ms and h ~ 1 ms give N = 2.
 """
 
 from __future__ import annotations

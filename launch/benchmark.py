@@ -100,7 +100,7 @@ class StepTimer:
     tokens = np.full((self.batch, num_tokens), 4, np.int32)
     from spec_tpu.decoding import sampler
     # The same XLA options as the decode programs, so steps are timed as the loop runs them.
-    platform = jax.tree.leaves(self.params)[0].sharding.device_set.pop().platform
+    platform = next(iter(jax.tree.leaves(self.params)[0].sharding.device_set)).platform
     compiled = self._fn.lower(self.params, tokens, 0).compile(
         sampler.compiler_options(platform))
 

@@ -9,19 +9,32 @@
       allow_random  no checkpoint (or a missing one) -> random weights with a loud warning;
                     False makes that an error raised before anything compiles
       rules         sharding rule set: tensor_parallel | replicated
+      quantize      '' = the weights as stored (a checkpoint converted or saved in int8 loads
+                    as int8 with no option), 'int8' = int8 weights with per-output-channel
+                    scales (spec_tpu/models/quant.py), quantized while a float checkpoint loads
       tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
-                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample chooses K per
-                batch (0 = speculation off) from the measured acceptance and step times,
-                starting at k and never above k_max (see spec_tpu/k_policy.py)
+                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample's engine
+                chooses K per step (0 = speculation off) from the measured acceptance and
+                round times, starting at k and never above k_max (see spec_tpu/k_policy.py)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
-    run.*       batch_size, prompts (text), add_bos, compare_ar (also run k=0 and report the
-                speedup), max_cache_len (0 = just what the prompts and new tokens need),
+    run.*       batch_size (launch.sample: the engine's slots), prompts (text), add_bos,
+                compare_ar (also run k=0 and report the speedup), max_cache_len (launch.sample:
+                a slot's context; 0 = just what the prompts and new tokens need),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
                 benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
+    serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; launch.sample takes
+                rounds_per_step, max_rounds_per_step and prefill_rows from here; see
+                spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
+                prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
+                0..sampling.k_max, starting at sampling.k; False: always sampling.k),
+                calibrate (time K = 0 and K = sampling.k before serving), rounds_per_step
+                (N; 0 = chosen from measured times), max_rounds_per_step, max_top_k (largest
+                per-request top_k), prefill_rows (requests per insert call), model_name
+                ('' = the target's name)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -69,7 +82,7 @@ def model_fields(**values) -> ml_collections.ConfigDict:
 
 
 def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = False,
-                  rules: str = "tensor_parallel", tokenizer: str = "",
+                  rules: str = "tensor_parallel", tokenizer: str = "", quantize: str = "",
                   **fields) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.preset = preset
@@ -78,6 +91,7 @@ def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = F
   s.allow_random = allow_random
   s.rules = rules
   s.tokenizer = tokenizer
+  s.quantize = quantize
   return s
 
 
@@ -94,4 +108,7 @@ def base(**run) -> ml_collections.ConfigDict:
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
       prompt_len=128, compile_cache=DEFAULT_COMPILE_CACHE))
   c.run.update(run)
+  c.serve = ml_collections.ConfigDict(dict(
+      num_slots=8, max_len=1024, adaptive_k=True, calibrate=True, rounds_per_step=0,
+      max_rounds_per_step=16, max_top_k=64, prefill_rows=1, model_name=""))
   return c

@@ -4,6 +4,7 @@ source, with its sentencepiece tokenizer and a few built-in prompts.
     python -m launch.sample --config=configs/default.py
     python -m launch.sample --config=configs/default.py --prompts=prompts.jsonl --output=out.jsonl
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
+    python -m launch.serve --config=configs/default.py --port=8000
 
 Trained with `python -m launch.train` (configs/train.py); evaluated with
 `python -m launch.evaluate_pair`. Point the fields elsewhere with e.g.
@@ -38,6 +39,13 @@ def get_config(arg=None):
                                  tokenizer=tokenizer)
   # The pair was trained on files separated by EOS, never with a BOS in front.
   c.run.add_bos = False
-  c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
+  # adaptive_k: the engine calibrates K = 0, 1, 2, 4, 8 on these prompts before the first
+  # request and runs the K that pays, K = 0 where speculation does not, so the first command a
+  # user runs is never slower than plain decoding (on some machines it would be, at a fixed K).
+  c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0,
+                    adaptive_k=True)
   c.mesh.shape = (1, -1)
+  # The pair was trained on 128-token windows; every round attends over the whole slot, so a
+  # context far beyond what the models can use only costs time.
+  c.serve.max_len = 256
   return c

@@ -19,8 +19,10 @@ def get_config(arg=None):
   c.draft = common.model_section(
       preset="", allow_random=True, name="llama_160m_draft", vocab_size=32_000, d_model=768,
       num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64, ffw_dim=2048,
-      ffw_activation="swiglu", norm_eps=1e-5, tie_embeddings=False, dtype="bfloat16",
-      tokenizer="llama")
+      ffw_activation="swiglu", norm_eps=1e-5, tie_embeddings=False, dtype="bfloat16")
+  # The vocabulary the pair shares is the ModelConfig field (the llama_7b preset's "llama"); the
+  # section's own `tokenizer` is a tokenizer file, which random-weight benchmarks do not need.
+  c.draft.fields.tokenizer = "llama"
   c.sampling.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=128)
   c.mesh.shape = (1, -1)
   c.run.prompt_len = 128

@@ -3,6 +3,8 @@
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
     python -m launch.benchmark --config=configs/llama_7b_bench.py --output_dir=/tmp/bench_llama \
         --ks=0,1,2,4,6,8 --batches=1,8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
+        --ks=0,4 --batches=1,8 --quantize=none,int8
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -10,12 +12,18 @@ single-token steps at the same context length), measured speedup vs K=0 at the s
 ideal speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) (Leviathan et al. 2023, Thm 3.8) and their ratio,
 verification cost (target forward of K+1 tokens / 1-token target step), and memory-bandwidth
 utilisation of the target step: bytes of weights + KV cache each device reads per step / step
-time, against a bandwidth measured by timing a large array copy on one device.
+time, against the bandwidth each device gets when all of them read at once the way a decode
+step reads its weights (a matrix-vector product over a weight matrix sharded across every device
+of the mesh, too large for any cache). A utilisation above 100% cannot be a memory bandwidth: the
+weights came from cache (a model small enough to fit); the table marks it and says so.
 
 Generation ignores EOS (every row makes max_new_tokens), so all points do the same work.
 Prompts: the config's run.prompts through its tokenizer (cycled to fill a batch); without a
 tokenizer, random tokens of run.prompt_len. Compilation and a warm-up run are excluded from
 every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs_k.png.
+`--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
+process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
+ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
 """
 
 from __future__ import annotations
@@ -24,15 +32,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Setup to run.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to run.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and the plot go.")
 _KS = flags.DEFINE_list("ks", ["0", "1", "2", "4", "6", "8"], "Draft tokens per round to sweep.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes to sweep.")
@@ -42,6 +49,8 @@ _STEP_REPEATS = flags.DEFINE_integer("step_repeats", 20, "Steps per timed step l
 _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program (0: what the "
                                   "prompts and new tokens need); a long max context that the "
                                   "tokens fill only in part.")
+_QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
+                              "draft alike: none (float) and/or int8 (default: the config's).")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -116,19 +125,35 @@ class StepTimer:
     return max(timed(repeats) - timed(0), 1e-9) / repeats
 
 
-def measure_bandwidth(device, nbytes: int) -> float:
-  """Bytes/s of a large elementwise copy (read + write) on one device."""
+_OPTIMISED_CPU = {"xla_backend_optimization_level": 2, "xla_llvm_disable_expensive_passes": False}
+
+
+def measure_bandwidth(mesh, nbytes: int, repeats: int = 5) -> float:
+  """Bytes/s each device reads while every device of `mesh` reads at once, as a decode step
+  reads its weights: a matrix-vector product (one row, float32) over an nbytes weight matrix
+  sharded across all the devices. Weights are read once per step and not written, and a step
+  runs on every device (and every thread) the program uses, so a probe that copies an array on
+  one device measures something else (on a 2-core CPU, a sixth of what numpy's copy moves)."""
   import jax
   import jax.numpy as jnp
-  x = jax.device_put(jnp.zeros((nbytes // 4,), jnp.float32), device)
-  fn = jax.jit(lambda a: a + 1.0)
-  jax.block_until_ready(fn(x))
+  from jax.sharding import NamedSharding, PartitionSpec
+  n = mesh.size
+  rows = 4096
+  cols = max(1, nbytes // (4 * rows * n)) * n
+  spread = NamedSharding(mesh, PartitionSpec(None, mesh.axis_names))
+  weights = jax.jit(lambda: jnp.ones((rows, cols), jnp.float32), out_shardings=spread)()
+  x = jax.device_put(jnp.ones((1, rows), jnp.float32), NamedSharding(mesh, PartitionSpec()))
+  # The figure is the machine's, not the compiler settings': on CPU, flags that trade code
+  # quality for compile time (as the test suite sets) must not slow the probe.
+  options = _OPTIMISED_CPU if jax.devices()[0].platform == "cpu" else None
+  matvec = jax.jit(lambda x, w: x @ w, out_shardings=spread).lower(x, weights).compile(options)
+  jax.block_until_ready(matvec(x, weights))
   best = float("inf")
-  for _ in range(5):
+  for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(x))
+    jax.block_until_ready(matvec(x, weights))
     best = min(best, time.perf_counter() - start)
-  return 2 * nbytes / best
+  return weights.nbytes / n / best
 
 
 # ---------------------------------------------------------------- the sweep
@@ -142,16 +167,26 @@ def prompts_for(config, setup, batch: int) -> list[list[int]]:
   return common.synthetic_prompts(batch, int(config.run.prompt_len), setup.target.cfg.num_tokens)
 
 
+def int_list(name: str, values) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise cli.UserError(f"--{name} takes comma-separated integers, got "
+                        f"{','.join(map(str, values))!r}") from None
+
+
 def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
         step_repeats: int, cache_len: int = 0) -> dict:
+  ks = sorted(set(int_list("ks", ks)))
+  batches = int_list("batches", batches)
+  if any(k < 0 for k in ks) or 0 not in ks:
+    raise cli.UserError(f"--ks must be >= 0 and include 0 (the baseline), got "
+                        f"{','.join(map(str, ks))}")
+  if not batches or any(b <= 0 for b in batches):
+    raise cli.UserError(f"--batches must be positive, got {','.join(map(str, batches))}")
   import jax
   from launch import common
 
-  ks = sorted({int(k) for k in ks})
-  batches = [int(b) for b in batches]
-  if any(k < 0 for k in ks) or any(b <= 0 for b in batches) or 0 not in ks:
-    raise common.SetupError(f"--ks must be >= 0 and include 0 (the baseline), --batches > 0; "
-                            f"got {ks}, {batches}")
   setup = common.resolve(config, need_weights=True, k=max(ks))
   max_new = int(max_new or config.sampling.max_new_tokens)
   os.makedirs(output_dir, exist_ok=True)
@@ -167,9 +202,10 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
       logging.info("%s", m.describe())
   # No EOS: every row generates max_new tokens, so every point does the same work.
   sampler = common.build_sampler(setup, mesh, eos_id=None, pad_id=0, cache_len=cache_len)
-  bandwidth = measure_bandwidth(jax.devices()[0], (1 << 30) if jax.devices()[0].platform != "cpu"
-                                else (1 << 27))
-  logging.info("measured bandwidth: %.1f GB/s per device", bandwidth / 1e9)
+  bandwidth = measure_bandwidth(mesh, (1 << 30) if jax.devices()[0].platform != "cpu"
+                                else (1 << 28))
+  logging.info("measured bandwidth: %.1f GB/s per device (%d devices reading at once)",
+               bandwidth / 1e9, mesh.size)
 
   points = []
   for b in batches:
@@ -208,6 +244,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                    verify_cost=t_verify / t_target,
                    target_step_ms=1e3 * t_target, draft_step_ms=1e3 * t_draft,
                    target_bytes_per_step_per_device=step_bytes,
+                   target_mib_per_step=step_bytes / (1 << 20),
                    bandwidth_utilisation=step_bytes / t_target / bandwidth,
                    tokens_per_target_call=runs[0].tokens_per_call())
       points.append(point)
@@ -215,6 +252,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                    measured)
     del res
   result = dict(
+      quantize=setup.target.cfg.quantize or "none",
       target=setup.target.describe(), draft=setup.draft.describe() if setup.draft else None,
       random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), mesh=dict(mesh.shape), max_new_tokens=max_new,
@@ -222,6 +260,8 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
       sampling=dict(temperature=setup.sampling.temperature, top_p=setup.sampling.top_p,
                     top_k=setup.sampling.top_k),
       bandwidth_bytes_per_s=bandwidth, points=points)
+  if any(_above_memory(p) for p in points):
+    result["bandwidth_note"] = CACHED_NOTE
   with open(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump(_finite(result), f, indent=1)
   table = format_table(result)
@@ -246,24 +286,41 @@ COLUMNS = [("batch", "B", "{:d}"), ("k", "K", "{:d}"), ("ms_per_token", "ms/tok"
            ("tokens_per_s", "tok/s", "{:.1f}"), ("acceptance", "a", "{:.3f}"),
            ("cost_ratio_c", "c", "{:.3f}"), ("speedup", "speedup", "{:.2f}"),
            ("ideal_speedup", "ideal", "{:.2f}"), ("measured_over_ideal", "meas/ideal", "{:.2f}"),
-           ("verify_cost", "verify", "{:.2f}"), ("bandwidth_utilisation", "bw util", "{:.1%}")]
+           ("verify_cost", "verify", "{:.2f}"), ("bandwidth_utilisation", "bw util", "{:.1%}"),
+           ("target_mib_per_step", "MiB/step", "{:.2f}")]
+
+
+CACHED_NOTE = ("* bw util above 100%: the step read its weights faster than memory can deliver "
+               "them, so they came from cache (the model fits in it); that figure is not a "
+               "memory-bandwidth utilisation")
+
+
+def _above_memory(point: dict) -> bool:
+  return (point.get("bandwidth_utilisation") or 0) > 1
+
+
+def _cell(p: dict, key: str, fmt: str) -> str:
+  value = p[key]
+  if not isinstance(value, (int, float)) or isinstance(value, float) and not math.isfinite(value):
+    return "n/a"
+  text = fmt.format(value)
+  return text + "*" if key == "bandwidth_utilisation" and _above_memory(p) else text
 
 
 def format_table(result: dict) -> str:
   head = [f"target: {result['target']}", f"draft:  {result['draft']}",
           f"device: {result['num_devices']} x {result['device']}, mesh {result['mesh']}, "
-          f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s per device"
+          f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s per device (all reading)"
           + (f", caches of {result['cache_len']} slots" if result.get("cache_len") else "")]
   if result["random_weights"]:
     head.append("RANDOM WEIGHTS: acceptance (and so speedup) is not meaningful")
   rows = [[name for _, name, _ in COLUMNS]]
   for p in result["points"]:
-    rows.append([("n/a" if not isinstance(p[key], (int, float)) or
-                  (isinstance(p[key], float) and not math.isfinite(p[key]))
-                  else fmt.format(p[key])) for key, _, fmt in COLUMNS])
+    rows.append([_cell(p, key, fmt) for key, _, fmt in COLUMNS])
   widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
   lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
-  return "\n".join(head + [""] + lines)
+  cached = any(_above_memory(p) for p in result["points"])
+  return "\n".join(head + [""] + lines + (["", CACHED_NOTE] if cached else []))
 
 
 def plot(result: dict, path: str) -> None:
@@ -292,18 +349,42 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   from launch import common
-  from spec_tpu.checkpoints import checkpoint
+  modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   cache_dir = common.use_compile_cache(_CONFIG.value)
-  try:
-    run(_CONFIG.value, _OUTPUT_DIR.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
-        _REPEATS.value, _STEP_REPEATS.value, _CACHE_LEN.value)
-  except (common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  results = []
+  for mode in modes:
+    out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
+    results.append(run(common.with_quantize(_CONFIG.value, mode), out, _KS.value,
+                       _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value,
+                       _CACHE_LEN.value))
   logging.info("%s", common.compile_cache_summary(cache_dir))
+  if len(results) > 1:
+    table = format_comparison(results)
+    with open(os.path.join(_OUTPUT_DIR.value, "quantize.txt"), "w") as f:
+      f.write(table + "\n")
+    print("\n" + table, flush=True)
+
+
+def format_comparison(results: list[dict]) -> str:
+  """ms/token of each weight form at every (batch, K), side by side, with the target's bytes
+  read per step (weights + KV cache, per device) and each form's time relative to the first."""
+  forms = [r["quantize"] for r in results]
+  by_form = [{(p["batch"], p["k"]): p for p in r["points"]} for r in results]
+  head = ["B", "K"] + [f"{f} ms/tok" for f in forms] + [f"{f} / {forms[0]}" for f in forms[1:]] \
+      + [f"{f} MiB/step" for f in forms]
+  rows = [head]
+  for key in by_form[0]:
+    if not all(key in points for points in by_form):
+      continue
+    ms = [points[key]["ms_per_token"] for points in by_form]
+    rows.append([str(key[0]), str(key[1])] + [f"{m:.2f}" for m in ms]
+                + [f"{m / ms[0]:.2f}" for m in ms[1:]]
+                + [f"{points[key]['target_mib_per_step']:.2f}" for points in by_form])
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,13 +17,14 @@ from absl import logging
 import jax
 import numpy as np
 
+from launch import cli
 from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import config as config_lib, model
+from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu import sharding
 from spec_tpu.decoding.sampling import SamplingParams
 
 
-class SetupError(ValueError):
+class SetupError(cli.UserError):
   """The config or the files it names cannot work; raised before anything compiles."""
 
 
@@ -33,6 +34,9 @@ class ModelSetup:
   checkpoint: str | None   # None: random weights
   rules: sharding.Rules
   role: str                # "target" | "draft"
+  # The checkpoint holds float weights and cfg.quantize names the form to serve: quantized
+  # leaf by leaf as they are read (load_params).
+  quantize_on_load: bool = False
 
   @property
   def random(self) -> bool:
@@ -40,7 +44,10 @@ class ModelSetup:
 
   def describe(self) -> str:
     src = self.checkpoint or "RANDOM WEIGHTS (no checkpoint)"
-    return f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params) from {src}"
+    form = (f", {self.cfg.quantize} weights" + (" (quantized on load)" if self.quantize_on_load
+                                                 else "")) if self.cfg.quantize else ""
+    return (f"{self.role} {self.cfg.name} ({self.cfg.num_params() / 1e6:,.1f}M params{form}) "
+            f"from {src}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     raise SetupError(f"{role}.rules must be one of {sorted(sharding.RULE_SETS)}, "
                      f"got {section.rules!r}")
   rules = sharding.RULE_SETS[section.rules]
+  try:
+    quantize = quant.check_mode(section.quantize)
+  except ValueError as e:
+    raise SetupError(f"{role}: {e}") from None
   path = section.checkpoint
   fields = _fields(section)
   if not path and not section.preset and not fields:
@@ -86,6 +97,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
       raise SetupError(str(e)) from None
     # The checkpoint's shapes win; fields that leave every param shape alone still apply.
     neutral = {k: v for k, v in fields.items() if k in CHECKPOINT_OVERRIDABLE}
+    if neutral.get("tokenizer", cfg.tokenizer) != cfg.tokenizer:
+      logging.warning("%s: checkpoint %s records tokenizer %r; using %r instead, as "
+                      "%s.fields.tokenizer says", role, path, cfg.tokenizer, neutral["tokenizer"],
+                      _section_name(role))
     if neutral:
       try:
         cfg = cfg.replace(**neutral)
@@ -94,7 +109,14 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if section.preset or set(fields) - set(neutral):
       logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
                    role, path)
-    return ModelSetup(cfg, os.path.abspath(path), rules, role)
+    # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
+    on_load = bool(quantize) and cfg.quantize is None
+    if on_load:
+      cfg = cfg.replace(quantize=quantize)
+    elif quantize and cfg.quantize != quantize:
+      raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
+                       f"served as {quantize}")
+    return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
   if need_weights and not section.allow_random:
     problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
     raise SetupError(f"{role}: {problem}; set --config.{_section_name(role)}.checkpoint=DIR "
@@ -102,6 +124,8 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
   try:
     base = config_lib.get_preset(section.preset) if section.preset else None
     cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
+    if quantize:
+      cfg = cfg.replace(quantize=quantize)  # random weights are made, then quantized
   except (KeyError, TypeError, ValueError) as e:
     raise SetupError(f"{role}: bad model config: {e}") from None
   if need_weights:
@@ -141,6 +165,18 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   if int(s.max_new_tokens) <= 0:
     raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
   return Setup(target=target, draft=draft, sampling=params, k=k)
+
+
+def with_quantize(config, mode: str | None):
+  """The config with both models' weights in form `mode` (a --quantize value of the plan and
+  benchmark launchers): None leaves it unchanged, 'none' asks for float, 'int8' for int8."""
+  if mode is None:
+    return config
+  if mode not in ("none",) + quant.MODES:
+    raise SetupError(f"--quantize takes none or one of {quant.MODES}, got {mode!r}")
+  config = config.copy_and_resolve_references()
+  config.model.quantize = config.draft.quantize = "" if mode == "none" else mode
+  return config
 
 
 # ---------------------------------------------------------------- mesh
@@ -246,6 +282,14 @@ def _seed(name: str) -> int:
 
 def load_params(m: ModelSetup, mesh):
   """Params placed on their shardings: restored shard by shard, or random (with a warning)."""
+  if m.checkpoint is not None and m.quantize_on_load:
+    stored = m.cfg.replace(quantize=None)
+    to = quant.leaf_quantizer(sharding.param_logical_axes(stored), embed=m.cfg.tie_embeddings,
+                              out_shardings=sharding.param_shardings(m.cfg, mesh, m.rules),
+                              delete_source=True)
+    params, _ = checkpoint.restore_transformed(
+        m.checkpoint, shardings=sharding.param_shardings(stored, mesh, m.rules), transform=to)
+    return params
   if m.checkpoint is not None:
     abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
     shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)
@@ -273,11 +317,45 @@ def load_tokenizer(config, setup: Setup):
   if config.draft.tokenizer and config.draft.tokenizer != spec:
     raise SetupError(f"draft.tokenizer {config.draft.tokenizer!r} differs from model.tokenizer "
                      f"{spec!r}: speculative sampling needs one vocabulary")
-  for m in (setup.target, setup.draft):
-    if m is not None and tok.vocab_size > m.cfg.num_tokens:
+  models = [m for m in (setup.target, setup.draft) if m is not None]
+  check_tokenizer_matches(models, tok, spec)
+  for m in models:
+    if tok.vocab_size > m.cfg.num_tokens:
       raise SetupError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but {m.role} "
                        f"{m.cfg.name} only {m.cfg.num_tokens}")
   return tok
+
+
+def _verifiable(name: str) -> bool:
+  # Names spec_tpu.tokenizer gives: "sp:<hash of the model file>" and "bytes". Others ("gemma",
+  # or "json:..." from a converted tokenizer.json) say which vocabulary, not which file.
+  return name.startswith("sp:") or name == "bytes"
+
+
+def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
+  """Weights from a checkpoint decode correctly only with the tokenizer they were trained with:
+  any other vocabulary runs without an error and prints garbage. The user may still say, through
+  a model's `fields.tokenizer`, that they mean another one (the checkpoint's record then reads
+  as that name)."""
+  wrong = []
+  for m in models:
+    recorded = m.cfg.tokenizer
+    if m.checkpoint is None or not recorded or recorded == tok.name:
+      continue
+    if _verifiable(recorded) or _verifiable(tok.name):
+      wrong.append(m)
+    else:
+      logging.warning("%s checkpoint %s names tokenizer %r, which cannot be compared with %r "
+                      "(%s): make sure they are the same vocabulary", m.role, m.checkpoint,
+                      recorded, tok.name, spec)
+  if wrong:
+    given = f"{spec!r}" + (f" ({tok.name})" if tok.name != spec else "")
+    made = "; ".join(f"{m.role} {m.checkpoint}: {m.cfg.tokenizer!r}" for m in wrong)
+    overrides = " ".join(f"--config.{_section_name(m.role)}.fields.tokenizer={tok.name}"
+                         for m in wrong)
+    raise SetupError(f"model.tokenizer {given} is not the tokenizer the checkpoint was made "
+                     f"with ({made}): token ids would decode into garbage. Give that tokenizer, "
+                     f"or, if you mean it, {overrides}")
 
 
 # ---------------------------------------------------------------- sampler

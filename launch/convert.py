@@ -1,44 +1,63 @@
 """Converts a model checkpoint from another framework to a spec_tpu checkpoint.
 
     python -m launch.convert --from=hf --src=/models/gemma-2-2b --dst=/ckpt/gemma2_2b \
-        [--dtype=bfloat16] [--overwrite]
+        [--dtype=bfloat16] [--quantize=int8] [--overwrite]
+
+    python -m launch.convert --from=reference --src=/models/recurrentgemma/2b \
+        --dst=/ckpt/recurrentgemma_2b
 
 --from=hf: a transformers model directory (config.json + *.safetensors). Pickle-based weights
-(*.bin, *.pt) are refused, and no remote code is ever run. The logic lives in
-spec_tpu.checkpoints.hf.convert_directory; this file only parses flags.
+(*.bin, *.pt) are refused, and no remote code is ever run. RecurrentGemmaForCausalLM is
+detected from config.json. The logic lives in spec_tpu.checkpoints.hf.convert_directory.
+--from=reference: a RecurrentGemma checkpoint of the recurrentgemma package as released (the
+orbax PyTree checkpoint of its Flax params, e.g. Kaggle's google/recurrentgemma 2b/ or 9b/);
+spec_tpu.checkpoints.recurrent_convert.convert_reference_directory. This file only parses flags.
 """
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
-_FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format: hf (Hugging Face safetensors).")
+from launch import cli
+
+_FROM = flags.DEFINE_enum("from", None, ["hf", "reference"],
+                          "Source format: hf (Hugging Face safetensors), reference (the "
+                          "recurrentgemma package's orbax param checkpoint).")
 _SRC = flags.DEFINE_string("src", None, "Source model directory.")
 _DST = flags.DEFINE_string("dst", None, "Destination checkpoint directory.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Params dtype (e.g. bfloat16); default: the "
                              "source's declared dtype.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "Store the matmul weights as int8 "
+                              "with per-output-channel scales (spec_tpu/models/quant.py), each "
+                              "tensor quantized as it is read.")
 flags.mark_flags_as_required(["from", "src", "dst"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   # Conversion needs no accelerator, and a whole model may not fit in one device's memory.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-  from spec_tpu.checkpoints import hf  # after flag parsing: --help stays fast
-  try:
+  # After flag parsing: --help stays fast. HFConversionError, ReferenceConversionError,
+  # SafetensorsError, CheckpointError: one line each (cli.run).
+  if _FROM.value == "reference":
+    if _QUANTIZE.value:
+      cli.fail("--quantize works with --from=hf; convert the reference checkpoint first, then "
+               "load it with --config.model.quantize=int8")
+    from spec_tpu.checkpoints import recurrent_convert
+    cfg = recurrent_convert.convert_reference_directory(
+        _SRC.value, _DST.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  else:
+    from spec_tpu.checkpoints import hf
     cfg = hf.convert_directory(_SRC.value, _DST.value, dtype=_DTYPE.value,
-                               overwrite=_OVERWRITE.value)
-  except ValueError as e:  # HFConversionError, SafetensorsError, CheckpointError: user errors
-    raise SystemExit(f"convert: {e}") from None
+                               overwrite=_OVERWRITE.value, quantize=_QUANTIZE.value)
   print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
-        f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}")
+        f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}"
+        + (f", {cfg.quantize} weights" if cfg.quantize else ""))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

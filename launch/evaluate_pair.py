@@ -3,6 +3,7 @@
     python -m launch.evaluate_pair
     python -m launch.evaluate_pair --draft=distilled=spec_tpu/assets/draft \
         --draft=data_only=/tmp/spec_assets/draft_data --output=/tmp/pair_eval.json
+    python -m launch.evaluate_pair --quantize=int8 --output=/tmp/pair_int8.json
 
 Prompts are --prompt_len-token windows cut from the held-out stdlib files (one per file, a third
 of the way in, so they sit in code rather than in license headers), never seen in training. Every
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 from absl import app
 from absl import flags
 
+from launch import cli
 from spec_tpu.checkpoints import checkpoint
+from spec_tpu.models import model
 from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.decoding.sampler import Sampler
@@ -36,6 +40,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting; the faste
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Window length for the held-out loss.")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 256, "Held-out windows for the loss.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Cast params for sampling (default: as stored).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "Serve (and score) target and drafts "
+                              "with int8 weights, quantized while loading (models/quant.py).")
 _SAMPLES = flags.DEFINE_integer("show_samples", 2, "Decoded continuations to print.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
@@ -56,9 +62,14 @@ def heldout_prompts(tok, files, n: int, length: int) -> list[list[int]]:
   return prompts
 
 
-def _restore(path):
-  params, cfg = checkpoint.restore(path, dtype=_DTYPE.value or None)
-  return params, (cfg.replace(dtype=_DTYPE.value) if _DTYPE.value else cfg)
+def _restore(path, dtype=None):
+  dtype = dtype or _DTYPE.value or None
+  params, cfg = checkpoint.restore(path, dtype=dtype)
+  cfg = cfg.replace(dtype=dtype) if dtype else cfg
+  if _QUANTIZE.value and not cfg.quantize:
+    cfg = cfg.replace(quantize=_QUANTIZE.value)
+    params = jax.jit(model.quantize, static_argnums=1)(params, cfg)
+  return params, cfg
 
 
 def _timed(sampler, prompts, k, sampling):
@@ -68,8 +79,7 @@ def _timed(sampler, prompts, k, sampling):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   drafts = []
   for spec in _DRAFT.value:
     label, sep, path = spec.partition("=")
@@ -84,15 +94,17 @@ def main(argv):
   prompts = heldout_prompts(tok, heldout_files, _NUM_PROMPTS.value, _PROMPT_LEN.value)
 
   def loss_of(path):
-    # Scored in float32 from the stored weights, whatever --dtype sampling uses.
-    params, cfg = checkpoint.restore(path, dtype="float32")
-    return train.evaluate(params, cfg.replace(dtype="float32"), windows)
+    # Scored in float32 activations from the stored (or int8) weights, whatever --dtype
+    # sampling uses.
+    params, cfg = _restore(path, dtype="float32")
+    return train.evaluate(params, cfg, windows)
 
   t_params, t_cfg = _restore(_TARGET.value)
   out = {"target": {"checkpoint": _TARGET.value, "num_params": t_cfg.num_params(),
                     "heldout_loss": loss_of(_TARGET.value)},
          "k": _K.value, "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
-         "max_new_tokens": _MAX_NEW.value, "dtype": t_cfg.dtype, "drafts": {}, "baseline": {}}
+         "max_new_tokens": _MAX_NEW.value, "dtype": t_cfg.dtype,
+         "quantize": t_cfg.quantize or "none", "drafts": {}, "baseline": {}}
   baseline = Sampler(t_params, t_cfg, eos_id=tok.eos_id)
   for name, sp in SETTINGS.items():
     r = _timed(baseline, prompts, 0, sp)
@@ -121,7 +133,8 @@ def main(argv):
 
   print(f"target {_TARGET.value}: {t_cfg.num_params() / 1e6:.2f}M params, held-out loss "
         f"{out['target']['heldout_loss']:.3f} nats/token; {len(prompts)} held-out prompts x "
-        f"{_MAX_NEW.value} new tokens, K={_K.value}, dtype {t_cfg.dtype}")
+        f"{_MAX_NEW.value} new tokens, K={_K.value}, dtype {t_cfg.dtype}"
+        + (f", {t_cfg.quantize} weights" if t_cfg.quantize else ""))
   print(f"{'draft':<12} {'params':>8} {'sampling':<8} {'loss':>6} {'accept':>7} {'tok/call':>9} "
         f"{'speedup':>8}")
   for label, name, loss, acc, tpc, speedup in rows:
@@ -137,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,13 +8,17 @@ a TPU topology, also a roofline estimate of step times.
     python -m launch.plan --config=configs/gemma3_27b.py --topology=1x16 --context=32768
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v4:2x2x2 --topology=1x16 \
         --batch=1 --context=2048                                             # needs libtpu
+    python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --topology=1x8 \
+        --batch=1 --context=2048 --quantize=none,int8
 
 The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
 their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
 cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
   compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries (the
              caches live inside the program, so they count here)
-  analytic   weights and KV caches from the shardings alone
+  analytic   weights and caches from the shardings alone; for recurrent (Griffin) layers also
+             their fixed-size states (part of the cache) and the per-position states a
+             verification keeps until its rollback (recurrent.verification_trace_bytes)
 On CPU the mesh is simulated: the launcher raises jax_num_cpu_devices itself before any JAX op,
 and the verdict against TPU v4 / v5e / v5p HBM is an estimate (XLA:CPU's temporaries are not a
 TPU's, e.g. its float32 copy of one layer's bf16 weights).
@@ -22,6 +26,9 @@ TPU's, e.g. its float32 copy of one layer's bf16 weights).
 without TPU hardware: exact memory for that device, and a roofline estimate per device
 (spec_tpu/roofline.py) of one target step, one verification of K+1 tokens and one draft step,
 from the TPU compiler's cost analysis, with the speedup at the --acceptance rates.
+`--quantize=none,int8` plans each weight form in turn (target and draft alike; default: as the
+config says) and ends with a side-by-side table; a form the TPU compiler refuses for lack of
+memory is reported as DOES NOT FIT.
 """
 
 from __future__ import annotations
@@ -32,11 +39,11 @@ import json
 import sys
 import time
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/chinchilla_70b.py", "Setup to plan.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/chinchilla_70b.py", "Setup to plan.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Mesh DATAxMODEL, e.g. 1x16 or 2x8 "
                                 "(default: the config's mesh.shape).")
 _BATCH = flags.DEFINE_integer("batch", None, "Rows per batch (default: run.batch_size).")
@@ -46,6 +53,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens (default: sa
 _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtpu "
                            "(e.g. v5e:4x4) instead of the local devices.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the report here.")
+_QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for target and draft "
+                              "alike: none (float) and/or int8 (default: the config's).")
 _ACCEPTANCE = flags.DEFINE_list("acceptance", ["0.6", "0.7", "0.8", "0.9"],
                                 "Acceptance rates a for the --tpu speed estimate.")
 
@@ -56,6 +65,10 @@ HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
 
 _CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0,
                      "xla_llvm_disable_expensive_passes": True}
+
+
+class DoesNotFit(ValueError):
+  """The device's compiler found the program larger than the device memory."""
 
 
 def parse_topology(text: str) -> tuple[int, int]:
@@ -182,7 +195,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   import jax
   import numpy as np
   from launch import common
-  from spec_tpu.models import cache as cache_lib, model
+  from spec_tpu.models import cache as cache_lib, model, recurrent
   from spec_tpu.decoding import decode
   from spec_tpu import sharding
 
@@ -210,24 +223,38 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
     return _per_device_bytes(abstract, sharding.cache_shardings(abstract, mesh, m.rules))
 
+  def recurrent_bytes(m, positions):
+    """(state, trace) bytes per device of the recurrent layers: the states in the cache, and
+    those after each of `positions` tokens of one call (sharded like the states)."""
+    abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
+    shards = sharding.cache_shardings(abstract, mesh, m.rules)
+    entries = cache_lib.recurrent_entries(abstract)
+    pairs = [(e, s) for e, s in zip(entries.groups + entries.remainder,
+                                    shards.groups + shards.remainder) if e is not None]
+    state = sum(_per_device_bytes(e, s) for e, s in pairs)
+    full = sum(_per_device_bytes(e, jax.tree.map(lambda _: sharding.replicated(mesh), e))
+               for e, _ in pairs)
+    trace = recurrent.verification_trace_bytes(m.cfg, batch, positions)
+    return state, (trace * state // full if full else 0)
+
   draft = setup.draft if k > 0 else None
   tp, t_sh = abstract_params(setup.target)
   dp, d_sh = abstract_params(draft) if draft else (None, None)
   spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
-                         top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_new_tokens=max_new, max_len=context, eos_id=None)
+                         k_max=k,
+                         max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
+                         max_len=context, out_len=max_new + k, eos_id=None)
   rules = setup.target.rules
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(
       mesh, shape, rules))
   rep = sharding.replicated(mesh)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  args = (tp, dp, rows(batch, prompt_len), rows(batch),
-          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-          jax.ShapeDtypeStruct((), np.float32, sharding=rep),
-          jax.ShapeDtypeStruct((), np.float32, sharding=rep))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
+  # tokens, lengths, temperature, top_p, top_k, seed
+  args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
+          scalar(np.int32), scalar(np.uint32))
 
   start = time.perf_counter()
-  lowered = jax.jit(functools.partial(decode.run, spec)).lower(*args)
+  lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
   lower_s = time.perf_counter() - start
   start, start_cpu = time.perf_counter(), time.process_time()
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
@@ -236,7 +263,13 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   options = sampler.compiler_options(devices[0].platform)  # what the Sampler compiles with
   if devices[0].platform == "cpu":
     options.update(_CPU_FAST_COMPILE)
-  compiled = lowered.compile(options)
+  try:
+    compiled = lowered.compile(options)
+  except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the program: "
+                     f"{str(e).splitlines()[0]}") from None
   # CPU time too: on a shared machine the wall time depends on everyone else's load.
   compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
@@ -244,12 +277,18 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   weights = {"target": _per_device_bytes(tp, t_sh),
              "draft": _per_device_bytes(dp, d_sh) if draft else 0}
   caches = {"target": cache_bytes(setup.target), "draft": cache_bytes(draft) if draft else 0}
+  # Recurrent layers: the target traces K + 1 positions, the draft stacks its K - 1 steps.
+  t_state, t_trace = recurrent_bytes(setup.target, k + 1)
+  d_state, d_trace = recurrent_bytes(draft, max(k - 1, 0)) if draft else (0, 0)
+  states = {"target": t_state, "draft": d_state}
+  traces = {"target": t_trace, "draft": d_trace}
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
   need = compiled_total
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
+      quantize=setup.target.cfg.quantize or "none",
       target_params=setup.target.cfg.num_params(),
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
@@ -258,8 +297,9 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
                     generated_code=mem.generated_code_size_in_bytes, total=compiled_total),
-      analytic=dict(weights=weights, kv_caches=caches,
-                    total=sum(weights.values()) + sum(caches.values())),
+      analytic=dict(weights=weights, kv_caches=caches, recurrent_states=states,
+                    verification_traces=traces,
+                    total=sum(weights.values()) + sum(caches.values()) + sum(traces.values())),
       estimated_need=need,
       estimate_basis=("compiled total on CPU (XLA:CPU's float32 copy of one layer's weights "
                       "included; confirm with --tpu)" if platform == "cpu" else "compiled total"),
@@ -283,8 +323,8 @@ def format_report(r: dict) -> str:
          else " (autoregressive)"),
       f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
       f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
-      f"lower {r['lower_seconds']:.1f} s, compile {r['compile_seconds']:.1f} s "
-      f"({r['compile_cpu_seconds']:.1f} s of CPU time)"
+      f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
+      f"{r['compile_seconds']:.1f} s ({r['compile_cpu_seconds']:.1f} s of CPU time)"
       + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
          "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
       "",
@@ -298,6 +338,14 @@ def format_report(r: dict) -> str:
       f"  draft weights               {g(a['weights']['draft'])}",
       f"  target KV cache             {g(a['kv_caches']['target'])}",
       f"  draft KV cache              {g(a['kv_caches']['draft'])}",
+  ]
+  for role in ("target", "draft"):
+    if a.get("recurrent_states", {}).get(role):
+      lines += [f"  {role + ' recurrent state':28s}{g(a['recurrent_states'][role])}"
+                " (part of its cache above)",
+                f"  {role + ' verification trace':28s}{g(a['verification_traces'][role])}"
+                " (a state per position, held until the rollback)"]
+  lines += [
       f"  total                       {g(a['total'])}",
   ]
   estimated = r["platform"] == "cpu"
@@ -349,8 +397,7 @@ def format_speed(sp: dict, k: int) -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   config = _CONFIG.value
   try:
     topology = (parse_topology(_TOPOLOGY.value) if _TOPOLOGY.value
@@ -363,21 +410,52 @@ def main(argv):
     ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
   from launch import common
   from spec_tpu.checkpoints import checkpoint
+  modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   # A program compiled for a described TPU (no TPU attached) can be stored but not loaded back
   # (jax 0.10: "PjRtCompiler must be constructed with a Client"), so --tpu plans compile afresh.
   cache_dir = None if _TPU.value else common.use_compile_cache(config)
-  try:
-    report = plan(config, topology, _BATCH.value or int(config.run.batch_size), _CONTEXT.value,
-                  _K.value, _MAX_NEW.value, _TPU.value,
-                  tuple(float(a) for a in _ACCEPTANCE.value))
-  except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
-  report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
-  print(format_report(report), flush=True)
+  reports = []
+  for mode in modes:
+    try:
+      report = plan(common.with_quantize(config, mode), topology,
+                    _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
+                    _MAX_NEW.value, _TPU.value, tuple(float(a) for a in _ACCEPTANCE.value))
+    except DoesNotFit as e:
+      # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
+      print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)
+      reports.append(dict(quantize=mode or "as configured", does_not_fit=str(e)))
+      continue
+    except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
+      sys.exit(f"error: {e}")
+    report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
+    print(format_report(report) + "\n", flush=True)
+    reports.append(report)
+  if len(reports) > 1:
+    print(format_comparison(reports), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(reports[0] if len(reports) == 1 else reports, f, indent=1)
+
+
+def format_comparison(reports: list[dict]) -> str:
+  """One line per weight form: what each device holds and whether it fits."""
+  big = max(r.get("estimated_need", GIB) for r in reports) >= GIB
+  unit, scale = ("GiB", GIB) if big else ("MiB", 1 << 20)
+  g = lambda b: f"{b / scale:.2f}"  # noqa: E731
+  head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
+          + "  ".join(f"{chip:>8}" for chip in HBM) + f"   ({unit} per device)")
+  lines = [head]
+  for r in reports:
+    if "does_not_fit" in r:
+      lines.append(f"{r['quantize']:8} DOES NOT FIT: {r['does_not_fit']}")
+      continue
+    a = r["analytic"]
+    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>8}" for chip in HBM)
+    lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "
+                 f"{g(sum(a['kv_caches'].values())):>6} {g(r['compiled']['total']):>9} "
+                 f"{g(r['estimated_need']):>6}  {fits}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,35 +9,51 @@ Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-em
 number), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
 prompt, text, tokens and per-prompt stats; without --output the texts go to stdout.
 
-Resumable: output lines are appended and fsynced once per batch. On start the existing output is
-read (a torn last line, left by a kill mid-write, is cut away) and prompts whose id is already
-there are not written again. Batches are fixed slices of the prompt list and batch i samples with
-a seed derived from (sampling.seed, i), so a resumed run writes exactly what an uninterrupted run
-would have (same prompts, batch size and seed). A batch holding any unfinished prompt is re-run
-whole (its finished rows are computed again but not written).
+It runs on the serving engine (spec_tpu/serving/engine.py), the one decoder under every
+launcher: every prompt is a request, run.batch_size requests share the engine's slots, and a
+finished request's slot is refilled from the queue at once, so one long output no longer holds
+the others back. Each line is written when its request finishes, so lines come in the order
+prompts finish, not the order they were given.
 
-Adaptive K (--config.sampling.adaptive_k=True): the first batch is run once at K = 0 and once
-at sampling.k (the outputs are discarded) to time a loop iteration of each, the cost ratio c of
-the speedup formula as the decode loop itself pays it (draft steps, sampling, verification and
-all); every later batch run at K > 0 updates c against the latest K = 0 timing, and its
-acceptance updates a; the next batch runs with the K in 0..sampling.k_max that the
-expected-speedup formula favours, K = 0 (plain decoding) when no K beats it, with a K = 1 probe
-every few batches so a draft that became good again is noticed (spec_tpu/k_policy.py).
-Each line's stats record the K its batch ran with. Every K gives samples from the target's
-distribution, but a resumed adaptive run may pick other K than the killed one did, so its texts
-are equally valid samples, not byte-identical ones (every prompt is still written exactly once).
+Resumable: each finished request's line is appended and fsynced at once (requests finishing in
+the same engine step share one write), so a kill loses at most the unfinished ones. On start
+the existing output is read (a torn last line, left by a kill mid-write, is cut away) and
+prompts whose id is already there are not submitted again. A prompt's request samples with a
+seed derived from (sampling.seed, prompt id) alone, and a request's tokens depend on its seed
+and K only, not on what shares the batch: a resumed run writes for each prompt exactly what an
+uninterrupted run would have, at the same K (same prompts, slot count and seed). With adaptive
+K the resumed run may pick other K than the killed one did, so its texts are equally valid
+samples of the target, not byte-identical ones (every prompt is still written exactly once).
 
-The summary reports tokens/s, acceptance rate and tokens per target call; with --compare_ar
-(default for configs with run.compare_ar, e.g. the embedded default) every batch also runs with
-k=0 and the measured speedup is the ratio of the two throughputs. When runs are timed against
-each other (--compare_ar, adaptive K), each K's first run is an untimed warm-up: a compiled
+An existing output is refused, untouched, when it holds anything but result lines and the torn
+start of one (it is not ours), or when its lines were written with other settings: each line
+records what made it (models by checkpoint hash, tokenizer, seed, max_new_tokens, num_slots
+(run.batch_size), K policy, sampling values) and the error names what differs;
+--append_other_settings appends anyway, saying so. --prompts and --output may not be the same
+file.
+
+Adaptive K (sampling.adaptive_k, on in configs/default.py): the engine's policy
+(k_policy.AdaptiveK, owned by the engine) chooses K per step among 0, sampling.k and powers of
+two up to sampling.k_max. Before the first request the engine calibrates: it compiles every one
+of those K and times a round of each with all slots busy on these prompts, measuring the
+acceptance a too, so the first step already runs the K the measurement favours, K = 0 (plain
+decoding) unless speculation beats it by a margin; every window of rounds then refreshes a and
+the round time of the K in use, probing a small K now and then while off. Each line's stats
+record the K its request ran with (a list when the K changed during it).
+
+Per line: new_tokens, target_calls (the prefill and every round), accepted, acceptance_rate,
+tokens_per_target_call, k and the request's seed. The summary reports tokens/s, acceptance rate
+and tokens per target call over the run; with --compare_ar (default for configs with
+run.compare_ar, e.g. the embedded default) the same prompts run again through the engine at
+K = 0 and speedup_vs_ar is the ratio of the two throughputs (a run adaptive K kept at K = 0 is
+its own baseline: 1.0). Without calibration, each K gets an untimed warm-up first: a compiled
 program's first execution pays one-off costs that would bias the comparison.
 
 Multi-host (--multihost or mesh.multihost): jax.distributed.initialize() is called first (with
 --coordinator_address/--num_processes/--process_id when given, else auto-detected on pods).
-Every process tokenises the same prompts and places on its own devices only the rows of each
-batch that the mesh's data axis gives them (all rows when data=1); the outputs are gathered, and
-process 0 alone reads and writes the output file and tells the others which batches to run.
+Every process builds the same engine; process 0 alone reads and writes the output file, runs the
+scheduler and broadcasts each device call's inputs, and the others run the same calls
+(Engine.follow) until process 0 shuts the engine down.
 """
 
 from __future__ import annotations
@@ -49,12 +65,12 @@ import math
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Setup to run.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable); overrides --prompts.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL output (appended; resumable).")
@@ -65,9 +81,13 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initiali
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_APPEND_OTHER = flags.DEFINE_bool(
+    "append_other_settings", False, "Resume into an --output whose lines were written with "
+    "other settings (seed, models, K, sampling, ...) instead of refusing; the file then mixes "
+    "settings, and every line records its own.")
 
 
-class InputError(ValueError):
+class InputError(cli.UserError):
   """Bad prompts or output path; raised before anything compiles."""
 
 
@@ -139,35 +159,144 @@ def check_output_path(path: str) -> None:
     raise InputError(f"--output {path!r}: not writable")
 
 
-def finished_ids(path: str) -> set[str]:
-  """Keys of the prompts already in the output; cuts away a torn tail left by a kill mid-write."""
+# Every line this launcher writes is json.dumps of a dict whose first key is "id", and holds these.
+_LINE_START = b'{"id": '
+_RESULT_KEYS = ("id", "prompt", "text", "tokens", "stats")
+
+
+def _result_line(line: bytes) -> dict | None:
+  try:
+    obj = json.loads(line)
+  except ValueError:
+    return None
+  return obj if isinstance(obj, dict) and all(k in obj for k in _RESULT_KEYS) else None
+
+
+def _parses(line: bytes) -> bool:
+  try:
+    json.loads(line)
+  except ValueError:
+    return False
+  return True
+
+
+def _torn(tail: bytes) -> bool:
+  """The end of a file after a kill mid-write: the beginning of one of our lines (a write cut
+  short), possibly followed by zeros (a crash that extended the file but lost the data)."""
+  head = tail.rstrip(b"\0")
+  return _LINE_START.startswith(head) or head.startswith(_LINE_START)
+
+
+@dataclasses.dataclass(frozen=True)
+class Existing:
+  """What an output file already holds; reading it changes nothing."""
+  records: dict          # prompt key -> its line (a dict)
+  keep_bytes: int        # whole result lines; what follows is a torn write to drop
+  size: int
+
+
+def read_output(path: str) -> Existing:
+  """The result lines of an existing output. Refuses (InputError) a file holding anything a
+  kill of this launcher cannot have left there: then it is not ours, and is left untouched."""
   if not os.path.exists(path):
-    return set()
+    return Existing({}, 0, 0)
   with open(path, "rb") as f:
     data = f.read()
-  complete = data.split(b"\n")[:-1]  # what follows the last newline is torn (or empty)
-  keys, good_bytes = set(), 0
+  *complete, tail = data.split(b"\n")  # whatever follows the last newline is torn (or empty)
+  records, keep = {}, 0
   for n, line in enumerate(complete):
-    try:
-      keys.add(json.dumps(json.loads(line)["id"]))
-    except (ValueError, KeyError, TypeError):
-      if n < len(complete) - 1:
-        raise InputError(f"--output {path!r}: line {n + 1} is not a result line; refusing to "
-                         "append to a file this launcher did not write") from None
-      break  # the last line was cut or zero-filled by a crash: drop it as well
-    good_bytes += len(line) + 1
-  if good_bytes < len(data):
-    logging.warning("output %s: dropping %d bytes of an unfinished last line",
-                    path, len(data) - good_bytes)
+    record = _result_line(line)
+    if record is None:
+      if n == len(complete) - 1 and not tail and line and _torn(line):
+        tail = line  # a crash zero-filled the last write, newline included
+        break
+      raise InputError(f"--output {path!r}: line {n + 1} is not a result line of launch.sample; "
+                       "refusing to touch a file this launcher did not write (choose another "
+                       "--output)")
+    records[json.dumps(record["id"])] = record
+    keep += len(line) + 1
+  if tail and (not _torn(tail) or _parses(tail) and _result_line(tail) is None):
+    raise InputError(f"--output {path!r}: its last line is neither a result line nor the torn "
+                     "end of one; refusing to touch a file this launcher did not write (choose "
+                     "another --output)")
+  return Existing(records, keep, len(data))
+
+
+def drop_torn_tail(path: str, existing: Existing) -> None:
+  """Cuts away the torn end of the last write, so appended lines start on a line of their own."""
+  if existing.keep_bytes < existing.size:
+    logging.warning("output %s: dropping %d bytes of an unfinished last line", path,
+                    existing.size - existing.keep_bytes)
     with open(path, "r+b") as f:
-      f.truncate(good_bytes)
+      f.truncate(existing.keep_bytes)
       f.flush()
       os.fsync(f.fileno())
-  return keys
+
+
+def finished_ids(path: str) -> set[str]:
+  """Keys of the prompts already in the output; cuts away a torn tail left by a kill mid-write."""
+  existing = read_output(path)
+  drop_torn_tail(path, existing)
+  return set(existing.records)
+
+
+# ---------------------------------------------------------------- what made a line
+
+def model_identity(m) -> dict:
+  """Names one model's weights: the checkpoint's manifest hash (its content, wherever it lies)
+  or "random", and its config (neutral overrides such as valid_vocab_size included)."""
+  from spec_tpu.checkpoints import checkpoint
+  weights = checkpoint.fingerprint(m.checkpoint) if m.checkpoint else "random"
+  config = hashlib.sha256(m.cfg.to_json().encode()).hexdigest()[:12]
+  return {"name": m.cfg.name, "weights": weights, "config": config}
+
+
+def run_settings(config, setup, tok, k_max: int) -> dict:
+  """Everything that decides what a line holds, written into every line (as JSON reads it
+  back): a resume compares it with the file's, so a file never mixes settings silently."""
+  s, adaptive = setup.sampling, bool(config.sampling.adaptive_k)
+  uses_draft = setup.k > 0 or adaptive
+  settings = {
+      "target": model_identity(setup.target),
+      "draft": model_identity(setup.draft) if uses_draft else None,
+      "tokenizer": tok.name, "add_bos": bool(config.run.add_bos),
+      # The slots are the engine's batch: every request's law and seeded stream are its own,
+      # but another batch width is another program, whose float rounding may differ.
+      "num_slots": int(config.run.batch_size),
+      "seed": int(config.sampling.seed), "max_new_tokens": int(config.sampling.max_new_tokens),
+      "k": setup.k, "adaptive_k": adaptive, "k_max": k_max if adaptive else None,
+      "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+  return json.loads(json.dumps(settings))
+
+
+def _show(value) -> str:
+  if isinstance(value, dict):
+    return " ".join(f"{k}={v}" for k, v in value.items())
+  return json.dumps(value)
+
+
+def settings_differences(existing: Existing, settings: dict, prompts) -> list[str]:
+  """How the lines already in an output differ from this run: one phrase per setting."""
+  found = {}
+  texts = {p.key: p.text for p in prompts}
+  for key, record in existing.records.items():
+    theirs = record.get("settings")
+    if not isinstance(theirs, dict):
+      found.setdefault("settings", f"line of prompt {record['id']!r} records no settings "
+                       "(written by an older launch.sample)")
+      continue
+    for name in sorted(set(theirs) | set(settings)):
+      if theirs.get(name) != settings.get(name) and name not in found:
+        found[name] = (f"{name} is {_show(theirs.get(name))} in the file, "
+                       f"{_show(settings.get(name))} now")
+    if key in texts and record.get("prompt") != texts[key]:
+      found.setdefault("prompt", f"prompt {record['id']!r} has another text in the file")
+  return list(found.values())
 
 
 def append_lines(path: str, records: list[dict]) -> None:
-  """One write and one fsync per batch: a kill leaves whole lines plus at most one torn one."""
+  """One write and one fsync per call (the requests that finished in one engine step): a kill
+  leaves whole lines plus at most one torn one."""
   data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
@@ -181,16 +310,18 @@ def _finite(x):
   return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def round_seconds(result) -> float:
-  """Seconds per iteration of a run's decode loop (the prefill counted as one): the loop runs
-  until its slowest row is done."""
-  return result.seconds / (int(result.rounds.max()) + 1)
+def request_seed(seed: int, key: str) -> int:
+  """The seed of one prompt's request: fixed by (sampling.seed, prompt id) alone, so a resumed
+  run, or a run over other prompts, samples a prompt with the same random stream."""
+  digest = hashlib.sha256(f"spec_tpu.sample:{seed}:{key}".encode()).digest()
+  return int.from_bytes(digest[:8], "little") >> 1
 
 
-def batch_seed(seed: int, batch_index: int) -> int:
-  """The seed of batch i: fixed by (seed, i) alone, so a resumed run reproduces it."""
-  digest = hashlib.sha256(f"spec_tpu.sample:{seed}:{batch_index}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") >> 1
+def _k_used(ks) -> int | list | None:
+  """The K a request's steps ran with: one int, the list when adaptive K changed it meanwhile,
+  None when it finished at its prefill."""
+  ks = [int(k) for k in ks]
+  return ks[0] if len(ks) == 1 else (ks or None)
 
 
 # ---------------------------------------------------------------- main
@@ -199,19 +330,25 @@ def batch_seed(seed: int, batch_index: int) -> int:
 class Totals:
   tokens: int = 0
   seconds: float = 0.0
-  rounds: int = 0          # speculative rounds (target calls after the prefill)
   calls: int = 0           # every target call, the prefill included
   accepted: int = 0
   judged: int = 0          # draft tokens judged by the target (the a of the speedup formula)
+  ks: set = dataclasses.field(default_factory=set)  # every K a step ran with
   ar_tokens: int = 0
   ar_seconds: float = 0.0
-  ks: list = dataclasses.field(default_factory=list)  # K of each batch run (adaptive K)
+
+  def add(self, stats) -> None:
+    self.tokens += stats.new_tokens
+    self.calls += stats.target_calls
+    self.accepted += stats.accepted
+    self.judged += stats.judged
+    self.ks.update(stats.ks)
 
   def summary(self, k: int, random_weights: bool) -> dict:
     tps = self.tokens / self.seconds if self.seconds else float("nan")
     out = {"generated_tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": tps,
-           "k": k, "acceptance_rate": self.accepted / self.judged if self.judged
-           else float("nan"),
+           "k": k, "ks_used": sorted(self.ks),
+           "acceptance_rate": self.accepted / self.judged if self.judged else float("nan"),
            "tokens_per_target_call": self.tokens / self.calls if self.calls else float("nan"),
            "random_weights": random_weights}
     if self.ar_seconds:
@@ -220,13 +357,48 @@ class Totals:
     return {k_: _finite(v) for k_, v in out.items()}
 
 
+def check_not_same_file(prompts_path: str | None, output: str | None) -> None:
+  # The output is appended to and its ids count as done: read as the prompts too, every prompt
+  # would count as done and nothing would be sampled.
+  if (prompts_path and output and os.path.exists(prompts_path) and os.path.exists(output)
+      and os.path.samefile(prompts_path, output)):
+    raise InputError(f"--prompts {prompts_path!r} and --output {output!r} are the same file: "
+                     "results are appended to the output, so it cannot also hold the prompts")
+
+
+def _mixed_settings_error(output: str, differences: list[str]) -> InputError:
+  return InputError(
+      f"--output {output!r} holds lines written with other settings ({'; '.join(differences)}): "
+      "resuming would mix them. Use another --output, the same settings, or "
+      "--append_other_settings to append anyway (every line records the settings that made it)")
+
+
+def drain(engine, requests: list, k: int | None = None, on_finish=None) -> float:
+  """Steps the engine (at K = k, default: its policy's) until every request is done, calling
+  on_finish with the requests that finished after each step. Returns the seconds it took."""
+  import time
+  pending = list(requests)
+  start = time.perf_counter()
+  while pending:
+    busy = engine.step(k)
+    done = [r for r in pending if r.finished]
+    if done:
+      pending = [r for r in pending if not r.finished]
+      if on_finish is not None:
+        on_finish(done)
+    if not busy and pending:
+      raise RuntimeError(f"the engine went idle with {len(pending)} requests unfinished")
+  return time.perf_counter() - start
+
+
 def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coordinator=None,
-        num_processes=None, process_id=None) -> dict:
+        num_processes=None, process_id=None, append_other_settings=False) -> dict:
   """The whole launcher minus flag parsing (tests call this in-process)."""
   from launch import common
 
   # Everything that reads only files and the config comes first: bad input fails in seconds, on
   # every process alike, before devices, weights or compiles.
+  check_not_same_file(prompts_path, output)
   prompts = read_prompts(flag_prompts, prompts_path, config.run.prompts)
   setup = common.resolve(config, need_weights=True)
   tok = common.load_tokenizer(config, setup)
@@ -236,9 +408,10 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   for p, ids in zip(prompts, encoded):
     if not ids:
       raise InputError(f"prompt {p.id!r} encodes to no tokens (set run.add_bos=True)")
-  batch_size = int(config.run.batch_size)
-  if batch_size <= 0:
-    raise common.SetupError(f"run.batch_size must be positive, got {batch_size}")
+  num_slots = int(config.run.batch_size)
+  if num_slots <= 0:
+    raise common.SetupError(f"run.batch_size (the engine's slots) must be positive, got "
+                            f"{num_slots}")
   from spec_tpu.decoding import prompts as prompts_lib
   adaptive = bool(config.sampling.adaptive_k)
   k_max = int(config.sampling.k_max) if adaptive else setup.k
@@ -246,12 +419,16 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     raise common.SetupError(f"sampling.adaptive_k needs a draft and 1 <= sampling.k <= "
                             f"sampling.k_max (k is the starting K), got k={setup.k}, "
                             f"k_max={k_max}")
+  max_new, seed = int(config.sampling.max_new_tokens), int(config.sampling.seed)
   longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
+  # A slot holds the longest prompt of the whole list (not of what is left to do: a resumed run
+  # must run the same programs), its new tokens and a verification block.
+  max_len = int(config.run.max_cache_len) or len(encoded[longest]) + max_new + k_max + 1
   try:
-    prompts_lib.check_fits(len(encoded[longest]), int(config.sampling.max_new_tokens),
-                           int(config.run.max_cache_len) or None, extra=k_max + 1)
+    prompts_lib.check_fits(len(encoded[longest]), max_new, max_len, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
+  settings = run_settings(config, setup, tok, k_max)
 
   if multihost:
     common.init_distributed(coordinator, num_processes, process_id)
@@ -259,129 +436,134 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   import numpy as np
   primary = jax.process_index() == 0
 
-  problem = None
+  # Process 0 alone reads the output; every process must stop if it refuses it.
+  problem, existing, mixed = None, Existing({}, 0, 0), []
   if primary and output:
     try:
       check_output_path(output)
+      existing = read_output(output)
+      mixed = settings_differences(existing, settings, prompts)
+      if mixed and not append_other_settings:
+        raise _mixed_settings_error(output, mixed)
     except InputError as e:
       problem = e
   if not common.all_agree(problem is None):
-    raise problem or InputError("process 0 cannot write the output")
+    raise problem or InputError("process 0 refused the output file")
   mesh = common.build_mesh(config)
 
-  num_batches = -(-len(prompts) // batch_size)
-  todo = np.ones((num_batches,), np.int32)
   done_keys = set()
   if primary and output:
-    done_keys = finished_ids(output)
-    for b in range(num_batches):
-      chunk = prompts[b * batch_size:(b + 1) * batch_size]
-      todo[b] = any(p.key not in done_keys for p in chunk)
-  todo = common.broadcast(todo)
-  remaining = sum(p.key not in done_keys for p in prompts)
+    if mixed:
+      logging.warning("appending to %s, whose lines were written with other settings (%s), as "
+                      "--append_other_settings asks; each line records its own", output,
+                      "; ".join(mixed))
+    drop_torn_tail(output, existing)
+    done_keys = set(existing.records)
+  todo = [i for i, p in enumerate(prompts) if p.key not in done_keys]
   if primary:
     for m in (setup.target, setup.draft):
       if m is not None:
         logging.info("%s", m.describe())
     if done_keys:
-      logging.info("resuming: %d of %d prompts already in %s", len(prompts) - remaining,
+      logging.info("resuming: %d of %d prompts already in %s", len(prompts) - len(todo),
                    len(prompts), output)
-  if not todo.any():
-    return {"generated_tokens": 0, "note": "every prompt already done"}
+  note = {"mixed_settings": "; ".join(mixed)} if mixed else {}
+  if not common.all_agree(bool(todo)):
+    return {"generated_tokens": 0, "note": "every prompt already done", **note}
 
-  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                 max_cache_len=int(config.run.max_cache_len))
-  k, max_new, seed = setup.k, int(config.sampling.max_new_tokens), int(config.sampling.seed)
-  compare_ar = compare_ar and k > 0
-  def batch_ids(b):
-    ids = encoded[b * batch_size:(b + 1) * batch_size]
-    # A short last batch is padded with copies of its first prompt: one compiled shape serves
-    # every batch, and the padding rows are dropped.
-    return ids + [ids[0]] * (batch_size - len(ids))
+  from spec_tpu.serving import Engine, multihost as multihost_lib
+  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  s, serve = setup.sampling, config.serve
+  channel = multihost_lib.Channel(num_slots) if jax.process_count() > 1 else None
+  engine = Engine(sampler, num_slots=num_slots, max_len=max_len, k=setup.k, k_max=k_max,
+                  adaptive_k=adaptive, max_top_k=max(1, int(s.top_k)),
+                  rounds_per_step=int(serve.rounds_per_step) or None,
+                  max_rounds_per_step=int(serve.max_rounds_per_step),
+                  prefill_rows=int(serve.prefill_rows), tokenizer=tok, seed=seed,
+                  channel=channel)
+  if not primary:
+    engine.follow()  # process 0's device calls, until it shuts the engine down
+    return {}
+  try:
+    return _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings,
+                     compare_ar and k_max > 0, note)
+  finally:
+    engine.shutdown()
 
-  warm = set()
 
-  def warm_up(kk, ids):
-    # The first run of a compiled program pays one-off costs (buffers, thread pools): when runs
-    # are timed against each other, each K gets an untimed run first.
-    if (compare_ar or adaptive) and kk not in warm:
-      sampler.generate(ids, max_new_tokens=max_new, k=kk, sampling=setup.sampling, seed=seed)
-      warm.add(kk)
+def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings, compare_ar,
+              note) -> dict:
+  """Process 0's part: every prompt left is a request; each finished one is written at once."""
+  from spec_tpu.serving import GenerationParams
+  s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
+  seed = int(config.sampling.seed)
 
-  policy = None
-  if adaptive:
-    from spec_tpu.decoding import k_policy
-    policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=4)
-    # Calibrate on the first batch to run: one loop iteration at K = 0 and at K = k.
-    ids0 = batch_ids(int(np.argmax(todo)))
-    warm_up(0, ids0)
-    warm_up(k, ids0)
-    ar_round = round_seconds(sampler.generate(ids0, max_new_tokens=max_new, k=0,
-                                              sampling=setup.sampling, seed=seed))
-    cal = sampler.generate(ids0, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=seed)
-    policy.observe_times(0.0, round_seconds(cal), ar_round, k)
-    policy.observe(cal)
-    if primary:
-      logging.info("adaptive K: a loop iteration takes %.3g ms at K=0, %.3g ms at K=%d -> "
-                   "c = %.3f, a = %.3f; first K = %d", ar_round * 1e3,
-                   round_seconds(cal) * 1e3, k, policy.c, policy.a, policy.k)
-  totals = Totals()
+  def params(i, max_new_tokens=max_new):
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=float(s.temperature),
+                            top_p=float(s.top_p), top_k=int(s.top_k),
+                            seed=request_seed(seed, prompts[i].key))
+
+  if engine.policy is not None:
+    # Every K the policy may pick is compiled and timed with all slots busy on these prompts
+    # before the first request, and the first step runs the K the measurement favours.
+    report = engine.calibrate([encoded[i] for i in todo])
+    logging.info("adaptive K: a round takes %s; K = %d chosen (a = %.3f, expected speedup "
+                 "%.2f)", {k: f"{v * 1e3:.2f} ms" for k, v in engine.pacing.round_s.items()},
+                 report["chosen_k"], engine.policy.a, engine.policy.speedup())
+  elif compare_ar:
+    # The first run of a compiled program pays one-off costs (buffers, thread pools): when the
+    # two passes are timed against each other, each K gets an untimed run first.
+    few = todo[:engine.num_slots]
+    for k in (engine.k, 0):
+      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new))) for i in few], k)
+
   from tqdm import tqdm
-  bar = tqdm(total=remaining, unit="prompt", disable=not primary, file=sys.stderr,
+  bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr,
              desc="sampling (RANDOM WEIGHTS)" if setup.any_random else "sampling")
-  for b in range(num_batches):
-    if not todo[b]:
-      continue
-    chunk = prompts[b * batch_size:(b + 1) * batch_size]
-    ids = batch_ids(b)
-    s = batch_seed(seed, b)
-    if policy is not None:
-      # Step times differ between processes: process 0's choice is everyone's.
-      k = int(common.broadcast(np.array([policy.k], np.int32))[0])
-    warm_up(k, ids)
-    if compare_ar:
-      warm_up(0, ids)
-    res = sampler.generate(ids, max_new_tokens=max_new, k=k, sampling=setup.sampling, seed=s)
-    n = len(chunk)
-    totals.tokens += sum(len(t) for t in res.tokens[:n])
-    totals.seconds += res.seconds
-    totals.rounds += int(res.rounds[:n].sum())
-    totals.calls += int(res.rounds[:n].sum()) + n  # the prefill is a target call too
-    totals.accepted += int(res.accepted[:n].sum())
-    totals.judged += int(res.reached[:n].sum()) if res.k else 0
-    if compare_ar:
-      # A batch adaptive K ran at K = 0 is its own autoregressive baseline.
-      ar = res if k == 0 else sampler.generate(ids, max_new_tokens=max_new, k=0,
-                                               sampling=setup.sampling, seed=s)
-      totals.ar_tokens += sum(len(t) for t in ar.tokens[:n])
-      totals.ar_seconds += ar.seconds
-    if policy is not None:
-      if compare_ar or k == 0:  # this batch has a fresh K = 0 timing
-        ar_round = round_seconds(ar if compare_ar else res)
-      if k:
-        policy.observe_times(0.0, round_seconds(res), ar_round, k)
-      policy.observe(res)
-      totals.ks.append(k)
+  totals = Totals()
+  index = {}
+
+  def write(done):
     records = []
-    for row, p in enumerate(chunk):
-      if p.key in done_keys:
-        continue
-      stats = {key: _finite(v) for key, v in res.row_stats(row).items()}
-      records.append({"id": p.id, "prompt": p.text, "text": tok.decode(res.tokens[row]),
-                      "tokens": res.tokens[row], "stats": dict(stats, k=k, seed=s)})
-    if primary:
-      if output:
-        append_lines(output, records)
-      else:
-        for r in records:
-          print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
+    for r in done:
+      i = index[r.id]
+      c = r.result()
+      totals.add(c.stats)
+      stats = {"new_tokens": c.stats.new_tokens, "target_calls": c.stats.target_calls,
+               "accepted": c.stats.accepted, "acceptance_rate": c.stats.acceptance_rate,
+               "tokens_per_target_call": c.stats.tokens_per_target_call,
+               "k": _k_used(c.stats.ks), "seed": r.params.seed}
+      records.append({"id": prompts[i].id, "prompt": prompts[i].text,
+                      "text": tok.decode(c.tokens), "tokens": c.tokens,
+                      "stats": {key: _finite(v) for key, v in stats.items()},
+                      "settings": settings})
+    if output:
+      append_lines(output, records)
+    else:
+      for r in records:
+        print(f"=== {r['id']}\n{r['prompt']}{r['text']}", flush=True)
     bar.update(len(records))
+
+  requests = []
+  for i in todo:
+    r = engine.submit(encoded[i], params(i))
+    index[r.id] = i
+    requests.append(r)
+  totals.seconds = drain(engine, requests, on_finish=write)
   bar.close()
-  summary = totals.summary(setup.k, setup.any_random)
-  if policy is not None:
-    summary.update(adaptive_k_per_batch=totals.ks, adaptive_a=policy.a, adaptive_c=policy.c,
-                   adaptive_expected_speedup=policy.speedup(), adaptive_next_k=policy.k)
-  return summary
+  summary = {}
+  if engine.policy is not None:
+    p = engine.policy
+    summary.update(adaptive_a=p.a, adaptive_c=p.c, adaptive_expected_speedup=p.speedup(),
+                   adaptive_next_k=p.k)
+  if compare_ar:
+    if totals.ks <= {0}:  # adaptive K kept speculation off: the run was its own baseline
+      totals.ar_tokens, totals.ar_seconds = totals.tokens, totals.seconds
+    else:
+      ar = [engine.submit(encoded[i], params(i)) for i in todo]
+      totals.ar_seconds = drain(engine, ar, k=0)
+      totals.ar_tokens = sum(len(r.result().tokens) for r in ar)
+  return dict(totals.summary(setup.k, setup.any_random), **summary, **note)
 
 
 def _print_summary(s: dict) -> None:
@@ -395,19 +577,15 @@ def _print_summary(s: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   config = _CONFIG.value
   compare_ar = config.run.compare_ar if _COMPARE_AR.value is None else _COMPARE_AR.value
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
   from launch import common
-  from spec_tpu.checkpoints import checkpoint
   cache_dir = common.use_compile_cache(config)
-  try:
-    summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
-                  _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except (InputError, common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  summary = run(config, _PROMPT.value, _PROMPTS.value, _OUTPUT.value, compare_ar, multihost,
+                _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                append_other_settings=_APPEND_OTHER.value)
   import jax
   if jax.process_index() == 0:
     _print_summary(summary)
@@ -415,4 +593,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

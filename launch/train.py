@@ -14,24 +14,28 @@ import jax
 import jax.numpy as jnp
 from absl import app
 from absl import logging
-from ml_collections import config_flags
+
+from launch import cli
 
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.models.config import ModelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py:target", "Training setup.")
+_CONFIG = cli.define_config_file("config", "configs/train.py:target", "Training setup.")
 
 
 def main(argv):
-  del argv
+  del argv  # cli.run refuses positional arguments
   c = _CONFIG.value
   if c.mode not in ("target", "distill", "draft"):
     raise app.UsageError(f"mode must be target, distill or draft, got {c.mode!r}")
   if os.path.exists(c.output) and not c.overwrite:
     raise app.UsageError(f"{c.output} exists; pass --config.overwrite=True to replace it")
-  tok = tokenizer_lib.load(c.tokenizer or None)
+  try:
+    tok = tokenizer_lib.load(c.tokenizer or None)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise app.UsageError(f"tokenizer {c.tokenizer!r}: {e}") from None
   # Train in float32 (bf16 Adam updates lose small steps); a bf16 copy is what gets stored.
   cfg = ModelConfig(**c.model.to_dict(), valid_vocab_size=tok.vocab_size, tokenizer=tok.name,
                     dtype="float32")
@@ -66,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

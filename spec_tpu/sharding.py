@@ -15,7 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spec_tpu.models import cache as cache_lib
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models import quant, recurrent
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -27,6 +28,7 @@ TENSOR_PARALLEL: Rules = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("ffw", "model"),
+    ("lru", "model"),  # RG-LRU width (recurrent layers): replicated where it does not divide
     ("embed", None),
     ("head_dim", None),
     ("cache_seq", None),
@@ -77,15 +79,22 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
   """Logical axes of one (unstacked) layer's params of the given kind."""
-  if kind not in (LOCAL, GLOBAL):
+  if kind not in (LOCAL, GLOBAL, RECURRENT):
     raise ValueError(f"no logical axes for layer kind {kind!r}")
+  ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
+  if cfg.ffw_activation != "gelu":
+    ffw["gate"] = ("embed", "ffw")
+  if cfg.ffw_bias:
+    ffw.update({name + "_bias": axes[-1:] for name, axes in list(ffw.items())})
+  if kind == RECURRENT:
+    return {"recurrent_norm": ("embed",), "recurrent": dict(recurrent.PARAM_AXES),
+            "ffw_norm": ("embed",), "ffw": ffw}
   attn = {"q": ("heads", "embed", "head_dim"), "k": ("kv_heads", "embed", "head_dim"),
           "v": ("kv_heads", "embed", "head_dim"), "o": ("heads", "head_dim", "embed")}
   if cfg.qk_norm:
     attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
-  ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
-  if cfg.ffw_activation != "gelu":
-    ffw["gate"] = ("embed", "ffw")
+  if cfg.attn_out_bias:
+    attn["o_bias"] = ("embed",)
   layer = {"attn_norm": ("embed",), "attn": attn, "ffw_norm": ("embed",), "ffw": ffw}
   if cfg.post_attn_norm:
     layer["post_attn_norm"] = ("embed",)
@@ -105,6 +114,9 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
           "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
+  if cfg.quantize:
+    # int8 values shard as the weight; scales as its output axes (quant.py).
+    axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
   return axes
 
 

@@ -1,7 +1,10 @@
-"""Checkpoint save/restore: resharding on restore, integrity checks, atomic layout, config round trip."""
+"""Checkpoint save/restore: resharding on restore, integrity checks, atomic layout, config round trip,
+and a stored config that must describe the stored arrays."""
 
+import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +14,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.checkpoints.checkpoint import CheckpointError
+from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig
 
 CONFIG = ModelConfig(name="tiny", vocab_size=64, d_model=16, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=4, ffw_dim=32, dtype="bfloat16")
+# Most tests here exercise orbax plumbing on a hand-made tree (shaped to shard over every mesh
+# below), which is not the params tree CONFIG implies.
+_restore = functools.partial(checkpoint.restore, check_config=False)
 
 
 def _mesh(a, b):
@@ -55,7 +62,7 @@ def test_restore_onto_other_meshes(saved, shape):
   path, host = saved
   mesh = _mesh(*shape)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), _specs())
-  params, config = checkpoint.restore(path, shardings=shardings)
+  params, config = _restore(path, shardings=shardings)
   _assert_same(params, host)
   assert config == CONFIG
   for leaf, sh in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
@@ -64,18 +71,18 @@ def test_restore_onto_other_meshes(saved, shape):
 
 def test_restore_one_device_and_single_sharding(saved):
   path, host = saved
-  params, _ = checkpoint.restore(path)
+  params, _ = _restore(path)
   _assert_same(params, host)
   assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
   replicated = NamedSharding(_mesh(2, 4), P())
-  params, _ = checkpoint.restore(path, shardings=replicated, verify=False)
+  params, _ = _restore(path, shardings=replicated, verify=False)
   _assert_same(params, host)
   assert all(x.sharding == replicated for x in jax.tree.leaves(params))
 
 
 def test_restore_dtype_cast(saved):
   path, host = saved
-  params, _ = checkpoint.restore(path, dtype="float32")
+  params, _ = _restore(path, dtype="float32")
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   np.testing.assert_array_equal(np.asarray(params["layers"][0]["w"]),
                                 host["layers"][0]["w"].astype(np.float32))
@@ -97,7 +104,7 @@ def test_config_and_extra_round_trip(saved):
 def test_mismatched_shardings_tree(saved):
   path, _ = saved
   with pytest.raises(CheckpointError, match="do not match"):
-    checkpoint.restore(path, shardings={"embed": NamedSharding(_mesh(2, 4), P())})
+    _restore(path, shardings={"embed": NamedSharding(_mesh(2, 4), P())})
 
 
 def test_refuses_existing_destination_unless_overwrite(tmp_path):
@@ -210,8 +217,55 @@ def test_save_dying_half_way_leaves_nothing_that_looks_complete(tmp_path, monkey
   assert not path.exists()
   monkeypatch.undo()
   checkpoint.save(path, params, CONFIG)  # the stale temporary directory is cleared, not an error
-  _assert_same(checkpoint.restore(path)[0], host)
+  _assert_same(_restore(path)[0], host)
   assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+  """A real model's params saved with the config that made them."""
+  path = tmp_path_factory.mktemp("model_ckpt") / "model"
+  shapes = jax.eval_shape(lambda: model.init_params(CONFIG, jax.random.key(0)))
+  checkpoint.save(path, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes), CONFIG)
+  return path
+
+
+def _edit_stored_config(src, dst, **fields):
+  """Copies a checkpoint with its stored config edited and the manifest resealed, as someone
+  editing spec_tpu_config.json by hand and re-running the sealing would."""
+  shutil.copytree(src, dst)
+  meta = json.loads((dst / checkpoint.CONFIG_FILE).read_text())
+  meta["config"].update(fields)
+  (dst / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+  checkpoint._write_manifest(str(dst))
+  checkpoint.verify(dst)  # the integrity check alone cannot tell
+
+
+def test_model_checkpoint_restores_with_its_config(saved_model):
+  params, config = checkpoint.restore(saved_model)
+  assert config == CONFIG
+  assert checkpoint.implied_shapes(CONFIG) == checkpoint._shapes(params)
+
+
+@pytest.mark.parametrize("fields, message", [
+    # A dimension: named with both values.
+    ({"d_model": 32}, "d_model is 32 in the config but 16 in the arrays"),
+    ({"num_kv_heads": 4}, "num_kv_heads is 4 in the config but 2 in the arrays"),
+    ({"ffw_dim": 48}, "ffw_dim is 48 in the config but 32 in the arrays"),
+    # Layers stack along a leading axis: a wrong depth is a dimension too.
+    ({"num_layers": 1}, "num_layers is 1 in the config but 2 in the arrays"),
+    # Leaves the config implies but the arrays lack, or the other way round.
+    ({"tie_embeddings": False}, r"params\['unembed'\] is missing from the arrays "
+                                r"\(set by tie_embeddings\)"),
+])
+def test_stored_config_that_does_not_describe_the_arrays_is_refused(saved_model, tmp_path,
+                                                                    fields, message):
+  # Given a checkpoint whose stored config was edited (and resealed) after the save,
+  edited = tmp_path / "edited"
+  _edit_stored_config(saved_model, edited, **fields)
+  # then restoring it fails, naming the field and what the arrays say, before reading any array.
+  with pytest.raises(CheckpointError, match=f"does not match its arrays: .*{message}"):
+    checkpoint.restore(edited)
 
 
 # ---------------------------------------------------------------- format version 1 (list of layers)

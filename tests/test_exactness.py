@@ -41,9 +41,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layout, model
 from spec_tpu.decoding import rejection, sampling
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.sharding import REPLICATED, make_mesh
@@ -90,6 +91,40 @@ def draft_params():
   return jax.tree.map(lambda t, o: (1 - DRAFT_MIX) * t + DRAFT_MIX * o, target, other)
 
 
+# Recurrent (Griffin): a RecurrentGemma-shaped target (recurrent, recurrent, local; partial
+# RoPE, biases), window 3 so continuations cross it, and a recurrent draft of the same shapes
+# (target mixed with another random model), so both rollbacks by selection are exercised.
+RG_TARGET = ModelConfig(name="exact_rg_target", vocab_size=V, d_model=16, num_layers=3,
+                        num_heads=4, num_kv_heads=1, head_dim=4, ffw_dim=32,
+                        ffw_activation="geglu", norm_plus_one=True, tie_embeddings=False,
+                        scale_embeddings=True, embed_scale_dtype="bfloat16",
+                        layer_pattern=(RECURRENT, RECURRENT, LOCAL), sliding_window=3,
+                        rope_fraction=0.5, ffw_bias=True, attn_out_bias=True, lru_width=16,
+                        tokenizer="toy")
+RG_DRAFT = RG_TARGET.replace(name="exact_rg_draft")
+
+
+@functools.lru_cache(maxsize=None)
+def rg_target_params():
+  return _scaled(model.init_params(RG_TARGET, jax.random.key(4)))
+
+
+@functools.lru_cache(maxsize=None)
+def rg_draft_params():
+  other = _scaled(model.init_params(RG_DRAFT, jax.random.key(5)))
+  return jax.tree.map(lambda t, o: (1 - DRAFT_MIX) * t + DRAFT_MIX * o, rg_target_params(), other)
+
+
+# Models whose law the tests enumerate, by name: (config, params function). tests/test_quant.py
+# adds the int8-quantized target, whose law is the one an int8 sampler must follow.
+LAW_MODELS = {"attention": (TARGET, target_params), "recurrent": (RG_TARGET, rg_target_params)}
+
+
+def _target(name):
+  """(config, params) of the target the statistics are computed against."""
+  return LAW_MODELS[name]
+
+
 def _padded(params):
   # Padding rows/columns with large weights: an unmasked padding logit would win every draw.
   big = 10.0 * jax.random.normal(jax.random.key(3), (4, TARGET.d_model))
@@ -103,22 +138,23 @@ def _padded(params):
 CONTINUATIONS = np.array(list(itertools.product(range(V), repeat=L)), np.int32)  # V**L x L
 
 
-@functools.partial(jax.jit, static_argnames="top_k")
-def _law_device(params, temperature, top_p, top_k):
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def _law_device(params, cfg, temperature, top_p, top_k):
   tokens = jnp.concatenate([jnp.tile(jnp.asarray(PROMPT, jnp.int32), (len(CONTINUATIONS), 1)),
                             CONTINUATIONS], axis=1)
   # Causal: the logits at prompt end + i depend only on the first i continuation tokens.
-  logits = model.forward_full(params, TARGET, tokens)[:, len(PROMPT) - 1:-1]
+  logits = model.forward_full(params, cfg, tokens)[:, len(PROMPT) - 1:-1]
   probs = sampling.probabilities(logits, temperature, top_k, top_p)
   step = jnp.take_along_axis(probs, jnp.asarray(CONTINUATIONS)[..., None], axis=-1)[..., 0]
   return jnp.prod(step.astype(jnp.float32), axis=1)
 
 
 @functools.lru_cache(maxsize=None)
-def exact_law(temperature=1.0, top_k=0, top_p=1.0):
+def exact_law(temperature=1.0, top_k=0, top_p=1.0, target="attention"):
   """P(first L tokens) under the target with the sampler's filters: an array of shape (V,)*L."""
-  top_k = SamplingParams(top_k=top_k).effective_top_k(TARGET.num_tokens)
-  law = np.asarray(_law_device(target_params(), np.float32(temperature), np.float32(top_p),
+  cfg, params = _target(target)
+  top_k = SamplingParams(top_k=top_k).effective_top_k(cfg.num_tokens)
+  law = np.asarray(_law_device(params(), cfg, np.float32(temperature), np.float32(top_p),
                                top_k), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((V,) * L)
@@ -162,13 +198,13 @@ def law_pvalues(tokens_bl, law):
           chi_square_pvalue(last, law.sum(axis=(0, 1)))]
 
 
-@functools.partial(jax.jit, static_argnames="top_k")
-def _conditionals_device(params, seqs_bt, temperature, top_p, top_k):
-  logits = model.forward_full(params, TARGET, seqs_bt)[:, len(PROMPT) - 1:-1]
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def _conditionals_device(params, cfg, seqs_bt, temperature, top_p, top_k):
+  logits = model.forward_full(params, cfg, seqs_bt)[:, len(PROMPT) - 1:-1]
   return sampling.probabilities(logits, temperature, top_k, top_p)
 
 
-def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
+def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0, target="attention"):
   """Every generated token against the target's q(. | the row's own prefix): two p-values.
 
   The enumerated law only reaches the first L tokens, i.e. the first round or two; this test
@@ -184,8 +220,9 @@ def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
   for i, row in enumerate(rows):
     seqs[i, :len(PROMPT) + len(row)] = tuple(PROMPT) + tuple(row)
     real[i, :len(row)] = True
-  top_k = SamplingParams(top_k=top_k).effective_top_k(TARGET.num_tokens)
-  q = np.asarray(_conditionals_device(target_params(), seqs, np.float32(temperature),
+  cfg, params = _target(target)
+  top_k = SamplingParams(top_k=top_k).effective_top_k(cfg.num_tokens)
+  q = np.asarray(_conditionals_device(params(), cfg, seqs, np.float32(temperature),
                                       np.float32(top_p), top_k), np.float64)[real]
   x = seqs[:, len(PROMPT):][real]
   if np.any(q[np.arange(len(x)), x] == 0):
@@ -202,11 +239,12 @@ def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0):
   return pvalues
 
 
-def exactness_pvalue(rows, **options):
+def exactness_pvalue(rows, target="attention", **options):
   """Bonferroni combination of the two law tests and the two sequential tests (rows: token
-  lists of full length MAX_NEW)."""
+  lists of full length MAX_NEW) against the named target's law."""
   tokens = np.array(rows)
-  pvalues = law_pvalues(tokens[:, :L], exact_law(**options)) + sequential_pvalues(rows, **options)
+  pvalues = (law_pvalues(tokens[:, :L], exact_law(**options, target=target))
+             + sequential_pvalues(rows, **options, target=target))
   return min(1.0, len(pvalues) * min(pvalues)), pvalues
 
 
@@ -359,13 +397,20 @@ def _always_accept(key, draft_bn, p_bnv, q_bmv):
   return jnp.full((b,), k, jnp.int32), nxt
 
 
+def _split2(key):
+  """Two keys from one key, or two per row from one per row (what the decode loop passes)."""
+  if key.shape == ():
+    return jax.random.split(key)
+  return jnp.moveaxis(sampling.split_rows(key, 2), 1, 0)
+
+
 def _resample_from_target(key, draft_bn, p_bnv, q_bmv):
   """WRONG: on rejection draws from q instead of normalize(max(0, q - p))."""
   b, k = draft_bn.shape
-  key_u, key_next = jax.random.split(key)
+  key_u, key_next = _split2(key)
   p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
-  accepted = jax.random.uniform(key_u, (b, k)) * p_x < q_x
+  accepted = sampling.uniform(key_u, (b,), (k,)) * p_x < q_x
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   return n, sampling.sample(key_next, q_bmv[jnp.arange(b), n])
 
@@ -382,8 +427,9 @@ def _swapped_ratio(key, draft_bn, p_bnv, q_bmv):
 def _wrong_by_row(key, draft_bn, p_bnv, q_bmv):
   """Even rows always_accept, odd rows resample_from_target: two broken rules in one compiled
   program (each extra program costs seconds of XLA compile)."""
-  n_a, next_a = _always_accept(key, draft_bn, p_bnv, q_bmv)
-  n_b, next_b = _resample_from_target(jax.random.fold_in(key, 1), draft_bn, p_bnv, q_bmv)
+  key_a, key_b = _split2(key)
+  n_a, next_a = _always_accept(key_a, draft_bn, p_bnv, q_bmv)
+  n_b, next_b = _resample_from_target(key_b, draft_bn, p_bnv, q_bmv)
   even = jnp.arange(draft_bn.shape[0]) % 2 == 0
   return jnp.where(even, n_a, n_b), jnp.where(even, next_a, next_b)
 
@@ -409,14 +455,15 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @functools.lru_cache(maxsize=None)
-def _greedy_reference(sampler):
+def _greedy_reference(sampler, target="attention"):
   """Autoregressive greedy tokens (k=0) and which rows have no near-tie along their path."""
+  cfg, params = _target(target)
   result = sampler.generate(GREEDY_PROMPTS, max_new_tokens=MAX_NEW, k=0, sampling=GREEDY)
   tokens = np.array(result.tokens)
   seqs = np.zeros((BATCH, 16 + MAX_NEW), np.int32)  # right-padding is invisible to causal rows
   for i, prompt in enumerate(GREEDY_PROMPTS):
     seqs[i, :len(prompt) + MAX_NEW] = prompt + tokens[i].tolist()
-  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(target_params(), TARGET, seqs))
+  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(params(), cfg, seqs))
   starts = np.array([len(p) - 1 for p in GREEDY_PROMPTS])
   at = starts[:, None] + np.arange(MAX_NEW)[None, :]
   path = np.take_along_axis(logits, at[..., None], axis=1)  # b MAX_NEW v
@@ -444,6 +491,60 @@ def test_greedy_speculative_equals_greedy_autoregressive(request, single, setup,
   # Both paths ran: some drafts rejected, some rounds with every draft accepted (bonus token).
   assert 0 < result.acceptance_rate() < 1
   assert result.accepted_at[:, k - 1].sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent target and recurrent draft: rollback by selection keeps the law exact.
+
+@pytest.fixture(scope="module")
+def recurrent_pair():
+  return Sampler(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(), draft_cfg=RG_DRAFT)
+
+
+RECURRENT_CASES = [  # id, k, sampling options
+    ("rg_k1", 1, {}),
+    ("rg_k3", 3, {}),
+    ("rg_k3_temperature_0.7_top_p_0.8", 3, {"temperature": 0.7, "top_p": 0.8}),
+]
+
+
+@pytest.mark.parametrize("k,options", [c[1:] for c in RECURRENT_CASES],
+                         ids=[c[0] for c in RECURRENT_CASES])
+def test_recurrent_pair_follows_target_law(recurrent_pair, k, options):
+  # Given a recurrent target and draft (continuations cross the attention window); when
+  # sampling MAX_NEW tokens with k drafts per round; then they follow the target's law.
+  result = _same_prompt(recurrent_pair, k, seed=_seed(k, options) + 1, **options)
+  p, each = exactness_pvalue(_full_rows(result), target="recurrent", **options)
+  assert p > ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
+  assert 0.2 < judged_acceptance(result) < 0.95, judged_acceptance(result)
+  assert len(np.unique(result.accepted)) > 1
+
+
+def _rollback_by_length_only(cache, length_b, traces=None, start_b=None):
+  return cache._replace(length=length_b)
+
+
+def test_recurrent_rollback_without_selection_fails_the_same_test(monkeypatch):
+  # Given the loop with a rollback that moves lengths only (the recurrent states keep the
+  # rejected drafts); then the same statistics reject it outright.
+  monkeypatch.setattr(cache_lib, "rollback", _rollback_by_length_only)
+  sampler = Sampler(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(),
+                    draft_cfg=RG_DRAFT)
+  tokens = _full_rows(_same_prompt(sampler, 3, seed=14))
+  p, each = exactness_pvalue(tokens.tolist(), target="recurrent")
+  assert p < NEGATIVE_P, f"a length-only rollback passed (p = {p:.2e}; tests: {each})"
+
+
+def test_recurrent_greedy_speculative_equals_greedy_autoregressive(recurrent_pair):
+  # Given ragged prompts (1-12 tokens) and the recurrent pair; when decoding at temperature 0
+  # with 3 drafts per round; then the output is the target's greedy output token for token.
+  want, clear = _greedy_reference(recurrent_pair, target="recurrent")
+  result = recurrent_pair.generate(GREEDY_PROMPTS, max_new_tokens=MAX_NEW, k=3, sampling=GREEDY)
+  got = np.array(result.tokens)
+  bad = np.flatnonzero(clear & np.any(got != want, axis=1))
+  assert bad.size == 0, f"{bad.size} rows differ, e.g. row {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+  assert 0 < result.acceptance_rate() < 1
+  assert result.accepted_at[:, 2].sum() > 0
 
 
 def test_greedy_with_eos_is_greedy_truncated_at_eos(single, with_eos):
@@ -542,10 +643,10 @@ def test_accept_matches_its_exact_law(k):
 def _shared_uniform(key, draft_bn, p_bnv, q_bmv):
   """WRONG (subtly): one uniform per row for all K tests, so acceptances are correlated."""
   b, k = draft_bn.shape
-  key_u, key_next = jax.random.split(key)
+  key_u, key_next = _split2(key)
   p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
-  accepted = jax.random.uniform(key_u, (b, 1)) * p_x < q_x
+  accepted = sampling.uniform(key_u, (b,), (1,)) * p_x < q_x
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   rows = jnp.arange(b)
   p_n = jnp.where((n < k)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)

@@ -9,7 +9,8 @@ import pytest
 from spec_tpu.decoding import k_policy
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
-from spec_tpu.decoding.k_policy import AdaptiveK, choose_k, cost_ratio, expected_speedup
+from spec_tpu.decoding.k_policy import (AdaptiveK, choose_k, choose_k_measured, cost_ratio,
+                                        expected_speedup)
 from spec_tpu.decoding.sampler import Result, Sampler
 from spec_tpu.sharding import make_mesh
 
@@ -198,3 +199,40 @@ def test_measure_step_times_needs_a_draft():
   sampler = Sampler(model.init_params(target, jax.random.key(0)), target)
   with pytest.raises(ValueError, match="draft"):
     k_policy.measure_step_times(sampler, batch=1, prompt_len=4, k=2)
+
+
+def test_measured_round_times_replace_the_linear_cost_model():
+  # Given a ~ 0.7 and rounds timed at K = 0 and K = 4 only: the linear model (c from K = 4)
+  # says one draft token pays,
+  policy = AdaptiveK(k0=4, k_max=4, ks=(0, 1, 2, 4))
+  policy.observe_acceptance(70, 100)
+  policy.observe_round_time(0, 10.0)
+  policy.observe_round_time(4, 29.0)
+  assert policy.c == pytest.approx(1.9 / 4)
+  assert policy.k == 1 and policy.speedup(1) > 1.1
+  # when K = 1 and K = 2 are timed too, and cost more than the line through K = 0 and K = 4
+  # (a fixed cost per speculative round, as verification has on CPU),
+  policy.observe_round_time(1, 18.0)
+  policy.observe_round_time(2, 22.0)
+  # then the measured costs decide: no K pays, speculation is off.
+  assert policy.cost(1) == pytest.approx(1.8) and policy.cost(2) == pytest.approx(2.2)
+  assert all(policy.speedup(k) < 1.0 for k in (1, 2, 4))
+  assert policy.k == 0
+
+
+def test_choice_is_limited_to_the_allowed_ks():
+  # A free, always-right draft would take k_max, but only the compiled K's are allowed.
+  policy = AdaptiveK(k0=1, k_max=8, ks=(0, 1, 2, 4), c0=0.0)
+  policy.observe_acceptance(1000, 1000)
+  assert policy.k == 4
+  assert choose_k_measured(0.9, {0: 1.0, 1: 1.05, 3: 1.2}) == 3
+  assert choose_k_measured(0.5, {0: 1.0, 1: 1.6}) == 0
+
+
+def test_a_measured_cost_below_a_smaller_ks_is_timing_noise():
+  # A round at K = 2 timed faster than one at K = 1 (a busy machine): K = 2 costs at least K = 1.
+  policy = AdaptiveK(k0=1, k_max=2)
+  for k, t in {0: 5.0, 1: 18.0, 2: 9.0}.items():
+    policy.observe_round_time(k, t)
+  assert policy.cost(2) == pytest.approx(18.0 / 5.0)
+  assert policy.k == 0

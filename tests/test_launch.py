@@ -4,6 +4,7 @@ setup without allocating it, and refusing bad input before anything compiles."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,9 +60,10 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   # when sampled with the AR comparison on,
   summary = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
                        compare_ar=True, multihost=False)
-  # then each prompt has one line whose text is the decoding of its tokens,
+  # then each prompt has one line (in the order they finished) whose text is the decoding of
+  # its tokens,
   lines = _read(out)
-  assert [r["id"] for r in lines] == [0, 1, 2]
+  assert sorted(r["id"] for r in lines) == [0, 1, 2]
   from spec_tpu import tokenizer
   tok = tokenizer.load(config.model.tokenizer)
   for r in lines:
@@ -74,20 +76,66 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert 0.0 <= summary["acceptance_rate"] <= 1.0
   assert summary["tokens_per_target_call"] >= 1.0
   assert summary["speedup_vs_ar"] > 0
+  # Every line records what made it: models, tokenizer, seed, lengths, K policy, sampling values.
+  setup = common.resolve(config)
+  settings = sample.run_settings(config, setup, tok, k_max=4)
+  assert all(r["settings"] == settings for r in lines)
+  assert settings["seed"] == 0 and settings["k"] == 4 and settings["max_new_tokens"] == 8
+  assert settings["target"]["weights"] == "random" and settings["tokenizer"] == tok.name
+  # and running again with the same settings finds every prompt done (nothing is compiled).
+  again = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
+                     compare_ar=True, multihost=False)
+  assert again["note"] == "every prompt already done" and _read(out) == lines
 
 
-@pytest.mark.parametrize("c, expected_k", [(0.0, 6), (10.0, 0)])
+def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
+  # Given three prompts of one length, sampled together,
+  texts = {"a": "x = 1", "b": "x = 2", "c": "x = 3"}
+  def sample_ids(ids, name):
+    prompts = tmp_path / f"{name}.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": texts[i]}) + "\n" for i in ids))
+    out = tmp_path / f"{name}_out.jsonl"
+    sample.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
+    return {r["id"]: r["tokens"] for r in _read(out)}
+  together = sample_ids(["a", "b", "c"], "together")
+  # when two of them run again in another order, without the third (as a resumed run would),
+  apart = sample_ids(["c", "a"], "apart")
+  # then each is sampled with the same tokens: its seed comes from (seed, id), and its request
+  # shares no randomness with the requests beside it.
+  assert apart == {i: together[i] for i in ("a", "c")}
+  assert together["a"] != together["c"]
+
+
+@pytest.mark.parametrize("c, expected_k", [(0.0, 4), (10.0, 0)])
 def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected_k):
-  # Given loop iterations that cost 1 + K c units (c faked: a free draft or one 10x slower than
-  # the target, so the choice does not hang on this machine's timings),
-  monkeypatch.setattr(sample, "round_seconds", lambda res: 1.0 + res.k * c)
+  # Given rounds that cost 1 + K c units at every K the engine may pick (c faked after its
+  # calibration: a free draft or one 10x slower than the target, so the choice does not hang on
+  # this machine's timings),
+  from spec_tpu.decoding import k_policy
+  from spec_tpu.serving import Engine
+  calibrate = Engine.calibrate
+
+  def faked(engine, *args, **kwargs):
+    report = calibrate(engine, *args, **kwargs)
+    # A fresh policy (the measured times would blend into the faked ones), given the
+    # acceptance calibration measured and the faked round times.
+    engine.policy = k_policy.AdaptiveK(k0=engine.k, k_max=engine.k_max, ks=engine.ks)
+    engine.policy.observe_acceptance(report["accepted"], report["judged"])
+    engine.pacing.observe_step = lambda *a: None
+    engine.pacing.round_s = {k: 1.0 + k * c for k in engine.ks}
+    for k, seconds in engine.pacing.round_s.items():
+      engine.policy.observe_round_time(k, seconds)
+    return report
+
+  monkeypatch.setattr(Engine, "calibrate", faked)
   config = _tiny_config(adaptive_k=True, k=2, k_max=6)
   out = tmp_path / "out.jsonl"
   summary = sample.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
                        multihost=False)
-  # then a free draft runs at k_max (more drafts only add accepted tokens), a slow one turns
-  # speculation off from the first batch, and every prompt is written once with its batch's K.
-  assert summary["adaptive_k_per_batch"] == [expected_k] * 3
+  # then the engine's policy runs a free draft at the largest K it compiled (0, 1, 2, 4: more
+  # drafts only add accepted tokens), turns a slow one off from the first step, and every
+  # prompt is written once with the K its request ran with.
+  assert summary["ks_used"] == [expected_k]
   assert summary["adaptive_c"] == pytest.approx(c)
   lines = _read(out)
   assert sorted(r["id"] for r in lines) == list(range(6))
@@ -98,14 +146,45 @@ def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected
     assert 0.0 < summary["acceptance_rate"] <= 1.0
 
 
-def test_finished_ids_cuts_a_torn_last_line_and_refuses_a_foreign_file(tmp_path):
+def _result(pid, **settings):
+  """A line as launch.sample writes it."""
+  return json.dumps({"id": pid, "prompt": f"p{pid}", "text": "x", "tokens": [5],
+                     "stats": {"k": 4}, "settings": settings}) + "\n"
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"id": "c", "prompt": "de',            # a kill in the middle of a write
+    b'{"i',                                  # ... early in it
+    b'{"id": "c", "pro' + b"\0" * 40,        # a crash that zero-filled the end of the file
+    b"\0" * 64 + b"\n",                      # ... newline included
+])
+def test_a_torn_last_line_is_cut_away(tmp_path, tail):
   path = tmp_path / "out.jsonl"
-  path.write_text('{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n{"id": "c", "te')
+  whole = _result("a") + _result(2)
+  path.write_bytes(whole.encode() + tail)
   assert sample.finished_ids(str(path)) == {'"a"', "2"}
-  assert path.read_text() == '{"id": "a", "text": "x"}\n{"id": 2, "text": "y"}\n'
-  path.write_text('not json\n{"id": 2}\n')
-  with pytest.raises(sample.InputError, match="line 1"):
-    sample.finished_ids(str(path))
+  assert path.read_text() == whole
+
+
+@pytest.mark.parametrize("content", [
+    "notes I keep here\n",                          # one line of plain text: not ours
+    "notes without a newline",
+    '{"id": 1, "prompt": "a prompts file"}\n',      # JSON, but not a result line
+    _result("a") + '{"id": 1, "prompt": "x"}',      # ... as the last, unterminated line
+    _result("a") + "a note after our lines\n",
+    "a note before our lines\n" + _result("a"),
+])
+def test_an_output_holding_anything_else_is_refused_untouched(tmp_path, monkeypatch, content):
+  _no_weights_or_compiles(monkeypatch)
+  # Given an existing --output that this launcher cannot have written (a torn line can only be
+  # the start of one of its own lines),
+  path = tmp_path / "notes.jsonl"
+  path.write_text(content)
+  # then sampling into it is refused before anything is read, loaded or written,
+  with pytest.raises(sample.InputError, match="did not write"):
+    sample.run(_tiny_config(), ["x = 1"], None, str(path), compare_ar=False, multihost=False)
+  # and the file is exactly as it was.
+  assert path.read_text() == content
 
 
 def _no_weights_or_compiles(monkeypatch):
@@ -159,13 +238,124 @@ def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, 
     sample.run(config, [], prompts_file, output, compare_ar=False, multihost=False)
 
 
-def test_unknown_config_field_is_refused_by_the_launcher(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
-       "--config.sampling.temprature=0.5", f"--output={tmp_path / 'o.jsonl'}"],
-      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("how", ["same_path", "relative_path", "symlink"])
+def test_prompts_and_output_being_one_file_is_refused(tmp_path, monkeypatch, how):
+  _no_weights_or_compiles(monkeypatch)
+  # Given a prompts file named again as the output (by a relative path, or through a symlink),
+  prompts = tmp_path / "p.jsonl"
+  _write_prompts(prompts, 2)
+  monkeypatch.chdir(tmp_path)
+  output = {"same_path": str(prompts), "relative_path": "./p.jsonl",
+            "symlink": str(tmp_path / "out.jsonl")}[how]
+  if how == "symlink":
+    os.symlink(prompts, output)
+  # then the run is refused (it would count every prompt as done), and the file is untouched.
+  before = prompts.read_text()
+  with pytest.raises(sample.InputError, match="same file"):
+    sample.run(_tiny_config(), [], str(prompts), output, compare_ar=False, multihost=False)
+  assert prompts.read_text() == before
+
+
+def _settings(config):
+  setup = common.resolve(config)
+  return sample.run_settings(config, setup, common.load_tokenizer(config, setup), k_max=8)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda c: c.sampling.update(seed=1), "seed is 0 in the file, 1 now"),
+    (lambda c: c.sampling.update(max_new_tokens=16), "max_new_tokens is 8 in the file, 16 now"),
+    (lambda c: c.sampling.update(k=2), "k is 4 in the file, 2 now"),
+    (lambda c: c.sampling.update(adaptive_k=True), "adaptive_k is false in the file, true now"),
+    (lambda c: c.sampling.update(temperature=0.5), "temperature is 0.8"),
+    (lambda c: c.sampling.update(top_p=1.0), "top_p is 0.95"),
+    (lambda c: c.sampling.update(top_k=5), "top_k is 0"),
+    (lambda c: c.run.update(batch_size=3), "num_slots is 2"),
+    (lambda c: c.draft.fields.update(num_layers=2), "draft is name=random_tiny_draft"),
+    (lambda c: c.model.fields.update(name="other"), "target is name=random_tiny_target"),
+])
+def test_resuming_into_an_output_made_with_other_settings_is_refused(tmp_path, monkeypatch,
+                                                                     change, named):
+  _no_weights_or_compiles(monkeypatch)
+  # Given an output holding the lines of a finished run,
+  config = _tiny_config()
+  out = tmp_path / "out.jsonl"
+  out.write_text("".join(_result(i, **_settings(config)) for i in range(2)))
+  before = out.read_text()
+  # when it is resumed with one setting changed,
+  change(config)
+  # then the run refuses, naming the setting, and leaves the file alone;
+  with pytest.raises(sample.InputError, match=f"other settings.*{re.escape(named)}"):
+    sample.run(config, ["a", "b", "c"], None, str(out), compare_ar=False, multihost=False)
+  assert out.read_text() == before
+
+
+def test_resuming_with_other_settings_appends_only_when_asked_and_says_so(tmp_path, monkeypatch):
+  _no_weights_or_compiles(monkeypatch)
+  config = _tiny_config()
+  out = tmp_path / "out.jsonl"
+  out.write_text("".join(_result(i, **_settings(config)) for i in range(2)))
+  # Lines from before settings were recorded, and a prompt whose text changed, both count.
+  out.write_text(out.read_text().replace('"settings": {', '"old": {', 1))
+  config.sampling.seed = 7
+  with pytest.raises(sample.InputError, match="records no settings.*seed is 0 in the file, 7 now"
+                     ".*--append_other_settings"):
+    sample.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
+  with pytest.raises(sample.InputError, match="prompt 1 has another text"):
+    sample.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
+  summary = sample.run(config, ["p0", "p1"], None, str(out), compare_ar=False, multihost=False,
+                       append_other_settings=True)
+  assert summary["note"] == "every prompt already done"
+  assert "seed is 0 in the file, 7 now" in summary["mixed_settings"]
+
+
+def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeypatch):
+  _no_weights_or_compiles(monkeypatch)
+  # Given the shipped pair (trained with the stdlib sentencepiece model) and the byte tokenizer,
+  from configs import default
+  config = default.get_config()
+  config.model.tokenizer = config.draft.tokenizer = "bytes"
+  setup = common.resolve(config)
+  # then the mismatch is refused, naming both checkpoints and how to override,
+  with pytest.raises(common.SetupError, match=r"'bytes' is not the tokenizer the checkpoint was "
+                     r"made with \(target .*: 'sp:.*; draft .*: 'sp:.*--config.model.fields."
+                     r"tokenizer=bytes --config.draft.fields.tokenizer=bytes"):
+    common.load_tokenizer(config, setup)
+  # and accepted once the user says they mean it.
+  config.model.fields.tokenizer = config.draft.fields.tokenizer = "bytes"
+  setup = common.resolve(config)
+  assert common.load_tokenizer(config, setup).name == "bytes"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["launch.sample", "--config.sampling.temprature=0.5"],
+     "--config.sampling.temprature=0.5: the config has no field 'sampling.temprature'"),
+    (["launch.plan", "--config=configs/tiny_random.py", "--config.sampling.nope=1"],
+     "no field 'sampling.nope'"),
+    (["launch.sample", "--config=configs/nope.py"], "--config=configs/nope.py: no such config"),
+    (["launch.train", "--config=configs/train.py:nope"], "takes target, distill or draft"),
+    (["launch.sample", "--config.sampling.k=many"], "--config.sampling.k=many"),
+    (["launch.benchmark", "--output_dir=OUT", "--ks=abc"], "--ks takes comma-separated integers"),
+    (["launch.benchmark", "--output_dir=OUT", "--batches=0"], "--batches must be positive, got 0"),
+    (["launch.sample", "--output=OUT/o.jsonl", "stray"], "unexpected argument 'stray'"),
+    (["launch.benchmark", "--output_dir=OUT", "stray"], "unexpected argument 'stray'"),
+    (["launch.plan", "stray"], "unexpected argument 'stray'"),
+    (["launch.convert", "--from=hf", "--src=x", "--dst=y", "stray"], "unexpected argument"),
+    (["launch.train", "stray"], "unexpected argument 'stray'"),
+    (["launch.evaluate_pair", "stray"], "unexpected argument 'stray'"),
+    (["launch.convert", "--from=hf", "--src=OUT/none", "--dst=OUT/d"], "is not a directory"),
+])
+def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, argv, says):
+  # Given a mistake on the command line of any launcher,
+  argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+  proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=120)
+  # then it exits non-zero with one line that says what is wrong: no traceback, no flag help,
   assert proc.returncode != 0
-  assert "temprature" in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  assert says in lines[0]
+  # and (--batches) blames only the flag at fault.
+  assert "--ks" not in lines[0] or "--ks" in says
   assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -327,6 +517,44 @@ def test_benchmark_writes_table_json_and_plot(tmp_path):
   assert (tmp_path / "speedup_vs_k.png").stat().st_size > 1000
 
 
+_BANDWIDTH_PROBE = """
+import json, time
+import jax, numpy as np
+from launch import benchmark
+from spec_tpu import sharding
+mesh = sharding.make_mesh((1, jax.device_count()))
+nbytes = 1 << 28  # far beyond any CPU cache
+src, dst = np.ones(nbytes // 4, np.float32), np.zeros(nbytes // 4, np.float32)
+copy, probe = 0.0, 0.0
+for _ in range(3):  # interleaved, best of each: other work on the machine only slows either
+  start = time.perf_counter(); np.copyto(dst, src)
+  copy = max(copy, 2 * nbytes / (time.perf_counter() - start))
+  probe = max(probe, benchmark.measure_bandwidth(mesh, nbytes, repeats=3) * mesh.size)
+point = lambda util: dict(batch=1, k=0, ms_per_token=1.0, tokens_per_s=1.0, acceptance=None,
+                          cost_ratio_c=0.1, speedup=1.0, ideal_speedup=1.0,
+                          measured_over_ideal=1.0, verify_cost=1.0, bandwidth_utilisation=util)
+result = lambda util: dict(target="t", draft=None, num_devices=8, device="cpu", mesh={},
+                           bandwidth_bytes_per_s=1e10, random_weights=False, points=[point(util)])
+print(json.dumps(dict(copy=copy, probe=probe, over=benchmark.format_table(result(3.78)),
+                      under=benchmark.format_table(result(0.58)))))
+"""
+
+
+def test_bandwidth_is_measured_as_a_decode_step_reads_memory(tmp_path):
+  # Given the machine's memory bandwidth as numpy's copy moves it (read + write),
+  proc = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE], cwd=REPO, env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout)
+  # then the benchmark's probe, every device reading its shard of a weight matrix at once, gets
+  # a good part of it (a copy on one simulated device got a tenth: 378% "utilisation" followed),
+  assert r["probe"] > 0.3 * r["copy"], r
+  # and a utilisation above 100% is marked and explained as not being a bandwidth.
+  assert "378.0%*" in r["over"] and "not a memory-bandwidth utilisation" in r["over"]
+  assert "58.0%" in r["under"] and "*" not in r["under"].splitlines()[-1]
+  assert "not a memory" not in r["under"]
+
+
 def test_ideal_speedup_matches_leviathan_formula():
   assert common.ideal_speedup(0.0, 0.1, 4) == 1 / 1.4
   assert abs(common.ideal_speedup(0.8, 0.05, 4) - (1 - 0.8 ** 5) / (0.2 * 1.2)) < 1e-12
@@ -359,3 +587,25 @@ def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
   want = sharding.param_shardings(cfg, mesh)["groups"][0]["ffw"]["up"]
   assert loaded["groups"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 3)
+
+
+def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
+  # Given RecurrentGemma 9B verified by 2B (3 layers each: 2 recurrent, 1 local) on 1x8, K = 4,
+  report_path = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/recurrentgemma_9b.py",
+       "--topology=1x8", "--batch=1", "--context=512", "--config.sampling.max_new_tokens=16",
+       "--config.model.fields.num_layers=3", "--config.draft.fields.num_layers=3",
+       f"--output_json={report_path}"],
+      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a = json.loads(report_path.read_text())["analytic"]
+  # then per device (width split 8 ways) each recurrent layer holds a float32 state and 3 bf16
+  # conv inputs: 2 layers x (4096 x 4 + 3 x 4096 x 2) bytes / 8 for the 9B,
+  assert a["recurrent_states"] == {"target": 2 * (4096 * 4 + 3 * 4096 * 2) // 8,
+                                   "draft": 2 * (2560 * 4 + 3 * 2560 * 2) // 8}
+  # and a verification keeps a state and a conv input per position: K + 1 for the target, the
+  # K - 1 single steps for the draft,
+  assert a["verification_traces"] == {"target": 2 * 5 * 4096 * (4 + 2) // 8,
+                                      "draft": 2 * 3 * 2560 * (4 + 2) // 8}
+  assert "target verification trace" in proc.stdout

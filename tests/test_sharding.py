@@ -116,3 +116,46 @@ class TestBadInput:
   def test_k_without_draft(self):
     with pytest.raises(ValueError, match="needs a draft"):
       self.sampler().generate([[1]], max_new_tokens=4, k=2)
+
+
+@functools.lru_cache
+def _recurrent_pair():
+  # RecurrentGemma-shaped, with an RG-LRU width of 32 and 8 gate blocks: the width shards over
+  # a model axis of 8 or 4 (the "lru" rule), the gates' blocks with it.
+  cfg = config.get_preset("tiny_recurrentgemma").replace(num_heads=8, head_dim=4, lru_width=32)
+  return cfg, model.init_params(cfg, jax.random.key(5)), model.init_params(cfg, jax.random.key(6))
+
+
+def test_recurrent_width_shards_and_logits_equal_one_device():
+  # Given a recurrent model and ragged prompts,
+  cfg, params, _ = _recurrent_pair()
+  tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, cfg.vocab_size)
+  lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
+  one = np.asarray(model.forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
+                                 lengths)[0])
+  for shape in [(1, 8), (2, 4)]:
+    mesh = sharding.make_mesh(shape)
+    # the recurrent weights and states are split over the width on the model axis,
+    p_sh = sharding.param_shardings(cfg, mesh, params_shape=params)
+    assert tuple(p_sh["groups"][0]["recurrent"]["x"].spec)[-1] == "model"
+    c_sh = sharding.cache_shardings(cache_lib.init_cache(cfg, 8, 32, 4), mesh)
+    assert c_sh.groups[0].h.spec[-1] == "model"
+    # and the logits are one device's.
+    got = _prefill_logits(cfg, params, mesh, tokens, lengths)
+    for i, n in enumerate(lengths.tolist()):
+      np.testing.assert_allclose(got[i, :n], one[i, :n], atol=1e-5, err_msg=str(shape))
+
+
+def test_sharded_recurrent_speculative_greedy_equals_one_device():
+  # Given a recurrent target and a recurrent draft (rollback by selection on both sides);
+  # when decoding greedily with 2 drafts per round on 1x8 and 2x4; then the tokens are one
+  # device's.
+  cfg, target, draft = _recurrent_pair()
+  greedy = SamplingParams(temperature=0.0)
+  want = Sampler(target, cfg, draft_params=draft, draft_cfg=cfg).generate(
+      PROMPTS, max_new_tokens=12, sampling=greedy, k=2)
+  assert len({tuple(t) for t in want.tokens}) > 1 and 0 < want.acceptance_rate() < 1
+  for shape in [(1, 8), (2, 4)]:
+    got = Sampler(target, cfg, mesh=sharding.make_mesh(shape), draft_params=draft,
+                  draft_cfg=cfg).generate(PROMPTS, max_new_tokens=12, sampling=greedy, k=2)
+    assert got.tokens == want.tokens, shape

@@ -24,6 +24,7 @@ Paths are local or shared POSIX filesystems (os.rename must be atomic there); no
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spec_tpu.models import config as config_lib
+from spec_tpu.models import model
 from spec_tpu.models import layout
+from spec_tpu.models import quant
 from spec_tpu.models.config import ModelConfig
 
 FORMAT = "spec_tpu.checkpoint"
@@ -105,6 +109,15 @@ def _read_manifest(path: str) -> dict[str, dict[str, Any]]:
     raise _err(path, f"{MANIFEST_FILE} is unreadable ({e}): incomplete or not a spec_tpu "
                "checkpoint") from None
   return files
+
+
+def fingerprint(path) -> str:
+  """Names a checkpoint's content: the sha256 of its manifest, which holds the sha256 of every
+  other file. Cheap (one small file) and the same wherever the directory is moved."""
+  path = os.fspath(path)
+  _read_manifest(path)
+  digest, _ = _hash_file(os.path.join(path, MANIFEST_FILE))
+  return "sha256:" + digest[:16]
 
 
 def verify(path) -> None:
@@ -269,6 +282,114 @@ def load_extra(path) -> dict:
   return _read_meta(path, _read_manifest(path)).get("extra", {})
 
 
+# ---------------------------------------------------------------- config against arrays
+#
+# The stored ModelConfig decides how the weights are used (head splits, norms, RoPE, ...), so a
+# config that does not describe the arrays (edited after the save, or copied from another model)
+# must not load. The shapes a config implies come from the model itself: jax.eval_shape of
+# model.init_params, compared leaf by leaf with the stored array metadata. Nothing here knows the
+# params layout; a mismatch is traced back to config fields by changing one field at a time and
+# seeing which leaves and axes move.
+
+# Fields that name or type things but never set a shape.
+_NOT_SHAPE_FIELDS = ("name", "tokenizer", "dtype")
+_MAX_REPORTED = 4
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(p): tuple(int(d) for d in x.shape) for p, x in leaves}
+
+
+def implied_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Leaf path -> the shape model.init_params gives it under `config` (nothing allocated)."""
+  return _shapes(jax.eval_shape(lambda: model.init_params(config, jax.random.key(0))))
+
+
+def _one_field_variants(config: ModelConfig):
+  """(field, config with that field alone changed) for every field that may set a shape."""
+  presets = list(config_lib.PRESETS.values())
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name in _NOT_SHAPE_FIELDS or isinstance(value, float):
+      continue
+    if isinstance(value, bool):
+      candidates = [not value]
+    elif isinstance(value, int):
+      candidates = [value + 1, 2 * value, value - 1, value // 2]
+    else:  # strings, tuples, optional values: values the presets use
+      candidates = [getattr(p, field.name) for p in presets]
+    for candidate in candidates:
+      if candidate == value or isinstance(candidate, float):
+        continue
+      try:
+        yield field.name, config.replace(**{field.name: candidate})
+        break
+      except (ValueError, TypeError):  # not a valid config on its own: try the next value
+        continue
+
+
+def _fields_setting(config: ModelConfig, implied: dict, variants: dict, leaf: str,
+                    axis: int | None) -> list[str]:
+  """Config fields whose change moves this leaf's axis (or, axis None, its presence)."""
+  found = []
+  for name, shapes in variants.items():
+    if axis is None:
+      moved = (leaf in shapes) != (leaf in implied)
+    else:
+      moved = (leaf in shapes and len(shapes[leaf]) == len(implied[leaf])
+               and shapes[leaf][axis] != implied[leaf][axis])
+    if moved:
+      found.append(name)
+  return found
+
+
+def check_arrays(path, config: ModelConfig, stored_tree) -> None:
+  """Raises CheckpointError, naming the config fields at fault, unless every leaf of the stored
+  params has exactly the shape `config` implies (and no leaf is missing or extra)."""
+  path = os.fspath(path)
+  stored, implied = _shapes(stored_tree), implied_shapes(config)
+  if stored == implied:
+    return
+  variants = {name: implied_shapes(v) for name, v in _one_field_variants(config)}
+  claims = {}     # field -> the value the arrays imply for it (when a dimension equals the field)
+  others = []     # what cannot be put as "field X should be Y"
+  unmatched = {}  # (where, fields) -> leaves present on one side only
+  for leaf in sorted(set(stored) | set(implied)):
+    if leaf not in stored or leaf not in implied:
+      where = "missing from the arrays" if leaf not in stored else "in the arrays, not implied"
+      fields = tuple(_fields_setting(config, implied, variants, leaf, None))
+      unmatched.setdefault((where, fields), []).append(leaf)
+      continue
+    have, want = stored[leaf], implied[leaf]
+    if have == want:
+      continue
+    if len(have) != len(want):
+      others.append(f"params{leaf} has shape {have}, the config implies {want}")
+      continue
+    for axis, (h, w) in enumerate(zip(have, want)):
+      if h == w:
+        continue
+      fields = _fields_setting(config, implied, variants, leaf, axis)
+      direct = [f for f in fields if getattr(config, f) == w]
+      if len(direct) == 1 and claims.get(direct[0], h) == h:
+        claims[direct[0]] = h
+      else:
+        others.append(f"params{leaf} has shape {have}, the config implies {want}"
+                      + (f" (axis {axis} is set by {', '.join(fields)})" if fields else ""))
+  for (where, fields), leaves in unmatched.items():
+    some = f"params{leaves[0]}" + (f" and {len(leaves) - 1} more leaves" if len(leaves) > 1
+                                   else "")
+    others.append(f"{some} {'are' if len(leaves) > 1 else 'is'} {where}"
+                  + (f" (set by {', '.join(fields)})" if fields else ""))
+  phrases = [f"{f} is {getattr(config, f)} in the config but {h} in the arrays"
+             for f, h in claims.items()] + others
+  more = len(phrases) - _MAX_REPORTED
+  raise _err(path, "its stored config does not match its arrays: "
+             + "; ".join(phrases[:_MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
+             + " (config edited after the save, or arrays of another model)")
+
+
 def _abstract_tree(path: str, metadata_tree, shardings, dtype):
   """ShapeDtypeStruct leaves carrying the target shardings: orbax then reads each shard in place."""
   if shardings is None:
@@ -276,28 +397,34 @@ def _abstract_tree(path: str, metadata_tree, shardings, dtype):
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, metadata_tree)
 
-  def leaf(meta, sharding):
+  def leaf(path, meta, sharding):
     if not isinstance(sharding, jax.sharding.Sharding):
       raise TypeError(f"a leaf is {type(sharding).__name__}, not a jax.sharding.Sharding")
-    # Cast floats only: integer leaves (e.g. index tables) must keep their exact values.
-    want = dtype if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
-    return jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=sharding)
+    # Cast floats only: integer leaves (e.g. int8 weights) must keep their exact values, and so
+    # must the float32 scales of int8 weights (they are part of the quantized model).
+    cast = (dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating)
+            and not quant.is_scale_path(path))
+    return jax.ShapeDtypeStruct(tuple(meta.shape), dtype if cast else meta.dtype,
+                                sharding=sharding)
 
   try:
-    return jax.tree.map(leaf, metadata_tree, shardings)
+    return jax.tree_util.tree_map_with_path(leaf, metadata_tree, shardings)
   except (ValueError, TypeError) as e:
     raise _err(path, "shardings do not match the stored params tree "
                f"{jax.tree.structure(metadata_tree)}: {e}") from None
 
 
-def restore(path, *, shardings=None, dtype=None, verify: bool = True):
+def restore(path, *, shardings=None, dtype=None, verify: bool = True,
+            check_config: bool = True):
   """Returns (params, config). Arrays are read straight into `shardings`, nothing gathered.
 
   shardings: None (first local device), one Sharding for every leaf, or a pytree of Shardings with
   the structure of the params in the current layout (sharding.param_shardings), whatever the
   version and mesh they were saved with.
   dtype: optional cast of floating-point leaves. verify: check the manifest hashes first (process 0
-  reads every file once; skip only for checkpoints just verified).
+  reads every file once; skip only for checkpoints just verified). check_config: the stored
+  config must imply exactly the stored array shapes (check_arrays); off only for params trees
+  that are not a model's.
   """
   path = os.path.abspath(os.fspath(path))
   try:
@@ -327,12 +454,82 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True):
     item = getattr(step_meta, "item_metadata", step_meta)
     tree = getattr(item, "tree", item)  # the plain nested dicts/lists, as saved
     v1 = version == 1 and isinstance(tree, dict) and isinstance(tree.get("layers"), list)
+    if check_config and not v1:
+      check_arrays(path, config, tree)
     stored_shardings = _v1_shardings(config, shardings) if v1 else shardings
     abstract = _abstract_tree(path, tree, stored_shardings, dtype)
     params = ckptr.restore(params_dir, abstract)
   if v1:
     params = _v1_to_grouped(config, params, shardings)
+    if check_config:  # version 1 stored another layout: its shapes are checked once converted
+      check_arrays(path, config, params)
   return params, config
+
+
+def restore_transformed(path, *, shardings, transform, chunk_bytes: int = 1 << 30,
+                        verify: bool = True):
+  """restore() that hands each leaf to transform(keypath, array) as soon as it is read and keeps
+  only the result: (params, config). Leaves are read a few at a time (up to chunk_bytes of this
+  process's shards per read), so memory holds the transformed params plus one chunk of stored
+  ones, never the whole stored model. Used to quantize a float checkpoint while loading it:
+  a bfloat16 70B does not fit 8 v5e chips, its int8 form does.
+
+  shardings: a pytree of Shardings with the stored params' structure (where each stored leaf is
+  read to). transform must keep a leaf's place in the tree (it may replace it with a subtree).
+  """
+  path = os.path.abspath(os.fspath(path))
+  problem = None
+  if _is_primary():
+    try:
+      (_check_files if verify else _read_manifest)(path)
+    except CheckpointError as e:
+      problem = e
+  if not _all_agree(problem is None):
+    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
+  meta = _read_meta(path, _read_manifest(path))
+  config = _config(path, meta)
+  if meta.get("version") != VERSION:
+    # An older layout is regrouped by restore() (leaf by leaf, about one copy of the model);
+    # the transform then runs on the result, freeing each stored leaf as it goes.
+    params, config = restore(path, shardings=shardings, verify=False)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    del params
+    return jax.tree_util.tree_unflatten(treedef, [transform(p, x) for p, x in flat]), config
+  params_dir = os.path.join(path, PARAMS_DIR)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      step_meta = ckptr.metadata(params_dir)
+    except (FileNotFoundError, ValueError) as e:
+      raise _err(path, f"orbax cannot read the params metadata: {e}") from None
+  item = getattr(step_meta, "item_metadata", step_meta)
+  tree = getattr(item, "tree", item)
+  abstract = _abstract_tree(path, tree, shardings, None)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  chunks, size = [[]], 0
+  for i, (_, x) in enumerate(flat):
+    n = x.sharding.shard_shape(x.shape)
+    n = int(np.prod(n)) * np.dtype(x.dtype).itemsize
+    if chunks[-1] and size + n > chunk_bytes:
+      chunks.append([])
+      size = 0
+    chunks[-1].append(i)
+    size += n
+  out = [None] * len(flat)
+  handler = ocp.PyTreeCheckpointHandler()
+  with ocp.Checkpointer(handler) as ckptr:
+    for chunk in chunks:
+      wanted = set(chunk)
+      item = [x if i in wanted else ocp.PLACEHOLDER for i, (_, x) in enumerate(flat)]
+      args = [ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype) if i in wanted
+              else ocp.PLACEHOLDER for i, (_, x) in enumerate(flat)]
+      restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=jax.tree_util.tree_unflatten(treedef, item),
+          restore_args=jax.tree_util.tree_unflatten(treedef, args)))
+      leaves = jax.tree_util.tree_leaves(restored, is_leaf=lambda x: x is ocp.PLACEHOLDER)
+      for i in chunk:
+        out[i] = transform(flat[i][0], leaves[i])
+      del restored, leaves
+  return jax.tree_util.tree_unflatten(treedef, out), config
 
 
 # ---------------------------------------------------------------- version 1 (list of layers)

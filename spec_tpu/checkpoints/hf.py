@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu.models import layout, model
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models import layout, model, quant
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
 class HFConversionError(ValueError):
@@ -267,7 +267,11 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
 
   dtype: the params dtype; defaults to the checkpoint's declared dtype, else float32.
   Raises HFConversionError naming the field for anything the decoder cannot reproduce.
+  RecurrentGemmaForCausalLM (Griffin) has its own mapping, recurrent_convert.config_from_hf.
   """
+  from spec_tpu.checkpoints import recurrent_convert  # it imports this module's error type
+  if recurrent_convert.is_hf_recurrent_gemma(hf_config):
+    return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
     return _config_from_hf(hf_config, name, dtype)
   except HFConversionError:
@@ -434,9 +438,33 @@ def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConf
 
 def _empty_params(cfg: ModelConfig, dtype) -> dict:
   """Uninitialised numpy arrays in the params layout (np.empty: pages are only touched as the
-  tensors are copied in, so memory grows with the conversion, never past the output)."""
+  tensors are copied in, so memory grows with the conversion, never past the output). Float
+  leaves get dtype; a quantized weight's int8 values and float32 scales keep theirs."""
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-  return jax.tree.map(lambda x: np.empty(x.shape, dtype), shapes)
+  def empty(path, x):
+    keep = x.dtype == jnp.int8 or quant.is_scale_path(path)
+    return np.empty(x.shape, x.dtype if keep else dtype)
+
+  return jax.tree_util.tree_map_with_path(empty, shapes)
+
+
+def _contracting_axes(cfg: ModelConfig):
+  """plan path -> contracting axes of the (unstacked) weight there, from the logical axes the
+  sharding rules use."""
+  from spec_tpu import sharding
+  top = sharding.param_logical_axes(cfg.replace(quantize=None))
+
+  def contracting(path):
+    if path[0] == "layers":
+      node = sharding.layer_logical_axes(cfg, cfg.layer_types[path[1]])
+      path = path[2:]
+    else:
+      node = top
+    for key in path:
+      node = node[key]
+    return quant.contracting_axes(node, path[-1])
+
+  return contracting
 
 
 def _destination(cfg: ModelConfig, params: dict, path: tuple):
@@ -458,19 +486,33 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
     spec_tpu.checkpoints.safetensors_io.SafetensorsIndex).
   Every name and shape is checked before any tensor is read. The output's stacked arrays are
   allocated first and each tensor is read, laid out and cast straight into its slice, one at a
-  time, so peak memory is about one source tensor on top of the output.
+  time, so peak memory is about one source tensor on top of the output. With cfg.quantize, each
+  weight is quantized (quant.py, in numpy: the same values as at load time) as it is read, so
+  the output allocated and held is the int8 model, never a float one.
+  A config with recurrent layers reads RecurrentGemmaForCausalLM names (recurrent_convert).
   """
+  if RECURRENT in cfg.layer_pattern:
+    from spec_tpu.checkpoints import recurrent_convert
+    return recurrent_convert.stacked(recurrent_convert.convert_hf_params(index, cfg, dtype), cfg)
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   prefix = _locate(set(index.names()))
   plan = list(_plan(cfg, prefix))
   _check_names_and_shapes(index, plan, prefix, cfg)
   params = _empty_params(cfg, dtype)
+  contracting = _contracting_axes(cfg)
   written = set()
   for name, _, path, layout_fn in plan:
     src = index.get(name)
     dst, at = _destination(cfg, params, path)
-    dst[at] = layout_fn(src)  # the layout change is a view; the assignment casts while copying
-    written.add((id(dst), at))
+    if quant.is_quantized(dst):
+      q = quant.quantize(layout_fn(src), contracting(path), xp=np)
+      for key in ("w", "scale"):
+        dst[key][at] = q[key]
+        written.add((id(dst[key]), at))
+      del q
+    else:
+      dst[at] = layout_fn(src)  # the layout change is a view; the assignment casts while copying
+      written.add((id(dst), at))
     del src
   # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
   expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
@@ -480,10 +522,13 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   return params
 
 
+
+
 # ---------------------------------------------------------------- directories
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")  # newer checkpoints keep the chat template apart
 TOKENIZER_DIR = "tokenizer"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -530,8 +575,12 @@ def tokenizer_id(src: str) -> str:
   return ""
 
 
-def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelConfig:
+def convert_directory(src, dst, dtype=None, overwrite: bool = False,
+                      quantize: str | None = None) -> ModelConfig:
   """Converts a transformers safetensors model directory to a spec_tpu checkpoint at dst.
+
+  quantize: None (float weights in dtype) or "int8" (models/quant.py; each tensor is quantized
+  as it is read, and the checkpoint's config says so, so it loads as int8 with no option).
 
   The checkpoint embeds the ModelConfig; tokenizer files are copied to dst/tokenizer/.
   Every cheap check (paths, config.json, architecture, weight format) runs before any tensor is
@@ -551,7 +600,7 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False) -> ModelCon
   if dst == src or src.startswith(dst + os.sep):
     raise HFConversionError(f"destination {dst!r} would replace the source {src!r}")
   _check_weight_files(src)
-  cfg = cfg.replace(tokenizer=tokenizer_id(src))
+  cfg = cfg.replace(tokenizer=tokenizer_id(src), quantize=quant.check_mode(quantize))
 
   params = convert_params(SafetensorsIndex(src), cfg)
   extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),

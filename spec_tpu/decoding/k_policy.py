@@ -14,7 +14,8 @@ measured times `cost_ratio` folds the extra verification cost into c, per draft 
 formula stays the same. (That share is measured at one K and assumed the same at the others,
 i.e. verification cost linear in K; re-measure at the K in use if that matters.)
 
-A launcher adapts K between batches (the Sampler itself stays stateless):
+The serving engine (spec_tpu/serving/engine.py) owns one, fed per window of rounds from its
+own steps; a launcher driving a Sampler adapts K between batches (the Sampler stays stateless):
 
     policy = AdaptiveK(k0=4, k_max=8)
     policy.observe_times(*measure_step_times(sampler, batch=8, prompt_len=128, k=4), k=4)
@@ -92,22 +93,44 @@ def _check(a, c, k):
     raise ValueError(f"k must be an integer >= 0, got {k}")
 
 
+def choose_k_measured(a: float, costs: dict[int, float], margin: float = 0.0) -> int:
+  """The k with the largest expected speedup given measured relative round costs
+  (costs[k] = a round at k / a round at K = 0; costs[0] = 1); 0 unless it beats 1 + margin.
+  Ties go to the smaller k."""
+  best_k, best = 0, 1.0 + margin
+  for k in sorted(costs):
+    if k == 0:
+      continue
+    if not costs[k] > 0:
+      raise ValueError(f"relative round cost must be positive, got costs[{k}] = {costs[k]}")
+    s = sum(a ** i for i in range(k + 1)) / costs[k]
+    if s > best * (1 + 1e-12):
+      best_k, best = k, s
+  return best_k
+
+
 class AdaptiveK:
-  """Running estimates of a and c; `.k` is the K to use for the next batch.
+  """Running estimates of a and the cost of a round; `.k` is the K to use for the next batch.
 
   a: exponential moving average over batches (weight `weight` on the newest) of each batch's
     acceptance, accepted / judged draft tokens (drafts after a rejection are never judged, so
     they are not counted as failures), smoothed by a Beta(prior) so a tiny batch cannot swing it
     to 0 or 1. Averaging batches rather than pooling their counts makes a batch at large K count
     no more than one at small K, so a draft that turns bad is dropped within a few batches.
-  c: exponential moving average (same weight) of `cost_ratio` from measured step times.
-  Until c has been observed (or given as c0) the policy keeps k0: without a cost it cannot tell
-  whether speculation pays.
+  cost: a round at K relative to a round at K = 0. Where round times at K and at 0 were both
+    observed (`observe_round_time`, e.g. by the serving engine, which times every K it may run)
+    that ratio, as measured: no model of how verification grows with K. Otherwise the formula's
+    K c + 1, with c an exponential moving average (same weight) of `cost_ratio` from measured
+    step times (`observe_times`), i.e. cost assumed linear in K.
+  Until a cost is known (c observed or given as c0) the policy keeps k0: without a cost it
+  cannot tell whether speculation pays. `ks` limits the choice (e.g. to the K whose programs
+  are compiled); a probe runs the smallest positive one.
   """
 
   def __init__(self, k0: int = 4, k_max: int = 8, *, c0: float | None = None,
                prior: tuple[float, float] = (1.0, 1.0), weight: float = 0.5,
-               margin: float = 0.02, probe_every: int | None = None):
+               margin: float = 0.02, probe_every: int | None = None,
+               ks: tuple[int, ...] | None = None):
     if int(k_max) != k_max or k_max < 0 or int(k0) != k0 or not 0 <= k0 <= k_max:
       raise ValueError(f"need integers 0 <= k0 <= k_max, got k0={k0}, k_max={k_max}")
     if not (prior[0] > 0 and prior[1] > 0):
@@ -116,11 +139,15 @@ class AdaptiveK:
       raise ValueError(f"weight must be in (0, 1], got {weight}")
     if probe_every is not None and probe_every < 1:
       raise ValueError(f"probe_every must be >= 1 or None, got {probe_every}")
-    self.k_max, self.margin, self.weight = int(k_max), margin, weight
+    ks = tuple(sorted(set(range(k_max + 1) if ks is None else (0, k0, *ks))))
+    if any(int(k) != k or not 0 <= k <= k_max for k in ks):
+      raise ValueError(f"ks must be integers in 0..k_max={k_max}, got {ks}")
+    self.k_max, self.margin, self.weight, self.ks = int(k_max), margin, weight, ks
     self.probe_every = probe_every
     self._prior = (float(prior[0]), float(prior[1]))
     self._a = None  # no batch seen yet: the prior's mean
     self._c = None if c0 is None else float(c0)
+    self._round_s: dict[int, float] = {}
     self._k = int(k0)
     self._batches_off = 0  # consecutive batches run with k = 0 by choice
     self._probing = False
@@ -143,15 +170,31 @@ class AdaptiveK:
     """Whether `.k` is a probe (K = 1 against the estimate) rather than the best choice."""
     return self._probing
 
+  def cost(self, k: int) -> float | None:
+    """A round at k relative to a round at K = 0: measured where both were timed, else
+    k c + 1; None while neither is known. A round at a larger K does strictly more work, so a
+    measured cost below that of a smaller measured K (timing noise on a busy machine) is
+    raised to it."""
+    if k == 0:
+      return 1.0
+    if k in self._round_s and 0 in self._round_s:
+      return max(self._round_s[j] for j in self._round_s if j <= k) / self._round_s[0]
+    return None if self._c is None else k * self._c + 1.0
+
   def speedup(self, k: int | None = None) -> float:
-    """Estimated speedup at k (default: the current choice); nan while c is unknown."""
+    """Estimated speedup at k (default: the current choice); nan while its cost is unknown."""
     k = self._k if k is None else k
-    return math.nan if self._c is None else expected_speedup(self.a, self._c, k)
+    cost = self.cost(k)
+    return math.nan if cost is None else sum(self.a ** i for i in range(k + 1)) / cost
 
   def observe(self, result) -> int:
     """Takes a finished batch (a sampler Result); returns the K for the next batch."""
     if result.k > 0:
       return self.observe_acceptance(float(result.accepted_at.sum()), float(result.reached.sum()))
+    return self.observe_off()
+
+  def observe_off(self) -> int:
+    """A finished batch run at K = 0: nothing to learn about a, one batch closer to a probe."""
     self._batches_off += 1
     return self._update(batch_done=True)
 
@@ -173,18 +216,32 @@ class AdaptiveK:
     self._c = c if self._c is None else self._ema(self._c, c)
     return self._update()
 
+  def observe_round_time(self, k: int, seconds: float) -> int:
+    """The measured time of one round at k (k = 0: plain decoding), as the loop pays it."""
+    if not seconds > 0:
+      raise ValueError(f"round time must be positive, got {seconds}")
+    old = self._round_s.get(k)
+    self._round_s[k] = seconds if old is None else self._ema(old, seconds)
+    if k > 0 and 0 in self._round_s:  # keep c (reported, and the fallback) in step
+      c = max(0.0, (self._round_s[k] / self._round_s[0] - 1.0) / k)
+      self._c = c if self._c is None else self._ema(self._c, c)
+    return self._update()
+
   def _ema(self, old, new):
     return self.weight * new + (1 - self.weight) * old
 
   def _update(self, batch_done: bool = False) -> int:
-    if self._c is None or (self._probing and not batch_done):
+    costs = {k: self.cost(k) for k in self.ks}
+    costs = {k: v for k, v in costs.items() if v is not None}
+    if len(costs) < 2 or (self._probing and not batch_done):
       return self._k  # no cost known yet, or a probe waiting for its batch
-    k = choose_k(self.a, self._c, self.k_max, self.margin)
-    self._probing = bool(batch_done and k == 0 and self.probe_every
+    k = choose_k_measured(self.a, costs, self.margin)
+    positive = [x for x in self.ks if x > 0]
+    self._probing = bool(batch_done and k == 0 and self.probe_every and positive
                          and self._batches_off >= self.probe_every)
     if self._probing:
-      # Measure the draft again now and then; one batch at k = 1 is the cheapest probe.
-      k, self._batches_off = 1, 0
+      # Measure the draft again now and then; one batch at the smallest K is the cheapest probe.
+      k, self._batches_off = positive[0], 0
     self._k = k
     return k
 

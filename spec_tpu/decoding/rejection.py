@@ -17,14 +17,18 @@ from spec_tpu.decoding import sampling
 def accept(key, draft_bn, p_bnv, q_bmv):
   """Returns (n_b accepted draft tokens in 0..K, next_b the token that follows them).
 
-  draft_bn: b K tokens; p_bnv: b K v draft distributions they were drawn from; q_bmv: b K+1 v
-  target distributions (float32, same filtering as p).
+  key: one key for the batch, or one key per row (b,), so that a row's outcome depends on its
+  own random stream only. draft_bn: b K tokens; p_bnv: b K v draft distributions they were
+  drawn from; q_bmv: b K+1 v target distributions (float32, same filtering as p).
   """
   b, k = draft_bn.shape
-  key_u, key_next = jax.random.split(key)
+  if key.shape == ():
+    key_u, key_next = jax.random.split(key)
+  else:
+    key_u, key_next = jnp.moveaxis(sampling.split_rows(key, 2), 1, 0)
   p_x = jnp.take_along_axis(p_bnv, draft_bn[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q_bmv[:, :k], draft_bn[..., None], axis=-1)[..., 0]
-  u = jax.random.uniform(key_u, (b, k), jnp.float32)
+  u = sampling.uniform(key_u, (b,), (k,))
   # u < q/p without dividing; p(x) > 0 because x was drawn from p.
   accepted = u * p_x < q_x
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)

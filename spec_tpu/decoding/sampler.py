@@ -117,9 +117,8 @@ class Sampler:
     if self.cache_len is not None:
       max_len = self.max_cache_len
     return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
-                           top_k=top_k, max_new_tokens=max_new, max_len=max_len,
-                           eos_id=self.eos_id,
-                           pad_id=self.pad_id)
+                           k_max=k, max_top_k=top_k, max_len=max_len, out_len=max_new + k,
+                           eos_id=self.eos_id, pad_id=self.pad_id)
 
   def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     """The compiled program for one (static spec, batch, prompt bucket), kept per Sampler."""
@@ -128,29 +127,38 @@ class Sampler:
       self._programs[key] = self._compile(spec, batch, prompt_len)
     return self._programs[key]
 
+  def param_shardings(self, with_draft: bool):
+    tp = sharding.param_shardings(self.target_cfg, self.mesh, self.target_rules,
+                                  self.target_params)
+    dp = (sharding.param_shardings(self.draft_cfg, self.mesh, self.draft_rules,
+                                   self.draft_params) if with_draft else None)
+    return tp, dp
+
   def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     mesh = self.mesh
-    tp = sharding.param_shardings(spec.target, mesh, self.target_rules, self.target_params)
-    dp = (sharding.param_shardings(spec.draft, mesh, self.draft_rules, self.draft_params)
-          if spec.k else None)
+    tp, dp = self.param_shardings(spec.k > 0)
     rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
     rep = sharding.replicated(mesh)
     n = max(spec.k, 1)
-    fn = functools.partial(decode.run, spec)
-    # Caches live and die inside the program (created at prefill, carried by the while loop),
-    # so nothing needs donating; the compiler updates them in place.
-    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep),
-                   out_shardings=(rows(batch, spec.max_new_tokens), rows(batch),
-                                  decode.Stats(rows(batch), rows(batch), rows(batch, n),
-                                               rows(batch, n))))
+    max_new = spec.out_len - spec.k
+    fn = functools.partial(decode.generate, spec)
+    # The state lives and dies inside the program (created at prefill, carried by the while
+    # loop), so nothing needs donating; the compiler updates it in place.
+    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep),
+                     out_shardings=(rows(batch, max_new), rows(batch),
+                                    decode.Stats(rows(batch), rows(batch), rows(batch, n),
+                                                 rows(batch, n))))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     args = (self.target_params, self.draft_params if spec.k else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0),
-            jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+            jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
+            scalar(jnp.int32), scalar(jnp.uint32))
     return jitted.lower(*args).compile(compiler_options(mesh.devices.flat[0].platform))
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:
+    """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
+    stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses."""
     sampling.validate()
     k = int(k)
     if k < 0:
@@ -159,17 +167,18 @@ class Sampler:
       raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0)")
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
-    spec = self._spec(k, sampling.effective_top_k(self.target_cfg.num_tokens), max_new_tokens,
-                      tokens.shape[1])
+    top_k = sampling.effective_top_k(self.target_cfg.num_tokens)
+    spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1])
     compiled = self._compiled(spec, *tokens.shape)
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.
     args = (self.target_params, self.draft_params if k else None, tokens, lengths,
-            jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p))
+            np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
+            np.uint32(seed % 2**32))
     start = time.perf_counter()
     out, num, stats = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start
-    out, num, stats = _to_host((out, num, stats))
+    out, num, stats = to_host((out, num, stats))
     n = max(k, 1)
     return Result(tokens=[out[i, :num[i]].tolist() for i in range(len(prompts))],
                   rounds=stats.rounds_b, accepted=stats.accepted_b,
@@ -177,7 +186,7 @@ class Sampler:
                   seconds=seconds)
 
 
-def _to_host(tree):
+def to_host(tree):
   """Program outputs as numpy on every process (gathered when rows live on other processes)."""
   if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
     return jax.tree.map(np.asarray, tree)

@@ -23,7 +23,7 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   temperature: float = 1.0  # 0 = greedy; traced, so changing it does not recompile
-  top_k: int = 0            # 0 = off; static (shapes depend on it)
+  top_k: int = 0            # 0 = off; Sampler: static (shapes depend on it); engine: per row
   top_p: float = 1.0        # 1 = off; traced
 
   def validate(self, vocab_size: int | None = None) -> "SamplingParams":
@@ -40,38 +40,69 @@ class SamplingParams:
     return 0 if self.top_k >= vocab_size else int(self.top_k)
 
 
-def probabilities(logits_bv, temperature, top_k: int, top_p):
-  """Filtered distribution (b v, float32; rows sum to 1)."""
-  logits = logits_bv.astype(F32)
+def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = None):
+  """Filtered distribution (... v, float32; sums to 1 over v).
+
+  temperature, top_p: one value for every row, or one per row: an array with the leading
+    dimensions of `logits` (b for b v logits; b for b t v logits too, where a row's setting
+    applies to all its positions).
+  top_k: a static int for every row; or one int per row (an array, as above) with `max_top_k`,
+    a static bound on them, giving the shape of the top-k search. 0 or >= v is off.
+  Each row's result depends on its own logits and settings only (filters that are off for a row
+  are selected away, not applied as identities), so a request's law does not depend on what
+  else shares the batch.
+  """
+  logits = logits.astype(F32)
   v = logits.shape[-1]
-  temperature = jnp.asarray(temperature, F32)
+  if max_top_k is None:
+    max_top_k = int(top_k)  # a static top_k (a traced one needs max_top_k)
+  # Rows' settings broadcast against logits: (..., 1), one value per row and position.
+  temperature, top_p = _per_row(temperature, logits, F32), _per_row(top_p, logits, F32)
+  top_k = _per_row(top_k, logits, jnp.int32)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  if 0 < top_k < v:
-    kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+  m = min(int(max_top_k), v - 1)  # k >= v keeps every token: no search needed for it
+  top_k_on = (top_k > 0) & (top_k < v)
+  if m > 0:
+    kth = jnp.take_along_axis(jax.lax.top_k(scaled, m)[0], jnp.clip(top_k - 1, 0, m - 1),
+                              axis=-1)
+    scaled = jnp.where(top_k_on & (scaled < kth), -jnp.inf, scaled)
+  else:
+    top_k_on = jnp.zeros_like(top_k_on)
   probs = jax.nn.softmax(scaled, axis=-1)
-  probs = _top_p(probs, top_k, jnp.asarray(top_p, F32))
+  probs = _top_p(probs, m, top_k_on, top_p)
   greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=F32)
   return jnp.where(temperature > 0, probs, greedy)
 
 
-def _top_p(probs_bv, top_k: int, top_p):
-  # top_p is traced (no recompile per value), so "off" is a runtime branch: the common top_p = 1
-  # costs nothing instead of a sort per call.
-  return jax.lax.cond(top_p < 1.0, lambda p: _top_p_cut(p, top_k, top_p), lambda p: p, probs_bv)
+def _per_row(x, logits, dtype):
+  """A scalar, or per-row values reshaped to broadcast over logits' trailing axes (... 1)."""
+  x = jnp.asarray(x, dtype)
+  return x.reshape(x.shape + (1,) * (logits.ndim - x.ndim))
 
 
-def _top_p_cut(probs_bv, top_k: int, top_p):
-  v = probs_bv.shape[-1]
-  if 0 < top_k < v:
-    # Only k candidates can survive: sorting those is cheap.
-    desc = jax.lax.top_k(probs_bv, top_k)[0]
+def _top_p(probs, m: int, top_k_on, top_p):
+  # top_p is traced (no recompile per value), so "off" is a runtime branch: when every row has
+  # top_p = 1 the cut costs nothing. Rows with top_p = 1 keep `probs` exactly (no renormalising).
+  on = top_p < 1.0
+  cut = jax.lax.cond(jnp.any(on), lambda p: _top_p_cut(p, m, top_k_on, top_p), lambda p: p,
+                     probs)
+  return jnp.where(on, cut, probs)
+
+
+def _top_p_cut(probs, m: int, top_k_on, top_p):
+  if m > 0:
+    # Rows that kept only their top k (<= m) candidates: sorting m values is cheap, and what
+    # top-k filtered out has probability 0, so it sorts last and never counts as kept mass.
+    desc = jax.lax.top_k(probs, m)[0]
     mass_before = jnp.cumsum(desc, axis=-1) - desc
     num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1 since top_p > 0
-    keep = probs_bv >= jnp.take_along_axis(desc, num_kept - 1, axis=-1)
+    sorted_keep = probs >= jnp.take_along_axis(desc, num_kept - 1, axis=-1)
+    # Rows without top-k need the bisection; it is skipped when every row has top-k on.
+    keep = jax.lax.cond(jnp.all(top_k_on | (top_p >= 1.0)), lambda p: sorted_keep,
+                        lambda p: jnp.where(top_k_on, sorted_keep, _top_p_keep(p, top_p)), probs)
   else:
-    keep = _top_p_keep(probs_bv, top_p)
-  kept = jnp.where(keep, probs_bv, 0.0)
+    keep = _top_p_keep(probs, top_p)
+  kept = jnp.where(keep, probs, 0.0)
   return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
@@ -105,8 +136,37 @@ def _top_p_keep(probs_bv, top_p):
   return bits >= hi  # hi = -1 (all mass below top_p after rounding) keeps every token
 
 
+def row_keys(seeds_b2, counters_b):
+  """One key per row from its own (seed, stream) pair and counter: a row's random numbers
+  depend on nothing else in the batch (the serving engine's per-request streams; the counter
+  is the row's own round number)."""
+  def one(seed, counter):
+    key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+    return jax.random.fold_in(key, counter)
+  return jax.vmap(one)(jnp.asarray(seeds_b2, jnp.uint32), counters_b)
+
+
+def split_rows(keys_b, num: int):
+  """`num` keys per row (b num) from one key per row."""
+  return jax.vmap(lambda k: jax.random.split(k, num))(keys_b)
+
+
+def uniform(key, batch_shape: tuple[int, ...], shape: tuple[int, ...] = ()):
+  """float32 uniforms of shape batch_shape + shape, from one key for the whole batch or from
+  one key per row (key.shape == batch_shape; each row's numbers come from its key alone)."""
+  if key.shape == ():
+    return jax.random.uniform(key, batch_shape + shape, F32)
+  if key.shape != batch_shape:
+    raise ValueError(f"need one key or one key per row {batch_shape}, got keys {key.shape}")
+  draw = lambda k: jax.random.uniform(k, shape, F32)
+  for _ in batch_shape:
+    draw = jax.vmap(draw)
+  return draw(key)
+
+
 def sample(key, probs_bv):
-  """One token per row from a distribution (zero-probability tokens are never drawn).
+  """One token per row from a distribution (zero-probability tokens are never drawn); `key` is
+  one key for the batch or one key per row.
 
   Inverse CDF: one uniform per row against the running sum, rather than Gumbel-max's one random
   number and one log per vocabulary entry (3x faster on CPU, where random bits are expensive).
@@ -116,7 +176,7 @@ def sample(key, probs_bv):
   """
   v = probs_bv.shape[-1]
   cdf = jnp.cumsum(probs_bv.astype(F32), axis=-1)
-  r = jax.random.uniform(key, probs_bv.shape[:-1] + (1,), F32) * cdf[..., -1:]
+  r = uniform(key, probs_bv.shape[:-1])[..., None] * cdf[..., -1:]
   has_mass = probs_bv > 0
   hit = (cdf > r) & has_mass
   first = jnp.argmax(hit, axis=-1)

@@ -5,7 +5,10 @@
       remainder[r]  remainder layer r, unstacked
       length        b int32: tokens held per row (positions 0..length-1)
 
-An entry's type follows its layer kind. Attention kinds hold a KVCache, a ring buffer per layer:
+An entry's type follows its layer kind. Recurrent layers (Griffin) hold a RecurrentState
+(models/recurrent.py): the float32 RG-LRU state and the conv window, of fixed size; a call
+writes the state after each row's real tokens, and rolling back past rejected tokens selects an
+earlier state from the call's Traces (`rollback`). Attention kinds hold a KVCache, a ring buffer per layer:
 global layers get a buffer of the whole context (it never wraps); local (sliding-window) layers
 get a ring of `window + spec_tokens` slots, so memory grows with the window, not the context. The
 slack of `spec_tokens` slots is what makes rollback a pointer move: a speculative write of up to
@@ -29,7 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models import recurrent
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
 class KVCache(NamedTuple):
@@ -51,6 +55,14 @@ class Cache(NamedTuple):
   length: jax.Array  # b int32
 
 
+class Traces(NamedTuple):
+  """What a forward call (model.forward(..., traces=True)) leaves for `rollback`, laid out like
+  the cache: a recurrent.Trace (stacked (l ...) in groups) per recurrent entry, None for the
+  other kinds (their rollback is a length move)."""
+  groups: tuple
+  remainder: tuple
+
+
 def kind_slots(cfg: ModelConfig, kind: str, max_len: int, spec_tokens: int = 0) -> int:
   """Cache slots of one attention layer: the context if global, window + slack if local."""
   return min(max_len, cfg.sliding_window + spec_tokens) if kind == LOCAL else max_len
@@ -68,6 +80,10 @@ def _layer_cache(cfg: ModelConfig, kind: str, lead: tuple[int, ...], batch: int,
     shape = lead + (batch, cfg.num_kv_heads, kind_slots(cfg, kind, max_len, spec_tokens),
                     cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  if kind == RECURRENT:
+    w, c = cfg.recurrent_width, cfg.conv1d_width
+    return recurrent.RecurrentState(h=jnp.zeros(lead + (batch, w), jnp.float32),
+                                    conv=jnp.zeros(lead + (batch, c - 1, w), dtype))
   raise ValueError(f"no cache for layer kind {kind!r}")
 
 
@@ -99,17 +115,69 @@ def logical_axes(cache: Cache) -> Cache:
   """The cache's pytree with a tuple of logical axis names in place of every array."""
   def stacked(axes):
     return jax.tree.map(lambda ax: ("layers",) + ax, axes,
-                        is_leaf=lambda x: bool(x) and all(isinstance(a, str) for a in x))
+                        is_leaf=_is_axes)
   return Cache(groups=tuple(stacked(type(c).logical_axes()) for c in cache.groups),
                remainder=tuple(type(c).logical_axes() for c in cache.remainder),
                length=("batch",))
 
 
-def rollback(cache: Cache, length_b) -> Cache:
+def rollback(cache: Cache, length_b, traces: Traces | None = None, start_b=None) -> Cache:
   """The cache holding only each row's first length_b tokens, after a call that wrote past them
   (rejected speculative tokens). For KV caches this moves the length: later writes overwrite
-  the rejected entries, and no query ever sees them (see the module docstring)."""
+  the rejected entries, and no query ever sees them (see the module docstring).
+
+  Recurrent entries cannot be un-updated, so they need the traces of the call (or calls, see
+  recurrent.steps_trace) that wrote the rejected tokens, whose first traced position is
+  start_b: each entry becomes the traced state after length_b - start_b positions (clipped to
+  the traced span), one gather per layer, no recompute. Without traces a model with recurrent
+  layers can only roll back to where its last call ended (length moves alone)."""
+  if traces is not None:
+    def pick(entry, trace, stacked):
+      if trace is None or trace.h.shape[-2] == 0:
+        return entry
+      kept_b = jnp.clip(length_b - start_b, 0, trace.h.shape[-2])
+      select = recurrent.select
+      if stacked:
+        select = jax.vmap(select, in_axes=(0, None))
+      state = select(trace, kept_b)
+      return jax.tree.map(lambda old, new: new.astype(old.dtype), entry, state)
+    cache = cache._replace(
+        groups=tuple(pick(e, t, True) for e, t in zip(cache.groups, traces.groups)),
+        remainder=tuple(pick(e, t, False) for e, t in zip(cache.remainder, traces.remainder)))
   return cache._replace(length=length_b)
+
+
+def recurrent_entries(cache: Cache) -> Traces:
+  """The cache's recurrent entries (None elsewhere), laid out as Traces: what a recurrent
+  draft's step scan stacks to build its traces (recurrent.steps_trace)."""
+  pick = lambda e: e if isinstance(e, recurrent.RecurrentState) else None  # noqa: E731
+  return Traces(tuple(map(pick, cache.groups)), tuple(map(pick, cache.remainder)))
+
+
+def steps_traces(first: Traces, steps: Traces) -> Traces:
+  """Traces of single-token steps (recurrent.steps_trace per entry): `first` the recurrent
+  entries after the call before the steps, `steps` the same after every step, stacked."""
+  def one(f, s):
+    return None if f is None else recurrent.steps_trace(f, s)
+  return Traces(tuple(map(one, first.groups, steps.groups)),
+                tuple(map(one, first.remainder, steps.remainder)))
+
+
+def insert_rows(cache: Cache, rows: Cache, slots_r) -> Cache:
+  """The cache with row i of `rows` (freshly prefilled, same max_len and spec_tokens, r rows)
+  written over row slots_r[i] of `cache`, everything held there before (buffers and length)
+  replaced. A slot >= the batch drops its row, so a fixed-width insert can carry padding rows.
+  Rows not named are untouched; under jit with `cache` donated this updates it in place.
+  Each leaf's batch axis comes from its logical axes (stacked entries lead with 'layers')."""
+  def put(axes, old, new):
+    at = (slice(None),) * axes.index("batch") + (slots_r,)
+    return old.at[at].set(new.astype(old.dtype), mode="drop")
+  return jax.tree.map(put, logical_axes(cache), cache, rows, is_leaf=_is_axes)
+
+
+def _is_axes(x) -> bool:
+  # None names an unsharded axis (a recurrent state's conv taps).
+  return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
 
 
 def slot_positions(length_b, num_slots: int, slots_s=None):
@@ -149,4 +217,10 @@ def write_layer(kind: str, entry, update, positions_bt, valid_bt, index=None):
   if kind in (LOCAL, GLOBAL):
     return write(entry, update.k, update.v, positions_bt, valid_bt, ring=kind == LOCAL,
                  index=index)
+  if kind == RECURRENT:
+    # The state after each row's real tokens; a rollback may later select an earlier one.
+    state = recurrent.select(update, jnp.sum(valid_bt, axis=1).astype(jnp.int32))
+    if index is None:
+      return jax.tree.map(lambda old, new: new.astype(old.dtype), entry, state)
+    return jax.tree.map(lambda old, new: old.at[index].set(new.astype(old.dtype)), entry, state)
   raise ValueError(f"no cache write for layer kind {kind!r}")

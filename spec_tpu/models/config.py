@@ -1,7 +1,8 @@
 """Model configurations: one frozen dataclass, named presets for every family served.
 
-Presets follow the published configs (transformers' Gemma/Gemma2/Gemma3/Llama config classes and
-the Chinchilla paper). Only the shapes matter to the decoder; weights come from checkpoints.
+Presets follow the published configs (transformers' Gemma/Gemma2/Gemma3/Llama/RecurrentGemma
+config classes, the recurrentgemma package's presets and the Chinchilla paper). Only the shapes
+matter to the decoder; weights come from checkpoints.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from typing import Any
 
 LOCAL = "local"    # sliding-window attention, ring-buffer cache of window size
 GLOBAL = "global"  # full attention, cache of the whole context
+RECURRENT = "recurrent"  # Griffin recurrent block (RG-LRU), fixed-size state (models/recurrent.py)
+LAYER_KINDS = (LOCAL, GLOBAL, RECURRENT)
 
 _ACTIVATIONS = ("geglu", "swiglu", "gelu")
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+_QUANTIZE_MODES = ("int8",)  # models/quant.py MODES (config.py stays free of JAX imports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,7 @@ class ModelConfig:
   attn_logit_softcap: float | None = None
   final_logit_softcap: float | None = None
   layer_pattern: tuple[str, ...] = (GLOBAL,)  # repeated cyclically over the layers
-  sliding_window: int | None = None
+  sliding_window: int | None = None  # local layers see keys at positions > q - sliding_window
   rope_base_global: float = 10_000.0
   rope_base_local: float = 10_000.0
   rope_scale_global: float = 1.0  # linear position scaling (Gemma 3 4B+ global layers)
@@ -49,9 +54,24 @@ class ModelConfig:
   # Llama 3.1+ frequency-dependent RoPE scaling, every layer: (factor, low_freq_factor,
   # high_freq_factor, original_max_position_embeddings); None for plain RoPE.
   rope_llama3: tuple[float, float, float, float] | None = None
+  # Partial rotary embeddings: RoPE rotates the leading rope_fraction of each head's dimensions
+  # and passes the rest through (RecurrentGemma: 0.5).
+  rope_fraction: float = 1.0
+  ffw_bias: bool = False          # biases on the feed-forward's gate, up and down (RecurrentGemma)
+  attn_out_bias: bool = False     # a bias on the attention output projection (RecurrentGemma)
+  # Dtype the sqrt(d_model) embedding scale is rounded to; None: the activation dtype (Gemma).
+  # RecurrentGemma rounds it to bfloat16 whatever the activation dtype (sqrt(2560) -> 50.5).
+  embed_scale_dtype: str | None = None
+  # Griffin recurrent layers (kind RECURRENT). The RG-LRU gates are block-diagonal with
+  # num_heads blocks, as in both references (one num_heads for attention and gates).
+  lru_width: int | None = None    # RG-LRU width w; None: d_model
+  conv1d_width: int = 4           # temporal width of the depthwise Conv1D before the RG-LRU
   valid_vocab_size: int | None = None  # tokens a tokenizer can produce; rows past it are padding
   tokenizer: str = ""             # names the tokenizer, so mismatched draft/target pairs are caught
   dtype: str = "float32"          # parameter and activation dtype
+  # Weight-only quantization of the matmul weights (models/quant.py): None, or "int8" (int8
+  # values with float32 per-output-channel scales; activations stay in `dtype`).
+  quantize: str | None = None
 
   def __post_init__(self):
     problems = []
@@ -64,10 +84,25 @@ class ModelConfig:
                       f"({self.num_kv_heads})")
     if self.ffw_activation not in _ACTIVATIONS:
       problems.append(f"ffw_activation must be one of {_ACTIVATIONS}, got {self.ffw_activation!r}")
-    if not self.layer_pattern or any(k not in (LOCAL, GLOBAL) for k in self.layer_pattern):
-      problems.append(f"layer_pattern must hold {LOCAL!r}/{GLOBAL!r}, got {self.layer_pattern}")
+    if not self.layer_pattern or any(k not in LAYER_KINDS for k in self.layer_pattern):
+      problems.append(f"layer_pattern must hold {'/'.join(map(repr, LAYER_KINDS))}, got "
+                      f"{self.layer_pattern}")
     if LOCAL in self.layer_pattern and not (self.sliding_window and self.sliding_window > 0):
       problems.append("local layers need a positive sliding_window")
+    if RECURRENT in self.layer_pattern:
+      if self.lru_width is not None and self.lru_width <= 0:
+        problems.append(f"lru_width must be positive, got {self.lru_width}")
+      elif self.num_heads > 0 and self.recurrent_width % self.num_heads:
+        problems.append(f"lru_width ({self.recurrent_width}) must be a multiple of num_heads "
+                        f"({self.num_heads}): the RG-LRU gates have num_heads diagonal blocks")
+      if self.conv1d_width < 1:
+        problems.append(f"conv1d_width must be at least 1, got {self.conv1d_width}")
+    if not 0 < self.rope_fraction <= 1 or (self.head_dim * self.rope_fraction) % 2:
+      problems.append(f"rope_fraction must be in (0, 1] and rotate an even number of head_dim "
+                      f"({self.head_dim}) dimensions, got {self.rope_fraction}")
+    if self.embed_scale_dtype not in (None,) + _FLOAT_DTYPES:
+      problems.append(f"embed_scale_dtype must be None or one of {_FLOAT_DTYPES}, got "
+                      f"{self.embed_scale_dtype!r}")
     if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
       problems.append(f"valid_vocab_size must be in (0, vocab_size={self.vocab_size}], "
                       f"got {self.valid_vocab_size}")
@@ -78,6 +113,13 @@ class ModelConfig:
         problems.append("rope_llama3 must be (factor, low_freq_factor, high_freq_factor, "
                         "original_max_position_embeddings), all positive, low < high; "
                         f"got {r}")
+    if self.quantize not in (None,) + _QUANTIZE_MODES:
+      problems.append(f"quantize must be None or one of {_QUANTIZE_MODES}, got {self.quantize!r}")
+    if self.quantize and (RECURRENT in self.layer_pattern or self.ffw_bias or self.attn_out_bias):
+      # The recurrent block and the biased MLP (RecurrentGemma) have matmuls of their own that do
+      # not go through quant.einsum yet: refuse rather than run a half-quantized model.
+      problems.append("quantize is not supported for RecurrentGemma-style models (recurrent "
+                      "layers, biased MLP or attention output) yet")
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
 
@@ -85,6 +127,11 @@ class ModelConfig:
   def layer_types(self) -> tuple[str, ...]:
     p = self.layer_pattern
     return tuple(p[i % len(p)] for i in range(self.num_layers))
+
+  @property
+  def recurrent_width(self) -> int:
+    """The RG-LRU width w of recurrent layers."""
+    return self.lru_width or self.d_model
 
   @property
   def num_groups(self) -> int:
@@ -127,11 +174,17 @@ class ModelConfig:
 
   def num_params(self) -> int:
     d, h, k, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_dim
-    attn = d * e * (2 * h + 2 * k) + (2 * e if self.qk_norm else 0)
-    ffw = d * f * (3 if self.ffw_activation != "gelu" else 2)
+    w, c = self.recurrent_width, self.conv1d_width
+    attn = d * e * (2 * h + 2 * k) + (2 * e if self.qk_norm else 0) + d * self.attn_out_bias
+    # linear_x, linear_y (d w) and linear_out (w d) with biases, the conv (c w) with bias, two
+    # block-diagonal gates (h (w/h)^2) with biases, a_param (w): models/recurrent.py.
+    recurrent = 3 * d * w + 2 * w + d + (c + 1) * w + 2 * (w * w // h + w) + w
+    gated = self.ffw_activation != "gelu"
+    ffw = d * f * (3 if gated else 2) + self.ffw_bias * ((2 if gated else 1) * f + d)
     norms = d * (2 + self.post_attn_norm + self.post_ffw_norm)
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.num_layers * (attn + ffw + norms) + embed + d
+    mixing = sum(recurrent if kind == RECURRENT else attn for kind in self.layer_types)
+    return mixing + self.num_layers * (ffw + norms) + embed + d
 
 
 def _gemma(name, **kw) -> ModelConfig:
@@ -153,6 +206,24 @@ def _gemma3(name, **kw) -> ModelConfig:
                 rope_base_global=1_000_000.0, tokenizer="gemma3", **kw)
 
 
+def _recurrentgemma(name, **kw) -> ModelConfig:
+  """RecurrentGemma (Griffin): the recurrentgemma package's presets, checked against
+  transformers' RecurrentGemmaConfig. (recurrent, recurrent, attention) repeated; MQA with
+  head_dim = d_model / num_heads; RoPE on the first half of each head; every dense layer except
+  q/k/v has a bias; final logits soft-capped at 30.
+
+  The reference's attention_window_size 2048 lets a query see itself and the 2048 keys before it
+  (2049 keys): sliding_window = 2049 in this config's convention (keys at positions
+  > q - sliding_window). transformers' RecurrentGemma sees one key fewer; spec_tpu follows the
+  reference, the implementation the released weights were trained with (models/recurrent.py).
+  """
+  base = dict(vocab_size=256_000, num_kv_heads=1, layer_pattern=(RECURRENT, RECURRENT, LOCAL),
+              rope_fraction=0.5, ffw_bias=True, attn_out_bias=True, embed_scale_dtype="bfloat16",
+              final_logit_softcap=30.0, conv1d_width=4, tokenizer="gemma")
+  base.update(kw)
+  return _gemma(name, **base)
+
+
 PRESETS: dict[str, ModelConfig] = {
   c.name: c for c in [
     # Tiny shapes for tests: every feature of the decoder at a size a CPU compiles in seconds.
@@ -168,6 +239,11 @@ PRESETS: dict[str, ModelConfig] = {
                 scale_embeddings=True, post_attn_norm=True, post_ffw_norm=True, qk_norm=True,
                 layer_pattern=(LOCAL, LOCAL, GLOBAL), sliding_window=5, rope_base_local=10_000.0,
                 rope_base_global=1_000_000.0, rope_scale_global=8.0),
+    # Pattern (R, R, L) cut short after 4 layers; lru_width != d_model so that a transposed
+    # projection cannot pass; reference window 4 (sliding_window 5).
+    _recurrentgemma("tiny_recurrentgemma", vocab_size=64, d_model=32, num_layers=4, num_heads=4,
+                    head_dim=8, ffw_dim=48, lru_width=24, sliding_window=5, dtype="float32",
+                    tokenizer=""),
     # Chen et al. 2023: Chinchilla 70B target and its 4B draft (wide and shallow).
     ModelConfig(name="chinchilla_70b", vocab_size=32_000, d_model=8192, num_layers=80,
                 num_heads=64, num_kv_heads=64, head_dim=128, ffw_dim=4 * 8192,
@@ -202,6 +278,11 @@ PRESETS: dict[str, ModelConfig] = {
     _gemma3("gemma3_27b", vocab_size=262_208, d_model=5376, num_layers=62, num_heads=32,
             num_kv_heads=16, head_dim=128, ffw_dim=21_504, sliding_window=1024,
             query_scale=168 ** -0.5, rope_scale_global=8.0),
+    # RecurrentGemma (Botev et al. 2024): MLP 3 x width, lru_width = width, window 2048 (+ self).
+    _recurrentgemma("recurrentgemma_2b", d_model=2560, num_layers=26, num_heads=10, head_dim=256,
+                    ffw_dim=3 * 2560, lru_width=2560, sliding_window=2049),
+    _recurrentgemma("recurrentgemma_9b", d_model=4096, num_layers=38, num_heads=16, head_dim=256,
+                    ffw_dim=3 * 4096, lru_width=4096, sliding_window=2049),
     # Llama-style shapes (GQA/MHA, SwiGLU, untied) for benchmarks.
     ModelConfig(name="llama_7b", vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
                 num_kv_heads=32, head_dim=128, ffw_dim=11_008, norm_eps=1e-5,

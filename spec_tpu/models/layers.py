@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.models import quant
+
 F32 = jnp.float32
 MASKED = -1e30  # finite, so a row with every key masked gives no NaN (its output is unused)
 
@@ -72,14 +74,14 @@ def rope(x, positions, base: float, scale: float, llama3=None):
 
 
 def feed_forward(x_btd, p, activation: str, gelu_approximate: bool):
-  up = jnp.einsum("btd,df->btf", x_btd, p["up"])
+  up = quant.einsum("btd,df->btf", x_btd, p["up"])
   if activation == "gelu":
     h = jax.nn.gelu(up, approximate=gelu_approximate)
   else:
-    gate = jnp.einsum("btd,df->btf", x_btd, p["gate"])
+    gate = quant.einsum("btd,df->btf", x_btd, p["gate"])
     act = jax.nn.gelu(gate, approximate=gelu_approximate) if activation == "geglu" else jax.nn.silu(gate)
     h = act * up
-  return jnp.einsum("btf,fd->btd", h, p["down"])
+  return quant.einsum("btf,fd->btd", h, p["down"])
 
 
 def softcap(x, cap: float | None):

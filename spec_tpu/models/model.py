@@ -15,6 +15,14 @@ An attention layer (kinds local and global) is
   {attn_norm (d), attn: {q (h d e), k (k d e), v (k d e), o (h e d), [q_norm (e), k_norm (e)]},
    [post_attn_norm (d)], ffw_norm (d), ffw: {[gate (d f)], up (d f), down (f d)},
    [post_ffw_norm (d)]}
+with, for RecurrentGemma (config fields attn_out_bias, ffw_bias), attn.o_bias (d) and ffw
+{gate, gate_bias (f), up, up_bias (f), down, down_bias (d)}. A recurrent layer (kind recurrent) is
+  {recurrent_norm (d), recurrent: models/recurrent.py's block params, ffw_norm (d), ffw}
+the layout spec_tpu.checkpoints.recurrent_convert produces per layer.
+With cfg.quantize = "int8", every matmul weight (and a tied embedding table) is instead
+{"w": int8 of the same shape, "scale": float32 over its output axes} (models/quant.py; a stacked
+entry's scale keeps the leading l axis), and every matmul goes through quant.einsum, which takes
+either form.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import jax.numpy as jnp
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layers
 from spec_tpu.models import layout
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models import quant, recurrent
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 F32 = jnp.float32
 # Caches longer than this are read block by block, only as far as the fullest row has filled
@@ -45,6 +54,25 @@ def _norm_init(cfg: ModelConfig, dtype, size=None):
   return jnp.full((size or cfg.d_model,), 0.0 if cfg.norm_plus_one else 1.0, dtype)
 
 
+def _init_ffw(cfg: ModelConfig, key, dtype) -> dict:
+  d, f = cfg.d_model, cfg.ffw_dim
+  keys = iter(jax.random.split(key, 3))
+  ffw = {"up": _normal(next(keys), (d, f), d, dtype), "down": _normal(next(keys), (f, d), f, dtype)}
+  if cfg.ffw_activation != "gelu":
+    ffw["gate"] = _normal(next(keys), (d, f), d, dtype)
+  if cfg.ffw_bias:
+    ffw.update({name + "_bias": jnp.zeros((ffw[name].shape[-1],), dtype) for name in list(ffw)})
+  return ffw
+
+
+def _init_recurrent_layer(cfg: ModelConfig, key, dtype) -> dict:
+  k_block, k_ffw = jax.random.split(key)
+  return {"recurrent_norm": _norm_init(cfg, dtype),
+          "recurrent": recurrent.init_params(k_block, cfg.d_model, cfg.recurrent_width,
+                                             cfg.num_heads, cfg.conv1d_width, dtype),
+          "ffw_norm": _norm_init(cfg, dtype), "ffw": _init_ffw(cfg, k_ffw, dtype)}
+
+
 def _init_attention_layer(cfg: ModelConfig, key, dtype) -> dict:
   d, h, k, e, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
   keys = iter(jax.random.split(key, 7))
@@ -57,11 +85,10 @@ def _init_attention_layer(cfg: ModelConfig, key, dtype) -> dict:
   if cfg.qk_norm:
     attn["q_norm"] = _norm_init(cfg, dtype, e)
     attn["k_norm"] = _norm_init(cfg, dtype, e)
-  ffw = {"up": normal((d, f), d), "down": normal((f, d), f)}
-  if cfg.ffw_activation != "gelu":
-    ffw["gate"] = normal((d, f), d)
+  if cfg.attn_out_bias:
+    attn["o_bias"] = jnp.zeros((d,), dtype)
   layer = {"attn_norm": _norm_init(cfg, dtype), "attn": attn, "ffw_norm": _norm_init(cfg, dtype),
-           "ffw": ffw}
+           "ffw": _init_ffw(cfg, next(keys), dtype)}
   if cfg.post_attn_norm:
     layer["post_attn_norm"] = _norm_init(cfg, dtype)
   if cfg.post_ffw_norm:
@@ -73,6 +100,8 @@ def init_layer(cfg: ModelConfig, kind: str, key, dtype) -> dict:
   """Random params of one layer of the given kind (unstacked)."""
   if kind in (LOCAL, GLOBAL):
     return _init_attention_layer(cfg, key, dtype)
+  if kind == RECURRENT:
+    return _init_recurrent_layer(cfg, key, dtype)
   raise ValueError(f"no params for layer kind {kind!r}")
 
 
@@ -91,7 +120,27 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
       for j, kind in enumerate(cfg.layer_pattern)] if cfg.num_groups else []
   params["remainder"] = [init_layer(cfg, cfg.layer_pattern[r], keys[2 + n + r], dtype)
                          for r in range(cfg.num_remainder)]
+  if cfg.quantize:
+    params = quantize(params, cfg)
   return params
+
+
+def quantize(params, cfg: ModelConfig, **kw):
+  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
+  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
+  quant.quantize_params (out_shardings, delete_source)."""
+  from spec_tpu import sharding  # sharding imports this package's cache and config
+  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
+
+
+def quantize(params, cfg: ModelConfig, **kw):
+  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
+  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
+  quant.quantize_params (out_shardings, delete_source)."""
+  from spec_tpu import sharding  # sharding imports this package's cache and config
+  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
 
 
 def _norm(cfg, x, scale):
@@ -100,17 +149,21 @@ def _norm(cfg, x, scale):
 
 def _project_qkv(cfg, p, x_btd, positions_bt, kind):
   """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them)."""
-  q = jnp.einsum("btd,hde->bthe", x_btd, p["q"])
-  k = jnp.einsum("btd,kde->bkte", x_btd, p["k"])
-  v = jnp.einsum("btd,kde->bkte", x_btd, p["v"])
+  q = quant.einsum("btd,hde->bthe", x_btd, p["q"])
+  k = quant.einsum("btd,kde->bkte", x_btd, p["k"])
+  v = quant.einsum("btd,kde->bkte", x_btd, p["v"])
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
     k = _norm(cfg, k, p["k_norm"])
   local = kind == LOCAL
   base = cfg.rope_base_local if local else cfg.rope_base_global
   scale = cfg.rope_scale_local if local else cfg.rope_scale_global
-  q = layers.rope(q, positions_bt[:, :, None], base, scale, cfg.rope_llama3)
-  k = layers.rope(k, positions_bt[:, None, :], base, scale, cfg.rope_llama3)
+  if cfg.rope_fraction < 1:  # RecurrentGemma: RoPE on the first half of each head only
+    q = recurrent.partial_rope(q, positions_bt[:, :, None], cfg.rope_fraction, base)
+    k = recurrent.partial_rope(k, positions_bt[:, None, :], cfg.rope_fraction, base)
+  else:
+    q = layers.rope(q, positions_bt[:, :, None], base, scale, cfg.rope_llama3)
+    k = layers.rope(k, positions_bt[:, None, :], base, scale, cfg.rope_llama3)
   query_scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
   return (q.astype(F32) * query_scale).astype(q.dtype), k, v
 
@@ -154,15 +207,37 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: cache_lib.KVCache 
       cache_pos = cache_lib.slot_positions(ctx.length_b, num_slots)
       blocks.insert(0, (lc.k, lc.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
     a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
-  a = jnp.einsum("bthe,hed->btd", a, lp["attn"]["o"])
+  a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
+  if cfg.attn_out_bias:
+    a = a + lp["attn"]["o_bias"]
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
-  x_btd = x_btd + a
+  return _feed_forward_block(cfg, lp, x_btd + a), (None if lc is None else cache_lib.KVCache(k, v))
+
+
+def _feed_forward_block(cfg, lp, x_btd):
+  """x + FFW(norm(x)), the second half of every layer kind."""
   h = _norm(cfg, x_btd, lp["ffw_norm"])
-  f = layers.feed_forward(h, lp["ffw"], cfg.ffw_activation, cfg.gelu_approximate)
+  if cfg.ffw_bias:
+    f = recurrent.mlp(lp["ffw"], h, cfg.gelu_approximate)
+  else:
+    f = layers.feed_forward(h, lp["ffw"], cfg.ffw_activation, cfg.gelu_approximate)
   if cfg.post_ffw_norm:
     f = _norm(cfg, f, lp["post_ffw_norm"])
-  return x_btd + f, (None if lc is None else cache_lib.KVCache(k, v))
+  return x_btd + f
+
+
+def _recurrent_layer(cfg, lp, x_btd, ctx: _Context, lc: recurrent.RecurrentState | None):
+  """A pre-norm recurrent (Griffin) + feed-forward block. The cache update is the Trace of
+  states after every new position: write_layer keeps the one after the real tokens, and a
+  rollback after rejected drafts selects an earlier one (cache.rollback)."""
+  b = x_btd.shape[0]
+  if lc is None:  # no cache: whole sequences from position 0
+    lc = recurrent.init_state(b, cfg.recurrent_width, cfg.conv1d_width, x_btd.dtype)
+  h = _norm(cfg, x_btd, lp["recurrent_norm"])
+  num_new_b = jnp.sum(ctx.valid_bt, axis=1).astype(jnp.int32)
+  out, trace = recurrent.recurrent_block(lp["recurrent"], h, ctx.positions_bt, num_new_b, lc)
+  return _feed_forward_block(cfg, lp, x_btd + out), trace
 
 
 def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc):
@@ -171,17 +246,20 @@ def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc):
   sharding.layer_logical_axes."""
   if kind in (LOCAL, GLOBAL):
     return _attention_layer(cfg, kind, lp, x_btd, ctx, lc)
+  if kind == RECURRENT:
+    return _recurrent_layer(cfg, lp, x_btd, ctx, lc)
   raise ValueError(f"no forward for layer kind {kind!r}")
 
 
 def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g):
   """One layer with its cache entry (stacked: the layer's index g in it; None: no cache):
-  returns (x, entry with the layer's update written)."""
+  returns (x, entry with the layer's update written, the layer's Trace if recurrent else
+  None)."""
   lc = entry if entry is None or g is None else jax.tree.map(lambda a: a[g], entry)
   x_btd, update = _layer(cfg, kind, lp, x_btd, ctx, lc)
   if entry is not None:
     entry = cache_lib.write_layer(kind, entry, update, ctx.positions_bt, ctx.valid_bt, g)
-  return x_btd, entry
+  return x_btd, entry, (update if kind == RECURRENT else None)
 
 
 def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g,
@@ -197,17 +275,18 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
     cut = lambda a: jax.lax.dynamic_slice_in_dim(a, at, chunk, axis=1)  # noqa: E731
     ctx_c = _Context(cut(ctx.positions_bt), cut(ctx.key_positions_bt), cut(ctx.valid_bt),
                      ctx.length_b + jnp.minimum(num_new_b, at))
-    x_c, entry = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g)
+    x_c, entry, _ = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g)
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, at, axis=1), entry), None
 
   (x_btd, entry), _ = jax.lax.scan(step, (x_btd, entry), jnp.arange(t // chunk))
-  return x_btd, entry
+  return x_btd, entry, None  # no trace: a chunked call (prefill) is never rolled back
 
 
 def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled: bool,
                 chunk: int | None = None):
-  """x through every layer. Returns (x, cache groups, cache remainder) with every layer's
-  update written (both None without a cache).
+  """x through every layer. Returns (x, cache groups, cache remainder, traces) with every
+  layer's update written (both None without a cache); traces (cache_lib.Traces) holds each
+  recurrent layer's Trace laid out like the cache (None for other kinds and when chunked).
 
   Under the scan the stacked cache entries are loop state: the layer of group g reads its slice
   and writes its update back at g, so caches are updated in place (cache.py says why).
@@ -226,41 +305,54 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
     return _apply(cfg, kind, lp, x, ctx, entry, g)
 
   if unrolled:
+    traces = []
     for i, kind in enumerate(cfg.layer_types):
       part, j, g = layout.where(cfg, i)
       entries = groups if part == "groups" else remainder
       lp = layout.layer(cfg, params["groups"], params["remainder"], i)
-      x_btd, entries[j] = apply(kind, lp, x_btd, entries[j], g)
-    return x_btd, groups, remainder
+      x_btd, entries[j], trace = apply(kind, lp, x_btd, entries[j], g)
+      traces.append(trace)
+    trace_groups, trace_remainder = layout.stack(cfg, traces, jnp.stack)
+    return x_btd, groups, remainder, cache_lib.Traces(tuple(trace_groups),
+                                                      tuple(trace_remainder))
 
   def group(carry, group_params):
     x, entries, g = carry
-    entries = list(entries)
+    entries, traces = list(entries), []
     for j, kind in enumerate(pattern):
-      x, entries[j] = apply(kind, group_params[j], x, entries[j], g)
-    return (x, tuple(entries), g + 1), None
+      x, entries[j], trace = apply(kind, group_params[j], x, entries[j], g)
+      traces.append(trace)
+    # Traces leave the scan as outputs (stacked over the groups): they are small (K + 1
+    # positions) and live only until the rollback of the same round.
+    return (x, tuple(entries), g + 1), tuple(traces)
 
+  trace_groups = ()
   if cfg.num_groups:
-    (x_btd, groups, _), _ = jax.lax.scan(group, (x_btd, tuple(groups), 0), params["groups"])
+    (x_btd, groups, _), trace_groups = jax.lax.scan(group, (x_btd, tuple(groups), 0),
+                                                    params["groups"])
+  trace_remainder = []
   for r, lp in enumerate(params["remainder"]):
-    x_btd, remainder[r] = apply(pattern[r], lp, x_btd, remainder[r], None)
-  return x_btd, groups, remainder
+    x_btd, remainder[r], trace = apply(pattern[r], lp, x_btd, remainder[r], None)
+    trace_remainder.append(trace)
+  return x_btd, groups, remainder, cache_lib.Traces(tuple(trace_groups), tuple(trace_remainder))
 
 
 def _embed(cfg, params, tokens_bt):
-  x = jnp.take(params["embed"], tokens_bt, axis=0)
+  x = quant.embed_lookup(params["embed"], tokens_bt)
+  if quant.is_quantized(params["embed"]):
+    x = x.astype(cfg.dtype)
   if cfg.scale_embeddings:
-    # Gemma rounds the normalizer to the activation dtype.
-    x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+    # Gemma rounds the normalizer to the activation dtype, RecurrentGemma to bfloat16.
+    x = x * recurrent.embedding_scale(cfg, x.dtype)
   return x
 
 
 def _unembed(cfg, params, x_btd):
   x = _norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
+    logits = quant.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=F32)
   logits = layers.softcap(logits, cfg.final_logit_softcap)
   if cfg.num_tokens < cfg.vocab_size:
     # Padding rows of the embedding table can never be sampled.
@@ -274,12 +366,13 @@ def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   x = _embed(cfg, params, tokens_bt)
   ctx = _Context(positions, positions, jnp.ones((b, t), bool), None)
-  x, _, _ = _run_layers(cfg, params, x, ctx, None, unrolled)
+  x, _, _, _ = _run_layers(cfg, params, x, ctx, None, unrolled)
   return _unembed(cfg, params, x)
 
 
 def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b=None,
-            last_only: bool = False, *, unrolled: bool = False, chunk: int | None = None):
+            last_only: bool = False, *, unrolled: bool = False, chunk: int | None = None,
+            traces: bool = False):
   """Runs t new tokens per row through the decoder with a KV cache.
 
   Serves prefill (t = prompt), decode (t = 1) and verification (t = K + 1). Row i's tokens
@@ -288,6 +381,9 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   (b t v), or (b 1 v) at each row's last real token when last_only, and the cache with
   length += num_new. Rolling back is `cache.rollback(cache, length)`.
   chunk: run each layer over the tokens this many at a time (`prefill` says why); same result.
+  traces: also return the recurrent layers' states after every position (cache_lib.Traces),
+  as a third result: a model with recurrent layers rolls back by selecting among them
+  (`cache.rollback(cache, length, traces, start)`), which a length move alone cannot do.
   """
   b, t_in = tokens_bt.shape
   if num_new_b is None:
@@ -301,7 +397,7 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   valid = jnp.arange(t)[None, :] < num_new_b[:, None]
   ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length)
   x = _embed(cfg, params, tokens_bt)
-  x, groups, remainder = _run_layers(cfg, params, x, ctx, cache, unrolled, chunk)
+  x, groups, remainder, layer_traces = _run_layers(cfg, params, x, ctx, cache, unrolled, chunk)
   cache = cache_lib.Cache(groups=tuple(groups), remainder=tuple(remainder),
                           length=length + num_new_b)
   if last_only:
@@ -309,6 +405,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
     x = jnp.take_along_axis(x, idx[:, None, None], axis=1)
   else:
     x = x[:, :t_in]
+  if traces:
+    return _unembed(cfg, params, x), cache, layer_traces
   return _unembed(cfg, params, x), cache
 
 

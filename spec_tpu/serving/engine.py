@@ -1,0 +1,636 @@
+"""The serving engine: continuous batching over fixed slots, exact speculative sampling.
+
+    engine = Engine(sampler, num_slots=8, max_len=1024, k=4, tokenizer=tok)
+    engine.start()                       # a background thread owns the device from here on
+    request = engine.submit("def fib(n):", GenerationParams(max_new_tokens=64, temperature=0.8))
+    for chunk in request:                # or `async for chunk in request`, or request.result()
+      print(chunk.text, end="")
+    print(request.stats.acceptance_rate)
+    engine.shutdown()
+
+Without start() the caller drives it: `engine.step()` until it returns False, or
+`engine.generate(prompts, params)` for a list.
+
+Slots. The batch is `num_slots` rows whose target and draft caches and token buffers stay on
+device between calls, donated to every program (XLA updates them in place). Each row sits at
+its own position and carries its own temperature, top-p, top-k, random stream and token budget,
+so one compiled program serves any mix of requests.
+
+insert. Waiting requests are prefilled into free slots, `prefill_rows` per call, one program
+per prompt bucket (power of two). The width is fixed so that a request's prefill always runs in
+the same program shape, whatever arrives with it: with a seed its tokens then do not depend on
+the other requests (on XLA:CPU a batch of 1 or 2 rows rounds differently from 4). The prefill's
+token is returned at once: time to first token is queueing plus one prefill.
+
+step. One program per K runs up to N speculative rounds for every live slot in one device call
+(decode.run_rounds, the loop Sampler.generate runs too), stopping early when no slot runs or,
+while requests wait, as soon as a slot frees up. Between steps the host delivers tokens
+(detokenising, checking stop strings), frees finished and cancelled slots and admits requests.
+
+N (rounds per step) trades host round-trips against streaming granularity: see pacing.py.
+
+K (draft tokens per round) comes from `k_policy.AdaptiveK`, owned here, choosing among `ks`
+(0, the starting K and powers of two up to k_max): each is a compiled step program, compiled
+and timed by `calibrate()` before serving, so a change of K never waits for a compile.
+Calibration runs every slot busy and times a round at each K as this engine pays it (its slot
+count, its draft, verification, sampling and all; on the CPU backend in process CPU time, which
+other processes on a shared machine do not inflate), and measures the acceptance a; after
+that every window of `window_rounds` rounds refreshes a. The choice maximises the expected
+tokens per unit time, (1 + a + ... + a^K) / (t_K / t_0), with the measured round times t_K
+rather than a cost assumed linear in K (on CPU a speculative round has a fixed cost that a line
+through K = 0 and K = 4 hides), and is K = 0 unless that beats plain decoding by the margin
+(10%); while off, one window in `probe_every` runs the smallest K to re-measure a. Round costs
+are not re-measured from traffic: every slot is computed whether it holds a request or not,
+so a round costs the same at any occupancy (which is also why occupancy does not enter the
+formula), and timings taken while the process streams to clients are noisier than the
+calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_max can run on
+them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
+feeds it the tokens it missed (decode.catch_up_draft).
+
+Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
+round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
+neither do its tokens, for the same K per round. Sampler.generate's row i with seed s is the
+request with seed s + i * 2^32.
+
+Multi-host: every process builds the same Engine; process 0 runs the scheduler (and the HTTP
+front end) and broadcasts each device call's inputs (`multihost.Channel`) before running it;
+the other processes run `follow()`, which receives and runs the same calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import threading
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spec_tpu import sharding
+from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
+from spec_tpu.decoding.sampler import Sampler, compiler_options, to_host
+from spec_tpu.serving import metrics as metrics_lib
+from spec_tpu.serving.pacing import Pacing
+from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
+                                      GenerationParams, Request, RequestStats)
+
+
+_KEEPALIVE_S = 10.0  # multi-host: an idle leader still broadcasts this often
+
+
+class ContextLengthError(ValueError):
+  """A request does not fit a slot: prompt + max_new_tokens + k_max + 1 > max_len."""
+
+
+@dataclasses.dataclass
+class _Slot:
+  request: Request
+  ks: set
+  rounds: int = 0
+  accepted: int = 0
+  judged: int = 0
+
+
+class Engine:
+  """Fixed slots, resident caches, an insert program per prompt bucket and a step program
+  per K. Not thread-safe except `submit`, `Request` methods, `metrics` and `shutdown`: one
+  thread (start()'s, or the caller's) runs `step`."""
+
+  def __init__(self, sampler: Sampler, *, num_slots: int = 8, max_len: int = 1024,
+               k: int | None = None, k_max: int | None = None, adaptive_k: bool = True,
+               max_top_k: int = 64, rounds_per_step: int | None = None,
+               max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
+               ks: Sequence[int] | None = None, add_bos: bool = False,
+               min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
+               margin: float = 0.1, seed: int = 0, channel=None):
+    has_draft = sampler.draft_cfg is not None
+    k = (4 if has_draft else 0) if k is None else int(k)
+    adaptive_k = bool(adaptive_k and has_draft)
+    k_max = (k if not adaptive_k else max(k, 4)) if k_max is None else int(k_max)
+    if not 0 <= k <= k_max or (k_max > 0 and not has_draft):
+      raise ValueError(f"need 0 <= k <= k_max and a draft for k_max > 0; got k={k}, "
+                       f"k_max={k_max}, draft={'yes' if has_draft else 'no'}")
+    if num_slots < 1 or prefill_rows < 1 or max_rounds_per_step < 1:
+      raise ValueError("num_slots, prefill_rows and max_rounds_per_step must be >= 1")
+    self.sampler, self.tokenizer, self.add_bos = sampler, tokenizer, bool(add_bos)
+    self.num_slots, self.max_len = int(num_slots), int(max_len)
+    self.prefill_rows = min(int(prefill_rows), self.num_slots)
+    self.min_prompt_bucket, self.window_rounds = min_prompt_bucket, window_rounds
+    self.k_max, self.adaptive_k, self._fixed_k = k_max, adaptive_k, k
+    # The K the policy may pick: each is a compiled step program, timed at calibration, so a
+    # change of K never waits for a compile. Powers of two keep the set (and startup) small.
+    if ks is None:
+      ks = [0, k] + [2 ** i for i in range(8) if 2 ** i <= k_max]
+    self.ks = tuple(sorted({int(x) for x in ks} | {0, k})) if adaptive_k else (k,)
+    if any(not 0 <= x <= k_max for x in self.ks):
+      raise ValueError(f"ks {self.ks} must lie in 0..k_max={k_max}")
+    # margin: speculate only where the estimate beats plain decoding by 10% (by default):
+    # timings on a shared machine are noisy, and a wrong K > 0 costs more than a missed one.
+    self.policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=probe_every, ks=self.ks,
+                                     margin=margin) if adaptive_k else None
+    self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
+    num_tokens = sampler.target_cfg.num_tokens
+    self.max_top_k = min(int(max_top_k), num_tokens - 1)
+    self._spec = decode.LoopSpec(
+        target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
+        k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
+        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id)
+    self._channel = channel
+    self._rng = np.random.default_rng(seed)
+    self._programs = {}
+    mesh, rules = sampler.mesh, sampler.target_rules
+    self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
+    self._abstract = jax.eval_shape(lambda: decode.init_state(self._spec, self.num_slots))
+    self._state_sh = self._state_shardings()
+    self._state = jax.jit(lambda: decode.init_state(self._spec, self.num_slots),
+                          out_shardings=self._state_sh)()
+    # Round costs for the K policy. On the CPU backend, process CPU time: other processes on a
+    # shared machine do not inflate it (wall-clock ratios between K's swung by 2x under load;
+    # CPU-time ratios by a few %). Elsewhere the device's wall time is the cost.
+    platform = sampler.mesh.devices.flat[0].platform
+    self._cost_clock = time.process_time if platform == "cpu" else time.perf_counter
+    self._params = (sampler.target_params, sampler.draft_params if k_max > 0 else None)
+    self._param_sh = sampler.param_shardings(k_max > 0)
+
+    self._slots: list[_Slot | None] = [None] * self.num_slots
+    self._queue: collections.deque[Request] = collections.deque()
+    self._lock = threading.Condition()
+    self._next_id = 0
+    self._draft_behind = False  # some live row's draft missed tokens (K = 0 steps or inserts)
+    self._window = dict(k=None, rounds=0, accepted=0, judged=0)
+    self._host_mark: float | None = None
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self.failure: BaseException | None = None
+    self.metrics = metrics_lib.EngineMetrics()
+    self._publish_gauges()
+
+  # ------------------------------------------------------------------ public API
+
+  @property
+  def k(self) -> int:
+    """The K the next step runs."""
+    return self.policy.k if self.policy is not None else self._fixed_k
+
+  @property
+  def queue_length(self) -> int:
+    return len(self._queue)
+
+  @property
+  def active_slots(self) -> int:
+    return sum(s is not None for s in self._slots)
+
+  def room(self, prompt_len: int) -> int:
+    """The most new tokens a prompt of this length leaves room for (< 1: it does not fit)."""
+    return self.max_len - prompt_len - self.k_max - 1
+
+  def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+    """Raises ContextLengthError unless a request fits a slot (prompt + new tokens + a
+    verification block of k_max + 1)."""
+    if prompt_len < 1:
+      raise ValueError("the prompt is empty: it needs at least one token")
+    if max_new_tokens > self.room(prompt_len):
+      raise ContextLengthError(
+          f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ "
+          f"{self.k_max + 1} for verification) exceeds the context of {self.max_len} tokens")
+
+  def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
+             ) -> Request:
+    """Queues a request (any thread); raises ValueError on bad input before queueing."""
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("a text prompt needs an engine with a tokenizer")
+      tokens = self.tokenizer.encode(prompt, add_bos=self.add_bos)
+    else:
+      tokens = [int(t) for t in prompt]
+    num_tokens = self.sampler.target_cfg.num_tokens
+    if any(not 0 <= t < num_tokens for t in tokens):
+      raise ValueError(f"prompt token ids must lie in [0, {num_tokens})")
+    if params.top_k >= num_tokens:  # keeps every token: the same as off
+      params = dataclasses.replace(params, top_k=0)
+    if isinstance(params.stop, str):
+      params = dataclasses.replace(params, stop=(params.stop,))
+    params = dataclasses.replace(params, stop=tuple(params.stop))
+    params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None)
+    self.check_fits(len(tokens), int(params.max_new_tokens))
+    with self._lock:
+      if self.failure is not None or self._stopping:
+        raise RuntimeError("the engine is not running") from self.failure
+      request = Request(self._next_id, tokens, params, self.tokenizer)
+      self._next_id += 1
+      self._queue.append(request)
+      self._lock.notify_all()
+    return request
+
+  def generate(self, prompts: Sequence[str | Sequence[int]],
+               params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
+               ) -> list[Completion]:
+    """Submits every prompt and steps until all are done (the caller's thread drives the
+    engine; not while start()'s thread runs)."""
+    if self._thread is not None:
+      raise RuntimeError("generate() drives the engine itself; with start() use submit()")
+    if isinstance(params, GenerationParams):
+      params = [params] * len(prompts)
+    requests = [self.submit(p, q) for p, q in zip(prompts, params, strict=True)]
+    while self.step():
+      pass
+    return [r.result() for r in requests]
+
+  def start(self) -> "Engine":
+    """Runs steps on a background thread until shutdown()."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._serve, name="spec_tpu-engine", daemon=True)
+      self._thread.start()
+    return self
+
+  def shutdown(self, timeout: float | None = 60.0) -> None:
+    """Stops the background thread; requests not finished end with finish_reason 'aborted'."""
+    with self._lock:
+      self._stopping = True
+      self._lock.notify_all()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join(timeout)
+    self._abort_all(None)
+    if self._channel is not None and self._channel.is_leader:
+      self._channel.send_stop()
+
+  @property
+  def running(self) -> bool:
+    return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+  # ------------------------------------------------------------------ the scheduler
+
+  def step(self, k: int | None = None) -> bool:
+    """One scheduling iteration: free cancelled slots, admit waiting requests (prefill), run
+    one device step for the live slots at K = k (default: the policy's), deliver tokens, free
+    finished slots. Returns whether requests remain (running or queued)."""
+    if k is not None and not 0 <= k <= self.k_max:
+      raise ValueError(f"k={k} outside 0..k_max={self.k_max}")
+    self._free_cancelled()
+    self._admit()
+    if any(s is not None for s in self._slots):
+      if self._host_mark is not None:
+        self.pacing.observe_host(time.perf_counter() - self._host_mark)
+      self._run_step(self.k if k is None else k)
+      self._host_mark = time.perf_counter()
+    else:
+      self._host_mark = None
+    self._publish_gauges()
+    return bool(self._queue) or any(s is not None for s in self._slots)
+
+  def _serve(self):
+    try:
+      idle_since = time.monotonic()
+      while True:
+        with self._lock:
+          if self._stopping:
+            return
+        if self.step():
+          idle_since = time.monotonic()
+          continue
+        with self._lock:
+          self._lock.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+        if self._channel is not None and time.monotonic() - idle_since > _KEEPALIVE_S:
+          self._channel.send_noop()
+          idle_since = time.monotonic()
+    except BaseException as e:  # the device or a program failed: no request may hang on it
+      self.failure = e
+      self._abort_all(e)
+      raise
+
+  def _abort_all(self, error):
+    with self._lock:
+      queued, self._queue = list(self._queue), collections.deque()
+    for i, slot in enumerate(self._slots):
+      if slot is not None:
+        slot.request._finish(ABORTED, error=error)
+        self._slots[i] = None
+    for r in queued:
+      r._finish(ABORTED, error=error)
+
+  def _free_cancelled(self):
+    for i, slot in enumerate(self._slots):
+      if slot is not None and slot.request.cancelled:
+        self._finish_slot(i, CANCELLED)
+
+  def _take_waiting(self, num_free: int) -> list[Request]:
+    taken = []
+    with self._lock:
+      while self._queue and len(taken) < num_free:
+        r = self._queue.popleft()
+        if r.cancelled:
+          r._finish(CANCELLED)
+          self.metrics.finished(CANCELLED, None)
+        else:
+          taken.append(r)
+    return taken
+
+  def _admit(self, with_draft: bool | None = None):
+    free = [i for i, s in enumerate(self._slots) if s is None]
+    requests = self._take_waiting(len(free))
+    if not requests:
+      return
+    with_draft = self.k > 0 if with_draft is None else with_draft and self.k_max > 0
+    by_bucket = collections.defaultdict(list)
+    for slot, r in zip(free, requests):
+      by_bucket[self._bucket(len(r.prompt))].append((slot, r))
+    for t, group in sorted(by_bucket.items()):
+      for i in range(0, len(group), self.prefill_rows):
+        chunk = group[i:i + self.prefill_rows]
+        started = time.perf_counter()
+        # Fetched per call: each request's first token streams as soon as it exists, and no
+        # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
+        first, done = to_host(self._insert(with_draft, t, chunk))
+        now = time.perf_counter()
+        for row, (slot, r) in enumerate(chunk):
+          r.stats.queue_s = started - r.submitted
+          r.stats.time_to_first_token_s = now - r.submitted
+          self._slots[slot] = _Slot(r, ks=set())
+          self.metrics.add(prompt_tokens=len(r.prompt))
+          self._deliver(slot, [int(first[row])], bool(done[row]))
+    if not with_draft and self.k_max > 0:
+      self._draft_behind = True
+
+  def _bucket(self, n: int) -> int:
+    return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
+
+  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]]):
+    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows)."""
+    r = self.prefill_rows
+    tokens = np.full((r, t), self.sampler.pad_id, np.int32)
+    lengths = np.ones((r,), np.int32)
+    slots = np.full((r,), self.num_slots, np.int32)  # out of range: a padding row is dropped
+    temperature, top_p = np.ones((r,), np.float32), np.ones((r,), np.float32)
+    top_k, max_new = np.zeros((r,), np.int32), np.ones((r,), np.int32)
+    seeds = np.zeros((r, 2), np.uint32)
+    for i, (slot, req) in enumerate(chunk):
+      p = req.params
+      tokens[i, :len(req.prompt)] = req.prompt
+      lengths[i], slots[i] = len(req.prompt), slot
+      temperature[i], top_p[i], top_k[i], max_new[i] = (p.temperature, p.top_p, p.top_k,
+                                                        p.max_new_tokens)
+      seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
+      seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new)
+    if self._channel is not None:
+      self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
+    return self._run_insert(with_draft, slots, tokens, lengths, rows)
+
+  def _run_insert(self, with_draft, slots, tokens, lengths, rows):
+    program = self._insert_program(with_draft, tokens.shape[1])
+    self._state, first, done = program(*self._params, self._state, slots, tokens, lengths, rows)
+    return first, done
+
+  def _run_step(self, k: int, n: int | None = None, timed: bool = True):
+    """One step at K for the live slots; delivers its tokens. Returns (rounds, wall seconds,
+    accepted, judged, cost seconds) (cost: see _cost_clock)."""
+    n = self.pacing.rounds(k) if n is None else n
+    live = np.array([s is not None for s in self._slots])
+    stop_on_free = bool(self._queue)
+    catching_up = k > 0 and self._draft_behind
+    if self._channel is not None:
+      self._channel.send_step(k, live, n, stop_on_free)
+    start, cost_start = time.perf_counter(), self._cost_clock()
+    out, done, stats = self._run_step_call(k, live, n, stop_on_free)
+    seconds, cost = time.perf_counter() - start, self._cost_clock() - cost_start
+    rounds = int(out.rounds)
+    if timed and not catching_up:
+      self.pacing.observe_step(k, rounds, seconds)
+    if k > 0:
+      self._draft_behind = False
+    elif live.any():
+      self._draft_behind = self.k_max > 0
+    judged_b = stats.reached_bn.sum(axis=1)
+    step_accepted = step_judged = 0
+    for i, slot in enumerate(self._slots):
+      if slot is None:
+        continue
+      slot.ks.add(k)
+      step_accepted += int(stats.accepted_b[i]) - slot.accepted
+      step_judged += int(judged_b[i]) - slot.judged
+      slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
+                                                 int(judged_b[i]))
+      self._deliver(i, out.tokens_bw[i, :out.count_b[i]].tolist(), bool(done[i]))
+    self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
+    if timed:
+      self._observe_window(k, rounds, step_accepted, step_judged)
+    return rounds, seconds, step_accepted, step_judged, cost
+
+  def _run_step_call(self, k, live, n, stop_on_free):
+    program = self._step_program(k)
+    self._state, out = program(*self._params, self._state, live, np.int32(n),
+                               np.bool_(stop_on_free))
+    return to_host((out, self._state.done_b, self._state.stats))
+
+  def _deliver(self, slot: int, tokens: list[int], device_done: bool):
+    s = self._slots[slot]
+    self.metrics.add_tokens(len(tokens))
+    stopped = s.request._deliver(tokens) if tokens else False
+    if stopped:
+      self._finish_slot(slot, STOP)
+    elif device_done:
+      eos = self.sampler.eos_id
+      hit_eos = eos is not None and s.request._tokens and s.request._tokens[-1] == eos
+      self._finish_slot(slot, STOP if hit_eos else LENGTH)
+
+  def _finish_slot(self, slot: int, reason: str):
+    s = self._slots[slot]
+    self._slots[slot] = None  # the next step's live mask stops the row on device
+    r = s.request
+    stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
+                                accepted=s.accepted, judged=s.judged, ks=tuple(sorted(s.ks)))
+    r._finish(reason, stats)
+    self.metrics.finished(reason, stats.time_to_first_token_s)
+
+  # ------------------------------------------------------------------ choosing K
+
+  def _observe_window(self, k, rounds, accepted, judged):
+    """Feeds the K policy the acceptance once per window of rounds at one K. (Round costs come
+    from calibrate(): measured with every slot busy and no other work in the process, they
+    do not change with traffic, since every slot is computed anyway.)"""
+    if self.policy is None or rounds == 0:
+      return
+    w = self._window
+    if w["k"] != k:
+      w.update(k=k, rounds=0, accepted=0, judged=0)
+    w["rounds"] += rounds
+    w["accepted"] += accepted
+    w["judged"] += judged
+    if w["rounds"] < self.window_rounds:
+      return
+    if k > 0:
+      self.policy.observe_acceptance(w["accepted"], w["judged"])
+    else:
+      self.policy.observe_off()
+    w.update(rounds=0, accepted=0, judged=0)
+
+  def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
+                repeats: int = 5) -> dict:
+    """Compiles and times what serving runs, before any request: with every slot busy on
+    `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
+    each K the policy may pick (each after an untimed warm-up call), and the acceptance the
+    draft gets. Seeds the pacing and the K policy with them, so the first real step already
+    runs the K the measured times and acceptance favour (K = 0 where speculation does not
+    pay). Returns the measurements."""
+    if self.active_slots or self._queue:
+      raise RuntimeError("calibrate() runs on an idle engine")
+    if prompts is None:
+      prompts = self._rng.integers(4, self.sampler.target_cfg.num_tokens,
+                                   size=(self.num_slots, self.min_prompt_bucket // 2)).tolist()
+    room = self.room(max(len(p) for p in prompts))
+    if room < 1:
+      raise ContextLengthError(f"calibration prompts leave no room in a {self.max_len}-token slot")
+    max_new = min(room, (repeats + 2) * (rounds + 1) * (max(self.ks) + 1))
+    count = iter(range(2 ** 62))
+
+    def call(kk, n):
+      # Every slot busy: requests that finished are replaced before each call.
+      for _ in range(self.num_slots - self.active_slots):
+        i = next(count)
+        self.submit(prompts[i % len(prompts)],
+                    GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))
+      self._admit(with_draft=True)  # no catch-up inside a timed call
+      return self._run_step(kk, n=n, timed=False)
+
+    report = {"ks": self.ks, "clock": self._cost_clock.__name__}
+    for _ in range(2):
+      _, seconds, _, _, call_cost = call(0, 0)
+    self.pacing.observe_call(seconds)
+    report["call_s"], report["call_cost_s"] = seconds, call_cost
+    accepted = judged = 0
+    for kk in self.ks:
+      call(kk, rounds)  # compiles; at K > 0 the draft catches up first
+    # Each K timed `repeats` times, the K's interleaved so that a busy spell of the machine
+    # hits them all alike, keeping each K's cheapest round: interference only adds time.
+    best, best_wall = {}, {}
+    for _ in range(repeats):
+      for kk in self.ks:
+        if kk > 0:
+          call(kk, 1)  # the draft catches up after K = 0 calls, untimed
+        r, seconds, a, j, cost = call(kk, rounds)
+        if r:
+          t = max(cost - call_cost, 1e-9) / r
+          best[kk] = min(best.get(kk, t), t)
+          t = max(seconds - self.pacing.call_s, 1e-9) / r
+          best_wall[kk] = min(best_wall.get(kk, t), t)
+        accepted, judged = accepted + a, judged + j
+    for kk in best:
+      self.pacing.round_s[kk] = best_wall[kk]
+      report[f"round_s_k{kk}"] = best[kk]
+    report["accepted"], report["judged"] = accepted, judged
+    for slot in self._slots:
+      if slot is not None:
+        slot.request.cancel()
+    self._free_cancelled()
+    self._run_step(0, n=0, timed=False)  # marks the rows done on device
+    if self.policy is not None:
+      for kk, t in best.items():
+        self.policy.observe_round_time(kk, t)
+      if judged:
+        self.policy.observe_acceptance(accepted, judged)
+    if 0 in best:
+      report["relative_cost"] = {kk: t / best[0] for kk, t in best.items()}
+    report.update(chosen_k=self.k, a=self.policy.a if self.policy else None,
+                  c=self.policy.c if self.policy else None,
+                  expected_speedup={kk: self.policy.speedup(kk) for kk in self.ks}
+                  if self.policy else None)
+    # The first requests should not wait for a compile: inserts for the calibration prompts'
+    # buckets, with and without the draft (K = 0 inserts skip it).
+    self.warm_up(self.ks, [len(p) for p in prompts], both_inserts=True)
+    self.metrics.reset()
+    self._window.update(k=None, rounds=0, accepted=0, judged=0)
+    self._host_mark = None
+    self._publish_gauges()
+    return report
+
+  def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = (),
+              both_inserts: bool = False) -> None:
+    """Compiles the step programs for these K and the insert programs for prompts of these
+    lengths (their buckets; inserting as the current K does, or both ways), so no request
+    waits for them. Others compile on first use (seconds on CPU; more for large models)."""
+    for k in ks:
+      self._step_program(int(k))
+    drafts = {True, False} if both_inserts and self.k_max > 0 else {self.k > 0}
+    for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
+      for with_draft in drafts:
+        self._insert_program(with_draft, t)
+
+  def _publish_gauges(self):
+    g = dict(queue_length=len(self._queue), active_slots=self.active_slots,
+             slots=self.num_slots, k=self.k, rounds_per_step=self.pacing.rounds(self.k))
+    if self.policy is not None:
+      g.update(c=self.policy.c if self.policy.c is not None else float("nan"),
+               expected_speedup=self.policy.speedup(), a=self.policy.a)
+    self.metrics.set(**g)
+
+  # ------------------------------------------------------------------ compiled programs
+
+  def _state_shardings(self):
+    mesh, s = self.sampler.mesh, self.sampler
+    sh = jax.tree.map(lambda x: self._row(*x.shape), self._abstract)
+    return sh._replace(
+        target_cache=sharding.cache_shardings(self._abstract.target_cache, mesh, s.target_rules),
+        draft_cache=(None if self._abstract.draft_cache is None else
+                     sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
+
+  def _insert_program(self, with_draft: bool, t: int):
+    key = ("insert", with_draft, t)
+    if key not in self._programs:
+      r = self.prefill_rows
+      row = self._row
+      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r))
+      fn = functools.partial(decode.insert, self._spec, with_draft=with_draft)
+      jitted = jax.jit(fn, donate_argnums=(2,),
+                       in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
+                                     rows_sh),
+                       out_shardings=(self._state_sh, row(r), row(r)))
+      sds = jax.ShapeDtypeStruct
+      args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
+              sds((r,), jnp.int32),
+              decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
+                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
+      self._programs[key] = jitted.lower(*args).compile(
+          compiler_options(self.sampler.mesh.devices.flat[0].platform))
+    return self._programs[key]
+
+  def _step_program(self, k: int):
+    key = ("step", k)
+    if key not in self._programs:
+      spec = dataclasses.replace(self._spec, k=k, out_len=self.pacing.max_rounds * (k + 1))
+      b, row = self.num_slots, self._row
+      rep = sharding.replicated(self.sampler.mesh)
+      fn = functools.partial(decode.run_rounds, spec)
+      jitted = jax.jit(fn, donate_argnums=(2,),
+                       in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
+                       out_shardings=(self._state_sh,
+                                      decode.Out(row(b, spec.out_len), row(b), rep)))
+      sds = jax.ShapeDtypeStruct
+      args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
+              sds((), bool))
+      self._programs[key] = jitted.lower(*args).compile(
+          compiler_options(self.sampler.mesh.devices.flat[0].platform))
+    return self._programs[key]
+
+  # ------------------------------------------------------------------ multi-host
+
+  def follow(self) -> None:
+    """Runs process 0's device calls on this process until it shuts the engine down (the
+    processes other than 0 call this instead of serving)."""
+    if self._channel is None or self._channel.is_leader:
+      raise RuntimeError("follow() is for the processes other than 0 of a multi-host engine")
+    while True:
+      message = self._channel.receive()
+      if message.kind == "stop":
+        return
+      if message.kind == "noop":
+        continue
+      if message.kind == "insert":
+        first, done = self._run_insert(*message.args)
+        to_host((first, done))
+      else:
+        self._run_step_call(*message.args)

@@ -1,0 +1,300 @@
+"""One request's side of the engine: its settings, and the stream its tokens arrive on.
+
+The engine thread pushes tokens into a `Request` (`_deliver`, `_finish`); any other thread or
+event loop reads them, as an iterator (`for chunk in request`), an async iterator
+(`async for chunk in request`) or at once (`request.result()`). With a tokenizer each chunk also
+carries the text it adds, and stop strings end the request on the host (the device never sees
+text): the stop string and whatever follows it are not returned, and text that could still
+become a stop string is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import AsyncIterator, Iterator, Sequence
+
+# Finish reasons (OpenAI's words where they have one).
+STOP = "stop"            # EOS or a stop string
+LENGTH = "length"        # max_new_tokens reached
+CANCELLED = "cancelled"  # Request.cancel() (e.g. the client went away)
+ABORTED = "aborted"      # the engine shut down or failed first
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+  """Per-request sampling settings (all traced on device: any mix shares one program)."""
+  max_new_tokens: int = 16
+  temperature: float = 1.0      # 0 = greedy
+  top_p: float = 1.0            # 1 = off
+  top_k: int = 0                # 0 = off; at most the engine's max_top_k
+  seed: int | None = None       # None: the engine draws one; with a seed the tokens depend on
+                                # the seed and K only, not on what else shares the batch
+  stop: tuple[str, ...] = ()    # stop strings (need a tokenizer)
+
+  def validate(self, *, max_top_k: int, has_tokenizer: bool) -> "GenerationParams":
+    """Raises ValueError naming the bad field."""
+    if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) != self.max_new_tokens \
+        or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+    if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+    if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+    if self.top_k > max_top_k:
+      raise ValueError(f"top_k={self.top_k} exceeds this engine's max_top_k={max_top_k}")
+    if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed
+                                  or not 0 <= self.seed < 2 ** 64):
+      raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+    if self.stop:
+      if not has_tokenizer:
+        raise ValueError("stop strings need an engine with a tokenizer")
+      if not all(isinstance(s, str) and s for s in self.stop):
+        raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """What one engine step added to a request."""
+  tokens: list[int]
+  text: str = ""   # the decoded text these tokens add ("" without a tokenizer)
+
+
+@dataclasses.dataclass
+class RequestStats:
+  prompt_tokens: int = 0
+  new_tokens: int = 0
+  target_calls: int = 0     # the prefill and every round the request took part in
+  accepted: int = 0         # draft tokens accepted
+  judged: int = 0           # draft tokens the target judged (the a of the speedup formula)
+  ks: tuple[int, ...] = ()  # the K of every step the request took part in, distinct, sorted
+  queue_s: float = 0.0      # submitted -> prefill started
+  time_to_first_token_s: float = float("nan")
+  seconds: float = 0.0      # submitted -> finished
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted / self.judged if self.judged else float("nan")
+
+  @property
+  def tokens_per_target_call(self) -> float:
+    return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  tokens: list[int]       # EOS included when hit; tokens past a stop string's end dropped
+  text: str               # "" without a tokenizer; never includes a stop string
+  finish_reason: str
+  stats: RequestStats
+
+
+class _Detokenizer:
+  """Incremental decoding: text deltas as tokens arrive, never splitting a UTF-8 character
+  (a byte-fallback token sequence decodes to U+FFFD until it is complete). Decodes a short
+  window behind the newest token, not the whole output each time."""
+
+  def __init__(self, tokenizer):
+    self._tok = tokenizer
+    self._ids: list[int] = []
+    self._prefix = 0  # decoding starts here (context for pieces that change at a boundary)
+    self._read = 0    # text of ids[prefix:read] is already out
+
+  def push(self, token: int) -> str:
+    self._ids.append(int(token))
+    before = self._tok.decode(self._ids[self._prefix:self._read])
+    now = self._tok.decode(self._ids[self._prefix:])
+    if len(now) > len(before) and not now.endswith("\ufffd"):
+      self._prefix, self._read = self._read, len(self._ids)
+      return now[len(before):]
+    return ""
+
+  def flush(self) -> str:
+    """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+    before = self._tok.decode(self._ids[self._prefix:self._read])
+    now = self._tok.decode(self._ids[self._prefix:])
+    self._prefix = self._read = len(self._ids)
+    return now[len(before):]
+
+
+class Request:
+  """A submitted request: its stream of chunks and, once finished, its Completion."""
+
+  def __init__(self, request_id: int, prompt: Sequence[int], params: GenerationParams,
+               tokenizer=None):
+    self.id = request_id
+    self.prompt = list(prompt)
+    self.params = params
+    self.submitted = time.perf_counter()
+    self._detok = _Detokenizer(tokenizer) if tokenizer is not None else None
+    self._lock = threading.Condition()
+    self._chunks: list[Chunk] = []
+    self._tokens: list[int] = []
+    self._text = ""       # everything decoded (a found stop string cut off)
+    self._sent = 0        # text already handed out in chunks
+    self._finish_reason: str | None = None
+    self._stats = RequestStats(prompt_tokens=len(self.prompt))
+    self._cancelled = False
+    self._stopped = False  # a stop string was found (the text is already cut)
+    self._wakers: list = []
+    self._error: BaseException | None = None
+
+  # ------------------------------------------------------------ reading (any thread)
+
+  @property
+  def finished(self) -> bool:
+    return self._finish_reason is not None
+
+  @property
+  def finish_reason(self) -> str | None:
+    return self._finish_reason
+
+  @property
+  def stats(self) -> RequestStats:
+    return self._stats
+
+  @property
+  def tokens(self) -> list[int]:
+    with self._lock:
+      return list(self._tokens)
+
+  def cancel(self) -> None:
+    """Stop generating; the engine frees the slot at its next step (a queued request never
+    starts). Tokens already produced stay readable."""
+    self._cancelled = True
+
+  @property
+  def cancelled(self) -> bool:
+    return self._cancelled
+
+  def result(self, timeout: float | None = None) -> Completion:
+    with self._lock:
+      if not self._lock.wait_for(lambda: self.finished, timeout):
+        raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+      return self._completion()
+
+  def __iter__(self) -> Iterator[Chunk]:
+    i = 0
+    while True:
+      with self._lock:
+        self._lock.wait_for(lambda: i < len(self._chunks) or self.finished)
+        chunks, finished = self._chunks[i:], self.finished
+      i += len(chunks)
+      yield from chunks
+      if finished and i == len(self._chunks):
+        self._raise_if_failed()
+        return
+
+  async def _aiter(self) -> AsyncIterator[Chunk]:
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def waker():
+      try:
+        loop.call_soon_threadsafe(event.set)
+      except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+        pass
+    with self._lock:
+      self._wakers.append(waker)
+    try:
+      i = 0
+      while True:
+        with self._lock:
+          chunks, finished = self._chunks[i:], self.finished
+          event.clear()
+        i += len(chunks)
+        for c in chunks:
+          yield c
+        if finished and not chunks:
+          self._raise_if_failed()
+          return
+        if not chunks:
+          await event.wait()
+    finally:
+      with self._lock:
+        self._wakers.remove(waker)
+
+  def __aiter__(self) -> AsyncIterator[Chunk]:
+    return self._aiter()
+
+  def _completion(self) -> Completion:
+    self._raise_if_failed()
+    return Completion(tokens=list(self._tokens), text=self._text,
+                      finish_reason=self._finish_reason, stats=self._stats)
+
+  def _raise_if_failed(self):
+    if self._error is not None:
+      raise RuntimeError(f"request {self.id}: the engine failed") from self._error
+
+  # ------------------------------------------------------------ writing (the engine thread)
+
+  def _deliver(self, tokens: Sequence[int]) -> bool:
+    """Appends new tokens; returns True if a stop string ended the request (the engine then
+    frees its slot and calls _finish)."""
+    new_tokens, stopped = [], False
+    for t in tokens:
+      new_tokens.append(int(t))
+      if self._detok is None:
+        continue
+      start = len(self._text)
+      self._text += self._detok.push(t)
+      if self.params.stop and self._find_stop(start):
+        stopped = True
+        break
+    with self._lock:
+      self._tokens.extend(new_tokens)
+      text = self._take_text(final=stopped)
+      if new_tokens or text:
+        self._chunks.append(Chunk(new_tokens, text))
+      self._stopped = stopped
+      self._lock.notify_all()
+      wakers = list(self._wakers)
+    for w in wakers:
+      w()
+    return stopped
+
+  def _find_stop(self, start: int) -> bool:
+    longest = max(len(s) for s in self.params.stop)
+    window_from = max(0, start - longest + 1)
+    hits = [i for i in (self._text.find(s, window_from) for s in self.params.stop) if i >= 0]
+    if hits:
+      self._text = self._text[:min(hits)]
+      return True
+    return False
+
+  def _take_text(self, final: bool) -> str:
+    """Text not yet handed out, minus a tail that may still grow into a stop string."""
+    end = len(self._text)
+    if not final and self.params.stop:
+      for s in self.params.stop:
+        for n in range(min(len(s) - 1, end - self._sent), 0, -1):
+          if self._text.endswith(s[:n]):
+            end = min(end, len(self._text) - n)
+            break
+    out, self._sent = self._text[self._sent:end], max(self._sent, end)
+    return out
+
+  def _finish(self, reason: str, stats: RequestStats | None = None,
+              error: BaseException | None = None) -> None:
+    if self._detok is not None and not self._stopped:
+      self._text += self._detok.flush()  # e.g. an incomplete character at max_new_tokens
+    with self._lock:
+      if self.finished:
+        return
+      if stats is not None:
+        self._stats = stats
+      self._stats.seconds = time.perf_counter() - self.submitted
+      self._error = error
+      text = self._take_text(final=True)
+      if text:
+        self._chunks.append(Chunk([], text))
+      self._finish_reason = reason
+      self._lock.notify_all()
+      wakers = list(self._wakers)
+    for w in wakers:
+      w()

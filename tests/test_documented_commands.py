@@ -1,0 +1,381 @@
+"""Every command the README and the config docstrings show runs, so a config or a documented
+command that cannot run is caught here rather than by a user.
+
+The commands are collected from the documents themselves: a new one is run by default. Each runs
+as written, with only (1) the shrinking overrides of the small tables below appended (a later flag
+wins), (2) placeholder paths (/ckpt/..., /models/..., /tmp/..., prompts.jsonl) moved into a
+temporary directory, and (3) the inputs a user would bring (a Hugging Face model directory, a
+tokenizer file, checkpoints of the big presets, a prompts file) made tiny there, only where no
+earlier command makes them. Commands run in document order, README first, so one command's output
+feeds a later one as the documents intend (launch.train's draft feeds launch.evaluate_pair, and
+launch.convert's Gemma 2 2B is the draft the Gemma 2 sample command reads).
+
+A command whose program has no row in SHRINK or NOT_RUN fails the coverage test: a new launcher
+must say how it is shrunk before it can be left to run at full size; a table row no command uses
+fails it too. The commands run in two processes side by side (tests/run_launchers.py runs many
+commands per process): launch.plan on 16 simulated devices (the documented topologies), the rest
+on one device.
+"""
+
+import ast
+import dataclasses
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# ---------------------------------------------------------------- the tables
+
+# Commands the documents show that are not launcher runs, and why they are not run here.
+NOT_RUN = {
+    "venv": "creates the environment this suite already runs in",
+    "pip": "installs the package this suite already imports (needs the network)",
+    "pytest": "is this test suite",
+    "launch.serve": "serves until stopped; tests/test_serve.py starts the server and talks to it",
+}
+
+# Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
+SHRINK = {
+    "launch.sample": ["--config.sampling.max_new_tokens=4", "--nocompare_ar"],
+    "launch.benchmark": ["--ks=0", "--batches=1", "--max_new_tokens=2", "--repeats=1",
+                         "--step_repeats=1"],
+    "launch.plan": ["--config.model.fields.num_layers=1", "--config.draft.fields.num_layers=1"],
+    "launch.train": ["--config.steps=1", "--config.seconds=600", "--config.batch=2",
+                     "--config.seq_len=16", "--config.eval_windows=1"],
+    "launch.evaluate_pair": ["--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
+                             "--repeats=1", "--seq_len=8", "--eval_windows=1", "--show_samples=1"],
+    "launch.convert": [],
+}
+
+# Appended to the commands of one launcher naming one config (--config=..., as written).
+_SMALL_LLAMA = [f"--config.{m}.fields.{k}={v}" for m in ("model", "draft") for k, v in
+                dict(num_layers=1, d_model=64, num_heads=2, num_kv_heads=2, head_dim=32,
+                     ffw_dim=128).items()]
+SHRINK_CONFIG = {
+    # Trained weights go under the temporary directory, never over the shipped assets (where
+    # :target and :distill write by default); :draft writes where its config says, which is what
+    # evaluate_pair's second command reads.
+    ("configs/train.py:target", "launch.train"): ["--config.output=/ckpt/trained/target"],
+    ("configs/train.py:distill", "launch.train"): ["--config.output=/ckpt/trained/draft"],
+    ("configs/train.py:draft", "launch.train"): ["--config.output=/tmp/spec_assets/draft_data"],
+    # Its default mesh is 1x16; sampling runs on one device here.
+    ("configs/chinchilla_70b.py", "launch.sample"): ["--config.mesh.shape=(1,-1)"],
+    # The 27B's padding rows are beyond the 262,144 tokens of the Gemma 3 tokenizer; the stand-in
+    # tokenizer here has 2048.
+    ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
+    # Random 7B weights would be 13 GB: the same shapes, narrower; and the README's GPU command
+    # is the one that runs the draft (the speculative path of the default pair's benchmark is
+    # tests/test_launch.py's).
+    ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA + ["--ks=0,1"],
+}
+
+# Simulated devices of the process a launcher's commands run in (default 1). Most of their time is
+# single-threaded compilation, so the two processes run side by side: the plans (16 devices for
+# the documented topologies) also take train and evaluate_pair, whose programs use one device, to
+# balance the load (one feeds the other, so they share a process and keep document order).
+DEVICES = {"launch.plan": 16, "launch.train": 16, "launch.evaluate_pair": 16}
+
+# Placeholders in the documents: absolute paths name places on the user's machine.
+_PLACEHOLDER_ROOTS = ("/ckpt/", "/models/", "/tmp/")
+# Flags whose relative file names are the command's own files (made, or written, per command).
+_OWN_FILE_FLAGS = ("--prompts", "--output", "--output_json")
+
+# ---------------------------------------------------------------- collecting
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  source: str            # where it is written, "README.md:41"
+  text: str              # as written (continuation lines joined)
+  program: str           # "launch.sample", or "venv", "pip", "pytest"
+  args: tuple[str, ...]  # after the program
+
+  @property
+  def config(self) -> str:
+    found = [a.split("=", 1)[1] for a in self.args if a.startswith("--config=")]
+    return found[-1] if found else ""
+
+  @property
+  def id(self) -> str:
+    return f"{self.source} {self.program} {' '.join(self.args)}"[:150]
+
+
+def _documents() -> list[tuple[str, str]]:
+  with open(os.path.join(REPO, "README.md")) as f:
+    docs = [("README.md", f.read())]
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    with open(path) as f:
+      docstring = ast.get_docstring(ast.parse(f.read())) or ""
+    docs.append((os.path.relpath(path, REPO), docstring))
+  return docs
+
+
+def _program(tokens: list[str]) -> tuple[str, list[str]] | None:
+  """(program, args) of a shell command, or None if it is not one the documents could mean."""
+  while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):  # VAR=value prefixes
+    tokens = tokens[1:]
+  if not tokens:
+    return None
+  exe = os.path.basename(tokens[0])
+  if re.fullmatch(r"python3?(\.\d+)?", exe):
+    if len(tokens) >= 3 and tokens[1] == "-m":
+      return tokens[2], tokens[3:]
+    return (tokens[1], tokens[2:]) if len(tokens) > 1 else None  # a script: uncovered
+  if exe in ("pip", "pip3", "pytest"):
+    return exe.rstrip("3"), tokens[1:]
+  return None
+
+
+def _alternatives(args: list[str]) -> list[list[str]]:
+  """`[--a=1 | --b=2]` in a usage line: one command per alternative."""
+  for i, first in enumerate(args):
+    if not first.startswith("["):
+      continue
+    for j in range(i, len(args)):
+      if args[j].endswith("]"):
+        inside = " ".join(args[i:j + 1])[1:-1]
+        if "|" not in inside:
+          break
+        return [variant for choice in inside.split("|")
+                for variant in _alternatives(args[:i] + shlex.split(choice) + args[j + 1:])]
+  return [args]
+
+
+def documented_commands() -> list[Command]:
+  commands, seen = [], set()
+  for source, text in _documents():
+    lines = text.splitlines()
+    n = 0
+    while n < len(lines):
+      start, line = n, lines[n].strip()
+      while line.endswith("\\") and n + 1 < len(lines):
+        n += 1
+        line = line[:-1].rstrip() + " " + lines[n].strip()
+      n += 1
+      for segment in line.split("&&"):
+        try:
+          tokens = shlex.split(segment, comments=True)
+        except ValueError:
+          continue  # prose with an odd quote
+        found = _program(tokens)
+        if found is None:
+          continue
+        program, args = found
+        for variant in _alternatives(args):
+          key = (program, tuple(variant))
+          if key not in seen:
+            seen.add(key)
+            commands.append(Command(f"{source}:{start + 1}", segment.strip(), program,
+                                    tuple(variant)))
+  return commands
+
+
+COMMANDS = documented_commands()
+LAUNCHES = [c for c in COMMANDS if c.program not in NOT_RUN]
+
+
+def test_every_documented_command_is_covered():
+  # Every command is a launcher with shrinking rules, or is listed as not run (with a reason);
+  uncovered = [c.text for c in COMMANDS if c.program not in SHRINK and c.program not in NOT_RUN]
+  assert not uncovered, f"documented commands with no row in SHRINK or NOT_RUN: {uncovered}"
+  # every table row still matches a command (a stale row hides a renamed one),
+  programs = {c.program for c in COMMANDS}
+  assert not set(NOT_RUN) - programs and not set(SHRINK) - programs
+  stale = [key for key in SHRINK_CONFIG
+           if not any((c.config, c.program) == key for c in COMMANDS)]
+  assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
+  # and the documents do hold the commands this suite is meant to keep runnable.
+  assert {"launch.sample", "launch.benchmark", "launch.plan", "launch.convert", "launch.train",
+          "launch.evaluate_pair"} <= programs
+  assert any(c.config == "configs/llama_7b_bench.py" and c.source.startswith("README")
+             for c in LAUNCHES)
+  assert len({c.config for c in LAUNCHES if c.config}) >= 9
+
+
+# ---------------------------------------------------------------- placing and preparing
+
+
+def _place(value: str, root: str, own_dir: str, own_file: bool) -> str:
+  """Where a documented path lives in this run."""
+  label, sep, path = value.rpartition("=")  # --draft=label=/path
+  if path.startswith(_PLACEHOLDER_ROOTS):
+    return f"{label}{sep}{root}{path}"
+  if own_file and path and not os.path.isabs(path):
+    return f"{label}{sep}{os.path.join(own_dir, path)}"
+  return value
+
+
+def _argv(command: Command, index: int, root: str) -> list[str]:
+  own_dir = os.path.join(root, "commands", str(index))
+  os.makedirs(own_dir, exist_ok=True)
+  extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
+           + SHRINK_CONFIG.get((command.config, command.program), []))
+  argv = [command.program]
+  for arg in (*command.args, *extra):
+    name, sep, value = arg.partition("=")
+    argv.append(name + sep + _place(value, root, own_dir, name in _OWN_FILE_FLAGS) if sep
+                else arg)
+  return argv
+
+
+def _flag_values(argv, name):
+  return [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+
+
+def _tiny(cfg, tokenizer):
+  """The same family, a few thousand parameters per layer, and the stand-in tokenizer's
+  vocabulary (a model that could sample ids the tokenizer lacks would print garbage)."""
+  kv = 1 if cfg.num_kv_heads < cfg.num_heads else 2
+  return cfg.replace(num_layers=min(cfg.num_layers, 2), d_model=32, num_heads=2, num_kv_heads=kv,
+                     head_dim=16, ffw_dim=64, vocab_size=tokenizer.vocab_size,
+                     valid_vocab_size=None, tokenizer=tokenizer.name,
+                     sliding_window=cfg.sliding_window and min(cfg.sliding_window, 16),
+                     lru_width=cfg.lru_width and 32)
+
+
+def _write_prompts(path):
+  with open(path, "w") as f:
+    for i, text in enumerate(["def add(a, b):\n    return", "import os\n\n\ndef walk(root):\n"]):
+      f.write(json.dumps({"id": f"p{i}", "prompt": text}) + "\n")
+
+
+def _make_hf_model(path, tokenizer_file):
+  """A tiny Gemma 2 saved by transformers, as a model downloaded from the hub would be."""
+  import shutil
+  import transformers  # builds from a config: no network
+  config = transformers.Gemma2Config(
+      vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+      query_pre_attn_scalar=16)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  model.save_pretrained(path, safe_serialization=True)
+  shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.model"))
+
+
+def _prepare_inputs(argvs: list[list[str]], root: str) -> None:
+  """Makes what a user would bring and no earlier command makes: prompts files, tokenizer files,
+  a Hugging Face model directory, checkpoints of the big presets (same family, tiny)."""
+  import importlib
+  import shutil
+  import jax
+  import numpy as np
+  from spec_tpu import tokenizer as tokenizer_lib
+  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.models import config as config_lib, model
+  for place in _PLACEHOLDER_ROOTS:
+    os.makedirs(root + place, exist_ok=True)
+  rng = np.random.default_rng(0)
+  shipped = str(tokenizer_lib.DEFAULT_MODEL_PATH)
+  stand_in = tokenizer_lib.load(shipped)  # for the tokenizers of the big families
+  made_later = set()  # what a command writes, for the commands after it
+  for argv in argvs:
+    for path in _flag_values(argv, "--prompts"):
+      if not os.path.exists(path) and path not in made_later:
+        _write_prompts(path)
+    for path in _flag_values(argv, "--src"):
+      if not os.path.exists(path):
+        _make_hf_model(path, shipped)
+    for path in _flag_values(argv, "--config.model.tokenizer"):
+      if path.startswith(root) and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(shipped, path)
+    config_spec = (_flag_values(argv, "--config") or [""])[-1]
+    for role in ("model", "draft"):
+      for path in _flag_values(argv, f"--config.{role}.checkpoint"):
+        if not path.startswith(root) or os.path.exists(path) or path in made_later:
+          continue
+        module, _, arg = config_spec.partition(":")
+        config = importlib.import_module(module[:-3].replace("/", ".")).get_config(arg or None)
+        cfg = _tiny(config_lib.get_preset(getattr(config, role).preset), stand_in)
+        shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+        checkpoint.save(path, jax.tree.map(
+            lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), shapes), cfg)
+    made_later.update(_flag_values(argv, "--dst") + _flag_values(argv, "--output")
+                      + _flag_values(argv, "--config.output"))
+
+
+# ---------------------------------------------------------------- running
+
+
+# XLA:CPU's older elemental emitters compile these programs 2-3x faster than its fusion emitters
+# (measured: a decode loop 4.5 s -> 2.1 s); an XLA that no longer knows the flag would abort.
+_FASTER_CPU_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _probe_xla_flag(flag: str) -> subprocess.Popen:
+  """A process whose exit status says whether this XLA knows `flag`."""
+  return subprocess.Popen([sys.executable, "-c", "import jax; jax.devices()"],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _env(devices: int, cache_dir: str, extra_flags: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
+             # Commands of one config compile the same programs: the second loads them.
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  flags = os.environ.get("XLA_FLAGS", "") + " " + extra_flags  # conftest's carry over
+  if devices > 1:
+    flags += f" --xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = flags.strip()
+  return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("documented"))
+  probe = _probe_xla_flag(_FASTER_CPU_COMPILE)
+  argvs = [_argv(c, i, root) for i, c in enumerate(LAUNCHES)]
+  _prepare_inputs(argvs, root)
+  extra_flags = _FASTER_CPU_COMPILE if probe.wait(timeout=120) == 0 else ""
+  groups = {}
+  for i, c in enumerate(LAUNCHES):
+    groups.setdefault(DEVICES.get(c.program, 1), []).append(i)
+  procs = []
+  for devices, indices in groups.items():  # side by side: most of the time is single-threaded
+    group_dir = os.path.join(root, f"run_{devices}")
+    os.makedirs(group_dir)
+    with open(os.path.join(group_dir, "commands.json"), "w") as f:
+      json.dump([argvs[i] for i in indices], f)
+    out = open(os.path.join(group_dir, "driver.log"), "wb")
+    procs.append((indices, group_dir, out, subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
+         os.path.join(group_dir, "commands.json"), os.path.join(group_dir, "results.jsonl")],
+        cwd=REPO, env=_env(devices, os.path.join(group_dir, "jax_cache"), extra_flags),
+        stdout=out, stderr=subprocess.STDOUT)))
+  deadline = time.monotonic() + 900
+  found = {}
+  for indices, group_dir, out, proc in procs:
+    try:
+      proc.wait(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    out.close()
+    path = os.path.join(group_dir, "results.jsonl")
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    for line in lines:
+      r = json.loads(line)
+      found[indices[r["index"]]] = dict(r, argv=argvs[indices[r["index"]]])
+    with open(os.path.join(group_dir, "driver.log"), errors="replace") as f:
+      driver_log = f.read()[-3000:]
+    for i in indices:
+      found.setdefault(i, {"rc": None, "argv": argvs[i], "seconds": 0.0,
+                           "log": f"did not finish (driver exit {proc.returncode}):\n{driver_log}"})
+  return found
+
+
+@pytest.mark.parametrize("index", range(len(LAUNCHES)), ids=[c.id for c in LAUNCHES])
+def test_documented_command_runs(results, index):
+  r = results[index]
+  assert r["rc"] == 0, (f"{LAUNCHES[index].source}: {LAUNCHES[index].text}\nran as: "
+                        f"{shlex.join(r['argv'])}\n{r['log'][-4000:]}")

@@ -1,0 +1,345 @@
+"""The serving engine: exact through slots, per-request settings and streams, seeded output that
+ignores the batch, and the K and N policies.
+
+Exactness uses the toy models and the chi-square machinery of test_exactness.py (the target's
+law is enumerated there): requests enter a busy engine at their own times, next to rows at other
+positions with other settings, and must still follow the target's law.
+"""
+
+import asyncio
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import test_exactness as ex
+from spec_tpu.decoding import k_policy
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.models import model
+from spec_tpu.models.config import get_preset
+from spec_tpu.serving import Engine, GenerationParams
+from spec_tpu.serving import multihost
+from spec_tpu.serving.engine import ContextLengthError
+from spec_tpu.serving.pacing import Pacing
+from spec_tpu.tokenizer import ByteTokenizer
+
+
+def _toy_sampler(eos_id=None):
+  return Sampler(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
+                 draft_cfg=ex.DRAFT, eos_id=eos_id)
+
+
+def _drain(engine):
+  while engine.step():
+    pass
+
+
+@pytest.fixture(scope="module")
+def toy_engine():
+  """The toy pair, K = 3 fixed (compiled programs are per engine: tests share this one)."""
+  return Engine(_toy_sampler(), num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness through the engine.
+
+def _fillers(rng, n):
+  """Requests of other lengths and settings that keep the slots busy and ragged."""
+  out = []
+  for _ in range(n):
+    prompt = rng.integers(0, ex.V, rng.integers(1, 13)).tolist()
+    params = GenerationParams(max_new_tokens=int(rng.integers(1, 13)),
+                              temperature=float(rng.choice([0.0, 0.5, 1.3])),
+                              top_p=float(rng.choice([1.0, 0.8])), top_k=int(rng.choice([0, 2, 4])))
+    out.append((prompt, params))
+  return out
+
+
+LAW_ROWS = 2000  # per temperature: fewer than the Sampler suite's 3000 (its power is shown
+                 # there, on the same round function); enough for the pooled chi-square
+
+
+def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
+  # Given an engine whose slots are kept busy by filler requests (other prompts and lengths,
+  # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
+  # temperatures queued between them, so each enters a slot at its own time beside rows at
+  # other positions with other settings (4 requests per insert call),
+  engine = Engine(_toy_sampler(), num_slots=128, max_len=32, k=3, adaptive_k=False,
+                  max_top_k=4, prefill_rows=4)
+  rng = np.random.default_rng(0)
+  fillers = iter(_fillers(rng, LAW_ROWS))
+  law = {1.0: [], 0.7: []}
+  for i in range(LAW_ROWS):
+    for temperature, requests in law.items():
+      requests.append(engine.submit(ex.PROMPT, GenerationParams(
+          max_new_tokens=ex.MAX_NEW, temperature=temperature, seed=int(rng.integers(2**63)))))
+    if i % 2:
+      engine.submit(*next(fillers))
+  # when the engine runs them all,
+  _drain(engine)
+  # then each group follows the target's law at its temperature (every round, rollback and
+  # ring wrap included: the sequential test covers all MAX_NEW tokens),
+  for temperature, requests in law.items():
+    rows = [r.result().tokens for r in requests]
+    p, each = ex.exactness_pvalue(rows, temperature=temperature)
+    assert p > ex.ALPHA, f"T={temperature}: departs from the target law (p={p:.2e}; {each})"
+  # the draft was judged often and not always right, and requests entered at many different
+  # times (the batch really was busy).
+  stats = [r.stats for r in law[1.0]]
+  a = sum(s.accepted for s in stats) / sum(s.judged for s in stats)
+  assert 0.2 < a < 0.9, a
+  assert len({round(s.queue_s, 4) for s in stats}) > 50
+
+
+def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine):
+  # Given ragged greedy prompts queued among sampled requests (other temperatures, top-p,
+  # top-k) in one engine, and the target's greedy continuations (rows with a near-tie on the
+  # path excluded, as in test_exactness),
+  n = 256
+  engine = toy_engine
+  sampler = engine.sampler
+  prompts = ex.GREEDY_PROMPTS[:n]
+  want = np.array(sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
+                                   sampling=ex.GREEDY).tokens)
+  seqs = np.zeros((n, 16 + ex.MAX_NEW), np.int32)
+  for i, prompt in enumerate(prompts):
+    seqs[i, :len(prompt) + ex.MAX_NEW] = prompt + want[i].tolist()
+  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(ex.target_params(),
+                                                                    ex.TARGET, seqs))
+  at = np.array([len(p) - 1 for p in prompts])[:, None] + np.arange(ex.MAX_NEW)[None, :]
+  top2 = -np.sort(-np.take_along_axis(logits, at[..., None], axis=1), axis=-1)[..., :2]
+  clear = np.all(top2[..., 0] - top2[..., 1] > ex.GREEDY_MARGIN, axis=1)
+  assert clear.mean() > 0.97
+  rng = np.random.default_rng(1)
+  greedy = []
+  for prompt, filler in zip(prompts, _fillers(rng, n)):
+    greedy.append(engine.submit(prompt, GenerationParams(max_new_tokens=ex.MAX_NEW,
+                                                         temperature=0.0, top_p=0.5)))
+    engine.submit(*filler)
+  _drain(engine)
+  # then every greedy request is the target's greedy continuation, token for token.
+  got = np.array([r.result().tokens for r in greedy])
+  bad = np.flatnonzero(clear & np.any(got != want, axis=1))
+  assert bad.size == 0, f"{bad.size} rows differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
+
+
+def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
+  # Given a seeded request run alone,
+  engine = toy_engine
+  probe = GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=0.9, top_p=0.9, top_k=4,
+                           seed=2**40 + 7)
+  alone = engine.generate([ex.PROMPT], probe)[0].tokens
+  # when it runs again behind other requests (so in another slot, at another time, beside rows
+  # at other positions), and with yet other neighbours,
+  rng = np.random.default_rng(2)
+  for neighbours in (5, 40):
+    others = [engine.submit(*f) for f in _fillers(rng, neighbours)]
+    again = engine.submit(ex.PROMPT, probe)
+    others += [engine.submit(*f) for f in _fillers(rng, 4)]
+    _drain(engine)
+    # then its tokens are the same,
+    assert again.result().tokens == alone
+  # while another seed gives other tokens (the seed is what decides).
+  seeds = [engine.generate([ex.PROMPT], dataclasses.replace(probe, seed=s))[0].tokens
+           for s in range(3)]
+  assert any(t != alone for t in seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams, stop strings, cancellation: a tiny byte-level model, driven step by step here (the
+# server tests run it on its background thread).
+
+@pytest.fixture(scope="module")
+def byte_engine():
+  target = get_preset("tiny").replace(name="tiny_bytes", vocab_size=260, tokenizer="bytes")
+  draft = target.replace(name="tiny_bytes_draft", num_layers=1)
+  tok = ByteTokenizer()
+  sampler = Sampler(model.init_params(target, jax.random.key(0)), target,
+                    draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
+                    eos_id=tok.eos_id)
+  engine = Engine(sampler, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
+                  rounds_per_step=2)
+  return engine, tok
+
+
+def test_stream_chunks_add_up_to_the_result(byte_engine):
+  engine, tok = byte_engine
+  # Given a text prompt; when its stream is read as an iterator and as an async iterator,
+  request = engine.submit("def f(x):", GenerationParams(max_new_tokens=40, seed=3))
+  _drain(engine)
+  chunks = list(request)
+  done = request.result()
+  # then the chunks' tokens and texts add up to the completion, whose text decodes its tokens,
+  assert [t for c in chunks for t in c.tokens] == done.tokens
+  assert "".join(c.text for c in chunks) == done.text == tok.decode(done.tokens)
+  assert len(chunks) > 2 and done.finish_reason in ("stop", "length")
+  # and the stats count the request's own calls.
+  assert done.stats.new_tokens == len(done.tokens) and done.stats.prompt_tokens == 9
+  assert done.stats.target_calls >= math.ceil(len(done.tokens) / 3)
+  assert 0 <= done.stats.accepted <= done.stats.judged and done.stats.ks == (2,)
+
+  async def read(r):
+    return [c async for c in r]
+  again = engine.submit("def f(x):", GenerationParams(max_new_tokens=40, seed=3))
+  _drain(engine)
+  async_chunks = asyncio.run(read(again))
+  assert [t for c in async_chunks for t in c.tokens] == done.tokens  # same seed, same tokens
+
+
+def test_stop_string_ends_the_request_before_it(byte_engine):
+  engine, tok = byte_engine
+  params = GenerationParams(max_new_tokens=60, seed=5, temperature=0.7)
+  full = engine.generate(["import os"], params)[0].text
+  assert len(full) > 12
+  stop = full[8:11]
+  # Given the same seeded request with a stop string its output contains,
+  request = engine.submit("import os", dataclasses.replace(params, stop=(stop, "\x00never")))
+  _drain(engine)
+  chunks = list(request)
+  done = request.result()
+  # then the text ends just before the stop string's first occurrence, nothing of it streamed.
+  assert done.text == full[:full.index(stop)]
+  assert "".join(c.text for c in chunks) == done.text
+  assert done.finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot(byte_engine):
+  engine, _ = byte_engine
+  # Given a long request that has started, and one still queued behind a full engine,
+  running = engine.submit("x", GenerationParams(max_new_tokens=100, seed=1))
+  fillers = [engine.submit("y", GenerationParams(max_new_tokens=100)) for _ in range(3)]
+  queued = engine.submit("z", GenerationParams(max_new_tokens=100))
+  engine.step()
+  assert 0 < len(running.tokens) < 100 and engine.active_slots == 4 and not queued.tokens
+  # when both are cancelled,
+  running.cancel()
+  queued.cancel()
+  engine.step()
+  # then both end as cancelled (the queued one never started), the running one's slot frees,
+  assert running.result().finish_reason == queued.result().finish_reason == "cancelled"
+  assert queued.result().tokens == [] and engine.active_slots == 3
+  assert len(list(running)) >= 1  # its stream ends
+  # and the others still finish.
+  for f in fillers:
+    f.cancel()
+  _drain(engine)
+  assert engine.active_slots == 0 and engine.queue_length == 0
+
+
+def test_bad_requests_are_refused_before_queueing(byte_engine):
+  engine, _ = byte_engine
+  with pytest.raises(ContextLengthError, match="context"):
+    engine.submit("x" * 100, GenerationParams(max_new_tokens=30))
+  for bad, match in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                     (dict(top_k=65), "max_top_k"), (dict(max_new_tokens=0), "max_new"),
+                     (dict(seed=-1), "seed"), (dict(stop=("",)), "stop")]:
+    with pytest.raises(ValueError, match=match):
+      engine.submit("x", GenerationParams(**bad))
+  assert engine.queue_length == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing K and N.
+
+@pytest.fixture(scope="module")
+def same_draft_engine():
+  """The target as its own draft (p = q: every draft token is accepted, a = 1); adaptive K
+  from k0 = 1 up to k_max = 3. Tests reset its policy."""
+  same = ex.TARGET.replace(name="same_as_target")
+  sampler = Sampler(ex.target_params(), ex.TARGET, draft_params=ex.target_params(),
+                    draft_cfg=same)
+  return Engine(sampler, num_slots=8, max_len=64, max_top_k=4, window_rounds=8, k=1, k_max=3,
+                adaptive_k=True)
+
+
+def _fresh_policy(engine, k0=1):
+  engine.policy = k_policy.AdaptiveK(k0=k0, k_max=engine.k_max, probe_every=16, ks=engine.ks)
+  engine.pacing = Pacing(engine.pacing.max_rounds)
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted(same_draft_engine):
+  # Given the target as its own draft, where K = 0 steps first leave the draft behind (it
+  # catches up before the speculative steps),
+  engine = same_draft_engine
+  requests = [engine.submit(ex.PROMPT, GenerationParams(max_new_tokens=24, seed=i))
+              for i in range(8)]
+  engine.step(k=0)
+  engine.step(k=0)
+  while engine.step(k=2):
+    pass
+  # then every judged draft token is accepted: the draft saw exactly the target's context.
+  for r in requests:
+    assert r.result().stats.judged > 0 and r.result().stats.acceptance_rate == 1.0
+    assert r.result().stats.ks == (0, 2)
+
+
+def test_k_follows_measured_acceptance_and_cost(same_draft_engine):
+  # Given a draft that is always right, and round times of 1 + K c at every K the engine may
+  # pick (as calibration measures them; faked here so the choice does not hang on this machine),
+  engine = same_draft_engine
+  _fresh_policy(engine)
+  engine.pacing.observe_step = lambda *a: None
+  assert engine.ks == (0, 1, 2)
+  for draft_cost, want_k in [(0.01, 2), (3.0, 0)]:
+    engine.pacing.round_s = {k: 1.0 + k * draft_cost for k in engine.ks}
+    for k, seconds in engine.pacing.round_s.items():
+      engine.policy.observe_round_time(k, seconds)
+    # when requests run long enough for a few windows of rounds,
+    results = engine.generate([ex.PROMPT] * 8, GenerationParams(max_new_tokens=40, seed=1))
+    # then the policy saw a ~ 1 and moved K to the best one: the largest while the draft is
+    # nearly free, K = 0 (plain decoding) once it costs more than the target.
+    assert engine.policy.a > 0.9
+    assert engine.k == want_k
+    assert want_k in results[-1].stats.ks
+
+
+def test_calibration_times_both_programs_and_picks_k(same_draft_engine):
+  # Given an idle engine, when it calibrates on its own,
+  engine = same_draft_engine
+  _fresh_policy(engine)
+  report = engine.calibrate(rounds=2, repeats=1)
+  # then it measured a step call and a round at every K it may pick, and chose the K whose
+  # measured round time and acceptance promise the most,
+  assert report["call_s"] > 0 and all(report[f"round_s_k{k}"] > 0 for k in engine.ks)
+  assert report["accepted"] == report["judged"] > 0 and engine.policy.c is not None
+  t = {k: report[f"round_s_k{k}"] for k in engine.ks}
+  costs = {k: max(t[j] for j in t if j <= k) / t[0] for k in engine.ks}  # never below a smaller K
+  assert costs == pytest.approx({k: engine.policy.cost(k) for k in engine.ks})
+  assert engine.k == k_policy.choose_k_measured(engine.policy.a, costs, engine.policy.margin)
+  # leaving no request behind, and serving correctly afterwards.
+  assert engine.active_slots == 0 and engine.metrics.snapshot()["generated_tokens"] == 0
+  out = engine.generate([ex.PROMPT], GenerationParams(max_new_tokens=5, temperature=0.0))
+  assert len(out[0].tokens) == 5
+
+
+def test_rounds_per_step_amortise_the_host_overhead():
+  p = Pacing(max_rounds=16, overhead=0.05, max_interval_s=0.1)
+  assert p.rounds(0) == 1  # nothing measured yet
+  p.observe_call(0.0005)
+  p.observe_host(0.0005)
+  p.observe_step(0, rounds=4, seconds=0.0005 + 4 * 0.004)
+  # h = 1 ms, t = 4 ms: 5 rounds keep h at 5% of a step.
+  assert p.rounds(0) == 5
+  p.observe_step(4, rounds=2, seconds=0.0005 + 2 * 0.05)
+  assert p.rounds(4) == 1  # 50 ms rounds: h is already small
+  slow = Pacing(max_rounds=16, max_interval_s=0.02)
+  slow.observe_host(0.01)
+  slow.observe_step(0, rounds=1, seconds=0.004)
+  assert slow.rounds(0) == 5  # streaming interval caps it (5 x 4 ms = 20 ms)
+  assert Pacing(max_rounds=16, fixed=3).rounds(0) == 3
+
+
+def test_multihost_insert_message_round_trips():
+  from spec_tpu.decoding import decode
+  slots = np.array([3, 8], np.int32)
+  tokens = np.array([[5, 6, 7], [1, 0, 0]], np.int32)
+  lengths = np.array([3, 1], np.int32)
+  rows = decode.Rows(np.array([0.7, 0.0], np.float32), np.array([0.95, 1.0], np.float32),
+                     np.array([4, 0], np.int32),
+                     np.array([[2**32 - 1, 5], [0, 2**31]], np.uint32), np.array([9, 1], np.int32))
+  got = multihost.unpack_insert(multihost.pack_insert(slots, tokens, lengths, rows), 3)
+  for a, b in zip(jax.tree.leaves((slots, tokens, lengths, rows)), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype

@@ -1,0 +1,374 @@
+"""`python -m launch.serve` as users run it, talked to by the real `openai` client: plain and
+streamed completions and chats, 64 concurrent mixed requests, a client that walks away
+mid-stream, bad requests answered 4xx while the server keeps serving, and greedy output equal to
+the Sampler's token for token.
+
+One server for the module (random tiny models with the shipped tokenizer, one CPU device, K = 4
+fixed so seeded outputs repeat), started on 127.0.0.1 at a free port.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import tiny_random  # noqa: E402
+from launch import common  # noqa: E402
+
+MODEL = "random_tiny_target"  # the target's name in configs/tiny_random.py
+MAX_LEN = 512
+OVERRIDES = ["--config.model.checkpoint=", "--config.draft.checkpoint=",
+             "--config.serve.calibrate=False", "--config.serve.adaptive_k=False",
+             "--config.serve.num_slots=16", f"--config.serve.max_len={MAX_LEN}",
+             "--config.serve.rounds_per_step=2"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  port = _free_port()
+  log = tmp_path_factory.mktemp("serve") / "server.log"
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  with open(log, "wb") as out:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.serve", "--config=configs/tiny_random.py",
+         f"--port={port}", *OVERRIDES], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 240
+    while True:
+      assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+      assert time.monotonic() < deadline, f"server not up:\n{log.read_text()[-3000:]}"
+      try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+          if r.status == 200:
+            break
+      except OSError:
+        time.sleep(0.5)
+    yield url
+  finally:
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+def _client(url, **kw):
+  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+
+
+def _metrics(url) -> dict:
+  with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+    text = r.read().decode()
+  out = {}
+  for line in text.splitlines():
+    if line and not line.startswith("#"):
+      name, value = line.rsplit(" ", 1)
+      out[name] = float(value)
+  return out
+
+
+def _post(url, path, body: bytes):
+  req = urllib.request.Request(url + path, data=body, method="POST",
+                               headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_completion_plain_and_streamed_agree(server):
+  client = _client(server)
+  # Given one seeded request, asked for plainly and as a stream,
+  kw = dict(model=MODEL, prompt="def add(a, b):", max_tokens=24, temperature=0.8, seed=7)
+  plain = client.completions.create(**kw)
+  chunks = list(client.completions.create(stream=True, **kw))
+  # then the stream's deltas add up to the plain text, and both say why they ended.
+  assert plain.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices)
+  assert plain.choices[0].finish_reason in ("stop", "length")
+  assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+  assert len(chunks) > 2
+  assert plain.usage.completion_tokens <= 24 and plain.usage.prompt_tokens > 0
+  stats = plain.choices[0].model_extra["spec_tpu"]
+  assert stats["target_calls"] >= 1 and stats["k"] == [4]
+
+
+def test_chat_plain_and_streamed(server):
+  client = _client(server)
+  messages = [{"role": "system", "content": "Write Python."},
+              {"role": "user", "content": "def fib(n):"}]
+  reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, seed=3)
+  assert reply.choices[0].message.role == "assistant"
+  assert reply.usage.completion_tokens <= 12
+  stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, seed=3,
+                                          stream=True)
+  text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+  assert text == reply.choices[0].message.content
+
+
+def test_models_health_and_metrics(server):
+  assert [m.id for m in _client(server).models.list()] == [MODEL]
+  with urllib.request.urlopen(server + "/health", timeout=10) as r:
+    assert json.loads(r.read())["status"] == "ok"
+  m = _metrics(server)
+  for name in ("spec_tpu_tokens_per_second", "spec_tpu_queue_length", "spec_tpu_active_slots",
+               "spec_tpu_acceptance_rate", "spec_tpu_k", "spec_tpu_time_to_first_token_seconds_count",
+               "spec_tpu_generated_tokens_total"):
+    assert name in m, name
+  assert m["spec_tpu_k"] == 4 and m["spec_tpu_slots"] == 16
+
+
+def test_64_concurrent_mixed_requests_each_answered_once(server):
+  # Given 64 clients at once, with mixed lengths, temperatures, top-p, top-k, seeds, and half of
+  # them streaming,
+  before = _metrics(server)
+  client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0,
+                              timeout=300)
+
+  async def one(i):
+    kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 40,
+              temperature=(0.0, 0.7, 1.2)[i % 3], top_p=(1.0, 0.9)[i % 2], seed=i,
+              extra_body={"top_k": (0, 5, 40)[i % 3]})
+    if i % 2:
+      text, finish, ids = "", [], set()
+      async for c in await client.completions.create(stream=True, **kw):
+        ids.add(c.id)
+        if c.choices:
+          text += c.choices[0].text
+          if c.choices[0].finish_reason:
+            finish.append(c.choices[0].finish_reason)
+      assert len(ids) == 1 and len(finish) == 1
+      return i, next(iter(ids)), text, finish[0]
+    r = await client.completions.create(**kw)
+    assert r.usage.completion_tokens <= kw["max_tokens"]
+    return i, r.id, r.choices[0].text, r.choices[0].finish_reason
+
+  async def run():
+    try:
+      return await asyncio.gather(*(one(i) for i in range(64)))
+    finally:
+      await client.close()
+
+  results = asyncio.run(run())
+  # then each gets exactly one answer, its own (ids unique), and the server counted 64 more.
+  assert sorted(i for i, *_ in results) == list(range(64))
+  assert len({rid for _, rid, *_ in results}) == 64
+  assert all(f in ("stop", "length") for *_, f in results)
+  after = _metrics(server)
+  finished = lambda m: sum(v for k, v in m.items() if k.startswith("spec_tpu_requests_total"))
+  assert finished(after) - finished(before) == 64
+  assert after["spec_tpu_active_slots"] == 0 and after["spec_tpu_queue_length"] == 0
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(server):
+  cancelled = lambda m: m.get('spec_tpu_requests_total{finish_reason="cancelled"}', 0)
+  before = cancelled(_metrics(server))
+  # Given a long streamed request (hundreds of rounds),
+  stream = _client(server).completions.create(model=MODEL, prompt="def f():", max_tokens=400,
+                                              temperature=1.0, stream=True)
+  next(iter(stream))
+  # when the client reads one chunk and hangs up,
+  stream.close()
+  # then the server cancels the request and frees its slot long before it would have finished.
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline:
+    m = _metrics(server)
+    if cancelled(m) > before and m["spec_tpu_active_slots"] == 0:
+      break
+    time.sleep(0.05)
+  assert cancelled(m) == before + 1, m
+  assert m["spec_tpu_active_slots"] == 0
+
+
+def test_client_disconnecting_from_a_plain_request_cancels_it(server):
+  cancelled = lambda m: m.get('spec_tpu_requests_total{finish_reason="cancelled"}', 0)
+  before = cancelled(_metrics(server))
+  # Given a long non-streamed request whose client hangs up once the server has it,
+  body = json.dumps({"model": MODEL, "prompt": "def g():", "max_tokens": 400}).encode()
+  host, port = server.split("//")[1].split(":")
+  with socket.create_connection((host, int(port))) as sock:
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)
+  # then the server notices (it polls) and cancels it, freeing the slot.
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline and cancelled(_metrics(server)) == before:
+    time.sleep(0.05)
+  m = _metrics(server)
+  assert cancelled(m) == before + 1 and m["spec_tpu_active_slots"] == 0
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b'{"model": "random_tiny_target", "prompt": "x"', 400, None),          # malformed JSON
+    (b'[1, 2]', 400, None),                                                  # not an object
+    (b'{"model": "gpt-4", "prompt": "x"}', 404, "model_not_found"),
+    (b'{"model": "random_tiny_target", "prompt": "x", "temperature": -1}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "top_p": 0}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "top_k": 1000}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "max_tokens": 0}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 2}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": 7}', 400, None),
+    (('{"model": "random_tiny_target", "prompt": "' + "a = 1\\n" * 400 + '"}').encode(), 400,
+     "context_length_exceeded"),
+])
+def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, body, status,
+                                                                       code):
+  got, error = _post(server, "/v1/completions", body)
+  assert got == status, error
+  assert isinstance(error["error"]["message"], str) and error["error"]["type"]
+  assert error["error"]["code"] == code
+  ok = _client(server).completions.create(model=MODEL, prompt="import os", max_tokens=3)
+  assert ok.usage.completion_tokens >= 1
+
+
+def test_openai_client_sees_errors_as_its_exceptions(server):
+  client = _client(server)
+  with pytest.raises(openai.NotFoundError):
+    client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+  with pytest.raises(openai.BadRequestError):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "nobody", "content": "x"}])
+
+
+def test_greedy_through_the_server_equals_sampler_greedy(server):
+  # Given the server's own models (random weights are a function of the config) in a Sampler
+  # here, decoding greedily without speculation,
+  import jax
+  from spec_tpu import sharding
+  from spec_tpu.decoding.sampling import SamplingParams
+  config = tiny_random.get_config()
+  config.model.checkpoint = config.draft.checkpoint = ""
+  setup = common.resolve(config)
+  tok = common.load_tokenizer(config, setup)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, use_draft=False)
+  prompts = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):"]
+  add_bos = bool(config.run.add_bos)  # the server encodes prompts as the config says
+  want = sampler.generate([tok.encode(p, add_bos=add_bos) for p in prompts], max_new_tokens=20,
+                          sampling=SamplingParams(temperature=0.0))
+  # then the server's greedy completions (K = 4 speculation) are the same tokens.
+  client = _client(server)
+  for prompt, tokens in zip(prompts, want.tokens):
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    assert got.choices[0].text == tok.decode(tokens)
+    assert got.usage.completion_tokens == len(tokens)
+
+
+def test_two_processes_serve_like_one(server, tmp_path):
+  # Given the same server as 2 processes x 1 device, rows split between them (mesh 2x1):
+  # process 0 runs HTTP and the scheduler and broadcasts every device call, process 1 follows,
+  port, coordinator = _free_port(), _free_port()
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "wb") as out:
+      # Multi-process CPU jobs ignore SIGTERM and hang if a peer dies: bounded by SIGKILL.
+      procs.append(subprocess.Popen(
+          ["timeout", "-s", "KILL", "300", sys.executable, "-m", "launch.serve",
+           "--config=configs/tiny_random.py", f"--port={port}", *OVERRIDES, "--multihost",
+           f"--coordinator_address=127.0.0.1:{coordinator}", "--num_processes=2",
+           f"--process_id={i}", "--config.mesh.shape=(2,1)"],
+          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 240
+    while True:
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-2000:]
+      assert time.monotonic() < deadline, logs[0].read_text()[-2000:]
+      try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+          break
+      except OSError:
+        time.sleep(0.5)
+    # when a few requests arrive at once (inserted and stepped on both processes),
+    prompts = ["def add(a, b):", "import os\n", "x = 1"]
+    batch = _client(url).completions.create(model=MODEL, prompt=prompts, max_tokens=12,
+                                            temperature=0)
+    multi = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+    one = [_client(server).completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                              temperature=0).choices[0].text for p in prompts]
+    # then the greedy texts are the single process's, and both processes stop together.
+    assert multi == one
+  finally:
+    procs[0].send_signal(signal.SIGINT)
+    for p in procs:
+      try:
+        p.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], logs[1].read_text()[-2000:]
+
+
+def test_serve_bench_writes_table_json_and_plot(tmp_path):
+  # Given the serving benchmark shrunk to seconds (random tiny pair, 2 slots),
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.serve_bench", "--config=configs/tiny_random.py",
+       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
+       "--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
+       "--latency_requests=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # then it compares fixed batches and the engine, and measures latency per client count,
+  result = json.loads((tmp_path / "results.json").read_text())
+  modes = [(t["mode"], t["k"].split(":")[0]) for t in result["throughput"]]
+  assert modes == [("fixed batches", "0"), ("fixed batches", "4"), ("engine", "0"),
+                   ("engine", "adaptive")]
+  assert all(t["tokens_per_s"] > 0 and t["tokens"] > 0 for t in result["throughput"])
+  assert [l["clients"] for l in result["latency"]] == [1, 2]
+  assert all(l["ttft_p50_ms"] > 0 and l["requests"] >= 2 for l in result["latency"])
+  assert "TTFT p50" in proc.stdout and "TTFT p50" in (tmp_path / "table.txt").read_text()
+  assert (tmp_path / "serve_bench.png").stat().st_size > 1000
+
+
+def test_chat_template_comes_from_the_checkpoint_tokenizer_files(tmp_path):
+  from spec_tpu.serving import chat
+  # Given a converted checkpoint's tokenizer_config.json with a Gemma-style template,
+  (tmp_path / "tokenizer").mkdir()
+  template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+              "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+  (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": template, "bos_token": "<bos>", "eos_token": {"content": "<eos>"}}))
+  # then messages render through it, the BOS string becoming a flag (the id is added instead),
+  text, bos = chat.load(str(tmp_path)).render(
+      [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+  assert (text, bos) == ("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", True)
+  # a separate chat_template.jinja wins, and a checkpoint without one gets the plain fallback.
+  (tmp_path / "tokenizer" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+  assert chat.load(str(tmp_path)).render([{"role": "user", "content": "x"}]) == ("x!", False)
+  fallback = chat.load(str(tmp_path / "none"))
+  assert fallback.is_fallback
+  assert fallback.render([{"role": "system", "content": "a"},
+                          {"role": "user", "content": "b"}]) == ("a\nb\n", False)
+  with pytest.raises(chat.ChatTemplateError):
+    fallback.render([{"role": "robot", "content": "x"}])

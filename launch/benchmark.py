@@ -46,6 +46,9 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes to sweep.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens per row (default: config).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (the fastest is kept).")
 _STEP_REPEATS = flags.DEFINE_integer("step_repeats", 20, "Steps per timed step loop.")
+_CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program (0: what the "
+                                  "prompts and new tokens need); a long max context that the "
+                                  "tokens fill only in part.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
                               "draft alike: none (float) and/or int8 (default: the config's).")
 flags.mark_flag_as_required("output_dir")
@@ -70,13 +73,14 @@ class StepTimer:
   is reset after every step so each one sees the same context.
   """
 
-  def __init__(self, params, cfg, rules, mesh, batch: int, context: int, max_tokens: int):
+  def __init__(self, params, cfg, rules, mesh, batch: int, context: int, max_tokens: int,
+               cache_len: int = 0):
     import jax
     import jax.numpy as jnp
     from spec_tpu.models import cache as cache_lib, model
     from spec_tpu import sharding
     self.cfg, self.batch, self.context = cfg, batch, context
-    buffer_len = context + max_tokens
+    buffer_len = max(cache_len, context + max_tokens)
     abstract = cache_lib.abstract_cache(cfg, batch, buffer_len, max_tokens)
     cache_sh = sharding.cache_shardings(abstract, mesh, rules)
     param_sh = sharding.param_shardings(cfg, mesh, rules, params)
@@ -105,7 +109,7 @@ class StepTimer:
     tokens = np.full((self.batch, num_tokens), 4, np.int32)
     from spec_tpu.decoding import sampler
     # The same XLA options as the decode programs, so steps are timed as the loop runs them.
-    platform = jax.tree.leaves(self.params)[0].sharding.device_set.pop().platform
+    platform = next(iter(jax.tree.leaves(self.params)[0].sharding.device_set)).platform
     compiled = self._fn.lower(self.params, tokens, 0).compile(
         sampler.compiler_options(platform))
 
@@ -172,7 +176,7 @@ def int_list(name: str, values) -> list[int]:
 
 
 def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
-        step_repeats: int) -> dict:
+        step_repeats: int, cache_len: int = 0) -> dict:
   ks = sorted(set(int_list("ks", ks)))
   batches = int_list("batches", batches)
   if any(k < 0 for k in ks) or 0 not in ks:
@@ -197,7 +201,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
     if m is not None:
       logging.info("%s", m.describe())
   # No EOS: every row generates max_new tokens, so every point does the same work.
-  sampler = common.build_sampler(setup, mesh, eos_id=None, pad_id=0)
+  sampler = common.build_sampler(setup, mesh, eos_id=None, pad_id=0, cache_len=cache_len)
   bandwidth = measure_bandwidth(mesh, (1 << 30) if jax.devices()[0].platform != "cpu"
                                 else (1 << 28))
   logging.info("measured bandwidth: %.1f GB/s per device (%d devices reading at once)",
@@ -209,12 +213,12 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
     prompt_len = max(len(p) for p in prompts)
     context = prompt_len + max_new // 2  # the middle of generation
     target_timer = StepTimer(sampler.target_params, setup.target.cfg, setup.target.rules, mesh,
-                             b, context, max(ks) + 1)
+                             b, context, max(ks) + 1, cache_len)
     t_target = target_timer.seconds_per_step(1, step_repeats)
     c, t_draft = float("nan"), float("nan")
     if max(ks) > 0:
       draft_timer = StepTimer(sampler.draft_params, setup.draft.cfg, setup.draft.rules, mesh, b,
-                              context, max(ks) + 1)
+                              context, max(ks) + 1, cache_len)
       t_draft = draft_timer.seconds_per_step(1, step_repeats)
       c = t_draft / t_target
     step_bytes = target_timer.param_bytes + target_timer.cache_bytes
@@ -252,6 +256,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
       target=setup.target.describe(), draft=setup.draft.describe() if setup.draft else None,
       random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), mesh=dict(mesh.shape), max_new_tokens=max_new,
+      cache_len=cache_len or None,
       sampling=dict(temperature=setup.sampling.temperature, top_p=setup.sampling.top_p,
                     top_k=setup.sampling.top_k),
       bandwidth_bytes_per_s=bandwidth, points=points)
@@ -305,7 +310,8 @@ def _cell(p: dict, key: str, fmt: str) -> str:
 def format_table(result: dict) -> str:
   head = [f"target: {result['target']}", f"draft:  {result['draft']}",
           f"device: {result['num_devices']} x {result['device']}, mesh {result['mesh']}, "
-          f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s per device (all reading)"]
+          f"bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s per device (all reading)"
+          + (f", caches of {result['cache_len']} slots" if result.get("cache_len") else "")]
   if result["random_weights"]:
     head.append("RANDOM WEIGHTS: acceptance (and so speedup) is not meaningful")
   rows = [[name for _, name, _ in COLUMNS]]
@@ -351,7 +357,8 @@ def main(argv):
   for mode in modes:
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
     results.append(run(common.with_quantize(_CONFIG.value, mode), out, _KS.value,
-                       _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value))
+                       _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value,
+                       _CACHE_LEN.value))
   logging.info("%s", common.compile_cache_summary(cache_dir))
   if len(results) > 1:
     table = format_comparison(results)

@@ -361,7 +361,7 @@ def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
 # ---------------------------------------------------------------- sampler
 
 def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
-                  max_cache_len: int = 0, use_draft: bool = True):
+                  max_cache_len: int = 0, use_draft: bool = True, cache_len: int = 0):
   from spec_tpu.decoding import sampler as sampler_lib
   target_params = load_params(setup.target, mesh)
   draft = setup.draft if use_draft else None
@@ -370,7 +370,7 @@ def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
       target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
       draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
       draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
-      pad_id=pad_id, max_cache_len=max_cache_len or None)
+      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None)
 
 
 def ideal_speedup(a: float, c: float, k: int) -> float:

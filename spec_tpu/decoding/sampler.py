@@ -88,7 +88,8 @@ class Sampler:
   def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
                draft_params=None, draft_cfg: ModelConfig | None = None,
                target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
-               eos_id: int | None = None, pad_id: int = 0, max_cache_len: int | None = None):
+               eos_id: int | None = None, pad_id: int = 0, max_cache_len: int | None = None,
+               cache_len: int | None = None):
     if (draft_params is None) != (draft_cfg is None):
       raise ValueError("give both draft_params and draft_cfg, or neither")
     if draft_cfg is not None:
@@ -96,7 +97,12 @@ class Sampler:
     self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules
+    # cache_len: every program's cache has exactly this many slots (benchmarks of long max
+    # contexts); None: what the prompt bucket and new tokens need, capped by max_cache_len.
     self.eos_id, self.pad_id, self.max_cache_len = eos_id, pad_id, max_cache_len
+    self.cache_len = cache_len
+    if cache_len is not None:
+      self.max_cache_len = cache_len if max_cache_len is None else min(cache_len, max_cache_len)
     self._programs = {}
     self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
     self.draft_params = (None if draft_params is None else
@@ -108,6 +114,8 @@ class Sampler:
     max_len = prompt_len + max_new + k + 1
     if self.max_cache_len is not None:
       max_len = min(max_len, self.max_cache_len)
+    if self.cache_len is not None:
+      max_len = self.max_cache_len
     return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
                            k_max=k, max_top_k=top_k, max_len=max_len, out_len=max_new + k,
                            eos_id=self.eos_id, pad_id=self.pad_id)

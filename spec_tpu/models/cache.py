@@ -180,10 +180,12 @@ def _is_axes(x) -> bool:
   return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
 
 
-def slot_positions(length_b, num_slots: int):
-  """b s: the position each slot holds for rows holding `length` tokens (< 0: empty)."""
+def slot_positions(length_b, num_slots: int, slots_s=None):
+  """b s: the position each slot holds for rows holding `length` tokens (< 0: empty); of the
+  given slots (default: all num_slots of them)."""
+  slots = jnp.arange(num_slots) if slots_s is None else slots_s
   last = length_b[:, None] - 1
-  return last - jnp.mod(last - jnp.arange(num_slots)[None, :], num_slots)
+  return last - jnp.mod(last - slots[None, :], num_slots)
 
 
 def write(layer: KVCache, k_bkte, v_bkte, positions_bt, valid_bt, ring: bool,

@@ -115,3 +115,52 @@ def attend(q_bthe, blocks, num_kv_heads: int, logit_softcap: float | None):
     out = out + jnp.einsum("bkgts,bkse->bkgte", wb, v, preferred_element_type=F32)
     start += size
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)
+
+
+def attend_filled(q_bthe, k_bkse, v_bkse, cache_mask_fn, num_filled, block: int, new,
+                  num_kv_heads: int, logit_softcap: float | None):
+  """attend() over a cache and the new tokens, reading only the cache's first `num_filled`
+  slots (a traced scalar: the fullest row's), `block` slots at a time, with an online softmax
+  (float32 running max, sum and output; the order of additions differs from one softmax).
+
+  A cache of S slots costs what its filled blocks cost instead of S per step: a long max
+  context is paid for only as it fills. cache_mask_fn(slots_s) -> mask_bts says which queries
+  see which slots. new = (k_bkte, v_bkte, mask_btt) for the new tokens' own keys.
+  """
+  b, t, h, e = q_bthe.shape
+  num_slots = k_bkse.shape[2]
+  q = q_bthe.reshape(b, t, num_kv_heads, h // num_kv_heads, e)
+
+  def scores(k, mask):
+    s = softcap(jnp.einsum("btkge,bkse->bkgts", q, k, preferred_element_type=F32), logit_softcap)
+    return jnp.where(mask[:, None, None, :, :], s, MASKED)
+
+  def update(carry, s, v):
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    scale = jnp.exp(m - m_new)
+    acc = acc * scale[..., None] + jnp.einsum("bkgts,bkse->bkgte", p.astype(v.dtype), v,
+                                               preferred_element_type=F32)
+    return m_new, l * scale + jnp.sum(p, axis=-1), acc
+
+  k_new, v_new, mask_new = new
+  s_new = scores(k_new, mask_new)
+  carry = (jnp.max(s_new, axis=-1), jnp.zeros(s_new.shape[:-1], F32),
+           jnp.zeros(s_new.shape[:-1] + (e,), F32))
+  carry = update(carry, s_new, v_new)
+
+  def body(state):
+    i, carry = state
+    start = i * block
+    at = jnp.minimum(start, num_slots - block)  # where dynamic_slice really reads
+    slots = at + jnp.arange(block)
+    k = jax.lax.dynamic_slice_in_dim(k_bkse, at, block, axis=2)
+    v = jax.lax.dynamic_slice_in_dim(v_bkse, at, block, axis=2)
+    # A last block clamped back into the buffer re-reads slots: count each slot once.
+    mask = cache_mask_fn(slots) & (slots >= start)[None, None, :]
+    return i + 1, update(carry, scores(k, mask), v)
+
+  _, (_, l, acc) = jax.lax.while_loop(lambda st: st[0] * block < num_filled, body, (0, carry))
+  out = acc / l[..., None]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)

@@ -40,6 +40,9 @@ from spec_tpu.models import quant, recurrent
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 F32 = jnp.float32
+# Caches longer than this are read block by block, only as far as the fullest row has filled
+# them (layers.attend_filled); shorter ones in one piece.
+ATTENTION_BLOCK = 512
 
 
 def _normal(key, shape, fan_in, dtype):
@@ -188,12 +191,22 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: cache_lib.KVCache 
   blocks, so nothing is written before every query has read."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
   q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind)
-  blocks = []
-  if lc is not None:
-    cache_pos = cache_lib.slot_positions(ctx.length_b, lc.k.shape[2])
-    blocks.append((lc.k, lc.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
-  blocks.append((k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt)))
-  a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
+  new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt))
+  num_slots = None if lc is None else lc.k.shape[2]
+  if lc is not None and num_slots > ATTENTION_BLOCK:
+    # Slots 0 .. min(length, S) - 1 are the filled ones (in a ring too): read only those.
+    def cache_mask(slots_s):
+      return _visible(cfg, kind, ctx.positions_bt,
+                      cache_lib.slot_positions(ctx.length_b, num_slots, slots_s))
+    filled = jnp.minimum(jnp.max(ctx.length_b), num_slots)
+    a = layers.attend_filled(q, lc.k, lc.v, cache_mask, filled, ATTENTION_BLOCK, new,
+                             cfg.num_kv_heads, cfg.attn_logit_softcap)
+  else:
+    blocks = [new]
+    if lc is not None:
+      cache_pos = cache_lib.slot_positions(ctx.length_b, num_slots)
+      blocks.insert(0, (lc.k, lc.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
+    a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
   a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.attn_out_bias:
     a = a + lp["attn"]["o_bias"]

@@ -532,7 +532,8 @@ for _ in range(3):  # interleaved, best of each: other work on the machine only 
   probe = max(probe, benchmark.measure_bandwidth(mesh, nbytes, repeats=3) * mesh.size)
 point = lambda util: dict(batch=1, k=0, ms_per_token=1.0, tokens_per_s=1.0, acceptance=None,
                           cost_ratio_c=0.1, speedup=1.0, ideal_speedup=1.0,
-                          measured_over_ideal=1.0, verify_cost=1.0, bandwidth_utilisation=util)
+                          measured_over_ideal=1.0, verify_cost=1.0, bandwidth_utilisation=util,
+                          target_mib_per_step=1.0)
 result = lambda util: dict(target="t", draft=None, num_devices=8, device="cpu", mesh={},
                            bandwidth_bytes_per_s=1e10, random_weights=False, points=[point(util)])
 print(json.dumps(dict(copy=copy, probe=probe, over=benchmark.format_table(result(3.78)),

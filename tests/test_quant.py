@@ -241,15 +241,17 @@ def _dequantize_first(spec, x, w, *, preferred_element_type=None):
 
 
 def _decode_args(cfg, params, batch=3, prompt_len=5, shardings=None):
-  spec = decode.LoopSpec(target=cfg, draft=None, k=0, top_k=0, max_new_tokens=4, max_len=16,
-                         eos_id=None)
+  """decode.generate's program (what Sampler.generate and launch.plan compile), abstract args."""
+  spec = decode.LoopSpec(target=cfg, draft=None, k=0, k_max=0, max_top_k=0, max_len=16,
+                         out_len=4, eos_id=None)
   rep = shardings
   struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
-  key = jax.eval_shape(lambda: jax.random.key(0))
+  # params, draft params, tokens, lengths, temperature, top_p, top_k, seed
   args = (jax.tree.map(lambda x: struct(x.shape, x.dtype), params), None,
           struct((batch, prompt_len), jnp.int32), struct((batch,), jnp.int32),
-          struct(key.shape, key.dtype), struct((), jnp.float32), struct((), jnp.float32))
-  return functools.partial(decode.run, spec), args
+          struct((), jnp.float32), struct((), jnp.float32), struct((), jnp.int32),
+          struct((), jnp.uint32))
+  return functools.partial(decode.generate, spec), args
 
 
 def _float_weight_values(hlo: str, sizes: set[int], ops=None) -> list[str]:

@@ -304,20 +304,20 @@ def mlp(p: dict, x_btd, approximate: bool = True):
   return _dense(jax.nn.gelu(gate, approximate=approximate) * up, p["down"], p["down_bias"])
 
 
-def partial_rope(x_bthe, positions_bt, fraction: float, base: float = 10_000.0):
+def partial_rope(x, positions, fraction: float, base: float = 10_000.0):
   """RoPE on the leading `fraction` of each head's dimensions; the rest passes through.
 
-  Within the rotated part the layout is half-split (layers.rope, transformers' rotate_half),
-  with frequencies base ** (-2j / rotated): the reference's _apply_rope and transformers'
-  partial_rotary_factor both compute this.
+  x and positions as layers.rope takes them: queries b t h e with positions b t 1, keys b k t e
+  with positions b 1 t. Within the rotated part the layout is half-split (layers.rope,
+  transformers' rotate_half), with frequencies base ** (-2j / rotated): the reference's
+  _apply_rope and transformers' partial_rotary_factor both compute this.
   """
-  e = x_bthe.shape[-1]
+  e = x.shape[-1]
   rotated = int(round(e * fraction))
   if rotated == e:
-    return layers.rope(x_bthe, positions_bt[:, :, None], base, 1.0)
-  # layers.rope broadcasts positions against x's other axes (b t 1 for b t h e).
-  head = layers.rope(x_bthe[..., :rotated], positions_bt[:, :, None], base, 1.0)
-  return jnp.concatenate([head, x_bthe[..., rotated:]], axis=-1)
+    return layers.rope(x, positions, base, 1.0)
+  head = layers.rope(x[..., :rotated], positions, base, 1.0)
+  return jnp.concatenate([head, x[..., rotated:]], axis=-1)
 
 
 def local_attention(cfg: ModelConfig, p: dict, x_btd, positions_bt):
@@ -337,10 +337,7 @@ def local_attention(cfg: ModelConfig, p: dict, x_btd, positions_bt):
   q = (q.astype(F32) * scale).astype(q.dtype)
   qp, kp = positions_bt[:, :, None], positions_bt[:, None, :]
   mask = (kp <= qp) & (kp > qp - cfg.sliding_window)
-  # layers.attend takes keys and values heads-major (b k s e).
-  heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-  a = layers.attend(q, [(heads_major(k), heads_major(v), mask)], cfg.num_kv_heads,
-                    cfg.attn_logit_softcap)
+  a = layers.attend(q, [(k, v, mask)], cfg.num_kv_heads, cfg.attn_logit_softcap)
   return jnp.einsum("bthe,hed->btd", a, p["o"]) + p["o_bias"]
 
 

@@ -442,15 +442,18 @@ def format_comparison(reports: list[dict]) -> str:
   big = max(r.get("estimated_need", GIB) for r in reports) >= GIB
   unit, scale = ("GiB", GIB) if big else ("MiB", 1 << 20)
   g = lambda b: f"{b / scale:.2f}"  # noqa: E731
+  # A --tpu plan answers for the described chip only; a CPU plan for every chip in HBM.
+  chips = list(dict.fromkeys(chip for r in reports for chip in r.get("fits", {})))
   head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
-          + "  ".join(f"{chip:>8}" for chip in HBM) + f"   ({unit} per device)")
+          + "  ".join(f"{chip:>{max(8, len(chip))}}" for chip in chips) + f"   ({unit} per device)")
   lines = [head]
   for r in reports:
     if "does_not_fit" in r:
       lines.append(f"{r['quantize']:8} DOES NOT FIT: {r['does_not_fit']}")
       continue
     a = r["analytic"]
-    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>8}" for chip in HBM)
+    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>{max(8, len(chip))}}"
+                     for chip in chips)
     lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "
                  f"{g(sum(a['kv_caches'].values())):>6} {g(r['compiled']['total']):>9} "
                  f"{g(r['estimated_need']):>6}  {fits}")

@@ -312,24 +312,12 @@ def _prepare_inputs(argvs: list[list[str]], root: str) -> None:
 # ---------------------------------------------------------------- running
 
 
-# XLA:CPU's older elemental emitters compile these programs 2-3x faster than its fusion emitters
-# (measured: a decode loop 4.5 s -> 2.1 s); an XLA that no longer knows the flag would abort.
-_FASTER_CPU_COMPILE = "--xla_cpu_use_fusion_emitters=false"
-
-
-def _probe_xla_flag(flag: str) -> subprocess.Popen:
-  """A process whose exit status says whether this XLA knows `flag`."""
-  return subprocess.Popen([sys.executable, "-c", "import jax; jax.devices()"],
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _env(devices: int, cache_dir: str, extra_flags: str) -> dict:
+def _env(devices: int, cache_dir: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
              # Commands of one config compile the same programs: the second loads them.
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  flags = os.environ.get("XLA_FLAGS", "") + " " + extra_flags  # conftest's carry over
+  flags = os.environ.get("XLA_FLAGS", "")  # conftest's faster-compile flags carry over
   if devices > 1:
     flags += f" --xla_force_host_platform_device_count={devices}"
   env["XLA_FLAGS"] = flags.strip()
@@ -339,10 +327,8 @@ def _env(devices: int, cache_dir: str, extra_flags: str) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("documented"))
-  probe = _probe_xla_flag(_FASTER_CPU_COMPILE)
   argvs = [_argv(c, i, root) for i, c in enumerate(LAUNCHES)]
   _prepare_inputs(argvs, root)
-  extra_flags = _FASTER_CPU_COMPILE if probe.wait(timeout=120) == 0 else ""
   groups = {}
   for i, c in enumerate(LAUNCHES):
     groups.setdefault(DEVICES.get(c.program, 1), []).append(i)
@@ -356,7 +342,7 @@ def results(tmp_path_factory):
     procs.append((indices, group_dir, out, subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
          os.path.join(group_dir, "commands.json"), os.path.join(group_dir, "results.jsonl")],
-        cwd=REPO, env=_env(devices, os.path.join(group_dir, "jax_cache"), extra_flags),
+        cwd=REPO, env=_env(devices, os.path.join(group_dir, "jax_cache")),
         stdout=out, stderr=subprocess.STDOUT)))
   deadline = time.monotonic() + 900
   found = {}

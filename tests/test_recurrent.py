@@ -261,11 +261,14 @@ def test_padding_never_changes_the_state(reference):
   np.testing.assert_array_equal(s_zeros.h, s_junk.h)
   np.testing.assert_array_equal(s_zeros.conv, s_junk.conv)
   # the state at padding positions is the state after the row's last real token (row 2 has
-  # none: the state it came with),
+  # none: the state it came with) -- to rounding only, never selected: the associative scan
+  # reaches a padding position through another order of products than the last real one (XLA's
+  # elemental emitters round one of them an ulp apart),
   for r in range(3):
     n = int(num_new[r])
     last = tr_junk.h[r, n - 1] if n else prior.h[r]
-    np.testing.assert_array_equal(tr_junk.h[r, n:], jnp.broadcast_to(last, tr_junk.h[r, n:].shape))
+    np.testing.assert_allclose(tr_junk.h[r, n:], jnp.broadcast_to(last, tr_junk.h[r, n:].shape),
+                               rtol=1e-6, atol=1e-7)
   # and a row with no real tokens keeps its state entirely.
   np.testing.assert_array_equal(s_junk.h[2], prior.h[2])
   np.testing.assert_array_equal(s_junk.conv[2], prior.conv[2])

@@ -239,3 +239,24 @@ def test_presets_have_the_published_shapes():
   draft = config.get_preset("chinchilla_4b_draft")
   assert (draft.num_layers, draft.d_model, draft.num_heads) == (8, 6144, 48)
   assert 6.5e9 < config.get_preset("llama_7b").num_params() < 6.9e9
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_cache_write_sets_exactly_the_valid_tokens_bits(dtype):
+  # Given a stacked cache (l b k s e) of a 16-bit float (written through a 16-bit integer view
+  # on CPU) or float32, and new tokens of which some are padding,
+  rng = np.random.default_rng(0)
+  old = jnp.asarray(rng.standard_normal((3, 2, 2, 8, 4)), dtype)
+  k = jnp.asarray(rng.standard_normal((2, 2, 3, 4)), dtype)
+  positions = jnp.array([[5, 6, 7], [9, 10, 11]])  # row 1 wraps around the ring of 8
+  valid = jnp.array([[True, True, False], [True, True, True]])
+  # when layer 1's update is written,
+  got = cache_lib.write(cache_lib.KVCache(old, old), k, k, positions, valid, ring=True, index=1)
+  # then exactly the valid tokens' slots of layer 1 change, to exactly the new values.
+  want = np.asarray(old.astype(jnp.float32)).copy()
+  for r in range(2):
+    for j in range(3):
+      if valid[r, j]:
+        want[1, r, :, int(positions[r, j]) % 8] = np.asarray(k[r, :, j].astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got.k.astype(jnp.float32)), want)
+  assert got.k.dtype == dtype

@@ -206,10 +206,27 @@ def write(layer: KVCache, k_bkte, v_bkte, positions_bt, valid_bt, ring: bool,
   if index is not None:
     at = (index,) + at
 
-  def put(buf, new):
-    return buf.at[at].set(new.astype(buf.dtype), mode="drop")
+  return KVCache(k=_scatter_set(layer.k, at, k_bkte), v=_scatter_set(layer.v, at, v_bkte))
 
-  return KVCache(k=put(layer.k, k_bkte), v=put(layer.v, v_bkte))
+
+def _scatter_set(buf, at, new):
+  """buf.at[at].set(new), dropping out-of-range indices, in place on every platform.
+
+  XLA:CPU scatters a 16-bit float array by converting the whole array to float32 and back, a
+  pass over the entire (stacked) cache per layer per step however few tokens are written; on
+  CPU a 16-bit integer view of the same bits is scattered instead (bit-exact: a set moves bits).
+  """
+  new = new.astype(buf.dtype)
+  plain = lambda: buf.at[at].set(new, mode="drop")  # noqa: E731
+  if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
+    return plain()
+
+  def as_bits():
+    bits = jax.lax.bitcast_convert_type
+    out = bits(buf, jnp.uint16).at[at].set(bits(new, jnp.uint16), mode="drop")
+    return bits(out, buf.dtype)
+
+  return jax.lax.platform_dependent(cpu=as_bits, default=plain)
 
 
 def write_layer(kind: str, entry, update, positions_bt, valid_bt, index=None):

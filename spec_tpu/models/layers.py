@@ -117,18 +117,24 @@ def attend(q_bthe, blocks, num_kv_heads: int, logit_softcap: float | None):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)
 
 
-def attend_filled(q_bthe, k_bkse, v_bkse, cache_mask_fn, num_filled, block: int, new,
-                  num_kv_heads: int, logit_softcap: float | None):
+def attend_filled(q_bthe, cache, read_kv, num_slots: int, cache_mask_fn, num_filled, block: int,
+                  new, num_kv_heads: int, logit_softcap: float | None):
   """attend() over a cache and the new tokens, reading only the cache's first `num_filled`
   slots (a traced scalar: the fullest row's), `block` slots at a time, with an online softmax
   (float32 running max, sum and output; the order of additions differs from one softmax).
 
   A cache of S slots costs what its filled blocks cost instead of S per step: a long max
-  context is paid for only as it fills. cache_mask_fn(slots_s) -> mask_bts says which queries
-  see which slots. new = (k_bkte, v_bkte, mask_btt) for the new tokens' own keys.
+  context is paid for only as it fills. read_kv(cache, at, block) -> (k_bkse, v_bkse) reads
+  slots at .. at + block - 1 of the cache's num_slots, straight from where the cache lives (a
+  stacked cache is read in place: slicing out the layer first would copy its whole cache every
+  step). cache_mask_fn(slots_s) -> mask_bts says which queries see which slots. new = (k_bkte,
+  v_bkte, mask_btt) for the new tokens' own keys.
+
+  Returns (b t h e, cache): the cache passes through the loop, and the caller writes into the
+  one returned, so XLA sees one chain of uses and updates the cache in place (a write into the
+  cache the loop also read made XLA:CPU copy the whole cache, twice, per layer per step).
   """
   b, t, h, e = q_bthe.shape
-  num_slots = k_bkse.shape[2]
   q = q_bthe.reshape(b, t, num_kv_heads, h // num_kv_heads, e)
 
   def scores(k, mask):
@@ -151,16 +157,18 @@ def attend_filled(q_bthe, k_bkse, v_bkse, cache_mask_fn, num_filled, block: int,
   carry = update(carry, s_new, v_new)
 
   def body(state):
-    i, carry = state
+    i, carry, cache = state
     start = i * block
     at = jnp.minimum(start, num_slots - block)  # where dynamic_slice really reads
     slots = at + jnp.arange(block)
-    k = jax.lax.dynamic_slice_in_dim(k_bkse, at, block, axis=2)
-    v = jax.lax.dynamic_slice_in_dim(v_bkse, at, block, axis=2)
+    k, v = read_kv(cache, at, block)
     # A last block clamped back into the buffer re-reads slots: count each slot once.
     mask = cache_mask_fn(slots) & (slots >= start)[None, None, :]
-    return i + 1, update(carry, scores(k, mask), v)
+    # The barrier keeps XLA from seeing the cache as a pass-through of the loop and forwarding
+    # the loop's input to the write after it (which brings the whole-cache copy back).
+    return i + 1, update(carry, scores(k, mask), v), jax.lax.optimization_barrier(cache)
 
-  _, (_, l, acc) = jax.lax.while_loop(lambda st: st[0] * block < num_filled, body, (0, carry))
+  _, (_, l, acc), cache = jax.lax.while_loop(lambda st: st[0] * block < num_filled, body,
+                                             (0, carry, cache))
   out = acc / l[..., None]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype), cache

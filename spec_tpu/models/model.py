@@ -185,27 +185,54 @@ class _Context(NamedTuple):
   length_b: jax.Array | None   # tokens already in the cache; None: no cache (forward_full)
 
 
-def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: cache_lib.KVCache | None):
+class _CacheView:
+  """One attention layer's cache where it lives: in a stacked entry (layer g of l b k s e) or an
+  unstacked one (g None). Blocks are read in place: slicing the layer out first would copy its
+  whole cache every step, however little of it is filled."""
+
+  def __init__(self, entry: cache_lib.KVCache, g):
+    self.entry, self.g = entry, g
+    self.num_slots = entry.k.shape[-2]
+
+  def whole(self) -> cache_lib.KVCache:
+    return self.entry if self.g is None else jax.tree.map(lambda a: a[self.g], self.entry)
+
+  def read(self, entry: cache_lib.KVCache, at, size: int):
+    """Slots at .. at + size - 1 of keys and values (b k size e) of this layer in `entry` (the
+    view's entry, as it came out of a loop that passed it through)."""
+    def cut(a):
+      if self.g is None:
+        return jax.lax.dynamic_slice_in_dim(a, at, size, axis=2)
+      zero = jnp.zeros((), jnp.int32)
+      start = (jnp.asarray(self.g, jnp.int32), zero, zero, jnp.asarray(at, jnp.int32), zero)
+      return jax.lax.dynamic_slice(a, start, (1, *a.shape[1:3], size, a.shape[4]))[0]
+    return cut(entry.k), cut(entry.v)
+
+
+def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None):
   """A pre-norm attention + feed-forward block. The cache update is the new tokens' keys and
   values (None without a cache); attention reads the old cache and the new tokens as two key
   blocks, so nothing is written before every query has read."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
   q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind)
   new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt))
-  num_slots = None if lc is None else lc.k.shape[2]
+  num_slots = None if lc is None else lc.num_slots
   if lc is not None and num_slots > ATTENTION_BLOCK:
     # Slots 0 .. min(length, S) - 1 are the filled ones (in a ring too): read only those.
     def cache_mask(slots_s):
       return _visible(cfg, kind, ctx.positions_bt,
                       cache_lib.slot_positions(ctx.length_b, num_slots, slots_s))
     filled = jnp.minimum(jnp.max(ctx.length_b), num_slots)
-    a = layers.attend_filled(q, lc.k, lc.v, cache_mask, filled, ATTENTION_BLOCK, new,
-                             cfg.num_kv_heads, cfg.attn_logit_softcap)
+    # The entry comes back out of attention's loop; the write goes into that one (in place).
+    a, lc.entry = layers.attend_filled(q, lc.entry, lc.read, num_slots, cache_mask, filled,
+                                       ATTENTION_BLOCK, new, cfg.num_kv_heads,
+                                       cfg.attn_logit_softcap)
   else:
     blocks = [new]
     if lc is not None:
       cache_pos = cache_lib.slot_positions(ctx.length_b, num_slots)
-      blocks.insert(0, (lc.k, lc.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
+      whole = lc.whole()
+      blocks.insert(0, (whole.k, whole.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
     a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
   a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.attn_out_bias:
@@ -255,8 +282,15 @@ def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g):
   """One layer with its cache entry (stacked: the layer's index g in it; None: no cache):
   returns (x, entry with the layer's update written, the layer's Trace if recurrent else
   None)."""
-  lc = entry if entry is None or g is None else jax.tree.map(lambda a: a[g], entry)
+  if entry is None:
+    lc = None
+  elif kind in (LOCAL, GLOBAL):
+    lc = _CacheView(entry, g)  # read in place, block by block where the cache is long
+  else:
+    lc = entry if g is None else jax.tree.map(lambda a: a[g], entry)
   x_btd, update = _layer(cfg, kind, lp, x_btd, ctx, lc)
+  if isinstance(lc, _CacheView):
+    entry = lc.entry  # as attention passed it through
   if entry is not None:
     entry = cache_lib.write_layer(kind, entry, update, ctx.positions_bt, ctx.valid_bt, g)
   return x_btd, entry, (update if kind == RECURRENT else None)

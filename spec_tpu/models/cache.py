@@ -210,11 +210,13 @@ def write(layer: KVCache, k_bkte, v_bkte, positions_bt, valid_bt, ring: bool,
 
 
 def _scatter_set(buf, at, new):
-  """buf.at[at].set(new), dropping out-of-range indices, in place on every platform.
+  """buf.at[at].set(new), dropping out-of-range indices.
 
-  XLA:CPU scatters a 16-bit float array by converting the whole array to float32 and back, a
-  pass over the entire (stacked) cache per layer per step however few tokens are written; on
+  XLA:CPU scatters a 16-bit float array by converting the whole array to float32 and back, two
+  passes over the entire (stacked) cache per layer per step however few tokens are written; on
   CPU a 16-bit integer view of the same bits is scattered instead (bit-exact: a set moves bits).
+  XLA:CPU still materialises that view (README, "Context length"); other platforms scatter the
+  floats natively.
   """
   new = new.astype(buf.dtype)
   plain = lambda: buf.at[at].set(new, mode="drop")  # noqa: E731

@@ -29,7 +29,6 @@ ms/token of each form at every (batch, K), and the weight bytes a target step re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -262,24 +261,9 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
       bandwidth_bytes_per_s=bandwidth, points=points)
   if any(_above_memory(p) for p in points):
     result["bandwidth_note"] = CACHED_NOTE
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
-    json.dump(_finite(result), f, indent=1)
-  table = format_table(result)
-  with open(os.path.join(output_dir, "table.txt"), "w") as f:
-    f.write(table + "\n")
-  print(table, flush=True)
+  common.write_results(output_dir, result, format_table(result))
   plot(result, os.path.join(output_dir, "speedup_vs_k.png"))
   return result
-
-
-def _finite(x):
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_finite(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
 
 
 COLUMNS = [("batch", "B", "{:d}"), ("k", "K", "{:d}"), ("ms_per_token", "ms/tok", "{:.2f}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from typing import Any
@@ -388,3 +389,23 @@ def synthetic_prompts(batch: int, length: int, num_tokens: int, seed: int = 0) -
   """Random token prompts for benchmarks and plans when there is no tokenizer."""
   rng = np.random.default_rng(seed)
   return rng.integers(4, num_tokens, size=(batch, length)).tolist()
+
+
+def finite(x):
+  """A result tree as strict JSON takes it: NaN and infinities become None (null), keys str."""
+  if isinstance(x, dict):
+    return {str(k): finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def write_results(output_dir: str, result: dict, table: str) -> None:
+  """A benchmark's results.json and table.txt in output_dir; the table also to stdout."""
+  with open(os.path.join(output_dir, "results.json"), "w") as f:
+    json.dump(finite(result), f, indent=1, default=list)
+  with open(os.path.join(output_dir, "table.txt"), "w") as f:
+    f.write(table + "\n")
+  print(table, flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 

@@ -433,7 +433,6 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   if multihost:
     common.init_distributed(coordinator, num_processes, process_id)
   import jax
-  import numpy as np
   primary = jax.process_index() == 0
 
   # Process 0 alone reads the output; every process must stop if it refuses it.

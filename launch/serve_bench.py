@@ -28,7 +28,6 @@ Writes results.json, table.txt (also printed) and serve_bench.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -77,7 +76,6 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
         end_text, repeats=2) -> dict:
   import jax
   from launch import common
-  from spec_tpu.decoding.sampling import SamplingParams
   from spec_tpu.serving import Engine, GenerationParams
 
   setup = common.resolve(config, need_weights=True)
@@ -209,24 +207,9 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   finally:
     e.shutdown()
 
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
-    json.dump(_finite(result), f, indent=1, default=list)
-  table = format_table(result)
-  with open(os.path.join(output_dir, "table.txt"), "w") as f:
-    f.write(table + "\n")
-  print(table, flush=True)
+  common.write_results(output_dir, result, format_table(result))
   plot(result, os.path.join(output_dir, "serve_bench.png"))
   return result
-
-
-def _finite(x):
-  if isinstance(x, dict):
-    return {str(k): _finite(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_finite(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
 
 
 def _cell(x, fmt):

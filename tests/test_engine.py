@@ -103,14 +103,7 @@ def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine
   prompts = ex.GREEDY_PROMPTS[:n]
   want = np.array(sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
                                    sampling=ex.GREEDY).tokens)
-  seqs = np.zeros((n, 16 + ex.MAX_NEW), np.int32)
-  for i, prompt in enumerate(prompts):
-    seqs[i, :len(prompt) + ex.MAX_NEW] = prompt + want[i].tolist()
-  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(ex.target_params(),
-                                                                    ex.TARGET, seqs))
-  at = np.array([len(p) - 1 for p in prompts])[:, None] + np.arange(ex.MAX_NEW)[None, :]
-  top2 = -np.sort(-np.take_along_axis(logits, at[..., None], axis=1), axis=-1)[..., :2]
-  clear = np.all(top2[..., 0] - top2[..., 1] > ex.GREEDY_MARGIN, axis=1)
+  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
   assert clear.mean() > 0.97
   rng = np.random.default_rng(1)
   greedy = []

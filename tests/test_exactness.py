@@ -454,21 +454,27 @@ GREEDY_PROMPTS = [RNG.integers(0, V, RNG.integers(1, 13)).tolist() for _ in rang
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def greedy_path(cfg, params, prompts, tokens):
+  """The target's logits along each row's continuation (b MAX_NEW v: the positions that chose
+  tokens[:, j]), and which rows have no near-tie (top two within GREEDY_MARGIN) on that path,
+  where rounding could pick either token."""
+  seqs = np.zeros((len(prompts), 16 + MAX_NEW), np.int32)  # right-padding: invisible to causal rows
+  for i, prompt in enumerate(prompts):
+    seqs[i, :len(prompt) + MAX_NEW] = prompt + tokens[i].tolist()
+  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(params, cfg, seqs))
+  at = np.array([len(p) - 1 for p in prompts])[:, None] + np.arange(MAX_NEW)[None, :]
+  path = np.take_along_axis(logits, at[..., None], axis=1)
+  top2 = -np.sort(-path, axis=-1)[..., :2]
+  return path, np.all(top2[..., 0] - top2[..., 1] > GREEDY_MARGIN, axis=1)
+
+
 @functools.lru_cache(maxsize=None)
 def _greedy_reference(sampler, target="attention"):
   """Autoregressive greedy tokens (k=0) and which rows have no near-tie along their path."""
   cfg, params = _target(target)
   result = sampler.generate(GREEDY_PROMPTS, max_new_tokens=MAX_NEW, k=0, sampling=GREEDY)
   tokens = np.array(result.tokens)
-  seqs = np.zeros((BATCH, 16 + MAX_NEW), np.int32)  # right-padding is invisible to causal rows
-  for i, prompt in enumerate(GREEDY_PROMPTS):
-    seqs[i, :len(prompt) + MAX_NEW] = prompt + tokens[i].tolist()
-  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(params(), cfg, seqs))
-  starts = np.array([len(p) - 1 for p in GREEDY_PROMPTS])
-  at = starts[:, None] + np.arange(MAX_NEW)[None, :]
-  path = np.take_along_axis(logits, at[..., None], axis=1)  # b MAX_NEW v
-  top2 = -np.sort(-path, axis=-1)[..., :2]
-  clear = np.all(top2[..., 0] - top2[..., 1] > GREEDY_MARGIN, axis=1)
+  path, clear = greedy_path(cfg, params(), GREEDY_PROMPTS, tokens)
   assert clear.mean() > 0.99
   assert np.array_equal(np.argmax(path, axis=-1)[clear], tokens[clear]), "k=0 is not greedy"
   return tokens, clear

@@ -19,7 +19,6 @@ from spec_tpu import sharding
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.decoding import decode
 from spec_tpu.decoding.sampler import Sampler
-from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, model, quant
 
@@ -164,15 +163,7 @@ def test_int8_greedy_speculative_equals_int8_greedy_autoregressive(int8_pair):
   prompts = ex.GREEDY_PROMPTS[:rows]
   ar = np.array(int8_pair.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
                                    sampling=ex.GREEDY).tokens)
-  seqs = np.zeros((rows, 16 + ex.MAX_NEW), np.int32)
-  for i, prompt in enumerate(prompts):
-    seqs[i, :len(prompt) + ex.MAX_NEW] = prompt + ar[i].tolist()
-  logits = np.asarray(jax.jit(model.forward_full, static_argnums=1)(q_target_params(), Q_TARGET,
-                                                                    seqs))
-  at = np.array([len(p) - 1 for p in prompts])[:, None] + np.arange(ex.MAX_NEW)[None, :]
-  path = np.take_along_axis(logits, at[..., None], axis=1)
-  top2 = -np.sort(-path, axis=-1)[..., :2]
-  clear = np.all(top2[..., 0] - top2[..., 1] > ex.GREEDY_MARGIN, axis=1)
+  path, clear = ex.greedy_path(Q_TARGET, q_target_params(), prompts, ar)
   assert clear.mean() > 0.99
   assert np.array_equal(np.argmax(path, axis=-1)[clear], ar[clear]), "k=0 is not int8 greedy"
   sharded = Sampler(int8_pair.target_params, Q_TARGET, mesh=sharding.make_mesh((2, 4)),

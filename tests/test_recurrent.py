@@ -27,6 +27,7 @@ from spec_tpu.decoding import decode
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, layers, model, recurrent
 from spec_tpu.models.config import LOCAL, RECURRENT
+from test_hf_parity import _DictIndex  # a safetensors index over a dict of arrays
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 rg_common = pytest.importorskip("recurrentgemma.common")
@@ -615,25 +616,6 @@ def _hf_config(transformers, **kw):
       vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=2 * CFG.ffw_dim,
       num_attention_heads=CFG.num_heads, num_key_value_heads=1, lru_width=CFG.lru_width,
       attention_window_size=WINDOW, num_hidden_layers=CFG.num_layers, **kw))
-
-
-class _DictIndex:
-  """A safetensors index over a dict of numpy arrays (for damaged-checkpoint tests)."""
-
-  def __init__(self, tensors):
-    self.tensors = tensors
-
-  def names(self):
-    return list(self.tensors)
-
-  def shape(self, name):
-    return self.tensors[name].shape
-
-  def dtype(self, name):
-    return self.tensors[name].dtype
-
-  def get(self, name):
-    return self.tensors[name]
 
 
 @pytest.fixture(scope="module")

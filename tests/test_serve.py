@@ -10,7 +10,6 @@ fixed so seeded outputs repeat), started on 127.0.0.1 at a free port.
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import subprocess

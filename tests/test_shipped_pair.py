@@ -3,7 +3,6 @@ It is not retrained here: `python -m launch.train` makes it (see README)."""
 
 import os
 
-import pytest
 
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu import tokenizer as tokenizer_lib

@@ -414,6 +414,20 @@ def _abstract_tree(path: str, metadata_tree, shardings, dtype):
                f"{jax.tree.structure(metadata_tree)}: {e}") from None
 
 
+def _verified_meta(path: str, verify: bool) -> dict:
+  """The checkpoint's metadata, once process 0 has checked its files against the manifest
+  (verify) or read the manifest, and every process agrees it may go on."""
+  problem = None
+  if _is_primary():
+    try:
+      (_check_files if verify else _read_manifest)(path)
+    except CheckpointError as e:
+      problem = e
+  if not _all_agree(problem is None):
+    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
+  return _read_meta(path, _read_manifest(path))
+
+
 def restore(path, *, shardings=None, dtype=None, verify: bool = True,
             check_config: bool = True):
   """Returns (params, config). Arrays are read straight into `shardings`, nothing gathered.
@@ -431,15 +445,7 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True,
     dtype = None if dtype is None else jnp.dtype(dtype)
   except TypeError as e:
     raise _err(path, f"bad dtype {dtype!r}: {e}") from None
-  problem = None
-  if _is_primary():
-    try:
-      (_check_files if verify else _read_manifest)(path)
-    except CheckpointError as e:
-      problem = e
-  if not _all_agree(problem is None):
-    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
-  meta = _read_meta(path, _read_manifest(path))
+  meta = _verified_meta(path, verify)
   config, version = _config(path, meta), meta.get("version")
   if version not in (1, VERSION):
     raise _err(path, f"format version {version!r} is not one this spec_tpu reads (1..{VERSION}); "
@@ -478,15 +484,7 @@ def restore_transformed(path, *, shardings, transform, chunk_bytes: int = 1 << 3
   read to). transform must keep a leaf's place in the tree (it may replace it with a subtree).
   """
   path = os.path.abspath(os.fspath(path))
-  problem = None
-  if _is_primary():
-    try:
-      (_check_files if verify else _read_manifest)(path)
-    except CheckpointError as e:
-      problem = e
-  if not _all_agree(problem is None):
-    raise problem or _err(path, "process 0 found the checkpoint damaged or incomplete")
-  meta = _read_meta(path, _read_manifest(path))
+  meta = _verified_meta(path, verify)
   config = _config(path, meta)
   if meta.get("version") != VERSION:
     # An older layout is regrouped by restore() (leaf by leaf, about one copy of the model);

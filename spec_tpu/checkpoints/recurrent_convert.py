@@ -450,9 +450,9 @@ def _check(plan: list[Step], names: set[str], shape_of, dtype_of, ignorable, err
 def _materialise(plan: list[Step], get, cfg: ModelConfig, dtype) -> dict:
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   params = {"layers": [{} for _ in range(cfg.num_layers)]}
-  for name, _, path, layout in plan:
+  for name, _, path, arrange in plan:
     tree = params
     for key in path[:-1]:
       tree = tree[key] if isinstance(key, int) else tree.setdefault(key, {})
-    tree[path[-1]] = np.ascontiguousarray(layout(get(name)), dtype=dtype)
+    tree[path[-1]] = np.ascontiguousarray(arrange(get(name)), dtype=dtype)
   return params

@@ -74,7 +74,7 @@ def _init_recurrent_layer(cfg: ModelConfig, key, dtype) -> dict:
 
 
 def _init_attention_layer(cfg: ModelConfig, key, dtype) -> dict:
-  d, h, k, e, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+  d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   keys = iter(jax.random.split(key, 7))
   normal = lambda shape, fan_in: _normal(next(keys), shape, fan_in, dtype)  # noqa: E731
   # Heads-major projections (as the gemma library's q_einsum): a TPU tiles the two minor axes,
@@ -123,15 +123,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
   if cfg.quantize:
     params = quantize(params, cfg)
   return params
-
-
-def quantize(params, cfg: ModelConfig, **kw):
-  """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
-  matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
-  quant.quantize_params (out_shardings, delete_source)."""
-  from spec_tpu import sharding  # sharding imports this package's cache and config
-  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
-  return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
 
 
 def quantize(params, cfg: ModelConfig, **kw):

@@ -63,7 +63,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import threading
 import time
 from typing import Sequence
@@ -78,7 +77,7 @@ from spec_tpu.decoding.sampler import Sampler, compiler_options, to_host
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
-                                      GenerationParams, Request, RequestStats)
+                                      GenerationParams, Request)
 
 
 _KEEPALIVE_S = 10.0  # multi-host: an idle leader still broadcasts this often

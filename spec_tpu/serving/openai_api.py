@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from spec_tpu.serving import chat as chat_lib
 from spec_tpu.serving.engine import ContextLengthError, Engine
-from spec_tpu.serving.request import CANCELLED, GenerationParams, Request
+from spec_tpu.serving.request import GenerationParams, Request
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4     # OpenAI's limit
@@ -131,6 +131,26 @@ def _spec_stats(request: Request) -> dict:
 
 def _sse(obj: Any) -> str:
   return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _event_stream(request: Request, head: dict, choices, last_choice, include_usage: bool
+                  ) -> StreamingResponse:
+  """Server-sent events of one request: a chunk per choice from the async iterator `choices`,
+  then last_choice() (after the stream ends, so it knows the finish reason) with spec_tpu's
+  stats, the usage if asked, and [DONE]. However the stream ends (a client hanging up included)
+  the request is cancelled: a no-op when it finished, else its slot is freed."""
+  async def events():
+    try:
+      async for choice in choices:
+        yield _sse(dict(head, choices=[choice]))
+      yield _sse(dict(head, choices=[last_choice()], spec_tpu=_spec_stats(request)))
+      if include_usage:
+        yield _sse(dict(head, choices=[], usage=_usage(request)))
+      yield "data: [DONE]\n\n"
+    finally:
+      request.cancel()
+
+  return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # ------------------------------------------------------------------ the app
@@ -253,22 +273,14 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       return dict(head, choices=choices, usage=usage)
     request = requests[0]
 
-    async def events():
-      try:
-        async for chunk in request:
-          if chunk.text or (tok is None and chunk.tokens):
-            yield _sse(dict(head, choices=[{"text": chunk.text, "index": 0, "logprobs": None,
-                                            "finish_reason": None}]))
-        yield _sse(dict(head, choices=[{"text": "", "index": 0, "logprobs": None,
-                                        "finish_reason": request.finish_reason}],
-                        spec_tpu=_spec_stats(request)))
-        if include_usage:
-          yield _sse(dict(head, choices=[], usage=_usage(request)))
-        yield "data: [DONE]\n\n"
-      finally:
-        request.cancel()  # no-op when finished; frees the slot when the client went away
+    async def choices():
+      async for chunk in request:
+        if chunk.text or (tok is None and chunk.tokens):
+          yield {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": None}
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _event_stream(request, head, choices(),
+                         lambda: {"text": "", "index": 0, "logprobs": None,
+                                  "finish_reason": request.finish_reason}, include_usage)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
@@ -299,23 +311,16 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
               "usage": _usage(request), "spec_tpu": _spec_stats(request)}
     head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 
-    async def events():
-      try:
-        yield _sse(dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]))
-        async for chunk in request:
-          if chunk.text:
-            yield _sse(dict(head, choices=[{"index": 0, "delta": {"content": chunk.text},
-                                            "logprobs": None, "finish_reason": None}]))
-        yield _sse(dict(head, choices=[{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": request.finish_reason}],
-                        spec_tpu=_spec_stats(request)))
-        if include_usage:
-          yield _sse(dict(head, choices=[], usage=_usage(request)))
-        yield "data: [DONE]\n\n"
-      finally:
-        request.cancel()
+    async def choices():
+      yield {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}
+      async for chunk in request:
+        if chunk.text:
+          yield {"index": 0, "delta": {"content": chunk.text}, "logprobs": None,
+                 "finish_reason": None}
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _event_stream(request, head, choices(),
+                         lambda: {"index": 0, "delta": {}, "logprobs": None,
+                                  "finish_reason": request.finish_reason}, include_usage)
 
   return app

@@ -260,3 +260,33 @@ def test_cache_write_sets_exactly_the_valid_tokens_bits(dtype):
         want[1, r, :, int(positions[r, j]) % 8] = np.asarray(k[r, :, j].astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(got.k.astype(jnp.float32)), want)
   assert got.k.dtype == dtype
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 5), (3, 2)])
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_heads_batched_projection_equals_the_einsum(b, t, heads_major):
+  """The GPU form of the per-head projections (batched over heads, one token computed twice)
+  is the same product as the einsum every platform runs; checked here on CPU in float32."""
+  from spec_tpu.models import layers
+  x = jax.random.normal(jax.random.PRNGKey(b * 10 + t), (b, t, 24), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(7), (3, 24, 8), jnp.float32)
+  spec = "btd,hde->bhte" if heads_major else "btd,hde->bthe"
+  want = jnp.einsum(spec, x, w, precision="highest")
+  got = layers.heads_batched(x, w, heads_major)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Off GPU, project_heads is the einsum itself.
+  np.testing.assert_array_equal(layers.project_heads(x, w, heads_major), jnp.einsum(spec, x, w))
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_compiler_options_are_options_xla_knows(platform):
+  """A misspelt option fails compilation ("No such compile option"); XLA accepts every
+  platform's option names in any compile, so the GPU ones are checked on CPU too."""
+  from spec_tpu.decoding import sampler
+  options = sampler.compiler_options(platform)
+  assert options
+  f = jax.jit(lambda x: x @ x)
+  assert f.lower(jnp.ones((4, 4))).compile(options)(jnp.ones((4, 4))).shape == (4, 4)
+  with pytest.raises(Exception, match="No such compile option"):
+    f.lower(jnp.ones((4, 4))).compile({**options, "xla_no_such_option": True})

@@ -73,6 +73,52 @@ def rope(x, positions, base: float, scale: float, llama3=None):
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+# Few tokens (decode, verification): per-head projections batched over heads on GPU.
+HEADS_BATCHED_MAX_TOKENS = 64
+
+
+def project_heads(x_btd, w_hde, heads_major: bool = False):
+  """x (b t d) times a per-head weight (h d e): b t h e, or b h t e when heads_major.
+
+  A per-head weight's output axes (h, e) sit on both sides of its contracting axis d, so one
+  matrix product needs it transposed first: XLA:GPU writes a transposed copy of the weight at
+  every call (three passes over the weight instead of one; measured on an H100, README "GPU").
+  For few tokens the product is instead batched over heads, each head's (d e) matrix read where
+  it lies, with the few activations broadcast to every head (h b t d, small next to the weight).
+  Many tokens (prefill), quantized weights and other platforms take the plain einsum.
+  """
+  b, t, _ = x_btd.shape
+  out = "bhte" if heads_major else "bthe"
+
+  def plain():
+    return quant.einsum(f"btd,hde->{out}", x_btd, w_hde)
+
+  if quant.is_quantized(w_hde) or b * t > HEADS_BATCHED_MAX_TOKENS:
+    return plain()
+
+  return jax.lax.platform_dependent(
+      cuda=lambda: heads_batched(x_btd, w_hde, heads_major), default=plain)
+
+
+def heads_batched(x_btd, w_hde, heads_major: bool = False):
+  """project_heads as a product batched over heads (the GPU form for few tokens).
+
+  A single token is computed twice: XLA:GPU turns a product with one row into a reduction and
+  re-lays the whole stacked weight out for it at every program call (a copy of every layer's
+  q, k and v: 1 GiB per projection for a 7B model, measured on an H100); two rows stay a
+  matrix product that reads the weight where it lies.
+  """
+  b, t, d = x_btd.shape
+  h = w_hde.shape[0]
+  rows = x_btd.reshape(b * t, d)
+  if b * t == 1:
+    rows = jnp.concatenate([rows, rows])
+  xh = jnp.broadcast_to(rows[None], (h, *rows.shape))
+  y = jax.lax.dot_general(xh, w_hde, (((2,), (1,)), ((0,), (0,))))[:, :b * t]
+  y = y.reshape(h, b, t, -1)
+  return y.transpose(1, 0, 2, 3) if heads_major else y.transpose(1, 2, 0, 3)
+
+
 def feed_forward(x_btd, p, activation: str, gelu_approximate: bool):
   up = quant.einsum("btd,df->btf", x_btd, p["up"])
   if activation == "gelu":

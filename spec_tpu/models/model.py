@@ -140,9 +140,9 @@ def _norm(cfg, x, scale):
 
 def _project_qkv(cfg, p, x_btd, positions_bt, kind):
   """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them)."""
-  q = quant.einsum("btd,hde->bthe", x_btd, p["q"])
-  k = quant.einsum("btd,kde->bkte", x_btd, p["k"])
-  v = quant.einsum("btd,kde->bkte", x_btd, p["v"])
+  q = layers.project_heads(x_btd, p["q"])
+  k = layers.project_heads(x_btd, p["k"], heads_major=True)
+  v = layers.project_heads(x_btd, p["v"], heads_major=True)
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
     k = _norm(cfg, k, p["k_norm"])

@@ -110,7 +110,7 @@ class StepTimer:
     # The same XLA options as the decode programs, so steps are timed as the loop runs them.
     platform = next(iter(jax.tree.leaves(self.params)[0].sharding.device_set)).platform
     compiled = self._fn.lower(self.params, tokens, 0).compile(
-        sampler.compiler_options(platform))
+        sampler.compiler_options(platform, bool(self.cfg.quantize)))
 
     def timed(n):
       best = float("inf")

@@ -260,7 +260,8 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
   # does not change buffer assignment, which is what memory_analysis reports).
   from spec_tpu.decoding import sampler
-  options = sampler.compiler_options(devices[0].platform)  # what the Sampler compiles with
+  quantized = bool(setup.target.cfg.quantize or (draft and draft.cfg.quantize))
+  options = sampler.compiler_options(devices[0].platform, quantized)  # as the Sampler compiles
   if devices[0].platform == "cpu":
     options.update(_CPU_FAST_COMPILE)
   try:

@@ -279,13 +279,15 @@ def test_heads_batched_projection_equals_the_einsum(b, t, heads_major):
   np.testing.assert_array_equal(layers.project_heads(x, w, heads_major), jnp.einsum(spec, x, w))
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu"])
-def test_compiler_options_are_options_xla_knows(platform):
+@pytest.mark.parametrize("platform,quantized", [("cpu", False), ("gpu", False), ("gpu", True)])
+def test_compiler_options_are_options_xla_knows(platform, quantized):
   """A misspelt option fails compilation ("No such compile option"); XLA accepts every
   platform's option names in any compile, so the GPU ones are checked on CPU too."""
   from spec_tpu.decoding import sampler
-  options = sampler.compiler_options(platform)
+  options = sampler.compiler_options(platform, quantized)
   assert options
+  if platform == "gpu":  # int8 weights keep Triton's gemm fusions (they convert in the matmul)
+    assert ("xla_gpu_enable_triton_gemm" in options) != quantized
   f = jax.jit(lambda x: x @ x)
   assert f.lower(jnp.ones((4, 4))).compile(options)(jnp.ones((4, 4))).shape == (4, 4)
   with pytest.raises(Exception, match="No such compile option"):

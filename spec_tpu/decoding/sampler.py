@@ -71,18 +71,23 @@ CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-mot
 # matmuls go to cuBLAS reading layer slices of the stacked weights in place (dynamic-slice
 # fusion; Triton gemm fusions copied each layer's weights out of the stack first) and two
 # matmuls of one input are not merged into one (the merger concatenates their weights, a copy
-# per call).
+# per call). int8 weights keep Triton's gemm fusions: they convert the int8 operand inside the
+# matmul, where cuBLAS needs a converted copy first (24.1 vs 13.6 ms/token for the 7B).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
                         "xla_gpu_enable_triton_gemm": False,
                         "xla_gpu_dot_merger_threshold_mb": 0}
 
 
-def compiler_options(platform: str) -> dict | None:
-  """XLA options for compiling a decode program for devices of this platform."""
+def compiler_options(platform: str, quantized: bool = False) -> dict | None:
+  """XLA options for compiling a decode program for devices of this platform (quantized: the
+  program's weights include int8 ones)."""
   if platform == "cpu":
     return dict(CPU_COMPILER_OPTIONS)
   if platform in ("gpu", "cuda"):
-    return dict(GPU_COMPILER_OPTIONS)
+    options = dict(GPU_COMPILER_OPTIONS)
+    if quantized:
+      del options["xla_gpu_enable_triton_gemm"]
+    return options
   return None
 
 
@@ -167,7 +172,12 @@ class Sampler:
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32))
-    return jitted.lower(*args).compile(compiler_options(mesh.devices.flat[0].platform))
+    return jitted.lower(*args).compile(self.compiler_options())
+
+  def compiler_options(self) -> dict | None:
+    """The XLA options every program over these models compiles with."""
+    quantized = any(c is not None and c.quantize for c in (self.target_cfg, self.draft_cfg))
+    return compiler_options(self.mesh.devices.flat[0].platform, quantized)
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:

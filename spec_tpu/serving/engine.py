@@ -73,7 +73,7 @@ import numpy as np
 
 from spec_tpu import sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
-from spec_tpu.decoding.sampler import Sampler, compiler_options, to_host
+from spec_tpu.decoding.sampler import Sampler, to_host
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
@@ -594,8 +594,7 @@ class Engine:
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
                           sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
-      self._programs[key] = jitted.lower(*args).compile(
-          compiler_options(self.sampler.mesh.devices.flat[0].platform))
+      self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int):
@@ -612,8 +611,7 @@ class Engine:
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
               sds((), bool))
-      self._programs[key] = jitted.lower(*args).compile(
-          compiler_options(self.sampler.mesh.devices.flat[0].platform))
+      self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
     return self._programs[key]
 
   # ------------------------------------------------------------------ multi-host

@@ -11,7 +11,8 @@ tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed
 single-token steps at the same context length), measured speedup vs K=0 at the same batch, the
 ideal speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) (Leviathan et al. 2023, Thm 3.8) and their ratio,
 verification cost (target forward of K+1 tokens / 1-token target step), and memory-bandwidth
-utilisation of the target step: bytes of weights + KV cache each device reads per step / step
+utilisation of the target step: bytes of weights + KV cache (its filled blocks, where it is
+longer than one attention block) each device reads per step / step
 time, against the bandwidth each device gets when all of them read at once the way a decode
 step reads its weights (a matrix-vector product over a weight matrix sharded across every device
 of the mesh, too large for any cache). A utilisation above 100% cannot be a memory bandwidth: the
@@ -64,6 +65,22 @@ def _per_device_bytes(tree_of_structs, shardings) -> int:
                  for x, s in zip(leaves, shards)))
 
 
+def _read_cache_bytes(abstract, cache_sh, context: int) -> int:
+  """Bytes of the cache one step at `context` reads per device: a KV cache longer than one
+  attention block is read only up to the filled blocks (model.ATTENTION_BLOCK slots each)."""
+  from spec_tpu.models import cache as cache_lib, model
+  block = model.ATTENTION_BLOCK
+  total = 0
+  for entry, sh in zip(abstract.groups + abstract.remainder, cache_sh.groups + cache_sh.remainder):
+    nbytes = _per_device_bytes(entry, sh)
+    if isinstance(entry, cache_lib.KVCache):
+      slots = entry.k.shape[-2]
+      if slots > block:
+        nbytes = nbytes * min(slots, -(-(context + 1) // block) * block) // slots
+    total += nbytes
+  return total
+
+
 class StepTimer:
   """Times jitted forward steps of one model at a fixed context length.
 
@@ -84,7 +101,7 @@ class StepTimer:
     cache_sh = sharding.cache_shardings(abstract, mesh, rules)
     param_sh = sharding.param_shardings(cfg, mesh, rules, params)
     self.param_bytes = _per_device_bytes(params, param_sh)
-    self.cache_bytes = _per_device_bytes(abstract, cache_sh)
+    self.cache_bytes = _read_cache_bytes(abstract, cache_sh, context)
     self.params = params
 
     def steps(params, tokens_bt, n):

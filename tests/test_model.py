@@ -243,23 +243,51 @@ def test_presets_have_the_published_shapes():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_cache_write_sets_exactly_the_valid_tokens_bits(dtype):
-  # Given a stacked cache (l b k s e) of a 16-bit float (written through a 16-bit integer view
-  # on CPU) or float32, and new tokens of which some are padding,
+  # Given a stacked cache (l b k s e) of bfloat16 (stored as its uint16 bits), float16 (written
+  # through a 16-bit integer view on CPU) or float32, and new tokens of which some are padding,
   rng = np.random.default_rng(0)
   old = jnp.asarray(rng.standard_normal((3, 2, 2, 8, 4)), dtype)
+  store = cache_lib.stored_dtype(dtype)
+  stored = jax.lax.bitcast_convert_type(old, store) if store != dtype else old
   k = jnp.asarray(rng.standard_normal((2, 2, 3, 4)), dtype)
   positions = jnp.array([[5, 6, 7], [9, 10, 11]])  # row 1 wraps around the ring of 8
   valid = jnp.array([[True, True, False], [True, True, True]])
   # when layer 1's update is written,
-  got = cache_lib.write(cache_lib.KVCache(old, old), k, k, positions, valid, ring=True, index=1)
+  got = cache_lib.write(cache_lib.KVCache(stored, stored), k, k, positions, valid, ring=True,
+                        index=1)
   # then exactly the valid tokens' slots of layer 1 change, to exactly the new values.
   want = np.asarray(old.astype(jnp.float32)).copy()
   for r in range(2):
     for j in range(3):
       if valid[r, j]:
         want[1, r, :, int(positions[r, j]) % 8] = np.asarray(k[r, :, j].astype(jnp.float32))
-  np.testing.assert_array_equal(np.asarray(got.k.astype(jnp.float32)), want)
-  assert got.k.dtype == dtype
+  assert got.k.dtype == store == (jnp.uint16 if dtype == jnp.bfloat16 else dtype)
+  np.testing.assert_array_equal(np.asarray(cache_lib.values(got.k).astype(jnp.float32)), want)
+
+
+def test_a_decode_step_never_passes_over_the_whole_cache():
+  """A long bfloat16 cache costs a decode step only its filled blocks: in the compiled CPU step
+  no instruction but the in-place write makes an array the size of a layer's (or the stacked)
+  cache: no float32 conversion, no copy, no view of it (each was there once, README "Context
+  length"; XLA:CPU scatters a bfloat16 array through float32)."""
+  from spec_tpu.decoding import sampler
+  cfg = config.get_preset("tiny").replace(num_layers=3, dtype="bfloat16")
+  params = model.init_params(cfg, jax.random.key(0))
+  slots = 4 * model.ATTENTION_BLOCK
+
+  def step(params, cache, tokens):
+    return model.forward(params, cfg, tokens, cache)
+
+  cache = cache_lib.init_cache(cfg, 1, slots)._replace(length=jnp.array([5], jnp.int32))
+  text = jax.jit(step, donate_argnums=1).lower(params, cache, jnp.ones((1, 1), jnp.int32)).compile(
+      sampler.compiler_options("cpu")).as_text()
+  layer_shape = ",".join(map(str, cache.groups[0].k.shape[1:]))
+  whole = [line for line in text.splitlines()
+           if f"{layer_shape}]" in line.split("=", 1)[-1].split("(", 1)[0]
+           and any(op in line for op in (" convert(", " copy(", " bitcast-convert(",
+                                          "kind=kLoop", "kind=kInput"))
+           and "scatter" not in line]
+  assert not whole, "\n".join(whole)
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (1, 5), (3, 2)])

@@ -38,7 +38,8 @@ from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 class KVCache(NamedTuple):
   """Keys and values of an attention layer (local or global), heads-major: a TPU tiles the two
-  minor axes, and s e keeps them large (see layers.attend)."""
+  minor axes, and s e keeps them large (see layers.attend). A bfloat16 cache holds the values'
+  bit patterns as uint16 (`stored_dtype`; `values` reads them back as bfloat16)."""
   k: jax.Array  # (l) b k s e
   v: jax.Array  # (l) b k s e
 
@@ -47,6 +48,22 @@ class KVCache(NamedTuple):
     """Logical axes of one layer's leaves (a stacked entry adds a leading 'layers')."""
     kv = ("batch", "kv_heads", "cache_seq", "head_dim")
     return KVCache(k=kv, v=kv)
+
+
+def stored_dtype(dtype):
+  """What a KV cache of this value dtype stores: bfloat16 as its uint16 bit patterns. A write
+  then scatters integers: XLA:CPU scatters a bfloat16 array by converting all of it to float32
+  and back, or, given a uint16 view, by materialising that view, both a pass over the whole
+  (stacked) cache per layer per step however few tokens are written. Stored as bits, a step
+  costs what its tokens cost (README "Context length"); a bitcast is free on every platform,
+  and only the blocks attention reads are cast back."""
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 else dtype
+
+
+def values(a):
+  """Cache contents as values: uint16 bit patterns read back as the bfloat16 they hold."""
+  return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
 class Cache(NamedTuple):
@@ -79,7 +96,8 @@ def _layer_cache(cfg: ModelConfig, kind: str, lead: tuple[int, ...], batch: int,
   if kind in (LOCAL, GLOBAL):
     shape = lead + (batch, cfg.num_kv_heads, kind_slots(cfg, kind, max_len, spec_tokens),
                     cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    store = stored_dtype(dtype)
+    return KVCache(k=jnp.zeros(shape, store), v=jnp.zeros(shape, store))
   if kind == RECURRENT:
     w, c = cfg.recurrent_width, cfg.conv1d_width
     return recurrent.RecurrentState(h=jnp.zeros(lead + (batch, w), jnp.float32),
@@ -210,14 +228,16 @@ def write(layer: KVCache, k_bkte, v_bkte, positions_bt, valid_bt, ring: bool,
 
 
 def _scatter_set(buf, at, new):
-  """buf.at[at].set(new), dropping out-of-range indices.
+  """buf.at[at].set(new), dropping out-of-range indices; a uint16 buffer (bfloat16 stored as
+  bits, `stored_dtype`) gets new's bfloat16 bit patterns.
 
-  XLA:CPU scatters a 16-bit float array by converting the whole array to float32 and back, two
-  passes over the entire (stacked) cache per layer per step however few tokens are written; on
-  CPU a 16-bit integer view of the same bits is scattered instead (bit-exact: a set moves bits).
-  XLA:CPU still materialises that view (README, "Context length"); other platforms scatter the
-  floats natively.
+  Other 16-bit floats (float16): XLA:CPU scatters them by converting the whole array to float32
+  and back, so on CPU a 16-bit integer view of the same bits is scattered instead (bit-exact: a
+  set moves bits); XLA:CPU still materialises that view. Other platforms scatter natively.
   """
+  if buf.dtype == jnp.uint16:
+    bits = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
+    return buf.at[at].set(bits, mode="drop")
   new = new.astype(buf.dtype)
   plain = lambda: buf.at[at].set(new, mode="drop")  # noqa: E731
   if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):

@@ -186,7 +186,9 @@ class _CacheView:
     self.num_slots = entry.k.shape[-2]
 
   def whole(self) -> cache_lib.KVCache:
-    return self.entry if self.g is None else jax.tree.map(lambda a: a[self.g], self.entry)
+    """The layer's keys and values, all slots, as values."""
+    entry = self.entry if self.g is None else jax.tree.map(lambda a: a[self.g], self.entry)
+    return jax.tree.map(cache_lib.values, entry)
 
   def read(self, entry: cache_lib.KVCache, at, size: int):
     """Slots at .. at + size - 1 of keys and values (b k size e) of this layer in `entry` (the
@@ -197,7 +199,7 @@ class _CacheView:
       zero = jnp.zeros((), jnp.int32)
       start = (jnp.asarray(self.g, jnp.int32), zero, zero, jnp.asarray(at, jnp.int32), zero)
       return jax.lax.dynamic_slice(a, start, (1, *a.shape[1:3], size, a.shape[4]))[0]
-    return cut(entry.k), cut(entry.v)
+    return cache_lib.values(cut(entry.k)), cache_lib.values(cut(entry.v))
 
 
 def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None):

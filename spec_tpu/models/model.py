@@ -203,23 +203,25 @@ class _CacheView:
 
 
 def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None):
-  """A pre-norm attention + feed-forward block. The cache update is the new tokens' keys and
-  values (None without a cache); attention reads the old cache and the new tokens as two key
-  blocks, so nothing is written before every query has read."""
+  """A pre-norm attention + feed-forward block: (x after it, the cache update, the cache entry
+  as attention passed it through). The update is the new tokens' keys and values (None without
+  a cache); attention reads the old cache and the new tokens as two key blocks, so nothing is
+  written before every query has read. The update is to be written into the returned entry:
+  one chain of uses of the cache, which XLA updates in place (layers.attend_filled)."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
   q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind)
   new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt))
   num_slots = None if lc is None else lc.num_slots
+  entry = None if lc is None else lc.entry
   if lc is not None and num_slots > ATTENTION_BLOCK:
     # Slots 0 .. min(length, S) - 1 are the filled ones (in a ring too): read only those.
     def cache_mask(slots_s):
       return _visible(cfg, kind, ctx.positions_bt,
                       cache_lib.slot_positions(ctx.length_b, num_slots, slots_s))
     filled = jnp.minimum(jnp.max(ctx.length_b), num_slots)
-    # The entry comes back out of attention's loop; the write goes into that one (in place).
-    a, lc.entry = layers.attend_filled(q, lc.entry, lc.read, num_slots, cache_mask, filled,
-                                       ATTENTION_BLOCK, new, cfg.num_kv_heads,
-                                       cfg.attn_logit_softcap)
+    a, entry = layers.attend_filled(q, entry, lc.read, num_slots, cache_mask, filled,
+                                    ATTENTION_BLOCK, new, cfg.num_kv_heads,
+                                    cfg.attn_logit_softcap)
   else:
     blocks = [new]
     if lc is not None:
@@ -232,7 +234,8 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None)
     a = a + lp["attn"]["o_bias"]
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
-  return _feed_forward_block(cfg, lp, x_btd + a), (None if lc is None else cache_lib.KVCache(k, v))
+  update = None if lc is None else cache_lib.KVCache(k, v)
+  return _feed_forward_block(cfg, lp, x_btd + a), update, entry
 
 
 def _feed_forward_block(cfg, lp, x_btd):
@@ -257,11 +260,12 @@ def _recurrent_layer(cfg, lp, x_btd, ctx: _Context, lc: recurrent.RecurrentState
   h = _norm(cfg, x_btd, lp["recurrent_norm"])
   num_new_b = jnp.sum(ctx.valid_bt, axis=1).astype(jnp.int32)
   out, trace = recurrent.recurrent_block(lp["recurrent"], h, ctx.positions_bt, num_new_b, lc)
-  return _feed_forward_block(cfg, lp, x_btd + out), trace
+  return _feed_forward_block(cfg, lp, x_btd + out), trace, None
 
 
 def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc):
-  """One layer of any kind: (x after it, its cache update). A new kind adds a branch here, in
+  """One layer of any kind: (x after it, its cache update, the cache entry as the layer passed
+  it through or None where it did not touch it). A new kind adds a branch here, in
   init_layer, in cache.py (_layer_cache, write_layer, a NamedTuple with logical_axes) and in
   sharding.layer_logical_axes."""
   if kind in (LOCAL, GLOBAL):
@@ -281,9 +285,9 @@ def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g):
     lc = _CacheView(entry, g)  # read in place, block by block where the cache is long
   else:
     lc = entry if g is None else jax.tree.map(lambda a: a[g], entry)
-  x_btd, update = _layer(cfg, kind, lp, x_btd, ctx, lc)
-  if isinstance(lc, _CacheView):
-    entry = lc.entry  # as attention passed it through
+  x_btd, update, passed = _layer(cfg, kind, lp, x_btd, ctx, lc)
+  if passed is not None:
+    entry = passed  # the write goes into the entry as the layer passed it through
   if entry is not None:
     entry = cache_lib.write_layer(kind, entry, update, ctx.positions_bt, ctx.valid_bt, g)
   return x_btd, entry, (update if kind == RECURRENT else None)

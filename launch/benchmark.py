@@ -76,7 +76,7 @@ def _read_cache_bytes(abstract, cache_sh, context: int) -> int:
     if isinstance(entry, cache_lib.KVCache):
       slots = entry.k.shape[-2]
       if slots > block:
-        nbytes = nbytes * min(slots, -(-(context + 1) // block) * block) // slots
+        nbytes = nbytes * min(slots, -(-context // block) * block) // slots  # blocks of `context`
     total += nbytes
   return total
 

@@ -243,8 +243,8 @@ def test_presets_have_the_published_shapes():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_cache_write_sets_exactly_the_valid_tokens_bits(dtype):
-  # Given a stacked cache (l b k s e) of bfloat16 (stored as its uint16 bits), float16 (written
-  # through a 16-bit integer view on CPU) or float32, and new tokens of which some are padding,
+  # Given a stacked cache (l b k s e) of bfloat16 (stored as its uint16 bits), float16 or
+  # float32, and new tokens of which some are padding,
   rng = np.random.default_rng(0)
   old = jnp.asarray(rng.standard_normal((3, 2, 2, 8, 4)), dtype)
   store = cache_lib.stored_dtype(dtype)

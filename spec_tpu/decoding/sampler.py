@@ -130,11 +130,9 @@ class Sampler:
   def _spec(self, k, top_k, max_new, prompt_len) -> decode.LoopSpec:
     # Positions written reach prompt + max_new + k; prompt_len is the padded bucket, so the
     # cache is capped at max_cache_len (already checked against the real prompt lengths).
-    max_len = prompt_len + max_new + k + 1
+    max_len = prompt_len + max_new + k + 1 if self.cache_len is None else self.cache_len
     if self.max_cache_len is not None:
       max_len = min(max_len, self.max_cache_len)
-    if self.cache_len is not None:
-      max_len = self.max_cache_len
     return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
                            k_max=k, max_top_k=top_k, max_len=max_len, out_len=max_new + k,
                            eos_id=self.eos_id, pad_id=self.pad_id)

@@ -56,7 +56,8 @@ def stored_dtype(dtype):
   and back, or, given a uint16 view, by materialising that view, both a pass over the whole
   (stacked) cache per layer per step however few tokens are written. Stored as bits, a step
   costs what its tokens cost (README "Context length"); a bitcast is free on every platform,
-  and only the blocks attention reads are cast back."""
+  and only the blocks attention reads are cast back. (A float16 cache, which no preset uses,
+  stores floats: on CPU its writes pass over the whole cache.)"""
   dtype = jnp.dtype(dtype)
   return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 else dtype
 
@@ -231,24 +232,10 @@ def _scatter_set(buf, at, new):
   """buf.at[at].set(new), dropping out-of-range indices; a uint16 buffer (bfloat16 stored as
   bits, `stored_dtype`) gets new's bfloat16 bit patterns.
 
-  Other 16-bit floats (float16): XLA:CPU scatters them by converting the whole array to float32
-  and back, so on CPU a 16-bit integer view of the same bits is scattered instead (bit-exact: a
-  set moves bits); XLA:CPU still materialises that view. Other platforms scatter natively.
   """
   if buf.dtype == jnp.uint16:
-    bits = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
-    return buf.at[at].set(bits, mode="drop")
-  new = new.astype(buf.dtype)
-  plain = lambda: buf.at[at].set(new, mode="drop")  # noqa: E731
-  if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
-    return plain()
-
-  def as_bits():
-    bits = jax.lax.bitcast_convert_type
-    out = bits(buf, jnp.uint16).at[at].set(bits(new, jnp.uint16), mode="drop")
-    return bits(out, buf.dtype)
-
-  return jax.lax.platform_dependent(cpu=as_bits, default=plain)
+    new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
+  return buf.at[at].set(new.astype(buf.dtype), mode="drop")
 
 
 def write_layer(kind: str, entry, update, positions_bt, valid_bt, index=None):

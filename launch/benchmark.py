@@ -200,15 +200,30 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                         f"{','.join(map(str, ks))}")
   if not batches or any(b <= 0 for b in batches):
     raise cli.UserError(f"--batches must be positive, got {','.join(map(str, batches))}")
+  for name, value, least in (("repeats", repeats, 1), ("step_repeats", step_repeats, 1),
+                             ("max_new_tokens", 1 if max_new is None else max_new, 1),
+                             ("cache_len", cache_len, 0)):
+    if value < least:
+      raise cli.UserError(f"--{name} must be >= {least}, got {value}")
   import jax
   from launch import common
 
   setup = common.resolve(config, need_weights=True, k=max(ks))
-  max_new = int(max_new or config.sampling.max_new_tokens)
-  os.makedirs(output_dir, exist_ok=True)
+  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
+  prompt_sets = {b: prompts_for(config, setup, b) for b in batches}  # tokenizer errors here
+  lengths = [len(p) for ps in prompt_sets.values() for p in ps]
+  if not min(lengths):
+    raise common.SetupError("a prompt is empty (run.prompts, or run.prompt_len random tokens)")
+  if cache_len and max(lengths) + max_new + max(ks) + 1 > cache_len:
+    raise common.SetupError(f"--cache_len={cache_len} cannot hold the longest prompt "
+                            f"({max(lengths)} tokens), {max_new} new tokens and "
+                            f"{max(ks) + 1} for verification")
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise common.SetupError(f"--output_dir {output_dir!r}: {e.strerror or e}") from None
   if not os.access(output_dir, os.W_OK):
     raise common.SetupError(f"--output_dir {output_dir!r} is not writable")
-  prompt_sets = {b: prompts_for(config, setup, b) for b in batches}  # tokenizer errors here
 
   mesh = common.build_mesh(config)
   if max(ks) == 0:
@@ -353,13 +368,19 @@ def main(argv):
   del argv  # cli.run refuses positional arguments
   from launch import common
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
+  if not modes or len(set(modes)) < len(modes):
+    raise cli.UserError(f"--quantize takes distinct forms (none, int8), got "
+                        f"{','.join(_QUANTIZE.value)!r}")
+  # Every form's setup is checked before the first one runs for minutes.
+  configs = [common.with_quantize(_CONFIG.value, mode) for mode in modes]
+  for config in configs:
+    common.resolve(config, need_weights=True, k=0)
   cache_dir = common.use_compile_cache(_CONFIG.value)
   results = []
-  for mode in modes:
+  for mode, config in zip(modes, configs):
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
-    results.append(run(common.with_quantize(_CONFIG.value, mode), out, _KS.value,
-                       _BATCHES.value, _MAX_NEW.value, _REPEATS.value, _STEP_REPEATS.value,
-                       _CACHE_LEN.value))
+    results.append(run(config, out, _KS.value, _BATCHES.value, _MAX_NEW.value, _REPEATS.value,
+                       _STEP_REPEATS.value, _CACHE_LEN.value))
   logging.info("%s", common.compile_cache_summary(cache_dir))
   if len(results) > 1:
     table = format_comparison(results)

@@ -113,7 +113,10 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
     on_load = bool(quantize) and cfg.quantize is None
     if on_load:
-      cfg = cfg.replace(quantize=quantize)
+      try:
+        cfg = cfg.replace(quantize=quantize)
+      except ValueError as e:
+        raise SetupError(f"{role}: checkpoint {path}: {e}") from None
     elif quantize and cfg.quantize != quantize:
       raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
                        f"served as {quantize}")
@@ -165,7 +168,23 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
     raise SetupError(f"sampling: {e}") from None
   if int(s.max_new_tokens) <= 0:
     raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
+  if int(s.seed) < 0:
+    raise SetupError(f"sampling.seed must be >= 0, got {s.seed}")
+  _check_serve(config.serve)
   return Setup(target=target, draft=draft, sampling=params, k=k)
+
+
+def _check_serve(serve) -> None:
+  """The engine's settings (launch.sample and launch.serve build one from them)."""
+  for name in ("prefill_rows", "max_rounds_per_step"):
+    if int(serve[name]) < 1:
+      raise SetupError(f"serve.{name} must be >= 1, got {serve[name]}")
+  if not 0 <= int(serve.rounds_per_step) <= int(serve.max_rounds_per_step):
+    raise SetupError(f"serve.rounds_per_step must be 0 (paced by measured time) or 1.."
+                     f"serve.max_rounds_per_step={serve.max_rounds_per_step}, got "
+                     f"{serve.rounds_per_step}")
+  if int(serve.max_top_k) < 0:
+    raise SetupError(f"serve.max_top_k must be >= 0, got {serve.max_top_k}")
 
 
 def with_quantize(config, mode: str | None):

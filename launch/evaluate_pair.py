@@ -15,6 +15,7 @@ and are the best of --repeats runs, since other work on a shared machine only ev
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 from absl import app
@@ -23,6 +24,7 @@ from absl import flags
 from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.models import model
+from spec_tpu.models.config import FLOAT_DTYPES
 from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.decoding.sampler import Sampler
@@ -79,12 +81,27 @@ def _timed(sampler, prompts, k, sampling):
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  # Everything that could fail at the end is checked before minutes of evaluation.
   drafts = []
   for spec in _DRAFT.value:
     label, sep, path = spec.partition("=")
     if not sep or not label or not path:
       raise app.UsageError(f"--draft takes label=path, got {spec!r}")
+    if label in dict(drafts):
+      raise app.UsageError(f"--draft label {label!r} is given twice")
     drafts.append((label, path))
+  for flag, least in ((_NUM_PROMPTS, 1), (_PROMPT_LEN, 1), (_MAX_NEW, 1), (_K, 1), (_REPEATS, 1),
+                      (_SEQ_LEN, 1), (_EVAL_WINDOWS, 1), (_SAMPLES, 0), (_SEED, 0)):
+    if flag.value < least:
+      raise app.UsageError(f"--{flag.name} must be >= {least}, got {flag.value}")
+  if _DTYPE.value and _DTYPE.value not in FLOAT_DTYPES:
+    raise app.UsageError(f"--dtype must be one of {FLOAT_DTYPES}, got {_DTYPE.value!r}")
+  if _OUTPUT.value:
+    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+      raise app.UsageError(f"--output {_OUTPUT.value!r}: {parent!r} is not a writable directory")
+  for path in [_TARGET.value] + [p for _, p in drafts]:
+    checkpoint.load_config(path)  # manifest and config only: a missing checkpoint fails here
 
   tok = tokenizer_lib.load()
   _, heldout_files = corpus.split(corpus.stdlib_files())

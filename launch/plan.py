@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 
@@ -201,7 +202,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
 
   setup = common.resolve(config, need_weights=False, k=k)
   k = setup.k
-  max_new = int(max_new or config.sampling.max_new_tokens)
+  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   prompt_len = context - max_new - k - 1
   if batch <= 0 or prompt_len <= 0:
     raise ValueError(f"--context={context} must exceed max_new_tokens ({max_new}) + K + 1 "
@@ -405,6 +406,15 @@ def main(argv):
                 else tuple(int(x) for x in config.mesh.shape))
     if min(topology) <= 0:
       raise ValueError(f"mesh.shape {topology} needs explicit sizes here: pass --topology")
+    for name, value in (("batch", _BATCH.value), ("max_new_tokens", _MAX_NEW.value),
+                        ("k", _K.value)):
+      if value is not None and value < (0 if name == "k" else 1):
+        raise ValueError(f"--{name} must be >= {0 if name == 'k' else 1}, got {value}")
+    if _OUTPUT_JSON.value:
+      parent = os.path.dirname(os.path.abspath(_OUTPUT_JSON.value))
+      if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--output_json {_OUTPUT_JSON.value!r}: {parent!r} is not a writable "
+                         "directory")
   except ValueError as e:
     sys.exit(f"error: {e}")
   if not _TPU.value:

@@ -8,8 +8,6 @@ draft shape on data alone (for comparison). Commands in configs/train.py:
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from absl import app
@@ -20,7 +18,7 @@ from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.training import corpus, train
 from spec_tpu import tokenizer as tokenizer_lib
-from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.config import FLOAT_DTYPES, ModelConfig
 
 _CONFIG = cli.define_config_file("config", "configs/train.py:target", "Training setup.")
 
@@ -28,17 +26,31 @@ _CONFIG = cli.define_config_file("config", "configs/train.py:target", "Training 
 def main(argv):
   del argv  # cli.run refuses positional arguments
   c = _CONFIG.value
+  # Everything a run could fail on at its end is checked before it trains for minutes.
   if c.mode not in ("target", "distill", "draft"):
     raise app.UsageError(f"mode must be target, distill or draft, got {c.mode!r}")
-  if os.path.exists(c.output) and not c.overwrite:
-    raise app.UsageError(f"{c.output} exists; pass --config.overwrite=True to replace it")
+  for name in ("steps", "batch", "seq_len", "eval_windows"):
+    if not (isinstance(c[name], int) and c[name] >= 1):
+      raise app.UsageError(f"--config.{name} must be a positive integer, got {c[name]!r}")
+  for name in ("seconds", "lr"):
+    if not c[name] > 0:
+      raise app.UsageError(f"--config.{name} must be positive, got {c[name]!r}")
+  if c.warmup_steps < 0:
+    raise app.UsageError(f"--config.warmup_steps must be >= 0, got {c.warmup_steps}")
+  if c.save_dtype not in FLOAT_DTYPES:
+    raise app.UsageError(f"--config.save_dtype must be one of {FLOAT_DTYPES}, got "
+                         f"{c.save_dtype!r}")
+  checkpoint.check_destination(c.output, c.overwrite)
   try:
     tok = tokenizer_lib.load(c.tokenizer or None)
   except (OSError, ValueError, RuntimeError) as e:
     raise app.UsageError(f"tokenizer {c.tokenizer!r}: {e}") from None
   # Train in float32 (bf16 Adam updates lose small steps); a bf16 copy is what gets stored.
-  cfg = ModelConfig(**c.model.to_dict(), valid_vocab_size=tok.vocab_size, tokenizer=tok.name,
-                    dtype="float32")
+  try:
+    cfg = ModelConfig(**c.model.to_dict(), valid_vocab_size=tok.vocab_size, tokenizer=tok.name,
+                      dtype="float32")
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(f"--config.model: {e}") from None
   teacher = None
   if c.mode == "distill":
     t_params, t_cfg = checkpoint.restore(c.teacher, dtype="float32")

@@ -91,6 +91,8 @@ def test_restore_dtype_cast(saved):
 def test_bad_dtype(saved):
   with pytest.raises(CheckpointError, match="bad dtype 'float99'"):
     checkpoint.restore(saved[0], dtype="float99", verify=False)
+  with pytest.raises(CheckpointError, match="bad dtype 'int8'"):  # would truncate every weight
+    checkpoint.restore(saved[0], dtype="int8", verify=False)
 
 
 def test_config_and_extra_round_trip(saved):

@@ -336,3 +336,62 @@ def test_multihost_insert_message_round_trips():
   for a, b in zip(jax.tree.leaves((slots, tokens, lengths, rows)), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
     assert a.dtype == b.dtype
+
+
+# ---------------------------------------------------------------- request text (no device)
+
+def _request(prompt, tok, **params):
+  from spec_tpu.serving.request import Request
+  return Request(0, prompt, GenerationParams(max_new_tokens=100, **params), tok)
+
+
+@pytest.mark.parametrize("stops, pieces", [
+    (("User:", "\nUser:"), ["Hi there.", "\nUs", "er: more"]),
+    (("0\x00", "ev.0l"), ["sto", "ev.", "0l and on"]),
+    (("abcd", "cde", "x"), ["1ab", "c", "de"]),
+])
+def test_streamed_text_never_holds_a_stop_strings_text(stops, pieces):
+  tok = ByteTokenizer()
+  # Given output arriving in pieces, where a later stop string's prefix is pending while an
+  # earlier stop string's shorter prefix is too,
+  r = _request([2], tok, stop=stops)
+  stopped = False
+  for piece in pieces:
+    stopped = r._deliver(tok.encode(piece))
+    if stopped:
+      break
+  r._finish("stop" if stopped else "length")
+  done = r.result()
+  # then the streamed chunks add up to the final text, which holds no stop string.
+  whole = "".join(pieces)
+  cut = min([whole.index(s) for s in stops if s in whole] or [len(whole)])
+  assert done.text == whole[:cut]
+  assert "".join(c.text for c in r._chunks) == done.text
+
+
+def _sentencepiece_with_dummy_prefix():
+  import io
+  import sentencepiece as spm
+  from spec_tpu.tokenizer import Tokenizer
+  model = io.BytesIO()
+  text = ["the quick brown fox jumps over the lazy dog", "hello world, said the fox"] * 20
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(text), model_writer=model, vocab_size=300, add_dummy_prefix=True,
+      byte_fallback=True, hard_vocab_limit=False, character_coverage=1.0, pad_id=0, unk_id=1,
+      bos_id=2, eos_id=3, minloglevel=2)
+  return Tokenizer(model.getvalue())
+
+
+def test_a_dummy_prefix_tokenizer_keeps_the_first_words_space():
+  # Given a SentencePiece model that adds a dummy prefix (as Llama 2's and Mistral's do: a text's
+  # first space is dropped when decoded alone),
+  tok = _sentencepiece_with_dummy_prefix()
+  prompt, new = tok.encode("the quick"), tok.encode(" brown fox")
+  assert tok.decode(new) == "brown fox"
+  # then a completion's text continues the prompt's as decoding them together would,
+  r = _request(prompt, tok)
+  for t in new:  # one token per delivery, as a stream
+    r._deliver([t])
+  r._finish("length")
+  assert r.result().text == " brown fox" == tok.decode(prompt + new)[len("the quick"):]
+  assert "".join(c.text for c in r._chunks) == " brown fox"

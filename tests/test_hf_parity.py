@@ -210,7 +210,7 @@ def _numerics(cfg):
   """The fields that change outputs (local-layer RoPE is moot without local layers)."""
   cfg = cfg.replace(name="", tokenizer="", dtype="float32")
   if LOCAL not in cfg.layer_pattern:
-    cfg = cfg.replace(rope_base_local=0.0, rope_scale_local=0.0)
+    cfg = cfg.replace(rope_base_local=1.0, rope_scale_local=1.0)
   return cfg
 
 
@@ -373,6 +373,14 @@ def test_integer_tensor_is_refused():
     hf.convert_params(_DictIndex(state), cfg)
 
 
+def _rg_config():
+  """A small transformers RecurrentGemma config.json (unset fields: transformers' defaults)."""
+  return dict(architectures=["RecurrentGemmaForCausalLM"], model_type="recurrent_gemma",
+              vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=2, num_key_value_heads=1, lru_width=32,
+              attention_window_size=16)
+
+
 def _write_config(path, **fields):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -400,9 +408,24 @@ def test_bad_directories_fail_before_any_work(tmp_path):
   with pytest.raises(HFConversionError, match="would replace the source"):
     hf.convert_directory(tmp_path / "noweights", tmp_path, overwrite=True)
   (tmp_path / "out").mkdir()
-  with pytest.raises(HFConversionError, match="exists; pass overwrite=True"):
+  with pytest.raises(checkpoint.CheckpointError, match="exists; pass overwrite=True"):
     hf.convert_directory(tmp_path / "noweights", tmp_path / "out")
   assert not os.listdir(tmp_path / "out")
+  # Checked before any tensor is read (the directories above hold none): a destination that
+  # cannot be written, a dtype that is not a float, int8 for a model int8 does not cover yet.
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(checkpoint.CheckpointError, match="is a file, not a directory"):
+    hf.convert_directory(tmp_path / "noweights", tmp_path / "a_file" / "out")
+  for dtype in ("int8", "float64"):
+    with pytest.raises(HFConversionError, match=f"not {dtype}.*--quantize=int8"):
+      hf.convert_directory(tmp_path / "noweights", tmp_path / "out2", dtype=dtype)
+  _write_config(tmp_path / "int8_source", **llama, torch_dtype="int8")
+  with pytest.raises(HFConversionError, match="not int8"):
+    hf.convert_directory(tmp_path / "int8_source", tmp_path / "out2")
+  _write_config(tmp_path / "rg", **_rg_config())
+  with pytest.raises(HFConversionError, match="quantize is not supported for RecurrentGemma"):
+    hf.convert_directory(tmp_path / "rg", tmp_path / "out2", quantize="int8")
+  assert not (tmp_path / "out2").exists()
 
 
 @pytest.fixture(scope="module")

@@ -359,6 +359,93 @@ def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, argv, says):
   assert not (tmp_path / "o.jsonl").exists()
 
 
+_TINY = ["--config=configs/tiny_random.py", "--config.model.checkpoint=",
+         "--config.draft.checkpoint="]
+_TRAIN = ["launch.train", "--config=configs/train.py:draft", "--config.steps=1",
+          "--config.seconds=5", "--config.eval_windows=1", "--config.batch=2",
+          "--config.seq_len=16", "--config.output=OUT/trained"]
+_SAMPLE = ["launch.sample", *_TINY, "--prompt=x = 1", "--output=OUT/o.jsonl", "--nocompare_ar"]
+_BENCH = ["launch.benchmark", *_TINY, "--output_dir=OUT/bench", "--ks=0", "--batches=1",
+          "--max_new_tokens=2", "--repeats=1", "--step_repeats=1"]
+_PLAN = ["launch.plan", *_TINY, "--topology=1x1", "--context=256"]
+_EVAL = ["launch.evaluate_pair", "--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
+         "--repeats=1", "--seq_len=8", "--eval_windows=1"]
+_CONVERT = ["launch.convert", "--src=OUT/hf", "--dst=OUT/converted"]
+
+# Each of these used to fail late (after training, evaluating or loading weights) with a
+# traceback, or to do something else than asked without a word.
+LATE_MISTAKES = [
+    (_TRAIN + ["--config.save_dtype=bfloat61"], "save_dtype must be one of"),
+    (_TRAIN + ["--config.save_dtype=int8"], "save_dtype must be one of"),
+    (_TRAIN + ["--config.output=OUT/a_file/trained"], "is a file, not a directory"),
+    (_TRAIN + ["--config.model.num_kv_heads=3"], "multiple of num_kv_heads"),
+    (_TRAIN + ["--config.batch=0"], "--config.batch must be a positive integer"),
+    (_TRAIN + ["--config.steps=0"], "--config.steps must be a positive integer"),
+    (_SAMPLE + ["--config.sampling.seed=-1"], "sampling.seed must be >= 0"),
+    (_SAMPLE + ["--config.serve.prefill_rows=0"], "serve.prefill_rows must be >= 1"),
+    (_SAMPLE + ["--config.serve.rounds_per_step=-1"], "serve.rounds_per_step must be 0"),
+    (_SAMPLE + ["--config.model.fields.dtype=bfloat61"], "dtype must be one of"),
+    (_BENCH + ["--repeats=0"], "--repeats must be >= 1"),
+    (_BENCH + ["--step_repeats=0"], "--step_repeats must be >= 1"),
+    (_BENCH + ["--max_new_tokens=0"], "--max_new_tokens must be >= 1, got 0"),
+    (_BENCH + ["--cache_len=8"], "--cache_len=8 cannot hold the longest prompt"),
+    (_BENCH + ["--output_dir=OUT/a_file"], "--output_dir"),
+    (_BENCH + ["--quantize="], "--quantize takes distinct forms"),
+    (_BENCH + ["--quantize=none,none"], "--quantize takes distinct forms"),
+    (_PLAN + ["--max_new_tokens=-5"], "--max_new_tokens must be >= 1"),
+    (_PLAN + ["--batch=0"], "--batch must be >= 1"),
+    (_PLAN + ["--output_json=OUT/none/x.json"], "is not a writable directory"),
+    (_EVAL + ["--k=-1"], "--k must be >= 1"),
+    (_EVAL + ["--num_prompts=0"], "--num_prompts must be >= 1"),
+    (_EVAL + ["--dtype=int8"], "--dtype must be one of"),
+    (_EVAL + ["--output=OUT/none/e.json"], "is not a writable directory"),
+    (_EVAL + ["--draft=a=x", "--draft=a=y"], "--draft label 'a' is given twice"),
+    (_EVAL + ["--target=OUT/none"], "OUT/none"),
+    (_CONVERT + ["--from=hf", "--dtype=int8"], "weights convert to one of"),
+    (_CONVERT + ["--from=hf", "--dst=OUT/a_file/x"], "is a file, not a directory"),
+    (_CONVERT + ["--from=reference", "--dtype=bfloat61"], "weights convert to one of"),
+]
+
+
+def test_late_mistakes_end_in_one_line_before_any_work(tmp_path):
+  # Given mistakes that used to surface only after the work (a training run, an evaluation,
+  # loaded weights) or not at all, each run as `python -m launch.X` runs it (one process for all),
+  (tmp_path / "a_file").write_text("")
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(
+      architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=2, num_attention_heads=4)))
+  commands = [[a.replace("OUT", str(tmp_path)) for a in argv] for argv, _ in LATE_MISTAKES]
+  (tmp_path / "commands.json").write_text(json.dumps(commands))
+  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
+                  str(tmp_path / "commands.json"), str(tmp_path / "results.jsonl")],
+                 cwd=REPO, env=_env(tmp_path, devices=1), check=True, timeout=600)
+  results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert len(results) == len(LATE_MISTAKES)
+  for (argv, says), r in zip(LATE_MISTAKES, results):
+    # then each ends with status 1 and one line saying what is wrong, no traceback,
+    errors = [line for line in r["log"].splitlines() if line.startswith("error: ")]
+    assert r["rc"] == 1 and "Traceback" not in r["log"] and len(errors) == 1, (argv, r["log"])
+    assert says.replace("OUT", str(tmp_path)) in errors[0], (argv, errors[0])
+  # and nothing was trained, converted, sampled or benchmarked.
+  for made in ("trained", "o.jsonl", "bench", "converted", "none"):
+    assert not (tmp_path / made).exists(), made
+
+
+def test_quantizing_a_recurrent_checkpoint_on_load_is_refused_in_one_line(tmp_path, monkeypatch):
+  # Given a checkpoint of a RecurrentGemma model (its stored config is all resolve reads),
+  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.models import config as config_lib
+  (tmp_path / "rg").mkdir()
+  monkeypatch.setattr(checkpoint, "load_config",
+                      lambda path: config_lib.get_preset("tiny_recurrentgemma"))
+  c = _tiny_config()
+  c.model.checkpoint, c.model.quantize = str(tmp_path / "rg"), "int8"
+  # then serving it as int8 is refused as a user error, naming the checkpoint.
+  with pytest.raises(common.SetupError, match="rg: bad ModelConfig.*quantize is not supported"):
+    common.resolve(c)
+
+
 def _sample_cmd(prompts, output):
   return [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
           "--config.model.checkpoint=", "--config.draft.checkpoint=",

@@ -222,6 +222,16 @@ def test_bad_configs_are_refused_with_a_reason():
     base.replace(layer_pattern=("local",))
   with pytest.raises(ValueError, match="ffw_activation"):
     base.replace(ffw_activation="relu")
+  # A dtype that is not a float type would truncate every weight (int8) or fail in a jnp call.
+  for dtype in ("int8", "float64", "bfloat61"):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+      base.replace(dtype=dtype)
+  # Values that turn every output into NaN or garbage without an error.
+  for field, value in (("norm_eps", -1e-6), ("rope_base_global", 0.0),
+                       ("rope_scale_local", float("nan")), ("final_logit_softcap", 0.0),
+                       ("query_scale", -1.0)):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+      base.replace(**{field: value})
   with pytest.raises(KeyError, match="unknown model preset"):
     config.get_preset("gpt5")
   with pytest.raises(ValueError, match="unknown ModelConfig fields"):

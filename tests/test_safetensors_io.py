@@ -90,6 +90,11 @@ def test_index_errors(tmp_path):
   index.write_text("{not json")
   with pytest.raises(SafetensorsError, match="index.*invalid"):
     SafetensorsIndex(tmp_path)
+  # A file name that is not a string, or that leaves the directory, is refused before opening.
+  for bad in (5, None, "../model-00001-of-00002.safetensors", "/etc/passwd"):
+    index.write_text(json.dumps({"weight_map": {"w": bad}}))
+    with pytest.raises(SafetensorsError, match="'w' maps to .*not the name of a file in"):
+      SafetensorsIndex(tmp_path)
 
 
 def test_missing_inputs(tmp_path):

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -234,6 +235,20 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     (b'{"model": "random_tiny_target", "prompt": 7}', 400, None),
     (('{"model": "random_tiny_target", "prompt": "' + "a = 1\\n" * 400 + '"}').encode(), 400,
      "context_length_exceeded"),
+    # Integers past float range, JSON nested past Python's recursion limit.
+    (b'{"model": "random_tiny_target", "prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}", 400,
+     None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "seed": -1' + b"0" * 400 + b"}", 400, None),
+    (b'{"model": "random_tiny_target", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     None),
+    # Accepted and silently ignored before: tools, JSON mode, "false" as a string.
+    (b'{"model": "random_tiny_target", "prompt": "x", "tools": [{"type": "function"}]}', 400,
+     None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "response_format": {"type": '
+     b'"json_object"}}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "stream": "false"}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "stream_options": {"include_usage": '
+     b'true}}', 400, None),
 ])
 def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, body, status,
                                                                        code):
@@ -374,3 +389,59 @@ def test_chat_template_comes_from_the_checkpoint_tokenizer_files(tmp_path):
                           {"role": "user", "content": "b"}]) == ("a\nb\n", False)
   with pytest.raises(chat.ChatTemplateError):
     fallback.render([{"role": "robot", "content": "x"}])
+
+
+class _FailingEngine:
+  """Stands in for an Engine whose device fails mid-request: each request gets its first text,
+  then the failure (as Engine._fail reports it to the requests in its slots)."""
+
+  def __init__(self):
+    from spec_tpu.tokenizer import ByteTokenizer
+    self.tokenizer, self.add_bos, self.running, self.failure = ByteTokenizer(), False, True, None
+    self.metrics = None
+
+  def room(self, prompt_len):
+    return 64
+
+  def submit(self, prompt, params):
+    from spec_tpu.serving.request import ABORTED, Request
+    r = Request(0, self.tokenizer.encode(prompt), params, self.tokenizer)
+
+    def fail():
+      r._deliver(self.tokenizer.encode("partial "))
+      time.sleep(0.2)
+      r._finish(ABORTED, error=OSError("device lost"))
+    threading.Thread(target=fail, daemon=True).start()
+    return r
+
+
+def test_an_engine_failure_reaches_clients_as_a_503_or_an_error_event():
+  import uvicorn
+  from spec_tpu.serving import openai_api
+  app = openai_api.build_app(_FailingEngine(), "m")
+  port = _free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 30
+    while not server.started:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    # Given an engine that fails while a request is in it, a plain request gets an OpenAI-shaped
+    # 503 (not a bare 500),
+    status, body = _post(url, "/v1/completions", b'{"model": "m", "prompt": "x"}')
+    assert status == 503 and body["error"]["type"] == "server_error", body
+    # and a stream gets the text made so far, an error event, and its end.
+    req = urllib.request.Request(url + "/v1/completions", method="POST",
+                                 data=b'{"model": "m", "prompt": "x", "stream": true}',
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+      events = [line[len("data: "):] for line in r.read().decode().splitlines() if line]
+    assert json.loads(events[0])["choices"][0]["text"] == "partial "
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -58,8 +58,11 @@ def test_byte_tokenizer_specials():
   assert tok.decode([tok.pad_id] + ids + [tok.pad_id]) == "hi"
   assert tok.decode(np.array(ids, np.int32)) == "hi"
   assert tok.decode([ord("h") + 4, 0xC3 + 4]) == "h\ufffd"  # cut UTF-8 decodes, never raises
+  # Past the vocabulary: nothing (a model with padding rows can sample such ids; a server must
+  # not fail on its own output).
+  assert tok.decode([260]) == ""
   with pytest.raises(ValueError, match="token ids"):
-    tok.decode([260])
+    tok.decode([-1])
   assert tokenizer_lib.load("bytes").name == "bytes"
 
 
@@ -82,8 +85,9 @@ def test_trained_model_specials_and_name(tiny_model, tmp_path):
   ids = tok.encode("x = 1\n", add_bos=True, add_eos=True)
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
   assert tok.decode([tok.pad_id] + ids) == "x = 1\n"
+  assert tok.decode(ids[:2] + [tok.vocab_size]) == tok.decode(ids[:2])
   with pytest.raises(ValueError, match="token ids"):
-    tok.decode([tok.vocab_size])
+    tok.decode([-1])
   assert tok.name.startswith("sp:") and len(tok.name) == 15
   assert Tokenizer.load(tiny_model).name == tok.name
   assert tok.name != Tokenizer.load(tokenizer_lib.train_tokenizer(
@@ -113,3 +117,4 @@ def test_shipped_tokenizer(heldout_sample):
     assert tok.decode(tok.encode(text)) == text
   # Regression guard on compression (3.3 bytes/token on the held-out split with Python 3.11).
   assert tokenizer_lib.bytes_per_token(tok, "\n".join(heldout_sample)) > 2.8
+

@@ -190,6 +190,27 @@ def _as_arrays(params):
   return jax.tree.map(conv, params)
 
 
+def check_destination(path, overwrite: bool = False) -> str:
+  """Raises CheckpointError unless `path` can receive a checkpoint: absent (or overwrite), its
+  parent an existing, writable directory. Cheap: callers run it before reading any weights, so
+  a conversion or a training run is not lost to a destination it cannot write. Returns the
+  absolute path."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise _err(path, "destination exists; pass overwrite=True (--overwrite) to replace it")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise _err(path, "destination is a file, not a checkpoint directory")
+  parent = os.path.dirname(path)
+  probe = parent
+  while not os.path.exists(probe):  # save() creates missing parents (os.makedirs)
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise _err(path, f"{probe!r} is a file, not a directory: the checkpoint cannot go under it")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise _err(path, f"directory {probe!r} is not writable")
+  return path
+
+
 def save(path, params, config: ModelConfig, *, extra: dict | None = None,
          overwrite: bool = False, files: dict[str, str] | None = None) -> None:
   """Saves params (a pytree of jax arrays, possibly sharded) and config to directory `path`.
@@ -199,11 +220,9 @@ def save(path, params, config: ModelConfig, *, extra: dict | None = None,
   `files` maps relative paths inside the checkpoint to files to copy in (e.g. tokenizer files);
   they are copied before the manifest is written, so they are hash-checked with the weights.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = check_destination(path, overwrite)
   if not isinstance(config, ModelConfig):
     raise _err(path, f"config must be a ModelConfig, got {type(config).__name__}")
-  if os.path.exists(path) and not overwrite:
-    raise _err(path, "destination exists; pass overwrite=True to replace it")
   try:
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "extra": extra or {}}
     json.dumps(meta)
@@ -220,7 +239,10 @@ def save(path, params, config: ModelConfig, *, extra: dict | None = None,
   tmp = os.path.join(parent, f".{base}.spec_tpu-tmp")
   if _is_primary():
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+      os.makedirs(tmp)
+    except OSError as e:
+      raise _err(path, f"cannot create {tmp!r}: {e.strerror or e}") from None
   _barrier("tmp_ready")
 
   with ocp.StandardCheckpointer() as ckptr:
@@ -445,6 +467,9 @@ def restore(path, *, shardings=None, dtype=None, verify: bool = True,
     dtype = None if dtype is None else jnp.dtype(dtype)
   except TypeError as e:
     raise _err(path, f"bad dtype {dtype!r}: {e}") from None
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise _err(path, f"bad dtype {dtype.name!r}: float leaves cast to a float type (int8 weights: "
+               "quantize)")
   meta = _verified_meta(path, verify)
   config, version = _config(path, meta), meta.get("version")
   if version not in (1, VERSION):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_tpu.models import layout, model, quant
-from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models.config import FLOAT_DTYPES, GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
 class HFConversionError(ValueError):
@@ -317,6 +317,10 @@ def _config_from_hf(hf_config, name, dtype) -> ModelConfig:
     dtype = jnp.dtype(dtype).name
   except TypeError:
     raise HFConversionError(f"unknown dtype {dtype!r}") from None
+  if dtype not in FLOAT_DTYPES:
+    raise HFConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {dtype} (the "
+                            "source's declared dtype unless --dtype names one; int8 weights: "
+                            "--quantize=int8)")
   try:
     return ModelConfig(
         name=name or text.get("_name_or_path") or family,
@@ -594,13 +598,15 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
     raise HFConversionError(f"source {src!r} is not a directory")
   hf = read_hf_config(src)
   cfg = config_from_hf(hf, name=os.path.basename(src), dtype=dtype)
-  if os.path.exists(dst) and not overwrite:
-    raise HFConversionError(f"destination {dst!r} exists; pass overwrite=True (--overwrite) "
-                            "to replace it")
+  try:
+    cfg = cfg.replace(quantize=quant.check_mode(quantize))
+  except ValueError as e:
+    raise HFConversionError(str(e)) from None
   if dst == src or src.startswith(dst + os.sep):
     raise HFConversionError(f"destination {dst!r} would replace the source {src!r}")
+  checkpoint.check_destination(dst, overwrite)
   _check_weight_files(src)
-  cfg = cfg.replace(tokenizer=tokenizer_id(src), quantize=quant.check_mode(quantize))
+  cfg = cfg.replace(tokenizer=tokenizer_id(src))
 
   params = convert_params(SafetensorsIndex(src), cfg)
   extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),

@@ -30,7 +30,7 @@ import numpy as np
 
 from spec_tpu.checkpoints.hf import HFConversionError
 from spec_tpu.models import layout
-from spec_tpu.models.config import LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models.config import FLOAT_DTYPES, LOCAL, RECURRENT, ModelConfig
 
 
 class ReferenceConversionError(ValueError):
@@ -338,8 +338,16 @@ def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite
   if not os.path.isdir(src):
     raise ReferenceConversionError(f"source {src!r} is not a directory (expected the orbax "
                                    "checkpoint directory of the recurrentgemma params)")
-  if os.path.exists(dst) and not overwrite:
-    raise ReferenceConversionError(f"destination {dst!r} exists; pass --overwrite to replace it")
+  if dtype is not None:
+    try:
+      dtype = jnp.dtype(dtype).name
+    except TypeError:
+      pass
+    if dtype not in FLOAT_DTYPES:
+      raise ReferenceConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {dtype!r}")
+  if dst == src or src.startswith(dst + os.sep):
+    raise ReferenceConversionError(f"destination {dst!r} would replace the source {src!r}")
+  checkpoint.check_destination(dst, overwrite)
   try:
     tree = ocp.PyTreeCheckpointer().restore(src)
   except Exception as e:  # orbax raises many types for a directory that is not its format
@@ -391,14 +399,18 @@ def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
                                    f"{e}") from None
   if heads is None:
     raise ReferenceConversionError("no recurrent block: cannot tell num_heads from the params")
-  return ModelConfig(
-      name=name, vocab_size=int(vocab), d_model=int(d), num_layers=n, num_heads=int(heads),
-      num_kv_heads=1, head_dim=int(d) // int(heads), ffw_dim=int(f), ffw_activation="geglu",
-      norm_plus_one=True, tie_embeddings=True, scale_embeddings=True,
-      embed_scale_dtype="bfloat16", final_logit_softcap=logits_soft_cap or None,
-      layer_pattern=_shortest_period(kinds), sliding_window=attention_window_size + 1,
-      rope_fraction=0.5, ffw_bias=True, attn_out_bias=True, lru_width=int(lru),
-      conv1d_width=int(np.shape(_first_conv(root, kinds))[0]), dtype=dtype)
+  conv_width = int(np.shape(_first_conv(root, kinds))[0])
+  try:
+    return ModelConfig(
+        name=name, vocab_size=int(vocab), d_model=int(d), num_layers=n, num_heads=int(heads),
+        num_kv_heads=1, head_dim=int(d) // int(heads), ffw_dim=int(f), ffw_activation="geglu",
+        norm_plus_one=True, tie_embeddings=True, scale_embeddings=True,
+        embed_scale_dtype="bfloat16", final_logit_softcap=logits_soft_cap or None,
+        layer_pattern=_shortest_period(kinds), sliding_window=attention_window_size + 1,
+        rope_fraction=0.5, ffw_bias=True, attn_out_bias=True, lru_width=int(lru),
+        conv1d_width=conv_width, dtype=dtype)
+  except ValueError as e:  # e.g. a dtype that is not a float type
+    raise ReferenceConversionError(f"the params give an invalid model: {e}") from None
 
 
 def _first_conv(root, kinds):

@@ -150,8 +150,13 @@ class SafetensorsIndex:
       raise SafetensorsError(f"safetensors index {index!r} is invalid ({e!r})") from None
     self.metadata = doc.get("metadata") or {}
     headers = {}
-    for name, rel in sorted(weight_map.items()):
-      file = os.path.join(self.path, rel)
+    # Lexically inside the directory (a hub cache links each file to a blob elsewhere).
+    root = os.path.normpath(self.path)
+    for name, rel in sorted(weight_map.items(), key=lambda item: item[0]):
+      file = os.path.normpath(os.path.join(root, rel)) if isinstance(rel, str) else None
+      if file is None or not file.startswith(root + os.sep):
+        raise SafetensorsError(f"safetensors index {index!r}: tensor {name!r} maps to {rel!r}, "
+                               "not the name of a file in the model directory")
       if file not in headers:
         if not os.path.isfile(file):
           raise SafetensorsError(f"safetensors index {index!r}: tensor {name!r} refers to missing "

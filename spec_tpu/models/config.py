@@ -17,7 +17,7 @@ RECURRENT = "recurrent"  # Griffin recurrent block (RG-LRU), fixed-size state (m
 LAYER_KINDS = (LOCAL, GLOBAL, RECURRENT)
 
 _ACTIVATIONS = ("geglu", "swiglu", "gelu")
-_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # params and activations
 _QUANTIZE_MODES = ("int8",)  # models/quant.py MODES (config.py stays free of JAX imports)
 
 
@@ -100,8 +100,18 @@ class ModelConfig:
     if not 0 < self.rope_fraction <= 1 or (self.head_dim * self.rope_fraction) % 2:
       problems.append(f"rope_fraction must be in (0, 1] and rotate an even number of head_dim "
                       f"({self.head_dim}) dimensions, got {self.rope_fraction}")
-    if self.embed_scale_dtype not in (None,) + _FLOAT_DTYPES:
-      problems.append(f"embed_scale_dtype must be None or one of {_FLOAT_DTYPES}, got "
+    if self.dtype not in FLOAT_DTYPES:
+      problems.append(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r} (int8 weights: "
+                      "quantize='int8')")
+    for field in ("norm_eps", "rope_base_global", "rope_base_local", "rope_scale_global",
+                  "rope_scale_local"):
+      if not getattr(self, field) > 0:  # also catches NaN
+        problems.append(f"{field} must be positive, got {getattr(self, field)}")
+    for field in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+      if getattr(self, field) is not None and not getattr(self, field) > 0:
+        problems.append(f"{field} must be None or positive, got {getattr(self, field)}")
+    if self.embed_scale_dtype not in (None,) + FLOAT_DTYPES:
+      problems.append(f"embed_scale_dtype must be None or one of {FLOAT_DTYPES}, got "
                       f"{self.embed_scale_dtype!r}")
     if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
       problems.append(f"valid_vocab_size must be in (0, vocab_size={self.vocab_size}], "

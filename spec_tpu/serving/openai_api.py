@@ -52,17 +52,21 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_
   if value is None:
     value = default
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if ok and integer:
-    ok = float(value).is_integer()
-    value = int(value) if ok else value
-  if ok:
-    ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo)) \
-        and (hi is None or value <= hi)
+  try:
+    if ok and integer:
+      ok = float(value).is_integer()
+      value = int(value) if ok else value
+    if ok:
+      ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo)) \
+          and (hi is None or value <= hi)
+  except OverflowError:  # an integer past float range (a few hundred digits)
+    ok = False
   if not ok:
     bounds = f" in {'(' if lo_open else '['}{lo}, {hi}]" if lo is not None and hi is not None \
         else (f" >= {lo}" if lo is not None else "")
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}{bounds}, "
-                   f"got {value!r}", param=name)
+                   f"got {shown}", param=name)
   return value
 
 
@@ -76,7 +80,9 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
             default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationParams:
   for name, neutral in (("n", 1), ("best_of", 1), ("logprobs", (False, 0)),
                         ("top_logprobs", 0), ("presence_penalty", 0), ("frequency_penalty", 0),
-                        ("logit_bias", ({},)), ("suffix", ("",)), ("echo", False)):
+                        ("logit_bias", ({},)), ("suffix", ("",)), ("echo", False),
+                        ("tools", ([],)), ("functions", ([],)), ("tool_choice", ("none", "auto")),
+                        ("function_call", ("none", "auto")), ("response_format", ({"type": "text"},))):
     _unsupported(body, name, neutral)
   max_tokens = body.get(max_tokens_field)
   if max_tokens is None and max_tokens_field == "max_completion_tokens":
@@ -105,11 +111,27 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
                           top_k=max(top_k, 0), seed=seed, stop=stop)
 
 
-def _stream_options(body: dict) -> bool:
-  options = body.get("stream_options") or {}
+def _flag(body: dict, name: str, param: str | None = None) -> bool:
+  """A boolean field: absent or null is false; "false" (a string) is an error, not true."""
+  value = body.get(name)
+  if value is not None and not isinstance(value, bool):
+    raise ApiError(400, f"'{param or name}' must be true or false, got {value!r}"[:200],
+                   param=param or name)
+  return bool(value)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+  """(stream, include_usage) of a request."""
+  stream = _flag(body, "stream")
+  options = body.get("stream_options")
+  if options is None:
+    return stream, False
   if not isinstance(options, dict):
     raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-  return bool(options.get("include_usage"))
+  if not stream:
+    raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
+                   param="stream_options")
+  return stream, _flag(options, "include_usage", "stream_options.include_usage")
 
 
 def _usage(request: Request) -> dict:
@@ -141,11 +163,16 @@ def _event_stream(request: Request, head: dict, choices, last_choice, include_us
   the request is cancelled: a no-op when it finished, else its slot is freed."""
   async def events():
     try:
-      async for choice in choices:
-        yield _sse(dict(head, choices=[choice]))
-      yield _sse(dict(head, choices=[last_choice()], spec_tpu=_spec_stats(request)))
-      if include_usage:
-        yield _sse(dict(head, choices=[], usage=_usage(request)))
+      try:
+        async for choice in choices:
+          yield _sse(dict(head, choices=[choice]))
+      except RuntimeError as e:  # the engine failed mid-stream: say so, as OpenAI's streams do
+        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
+                              "code": None}})
+      else:
+        yield _sse(dict(head, choices=[last_choice()], spec_tpu=_spec_stats(request)))
+        if include_usage:
+          yield _sse(dict(head, choices=[], usage=_usage(request)))
       yield "data: [DONE]\n\n"
     finally:
       request.cancel()
@@ -170,8 +197,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   async def _body(http: HttpRequest) -> dict:
     try:
       body = json.loads(await http.body())
-    except (ValueError, UnicodeDecodeError) as e:
-      raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+      raise ApiError(400, f"the body is not valid JSON: {e}"[:300]) from None
     if not isinstance(body, dict):
       raise ApiError(400, "the body must be a JSON object")
     model = body.get("model")
@@ -182,11 +209,11 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       raise ApiError(503, "the engine is not running", kind="server_error")
     return body
 
-  def _submit(prompt, params: GenerationParams) -> Request:
+  def _submit(prompt, params: GenerationParams, param: str = "prompt") -> Request:
     try:
       return engine.submit(prompt, params)
     except ContextLengthError as e:
-      raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+      raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
     except ValueError as e:
       raise ApiError(400, str(e)) from None
     except RuntimeError as e:
@@ -204,9 +231,11 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     try:
       async for _ in request:
         pass
+      return request.result(timeout=0)
+    except RuntimeError as e:  # the engine failed while this request was in it
+      raise ApiError(503, str(e), kind="server_error") from None
     finally:
       watcher.cancel()
-    return request.result(timeout=0)
 
   def _prompts(body: dict) -> list:
     prompt = body.get("prompt")
@@ -249,7 +278,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     body = await _body(http)
     params = _params(body)
     prompts = [_encode(p) for p in _prompts(body)]
-    stream, include_usage = bool(body.get("stream")), _stream_options(body)
+    stream, include_usage = _stream(body)
     if stream and len(prompts) > 1:
       raise ApiError(400, "streaming takes one prompt", param="prompt")
     requests = []
@@ -264,12 +293,16 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
     if not stream:
       choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-      for i, r in enumerate(requests):
-        done = await _result(http, r)
-        choices.append({"text": done.text, "index": i, "logprobs": None,
-                        "finish_reason": done.finish_reason, "spec_tpu": _spec_stats(r)})
-        for key, n in _usage(r).items():
-          usage[key] += n
+      try:
+        for i, r in enumerate(requests):
+          done = await _result(http, r)
+          choices.append({"text": done.text, "index": i, "logprobs": None,
+                          "finish_reason": done.finish_reason, "spec_tpu": _spec_stats(r)})
+          for key, n in _usage(r).items():
+            usage[key] += n
+      finally:  # a client gone, or the engine failed: the other prompts' slots are freed now
+        for r in requests:
+          r.cancel()
       return dict(head, choices=choices, usage=usage)
     request = requests[0]
 
@@ -300,8 +333,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     if body.get("max_completion_tokens") is None and body.get("max_tokens") is None:
       # OpenAI's chat default: until the end of the context.
       params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(len(prompt))))
-    request = _submit(prompt, params)
-    stream, include_usage = bool(body.get("stream")), _stream_options(body)
+    stream, include_usage = _stream(body)
+    request = _submit(prompt, params, param="messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
       done = await _result(http, request)

@@ -97,13 +97,21 @@ class Completion:
 class _Detokenizer:
   """Incremental decoding: text deltas as tokens arrive, never splitting a UTF-8 character
   (a byte-fallback token sequence decodes to U+FFFD until it is complete). Decodes a short
-  window behind the newest token, not the whole output each time."""
+  window behind the newest token, not the whole output each time.
 
-  def __init__(self, tokenizer):
+  `context`: the prompt's last tokens, decoded before the first new one but never output. A
+  SentencePiece model with a dummy prefix (Llama 2, Mistral) drops the space of a text's first
+  piece, so the first new word would lose its space if decoded alone."""
+
+  CONTEXT = 4
+
+  def __init__(self, tokenizer, context: Sequence[int] = ()):
     self._tok = tokenizer
-    self._ids: list[int] = []
-    self._prefix = 0  # decoding starts here (context for pieces that change at a boundary)
-    self._read = 0    # text of ids[prefix:read] is already out
+    self._ids: list[int] = [int(t) for t in context[-self.CONTEXT:]]
+    if self._ids and tokenizer.decode(self._ids).endswith("\ufffd"):
+      self._ids = []  # a prompt cut inside a character: its bytes are not this output's
+    self._prefix = 0              # decoding starts here (context for pieces at a boundary)
+    self._read = len(self._ids)   # text of ids[prefix:read] is already out
 
   def push(self, token: int) -> str:
     self._ids.append(int(token))
@@ -131,7 +139,7 @@ class Request:
     self.prompt = list(prompt)
     self.params = params
     self.submitted = time.perf_counter()
-    self._detok = _Detokenizer(tokenizer) if tokenizer is not None else None
+    self._detok = _Detokenizer(tokenizer, self.prompt) if tokenizer is not None else None
     self._lock = threading.Condition()
     self._chunks: list[Chunk] = []
     self._tokens: list[int] = []
@@ -272,7 +280,8 @@ class Request:
     end = len(self._text)
     if not final and self.params.stop:
       for s in self.params.stop:
-        for n in range(min(len(s) - 1, end - self._sent), 0, -1):
+        # Each stop string's own longest pending prefix (not bounded by what another one held).
+        for n in range(min(len(s) - 1, len(self._text) - self._sent), 0, -1):
           if self._text.endswith(s[:n]):
             end = min(end, len(self._text) - n)
             break

@@ -17,7 +17,7 @@
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
                 top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample's engine
                 chooses K per step (0 = speculation off) from the measured acceptance and
-                round times, starting at k and never above k_max (see spec_tpu/k_policy.py)
+                round times, starting at k and never above k_max (spec_tpu/decoding/k_policy.py)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       batch_size (launch.sample: the engine's slots), prompts (text), add_bos,
@@ -25,13 +25,14 @@
                 a slot's context; 0 = just what the prompts and new tokens need),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
-                benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
+                serve, benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
     serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; launch.sample takes
                 rounds_per_step, max_rounds_per_step and prefill_rows from here; see
                 spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
                 prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
                 0..sampling.k_max, starting at sampling.k; False: always sampling.k),
-                calibrate (time K = 0 and K = sampling.k before serving), rounds_per_step
+                calibrate (time every K the policy may pick, 0, sampling.k and powers of two
+                up to sampling.k_max, before serving), rounds_per_step
                 (N; 0 = chosen from measured times), max_rounds_per_step, max_top_k (largest
                 per-request top_k), prefill_rows (requests per insert call), model_name
                 ('' = the target's name)

@@ -183,18 +183,10 @@ def prompts_for(config, setup, batch: int) -> list[list[int]]:
   return common.synthetic_prompts(batch, int(config.run.prompt_len), setup.target.cfg.num_tokens)
 
 
-def int_list(name: str, values) -> list[int]:
-  try:
-    return [int(v) for v in values]
-  except ValueError:
-    raise cli.UserError(f"--{name} takes comma-separated integers, got "
-                        f"{','.join(map(str, values))!r}") from None
-
-
 def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
         step_repeats: int, cache_len: int = 0) -> dict:
-  ks = sorted(set(int_list("ks", ks)))
-  batches = int_list("batches", batches)
+  ks = sorted(set(cli.int_list("ks", ks)))
+  batches = cli.int_list("batches", batches)
   if any(k < 0 for k in ks) or 0 not in ks:
     raise cli.UserError(f"--ks must be >= 0 and include 0 (the baseline), got "
                         f"{','.join(map(str, ks))}")
@@ -340,9 +332,10 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from launch import common
+  plt = common.pyplot(path)
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(6, 4))
   for b in sorted({p["batch"] for p in result["points"]}):
     pts = [p for p in result["points"] if p["batch"] == b]

@@ -36,6 +36,10 @@ def define_config_file(name: str, default: str, help_string: str):
   ends in a traceback, before any error handling can run."""
   holder = config_flags.DEFINE_config_file(name, None, f"{help_string} (default: {default})")
   _CONFIG_DEFAULTS[name] = default
+  # A key flag of the launcher that called this (as absl names it), so --helpshort lists it.
+  caller = sys._getframe(1).f_globals.get("__name__")
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
+                                           flags.FLAGS[name])
   return holder
 
 
@@ -50,6 +54,15 @@ def _with_default_configs(argv):
 def fail(message: str):
   """Ends the program with `error: message` on stderr and exit status 1."""
   sys.exit(f"error: {message}")
+
+
+def int_list(name: str, values) -> list[int]:
+  """A DEFINE_list flag's values as integers, or a UserError naming the flag."""
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise UserError(f"--{name} takes comma-separated integers, got "
+                    f"{','.join(map(str, values))!r}") from None
 
 
 def _one_line(message: str) -> str:

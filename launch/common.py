@@ -187,6 +187,19 @@ def _check_serve(serve) -> None:
     raise SetupError(f"serve.max_top_k must be >= 0, got {serve.max_top_k}")
 
 
+def pyplot(path: str):
+  """matplotlib.pyplot for a benchmark's plot at `path`, or None (logged) when matplotlib is
+  not installed: the results and tables do not need it."""
+  try:
+    import matplotlib
+  except ImportError:
+    logging.warning("no plot %s: matplotlib is not installed (pip install -e '.[bench]')", path)
+    return None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def with_quantize(config, mode: str | None):
   """The config with both models' weights in form `mode` (a --quantize value of the plan and
   benchmark launchers): None leaves it unchanged, 'none' asks for float, 'int8' for int8."""

@@ -19,6 +19,7 @@ reported too (nats/token over the same windows as launch.evaluate_pair).
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.models import model
 from spec_tpu.training import corpus
@@ -82,14 +84,25 @@ def _loss(logits, windows) -> float:
   return float(-np.mean(np.take_along_axis(logp, windows[:, 1:, None], axis=-1)))
 
 
-def compare(path: str, quantized: str | None) -> dict:
-  stored, cfg = checkpoint.restore(path)
+def check(path: str, quantized: str | None) -> None:
+  """What compare() would refuse, from the stored configs alone (no weights read)."""
+  cfg = checkpoint.load_config(path)
   if cfg.quantize:
     raise app.UsageError(f"--checkpoint {path} is already {cfg.quantize}: give the float one")
+  try:
+    cfg.replace(quantize="int8")
+  except ValueError as e:
+    raise app.UsageError(f"--checkpoint {path}: {e}") from None
   if quantized:
-    q_params, q_cfg = checkpoint.restore(quantized)
+    q_cfg = checkpoint.load_config(quantized)
     if q_cfg.quantize != "int8" or q_cfg.num_params() != cfg.num_params():
       raise app.UsageError(f"--quantized {quantized} is not an int8 form of {path}")
+
+
+def compare(path: str, quantized: str | None) -> dict:
+  stored, cfg = checkpoint.restore(path)
+  if quantized:
+    q_params, q_cfg = checkpoint.restore(quantized)
   else:
     q_cfg = cfg.replace(quantize="int8")
     q_params = jax.jit(model.quantize, static_argnums=1)(stored, q_cfg)
@@ -109,11 +122,22 @@ def compare(path: str, quantized: str | None) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+  for flag in (_WINDOWS, _SEQ_LEN):
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
+  if len(_QUANTIZED.value) > len(_CHECKPOINTS.value):
+    raise app.UsageError(f"{len(_QUANTIZED.value)} --quantized for {len(_CHECKPOINTS.value)} "
+                         "--checkpoint: one int8 form per float checkpoint at most")
+  if _OUTPUT.value:
+    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+      raise app.UsageError(f"--output {_OUTPUT.value!r}: {parent!r} is not a writable directory")
   quantized = list(_QUANTIZED.value) + [None] * (len(_CHECKPOINTS.value) - len(_QUANTIZED.value))
+  for p, q in zip(_CHECKPOINTS.value, quantized):
+    check(p, q)  # CheckpointError (missing, damaged config): one line (cli.run)
   results = [compare(p, q) for p, q in zip(_CHECKPOINTS.value, quantized)]
   for r in results:
     d = r["stored_dtype"]
@@ -134,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -37,8 +37,8 @@ Adaptive K (sampling.adaptive_k, on in configs/default.py): the engine's policy
 two up to sampling.k_max. Before the first request the engine calibrates: it compiles every one
 of those K and times a round of each with all slots busy on these prompts, measuring the
 acceptance a too, so the first step already runs the K the measurement favours, K = 0 (plain
-decoding) unless speculation beats it by a margin; every window of rounds then refreshes a and
-the round time of the K in use, probing a small K now and then while off. Each line's stats
+decoding) unless speculation beats it by a margin; every window of rounds then refreshes a
+(round times are measured once, at calibration), probing a small K now and then while off. Each line's stats
 record the K its request ran with (a list when the K changed during it).
 
 Per line: new_tokens, target_calls (the prefill and every round), accepted, acceptance_rate,

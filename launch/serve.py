@@ -12,9 +12,11 @@ serve.model_name, else the target's (`stdlib_target` for the embedded pair):
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"model": "stdlib_target", "prompt": "def add(a, b):\n    ", "max_tokens": 32}'
 
-Before serving, the engine compiles and times K = 0 and K = sampling.k with every slot busy on
-the config's prompts (serve.calibrate) and then runs the K its policy favours, K = 0 when
-speculation does not pay (it logs the choice). Settings: configs/common.py, `serve.*`.
+Before serving, the engine compiles and times every K its policy may pick (0, sampling.k and
+powers of two up to sampling.k_max) with every slot busy on the config's prompts
+(serve.calibrate) and then runs the K its policy favours, K = 0 when speculation does not pay
+(it logs the choice). Settings: configs/common.py, `serve.*`. Compiled programs go to the
+persistent compilation cache (run.compile_cache), so a restart loads them.
 
 Multi-host (--multihost or mesh.multihost): every process loads the models and builds the
 engine; process 0 runs the HTTP server and the scheduler and broadcasts each device call;
@@ -23,14 +25,12 @@ the other processes run the same calls (Engine.follow) until process 0 stops.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Setup to serve.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to serve.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() "
@@ -88,17 +88,15 @@ def model_name(config, setup) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   config = _CONFIG.value
   multihost = config.mesh.multihost if _MULTIHOST.value is None else _MULTIHOST.value
   from launch import common
-  from spec_tpu.checkpoints import checkpoint
-  try:
-    engine, tok, setup = build_engine(config, multihost, _COORDINATOR.value,
-                                      _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except (common.SetupError, checkpoint.CheckpointError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  cache_dir = common.use_compile_cache(config)  # start-up compiles every K and prompt bucket
+  # SetupError, CheckpointError, ...: one line each (cli.run).
+  engine, tok, setup = build_engine(config, multihost, _COORDINATOR.value,
+                                    _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.info("%s", common.compile_cache_summary(cache_dir))
   import jax
   if jax.process_index() != 0:
     engine.follow()
@@ -119,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

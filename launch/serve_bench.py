@@ -13,7 +13,7 @@ fixed batch waits for its longest row; the engine refills a slot as soon as it f
 1. Throughput (tokens per second of wall time over the whole workload, and per second of
    process CPU time, which other jobs on a shared machine do not inflate; compiles excluded;
    the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots requests
-   (`Sampler.generate`, today's launch.sample) at K = 0 and at sampling.k, against the engine
+   (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at sampling.k, against the engine
    with --num_slots slots at K = 0 and with adaptive K (calibrated first; the K's it ran are
    reported).
 2. Latency at each --clients count: that many client threads, each submitting a request,
@@ -31,16 +31,15 @@ import dataclasses
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Setup to run.")
+from launch import cli
+
+_CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to run.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and the plot go.")
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests in the throughput workload.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per request.")
@@ -83,11 +82,14 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   if tok is None or not len(config.run.prompts):
     raise common.SetupError("serve_bench needs a tokenizer and run.prompts")
   num_slots = int(num_slots or config.serve.num_slots)
-  clients = [int(c) for c in clients]
-  if min(requests, max_new, num_slots, repeats, *clients) < 1:
-    raise common.SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats "
-                            "must be >= 1")
-  os.makedirs(output_dir, exist_ok=True)
+  clients = cli.int_list("clients", clients)
+  if not clients or min(requests, max_new, num_slots, repeats, latency_requests, *clients) < 1:
+    raise common.SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
+                            "--latency_requests must be >= 1")
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise common.SetupError(f"--output_dir {output_dir!r}: {e.strerror or e}") from None
   end_id, end_name = _end_id(tok, end_text)
   add_bos = bool(config.run.add_bos)
   encoded = [tok.encode(p, add_bos=add_bos) for p in config.run.prompts]
@@ -244,9 +246,10 @@ def format_table(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from launch import common
+  plt = common.pyplot(path)
+  if plt is None:
+    return
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   labels = [f"{t['mode']}\nK={t['k']}" for t in r["throughput"]]
   ax1.bar(range(len(labels)), [t["tokens_per_s"] for t in r["throughput"]],
@@ -270,16 +273,11 @@ def plot(r: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from launch import common
-  from spec_tpu.checkpoints import checkpoint
-  try:
-    run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
-        _CLIENTS.value, _LATENCY_REQUESTS.value, _END_TEXT.value, _REPEATS.value)
-  except (common.SetupError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  del argv  # cli.run refuses positional arguments
+  # SetupError, CheckpointError, ...: one line each (cli.run).
+  run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
+      _CLIENTS.value, _LATENCY_REQUESTS.value, _END_TEXT.value, _REPEATS.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -404,6 +404,14 @@ LATE_MISTAKES = [
     (_CONVERT + ["--from=hf", "--dtype=int8"], "weights convert to one of"),
     (_CONVERT + ["--from=hf", "--dst=OUT/a_file/x"], "is a file, not a directory"),
     (_CONVERT + ["--from=reference", "--dtype=bfloat61"], "weights convert to one of"),
+    # Launchers that ran under app.run with their own parsing: tracebacks and pages of help.
+    (["launch.serve", "--config.sampling.temprature=0.5"], "no field 'sampling.temprature'"),
+    (["launch.serve", "stray"], "unexpected argument 'stray'"),
+    (["launch.serve", *_TINY, "--config.serve.prefill_rows=0"], "serve.prefill_rows must be"),
+    (["launch.serve_bench", *_TINY, "--output_dir=OUT/sb", "--clients=a"],
+     "--clients takes comma-separated integers"),
+    (["launch.compare_quant", "--checkpoint=OUT/none"], "OUT/none"),
+    (["launch.compare_quant", "--windows=0"], "--windows must be >= 1"),
 ]
 
 
@@ -428,7 +436,7 @@ def test_late_mistakes_end_in_one_line_before_any_work(tmp_path):
     assert r["rc"] == 1 and "Traceback" not in r["log"] and len(errors) == 1, (argv, r["log"])
     assert says.replace("OUT", str(tmp_path)) in errors[0], (argv, errors[0])
   # and nothing was trained, converted, sampled or benchmarked.
-  for made in ("trained", "o.jsonl", "bench", "converted", "none"):
+  for made in ("trained", "o.jsonl", "bench", "sb", "converted", "none"):
     assert not (tmp_path / made).exists(), made
 
 
@@ -697,3 +705,11 @@ def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
   assert a["verification_traces"] == {"target": 2 * 5 * 4096 * (4 + 2) // 8,
                                       "draft": 2 * 3 * 2560 * (4 + 2) // 8}
   assert "target verification trace" in proc.stdout
+
+
+def test_benchmarks_skip_the_plot_without_matplotlib(tmp_path, monkeypatch):
+  # Given an install without the bench extra (matplotlib is not a core dependency),
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+  # then the plots of launch.benchmark and launch.serve_bench (both ask common.pyplot) are
+  # skipped, logged, instead of failing after the results were made.
+  assert common.pyplot(str(tmp_path / "speedup_vs_k.png")) is None

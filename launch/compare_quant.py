@@ -93,6 +93,13 @@ def check(path: str, quantized: str | None) -> None:
     cfg.replace(quantize="int8")
   except ValueError as e:
     raise app.UsageError(f"--checkpoint {path}: {e}") from None
+  if _TOKENS.value == "heldout":
+    from spec_tpu import tokenizer as tokenizer_lib
+    shipped = tokenizer_lib.load().name
+    if cfg.tokenizer != shipped:
+      raise app.UsageError(f"--checkpoint {path} was made with tokenizer {cfg.tokenizer!r}, and "
+                           f"--tokens=heldout encodes with the shipped one ({shipped}): its "
+                           "ids would mean other tokens; use --tokens=random")
   if quantized:
     q_cfg = checkpoint.load_config(quantized)
     if q_cfg.quantize != "int8" or q_cfg.num_params() != cfg.num_params():

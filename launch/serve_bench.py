@@ -127,6 +127,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     return run_once
 
   def engine(adaptive):
+    adaptive = adaptive and k > 0  # as launch.serve: without a draft (or at k = 0), K stays 0
     e = Engine(sampler, num_slots=num_slots, max_len=max_len, k=k if adaptive else 0,
                k_max=max(k, int(config.sampling.k_max)) if adaptive else 0,
                adaptive_k=adaptive, tokenizer=tok, max_top_k=max(int(s.top_k), 1),
@@ -142,9 +143,9 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     return e, report, run_once
 
   adaptive_engine, report, adaptive_run = engine(True)
-  _, _, plain_run = engine(False)
+  plain_run = engine(False)[2] if k else adaptive_run  # without speculation they are one
   modes = [("fixed batches", "0", fixed(0))] + ([("fixed batches", str(k), fixed(k))] if k else [])
-  modes += [("engine", "0", plain_run), ("engine", "adaptive", adaptive_run)]
+  modes += [("engine", "0", plain_run)] + ([("engine", "adaptive", adaptive_run)] if k else [])
   best = {}
   for _ in range(repeats):
     for name, kk, run_once in modes:

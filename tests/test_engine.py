@@ -9,6 +9,7 @@ positions with other settings, and must still follow the target's law.
 import asyncio
 import dataclasses
 import math
+import time
 
 import jax
 import numpy as np
@@ -231,6 +232,56 @@ def test_bad_requests_are_refused_before_queueing(byte_engine):
     with pytest.raises(ValueError, match=match):
       engine.submit("x", GenerationParams(**bad))
   assert engine.queue_length == 0
+
+
+def test_a_batch_with_a_bad_member_leaves_nothing_queued(byte_engine):
+  engine, _ = byte_engine
+  ok = GenerationParams(max_new_tokens=3, seed=1)
+  # Given batches whose later members are bad (too few params, float ids, an empty prompt),
+  with pytest.raises(ValueError, match="3 prompts but 2 GenerationParams"):
+    engine.generate(["a", "b", "c"], [ok, ok])
+  with pytest.raises(ValueError, match="must be integers"):
+    engine.generate(["a", [70.7, 71.2]], ok)
+  with pytest.raises(ValueError, match="non-empty prompts"):
+    engine.calibrate([[70, 71], []])
+  # then none of their good members stays queued to run with, or block, the next batch.
+  assert engine.queue_length == 0 and engine.active_slots == 0
+  assert len(engine.generate(["a"], ok)) == 1
+
+
+def test_a_failed_insert_finishes_its_requests_with_the_error(byte_engine, monkeypatch):
+  engine, _ = byte_engine
+  def device_lost(*args, **kwargs):
+    raise OSError("device lost")
+  monkeypatch.setattr(engine, "_insert", device_lost)
+  # Given a request taken from the queue whose insert fails (in neither the queue nor a slot),
+  request = engine.submit("a", GenerationParams(max_new_tokens=3))
+  with pytest.raises(OSError):
+    engine.step()
+  # then it is finished with that error rather than waited on forever.
+  assert request.finished
+  with pytest.raises(RuntimeError, match="the engine failed"):
+    request.result(timeout=0)
+  assert engine.queue_length == 0 and engine.active_slots == 0
+
+
+def test_shutdown_during_a_long_device_call_still_finishes_every_request(byte_engine,
+                                                                         monkeypatch):
+  first, tok = byte_engine
+  engine = Engine(first.sampler, num_slots=2, max_len=64, k=0, adaptive_k=False, tokenizer=tok)
+  insert = engine._insert
+
+  def slow_insert(*args, **kwargs):
+    time.sleep(1.0)  # a long compile or device call
+    return insert(*args, **kwargs)
+  monkeypatch.setattr(engine, "_insert", slow_insert)
+  engine.start()
+  # Given a request the engine thread is inserting when shutdown's wait runs out,
+  request = engine.submit("a", GenerationParams(max_new_tokens=50))
+  time.sleep(0.3)
+  engine.shutdown(timeout=0.1)
+  # then the thread, once back, ends it: its reader is not left waiting.
+  assert request.result(timeout=120).finish_reason in ("aborted", "stop", "length")
 
 
 # ---------------------------------------------------------------------------------------------

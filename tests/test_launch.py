@@ -412,6 +412,8 @@ LATE_MISTAKES = [
      "--clients takes comma-separated integers"),
     (["launch.compare_quant", "--checkpoint=OUT/none"], "OUT/none"),
     (["launch.compare_quant", "--windows=0"], "--windows must be >= 1"),
+    # Held-out windows are encoded with the shipped tokenizer: another model's ids mean nothing.
+    (["launch.compare_quant", "--checkpoint=OUT/bytes_model"], "use --tokens=random"),
 ]
 
 
@@ -423,6 +425,11 @@ def test_late_mistakes_end_in_one_line_before_any_work(tmp_path):
   (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(
       architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
       num_hidden_layers=2, num_attention_heads=4)))
+  import jax
+  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.models import config as config_lib, model
+  cfg = config_lib.get_preset("tiny").replace(tokenizer="bytes")
+  checkpoint.save(tmp_path / "bytes_model", model.init_params(cfg, jax.random.key(0)), cfg)
   commands = [[a.replace("OUT", str(tmp_path)) for a in argv] for argv, _ in LATE_MISTAKES]
   (tmp_path / "commands.json").write_text(json.dumps(commands))
   subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),

@@ -114,3 +114,15 @@ def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law():
 def test_bad_sampling_parameters_are_refused(bad, match):
   with pytest.raises(ValueError, match=match):
     SamplingParams(**bad).validate()
+
+
+@pytest.mark.parametrize("vocab", [63, 2048])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-12])
+def test_a_tiny_temperature_is_greedy_not_nan(vocab, temperature):
+  # A positive temperature far below the logits' spread: all mass on the top token. Under jit,
+  # logits / t then the softmax's max-shift became inf - inf = NaN, and sampling drew the last
+  # token of the vocabulary every time.
+  logits = 3 * jax.random.normal(jax.random.key(0), (1, vocab))
+  p = jax.jit(lambda x: sampling.probabilities(x, temperature, 0, 1.0))(logits)
+  np.testing.assert_array_equal(np.asarray(p), np.asarray(jax.nn.one_hot(jnp.argmax(logits, -1),
+                                                                         vocab)))

@@ -367,6 +367,28 @@ def test_serve_bench_writes_table_json_and_plot(tmp_path):
   assert (tmp_path / "serve_bench.png").stat().st_size > 1000
 
 
+def test_serve_bench_runs_a_target_without_a_draft(tmp_path):
+  # Given a config with no draft (k = 0), which serve_bench's adaptive engine refused to build,
+  (tmp_path / "no_draft.py").write_text(
+      "from configs import common, tiny_random\n\n\ndef get_config():\n"
+      "  c = tiny_random.get_config()\n  c.draft = common.model_section()\n"
+      "  c.sampling.k = 0\n  return c\n")
+  env = dict(os.environ)
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.serve_bench", f"--config={tmp_path / 'no_draft.py'}",
+       "--config.model.checkpoint=", f"--output_dir={tmp_path / 'out'}", "--requests=2",
+       "--max_new_tokens=4", "--num_slots=2", "--clients=1", "--latency_requests=1",
+       "--repeats=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # then it measures what there is: fixed batches and the engine, both at K = 0.
+  result = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert [(t["mode"], t["k"]) for t in result["throughput"]] == [("fixed batches", "0"),
+                                                                  ("engine", "0")]
+  assert result["latency"][0]["requests"] >= 1
+
+
 def test_chat_template_comes_from_the_checkpoint_tokenizer_files(tmp_path):
   from spec_tpu.serving import chat
   # Given a converted checkpoint's tokenizer_config.json with a Gemma-style template,

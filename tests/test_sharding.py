@@ -112,6 +112,26 @@ class TestBadInput:
   def test_bad_max_new_tokens(self):
     with pytest.raises(ValueError, match="max_new_tokens"):
       self.sampler().generate([[1]], max_new_tokens=0)
+    # Not integers: a float reached a shape deep in JAX, None a bare TypeError.
+    for bad in (5.5, None):
+      with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        self.sampler().generate([[1]], max_new_tokens=bad)
+
+  def test_bad_k_seed_pad_and_eos(self):
+    with pytest.raises(ValueError, match="k .* must be an integer"):  # was run as k = 2
+      self.sampler().generate([[1]], max_new_tokens=4, k=2.5)
+    # A seed past 32 bits aliased a smaller one's stream (2**32 gave seed 0's tokens).
+    for bad in (2**32, -1, 1.5):
+      with pytest.raises(ValueError, match="seed"):
+        self.sampler().generate([[1]], max_new_tokens=4, seed=bad)
+    # A pad id past the vocabulary embedded as NaN and turned every output into token 0.
+    with pytest.raises(ValueError, match="pad_id must be in"):
+      self.sampler(pad_id=self.cfg.num_tokens)
+    with pytest.raises(ValueError, match="eos_id must be in"):
+      self.sampler(eos_id=self.cfg.num_tokens)
+    # A sentencepiece model without pad/EOS pieces says -1: token 0 pads, no EOS.
+    s = self.sampler(pad_id=-1, eos_id=-1)
+    assert (s.pad_id, s.eos_id) == (0, None)
 
   def test_k_without_draft(self):
     with pytest.raises(ValueError, match="needs a draft"):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import functools
 import time
 from typing import Sequence
@@ -113,6 +114,13 @@ class Sampler:
       raise ValueError("give both draft_params and draft_cfg, or neither")
     if draft_cfg is not None:
       check_pair(target_cfg, draft_cfg)
+    # A pad or EOS id past the vocabulary would embed as NaN (padding positions reach every
+    # output through attention's 0 * NaN) or never match a sampled token.
+    # A sentencepiece model without a pad or EOS piece says -1: padding then uses token 0 (what
+    # fills padded positions does not matter as long as it embeds), and there is no EOS.
+    vocab = min(c.num_tokens for c in (target_cfg, draft_cfg) if c is not None)
+    pad_id = max(0, integer("pad_id", pad_id, -1, vocab - 1))
+    eos_id = None if eos_id is None or eos_id == -1 else integer("eos_id", eos_id, 0, vocab - 1)
     self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules
@@ -182,9 +190,10 @@ class Sampler:
     """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
     stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses."""
     sampling.validate()
-    k = int(k)
-    if k < 0:
-      raise ValueError(f"k (draft tokens per round) must be >= 0, got {k}")
+    k = integer("k (draft tokens per round)", k, 0)
+    max_new_tokens = integer("max_new_tokens", max_new_tokens, 1)
+    # Streams take 32-bit seeds; a larger one would alias a smaller one's stream.
+    seed = integer("seed", seed, 0, 2**32 - 1)
     if k > 0 and self.draft_cfg is None:
       raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0)")
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
@@ -196,7 +205,7 @@ class Sampler:
     # devices the rows they hold along the mesh's data axis.
     args = (self.target_params, self.draft_params if k else None, tokens, lengths,
             np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
-            np.uint32(seed % 2**32))
+            np.uint32(seed))
     start = time.perf_counter()
     out, num, stats = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start
@@ -206,6 +215,16 @@ class Sampler:
                   rounds=stats.rounds_b, accepted=stats.accepted_b,
                   reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
                   seconds=seconds)
+
+
+def integer(name: str, value, lo: int, hi: int | None = None) -> int:
+  """`value` as an int in [lo, hi], or a ValueError naming it (a float, even 5.0, is refused:
+  it would be truncated or reach a shape)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if value < lo or (hi is not None and value > hi):
+    raise ValueError(f"{name} must be in [{lo}, {'...' if hi is None else hi}], got {value}")
+  return int(value)
 
 
 def to_host(tree):

@@ -59,7 +59,11 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
   # Rows' settings broadcast against logits: (..., 1), one value per row and position.
   temperature, top_p = _per_row(temperature, logits, F32), _per_row(top_p, logits, F32)
   top_k = _per_row(top_k, logits, jnp.int32)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+  # Shifted by the row's max before dividing: the top logit is exactly 0 at any temperature, so
+  # a tiny one gives -inf for the rest and 1 for the top (logits / t overflowed to inf - inf =
+  # NaN under XLA's rewrites, for t below ~1e-10).
+  scaled = ((logits - jnp.max(logits, axis=-1, keepdims=True))
+            / jnp.where(temperature > 0, temperature, 1.0))
   m = min(int(max_top_k), v - 1)  # k >= v keeps every token: no search needed for it
   top_k_on = (top_k > 0) & (top_k < v)
   if m > 0:

@@ -63,6 +63,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import numbers
 import threading
 import time
 from typing import Sequence
@@ -117,6 +118,9 @@ class Engine:
                        f"k_max={k_max}, draft={'yes' if has_draft else 'no'}")
     if num_slots < 1 or prefill_rows < 1 or max_rounds_per_step < 1:
       raise ValueError("num_slots, prefill_rows and max_rounds_per_step must be >= 1")
+    if max_top_k < 0:
+      raise ValueError(f"max_top_k must be >= 0 (0: requests cannot ask for top_k), got "
+                       f"{max_top_k}")
     self.sampler, self.tokenizer, self.add_bos = sampler, tokenizer, bool(add_bos)
     self.num_slots, self.max_len = int(num_slots), int(max_len)
     self.prefill_rows = min(int(prefill_rows), self.num_slots)
@@ -202,16 +206,10 @@ class Engine:
   def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
              ) -> Request:
     """Queues a request (any thread); raises ValueError on bad input before queueing."""
-    if isinstance(prompt, str):
-      if self.tokenizer is None:
-        raise ValueError("a text prompt needs an engine with a tokenizer")
-      tokens = self.tokenizer.encode(prompt, add_bos=self.add_bos)
-    else:
-      tokens = [int(t) for t in prompt]
+    tokens = self._tokens(prompt)
     num_tokens = self.sampler.target_cfg.num_tokens
-    if any(not 0 <= t < num_tokens for t in tokens):
-      raise ValueError(f"prompt token ids must lie in [0, {num_tokens})")
-    if params.top_k >= num_tokens:  # keeps every token: the same as off
+    if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
+      # keeps every token: the same as off
       params = dataclasses.replace(params, top_k=0)
     if isinstance(params.stop, str):
       params = dataclasses.replace(params, stop=(params.stop,))
@@ -227,6 +225,30 @@ class Engine:
       self._lock.notify_all()
     return request
 
+  def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("a text prompt needs an engine with a tokenizer")
+      return self.tokenizer.encode(prompt, add_bos=self.add_bos)
+    tokens = list(prompt)
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
+      raise ValueError("prompt token ids must be integers (a float would be truncated)")
+    num_tokens = self.sampler.target_cfg.num_tokens
+    if any(not 0 <= t < num_tokens for t in tokens):
+      raise ValueError(f"prompt token ids must lie in [0, {num_tokens})")
+    return [int(t) for t in tokens]
+
+  def _withdraw(self, requests: Sequence[Request]) -> None:
+    """Takes queued requests back (a batch whose later input was refused): out of the queue,
+    finished as cancelled."""
+    with self._lock:
+      ids = {r.id for r in requests}
+      self._queue = collections.deque(r for r in self._queue if r.id not in ids)
+    for r in requests:
+      r.cancel()
+      r._finish(CANCELLED)
+
   def generate(self, prompts: Sequence[str | Sequence[int]],
                params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
                ) -> list[Completion]:
@@ -234,9 +256,16 @@ class Engine:
     engine; not while start()'s thread runs)."""
     if self._thread is not None:
       raise RuntimeError("generate() drives the engine itself; with start() use submit()")
-    if isinstance(params, GenerationParams):
-      params = [params] * len(prompts)
-    requests = [self.submit(p, q) for p, q in zip(prompts, params, strict=True)]
+    params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
+    if len(params) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(params)} GenerationParams")
+    requests = []
+    try:
+      for p, q in zip(prompts, params):
+        requests.append(self.submit(p, q))
+    except BaseException:
+      self._withdraw(requests)  # all or nothing: none of the batch stays queued
+      raise
     while self.step():
       pass
     return [r.result() for r in requests]
@@ -249,13 +278,16 @@ class Engine:
     return self
 
   def shutdown(self, timeout: float | None = 60.0) -> None:
-    """Stops the background thread; requests not finished end with finish_reason 'aborted'."""
+    """Stops the background thread; requests not finished end with finish_reason 'aborted'.
+    A thread still inside a device call after `timeout` aborts them itself once it returns
+    (aborting from here then would race with it placing a request in a slot)."""
     with self._lock:
       self._stopping = True
       self._lock.notify_all()
     if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join(timeout)
-    self._abort_all(None)
+    if self._thread is None or not self._thread.is_alive():
+      self._abort_all(None)
     if self._channel is not None and self._channel.is_leader:
       self._channel.send_stop()
 
@@ -288,8 +320,10 @@ class Engine:
       idle_since = time.monotonic()
       while True:
         with self._lock:
-          if self._stopping:
-            return
+          stopping = self._stopping
+        if stopping:
+          self._abort_all(None)
+          return
         if self.step():
           idle_since = time.monotonic()
           continue
@@ -339,6 +373,19 @@ class Engine:
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
       by_bucket[self._bucket(len(r.prompt))].append((slot, r))
+    try:
+      self._insert_all(by_bucket, with_draft)
+    except BaseException as e:
+      # Taken from the queue but in no slot yet: nobody else would ever finish them.
+      placed = {s.request.id for s in self._slots if s is not None}
+      for r in requests:
+        if r.id not in placed:
+          r._finish(ABORTED, error=e)
+      raise
+    if not with_draft and self.k_max > 0:
+      self._draft_behind = True
+
+  def _insert_all(self, by_bucket, with_draft: bool) -> None:
     for t, group in sorted(by_bucket.items()):
       for i in range(0, len(group), self.prefill_rows):
         chunk = group[i:i + self.prefill_rows]
@@ -353,8 +400,6 @@ class Engine:
           self._slots[slot] = _Slot(r, ks=set())
           self.metrics.add(prompt_tokens=len(r.prompt))
           self._deliver(slot, [int(first[row])], bool(done[row]))
-    if not with_draft and self.k_max > 0:
-      self._draft_behind = True
 
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
@@ -482,6 +527,11 @@ class Engine:
     if prompts is None:
       prompts = self._rng.integers(4, self.sampler.target_cfg.num_tokens,
                                    size=(self.num_slots, self.min_prompt_bucket // 2)).tolist()
+    # Checked (and text encoded) before the first is queued: a bad one must not leave the
+    # others behind in the queue.
+    prompts = [self._tokens(p) for p in prompts]
+    if not prompts or not all(prompts):
+      raise ValueError("calibrate() needs non-empty prompts")
     room = self.room(max(len(p) for p in prompts))
     if room < 1:
       raise ContextLengthError(f"calibration prompts leave no room in a {self.max_len}-token slot")
@@ -553,6 +603,8 @@ class Engine:
     """Compiles the step programs for these K and the insert programs for prompts of these
     lengths (their buckets; inserting as the current K does, or both ways), so no request
     waits for them. Others compile on first use (seconds on CPU; more for large models)."""
+    if any(not 0 <= int(k) <= self.k_max for k in ks):
+      raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
     for k in ks:
       self._step_program(int(k))
     drafts = {True, False} if both_inserts and self.k_max > 0 else {self.k > 0}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import numbers
 import threading
 import time
 from typing import AsyncIterator, Iterator, Sequence
@@ -35,20 +37,18 @@ class GenerationParams:
   stop: tuple[str, ...] = ()    # stop strings (need a tokenizer)
 
   def validate(self, *, max_top_k: int, has_tokenizer: bool) -> "GenerationParams":
-    """Raises ValueError naming the bad field."""
-    if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) != self.max_new_tokens \
-        or self.max_new_tokens < 1:
+    """Raises ValueError naming the bad field (numpy scalars are numbers too)."""
+    if not (_whole(self.max_new_tokens) and self.max_new_tokens >= 1):
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-    if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+    if not (_real(self.temperature) and 0 <= self.temperature < math.inf):
       raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-    if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+    if not (_real(self.top_p) and 0 < self.top_p <= 1):
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+    if not (_whole(self.top_k) and self.top_k >= 0):
       raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
     if self.top_k > max_top_k:
       raise ValueError(f"top_k={self.top_k} exceeds this engine's max_top_k={max_top_k}")
-    if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed
-                                  or not 0 <= self.seed < 2 ** 64):
+    if self.seed is not None and not (_whole(self.seed) and 0 <= self.seed < 2 ** 64):
       raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
     if self.stop:
       if not has_tokenizer:
@@ -56,6 +56,15 @@ class GenerationParams:
       if not all(isinstance(s, str) and s for s in self.stop):
         raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
     return self
+
+
+def _real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _whole(x) -> bool:
+  """An integer, or a float that holds one (5.0)."""
+  return _real(x) and (isinstance(x, numbers.Integral) or float(x).is_integer())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -223,7 +223,8 @@ def integer(name: str, value, lo: int, hi: int | None = None) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"{name} must be an integer, got {value!r}")
   if value < lo or (hi is not None and value > hi):
-    raise ValueError(f"{name} must be in [{lo}, {'...' if hi is None else hi}], got {value}")
+    raise ValueError(f"{name} must be " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+                     + f", got {value}")
   return int(value)
 
 

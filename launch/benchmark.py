@@ -210,12 +210,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
     raise common.SetupError(f"--cache_len={cache_len} cannot hold the longest prompt "
                             f"({max(lengths)} tokens), {max_new} new tokens and "
                             f"{max(ks) + 1} for verification")
-  try:
-    os.makedirs(output_dir, exist_ok=True)
-  except OSError as e:
-    raise common.SetupError(f"--output_dir {output_dir!r}: {e.strerror or e}") from None
-  if not os.access(output_dir, os.W_OK):
-    raise common.SetupError(f"--output_dir {output_dir!r} is not writable")
+  cli.make_output_dir("output_dir", output_dir)
 
   mesh = common.build_mesh(config)
   if max(ks) == 0:

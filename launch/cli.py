@@ -65,6 +65,24 @@ def int_list(name: str, values) -> list[int]:
                     f"{','.join(map(str, values))!r}") from None
 
 
+def check_output_file(flag: str, path: str) -> None:
+  """A UserError unless `path` can be written (its directory exists and is writable): checked
+  before the work whose result it receives."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise UserError(f"--{flag} {path!r}: {parent!r} is not a writable directory")
+
+
+def make_output_dir(flag: str, path: str) -> None:
+  """Creates the directory a launcher writes its results into, or a UserError naming the flag."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--{flag} {path!r}: {e.strerror or e}") from None
+  if not os.access(path, os.W_OK):
+    raise UserError(f"--{flag} {path!r} is not writable")
+
+
 def _one_line(message: str) -> str:
   # ml_collections puts the whole traceback of a failing get_config() into the flag error; its
   # first line names the flag and its last line says what went wrong.

@@ -19,7 +19,6 @@ reported too (nats/token over the same windows as launch.evaluate_pair).
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -139,9 +138,7 @@ def main(argv):
     raise app.UsageError(f"{len(_QUANTIZED.value)} --quantized for {len(_CHECKPOINTS.value)} "
                          "--checkpoint: one int8 form per float checkpoint at most")
   if _OUTPUT.value:
-    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-      raise app.UsageError(f"--output {_OUTPUT.value!r}: {parent!r} is not a writable directory")
+    cli.check_output_file("output", _OUTPUT.value)
   quantized = list(_QUANTIZED.value) + [None] * (len(_CHECKPOINTS.value) - len(_QUANTIZED.value))
   for p, q in zip(_CHECKPOINTS.value, quantized):
     check(p, q)  # CheckpointError (missing, damaged config): one line (cli.run)

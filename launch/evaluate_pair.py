@@ -15,7 +15,6 @@ and are the best of --repeats runs, since other work on a shared machine only ev
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from absl import app
@@ -97,9 +96,7 @@ def main(argv):
   if _DTYPE.value and _DTYPE.value not in FLOAT_DTYPES:
     raise app.UsageError(f"--dtype must be one of {FLOAT_DTYPES}, got {_DTYPE.value!r}")
   if _OUTPUT.value:
-    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-      raise app.UsageError(f"--output {_OUTPUT.value!r}: {parent!r} is not a writable directory")
+    cli.check_output_file("output", _OUTPUT.value)
   for path in [_TARGET.value] + [p for _, p in drafts]:
     checkpoint.load_config(path)  # manifest and config only: a missing checkpoint fails here
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 
@@ -406,15 +405,11 @@ def main(argv):
                 else tuple(int(x) for x in config.mesh.shape))
     if min(topology) <= 0:
       raise ValueError(f"mesh.shape {topology} needs explicit sizes here: pass --topology")
-    for name, value in (("batch", _BATCH.value), ("max_new_tokens", _MAX_NEW.value),
-                        ("k", _K.value)):
-      if value is not None and value < (0 if name == "k" else 1):
-        raise ValueError(f"--{name} must be >= {0 if name == 'k' else 1}, got {value}")
+    for flag, least in ((_BATCH, 1), (_MAX_NEW, 1), (_K, 0)):
+      if flag.value is not None and flag.value < least:
+        raise ValueError(f"--{flag.name} must be >= {least}, got {flag.value}")
     if _OUTPUT_JSON.value:
-      parent = os.path.dirname(os.path.abspath(_OUTPUT_JSON.value))
-      if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--output_json {_OUTPUT_JSON.value!r}: {parent!r} is not a writable "
-                         "directory")
+      cli.check_output_file("output_json", _OUTPUT_JSON.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
   if not _TPU.value:

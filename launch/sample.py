@@ -38,8 +38,8 @@ two up to sampling.k_max. Before the first request the engine calibrates: it com
 of those K and times a round of each with all slots busy on these prompts, measuring the
 acceptance a too, so the first step already runs the K the measurement favours, K = 0 (plain
 decoding) unless speculation beats it by a margin; every window of rounds then refreshes a
-(round times are measured once, at calibration), probing a small K now and then while off. Each line's stats
-record the K its request ran with (a list when the K changed during it).
+(round times are measured once, at calibration), probing a small K now and then while off.
+Each line's stats record the K its request ran with (a list when the K changed during it).
 
 Per line: new_tokens, target_calls (the prefill and every round), accepted, acceptance_rate,
 tokens_per_target_call, k and the request's seed. The summary reports tokens/s, acceptance rate

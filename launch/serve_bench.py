@@ -12,10 +12,10 @@ fixed batch waits for its longest row; the engine refills a slot as soon as it f
 
 1. Throughput (tokens per second of wall time over the whole workload, and per second of
    process CPU time, which other jobs on a shared machine do not inflate; compiles excluded;
-   the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots requests
-   (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at sampling.k, against the engine
-   with --num_slots slots at K = 0 and with adaptive K (calibrated first; the K's it ran are
-   reported).
+   the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots
+   requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at sampling.k,
+   against the engine with --num_slots slots at K = 0 and with adaptive K (calibrated first;
+   the K's it ran are reported; without a draft, the engine at K = 0 alone).
 2. Latency at each --clients count: that many client threads, each submitting a request,
    reading its stream and submitting the next (closed loop) until --latency_requests are done,
    on the adaptive engine running on its background thread. Time to first token (submission
@@ -86,10 +86,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   if not clients or min(requests, max_new, num_slots, repeats, latency_requests, *clients) < 1:
     raise common.SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
                             "--latency_requests must be >= 1")
-  try:
-    os.makedirs(output_dir, exist_ok=True)
-  except OSError as e:
-    raise common.SetupError(f"--output_dir {output_dir!r}: {e.strerror or e}") from None
+  cli.make_output_dir("output_dir", output_dir)
   end_id, end_name = _end_id(tok, end_text)
   add_bos = bool(config.run.add_bos)
   encoded = [tok.encode(p, add_bos=add_bos) for p in config.run.prompts]

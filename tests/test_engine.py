@@ -240,7 +240,7 @@ def test_a_batch_with_a_bad_member_leaves_nothing_queued(byte_engine):
   # Given batches whose later members are bad (too few params, float ids, an empty prompt),
   with pytest.raises(ValueError, match="3 prompts but 2 GenerationParams"):
     engine.generate(["a", "b", "c"], [ok, ok])
-  with pytest.raises(ValueError, match="must be integers"):
+  with pytest.raises(ValueError, match="non-integer token ids"):
     engine.generate(["a", [70.7, 71.2]], ok)
   with pytest.raises(ValueError, match="non-empty prompts"):
     engine.calibrate([[70, 71], []])

@@ -405,7 +405,7 @@ def test_bad_directories_fail_before_any_work(tmp_path):
   _write_config(tmp_path / "noweights", **llama)
   with pytest.raises(HFConversionError, match="no \\*.safetensors"):
     hf.convert_directory(tmp_path / "noweights", tmp_path / "out")
-  with pytest.raises(HFConversionError, match="would replace the source"):
+  with pytest.raises(checkpoint.CheckpointError, match="would replace the source"):
     hf.convert_directory(tmp_path / "noweights", tmp_path, overwrite=True)
   (tmp_path / "out").mkdir()
   with pytest.raises(checkpoint.CheckpointError, match="exists; pass overwrite=True"):

@@ -190,12 +190,16 @@ def _as_arrays(params):
   return jax.tree.map(conv, params)
 
 
-def check_destination(path, overwrite: bool = False) -> str:
+def check_destination(path, overwrite: bool = False, source=None) -> str:
   """Raises CheckpointError unless `path` can receive a checkpoint: absent (or overwrite), its
-  parent an existing, writable directory. Cheap: callers run it before reading any weights, so
-  a conversion or a training run is not lost to a destination it cannot write. Returns the
-  absolute path."""
+  parent an existing, writable directory, and (a conversion's) `source` neither it nor inside
+  it. Cheap: callers run it before reading any weights, so a conversion or a training run is
+  not lost to a destination it cannot write. Returns the absolute path."""
   path = os.path.abspath(os.fspath(path))
+  if source is not None:
+    source = os.path.abspath(os.fspath(source))
+    if source == path or source.startswith(path + os.sep):
+      raise _err(path, f"the destination would replace the source {source!r}")
   if os.path.exists(path) and not overwrite:
     raise _err(path, "destination exists; pass overwrite=True (--overwrite) to replace it")
   if os.path.exists(path) and not os.path.isdir(path):

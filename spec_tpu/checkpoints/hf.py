@@ -33,6 +33,19 @@ from spec_tpu.models import layout, model, quant
 from spec_tpu.models.config import FLOAT_DTYPES, GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
+def float_dtype(dtype) -> str:
+  """The canonical name of the float dtype converted weights take, or an HFConversionError."""
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:  # not a dtype name at all
+    name = str(dtype)
+  if name not in FLOAT_DTYPES:
+    raise HFConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {name} (the "
+                            "source's declared dtype unless --dtype names one; int8 weights: "
+                            "--quantize=int8)")
+  return name
+
+
 class HFConversionError(ValueError):
   """A Hugging Face checkpoint that spec_tpu cannot convert faithfully."""
 
@@ -312,15 +325,7 @@ def _config_from_hf(hf_config, name, dtype) -> ModelConfig:
   final_cap = f["final_logit_softcapping"] if family in ("gemma2", "gemma3_text") else None
 
   rope = _rope(f, family)
-  dtype = dtype or f["dtype"] or f["torch_dtype"] or "float32"
-  try:
-    dtype = jnp.dtype(dtype).name
-  except TypeError:
-    raise HFConversionError(f"unknown dtype {dtype!r}") from None
-  if dtype not in FLOAT_DTYPES:
-    raise HFConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {dtype} (the "
-                            "source's declared dtype unless --dtype names one; int8 weights: "
-                            "--quantize=int8)")
+  dtype = float_dtype(dtype or f["dtype"] or f["torch_dtype"] or "float32")
   try:
     return ModelConfig(
         name=name or text.get("_name_or_path") or family,
@@ -602,9 +607,7 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
     cfg = cfg.replace(quantize=quant.check_mode(quantize))
   except ValueError as e:
     raise HFConversionError(str(e)) from None
-  if dst == src or src.startswith(dst + os.sep):
-    raise HFConversionError(f"destination {dst!r} would replace the source {src!r}")
-  checkpoint.check_destination(dst, overwrite)
+  checkpoint.check_destination(dst, overwrite, source=src)
   _check_weight_files(src)
   cfg = cfg.replace(tokenizer=tokenizer_id(src))
 

@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu.checkpoints.hf import HFConversionError
+from spec_tpu.checkpoints.hf import HFConversionError, float_dtype
 from spec_tpu.models import layout
-from spec_tpu.models.config import FLOAT_DTYPES, LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models.config import LOCAL, RECURRENT, ModelConfig
 
 
 class ReferenceConversionError(ValueError):
@@ -338,16 +338,8 @@ def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite
   if not os.path.isdir(src):
     raise ReferenceConversionError(f"source {src!r} is not a directory (expected the orbax "
                                    "checkpoint directory of the recurrentgemma params)")
-  if dtype is not None:
-    try:
-      dtype = jnp.dtype(dtype).name
-    except TypeError:
-      pass
-    if dtype not in FLOAT_DTYPES:
-      raise ReferenceConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {dtype!r}")
-  if dst == src or src.startswith(dst + os.sep):
-    raise ReferenceConversionError(f"destination {dst!r} would replace the source {src!r}")
-  checkpoint.check_destination(dst, overwrite)
+  dtype = None if dtype is None else float_dtype(dtype)
+  checkpoint.check_destination(dst, overwrite, source=src)
   try:
     tree = ocp.PyTreeCheckpointer().restore(src)
   except Exception as e:  # orbax raises many types for a directory that is not its format

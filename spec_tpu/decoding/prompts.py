@@ -25,18 +25,25 @@ def pack(prompts: Sequence[Sequence[int]], num_tokens: int, pad_id: int = 0,
   for i, p in enumerate(prompts):
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
-    arr = np.asarray(p)
-    if not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f"prompt {i} holds non-integer token ids ({arr.dtype})")
-    bad = arr[(arr < 0) | (arr >= num_tokens)]
-    if bad.size:
-      raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {num_tokens}): "
-                       f"{bad[:5].tolist()}")
+    token_ids(p, num_tokens, f"prompt {i}")
   t = bucket(int(lengths.max()), min_bucket)
   tokens = np.full((len(prompts), t), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   return tokens, lengths
+
+
+def token_ids(prompt: Sequence[int], num_tokens: int, what: str = "the prompt") -> list[int]:
+  """A prompt's token ids as ints, or a ValueError: integers (a float would be truncated) in
+  the vocabulary [0, num_tokens)."""
+  arr = np.asarray(prompt)
+  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{what} holds non-integer token ids ({arr.dtype})")
+  bad = arr[(arr < 0) | (arr >= num_tokens)]
+  if bad.size:
+    raise ValueError(f"{what} has token ids outside the vocabulary [0, {num_tokens}): "
+                     f"{bad[:5].tolist()}")
+  return arr.astype(np.int64).reshape(-1).tolist()
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_len: int | None, extra: int = 0):

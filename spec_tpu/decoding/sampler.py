@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import functools
+import numbers
 import time
 from typing import Sequence
 
@@ -115,9 +115,9 @@ class Sampler:
     if draft_cfg is not None:
       check_pair(target_cfg, draft_cfg)
     # A pad or EOS id past the vocabulary would embed as NaN (padding positions reach every
-    # output through attention's 0 * NaN) or never match a sampled token.
-    # A sentencepiece model without a pad or EOS piece says -1: padding then uses token 0 (what
-    # fills padded positions does not matter as long as it embeds), and there is no EOS.
+    # output through attention's 0 * NaN) or never match a sampled token. A sentencepiece model
+    # without a pad or EOS piece says -1: padding then uses token 0 (what fills padded positions
+    # does not matter as long as it embeds), and there is no EOS.
     vocab = min(c.num_tokens for c in (target_cfg, draft_cfg) if c is not None)
     pad_id = max(0, integer("pad_id", pad_id, -1, vocab - 1))
     eos_id = None if eos_id is None or eos_id == -1 else integer("eos_id", eos_id, 0, vocab - 1)

@@ -231,13 +231,7 @@ class Engine:
       if self.tokenizer is None:
         raise ValueError("a text prompt needs an engine with a tokenizer")
       return self.tokenizer.encode(prompt, add_bos=self.add_bos)
-    tokens = list(prompt)
-    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
-      raise ValueError("prompt token ids must be integers (a float would be truncated)")
-    num_tokens = self.sampler.target_cfg.num_tokens
-    if any(not 0 <= t < num_tokens for t in tokens):
-      raise ValueError(f"prompt token ids must lie in [0, {num_tokens})")
-    return [int(t) for t in tokens]
+    return prompts_lib.token_ids(prompt, self.sampler.target_cfg.num_tokens)
 
   def _withdraw(self, requests: Sequence[Request]) -> None:
     """Takes queued requests back (a batch whose later input was refused): out of the queue,
@@ -246,7 +240,6 @@ class Engine:
       ids = {r.id for r in requests}
       self._queue = collections.deque(r for r in self._queue if r.id not in ids)
     for r in requests:
-      r.cancel()
       r._finish(CANCELLED)
 
   def generate(self, prompts: Sequence[str | Sequence[int]],

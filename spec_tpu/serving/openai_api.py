@@ -81,8 +81,9 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
   for name, neutral in (("n", 1), ("best_of", 1), ("logprobs", (False, 0)),
                         ("top_logprobs", 0), ("presence_penalty", 0), ("frequency_penalty", 0),
                         ("logit_bias", ({},)), ("suffix", ("",)), ("echo", False),
-                        ("tools", ([],)), ("functions", ([],)), ("tool_choice", ("none", "auto")),
-                        ("function_call", ("none", "auto")), ("response_format", ({"type": "text"},))):
+                        ("tools", ([],)), ("functions", ([],)),
+                        ("tool_choice", ("none", "auto")), ("function_call", ("none", "auto")),
+                        ("response_format", ({"type": "text"},))):
     _unsupported(body, name, neutral)
   max_tokens = body.get(max_tokens_field)
   if max_tokens is None and max_tokens_field == "max_completion_tokens":

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import AsyncIterator, Iterator, Sequence
 
+from spec_tpu.decoding.sampler import integer
+
 # Finish reasons (OpenAI's words where they have one).
 STOP = "stop"            # EOS or a stop string
 LENGTH = "length"        # max_new_tokens reached
@@ -38,18 +40,16 @@ class GenerationParams:
 
   def validate(self, *, max_top_k: int, has_tokenizer: bool) -> "GenerationParams":
     """Raises ValueError naming the bad field (numpy scalars are numbers too)."""
-    if not (_whole(self.max_new_tokens) and self.max_new_tokens >= 1):
-      raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+    integer("max_new_tokens", self.max_new_tokens, 1)
     if not (_real(self.temperature) and 0 <= self.temperature < math.inf):
       raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
     if not (_real(self.top_p) and 0 < self.top_p <= 1):
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if not (_whole(self.top_k) and self.top_k >= 0):
-      raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+    integer("top_k (0 = off)", self.top_k, 0)
     if self.top_k > max_top_k:
       raise ValueError(f"top_k={self.top_k} exceeds this engine's max_top_k={max_top_k}")
-    if self.seed is not None and not (_whole(self.seed) and 0 <= self.seed < 2 ** 64):
-      raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+    if self.seed is not None:
+      integer("seed", self.seed, 0, 2 ** 64 - 1)
     if self.stop:
       if not has_tokenizer:
         raise ValueError("stop strings need an engine with a tokenizer")
@@ -60,11 +60,6 @@ class GenerationParams:
 
 def _real(x) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
-
-
-def _whole(x) -> bool:
-  """An integer, or a float that holds one (5.0)."""
-  return _real(x) and (isinstance(x, numbers.Integral) or float(x).is_integer())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,15 @@ State per row (slot):
   never saw x_K). K = 0 rounds, and inserts while K = 0, leave the draft further behind (they
   never pay for it); `catch_up_draft` feeds the gap in chunks before the next speculative round.
 Rows advance independently: each accepts its own number of tokens and stops on its own, and
-each draws its random numbers from its own (seed, stream) pair and its own round counter
-(`sampling.row_keys`), never from a batch-wide key, so its output does not depend on the other
-rows: not its law, and with a fixed seed not its tokens either (for the same K per round).
+each draws its random numbers from its own (seed, stream) pair, never from a batch-wide key, so
+its output does not depend on the other rows: not its law, and with a fixed seed not its tokens
+either. How draft and target share randomness is the coupling (LoopSpec.coupling):
+  'rejection'  the modified rejection step (rejection.py): maximal acceptance; its keys come
+               from the row's round counter (`sampling.row_keys`), so a seed reproduces the
+               tokens only for the same K in every round.
+  'gumbel'     Gumbel-max with noise from (seed, stream, absolute position) (gumbel.py): the
+               tokens are a function of the seed, the prompt and the target alone, whatever K,
+               the draft, the batch, the slot or the mesh.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import jax.numpy as jnp
 
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
-from spec_tpu.decoding import rejection, sampling
+from spec_tpu.decoding import gumbel, rejection, sampling
 from spec_tpu.models.config import ModelConfig
 
 CATCH_UP_CHUNK = 32  # tokens per draft call when the draft catches up after K = 0 rounds
+COUPLINGS = ("rejection", "gumbel")  # see the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class LoopSpec:
   eos_id: int | None
   pad_id: int = 0
   prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
+  coupling: str = "rejection"  # one of COUPLINGS
 
   @property
   def num_tokens(self) -> int:
@@ -61,6 +69,13 @@ class LoopSpec:
   def __post_init__(self):
     if self.k > self.k_max or (self.k > 0 and self.draft is None):
       raise ValueError(f"k={self.k} needs a draft and k <= k_max={self.k_max}")
+    check_coupling(self.coupling)
+
+
+def check_coupling(coupling: str) -> str:
+  if coupling not in COUPLINGS:
+    raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
+  return coupling
 
 
 class Rows(NamedTuple):
@@ -134,8 +149,13 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
                              spec.prefill_chunk)
-  key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
-  first = sampling.sample(key_r, _probs(spec, logits[:, 0], rows))
+  probs = _probs(spec, logits[:, 0], rows)
+  if spec.coupling == "gumbel":
+    first = gumbel.choose(probs, gumbel.noise(rows.seed_b2, lengths_r[:, None],
+                                              spec.num_tokens)[:, 0])
+  else:
+    key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
+    first = sampling.sample(key_r, probs)
   dc = None
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
@@ -195,7 +215,15 @@ def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
   return jax.lax.while_loop(lambda s: jnp.any(gap(s) > 0), feed, state)
 
 
-def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
+def _pick(spec: LoopSpec, randomness, probs):
+  """A token per row from its distribution and its randomness for that position: a key
+  (rejection coupling: a draw), or the position's Gumbel noise (argmax)."""
+  if spec.coupling == "gumbel":
+    return gumbel.choose(probs, randomness)
+  return sampling.sample(randomness, probs)
+
+
+def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn):
   """K draft tokens, the distributions they were drawn from, the draft cache after them, and
   what its rollback needs for recurrent layers: the traces of the K-1 single steps (the state
   after each, recurrent.steps_trace) and the length they start from (after the first call,
@@ -207,21 +235,22 @@ def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
   logits, dc = model.forward(draft_params, spec.draft, pending_b2, dc, num_pending,
                              last_only=True)
   p0 = _probs(spec, logits[:, 0], state.rows)
-  x0 = sampling.sample(keys_bn[:, 0], p0)
+  x0 = _pick(spec, randomness_bn[:, 0], p0)
 
   first = cache_lib.recurrent_entries(dc)
   start_b = dc.length
 
-  def step(carry, key_b):
+  def step(carry, randomness_b):
     dc, x = carry
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     p = _probs(spec, logits[:, 0], state.rows)
-    nxt = sampling.sample(key_b, p)
+    nxt = _pick(spec, randomness_b, p)
     # A recurrent layer's state after each step, stacked by the scan: the rollback selects
     # the one its kept length ends on (None for attention layers: nothing stacked).
     return (dc, nxt), (nxt, p, cache_lib.recurrent_entries(dc))
 
-  (dc, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0), jnp.moveaxis(keys_bn[:, 1:], 1, 0))
+  (dc, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0),
+                                          jnp.moveaxis(randomness_bn[:, 1:], 1, 0))
   draft_bn = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
   p_bnv = jnp.concatenate([p0[:, None], jnp.moveaxis(ps, 0, 1)], axis=1)
   return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
@@ -243,15 +272,21 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   its max_new, 0 for rows that are done."""
   b, k = state.done_b.shape[0], spec.k
   active = ~state.done_b
-  keys_bn = sampling.split_rows(sampling.row_keys(state.rows.seed_b2, state.stats.rounds_b + 1),
-                                k + 1)
   tc0 = state.target_cache
   l0 = tc0.length
+  if spec.coupling == "gumbel":
+    # The noise of the K+1 positions this round can emit (l0 + 1 .. l0 + K + 1): the drafts'
+    # and the target's, one block.
+    randomness = gumbel.noise(state.rows.seed_b2, l0[:, None] + 1 + jnp.arange(k + 1)[None, :],
+                              spec.num_tokens)
+  else:
+    randomness = sampling.split_rows(
+        sampling.row_keys(state.rows.seed_b2, state.stats.rounds_b + 1), k + 1)
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
   if k > 0:
     draft_bn, p_bnv, dc, draft_traces, draft_start = _draft(spec, draft_params, state,
-                                                            keys_bn[:, :k])
+                                                            randomness[:, :k])
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   else:
     draft_bn = jnp.zeros((b, 0), jnp.int32)
@@ -261,11 +296,13 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   logits, tc, target_traces = model.forward(target_params, spec.target, verify_bm, tc0,
                                             traces=True)
   q_bmv = _probs(spec, logits, state.rows)
-  if k > 0:
-    n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv)
+  if k > 0 and spec.coupling == "gumbel":
+    n, nxt = gumbel.verify(draft_bn, q_bmv, randomness)
+  elif k > 0:
+    n, nxt = rejection.accept(randomness[:, k], draft_bn, p_bnv, q_bmv)
   else:
     n = jnp.zeros((b,), jnp.int32)
-    nxt = sampling.sample(keys_bn[:, 0], q_bmv[:, 0])
+    nxt = _pick(spec, randomness[:, 0], q_bmv[:, 0])
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
   tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0), target_traces, l0)

@@ -3,6 +3,10 @@
 
     sampler = Sampler(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...)
     result = sampler.generate(prompts, max_new_tokens=64, k=4, sampling=SamplingParams(...))
+
+coupling (decode.COUPLINGS): 'gumbel' makes a seed's tokens independent of K and the draft
+(generate with k=0, 4 or another draft gives the same text); 'rejection' accepts the most
+drafts. Both sample the target's law exactly.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class Sampler:
                draft_params=None, draft_cfg: ModelConfig | None = None,
                target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
                eos_id: int | None = None, pad_id: int = 0, max_cache_len: int | None = None,
-               cache_len: int | None = None):
+               cache_len: int | None = None, coupling: str = "rejection"):
     if (draft_params is None) != (draft_cfg is None):
       raise ValueError("give both draft_params and draft_cfg, or neither")
     if draft_cfg is not None:
@@ -128,6 +132,7 @@ class Sampler:
     # contexts); None: what the prompt bucket and new tokens need, capped by max_cache_len.
     self.eos_id, self.pad_id, self.max_cache_len = eos_id, pad_id, max_cache_len
     self.cache_len = cache_len
+    self.coupling = decode.check_coupling(coupling)
     if cache_len is not None:
       self.max_cache_len = cache_len if max_cache_len is None else min(cache_len, max_cache_len)
     self._programs = {}
@@ -135,7 +140,7 @@ class Sampler:
     self.draft_params = (None if draft_params is None else
                          sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
 
-  def _spec(self, k, top_k, max_new, prompt_len) -> decode.LoopSpec:
+  def _spec(self, k, top_k, max_new, prompt_len, coupling) -> decode.LoopSpec:
     # Positions written reach prompt + max_new + k; prompt_len is the padded bucket, so the
     # cache is capped at max_cache_len (already checked against the real prompt lengths).
     max_len = prompt_len + max_new + k + 1 if self.cache_len is None else self.cache_len
@@ -143,7 +148,7 @@ class Sampler:
       max_len = min(max_len, self.max_cache_len)
     return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
                            k_max=k, max_top_k=top_k, max_len=max_len, out_len=max_new + k,
-                           eos_id=self.eos_id, pad_id=self.pad_id)
+                           eos_id=self.eos_id, pad_id=self.pad_id, coupling=coupling)
 
   def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     """The compiled program for one (static spec, batch, prompt bucket), kept per Sampler."""
@@ -186,10 +191,13 @@ class Sampler:
     return compiler_options(self.mesh.devices.flat[0].platform, quantized)
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
-               sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:
+               sampling: SamplingParams = SamplingParams(), seed: int = 0,
+               coupling: str | None = None) -> Result:
     """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
-    stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses."""
+    stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses.
+    coupling: None = the Sampler's."""
     sampling.validate()
+    coupling = self.coupling if coupling is None else decode.check_coupling(coupling)
     k = integer("k (draft tokens per round)", k, 0)
     max_new_tokens = integer("max_new_tokens", max_new_tokens, 1)
     # Streams take 32-bit seeds; a larger one would alias a smaller one's stream.
@@ -199,7 +207,7 @@ class Sampler:
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
     top_k = sampling.effective_top_k(self.target_cfg.num_tokens)
-    spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1])
+    spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1], coupling)
     compiled = self._compiled(spec, *tokens.shape)
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.

@@ -48,9 +48,11 @@ calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_m
 them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
 feeds it the tokens it missed (decode.catch_up_draft).
 
-Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
-round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
-neither do its tokens, for the same K per round. Sampler.generate's row i with seed s is the
+Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32): its output
+law never depends on the batch, and with a seed neither do its tokens. The coupling (engine-wide,
+`coupling`, default the sampler's; decode.COUPLINGS) decides what else they depend on: with
+'gumbel' nothing (not the K the policy picks, not the slot); with 'rejection' the K of each of
+its rounds (its keys come from its round counter). Sampler.generate's row i with seed s is the
 request with seed s + i * 2^32.
 
 Multi-host: every process builds the same Engine; process 0 runs the scheduler (and the HTTP
@@ -108,7 +110,7 @@ class Engine:
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
-               margin: float = 0.1, seed: int = 0, channel=None):
+               margin: float = 0.1, seed: int = 0, channel=None, coupling: str | None = None):
     has_draft = sampler.draft_cfg is not None
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -143,7 +145,9 @@ class Engine:
     self._spec = decode.LoopSpec(
         target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
         k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id)
+        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id,
+        coupling=sampler.coupling if coupling is None else coupling)
+    self.coupling = self._spec.coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
     self._programs = {}

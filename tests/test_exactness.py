@@ -43,7 +43,7 @@ from scipy import stats
 
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layout, model
-from spec_tpu.decoding import rejection, sampling
+from spec_tpu.decoding import gumbel, rejection, sampling
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
@@ -288,15 +288,16 @@ def with_eos():
   return Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT, eos_id=EOS)
 
 
-def _same_prompt(sampler, k, seed, **sampling_kw):
-  return _same_prompt_cached(sampler, k, seed, tuple(sorted(sampling_kw.items())))
+def _same_prompt(sampler, k, seed, coupling="rejection", **sampling_kw):
+  return _same_prompt_cached(sampler, k, seed, coupling, tuple(sorted(sampling_kw.items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _same_prompt_cached(sampler, k, seed, sampling_items):
+def _same_prompt_cached(sampler, k, seed, coupling, sampling_items):
   # Cached so tests asking different questions of one run do not pay for it twice.
   return sampler.generate([PROMPT] * BATCH, max_new_tokens=MAX_NEW, k=k,
-                          sampling=SamplingParams(**dict(sampling_items)), seed=seed)
+                          sampling=SamplingParams(**dict(sampling_items)), seed=seed,
+                          coupling=coupling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,16 +313,27 @@ CASES = [  # id, k, sampling options
     ("k3_top_k_3_top_p_0.9_temperature_0.7", 3, {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
     ("k5", 5, {}),
 ]
+# The gumbel coupling: a representative subset (its K = 0 is plain decoding with other noise,
+# and test_coupling.py shows its tokens equal at every K).
+GUMBEL_CASES = [
+    ("gumbel_k3", 3, {}),
+    ("gumbel_k3_temperature_0.7", 3, {"temperature": 0.7}),
+    ("gumbel_k3_top_k_3_top_p_0.9_temperature_0.7", 3,
+     {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
+]
 
 
 def _seed(k, options):
   return 100 + 10 * k + len(options)
 
 
-@pytest.mark.parametrize("k,options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_output_follows_target_law(single, k, options):
+@pytest.mark.parametrize("k,options,coupling",
+                         [c[1:] + ("rejection",) for c in CASES]
+                         + [c[1:] + ("gumbel",) for c in GUMBEL_CASES],
+                         ids=[c[0] for c in CASES + GUMBEL_CASES])
+def test_output_follows_target_law(single, k, options, coupling):
   # Given one prompt on every row; when sampling MAX_NEW tokens; then they follow the target.
-  result = _same_prompt(single, k, seed=_seed(k, options), **options)
+  result = _same_prompt(single, k, seed=_seed(k, options), coupling=coupling, **options)
   p, each = exactness_pvalue(_full_rows(result), **options)
   assert p > ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
   if k:
@@ -342,22 +354,30 @@ def test_rows_sample_independently(single):
   assert test.pvalue > ALPHA, (collisions, BATCH // 2 * p_collide)
 
 
-def test_sharded_target_with_padded_replicated_draft_follows_target_law(sharded_2x4):
+@pytest.mark.parametrize("coupling", ["rejection", "gumbel"])
+def test_sharded_target_with_padded_replicated_draft_follows_target_law(sharded_2x4, single,
+                                                                         coupling):
   # Given a 2x4 mesh, the target tensor-parallel, and a replicated draft whose embedding table
   # has 4 padding rows with huge weights; then padding ids never appear and the law holds.
-  result = _same_prompt(sharded_2x4, 3, seed=11)
+  result = _same_prompt(sharded_2x4, 3, seed=11, coupling=coupling)
   tokens = _full_rows(result)
   assert np.max(tokens) < V, "a padding id of the draft's embedding table was emitted"
   p, each = exactness_pvalue(tokens)
   assert p > ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
   assert 0.2 < judged_acceptance(result) < 0.9
   assert len(np.unique(result.accepted)) > 1
+  if coupling == "gumbel":
+    # The mesh and the draft's padding do not change a seed's tokens: one device, same seed.
+    # (Sharded reductions round differently: a near-tie of log q + G may flip, rarely.)
+    one_device = _full_rows(_same_prompt(single, 3, seed=11, coupling=coupling))
+    assert np.mean(np.all(tokens == one_device, axis=1)) > 0.995
 
 
-def test_rows_stop_at_their_own_eos_and_truncated_law_holds(with_eos):
+@pytest.mark.parametrize("coupling", ["rejection", "gumbel"])
+def test_rows_stop_at_their_own_eos_and_truncated_law_holds(with_eos, coupling):
   # Given eos_id; then each row ends at its first EOS (nothing after it), rows end at different
   # times, and the truncated output follows the target law pushed through truncation.
-  result = _same_prompt(with_eos, 3, seed=12)
+  result = _same_prompt(with_eos, 3, seed=12, coupling=coupling)
   for row in result.tokens:
     assert EOS not in row[:-1], "a token was emitted after EOS"
     assert len(row) == MAX_NEW or row[-1] == EOS
@@ -446,6 +466,39 @@ def test_wrong_acceptance_rules_fail_the_same_test(monkeypatch):
     assert p < NEGATIVE_P, f"{name} passed the exactness test (p = {p:.2e}; tests: {each})"
 
 
+_NOISE = gumbel.noise  # the real ones, bound before any test patches the module
+_VERIFY = gumbel.verify
+
+
+def _noise_fixed_on_odd_rows(seeds_b2, positions_bm, num_tokens):
+  """WRONG on odd rows: one noise draw for every position (not indexed by position)."""
+  odd = (jnp.arange(positions_bm.shape[0]) % 2 == 1)[:, None]
+  return _NOISE(seeds_b2, jnp.where(odd, 0, positions_bm), num_tokens)
+
+
+def _draft_token_on_even_rows(draft_bn, q_bmv, noise_bmv):
+  """WRONG on even rows: emits the draft's token at the first disagreement."""
+  n, nxt = _VERIFY(draft_bn, q_bmv, noise_bmv)
+  k = draft_bn.shape[1]
+  proposed = jnp.take_along_axis(draft_bn, jnp.minimum(n, k - 1)[:, None], axis=1)[:, 0]
+  even = jnp.arange(draft_bn.shape[0]) % 2 == 0
+  return n, jnp.where(even & (n < k), proposed, nxt)
+
+
+def test_wrong_gumbel_couplings_fail_the_same_test(monkeypatch):
+  # Given the gumbel loop broken two ways, one per half of the batch: noise that ignores the
+  # position (odd rows) and the draft's token kept at a disagreement (even rows); then the
+  # statistic rejects each outright.
+  monkeypatch.setattr(gumbel, "noise", _noise_fixed_on_odd_rows)
+  monkeypatch.setattr(gumbel, "verify", _draft_token_on_even_rows)
+  sampler = Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
+  tokens = _full_rows(_same_prompt(sampler, 3, seed=15, coupling="gumbel"))
+  for name, rows in [("draft_token_at_disagreement", tokens[0::2]),
+                     ("noise_not_by_position", tokens[1::2])]:
+    p, each = exactness_pvalue(rows.tolist())
+    assert p < NEGATIVE_P, f"{name} passed the exactness test (p = {p:.2e}; tests: {each})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Greedy: temperature 0 reproduces the target's greedy output token for token.
 
@@ -511,6 +564,8 @@ RECURRENT_CASES = [  # id, k, sampling options
     ("rg_k1", 1, {}),
     ("rg_k3", 3, {}),
     ("rg_k3_temperature_0.7_top_p_0.8", 3, {"temperature": 0.7, "top_p": 0.8}),
+    ("rg_gumbel_k3_temperature_0.7_top_p_0.8", 3,
+     {"temperature": 0.7, "top_p": 0.8, "coupling": "gumbel"}),
 ]
 
 
@@ -519,7 +574,10 @@ RECURRENT_CASES = [  # id, k, sampling options
 def test_recurrent_pair_follows_target_law(recurrent_pair, k, options):
   # Given a recurrent target and draft (continuations cross the attention window); when
   # sampling MAX_NEW tokens with k drafts per round; then they follow the target's law.
-  result = _same_prompt(recurrent_pair, k, seed=_seed(k, options) + 1, **options)
+  options = dict(options)
+  coupling = options.pop("coupling", "rejection")
+  result = _same_prompt(recurrent_pair, k, seed=_seed(k, options) + 1, coupling=coupling,
+                        **options)
   p, each = exactness_pvalue(_full_rows(result), target="recurrent", **options)
   assert p > ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
   assert 0.2 < judged_acceptance(result) < 0.95, judged_acceptance(result)

@@ -15,7 +15,10 @@
       tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
-                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample's engine
+                top_k (0 = off), max_new_tokens, seed; coupling: 'gumbel' (a seed gives the
+                same tokens whatever K, the draft, the batch or a resume) or 'rejection'
+                (the most accepted drafts; a seed reproduces only at the same K per round),
+                both exact (spec_tpu/decoding/decode.py); adaptive_k: launch.sample's engine
                 chooses K per step (0 = speculation off) from the measured acceptance and
                 round times, starting at k and never above k_max (spec_tpu/decoding/k_policy.py)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
@@ -103,7 +106,7 @@ def base(**run) -> ml_collections.ConfigDict:
   c.draft = model_section()
   c.sampling = ml_collections.ConfigDict(dict(
       k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0,
-      adaptive_k=False, k_max=8))
+      coupling="gumbel", adaptive_k=False, k_max=8))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,

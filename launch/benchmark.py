@@ -5,6 +5,8 @@
         --ks=0,1,2,4,6,8 --batches=1,8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
         --ks=0,4 --batches=1,8 --quantize=none,int8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_coupling \
+        --couplings=rejection,gumbel --temperatures=0.6,1.0 --ks=4 --batches=8
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -25,6 +27,11 @@ every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs
 `--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
 process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
 ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
+`--couplings=rejection,gumbel` compares the couplings instead (spec_tpu/decoding/coupling_bench.py):
+per batch, temperature (--temperatures, default the config's) and coupling at K = the largest
+of --ks: tokens/s, acceptance, and the acceptance each should reach on the same text (1 - TV for
+rejection, the exact gumbel agreement, and its (1 - TV)/(1 + TV) bound); writes results.json
+and table.txt.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program 
                                   "tokens fill only in part.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
                               "draft alike: none (float) and/or int8 (default: the config's).")
+_COUPLINGS = flags.DEFINE_list("couplings", None, "Compare these couplings (rejection, gumbel) "
+                               "at K = max(--ks) instead of sweeping K.")
+_TEMPERATURES = flags.DEFINE_list("temperatures", None, "Temperatures of --couplings (default: "
+                                  "the config's sampling.temperature).")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -352,9 +363,57 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
+def run_couplings(config, output_dir: str, couplings, temperatures, ks, batches,
+                  max_new: int | None, repeats: int) -> list[dict]:
+  """The couplings side by side (coupling_bench.compare) for every batch and temperature."""
+  from launch import common
+  from spec_tpu.decoding import coupling_bench, decode
+  for c in couplings:
+    try:
+      decode.check_coupling(c)
+    except ValueError as e:
+      raise cli.UserError(f"--couplings: {e}") from None
+  k = max(cli.int_list("ks", ks))
+  batches = cli.int_list("batches", batches)
+  if k < 1 or not batches or min(batches) < 1:
+    raise cli.UserError("--couplings needs K = max(--ks) >= 1 and positive --batches")
+  try:
+    temps = ([float(config.sampling.temperature)] if temperatures is None
+             else [float(t) for t in temperatures])
+    if not all(t > 0 for t in temps):
+      raise ValueError
+  except ValueError:
+    raise cli.UserError(f"--temperatures takes comma-separated numbers > 0, got "
+                        f"{','.join(temperatures or [])!r}") from None
+  setup = common.resolve(config, need_weights=True, k=k)
+  samplings = [dataclasses.replace(setup.sampling, temperature=t) for t in temps]
+  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
+  cli.make_output_dir("output_dir", output_dir)
+  sampler = common.build_sampler(setup, common.build_mesh(config), eos_id=None, pad_id=0)
+  rows = []
+  for b in batches:
+    for row in coupling_bench.compare(sampler, prompts_for(config, setup, b), k=k,
+                                      couplings=couplings, samplings=samplings,
+                                      max_new_tokens=max_new, seed=int(config.sampling.seed),
+                                      repeats=repeats):
+      rows.append(dict(batch=b, **row))
+  common.write_results(output_dir, dict(target=setup.target.describe(),
+                                        draft=setup.draft.describe(), max_new_tokens=max_new,
+                                        random_weights=setup.any_random, rows=rows),
+                       coupling_bench.format_table(rows))
+  return rows
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from launch import common
+  if _COUPLINGS.value:
+    cache_dir = common.use_compile_cache(_CONFIG.value)
+    run_couplings(_CONFIG.value, _OUTPUT_DIR.value, [c.strip() for c in _COUPLINGS.value],
+                  _TEMPERATURES.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
+                  _REPEATS.value)
+    logging.info("%s", common.compile_cache_summary(cache_dir))
+    return
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   if not modes or len(set(modes)) < len(modes):
     raise cli.UserError(f"--quantize takes distinct forms (none, int8), got "

@@ -57,6 +57,7 @@ class Setup:
   draft: ModelSetup | None
   sampling: SamplingParams
   k: int
+  coupling: str = "rejection"
 
   @property
   def any_random(self) -> bool:
@@ -170,8 +171,13 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
     raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
   if int(s.seed) < 0:
     raise SetupError(f"sampling.seed must be >= 0, got {s.seed}")
+  from spec_tpu.decoding import decode
+  try:
+    coupling = decode.check_coupling(str(s.coupling))
+  except ValueError as e:
+    raise SetupError(f"sampling.{e}") from None
   _check_serve(config.serve)
-  return Setup(target=target, draft=draft, sampling=params, k=k)
+  return Setup(target=target, draft=draft, sampling=params, k=k, coupling=coupling)
 
 
 def _check_serve(serve) -> None:
@@ -403,7 +409,8 @@ def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
       target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
       draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
       draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
-      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None)
+      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None,
+      coupling=setup.coupling)
 
 
 def ideal_speedup(a: float, c: float, k: int) -> float:

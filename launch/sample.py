@@ -19,11 +19,12 @@ Resumable: each finished request's line is appended and fsynced at once (request
 the same engine step share one write), so a kill loses at most the unfinished ones. On start
 the existing output is read (a torn last line, left by a kill mid-write, is cut away) and
 prompts whose id is already there are not submitted again. A prompt's request samples with a
-seed derived from (sampling.seed, prompt id) alone, and a request's tokens depend on its seed
-and K only, not on what shares the batch: a resumed run writes for each prompt exactly what an
-uninterrupted run would have, at the same K (same prompts, slot count and seed). With adaptive
-K the resumed run may pick other K than the killed one did, so its texts are equally valid
-samples of the target, not byte-identical ones (every prompt is still written exactly once).
+seed derived from (sampling.seed, prompt id) alone, and its tokens do not depend on what shares
+the batch. With sampling.coupling='gumbel' (the default) they do not depend on K either: a
+resumed run writes for each prompt exactly what an uninterrupted run would have, whatever K
+adaptive K picked in either (same prompts, slot count and seed). With 'rejection' that holds at
+the same K only: adaptive K may pick other K in the resumed run, whose texts are then equally
+valid samples of the target, not byte-identical ones (every prompt is still written once).
 
 An existing output is refused, untouched, when it holds anything but result lines and the torn
 start of one (it is not ours), or when its lines were written with other settings: each line
@@ -265,6 +266,7 @@ def run_settings(config, setup, tok, k_max: int) -> dict:
       "num_slots": int(config.run.batch_size),
       "seed": int(config.sampling.seed), "max_new_tokens": int(config.sampling.max_new_tokens),
       "k": setup.k, "adaptive_k": adaptive, "k_max": k_max if adaptive else None,
+      "coupling": setup.coupling,
       "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
   return json.loads(json.dumps(settings))
 

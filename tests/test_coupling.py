@@ -19,7 +19,7 @@ import pytest
 
 import test_exactness as ex
 from test_exactness import single  # noqa: F401 (a fixture: its programs are shared)
-from spec_tpu.decoding import gumbel, sampling
+from spec_tpu.decoding import coupling_bench, gumbel, sampling
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.models import model
@@ -33,10 +33,11 @@ MARGIN = 1e-4
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _scores(params, cfg, seqs_bt, at_bm, seeds_b2, temperature, top_p):
-  """log q + G for the token at each position at_bm + 1 (b m v) along the given rows."""
+  """log q + G for the token at each position at_bm + 1 (b m v) along the given rows (G = -log E,
+  E the exponential noise the rule races with)."""
   logits = jnp.take_along_axis(model.forward_full(params, cfg, seqs_bt), at_bm[..., None], axis=1)
   q = sampling.probabilities(logits[..., :cfg.num_tokens], temperature, 0, top_p)
-  g = gumbel.noise(seeds_b2, at_bm + 1, cfg.num_tokens)
+  g = -jnp.log(gumbel.noise(seeds_b2, at_bm + 1, cfg.num_tokens))
   return jnp.where(q > 0, jnp.log(q) + g, -jnp.inf)
 
 
@@ -144,3 +145,18 @@ def test_engine_with_changing_k_gives_the_samplers_tokens(paired):
   want, clear = _no_draft_tokens()
   assert_same_rows(got, want[:n], clear[:n], "engine")
   assert {0, 1, 4} <= set().union(*(r.result().stats.ks for r in requests))
+
+
+def test_expected_gumbel_agreement_is_the_frequency_of_agreement():
+  # Given draft and target laws with tokens only one of them allows; when both race the same
+  # exponential noise (Gumbel-max); then they agree as often as coupling_bench's
+  # closed form says, which is at least (1 - TV) / (1 + TV) and at most 1 - TV.
+  rng = np.random.default_rng(3)
+  p, q = rng.dirichlet(np.full(6, 0.8), 2).astype(np.float32)
+  p[0], q[5] = 0.0, 0.0
+  p, q = p / p.sum(), q / q.sum()
+  tv, agree = (float(x[0]) for x in coupling_bench._agreement(p[None], q[None]))
+  g = jax.random.exponential(jax.random.key(0), (200_000, 6))
+  freq = float(jnp.mean(gumbel.choose(jnp.asarray(p), g) == gumbel.choose(jnp.asarray(q), g)))
+  assert abs(freq - agree) < 4 * np.sqrt(agree * (1 - agree) / 200_000), (freq, agree)
+  assert (1 - tv) / (1 + tv) <= agree <= 1 - tv

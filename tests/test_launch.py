@@ -106,14 +106,27 @@ def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
   assert together["a"] != together["c"]
 
 
-@pytest.mark.parametrize("c, expected_k", [(0.0, 4), (10.0, 0)])
-def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected_k):
+def test_adaptive_k_follows_the_measured_cost_and_the_text_does_not(tmp_path, monkeypatch):
   # Given rounds that cost 1 + K c units at every K the engine may pick (c faked after its
   # calibration: a free draft or one 10x slower than the target, so the choice does not hang on
-  # this machine's timings),
-  from spec_tpu.decoding import k_policy
+  # this machine's timings), and the default coupling (gumbel, the embedded default's too),
+  from configs import default
   from spec_tpu.serving import Engine
   calibrate = Engine.calibrate
+  assert default.get_config().sampling.coupling == "gumbel"
+  assert default_config.get_config().sampling.coupling == "gumbel"
+  texts = []
+  for c, expected_k in [(0.0, 4), (10.0, 0)]:
+    texts.append(_adaptive_run(tmp_path / f"c{c}", monkeypatch, calibrate, c, expected_k))
+  # then the two runs, one speculating at K = 4 and one never, wrote the same text for every
+  # prompt (a seed reproduces whatever K the policy picks).
+  assert texts[0] == texts[1]
+
+
+def _adaptive_run(tmp_path, monkeypatch, calibrate, c, expected_k):
+  from spec_tpu.decoding import k_policy
+  from spec_tpu.serving import Engine
+  tmp_path.mkdir()
 
   def faked(engine, *args, **kwargs):
     report = calibrate(engine, *args, **kwargs)
@@ -144,6 +157,7 @@ def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected
     assert summary["acceptance_rate"] is None and summary["speedup_vs_ar"] == 1.0
   else:
     assert 0.0 < summary["acceptance_rate"] <= 1.0
+  return {r["id"]: (r["tokens"], r["text"]) for r in lines}
 
 
 def _result(pid, **settings):
@@ -461,23 +475,29 @@ def test_quantizing_a_recurrent_checkpoint_on_load_is_refused_in_one_line(tmp_pa
     common.resolve(c)
 
 
-def _sample_cmd(prompts, output):
+def _sample_cmd(prompts, output, *flags):
   return [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
           "--config.model.checkpoint=", "--config.draft.checkpoint=",
           "--config.run.batch_size=2", "--config.sampling.max_new_tokens=8",
-          "--nocompare_ar", f"--prompts={prompts}", f"--output={output}"]
+          "--nocompare_ar", f"--prompts={prompts}", f"--output={output}", *flags]
 
 
 def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
   prompts, n = tmp_path / "prompts.jsonl", 16
   _write_prompts(prompts, n)
   env = _env(tmp_path)
-  # Given the output of an uninterrupted run,
+  # Given the output of an uninterrupted run at K = 4, and one at K = 1 (the default coupling,
+  # gumbel, makes the text independent of K),
   reference = tmp_path / "reference.jsonl"
   subprocess.run(_sample_cmd(prompts, reference), cwd=REPO, env=env, check=True,
                  capture_output=True, timeout=300)
   expected = {r["id"]: r for r in _read(reference)}
   assert len(expected) == n
+  other_k = tmp_path / "other_k.jsonl"
+  subprocess.run(_sample_cmd(prompts, other_k, "--config.sampling.k=1"), cwd=REPO, env=env,
+                 check=True, capture_output=True, timeout=300)
+  text = lambda r: (r["id"], r["prompt"], r["tokens"], r["text"])
+  assert sorted(map(text, _read(other_k))) == sorted(map(text, expected.values()))
   # when a second run is SIGKILLed as soon as its first batch is on disk,
   output = tmp_path / "out.jsonl"
   proc = subprocess.Popen(_sample_cmd(prompts, output), cwd=REPO, env=env,

@@ -12,8 +12,15 @@ prefix where proposal and target token agree and emits the target's token at the
 disagreement (or the bonus token after K agreements). Acceptance is at least (1 - TV)/(1 + TV)
 (Daliri, Musco and Suresh 2024) against 1 - TV for the rejection coupling (rejection.py).
 
-Greedy (temperature 0) is unchanged: the filtered law is one-hot, log 0 = -inf elsewhere, and
-finite noise cannot lift a masked token over the argmax.
+Computed as the equivalent exponential race: with E_t(i) = exp(-G_t(i)) ~ Exp(1), the token
+is argmin_i E_t(i) / q_t(i). That needs one log per vocabulary entry where the Gumbel form
+needs two and a log of q (6x faster on CPU: 1.8 vs 10.7 ms for an 8 x 5 x 2048 block). E is
+-log u with u on the float32 grid (j + 1/2) 2^-23, never 0 or 1: a zero E would win whatever
+its token's probability (jax.random.exponential can return 0, with probability 2^-23 per
+entry, which over a 256k vocabulary is a few % per token).
+
+Greedy (temperature 0) is unchanged: the filtered law is one-hot, tokens of probability 0 are
+never chosen, and the noise is finite.
 """
 
 from __future__ import annotations
@@ -27,20 +34,22 @@ _TAG = 0x6A0B5EED
 
 
 def noise(seeds_b2, positions_bm, num_tokens: int):
-  """Standard Gumbel noise b m v (float32) for the tokens at absolute positions positions_bm
-  of each row: a function of (seed, stream, position) alone."""
+  """Exp(1) noise b m v (float32, > 0) for the tokens at absolute positions positions_bm of
+  each row: a function of (seed, stream, position) alone."""
   def one(seed, position):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), _TAG)
-    return jax.random.gumbel(jax.random.fold_in(key, position), (num_tokens,), jnp.float32)
+    bits = jax.random.bits(jax.random.fold_in(key, position), (num_tokens,), jnp.uint32)
+    u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)  # exact: 24 bits at most
+    return -jnp.log(u)
   per_row = jax.vmap(one, in_axes=(None, 0))
   return jax.vmap(per_row)(jnp.asarray(seeds_b2, jnp.uint32), positions_bm.astype(jnp.uint32))
 
 
 def choose(probs, noise_v):
-  """argmax_i (log probs(i) + noise(i)) over the last axis (int32); zero-probability tokens
-  are never chosen."""
-  scores = jnp.where(probs > 0, jnp.log(probs) + noise_v, -jnp.inf)
-  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  """argmin_i noise(i) / probs(i) over the last axis (int32), i.e. argmax_i log probs(i) + G(i);
+  zero-probability tokens are never chosen."""
+  race = jnp.where(probs > 0, noise_v / jnp.where(probs > 0, probs, 1.0), jnp.inf)
+  return jnp.argmin(race, axis=-1).astype(jnp.int32)
 
 
 def verify(draft_bn, q_bmv, noise_bmv):

@@ -6,7 +6,7 @@
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
         --ks=0,4 --batches=1,8 --quantize=none,int8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_coupling \
-        --couplings=rejection,gumbel --temperatures=0.6,1.0 --ks=4 --batches=8
+        --couplings=rejection,gumbel --temperatures=0.6,1.0 --batches=8
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -28,8 +28,8 @@ every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs
 process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
 ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
 `--couplings=rejection,gumbel` compares the couplings instead (spec_tpu/decoding/coupling_bench.py):
-per batch, temperature (--temperatures, default the config's) and coupling at K = the largest
-of --ks: tokens/s, acceptance, and the acceptance each should reach on the same text (1 - TV for
+per batch, temperature (--temperatures, default the config's) and coupling at K = sampling.k:
+tokens/s (wall and process CPU time), acceptance, and the acceptance each should reach on the same text (1 - TV for
 rejection, the exact gumbel agreement, and its (1 - TV)/(1 + TV) bound); writes results.json
 and table.txt.
 """
@@ -59,7 +59,7 @@ _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program 
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
                               "draft alike: none (float) and/or int8 (default: the config's).")
 _COUPLINGS = flags.DEFINE_list("couplings", None, "Compare these couplings (rejection, gumbel) "
-                               "at K = max(--ks) instead of sweeping K.")
+                               "at K = sampling.k instead of sweeping K.")
 _TEMPERATURES = flags.DEFINE_list("temperatures", None, "Temperatures of --couplings (default: "
                                   "the config's sampling.temperature).")
 flags.mark_flag_as_required("output_dir")
@@ -363,7 +363,7 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def run_couplings(config, output_dir: str, couplings, temperatures, ks, batches,
+def run_couplings(config, output_dir: str, couplings, temperatures, batches,
                   max_new: int | None, repeats: int) -> list[dict]:
   """The couplings side by side (coupling_bench.compare) for every batch and temperature."""
   from launch import common
@@ -373,10 +373,12 @@ def run_couplings(config, output_dir: str, couplings, temperatures, ks, batches,
       decode.check_coupling(c)
     except ValueError as e:
       raise cli.UserError(f"--couplings: {e}") from None
-  k = max(cli.int_list("ks", ks))
   batches = cli.int_list("batches", batches)
-  if k < 1 or not batches or min(batches) < 1:
-    raise cli.UserError("--couplings needs K = max(--ks) >= 1 and positive --batches")
+  if not batches or min(batches) < 1:
+    raise cli.UserError(f"--batches must be positive, got {','.join(map(str, batches))}")
+  if int(config.sampling.k) < 1:
+    raise cli.UserError(f"--couplings compares speculative decoding: it needs sampling.k >= 1, "
+                        f"got {config.sampling.k}")
   try:
     temps = ([float(config.sampling.temperature)] if temperatures is None
              else [float(t) for t in temperatures])
@@ -385,7 +387,8 @@ def run_couplings(config, output_dir: str, couplings, temperatures, ks, batches,
   except ValueError:
     raise cli.UserError(f"--temperatures takes comma-separated numbers > 0, got "
                         f"{','.join(temperatures or [])!r}") from None
-  setup = common.resolve(config, need_weights=True, k=k)
+  setup = common.resolve(config, need_weights=True)
+  k = setup.k
   samplings = [dataclasses.replace(setup.sampling, temperature=t) for t in temps]
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   cli.make_output_dir("output_dir", output_dir)
@@ -410,7 +413,7 @@ def main(argv):
   if _COUPLINGS.value:
     cache_dir = common.use_compile_cache(_CONFIG.value)
     run_couplings(_CONFIG.value, _OUTPUT_DIR.value, [c.strip() for c in _COUPLINGS.value],
-                  _TEMPERATURES.value, _KS.value, _BATCHES.value, _MAX_NEW.value,
+                  _TEMPERATURES.value, _BATCHES.value, _MAX_NEW.value,
                   _REPEATS.value)
     logging.info("%s", common.compile_cache_summary(cache_dir))
     return

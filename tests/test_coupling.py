@@ -131,7 +131,7 @@ def test_engine_with_changing_k_gives_the_samplers_tokens(paired):
   # with seed s being the request with seed s + i * 2**32,
   n = 96
   engine = Engine(paired, num_slots=16, max_len=32, k=1, k_max=4, ks=(0, 1, 4), adaptive_k=True,
-                  prefill_rows=4, max_top_k=0)
+                  prefill_rows=4, max_top_k=0, coupling="gumbel")
   assert engine.coupling == "gumbel"
   requests = [engine.submit(PROMPTS[i], GenerationParams(
       max_new_tokens=ex.MAX_NEW, temperature=SAMPLING.temperature, top_p=SAMPLING.top_p,
@@ -160,3 +160,19 @@ def test_expected_gumbel_agreement_is_the_frequency_of_agreement():
   freq = float(jnp.mean(gumbel.choose(jnp.asarray(p), g) == gumbel.choose(jnp.asarray(q), g)))
   assert abs(freq - agree) < 4 * np.sqrt(agree * (1 - agree) / 200_000), (freq, agree)
   assert (1 - tv) / (1 + tv) <= agree <= 1 - tv
+
+
+def test_coupling_bench_measures_what_the_laws_predict(single):  # noqa: F811
+  # Given the pair whose programs the tests above compiled; when the couplings are compared;
+  # then each coupling's measured acceptance is near the one its law predicts on the same
+  # text (1 - TV for rejection, the exact agreement for gumbel), rejection's is the higher,
+  # and gumbel's prediction is above its (1 - TV)/(1 + TV) bound.
+  rows = coupling_bench.compare(single, PROMPTS, k=3, couplings=("rejection", "gumbel"),
+                                samplings=[SAMPLING], max_new_tokens=ex.MAX_NEW, repeats=1)
+  by = {r["coupling"]: r for r in rows}
+  assert abs(by["rejection"]["acceptance"] - by["rejection"]["expected_rejection"]) < 0.03
+  assert abs(by["gumbel"]["acceptance"] - by["gumbel"]["expected_gumbel"]) < 0.03
+  assert by["rejection"]["acceptance"] > by["gumbel"]["acceptance"]
+  assert by["gumbel"]["expected_gumbel"] > by["gumbel"]["gumbel_bound"]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+  assert "gumbel exact" in coupling_bench.format_table(rows)

@@ -217,6 +217,8 @@ def _no_weights_or_compiles(monkeypatch):
     ("no_checkpoint", common.SetupError, "no checkpoint given"),
     ("k_without_draft", common.SetupError, "needs a draft"),
     ("bad_top_p", common.SetupError, "top_p"),
+    ("bad_coupling", common.SetupError,
+     "sampling.coupling must be one of rejection, gumbel, got 'gumble'"),
     ("prompt_too_long", sample.InputError, "does not fit the cache"),
     ("adaptive_k_above_k_max", common.SetupError, "adaptive_k needs"),
 ])
@@ -242,6 +244,8 @@ def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, 
     config.draft.preset = ""
     for name in config.draft.fields:
       config.draft.fields[name] = None
+  elif case == "bad_coupling":
+    config.sampling.coupling = "gumble"
   elif case == "bad_top_p":
     config.sampling.top_p = 1.5
   elif case == "prompt_too_long":

@@ -16,12 +16,15 @@ Statistical suite on a toy vocabulary, where the target's law can be computed ex
 False alarms. The four p-values of a case are Bonferroni-combined, so a correct sampler fails a
 case with nominal probability <= ALPHA = 1e-4. Both tests are approximations (pooled Pearson;
 martingale CLT over ~30k tokens): multinomial draws from the exact law fail the pooled Pearson
-test at nominal 1e-3 about 1.3-2.2e-3 of the time, so count ~3e-4 per case. The suite has 13
-such cases (speculative, autoregressive, sharded, EOS, unit tests of `accept`): a correct
-implementation trips one with probability ~4e-3 at most for a given set of random streams.
+test at nominal 1e-3 about 1.3-2.2e-3 of the time, so count ~3e-4 per case. The suite has 19
+such cases (speculative, autoregressive, sharded, EOS, unit tests of `accept`; six of them with
+the gumbel coupling): a correct implementation trips one with probability ~6e-3 at most for a
+given set of random streams.
 Seeds are fixed, so CI is deterministic: a spurious failure could only appear when something
 changes the streams (key splitting, XLA version), and then with that small probability. Power:
-the negative controls (deliberately wrong acceptance rules, same statistics) must get p < 1e-9.
+the negative controls (deliberately wrong acceptance rules, and for the gumbel coupling noise
+not indexed by position or the draft's token kept at a disagreement; same statistics) must get
+p < 1e-9.
 
 Near-ties. Greedy equality is token for token except where the target's two best logits are
 within GREEDY_MARGIN along the path: there the float32 evaluation order (one token vs K+1 tokens

@@ -118,7 +118,7 @@ def main(argv):
          "k": _K.value, "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
          "max_new_tokens": _MAX_NEW.value, "dtype": t_cfg.dtype,
          "quantize": t_cfg.quantize or "none", "drafts": {}, "baseline": {}}
-  baseline = Sampler(t_params, t_cfg, eos_id=tok.eos_id)
+  baseline = Sampler.from_params(t_params, t_cfg, eos_id=tok.eos_id)
   for name, sp in SETTINGS.items():
     r = _timed(baseline, prompts, 0, sp)
     out["baseline"][name] = {"seconds": r.seconds, "tokens": r.num_generated}
@@ -126,7 +126,7 @@ def main(argv):
   rows, samples = [], []
   for label, path in drafts:
     d_params, d_cfg = _restore(path)
-    sampler = Sampler(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_id=tok.eos_id)
+    sampler = Sampler.from_params(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_id=tok.eos_id)
     entry = {"checkpoint": path, "num_params": d_cfg.num_params(), "heldout_loss": loss_of(path)}
     for name, sp in SETTINGS.items():
       r = _timed(sampler, prompts, _K.value, sp)

@@ -13,7 +13,7 @@ fixed batch waits for its longest row; the engine refills a slot as soon as it f
 1. Throughput (tokens per second of wall time over the whole workload, and per second of
    process CPU time, which other jobs on a shared machine do not inflate; compiles excluded;
    the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots
-   requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at sampling.k,
+   requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at engine.k,
    against the engine with --num_slots slots at K = 0 and with adaptive K (calibrated first;
    the K's it ran are reported; without a draft, the engine at K = 0 alone).
 2. Latency at each --clients count: that many client threads, each submitting a request,
@@ -44,7 +44,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and th
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests in the throughput workload.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per request.")
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", None, "Slots = fixed batch size "
-                                  "(default: serve.num_slots).")
+                                  "(default: engine.num_slots).")
 _CLIENTS = flags.DEFINE_list("clients", ["1", "8", "32"], "Concurrent clients to measure.")
 _LATENCY_REQUESTS = flags.DEFINE_integer("latency_requests", 32,
                                          "Requests per client count (at least one per client).")
@@ -66,7 +66,7 @@ def _end_id(tok, end_text):
     return tok.eos_id, "EOS"
   ids = tok.encode(end_text)
   if len(ids) != 1:
-    from launch import common
+    from spec_tpu import setup as common
     raise common.SetupError(f"--end_text={end_text!r} is {len(ids)} tokens; it must be one")
   return ids[0], repr(end_text)
 
@@ -74,14 +74,18 @@ def _end_id(tok, end_text):
 def run(config, output_dir, requests, max_new, num_slots, clients, latency_requests,
         end_text, repeats=2) -> dict:
   import jax
-  from launch import common
-  from spec_tpu.serving import Engine, GenerationParams
+  from spec_tpu import setup as common
+  from spec_tpu.decoding.sampler import Sampler
+  from spec_tpu.serving import GenerationParams
 
   setup = common.resolve(config, need_weights=True)
   tok = common.load_tokenizer(config, setup)
   if tok is None or not len(config.run.prompts):
     raise common.SetupError("serve_bench needs a tokenizer and run.prompts")
-  num_slots = int(num_slots or config.serve.num_slots)
+  settings = common.engine_settings(config)
+  if num_slots:
+    settings = dataclasses.replace(settings, num_slots=int(num_slots))
+  num_slots = settings.num_slots
   clients = cli.int_list("clients", clients)
   if not clients or min(requests, max_new, num_slots, repeats, latency_requests, *clients) < 1:
     raise common.SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
@@ -95,9 +99,10 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   params = [GenerationParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k, seed=i) for i in range(requests)]
   mesh = common.build_mesh(config)
-  sampler = common.build_sampler(setup, mesh, eos_id=end_id, pad_id=tok.pad_id)
+  pair = common.build_pair(setup, mesh, tokenizer=tok, eos_id=end_id)
+  sampler = Sampler(pair)
   k = setup.k
-  max_len = max(len(p) for p in encoded) + max_new + max(k, int(config.sampling.k_max)) + 1
+  max_len = settings.context([len(p) for p in encoded], max_new)
   result = dict(target=setup.target.describe(), draft=setup.draft.describe() if setup.draft
                 else None, random_weights=setup.any_random, device=str(jax.devices()[0]),
                 num_devices=jax.device_count(), num_slots=num_slots, requests=requests,
@@ -124,11 +129,12 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     return run_once
 
   def engine(adaptive):
-    adaptive = adaptive and k > 0  # as launch.serve: without a draft (or at k = 0), K stays 0
-    e = Engine(sampler, num_slots=num_slots, max_len=max_len, k=k if adaptive else 0,
-               k_max=max(k, int(config.sampling.k_max)) if adaptive else 0,
-               adaptive_k=adaptive, tokenizer=tok, max_top_k=max(int(s.top_k), 1),
-               seed=int(config.sampling.seed))
+    # The engine launch.serve runs (engine.*), adaptive or held at K = 0.
+    mode = (dataclasses.replace(settings, adaptive_k=True,
+                                k_max=max(k, int(config.engine.k_max))) if adaptive and k > 0 else
+            dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False))
+    e = common.build_engine(pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
+                            seed=int(config.sampling.seed))
     report = e.calibrate(encoded) if adaptive else None
     e.warm_up([e.k], [len(p) for p in encoded])
 
@@ -206,7 +212,8 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   finally:
     e.shutdown()
 
-  common.write_results(output_dir, result, format_table(result))
+  from spec_tpu import reports
+  reports.write_results(output_dir, result, format_table(result))
   plot(result, os.path.join(output_dir, "serve_bench.png"))
   return result
 
@@ -244,8 +251,8 @@ def format_table(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-  from launch import common
-  plt = common.pyplot(path)
+  from spec_tpu import reports
+  plt = reports.pyplot(path)
   if plt is None:
     return
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

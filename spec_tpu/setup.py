@@ -112,17 +112,7 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if section.preset or set(fields) - set(neutral):
       logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
                    role, path)
-    # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
-    on_load = bool(quantize) and cfg.quantize is None
-    if on_load:
-      try:
-        cfg = cfg.replace(quantize=quantize)
-      except ValueError as e:
-        raise SetupError(f"{role}: checkpoint {path}: {e}") from None
-    elif quantize and cfg.quantize != quantize:
-      raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
-                       f"served as {quantize}")
-    return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
+    return _checkpoint_setup(path, cfg, rules, role, quantize)
   if need_weights and not section.allow_random:
     problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
     raise SetupError(f"{role}: {problem}; set --config.{section_name(role)}.checkpoint=DIR "
@@ -138,6 +128,55 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     logging.warning("%s %s: %s; using RANDOM WEIGHTS (allow_random=True): outputs are noise",
                     role, cfg.name, f"checkpoint {path} not found" if path else "no checkpoint")
   return ModelSetup(cfg, None, rules, role)
+
+
+def _checkpoint_setup(path: str, cfg, rules, role: str, quantize: str | None) -> ModelSetup:
+  # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
+  on_load = bool(quantize) and cfg.quantize is None
+  if on_load:
+    try:
+      cfg = cfg.replace(quantize=quantize)
+    except ValueError as e:
+      raise SetupError(f"{role}: checkpoint {path}: {e}") from None
+  elif quantize and cfg.quantize != quantize:
+    raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
+                     f"served as {quantize}")
+  return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
+
+
+def from_checkpoint(path: str, role: str = "target", *, rules: sharding.Rules =
+                    sharding.TENSOR_PARALLEL, quantize: str | None = None) -> ModelSetup:
+  """One model from a spec_tpu checkpoint directory (its config only is read here), served as
+  stored or, with quantize='int8', quantized while it loads."""
+  try:
+    cfg = checkpoint.load_config(path)
+    quantize = quant.check_mode(quantize or "")
+  except (checkpoint.CheckpointError, ValueError) as e:
+    raise SetupError(f"{role}: {e}") from None
+  return _checkpoint_setup(path, cfg, rules, role, quantize)
+
+
+def load_checkpoints(target: str, draft: str | None = None, *, mesh, tokenizer=None,
+                     quantize: str | None = None, target_rules=sharding.TENSOR_PARALLEL,
+                     draft_rules=sharding.TENSOR_PARALLEL, eos_id: int | None = None,
+                     pad_id: int | None = None) -> Pair:
+  """A Pair from checkpoint directories, without a config: restored shard by shard onto
+  `mesh` (quantized while loading with quantize='int8').
+
+      mesh = sharding.make_mesh((2, 4))
+      pair = load_checkpoints("ckpt/target", "ckpt/draft", mesh=mesh, tokenizer=tok)
+      engine = Engine(pair, num_slots=8, max_len=512, k=4)
+  """
+  t = from_checkpoint(target, "target", rules=target_rules, quantize=quantize)
+  d = (from_checkpoint(draft, "draft", rules=draft_rules, quantize=quantize)
+       if draft else None)
+  if d is not None:
+    try:
+      check_pair(t.cfg, d.cfg)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
+  setup = Setup(target=t, draft=d, sampling=SamplingParams(), k=0)
+  return build_pair(setup, mesh, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id)
 
 
 def section_name(role: str) -> str:

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
 from launch import cli
 from spec_tpu.checkpoints import checkpoint
@@ -129,8 +128,6 @@ def compare(path: str, quantized: str | None) -> dict:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   for flag in (_WINDOWS, _SEQ_LEN):
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")

@@ -17,7 +17,6 @@ spec_tpu.checkpoints.recurrent_convert.convert_reference_directory. This file on
 import os
 
 from absl import flags
-from absl import logging
 
 from launch import cli
 
@@ -39,8 +38,6 @@ def main(argv):
   del argv  # cli.run refuses positional arguments
   # Conversion needs no accelerator, and a whole model may not fit in one device's memory.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
   # After flag parsing: --help stays fast. HFConversionError, ReferenceConversionError,
   # SafetensorsError, CheckpointError: one line each (cli.run).
   if _FROM.value == "reference":

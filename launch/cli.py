@@ -76,16 +76,6 @@ def check_output_file(flag: str, path: str) -> None:
     raise UserError(f"--{flag} {path!r}: {parent!r} is not a writable directory")
 
 
-def make_output_dir(flag: str, path: str) -> None:
-  """Creates the directory a launcher writes its results into, or a UserError naming the flag."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--{flag} {path!r}: {e.strerror or e}") from None
-  if not os.access(path, os.W_OK):
-    raise UserError(f"--{flag} {path!r} is not writable")
-
-
 def _one_line(message: str) -> str:
   # ml_collections puts the whole traceback of a failing get_config() into the flag error; its
   # first line names the flag and its last line says what went wrong.

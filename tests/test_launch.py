@@ -18,7 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import tiny_random as default_config  # noqa: E402
-from launch import sample  # noqa: E402
 from spec_tpu import setup as common  # noqa: E402
 from spec_tpu import reports  # noqa: E402
 from spec_tpu.decoding import k_policy  # noqa: E402
@@ -276,7 +275,7 @@ def _settings(config):
     (lambda c: c.sampling.update(temperature=0.5), "temperature is 0.8"),
     (lambda c: c.sampling.update(top_p=1.0), "top_p is 0.95"),
     (lambda c: c.sampling.update(top_k=5), "top_k is 0"),
-    (lambda c: c.run.update(batch_size=3), "num_slots is 2"),
+    (lambda c: c.engine.update(num_slots=3), "num_slots is 2"),
     (lambda c: c.draft.fields.update(num_layers=2), "draft is name=random_tiny_draft"),
     (lambda c: c.model.fields.update(name="other"), "target is name=random_tiny_target"),
 ])

@@ -22,7 +22,6 @@ import pytest
 from spec_tpu.checkpoints import recurrent_convert
 from spec_tpu.checkpoints.hf import HFConversionError
 from spec_tpu.checkpoints.recurrent_convert import ReferenceConversionError
-from spec_tpu import sharding
 from spec_tpu.decoding import decode
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, layers, model, recurrent

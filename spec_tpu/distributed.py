@@ -22,11 +22,3 @@ def all_agree(ok: bool) -> bool:
     return ok
   from jax.experimental import multihost_utils
   return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
-def broadcast(x: np.ndarray) -> np.ndarray:
-  """Process 0's array on every process."""
-  if jax.process_count() == 1:
-    return x
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.broadcast_one_to_all(x))

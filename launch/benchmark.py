@@ -6,25 +6,11 @@
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
         --ks=0,4 --batches=1,8 --quantize=none,int8
 
-Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
-tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
-single-token steps at the same context length), measured speedup vs K=0 at the same batch, the
-ideal speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) (Leviathan et al. 2023, Thm 3.8) and their ratio,
-verification cost (target forward of K+1 tokens / 1-token target step), and memory-bandwidth
-utilisation of the target step: bytes of weights + KV cache (its filled blocks, where it is
-longer than one attention block) each device reads per step / step
-time, against the bandwidth each device gets when all of them read at once the way a decode
-step reads its weights (a matrix-vector product over a weight matrix sharded across every device
-of the mesh, too large for any cache). A utilisation above 100% cannot be a memory bandwidth: the
-weights came from cache (a model small enough to fit); the table marks it and says so.
-
-The sweep is spec_tpu/benchmark.py's. Generation ignores EOS (every row makes max_new_tokens), so all points do the same work.
-Prompts: the config's run.prompts through its tokenizer (cycled to fill a batch); without a
-tokenizer, random tokens of run.prompt_len. Compilation and a warm-up run are excluded from
-every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs_k.png.
-`--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
-process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
-ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
+Per (batch, K) point: ms per token, tokens/s, acceptance a, cost ratio c, measured and ideal
+speedup, verification cost and memory-bandwidth utilisation (what each means:
+spec_tpu/benchmark.py). Writes results.json, table.txt (also printed) and speedup_vs_k.png;
+`--quantize=none,int8` runs the sweep once per weight form, each into its own subdirectory, and
+ends with a side-by-side table (quantize.txt).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ a TPU topology, also a roofline estimate of step times.
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --topology=1x8 \
         --batch=1 --context=2048 --quantize=none,int8
 
-The work is spec_tpu/planning.py's. The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
-their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
+The work is spec_tpu/planning.py's. The program is `jax.jit(decode.run).lower(...).compile()`
+with jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
 cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
   compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries (the
              caches live inside the program, so they count here)

@@ -15,8 +15,8 @@ serve.model_name, else the target's (`stdlib_target` for the embedded pair):
 Before serving, the engine compiles and times every K its policy may pick (0, engine.k and
 powers of two up to engine.k_max) with every slot busy on the config's prompts
 (engine.calibrate) and then runs the K its policy favours, K = 0 when speculation does not pay
-(it logs the choice). Settings: configs/common.py, `engine.*` and `serve.model_name`. Compiled programs go to the
-persistent compilation cache (run.compile_cache), so a restart loads them.
+(it logs the choice). Settings: configs/common.py, `engine.*` and `serve.model_name`. Compiled
+programs go to the persistent compilation cache (run.compile_cache), so a restart loads them.
 
 Multi-host (--multihost or mesh.multihost): every process loads the models and builds the
 engine; process 0 runs the HTTP server and the scheduler and broadcasts each device call;

@@ -3,27 +3,12 @@
     python -m launch.serve_bench --config=configs/default.py --output_dir=/tmp/serve_bench \
         --end_text='return '
 
-Workload: --requests prompts (the config's run.prompts, cycled), each generating up to
---max_new_tokens with the config's sampling settings and its own seed, ending at an end token
-(--end_text, default the tokenizer's EOS). The embedded pair rarely writes EOS within a few
-hundred tokens, so its figures use --end_text='return ' (one token of its vocabulary): output
-lengths then vary from a few tokens to the maximum, as EOS makes them vary in real traffic. A
-fixed batch waits for its longest row; the engine refills a slot as soon as it frees.
-
-1. Throughput (tokens per second of wall time over the whole workload, and per second of
-   process CPU time, which other jobs on a shared machine do not inflate; compiles excluded;
-   the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots
-   requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at engine.k,
-   against the engine with --num_slots slots at K = 0 and with adaptive K (calibrated first;
-   the K's it ran are reported; without a draft, the engine at K = 0 alone).
-2. Latency at each --clients count: that many client threads, each submitting a request,
-   reading its stream and submitting the next (closed loop) until --latency_requests are done,
-   on the adaptive engine running on its background thread. Time to first token (submission
-   to first chunk, queueing included) and inter-token latency ((last chunk - first chunk) /
-   (tokens - 1) per request), median and 90th percentile, and tokens/s.
-
-Writes results.json, table.txt (also printed) and serve_bench.png. The work is
-spec_tpu/serving/bench.py's; the engine is the one `engine.*` configures (as launch.serve runs it).
+Throughput of fixed batches (Sampler.generate) at K = 0 and engine.k against the engine at K = 0
+and with adaptive K, then time to first token and inter-token latency at each --clients count
+(what each means: spec_tpu/serving/bench.py). The engine is the one `engine.*` configures, as
+launch.serve runs it. --end_text: one token that ends a request ('' = the tokenizer's EOS); the
+embedded pair rarely writes EOS, so its figures use --end_text='return '. Writes results.json,
+table.txt (also printed) and serve_bench.png.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""launch.benchmark's sweep: autoregressive vs speculative sampling on the same models and prompts, swept over K and batch.
+"""launch.benchmark's sweep: autoregressive vs speculative sampling on the same models and
+prompts, over K and batch.
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -20,6 +21,7 @@ every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs
 process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
 ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
-"""launch.serve_bench's work: the serving engine against fixed batches, and its latency under concurrent clients.
+"""launch.serve_bench's work: the serving engine against fixed batches, and its latency under
+concurrent clients.
 
 Workload: --requests prompts (the config's run.prompts, cycled), each generating up to
 --max_new_tokens with the config's sampling settings and its own seed, ending at an end token

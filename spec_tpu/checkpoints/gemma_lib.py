@@ -136,7 +136,7 @@ def read_shapes(names: Mapping) -> dict:
     raise GemmaConversionError(f"layer_{gaps[0]} is missing ({len(gaps)} missing in all; layers "
                                f"found up to layer_{layers[-1]})")
   if "layer_0/attn/qkv_einsum/w" in names:
-    three, heads, _, head_dim = _dims(names, "layer_0/attn/qkv_einsum/w", 4)
+    _, heads, _, head_dim = _dims(names, "layer_0/attn/qkv_einsum/w", 4)
     kv_heads = heads
   else:
     heads, _, head_dim = _dims(names, "layer_0/attn/q_einsum/w", 3)

@@ -12,7 +12,8 @@
       quantize      '' = the weights as stored (a checkpoint converted or saved in int8 loads
                     as int8 with no option), 'int8' = int8 weights with per-output-channel
                     scales (spec_tpu/models/quant.py), quantized while a float checkpoint loads
-      tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
+      tokenizer     a tokenizer.model or tokenizer.json path, a converted checkpoint's directory
+                    (its tokenizer/), 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
     sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),
                 max_new_tokens, seed

@@ -402,23 +402,18 @@ def load_tokenizer(config, setup: Setup):
   return tok
 
 
-def _verifiable(name: str) -> bool:
-  # Names spec_tpu.tokenizer gives: "sp:<hash of the model file>" and "bytes". Others ("gemma",
-  # or "json:..." from a converted tokenizer.json) say which vocabulary, not which file.
-  return name.startswith("sp:") or name == "bytes"
-
-
 def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
   """Weights from a checkpoint decode correctly only with the tokenizer they were trained with:
   any other vocabulary runs without an error and prints garbage. The user may still say, through
   a model's `fields.tokenizer`, that they mean another one (the checkpoint's record then reads
   as that name)."""
+  from spec_tpu import tokenizer as tokenizer_lib
   wrong = []
   for m in models:
     recorded = m.cfg.tokenizer
     if m.checkpoint is None or not recorded or recorded == tok.name:
       continue
-    if _verifiable(recorded) or _verifiable(tok.name):
+    if tokenizer_lib.verifiable(recorded) or tokenizer_lib.verifiable(tok.name):
       wrong.append(m)
     else:
       logging.warning("%s checkpoint %s names tokenizer %r, which cannot be compared with %r "

@@ -99,6 +99,5 @@ def test_spec_tpu_has_no_import_cycle_outside_the_converters():
   assert [c for c in cycles(graph()) if c != _CONVERTERS] == []
 
 
-@pytest.mark.xfail(strict=True, reason="hf.py <-> recurrent_convert.py, broken by a lazy import")
 def test_spec_tpu_has_no_import_cycle():
   assert cycles(graph()) == []

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.checkpoints import _convert
-from spec_tpu.decoding.sampler import Sampler, check_pair
+from spec_tpu.pair import Pair, check_pair
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
 from spec_tpu.serving import Engine, GenerationParams, chat
@@ -116,10 +116,10 @@ def json_engine(tok_dir):
   target = get_preset("tiny").replace(name="tiny_json", vocab_size=tok.vocab_size,
                                       tokenizer=tok.name)
   draft = target.replace(name="tiny_json_draft", num_layers=1)
-  sampler = Sampler(model.init_params(target, jax.random.key(0)), target,
-                    draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
-                    eos_id=tok.eos_id, pad_id=tok.pad_id)
-  return Engine(sampler, num_slots=2, max_len=96, k=2, adaptive_k=False, tokenizer=tok,
+  pair = Pair(model.init_params(target, jax.random.key(0)), target,
+              draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
+              eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+  return Engine(pair, num_slots=2, max_len=96, k=2, adaptive_k=False, tokenizer=tok,
                 rounds_per_step=2, add_bos=True), tok
 
 
@@ -170,7 +170,7 @@ def test_a_vocabulary_that_does_not_match_is_refused(tok_dir):
                                        r"target tokenizer 'json:"):
     check_pair(target, target.replace(tokenizer="sp:0123456789ab"))
   from configs import tiny_random
-  from launch import common
+  from spec_tpu import setup as common
   config = tiny_random.get_config()
   config.model.checkpoint = config.draft.checkpoint = ""
   config.model.tokenizer = config.draft.tokenizer = str(tok_dir)

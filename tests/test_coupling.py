@@ -67,7 +67,7 @@ def assert_same_rows(got, want, clear, what):
 @functools.lru_cache(maxsize=None)
 def _no_draft_tokens():
   """Plain decoding by a Sampler that has no draft at all, and the reference's verdict."""
-  sampler = Sampler(ex.target_params(), ex.TARGET, coupling="gumbel")
+  sampler = Sampler.from_params(ex.target_params(), ex.TARGET, coupling="gumbel")
   tokens = np.array(sampler.generate(PROMPTS, max_new_tokens=ex.MAX_NEW, sampling=SAMPLING,
                                      seed=SEED).tokens)
   want, clear = reference(PROMPTS, tokens, SEED)
@@ -111,8 +111,8 @@ def test_tokens_do_not_depend_on_k_or_the_draft(paired):
   for k in (2, 8):
     assert_same_rows(np.array(_generate(paired, k).tokens), want, clear, f"k={k}")
   other = ex._scaled(model.init_params(ex.DRAFT, jax.random.key(9)))
-  sampler = Sampler(ex.target_params(), ex.TARGET, draft_params=other, draft_cfg=ex.DRAFT,
-                    coupling="gumbel")
+  sampler = Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=other,
+                                draft_cfg=ex.DRAFT, coupling="gumbel")
   result = _generate(sampler, 2)
   assert_same_rows(np.array(result.tokens), want, clear, "another draft")
   assert result.acceptance_rate() < _generate(paired, 2).acceptance_rate()
@@ -130,7 +130,7 @@ def test_engine_with_changing_k_gives_the_samplers_tokens(paired):
   # enter different slots at different times beside different neighbours, and Sampler row i
   # with seed s being the request with seed s + i * 2**32,
   n = 96
-  engine = Engine(paired, num_slots=16, max_len=32, k=1, k_max=4, ks=(0, 1, 4), adaptive_k=True,
+  engine = Engine(paired.pair, num_slots=16, max_len=32, k=1, k_max=4, ks=(0, 1, 4), adaptive_k=True,
                   prefill_rows=4, max_top_k=0, coupling="gumbel")
   assert engine.coupling == "gumbel"
   requests = [engine.submit(PROMPTS[i], GenerationParams(

@@ -112,7 +112,8 @@ def _agreement(p_nv, q_nv):
 
 
 COLUMNS = [("temperature", "T", "{:.2f}"), ("coupling", "coupling", "{}"), ("k", "K", "{:d}"),
-           ("tokens_per_s", "tok/s", "{:.1f}"), ("tokens_per_cpu_s", "tok/cpu-s", "{:.1f}"), ("acceptance", "a", "{:.3f}"),
+           ("tokens_per_s", "tok/s", "{:.1f}"), ("tokens_per_cpu_s", "tok/cpu-s", "{:.1f}"),
+           ("acceptance", "a", "{:.3f}"),
            ("tokens_per_target_call", "tok/call", "{:.2f}"),
            ("expected_rejection", "1-TV", "{:.3f}"),
            ("expected_gumbel", "gumbel exact", "{:.3f}"),

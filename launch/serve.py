@@ -25,6 +25,8 @@ the other processes run the same calls (Engine.follow) until process 0 stops.
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 from absl import logging
 
@@ -38,6 +40,9 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initiali
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Clients must send `Authorization: Bearer "
+                               "<key>` (default: serve.api_key, else $SPEC_TPU_API_KEY; none: "
+                               "no key needed).")
 
 
 def build_engine(config, multihost: bool = False, coordinator=None, num_processes=None,
@@ -65,7 +70,8 @@ def build_engine(config, multihost: bool = False, coordinator=None, num_processe
                   rounds_per_step=int(s.rounds_per_step) or None,
                   max_rounds_per_step=int(s.max_rounds_per_step),
                   prefill_rows=int(s.prefill_rows), tokenizer=tok, add_bos=bool(config.run.add_bos),
-                  seed=int(config.sampling.seed), channel=channel)
+                  seed=int(config.sampling.seed), channel=channel,
+                  max_queue=int(s.max_queue) or None)
   prompts = None
   if tok is not None and len(config.run.prompts):
     prompts = [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in config.run.prompts]
@@ -105,11 +111,17 @@ def main(argv):
   from spec_tpu.serving import chat, openai_api
   name = model_name(config, setup)
   template = chat.load(setup.target.checkpoint)
+  limits = openai_api.Limits(
+      api_key=_API_KEY.value or str(config.serve.api_key) or os.environ.get("SPEC_TPU_API_KEY")
+      or None,
+      max_body_bytes=int(config.serve.max_body_bytes) or None,
+      request_timeout_s=float(config.serve.request_timeout_s) or None)
   engine.start()
-  server_app = openai_api.build_app(engine, name, template)
+  server_app = openai_api.build_app(engine, name, template, limits)
   print(f"serving {name} on http://{_HOST.value}:{_PORT.value} (K = {engine.k}, "
         f"{engine.num_slots} slots, context {engine.max_len}; chat template: "
-        f"{'plain fallback' if template.is_fallback else 'from the checkpoint'})", flush=True)
+        f"{'plain fallback' if template.is_fallback else 'from the checkpoint'}; API key "
+        f"{'required' if limits.api_key else 'not required'})", flush=True)
   try:
     uvicorn.run(server_app, host=_HOST.value, port=_PORT.value, log_level="warning")
   finally:

@@ -22,7 +22,7 @@ from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
 from spec_tpu.serving import Engine, GenerationParams
 from spec_tpu.serving import multihost
-from spec_tpu.serving.engine import ContextLengthError
+from spec_tpu.serving.engine import ContextLengthError, QueueFullError
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.tokenizer import ByteTokenizer
 
@@ -232,6 +232,30 @@ def test_bad_requests_are_refused_before_queueing(byte_engine):
     with pytest.raises(ValueError, match=match):
       engine.submit("x", GenerationParams(**bad))
   assert engine.queue_length == 0
+
+
+def test_the_queue_bound_refuses_past_it_and_frees_as_it_drains(byte_engine, monkeypatch):
+  engine, _ = byte_engine
+  monkeypatch.setattr(engine, "max_queue", 3)
+  params = GenerationParams(max_new_tokens=2, seed=1)
+  # Given a queue bound of 3 and 2 requests waiting,
+  waiting = engine.submit_all([("a", params), ("b", params)])
+  # then a batch of 2 more is refused whole (nothing of it queued), one more fits,
+  with pytest.raises(QueueFullError, match="queue is full"):
+    engine.submit_all([("c", params), ("d", params)])
+  assert engine.queue_length == 2
+  waiting.append(engine.submit("c", params))
+  with pytest.raises(QueueFullError):
+    engine.submit("d", params)
+  # a batch larger than the bound can never fit (a ValueError, not "try later"),
+  with pytest.raises(ValueError, match="exceed"):
+    engine.submit_all([("e", params)] * 4)
+  # and once the engine takes the waiting ones into slots the queue has room again.
+  engine.step()
+  assert engine.queue_length == 0
+  waiting.append(engine.submit("d", params))
+  _drain(engine)
+  assert all(r.result().finish_reason in ("stop", "length") for r in waiting)
 
 
 def test_a_batch_with_a_bad_member_leaves_nothing_queued(byte_engine):

@@ -88,6 +88,10 @@ class ContextLengthError(ValueError):
   """A request does not fit a slot: prompt + max_new_tokens + k_max + 1 > max_len."""
 
 
+class QueueFullError(RuntimeError):
+  """The queue holds max_queue requests already: try again later (the server's 503)."""
+
+
 @dataclasses.dataclass
 class _Slot:
   request: Request
@@ -108,7 +112,7 @@ class Engine:
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
-               margin: float = 0.1, seed: int = 0, channel=None):
+               margin: float = 0.1, seed: int = 0, channel=None, max_queue: int | None = None):
     has_draft = sampler.draft_cfg is not None
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -118,6 +122,11 @@ class Engine:
                        f"k_max={k_max}, draft={'yes' if has_draft else 'no'}")
     if num_slots < 1 or prefill_rows < 1 or max_rounds_per_step < 1:
       raise ValueError("num_slots, prefill_rows and max_rounds_per_step must be >= 1")
+    if max_queue is not None and max_queue < 1:
+      raise ValueError(f"max_queue must be >= 1 (None: unbounded), got {max_queue}")
+    # Requests waiting for a slot (those in slots not counted): past it submit refuses, so a
+    # flood of clients cannot grow the host's memory without bound.
+    self.max_queue = max_queue
     if max_top_k < 0:
       raise ValueError(f"max_top_k must be >= 0 (0: requests cannot ask for top_k), got "
                        f"{max_top_k}")
@@ -205,7 +214,35 @@ class Engine:
 
   def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
              ) -> Request:
-    """Queues a request (any thread); raises ValueError on bad input before queueing."""
+    """Queues a request (any thread); raises ValueError on bad input and QueueFullError past
+    max_queue, before queueing."""
+    return self.submit_all([(prompt, params)])[0]
+
+  def submit_all(self, items: Sequence[tuple[str | Sequence[int], GenerationParams]], *,
+                 bounded: bool = True) -> list[Request]:
+    """Queues several requests, all or none: every one is checked, and the queue bound is
+    checked for them together, before any is queued (several prompts of one HTTP call, or
+    n > 1 samples of one prompt)."""
+    bounded = bounded and self.max_queue is not None
+    if bounded and len(items) > self.max_queue:  # would never fit: not worth a retry
+      raise ValueError(f"{len(items)} requests at once exceed this server's queue of "
+                       f"{self.max_queue}")
+    checked = [self._checked(prompt, params) for prompt, params in items]
+    with self._lock:
+      if self.failure is not None or self._stopping:
+        raise RuntimeError("the engine is not running") from self.failure
+      if bounded and len(self._queue) + len(checked) > self.max_queue:
+        raise QueueFullError(f"the queue is full ({len(self._queue)} requests waiting, at most "
+                             f"{self.max_queue}): try again later")
+      requests = []
+      for tokens, params in checked:
+        requests.append(Request(self._next_id, tokens, params, self.tokenizer))
+        self._next_id += 1
+      self._queue.extend(requests)
+      self._lock.notify_all()
+    return requests
+
+  def _checked(self, prompt, params: GenerationParams) -> tuple[list[int], GenerationParams]:
     tokens = self._tokens(prompt)
     num_tokens = self.sampler.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
@@ -216,14 +253,7 @@ class Engine:
     params = dataclasses.replace(params, stop=tuple(params.stop))
     params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None)
     self.check_fits(len(tokens), int(params.max_new_tokens))
-    with self._lock:
-      if self.failure is not None or self._stopping:
-        raise RuntimeError("the engine is not running") from self.failure
-      request = Request(self._next_id, tokens, params, self.tokenizer)
-      self._next_id += 1
-      self._queue.append(request)
-      self._lock.notify_all()
-    return request
+    return tokens, params
 
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
@@ -232,15 +262,6 @@ class Engine:
         raise ValueError("a text prompt needs an engine with a tokenizer")
       return self.tokenizer.encode(prompt, add_bos=self.add_bos)
     return prompts_lib.token_ids(prompt, self.sampler.target_cfg.num_tokens)
-
-  def _withdraw(self, requests: Sequence[Request]) -> None:
-    """Takes queued requests back (a batch whose later input was refused): out of the queue,
-    finished as cancelled."""
-    with self._lock:
-      ids = {r.id for r in requests}
-      self._queue = collections.deque(r for r in self._queue if r.id not in ids)
-    for r in requests:
-      r._finish(CANCELLED)
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
                params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
@@ -252,13 +273,7 @@ class Engine:
     params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} GenerationParams")
-    requests = []
-    try:
-      for p, q in zip(prompts, params):
-        requests.append(self.submit(p, q))
-    except BaseException:
-      self._withdraw(requests)  # all or nothing: none of the batch stays queued
-      raise
+    requests = self.submit_all(list(zip(prompts, params)), bounded=False)
     while self.step():
       pass
     return [r.result() for r in requests]
@@ -535,8 +550,9 @@ class Engine:
       # Every slot busy: requests that finished are replaced before each call.
       for _ in range(self.num_slots - self.active_slots):
         i = next(count)
-        self.submit(prompts[i % len(prompts)],
-                    GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))
+        self.submit_all([(prompts[i % len(prompts)],
+                          GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))],
+                        bounded=False)
       self._admit(with_draft=True)  # no catch-up inside a timed call
       return self._run_step(kk, n=n, timed=False)
 

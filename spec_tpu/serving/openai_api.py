@@ -6,8 +6,11 @@ request's async stream, while the engine's own thread runs every step. A client 
 mid-stream cancels its request, which frees its slot at the engine's next step.
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: malformed JSON or
-bad values 400, an unknown model 404, a prompt longer than the context 400
-(code context_length_exceeded), the engine down 503.
+bad values 400, a missing or wrong API key 401 (when the server has one; /health and /metrics
+need none), an unknown model 404, a body past the size limit 413, a prompt longer than the
+context 400 (code context_length_exceeded), a full queue 503 with Retry-After, the engine down
+503, a request past its time limit 504 (a stream gets an error event instead: its status is
+already sent).
 
 Beyond OpenAI's fields: `top_k` (0 or -1 = off), and each response's `spec_tpu` object with the
 request's acceptance statistics (a streamed response sends it with the final chunk).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import math
 import time
@@ -27,22 +31,37 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from spec_tpu.serving import chat as chat_lib
-from spec_tpu.serving.engine import ContextLengthError, Engine
+from spec_tpu.serving.engine import ContextLengthError, Engine, QueueFullError
 from spec_tpu.serving.request import GenerationParams, Request
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4     # OpenAI's limit
+MAX_N = 128              # OpenAI's limit on samples per prompt
+RETRY_AFTER_S = 1        # what a client refused for a full queue is told to wait
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What the server protects itself with. None: no limit."""
+  api_key: str | None = None            # clients send `Authorization: Bearer <key>`
+  max_body_bytes: int | None = 8 << 20  # a request body past this is refused (413) unread
+  request_timeout_s: float | None = None  # a request still running after this is cancelled
 
 
 class ApiError(Exception):
   def __init__(self, status: int, message: str, param: str | None = None,
-               code: str | None = None, kind: str = "invalid_request_error"):
+               code: str | None = None, kind: str = "invalid_request_error",
+               headers: dict | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+    self.headers = headers
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                      "code": self.code}}
 
   def response(self) -> JSONResponse:
-    return JSONResponse(status_code=self.status, content={"error": {
-        "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)
 
 
 # ------------------------------------------------------------------ request validation
@@ -78,7 +97,7 @@ def _unsupported(body: dict, name: str, neutral) -> None:
 
 def _params(body: dict, max_tokens_field: str = "max_tokens",
             default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationParams:
-  for name, neutral in (("n", 1), ("best_of", 1), ("logprobs", (False, 0)),
+  for name, neutral in (("best_of", (1, body.get("n"))), ("logprobs", (False, 0)),
                         ("top_logprobs", 0), ("presence_penalty", 0), ("frequency_penalty", 0),
                         ("logit_bias", ({},)), ("suffix", ("",)), ("echo", False),
                         ("tools", ([],)), ("functions", ([],)),
@@ -112,6 +131,17 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
                           top_k=max(top_k, 0), seed=seed, stop=stop)
 
 
+def _samples(body: dict, params: GenerationParams) -> list[GenerationParams]:
+  """The settings of each of the `n` samples of a prompt: sample j draws from the stream
+  (seed, j) (seed + j * 2^32), so sample 0 is the request without n, and with a seed each
+  sample's tokens repeat. Without a seed the engine draws one per sample."""
+  n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
+  if params.seed is None:
+    return [params] * n
+  return [dataclasses.replace(params, seed=(params.seed + j * 2 ** 32) % 2 ** 64)
+          for j in range(n)]
+
+
 def _flag(body: dict, name: str, param: str | None = None) -> bool:
   """A boolean field: absent or null is false; "false" (a string) is an error, not true."""
   value = body.get(name)
@@ -135,9 +165,42 @@ def _stream(body: dict) -> tuple[bool, bool]:
   return stream, _flag(options, "include_usage", "stream_options.include_usage")
 
 
-def _usage(request: Request) -> dict:
-  n, p = len(request.tokens), len(request.prompt)
-  return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+def _usage(requests: list[Request], n: int = 1) -> dict:
+  """Tokens of a call's requests: each prompt counted once (n samples share it)."""
+  p = sum(len(r.prompt) for r in requests[::n])
+  c = sum(len(r.tokens) for r in requests)
+  return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def _merged(requests: list[Request], deadline: float | None):
+  """(index, chunk) of every request's chunks as they arrive, until all are finished. Raises
+  TimeoutError once the loop's clock passes `deadline`, RuntimeError if the engine failed."""
+  loop = asyncio.get_running_loop()
+  queue: asyncio.Queue = asyncio.Queue()
+
+  async def pump(i, request):
+    try:
+      async for chunk in request:
+        queue.put_nowait((i, chunk, None))
+      queue.put_nowait((i, None, None))
+    except Exception as e:  # pylint: disable=broad-except
+      queue.put_nowait((i, None, e))
+
+  tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+  try:
+    left = len(requests)
+    while left:
+      wait = None if deadline is None else max(deadline - loop.time(), 0)
+      i, chunk, error = await asyncio.wait_for(queue.get(), wait)
+      if error is not None:
+        raise error
+      if chunk is None:
+        left -= 1
+      else:
+        yield i, chunk
+  finally:
+    for t in tasks:
+      t.cancel()
 
 
 def _finite(x):
@@ -156,48 +219,92 @@ def _sse(obj: Any) -> str:
   return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _event_stream(request: Request, head: dict, choices, last_choice, include_usage: bool
-                  ) -> StreamingResponse:
-  """Server-sent events of one request: a chunk per choice from the async iterator `choices`,
-  then last_choice() (after the stream ends, so it knows the finish reason) with spec_tpu's
-  stats, the usage if asked, and [DONE]. However the stream ends (a client hanging up included)
-  the request is cancelled: a no-op when it finished, else its slot is freed."""
+def _timeout_error(seconds: float) -> ApiError:
+  return ApiError(504, f"the request did not finish within the server's limit of {seconds:g} s",
+                  kind="server_error", code="timeout")
+
+
+def _event_stream(requests: list[Request], head: dict, choice, last_choice, include_usage: bool,
+                  n: int, deadline: float | None, timeout_s: float | None) -> StreamingResponse:
+  """Server-sent events of a call's requests (choice i is requests[i]): a chunk per
+  choice(i, chunk) that is not None, as the engine delivers them, then last_choice(i) for each
+  (after its stream ends, so it knows the finish reason) with spec_tpu's stats, the usage if
+  asked, and [DONE]. However the stream ends (a client hanging up, the time limit) the requests
+  are cancelled: a no-op for those that finished, else their slots are freed."""
   async def events():
     try:
       try:
-        async for choice in choices:
-          yield _sse(dict(head, choices=[choice]))
+        async for i, chunk in _merged(requests, deadline):
+          c = choice(i, chunk)
+          if c is not None:
+            yield _sse(dict(head, choices=[c]))
       except RuntimeError as e:  # the engine failed mid-stream: say so, as OpenAI's streams do
-        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
-                              "code": None}})
+        yield _sse(ApiError(503, str(e), kind="server_error").body())
+      except TimeoutError:
+        yield _sse(_timeout_error(timeout_s).body())
       else:
-        yield _sse(dict(head, choices=[last_choice()], spec_tpu=_spec_stats(request)))
+        for i, r in enumerate(requests):
+          yield _sse(dict(head, choices=[last_choice(i)], spec_tpu=_spec_stats(r)))
         if include_usage:
-          yield _sse(dict(head, choices=[], usage=_usage(request)))
+          yield _sse(dict(head, choices=[], usage=_usage(requests, n)))
       yield "data: [DONE]\n\n"
     finally:
-      request.cancel()
+      for r in requests:
+        r.cancel()
 
   return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # ------------------------------------------------------------------ the app
 
-def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTemplate | None = None
-              ) -> FastAPI:
+def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTemplate | None = None,
+              limits: Limits = Limits()) -> FastAPI:
   """The FastAPI app serving `engine` (already started) under `model_name`."""
   app = FastAPI(title="spec_tpu", version="0.1.0")
   template = chat_template or chat_lib.ChatTemplate()
   created = int(time.time())
   tok = engine.tokenizer
+  key = limits.api_key.encode() if limits.api_key else None
+  timeout_s = limits.request_timeout_s
 
   @app.exception_handler(ApiError)
   async def _api_error(_, e: ApiError):
     return e.response()
 
+  def _authorize(http: HttpRequest) -> None:
+    """Every /v1/ route starts here (health checks and Prometheus scrapes carry no key). Not
+    an HTTP middleware: Starlette's hides a client's disconnect from the handler."""
+    if key is None:
+      return
+    scheme, _, given = http.headers.get("authorization", "").partition(" ")
+    # Constant time: how much of a guess matched must not show in the answer's timing.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+      raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                     code="invalid_api_key")
+
+  async def _read(http: HttpRequest) -> bytes:
+    """The body, refused (413) past the size limit before more than the limit is held."""
+    limit = limits.max_body_bytes
+    too_big = lambda: ApiError(413, f"the request body exceeds this server's limit of {limit} "
+                               "bytes", code="request_too_large")
+    if limit is None:
+      return await http.body()
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+      raise too_big()
+    parts, size = [], 0
+    async for part in http.stream():
+      size += len(part)
+      if size > limit:
+        raise too_big()
+      parts.append(part)
+    return b"".join(parts)
+
   async def _body(http: HttpRequest) -> dict:
+    _authorize(http)
+    raw = await _read(http)
     try:
-      body = json.loads(await http.body())
+      body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
       raise ApiError(400, f"the body is not valid JSON: {e}"[:300]) from None
     if not isinstance(body, dict):
@@ -210,33 +317,45 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       raise ApiError(503, "the engine is not running", kind="server_error")
     return body
 
-  def _submit(prompt, params: GenerationParams, param: str = "prompt") -> Request:
+  def _submit(items: list[tuple[Any, GenerationParams]], param: str = "prompt") -> list[Request]:
     try:
-      return engine.submit(prompt, params)
+      return engine.submit_all(items)
     except ContextLengthError as e:
       raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
     except ValueError as e:
       raise ApiError(400, str(e)) from None
+    except QueueFullError as e:
+      raise ApiError(503, str(e), kind="server_error", code="queue_full",
+                     headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except RuntimeError as e:
       raise ApiError(503, str(e), kind="server_error") from None
 
-  async def _result(http: HttpRequest, request: Request):
-    """Waits for the request, cancelling it if the client goes away first."""
+  def _deadline() -> float | None:
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+  async def _results(http: HttpRequest, requests: list[Request]):
+    """Waits for the requests; cancels them all if the client goes away first or the time
+    limit passes."""
     async def watch():
       while True:
         await asyncio.sleep(0.25)
         if await http.is_disconnected():
-          request.cancel()
+          for r in requests:
+            r.cancel()
           return
     watcher = asyncio.ensure_future(watch())
     try:
-      async for _ in request:
+      async for _ in _merged(requests, _deadline()):
         pass
-      return request.result(timeout=0)
-    except RuntimeError as e:  # the engine failed while this request was in it
+      return [r.result(timeout=0) for r in requests]
+    except RuntimeError as e:  # the engine failed while a request was in it
       raise ApiError(503, str(e), kind="server_error") from None
+    except TimeoutError:
+      raise _timeout_error(timeout_s) from None
     finally:
       watcher.cancel()
+      for r in requests:  # a client gone, the engine failed, too late: slots are freed now
+        r.cancel()
 
   def _prompts(body: dict) -> list:
     prompt = body.get("prompt")
@@ -270,7 +389,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
                              media_type="text/plain; version=0.0.4; charset=utf-8")
 
   @app.get("/v1/models")
-  async def models():
+  async def models(http: HttpRequest):
+    _authorize(http)
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                         "owned_by": "spec_tpu"}]}
 
@@ -280,41 +400,28 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     params = _params(body)
     prompts = [_encode(p) for p in _prompts(body)]
     stream, include_usage = _stream(body)
-    if stream and len(prompts) > 1:
-      raise ApiError(400, "streaming takes one prompt", param="prompt")
-    requests = []
-    try:
-      for p in prompts:
-        requests.append(_submit(p, params))
-    except ApiError:
-      for r in requests:
-        r.cancel()
-      raise
+    samples = _samples(body, params)
+    n = len(samples)
+    # Choice i * n + j is sample j of prompt i (OpenAI's order).
+    requests = _submit([(p, q) for p in prompts for q in samples])
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
     if not stream:
-      choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-      try:
-        for i, r in enumerate(requests):
-          done = await _result(http, r)
-          choices.append({"text": done.text, "index": i, "logprobs": None,
-                          "finish_reason": done.finish_reason, "spec_tpu": _spec_stats(r)})
-          for key, n in _usage(r).items():
-            usage[key] += n
-      finally:  # a client gone, or the engine failed: the other prompts' slots are freed now
-        for r in requests:
-          r.cancel()
-      return dict(head, choices=choices, usage=usage)
-    request = requests[0]
+      done = await _results(http, requests)
+      choices = [{"text": d.text, "index": i, "logprobs": None,
+                  "finish_reason": d.finish_reason, "spec_tpu": _spec_stats(r)}
+                 for i, (d, r) in enumerate(zip(done, requests))]
+      return dict(head, choices=choices, usage=_usage(requests, n))
 
-    async def choices():
-      async for chunk in request:
-        if chunk.text or (tok is None and chunk.tokens):
-          yield {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": None}
+    def choice(i, chunk):
+      if chunk.text or (tok is None and chunk.tokens):
+        return {"text": chunk.text, "index": i, "logprobs": None, "finish_reason": None}
+      return None
 
-    return _event_stream(request, head, choices(),
-                         lambda: {"text": "", "index": 0, "logprobs": None,
-                                  "finish_reason": request.finish_reason}, include_usage)
+    return _event_stream(requests, head, choice,
+                         lambda i: {"text": "", "index": i, "logprobs": None,
+                                    "finish_reason": requests[i].finish_reason},
+                         include_usage, n, _deadline(), timeout_s)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
@@ -335,26 +442,34 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       # OpenAI's chat default: until the end of the context.
       params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(len(prompt))))
     stream, include_usage = _stream(body)
-    request = _submit(prompt, params, param="messages")
+    samples = _samples(body, params)
+    n = len(samples)
+    requests = _submit([(prompt, q) for q in samples], param="messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
-      done = await _result(http, request)
+      done = await _results(http, requests)
       return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                           "logprobs": None, "finish_reason": done.finish_reason}],
-              "usage": _usage(request), "spec_tpu": _spec_stats(request)}
+              "choices": [{"index": i, "message": {"role": "assistant", "content": d.text},
+                           "logprobs": None, "finish_reason": d.finish_reason}
+                          for i, d in enumerate(done)],
+              "usage": _usage(requests, n), "spec_tpu": _spec_stats(requests[0])}
     head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
+    started = set()
 
-    async def choices():
-      yield {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}
-      async for chunk in request:
-        if chunk.text:
-          yield {"index": 0, "delta": {"content": chunk.text}, "logprobs": None,
-                 "finish_reason": None}
+    def choice(i, chunk):
+      if i not in started:  # a choice's first chunk names the role
+        started.add(i)
+        return {"index": i, "delta": {"role": "assistant", "content": chunk.text},
+                "logprobs": None, "finish_reason": None}
+      if chunk.text:
+        return {"index": i, "delta": {"content": chunk.text}, "logprobs": None,
+                "finish_reason": None}
+      return None
 
-    return _event_stream(request, head, choices(),
-                         lambda: {"index": 0, "delta": {}, "logprobs": None,
-                                  "finish_reason": request.finish_reason}, include_usage)
+    return _event_stream(requests, head, choice,
+                         lambda i: {"index": i, "delta": {} if i in started else
+                                    {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": requests[i].finish_reason},
+                         include_usage, n, _deadline(), timeout_s)
 
   return app

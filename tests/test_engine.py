@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import test_exactness as ex
+import test_sampling as ts
 from spec_tpu.decoding import k_policy
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import model
@@ -139,6 +140,81 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
   seeds = [engine.generate([ex.PROMPT], dataclasses.replace(probe, seed=s))[0].tokens
            for s in range(3)]
   assert any(t != alone for t in seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs: what each emitted token's distribution gave it, through speculation.
+
+LOGPROB_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_engine, k):
+  engine = toy_logprobs_engine
+  rng = np.random.default_rng(k)
+  prompts = [rng.integers(0, ex.V, int(rng.integers(2, 9))).tolist() for _ in range(8)]
+  params = [GenerationParams(max_new_tokens=14, seed=i, logprobs=3,
+                             **LOGPROB_SETTINGS[i % len(LOGPROB_SETTINGS)])
+            for i in range(len(prompts))]
+  # Given requests with mixed filters, decoded at K = k (3: tokens come from acceptance,
+  # resampling after a rejection and the bonus position alike; 0: plain decoding),
+  requests = engine.submit_all(list(zip(prompts, params)))
+  while engine.step(k=k):
+    pass
+  full = jax.jit(lambda tokens: model.forward_full(ex.target_params(), ex.TARGET, tokens))
+  for prompt, p, r in zip(prompts, params, requests):
+    done = r.result()
+    assert len(done.logprobs) == len(done.tokens) >= 1
+    # then each token's logprob is log q(token | its prefix), q the target's filtered
+    # distribution recomputed in float64 from one forward over the whole sequence,
+    seq = prompt + done.tokens
+    logits = np.asarray(full(np.asarray([seq], np.int32))[0], np.float64)
+    for j, lp in enumerate(done.logprobs):
+      q = ts.reference(logits[len(prompt) - 1 + j], p.temperature, p.top_k, p.top_p)
+      assert lp.token == done.tokens[j]
+      np.testing.assert_allclose(lp.logprob, np.log(q[lp.token]), atol=2e-5)
+      # and the top 3 are q's most probable tokens with their logprobs (-inf: filtered out).
+      ids, lps = zip(*lp.top)
+      with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(lps, np.log(np.sort(q)[::-1][:3]), atol=2e-5)
+        np.testing.assert_allclose(np.log(q[list(ids)]), lps, atol=2e-5)
+
+
+def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_logprobs_engine):
+  engine = toy_logprobs_engine
+  (r,) = engine.generate([[1, 2, 3]], GenerationParams(max_new_tokens=3, seed=0))
+  assert r.logprobs is None
+  with pytest.raises(ValueError, match="logprobs_k=3"):
+    engine.submit([1, 2], GenerationParams(logprobs=4))
+
+
+def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
+  engine = toy_logprobs_engine
+  prompt = [3, 1, 4, 1, 5, 2, 6, 5, 3]
+  # Given a prompt scored (between steps, as the engine's thread does),
+  future = engine.score(prompt, top=2)
+  engine.step()
+  scores = future.result(timeout=0)
+  # then the first token has nothing before it, and each later token's logprob and top 2 are
+  # the target's log-softmax at the position before it (temperature 1, no filters).
+  logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
+                                         np.asarray([prompt], np.int32))[0], np.float64)
+  logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  assert [s.token for s in scores] == prompt and math.isnan(scores[0].logprob)
+  for j, s in enumerate(scores[1:], 1):
+    np.testing.assert_allclose(s.logprob, logq[j - 1, prompt[j]], atol=1e-5)
+    assert [t for t, _ in s.top] == list(np.argsort(-logq[j - 1], kind="stable")[:2])
+    np.testing.assert_allclose([v for _, v in s.top], np.sort(logq[j - 1])[::-1][:2], atol=1e-5)
+  with pytest.raises(ValueError, match="logprobs_k=3"):
+    engine.score(prompt, top=4)
+
+
+@pytest.fixture(scope="module")
+def toy_logprobs_engine():
+  return Engine(_toy_sampler(), num_slots=8, max_len=40, k=3, adaptive_k=False, max_top_k=4,
+                logprobs_k=3)
 
 
 # ---------------------------------------------------------------------------------------------

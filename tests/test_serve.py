@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -241,6 +242,12 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     (b'{"model": "random_tiny_target", "prompt": "x", "top_k": 1000}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "max_tokens": 0}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "n": 0}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logprobs": 6}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "echo": true, "stream": true}', 400,
+     None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 2, "best_of": 1}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "best_of": 2, "stream": true}', 400,
+     None),
     (b'{"model": "random_tiny_target", "prompt": "x", "n": 129}', 400, None),
     # More samples at once than the queue holds: never accepted, so not a 503.
     (b'{"model": "random_tiny_target", "prompt": "x", "n": 100}', 400, None),
@@ -278,6 +285,11 @@ def test_openai_client_sees_errors_as_its_exceptions(server):
     client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
   with pytest.raises(openai.BadRequestError):
     client.chat.completions.create(model=MODEL, messages=[{"role": "nobody", "content": "x"}])
+  chat = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+  with pytest.raises(openai.BadRequestError, match="top_logprobs"):  # without logprobs: true
+    client.chat.completions.create(top_logprobs=2, **chat)
+  with pytest.raises(openai.BadRequestError, match="logprobs_k=5"):  # past the compiled width
+    client.chat.completions.create(logprobs=True, top_logprobs=6, **chat)
 
 
 def test_the_api_needs_the_key_and_health_does_not(server):
@@ -402,6 +414,85 @@ def test_n_chat_choices_plain_and_streamed(server):
       texts[choice.index] += choice.delta.content or ""
       roles[choice.index] = roles[choice.index] or choice.delta.role
   assert texts == [c.message.content for c in reply.choices] and roles == ["assistant"] * 2
+
+
+def test_completion_logprobs_plain_and_streamed(server):
+  client = _client(server)
+  # Given a seeded completion asking for each token's logprob and its 2 best alternatives,
+  kw = dict(model=MODEL, prompt="def mul(a, b):", max_tokens=10, temperature=0.8, seed=4,
+            logprobs=2)
+  plain = client.completions.create(**kw)
+  lp = plain.choices[0].logprobs
+  # then every generated token has one: a log-probability, and top alternatives as likely
+  # or more, the token's own among them when it is as likely as the second best,
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+      plain.usage.completion_tokens
+  assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+  for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    assert -50 < value <= 0 and 1 <= len(top) <= 2
+    assert max(top.values()) >= value - 1e-5
+    if value >= min(top.values()) + 1e-4:
+      assert token in top
+  # and a stream carries the same, chunk by chunk.
+  tokens, values = [], []
+  for c in client.completions.create(stream=True, **kw):
+    if c.choices and c.choices[0].logprobs:
+      tokens += c.choices[0].logprobs.tokens
+      values += c.choices[0].logprobs.token_logprobs
+  assert tokens == lp.tokens and np.allclose(values, lp.token_logprobs, atol=1e-6)
+
+
+def test_chat_logprobs_and_top_logprobs_plain_and_streamed(server):
+  client = _client(server)
+  kw = dict(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}], max_tokens=6,
+            seed=9, logprobs=True, top_logprobs=3)
+  reply = client.chat.completions.create(**kw)
+  content = reply.choices[0].logprobs.content
+  assert len(content) == reply.usage.completion_tokens
+  assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 and c.bytes for c in content)
+  assert all(c.top_logprobs[0].logprob >= c.top_logprobs[-1].logprob for c in content)
+  streamed = [e for c in client.chat.completions.create(stream=True, **kw) if c.choices
+              and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+  assert [(e.token, round(e.logprob, 5)) for e in streamed] == \
+      [(e.token, round(e.logprob, 5)) for e in content]
+  # Without `logprobs` there are none.
+  assert client.chat.completions.create(**dict(kw, logprobs=None, top_logprobs=None)
+                                        ).choices[0].logprobs is None
+
+
+def test_best_of_returns_the_most_probable_of_its_samples(server):
+  client = _client(server)
+  kw = dict(model=MODEL, prompt="for i in", max_tokens=8, temperature=1.0, seed=21)
+  # Given the 4 samples best_of = 4 draws (the same as n = 4 with the same seed),
+  every = client.completions.create(n=4, logprobs=0, **kw)
+  totals = [sum(c.logprobs.token_logprobs) for c in every.choices]
+  # then best_of = 4 (n = 1) returns the one whose tokens are the most probable.
+  best = client.completions.create(best_of=4, **kw)
+  assert [c.text for c in best.choices] == [every.choices[int(np.argmax(totals))].text]
+  assert best.choices[0].logprobs is None
+  assert best.usage.completion_tokens == every.usage.completion_tokens
+
+
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server):
+  client = _client(server)
+  prompt = "def add(a, b):\n    return a + b"
+  # Given a prompt scored alone (echo, max_tokens 0, as lm-evaluation-harness asks),
+  scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0,
+                                     logprobs=1, temperature=0)
+  lp = scored.choices[0].logprobs
+  # then the text is the prompt's, and each of its tokens has a logprob (the first none),
+  assert scored.choices[0].text == prompt
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  assert len(lp.tokens) == scored.usage.prompt_tokens > 5
+  assert all(v <= 0 and len(top) == 1 for v, top in zip(lp.token_logprobs[1:],
+                                                         lp.top_logprobs[1:]))
+  # and with new tokens the same prompt part comes first, then the completion's own logprobs.
+  kw = dict(model=MODEL, prompt=prompt, max_tokens=4, logprobs=1, temperature=0.9, seed=8)
+  plain = client.completions.create(**kw)
+  echoed = client.completions.create(echo=True, **kw).choices[0]
+  assert echoed.text == prompt + plain.choices[0].text
+  assert echoed.logprobs.token_logprobs == lp.token_logprobs + \
+      plain.choices[0].logprobs.token_logprobs
 
 
 def test_greedy_through_the_server_equals_sampler_greedy(server):

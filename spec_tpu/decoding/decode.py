@@ -53,6 +53,8 @@ class LoopSpec:
   eos_id: int | None
   pad_id: int = 0
   prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
+  logprobs_k: int = 0        # most probable alternatives recorded per emitted token (0: only
+                             # the token's own log-probability)
 
   @property
   def num_tokens(self) -> int:
@@ -90,11 +92,22 @@ class State(NamedTuple):
   stats: Stats
 
 
+class Logprobs(NamedTuple):
+  """Of each emitted token (leading axes those of the tokens, ...): the log-probability under
+  the target's distribution it was sampled from (after temperature and filters: the q an
+  accepted draft, a resampled token and the bonus token all follow), and the logprobs_k most
+  probable tokens of that distribution (-inf for tokens the filters removed)."""
+  token: jax.Array        # ... float32
+  top_ids: jax.Array      # ... n int32, most probable first
+  top: jax.Array          # ... n float32
+
+
 class Out(NamedTuple):
   """What one run_rounds call emitted."""
   tokens_bw: jax.Array    # the new tokens of each row, left-aligned (pad after count)
   count_b: jax.Array
   rounds: jax.Array       # rounds run (scalar)
+  logprobs: Logprobs      # of tokens_bw
 
 
 def _probs(spec: LoopSpec, logits_bv, rows: Rows):
@@ -102,6 +115,27 @@ def _probs(spec: LoopSpec, logits_bv, rows: Rows):
   # the one transform (exactness needs p and q filtered alike).
   return sampling.probabilities(logits_bv[..., :spec.num_tokens], rows.temperature_b,
                                 rows.top_k_b, rows.top_p_b, max_top_k=spec.max_top_k)
+
+
+def _logprobs(spec: LoopSpec, q_xv, tokens_x, *, log_space: bool = False) -> Logprobs:
+  """Logprobs of `tokens_x` drawn from the distributions q_xv (x: any leading axes; given as
+  log-probabilities when log_space). Logs are taken of the few values kept only."""
+  log = (lambda x: x) if log_space else jnp.log
+  token = log(jnp.take_along_axis(q_xv, tokens_x[..., None], axis=-1)[..., 0])
+  if spec.logprobs_k > 0:
+    top, ids = jax.lax.top_k(q_xv, spec.logprobs_k)
+    return Logprobs(token, ids.astype(jnp.int32), log(top))
+  none = tokens_x.shape + (0,)
+  return Logprobs(token, jnp.zeros(none, jnp.int32), jnp.zeros(none, jnp.float32))
+
+
+def prompt_logprobs(spec: LoopSpec, target_params, tokens_bt) -> Logprobs:
+  """Logprobs of tokens 1..t-1 of each row (leading axes b t-1) under the target's own
+  distribution, temperature 1 and no filters (prompt tokens were not sampled from anything),
+  from one forward over the whole rows. Right padding changes nothing before it."""
+  logits = model.forward_full(target_params, spec.target, tokens_bt)[:, :-1, :spec.num_tokens]
+  return _logprobs(spec, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                   tokens_bt[:, 1:], log_space=True)
 
 
 def _stats_width(spec: LoopSpec) -> int:
@@ -125,17 +159,18 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool) -> tuple[State, jax.Array]:
+            with_draft: bool) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
-  speculation starts). Returns (state of r rows, first_r)."""
+  speculation starts). Returns (state of r rows, first_r, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
                              spec.prefill_chunk)
   key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
-  first = sampling.sample(key_r, _probs(spec, logits[:, 0], rows))
+  q_rv = _probs(spec, logits[:, 0], rows)
+  first = sampling.sample(key_r, q_rv)
   dc = None
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
@@ -156,15 +191,16 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
                             jnp.zeros((r, n), jnp.int32)))
-  return state, first
+  return state, first, _logprobs(spec, q_rv, first)
 
 
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
            lengths_r, rows: Rows, *, with_draft: bool):
   """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). Returns (state, first_r, done_r)."""
-  new, first = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                       with_draft=with_draft)
+  request: padding of a fixed-width insert). Returns (state, first_r, done_r, Logprobs of
+  first_r)."""
+  new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
+                                 with_draft=with_draft)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots_r),
@@ -173,7 +209,7 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
       tokens_bs=put(state.tokens_bs, new.tokens_bs), num_out_b=put(state.num_out_b, new.num_out_b),
       done_b=put(state.done_b, new.done_b), rows=jax.tree.map(put, state.rows, new.rows),
       stats=jax.tree.map(put, state.stats, new.stats))
-  return state, first, new.done_b
+  return state, first, new.done_b, logprobs
 
 
 def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
@@ -239,8 +275,8 @@ def _scatter_rows(buf_bx, start_b, values_bm, count_b):
 
 def round_(spec: LoopSpec, target_params, draft_params, state: State):
   """One speculative round for every live row: draft K, verify K+1 in one target call, accept,
-  roll back. Returns (state, emitted_bm, count_b): the row's new tokens, cut after EOS and at
-  its max_new, 0 for rows that are done."""
+  roll back. Returns (state, emitted_bm, count_b, Logprobs of emitted_bm): the row's new
+  tokens, cut after EOS and at its max_new, 0 for rows that are done."""
   b, k = state.done_b.shape[0], spec.k
   active = ~state.done_b
   keys_bn = sampling.split_rows(sampling.row_keys(state.rows.seed_b2, state.stats.rounds_b + 1),
@@ -278,6 +314,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)
   tokens = _scatter_rows(state.tokens_bs, l0 + 1, emitted, kept)
+  # Emitted token j was verified at position j: q_bmv[:, j] is the law it follows, whether it
+  # was an accepted draft, the resample after a rejection or the bonus.
+  logprobs = _logprobs(spec, q_bmv, emitted)
 
   count = kept
   hit_eos = jnp.zeros_like(active)
@@ -300,7 +339,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                 accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]))
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
                          done_b=done, stats=stats)
-  return state, emitted, count
+  return state, emitted, count, logprobs
 
 
 def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b, max_rounds,
@@ -318,8 +357,11 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
   if spec.k > 0 and catch_up:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
-  out = Out(tokens_bw=jnp.full((b, spec.out_len), spec.pad_id, jnp.int32),
-            count_b=jnp.zeros((b,), jnp.int32), rounds=jnp.zeros((), jnp.int32))
+  w, m = spec.out_len, spec.logprobs_k
+  out = Out(tokens_bw=jnp.full((b, w), spec.pad_id, jnp.int32),
+            count_b=jnp.zeros((b,), jnp.int32), rounds=jnp.zeros((), jnp.int32),
+            logprobs=Logprobs(jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, m), jnp.int32),
+                              jnp.zeros((b, w, m), jnp.float32)))
 
   def running(carry):
     s, o = carry
@@ -329,9 +371,10 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
 
   def one_round(carry):
     s, o = carry
-    s, emitted, count = round_(spec, target_params, draft_params, s)
-    o = Out(tokens_bw=_scatter_rows(o.tokens_bw, o.count_b, emitted, count),
-            count_b=o.count_b + count, rounds=o.rounds + 1)
+    s, emitted, count, logprobs = round_(spec, target_params, draft_params, s)
+    put = lambda buf, values: _scatter_rows(buf, o.count_b, values, count)
+    o = Out(tokens_bw=put(o.tokens_bw, emitted), count_b=o.count_b + count,
+            rounds=o.rounds + 1, logprobs=jax.tree.map(put, o.logprobs, logprobs))
     return s, o
 
   return jax.lax.while_loop(running, one_round, (state, out))
@@ -347,8 +390,8 @@ def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, 
   seeds = jnp.stack([full(seed, jnp.uint32), jnp.arange(b, dtype=jnp.uint32)], axis=1)
   rows = Rows(full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
               seeds, full(max_new, jnp.int32))
-  state, first = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
-                         with_draft=spec.k > 0)
+  state, first, _ = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
+                            with_draft=spec.k > 0)
   # The draft was prefilled with the target and runs every round: it never lags.
   state, out = run_rounds(spec, target_params, draft_params, state, jnp.ones((b,), bool),
                           max_new, False, catch_up=False)

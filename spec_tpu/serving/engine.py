@@ -61,6 +61,7 @@ the other processes run `follow()`, which receives and runs the same calls.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import numbers
@@ -78,7 +79,7 @@ from spec_tpu.decoding.sampler import Sampler, to_host
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
-                                      GenerationParams, Request)
+                                      GenerationParams, Request, TokenLogprob)
 
 
 _KEEPALIVE_S = 10.0  # multi-host: an idle leader still broadcasts this often
@@ -101,6 +102,16 @@ class _Slot:
   judged: int = 0
 
 
+def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
+                    ) -> list[TokenLogprob] | None:
+  """A request's view of the device's logprobs of its new tokens (None: it did not ask)."""
+  if top is None:
+    return None
+  token = logprobs.token.tolist()
+  ids, lps = logprobs.top_ids[:, :top].tolist(), logprobs.top[:, :top].tolist()
+  return [TokenLogprob(t, token[j], tuple(zip(ids[j], lps[j]))) for j, t in enumerate(tokens)]
+
+
 class Engine:
   """Fixed slots, resident caches, an insert program per prompt bucket and a step program
   per K. Not thread-safe except `submit`, `Request` methods, `metrics` and `shutdown`: one
@@ -112,7 +123,8 @@ class Engine:
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
-               margin: float = 0.1, seed: int = 0, channel=None, max_queue: int | None = None):
+               margin: float = 0.1, seed: int = 0, channel=None, max_queue: int | None = None,
+               logprobs_k: int = 0):
     has_draft = sampler.draft_cfg is not None
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -149,10 +161,16 @@ class Engine:
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
     num_tokens = sampler.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
+    if logprobs_k < 0:
+      raise ValueError(f"logprobs_k must be >= 0, got {logprobs_k}")
+    # Every program records each token's logprob; the top logprobs_k alternatives (a search
+    # over the vocabulary at every verified position) only when asked for at construction.
+    self.logprobs_k = min(int(logprobs_k), num_tokens)
     self._spec = decode.LoopSpec(
         target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
         k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id)
+        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id,
+        logprobs_k=self.logprobs_k)
     self._channel = channel
     self._rng = np.random.default_rng(seed)
     self._programs = {}
@@ -172,6 +190,7 @@ class Engine:
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()
+    self._scoring: list[tuple[list[int], int, concurrent.futures.Future]] = []
     self._lock = threading.Condition()
     self._next_id = 0
     self._draft_behind = False  # some live row's draft missed tokens (K = 0 steps or inserts)
@@ -251,9 +270,49 @@ class Engine:
     if isinstance(params.stop, str):
       params = dataclasses.replace(params, stop=(params.stop,))
     params = dataclasses.replace(params, stop=tuple(params.stop))
-    params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None)
+    params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None,
+                    max_logprobs=self.logprobs_k)
     self.check_fits(len(tokens), int(params.max_new_tokens))
     return tokens, params
+
+  def score(self, prompt: str | Sequence[int], top: int = 0) -> concurrent.futures.Future:
+    """The logprobs of a prompt's tokens after its first, each under the target's own
+    distribution given the tokens before it (temperature 1, no filters), with its `top` most
+    probable alternatives: a Future of a TokenLogprob per prompt token, the first with a NaN
+    logprob (nothing before it predicts it). One forward over the prompt, run by the
+    engine's thread between steps (any thread may call)."""
+    if self._channel is not None:
+      raise ValueError("prompt logprobs need a single-process engine")
+    tokens = self._tokens(prompt)
+    if not 1 <= len(tokens) <= self.max_len:
+      raise ContextLengthError(f"a prompt of {len(tokens)} tokens does not fit the context of "
+                               f"{self.max_len} tokens")
+    if not (isinstance(top, numbers.Integral) and 0 <= top <= self.logprobs_k):
+      raise ValueError(f"top={top!r} must lie in 0..logprobs_k={self.logprobs_k}")
+    future = concurrent.futures.Future()
+    with self._lock:
+      if self.failure is not None or self._stopping:
+        raise RuntimeError("the engine is not running") from self.failure
+      self._scoring.append((tokens, int(top), future))
+      self._lock.notify_all()
+    return future
+
+  def _run_scoring(self) -> None:
+    with self._lock:
+      jobs, self._scoring = self._scoring, []
+    for i, (tokens, top, future) in enumerate(jobs):
+      try:
+        padded = np.full((1, self._bucket(len(tokens))), self.sampler.pad_id, np.int32)
+        padded[0, :len(tokens)] = tokens
+        logprobs = to_host(self._score_program(padded.shape[1])(self._params[0], padded))
+        n = len(tokens) - 1
+        first = TokenLogprob(tokens[0], float("nan"))
+        future.set_result([first] + _token_logprobs(
+            tokens[1:], jax.tree.map(lambda x: x[0, :n], logprobs), top))
+      except BaseException as e:  # the device failed: no caller may wait forever
+        for _, _, f in jobs[i:]:
+          f.set_exception(e)
+        raise
 
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
@@ -312,6 +371,8 @@ class Engine:
     if k is not None and not 0 <= k <= self.k_max:
       raise ValueError(f"k={k} outside 0..k_max={self.k_max}")
     self._free_cancelled()
+    if self._scoring:
+      self._run_scoring()
     self._admit()
     if any(s is not None for s in self._slots):
       if self._host_mark is not None:
@@ -336,7 +397,8 @@ class Engine:
           idle_since = time.monotonic()
           continue
         with self._lock:
-          self._lock.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+          self._lock.wait_for(lambda: self._queue or self._scoring or self._stopping,
+                              timeout=0.5)
         if self._channel is not None and time.monotonic() - idle_since > _KEEPALIVE_S:
           self._channel.send_noop()
           idle_since = time.monotonic()
@@ -348,6 +410,9 @@ class Engine:
   def _abort_all(self, error):
     with self._lock:
       queued, self._queue = list(self._queue), collections.deque()
+      scoring, self._scoring = self._scoring, []
+    for _, _, future in scoring:
+      future.set_exception(RuntimeError("the engine stopped before scoring the prompt"))
     for i, slot in enumerate(self._slots):
       if slot is not None:
         slot.request._finish(ABORTED, error=error)
@@ -400,14 +465,15 @@ class Engine:
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done = to_host(self._insert(with_draft, t, chunk))
+        first, done, logprobs = to_host(self._insert(with_draft, t, chunk))
         now = time.perf_counter()
         for row, (slot, r) in enumerate(chunk):
           r.stats.queue_s = started - r.submitted
           r.stats.time_to_first_token_s = now - r.submitted
           self._slots[slot] = _Slot(r, ks=set())
           self.metrics.add(prompt_tokens=len(r.prompt))
-          self._deliver(slot, [int(first[row])], bool(done[row]))
+          self._deliver(slot, [int(first[row])], bool(done[row]),
+                        jax.tree.map(lambda x: x[row:row + 1], logprobs))
 
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
@@ -436,8 +502,9 @@ class Engine:
 
   def _run_insert(self, with_draft, slots, tokens, lengths, rows):
     program = self._insert_program(with_draft, tokens.shape[1])
-    self._state, first, done = program(*self._params, self._state, slots, tokens, lengths, rows)
-    return first, done
+    self._state, first, done, logprobs = program(*self._params, self._state, slots, tokens,
+                                                 lengths, rows)
+    return first, done, logprobs
 
   def _run_step(self, k: int, n: int | None = None, timed: bool = True):
     """One step at K for the live slots; delivers its tokens. Returns (rounds, wall seconds,
@@ -468,7 +535,9 @@ class Engine:
       step_judged += int(judged_b[i]) - slot.judged
       slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
                                                  int(judged_b[i]))
-      self._deliver(i, out.tokens_bw[i, :out.count_b[i]].tolist(), bool(done[i]))
+      c = out.count_b[i]
+      self._deliver(i, out.tokens_bw[i, :c].tolist(), bool(done[i]),
+                    jax.tree.map(lambda x: x[i, :c], out.logprobs))
     self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
     if timed:
       self._observe_window(k, rounds, step_accepted, step_judged)
@@ -480,10 +549,13 @@ class Engine:
                                np.bool_(stop_on_free))
     return to_host((out, self._state.done_b, self._state.stats))
 
-  def _deliver(self, slot: int, tokens: list[int], device_done: bool):
+  def _deliver(self, slot: int, tokens: list[int], device_done: bool,
+               logprobs: decode.Logprobs):
     s = self._slots[slot]
     self.metrics.add_tokens(len(tokens))
-    stopped = s.request._deliver(tokens) if tokens else False
+    r = s.request
+    stopped = r._deliver(tokens, _token_logprobs(tokens, logprobs, r.params.logprobs)) \
+        if tokens else False
     if stopped:
       self._finish_slot(slot, STOP)
     elif device_done:
@@ -639,6 +711,21 @@ class Engine:
         draft_cache=(None if self._abstract.draft_cache is None else
                      sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
 
+  def _score_program(self, t: int):
+    key = ("score", t)
+    if key not in self._programs:
+      rep = sharding.replicated(self.sampler.mesh)
+      fn = functools.partial(decode.prompt_logprobs, self._spec)
+      jitted = jax.jit(fn, in_shardings=(self._param_sh[0], rep),
+                       out_shardings=decode.Logprobs(rep, rep, rep))
+      args = (self._params[0], jax.ShapeDtypeStruct((1, t), jnp.int32))
+      self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
+    return self._programs[key]
+
+  def _logprobs_sh(self, *shape):
+    m = self.logprobs_k
+    return decode.Logprobs(self._row(*shape), self._row(*shape, m), self._row(*shape, m))
+
   def _insert_program(self, with_draft: bool, t: int):
     key = ("insert", with_draft, t)
     if key not in self._programs:
@@ -649,7 +736,7 @@ class Engine:
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
                                      rows_sh),
-                       out_shardings=(self._state_sh, row(r), row(r)))
+                       out_shardings=(self._state_sh, row(r), row(r), self._logprobs_sh(r)))
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
               sds((r,), jnp.int32),
@@ -668,7 +755,8 @@ class Engine:
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
                        out_shardings=(self._state_sh,
-                                      decode.Out(row(b, spec.out_len), row(b), rep)))
+                                      decode.Out(row(b, spec.out_len), row(b), rep,
+                                                 self._logprobs_sh(b, spec.out_len))))
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
               sds((), bool))
@@ -689,7 +777,6 @@ class Engine:
       if message.kind == "noop":
         continue
       if message.kind == "insert":
-        first, done = self._run_insert(*message.args)
-        to_host((first, done))
+        to_host(self._run_insert(*message.args))
       else:
         self._run_step_call(*message.args)

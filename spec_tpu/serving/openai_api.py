@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import json
 import math
+import re
 import time
 import uuid
 from typing import Any
@@ -32,11 +34,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from spec_tpu.serving import chat as chat_lib
 from spec_tpu.serving.engine import ContextLengthError, Engine, QueueFullError
-from spec_tpu.serving.request import GenerationParams, Request
+from spec_tpu.serving.request import GenerationParams, Request, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4     # OpenAI's limit
 MAX_N = 128              # OpenAI's limit on samples per prompt
+MAX_LOGPROBS = 5         # OpenAI's limits: completions' `logprobs`, chat's `top_logprobs`
+MAX_TOP_LOGPROBS = 20
+UNLIKELY = -9999.0       # OpenAI's stand-in for log(0) (JSON has no -inf): a token the
+                         # filters removed
 RETRY_AFTER_S = 1        # what a client refused for a full queue is told to wait
 
 
@@ -95,11 +101,11 @@ def _unsupported(body: dict, name: str, neutral) -> None:
     raise ApiError(400, f"'{name}' is not supported by this server", param=name)
 
 
-def _params(body: dict, max_tokens_field: str = "max_tokens",
-            default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationParams:
-  for name, neutral in (("best_of", (1, body.get("n"))), ("logprobs", (False, 0)),
-                        ("top_logprobs", 0), ("presence_penalty", 0), ("frequency_penalty", 0),
-                        ("logit_bias", ({},)), ("suffix", ("",)), ("echo", False),
+def _params(body: dict, chat: bool = False) -> GenerationParams:
+  max_tokens_field = "max_completion_tokens" if chat else "max_tokens"
+  default_max_tokens = 1 if chat else DEFAULT_MAX_TOKENS  # chat's is replaced by the room left
+  for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0),
+                        ("logit_bias", ({},)), ("suffix", ("",)),
                         ("tools", ([],)), ("functions", ([],)),
                         ("tool_choice", ("none", "auto")), ("function_call", ("none", "auto")),
                         ("response_format", ({"type": "text"},))):
@@ -107,7 +113,10 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
   max_tokens = body.get(max_tokens_field)
   if max_tokens is None and max_tokens_field == "max_completion_tokens":
     max_tokens_field = "max_tokens"
-  max_tokens = _number(body, max_tokens_field, default_max_tokens, lo=1, integer=True)
+  # max_tokens 0: score the prompt only (completions with echo)
+  score_only = not chat and body.get("echo") is True
+  max_tokens = _number(body, max_tokens_field, default_max_tokens, lo=0 if score_only else 1,
+                       integer=True)
   top_k = _number(body, "top_k", 0, lo=-1, integer=True)
   stop = body.get("stop")
   if stop is None:
@@ -125,21 +134,76 @@ def _params(body: dict, max_tokens_field: str = "max_tokens",
   if seed is not None:
     seed = _number(body, "seed", None, integer=True)
     seed %= 2 ** 64  # OpenAI allows negative seeds
-  return GenerationParams(max_new_tokens=max_tokens,
+  if not chat:  # completions: an integer
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+      logprobs = _number(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+  else:  # chat: a flag, and how many alternatives
+    top = _number(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
+    logprobs = top if _flag(body, "logprobs") else None
+    if top and logprobs is None:
+      raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+  return GenerationParams(max_new_tokens=max(max_tokens, 1),
                           temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),
                           top_p=float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
-                          top_k=max(top_k, 0), seed=seed, stop=stop)
+                          top_k=max(top_k, 0), seed=seed, stop=stop, logprobs=logprobs)
 
 
-def _samples(body: dict, params: GenerationParams) -> list[GenerationParams]:
-  """The settings of each of the `n` samples of a prompt: sample j draws from the stream
+def _samples(n: int, params: GenerationParams) -> list[GenerationParams]:
+  """The settings of each of the n samples of a prompt: sample j draws from the stream
   (seed, j) (seed + j * 2^32), so sample 0 is the request without n, and with a seed each
   sample's tokens repeat. Without a seed the engine draws one per sample."""
-  n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
   if params.seed is None:
     return [params] * n
   return [dataclasses.replace(params, seed=(params.seed + j * 2 ** 32) % 2 ** 64)
           for j in range(n)]
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(tok, token: int) -> bytes:
+  """The bytes a token stands for (a SentencePiece byte-fallback piece is one byte; its word
+  boundary mark a space)."""
+  if tok is None:
+    return f"token_id:{token}".encode()
+  piece = tok.id_to_piece(token)
+  byte = _BYTE_PIECE.fullmatch(piece)
+  return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
+
+
+def _token_text(tok, token: int) -> str:
+  return _token_bytes(tok, token).decode("utf-8", errors="replace")
+
+
+def _logprob(x: float) -> float:
+  return x if math.isfinite(x) else UNLIKELY
+
+
+def _completion_logprobs(tok, logprobs: list[TokenLogprob] | None, offset: int = 0
+                         ) -> dict | None:
+  """Completions' shape: parallel lists, text_offset counted from `offset`. A prompt's first
+  token (NaN: nothing before it to predict it) gets null, as OpenAI's echo gives."""
+  if logprobs is None:
+    return None
+  tokens = [_token_text(tok, lp.token) for lp in logprobs]
+  offsets = list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]
+  unscored = lambda lp: math.isnan(lp.logprob)
+  return {"tokens": tokens,
+          "token_logprobs": [None if unscored(lp) else _logprob(lp.logprob) for lp in logprobs],
+          "top_logprobs": [None if unscored(lp) else
+                           {_token_text(tok, t): _logprob(v) for t, v in lp.top}
+                           for lp in logprobs], "text_offset": offsets}
+
+
+def _chat_logprobs(tok, logprobs: list[TokenLogprob] | None) -> dict | None:
+  """Chat's shape: an entry per token, its alternatives inside."""
+  if logprobs is None:
+    return None
+  entry = lambda t, v: {"token": _token_text(tok, t), "logprob": _logprob(v),
+                        "bytes": list(_token_bytes(tok, t))}
+  return {"content": [dict(entry(lp.token, lp.logprob),
+                           top_logprobs=[entry(t, v) for t, v in lp.top]) for lp in logprobs]}
 
 
 def _flag(body: dict, name: str, param: str | None = None) -> bool:
@@ -400,22 +464,65 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     params = _params(body)
     prompts = [_encode(p) for p in _prompts(body)]
     stream, include_usage = _stream(body)
-    samples = _samples(body, params)
-    n = len(samples)
-    # Choice i * n + j is sample j of prompt i (OpenAI's order).
-    requests = _submit([(p, q) for p in prompts for q in samples])
+    n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
+    # best_of: that many samples per prompt, the n most probable returned (by the sum of
+    # their tokens' logprobs; all are counted in the usage, as OpenAI does).
+    best_of = _number(body, "best_of", n, lo=n, hi=MAX_N, integer=True)
+    if best_of > n and stream:
+      raise ApiError(400, "'best_of' > 'n' cannot stream", param="best_of")
+    # echo: each choice's text starts with its prompt's, and its logprobs with the prompt's
+    # tokens' (under the target's own distribution; max_tokens 0 scores the prompt only).
+    echo = _flag(body, "echo")
+    if echo and stream:
+      raise ApiError(400, "'echo' cannot stream on this server", param="echo")
+    generate = not (echo and body.get("max_tokens") == 0)
+    scored = params if params.logprobs is not None or best_of == n else \
+        dataclasses.replace(params, logprobs=0)
+    # Request i * best_of + j is sample j of prompt i (OpenAI's order when best_of = n).
+    requests = _submit([(p, q) for p in prompts for q in _samples(best_of, scored)]) \
+        if generate else []
+    echoed = [None] * len(prompts)
+    if echo:
+      try:
+        futures = [engine.score(p, params.logprobs or 0) for p in prompts]
+      except ContextLengthError as e:
+        raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+      except ValueError as e:
+        raise ApiError(400, str(e), param="echo") from None
+      echoed = [await asyncio.wrap_future(f) for f in futures]
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
     if not stream:
-      done = await _results(http, requests)
-      choices = [{"text": d.text, "index": i, "logprobs": None,
-                  "finish_reason": d.finish_reason, "spec_tpu": _spec_stats(r)}
-                 for i, (d, r) in enumerate(zip(done, requests))]
-      return dict(head, choices=choices, usage=_usage(requests, n))
+      done = await _results(http, requests) if generate else []
+      choices = []
+      for i, p in enumerate(prompts):
+        group = list(range(i * best_of, (i + 1) * best_of))
+        if best_of > n:
+          group.sort(key=lambda g: -sum(lp.logprob for lp in done[g].logprobs))
+        for g in group[:n] if generate else [None] * n:
+          text = done[g].text if generate else ""
+          logprobs = done[g].logprobs if generate else []
+          if echo:
+            text = (p if isinstance(p, str) else tok.decode(p) if tok else "") + text
+            logprobs = echoed[i] + (logprobs or [])
+          choices.append({"text": text, "index": len(choices),
+                          "logprobs": _completion_logprobs(tok, logprobs)
+                          if params.logprobs is not None else None,
+                          "finish_reason": done[g].finish_reason if generate else "length",
+                          "spec_tpu": _spec_stats(requests[g]) if generate else None})
+      usage = _usage(requests, best_of) if generate else \
+          {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+      if not generate:
+        usage["prompt_tokens"] = usage["total_tokens"] = sum(len(e) for e in echoed)
+      return dict(head, choices=choices, usage=usage)
+    offsets = [0] * len(requests)
 
     def choice(i, chunk):
-      if chunk.text or (tok is None and chunk.tokens):
-        return {"text": chunk.text, "index": i, "logprobs": None, "finish_reason": None}
+      if chunk.text or chunk.logprobs or (tok is None and chunk.tokens):
+        logprobs = _completion_logprobs(tok, chunk.logprobs, offsets[i])
+        if logprobs is not None:
+          offsets[i] += sum(len(t) for t in logprobs["tokens"])
+        return {"text": chunk.text, "index": i, "logprobs": logprobs, "finish_reason": None}
       return None
 
     return _event_stream(requests, head, choice,
@@ -426,7 +533,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
     body = await _body(http)
-    params = _params(body, "max_completion_tokens", default_max_tokens=1)
+    params = _params(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list):
       raise ApiError(400, "'messages' must be a list", param="messages")
@@ -442,27 +549,28 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       # OpenAI's chat default: until the end of the context.
       params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(len(prompt))))
     stream, include_usage = _stream(body)
-    samples = _samples(body, params)
-    n = len(samples)
-    requests = _submit([(prompt, q) for q in samples], param="messages")
+    n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
+    requests = _submit([(prompt, q) for q in _samples(n, params)], param="messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
       done = await _results(http, requests)
       return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
               "choices": [{"index": i, "message": {"role": "assistant", "content": d.text},
-                           "logprobs": None, "finish_reason": d.finish_reason}
+                           "logprobs": _chat_logprobs(tok, d.logprobs),
+                           "finish_reason": d.finish_reason}
                           for i, d in enumerate(done)],
               "usage": _usage(requests, n), "spec_tpu": _spec_stats(requests[0])}
     head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
     started = set()
 
     def choice(i, chunk):
+      logprobs = _chat_logprobs(tok, chunk.logprobs)
       if i not in started:  # a choice's first chunk names the role
         started.add(i)
         return {"index": i, "delta": {"role": "assistant", "content": chunk.text},
-                "logprobs": None, "finish_reason": None}
-      if chunk.text:
-        return {"index": i, "delta": {"content": chunk.text}, "logprobs": None,
+                "logprobs": logprobs, "finish_reason": None}
+      if chunk.text or chunk.logprobs:
+        return {"index": i, "delta": {"content": chunk.text}, "logprobs": logprobs,
                 "finish_reason": None}
       return None
 

@@ -42,7 +42,10 @@
                 still running after this is cancelled, 504; 0 = no limit), logprobs_k (the
                 most `logprobs` / `top_logprobs` alternatives a request may ask for: a top-k
                 search over the vocabulary at every verified position; 0 = only the tokens'
-                own logprobs)
+                own logprobs), controls (requests may set presence/frequency/repetition
+                penalties, min_p and logit_bias: token counts per slot and a penalty pass at
+                every drafted position; single-process engines only), max_logit_bias (entries
+                per request)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -119,5 +122,6 @@ def base(**run) -> ml_collections.ConfigDict:
   c.serve = ml_collections.ConfigDict(dict(
       num_slots=8, max_len=1024, adaptive_k=True, calibrate=True, rounds_per_step=0,
       max_rounds_per_step=16, max_top_k=64, prefill_rows=1, model_name="", api_key="",
-      max_queue=256, max_body_bytes=8 << 20, request_timeout_s=600.0, logprobs_k=5))
+      max_queue=256, max_body_bytes=8 << 20, request_timeout_s=600.0, logprobs_k=5,
+      controls=True, max_logit_bias=300))
   return c

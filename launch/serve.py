@@ -71,7 +71,10 @@ def build_engine(config, multihost: bool = False, coordinator=None, num_processe
                   max_rounds_per_step=int(s.max_rounds_per_step),
                   prefill_rows=int(s.prefill_rows), tokenizer=tok, add_bos=bool(config.run.add_bos),
                   seed=int(config.sampling.seed), channel=channel,
-                  max_queue=int(s.max_queue) or None, logprobs_k=int(s.logprobs_k))
+                  max_queue=int(s.max_queue) or None, logprobs_k=int(s.logprobs_k),
+                  # the controls' inputs are not in the multi-host insert message
+                  controls=bool(s.controls) and channel is None,
+                  max_logit_bias=int(s.max_logit_bias))
   prompts = None
   if tok is not None and len(config.run.prompts):
     prompts = [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in config.run.prompts]

@@ -8,16 +8,18 @@ positions with other settings, and must still follow the target's law.
 
 import asyncio
 import dataclasses
+import functools
 import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import test_exactness as ex
 import test_sampling as ts
-from spec_tpu.decoding import k_policy
+from spec_tpu.decoding import k_policy, sampling
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
@@ -140,6 +142,71 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
   seeds = [engine.generate([ex.PROMPT], dataclasses.replace(probe, seed=s))[0].tokens
            for s in range(3)]
   assert any(t != alone for t in seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Controls: penalties (which depend on the tokens generated so far), min_p and logit_bias,
+# applied to p and q alike at every drafted position with the drafted prefix's counts.
+
+CONTROLS = dict(temperature=1.0, presence_penalty=0.6, frequency_penalty=0.4,
+                repetition_penalty=1.5, min_p=0.08, logit_bias=((2, 1.5), (6, -2.0)))
+
+
+@functools.partial(jax.jit, static_argnames=("min_p",))
+def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bias, min_p):
+  n = len(ex.CONTINUATIONS)
+  cont = jnp.asarray(ex.CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
+  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
+  # The generated tokens before step i: the continuation's first i.
+  onehot = jax.nn.one_hot(cont, ex.V, dtype=jnp.int32)
+  counts = jnp.cumsum(onehot, axis=1) - onehot
+  in_prompt = jnp.tile(jnp.zeros((ex.V,), bool).at[jnp.asarray(ex.PROMPT)].set(True), (n, 1))
+  f = lambda x: jnp.full((n,), x, jnp.float32)
+  shifted = sampling.penalize(logits, counts, in_prompt, f(presence), f(frequency),
+                              f(repetition), jnp.tile(bias_ids, (n, 1)), jnp.tile(bias, (n, 1)))
+  probs = sampling.probabilities(shifted, 1.0, 0, 1.0, min_p=min_p)
+  return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
+
+
+def _controlled_law(c):
+  ids, biases = zip(*c["logit_bias"])
+  law = np.asarray(_controlled_law_device(
+      ex.target_params(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
+      jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32), c["min_p"]), np.float64)
+  assert abs(law.sum() - 1) < 1e-4
+  return (law / law.sum()).reshape((ex.V,) * ex.L)
+
+
+def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
+  # Given requests with every control at once (repetition, frequency and presence penalties
+  # counting the row's own earlier tokens, min_p, logit_bias), decoded with K = 3 drafts
+  # (each drafted position penalised with the drafted prefix's counts),
+  engine = Engine(_toy_sampler(), num_slots=128, max_len=32, k=3, adaptive_k=False,
+                  max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
+  rng = np.random.default_rng(1)
+  requests = engine.submit_all([(ex.PROMPT, GenerationParams(
+      max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **CONTROLS))
+      for _ in range(LAW_ROWS)], bounded=False)
+  _drain(engine)
+  tokens = np.array([r.result().tokens for r in requests])
+  # then the first L tokens follow the law enumerated with the same controls,
+  law = _controlled_law(CONTROLS)
+  p = ex.law_pvalues(tokens, law)
+  assert min(p) > ex.ALPHA, p
+  # which differs from the plain target's (the controls did something),
+  plain = ex.exact_law(temperature=1.0)
+  assert min(ex.law_pvalues(tokens, plain)) < 1e-6
+  # and the draft was judged and sometimes rejected.
+  stats = [r.stats for r in requests]
+  assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+
+
+def test_controls_need_an_engine_built_with_them(toy_engine):
+  with pytest.raises(ValueError, match="controls=True"):
+    toy_engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
+  with pytest.raises(ValueError, match="repetition_penalty"):
+    toy_engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
 
 
 # ---------------------------------------------------------------------------------------------

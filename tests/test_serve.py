@@ -260,6 +260,10 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     (b'{"model": "random_tiny_target", "prompt": "x", "seed": -1' + b"0" * 400 + b"}", 400, None),
     (b'{"model": "random_tiny_target", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
      None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "presence_penalty": 3}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "min_p": 1.5}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"x": 1}}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"999999": 1}}', 400, None),
     # Accepted and silently ignored before: tools, JSON mode, "false" as a string.
     (b'{"model": "random_tiny_target", "prompt": "x", "tools": [{"type": "function"}]}', 400,
      None),
@@ -493,6 +497,29 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server):
   assert echoed.text == prompt + plain.choices[0].text
   assert echoed.logprobs.token_logprobs == lp.token_logprobs + \
       plain.choices[0].logprobs.token_logprobs
+
+
+def test_penalties_and_logit_bias_reach_the_sampler_plain_and_streamed(server):
+  client = _client(server)
+  # Given a bias of +100 on one token, every sampled token is that token, with logprob ~0
+  # (the bias is part of the distribution it was sampled from), streamed or not;
+  kw = dict(model=MODEL, prompt="x = 1", max_tokens=6, temperature=0.8, seed=1,
+            logit_bias={"50": 100}, logprobs=0)
+  biased = client.completions.create(**kw).choices[0]
+  assert len(set(biased.logprobs.tokens)) == 1 and len(biased.logprobs.tokens) == 6
+  assert all(v > -1e-3 for v in biased.logprobs.token_logprobs)
+  streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)
+                     if c.choices)
+  assert streamed == biased.text
+  # and strong repetition, frequency and presence penalties keep a greedy text from repeating
+  # any token (it does repeat without them).
+  kw = dict(model=MODEL, prompt="a = 1\n" * 3, max_tokens=16, temperature=0, logprobs=0)
+  plain = client.completions.create(**kw).choices[0].logprobs.tokens
+  assert len(set(plain)) < len(plain)
+  penalised = client.completions.create(presence_penalty=2, frequency_penalty=2,
+                                        extra_body={"repetition_penalty": 5.0}, **kw)
+  tokens = penalised.choices[0].logprobs.tokens
+  assert len(set(tokens)) == len(tokens) == 16
 
 
 def test_greedy_through_the_server_equals_sampler_greedy(server):

@@ -124,7 +124,7 @@ class Engine:
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
                margin: float = 0.1, seed: int = 0, channel=None, max_queue: int | None = None,
-               logprobs_k: int = 0):
+               logprobs_k: int = 0, controls: bool = False, max_logit_bias: int = 300):
     has_draft = sampler.draft_cfg is not None
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -166,11 +166,18 @@ class Engine:
     # Every program records each token's logprob; the top logprobs_k alternatives (a search
     # over the vocabulary at every verified position) only when asked for at construction.
     self.logprobs_k = min(int(logprobs_k), num_tokens)
+    # Penalties, min_p and logit_bias per request: token counts per row in the state, a
+    # penalty pass at every drafted and verified position (off: none of it is compiled).
+    if controls and channel is not None:
+      raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
+                       "single-process engine")
+    self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
     self._spec = decode.LoopSpec(
         target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
         k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
         out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id,
-        logprobs_k=self.logprobs_k)
+        logprobs_k=self.logprobs_k, controls=self.controls,
+        max_logit_bias=self.max_logit_bias)
     self._channel = channel
     self._rng = np.random.default_rng(seed)
     self._programs = {}
@@ -270,8 +277,15 @@ class Engine:
     if isinstance(params.stop, str):
       params = dataclasses.replace(params, stop=(params.stop,))
     params = dataclasses.replace(params, stop=tuple(params.stop))
+    if isinstance(params.logit_bias, dict):
+      params = dataclasses.replace(params, logit_bias=tuple(params.logit_bias.items()))
     params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None,
-                    max_logprobs=self.logprobs_k)
+                    max_logprobs=self.logprobs_k, num_tokens=num_tokens)
+    if params.has_controls and not self.controls:
+      raise ValueError("penalties, min_p and logit_bias need an engine built with controls=True")
+    if len(params.logit_bias) > self.max_logit_bias:
+      raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
+                       f"{self.max_logit_bias}")
     self.check_fits(len(tokens), int(params.max_new_tokens))
     return tokens, params
 
@@ -495,10 +509,25 @@ class Engine:
                                                         p.max_new_tokens)
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
-    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new)
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk))
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
     return self._run_insert(with_draft, slots, tokens, lengths, rows)
+
+  def _controls(self, chunk) -> decode.Controls | None:
+    if not self.controls:
+      return None
+    r, m = self.prefill_rows, self.max_logit_bias
+    c = decode.Controls(np.zeros((r,), np.float32), np.zeros((r,), np.float32),
+                        np.zeros((r,), np.float32), np.ones((r,), np.float32),
+                        np.full((r, m), -1, np.int32), np.zeros((r, m), np.float32))
+    for i, (_, req) in enumerate(chunk):
+      p = req.params
+      c.min_p_b[i], c.presence_b[i] = p.min_p, p.presence_penalty
+      c.frequency_b[i], c.repetition_b[i] = p.frequency_penalty, p.repetition_penalty
+      for j, (token, bias) in enumerate(p.logit_bias):
+        c.bias_ids_bn[i, j], c.bias_bn[i, j] = token, bias
+    return c
 
   def _run_insert(self, with_draft, slots, tokens, lengths, rows):
     program = self._insert_program(with_draft, tokens.shape[1])
@@ -731,7 +760,10 @@ class Engine:
     if key not in self._programs:
       r = self.prefill_rows
       row = self._row
-      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r))
+      m = self.max_logit_bias
+      controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
+          if self.controls else None
+      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh)
       fn = functools.partial(decode.insert, self._spec, with_draft=with_draft)
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
@@ -741,7 +773,9 @@ class Engine:
       args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
-                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
+                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
+                          decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
+                                          sds((r, m), jnp.float32)) if self.controls else None))
       self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
     return self._programs[key]
 

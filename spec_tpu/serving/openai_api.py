@@ -12,8 +12,9 @@ context 400 (code context_length_exceeded), a full queue 503 with Retry-After, t
 503, a request past its time limit 504 (a stream gets an error event instead: its status is
 already sent).
 
-Beyond OpenAI's fields: `top_k` (0 or -1 = off), and each response's `spec_tpu` object with the
-request's acceptance statistics (a streamed response sends it with the final chunk).
+Beyond OpenAI's fields: `top_k` (0 or -1 = off), `min_p` and `repetition_penalty` (vLLM's),
+and each response's `spec_tpu` object with the request's acceptance statistics (a streamed
+response sends it with the final chunk).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MAX_STOP_STRINGS = 4     # OpenAI's limit
 MAX_N = 128              # OpenAI's limit on samples per prompt
 MAX_LOGPROBS = 5         # OpenAI's limits: completions' `logprobs`, chat's `top_logprobs`
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300     # OpenAI's limit on logit_bias entries
 UNLIKELY = -9999.0       # OpenAI's stand-in for log(0) (JSON has no -inf): a token the
                          # filters removed
 RETRY_AFTER_S = 1        # what a client refused for a full queue is told to wait
@@ -104,8 +106,7 @@ def _unsupported(body: dict, name: str, neutral) -> None:
 def _params(body: dict, chat: bool = False) -> GenerationParams:
   max_tokens_field = "max_completion_tokens" if chat else "max_tokens"
   default_max_tokens = 1 if chat else DEFAULT_MAX_TOKENS  # chat's is replaced by the room left
-  for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0),
-                        ("logit_bias", ({},)), ("suffix", ("",)),
+  for name, neutral in (("suffix", ("",)),
                         ("tools", ([],)), ("functions", ([],)),
                         ("tool_choice", ("none", "auto")), ("function_call", ("none", "auto")),
                         ("response_format", ({"type": "text"},))):
@@ -143,7 +144,18 @@ def _params(body: dict, chat: bool = False) -> GenerationParams:
     logprobs = top if _flag(body, "logprobs") else None
     if top and logprobs is None:
       raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-  return GenerationParams(max_new_tokens=max(max_tokens, 1),
+  bias = body.get("logit_bias") or {}
+  if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
+      isinstance(t, str) and t.strip().isdigit() for t in bias):
+    raise ApiError(400, f"'logit_bias' must map at most {MAX_LOGIT_BIAS} token ids to biases",
+                   param="logit_bias")
+  bias = tuple((int(t), float(_number(bias, t, 0, lo=-100, hi=100))) for t in bias)
+  controls = dict(
+      presence_penalty=float(_number(body, "presence_penalty", 0.0, lo=-2, hi=2)),
+      frequency_penalty=float(_number(body, "frequency_penalty", 0.0, lo=-2, hi=2)),
+      repetition_penalty=float(_number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)),
+      min_p=float(_number(body, "min_p", 0.0, lo=0, hi=1)), logit_bias=bias)
+  return GenerationParams(**controls, max_new_tokens=max(max_tokens, 1),
                           temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),
                           top_p=float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
                           top_k=max(top_k, 0), seed=seed, stop=stop, logprobs=logprobs)

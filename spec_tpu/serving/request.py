@@ -39,9 +39,21 @@ class GenerationParams:
   stop: tuple[str, ...] = ()    # stop strings (need a tokenizer)
   logprobs: int | None = None   # None: none; n: each token's log-probability and the n most
                                 # probable tokens (at most the engine's logprobs_k)
+  # Controls (need an engine with controls=True; sampling.penalize and sampling.probabilities
+  # define them): neutral values are off.
+  min_p: float = 0.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
 
-  def validate(self, *, max_top_k: int, has_tokenizer: bool, max_logprobs: int = 0
-               ) -> "GenerationParams":
+  @property
+  def has_controls(self) -> bool:
+    return bool(self.min_p or self.presence_penalty or self.frequency_penalty
+                or self.repetition_penalty != 1 or self.logit_bias)
+
+  def validate(self, *, max_top_k: int, has_tokenizer: bool, max_logprobs: int = 0,
+               num_tokens: int | None = None) -> "GenerationParams":
     """Raises ValueError naming the bad field (numpy scalars are numbers too)."""
     integer("max_new_tokens", self.max_new_tokens, 1)
     if not (_real(self.temperature) and 0 <= self.temperature < math.inf):
@@ -53,6 +65,21 @@ class GenerationParams:
       raise ValueError(f"top_k={self.top_k} exceeds this engine's max_top_k={max_top_k}")
     if self.seed is not None:
       integer("seed", self.seed, 0, 2 ** 64 - 1)
+    if not (_real(self.min_p) and 0 <= self.min_p <= 1):
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not (_real(getattr(self, name)) and math.isfinite(getattr(self, name))):
+        raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+    if not (_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+      raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                       f"{self.repetition_penalty!r}")
+    for entry in self.logit_bias:
+      ok = isinstance(entry, tuple) and len(entry) == 2 and _real(entry[1]) \
+          and math.isfinite(entry[1]) and isinstance(entry[0], numbers.Integral) \
+          and 0 <= entry[0] < (num_tokens if num_tokens is not None else math.inf)
+      if not ok:
+        raise ValueError(f"logit_bias entries must be (token id in the vocabulary, finite "
+                         f"bias), got {entry!r}"[:200])
     if self.logprobs is not None:
       integer("logprobs", self.logprobs, 0)
       if self.logprobs > max_logprobs:

@@ -141,7 +141,7 @@ def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None):
                                 min_p=None if c is None else c.min_p_b)
 
 
-def _count(spec: LoopSpec, counts_bv, tokens_bm, num_b):
+def _count(counts_bv, tokens_bm, num_b):
   """counts plus the first num_b[i] of row i's tokens."""
   m = tokens_bm.shape[1]
   use = (jnp.arange(m)[None, :] < num_b[:, None]).astype(jnp.int32)
@@ -220,7 +220,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   counts = in_prompt = None
   if spec.controls:
     counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
-    in_prompt = _count(spec, counts, tokens_rt, lengths_r) > 0
+    in_prompt = _count(counts, tokens_rt, lengths_r) > 0
   q_rv = _probs(spec, logits[:, 0], rows, counts, in_prompt)
   first = sampling.sample(key_r, q_rv)
   dc = None
@@ -243,8 +243,8 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
                             jnp.zeros((r, n), jnp.int32)),
-                counts_bv=None if counts is None else _count(spec, counts, first[:, None],
-                                                             jnp.ones((r,), jnp.int32)),
+                counts_bv=None if counts is None else _count(counts, first[:, None],
+                                                     jnp.ones((r,), jnp.int32)),
                 in_prompt_bv=in_prompt)
   return state, first, _logprobs(spec, q_rv, first)
 
@@ -313,7 +313,7 @@ def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
     dc, x, counts = carry
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     if counts is not None:  # the drafted prefix's own tokens count too
-      counts = _count(spec, counts, x[:, None], one)
+      counts = _count(counts, x[:, None], one)
     p = _probs(spec, logits[:, 0], state.rows, counts, in_prompt)
     nxt = sampling.sample(key_b, p)
     # A recurrent layer's state after each step, stacked by the scan: the rollback selects
@@ -407,7 +407,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
                          done_b=done, stats=stats)
   if spec.controls:
-    state = state._replace(counts_bv=_count(spec, state.counts_bv, emitted, kept))
+    state = state._replace(counts_bv=_count(state.counts_bv, emitted, kept))
   return state, emitted, count, logprobs
 
 

@@ -48,6 +48,12 @@ calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_m
 them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
 feeds it the tokens it missed (decode.catch_up_draft).
 
+Per request beyond the filters: logprobs (each emitted token's log-probability under the
+target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
+tokens), and with `controls=True` penalties, min_p and logit_bias (decode.Controls). `score`
+runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
+bounds the requests waiting for a slot: past it submit raises QueueFullError.
+
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
 round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
 neither do its tokens, for the same K per round. Sampler.generate's row i with seed s is the
@@ -307,6 +313,8 @@ class Engine:
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
+      if self.max_queue is not None and len(self._queue) + len(self._scoring) >= self.max_queue:
+        raise QueueFullError(f"the queue is full ({self.max_queue} waiting): try again later")
       self._scoring.append((tokens, int(top), future))
       self._lock.notify_all()
     return future

@@ -490,18 +490,30 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     generate = not (echo and body.get("max_tokens") == 0)
     scored = params if params.logprobs is not None or best_of == n else \
         dataclasses.replace(params, logprobs=0)
-    # Request i * best_of + j is sample j of prompt i (OpenAI's order when best_of = n).
-    requests = _submit([(p, q) for p in prompts for q in _samples(best_of, scored)]) \
-        if generate else []
-    echoed = [None] * len(prompts)
-    if echo:
+    echoed, futures = [None] * len(prompts), []
+    if echo:  # queued first: a refused prompt leaves no generation running for nobody
       try:
         futures = [engine.score(p, params.logprobs or 0) for p in prompts]
       except ContextLengthError as e:
         raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
       except ValueError as e:
         raise ApiError(400, str(e), param="echo") from None
-      echoed = [await asyncio.wrap_future(f) for f in futures]
+      except QueueFullError as e:
+        raise ApiError(503, str(e), kind="server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+      except RuntimeError as e:
+        raise ApiError(503, str(e), kind="server_error") from None
+    # Request i * best_of + j is sample j of prompt i (OpenAI's order when best_of = n).
+    requests = _submit([(p, q) for p in prompts for q in _samples(best_of, scored)]) \
+        if generate else []
+    if echo:
+      try:
+        echoed = [await asyncio.wrap_future(f) for f in futures]
+      except Exception as e:  # pylint: disable=broad-except  (the engine failed meanwhile)
+        for r in requests:
+          r.cancel()
+        raise ApiError(503, f"scoring the prompt failed: {e}"[:300], kind="server_error") \
+            from None
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
     if not stream:

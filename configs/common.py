@@ -31,14 +31,25 @@
                 1024 for serve), rounds_per_step (N; 0 = chosen from measured times),
                 max_rounds_per_step, max_top_k (largest per-request top_k launch.serve
                 accepts; sample and serve_bench run sampling.top_k), prefill_rows (requests
-                per insert call)
+                per insert call); what launch.serve's requests may ask beyond the filters
+                (sample and serve_bench run without them): logprobs_k (the most `logprobs` /
+                `top_logprobs` alternatives: a top-k search over the vocabulary at every
+                verified position; 0 = only the tokens' own logprobs), controls (presence,
+                frequency and repetition penalties, min_p and logit_bias: token counts per
+                slot and a penalty pass at every drafted position; single-process engines
+                only, off on a multi-host one), max_logit_bias (logit_bias entries per request)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       prompts (text), add_bos, compare_ar (also run k=0 and report the speedup),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
                 serve, benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
-    serve.*     model_name: the name launch.serve answers to ('' = the target's name)
+    serve.*     launch.serve's HTTP front end: model_name (the name it answers to; '' = the
+                target's), api_key (clients must send it as a bearer token; '' = none, unless
+                --api_key or SPEC_TPU_API_KEY gives one), max_queue (requests waiting for a
+                slot; more get 503 + Retry-After; 0 = unbounded), max_body_bytes (larger
+                request bodies get 413), request_timeout_s (a request still running after
+                this is cancelled, 504; 0 = no limit)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -109,12 +120,15 @@ def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
       coupling="gumbel"))
   c.engine = ml_collections.ConfigDict(dict(
       k=4, adaptive_k=False, k_max=8, calibrate=True, num_slots=8, max_len=0,
-      rounds_per_step=0, max_rounds_per_step=16, max_top_k=64, prefill_rows=1))
+      rounds_per_step=0, max_rounds_per_step=16, max_top_k=64, prefill_rows=1,
+      logprobs_k=5, controls=True, max_logit_bias=300))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       prompts=(), add_bos=True, compare_ar=False, prompt_len=128,
       compile_cache=DEFAULT_COMPILE_CACHE))
   c.run.update(run)
   c.engine.num_slots = num_slots
-  c.serve = ml_collections.ConfigDict(dict(model_name=""))
+  c.serve = ml_collections.ConfigDict(dict(
+      model_name="", api_key="", max_queue=256, max_body_bytes=8 << 20,
+      request_timeout_s=600.0))
   return c

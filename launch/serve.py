@@ -15,8 +15,9 @@ serve.model_name, else the target's (`stdlib_target` for the embedded pair):
 Before serving, the engine compiles and times every K its policy may pick (0, engine.k and
 powers of two up to engine.k_max) with every slot busy on the config's prompts
 (engine.calibrate) and then runs the K its policy favours, K = 0 when speculation does not pay
-(it logs the choice). Settings: configs/common.py, `engine.*` and `serve.model_name`. Compiled
-programs go to the persistent compilation cache (run.compile_cache), so a restart loads them.
+(it logs the choice). Settings: configs/common.py, `engine.*` and `serve.*` (the name, an API
+key, the queue bound, body and time limits). Compiled programs go to the persistent
+compilation cache (run.compile_cache), so a restart loads them.
 
 Multi-host (--multihost or mesh.multihost): every process loads the models and builds the
 engine; process 0 runs the HTTP server and the scheduler and broadcasts each device call;
@@ -38,6 +39,9 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initiali
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Clients must send `Authorization: Bearer "
+                               "<key>` (default: serve.api_key, else $SPEC_TPU_API_KEY; none: "
+                               "no key needed).")
 
 
 def main(argv):
@@ -59,11 +63,13 @@ def main(argv):
   from spec_tpu.serving import chat, openai_api
   name = server.model_name(config, setup)
   template = chat.load(setup.target.checkpoint)
+  limits = server.limits(config, _API_KEY.value)
   engine.start()
-  server_app = openai_api.build_app(engine, name, template)
+  server_app = openai_api.build_app(engine, name, template, limits)
   print(f"serving {name} on http://{_HOST.value}:{_PORT.value} (K = {engine.k}, "
         f"{engine.num_slots} slots, context {engine.max_len}; chat template: "
-        f"{'plain fallback' if template.is_fallback else 'from the checkpoint'})", flush=True)
+        f"{'plain fallback' if template.is_fallback else 'from the checkpoint'}; API key "
+        f"{'required' if limits.api_key else 'not required'})", flush=True)
   try:
     uvicorn.run(server_app, host=_HOST.value, port=_PORT.value, log_level="warning")
   finally:

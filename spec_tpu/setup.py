@@ -249,6 +249,9 @@ class EngineSettings:
   max_top_k: int
   prefill_rows: int
   coupling: str = "rejection"  # sampling.coupling: the engine runs one for every request
+  logprobs_k: int = 0       # top logprobs a request may ask for (launch.serve)
+  controls: bool = False    # penalties, min_p and logit_bias per request (launch.serve)
+  max_logit_bias: int = 300
 
   def context(self, prompt_lens: Sequence[int] = (), max_new_tokens: int = 0) -> int:
     """A slot's length: max_len, else the longest prompt, its new tokens and a verification
@@ -270,8 +273,9 @@ def engine_settings(config) -> EngineSettings:
     raise SetupError(f"engine.rounds_per_step must be 0 (paced by measured time) or 1.."
                      f"engine.max_rounds_per_step={e.max_rounds_per_step}, got "
                      f"{e.rounds_per_step}")
-  if int(e.max_top_k) < 0:
-    raise SetupError(f"engine.max_top_k must be >= 0, got {e.max_top_k}")
+  for name in ("max_top_k", "logprobs_k", "max_logit_bias"):
+    if int(e[name]) < 0:
+      raise SetupError(f"engine.{name} must be >= 0, got {e[name]}")
   if int(e.max_len) < 0 or int(e.max_len) == 1:
     raise SetupError(f"engine.max_len must be 0 (sized from the prompts) or >= 2, got "
                      f"{e.max_len}")
@@ -289,14 +293,18 @@ def engine_settings(config) -> EngineSettings:
                         rounds_per_step=int(e.rounds_per_step) or None,
                         max_rounds_per_step=int(e.max_rounds_per_step),
                         max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows),
-                        coupling=coupling)
+                        coupling=coupling, logprobs_k=int(e.logprobs_k),
+                        controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias))
 
 
 def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = None,
-                 max_top_k: int | None = None, seed: int = 0, add_bos: bool = False,
-                 channel=None):
+                 max_top_k: int | None = None, per_request_extras: bool = True, seed: int = 0,
+                 add_bos: bool = False, channel=None, max_queue: int | None = None):
   """The Engine the settings describe over `pair` (max_len, max_top_k: overrides of the
-  settings' values, e.g. a context sized from known prompts)."""
+  settings' values, e.g. a context sized from known prompts). per_request_extras=False leaves
+  out logprobs_k alternatives and the controls (a launcher whose requests use neither);
+  controls are off on a multi-host engine (their inputs are not in the insert message).
+  max_queue: requests waiting for a slot before submit refuses more (None: unbounded)."""
   from spec_tpu.serving.engine import Engine
   return Engine(pair, num_slots=settings.num_slots,
                 max_len=max_len or settings.context(), k=settings.k, k_max=settings.k_max,
@@ -305,7 +313,10 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 rounds_per_step=settings.rounds_per_step,
                 max_rounds_per_step=settings.max_rounds_per_step,
                 prefill_rows=settings.prefill_rows, add_bos=add_bos, seed=seed, channel=channel,
-                coupling=settings.coupling)
+                coupling=settings.coupling, max_queue=max_queue,
+                logprobs_k=settings.logprobs_k if per_request_extras else 0,
+                controls=per_request_extras and settings.controls and channel is None,
+                max_logit_bias=settings.max_logit_bias)
 
 
 # ---------------------------------------------------------------- mesh

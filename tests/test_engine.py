@@ -8,21 +8,24 @@ positions with other settings, and must still follow the target's law.
 
 import asyncio
 import dataclasses
+import functools
 import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import test_exactness as ex
-from spec_tpu.decoding import k_policy
+import test_sampling as ts
+from spec_tpu.decoding import k_policy, sampling
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
 from spec_tpu.serving import Engine, GenerationParams
 from spec_tpu.serving import multihost
-from spec_tpu.serving.engine import ContextLengthError
+from spec_tpu.serving.engine import ContextLengthError, QueueFullError
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.tokenizer import ByteTokenizer
 
@@ -142,6 +145,146 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
 
 
 # ---------------------------------------------------------------------------------------------
+# Controls: penalties (which depend on the tokens generated so far), min_p and logit_bias,
+# applied to p and q alike at every drafted position with the drafted prefix's counts.
+
+CONTROLS = dict(temperature=1.0, presence_penalty=0.6, frequency_penalty=0.4,
+                repetition_penalty=1.5, min_p=0.08, logit_bias=((2, 1.5), (6, -2.0)))
+
+
+@functools.partial(jax.jit, static_argnames=("min_p",))
+def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bias, min_p):
+  n = len(ex.CONTINUATIONS)
+  cont = jnp.asarray(ex.CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
+  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
+  # The generated tokens before step i: the continuation's first i.
+  onehot = jax.nn.one_hot(cont, ex.V, dtype=jnp.int32)
+  counts = jnp.cumsum(onehot, axis=1) - onehot
+  in_prompt = jnp.tile(jnp.zeros((ex.V,), bool).at[jnp.asarray(ex.PROMPT)].set(True), (n, 1))
+  f = lambda x: jnp.full((n,), x, jnp.float32)
+  shifted = sampling.penalize(logits, counts, in_prompt, f(presence), f(frequency),
+                              f(repetition), jnp.tile(bias_ids, (n, 1)), jnp.tile(bias, (n, 1)))
+  probs = sampling.probabilities(shifted, 1.0, 0, 1.0, min_p=min_p)
+  return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
+
+
+def _controlled_law(c):
+  ids, biases = zip(*c["logit_bias"])
+  law = np.asarray(_controlled_law_device(
+      ex.target_params(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
+      jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32), c["min_p"]), np.float64)
+  assert abs(law.sum() - 1) < 1e-4
+  return (law / law.sum()).reshape((ex.V,) * ex.L)
+
+
+def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
+  # Given requests with every control at once (repetition, frequency and presence penalties
+  # counting the row's own earlier tokens, min_p, logit_bias), decoded with K = 3 drafts
+  # (each drafted position penalised with the drafted prefix's counts),
+  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
+                  max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
+  rng = np.random.default_rng(1)
+  requests = engine.submit_all([(ex.PROMPT, GenerationParams(
+      max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **CONTROLS))
+      for _ in range(LAW_ROWS)], bounded=False)
+  _drain(engine)
+  tokens = np.array([r.result().tokens for r in requests])
+  # then the first L tokens follow the law enumerated with the same controls,
+  law = _controlled_law(CONTROLS)
+  p = ex.law_pvalues(tokens, law)
+  assert min(p) > ex.ALPHA, p
+  # which differs from the plain target's (the controls did something),
+  plain = ex.exact_law(temperature=1.0)
+  assert min(ex.law_pvalues(tokens, plain)) < 1e-6
+  # and the draft was judged and sometimes rejected.
+  stats = [r.stats for r in requests]
+  assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+
+
+def test_controls_need_an_engine_built_with_them(toy_engine):
+  with pytest.raises(ValueError, match="controls=True"):
+    toy_engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
+  with pytest.raises(ValueError, match="repetition_penalty"):
+    toy_engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs: what each emitted token's distribution gave it, through speculation.
+
+LOGPROB_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_engine, k):
+  engine = toy_logprobs_engine
+  rng = np.random.default_rng(k)
+  prompts = [rng.integers(0, ex.V, int(rng.integers(2, 9))).tolist() for _ in range(8)]
+  params = [GenerationParams(max_new_tokens=14, seed=i, logprobs=3,
+                             **LOGPROB_SETTINGS[i % len(LOGPROB_SETTINGS)])
+            for i in range(len(prompts))]
+  # Given requests with mixed filters, decoded at K = k (3: tokens come from acceptance,
+  # resampling after a rejection and the bonus position alike; 0: plain decoding),
+  requests = engine.submit_all(list(zip(prompts, params)))
+  while engine.step(k=k):
+    pass
+  full = jax.jit(lambda tokens: model.forward_full(ex.target_params(), ex.TARGET, tokens))
+  for prompt, p, r in zip(prompts, params, requests):
+    done = r.result()
+    assert len(done.logprobs) == len(done.tokens) >= 1
+    # then each token's logprob is log q(token | its prefix), q the target's filtered
+    # distribution recomputed in float64 from one forward over the whole sequence,
+    seq = prompt + done.tokens
+    logits = np.asarray(full(np.asarray([seq], np.int32))[0], np.float64)
+    for j, lp in enumerate(done.logprobs):
+      q = ts.reference(logits[len(prompt) - 1 + j], p.temperature, p.top_k, p.top_p)
+      assert lp.token == done.tokens[j]
+      np.testing.assert_allclose(lp.logprob, np.log(q[lp.token]), atol=2e-5)
+      # and the top 3 are q's most probable tokens with their logprobs (-inf: filtered out).
+      ids, lps = zip(*lp.top)
+      with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(lps, np.log(np.sort(q)[::-1][:3]), atol=2e-5)
+        np.testing.assert_allclose(np.log(q[list(ids)]), lps, atol=2e-5)
+
+
+def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_logprobs_engine):
+  engine = toy_logprobs_engine
+  (r,) = engine.generate([[1, 2, 3]], GenerationParams(max_new_tokens=3, seed=0))
+  assert r.logprobs is None
+  with pytest.raises(ValueError, match="logprobs_k=3"):
+    engine.submit([1, 2], GenerationParams(logprobs=4))
+
+
+def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
+  engine = toy_logprobs_engine
+  prompt = [3, 1, 4, 1, 5, 2, 6, 5, 3]
+  # Given a prompt scored (between steps, as the engine's thread does),
+  future = engine.score(prompt, top=2)
+  engine.step()
+  scores = future.result(timeout=0)
+  # then the first token has nothing before it, and each later token's logprob and top 2 are
+  # the target's log-softmax at the position before it (temperature 1, no filters).
+  logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
+                                         np.asarray([prompt], np.int32))[0], np.float64)
+  logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  assert [s.token for s in scores] == prompt and math.isnan(scores[0].logprob)
+  for j, s in enumerate(scores[1:], 1):
+    np.testing.assert_allclose(s.logprob, logq[j - 1, prompt[j]], atol=1e-5)
+    assert [t for t, _ in s.top] == list(np.argsort(-logq[j - 1], kind="stable")[:2])
+    np.testing.assert_allclose([v for _, v in s.top], np.sort(logq[j - 1])[::-1][:2], atol=1e-5)
+  with pytest.raises(ValueError, match="logprobs_k=3"):
+    engine.score(prompt, top=4)
+
+
+@pytest.fixture(scope="module")
+def toy_logprobs_engine():
+  return Engine(_toy_sampler().pair, num_slots=8, max_len=40, k=3, adaptive_k=False, max_top_k=4,
+                logprobs_k=3)
+
+
+# ---------------------------------------------------------------------------------------------
 # Streams, stop strings, cancellation: a tiny byte-level model, driven step by step here (the
 # server tests run it on its background thread).
 
@@ -232,6 +375,30 @@ def test_bad_requests_are_refused_before_queueing(byte_engine):
     with pytest.raises(ValueError, match=match):
       engine.submit("x", GenerationParams(**bad))
   assert engine.queue_length == 0
+
+
+def test_the_queue_bound_refuses_past_it_and_frees_as_it_drains(byte_engine, monkeypatch):
+  engine, _ = byte_engine
+  monkeypatch.setattr(engine, "max_queue", 3)
+  params = GenerationParams(max_new_tokens=2, seed=1)
+  # Given a queue bound of 3 and 2 requests waiting,
+  waiting = engine.submit_all([("a", params), ("b", params)])
+  # then a batch of 2 more is refused whole (nothing of it queued), one more fits,
+  with pytest.raises(QueueFullError, match="queue is full"):
+    engine.submit_all([("c", params), ("d", params)])
+  assert engine.queue_length == 2
+  waiting.append(engine.submit("c", params))
+  with pytest.raises(QueueFullError):
+    engine.submit("d", params)
+  # a batch larger than the bound can never fit (a ValueError, not "try later"),
+  with pytest.raises(ValueError, match="exceed"):
+    engine.submit_all([("e", params)] * 4)
+  # and once the engine takes the waiting ones into slots the queue has room again.
+  engine.step()
+  assert engine.queue_length == 0
+  waiting.append(engine.submit("d", params))
+  _drain(engine)
+  assert all(r.result().finish_reason in ("stop", "length") for r in waiting)
 
 
 def test_a_batch_with_a_bad_member_leaves_nothing_queued(byte_engine):

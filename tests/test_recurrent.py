@@ -528,7 +528,7 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   rows = decode.Rows(jnp.ones((b,), jnp.float32), jnp.ones((b,), jnp.float32),
                      jnp.zeros((b,), jnp.int32), jnp.stack([jnp.arange(b), jnp.zeros(b)], 1)
                      .astype(jnp.uint32), jnp.full((b,), 1000, jnp.int32))
-  state, _ = jax.jit(decode.prefill, static_argnums=0, static_argnames="with_draft")(
+  state, _, _ = jax.jit(decode.prefill, static_argnums=0, static_argnames="with_draft")(
       spec, target, draft, prompts, lengths, rows, with_draft=True)
   round_ = jax.jit(decode.round_, static_argnums=0)
   fresh = jax.jit(lambda params, tokens, n: model.forward(
@@ -537,7 +537,7 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   for _ in range(8):
     before = state.target_cache.length
     # when a round drafts K tokens, verifies K + 1 and rolls both caches back,
-    state, _, _ = round_(spec, target, draft, state)
+    state, _, _, _ = round_(spec, target, draft, state)
     accepted = state.target_cache.length - before - 1
     partial += int(jnp.sum((accepted > 0) & (accepted < k)))
     # then every kept recurrent state (target and draft, every layer, every row) is the state

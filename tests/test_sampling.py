@@ -9,7 +9,7 @@ from spec_tpu.decoding import sampling
 from spec_tpu.decoding.sampling import SamplingParams
 
 
-def reference(logits, temperature, top_k, top_p):
+def reference(logits, temperature, top_k, top_p, min_p=0.0):
   """Straight from the definitions in spec_tpu/sampling.py, one token at a time."""
   logits = np.asarray(logits, np.float64)
   v = len(logits)
@@ -23,6 +23,9 @@ def reference(logits, temperature, top_k, top_p):
     z = np.where(z >= kth, z, -np.inf)
   p = np.exp(z - z.max())
   p /= p.sum()
+  if min_p > 0:
+    p = np.where(p >= min_p * p.max(), p, 0.0)
+    p /= p.sum()
   if top_p < 1:
     keep = np.array([p[p > p[i]].sum() < top_p for i in range(v)])
     p = np.where(keep, p, 0.0)
@@ -58,6 +61,48 @@ def test_filters_match_reference(case):
     # The kept set must match exactly; the kept probabilities to float32 rounding.
     assert (got > 0).tolist() == (want > 0).tolist(), (case, temperature, top_k, top_p, got, want)
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str((case, temperature, top_k, top_p)))
+
+
+def reference_penalize(logits, generated, prompt, presence, frequency, repetition, bias):
+  """OpenAI's presence/frequency penalties, the repetition penalty of HF and vLLM, logit_bias,
+  token by token."""
+  out = np.array(logits, np.float64)
+  for token, b in bias.items():
+    out[token] += b
+  for t in range(len(out)):
+    count = generated.count(t)
+    if count or t in prompt:
+      out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    out[t] -= frequency * count + presence * (count > 0)
+  return out
+
+
+def test_penalties_bias_and_min_p_match_reference():
+  rng = np.random.default_rng(0)
+  v = 12
+  cases = [((), (), 0.0, 0.0, 1.0, {}, 0.0),                       # all neutral: unchanged
+           ((3, 3, 5), (1, 3), 0.5, 0.25, 1.3, {0: 2.0, 7: -1.5}, 0.0),
+           ((2, 2, 2, 9), (), -0.5, 1.0, 0.8, {}, 0.2),
+           ((), (4, 4, 11), 0.0, 0.0, 2.0, {11: 5.0}, 0.5)]
+  logits = rng.normal(size=(len(cases), v)).astype(np.float32)
+  counts = np.array([np.bincount(np.array(g, int), minlength=v) for g, *_ in cases], np.int32)
+  in_prompt = np.array([np.isin(np.arange(v), p) for _, p, *_ in cases])
+  col = lambda i: jnp.asarray([c[i] for c in cases], jnp.float32)
+  ids = np.full((len(cases), 2), -1, np.int32)
+  values = np.zeros((len(cases), 2), np.float32)
+  for i, c in enumerate(cases):
+    for j, (t, b) in enumerate(c[5].items()):
+      ids[i, j], values[i, j] = t, b
+  shifted = sampling.penalize(jnp.asarray(logits), jnp.asarray(counts), jnp.asarray(in_prompt),
+                              col(2), col(3), col(4), jnp.asarray(ids), jnp.asarray(values))
+  probs = np.asarray(sampling.probabilities(shifted, 1.0, 0, 1.0, min_p=col(6)))
+  assert np.array_equal(np.asarray(shifted)[0], logits[0])  # neutral rows exactly as they were
+  for i, (generated, prompt, a, f, r, bias, min_p) in enumerate(cases):
+    want_logits = reference_penalize(logits[i], list(generated), prompt, a, f, r, bias)
+    np.testing.assert_allclose(np.asarray(shifted)[i], want_logits, atol=1e-5)
+    want = reference(want_logits, 1.0, 0, 1.0, min_p)
+    assert (probs[i] > 0).tolist() == (want > 0).tolist()
+    np.testing.assert_allclose(probs[i], want, atol=1e-6)
 
 
 def test_tie_semantics_are_symmetric():

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -30,10 +31,13 @@ from spec_tpu import setup as common  # noqa: E402
 
 MODEL = "random_tiny_target"  # the target's name in configs/tiny_random.py
 MAX_LEN = 512
+SLOTS, MAX_QUEUE, MAX_BODY = 16, 64, 1_000_000
+KEY = "test-key-0123"  # the fixture's server requires it (through SPEC_TPU_API_KEY)
 OVERRIDES = ["--config.model.checkpoint=", "--config.draft.checkpoint=",
              "--config.engine.calibrate=False", "--config.engine.adaptive_k=False",
-             "--config.engine.num_slots=16", f"--config.engine.max_len={MAX_LEN}",
-             "--config.engine.rounds_per_step=2"]
+             f"--config.engine.num_slots={SLOTS}", f"--config.engine.max_len={MAX_LEN}",
+             "--config.engine.rounds_per_step=2", f"--config.serve.max_queue={MAX_QUEUE}",
+             f"--config.serve.max_body_bytes={MAX_BODY}"]
 
 
 def _free_port():
@@ -48,7 +52,7 @@ def server(tmp_path_factory):
   log = tmp_path_factory.mktemp("serve") / "server.log"
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY)
   with open(log, "wb") as out:
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.serve", "--config=configs/tiny_random.py",
@@ -76,7 +80,11 @@ def server(tmp_path_factory):
 
 
 def _client(url, **kw):
-  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+  return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+
+def _async_client(url, timeout=300):
+  return openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=timeout)
 
 
 def _metrics(url) -> dict:
@@ -90,14 +98,16 @@ def _metrics(url) -> dict:
   return out
 
 
-def _post(url, path, body: bytes):
+def _post(url, path, body: bytes, key=KEY, headers=False):
+  auth = {"Authorization": f"Bearer {key}"} if key else {}
   req = urllib.request.Request(url + path, data=body, method="POST",
-                               headers={"Content-Type": "application/json"})
+                               headers={"Content-Type": "application/json", **auth})
   try:
     with urllib.request.urlopen(req, timeout=30) as r:
-      return r.status, json.loads(r.read())
+      out = r.status, json.loads(r.read()), r.headers
   except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
+    out = e.code, json.loads(e.read()), e.headers
+  return out if headers else out[:2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +157,7 @@ def test_64_concurrent_mixed_requests_each_answered_once(server):
   # Given 64 clients at once, with mixed lengths, temperatures, top-p, top-k, seeds, and half of
   # them streaming,
   before = _metrics(server)
-  client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0,
-                              timeout=300)
+  client = _async_client(server)
 
   async def one(i):
     kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 40,
@@ -213,7 +222,8 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
   host, port = server.split("//")[1].split(":")
   with socket.create_connection((host, int(port))) as sock:
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                 b"\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (KEY.encode(), len(body), body))
     time.sleep(0.3)
   # then the server notices (it polls) and cancels it, freeing the slot.
   deadline = time.monotonic() + 20
@@ -231,7 +241,16 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     (b'{"model": "random_tiny_target", "prompt": "x", "top_p": 0}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "top_k": 1000}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "max_tokens": 0}', 400, None),
-    (b'{"model": "random_tiny_target", "prompt": "x", "n": 2}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 0}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logprobs": 6}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "echo": true, "stream": true}', 400,
+     None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 2, "best_of": 1}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "best_of": 2, "stream": true}', 400,
+     None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 129}', 400, None),
+    # More samples at once than the queue holds: never accepted, so not a 503.
+    (b'{"model": "random_tiny_target", "prompt": "x", "n": 100}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": 7}', 400, None),
     (('{"model": "random_tiny_target", "prompt": "' + "a = 1\\n" * 400 + '"}').encode(), 400,
      "context_length_exceeded"),
@@ -241,6 +260,10 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     (b'{"model": "random_tiny_target", "prompt": "x", "seed": -1' + b"0" * 400 + b"}", 400, None),
     (b'{"model": "random_tiny_target", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
      None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "presence_penalty": 3}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "min_p": 1.5}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"x": 1}}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"999999": 1}}', 400, None),
     # Accepted and silently ignored before: tools, JSON mode, "false" as a string.
     (b'{"model": "random_tiny_target", "prompt": "x", "tools": [{"type": "function"}]}', 400,
      None),
@@ -266,6 +289,237 @@ def test_openai_client_sees_errors_as_its_exceptions(server):
     client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
   with pytest.raises(openai.BadRequestError):
     client.chat.completions.create(model=MODEL, messages=[{"role": "nobody", "content": "x"}])
+  chat = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+  with pytest.raises(openai.BadRequestError, match="top_logprobs"):  # without logprobs: true
+    client.chat.completions.create(top_logprobs=2, **chat)
+  with pytest.raises(openai.BadRequestError, match="logprobs_k=5"):  # past the compiled width
+    client.chat.completions.create(logprobs=True, top_logprobs=6, **chat)
+
+
+def test_the_api_needs_the_key_and_health_does_not(server):
+  # Given the server started with an API key (SPEC_TPU_API_KEY),
+  body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
+  # then a request without it, or with another, gets an OpenAI-shaped 401,
+  for key in (None, "test-key-0124", KEY + "x"):
+    status, error = _post(server, "/v1/completions", body, key=key)
+    assert status == 401 and error["error"]["code"] == "invalid_api_key", (key, error)
+  with pytest.raises(openai.AuthenticationError):
+    openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+  # while health checks and metrics scrapes need none, and the key opens the API.
+  with urllib.request.urlopen(server + "/health", timeout=10) as r:
+    assert r.status == 200
+  assert _post(server, "/v1/completions", body)[0] == 200
+
+
+def test_a_body_past_the_size_limit_gets_413_declared_or_chunked(server):
+  host, port = server.split("//")[1].split(":")
+  head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          b"Authorization: Bearer %s\r\n" % KEY.encode())
+  piece = b"x" * 65536
+  declared = [head + b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)] + \
+      [piece] * (MAX_BODY // len(piece) + 1)
+  # (no Content-Length: the server counts what arrives and stops reading past the limit)
+  chunked = [head + b"Transfer-Encoding: chunked\r\n\r\n"] + \
+      [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 2) + [b"0\r\n\r\n"]
+  for parts in (declared, chunked):
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+      try:
+        for part in parts:
+          sock.sendall(part)
+      except OSError:  # the server answered and closed before the rest was sent
+        pass
+      # (The status line, at least: closing on unread data resets the connection, which can
+      # drop the rest of the answer.)
+      answer = sock.recv(65536)
+    assert answer.split(b"\r\n")[0].endswith(b"413 Request Entity Too Large"), answer[:200]
+
+
+def test_a_flood_past_the_queue_gets_503_and_the_rest_are_answered(server):
+  # Given more concurrent requests than the slots plus the queue can hold, each long enough to
+  # keep its slot while the others arrive,
+  flood = SLOTS + MAX_QUEUE + 30
+  client = _async_client(server)
+
+  async def one(i):
+    try:
+      r = await client.completions.create(model=MODEL, prompt=f"y = {i}", max_tokens=40,
+                                          temperature=1.0)
+      return r.choices[0].finish_reason
+    except openai.APIStatusError as e:
+      return e.status_code, e.response.headers.get("retry-after"), e.body
+
+  async def run():
+    try:
+      return await asyncio.gather(*(one(i) for i in range(flood)))
+    finally:
+      await client.close()
+
+  results = asyncio.run(run())
+  refused = [r for r in results if isinstance(r, tuple)]
+  # then the ones past the bound get 503 with Retry-After (OpenAI's client retries on these),
+  assert len(refused) >= flood - SLOTS - MAX_QUEUE, results
+  assert all(status == 503 and retry == "1" and body["code"] == "queue_full"
+             for status, retry, body in refused), refused
+  # every accepted one is answered in full, and the server goes on serving.
+  assert all(r in ("stop", "length") for r in results if not isinstance(r, tuple))
+  assert _client(server).completions.create(model=MODEL, prompt="z", max_tokens=2).usage
+  assert _metrics(server)["spec_tpu_queue_length"] == 0
+
+
+def test_streams_report_usage_when_asked(server):
+  client = _client(server)
+  kw = dict(model=MODEL, prompt="def sub(a, b):", max_tokens=10, temperature=0.9, seed=11)
+  plain = client.completions.create(**kw)
+  chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                          **kw))
+  # The last chunk carries the usage (no choices), equal to the plain response's.
+  assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+  assert all(c.usage is None for c in chunks[:-1])
+  chat = list(client.chat.completions.create(
+      model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True,
+      stream_options={"include_usage": True}))
+  assert chat[-1].usage.completion_tokens <= 5 and chat[-1].usage.prompt_tokens > 0
+
+
+def test_n_samples_of_a_prompt_plain_and_streamed(server):
+  client = _client(server)
+  # Given n = 3 seeded samples of each of two prompts,
+  kw = dict(model=MODEL, prompt=["def add(a, b):", "import os\n"], max_tokens=12,
+            temperature=1.0, seed=5, n=3)
+  plain = client.completions.create(**kw)
+  # then choice i * 3 + j is sample j of prompt i; sample 0 is the request without n (the seed
+  # picks stream j for sample j), and the samples differ from each other,
+  assert [c.index for c in plain.choices] == list(range(6))
+  single = client.completions.create(**dict(kw, n=1))
+  assert [c.text for c in single.choices] == [plain.choices[0].text, plain.choices[3].text]
+  assert len({c.text for c in plain.choices[:3]}) > 1
+  # the prompt's tokens are counted once per prompt,
+  assert plain.usage.prompt_tokens == single.usage.prompt_tokens
+  assert plain.usage.completion_tokens >= single.usage.completion_tokens
+  # and a stream's chunks carry their choice's index, each choice adding up to the same text.
+  texts, finish = [""] * 6, [None] * 6
+  for c in client.completions.create(stream=True, **kw):
+    for choice in c.choices:
+      texts[choice.index] += choice.text
+      finish[choice.index] = choice.finish_reason or finish[choice.index]
+  assert texts == [c.text for c in plain.choices]
+  assert finish == [c.finish_reason for c in plain.choices]
+
+
+def test_n_chat_choices_plain_and_streamed(server):
+  client = _client(server)
+  kw = dict(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}], max_tokens=8,
+            seed=2, n=2)
+  reply = client.chat.completions.create(**kw)
+  assert [c.index for c in reply.choices] == [0, 1]
+  texts, roles = ["", ""], [None, None]
+  for c in client.chat.completions.create(stream=True, **kw):
+    for choice in c.choices:
+      texts[choice.index] += choice.delta.content or ""
+      roles[choice.index] = roles[choice.index] or choice.delta.role
+  assert texts == [c.message.content for c in reply.choices] and roles == ["assistant"] * 2
+
+
+def test_completion_logprobs_plain_and_streamed(server):
+  client = _client(server)
+  # Given a seeded completion asking for each token's logprob and its 2 best alternatives,
+  kw = dict(model=MODEL, prompt="def mul(a, b):", max_tokens=10, temperature=0.8, seed=4,
+            logprobs=2)
+  plain = client.completions.create(**kw)
+  lp = plain.choices[0].logprobs
+  # then every generated token has one: a log-probability, and top alternatives as likely
+  # or more, the token's own among them when it is as likely as the second best,
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+      plain.usage.completion_tokens
+  assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+  for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    assert -50 < value <= 0 and 1 <= len(top) <= 2
+    assert max(top.values()) >= value - 1e-5
+    if value >= min(top.values()) + 1e-4:
+      assert token in top
+  # and a stream carries the same, chunk by chunk.
+  tokens, values = [], []
+  for c in client.completions.create(stream=True, **kw):
+    if c.choices and c.choices[0].logprobs:
+      tokens += c.choices[0].logprobs.tokens
+      values += c.choices[0].logprobs.token_logprobs
+  assert tokens == lp.tokens and np.allclose(values, lp.token_logprobs, atol=1e-6)
+
+
+def test_chat_logprobs_and_top_logprobs_plain_and_streamed(server):
+  client = _client(server)
+  kw = dict(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}], max_tokens=6,
+            seed=9, logprobs=True, top_logprobs=3)
+  reply = client.chat.completions.create(**kw)
+  content = reply.choices[0].logprobs.content
+  assert len(content) == reply.usage.completion_tokens
+  assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 and c.bytes for c in content)
+  assert all(c.top_logprobs[0].logprob >= c.top_logprobs[-1].logprob for c in content)
+  streamed = [e for c in client.chat.completions.create(stream=True, **kw) if c.choices
+              and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+  assert [(e.token, round(e.logprob, 5)) for e in streamed] == \
+      [(e.token, round(e.logprob, 5)) for e in content]
+  # Without `logprobs` there are none.
+  assert client.chat.completions.create(**dict(kw, logprobs=None, top_logprobs=None)
+                                        ).choices[0].logprobs is None
+
+
+def test_best_of_returns_the_most_probable_of_its_samples(server):
+  client = _client(server)
+  kw = dict(model=MODEL, prompt="for i in", max_tokens=8, temperature=1.0, seed=21)
+  # Given the 4 samples best_of = 4 draws (the same as n = 4 with the same seed),
+  every = client.completions.create(n=4, logprobs=0, **kw)
+  totals = [sum(c.logprobs.token_logprobs) for c in every.choices]
+  # then best_of = 4 (n = 1) returns the one whose tokens are the most probable.
+  best = client.completions.create(best_of=4, **kw)
+  assert [c.text for c in best.choices] == [every.choices[int(np.argmax(totals))].text]
+  assert best.choices[0].logprobs is None
+  assert best.usage.completion_tokens == every.usage.completion_tokens
+
+
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server):
+  client = _client(server)
+  prompt = "def add(a, b):\n    return a + b"
+  # Given a prompt scored alone (echo, max_tokens 0, as lm-evaluation-harness asks),
+  scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0,
+                                     logprobs=1, temperature=0)
+  lp = scored.choices[0].logprobs
+  # then the text is the prompt's, and each of its tokens has a logprob (the first none),
+  assert scored.choices[0].text == prompt
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  assert len(lp.tokens) == scored.usage.prompt_tokens > 5
+  assert all(v <= 0 and len(top) == 1 for v, top in zip(lp.token_logprobs[1:],
+                                                         lp.top_logprobs[1:]))
+  # and with new tokens the same prompt part comes first, then the completion's own logprobs.
+  kw = dict(model=MODEL, prompt=prompt, max_tokens=4, logprobs=1, temperature=0.9, seed=8)
+  plain = client.completions.create(**kw)
+  echoed = client.completions.create(echo=True, **kw).choices[0]
+  assert echoed.text == prompt + plain.choices[0].text
+  assert echoed.logprobs.token_logprobs == lp.token_logprobs + \
+      plain.choices[0].logprobs.token_logprobs
+
+
+def test_penalties_and_logit_bias_reach_the_sampler_plain_and_streamed(server):
+  client = _client(server)
+  # Given a bias of +100 on one token, every sampled token is that token, with logprob ~0
+  # (the bias is part of the distribution it was sampled from), streamed or not;
+  kw = dict(model=MODEL, prompt="x = 1", max_tokens=6, temperature=0.8, seed=1,
+            logit_bias={"50": 100}, logprobs=0)
+  biased = client.completions.create(**kw).choices[0]
+  assert len(set(biased.logprobs.tokens)) == 1 and len(biased.logprobs.tokens) == 6
+  assert all(v > -1e-3 for v in biased.logprobs.token_logprobs)
+  streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)
+                     if c.choices)
+  assert streamed == biased.text
+  # and strong repetition, frequency and presence penalties keep a greedy text from repeating
+  # any token (it does repeat without them).
+  kw = dict(model=MODEL, prompt="a = 1\n" * 3, max_tokens=16, temperature=0, logprobs=0)
+  plain = client.completions.create(**kw).choices[0].logprobs.tokens
+  assert len(set(plain)) < len(plain)
+  penalised = client.completions.create(presence_penalty=2, frequency_penalty=2,
+                                        extra_body={"repetition_penalty": 5.0}, **kw)
+  tokens = penalised.choices[0].logprobs.tokens
+  assert len(set(tokens)) == len(tokens) == 16
 
 
 def test_greedy_through_the_server_equals_sampler_greedy(server):
@@ -426,7 +680,10 @@ class _FailingEngine:
   def room(self, prompt_len):
     return 64
 
-  def submit(self, prompt, params):
+  def submit_all(self, items):
+    return [self._submit(*item) for item in items]
+
+  def _submit(self, prompt, params):
     from spec_tpu.serving.request import ABORTED, Request
     r = Request(0, self.tokenizer.encode(prompt), params, self.tokenizer)
 
@@ -465,6 +722,58 @@ def test_an_engine_failure_reaches_clients_as_a_503_or_an_error_event():
     assert json.loads(events[0])["choices"][0]["text"] == "partial "
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     assert events[-1] == "[DONE]"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+class _SilentEngine(_FailingEngine):
+  """An engine whose requests never finish (a stuck device, an endless generation)."""
+
+  def __init__(self):
+    super().__init__()
+    self.requests = []
+
+  def _submit(self, prompt, params):
+    from spec_tpu.serving.request import Request
+    prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    r = Request(0, prompt, params, self.tokenizer)
+    r._deliver(self.tokenizer.encode("so far"))
+    self.requests.append(r)
+    return r
+
+
+def test_a_request_past_the_time_limit_is_cancelled_and_answered_504():
+  import uvicorn
+  from spec_tpu.serving import openai_api
+  engine = _SilentEngine()
+  app = openai_api.build_app(engine, "m", limits=openai_api.Limits(request_timeout_s=0.5))
+  port = _free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 30
+    while not server.started:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    # Given a server with a 0.5 s limit and requests that would never finish, a plain request
+    # gets a 504 and its request is cancelled (its slot freed),
+    started = time.monotonic()
+    status, body = _post(url, "/v1/completions", b'{"model": "m", "prompt": "x"}')
+    assert status == 504 and body["error"]["code"] == "timeout", body
+    assert 0.4 < time.monotonic() - started < 10 and engine.requests[-1].cancelled
+    # and a stream gets what was made, then a timeout error event and its end.
+    req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                 data=b'{"model": "m", "stream": true, "messages": '
+                                      b'[{"role": "user", "content": "x"}]}',
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+      events = [line[len("data: "):] for line in r.read().decode().splitlines() if line]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "so far"
+    assert json.loads(events[-2])["error"]["code"] == "timeout"
+    assert events[-1] == "[DONE]" and engine.requests[-1].cancelled
   finally:
     server.should_exit = True
     thread.join(timeout=10)

@@ -53,7 +53,8 @@ def test_engine_settings_build_the_engine_they_describe(checkpoints):
   from configs import common
   c = common.base(num_slots=3)
   c.engine.update(k=2, k_max=4, adaptive_k=True, max_len=40, rounds_per_step=2,
-                  max_rounds_per_step=4, prefill_rows=2, max_top_k=8)
+                  max_rounds_per_step=4, prefill_rows=2, max_top_k=8, logprobs_k=3,
+                  controls=True, max_logit_bias=7)
   settings = setup.engine_settings(c)
   one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   pair = setup.load_checkpoints(*checkpoints, mesh=one_device)
@@ -63,12 +64,19 @@ def test_engine_settings_build_the_engine_they_describe(checkpoints):
   assert engine.prefill_rows == 2 and engine.max_top_k == 8 and engine.policy is not None
   assert engine.pacing.max_rounds == 4 and engine.pacing.rounds(2) == 2
   assert engine.ks == (0, 1, 2, 4)
+  assert (engine.logprobs_k, engine.controls, engine.max_logit_bias) == (3, True, 7)
+  assert engine.max_queue is None  # the server's bound (serve.max_queue), not the engine's
+  # and a launcher whose requests ask for neither leaves the extras out.
+  plain = setup.build_engine(pair, settings, per_request_extras=False, max_queue=5)
+  assert (plain.logprobs_k, plain.controls, plain.max_queue) == (0, False, 5)
 
 
 @pytest.mark.parametrize("field, value, match", [
     ("num_slots", 0, "engine.num_slots must be >= 1"),
     ("max_len", 1, "engine.max_len must be 0"),
     ("k_max", 1, "engine.adaptive_k needs 1 <= engine.k <= engine.k_max"),
+    ("logprobs_k", -1, "engine.logprobs_k must be >= 0"),
+    ("max_logit_bias", -1, "engine.max_logit_bias must be >= 0"),
 ])
 def test_bad_engine_settings_are_refused_by_name(field, value, match):
   from configs import common
@@ -77,6 +85,23 @@ def test_bad_engine_settings_are_refused_by_name(field, value, match):
   c.engine[field] = value
   with pytest.raises(setup.SetupError, match=match):
     setup.engine_settings(c)
+
+
+def test_serve_limits_come_from_the_serve_section(monkeypatch):
+  from configs import common
+  from spec_tpu.serving import server
+  c = common.base()
+  c.serve.update(max_body_bytes=1000, request_timeout_s=0.0)
+  monkeypatch.setenv("SPEC_TPU_API_KEY", "from-env")
+  limits = server.limits(c)
+  assert (limits.api_key, limits.max_body_bytes, limits.request_timeout_s) == (
+      "from-env", 1000, None)
+  c.serve.api_key = "from-config"
+  assert server.limits(c).api_key == "from-config"
+  assert server.limits(c, api_key="from-flag").api_key == "from-flag"
+  c.serve.max_queue = -1
+  with pytest.raises(setup.SetupError, match="serve.max_queue must be >= 0"):
+    server.limits(c)
 
 
 def test_a_checkpoint_that_does_not_exist_is_a_setup_error(tmp_path):

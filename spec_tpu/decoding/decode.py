@@ -61,6 +61,10 @@ class LoopSpec:
   pad_id: int = 0
   prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
   coupling: str = "rejection"  # one of COUPLINGS
+  logprobs_k: int = 0        # most probable alternatives recorded per emitted token (0: only
+                             # the token's own log-probability)
+  controls: bool = False     # Rows.controls and State's token counts exist (penalties etc.)
+  max_logit_bias: int = 0    # logit_bias entries per row (with controls)
 
   @property
   def num_tokens(self) -> int:
@@ -78,6 +82,18 @@ def check_coupling(coupling: str) -> str:
   return coupling
 
 
+class Controls(NamedTuple):
+  """Per-row transforms beyond the filters (sampling.penalize, min_p), applied to the draft's
+  p and the target's q alike at every position, with the counts of the tokens before it
+  (drafted ones included): each is a function of the prefix, so speculation stays exact."""
+  min_p_b: jax.Array        # float32, 0 = off
+  presence_b: jax.Array     # float32, 0 = off
+  frequency_b: jax.Array    # float32, 0 = off
+  repetition_b: jax.Array   # float32, 1 = off
+  bias_ids_bn: jax.Array    # int32 logit_bias tokens, -1 = unused (n = LoopSpec.max_logit_bias)
+  bias_bn: jax.Array        # float32 their biases
+
+
 class Rows(NamedTuple):
   """Per-request settings (one value per row), written by insert; traced, so one program
   serves any mix of requests."""
@@ -86,6 +102,7 @@ class Rows(NamedTuple):
   top_k_b: jax.Array        # int32, 0 = off, at most LoopSpec.max_top_k
   seed_b2: jax.Array        # uint32 (seed, stream): the row's random stream
   max_new_b: jax.Array      # int32 tokens to generate at most (the prefill's token included)
+  controls: Controls | None = None  # None: none compiled in (LoopSpec.controls False)
 
 
 class Stats(NamedTuple):
@@ -103,6 +120,18 @@ class State(NamedTuple):
   done_b: jax.Array       # finished, cancelled or empty: the row does not advance
   rows: Rows
   stats: Stats
+  counts_bv: jax.Array | None = None     # with controls: int32 generated tokens (emitted) by id
+  in_prompt_bv: jax.Array | None = None  # with controls: bool, the prompt's tokens
+
+
+class Logprobs(NamedTuple):
+  """Of each emitted token (leading axes those of the tokens, ...): the log-probability under
+  the target's distribution it was sampled from (after temperature and filters: the q an
+  accepted draft, a resampled token and the bonus token all follow), and the logprobs_k most
+  probable tokens of that distribution (-inf for tokens the filters removed)."""
+  token: jax.Array        # ... float32
+  top_ids: jax.Array      # ... n int32, most probable first
+  top: jax.Array          # ... n float32
 
 
 class Out(NamedTuple):
@@ -110,13 +139,57 @@ class Out(NamedTuple):
   tokens_bw: jax.Array    # the new tokens of each row, left-aligned (pad after count)
   count_b: jax.Array
   rounds: jax.Array       # rounds run (scalar)
+  logprobs: Logprobs      # of tokens_bw
 
 
-def _probs(spec: LoopSpec, logits_bv, rows: Rows):
+def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None):
   # Both models' distributions over the shared tokens only (padding rows have zero mass), through
-  # the one transform (exactness needs p and q filtered alike).
-  return sampling.probabilities(logits_bv[..., :spec.num_tokens], rows.temperature_b,
-                                rows.top_k_b, rows.top_p_b, max_top_k=spec.max_top_k)
+  # the one transform (exactness needs p and q filtered alike). counts: the generated tokens
+  # before each position (shaped like the logits), with controls.
+  logits_bv = logits_bv[..., :spec.num_tokens]
+  c = rows.controls
+  if c is not None:
+    logits_bv = sampling.penalize(logits_bv, counts, in_prompt, c.presence_b, c.frequency_b,
+                                  c.repetition_b, c.bias_ids_bn, c.bias_bn)
+  return sampling.probabilities(logits_bv, rows.temperature_b, rows.top_k_b, rows.top_p_b,
+                                max_top_k=spec.max_top_k,
+                                min_p=None if c is None else c.min_p_b)
+
+
+def _count(counts_bv, tokens_bm, num_b):
+  """counts plus the first num_b[i] of row i's tokens."""
+  m = tokens_bm.shape[1]
+  use = (jnp.arange(m)[None, :] < num_b[:, None]).astype(jnp.int32)
+  rows = jnp.arange(tokens_bm.shape[0])[:, None]
+  return counts_bv.at[rows, tokens_bm].add(use, mode="drop")
+
+
+def _prefix_counts(counts_bv, tokens_bm, num_tokens: int):
+  """b m+1 v: the counts before position j, j = 0..m: counts plus tokens[:j]."""
+  onehot = jax.nn.one_hot(tokens_bm, num_tokens, dtype=jnp.int32)
+  before = jnp.concatenate([jnp.zeros_like(onehot[:, :1]), jnp.cumsum(onehot, axis=1)], axis=1)
+  return counts_bv[:, None, :] + before
+
+
+def _logprobs(spec: LoopSpec, q_xv, tokens_x, *, log_space: bool = False) -> Logprobs:
+  """Logprobs of `tokens_x` drawn from the distributions q_xv (x: any leading axes; given as
+  log-probabilities when log_space). Logs are taken of the few values kept only."""
+  log = (lambda x: x) if log_space else jnp.log
+  token = log(jnp.take_along_axis(q_xv, tokens_x[..., None], axis=-1)[..., 0])
+  if spec.logprobs_k > 0:
+    top, ids = jax.lax.top_k(q_xv, spec.logprobs_k)
+    return Logprobs(token, ids.astype(jnp.int32), log(top))
+  none = tokens_x.shape + (0,)
+  return Logprobs(token, jnp.zeros(none, jnp.int32), jnp.zeros(none, jnp.float32))
+
+
+def prompt_logprobs(spec: LoopSpec, target_params, tokens_bt) -> Logprobs:
+  """Logprobs of tokens 1..t-1 of each row (leading axes b t-1) under the target's own
+  distribution, temperature 1 and no filters (prompt tokens were not sampled from anything),
+  from one forward over the whole rows. Right padding changes nothing before it."""
+  logits = model.forward_full(target_params, spec.target, tokens_bt)[:, :-1, :spec.num_tokens]
+  return _logprobs(spec, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                   tokens_bt[:, 1:], log_space=True)
 
 
 def _stats_width(spec: LoopSpec) -> int:
@@ -127,7 +200,7 @@ def init_state(spec: LoopSpec, batch: int) -> State:
   """Every row empty and done (an engine's state before its first insert)."""
   zeros_b = jnp.zeros((batch,), jnp.int32)
   n = _stats_width(spec)
-  return State(
+  state = State(
       target_cache=cache_lib.init_cache(spec.target, batch, spec.max_len, spec.k_max + 1),
       draft_cache=(None if spec.draft is None else
                    cache_lib.init_cache(spec.draft, batch, spec.max_len, spec.k_max + 1)),
@@ -137,25 +210,38 @@ def init_state(spec: LoopSpec, batch: int) -> State:
                 jnp.zeros((batch, 2), jnp.uint32), zeros_b),
       stats=Stats(zeros_b, zeros_b, jnp.zeros((batch, n), jnp.int32),
                   jnp.zeros((batch, n), jnp.int32)))
+  if not spec.controls:
+    return state
+  v, m = spec.num_tokens, spec.max_logit_bias
+  f = lambda x: jnp.full((batch,), x, jnp.float32)
+  controls = Controls(f(0.0), f(0.0), f(0.0), f(1.0), jnp.full((batch, m), -1, jnp.int32),
+                      jnp.zeros((batch, m), jnp.float32))
+  return state._replace(rows=state.rows._replace(controls=controls),
+                        counts_bv=jnp.zeros((batch, v), jnp.int32),
+                        in_prompt_bv=jnp.zeros((batch, v), bool))
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool) -> tuple[State, jax.Array]:
+            with_draft: bool) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
-  speculation starts). Returns (state of r rows, first_r)."""
+  speculation starts). Returns (state of r rows, first_r, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
                              spec.prefill_chunk)
-  probs = _probs(spec, logits[:, 0], rows)
+  counts = in_prompt = None
+  if spec.controls:
+    counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
+    in_prompt = _count(counts, tokens_rt, lengths_r) > 0
+  q_rv = _probs(spec, logits[:, 0], rows, counts, in_prompt)
   if spec.coupling == "gumbel":
-    first = gumbel.choose(probs, gumbel.noise(rows.seed_b2, lengths_r[:, None],
-                                              spec.num_tokens)[:, 0])
+    first = gumbel.choose(q_rv, gumbel.noise(rows.seed_b2, lengths_r[:, None],
+                                             spec.num_tokens)[:, 0])
   else:
     key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
-    first = sampling.sample(key_r, probs)
+    first = sampling.sample(key_r, q_rv)
   dc = None
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
@@ -175,16 +261,20 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   state = State(target_cache=tc, draft_cache=dc, tokens_bs=tokens,
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
-                            jnp.zeros((r, n), jnp.int32)))
-  return state, first
+                            jnp.zeros((r, n), jnp.int32)),
+                counts_bv=None if counts is None else _count(counts, first[:, None],
+                                                     jnp.ones((r,), jnp.int32)),
+                in_prompt_bv=in_prompt)
+  return state, first, _logprobs(spec, q_rv, first)
 
 
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
            lengths_r, rows: Rows, *, with_draft: bool):
   """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). Returns (state, first_r, done_r)."""
-  new, first = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                       with_draft=with_draft)
+  request: padding of a fixed-width insert). Returns (state, first_r, done_r, Logprobs of
+  first_r)."""
+  new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
+                                 with_draft=with_draft)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots_r),
@@ -192,8 +282,11 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
                    cache_lib.insert_rows(state.draft_cache, new.draft_cache, slots_r)),
       tokens_bs=put(state.tokens_bs, new.tokens_bs), num_out_b=put(state.num_out_b, new.num_out_b),
       done_b=put(state.done_b, new.done_b), rows=jax.tree.map(put, state.rows, new.rows),
-      stats=jax.tree.map(put, state.stats, new.stats))
-  return state, first, new.done_b
+      stats=jax.tree.map(put, state.stats, new.stats),
+      counts_bv=None if state.counts_bv is None else put(state.counts_bv, new.counts_bv),
+      in_prompt_bv=None if state.in_prompt_bv is None else put(state.in_prompt_bv,
+                                                               new.in_prompt_bv))
+  return state, first, new.done_b, logprobs
 
 
 def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
@@ -229,28 +322,33 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn):
   after each, recurrent.steps_trace) and the length they start from (after the first call,
   which every kept prefix of a live row includes)."""
   tc, dc = state.target_cache, state.draft_cache
+  b = state.done_b.shape[0]
   num_pending = jnp.where(state.done_b, 0, tc.length - dc.length + 1)  # 1 or 2 when live
   at = jnp.clip(dc.length[:, None] + jnp.arange(2)[None, :], 0, spec.max_len - 1)
   pending_b2 = jnp.take_along_axis(state.tokens_bs, at, axis=1)
   logits, dc = model.forward(draft_params, spec.draft, pending_b2, dc, num_pending,
                              last_only=True)
-  p0 = _probs(spec, logits[:, 0], state.rows)
+  counts, in_prompt = state.counts_bv, state.in_prompt_bv
+  p0 = _probs(spec, logits[:, 0], state.rows, counts, in_prompt)
   x0 = _pick(spec, randomness_bn[:, 0], p0)
 
   first = cache_lib.recurrent_entries(dc)
   start_b = dc.length
+  one = jnp.ones((b,), jnp.int32)
 
   def step(carry, randomness_b):
-    dc, x = carry
+    dc, x, counts = carry
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
-    p = _probs(spec, logits[:, 0], state.rows)
+    if counts is not None:  # the drafted prefix's own tokens count too
+      counts = _count(counts, x[:, None], one)
+    p = _probs(spec, logits[:, 0], state.rows, counts, in_prompt)
     nxt = _pick(spec, randomness_b, p)
     # A recurrent layer's state after each step, stacked by the scan: the rollback selects
     # the one its kept length ends on (None for attention layers: nothing stacked).
-    return (dc, nxt), (nxt, p, cache_lib.recurrent_entries(dc))
+    return (dc, nxt, counts), (nxt, p, cache_lib.recurrent_entries(dc))
 
-  (dc, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0),
-                                          jnp.moveaxis(randomness_bn[:, 1:], 1, 0))
+  (dc, _, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0, counts),
+                                             jnp.moveaxis(randomness_bn[:, 1:], 1, 0))
   draft_bn = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
   p_bnv = jnp.concatenate([p0[:, None], jnp.moveaxis(ps, 0, 1)], axis=1)
   return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
@@ -268,8 +366,8 @@ def _scatter_rows(buf_bx, start_b, values_bm, count_b):
 
 def round_(spec: LoopSpec, target_params, draft_params, state: State):
   """One speculative round for every live row: draft K, verify K+1 in one target call, accept,
-  roll back. Returns (state, emitted_bm, count_b): the row's new tokens, cut after EOS and at
-  its max_new, 0 for rows that are done."""
+  roll back. Returns (state, emitted_bm, count_b, Logprobs of emitted_bm): the row's new
+  tokens, cut after EOS and at its max_new, 0 for rows that are done."""
   b, k = state.done_b.shape[0], spec.k
   active = ~state.done_b
   tc0 = state.target_cache
@@ -295,7 +393,10 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   # rollback below selects the kept one (attention layers need only the length move).
   logits, tc, target_traces = model.forward(target_params, spec.target, verify_bm, tc0,
                                             traces=True)
-  q_bmv = _probs(spec, logits, state.rows)
+  counts_bmv = None
+  if spec.controls:  # position j follows the j drafts before it
+    counts_bmv = _prefix_counts(state.counts_bv, draft_bn, spec.num_tokens)
+  q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv)
   if k > 0 and spec.coupling == "gumbel":
     n, nxt = gumbel.verify(draft_bn, q_bmv, randomness)
   elif k > 0:
@@ -315,6 +416,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)
   tokens = _scatter_rows(state.tokens_bs, l0 + 1, emitted, kept)
+  # Emitted token j was verified at position j: q_bmv[:, j] is the law it follows, whether it
+  # was an accepted draft, the resample after a rejection or the bonus.
+  logprobs = _logprobs(spec, q_bmv, emitted)
 
   count = kept
   hit_eos = jnp.zeros_like(active)
@@ -337,7 +441,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                 accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]))
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
                          done_b=done, stats=stats)
-  return state, emitted, count
+  if spec.controls:
+    state = state._replace(counts_bv=_count(state.counts_bv, emitted, kept))
+  return state, emitted, count, logprobs
 
 
 def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b, max_rounds,
@@ -355,8 +461,11 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
   if spec.k > 0 and catch_up:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
-  out = Out(tokens_bw=jnp.full((b, spec.out_len), spec.pad_id, jnp.int32),
-            count_b=jnp.zeros((b,), jnp.int32), rounds=jnp.zeros((), jnp.int32))
+  w, m = spec.out_len, spec.logprobs_k
+  out = Out(tokens_bw=jnp.full((b, w), spec.pad_id, jnp.int32),
+            count_b=jnp.zeros((b,), jnp.int32), rounds=jnp.zeros((), jnp.int32),
+            logprobs=Logprobs(jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, m), jnp.int32),
+                              jnp.zeros((b, w, m), jnp.float32)))
 
   def running(carry):
     s, o = carry
@@ -366,9 +475,10 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
 
   def one_round(carry):
     s, o = carry
-    s, emitted, count = round_(spec, target_params, draft_params, s)
-    o = Out(tokens_bw=_scatter_rows(o.tokens_bw, o.count_b, emitted, count),
-            count_b=o.count_b + count, rounds=o.rounds + 1)
+    s, emitted, count, logprobs = round_(spec, target_params, draft_params, s)
+    put = lambda buf, values: _scatter_rows(buf, o.count_b, values, count)
+    o = Out(tokens_bw=put(o.tokens_bw, emitted), count_b=o.count_b + count,
+            rounds=o.rounds + 1, logprobs=jax.tree.map(put, o.logprobs, logprobs))
     return s, o
 
   return jax.lax.while_loop(running, one_round, (state, out))
@@ -384,8 +494,8 @@ def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, 
   seeds = jnp.stack([full(seed, jnp.uint32), jnp.arange(b, dtype=jnp.uint32)], axis=1)
   rows = Rows(full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
               seeds, full(max_new, jnp.int32))
-  state, first = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
-                         with_draft=spec.k > 0)
+  state, first, _ = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
+                            with_draft=spec.k > 0)
   # The draft was prefilled with the target and runs every round: it never lags.
   state, out = run_rounds(spec, target_params, draft_params, state, jnp.ones((b,), bool),
                           max_new, False, catch_up=False)

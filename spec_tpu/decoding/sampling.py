@@ -6,8 +6,12 @@ same transform, so both go through `probabilities`.
 Semantics (tie-symmetric, so a reference can reproduce them exactly):
   temperature 0: all mass on the argmax (lowest index among ties), i.e. greedy.
   top_k = k > 0: keep tokens whose logit is >= the k-th largest logit (ties at the edge kept).
+  min_p > 0: keep tokens whose probability (after temperature and top-k) is >= min_p times the
+    most probable one's; then top-p measures what is left.
   top_p < 1: keep token i iff the mass of tokens strictly more probable than i is < top_p,
-    measured after temperature and top-k; top_p = 1 keeps everything.
+    measured after temperature, top-k and min_p; top_p = 1 keeps everything.
+Before all of them `penalize` may shift the logits (logit_bias, then the repetition, frequency
+and presence penalties), from the counts of the tokens before the position.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class SamplingParams:
     return 0 if self.top_k >= vocab_size else int(self.top_k)
 
 
-def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = None):
+def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = None,
+                  min_p=None):
   """Filtered distribution (... v, float32; sums to 1 over v).
 
   temperature, top_p: one value for every row, or one per row: an array with the leading
@@ -48,6 +53,7 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
     applies to all its positions).
   top_k: a static int for every row; or one int per row (an array, as above) with `max_top_k`,
     a static bound on them, giving the shape of the top-k search. 0 or >= v is off.
+  min_p: None (off, nothing compiled), or per row like temperature (0 = off).
   Each row's result depends on its own logits and settings only (filters that are off for a row
   are selected away, not applied as identities), so a request's law does not depend on what
   else shares the batch.
@@ -73,9 +79,36 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
   else:
     top_k_on = jnp.zeros_like(top_k_on)
   probs = jax.nn.softmax(scaled, axis=-1)
+  if min_p is not None:
+    min_p = _per_row(min_p, logits, F32)
+    kept = jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), probs, 0.0)
+    probs = jnp.where(min_p > 0, kept / jnp.sum(kept, axis=-1, keepdims=True), probs)
   probs = _top_p(probs, m, top_k_on, top_p)
   greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=F32)
   return jnp.where(temperature > 0, probs, greedy)
+
+
+def penalize(logits, counts, in_prompt, presence, frequency, repetition, bias_ids, bias):
+  """Logits shifted by per-row controls (OpenAI's and vLLM's definitions), in this order:
+    logit_bias: bias[i, j] added to token bias_ids[i, j] (ids < 0: unused entries);
+    repetition r: a token in the prompt or generated so far has its logit divided by r if
+      positive, multiplied by r if not;
+    frequency f, presence a: minus f * count - a * (count > 0), counts of generated tokens.
+  logits: b v or b m v (m positions per row); counts: int32 of the same shape (the generated
+  tokens before each position); in_prompt: b v bool; the controls: b (bias b n). Neutral values
+  (0, 1, no bias) leave a row's logits exactly as they were."""
+  v = logits.shape[-1]
+  rows = jnp.arange(logits.shape[0])[:, None]
+  dense = jnp.zeros((logits.shape[0], v), F32).at[
+      rows, jnp.where(bias_ids >= 0, bias_ids, v)].add(bias, mode="drop")
+  per_pos = lambda x: x.reshape(x.shape[:1] + (1,) * (logits.ndim - x.ndim) + x.shape[1:])
+  logits = logits.astype(F32) + per_pos(dense)
+  r = _per_row(repetition, logits, F32)
+  seen = per_pos(in_prompt) | (counts > 0)
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+  counts = counts.astype(F32)
+  return (logits - _per_row(frequency, logits, F32) * counts
+          - _per_row(presence, logits, F32) * (counts > 0))
 
 
 def _per_row(x, logits, dtype):

@@ -114,7 +114,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
                                 k_max=max(k, int(config.engine.k_max))) if adaptive and k > 0 else
             dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False))
     e = common.build_engine(pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
-                            seed=int(config.sampling.seed))
+                            per_request_extras=False, seed=int(config.sampling.seed))
     report = e.calibrate(encoded) if adaptive else None
     e.warm_up([e.k], [len(p) for p in encoded])
 

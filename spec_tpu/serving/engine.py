@@ -48,6 +48,12 @@ calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_m
 them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
 feeds it the tokens it missed (decode.catch_up_draft).
 
+Per request beyond the filters: logprobs (each emitted token's log-probability under the
+target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
+tokens), and with `controls=True` penalties, min_p and logit_bias (decode.Controls). `score`
+runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
+bounds the requests waiting for a slot: past it submit raises QueueFullError.
+
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32): its output
 law never depends on the batch, and with a seed neither do its tokens. The coupling (engine-wide,
 `coupling`; decode.COUPLINGS) decides what else they depend on: with 'gumbel' nothing (not the
@@ -63,6 +69,7 @@ the other processes run `follow()`, which receives and runs the same calls.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import numbers
@@ -81,7 +88,7 @@ from spec_tpu.pair import Pair
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
-                                      GenerationParams, Request)
+                                      GenerationParams, Request, TokenLogprob)
 
 
 _KEEPALIVE_S = 10.0  # multi-host: an idle leader still broadcasts this often
@@ -91,6 +98,10 @@ class ContextLengthError(ValueError):
   """A request does not fit a slot: prompt + max_new_tokens + k_max + 1 > max_len."""
 
 
+class QueueFullError(RuntimeError):
+  """The queue holds max_queue requests already: try again later (the server's 503)."""
+
+
 @dataclasses.dataclass
 class _Slot:
   request: Request
@@ -98,6 +109,16 @@ class _Slot:
   rounds: int = 0
   accepted: int = 0
   judged: int = 0
+
+
+def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
+                    ) -> list[TokenLogprob] | None:
+  """A request's view of the device's logprobs of its new tokens (None: it did not ask)."""
+  if top is None:
+    return None
+  token = logprobs.token.tolist()
+  ids, lps = logprobs.top_ids[:, :top].tolist(), logprobs.top[:, :top].tolist()
+  return [TokenLogprob(t, token[j], tuple(zip(ids[j], lps[j]))) for j, t in enumerate(tokens)]
 
 
 class Engine:
@@ -111,7 +132,9 @@ class Engine:
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
-               margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection"):
+               margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
+               max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
+               max_logit_bias: int = 300):
     decode.check_coupling(coupling)
     has_draft = pair.has_draft
     k = (4 if has_draft else 0) if k is None else int(k)
@@ -122,6 +145,11 @@ class Engine:
                        f"k_max={k_max}, draft={'yes' if has_draft else 'no'}")
     if num_slots < 1 or prefill_rows < 1 or max_rounds_per_step < 1:
       raise ValueError("num_slots, prefill_rows and max_rounds_per_step must be >= 1")
+    if max_queue is not None and max_queue < 1:
+      raise ValueError(f"max_queue must be >= 1 (None: unbounded), got {max_queue}")
+    # Requests waiting for a slot (those in slots not counted): past it submit refuses, so a
+    # flood of clients cannot grow the host's memory without bound.
+    self.max_queue = max_queue
     if max_top_k < 0:
       raise ValueError(f"max_top_k must be >= 0 (0: requests cannot ask for top_k), got "
                        f"{max_top_k}")
@@ -146,10 +174,23 @@ class Engine:
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
     num_tokens = pair.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
+    if logprobs_k < 0:
+      raise ValueError(f"logprobs_k must be >= 0, got {logprobs_k}")
+    # Every program records each token's logprob; the top logprobs_k alternatives (a search
+    # over the vocabulary at every verified position) only when asked for at construction.
+    self.logprobs_k = min(int(logprobs_k), num_tokens)
+    # Penalties, min_p and logit_bias per request: token counts per row in the state, a
+    # penalty pass at every drafted and verified position (off: none of it is compiled).
+    if controls and channel is not None:
+      raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
+                       "single-process engine")
+    self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
     self._spec = decode.LoopSpec(
         target=pair.target_cfg, draft=pair.draft_cfg if k_max > 0 else None, k=0,
         k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling)
+        out_len=max_rounds_per_step, eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling,
+        logprobs_k=self.logprobs_k, controls=self.controls,
+        max_logit_bias=self.max_logit_bias)
     self.coupling = coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
@@ -167,6 +208,7 @@ class Engine:
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()
+    self._scoring: list[tuple[list[int], int, concurrent.futures.Future]] = []
     self._lock = threading.Condition()
     self._next_id = 0
     self._draft_behind = False  # some live row's draft missed tokens (K = 0 steps or inserts)
@@ -209,7 +251,35 @@ class Engine:
 
   def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
              ) -> Request:
-    """Queues a request (any thread); raises ValueError on bad input before queueing."""
+    """Queues a request (any thread); raises ValueError on bad input and QueueFullError past
+    max_queue, before queueing."""
+    return self.submit_all([(prompt, params)])[0]
+
+  def submit_all(self, items: Sequence[tuple[str | Sequence[int], GenerationParams]], *,
+                 bounded: bool = True) -> list[Request]:
+    """Queues several requests, all or none: every one is checked, and the queue bound is
+    checked for them together, before any is queued (several prompts of one HTTP call, or
+    n > 1 samples of one prompt)."""
+    bounded = bounded and self.max_queue is not None
+    if bounded and len(items) > self.max_queue:  # would never fit: not worth a retry
+      raise ValueError(f"{len(items)} requests at once exceed this server's queue of "
+                       f"{self.max_queue}")
+    checked = [self._checked(prompt, params) for prompt, params in items]
+    with self._lock:
+      if self.failure is not None or self._stopping:
+        raise RuntimeError("the engine is not running") from self.failure
+      if bounded and len(self._queue) + len(checked) > self.max_queue:
+        raise QueueFullError(f"the queue is full ({len(self._queue)} requests waiting, at most "
+                             f"{self.max_queue}): try again later")
+      requests = []
+      for tokens, params in checked:
+        requests.append(Request(self._next_id, tokens, params, self.tokenizer))
+        self._next_id += 1
+      self._queue.extend(requests)
+      self._lock.notify_all()
+    return requests
+
+  def _checked(self, prompt, params: GenerationParams) -> tuple[list[int], GenerationParams]:
     tokens = self._tokens(prompt)
     num_tokens = self.pair.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
@@ -218,16 +288,58 @@ class Engine:
     if isinstance(params.stop, str):
       params = dataclasses.replace(params, stop=(params.stop,))
     params = dataclasses.replace(params, stop=tuple(params.stop))
-    params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None)
+    if isinstance(params.logit_bias, dict):
+      params = dataclasses.replace(params, logit_bias=tuple(params.logit_bias.items()))
+    params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None,
+                    max_logprobs=self.logprobs_k, num_tokens=num_tokens)
+    if params.has_controls and not self.controls:
+      raise ValueError("penalties, min_p and logit_bias need an engine built with controls=True")
+    if len(params.logit_bias) > self.max_logit_bias:
+      raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
+                       f"{self.max_logit_bias}")
     self.check_fits(len(tokens), int(params.max_new_tokens))
+    return tokens, params
+
+  def score(self, prompt: str | Sequence[int], top: int = 0) -> concurrent.futures.Future:
+    """The logprobs of a prompt's tokens after its first, each under the target's own
+    distribution given the tokens before it (temperature 1, no filters), with its `top` most
+    probable alternatives: a Future of a TokenLogprob per prompt token, the first with a NaN
+    logprob (nothing before it predicts it). One forward over the prompt, run by the
+    engine's thread between steps (any thread may call)."""
+    if self._channel is not None:
+      raise ValueError("prompt logprobs need a single-process engine")
+    tokens = self._tokens(prompt)
+    if not 1 <= len(tokens) <= self.max_len:
+      raise ContextLengthError(f"a prompt of {len(tokens)} tokens does not fit the context of "
+                               f"{self.max_len} tokens")
+    if not (isinstance(top, numbers.Integral) and 0 <= top <= self.logprobs_k):
+      raise ValueError(f"top={top!r} must lie in 0..logprobs_k={self.logprobs_k}")
+    future = concurrent.futures.Future()
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
-      request = Request(self._next_id, tokens, params, self.tokenizer)
-      self._next_id += 1
-      self._queue.append(request)
+      if self.max_queue is not None and len(self._queue) + len(self._scoring) >= self.max_queue:
+        raise QueueFullError(f"the queue is full ({self.max_queue} waiting): try again later")
+      self._scoring.append((tokens, int(top), future))
       self._lock.notify_all()
-    return request
+    return future
+
+  def _run_scoring(self) -> None:
+    with self._lock:
+      jobs, self._scoring = self._scoring, []
+    for i, (tokens, top, future) in enumerate(jobs):
+      try:
+        padded = np.full((1, self._bucket(len(tokens))), self.pair.pad_id, np.int32)
+        padded[0, :len(tokens)] = tokens
+        logprobs = to_host(self._score_program(padded.shape[1])(self._params[0], padded))
+        n = len(tokens) - 1
+        first = TokenLogprob(tokens[0], float("nan"))
+        future.set_result([first] + _token_logprobs(
+            tokens[1:], jax.tree.map(lambda x: x[0, :n], logprobs), top))
+      except BaseException as e:  # the device failed: no caller may wait forever
+        for _, _, f in jobs[i:]:
+          f.set_exception(e)
+        raise
 
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
@@ -236,15 +348,6 @@ class Engine:
         raise ValueError("a text prompt needs an engine with a tokenizer")
       return self.tokenizer.encode(prompt, add_bos=self.add_bos)
     return prompts_lib.token_ids(prompt, self.pair.target_cfg.num_tokens)
-
-  def _withdraw(self, requests: Sequence[Request]) -> None:
-    """Takes queued requests back (a batch whose later input was refused): out of the queue,
-    finished as cancelled."""
-    with self._lock:
-      ids = {r.id for r in requests}
-      self._queue = collections.deque(r for r in self._queue if r.id not in ids)
-    for r in requests:
-      r._finish(CANCELLED)
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
                params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
@@ -256,13 +359,7 @@ class Engine:
     params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} GenerationParams")
-    requests = []
-    try:
-      for p, q in zip(prompts, params):
-        requests.append(self.submit(p, q))
-    except BaseException:
-      self._withdraw(requests)  # all or nothing: none of the batch stays queued
-      raise
+    requests = self.submit_all(list(zip(prompts, params)), bounded=False)
     while self.step():
       pass
     return [r.result() for r in requests]
@@ -301,6 +398,8 @@ class Engine:
     if k is not None and not 0 <= k <= self.k_max:
       raise ValueError(f"k={k} outside 0..k_max={self.k_max}")
     self._free_cancelled()
+    if self._scoring:
+      self._run_scoring()
     self._admit()
     if any(s is not None for s in self._slots):
       if self._host_mark is not None:
@@ -325,7 +424,8 @@ class Engine:
           idle_since = time.monotonic()
           continue
         with self._lock:
-          self._lock.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+          self._lock.wait_for(lambda: self._queue or self._scoring or self._stopping,
+                              timeout=0.5)
         if self._channel is not None and time.monotonic() - idle_since > _KEEPALIVE_S:
           self._channel.send_noop()
           idle_since = time.monotonic()
@@ -337,6 +437,9 @@ class Engine:
   def _abort_all(self, error):
     with self._lock:
       queued, self._queue = list(self._queue), collections.deque()
+      scoring, self._scoring = self._scoring, []
+    for _, _, future in scoring:
+      future.set_exception(RuntimeError("the engine stopped before scoring the prompt"))
     for i, slot in enumerate(self._slots):
       if slot is not None:
         slot.request._finish(ABORTED, error=error)
@@ -389,14 +492,15 @@ class Engine:
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done = to_host(self._insert(with_draft, t, chunk))
+        first, done, logprobs = to_host(self._insert(with_draft, t, chunk))
         now = time.perf_counter()
         for row, (slot, r) in enumerate(chunk):
           r.stats.queue_s = started - r.submitted
           r.stats.time_to_first_token_s = now - r.submitted
           self._slots[slot] = _Slot(r, ks=set())
           self.metrics.add(prompt_tokens=len(r.prompt))
-          self._deliver(slot, [int(first[row])], bool(done[row]))
+          self._deliver(slot, [int(first[row])], bool(done[row]),
+                        jax.tree.map(lambda x: x[row:row + 1], logprobs))
 
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
@@ -418,15 +522,31 @@ class Engine:
                                                         p.max_new_tokens)
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
-    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new)
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk))
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
     return self._run_insert(with_draft, slots, tokens, lengths, rows)
 
+  def _controls(self, chunk) -> decode.Controls | None:
+    if not self.controls:
+      return None
+    r, m = self.prefill_rows, self.max_logit_bias
+    c = decode.Controls(np.zeros((r,), np.float32), np.zeros((r,), np.float32),
+                        np.zeros((r,), np.float32), np.ones((r,), np.float32),
+                        np.full((r, m), -1, np.int32), np.zeros((r, m), np.float32))
+    for i, (_, req) in enumerate(chunk):
+      p = req.params
+      c.min_p_b[i], c.presence_b[i] = p.min_p, p.presence_penalty
+      c.frequency_b[i], c.repetition_b[i] = p.frequency_penalty, p.repetition_penalty
+      for j, (token, bias) in enumerate(p.logit_bias):
+        c.bias_ids_bn[i, j], c.bias_bn[i, j] = token, bias
+    return c
+
   def _run_insert(self, with_draft, slots, tokens, lengths, rows):
     program = self._insert_program(with_draft, tokens.shape[1])
-    self._state, first, done = program(*self._params, self._state, slots, tokens, lengths, rows)
-    return first, done
+    self._state, first, done, logprobs = program(*self._params, self._state, slots, tokens,
+                                                 lengths, rows)
+    return first, done, logprobs
 
   def _run_step(self, k: int, n: int | None = None, timed: bool = True):
     """One step at K for the live slots; delivers its tokens. Returns (rounds, wall seconds,
@@ -457,7 +577,9 @@ class Engine:
       step_judged += int(judged_b[i]) - slot.judged
       slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
                                                  int(judged_b[i]))
-      self._deliver(i, out.tokens_bw[i, :out.count_b[i]].tolist(), bool(done[i]))
+      c = out.count_b[i]
+      self._deliver(i, out.tokens_bw[i, :c].tolist(), bool(done[i]),
+                    jax.tree.map(lambda x: x[i, :c], out.logprobs))
     self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
     if timed:
       self._observe_window(k, rounds, step_accepted, step_judged)
@@ -469,10 +591,13 @@ class Engine:
                                np.bool_(stop_on_free))
     return to_host((out, self._state.done_b, self._state.stats))
 
-  def _deliver(self, slot: int, tokens: list[int], device_done: bool):
+  def _deliver(self, slot: int, tokens: list[int], device_done: bool,
+               logprobs: decode.Logprobs):
     s = self._slots[slot]
     self.metrics.add_tokens(len(tokens))
-    stopped = s.request._deliver(tokens) if tokens else False
+    r = s.request
+    stopped = r._deliver(tokens, _token_logprobs(tokens, logprobs, r.params.logprobs)) \
+        if tokens else False
     if stopped:
       self._finish_slot(slot, STOP)
     elif device_done:
@@ -539,8 +664,9 @@ class Engine:
       # Every slot busy: requests that finished are replaced before each call.
       for _ in range(self.num_slots - self.active_slots):
         i = next(count)
-        self.submit(prompts[i % len(prompts)],
-                    GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))
+        self.submit_all([(prompts[i % len(prompts)],
+                          GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))],
+                        bounded=False)
       self._admit(with_draft=True)  # no catch-up inside a timed call
       return self._run_step(kk, n=n, timed=False)
 
@@ -627,22 +753,42 @@ class Engine:
         draft_cache=(None if self._abstract.draft_cache is None else
                      sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
 
+  def _score_program(self, t: int):
+    key = ("score", t)
+    if key not in self._programs:
+      rep = sharding.replicated(self.pair.mesh)
+      fn = functools.partial(decode.prompt_logprobs, self._spec)
+      jitted = jax.jit(fn, in_shardings=(self._param_sh[0], rep),
+                       out_shardings=decode.Logprobs(rep, rep, rep))
+      args = (self._params[0], jax.ShapeDtypeStruct((1, t), jnp.int32))
+      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+    return self._programs[key]
+
+  def _logprobs_sh(self, *shape):
+    m = self.logprobs_k
+    return decode.Logprobs(self._row(*shape), self._row(*shape, m), self._row(*shape, m))
+
   def _insert_program(self, with_draft: bool, t: int):
     key = ("insert", with_draft, t)
     if key not in self._programs:
       r = self.prefill_rows
       row = self._row
-      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r))
+      m = self.max_logit_bias
+      controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
+          if self.controls else None
+      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh)
       fn = functools.partial(decode.insert, self._spec, with_draft=with_draft)
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
                                      rows_sh),
-                       out_shardings=(self._state_sh, row(r), row(r)))
+                       out_shardings=(self._state_sh, row(r), row(r), self._logprobs_sh(r)))
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
-                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
+                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
+                          decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
+                                          sds((r, m), jnp.float32)) if self.controls else None))
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]
 
@@ -656,7 +802,8 @@ class Engine:
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
                        out_shardings=(self._state_sh,
-                                      decode.Out(row(b, spec.out_len), row(b), rep)))
+                                      decode.Out(row(b, spec.out_len), row(b), rep,
+                                                 self._logprobs_sh(b, spec.out_len))))
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
               sds((), bool))
@@ -677,7 +824,6 @@ class Engine:
       if message.kind == "noop":
         continue
       if message.kind == "insert":
-        first, done = self._run_insert(*message.args)
-        to_host((first, done))
+        to_host(self._run_insert(*message.args))
       else:
         self._run_step_call(*message.args)

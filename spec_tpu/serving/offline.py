@@ -166,9 +166,11 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost=False,
   from spec_tpu.serving import multihost as multihost_lib
   pair = setup_lib.build_pair(setup, mesh, tokenizer=tok)
   channel = (multihost_lib.Channel(settings_.num_slots) if jax.process_count() > 1 else None)
-  # Every request shares sampling.top_k: the engine needs no room for larger ones.
+  # Every request shares sampling.top_k (and asks for no logprobs or controls): the engine
+  # needs no room for more.
   engine = setup_lib.build_engine(pair, settings_, max_len=max_len,
                                   max_top_k=max(1, setup.sampling.top_k),
+                                  per_request_extras=False,
                                   seed=int(config.sampling.seed), channel=channel)
   if not primary:
     engine.follow()  # process 0's device calls, until it shuts the engine down

@@ -37,8 +37,23 @@ class GenerationParams:
   seed: int | None = None       # None: the engine draws one; with a seed the tokens depend on
                                 # the seed and K only, not on what else shares the batch
   stop: tuple[str, ...] = ()    # stop strings (need a tokenizer)
+  logprobs: int | None = None   # None: none; n: each token's log-probability and the n most
+                                # probable tokens (at most the engine's logprobs_k)
+  # Controls (need an engine with controls=True; sampling.penalize and sampling.probabilities
+  # define them): neutral values are off.
+  min_p: float = 0.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
 
-  def validate(self, *, max_top_k: int, has_tokenizer: bool) -> "GenerationParams":
+  @property
+  def has_controls(self) -> bool:
+    return bool(self.min_p or self.presence_penalty or self.frequency_penalty
+                or self.repetition_penalty != 1 or self.logit_bias)
+
+  def validate(self, *, max_top_k: int, has_tokenizer: bool, max_logprobs: int = 0,
+               num_tokens: int | None = None) -> "GenerationParams":
     """Raises ValueError naming the bad field (numpy scalars are numbers too)."""
     integer("max_new_tokens", self.max_new_tokens, 1)
     if not (_real(self.temperature) and 0 <= self.temperature < math.inf):
@@ -50,6 +65,26 @@ class GenerationParams:
       raise ValueError(f"top_k={self.top_k} exceeds this engine's max_top_k={max_top_k}")
     if self.seed is not None:
       integer("seed", self.seed, 0, 2 ** 64 - 1)
+    if not (_real(self.min_p) and 0 <= self.min_p <= 1):
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not (_real(getattr(self, name)) and math.isfinite(getattr(self, name))):
+        raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+    if not (_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+      raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                       f"{self.repetition_penalty!r}")
+    for entry in self.logit_bias:
+      ok = isinstance(entry, tuple) and len(entry) == 2 and _real(entry[1]) \
+          and math.isfinite(entry[1]) and isinstance(entry[0], numbers.Integral) \
+          and 0 <= entry[0] < (num_tokens if num_tokens is not None else math.inf)
+      if not ok:
+        raise ValueError(f"logit_bias entries must be (token id in the vocabulary, finite "
+                         f"bias), got {entry!r}"[:200])
+    if self.logprobs is not None:
+      integer("logprobs", self.logprobs, 0)
+      if self.logprobs > max_logprobs:
+        raise ValueError(f"logprobs={self.logprobs} exceeds this engine's logprobs_k="
+                         f"{max_logprobs} (the most probable tokens it records per token)")
     if self.stop:
       if not has_tokenizer:
         raise ValueError("stop strings need an engine with a tokenizer")
@@ -63,10 +98,20 @@ def _real(x) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A token's log-probability under the distribution it was sampled from (the target's,
+  after temperature and filters), and the most probable tokens of that distribution."""
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most probable first
+
+
+@dataclasses.dataclass(frozen=True)
 class Chunk:
   """What one engine step added to a request."""
   tokens: list[int]
   text: str = ""   # the decoded text these tokens add ("" without a tokenizer)
+  logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 @dataclasses.dataclass
@@ -96,6 +141,7 @@ class Completion:
   text: str               # "" without a tokenizer; never includes a stop string
   finish_reason: str
   stats: RequestStats
+  logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 class _Detokenizer:
@@ -147,6 +193,7 @@ class Request:
     self._lock = threading.Condition()
     self._chunks: list[Chunk] = []
     self._tokens: list[int] = []
+    self._logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
     self._text = ""       # everything decoded (a found stop string cut off)
     self._sent = 0        # text already handed out in chunks
     self._finish_reason: str | None = None
@@ -237,7 +284,8 @@ class Request:
   def _completion(self) -> Completion:
     self._raise_if_failed()
     return Completion(tokens=list(self._tokens), text=self._text,
-                      finish_reason=self._finish_reason, stats=self._stats)
+                      finish_reason=self._finish_reason, stats=self._stats,
+                      logprobs=None if self._logprobs is None else list(self._logprobs))
 
   def _raise_if_failed(self):
     if self._error is not None:
@@ -245,9 +293,10 @@ class Request:
 
   # ------------------------------------------------------------ writing (the engine thread)
 
-  def _deliver(self, tokens: Sequence[int]) -> bool:
-    """Appends new tokens; returns True if a stop string ended the request (the engine then
-    frees its slot and calls _finish)."""
+  def _deliver(self, tokens: Sequence[int],
+               logprobs: Sequence[TokenLogprob] | None = None) -> bool:
+    """Appends new tokens (and their logprobs, when the request asked); returns True if a stop
+    string ended the request (the engine then frees its slot and calls _finish)."""
     new_tokens, stopped = [], False
     for t in tokens:
       new_tokens.append(int(t))
@@ -258,11 +307,16 @@ class Request:
       if self.params.stop and self._find_stop(start):
         stopped = True
         break
+    new_logprobs = None
+    if self._logprobs is not None and logprobs is not None:
+      new_logprobs = list(logprobs[:len(new_tokens)])
     with self._lock:
       self._tokens.extend(new_tokens)
+      if new_logprobs is not None:
+        self._logprobs.extend(new_logprobs)
       text = self._take_text(final=stopped)
       if new_tokens or text:
-        self._chunks.append(Chunk(new_tokens, text))
+        self._chunks.append(Chunk(new_tokens, text, new_logprobs))
       self._stopped = stopped
       self._lock.notify_all()
       wakers = list(self._wakers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import logging
 
 from spec_tpu import distributed, setup as setup_lib
@@ -14,6 +16,7 @@ def ready_engine(config, multihost: bool = False, coordinator=None, num_processe
   not started. multihost: join the job (distributed.init) once the config is checked."""
   setup = setup_lib.resolve(config, need_weights=True)
   settings = setup_lib.engine_settings(config)
+  limits(config)  # the serve section's mistakes fail before anything loads
   tok = setup_lib.load_tokenizer(config, setup)
   if multihost:
     distributed.init(coordinator, num_processes, process_id)
@@ -22,7 +25,8 @@ def ready_engine(config, multihost: bool = False, coordinator=None, num_processe
   pair = setup_lib.build_pair(setup, setup_lib.build_mesh(config), tokenizer=tok)
   channel = (multihost_lib.Channel(settings.num_slots) if jax.process_count() > 1 else None)
   engine = setup_lib.build_engine(pair, settings, add_bos=bool(config.run.add_bos),
-                                  seed=int(config.sampling.seed), channel=channel)
+                                  seed=int(config.sampling.seed), channel=channel,
+                                  max_queue=int(config.serve.max_queue) or None)
   prompts = None
   if tok is not None and len(config.run.prompts):
     prompts = [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in config.run.prompts]
@@ -42,3 +46,17 @@ def ready_engine(config, multihost: bool = False, coordinator=None, num_processe
 
 def model_name(config, setup) -> str:
   return str(config.serve.model_name) or setup.target.cfg.name
+
+
+def limits(config, api_key: str | None = None):
+  """The HTTP front end's protections from config.serve (api_key: a --api_key flag's value;
+  else serve.api_key, else $SPEC_TPU_API_KEY); raises SetupError on a negative bound."""
+  from spec_tpu.serving import openai_api
+  s = config.serve
+  for name in ("max_queue", "max_body_bytes", "request_timeout_s"):
+    if float(s[name]) < 0:
+      raise setup_lib.SetupError(f"serve.{name} must be >= 0 (0 = no limit), got {s[name]}")
+  return openai_api.Limits(
+      api_key=api_key or str(s.api_key) or os.environ.get("SPEC_TPU_API_KEY") or None,
+      max_body_bytes=int(s.max_body_bytes) or None,
+      request_timeout_s=float(s.request_timeout_s) or None)

@@ -1,0 +1,183 @@
+"""Drafts without (or beside) a draft model: prompt lookup and hybrid drafting stay exact.
+
+  matcher  draft_source.ngram_proposals against a plain numpy reference: the latest earlier
+           occurrence of the longest suffix (n from ngram_max down to ngram_min), its
+           continuation cut at the row's newest token, ragged rows.
+  law      the statistical suite of test_exactness.py (enumerated law + sequential chi-square)
+           with n-gram and hybrid proposals, on one device and on a 2x4 mesh. ngram_min=2 and
+           PROMPT (3, 1, 4, 1) has no repeated pair, so every row's first round proposes
+           nothing; later rounds match where the output repeats a pair (both paths checked
+           to carry mass).
+  greedy   speculative greedy with n-gram / hybrid proposals = autoregressive greedy.
+  control  accepting every proposal without the rejection step fails the same test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_exactness as ex
+from spec_tpu.decoding import rejection, sampling
+from spec_tpu.decoding.draft_source import DraftSource, ngram_proposals
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.sharding import REPLICATED, make_mesh
+
+NGRAM = DraftSource("ngram", ngram_max=3, ngram_min=2)
+HYBRID = DraftSource("hybrid", ngram_max=3, ngram_min=2)
+K = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The matcher against a reference.
+
+def reference_proposals(row, last, k, ngram_max, ngram_min):
+  """Plain loops: for n from ngram_max down, the latest e < last whose n tokens ending at e
+  equal those ending at last; propose row[e+1 : min(e+1+k, last+1)]."""
+  for n in range(ngram_max, ngram_min - 1, -1):
+    if n > last + 1:
+      continue
+    suffix = list(row[last - n + 1:last + 1])
+    for e in range(last - 1, n - 2, -1):
+      if list(row[e - n + 1:e + 1]) == suffix:
+        return list(row[e + 1:min(e + 1 + k, last + 1)])
+  return []
+
+
+@pytest.mark.parametrize("ngram_max,ngram_min", [(3, 1), (4, 2), (2, 2)])
+def test_matcher_matches_reference(ngram_max, ngram_min):
+  # Given ragged rows of a small vocabulary (many repeats) with junk past each row's last token;
+  # then proposals and counts are the reference's (latest occurrence, longest n first, cut at
+  # the newest token, at most k).
+  rng = np.random.default_rng(ngram_max * 10 + ngram_min)
+  b, s, k = 400, 24, 5
+  tokens = rng.integers(0, 4, (b, s)).astype(np.int32)
+  last = rng.integers(0, s, b).astype(np.int32)
+  tokens[:, 0] = rng.integers(0, 4, b)
+  got, count = jax.jit(ngram_proposals, static_argnums=(2, 3, 4))(
+      jnp.asarray(tokens), jnp.asarray(last), k, ngram_max, ngram_min)
+  got, count = np.asarray(got), np.asarray(count)
+  counts = []
+  for i in range(b):
+    junk = tokens[i].copy()
+    junk[last[i] + 1:] = 7  # what lies past the newest token must not matter
+    want = reference_proposals(junk, last[i], k, ngram_max, ngram_min)
+    assert count[i] == len(want), (i, tokens[i, :last[i] + 1], count[i], want)
+    assert got[i, :count[i]].tolist() == want, (i, got[i], want)
+    counts.append(len(want))
+  # Not vacuous: no match, short (cut at the end) and full proposals all occur.
+  assert {0, 1, k} <= set(counts)
+
+
+def test_matcher_prefers_longest_then_latest():
+  # Row: 5 6 7 | 1 7 | 9 6 7 | 2 ... ends with 6 7: the 2-gram "6 7" occurs at positions 1-2
+  # and 6-7; the latest (ending at 7) proposes what followed it.
+  row = np.array([[5, 6, 7, 1, 7, 9, 6, 7, 2, 3, 6, 7, 0, 0]], np.int32)
+  got, count = ngram_proposals(jnp.asarray(row), jnp.asarray([11]), 3, 3, 1)
+  assert int(count[0]) == 3 and np.asarray(got)[0].tolist() == [2, 3, 6]
+  # With the 3-gram "3 6 7" absent, n=2 wins over the more recent 1-gram "7" at 4? No: "6 7"
+  # (n=2) is tried before n=1, so the 1-gram at position 4 is not used.
+  row2 = np.array([[6, 7, 4, 7, 5, 6, 7]], np.int32)
+  got, count = ngram_proposals(jnp.asarray(row2), jnp.asarray([6]), 2, 3, 1)
+  assert np.asarray(got)[0, :int(count[0])].tolist() == [4, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness of the loop with n-gram and hybrid proposals.
+
+@pytest.fixture(scope="module")
+def single():
+  return Sampler(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
+                 draft_cfg=ex.DRAFT)
+
+
+@pytest.fixture(scope="module")
+def no_draft_2x4():
+  # No draft model at all, target tensor-parallel over 4 and batch over 2.
+  return Sampler(ex.target_params(), ex.TARGET, mesh=make_mesh((2, 4)), draft_source=NGRAM)
+
+
+def _run(sampler, source, seed, **options):
+  return sampler.generate([ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K,
+                          sampling=SamplingParams(**options), seed=seed, draft_source=source)
+
+
+def _check_sources_used(result, source):
+  by = result.source_acceptance()
+  # Matches occur and carry mass (accepted and rejected), and so do rounds without one.
+  assert 0 < by["ngram"]["accepted"] < by["ngram"]["judged"], by
+  other = by["model" if source.uses_model else "none"]
+  assert other["judged"] > 0, by
+  if source.uses_model:
+    assert 0 < other["accepted"] < other["judged"], by
+  assert len(np.unique(result.accepted)) > 1
+
+
+CASES = [  # id, source, sampling options
+    ("ngram", NGRAM, {}),
+    ("ngram_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
+     {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
+    ("hybrid", HYBRID, {}),
+    ("hybrid_top_p_0.8_temperature_0.7", HYBRID, {"top_p": 0.8, "temperature": 0.7}),
+]
+
+
+@pytest.mark.parametrize("source,options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_output_follows_target_law(single, source, options):
+  # Given one prompt on every row; when sampling with n-gram (or hybrid) proposals; then the
+  # tokens follow the target's law.
+  result = _run(single, source, seed=200 + len(options), **options)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), **options)
+  assert p > ex.ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
+  _check_sources_used(result, source)
+
+
+def test_ngram_without_draft_model_on_2x4_mesh_follows_target_law(no_draft_2x4):
+  result = _run(no_draft_2x4, None, seed=211)
+  p, each = ex.exactness_pvalue(ex._full_rows(result))
+  assert p > ex.ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
+  _check_sources_used(result, NGRAM)
+
+
+@pytest.mark.parametrize("source", [NGRAM, HYBRID], ids=["ngram", "hybrid"])
+def test_greedy_speculative_equals_greedy_autoregressive(single, source):
+  # Given ragged prompts; when decoding at temperature 0 with n-gram / hybrid proposals; then
+  # the output is the target's greedy output (near-tie rows excluded, as in test_exactness).
+  want, clear = ex._greedy_reference(single)
+  result = single.generate(ex.GREEDY_PROMPTS, max_new_tokens=ex.MAX_NEW, k=K,
+                           sampling=ex.GREEDY, draft_source=source)
+  got = np.array(result.tokens)
+  bad = np.flatnonzero(clear & np.any(got != want, axis=1))
+  assert bad.size == 0, f"{bad.size} rows differ, e.g. row {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+  by = result.source_acceptance()
+  assert 0 < by["ngram"]["accepted"] < by["ngram"]["judged"], by  # both paths ran
+
+
+def _accept_every_proposal(key, draft_bn, p_bnv, q_bmv, num_b=None):
+  """WRONG: keeps every proposal (no rejection step), then a token from q after them."""
+  b, k = draft_bn.shape
+  n = jnp.full((b,), k, jnp.int32) if num_b is None else num_b
+  return n, sampling.sample(key, q_bmv[jnp.arange(b), n])
+
+
+def test_accepting_proposals_without_rejection_fails_the_same_test(monkeypatch):
+  monkeypatch.setattr(rejection, "accept", _accept_every_proposal)
+  sampler = Sampler(ex.target_params(), ex.TARGET, draft_source=NGRAM)  # traces the patch
+  result = _run(sampler, None, seed=212)
+  p, each = ex.exactness_pvalue(ex._full_rows(result).tolist())
+  assert p < ex.NEGATIVE_P, f"accepting every proposal passed (p = {p:.2e}; tests: {each})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks.
+
+def test_bad_draft_sources_are_refused():
+  with pytest.raises(ValueError, match="draft kind must be one of"):
+    DraftSource("suffix")
+  with pytest.raises(ValueError, match="ngram_min <= ngram_max"):
+    DraftSource("ngram", ngram_max=2, ngram_min=3)
+  with pytest.raises(ValueError, match="'hybrid' needs a draft model"):
+    Sampler(ex.target_params(), ex.TARGET, draft_source=HYBRID)
+  with pytest.raises(ValueError, match="needs a draft model"):
+    Sampler(ex.target_params(), ex.TARGET).generate([ex.PROMPT], max_new_tokens=4, k=2)

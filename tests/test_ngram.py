@@ -76,8 +76,7 @@ def test_matcher_prefers_longest_then_latest():
   row = np.array([[5, 6, 7, 1, 7, 9, 6, 7, 2, 3, 6, 7, 0, 0]], np.int32)
   got, count = ngram_proposals(jnp.asarray(row), jnp.asarray([11]), 3, 3, 1)
   assert int(count[0]) == 3 and np.asarray(got)[0].tolist() == [2, 3, 6]
-  # With the 3-gram "3 6 7" absent, n=2 wins over the more recent 1-gram "7" at 4? No: "6 7"
-  # (n=2) is tried before n=1, so the 1-gram at position 4 is not used.
+  # Longest first: "6 7" (n=2, ending at 1) wins over the more recent 1-gram "7" (ending at 3).
   row2 = np.array([[6, 7, 4, 7, 5, 6, 7]], np.int32)
   got, count = ngram_proposals(jnp.asarray(row2), jnp.asarray([6]), 2, 3, 1)
   assert np.asarray(got)[0, :int(count[0])].tolist() == [4, 7]
@@ -118,7 +117,6 @@ CASES = [  # id, source, sampling options
     ("ngram", NGRAM, {}),
     ("ngram_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
      {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
-    ("hybrid", HYBRID, {}),
     ("hybrid_top_p_0.8_temperature_0.7", HYBRID, {"top_p": 0.8, "temperature": 0.7}),
 ]
 
@@ -181,3 +179,55 @@ def test_bad_draft_sources_are_refused():
     Sampler(ex.target_params(), ex.TARGET, draft_source=HYBRID)
   with pytest.raises(ValueError, match="needs a draft model"):
     Sampler(ex.target_params(), ex.TARGET).generate([ex.PROMPT], max_new_tokens=4, k=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the serving engine.
+
+def _drain(engine):
+  while engine.step():
+    pass
+
+
+def test_hybrid_engine_greedy_equals_autoregressive_after_the_draft_catches_up(single):
+  # Given an engine with hybrid drafting whose first steps run at K = 0 (the draft model is
+  # not run, so it falls behind and must catch up before speculating),
+  from spec_tpu.serving import Engine, GenerationParams
+  n = 64
+  prompts = ex.GREEDY_PROMPTS[:n]
+  want, clear = ex._greedy_reference(single)
+  engine = Engine(single, num_slots=n, max_len=40, k=K, adaptive_k=False, max_top_k=4,
+                  draft_source=HYBRID)
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=0.0))
+              for p in prompts]
+  engine.step(k=0)
+  engine.step(k=0)
+  _drain(engine)
+  # then every request is the target's greedy continuation,
+  got = np.array([r.result().tokens for r in requests])
+  bad = np.flatnonzero(clear[:n] & np.any(got != want[:n], axis=1))
+  assert bad.size == 0, f"{bad.size} rows differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
+  # and the per-request statistics say which source proposed what was accepted.
+  stats = [r.stats for r in requests]
+  assert all(s.ngram_judged <= s.judged and s.ngram_accepted <= s.accepted for s in stats)
+  assert sum(s.ngram_accepted for s in stats) > 0
+  assert sum(s.accepted - s.ngram_accepted for s in stats) > 0
+
+
+def test_ngram_engine_without_draft_model_calibrates_and_serves():
+  # Given a target with no draft model and n-gram drafting, adaptive K over 0..2,
+  from spec_tpu.serving import Engine, GenerationParams
+  sampler = Sampler(ex.target_params(), ex.TARGET, draft_source=NGRAM)
+  engine = Engine(sampler, num_slots=8, max_len=40, k=2, k_max=2, max_top_k=4)
+  assert engine.ks == (0, 1, 2)
+  # when it calibrates and serves greedy requests,
+  report = engine.calibrate(rounds=2, repeats=1)
+  assert all(report[f"round_s_k{k}"] > 0 for k in engine.ks)
+  out = engine.generate(ex.GREEDY_PROMPTS[:8], GenerationParams(max_new_tokens=ex.MAX_NEW,
+                                                                temperature=0.0))
+  # then each is the target's greedy continuation (at whatever K the policy chose).
+  want = np.array(sampler.generate(ex.GREEDY_PROMPTS[:8], max_new_tokens=ex.MAX_NEW, k=0,
+                                   sampling=ex.GREEDY).tokens)
+  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), ex.GREEDY_PROMPTS[:8], want)
+  got = np.array([c.tokens for c in out])
+  assert np.array_equal(got[clear], want[clear])

@@ -74,6 +74,7 @@ import numpy as np
 
 from spec_tpu import sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import Sampler, to_host
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
@@ -95,6 +96,8 @@ class _Slot:
   rounds: int = 0
   accepted: int = 0
   judged: int = 0
+  ngram_accepted: int = 0
+  ngram_judged: int = 0
 
 
 class Engine:
@@ -108,8 +111,12 @@ class Engine:
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
-               margin: float = 0.1, seed: int = 0, channel=None):
-    has_draft = sampler.draft_cfg is not None
+               margin: float = 0.1, seed: int = 0, channel=None,
+               draft_source: DraftSource | None = None):
+    # Where proposals come from (default: the sampler's); an n-gram source needs no model.
+    source = sampler.draft_source if draft_source is None else sampler._check_source(
+        draft_source, sampler.draft_cfg)
+    has_draft = sampler.draft_cfg is not None or not source.uses_model
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
     k_max = (k if not adaptive_k else max(k, 4)) if k_max is None else int(k_max)
@@ -140,10 +147,13 @@ class Engine:
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
     num_tokens = sampler.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
+    self.draft_source = source
+    draft_model = sampler.draft_cfg if k_max > 0 and source.uses_model else None
+    self._has_draft_model = draft_model is not None
     self._spec = decode.LoopSpec(
-        target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
-        k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id)
+        target=sampler.target_cfg, draft=draft_model, k=0, k_max=k_max,
+        max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
+        eos_id=sampler.eos_id, pad_id=sampler.pad_id, source=source)
     self._channel = channel
     self._rng = np.random.default_rng(seed)
     self._programs = {}
@@ -158,8 +168,9 @@ class Engine:
     # CPU-time ratios by a few %). Elsewhere the device's wall time is the cost.
     platform = sampler.mesh.devices.flat[0].platform
     self._cost_clock = time.process_time if platform == "cpu" else time.perf_counter
-    self._params = (sampler.target_params, sampler.draft_params if k_max > 0 else None)
-    self._param_sh = sampler.param_shardings(k_max > 0)
+    self._params = (sampler.target_params,
+                    sampler.draft_params if self._has_draft_model else None)
+    self._param_sh = sampler.param_shardings(self._has_draft_model)
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()
@@ -362,7 +373,7 @@ class Engine:
     requests = self._take_waiting(len(free))
     if not requests:
       return
-    with_draft = self.k > 0 if with_draft is None else with_draft and self.k_max > 0
+    with_draft = (self.k > 0 if with_draft is None else with_draft) and self._has_draft_model
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
       by_bucket[self._bucket(len(r.prompt))].append((slot, r))
@@ -375,7 +386,7 @@ class Engine:
         if r.id not in placed:
           r._finish(ABORTED, error=e)
       raise
-    if not with_draft and self.k_max > 0:
+    if not with_draft and self._has_draft_model:
       self._draft_behind = True
 
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
@@ -430,7 +441,7 @@ class Engine:
     n = self.pacing.rounds(k) if n is None else n
     live = np.array([s is not None for s in self._slots])
     stop_on_free = bool(self._queue)
-    catching_up = k > 0 and self._draft_behind
+    catching_up = k > 0 and self._draft_behind and self._has_draft_model
     if self._channel is not None:
       self._channel.send_step(k, live, n, stop_on_free)
     start, cost_start = time.perf_counter(), self._cost_clock()
@@ -442,7 +453,7 @@ class Engine:
     if k > 0:
       self._draft_behind = False
     elif live.any():
-      self._draft_behind = self.k_max > 0
+      self._draft_behind = self._has_draft_model
     judged_b = stats.reached_bn.sum(axis=1)
     step_accepted = step_judged = 0
     for i, slot in enumerate(self._slots):
@@ -453,6 +464,8 @@ class Engine:
       step_judged += int(judged_b[i]) - slot.judged
       slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
                                                  int(judged_b[i]))
+      slot.ngram_accepted = int(stats.ngram_accepted_b[i])
+      slot.ngram_judged = int(stats.ngram_judged_b[i])
       self._deliver(i, out.tokens_bw[i, :out.count_b[i]].tolist(), bool(done[i]))
     self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
     if timed:
@@ -481,7 +494,9 @@ class Engine:
     self._slots[slot] = None  # the next step's live mask stops the row on device
     r = s.request
     stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
-                                accepted=s.accepted, judged=s.judged, ks=tuple(sorted(s.ks)))
+                                accepted=s.accepted, judged=s.judged,
+                                ngram_accepted=s.ngram_accepted, ngram_judged=s.ngram_judged,
+                                ks=tuple(sorted(s.ks)))
     r._finish(reason, stats)
     self.metrics.finished(reason, stats.time_to_first_token_s)
 
@@ -600,7 +615,8 @@ class Engine:
       raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
     for k in ks:
       self._step_program(int(k))
-    drafts = {True, False} if both_inserts and self.k_max > 0 else {self.k > 0}
+    drafts = ({True, False} if both_inserts and self._has_draft_model else
+              {self.k > 0 and self._has_draft_model})
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
       for with_draft in drafts:
         self._insert_program(with_draft, t)

@@ -5,6 +5,8 @@
         --ks=0,1,2,4,6,8 --batches=1,8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
         --ks=0,4 --batches=1,8 --quantize=none,int8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_sources \
+        --draft_kinds=none,ngram,model,hybrid --batches=4
 
 Per (batch, K) point: ms per token (wall time of the on-device loop / new tokens per row),
 tokens/s, acceptance rate a, cost ratio c = draft step / target step (both timed as jitted
@@ -25,6 +27,9 @@ every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs
 `--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
 process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
 ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
+`--draft_kinds` instead compares draft sources at K = sampling.k and the first batch size
+(spec_tpu/decoding/source_bench.py) on two workloads: "rewrite" (a held-out stdlib function, then
+its first line again: the continuation repeats the prompt) and "open" (the config's prompts).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program 
                                   "tokens fill only in part.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
                               "draft alike: none (float) and/or int8 (default: the config's).")
+_DRAFT_KINDS = flags.DEFINE_list("draft_kinds", None, "Compare draft sources instead of "
+                                 "sweeping K: none (autoregressive), ngram, model, hybrid.")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -364,6 +371,10 @@ def main(argv):
   for config in configs:
     common.resolve(config, need_weights=True, k=0)
   cache_dir = common.use_compile_cache(_CONFIG.value)
+  if _DRAFT_KINDS.value is not None:
+    run_draft_kinds(_CONFIG.value, _OUTPUT_DIR.value, _DRAFT_KINDS.value, _BATCHES.value,
+                    _MAX_NEW.value, _REPEATS.value)
+    return
   results = []
   for mode, config in zip(modes, configs):
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)
@@ -375,6 +386,54 @@ def main(argv):
     with open(os.path.join(_OUTPUT_DIR.value, "quantize.txt"), "w") as f:
       f.write(table + "\n")
     print("\n" + table, flush=True)
+
+
+def run_draft_kinds(config, output_dir: str, kinds, batches, max_new: int | None,
+                    repeats: int) -> list[dict]:
+  """Draft sources on a prompt-repeating and an open-ended workload (one batch size)."""
+  from launch import common
+  from spec_tpu.decoding import source_bench
+  from spec_tpu.training import corpus
+  kinds = [k.strip() for k in kinds]
+  batch = cli.int_list("batches", batches)[0]
+  setup = common.resolve(config, need_weights=True)
+  tok = common.load_tokenizer(config, setup)
+  if tok is None or not len(config.run.prompts):
+    raise common.SetupError("--draft_kinds needs a tokenizer and run.prompts (the workloads "
+                            "are text)")
+  if setup.k < 1:
+    raise common.SetupError(f"--draft_kinds compares at K = sampling.k, got {setup.k}")
+  if setup.draft is None and {"model", "hybrid"} & set(kinds):
+    raise common.SetupError("draft kinds model and hybrid need a draft model (draft.checkpoint "
+                            "or draft.preset)")
+  cli.make_output_dir("output_dir", output_dir)
+  _, heldout = corpus.split(corpus.stdlib_files())
+  encode = lambda ps: [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in ps]
+  workloads = {"rewrite": encode(source_bench.rewrite_prompts(heldout, tok, batch)),
+               "open": encode([config.run.prompts[i % len(config.run.prompts)]
+                               for i in range(batch)])}
+  sampler = common.build_sampler(setup, common.build_mesh(config), eos_id=None, pad_id=0)
+  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
+  try:
+    rows = source_bench.compare_sources(
+        sampler, workloads, k=setup.k, max_new_tokens=max_new, sampling=setup.sampling,
+        sources=kinds, ngram_max=setup.draft_source.ngram_max,
+        ngram_min=setup.draft_source.ngram_min, repeats=repeats, seed=int(config.sampling.seed))
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  head = [f"target: {setup.target.describe()}",
+          f"draft:  {setup.draft.describe() if setup.draft else None}",
+          f"batch {batch}, K = {setup.k}, {max_new} new tokens, device "
+          f"{jax_device_kind()}"]
+  common.write_results(output_dir, dict(batch=batch, k=setup.k, max_new_tokens=max_new,
+                                        random_weights=setup.any_random, points=rows),
+                       "\n".join(head + [""]) + source_bench.format_table(rows))
+  return rows
+
+
+def jax_device_kind() -> str:
+  import jax
+  return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
 def format_comparison(results: list[dict]) -> str:

@@ -22,6 +22,7 @@ from launch import cli
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu import sharding
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampling import SamplingParams
 
 
@@ -57,6 +58,7 @@ class Setup:
   draft: ModelSetup | None
   sampling: SamplingParams
   k: int
+  draft_source: DraftSource = DraftSource()
 
   @property
   def any_random(self) -> bool:
@@ -147,13 +149,18 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   target = _model_setup(config.model, "target", need_weights=need_weights)
   if target is None:
     raise SetupError("model: give model.checkpoint or model.preset")
-  draft = _model_setup(config.draft, "draft", need_weights=need_weights)
+  source = draft_source(config.draft)
+  # n-gram drafting loads no draft model, whatever the section names.
+  draft = (_model_setup(config.draft, "draft", need_weights=need_weights) if source.uses_model
+           else None)
   k = int(config.sampling.k if k is None else k)
   if k < 0:
     raise SetupError(f"sampling.k must be >= 0, got {k}")
-  if k > 0 and draft is None:
-    raise SetupError(f"sampling.k={k} needs a draft (draft.checkpoint or draft.preset); "
-                     "use --config.sampling.k=0 for autoregressive sampling")
+  if (k > 0 or source.kind == "hybrid") and source.uses_model and draft is None:
+    raise SetupError(f"draft.kind={source.kind!r} with sampling.k={k} needs a draft "
+                     "(draft.checkpoint or draft.preset); use --config.draft.kind=ngram for "
+                     "drafts without a model, or --config.sampling.k=0 for autoregressive "
+                     "sampling")
   if draft is not None:
     from spec_tpu.decoding import sampler as sampler_lib
     try:
@@ -171,7 +178,16 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   if int(s.seed) < 0:
     raise SetupError(f"sampling.seed must be >= 0, got {s.seed}")
   _check_serve(config.serve)
-  return Setup(target=target, draft=draft, sampling=params, k=k)
+  return Setup(target=target, draft=draft, sampling=params, k=k, draft_source=source)
+
+
+def draft_source(section) -> DraftSource:
+  """draft.kind and the n-gram sizes (configs without them draft with the model)."""
+  try:
+    return DraftSource(str(section.get("kind", "model")), int(section.get("ngram_max", 4)),
+                       int(section.get("ngram_min", 2)))
+  except ValueError as e:
+    raise SetupError(f"draft: {e}") from None
 
 
 def _check_serve(serve) -> None:
@@ -403,7 +419,9 @@ def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
       target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
       draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
       draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
-      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None)
+      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None,
+      draft_source=setup.draft_source if draft is not None or not setup.draft_source.uses_model
+      else DraftSource())
 
 
 def ideal_speedup(a: float, c: float, k: int) -> float:

@@ -231,3 +231,71 @@ def test_ngram_engine_without_draft_model_calibrates_and_serves():
   _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), ex.GREEDY_PROMPTS[:8], want)
   got = np.array([c.tokens for c in out])
   assert np.array_equal(got[clear], want[clear])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, launcher and benchmark plumbing.
+
+def test_config_draft_kind_ngram_samples_without_loading_a_draft(tmp_path):
+  # Given the tiny random config whose draft section names a checkpoint that does not exist,
+  # with draft.kind = ngram,
+  import json
+  from configs import tiny_random
+  from launch import common, sample
+  c = tiny_random.get_config()
+  c.model.checkpoint = ""
+  c.draft.update(checkpoint=str(tmp_path / "missing"), allow_random=False, kind="ngram",
+                 ngram_max=3, ngram_min=1)
+  c.run.batch_size = 2
+  c.sampling.update(max_new_tokens=8, adaptive_k=False, k=2)
+  # then the setup has no draft model and the n-gram source,
+  setup = common.resolve(c)
+  assert setup.draft is None and setup.draft_source == DraftSource("ngram", 3, 1)
+  # and launch.sample runs speculative rounds with it, recording the source in every line.
+  out = tmp_path / "out.jsonl"
+  sample.run(c, ["def add(a, b):", "import os"], None, str(out), compare_ar=False,
+             multihost=False)
+  lines = [json.loads(x) for x in out.read_text().splitlines()]
+  assert len(lines) == 2 and all(r["stats"]["k"] == 2 for r in lines)
+  assert lines[0]["settings"]["draft_source"]["kind"] == "ngram"
+  # A bad kind is refused in one line before anything loads.
+  c.draft.kind = "suffix"
+  with pytest.raises(common.SetupError, match="draft kind must be one of"):
+    common.resolve(c)
+
+
+def test_rewrite_prompts_repeat_a_whole_function():
+  from spec_tpu.decoding import source_bench
+  from spec_tpu.training import corpus
+  from spec_tpu.tokenizer import ByteTokenizer
+  files = corpus.split(corpus.stdlib_files())[1][:20]
+  prompts = source_bench.rewrite_prompts(files, ByteTokenizer(), 3, max_tokens=400)
+  assert len(prompts) == 3
+  for p in prompts:
+    body = p[len(source_bench.REWRITE_HEADER):p.index("\n\n\n")]
+    head = body.splitlines()[0]
+    assert head.startswith("def ") and p.endswith(f"\n\n\n{head}\n    ")
+
+
+def test_compare_sources_reports_every_source_and_workload(single):
+  # Given a workload that repeats itself and one that does not (toy vocabulary, greedy),
+  from spec_tpu.decoding import source_bench
+  repeat = [[1, 2, 3, 4, 5, 6, 7] * 2] * 4
+  once = [[3, 1, 4, 1]] * 4
+  rows = source_bench.compare_sources(single, {"repeat": repeat, "once": once}, k=2,
+                                      max_new_tokens=6, sampling=ex.GREEDY, ngram_min=1,
+                                      sources=("none", "ngram", "hybrid"), repeats=1)
+  # then every (workload, source) has a row, AR is the baseline, and proposals were judged.
+  assert [(r["workload"], r["source"]) for r in rows] == [
+      (w, s) for w in ("repeat", "once") for s in ("none", "ngram", "hybrid")]
+  for r in rows:
+    assert r["tokens_per_target_call"] >= 1 and r["tokens_per_s"] > 0
+    assert (r["source"] == "none") == (r["k"] == 0)
+  assert all(r["speedup"] == 1.0 for r in rows if r["source"] == "none")
+  by = {(r["workload"], r["source"]): r for r in rows}
+  assert by[("repeat", "ngram")]["ngram_share"] > 0.5
+  assert by[("repeat", "ngram")]["tokens_per_target_call"] > 1.2  # AR: 1
+  assert 0 < by[("repeat", "hybrid")]["ngram_share"] <= 1.0
+  assert "tok/call" in source_bench.format_table(rows)
+  with pytest.raises(ValueError, match="unknown draft sources"):
+    source_bench.compare_sources(single, {"x": once}, k=2, max_new_tokens=4, sources=["eagle"])

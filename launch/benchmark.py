@@ -241,7 +241,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                              b, context, max(ks) + 1, cache_len)
     t_target = target_timer.seconds_per_step(1, step_repeats)
     c, t_draft = float("nan"), float("nan")
-    if max(ks) > 0:
+    if max(ks) > 0 and setup.draft is not None:  # n-gram drafts: no draft step
       draft_timer = StepTimer(sampler.draft_params, setup.draft.cfg, setup.draft.rules, mesh, b,
                               context, max(ks) + 1, cache_len)
       t_draft = draft_timer.seconds_per_step(1, step_repeats)
@@ -279,7 +279,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
   result = dict(
       quantize=setup.target.cfg.quantize or "none",
       target=setup.target.describe(), draft=setup.draft.describe() if setup.draft else None,
-      random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
+      draft_kind=setup.draft_source.kind, random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), mesh=dict(mesh.shape), max_new_tokens=max_new,
       cache_len=cache_len or None,
       sampling=dict(temperature=setup.sampling.temperature, top_p=setup.sampling.top_p,

@@ -13,6 +13,10 @@ State per row (slot):
   After a speculative round D >= L - 1 (1 or 2 pending: when all K drafts were accepted the draft
   never saw x_K). K = 0 rounds, and inserts while K = 0, leave the draft further behind (they
   never pay for it); `catch_up_draft` feeds the gap in chunks before the next speculative round.
+Proposals come from the spec's draft source (draft_source.py, `_propose`): the draft model, an
+n-gram lookup in tokens_bs (no draft cache at all), or both (the draft is fed the n-gram
+tokens it did not propose, so its cache stays as in a model round). A row may propose fewer
+than K tokens; the rejection step judges only those (`rejection.accept`'s num_b).
 Rows advance independently: each accepts its own number of tokens and stops on its own, and
 each draws its random numbers from its own (seed, stream) pair and its own round counter
 (`sampling.row_keys`), never from a batch-wide key, so its output does not depend on the other

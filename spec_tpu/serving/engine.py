@@ -48,6 +48,12 @@ calibration's. The caches keep k_max + 1 slots of rollback slack so any K <= k_m
 them. At K = 0 the draft is not run at all, not even at insert; a later speculative step first
 feeds it the tokens it missed (decode.catch_up_draft).
 
+Draft sources: `draft_source` (default: the sampler's) is the draft model, prompt lookup
+(n-gram: no draft model, a round costs one verification) or hybrid (draft_source.py). The K
+policy needs nothing new: calibration times each K's round as this source pays it, and a
+position the lookup left empty counts as a judged, rejected draft (a round yields what it
+yields), so the same formula picks K, 0 where the lookup rarely matches.
+
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32) and its own
 round counter (sampling.row_keys): its output law never depends on the batch, and with a seed
 neither do its tokens, for the same K per round. Sampler.generate's row i with seed s is the

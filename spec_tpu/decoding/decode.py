@@ -255,8 +255,9 @@ def _draft(spec: LoopSpec, draft_params, state: State, keys_bn, forced_bn, force
 def _propose(spec: LoopSpec, draft_params, state: State, keys_bn, last_pos_b):
   """The round's proposals from the spec's draft source: (draft_bn, p_bnv, num_b, ngram_b,
   draft cache, draft traces, draft start). p_bnv: the distributions they were drawn from
-  (one-hot for n-gram tokens); num_b: proposals per row (positions after it are not judged);
-  ngram_b: how many of them the n-gram lookup made (a prefix)."""
+  (one-hot for n-gram tokens); num_b: proposals per row (positions after it are not judged),
+  None where every row proposes K; ngram_b: how many of them the n-gram lookup made (a
+  prefix)."""
   b, k = keys_bn.shape[0], spec.k
   src = spec.source
   if src.uses_ngram:
@@ -269,7 +270,7 @@ def _propose(spec: LoopSpec, draft_params, state: State, keys_bn, last_pos_b):
     return ngram_bn, p_bnv, ngram_b, ngram_b, state.draft_cache, None, None
   draft_bn, p_bnv, dc, traces, start = _draft(spec, draft_params, state, keys_bn, ngram_bn,
                                               ngram_b)
-  return draft_bn, p_bnv, jnp.full((b,), k, jnp.int32), ngram_b, dc, traces, start
+  return draft_bn, p_bnv, None, ngram_b, dc, traces, start
 
 
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):
@@ -308,7 +309,10 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                                             traces=True)
   q_bmv = _probs(spec, logits, state.rows)
   if k > 0:
-    n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv, num_b)
+    if num_b is None:
+      n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv)
+    else:
+      n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv, num_b)
   else:
     n = jnp.zeros((b,), jnp.int32)
     nxt = sampling.sample(keys_bn[:, 0], q_bmv[:, 0])

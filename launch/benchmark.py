@@ -5,12 +5,16 @@
         --ks=0,1,2,4,6,8 --batches=1,8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_int8 \
         --ks=0,4 --batches=1,8 --quantize=none,int8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_sources \
+        --draft_kinds=none,ngram,model,hybrid --batches=4
 
 Per (batch, K) point: ms per token, tokens/s, acceptance a, cost ratio c, measured and ideal
 speedup, verification cost and memory-bandwidth utilisation (what each means:
 spec_tpu/benchmark.py). Writes results.json, table.txt (also printed) and speedup_vs_k.png;
 `--quantize=none,int8` runs the sweep once per weight form, each into its own subdirectory, and
-ends with a side-by-side table (quantize.txt).
+ends with a side-by-side table (quantize.txt). `--draft_kinds` compares draft sources (none,
+ngram, model, hybrid) at K = engine.k and the first batch size on a prompt-repeating and an
+open-ended workload instead of sweeping K.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "Cache slots of every program 
                                   "tokens fill only in part.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to benchmark in turn, target and "
                               "draft alike: none (float) and/or int8 (default: the config's).")
+_DRAFT_KINDS = flags.DEFINE_list("draft_kinds", None, "Compare draft sources instead of "
+                                 "sweeping K: none (autoregressive), ngram, model, hybrid.")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -49,6 +55,11 @@ def main(argv):
   for config in configs:
     common.resolve(config, need_weights=True, k=0)
   cache_dir = compile_cache.use(_CONFIG.value.run.compile_cache)
+  if _DRAFT_KINDS.value is not None:
+    benchmark.run_draft_kinds(_CONFIG.value, _OUTPUT_DIR.value, _DRAFT_KINDS.value,
+                              cli.int_list("batches", _BATCHES.value)[0], _MAX_NEW.value,
+                              _REPEATS.value)
+    return
   results = []
   for mode, config in zip(modes, configs):
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)

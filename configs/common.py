@@ -14,7 +14,12 @@
                     scales (spec_tpu/models/quant.py), quantized while a float checkpoint loads
       tokenizer     a tokenizer.model or tokenizer.json path, a converted checkpoint's directory
                     (its tokenizer/), 'bytes', or '' (then text prompts cannot be encoded)
-    draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
+    draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft model), and
+      kind          where proposals come from: 'model' (the draft model; none: engine.k must be
+                    0), 'ngram' (prompt lookup in the row's own tokens: no draft model, none
+                    loaded), 'hybrid' (n-gram where the lookup matches, the draft model
+                    continuing it and elsewhere); spec_tpu/decoding/draft_source.py
+      ngram_max, ngram_min  suffix lengths the lookup tries, longest first
     sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),
                 max_new_tokens, seed; coupling: 'gumbel' (a seed gives the same tokens
                 whatever K, the draft, the batch or a resume) or 'rejection' (the most
@@ -110,11 +115,19 @@ def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = F
   return s
 
 
+def draft_section(kind: str = "model", ngram_max: int = 4, ngram_min: int = 2,
+                  **model) -> ml_collections.ConfigDict:
+  """A model section plus where proposals come from (draft.kind and the n-gram sizes)."""
+  s = model_section(**model)
+  s.kind, s.ngram_max, s.ngram_min = kind, ngram_max, ngram_min
+  return s
+
+
 def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
   """Every key of the schema with a neutral default; config files change what they need."""
   c = ml_collections.ConfigDict()
   c.model = model_section()
-  c.draft = model_section()
+  c.draft = draft_section()
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0,
       coupling="gumbel"))

@@ -35,7 +35,7 @@ def get_config(arg=None):
   tokenizer = os.path.join(common.ASSETS_DIR, "stdlib_sp2048.model")
   c.model = common.model_section(checkpoint=os.path.join(common.ASSETS_DIR, "target"),
                                  tokenizer=tokenizer)
-  c.draft = common.model_section(checkpoint=os.path.join(common.ASSETS_DIR, "draft"),
+  c.draft = common.draft_section(checkpoint=os.path.join(common.ASSETS_DIR, "draft"),
                                  tokenizer=tokenizer)
   # The pair was trained on files separated by EOS, never with a BOS in front.
   c.run.add_bos = False

@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model = common.model_section(preset="llama_7b", allow_random=True)
   # 134M parameters, Llama-shaped: 12 layers of d_model 768 with the 7B's 32k vocabulary, the
   # size class of the drafts used for 7B targets in the literature (c ~ 0.05 at batch 1).
-  c.draft = common.model_section(
+  c.draft = common.draft_section(
       preset="", allow_random=True, name="llama_134m_draft", vocab_size=32_000, d_model=768,
       num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64, ffw_dim=2048,
       ffw_activation="swiglu", norm_eps=1e-5, tie_embeddings=False, dtype="bfloat16")

@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.model = common.model_section(
       preset="tiny", checkpoint="",
       allow_random=True, tokenizer=tokenizer, name="random_tiny_target", vocab_size=2048)
-  c.draft = common.model_section(
+  c.draft = common.draft_section(
       preset="tiny", checkpoint="",
       allow_random=True, tokenizer=tokenizer, name="random_tiny_draft", vocab_size=2048,
       num_layers=1)

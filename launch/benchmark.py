@@ -7,6 +7,8 @@
         --ks=0,4 --batches=1,8 --quantize=none,int8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_coupling \
         --couplings=rejection,gumbel --temperatures=0.6,1.0 --batches=8
+    python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_sources \
+        --draft_kinds=none,ngram,model,hybrid --batches=4
 
 Per (batch, K) point: ms per token, tokens/s, acceptance a, cost ratio c, measured and ideal
 speedup, verification cost and memory-bandwidth utilisation (what each means:
@@ -14,7 +16,9 @@ spec_tpu/benchmark.py). Writes results.json, table.txt (also printed) and speedu
 `--quantize=none,int8` runs the sweep once per weight form, each into its own subdirectory, and
 ends with a side-by-side table (quantize.txt). `--couplings=rejection,gumbel` compares the
 couplings instead, at K = engine.k: tokens/s, acceptance and the acceptance each should reach
-(spec_tpu/decoding/coupling_bench.py).
+(spec_tpu/decoding/coupling_bench.py). `--draft_kinds` compares draft sources (none, ngram,
+model, hybrid) at K = engine.k and the first batch size on a prompt-repeating and an
+open-ended workload instead of sweeping K.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _COUPLINGS = flags.DEFINE_list("couplings", None, "Compare these couplings (reje
                                "at K = engine.k instead of sweeping K.")
 _TEMPERATURES = flags.DEFINE_list("temperatures", None, "Temperatures of --couplings (default: "
                                   "the config's sampling.temperature).")
+_DRAFT_KINDS = flags.DEFINE_list("draft_kinds", None, "Compare draft sources instead of "
+                                 "sweeping K: none (autoregressive), ngram, model, hybrid.")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -70,6 +76,11 @@ def main(argv):
   for config in configs:
     common.resolve(config, need_weights=True, k=0)
   cache_dir = compile_cache.use(_CONFIG.value.run.compile_cache)
+  if _DRAFT_KINDS.value is not None:
+    benchmark.run_draft_kinds(_CONFIG.value, _OUTPUT_DIR.value, _DRAFT_KINDS.value,
+                              cli.int_list("batches", _BATCHES.value)[0], _MAX_NEW.value,
+                              _REPEATS.value)
+    return
   results = []
   for mode, config in zip(modes, configs):
     out = _OUTPUT_DIR.value if len(modes) == 1 else os.path.join(_OUTPUT_DIR.value, mode)

@@ -20,6 +20,12 @@ every timing. Writes results.json, a table (stdout and table.txt) and speedup_vs
 `--quantize=none,int8` runs the whole sweep once per weight form (target and draft alike) in one
 process, each into its own subdirectory, and ends with a side-by-side table (quantize.txt):
 ms/token of each form at every (batch, K), and the weight bytes a target step reads per device.
+With draft.kind = ngram no draft model runs: c is n/a and K's rounds cost one verification.
+
+`run_draft_kinds` (`--draft_kinds`) instead compares draft sources at K = engine.k and one batch
+size (spec_tpu/decoding/source_bench.py) on two workloads: "rewrite" (a held-out stdlib
+function, then its first line again: the continuation repeats the prompt) and "open" (the
+config's prompts).
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
                              b, context, max(ks) + 1, cache_len)
     t_target = target_timer.seconds_per_step(1, step_repeats)
     c, t_draft = float("nan"), float("nan")
-    if max(ks) > 0:
+    if max(ks) > 0 and setup.draft is not None:  # n-gram drafts: no draft step
       draft_timer = profiling.StepTimer(sampler.draft_params, setup.draft.cfg, setup.draft.rules, mesh, b,
                               context, max(ks) + 1, cache_len)
       t_draft = draft_timer.seconds_per_step(1, step_repeats)
@@ -134,7 +140,8 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
   result = dict(
       quantize=setup.target.cfg.quantize or "none",
       target=setup.target.describe(), draft=setup.draft.describe() if setup.draft else None,
-      random_weights=setup.any_random, device=str(jax.devices()[0].device_kind),
+      draft_kind=setup.draft_source.kind, random_weights=setup.any_random,
+      device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), mesh=dict(mesh.shape), max_new_tokens=max_new,
       cache_len=cache_len or None,
       sampling=dict(temperature=setup.sampling.temperature, top_p=setup.sampling.top_p,
@@ -145,6 +152,50 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
   reports.write_results(output_dir, result, format_table(result))
   plot(result, os.path.join(output_dir, "speedup_vs_k.png"))
   return result
+
+
+def run_draft_kinds(config, output_dir: str, kinds, batch: int, max_new: int | None,
+                    repeats: int) -> list[dict]:
+  """Draft sources (none = autoregressive, ngram, model, hybrid) on a prompt-repeating and an
+  open-ended workload at one batch size; results.json and table.txt in output_dir."""
+  from spec_tpu.decoding import source_bench
+  from spec_tpu.training import corpus
+  kinds = [k.strip() for k in kinds]
+  if batch < 1 or repeats < 1:
+    raise SetupError(f"--batches and --repeats must be >= 1, got {batch} and {repeats}")
+  setup = common.resolve(config, need_weights=True)
+  tok = common.load_tokenizer(config, setup)
+  if tok is None or not len(config.run.prompts):
+    raise SetupError("--draft_kinds needs a tokenizer and run.prompts (the workloads are text)")
+  if setup.k < 1:
+    raise SetupError(f"--draft_kinds compares at K = engine.k, got {setup.k}")
+  if setup.draft is None and {"model", "hybrid"} & set(kinds):
+    raise SetupError("draft kinds model and hybrid need a draft model (draft.checkpoint or "
+                     "draft.preset, and draft.kind model or hybrid)")
+  reports.make_output_dir("output_dir", output_dir)
+  _, heldout = corpus.split(corpus.stdlib_files())
+  encode = lambda ps: [tok.encode(p, add_bos=bool(config.run.add_bos)) for p in ps]
+  workloads = {"rewrite": encode(source_bench.rewrite_prompts(heldout, tok, batch)),
+               "open": encode([config.run.prompts[i % len(config.run.prompts)]
+                               for i in range(batch)])}
+  # No EOS: every row generates max_new tokens, so every source does the same work.
+  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_id=None, pad_id=0))
+  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
+  try:
+    rows = source_bench.compare_sources(
+        sampler, workloads, k=setup.k, max_new_tokens=max_new, sampling=setup.sampling,
+        sources=kinds, ngram_max=setup.draft_source.ngram_max,
+        ngram_min=setup.draft_source.ngram_min, repeats=repeats, seed=int(config.sampling.seed))
+  except ValueError as e:
+    raise SetupError(str(e)) from None
+  head = [f"target: {setup.target.describe()}",
+          f"draft:  {setup.draft.describe() if setup.draft else None}",
+          f"batch {batch}, K = {setup.k}, {max_new} new tokens, device "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}"]
+  reports.write_results(output_dir, dict(batch=batch, k=setup.k, max_new_tokens=max_new,
+                                         random_weights=setup.any_random, points=rows),
+                        "\n".join(head + [""]) + source_bench.format_table(rows))
+  return rows
 
 
 COLUMNS = [("batch", "B", "{:d}"), ("k", "K", "{:d}"), ("ms_per_token", "ms/tok", "{:.2f}"),

@@ -6,6 +6,8 @@
     Engine(pair, num_slots=8, max_len=1024, k=4)
 
 spec_tpu.setup builds one from a config (checkpoints restored, quantized, sharded).
+`draft_source` says where proposals come from (spec_tpu/decoding/draft_source.py): the draft
+model (default), prompt lookup (no draft model needed) or both.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from spec_tpu import sharding
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.models.config import ModelConfig
 
 
@@ -72,12 +75,14 @@ def integer(name: str, value, lo: int, hi: int | None = None) -> int:
 
 class Pair:
   """Sharded params and configs of a target (and optionally a draft), their sharding rules, the
-  mesh, the EOS and pad ids, and the tokenizer (optional: token ids work without one)."""
+  mesh, the EOS and pad ids, the tokenizer (optional: token ids work without one) and where
+  proposals come from."""
 
   def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
                draft_params=None, draft_cfg: ModelConfig | None = None,
                target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
-               eos_id: int | None = None, pad_id: int = 0, tokenizer=None):
+               eos_id: int | None = None, pad_id: int = 0, tokenizer=None,
+               draft_source: DraftSource = DraftSource()):
     if (draft_params is None) != (draft_cfg is None):
       raise ValueError("give both draft_params and draft_cfg, or neither")
     if draft_cfg is not None:
@@ -94,6 +99,7 @@ class Pair:
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules
     self.tokenizer = tokenizer
+    self.draft_source = self.check_source(draft_source)
     self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
     self.draft_params = (None if draft_params is None else
                          sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
@@ -101,6 +107,15 @@ class Pair:
   @property
   def has_draft(self) -> bool:
     return self.draft_cfg is not None
+
+  def check_source(self, source: DraftSource) -> DraftSource:
+    """`source` if this pair can run it (hybrid drafting needs the draft model)."""
+    if not isinstance(source, DraftSource):
+      raise ValueError(f"draft_source must be a DraftSource, got {source!r}")
+    if source.kind == "hybrid" and self.draft_cfg is None:
+      raise ValueError("draft kind 'hybrid' needs a draft model; this pair has none "
+                       "(use kind 'ngram')")
+    return source
 
   @property
   def platform(self) -> str:

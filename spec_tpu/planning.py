@@ -105,7 +105,7 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
-  if k > 0:
+  if k > 0 and setup.draft is not None:  # n-gram drafts: no draft step
     programs["draft_step"] = (setup.draft, 1)
   costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
            for name, (m, t) in programs.items()}
@@ -120,7 +120,8 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
   if k > 0:
     out["speculative"] = {
         str(a): roofline.speculative(times["target_step"]["total"], times["verify"]["total"],
-                                     times["draft_step"]["total"], k, float(a))
+                                     times["draft_step"]["total"] if setup.draft else 0.0,
+                                     k, float(a))
         for a in acceptances}
   return out
 
@@ -173,7 +174,8 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
                          k_max=k,
                          max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_len=context, out_len=max_new + k, eos_id=None)
+                         max_len=context, out_len=max_new + k, eos_id=None,
+                         source=setup.draft_source if k else decode.DraftSource())
   rules = setup.target.rules
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(
       mesh, shape, rules))

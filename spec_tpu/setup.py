@@ -23,6 +23,7 @@ import numpy as np
 from spec_tpu import sharding
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.decoding import decode
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu.pair import Pair, check_pair
@@ -61,6 +62,7 @@ class Setup:
   sampling: SamplingParams
   k: int
   coupling: str = "rejection"
+  draft_source: DraftSource = DraftSource()
 
   @property
   def any_random(self) -> bool:
@@ -191,13 +193,18 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   target = _model_setup(config.model, "target", need_weights=need_weights)
   if target is None:
     raise SetupError("model: give model.checkpoint or model.preset")
-  draft = _model_setup(config.draft, "draft", need_weights=need_weights)
+  source = draft_source(config.draft)
+  # n-gram drafting loads no draft model, whatever the section names.
+  draft = (_model_setup(config.draft, "draft", need_weights=need_weights) if source.uses_model
+           else None)
   k = int(config.engine.k if k is None else k)
   if k < 0:
     raise SetupError(f"engine.k must be >= 0, got {k}")
-  if k > 0 and draft is None:
-    raise SetupError(f"engine.k={k} needs a draft (draft.checkpoint or draft.preset); "
-                     "use --config.engine.k=0 for autoregressive sampling")
+  if (k > 0 or source.kind == "hybrid") and source.uses_model and draft is None:
+    raise SetupError(f"draft.kind={source.kind!r} with engine.k={k} needs a draft "
+                     "(draft.checkpoint or draft.preset); use --config.draft.kind=ngram for "
+                     "drafts without a model, or --config.engine.k=0 for autoregressive "
+                     "sampling")
   if draft is not None:
     try:
       check_pair(target.cfg, draft.cfg)
@@ -214,7 +221,17 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
   if int(s.seed) < 0:
     raise SetupError(f"sampling.seed must be >= 0, got {s.seed}")
   settings = engine_settings(config)
-  return Setup(target=target, draft=draft, sampling=params, k=k, coupling=settings.coupling)
+  return Setup(target=target, draft=draft, sampling=params, k=k, coupling=settings.coupling,
+               draft_source=source)
+
+
+def draft_source(section) -> DraftSource:
+  """draft.kind and the n-gram sizes (a section without them drafts with the model)."""
+  try:
+    return DraftSource(str(section.get("kind", "model")), int(section.get("ngram_max", 4)),
+                       int(section.get("ngram_min", 2)))
+  except ValueError as e:
+    raise SetupError(f"draft: {e}") from None
 
 
 def with_quantize(config, mode: str | None):
@@ -379,6 +396,9 @@ def build_pair(setup: Setup, mesh, *, tokenizer=None, eos_id: int | None = None,
   target_params = load_params(setup.target, mesh)
   draft = setup.draft if use_draft else None
   draft_params = load_params(draft, mesh) if draft is not None else None
+  # Without its draft model a pair drafts by prompt lookup only if that is what was asked.
+  source = (setup.draft_source if draft is not None or not setup.draft_source.uses_model
+            else DraftSource())
   if eos_id is None and tokenizer is not None:
     eos_id = tokenizer.eos_id
   if pad_id is None:
@@ -386,7 +406,7 @@ def build_pair(setup: Setup, mesh, *, tokenizer=None, eos_id: int | None = None,
   return Pair(target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
               draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
               draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
-              pad_id=pad_id, tokenizer=tokenizer)
+              pad_id=pad_id, tokenizer=tokenizer, draft_source=source)
 
 
 def load_pair(config, setup: Setup | None = None, mesh=None, **options) -> Pair:

@@ -626,7 +626,7 @@ def test_serve_bench_runs_a_target_without_a_draft(tmp_path):
   # Given a config with no draft (k = 0), which serve_bench's adaptive engine refused to build,
   (tmp_path / "no_draft.py").write_text(
       "from configs import common, tiny_random\n\n\ndef get_config():\n"
-      "  c = tiny_random.get_config()\n  c.draft = common.model_section()\n"
+      "  c = tiny_random.get_config()\n  c.draft = common.draft_section()\n"
       "  c.engine.k = 0\n  return c\n")
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"

@@ -71,6 +71,34 @@ def test_engine_settings_build_the_engine_they_describe(checkpoints):
   assert (plain.logprobs_k, plain.controls, plain.max_queue) == (0, False, 5)
 
 
+def test_draft_kind_reaches_the_pair_and_the_engine(checkpoints):
+  # Given a config naming both checkpoints, with draft.kind = ngram,
+  from configs import common
+  from spec_tpu.decoding.draft_source import DraftSource
+  c = common.base(num_slots=2)
+  c.model.checkpoint, c.draft.checkpoint = checkpoints
+  c.draft.update(kind="ngram", ngram_max=3, ngram_min=1)
+  c.engine.update(k=2, adaptive_k=False, max_len=32)
+  one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  # then no draft is loaded, and the Pair and the Engine built from it draft by lookup at K = 2;
+  resolved = setup.resolve(c)
+  assert resolved.draft is None and resolved.draft_source == DraftSource("ngram", 3, 1)
+  pair = setup.build_pair(resolved, one_device)
+  assert pair.draft_cfg is None and pair.draft_source == resolved.draft_source
+  engine = setup.build_engine(pair, setup.engine_settings(c))
+  assert engine.draft_source == resolved.draft_source and engine.k == 2
+  # hybrid loads the draft, and a pair built without it drafts with no source but the model.
+  c.draft.kind = "hybrid"
+  resolved = setup.resolve(c)
+  assert resolved.draft.cfg == DRAFT
+  assert setup.build_pair(resolved, one_device).draft_source.kind == "hybrid"
+  assert setup.build_pair(resolved, one_device, use_draft=False).draft_source == DraftSource()
+  # A hybrid or model draft with no draft model is refused by name.
+  c.draft.checkpoint = ""
+  with pytest.raises(setup.SetupError, match="draft.kind='hybrid' with engine.k=2 needs a draft"):
+    setup.resolve(c)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("num_slots", 0, "engine.num_slots must be >= 1"),
     ("max_len", 1, "engine.max_len must be 0"),

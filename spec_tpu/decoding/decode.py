@@ -13,6 +13,10 @@ State per row (slot):
   After a speculative round D >= L - 1 (1 or 2 pending: when all K drafts were accepted the draft
   never saw x_K). K = 0 rounds, and inserts while K = 0, leave the draft further behind (they
   never pay for it); `catch_up_draft` feeds the gap in chunks before the next speculative round.
+Proposals come from the spec's draft source (draft_source.py, `_propose`): the draft model, an
+n-gram lookup in tokens_bs (no draft cache at all), or both (the draft is fed the n-gram
+tokens it did not propose, so its cache stays as in a model round). A row may propose fewer
+than K tokens; the rejection step judges only those (`rejection.accept`'s num_b).
 Rows advance independently: each accepts its own number of tokens and stops on its own, and
 each draws its random numbers from its own (seed, stream) pair, never from a batch-wide key, so
 its output does not depend on the other rows: not its law, and with a fixed seed not its tokens
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
 from spec_tpu.decoding import gumbel, rejection, sampling
+from spec_tpu.decoding.draft_source import DraftSource, ngram_proposals
 from spec_tpu.models.config import ModelConfig
 
 CATCH_UP_CHUNK = 32  # tokens per draft call when the draft catches up after K = 0 rounds
@@ -50,7 +55,7 @@ class LoopSpec:
   in `k` and `out_len`; the state's shapes come from the rest.
   """
   target: ModelConfig
-  draft: ModelConfig | None  # None: no draft cache at all (k must be 0)
+  draft: ModelConfig | None  # None: no draft model and no draft cache (k = 0, or n-gram drafts)
   k: int                     # draft tokens per round of this program; 0 = autoregressive
   k_max: int                 # the largest K any program on this state runs: the caches keep
                              # K_max + 1 slots of rollback slack, the stats K_max columns
@@ -65,14 +70,18 @@ class LoopSpec:
                              # the token's own log-probability)
   controls: bool = False     # Rows.controls and State's token counts exist (penalties etc.)
   max_logit_bias: int = 0    # logit_bias entries per row (with controls)
+  source: DraftSource = DraftSource()  # where proposals come from (draft_source.py)
 
   @property
   def num_tokens(self) -> int:
     return self.target.num_tokens
 
   def __post_init__(self):
-    if self.k > self.k_max or (self.k > 0 and self.draft is None):
+    needs_model = self.k > 0 and self.source.uses_model
+    if self.k > self.k_max or (needs_model and self.draft is None):
       raise ValueError(f"k={self.k} needs a draft and k <= k_max={self.k_max}")
+    if not self.source.uses_model and self.draft is not None:
+      raise ValueError("n-gram drafting runs no draft model: give draft=None")
     check_coupling(self.coupling)
 
 
@@ -110,6 +119,11 @@ class Stats(NamedTuple):
   accepted_b: jax.Array   # draft tokens accepted
   reached_bn: jax.Array   # rounds in which draft position j was judged
   accepted_bn: jax.Array  # rounds in which draft position j was accepted
+  # Of those, the positions an n-gram lookup proposed (the rest: the draft model, or nothing
+  # where the lookup found no match and no model continues it; such a position is judged and
+  # rejected in reached_bn, as a round that proposes nothing yields one token, like a rejection).
+  ngram_judged_b: jax.Array
+  ngram_accepted_b: jax.Array
 
 
 class State(NamedTuple):
@@ -209,7 +223,7 @@ def init_state(spec: LoopSpec, batch: int) -> State:
       rows=Rows(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32), zeros_b,
                 jnp.zeros((batch, 2), jnp.uint32), zeros_b),
       stats=Stats(zeros_b, zeros_b, jnp.zeros((batch, n), jnp.int32),
-                  jnp.zeros((batch, n), jnp.int32)))
+                  jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias
@@ -261,7 +275,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   state = State(target_cache=tc, draft_cache=dc, tokens_bs=tokens,
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
-                            jnp.zeros((r, n), jnp.int32)),
+                            jnp.zeros((r, n), jnp.int32), zeros_r, zeros_r),
                 counts_bv=None if counts is None else _count(counts, first[:, None],
                                                      jnp.ones((r,), jnp.int32)),
                 in_prompt_bv=in_prompt)
@@ -316,11 +330,14 @@ def _pick(spec: LoopSpec, randomness, probs):
   return sampling.sample(randomness, probs)
 
 
-def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn):
+def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn, forced_b):
   """K draft tokens, the distributions they were drawn from, the draft cache after them, and
   what its rollback needs for recurrent layers: the traces of the K-1 single steps (the state
   after each, recurrent.steps_trace) and the length they start from (after the first call,
-  which every kept prefix of a live row includes)."""
+  which every kept prefix of a live row includes).
+
+  The first forced_b[i] tokens of row i are forced_bn's (n-gram proposals, one-hot
+  distributions): the draft is fed them and samples only the positions after them."""
   tc, dc = state.target_cache, state.draft_cache
   b = state.done_b.shape[0]
   num_pending = jnp.where(state.done_b, 0, tc.length - dc.length + 1)  # 1 or 2 when live
@@ -328,30 +345,59 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn):
   pending_b2 = jnp.take_along_axis(state.tokens_bs, at, axis=1)
   logits, dc = model.forward(draft_params, spec.draft, pending_b2, dc, num_pending,
                              last_only=True)
+  v = spec.num_tokens
   counts, in_prompt = state.counts_bv, state.in_prompt_bv
-  p0 = _probs(spec, logits[:, 0], state.rows, counts, in_prompt)
-  x0 = _pick(spec, randomness_bn[:, 0], p0)
+
+  def choose(j, randomness_b, p):
+    forced = j < forced_b
+    x = jnp.where(forced, forced_bn[:, j], _pick(spec, randomness_b, p))
+    return x, jnp.where(forced[:, None], jax.nn.one_hot(x, v, dtype=p.dtype), p)
+
+  x0, p0 = choose(0, randomness_bn[:, 0], _probs(spec, logits[:, 0], state.rows, counts,
+                                                  in_prompt))
 
   first = cache_lib.recurrent_entries(dc)
   start_b = dc.length
   one = jnp.ones((b,), jnp.int32)
 
-  def step(carry, randomness_b):
+  def step(carry, xs):
     dc, x, counts = carry
+    j, randomness_b = xs
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     if counts is not None:  # the drafted prefix's own tokens count too
       counts = _count(counts, x[:, None], one)
-    p = _probs(spec, logits[:, 0], state.rows, counts, in_prompt)
-    nxt = _pick(spec, randomness_b, p)
+    nxt, p = choose(j, randomness_b, _probs(spec, logits[:, 0], state.rows, counts, in_prompt))
     # A recurrent layer's state after each step, stacked by the scan: the rollback selects
     # the one its kept length ends on (None for attention layers: nothing stacked).
     return (dc, nxt, counts), (nxt, p, cache_lib.recurrent_entries(dc))
 
-  (dc, _, _), (xs, ps, steps) = jax.lax.scan(step, (dc, x0, counts),
-                                             jnp.moveaxis(randomness_bn[:, 1:], 1, 0))
+  k = randomness_bn.shape[1]
+  (dc, _, _), (xs, ps, steps) = jax.lax.scan(
+      step, (dc, x0, counts), (jnp.arange(1, k), jnp.moveaxis(randomness_bn[:, 1:], 1, 0)))
   draft_bn = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
   p_bnv = jnp.concatenate([p0[:, None], jnp.moveaxis(ps, 0, 1)], axis=1)
   return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
+
+
+def _propose(spec: LoopSpec, draft_params, state: State, randomness_bn, last_pos_b):
+  """The round's proposals from the spec's draft source: (draft_bn, p_bnv, num_b, ngram_b,
+  draft cache, draft traces, draft start). p_bnv: the distributions they were drawn from
+  (one-hot for n-gram tokens); num_b: proposals per row (positions after it are not judged),
+  None where every row proposes K; ngram_b: how many of them the n-gram lookup made (a
+  prefix)."""
+  b, k = randomness_bn.shape[0], spec.k
+  src = spec.source
+  if src.uses_ngram:
+    ngram_bn, ngram_b = ngram_proposals(state.tokens_bs, last_pos_b, k, src.ngram_max,
+                                        src.ngram_min)
+  else:
+    ngram_bn, ngram_b = jnp.zeros((b, k), jnp.int32), jnp.zeros((b,), jnp.int32)
+  if not src.uses_model:
+    p_bnv = jax.nn.one_hot(ngram_bn, spec.num_tokens, dtype=jnp.float32)
+    return ngram_bn, p_bnv, ngram_b, ngram_b, state.draft_cache, None, None
+  draft_bn, p_bnv, dc, traces, start = _draft(spec, draft_params, state, randomness_bn, ngram_bn,
+                                              ngram_b)
+  return draft_bn, p_bnv, None, ngram_b, dc, traces, start
 
 
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):
@@ -383,11 +429,12 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
   if k > 0:
-    draft_bn, p_bnv, dc, draft_traces, draft_start = _draft(spec, draft_params, state,
-                                                            randomness[:, :k])
+    draft_bn, p_bnv, num_b, ngram_b, dc, draft_traces, draft_start = _propose(
+        spec, draft_params, state, randomness[:, :k], l0)
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   else:
     draft_bn = jnp.zeros((b, 0), jnp.int32)
+    ngram_b = jnp.zeros((b,), jnp.int32)
     verify_bm = last[:, None]
   # traces: recurrent layers keep their state after each of the K+1 positions until the
   # rollback below selects the kept one (attention layers need only the length move).
@@ -398,20 +445,20 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     counts_bmv = _prefix_counts(state.counts_bv, draft_bn, spec.num_tokens)
   q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv)
   if k > 0 and spec.coupling == "gumbel":
-    n, nxt = gumbel.verify(draft_bn, q_bmv, randomness)
+    n, nxt = gumbel.verify(draft_bn, q_bmv, randomness, num_b)
   elif k > 0:
-    n, nxt = rejection.accept(randomness[:, k], draft_bn, p_bnv, q_bmv)
+    n, nxt = rejection.accept(randomness[:, k], draft_bn, p_bnv, q_bmv, num_b)
   else:
     n = jnp.zeros((b,), jnp.int32)
     nxt = _pick(spec, randomness[:, 0], q_bmv[:, 0])
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
   tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0), target_traces, l0)
-  if k > 0:
+  if k > 0 and spec.draft is not None:
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
                                           state.draft_cache.length), draft_traces, draft_start)
   else:
-    dc = state.draft_cache  # K = 0 never runs the draft
+    dc = state.draft_cache  # K = 0 and n-gram rounds never run the draft
   j = jnp.arange(k + 1)[None, :]
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)
@@ -438,7 +485,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   st = state.stats
   stats = Stats(rounds_b=st.rounds_b + act, accepted_b=st.accepted_b + act * n,
                 reached_bn=st.reached_bn + act[:, None] * ((jn <= n[:, None]) & (jn < k)),
-                accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]))
+                accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]),
+                ngram_judged_b=st.ngram_judged_b + act * jnp.minimum(n + 1, ngram_b),
+                ngram_accepted_b=st.ngram_accepted_b + act * jnp.minimum(n, ngram_b))
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
                          done_b=done, stats=stats)
   if spec.controls:
@@ -458,7 +507,7 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
   """
   b = state.done_b.shape[0]
   state = state._replace(done_b=state.done_b | ~live_b)
-  if spec.k > 0 and catch_up:
+  if spec.k > 0 and spec.draft is not None and catch_up:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
   w, m = spec.out_len, spec.logprobs_k

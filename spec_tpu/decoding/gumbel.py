@@ -52,13 +52,17 @@ def choose(probs, noise_v):
   return jnp.argmin(race, axis=-1).astype(jnp.int32)
 
 
-def verify(draft_bn, q_bmv, noise_bmv):
+def verify(draft_bn, q_bmv, noise_bmv, num_b=None):
   """Returns (n_b agreeing draft tokens in 0..K, next_b the target's token after them).
 
-  draft_bn: b K proposals (made with noise_bmv[:, :K]); q_bmv: b K+1 v target distributions at
-  the same positions; noise_bmv: b K+1 v the positions' noise."""
+  draft_bn: b K proposals (made with noise_bmv[:, :K], or deterministic ones: n-gram lookup);
+  q_bmv: b K+1 v target distributions at the same positions; noise_bmv: b K+1 v the positions'
+  noise. num_b: proposals per row (default K): positions from num_b on are never accepted."""
   k = draft_bn.shape[1]
   target_bm = choose(q_bmv, noise_bmv)
-  agree = (draft_bn == target_bm[:, :k]).astype(jnp.int32)
+  agree = draft_bn == target_bm[:, :k]
+  if num_b is not None:
+    agree &= jnp.arange(k)[None, :] < num_b[:, None]
+  agree = agree.astype(jnp.int32)
   n = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)
   return n.astype(jnp.int32), jnp.take_along_axis(target_bm, n[:, None], axis=1)[:, 0]

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 from spec_tpu.decoding import sampling
 
 
-def accept(key, draft_bn, p_bnv, q_bmv):
+def accept(key, draft_bn, p_bnv, q_bmv, num_b=None):
   """Returns (n_b accepted draft tokens in 0..K, next_b the token that follows them).
 
   key: one key for the batch, or one key per row (b,), so that a row's outcome depends on its
   own random stream only. draft_bn: b K tokens; p_bnv: b K v draft distributions they were
   drawn from; q_bmv: b K+1 v target distributions (float32, same filtering as p).
+  num_b: proposals per row (default K): positions from num_b on hold no proposal and are never
+  accepted, so a row stops there with a draw from q (the residual against nothing).
   """
   b, k = draft_bn.shape
   if key.shape == ():
@@ -31,10 +33,12 @@ def accept(key, draft_bn, p_bnv, q_bmv):
   u = sampling.uniform(key_u, (b,), (k,))
   # u < q/p without dividing; p(x) > 0 because x was drawn from p.
   accepted = u * p_x < q_x
+  num_b = jnp.full((b,), k, jnp.int32) if num_b is None else num_b
+  accepted &= jnp.arange(k)[None, :] < num_b[:, None]
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   rows = jnp.arange(b)
   q_n = q_bmv[rows, n]
-  p_n = jnp.where((n < k)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)
+  p_n = jnp.where((n < num_b)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)
   residual = jnp.maximum(q_n - p_n, 0.0)
   total = jnp.sum(residual, axis=-1, keepdims=True)
   # A rejection where q <= p everywhere has probability zero; rounding could still get here.

@@ -7,6 +7,8 @@
 coupling (decode.COUPLINGS): 'gumbel' makes a seed's tokens independent of K and the draft
 (generate with k=0, 4 or another draft gives the same text); 'rejection' accepts the most
 drafts. Both sample the target's law exactly.
+Without a draft model, prompt lookup proposes the drafts:
+    sampler = Sampler.from_params(target_params, target_cfg, draft_source=DraftSource("ngram"))
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spec_tpu.decoding import decode, prompts as prompts_lib
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu import sharding
 from spec_tpu.models.config import ModelConfig
 from spec_tpu.decoding.sampling import SamplingParams
@@ -36,6 +39,9 @@ class Result:
   accepted_at: np.ndarray     # b K: rounds where draft position j was accepted
   k: int
   seconds: float              # wall time of the device program (compile excluded)
+  ngram_judged: np.ndarray | None = None    # b: judged positions an n-gram lookup proposed
+  ngram_accepted: np.ndarray | None = None  # b: accepted ones of those
+  draft_kind: str = "model"
 
   @property
   def num_generated(self) -> int:
@@ -59,10 +65,24 @@ class Result:
     reached = self.reached.sum(0)
     return np.where(reached > 0, self.accepted_at.sum(0) / np.maximum(reached, 1), np.nan)
 
+  def source_acceptance(self) -> dict:
+    """Judged and accepted draft positions by the source that proposed them ("ngram",
+    "model"; positions where nothing was proposed count as judged, rejected, under "none")."""
+    judged, accepted = int(self.reached.sum()) if self.k else 0, int(self.accepted.sum())
+    ng_j = int(self.ngram_judged.sum()) if self.ngram_judged is not None else 0
+    ng_a = int(self.ngram_accepted.sum()) if self.ngram_accepted is not None else 0
+    rest = "model" if self.draft_kind != "ngram" else "none"
+    return {"ngram": {"judged": ng_j, "accepted": ng_a},
+            rest: {"judged": judged - ng_j, "accepted": accepted - ng_a}}
+
   def row_stats(self, row: int) -> dict:
-    return {"new_tokens": len(self.tokens[row]), "target_calls": int(self.rounds[row]) + 1,
-            "accepted": int(self.accepted[row]), "acceptance_rate": self.acceptance_rate(row),
-            "tokens_per_target_call": self.tokens_per_call(row)}
+    stats = {"new_tokens": len(self.tokens[row]), "target_calls": int(self.rounds[row]) + 1,
+             "accepted": int(self.accepted[row]), "acceptance_rate": self.acceptance_rate(row),
+             "tokens_per_target_call": self.tokens_per_call(row)}
+    if self.ngram_accepted is not None and self.draft_kind != "model":
+      stats.update(ngram_judged=int(self.ngram_judged[row]),
+                   ngram_accepted=int(self.ngram_accepted[row]))
+    return stats
 
 
 class Sampler:
@@ -97,16 +117,20 @@ class Sampler:
   mesh = property(lambda self: self.pair.mesh)
   eos_id = property(lambda self: self.pair.eos_id)
   pad_id = property(lambda self: self.pair.pad_id)
+  draft_source = property(lambda self: self.pair.draft_source)
 
-  def _spec(self, k, top_k, max_new, prompt_len, coupling) -> decode.LoopSpec:
+  def _spec(self, k, top_k, max_new, prompt_len, coupling,
+            source: DraftSource) -> decode.LoopSpec:
     # Positions written reach prompt + max_new + k; prompt_len is the padded bucket, so the
     # cache is capped at max_cache_len (already checked against the real prompt lengths).
     max_len = prompt_len + max_new + k + 1 if self.cache_len is None else self.cache_len
     if self.max_cache_len is not None:
       max_len = min(max_len, self.max_cache_len)
-    return decode.LoopSpec(target=self.target_cfg, draft=self.draft_cfg if k else None, k=k,
-                           k_max=k, max_top_k=top_k, max_len=max_len, out_len=max_new + k,
-                           eos_id=self.eos_id, pad_id=self.pad_id, coupling=coupling)
+    draft = self.draft_cfg if k and source.uses_model else None
+    return decode.LoopSpec(target=self.target_cfg, draft=draft, k=k, k_max=k, max_top_k=top_k,
+                           max_len=max_len, out_len=max_new + k, eos_id=self.eos_id,
+                           pad_id=self.pad_id, coupling=coupling,
+                           source=source if k else DraftSource())
 
   def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     """The compiled program for one (static spec, batch, prompt bucket), kept per Sampler."""
@@ -117,7 +141,7 @@ class Sampler:
 
   def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     mesh = self.mesh
-    tp, dp = self.pair.param_shardings(spec.k > 0)
+    tp, dp = self.pair.param_shardings(spec.draft is not None)
     rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
     rep = sharding.replicated(mesh)
     n = max(spec.k, 1)
@@ -128,9 +152,9 @@ class Sampler:
     jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep),
                      out_shardings=(rows(batch, max_new), rows(batch),
                                     decode.Stats(rows(batch), rows(batch), rows(batch, n),
-                                                 rows(batch, n))))
+                                                 rows(batch, n), rows(batch), rows(batch))))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
-    args = (self.target_params, self.draft_params if spec.k else None,
+    args = (self.target_params, self.draft_params if spec.draft is not None else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32))
@@ -138,26 +162,31 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0,
-               coupling: str | None = None) -> Result:
+               coupling: str | None = None,
+               draft_source: DraftSource | None = None) -> Result:
     """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
     stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses.
-    coupling: None = the Sampler's."""
+    coupling: None = the Sampler's. draft_source: where K > 0 rounds get their proposals
+    (default: the pair's)."""
+    source = self.draft_source if draft_source is None else self.pair.check_source(draft_source)
     sampling.validate()
     coupling = self.coupling if coupling is None else decode.check_coupling(coupling)
     k = integer("k (draft tokens per round)", k, 0)
     max_new_tokens = integer("max_new_tokens", max_new_tokens, 1)
     # Streams take 32-bit seeds; a larger one would alias a smaller one's stream.
     seed = integer("seed", seed, 0, 2**32 - 1)
-    if k > 0 and self.draft_cfg is None:
-      raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0)")
+    if k > 0 and self.draft_cfg is None and source.uses_model:
+      raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0, or the "
+                       "draft kind 'ngram')")
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
     top_k = sampling.effective_top_k(self.target_cfg.num_tokens)
-    spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1], coupling)
+    spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1], coupling, source)
     compiled = self._compiled(spec, *tokens.shape)
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.
-    args = (self.target_params, self.draft_params if k else None, tokens, lengths,
+    args = (self.target_params, self.draft_params if spec.draft is not None else None, tokens,
+            lengths,
             np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
             np.uint32(seed))
     start = time.perf_counter()
@@ -168,7 +197,8 @@ class Sampler:
     return Result(tokens=[out[i, :num[i]].tolist() for i in range(len(prompts))],
                   rounds=stats.rounds_b, accepted=stats.accepted_b,
                   reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
-                  seconds=seconds)
+                  seconds=seconds, ngram_judged=stats.ngram_judged_b,
+                  ngram_accepted=stats.ngram_accepted_b, draft_kind=spec.source.kind)
 
 
 def to_host(tree):

@@ -84,7 +84,8 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   k = setup.k
   max_len = settings.context([len(p) for p in encoded], max_new)
   result = dict(target=setup.target.describe(), draft=setup.draft.describe() if setup.draft
-                else None, random_weights=setup.any_random, device=str(jax.devices()[0]),
+                else None, draft_kind=setup.draft_source.kind,
+                random_weights=setup.any_random, device=str(jax.devices()[0]),
                 num_devices=jax.device_count(), num_slots=num_slots, requests=requests,
                 max_new_tokens=max_new, end_token=end_name,
                 sampling=dataclasses.asdict(s), throughput=[], latency=[])

@@ -54,12 +54,18 @@ tokens), and with `controls=True` penalties, min_p and logit_bias (decode.Contro
 runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 
+Draft sources: `draft_source` (default: the pair's) is the draft model, prompt lookup
+(n-gram: no draft model, a round costs one verification) or hybrid (draft_source.py). The K
+policy needs nothing new: calibration times each K's round as this source pays it, and a
+position the lookup left empty counts as a judged, rejected draft (a round yields what it
+yields), so the same formula picks K, 0 where the lookup rarely matches.
+
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32): its output
 law never depends on the batch, and with a seed neither do its tokens. The coupling (engine-wide,
 `coupling`; decode.COUPLINGS) decides what else they depend on: with 'gumbel' nothing (not the
-K the policy picks, not the slot); with 'rejection' the K of each of its rounds (its keys come
-from its round counter). Sampler.generate's row i with seed s is the request with seed
-s + i * 2^32 (under the same coupling).
+K the policy picks, the draft source, the slot); with 'rejection' the K of each of its rounds
+(its keys come from its round counter). Sampler.generate's row i with seed s is the request
+with seed s + i * 2^32 (under the same coupling).
 
 Multi-host: every process builds the same Engine; process 0 runs the scheduler (and the HTTP
 front end) and broadcasts each device call's inputs (`multihost.Channel`) before running it;
@@ -83,6 +89,7 @@ import numpy as np
 
 from spec_tpu import profiling, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import to_host
 from spec_tpu.pair import Pair
 from spec_tpu.serving import metrics as metrics_lib
@@ -109,6 +116,8 @@ class _Slot:
   rounds: int = 0
   accepted: int = 0
   judged: int = 0
+  ngram_accepted: int = 0
+  ngram_judged: int = 0
 
 
 def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
@@ -134,9 +143,11 @@ class Engine:
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
                margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
-               max_logit_bias: int = 300):
+               max_logit_bias: int = 300, draft_source: DraftSource | None = None):
     decode.check_coupling(coupling)
-    has_draft = pair.has_draft
+    # Where proposals come from (default: the pair's); an n-gram source needs no model.
+    source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
+    has_draft = pair.has_draft or not source.uses_model
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
     k_max = (k if not adaptive_k else max(k, 4)) if k_max is None else int(k_max)
@@ -185,10 +196,13 @@ class Engine:
       raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
                        "single-process engine")
     self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
+    self.draft_source = source
+    draft_model = pair.draft_cfg if k_max > 0 and source.uses_model else None
+    self._has_draft_model = draft_model is not None
     self._spec = decode.LoopSpec(
-        target=pair.target_cfg, draft=pair.draft_cfg if k_max > 0 else None, k=0,
-        k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling,
+        target=pair.target_cfg, draft=draft_model, k=0, k_max=k_max,
+        max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
+        eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
         max_logit_bias=self.max_logit_bias)
     self.coupling = coupling
@@ -203,8 +217,8 @@ class Engine:
                           out_shardings=self._state_sh)()
     # Round costs for the K policy (profiling.cost_clock: CPU time on the CPU backend).
     self._cost_clock = profiling.cost_clock(pair.platform)
-    self._params = (pair.target_params, pair.draft_params if k_max > 0 else None)
-    self._param_sh = pair.param_shardings(k_max > 0)
+    self._params = (pair.target_params, pair.draft_params if self._has_draft_model else None)
+    self._param_sh = pair.param_shardings(self._has_draft_model)
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()
@@ -469,7 +483,7 @@ class Engine:
     requests = self._take_waiting(len(free))
     if not requests:
       return
-    with_draft = self.k > 0 if with_draft is None else with_draft and self.k_max > 0
+    with_draft = (self.k > 0 if with_draft is None else with_draft) and self._has_draft_model
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
       by_bucket[self._bucket(len(r.prompt))].append((slot, r))
@@ -482,7 +496,7 @@ class Engine:
         if r.id not in placed:
           r._finish(ABORTED, error=e)
       raise
-    if not with_draft and self.k_max > 0:
+    if not with_draft and self._has_draft_model:
       self._draft_behind = True
 
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
@@ -554,7 +568,7 @@ class Engine:
     n = self.pacing.rounds(k) if n is None else n
     live = np.array([s is not None for s in self._slots])
     stop_on_free = bool(self._queue)
-    catching_up = k > 0 and self._draft_behind
+    catching_up = k > 0 and self._draft_behind and self._has_draft_model
     if self._channel is not None:
       self._channel.send_step(k, live, n, stop_on_free)
     start, cost_start = time.perf_counter(), self._cost_clock()
@@ -566,7 +580,7 @@ class Engine:
     if k > 0:
       self._draft_behind = False
     elif live.any():
-      self._draft_behind = self.k_max > 0
+      self._draft_behind = self._has_draft_model
     judged_b = stats.reached_bn.sum(axis=1)
     step_accepted = step_judged = 0
     for i, slot in enumerate(self._slots):
@@ -577,6 +591,8 @@ class Engine:
       step_judged += int(judged_b[i]) - slot.judged
       slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
                                                  int(judged_b[i]))
+      slot.ngram_accepted = int(stats.ngram_accepted_b[i])
+      slot.ngram_judged = int(stats.ngram_judged_b[i])
       c = out.count_b[i]
       self._deliver(i, out.tokens_bw[i, :c].tolist(), bool(done[i]),
                     jax.tree.map(lambda x: x[i, :c], out.logprobs))
@@ -610,7 +626,9 @@ class Engine:
     self._slots[slot] = None  # the next step's live mask stops the row on device
     r = s.request
     stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
-                                accepted=s.accepted, judged=s.judged, ks=tuple(sorted(s.ks)))
+                                accepted=s.accepted, judged=s.judged,
+                                ngram_accepted=s.ngram_accepted, ngram_judged=s.ngram_judged,
+                                ks=tuple(sorted(s.ks)))
     r._finish(reason, stats)
     self.metrics.finished(reason, stats.time_to_first_token_s)
 
@@ -730,7 +748,8 @@ class Engine:
       raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
     for k in ks:
       self._step_program(int(k))
-    drafts = {True, False} if both_inserts and self.k_max > 0 else {self.k > 0}
+    drafts = ({True, False} if both_inserts and self._has_draft_model else
+              {self.k > 0 and self._has_draft_model})
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
       for with_draft in drafts:
         self._insert_program(with_draft, t)

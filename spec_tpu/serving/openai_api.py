@@ -286,7 +286,8 @@ def _finite(x):
 def _spec_stats(request: Request) -> dict:
   s = request.stats
   return {"acceptance_rate": _finite(s.acceptance_rate), "accepted": s.accepted,
-          "judged": s.judged, "target_calls": s.target_calls,
+          "judged": s.judged, "ngram_accepted": s.ngram_accepted,
+          "ngram_judged": s.ngram_judged, "target_calls": s.target_calls,
           "tokens_per_target_call": _finite(s.tokens_per_target_call), "k": list(s.ks),
           "time_to_first_token_s": _finite(s.time_to_first_token_s), "seconds": s.seconds}
 

@@ -121,6 +121,8 @@ class RequestStats:
   target_calls: int = 0     # the prefill and every round the request took part in
   accepted: int = 0         # draft tokens accepted
   judged: int = 0           # draft tokens the target judged (the a of the speedup formula)
+  ngram_accepted: int = 0   # of `accepted`, proposed by the n-gram lookup (the rest: the model)
+  ngram_judged: int = 0     # of `judged`, proposed by the n-gram lookup
   ks: tuple[int, ...] = ()  # the K of every step the request took part in, distinct, sorted
   queue_s: float = 0.0      # submitted -> prefill started
   time_to_first_token_s: float = float("nan")

@@ -191,7 +191,7 @@ def run_settings(config, setup, tok, k_max: int) -> dict:
   uses_draft = setup.k > 0 or adaptive
   settings = {
       "target": model_identity(setup.target),
-      "draft": model_identity(setup.draft) if uses_draft else None,
+      "draft": model_identity(setup.draft) if uses_draft and setup.draft else None,
       "tokenizer": tok.name, "add_bos": bool(config.run.add_bos),
       # The slots are the engine's batch: every request's law and seeded stream are its own,
       # but another batch width is another program, whose float rounding may differ.
@@ -200,6 +200,8 @@ def run_settings(config, setup, tok, k_max: int) -> dict:
       "k": setup.k, "adaptive_k": adaptive, "k_max": k_max if adaptive else None,
       "coupling": setup.coupling,
       "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+  if setup.draft_source.kind != "model" and uses_draft:
+    settings["draft_source"] = dataclasses.asdict(setup.draft_source)
   return json.loads(json.dumps(settings))
 
 

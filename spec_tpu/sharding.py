@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import quant, recurrent
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models.vision import siglip
 
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -30,6 +31,7 @@ TENSOR_PARALLEL: Rules = (
     ("ffw", "model"),
     ("lru", "model"),  # RG-LRU width (recurrent layers): replicated where it does not divide
     ("embed", None),
+    ("vision_embed", None),  # the image encoder's width
     ("head_dim", None),
     ("cache_seq", None),
 )
@@ -114,6 +116,8 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
           "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
+  if cfg.vision is not None:
+    axes["vision"] = siglip.logical_axes()
   if cfg.quantize:
     # int8 values shard as the weight; scales as its output axes (quant.py).
     axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
 
-Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (and the text half of
-Gemma3ForConditionalGeneration), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+(its image encoder and projector: hf_vision.py), LlamaForCausalLM, MistralForCausalLM. The semantics follow
 transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
   - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
     weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spec_tpu.checkpoints import hf_vision
 from spec_tpu.models import layout, model, quant
 from spec_tpu.models.config import FLOAT_DTYPES, GLOBAL, LOCAL, RECURRENT, ModelConfig
 
@@ -286,7 +287,10 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   if recurrent_convert.is_hf_recurrent_gemma(hf_config):
     return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
-    return _config_from_hf(hf_config, name, dtype)
+    cfg = _config_from_hf(hf_config, name, dtype)
+    if hf_vision.is_multimodal(hf_config):
+      cfg = cfg.replace(vision=hf_vision.vision_config(hf_config))
+    return cfg
   except HFConversionError:
     raise
   except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -523,9 +527,11 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
       dst[at] = layout_fn(src)  # the layout change is a view; the assignment casts while copying
       written.add((id(dst), at))
     del src
+  if cfg.vision is not None:
+    hf_vision.convert_into(index, cfg, params["vision"])  # checks and fills its own subtree
   # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
-  expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
-              for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
+  expected = {(id(leaf), at) for key, sub in params.items() if key != "vision"
+              for leaf in jax.tree.leaves(sub) for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
   if written != expected:
     raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
   return params

@@ -1,0 +1,47 @@
+"""Where images go in a prompt: each start_of_image token of the prompt becomes an image block,
+"\\n\\n", start_of_image, num_soft_tokens placeholders (image_id), end_of_image, "\\n\\n" (as
+transformers' Gemma3Processor and the gemma library lay them out); the decoder replaces the
+placeholders' embeddings by the image's soft tokens (model.forward's `soft`). A text-only draft
+reads the same ids, placeholders included."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from spec_tpu.models.vision.config import VisionConfig
+
+
+def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
+           what: str = "the prompt") -> list[int]:
+  """The prompt's token ids with each start_of_image expanded into an image block, or a
+  ValueError when the prompt's start_of_image tokens and its images differ in number."""
+  prompt = [int(t) for t in prompt]
+  if vcfg.image_id in prompt:
+    raise ValueError(f"{what} holds the image placeholder id {vcfg.image_id}: mark an image's "
+                     f"place with start_of_image ({vcfg.start_id}) and pass the image")
+  places = prompt.count(vcfg.start_id)
+  if places != num_images:
+    raise ValueError(f"{what} has {places} start_of_image token(s) ({vcfg.start_id}) but "
+                     f"{num_images} image(s): give one image per start_of_image")
+  block = ([vcfg.newline_id, vcfg.start_id] + [vcfg.image_id] * vcfg.num_soft_tokens
+           + [vcfg.end_id, vcfg.newline_id])
+  out = []
+  for t in prompt:
+    out.extend(block if t == vcfg.start_id else (t,))
+  return out
+
+
+def soft_rows(soft_nsd: np.ndarray, counts: Sequence[int], width: int | None = None):
+  """Soft tokens of all images (n s d, rows' images in order) as one row per prompt
+  (b m d): row i holds its counts[i] images' tokens first, zeros after; m = width or the most
+  any row needs."""
+  n, s, d = soft_nsd.shape
+  m = width if width is not None else max(counts) * s
+  out = np.zeros((len(counts), max(m, s), d), soft_nsd.dtype)
+  start = 0
+  for i, c in enumerate(counts):
+    out[i, :c * s] = soft_nsd[start:start + c].reshape(c * s, d)
+    start += c
+  return out

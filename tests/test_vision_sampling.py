@@ -130,3 +130,26 @@ def test_image_misuse_is_refused(single):
   small = Sampler(target_params(), TARGET, max_cache_len=10)
   with pytest.raises(ValueError, match="prompt of 9 tokens .* does not fit the cache"):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
+
+
+def test_engine_serves_image_and_text_requests_side_by_side(single):
+  """Requests with 0, 1 and 2 images, inserted together and behind each other (rows at other
+  positions), give each seeded request the tokens Sampler.generate gives its row."""
+  from spec_tpu.serving.engine import Engine
+  from spec_tpu.serving.request import GenerationParams
+  rng = np.random.default_rng(3)
+  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731
+  s = VISION.start_id
+  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2)]
+  images = [[img()], [], [img(), img()], [img()], []]
+  seed = 77
+  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed).tokens
+  engine = Engine(single, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im)
+              for i, (p, im) in enumerate(zip(prompts, images))]
+  while engine.step():
+    pass
+  assert [r.result().tokens for r in requests] == want
+  with pytest.raises(ValueError, match="image 0 is not in an image format"):
+    engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
+  assert engine.queue_length == 0

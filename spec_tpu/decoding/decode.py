@@ -162,11 +162,18 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
 
 
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
-           lengths_r, rows: Rows, *, with_draft: bool):
+           lengths_r, rows: Rows, *, with_draft: bool, pixels=None):
   """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). Returns (state, first_r, done_r)."""
+  request: padding of a fixed-width insert). pixels: the requests' images (r i H W 3, each
+  row's first, zeros after), encoded here, once per request. Returns (state, first_r,
+  done_r)."""
+  soft = None
+  if pixels is not None:
+    r, i = pixels.shape[:2]
+    soft = model.encode_images(target_params, spec.target, pixels.reshape(r * i, *pixels.shape[2:]))
+    soft = soft.reshape(r, i * soft.shape[1], soft.shape[2])
   new, first = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                       with_draft=with_draft)
+                       with_draft=with_draft, soft=soft)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots_r),

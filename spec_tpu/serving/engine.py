@@ -183,6 +183,11 @@ class Engine:
     return self.policy.k if self.policy is not None else self._fixed_k
 
   @property
+  def vision(self):
+    """The target's VisionConfig (image input), or None for a text-only model."""
+    return self.sampler.target_cfg.vision
+
+  @property
   def queue_length(self) -> int:
     return len(self._queue)
 

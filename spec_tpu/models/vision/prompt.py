@@ -33,6 +33,16 @@ def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
   return out
 
 
+def encode_marked(encode, text: str, mark: str, start_id: int) -> list[int]:
+  """Token ids of a text in which `mark` stands for an image's place: each mark becomes
+  start_id, the text between marks goes through encode(piece) -> ids."""
+  first, *rest = text.split(mark)
+  ids = list(encode(first))
+  for piece in rest:
+    ids += [start_id] + list(encode(piece))
+  return ids
+
+
 def soft_rows(soft_nsd: np.ndarray, counts: Sequence[int], width: int | None = None):
   """Soft tokens of all images (n s d, rows' images in order) as one row per prompt
   (b m d): row i holds its counts[i] images' tokens first, zeros after; m = width or the most

@@ -5,8 +5,10 @@
     python -m launch.sample --config=configs/default.py --prompts=prompts.jsonl --output=out.jsonl
 
 Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-empty line, id = the
-0-based line number; .jsonl: one {"id": ..., "prompt": ...} per line, id defaulting to the line
-number), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
+0-based line number; .jsonl: one {"id": ..., "prompt": ..., "images": [...]} per line, id
+defaulting to the line number, images (a model with a vision encoder: Gemma 3 4B/12B/27B) a
+list of image files, relative to the prompts file, each placed where the prompt says
+<start_of_image>, or before the text if it says it nowhere), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
 prompt, text, tokens and per-prompt stats; without --output the texts go to stdout.
 
 It runs on the serving engine (spec_tpu/serving/engine.py), the one decoder under every
@@ -97,6 +99,7 @@ class InputError(cli.UserError):
 class Prompt:
   id: object   # str or int, as given (JSON round-trips it)
   text: str
+  images: tuple[str, ...] = ()  # image files
 
   @property
   def key(self) -> str:
@@ -135,12 +138,16 @@ def _read_prompt_file(path: str) -> list[Prompt]:
         obj = json.loads(line)
         text = obj["prompt"]
         pid = obj.get("id", n)
+        images = obj.get("images", [])
       except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}:{n + 1}: expected {{\"id\": ..., \"prompt\": \"...\"}} "
                          f"({type(e).__name__}: {e})") from None
       if not isinstance(text, str) or not isinstance(pid, (str, int)) or isinstance(pid, bool):
         raise InputError(f"{path}:{n + 1}: prompt must be a string and id a string or integer")
-      out.append(Prompt(pid, text))
+      if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise InputError(f"{path}:{n + 1}: images must be a list of file paths")
+      base = os.path.dirname(os.path.abspath(path))
+      out.append(Prompt(pid, text, tuple(os.path.join(base, x) for x in images)))
     return out
   if path.endswith(".txt"):
     return [Prompt(n, line) for n, line in enumerate(lines) if line.strip()]
@@ -405,6 +412,8 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
   if tok is None:
     raise common.SetupError("model.tokenizer is empty: text prompts need a tokenizer")
   encoded = [tok.encode(p.text, add_bos=bool(config.run.add_bos)) for p in prompts]
+  images, laid_out = _read_images(prompts, setup.target.cfg.vision, tok, encoded,
+                                  bool(config.run.add_bos))
   for p, ids in zip(prompts, encoded):
     if not ids:
       raise InputError(f"prompt {p.id!r} encodes to no tokens (set run.add_bos=True)")
@@ -420,12 +429,12 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
                             f"sampling.k_max (k is the starting K), got k={setup.k}, "
                             f"k_max={k_max}")
   max_new, seed = int(config.sampling.max_new_tokens), int(config.sampling.seed)
-  longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
+  longest = max(range(len(prompts)), key=lambda i: laid_out[i])
   # A slot holds the longest prompt of the whole list (not of what is left to do: a resumed run
   # must run the same programs), its new tokens and a verification block.
-  max_len = int(config.run.max_cache_len) or len(encoded[longest]) + max_new + k_max + 1
+  max_len = int(config.run.max_cache_len) or laid_out[longest] + max_new + k_max + 1
   try:
-    prompts_lib.check_fits(len(encoded[longest]), max_new, max_len, extra=k_max + 1)
+    prompts_lib.check_fits(laid_out[longest], max_new, max_len, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
   settings = run_settings(config, setup, tok, k_max)
@@ -484,14 +493,43 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost, coord
     engine.follow()  # process 0's device calls, until it shuts the engine down
     return {}
   try:
-    return _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings,
+    return _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output,
+                     settings,
                      compare_ar and k_max > 0, note)
   finally:
     engine.shutdown()
 
 
-def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings, compare_ar,
-              note) -> dict:
+def _read_images(prompts, vision, tok, encoded, add_bos: bool):
+  """Each prompt's images decoded (before any device work, so a bad file fails in seconds),
+  its ids with start_of_image where the text marks an image (encoded, in place), and its length
+  once the image blocks are laid out."""
+  from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
+  mark = "<start_of_image>"
+  images, laid_out = [], []
+  for i, p in enumerate(prompts):
+    if p.images:
+      if vision is None:
+        raise InputError(f"prompt {p.id!r} has images, but the model has no vision encoder")
+      text = p.text if mark in p.text else mark * len(p.images) + p.text
+      if text.count(mark) != len(p.images):
+        raise InputError(f"prompt {p.id!r} marks {text.count(mark)} image place(s) with {mark} "
+                         f"but lists {len(p.images)} image(s)")
+      encoded[i] = (tok.encode("", add_bos=add_bos) + image_prompt.encode_marked(
+          tok.encode, text, mark, vision.start_id))
+      try:
+        images.append([image_lib.to_pil(x, f"prompt {p.id!r} image {x!r}") for x in p.images])
+      except ValueError as e:
+        raise InputError(str(e)) from None
+    else:
+      images.append(None)
+    laid_out.append(len(encoded[i]) + len(p.images) * (0 if vision is None else
+                                                        vision.block_len - 1))
+  return images, laid_out
+
+
+def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output, settings,
+              compare_ar, note) -> dict:
   """Process 0's part: every prompt left is a request; each finished one is written at once."""
   from spec_tpu.serving import GenerationParams
   s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
@@ -514,7 +552,8 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
     # two passes are timed against each other, each K gets an untimed run first.
     few = todo[:engine.num_slots]
     for k in (engine.k, 0):
-      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new))) for i in few], k)
+      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new)), images[i])
+                     for i in few], k)
 
   from tqdm import tqdm
   bar = tqdm(total=len(todo), unit="prompt", file=sys.stderr,
@@ -545,7 +584,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
 
   requests = []
   for i in todo:
-    r = engine.submit(encoded[i], params(i))
+    r = engine.submit(encoded[i], params(i), images[i])
     index[r.id] = i
     requests.append(r)
   totals.seconds = drain(engine, requests, on_finish=write)
@@ -559,7 +598,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
     if totals.ks <= {0}:  # adaptive K kept speculation off: the run was its own baseline
       totals.ar_tokens, totals.ar_seconds = totals.tokens, totals.seconds
     else:
-      ar = [engine.submit(encoded[i], params(i)) for i in todo]
+      ar = [engine.submit(encoded[i], params(i), images[i]) for i in todo]
       totals.ar_seconds = drain(engine, ar, k=0)
       totals.ar_tokens = sum(len(r.result().tokens) for r in ar)
   return dict(totals.summary(setup.k, setup.any_random), **summary, **note)

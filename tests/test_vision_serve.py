@@ -127,3 +127,48 @@ def test_image_parts_need_a_model_that_reads_images():
                             {"type": "image_url", "image_url": {"url": "u"}}], urls) == (
       "a" + chat.IMAGE_MARK)
   assert urls == ["u"]
+
+
+def test_launch_sample_reads_the_images_a_jsonl_prompt_lists(tmp_path):
+  """launch.sample's JSONL `images` (files beside the prompts file) reach the model: another
+  picture in the same file gives another output; bad lists fail before any compile."""
+  import json
+  import sys
+  from spec_tpu import tokenizer as tokenizer_lib
+  from spec_tpu.checkpoints import checkpoint
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import tiny_random
+  from launch import sample
+  tok = tokenizer_lib.load(None)
+  vision = VISION.replace(start_id=2045, end_id=2046, newline_id=2044, image_id=2048)
+  cfg = CFG.replace(name="sp_vision", vocab_size=tok.vocab_size, vision=vision,
+                    tokenizer=tok.name)
+  checkpoint.save(tmp_path / "ckpt", model.init_params(cfg, jax.random.key(1)), cfg)
+  config = tiny_random.get_config()
+  config.model.checkpoint = str(tmp_path / "ckpt")
+  config.draft.preset = ""
+  for name in config.draft.fields:
+    config.draft.fields[name] = None
+  config.draft.allow_random = False
+  config.run.batch_size = 2
+  config.sampling.update(k=0, max_new_tokens=6, temperature=0.0)
+  prompts = tmp_path / "prompts.jsonl"
+  with open(prompts, "w") as f:
+    f.write(json.dumps({"id": "a", "prompt": "x = <start_of_image> + 1", "images": ["i.png"]})
+            + "\n" + json.dumps({"id": "b", "prompt": "y = 2"}) + "\n")
+  outputs = []
+  for seed in (0, 5):
+    picture = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    (tmp_path / "i.png").write_bytes(_png(picture))
+    out = tmp_path / f"out{seed}.jsonl"
+    sample.run(config, [], str(prompts), str(out), compare_ar=False, multihost=False)
+    outputs.append({r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())})
+  assert outputs[0]["b"] == outputs[1]["b"] and outputs[0]["a"] != outputs[1]["a"]
+  for line, match in [({"prompt": "z", "images": ["missing.png"]}, "cannot read"),
+                      ({"prompt": "<start_of_image><start_of_image>", "images": ["i.png"]},
+                       "marks 2 image place"),
+                      ({"prompt": "z", "images": "i.png"}, "images must be a list")]:
+    prompts.write_text(json.dumps(line) + "\n")
+    with pytest.raises(sample.InputError, match=match):
+      sample.run(config, [], str(prompts), str(tmp_path / "bad.jsonl"), compare_ar=False,
+                 multihost=False)

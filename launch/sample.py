@@ -8,8 +8,9 @@ Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-em
 0-based line number; .jsonl: one {"id": ..., "prompt": ..., "images": [...]} per line, id
 defaulting to the line number, images (a model with a vision encoder: Gemma 3 4B/12B/27B) a
 list of image files, relative to the prompts file, each placed where the prompt says
-<start_of_image>, or before the text if it says it nowhere), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
-prompt, text, tokens and per-prompt stats; without --output the texts go to stdout.
+<start_of_image>, or before the text if it says it nowhere), else the config's run.prompts.
+Output (--output): one JSON line per prompt with id, prompt, text, tokens and per-prompt
+stats; without --output the texts go to stdout.
 
 It runs on the serving engine (spec_tpu/serving/engine.py), the one decoder under every
 launcher: every prompt is a request, run.batch_size requests share the engine's slots, and a

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
 
 Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
-(its image encoder and projector: hf_vision.py), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+(with its image half: hf_vision.py), LlamaForCausalLM, MistralForCausalLM. The semantics follow
 transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
   - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
     weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
@@ -531,7 +531,8 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
     hf_vision.convert_into(index, cfg, params["vision"])  # checks and fills its own subtree
   # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
   expected = {(id(leaf), at) for key, sub in params.items() if key != "vision"
-              for leaf in jax.tree.leaves(sub) for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
+              for leaf in jax.tree.leaves(sub)
+              for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
   if written != expected:
     raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
   return params

@@ -49,7 +49,9 @@ def vision_config(hf: dict[str, Any]) -> VisionConfig:
   if f["num_channels"] != 3:
     raise _error(f"config field 'vision_config.num_channels' is {f['num_channels']}; images "
                  "are RGB (3)")
-  top = lambda *names, default: next((hf[n] for n in names if hf.get(n) is not None), default)  # noqa: E731
+  def top(*names, default):
+    return next((hf[n] for n in names if hf.get(n) is not None), default)
+
   try:
     return VisionConfig(
         image_size=f["image_size"], patch_size=f["patch_size"], width=f["hidden_size"],

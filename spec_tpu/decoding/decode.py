@@ -164,14 +164,17 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
            lengths_r, rows: Rows, *, with_draft: bool, pixels=None):
   """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). pixels: the requests' images (r i H W 3, each
+  request: padding of a fixed-width insert). pixels: the requests' images (r u H W 3, each
   row's first, zeros after), encoded here, once per request. Returns (state, first_r,
   done_r)."""
   soft = None
   if pixels is not None:
-    r, i = pixels.shape[:2]
-    soft = model.encode_images(target_params, spec.target, pixels.reshape(r * i, *pixels.shape[2:]))
-    soft = soft.reshape(r, i * soft.shape[1], soft.shape[2])
+    # One image of every row at a time: the encoder's attention scores (heads x patches^2 in
+    # float32, 1 GiB per Gemma 3 image) are held for r images, not r x u.
+    def encode(images_r):
+      return model.encode_images(target_params, spec.target, images_r)
+    soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
+    soft = soft.reshape(soft.shape[0], -1, soft.shape[-1])
   new, first = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
                        with_draft=with_draft, soft=soft)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")

@@ -196,7 +196,7 @@ class Sampler:
     return compiler_options(self.mesh.devices.flat[0].platform, quantized)
 
   def encode_images(self, images: Sequence) -> np.ndarray:
-    """Soft tokens (n s d) of images (anything vision/image.py reads), the encoder compiled
+    """Soft tokens (u j d) of images (anything vision/image.py reads), the encoder compiled
     once per power-of-two count."""
     vision = self._vision()
     pixels = [image_lib.prepare(img, vision.image_size, f"image {i}")

@@ -422,12 +422,12 @@ def _embed(cfg, params, tokens_bt):
   return x
 
 
-def encode_images(params, cfg: ModelConfig, images_nhwc):
-  """Soft tokens (n s d) of n images (n H W 3, H = W = cfg.vision.image_size, values in
+def encode_images(params, cfg: ModelConfig, images):
+  """Soft tokens (u j d) of u images (u H W 3, H = W = cfg.vision.image_size, values in
   [-1, 1]): the vision encoder and projector, run once per image."""
   if cfg.vision is None:
     raise ValueError(f"model {cfg.name!r} has no vision encoder: it cannot read images")
-  return siglip.soft_tokens(params["vision"], cfg.vision, images_nhwc).astype(cfg.dtype)
+  return siglip.soft_tokens(params["vision"], cfg.vision, images).astype(cfg.dtype)
 
 
 def _embed_with_images(cfg, params, tokens_bt, valid_bt, soft_bmd):

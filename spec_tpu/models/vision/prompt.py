@@ -43,15 +43,15 @@ def encode_marked(encode, text: str, mark: str, start_id: int) -> list[int]:
   return ids
 
 
-def soft_rows(soft_nsd: np.ndarray, counts: Sequence[int], width: int | None = None):
-  """Soft tokens of all images (n s d, rows' images in order) as one row per prompt
+def soft_rows(soft_ujd: np.ndarray, counts: Sequence[int], width: int | None = None):
+  """Soft tokens of all images (u j d, rows' images in order) as one row per prompt
   (b m d): row i holds its counts[i] images' tokens first, zeros after; m = width or the most
   any row needs."""
-  n, s, d = soft_nsd.shape
-  m = width if width is not None else max(counts) * s
-  out = np.zeros((len(counts), max(m, s), d), soft_nsd.dtype)
+  _, j, d = soft_ujd.shape
+  m = width if width is not None else max(counts) * j
+  out = np.zeros((len(counts), max(m, j), d), soft_ujd.dtype)
   start = 0
   for i, c in enumerate(counts):
-    out[i, :c * s] = soft_nsd[start:start + c].reshape(c * s, d)
+    out[i, :c * j] = soft_ujd[start:start + c].reshape(c * j, d)
     start += c
   return out

@@ -2,18 +2,17 @@
 
 Follows transformers' SiglipVisionModel (as Gemma3ForConditionalGeneration runs it:
 last_hidden_state, no pooling head) and Gemma3MultiModalProjector, which the parity tests check
-against. Shape letters: spec_tpu/shapes.py, plus n images, p patches, w encoder width, m its
-MLP width, and s soft tokens of an image.
+against. Shape letters: spec_tpu/shapes.py (images: u, p, a, j).
 
 Params (the "vision" subtree of the model's params):
-  patch (P*P*3, w) + patch_bias (w): the patch embedding, a (P, P, 3)-patch flattened in
+  patch (P*P*3, a) + patch_bias (a): the patch embedding, a (P, P, 3)-patch flattened in
       (row, column, channel) order times a matrix (a strided convolution as one matmul);
-  position (p w): learned position embeddings, patches in row-major order;
+  position (p a): learned position embeddings, patches in row-major order;
   layers: every leaf stacked over the encoder's layers (leading l axis), run under one scan:
-      ln1_scale/ln1_bias (w), query/key/value (w h e) + *_bias (h e), out (h e w) + out_bias
-      (w), ln2_scale/ln2_bias (w), fc1 (w m) + fc1_bias (m), fc2 (m w) + fc2_bias (w);
-  final_scale/final_bias (w): the final LayerNorm;
-  soft_norm (w): the projector's RMSNorm, multiplied by (1 + scale); projection (w d).
+      ln1_scale/ln1_bias (a), query/key/value (a h e) + *_bias (h e), out (h e a) + out_bias
+      (a), ln2_scale/ln2_bias (a), fc1 (a f) + fc1_bias (f), fc2 (f a) + fc2_bias (a);
+  final_scale/final_bias (a): the final LayerNorm;
+  soft_norm (a): the projector's RMSNorm, multiplied by (1 + scale); projection (a d).
 Leaf names differ from the decoder's matmul names on purpose: int8 quantization (quant.py picks
 weights by name) leaves the encoder in float.
 """
@@ -85,50 +84,51 @@ def _layer_norm(x, scale, bias, eps):
   return (y * scale.astype(F32) + bias.astype(F32)).astype(x.dtype)
 
 
-def patchify(vcfg: VisionConfig, images_nhwc):
-  """n H W 3 -> n p (P*P*3): non-overlapping patches, row-major, each in (row, col, channel)
+def patchify(vcfg: VisionConfig, images):
+  """u H W 3 -> u p (P*P*3): non-overlapping patches, row-major, each in (row, col, channel)
   order."""
-  n, g, P = images_nhwc.shape[0], vcfg.patches_per_side, vcfg.patch_size
-  x = images_nhwc.reshape(n, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, g * g, P * P * 3)
+  u, g, P = images.shape[0], vcfg.patches_per_side, vcfg.patch_size
+  x = images.reshape(u, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(u, g * g, P * P * 3)
 
 
-def _block(vcfg: VisionConfig, x_npw, lp):
-  """One pre-LayerNorm block: bidirectional attention over the image's patches, then the MLP."""
-  h = _layer_norm(x_npw, lp["ln1_scale"], lp["ln1_bias"], vcfg.norm_eps)
-  q, k, v = (jnp.einsum("npw,whe->nphe", h, lp[name]) + lp[name + "_bias"]
+def _block(vcfg: VisionConfig, x_upa, lp):
+  """One pre-LayerNorm block: bidirectional attention over the image's patches (p and q both
+  patch axes below), then the MLP."""
+  h = _layer_norm(x_upa, lp["ln1_scale"], lp["ln1_bias"], vcfg.norm_eps)
+  q, k, v = (jnp.einsum("upa,ahe->uphe", h, lp[name]) + lp[name + "_bias"]
              for name in ("query", "key", "value"))
-  scores = jnp.einsum("nqhe,nkhe->nhqk", q, k, preferred_element_type=F32)
+  scores = jnp.einsum("uphe,uqhe->uhpq", q, k, preferred_element_type=F32)
   weights = jax.nn.softmax(scores * vcfg.head_dim ** -0.5, axis=-1).astype(v.dtype)
-  a = jnp.einsum("nhqk,nkhe->nqhe", weights, v)
-  x_npw = x_npw + jnp.einsum("nphe,hew->npw", a, lp["out"]) + lp["out_bias"]
-  h = _layer_norm(x_npw, lp["ln2_scale"], lp["ln2_bias"], vcfg.norm_eps)
+  out = jnp.einsum("uhpq,uqhe->uphe", weights, v)
+  x_upa = x_upa + jnp.einsum("uphe,hea->upa", out, lp["out"]) + lp["out_bias"]
+  h = _layer_norm(x_upa, lp["ln2_scale"], lp["ln2_bias"], vcfg.norm_eps)
   h = jax.nn.gelu(h @ lp["fc1"] + lp["fc1_bias"], approximate=True)
-  return x_npw + h @ lp["fc2"] + lp["fc2_bias"]
+  return x_upa + h @ lp["fc2"] + lp["fc2_bias"]
 
 
-def encode(params, vcfg: VisionConfig, images_nhwc):
-  """The encoder's output (n p w): SiglipVisionModel's last_hidden_state. images: n H W 3 with
+def encode(params, vcfg: VisionConfig, images):
+  """The encoder's output (u p a): SiglipVisionModel's last_hidden_state. images: u H W 3 with
   H = W = vcfg.image_size, values in [-1, 1] (vision/image.py prepares them)."""
   dtype = params["patch"].dtype
-  x = patchify(vcfg, images_nhwc.astype(dtype)) @ params["patch"] + params["patch_bias"]
+  x = patchify(vcfg, images.astype(dtype)) @ params["patch"] + params["patch_bias"]
   x = x + params["position"]
   x, _ = jax.lax.scan(lambda x, lp: (_block(vcfg, x, lp), None), x, params["layers"])
   return _layer_norm(x, params["final_scale"], params["final_bias"], vcfg.norm_eps)
 
 
-def project(params, vcfg: VisionConfig, x_npw):
-  """Soft tokens (n s d) from the encoder's output: average pooling over pool x pool patches
+def project(params, vcfg: VisionConfig, x_upa):
+  """Soft tokens (u j d) from the encoder's output: average pooling over pool x pool patches
   (row-major), RMSNorm with (1 + scale), projection to d_model. Not scaled by sqrt(d_model):
   the decoder scales text embeddings only."""
-  n, _, w = x_npw.shape
+  u, _, a = x_upa.shape
   g, k = vcfg.patches_per_side, vcfg.pool
-  pooled = x_npw.reshape(n, g // k, k, g // k, k, w).astype(F32).mean(axis=(2, 4))
-  pooled = pooled.reshape(n, vcfg.num_soft_tokens, w).astype(x_npw.dtype)
+  pooled = x_upa.reshape(u, g // k, k, g // k, k, a).astype(F32).mean(axis=(2, 4))
+  pooled = pooled.reshape(u, vcfg.num_soft_tokens, a).astype(x_upa.dtype)
   normed = layers.rms_norm(pooled, params["soft_norm"], vcfg.norm_eps, plus_one=True)
   return normed @ params["projection"]
 
 
-def soft_tokens(params, vcfg: VisionConfig, images_nhwc):
-  """Images (n H W 3 in [-1, 1]) -> their soft tokens (n s d)."""
-  return project(params, vcfg, encode(params, vcfg, images_nhwc))
+def soft_tokens(params, vcfg: VisionConfig, images):
+  """Images (u H W 3 in [-1, 1]) -> their soft tokens (u j d)."""
+  return project(params, vcfg, encode(params, vcfg, images))

@@ -60,6 +60,19 @@ def test_output_follows_target_law_given_the_image(single):
   assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)
 
 
+@pytest.mark.slow
+def test_output_follows_target_law_given_the_image_on_a_2x4_mesh():
+  """The target tensor-parallel over 4 (the encoder's MLP too), rows over 2; the padded draft
+  replicated (the placeholder id falls on one of its padding rows: it reads it as padding)."""
+  sampler = Sampler(target_params(), TARGET, mesh=make_mesh((2, 4)),
+                    draft_params=ex._padded(ex.draft_params()), draft_cfg=ex.PADDED_DRAFT,
+                    draft_rules=REPLICATED)
+  result = sampler.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                            max_new_tokens=ex.MAX_NEW, k=3, seed=513)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+
+
 def test_the_image_changes_the_law():
   """Not vacuous: another image gives another next-token law (the suite above would notice an
   image dropped or misplaced)."""

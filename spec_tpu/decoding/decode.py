@@ -189,9 +189,9 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
 
 
 def _draft_view(spec: LoopSpec, tokens):
-  """The tokens as the draft embeds them: ids past its table (an image placeholder, which may
-  lie outside every vocabulary) read as padding."""
-  return jnp.where(tokens < spec.draft.vocab_size, tokens, spec.pad_id)
+  """The tokens as the draft embeds them: ids past its vocabulary (an image placeholder, which
+  may lie outside every vocabulary) read as padding."""
+  return jnp.where(tokens < spec.draft.num_tokens, tokens, spec.pad_id)
 
 
 def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:

@@ -344,9 +344,10 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
     x, entry = carry
     at = c * chunk
     cut = lambda a, n=chunk, at=at: jax.lax.dynamic_slice_in_dim(a, at, n, axis=1)  # noqa: E731
-    ahead = None if not reach else _Ahead(cut(x, reach, at + chunk), cut(key_pos, reach,
-                                                                           at + chunk),
-                                          cut(block, reach, at + chunk))
+    ahead = None
+    if reach:
+      after = lambda a: cut(a, reach, at + chunk)  # noqa: E731
+      ahead = _Ahead(after(x), after(key_pos), after(block))
     ctx_c = _Context(cut(ctx.positions_bt), cut(ctx.key_positions_bt), cut(ctx.valid_bt),
                      ctx.length_b + jnp.minimum(num_new_b, at),
                      None if not reach else cut(ctx.block_bt), ahead)

@@ -148,7 +148,7 @@ def test_image_misuse_is_refused(single):
 def test_engine_serves_image_and_text_requests_side_by_side(single):
   """Requests with 0, 1 and 2 images, inserted together and behind each other (rows at other
   positions), give each seeded request the tokens Sampler.generate gives its row."""
-  from spec_tpu.serving.engine import Engine
+  from spec_tpu.serving.engine import ContextLengthError, Engine
   from spec_tpu.serving.request import GenerationParams
   rng = np.random.default_rng(3)
   img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731
@@ -165,4 +165,6 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
   assert [r.result().tokens for r in requests] == want
   with pytest.raises(ValueError, match="image 0 is not in an image format"):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
+  with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
+    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
   assert engine.queue_length == 0

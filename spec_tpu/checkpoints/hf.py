@@ -353,8 +353,6 @@ def _config_from_hf(hf_config, name, dtype) -> ModelConfig:
 # Prefixes of the decoder's tensors: causal LMs, then the two layouts of Gemma 3 multimodal
 # checkpoints (hub files, and transformers' in-memory naming), then a bare base model.
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.", "")
-_MULTIMODAL_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.")
 
 
 def _head_name(prefix: str) -> str:
@@ -422,7 +420,7 @@ def _ignorable(name: str, prefix: str, cfg: ModelConfig) -> bool:
     return True  # a buffer older transformers saved; recomputed from the config
   if cfg.tie_embeddings and name == _head_name(prefix):
     return True  # some writers store the tied head too; HF ties it to the embedding on load
-  return prefix != "model." and name.startswith(_MULTIMODAL_PARTS)
+  return prefix != "model." and hf_vision.is_vision_name(name)  # read by hf_vision
 
 
 def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConfig) -> None:

@@ -75,6 +75,7 @@ import numpy as np
 from spec_tpu import profiling, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
 from spec_tpu.decoding.sampler import to_host
+from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
 from spec_tpu.pair import Pair
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
@@ -182,6 +183,11 @@ class Engine:
     return self.policy.k if self.policy is not None else self._fixed_k
 
   @property
+  def vision(self):
+    """The target's VisionConfig (image input), or None for a text-only model."""
+    return self.pair.target_cfg.vision
+
+  @property
   def queue_length(self) -> int:
     return len(self._queue)
 
@@ -203,10 +209,17 @@ class Engine:
           f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ "
           f"{self.k_max + 1} for verification) exceeds the context of {self.max_len} tokens")
 
-  def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
-             ) -> Request:
-    """Queues a request (any thread); raises ValueError on bad input before queueing."""
+  def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams(),
+             images: Sequence | None = None) -> Request:
+    """Queues a request (any thread); raises ValueError on bad input before queueing.
+
+    images: one per start_of_image token of the prompt (Sampler.generate says which forms),
+    decoded and resized here; encoded once, when the request is inserted."""
     tokens = self._tokens(prompt)
+    pixels, placeholder = None, None
+    if images:
+      tokens, pixels = self._with_images(tokens, images)
+      placeholder = self.pair.target_cfg.vision.image_id
     num_tokens = self.pair.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
       # keeps every token: the same as off
@@ -219,11 +232,22 @@ class Engine:
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
-      request = Request(self._next_id, tokens, params, self.tokenizer)
+      request = Request(self._next_id, tokens, params, self.tokenizer, images=pixels,
+                        placeholder=placeholder)
       self._next_id += 1
       self._queue.append(request)
       self._lock.notify_all()
     return request
+
+  def _with_images(self, tokens: list[int], images: Sequence):
+    """(the prompt with its image blocks laid out, the images as the encoder's input)."""
+    vision = self.pair.vision()
+    if self._channel is not None:
+      raise ValueError("images are not supported on a multi-host engine yet")
+    laid_out = image_prompt.expand(tokens, len(images), vision)
+    pixels = np.stack([image_lib.prepare(img, vision.image_size, f"image {j}")
+                       for j, img in enumerate(images)])
+    return laid_out, pixels
 
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
@@ -243,19 +267,22 @@ class Engine:
       r._finish(CANCELLED)
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
-               params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
-               ) -> list[Completion]:
-    """Submits every prompt and steps until all are done (the caller's thread drives the
-    engine; not while start()'s thread runs)."""
+               params: GenerationParams | Sequence[GenerationParams] = GenerationParams(),
+               images: Sequence[Sequence | None] | None = None) -> list[Completion]:
+    """Submits every prompt (with images[i], when given, as submit's images) and steps until
+    all are done (the caller's thread drives the engine; not while start()'s thread runs)."""
     if self._thread is not None:
       raise RuntimeError("generate() drives the engine itself; with start() use submit()")
     params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} GenerationParams")
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     requests = []
     try:
-      for p, q in zip(prompts, params):
-        requests.append(self.submit(p, q))
+      for p, q, im in zip(prompts, params, images):
+        requests.append(self.submit(p, q, im))
     except BaseException:
       self._withdraw(requests)  # all or nothing: none of the batch stays queued
       raise
@@ -365,7 +392,9 @@ class Engine:
     with_draft = self.k > 0 if with_draft is None else with_draft and self.k_max > 0
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
-      by_bucket[self._bucket(len(r.prompt))].append((slot, r))
+      # Requests with images are inserted with others of as many images (a power of two).
+      images = 0 if r.images is None else prompts_lib.bucket(len(r.images), 1)
+      by_bucket[self._bucket(len(r.prompt)), images].append((slot, r))
     try:
       self._insert_all(by_bucket, with_draft)
     except BaseException as e:
@@ -379,13 +408,13 @@ class Engine:
       self._draft_behind = True
 
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
-    for t, group in sorted(by_bucket.items()):
+    for (t, images), group in sorted(by_bucket.items()):
       for i in range(0, len(group), self.prefill_rows):
         chunk = group[i:i + self.prefill_rows]
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done = to_host(self._insert(with_draft, t, chunk))
+        first, done = to_host(self._insert(with_draft, t, chunk, images))
         now = time.perf_counter()
         for row, (slot, r) in enumerate(chunk):
           r.stats.queue_s = started - r.submitted
@@ -397,8 +426,10 @@ class Engine:
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
 
-  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]]):
-    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows)."""
+  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]],
+              images: int = 0):
+    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows),
+    with room for `images` images per request."""
     r = self.prefill_rows
     tokens = np.full((r, t), self.pair.pad_id, np.int32)
     lengths = np.ones((r,), np.int32)
@@ -415,13 +446,22 @@ class Engine:
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
     rows = decode.Rows(temperature, top_p, top_k, seeds, max_new)
+    pixels = None
+    if images:
+      size = self.pair.target_cfg.vision.image_size
+      pixels = np.zeros((r, images, size, size, 3), np.float32)
+      for i, (_, req) in enumerate(chunk):
+        if req.images is not None:
+          pixels[i, :len(req.images)] = req.images
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
-    return self._run_insert(with_draft, slots, tokens, lengths, rows)
+    return self._run_insert(with_draft, slots, tokens, lengths, rows, pixels)
 
-  def _run_insert(self, with_draft, slots, tokens, lengths, rows):
-    program = self._insert_program(with_draft, tokens.shape[1])
-    self._state, first, done = program(*self._params, self._state, slots, tokens, lengths, rows)
+  def _run_insert(self, with_draft, slots, tokens, lengths, rows, pixels=None):
+    program = self._insert_program(with_draft, tokens.shape[1],
+                                   0 if pixels is None else pixels.shape[1])
+    args = (*self._params, self._state, slots, tokens, lengths, rows)
+    self._state, first, done = program(*args, *(() if pixels is None else (pixels,)))
     return first, done
 
   def _run_step(self, k: int, n: int | None = None, timed: bool = True):
@@ -623,22 +663,31 @@ class Engine:
         draft_cache=(None if self._abstract.draft_cache is None else
                      sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
 
-  def _insert_program(self, with_draft: bool, t: int):
-    key = ("insert", with_draft, t)
+  def _insert_program(self, with_draft: bool, t: int, images: int = 0):
+    key = ("insert", with_draft, t, images)
     if key not in self._programs:
       r = self.prefill_rows
       row = self._row
       rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r))
-      fn = functools.partial(decode.insert, self._spec, with_draft=with_draft)
+      sds = jax.ShapeDtypeStruct
+      image_args, image_sh = (), ()
+      if images:
+        size = self.pair.target_cfg.vision.image_size
+        image_args = (sds((r, images, size, size, 3), jnp.float32),)
+        image_sh = (row(r, images, size, size, 3),)
+
+      def fn(*args):
+        return decode.insert(self._spec, *args[:7], with_draft=with_draft,
+                             pixels=args[7] if images else None)
+
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
-                                     rows_sh),
+                                     rows_sh, *image_sh),
                        out_shardings=(self._state_sh, row(r), row(r)))
-      sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
-                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
+                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32)), *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]
 

@@ -6,7 +6,8 @@
 
 Prompts: --prompt (repeatable), else --prompts=FILE (.txt: one prompt per non-empty line, id = the
 0-based line number; .jsonl: one {"id": ..., "prompt": ...} per line, id defaulting to the line
-number), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
+number, with an optional "images" list of files beside the prompts file for a model with a vision
+encoder), else the config's run.prompts. Output (--output): one JSON line per prompt with id,
 prompt, text, tokens, per-prompt stats and the settings that made it; without --output the
 texts go to stdout. The output is resumable: a rerun after a kill samples only the prompts not
 yet in it, and refuses a file written with other settings (--append_other_settings appends

@@ -6,7 +6,8 @@ speculative sampling, streaming).
         --config.engine.num_slots=32 --config.engine.max_len=2048
 
 Endpoints: POST /v1/completions and /v1/chat/completions (`stream: true` for server-sent
-events), GET /v1/models, /health, /metrics (Prometheus). The model name served is
+events; chat image_url parts for a model with a vision encoder: data: URLs, or local files
+under --image_dirs), GET /v1/models, /health, /metrics (Prometheus). The model name served is
 serve.model_name, else the target's (`stdlib_target` for the embedded pair):
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
@@ -34,6 +35,8 @@ from launch import cli
 _CONFIG = cli.define_config_file("config", "configs/default.py", "Setup to serve.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_IMAGE_DIRS = flags.DEFINE_list("image_dirs", [], "Directories chat requests may name local "
+                                "image files under (default none: data: URLs only).")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() "
                                "(default: the config's mesh.multihost).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -65,7 +68,8 @@ def main(argv):
   template = chat.load(setup.target.checkpoint)
   limits = server.limits(config, _API_KEY.value)
   engine.start()
-  server_app = openai_api.build_app(engine, name, template, limits)
+  server_app = openai_api.build_app(engine, name, template, limits,
+                                    image_dirs=_IMAGE_DIRS.value)
   print(f"serving {name} on http://{_HOST.value}:{_PORT.value} (K = {engine.k}, "
         f"{engine.num_slots} slots, context {engine.max_len}; chat template: "
         f"{'plain fallback' if template.is_fallback else 'from the checkpoint'}; API key "

@@ -132,3 +132,11 @@ class Pair:
     """The XLA options every program over these models compiles with."""
     quantized = any(c is not None and c.quantize for c in (self.target_cfg, self.draft_cfg))
     return compiler_options(self.platform, quantized)
+
+  def vision(self):
+    """The target's VisionConfig, or a ValueError saying this model reads no images."""
+    if self.target_cfg.vision is None:
+      raise ValueError(f"model {self.target_cfg.name!r} has no vision encoder: it cannot read "
+                       "images (a Gemma 3 4B/12B/27B checkpoint converted from "
+                       "Gemma3ForConditionalGeneration can)")
+    return self.target_cfg.vision

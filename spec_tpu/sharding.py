@@ -32,6 +32,7 @@ TENSOR_PARALLEL: Rules = (
     ("ffw", "model"),
     ("lru", "model"),  # RG-LRU width (recurrent layers): replicated where it does not divide
     ("embed", None),
+    ("vision_embed", None),  # the image encoder's width
     ("head_dim", None),
     ("cache_seq", None),
 )

@@ -123,9 +123,20 @@ def rg_draft_params():
 LAW_MODELS = {"attention": (TARGET, target_params), "recurrent": (RG_TARGET, rg_target_params)}
 
 
+# Prompts other than PROMPT, by target name: (token ids, soft tokens function (1 m d) or None).
+# tests/test_vision_sampling.py adds an image prompt, whose law is the target's given the image.
+LAW_PROMPTS = {}
+
+
 def _target(name):
   """(config, params) of the target the statistics are computed against."""
   return LAW_MODELS[name]
+
+
+def _prompt(name):
+  """(prompt ids, soft tokens or None) the named target's law is conditioned on."""
+  prompt, soft = LAW_PROMPTS.get(name, (PROMPT, None))
+  return tuple(prompt), (None if soft is None else soft())
 
 
 def _padded(params):
@@ -141,12 +152,14 @@ def _padded(params):
 CONTINUATIONS = np.array(list(itertools.product(range(V), repeat=L)), np.int32)  # V**L x L
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
-def _law_device(params, cfg, temperature, top_p, top_k):
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(PROMPT, jnp.int32), (len(CONTINUATIONS), 1)),
-                            CONTINUATIONS], axis=1)
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "prompt"))
+def _law_device(params, cfg, temperature, top_p, top_k, prompt=PROMPT, soft=None):
+  n = len(CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(prompt, jnp.int32), (n, 1)), CONTINUATIONS],
+                           axis=1)
+  soft = None if soft is None else jnp.broadcast_to(soft, (n,) + soft.shape[1:])
   # Causal: the logits at prompt end + i depend only on the first i continuation tokens.
-  logits = model.forward_full(params, cfg, tokens)[:, len(PROMPT) - 1:-1]
+  logits = model.forward_full(params, cfg, tokens, soft=soft)[:, len(prompt) - 1:-1]
   probs = sampling.probabilities(logits, temperature, top_k, top_p)
   step = jnp.take_along_axis(probs, jnp.asarray(CONTINUATIONS)[..., None], axis=-1)[..., 0]
   return jnp.prod(step.astype(jnp.float32), axis=1)
@@ -157,8 +170,9 @@ def exact_law(temperature=1.0, top_k=0, top_p=1.0, target="attention"):
   """P(first L tokens) under the target with the sampler's filters: an array of shape (V,)*L."""
   cfg, params = _target(target)
   top_k = SamplingParams(top_k=top_k).effective_top_k(cfg.num_tokens)
+  prompt, soft = _prompt(target)
   law = np.asarray(_law_device(params(), cfg, np.float32(temperature), np.float32(top_p),
-                               top_k), np.float64)
+                               top_k, prompt, soft), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((V,) * L)
 
@@ -201,9 +215,11 @@ def law_pvalues(tokens_bl, law):
           chi_square_pvalue(last, law.sum(axis=(0, 1)))]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
-def _conditionals_device(params, cfg, seqs_bt, temperature, top_p, top_k):
-  logits = model.forward_full(params, cfg, seqs_bt)[:, len(PROMPT) - 1:-1]
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "prompt_len"))
+def _conditionals_device(params, cfg, seqs_bt, temperature, top_p, top_k, prompt_len=len(PROMPT),
+                         soft=None):
+  soft = None if soft is None else jnp.broadcast_to(soft, (seqs_bt.shape[0],) + soft.shape[1:])
+  logits = model.forward_full(params, cfg, seqs_bt, soft=soft)[:, prompt_len - 1:-1]
   return sampling.probabilities(logits, temperature, top_k, top_p)
 
 
@@ -218,16 +234,18 @@ def sequential_pvalues(rows, temperature=1.0, top_k=0, top_p=1.0, target="attent
   rank(Sigma) degrees of freedom (martingale CLT; ~30k tokens here). A token with q = 0 is
   impossible: p-value 0.
   """
-  seqs = np.zeros((len(rows), len(PROMPT) + MAX_NEW), np.int32)
+  prompt, soft = _prompt(target)
+  seqs = np.zeros((len(rows), len(prompt) + MAX_NEW), np.int32)
   real = np.zeros((len(rows), MAX_NEW), bool)  # rows stopped by EOS are shorter
   for i, row in enumerate(rows):
-    seqs[i, :len(PROMPT) + len(row)] = tuple(PROMPT) + tuple(row)
+    seqs[i, :len(prompt) + len(row)] = prompt + tuple(row)
     real[i, :len(row)] = True
   cfg, params = _target(target)
   top_k = SamplingParams(top_k=top_k).effective_top_k(cfg.num_tokens)
   q = np.asarray(_conditionals_device(params(), cfg, seqs, np.float32(temperature),
-                                      np.float32(top_p), top_k), np.float64)[real]
-  x = seqs[:, len(PROMPT):][real]
+                                      np.float32(top_p), top_k, len(prompt), soft),
+                 np.float64)[real]
+  x = seqs[:, len(prompt):][real]
   if np.any(q[np.arange(len(x)), x] == 0):
     return [0.0, 0.0]
   order = np.argsort(-q, axis=-1, kind="stable")

@@ -179,7 +179,8 @@ def test_sharded_source_was_exercised(tmp_path):
 
 
 def test_gemma3_multimodal_text_half(tmp_path):
-  """A Gemma3ForConditionalGeneration directory converts to its language model."""
+  """A Gemma3ForConditionalGeneration directory converts to its language model (and its image
+  half, which tests/test_vision.py checks), whose text-only logits match."""
   torch, transformers = _torch()
   # Gemma3ForConditionalGeneration ignores final_logit_softcapping (the converter refuses it).
   text = transformers.Gemma3TextConfig(**dict(CASES["gemma3"][1], final_logit_softcapping=None))
@@ -231,7 +232,13 @@ def test_published_configs_match_presets():
                "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
                                "model_type": "gemma3_text", "num_hidden_layers": 34,
                                "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-                               "sliding_window": 1024}}
+                               "sliding_window": 1024},
+               "vision_config": {"hidden_size": 1152, "image_size": 896,
+                                 "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                                 "num_attention_heads": 16, "num_hidden_layers": 27,
+                                 "patch_size": 14, "vision_use_head": False},
+               "boi_token_index": 255999, "eoi_token_index": 256000,
+               "image_token_index": 262144, "mm_tokens_per_image": 256}
   llama3_8b = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
                "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
@@ -247,7 +254,7 @@ def test_published_configs_match_presets():
               "hidden_act": "gelu", "hidden_size": 2048, "intermediate_size": 16384,
               "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1,
               "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "vocab_size": 256000}
-  for hf_config, preset in [(gemma2_2b, "gemma2_2b"), (gemma3_4b, "gemma3_4b"),
+  for hf_config, preset in [(gemma2_2b, "gemma2_2b"), (gemma3_4b, "gemma3_4b_vision"),
                             (llama3_8b, "llama3_8b"), (llama31_8b, "llama31_8b"),
                             (llama32_1b, "llama32_1b"), (gemma_2b, "gemma_2b")]:
     assert _numerics(hf.config_from_hf(hf_config)) == _numerics(get_preset(preset)), preset

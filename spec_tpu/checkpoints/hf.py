@@ -1,7 +1,7 @@
 """Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
 
-Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (and the text half of
-Gemma3ForConditionalGeneration), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+(with its image half: hf_vision.py), LlamaForCausalLM, MistralForCausalLM. The semantics follow
 transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
   - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
     weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
@@ -24,7 +24,7 @@ import json
 import os
 from typing import Any, Iterator
 
-from spec_tpu.checkpoints import recurrent_convert
+from spec_tpu.checkpoints import hf_vision, recurrent_convert
 # HFConversionError, float_dtype, tokenizer_id and the TOKENIZER_ names are part of this module's
 # API too (the error type of everything here; where a converted checkpoint keeps its tokenizer).
 from spec_tpu.checkpoints._convert import (  # noqa: F401
@@ -261,7 +261,10 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   if recurrent_convert.is_hf_recurrent_gemma(hf_config):
     return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
-    return _config_from_hf(hf_config, name, dtype)
+    cfg = _config_from_hf(hf_config, name, dtype)
+    if hf_vision.is_multimodal(hf_config):
+      cfg = cfg.replace(vision=hf_vision.vision_config(hf_config))
+    return cfg
   except HFConversionError:
     raise
   except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -324,8 +327,6 @@ def _config_from_hf(hf_config, name, dtype) -> ModelConfig:
 # Prefixes of the decoder's tensors: causal LMs, then the two layouts of Gemma 3 multimodal
 # checkpoints (hub files, and transformers' in-memory naming), then a bare base model.
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.", "")
-_MULTIMODAL_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.")
 
 
 def _head_name(prefix: str) -> str:
@@ -381,7 +382,7 @@ def _ignorable(name: str, prefix: str, cfg: ModelConfig) -> bool:
     return True  # a buffer older transformers saved; recomputed from the config
   if cfg.tie_embeddings and name == _head_name(prefix):
     return True  # some writers store the tied head too; HF ties it to the embedding on load
-  return prefix != "model." and name.startswith(_MULTIMODAL_PARTS)
+  return prefix != "model." and hf_vision.is_vision_name(name)  # read by hf_vision
 
 
 def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
@@ -403,7 +404,10 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
              ignorable=lambda n: _ignorable(n, prefix, cfg), error=HFConversionError,
              context=f"config.json: {cfg.num_layers} layers, tie_embeddings={cfg.tie_embeddings}",
              unexpected_hint="biases? more layers than config.json says?")
-  return fill_params(plan, index.get, cfg, dtype)
+  if cfg.vision is None:
+    return fill_params(plan, index.get, cfg, dtype)
+  vision = hf_vision.convert(index, cfg, dtype)  # checks its names before the decoder is read
+  return dict(fill_params(plan, index.get, cfg.replace(vision=None), dtype), vision=vision)
 
 
 # ---------------------------------------------------------------- directories

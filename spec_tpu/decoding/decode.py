@@ -236,15 +236,17 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool) -> tuple[State, jax.Array, Logprobs]:
+            with_draft: bool, soft=None) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
-  speculation starts). Returns (state of r rows, first_r, its Logprobs)."""
+  speculation starts). soft: the soft tokens of the prompts' images (r m d, model.forward),
+  for the target only: a text-only draft reads the placeholder ids. Returns (state of r rows,
+  first_r, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
-                             spec.prefill_chunk)
+                             spec.prefill_chunk, soft=soft)
   counts = in_prompt = None
   if spec.controls:
     counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
@@ -260,8 +262,8 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
     if with_draft:
-      _, dc = model.prefill(draft_params, spec.draft, tokens_rt, dc, lengths_r,
-                            spec.prefill_chunk)
+      _, dc = model.prefill(draft_params, spec.draft, _draft_view(spec, tokens_rt), dc,
+                            lengths_r, spec.prefill_chunk)
   pos = jnp.arange(spec.max_len)[None, :]
   prompt = jnp.pad(tokens_rt, ((0, 0), (0, max(spec.max_len - t, 0))),
                    constant_values=spec.pad_id)[:, :spec.max_len]
@@ -283,12 +285,21 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
 
 
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
-           lengths_r, rows: Rows, *, with_draft: bool):
+           lengths_r, rows: Rows, *, with_draft: bool, pixels=None):
   """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). Returns (state, first_r, done_r, Logprobs of
-  first_r)."""
+  request: padding of a fixed-width insert). pixels: the requests' images (r u H W 3, each
+  row's first, zeros after), encoded here, once per request. Returns (state, first_r,
+  done_r, Logprobs of first_r)."""
+  soft = None
+  if pixels is not None:
+    # One image of every row at a time: the encoder's attention scores (heads x patches^2 in
+    # float32, 1 GiB per Gemma 3 image) are held for r images, not r x u.
+    def encode(images_r):
+      return model.encode_images(target_params, spec.target, images_r)
+    soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
+    soft = soft.reshape(soft.shape[0], -1, soft.shape[-1])
   new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                                 with_draft=with_draft)
+                                 with_draft=with_draft, soft=soft)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots_r),
@@ -303,6 +314,12 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
   return state, first, new.done_b, logprobs
 
 
+def _draft_view(spec: LoopSpec, tokens):
+  """The tokens as the draft embeds them: ids past its vocabulary (an image placeholder, which
+  may lie outside every vocabulary) read as padding."""
+  return jnp.where(tokens < spec.draft.num_tokens, tokens, spec.pad_id)
+
+
 def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
   """Feeds each live row's draft the tokens it has not seen, up to L - 1 (the round's first
   draft call feeds the rest), CATCH_UP_CHUNK tokens per call. No iteration when none lags."""
@@ -315,7 +332,7 @@ def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
   def feed(s):
     num = jnp.minimum(gap(s), c)
     at = jnp.clip(s.draft_cache.length[:, None] + jnp.arange(c)[None, :], 0, spec.max_len - 1)
-    tokens = jnp.take_along_axis(s.tokens_bs, at, axis=1)
+    tokens = _draft_view(spec, jnp.take_along_axis(s.tokens_bs, at, axis=1))
     _, dc = model.forward(draft_params, spec.draft, tokens, s.draft_cache, num, last_only=True)
     return s._replace(draft_cache=dc)
 
@@ -534,9 +551,10 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
 
 
 def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, temperature,
-             top_p, top_k, seed):
+             top_p, top_k, seed, soft=None):
   """Sampler.generate's program: prefill every row, decode to completion. Row i draws from
-  stream (seed, i). Returns (tokens b max_new, num_b, Stats)."""
+  stream (seed, i); soft: the prompts' image soft tokens (prefill). Returns (tokens b max_new,
+  num_b, Stats)."""
   b = tokens_bt.shape[0]
   max_new = spec.out_len - spec.k  # run_rounds emits max_new - 1; a round needs k + 1 of room
   full = lambda x, dtype: jnp.full((b,), x, dtype)
@@ -544,7 +562,7 @@ def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, 
   rows = Rows(full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
               seeds, full(max_new, jnp.int32))
   state, first, _ = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
-                            with_draft=spec.k > 0)
+                            with_draft=spec.k > 0, soft=soft)
   # The draft was prefilled with the target and runs every round: it never lags.
   state, out = run_rounds(spec, target_params, draft_params, state, jnp.ones((b,), bool),
                           max_new, False, catch_up=False)

@@ -17,14 +17,18 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def pack(prompts: Sequence[Sequence[int]], num_tokens: int, pad_id: int = 0,
-         min_bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token lists into (b, t) int32 plus their lengths (b,), after validating them."""
+         min_bucket: int = 16, placeholder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into (b, t) int32 plus their lengths (b,), after validating them.
+  placeholder: an id allowed beyond the vocabulary (image soft tokens, laid out by
+  models/vision/prompt.py after the user's ids were checked)."""
   if len(prompts) == 0:
     raise ValueError("no prompts given")
   lengths = np.array([len(p) for p in prompts], np.int32)
   for i, p in enumerate(prompts):
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
+    if placeholder is not None:
+      p = [t for t in p if t != placeholder]
     token_ids(p, num_tokens, f"prompt {i}")
   t = bucket(int(lengths.max()), min_bucket)
   tokens = np.full((len(prompts), t), pad_id, np.int32)

@@ -25,7 +25,9 @@ import numpy as np
 from spec_tpu.decoding import decode, prompts as prompts_lib
 from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu import sharding
+from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
 from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.pair import Pair, integer
 
@@ -132,14 +134,17 @@ class Sampler:
                            pad_id=self.pad_id, coupling=coupling,
                            source=source if k else DraftSource())
 
-  def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
-    """The compiled program for one (static spec, batch, prompt bucket), kept per Sampler."""
-    key = (spec, batch, prompt_len)
+  def _compiled(self, spec: decode.LoopSpec, batch: int, prompt_len: int,
+                soft_len: int | None = None):
+    """The compiled program for one (static spec, batch, prompt bucket, soft tokens per row),
+    kept per Sampler."""
+    key = (spec, batch, prompt_len, soft_len)
     if key not in self._programs:
-      self._programs[key] = self._compile(spec, batch, prompt_len)
+      self._programs[key] = self._compile(spec, batch, prompt_len, soft_len)
     return self._programs[key]
 
-  def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
+  def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int,
+               soft_len: int | None = None):
     mesh = self.mesh
     tp, dp = self.pair.param_shardings(spec.draft is not None)
     rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
@@ -149,7 +154,10 @@ class Sampler:
     fn = functools.partial(decode.generate, spec)
     # The state lives and dies inside the program (created at prefill, carried by the while
     # loop), so nothing needs donating; the compiler updates it in place.
-    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep),
+    d = self.target_cfg.d_model
+    soft_sharding = None if soft_len is None else rows(batch, soft_len, d)
+    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep,
+                                       soft_sharding),
                      out_shardings=(rows(batch, max_new), rows(batch),
                                     decode.Stats(rows(batch), rows(batch), rows(batch, n),
                                                  rows(batch, n), rows(batch), rows(batch))))
@@ -157,17 +165,69 @@ class Sampler:
     args = (self.target_params, self.draft_params if spec.draft is not None else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
-            scalar(jnp.int32), scalar(jnp.uint32))
+            scalar(jnp.int32), scalar(jnp.uint32),
+            None if soft_len is None else jax.ShapeDtypeStruct((batch, soft_len, d),
+                                                               self.target_cfg.dtype))
     return jitted.lower(*args).compile(self.pair.compiler_options())
+
+  def encode_images(self, images: Sequence) -> np.ndarray:
+    """Soft tokens (u j d) of images (anything vision/image.py reads), the encoder compiled
+    once per power-of-two count."""
+    vision = self.pair.vision()
+    pixels = [image_lib.prepare(img, vision.image_size, f"image {i}")
+              for i, img in enumerate(images)]
+    return self._encode(pixels)
+
+  def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
+    n = prompts_lib.bucket(len(pixels), 1)
+    key = ("encoder", n)
+    if key not in self._programs:
+      size = self.target_cfg.vision.image_size
+      tp, _ = self.pair.param_shardings(False)
+      rows = sharding.batch_sharding(self.mesh, (n, size, size, 3), self.target_rules)
+      cfg = self.target_cfg
+      fn = jax.jit(lambda params, images: model.encode_images(params, cfg, images),
+                   in_shardings=(tp, rows))
+      self._programs[key] = fn.lower(
+          self.target_params, jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)).compile(
+              self.pair.compiler_options())
+    batch = np.zeros((n,) + pixels[0].shape, np.float32)
+    batch[:len(pixels)] = pixels
+    return to_host(self._programs[key](self.target_params, batch))[:len(pixels)]
+
+  def _with_images(self, prompts, images):
+    """(prompts with image blocks laid out, soft tokens b m d or None)."""
+    vision = self.pair.vision()
+    if len(images) != len(prompts):
+      raise ValueError(f"images must hold one list per prompt: {len(images)} lists for "
+                       f"{len(prompts)} prompts")
+    laid_out, pixels, counts = [], [], []
+    for i, (p, row) in enumerate(zip(prompts, images)):
+      row = [] if row is None else list(row)
+      prompts_lib.token_ids(p, self.target_cfg.num_tokens, f"prompt {i}")
+      laid_out.append(image_prompt.expand(p, len(row), vision, f"prompt {i}"))
+      pixels += [image_lib.prepare(img, vision.image_size, f"prompt {i} image {j}")
+                 for j, img in enumerate(row)]
+      counts.append(len(row))
+    if not pixels:
+      return laid_out, None
+    width = prompts_lib.bucket(max(counts), 1) * vision.num_soft_tokens
+    return laid_out, image_prompt.soft_rows(self._encode(pixels), counts, width)
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0,
                coupling: str | None = None,
-               draft_source: DraftSource | None = None) -> Result:
+               draft_source: DraftSource | None = None,
+               images: Sequence[Sequence] | None = None) -> Result:
     """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
     stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses.
     coupling: None = the Sampler's. draft_source: where K > 0 rounds get their proposals
-    (default: the pair's)."""
+    (default: the pair's).
+
+    images: per prompt, a list of images (PIL images, H x W x 3 arrays, encoded bytes or file
+    paths; models/vision/image.py), one for each start_of_image token of the prompt, where the
+    image goes (a model with a vision encoder only). They are encoded once, before the
+    prefill; the draft, text-only, reads the prompt's ids."""
     source = self.draft_source if draft_source is None else self.pair.check_source(draft_source)
     sampling.validate()
     coupling = self.coupling if coupling is None else decode.check_coupling(coupling)
@@ -178,17 +238,22 @@ class Sampler:
     if k > 0 and self.draft_cfg is None and source.uses_model:
       raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0, or the "
                        "draft kind 'ngram')")
-    tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id)
+    soft, placeholder = None, None
+    if images is not None:
+      prompts, soft = self._with_images(prompts, images)
+      placeholder = self.target_cfg.vision.image_id
+    tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id,
+                                       placeholder=placeholder)
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
     top_k = sampling.effective_top_k(self.target_cfg.num_tokens)
     spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1], coupling, source)
-    compiled = self._compiled(spec, *tokens.shape)
+    compiled = self._compiled(spec, *tokens.shape, None if soft is None else soft.shape[1])
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.
     args = (self.target_params, self.draft_params if spec.draft is not None else None, tokens,
             lengths,
             np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
-            np.uint32(seed))
+            np.uint32(seed), soft)
     start = time.perf_counter()
     out, num, stats = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
+from spec_tpu.models.vision.config import GEMMA3 as GEMMA3_VISION, VisionConfig
+
 LOCAL = "local"    # sliding-window attention, ring-buffer cache of window size
 GLOBAL = "global"  # full attention, cache of the whole context
 RECURRENT = "recurrent"  # Griffin recurrent block (RG-LRU), fixed-size state (models/recurrent.py)
@@ -72,6 +74,8 @@ class ModelConfig:
   # Weight-only quantization of the matmul weights (models/quant.py): None, or "int8" (int8
   # values with float32 per-output-channel scales; activations stay in `dtype`).
   quantize: str | None = None
+  # The image encoder and projector (models/vision/); None: a text-only model.
+  vision: VisionConfig | None = None
 
   def __post_init__(self):
     problems = []
@@ -130,6 +134,18 @@ class ModelConfig:
       # not go through quant.einsum yet: refuse rather than run a half-quantized model.
       problems.append("quantize is not supported for RecurrentGemma-style models (recurrent "
                       "layers, biased MLP or attention output) yet")
+    if self.vision is not None:
+      if not isinstance(self.vision, VisionConfig):
+        problems.append(f"vision must be a VisionConfig or None, got {type(self.vision).__name__}")
+      elif RECURRENT in self.layer_pattern:
+        problems.append("vision is supported for attention-only models")
+      else:
+        v = self.vision
+        ids = dict(start_id=v.start_id, end_id=v.end_id, newline_id=v.newline_id)
+        bad = {k: i for k, i in ids.items() if i >= self.num_tokens}
+        if bad:
+          problems.append(f"vision token ids {bad} are outside the vocabulary "
+                          f"[0, {self.num_tokens})")
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
 
@@ -177,6 +193,8 @@ class ModelConfig:
       d["layer_pattern"] = tuple(d["layer_pattern"])
     if d.get("rope_llama3") is not None:
       d["rope_llama3"] = tuple(d["rope_llama3"])
+    if isinstance(d.get("vision"), dict):
+      d["vision"] = VisionConfig(**d["vision"])
     return cls(**d)
 
   def to_json(self) -> str:
@@ -194,7 +212,8 @@ class ModelConfig:
     norms = d * (2 + self.post_attn_norm + self.post_ffw_norm)
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     mixing = sum(recurrent if kind == RECURRENT else attn for kind in self.layer_types)
-    return mixing + self.num_layers * (ffw + norms) + embed + d
+    vision = self.vision.num_params(d) if self.vision else 0
+    return mixing + self.num_layers * (ffw + norms) + embed + d + vision
 
 
 def _gemma(name, **kw) -> ModelConfig:
@@ -315,6 +334,10 @@ PRESETS: dict[str, ModelConfig] = {
                 tie_embeddings=True, dtype="bfloat16", tokenizer="llama3"),
   ]
 }
+
+# Gemma 3 4B, 12B and 27B as released: the text model and the one image encoder they share.
+PRESETS.update({f"{n}_vision": PRESETS[n].replace(name=f"{n}_vision", vision=GEMMA3_VISION)
+                for n in ("gemma3_4b", "gemma3_12b", "gemma3_27b")})
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -19,6 +19,8 @@ with, for RecurrentGemma (config fields attn_out_bias, ffw_bias), attn.o_bias (d
 {gate, gate_bias (f), up, up_bias (f), down, down_bias (d)}. A recurrent layer (kind recurrent) is
   {recurrent_norm (d), recurrent: models/recurrent.py's block params, ffw_norm (d), ffw}
 the layout spec_tpu.checkpoints.recurrent_convert produces per layer.
+With cfg.vision (Gemma 3's image input), params["vision"] holds the image encoder and projector
+(models/vision/siglip.py); never quantized.
 With cfg.quantize = "int8", every matmul weight (and a tied embedding table) is instead
 {"w": int8 of the same shape, "scale": float32 over its output axes} (models/quant.py; a stacked
 entry's scale keeps the leading l axis), and every matmul goes through quant.einsum, which takes
@@ -37,6 +39,7 @@ from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layers
 from spec_tpu.models import layout
 from spec_tpu.models import quant, recurrent
+from spec_tpu.models.vision import siglip
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 F32 = jnp.float32
@@ -120,6 +123,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
       for j, kind in enumerate(cfg.layer_pattern)] if cfg.num_groups else []
   params["remainder"] = [init_layer(cfg, cfg.layer_pattern[r], keys[2 + n + r], dtype)
                          for r in range(cfg.num_remainder)]
+  if cfg.vision is not None:
+    params["vision"] = siglip.init_params(cfg.vision, d, jax.random.fold_in(key, 1), dtype)
   if cfg.quantize:
     params = quantize(params, cfg)
   return params
@@ -162,6 +167,8 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
           "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
+  if cfg.vision is not None:
+    axes["vision"] = siglip.logical_axes()
   if cfg.quantize:
     # int8 values shard as the weight; scales as its output axes (quant.py).
     axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
@@ -206,13 +213,28 @@ def _project_qkv(cfg, p, x_btd, positions_bt, kind):
   return (q.astype(F32) * query_scale).astype(q.dtype), k, v
 
 
-def _visible(cfg, kind, q_pos_bt, k_pos_bs):
-  """b t s: causal, and inside the window for local layers."""
+def _visible(cfg, kind, q_pos_bt, k_pos_bs, q_block_bt=None, k_block_bs=None):
+  """b t s: causal, or both in one image block (Gemma 3: an image's soft tokens see each other
+  both ways, never a later image); then inside the window for local layers, which bounds past
+  keys only (transformers' AND(window, OR(causal, block)))."""
   qp, kp = q_pos_bt[:, :, None], k_pos_bs[:, None, :]
-  mask = (kp <= qp) & (kp >= 0)
+  seen = kp <= qp
+  if q_block_bt is not None:
+    qb, kb = q_block_bt[:, :, None], k_block_bs[:, None, :]
+    seen |= (qb == kb) & (qb >= 0)
+  mask = seen & (kp >= 0)
   if kind == LOCAL:
     mask &= kp > qp - cfg.sliding_window
   return mask
+
+
+class _Ahead(NamedTuple):
+  """The tokens after a prefill chunk that its image blocks reach into (chunked prefill with
+  images): their layer input, positions (-1: padding) and image block ids. Their keys and values
+  join the chunk's own, visible to queries of the same block only."""
+  x_btd: jax.Array
+  key_positions_bt: jax.Array
+  block_bt: jax.Array
 
 
 class _Context(NamedTuple):
@@ -221,6 +243,8 @@ class _Context(NamedTuple):
   key_positions_bt: jax.Array  # the same, -1 for padding tokens (never visible as keys)
   valid_bt: jax.Array          # real tokens (the rest is right-padding, never written)
   length_b: jax.Array | None   # tokens already in the cache; None: no cache (forward_full)
+  block_bt: jax.Array | None = None  # image block of each token (-1: text); None: no images
+  ahead: _Ahead | None = None        # chunked prefill with images: the tokens after the chunk
 
 
 class _CacheView:
@@ -257,7 +281,18 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None)
   one chain of uses of the cache, which XLA updates in place (layers.attend_filled)."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
   q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind)
-  new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt))
+  new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt, ctx.block_bt,
+                        ctx.block_bt))
+  if ctx.ahead is not None:
+    # Keys of later tokens, seen only by queries of their image block (all later in position,
+    # so the window never hides them); one block with the chunk's own keys.
+    a = ctx.ahead
+    h_a = _norm(cfg, a.x_btd, lp["attn_norm"])
+    _, k_a, v_a = _project_qkv(cfg, lp["attn"], h_a, jnp.maximum(a.key_positions_bt, 0), kind)
+    qb, kb = ctx.block_bt[:, :, None], a.block_bt[:, None, :]
+    mask_a = (qb == kb) & (qb >= 0) & (a.key_positions_bt[:, None, :] >= 0)
+    new = tuple(jnp.concatenate(pair, axis=-2 if i < 2 else -1)
+                for i, pair in enumerate(zip(new, (k_a, v_a, mask_a))))
   num_slots = None if lc is None else lc.num_slots
   entry = None if lc is None else lc.entry
   if lc is not None and num_slots > ATTENTION_BLOCK:
@@ -346,18 +381,30 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
   earlier ones wrote to the cache, so the result is the same as one call. See `prefill`."""
   b, t, _ = x_btd.shape
   num_new_b = jnp.sum(ctx.valid_bt, axis=1)  # valid tokens are a prefix of each row
+  # With images, a chunk also reads the keys of the rest of its image blocks (at most one
+  # image's soft tokens past its end): the layer input of later tokens is already known here.
+  reach = cfg.vision.num_soft_tokens if ctx.block_bt is not None else 0
+  pad = lambda a, value: jnp.pad(a, ((0, 0), (0, reach)) + ((0, 0),) * (a.ndim - 2),  # noqa: E731
+                                 constant_values=value)
+  x_pad = pad(x_btd, 0)
+  key_pos, block = pad(ctx.key_positions_bt, -1), (None if not reach else pad(ctx.block_bt, -1))
 
   def step(carry, c):
     x, entry = carry
     at = c * chunk
-    cut = lambda a: jax.lax.dynamic_slice_in_dim(a, at, chunk, axis=1)  # noqa: E731
+    cut = lambda a, n=chunk, at=at: jax.lax.dynamic_slice_in_dim(a, at, n, axis=1)  # noqa: E731
+    ahead = None
+    if reach:
+      after = lambda a: cut(a, reach, at + chunk)  # noqa: E731
+      ahead = _Ahead(after(x), after(key_pos), after(block))
     ctx_c = _Context(cut(ctx.positions_bt), cut(ctx.key_positions_bt), cut(ctx.valid_bt),
-                     ctx.length_b + jnp.minimum(num_new_b, at))
+                     ctx.length_b + jnp.minimum(num_new_b, at),
+                     None if not reach else cut(ctx.block_bt), ahead)
     x_c, entry, _ = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g)
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, at, axis=1), entry), None
 
-  (x_btd, entry), _ = jax.lax.scan(step, (x_btd, entry), jnp.arange(t // chunk))
-  return x_btd, entry, None  # no trace: a chunked call (prefill) is never rolled back
+  (x_pad, entry), _ = jax.lax.scan(step, (x_pad, entry), jnp.arange(t // chunk))
+  return x_pad[:, :t], entry, None  # no trace: a chunked call (prefill) is never rolled back
 
 
 def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled: bool,
@@ -425,6 +472,30 @@ def _embed(cfg, params, tokens_bt):
   return x
 
 
+def encode_images(params, cfg: ModelConfig, images):
+  """Soft tokens (u j d) of u images (u H W 3, H = W = cfg.vision.image_size, values in
+  [-1, 1]): the vision encoder and projector, run once per image."""
+  if cfg.vision is None:
+    raise ValueError(f"model {cfg.name!r} has no vision encoder: it cannot read images")
+  return siglip.soft_tokens(params["vision"], cfg.vision, images).astype(cfg.dtype)
+
+
+def _embed_with_images(cfg, params, tokens_bt, valid_bt, soft_bmd):
+  """Embeddings with each image placeholder's row replaced by its soft token (unscaled): row
+  i's j-th placeholder takes soft_bmd[i, j] (a row's images in prompt order, each
+  cfg.vision.num_soft_tokens tokens; vision/prompt.py lays prompts out so). Returns
+  (x, image block id per token: placeholders of one image share one, -1 elsewhere)."""
+  if soft_bmd is None:
+    return _embed(cfg, params, tokens_bt), None
+  is_image = (tokens_bt == cfg.vision.image_id) & valid_bt
+  x = _embed(cfg, params, jnp.where(is_image, 0, tokens_bt))  # the id may lie past the table
+  index = jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1
+  rows = jnp.take_along_axis(soft_bmd, jnp.clip(index, 0, soft_bmd.shape[1] - 1)[..., None],
+                             axis=1)
+  x = jnp.where(is_image[..., None], rows.astype(x.dtype), x)
+  return x, jnp.where(is_image, index // cfg.vision.num_soft_tokens, -1)
+
+
 def _unembed(cfg, params, x_btd):
   x = _norm(cfg, x_btd, params["final_norm"])
   if cfg.tie_embeddings:
@@ -438,19 +509,21 @@ def _unembed(cfg, params, x_btd):
   return logits
 
 
-def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False):
-  """Logits (b t v, float32) of whole sequences, no cache: the training and reference path."""
+def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False, soft=None):
+  """Logits (b t v, float32) of whole sequences, no cache: the training and reference path.
+  soft: the images' soft tokens (b m d, encode_images) for the image placeholders, or None."""
   b, t = tokens_bt.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  x = _embed(cfg, params, tokens_bt)
-  ctx = _Context(positions, positions, jnp.ones((b, t), bool), None)
+  valid = jnp.ones((b, t), bool)
+  x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
+  ctx = _Context(positions, positions, valid, None, block)
   x, _, _, _ = _run_layers(cfg, params, x, ctx, None, unrolled)
   return _unembed(cfg, params, x)
 
 
 def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b=None,
             last_only: bool = False, *, unrolled: bool = False, chunk: int | None = None,
-            traces: bool = False):
+            traces: bool = False, soft=None):
   """Runs t new tokens per row through the decoder with a KV cache.
 
   Serves prefill (t = prompt), decode (t = 1) and verification (t = K + 1). Row i's tokens
@@ -462,6 +535,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   traces: also return the recurrent layers' states after every position (cache_lib.Traces),
   as a third result: a model with recurrent layers rolls back by selecting among them
   (`cache.rollback(cache, length, traces, start)`), which a length move alone cannot do.
+  soft: soft tokens (b m d) of the images whose placeholders are among the new tokens, each
+  image's block whole in this call (forward_full says more); None: text only.
   """
   b, t_in = tokens_bt.shape
   if num_new_b is None:
@@ -473,8 +548,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   length = cache.length
   positions = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   valid = jnp.arange(t)[None, :] < num_new_b[:, None]
-  ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length)
-  x = _embed(cfg, params, tokens_bt)
+  x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
+  ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length, block)
   x, groups, remainder, layer_traces = _run_layers(cfg, params, x, ctx, cache, unrolled, chunk)
   cache = cache_lib.Cache(groups=tuple(groups), remainder=tuple(remainder),
                           length=length + num_new_b)
@@ -488,7 +563,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   return _unembed(cfg, params, x), cache
 
 
-def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int):
+def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int,
+            soft=None):
   """forward(..., last_only=True) with each layer run over the prompt `chunk` tokens at a time.
 
   Same logits and cache as one call, for any chunk size. Why: compiling a layer over t tokens
@@ -500,5 +576,8 @@ def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   v4/v5e and up to ~2x the prefill time on v6e. The chunks loop inside each layer, not around
   the whole forward: around it, XLA:TPU hoists a relayout of the stacked q/k weights (which it
   wants d-minor for long chunks) out of both loops, a 1.25 GiB copy per device for 70B.
+  With images (soft), a chunk boundary may cut an image's block: each chunk also reads the keys
+  of the rest of its blocks (_apply_chunked), so the result is still the same as one call.
   """
-  return forward(params, cfg, tokens_bt, cache, num_new_b, last_only=True, chunk=chunk)
+  return forward(params, cfg, tokens_bt, cache, num_new_b, last_only=True, chunk=chunk,
+                 soft=soft)

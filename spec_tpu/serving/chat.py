@@ -16,25 +16,38 @@ import os
 from typing import Sequence
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+# Where an image content part was, in rendered text (a private-use character, removed from
+# messages' own text): the server turns each into the model's start_of_image token.
+IMAGE_MARK = "\ue000"
 
 
 class ChatTemplateError(ValueError):
   pass
 
 
-def message_text(content) -> str:
-  """A message's text: a string, or OpenAI content parts of type 'text' (others refused)."""
+def message_text(content, images: list | None = None) -> str:
+  """A message's text: a string, or OpenAI content parts of type 'text', and of type
+  'image_url' where `images` is a list (each part's URL is appended to it and IMAGE_MARK stands
+  in the text where it was; without a list they are refused)."""
   if isinstance(content, str):
-    return content
+    return content.replace(IMAGE_MARK, "")
   if isinstance(content, list):
     parts = []
     for part in content:
-      if not (isinstance(part, dict) and part.get("type") == "text"
-              and isinstance(part.get("text"), str)):
-        raise ChatTemplateError("only text content parts are supported")
-      parts.append(part["text"])
+      kind = part.get("type") if isinstance(part, dict) else None
+      if kind == "text" and isinstance(part.get("text"), str):
+        parts.append(part["text"].replace(IMAGE_MARK, ""))
+      elif kind == "image_url":
+        if images is None:
+          raise ChatTemplateError("this model does not read images (image_url content parts)")
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        images.append(url)
+        parts.append(IMAGE_MARK)
+      else:
+        raise ChatTemplateError("content parts must be of type 'text' or 'image_url'")
     return "".join(parts)
-  raise ChatTemplateError("message content must be a string or a list of text parts")
+  raise ChatTemplateError("message content must be a string or a list of content parts")
 
 
 class ChatTemplate:
@@ -69,13 +82,13 @@ class ChatTemplate:
   def is_fallback(self) -> bool:
     return self._template is None
 
-  def render(self, messages: Sequence[dict]) -> tuple[str, bool]:
-    """(prompt text, starts with BOS) for OpenAI-style messages."""
+  def render(self, messages: Sequence[dict], images: list | None = None) -> tuple[str, bool]:
+    """(prompt text, starts with BOS) for OpenAI-style messages; images: see message_text."""
     plain = []
     for i, m in enumerate(messages):
       if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise ChatTemplateError(f"messages[{i}] needs a role among {', '.join(ROLES)}")
-      plain.append({"role": m["role"], "content": message_text(m.get("content", ""))})
+      plain.append({"role": m["role"], "content": message_text(m.get("content", ""), images)})
     if not plain:
       raise ChatTemplateError("messages is empty")
     if self._template is None:

@@ -91,6 +91,7 @@ from spec_tpu import profiling, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
 from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import to_host
+from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
 from spec_tpu.pair import Pair
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
@@ -242,6 +243,11 @@ class Engine:
     return self.policy.k if self.policy is not None else self._fixed_k
 
   @property
+  def vision(self):
+    """The target's VisionConfig (image input), or None for a text-only model."""
+    return self.pair.target_cfg.vision
+
+  @property
   def queue_length(self) -> int:
     return len(self._queue)
 
@@ -263,22 +269,25 @@ class Engine:
           f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ "
           f"{self.k_max + 1} for verification) exceeds the context of {self.max_len} tokens")
 
-  def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams()
-             ) -> Request:
+  def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams(),
+             images: Sequence | None = None) -> Request:
     """Queues a request (any thread); raises ValueError on bad input and QueueFullError past
-    max_queue, before queueing."""
-    return self.submit_all([(prompt, params)])[0]
+    max_queue, before queueing.
 
-  def submit_all(self, items: Sequence[tuple[str | Sequence[int], GenerationParams]], *,
-                 bounded: bool = True) -> list[Request]:
+    images: one per start_of_image token of the prompt (Sampler.generate says which forms),
+    decoded and resized here; encoded once, when the request is inserted."""
+    return self.submit_all([(prompt, params, images)])[0]
+
+  def submit_all(self, items: Sequence[tuple], *, bounded: bool = True) -> list[Request]:
     """Queues several requests, all or none: every one is checked, and the queue bound is
     checked for them together, before any is queued (several prompts of one HTTP call, or
-    n > 1 samples of one prompt)."""
+    n > 1 samples of one prompt). items: (prompt, params) or (prompt, params, images), as
+    submit takes them."""
     bounded = bounded and self.max_queue is not None
     if bounded and len(items) > self.max_queue:  # would never fit: not worth a retry
       raise ValueError(f"{len(items)} requests at once exceed this server's queue of "
                        f"{self.max_queue}")
-    checked = [self._checked(prompt, params) for prompt, params in items]
+    checked = [self._checked(*item) for item in items]
     with self._lock:
       if self.failure is not None or self._stopping:
         raise RuntimeError("the engine is not running") from self.failure
@@ -286,15 +295,21 @@ class Engine:
         raise QueueFullError(f"the queue is full ({len(self._queue)} requests waiting, at most "
                              f"{self.max_queue}): try again later")
       requests = []
-      for tokens, params in checked:
-        requests.append(Request(self._next_id, tokens, params, self.tokenizer))
+      for tokens, params, pixels, placeholder in checked:
+        requests.append(Request(self._next_id, tokens, params, self.tokenizer, images=pixels,
+                                placeholder=placeholder))
         self._next_id += 1
       self._queue.extend(requests)
       self._lock.notify_all()
     return requests
 
-  def _checked(self, prompt, params: GenerationParams) -> tuple[list[int], GenerationParams]:
+  def _checked(self, prompt, params: GenerationParams, images: Sequence | None = None):
+    """(tokens, params, pixels, placeholder) of a request, checked; raises before queueing."""
     tokens = self._tokens(prompt)
+    pixels, placeholder = None, None
+    if images:
+      tokens, pixels = self._with_images(tokens, images)
+      placeholder = self.pair.target_cfg.vision.image_id
     num_tokens = self.pair.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
       # keeps every token: the same as off
@@ -312,7 +327,7 @@ class Engine:
       raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
                        f"{self.max_logit_bias}")
     self.check_fits(len(tokens), int(params.max_new_tokens))
-    return tokens, params
+    return tokens, params, pixels, placeholder
 
   def score(self, prompt: str | Sequence[int], top: int = 0) -> concurrent.futures.Future:
     """The logprobs of a prompt's tokens after its first, each under the target's own
@@ -355,6 +370,16 @@ class Engine:
           f.set_exception(e)
         raise
 
+  def _with_images(self, tokens: list[int], images: Sequence):
+    """(the prompt with its image blocks laid out, the images as the encoder's input)."""
+    vision = self.pair.vision()
+    if self._channel is not None:
+      raise ValueError("images are not supported on a multi-host engine yet")
+    laid_out = image_prompt.expand(tokens, len(images), vision)
+    pixels = np.stack([image_lib.prepare(img, vision.image_size, f"image {j}")
+                       for j, img in enumerate(images)])
+    return laid_out, pixels
+
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids (text through the tokenizer), checked: integers in the vocabulary."""
     if isinstance(prompt, str):
@@ -364,16 +389,19 @@ class Engine:
     return prompts_lib.token_ids(prompt, self.pair.target_cfg.num_tokens)
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
-               params: GenerationParams | Sequence[GenerationParams] = GenerationParams()
-               ) -> list[Completion]:
-    """Submits every prompt and steps until all are done (the caller's thread drives the
-    engine; not while start()'s thread runs)."""
+               params: GenerationParams | Sequence[GenerationParams] = GenerationParams(),
+               images: Sequence[Sequence | None] | None = None) -> list[Completion]:
+    """Submits every prompt (with images[i], when given, as submit's images) and steps until
+    all are done (the caller's thread drives the engine; not while start()'s thread runs)."""
     if self._thread is not None:
       raise RuntimeError("generate() drives the engine itself; with start() use submit()")
     params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} GenerationParams")
-    requests = self.submit_all(list(zip(prompts, params)), bounded=False)
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    requests = self.submit_all(list(zip(prompts, params, images)), bounded=False)
     while self.step():
       pass
     return [r.result() for r in requests]
@@ -486,7 +514,9 @@ class Engine:
     with_draft = (self.k > 0 if with_draft is None else with_draft) and self._has_draft_model
     by_bucket = collections.defaultdict(list)
     for slot, r in zip(free, requests):
-      by_bucket[self._bucket(len(r.prompt))].append((slot, r))
+      # Requests with images are inserted with others of as many images (a power of two).
+      images = 0 if r.images is None else prompts_lib.bucket(len(r.images), 1)
+      by_bucket[self._bucket(len(r.prompt)), images].append((slot, r))
     try:
       self._insert_all(by_bucket, with_draft)
     except BaseException as e:
@@ -500,13 +530,13 @@ class Engine:
       self._draft_behind = True
 
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
-    for t, group in sorted(by_bucket.items()):
+    for (t, images), group in sorted(by_bucket.items()):
       for i in range(0, len(group), self.prefill_rows):
         chunk = group[i:i + self.prefill_rows]
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done, logprobs = to_host(self._insert(with_draft, t, chunk))
+        first, done, logprobs = to_host(self._insert(with_draft, t, chunk, images))
         now = time.perf_counter()
         for row, (slot, r) in enumerate(chunk):
           r.stats.queue_s = started - r.submitted
@@ -519,8 +549,10 @@ class Engine:
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
 
-  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]]):
-    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows)."""
+  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]],
+              images: int = 0):
+    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows),
+    with room for `images` images per request."""
     r = self.prefill_rows
     tokens = np.full((r, t), self.pair.pad_id, np.int32)
     lengths = np.ones((r,), np.int32)
@@ -537,9 +569,16 @@ class Engine:
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
     rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk))
+    pixels = None
+    if images:
+      size = self.pair.target_cfg.vision.image_size
+      pixels = np.zeros((r, images, size, size, 3), np.float32)
+      for i, (_, req) in enumerate(chunk):
+        if req.images is not None:
+          pixels[i, :len(req.images)] = req.images
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
-    return self._run_insert(with_draft, slots, tokens, lengths, rows)
+    return self._run_insert(with_draft, slots, tokens, lengths, rows, pixels)
 
   def _controls(self, chunk) -> decode.Controls | None:
     if not self.controls:
@@ -556,10 +595,12 @@ class Engine:
         c.bias_ids_bn[i, j], c.bias_bn[i, j] = token, bias
     return c
 
-  def _run_insert(self, with_draft, slots, tokens, lengths, rows):
-    program = self._insert_program(with_draft, tokens.shape[1])
-    self._state, first, done, logprobs = program(*self._params, self._state, slots, tokens,
-                                                 lengths, rows)
+  def _run_insert(self, with_draft, slots, tokens, lengths, rows, pixels=None):
+    program = self._insert_program(with_draft, tokens.shape[1],
+                                   0 if pixels is None else pixels.shape[1])
+    args = (*self._params, self._state, slots, tokens, lengths, rows)
+    self._state, first, done, logprobs = program(*args,
+                                                 *(() if pixels is None else (pixels,)))
     return first, done, logprobs
 
   def _run_step(self, k: int, n: int | None = None, timed: bool = True):
@@ -787,8 +828,8 @@ class Engine:
     m = self.logprobs_k
     return decode.Logprobs(self._row(*shape), self._row(*shape, m), self._row(*shape, m))
 
-  def _insert_program(self, with_draft: bool, t: int):
-    key = ("insert", with_draft, t)
+  def _insert_program(self, with_draft: bool, t: int, images: int = 0):
+    key = ("insert", with_draft, t, images)
     if key not in self._programs:
       r = self.prefill_rows
       row = self._row
@@ -796,18 +837,28 @@ class Engine:
       controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
           if self.controls else None
       rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh)
-      fn = functools.partial(decode.insert, self._spec, with_draft=with_draft)
+      sds = jax.ShapeDtypeStruct
+      image_args, image_sh = (), ()
+      if images:
+        size = self.pair.target_cfg.vision.image_size
+        image_args = (sds((r, images, size, size, 3), jnp.float32),)
+        image_sh = (row(r, images, size, size, 3),)
+
+      def fn(*args):
+        return decode.insert(self._spec, *args[:7], with_draft=with_draft,
+                             pixels=args[7] if images else None)
+
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
-                                     rows_sh),
+                                     rows_sh, *image_sh),
                        out_shardings=(self._state_sh, row(r), row(r), self._logprobs_sh(r)))
-      sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
                           sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
                           decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
-                                          sds((r, m), jnp.float32)) if self.controls else None))
+                                          sds((r, m), jnp.float32)) if self.controls else None),
+              *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]
 

@@ -107,18 +107,20 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost=False,
   if tok is None:
     raise setup_lib.SetupError("model.tokenizer is empty: text prompts need a tokenizer")
   encoded = [tok.encode(p.text, add_bos=bool(config.run.add_bos)) for p in prompts]
+  images, laid_out = _read_images(prompts, setup.target.cfg.vision, tok, encoded,
+                                  bool(config.run.add_bos))
   for p, ids in zip(prompts, encoded):
     if not ids:
       raise InputError(f"prompt {p.id!r} encodes to no tokens (set run.add_bos=True)")
   from spec_tpu.decoding import prompts as prompts_lib
   k_max = settings_.k_max
   max_new = int(config.sampling.max_new_tokens)
-  longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
+  longest = max(range(len(prompts)), key=lambda i: laid_out[i])
   # A slot holds the longest prompt of the whole list (not of what is left to do: a resumed run
   # must run the same programs), its new tokens and a verification block.
-  max_len = settings_.context([len(encoded[longest])], max_new)
+  max_len = settings_.context([laid_out[longest]], max_new)
   try:
-    prompts_lib.check_fits(len(encoded[longest]), max_new, max_len, extra=k_max + 1)
+    prompts_lib.check_fits(laid_out[longest], max_new, max_len, extra=k_max + 1)
   except ValueError as e:
     raise InputError(f"prompt {prompts[longest].id!r}: {e}") from None
   settings = results.run_settings(config, setup, tok, k_max)
@@ -176,14 +178,43 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost=False,
     engine.follow()  # process 0's device calls, until it shuts the engine down
     return {}
   try:
-    return _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings,
-                     compare_ar and k_max > 0, note)
+    return _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output,
+                     settings, compare_ar and k_max > 0, note)
   finally:
     engine.shutdown()
 
 
-def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settings, compare_ar,
-              note, progress=True) -> dict:
+def _read_images(prompts, vision, tok, encoded, add_bos: bool):
+  """Each prompt's images decoded (before any device work, so a bad file fails in seconds),
+  its ids with start_of_image where the text marks an image (encoded, in place), and its length
+  once the image blocks are laid out. An image goes where the text says <start_of_image>, or
+  before the text if it says it nowhere."""
+  from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
+  mark = "<start_of_image>"
+  images, laid_out = [], []
+  for i, p in enumerate(prompts):
+    if p.images:
+      if vision is None:
+        raise InputError(f"prompt {p.id!r} has images, but the model has no vision encoder")
+      text = p.text if mark in p.text else mark * len(p.images) + p.text
+      if text.count(mark) != len(p.images):
+        raise InputError(f"prompt {p.id!r} marks {text.count(mark)} image place(s) with {mark} "
+                         f"but lists {len(p.images)} image(s)")
+      encoded[i] = (tok.encode("", add_bos=add_bos) + image_prompt.encode_marked(
+          tok.encode, text, mark, vision.start_id))
+      try:
+        images.append([image_lib.to_pil(x, f"prompt {p.id!r} image {x!r}") for x in p.images])
+      except ValueError as e:
+        raise InputError(str(e)) from None
+    else:
+      images.append(None)
+    laid_out.append(len(encoded[i]) + len(p.images) * (0 if vision is None else
+                                                        vision.block_len - 1))
+  return images, laid_out
+
+
+def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output, settings,
+              compare_ar, note, progress=True) -> dict:
   """Process 0's part: every prompt left is a request; each finished one is written at once."""
   from spec_tpu.serving import GenerationParams
   s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
@@ -206,7 +237,8 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
     # two passes are timed against each other, each K gets an untimed run first.
     few = todo[:engine.num_slots]
     for k in (engine.k, 0):
-      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new))) for i in few], k)
+      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new)), images[i])
+                     for i in few], k)
 
   from tqdm import tqdm
   bar = tqdm(disable=not progress, total=len(todo), unit="prompt", file=sys.stderr,
@@ -237,7 +269,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
 
   requests = []
   for i in todo:
-    r = engine.submit(encoded[i], params(i))
+    r = engine.submit(encoded[i], params(i), images[i])
     index[r.id] = i
     requests.append(r)
   totals.seconds = drain(engine, requests, on_finish=write)
@@ -251,7 +283,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, todo, output, settin
     if totals.ks <= {0}:  # adaptive K kept speculation off: the run was its own baseline
       totals.ar_tokens, totals.ar_seconds = totals.tokens, totals.seconds
     else:
-      ar = [engine.submit(encoded[i], params(i)) for i in todo]
+      ar = [engine.submit(encoded[i], params(i), images[i]) for i in todo]
       totals.ar_seconds = drain(engine, ar, k=0)
       totals.ar_tokens = sum(len(r.result().tokens) for r in ar)
   return dict(totals.summary(setup.k, setup.any_random), **summary, **note)

@@ -28,12 +28,13 @@ import math
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from spec_tpu.serving import chat as chat_lib
+from spec_tpu.models.vision import prompt as image_prompt
+from spec_tpu.serving import chat as chat_lib, image_urls
 from spec_tpu.serving.engine import ContextLengthError, Engine, QueueFullError
 from spec_tpu.serving.request import GenerationParams, Request, TokenLogprob
 
@@ -335,8 +336,10 @@ def _event_stream(requests: list[Request], head: dict, choice, last_choice, incl
 # ------------------------------------------------------------------ the app
 
 def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTemplate | None = None,
-              limits: Limits = Limits()) -> FastAPI:
-  """The FastAPI app serving `engine` (already started) under `model_name`."""
+              limits: Limits = Limits(), image_dirs: Sequence[str] = ()) -> FastAPI:
+  """The FastAPI app serving `engine` (already started) under `model_name`. image_dirs: the
+  directories chat requests may name local image files under (image_urls.py); none: only
+  inline data: URLs."""
   app = FastAPI(title="spec_tpu", version="0.1.0")
   template = chat_template or chat_lib.ChatTemplate()
   created = int(time.time())
@@ -394,7 +397,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       raise ApiError(503, "the engine is not running", kind="server_error")
     return body
 
-  def _submit(items: list[tuple[Any, GenerationParams]], param: str = "prompt") -> list[Request]:
+  def _submit(items: list[tuple], param: str = "prompt") -> list[Request]:
     try:
       return engine.submit_all(items)
     except ContextLengthError as e:
@@ -562,20 +565,35 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     messages = body.get("messages")
     if not isinstance(messages, list):
       raise ApiError(400, "'messages' must be a list", param="messages")
+    vision = engine.vision
+    urls = None if vision is None else []
     try:
-      text, bos = template.render(messages)
+      text, bos = template.render(messages, urls)
     except chat_lib.ChatTemplateError as e:
       raise ApiError(400, str(e), param="messages") from None
     if tok is None:
       raise ApiError(400, "this server has no tokenizer: chat needs one", param="messages")
     bos = bos or (template.is_fallback and engine.add_bos)
-    prompt = ([tok.bos_id] if bos else []) + tok.encode(text)
+    # Each image's place becomes the start_of_image id (the engine lays its block out there).
+    prompt = [tok.bos_id] if bos else []
+    if vision is None:
+      prompt += tok.encode(text)
+    else:
+      prompt += image_prompt.encode_marked(tok.encode, text, chat_lib.IMAGE_MARK,
+                                           vision.start_id)
+    images = []
+    for j, url in enumerate(urls or []):
+      try:
+        images.append(image_urls.read(url, image_dirs, f"image {j}"))
+      except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    prompt_len = len(prompt) + len(images) * (vision.block_len - 1 if vision else 0)
     if body.get("max_completion_tokens") is None and body.get("max_tokens") is None:
       # OpenAI's chat default: until the end of the context.
-      params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(len(prompt))))
+      params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(prompt_len)))
     stream, include_usage = _stream(body)
     n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
-    requests = _submit([(prompt, q) for q in _samples(n, params)], param="messages")
+    requests = _submit([(prompt, q, images) for q in _samples(n, params)], param="messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
       done = await _results(http, requests)

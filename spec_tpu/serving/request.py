@@ -186,12 +186,15 @@ class Request:
   """A submitted request: its stream of chunks and, once finished, its Completion."""
 
   def __init__(self, request_id: int, prompt: Sequence[int], params: GenerationParams,
-               tokenizer=None):
+               tokenizer=None, images=None, placeholder: int | None = None):
     self.id = request_id
     self.prompt = list(prompt)
     self.params = params
+    self.images = images  # n H W 3 float32 (the encoder's input), or None
     self.submitted = time.perf_counter()
-    self._detok = _Detokenizer(tokenizer, self.prompt) if tokenizer is not None else None
+    # Image placeholders are no text (their id may lie past the tokenizer's vocabulary).
+    context = [t for t in self.prompt if t != placeholder]
+    self._detok = _Detokenizer(tokenizer, context) if tokenizer is not None else None
     self._lock = threading.Condition()
     self._chunks: list[Chunk] = []
     self._tokens: list[int] = []

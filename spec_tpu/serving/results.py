@@ -30,6 +30,7 @@ class InputError(ValueError):
 class Prompt:
   id: object   # str or int, as given (JSON round-trips it)
   text: str
+  images: tuple[str, ...] = ()  # image files
 
   @property
   def key(self) -> str:
@@ -68,12 +69,16 @@ def _read_prompt_file(path: str) -> list[Prompt]:
         obj = json.loads(line)
         text = obj["prompt"]
         pid = obj.get("id", n)
+        images = obj.get("images", [])
       except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}:{n + 1}: expected {{\"id\": ..., \"prompt\": \"...\"}} "
                          f"({type(e).__name__}: {e})") from None
       if not isinstance(text, str) or not isinstance(pid, (str, int)) or isinstance(pid, bool):
         raise InputError(f"{path}:{n + 1}: prompt must be a string and id a string or integer")
-      out.append(Prompt(pid, text))
+      if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise InputError(f"{path}:{n + 1}: images must be a list of file paths")
+      base = os.path.dirname(os.path.abspath(path))
+      out.append(Prompt(pid, text, tuple(os.path.join(base, x) for x in images)))
     return out
   if path.endswith(".txt"):
     return [Prompt(n, line) for n, line in enumerate(lines) if line.strip()]

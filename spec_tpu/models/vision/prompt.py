@@ -1,0 +1,57 @@
+"""Where images go in a prompt: each start_of_image token of the prompt becomes an image block,
+"\\n\\n", start_of_image, num_soft_tokens placeholders (image_id), end_of_image, "\\n\\n" (as
+transformers' Gemma3Processor and the gemma library lay them out); the decoder replaces the
+placeholders' embeddings by the image's soft tokens (model.forward's `soft`). A text-only draft
+reads the same ids, placeholders included."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from spec_tpu.models.vision.config import VisionConfig
+
+
+def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
+           what: str = "the prompt") -> list[int]:
+  """The prompt's token ids with each start_of_image expanded into an image block, or a
+  ValueError when the prompt's start_of_image tokens and its images differ in number."""
+  prompt = [int(t) for t in prompt]
+  if vcfg.image_id in prompt:
+    raise ValueError(f"{what} holds the image placeholder id {vcfg.image_id}: mark an image's "
+                     f"place with start_of_image ({vcfg.start_id}) and pass the image")
+  places = prompt.count(vcfg.start_id)
+  if places != num_images:
+    raise ValueError(f"{what} has {places} start_of_image token(s) ({vcfg.start_id}) but "
+                     f"{num_images} image(s): give one image per start_of_image")
+  block = ([vcfg.newline_id, vcfg.start_id] + [vcfg.image_id] * vcfg.num_soft_tokens
+           + [vcfg.end_id, vcfg.newline_id])
+  out = []
+  for t in prompt:
+    out.extend(block if t == vcfg.start_id else (t,))
+  return out
+
+
+def encode_marked(encode, text: str, mark: str, start_id: int) -> list[int]:
+  """Token ids of a text in which `mark` stands for an image's place: each mark becomes
+  start_id, the text between marks goes through encode(piece) -> ids."""
+  first, *rest = text.split(mark)
+  ids = list(encode(first))
+  for piece in rest:
+    ids += [start_id] + list(encode(piece))
+  return ids
+
+
+def soft_rows(soft_ujd: np.ndarray, counts: Sequence[int], width: int | None = None):
+  """Soft tokens of all images (u j d, rows' images in order) as one row per prompt
+  (b m d): row i holds its counts[i] images' tokens first, zeros after; m = width or the most
+  any row needs."""
+  _, j, d = soft_ujd.shape
+  m = width if width is not None else max(counts) * j
+  out = np.zeros((len(counts), max(m, j), d), soft_ujd.dtype)
+  start = 0
+  for i, c in enumerate(counts):
+    out[i, :c * j] = soft_ujd[start:start + c].reshape(c * j, d)
+    start += c
+  return out

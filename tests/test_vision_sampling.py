@@ -1,0 +1,171 @@
+"""Sampling with images: the output follows the target's law given the image (the statistical
+suite of tests/test_exactness.py, with its law enumerated from the target conditioned on an
+image prompt) with a text-only draft, greedy speculative equals greedy autoregressive, and bad
+image input fails in one line before any work."""
+
+import functools
+import io
+
+import jax
+import numpy as np
+import pytest
+
+import test_exactness as ex
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.models import model
+from spec_tpu.models.vision import image as image_lib
+from spec_tpu.models.vision import prompt as prompt_lib
+from spec_tpu.models.vision.config import VisionConfig
+from spec_tpu.sharding import REPLICATED, make_mesh
+
+# 14x14 images of 7x7 patches, 4 soft tokens each. The block's ids are ordinary tokens of the
+# toy vocabulary (so the draft can propose them), except the placeholder, which lies outside it
+# as Gemma 3's does (262,144 of 262,144): the text-only draft reads it as padding.
+VISION = VisionConfig(image_size=14, patch_size=7, width=8, num_layers=1, num_heads=2,
+                      mlp_dim=16, num_soft_tokens=4, start_id=7, end_id=2, image_id=ex.V,
+                      newline_id=6)
+TARGET = ex.TARGET.replace(name="exact_vision_target", vision=VISION)
+TEXT = (3, VISION.start_id)  # 9 tokens laid out: the law enumerates 9 + 5
+IMAGE = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)  # not square
+
+
+@functools.lru_cache(maxsize=None)
+def target_params():
+  # Same text weights as test_exactness's target (same key), so its draft drafts for this one.
+  return ex._scaled(model.init_params(TARGET, jax.random.key(1)))
+
+
+def _soft(image):
+  pixels = image_lib.prepare(image, VISION.image_size)[None]
+  return model.encode_images(target_params(), TARGET, pixels)
+
+
+ex.LAW_MODELS["vision"] = (TARGET, target_params)
+ex.LAW_PROMPTS["vision"] = (prompt_lib.expand(TEXT, 1, VISION), lambda: _soft(IMAGE))
+
+
+@pytest.fixture(scope="module")
+def single():
+  return Sampler.from_params(target_params(), TARGET, draft_params=ex.draft_params(),
+                             draft_cfg=ex.DRAFT)
+
+
+@pytest.mark.slow
+def test_output_follows_target_law_given_the_image(single):
+  """Speculative (K = 3) with a text-only draft; greedy equality below ties it to K = 0."""
+  result = single.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                           max_new_tokens=ex.MAX_NEW, k=3, seed=503)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+  assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)
+
+
+@pytest.mark.slow
+def test_output_follows_target_law_given_the_image_on_a_2x4_mesh():
+  """The target tensor-parallel over 4 (the encoder's MLP too), rows over 2; the padded draft
+  replicated (the placeholder id falls on one of its padding rows: it reads it as padding)."""
+  sampler = Sampler.from_params(target_params(), TARGET, mesh=make_mesh((2, 4)),
+                                draft_params=ex._padded(ex.draft_params()),
+                                draft_cfg=ex.PADDED_DRAFT, draft_rules=REPLICATED)
+  result = sampler.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                            max_new_tokens=ex.MAX_NEW, k=3, seed=513)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+
+
+def test_the_image_changes_the_law():
+  """Not vacuous: another image gives another next-token law (the suite above would notice an
+  image dropped or misplaced)."""
+  other = np.random.default_rng(1).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+  ids = np.asarray([prompt_lib.expand(TEXT, 1, VISION)])
+  first = [jax.nn.softmax(model.forward_full(target_params(), TARGET, ids, soft=_soft(img))[0, -1])
+           for img in (IMAGE, other)]
+  assert np.max(np.abs(np.asarray(first[0]) - np.asarray(first[1]))) > 0.02
+
+
+def test_greedy_speculative_equals_greedy_autoregressive(single):
+  rng = np.random.default_rng(2)
+  img = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+  s = VISION.start_id
+  prompts = [(3, s, 1), (s, 0, s), (1, 2, 3), (s, 4)]  # one prompt bucket (16)
+  images = [[img()], [img(), img()], [], [img()]]
+  greedy = SamplingParams(temperature=0.0)
+  ar = single.generate(prompts, images=images, max_new_tokens=10, k=0, sampling=greedy)
+  spec = single.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
+  assert ar.tokens == spec.tokens
+  # The rows' prefill logits are the model's given each row's own images.
+  for i, (p, row) in enumerate(zip(prompts, images)):
+    ids = np.asarray([prompt_lib.expand(p, len(row), VISION)])
+    soft = (model.encode_images(target_params(), TARGET,
+                                np.stack([image_lib.prepare(x, 14) for x in row]))
+            .reshape(1, -1, TARGET.d_model) if row else None)
+    logits = model.forward_full(target_params(), TARGET, ids, soft=soft)[0, -1]
+    assert ar.tokens[i][0] == int(np.argmax(logits)), i
+
+
+def _png(image) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def test_images_from_bytes_files_and_pil_read_alike(tmp_path):
+  from PIL import Image
+  data = _png(IMAGE)
+  (tmp_path / "a.png").write_bytes(data)
+  want = image_lib.prepare(IMAGE, 14)
+  assert want.shape == (14, 14, 3) and -1 <= want.min() and want.max() <= 1
+  for form in (data, str(tmp_path / "a.png"), Image.open(io.BytesIO(data)),
+               IMAGE.astype(np.float32) / 255):
+    np.testing.assert_allclose(image_lib.prepare(form, 14), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("image,match", [
+    (b"not an image at all", "not in an image format Pillow reads"),
+    (_png(IMAGE)[:60], "cannot be decoded"),
+    (np.zeros((4, 4, 2), np.uint8), "expected H x W x 3"),
+    (np.full((4, 4, 3), 2.0), r"float pixel values must lie in \[0, 1\]"),
+], ids=["unknown_format", "truncated", "two_channels", "float_out_of_range"])
+def test_bad_images_are_refused_in_one_line(single, image, match):
+  with pytest.raises(ValueError, match="prompt 0 image 0.*" + match):
+    single.generate([TEXT], images=[[image]], max_new_tokens=2)
+
+
+def test_image_misuse_is_refused(single):
+  with pytest.raises(ValueError, match=r"prompt 0 has 1 start_of_image token\(s\).*2 image"):
+    single.generate([TEXT], images=[[IMAGE, IMAGE]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="one list per prompt"):
+    single.generate([TEXT, TEXT], images=[[IMAGE]], max_new_tokens=2)
+  text_only = Sampler.from_params(ex.target_params(), ex.TARGET)
+  with pytest.raises(ValueError, match="has no vision encoder"):
+    text_only.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
+  small = Sampler.from_params(target_params(), TARGET, max_cache_len=10)
+  with pytest.raises(ValueError, match="prompt of 9 tokens .* does not fit the cache"):
+    small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
+
+
+def test_engine_serves_image_and_text_requests_side_by_side(single):
+  """Requests with 0, 1 and 2 images, inserted together and behind each other (rows at other
+  positions), give each seeded request the tokens Sampler.generate gives its row."""
+  from spec_tpu.serving.engine import ContextLengthError, Engine
+  from spec_tpu.serving.request import GenerationParams
+  rng = np.random.default_rng(3)
+  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731
+  s = VISION.start_id
+  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2)]
+  images = [[img()], [], [img(), img()], [img()], []]
+  seed = 77
+  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed).tokens
+  engine = Engine(single.pair, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im)
+              for i, (p, im) in enumerate(zip(prompts, images))]
+  while engine.step():
+    pass
+  assert [r.result().tokens for r in requests] == want
+  with pytest.raises(ValueError, match="image 0 is not in an image format"):
+    engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
+  with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
+    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
+  assert engine.queue_length == 0

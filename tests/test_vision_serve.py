@@ -1,0 +1,175 @@
+"""Images through the OpenAI-compatible server: the real `openai` client sends a base64 image
+in a chat message, plain and streamed; local files only under the allow-list; remote URLs and
+bad images refused with a 400 that names the problem."""
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from spec_tpu.models import model
+from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.vision.config import VisionConfig
+from spec_tpu.pair import Pair
+from spec_tpu.serving import chat
+from spec_tpu.serving.engine import Engine
+from spec_tpu.serving.request import GenerationParams
+from spec_tpu.tokenizer import ByteTokenizer
+
+openai = pytest.importorskip("openai")
+
+TOK = ByteTokenizer()
+# Byte-level ids: \x01 and \x02 stand for start/end_of_image, "\n" for the block's newlines.
+VISION = VisionConfig(image_size=14, patch_size=7, width=8, num_layers=1, num_heads=2,
+                      mlp_dim=16, num_soft_tokens=4, start_id=5, end_id=6, image_id=TOK.vocab_size,
+                      newline_id=14)
+CFG = ModelConfig(name="byte_vision", vocab_size=TOK.vocab_size, d_model=16, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=8, ffw_dim=32, vision=VISION,
+                  tokenizer="bytes")
+IMAGE = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+
+
+def _png(image) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  import uvicorn
+  from spec_tpu.serving import openai_api
+  allowed = tmp_path_factory.mktemp("images")
+  (allowed / "a.png").write_bytes(_png(IMAGE))
+  params = model.init_params(CFG, jax.random.key(0))
+  engine = Engine(Pair(params, CFG, tokenizer=TOK), num_slots=2, max_len=96, k=0).start()
+  app = openai_api.build_app(engine, "m", image_dirs=[str(allowed)])
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                         max_retries=0, timeout=120)
+  try:
+    yield client, engine, allowed
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+    engine.shutdown()
+
+
+def _messages(url, text="what is this?"):
+  return [{"role": "user", "content": [{"type": "text", "text": "look: "},
+                                        {"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": text}]}]
+
+
+def test_chat_with_a_base64_image_plain_and_streamed(served):
+  client, engine, allowed = served
+  kw = dict(model="m", max_tokens=8, temperature=0.0)
+  plain = client.chat.completions.create(messages=_messages(_data_url(_png(IMAGE))), **kw)
+  streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+      messages=_messages(_data_url(_png(IMAGE))), stream=True, **kw))
+  assert plain.choices[0].message.content == streamed
+  # The request is the engine's own with the image where its part was (fallback template:
+  # each message's text on its own line), and a file under the allow-list reads the same.
+  want = engine.submit(TOK.encode("look: ") + [VISION.start_id] + TOK.encode("what is this?\n"),
+                       GenerationParams(max_new_tokens=8, temperature=0.0),
+                       [_png(IMAGE)]).result(timeout=120).text
+  assert plain.choices[0].message.content == want
+  from_file = client.chat.completions.create(messages=_messages(str(allowed / "a.png")), **kw)
+  assert from_file.choices[0].message.content == want
+  # The image matters: another one (or none) gives another answer for this model.
+  other = np.random.default_rng(5).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+  answers = {client.chat.completions.create(messages=_messages(_data_url(_png(x))), **kw)
+             .choices[0].message.content for x in (other, other[::-1], other[:, ::-1])}
+  assert answers - {want}
+
+
+@pytest.mark.parametrize("url,match", [
+    ("https://example.com/cat.png", "remote image URLs are not fetched"),
+    ("/etc/passwd", "outside the directories images may be read from"),
+    ("data:image/png;base64,@@@", "invalid base64"),
+    (_data_url(b"definitely not a picture"), "not in an image format"),
+    (_data_url(_png(IMAGE)[:50]), "cannot be decoded"),
+], ids=["remote", "outside_allow_list", "bad_base64", "unknown_format", "truncated"])
+def test_bad_images_get_a_400_and_the_server_keeps_serving(served, url, match):
+  client, _, _ = served
+  with pytest.raises(openai.BadRequestError, match=match):
+    client.chat.completions.create(model="m", messages=_messages(url), max_tokens=2)
+  ok = client.chat.completions.create(model="m", max_tokens=2,
+                                      messages=[{"role": "user", "content": "hi"}])
+  assert ok.choices[0].finish_reason == "length"
+
+
+def test_image_parts_need_a_model_that_reads_images():
+  with pytest.raises(chat.ChatTemplateError, match="does not read images"):
+    chat.message_text([{"type": "image_url", "image_url": {"url": "data:,"}}])
+  urls = []
+  assert chat.message_text([{"type": "text", "text": "a" + chat.IMAGE_MARK},
+                            {"type": "image_url", "image_url": {"url": "u"}}], urls) == (
+      "a" + chat.IMAGE_MARK)
+  assert urls == ["u"]
+
+
+def test_launch_sample_reads_the_images_a_jsonl_prompt_lists(tmp_path):
+  """launch.sample's JSONL `images` (files beside the prompts file) reach the model: another
+  picture in the same file gives another output; bad lists fail before any compile."""
+  import json
+  import sys
+  from spec_tpu import tokenizer as tokenizer_lib
+  from spec_tpu.checkpoints import checkpoint
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import tiny_random
+  from spec_tpu.serving import offline
+  tok = tokenizer_lib.load(None)
+  vision = VISION.replace(start_id=2045, end_id=2046, newline_id=2044, image_id=2048)
+  cfg = CFG.replace(name="sp_vision", vocab_size=tok.vocab_size, vision=vision,
+                    tokenizer=tok.name)
+  checkpoint.save(tmp_path / "ckpt", model.init_params(cfg, jax.random.key(1)), cfg)
+  config = tiny_random.get_config()
+  config.model.checkpoint = str(tmp_path / "ckpt")
+  config.draft.preset = ""
+  for name in config.draft.fields:
+    config.draft.fields[name] = None
+  config.draft.allow_random = False
+  config.engine.num_slots = 2
+  config.engine.k = 0
+  config.sampling.update(max_new_tokens=6, temperature=0.0)
+  prompts = tmp_path / "prompts.jsonl"
+  with open(prompts, "w") as f:
+    f.write(json.dumps({"id": "a", "prompt": "x = <start_of_image> + 1", "images": ["i.png"]})
+            + "\n" + json.dumps({"id": "b", "prompt": "y = 2"}) + "\n")
+  outputs = []
+  for seed in (0, 5):
+    picture = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    (tmp_path / "i.png").write_bytes(_png(picture))
+    out = tmp_path / f"out{seed}.jsonl"
+    offline.run(config, [], str(prompts), str(out), compare_ar=False, multihost=False)
+    outputs.append({r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())})
+  assert outputs[0]["b"] == outputs[1]["b"] and outputs[0]["a"] != outputs[1]["a"]
+  for line, match in [({"prompt": "z", "images": ["missing.png"]}, "cannot read"),
+                      ({"prompt": "<start_of_image><start_of_image>", "images": ["i.png"]},
+                       "marks 2 image place"),
+                      ({"prompt": "z", "images": "i.png"}, "images must be a list")]:
+    prompts.write_text(json.dumps(line) + "\n")
+    with pytest.raises(offline.InputError, match=match):
+      offline.run(config, [], str(prompts), str(tmp_path / "bad.jsonl"), compare_ar=False,
+                 multihost=False)

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spec_tpu.models import cache as cache_lib
-from spec_tpu.models import quant, recurrent
+from spec_tpu.models import layout, quant, recurrent
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 Rules = tuple[tuple[str, str | None], ...]
@@ -77,8 +77,9 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   return P(*out)
 
 
-def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
-  """Logical axes of one (unstacked) layer's params of the given kind."""
+def layer_logical_axes(cfg: ModelConfig, kind: str, kv_shared: bool = False) -> dict:
+  """Logical axes of one (unstacked) layer's params of the given kind (kv_shared: a layer that
+  reads its donor's cache, without k/v weights)."""
   if kind not in (LOCAL, GLOBAL, RECURRENT):
     raise ValueError(f"no logical axes for layer kind {kind!r}")
   ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
@@ -95,11 +96,20 @@ def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
     attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
   if cfg.attn_out_bias:
     attn["o_bias"] = ("embed",)
+  if kind == GLOBAL and cfg.global_k_eq_v:
+    del attn["v"]
+  if kv_shared:
+    for name in ("k", "v", "k_norm"):
+      attn.pop(name, None)
   layer = {"attn_norm": ("embed",), "attn": attn, "ffw_norm": ("embed",), "ffw": ffw}
   if cfg.post_attn_norm:
     layer["post_attn_norm"] = ("embed",)
   if cfg.post_ffw_norm:
     layer["post_ffw_norm"] = ("embed",)
+  if cfg.ple_dim:
+    layer.update(ple_gate=("embed", None), ple_out=(None, "embed"), ple_norm=("embed",))
+  if cfg.layer_scalar:
+    layer["layer_scalar"] = (None,)
   return layer
 
 
@@ -111,7 +121,16 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
   axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),
           "groups": [stacked(layer_logical_axes(cfg, kind)) for kind in pattern]
                     if cfg.num_groups else [],
-          "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
+          "remainder": [layer_logical_axes(cfg, layout.remainder_kind(cfg, r))
+                        for r in range(cfg.num_remainder)]}
+  if cfg.kv_shared_layers:
+    shared = cfg.shared_pattern
+    axes["shared_groups"] = [stacked(layer_logical_axes(cfg, kind, kv_shared=True))
+                             for kind in shared] if cfg.num_shared_groups else []
+    axes["shared_remainder"] = [layer_logical_axes(cfg, shared[r], kv_shared=True)
+                                for r in range(cfg.num_shared_remainder)]
+  if cfg.ple_dim:
+    axes.update(ple_embed=("vocab", None), ple_proj=("embed", None), ple_proj_norm=(None,))
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
   if cfg.quantize:

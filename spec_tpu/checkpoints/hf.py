@@ -1,7 +1,8 @@
 """Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
 
 Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (and the text half of
-Gemma3ForConditionalGeneration), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+Gemma3ForConditionalGeneration), LlamaForCausalLM, MistralForCausalLM; Gemma 4 text in
+hf_gemma4.py. The semantics follow
 transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
   - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
     weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
@@ -285,6 +286,9 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   from spec_tpu.checkpoints import recurrent_convert  # it imports this module's error type
   if recurrent_convert.is_hf_recurrent_gemma(hf_config):
     return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
+  from spec_tpu.checkpoints import hf_gemma4
+  if hf_gemma4.is_gemma4(hf_config):
+    return hf_gemma4.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
     return _config_from_hf(hf_config, name, dtype)
   except HFConversionError:
@@ -503,6 +507,9 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   if RECURRENT in cfg.layer_pattern:
     from spec_tpu.checkpoints import recurrent_convert
     return recurrent_convert.stacked(recurrent_convert.convert_hf_params(index, cfg, dtype), cfg)
+  from spec_tpu.checkpoints import hf_gemma4
+  if hf_gemma4.is_gemma4_config(cfg):
+    return hf_gemma4.convert_params(index, cfg, dtype)
   dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   prefix = _locate(set(index.names()))
   plan = list(_plan(cfg, prefix))

@@ -101,6 +101,9 @@ def test_logits_match_transformers(converted):
   got = np.asarray(_forward_full(params, cfg, tokens))
   err = _rel_err(got, want)
   assert err < 1e-5, f"{case}: relative logits error {err:.2e}"
+  if case == "dense_k_eq_v":  # proportional RoPE must matter here, or parity proves nothing of it
+    plain = np.asarray(_forward_full(params, cfg.replace(rope_proportion_global=1.0), tokens))
+    assert _rel_err(plain, want) > 1e-3
 
 
 def test_incremental_decoding_equals_full_recompute(converted):
@@ -180,3 +183,54 @@ def test_unsupported_configs_are_refused(change, match):
   cfg["text_config"].update(change)
   with pytest.raises(HFConversionError, match=match):
     hf_gemma4.config_from_hf(cfg)
+
+
+# ---------------------------------------------------------------- serving paths
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [9, 8, 7, 3, 3, 1, 0, 2], [6, 6]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+  """Target: the PLE + kv-sharing model with 8 query heads (heads shard over 4 devices, KV heads
+  replicate); draft: the dense k_eq_v model."""
+  target = get_preset("tiny_gemma4_ple").replace(num_heads=8)
+  draft = get_preset("tiny_gemma4")
+  return (target, model.init_params(target, jax.random.key(1)),
+          draft, model.init_params(draft, jax.random.key(2)))
+
+
+def test_sharded_logits_equal_one_device(pair):
+  """Ragged prompts on a 2 x 4 mesh: the param and cache shardings cover every new leaf (the
+  kv-shared tail, PLE, two cache shapes) and the logits are one device's."""
+  from spec_tpu import sharding
+  cfg, params, _, _ = pair
+  tokens = jnp.asarray(_tokens(4, 12, seed=3))
+  lengths = jnp.array([12, 3, 9, 1], jnp.int32)
+  one = np.asarray(_forward(params, cfg, tokens, cache_lib.init_cache(cfg, 4, 16, 4),
+                            lengths)[0])
+  mesh = sharding.make_mesh((2, 4))
+  cache = cache_lib.init_cache(cfg, 4, 16, spec_tokens=4)
+  p_sh = sharding.param_shardings(cfg, mesh, params_shape=params)
+  fn = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n)[0],
+               in_shardings=(p_sh, sharding.batch_sharding(mesh, tokens.shape),
+                             sharding.cache_shardings(cache, mesh),
+                             sharding.batch_sharding(mesh, lengths.shape)),
+               compiler_options=_FAST_COMPILE)
+  got = np.asarray(fn(jax.device_put(params, p_sh), tokens, cache, lengths))
+  for i, n in enumerate(lengths.tolist()):
+    np.testing.assert_allclose(got[i, :n], one[i, :n], atol=1e-5)
+
+
+def test_speculative_greedy_equals_autoregressive_greedy(pair):
+  """Gemma 4 target and draft in the on-device speculative loop: rollback of the kv-shared
+  model is a length move like any other, so greedy speculative decoding is greedy decoding."""
+  from spec_tpu.decoding.sampler import Sampler
+  from spec_tpu.decoding.sampling import SamplingParams
+  target, t_params, draft, d_params = pair
+  greedy = SamplingParams(temperature=0.0)
+  want = Sampler(t_params, target).generate(PROMPTS, max_new_tokens=10, sampling=greedy).tokens
+  assert len({tuple(t) for t in want}) > 1
+  got = Sampler(t_params, target, draft_params=d_params, draft_cfg=draft).generate(
+      PROMPTS, max_new_tokens=10, k=3, sampling=greedy).tokens
+  assert got == want

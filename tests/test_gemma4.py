@@ -234,3 +234,11 @@ def test_speculative_greedy_equals_autoregressive_greedy(pair):
   got = Sampler(t_params, target, draft_params=d_params, draft_cfg=draft).generate(
       PROMPTS, max_new_tokens=10, k=3, sampling=greedy).tokens
   assert got == want
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_gemma4_ple", "tiny_gemma3", "tiny"])
+def test_num_params_counts_what_init_allocates(name):
+  import math
+  cfg = get_preset(name)
+  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  assert cfg.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

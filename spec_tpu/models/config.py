@@ -272,18 +272,36 @@ class ModelConfig:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
   def num_params(self) -> int:
-    d, h, k, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_dim
+    d, h, f = self.d_model, self.num_heads, self.ffw_dim
     w, c = self.recurrent_width, self.conv1d_width
-    attn = d * e * (2 * h + 2 * k) + (2 * e if self.qk_norm else 0) + d * self.attn_out_bias
+
+    def attn(kind, kv_shared):
+      e, k = self.kind_head_dim(kind), self.kind_kv_heads(kind)
+      kv_weights = 0 if kv_shared else (1 if kind == GLOBAL and self.global_k_eq_v else 2)
+      norms = (e if self.qk_norm else 0) + (e if self.qk_norm and not kv_shared else 0)
+      return d * e * (2 * h + kv_weights * k) + norms + d * self.attn_out_bias
+
     # linear_x, linear_y (d w) and linear_out (w d) with biases, the conv (c w) with bias, two
     # block-diagonal gates (h (w/h)^2) with biases, a_param (w): models/recurrent.py.
     recurrent = 3 * d * w + 2 * w + d + (c + 1) * w + 2 * (w * w // h + w) + w
     gated = self.ffw_activation != "gelu"
-    ffw = d * f * (3 if gated else 2) + self.ffw_bias * ((2 if gated else 1) * f + d)
+
+    def ffw(width):
+      return d * width * (3 if gated else 2) + self.ffw_bias * ((2 if gated else 1) * width + d)
+
     norms = d * (2 + self.post_attn_norm + self.post_ffw_norm)
+    per_layer = norms + self.layer_scalar + (2 * d * self.ple_dim + d if self.ple_dim else 0)
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    mixing = sum(recurrent if kind == RECURRENT else attn for kind in self.layer_types)
-    return mixing + self.num_layers * (ffw + norms) + embed + d
+    total = embed + d
+    if self.ple_dim:
+      width = self.num_layers * self.ple_dim
+      total += (self.ple_vocab_size or self.vocab_size) * width + d * width + self.ple_dim
+    for i, kind in enumerate(self.layer_types):
+      shared = i >= self.num_cached_layers
+      mixing = recurrent if kind == RECURRENT else attn(kind, shared)
+      total += mixing + ffw(self.kv_shared_ffw_dim if shared and self.kv_shared_ffw_dim
+                            else f) + per_layer
+    return total
 
 
 def _gemma(name, **kw) -> ModelConfig:

@@ -242,3 +242,77 @@ def test_num_params_counts_what_init_allocates(name):
   cfg = get_preset(name)
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
   assert cfg.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+# ---------------------------------------------------------------- the assistant drafter
+
+def _randomize(torch, m, seed):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in list(m.named_parameters()) + list(m.named_buffers()):
+      if name.endswith("layer_scalar"):
+        p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+      elif not p.is_floating_point() or "inv_freq" in name or "embed_scale" in name:
+        continue
+      elif p.ndim == 1:
+        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+      elif "embed_tokens" in name:
+        p.copy_(torch.randn(p.shape, generator=gen))
+      else:
+        p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+
+
+@pytest.mark.parametrize("converted", ["dense_k_eq_v"], indirect=True)
+def test_assistant_logits_given_the_target_state_match_transformers(converted, tmp_path):
+  """Given the target's state after a prompt longer than the window (its caches, its final
+  hidden state at the last prompt token, the token that followed), when a tiny random
+  Gemma4AssistantForCausalLM drafts 3 tokens (argmax, as transformers' candidate generator
+  does), then every step's logits equal transformers'."""
+  _, hf_target, params, cfg = converted
+  torch, transformers = _torch()
+  from spec_tpu.checkpoints.safetensors_io import SafetensorsIndex
+  from spec_tpu.models import assistant
+  text = transformers.Gemma4TextConfig(
+      vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
+      attention_k_eq_v=True, head_dim=8, global_head_dim=16, sliding_window=5,
+      hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, layer_types=[S, F])
+  a_config = transformers.Gemma4AssistantConfig(text_config=text.to_dict(),
+                                                backbone_hidden_size=32)
+  hf_assistant = transformers.Gemma4AssistantForCausalLM(a_config).eval()
+  hf_assistant.config.get_text_config()._attn_implementation = "eager"
+  _randomize(torch, hf_assistant, seed=5)
+  hf_assistant.save_pretrained(tmp_path / "assistant", safe_serialization=True)
+  import json
+  acfg, a_params = hf_gemma4.assistant_from_hf(
+      json.loads((tmp_path / "assistant" / "config.json").read_text()),
+      SafetensorsIndex(tmp_path / "assistant"))
+  acfg.check_target(cfg)
+
+  prompt = _tokens(1, 12, seed=7)
+  nxt = np.array([[11]], np.int64)
+  with torch.no_grad():
+    out = hf_target(input_ids=torch.tensor(prompt, dtype=torch.long), use_cache=True,
+                    output_hidden_states=True, return_shared_kv_states=True)
+    shared = out.shared_kv_states
+    hidden = out.hidden_states[-1][:, -1:]
+    token = torch.tensor(nxt)
+    embed = hf_target.get_input_embeddings()
+    want = []
+    for _ in range(3):
+      o = hf_assistant(inputs_embeds=torch.cat([embed(token), hidden], dim=-1),
+                       position_ids=torch.tensor([[prompt.shape[1]]]),
+                       shared_kv_states=shared, use_cache=False)
+      want.append(o.logits[:, -1].float().numpy())
+      token, hidden = o.logits.argmax(dim=-1), o.last_hidden_state
+
+  # spec_tokens=1: the least ring slack, and enough (the assistant reads window + 1 keys).
+  cache = cache_lib.init_cache(cfg, 1, 32, spec_tokens=1)
+  _, cache, h = model.forward(params, cfg, jnp.asarray(prompt, jnp.int32), cache,
+                              last_only=True, final_hidden=True)
+  step = jax.jit(assistant.step, static_argnums=(1, 3), compiler_options=_FAST_COMPILE)
+  token, hidden = jnp.asarray(nxt[:, 0], jnp.int32), h[:, 0]
+  for i in range(3):
+    logits, hidden = step(a_params, acfg, params, cfg, cache, token, hidden)
+    assert _rel_err(np.asarray(logits), want[i]) < 1e-5, f"step {i}"
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)

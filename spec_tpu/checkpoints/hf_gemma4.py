@@ -289,3 +289,73 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   if written != expected:
     raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
   return params
+
+
+# ---------------------------------------------------------------- the assistant drafter
+
+def assistant_from_hf(hf_config: dict, index, dtype=None):
+  """(AssistantConfig, params as numpy arrays) of a Gemma4AssistantForCausalLM checkpoint
+  (config.json contents and a checkpoint index, as convert_params takes)."""
+  from spec_tpu.models import assistant
+  if hf_config.get("use_ordered_embeddings"):
+    raise _error("config field 'use_ordered_embeddings' is set: centroid-masked assistant "
+                 "logits are not supported yet")
+  text = dict(hf_config.get("text_config") or {})
+  if not text:
+    raise _error("Gemma4AssistantForCausalLM config.json has no 'text_config'")
+  text["num_kv_shared_layers"] = 0  # every layer reads the target: no tail of its own
+  text.setdefault("hidden_size_per_layer_input", 0)
+  text.setdefault("dtype", hf_config.get("dtype") or hf_config.get("torch_dtype"))
+  cfg = config_from_hf(text, name="gemma4_assistant", dtype=dtype)
+  cfg = cfg.replace(final_logit_softcap=None)  # the assistant's head applies none
+  if cfg.sliding_window:
+    # transformers masks the assistant's local layers with a bidirectional window (distance
+    # <= window, flipped to look back): its query at position L sees the target's keys at
+    # L - window - 1 .. L - 1, which is window + 2 in this decoder's convention (keys at
+    # positions > q - window).
+    cfg = cfg.replace(sliding_window=cfg.sliding_window + 2)
+  big = int(hf_config.get("backbone_hidden_size", 1536))
+  acfg = assistant.AssistantConfig(layers=cfg, backbone_d_model=big)
+  d, h, v = cfg.d_model, cfg.num_heads, cfg.vocab_size
+  same, transpose = (lambda a: a), (lambda a: a.T)
+  plan = [("model.embed_tokens.weight", (v, d), ("embed",), same),
+          ("model.norm.weight", (d,), ("final_norm",), same),
+          ("pre_projection.weight", (d, 2 * big), ("pre_proj",), transpose),
+          ("post_projection.weight", (big, d), ("post_proj",), transpose)]
+  for i, kind in enumerate(cfg.layer_types):
+    p, L, e = f"model.layers.{i}.", ("layers", i), cfg.kind_head_dim(kind)
+    plan += [(p + "input_layernorm.weight", (d,), L + ("attn_norm",), same),
+             (p + "self_attn.q_proj.weight", (h * e, d), L + ("attn", "q"),
+              lambda a, e=e: a.reshape(h, e, d).transpose(0, 2, 1)),
+             (p + "self_attn.q_norm.weight", (e,), L + ("attn", "q_norm"), same),
+             (p + "self_attn.o_proj.weight", (d, h * e), L + ("attn", "o"),
+              lambda a, e=e: a.reshape(d, h, e).transpose(1, 2, 0)),
+             (p + "post_attention_layernorm.weight", (d,), L + ("post_attn_norm",), same),
+             (p + "pre_feedforward_layernorm.weight", (d,), L + ("ffw_norm",), same),
+             (p + "post_feedforward_layernorm.weight", (d,), L + ("post_ffw_norm",), same),
+             (p + "mlp.gate_proj.weight", (cfg.ffw_dim, d), L + ("ffw", "gate"), transpose),
+             (p + "mlp.up_proj.weight", (cfg.ffw_dim, d), L + ("ffw", "up"), transpose),
+             (p + "mlp.down_proj.weight", (d, cfg.ffw_dim), L + ("ffw", "down"), transpose),
+             (p + "layer_scalar", (1,), L + ("layer_scalar",), same)]
+  names = set(index.names())
+  wanted = {step[0] for step in plan}
+  missing = sorted(wanted - names)
+  if missing:
+    raise _error(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+  unexpected = sorted(n for n in names - wanted if n != "lm_head.weight"
+                      and not n.endswith("rotary_emb.inv_freq"))
+  if unexpected:
+    raise _error(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+  np_dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
+  shapes = jax.eval_shape(lambda: assistant.init_params(acfg, jax.random.key(0)))
+  params = jax.tree.map(lambda x: np.empty(x.shape, np_dtype), shapes)
+  for name, shape, path, fn in plan:
+    if tuple(index.shape(name)) != shape:
+      raise _error(f"tensor {name!r} has shape {tuple(index.shape(name))}, expected {shape}")
+    node = params
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]][...] = fn(index.get(name))
+  if len(plan) != len(jax.tree.leaves(params)):
+    raise AssertionError("assistant conversion plan does not fill every param")
+  return acfg, params

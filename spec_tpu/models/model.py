@@ -528,7 +528,11 @@ def _per_layer_inputs(cfg, params, tokens_bt, x_btd):
 
 
 def _unembed(cfg, params, x_btd):
-  x = _norm(cfg, x_btd, params["final_norm"])
+  return logits_of_hidden(cfg, params, _norm(cfg, x_btd, params["final_norm"]))
+
+
+def logits_of_hidden(cfg, params, x):
+  """Float32 logits (b t v) of final hidden states (after the final norm)."""
   if cfg.tie_embeddings:
     logits = quant.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
   else:
@@ -553,7 +557,7 @@ def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False)
 
 def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b=None,
             last_only: bool = False, *, unrolled: bool = False, chunk: int | None = None,
-            traces: bool = False):
+            traces: bool = False, final_hidden: bool = False):
   """Runs t new tokens per row through the decoder with a KV cache.
 
   Serves prefill (t = prompt), decode (t = 1) and verification (t = K + 1). Row i's tokens
@@ -565,6 +569,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   traces: also return the recurrent layers' states after every position (cache_lib.Traces),
   as a third result: a model with recurrent layers rolls back by selecting among them
   (`cache.rollback(cache, length, traces, start)`), which a length move alone cannot do.
+  final_hidden: also return the hidden states after the final norm (b t d, or b 1 d), last:
+  what an assistant drafter (models/assistant.py) is fed.
   """
   b, t_in = tokens_bt.shape
   if num_new_b is None:
@@ -587,9 +593,13 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
     x = jnp.take_along_axis(x, idx[:, None, None], axis=1)
   else:
     x = x[:, :t_in]
+  h = _norm(cfg, x, params["final_norm"])
+  out = (logits_of_hidden(cfg, params, h), cache)
   if traces:
-    return _unembed(cfg, params, x), cache, layer_traces
-  return _unembed(cfg, params, x), cache
+    out += (layer_traces,)
+  if final_hidden:
+    out += (h,)
+  return out
 
 
 def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int):

@@ -111,3 +111,18 @@ def step(params, acfg: AssistantConfig, target_params, target: ModelConfig,
   logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
   nxt = quant.einsum("btd,dn->btn", h, params["post_proj"])
   return logits[:, 0], nxt[:, 0]
+
+
+def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,
+          cache: cache_lib.Cache, last_b, hidden_bD, keys_bn, propose):
+  """n draft tokens from the assistant: (tokens b n, the distributions they were drawn from
+  b n v). propose(key_b, logits_bv) -> (token_b, p_bv) draws one token (the decode loop's
+  filtered sampling, or a one-hot argmax). Reads the target's cache, writes nothing."""
+  def one(carry, key_b):
+    token, hidden = carry
+    logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
+    nxt, p = propose(key_b, logits)
+    return (nxt, hidden), (nxt, p)
+
+  _, (xs, ps) = jax.lax.scan(one, (last_b, hidden_bD), jnp.moveaxis(keys_bn, 1, 0))
+  return jnp.moveaxis(xs, 0, 1), jnp.moveaxis(ps, 0, 1)

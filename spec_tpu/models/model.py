@@ -602,7 +602,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   return out
 
 
-def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int):
+def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int,
+            final_hidden: bool = False):
   """forward(..., last_only=True) with each layer run over the prompt `chunk` tokens at a time.
 
   Same logits and cache as one call, for any chunk size. Why: compiling a layer over t tokens
@@ -615,4 +616,5 @@ def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   the whole forward: around it, XLA:TPU hoists a relayout of the stacked q/k weights (which it
   wants d-minor for long chunks) out of both loops, a 1.25 GiB copy per device for 70B.
   """
-  return forward(params, cfg, tokens_bt, cache, num_new_b, last_only=True, chunk=chunk)
+  return forward(params, cfg, tokens_bt, cache, num_new_b, last_only=True, chunk=chunk,
+                 final_hidden=final_hidden)

@@ -106,14 +106,14 @@ def test_logits_match_transformers(converted):
     assert _rel_err(plain, want) > 1e-3
 
 
-def test_incremental_decoding_equals_full_recompute(converted):
+def test_incremental_decoding_equals_full_recompute(converted, max_len=None):
   """Given a prompt longer than the window, when K + 1 = 3 tokens at a time follow through the
   cache (a ring of window + 3 slots on local layers), then every logit equals the full
   recompute's; kv-shared layers hold no cache of their own."""
   case, _, params, cfg = converted
   tokens = _tokens(2, 8 + 3 * 4, seed=1)
   want = np.asarray(_forward_full(params, cfg, tokens))
-  cache = cache_lib.init_cache(cfg, 2, tokens.shape[1], spec_tokens=3)
+  cache = cache_lib.init_cache(cfg, 2, max_len or tokens.shape[1], spec_tokens=3)
   entries = len(jax.tree.leaves(cache.groups + cache.remainder)) // 2
   assert len(cache.groups) * cfg.num_groups + len(cache.remainder) == cfg.num_cached_layers
   assert entries == len(cache.groups) + len(cache.remainder)
@@ -125,6 +125,14 @@ def test_incremental_decoding_equals_full_recompute(converted):
     got.append(logits)
   got = np.concatenate([np.asarray(g) for g in got], axis=1)
   assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("converted", ["ple_kv_shared"], indirect=True)
+def test_incremental_decoding_over_a_long_cache(converted):
+  """The same with global caches longer than model.ATTENTION_BLOCK, read block by block as far
+  as filled: kv-shared layers pass their donor's cache through that loop before it is written."""
+  assert 520 > model.ATTENTION_BLOCK
+  test_incremental_decoding_equals_full_recompute(converted, max_len=520)
 
 
 def test_converted_config_shapes(converted):
@@ -317,3 +325,9 @@ def test_assistant_logits_given_the_target_state_match_transformers(converted, t
     logits, hidden = step(a_params, acfg, params, cfg, cache, token, hidden)
     assert _rel_err(np.asarray(logits), want[i]) < 1e-5, f"step {i}"
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  # A long global cache (read block by block as far as filled) gives the same first step.
+  long = cache_lib.init_cache(cfg, 1, model.ATTENTION_BLOCK + 8, spec_tokens=1)
+  _, long = model.forward(params, cfg, jnp.asarray(prompt, jnp.int32), long, last_only=True)
+  logits, _ = step(a_params, acfg, params, cfg, long, jnp.asarray(nxt[:, 0], jnp.int32), h[:, 0])
+  assert _rel_err(np.asarray(logits), want[0]) < 1e-5

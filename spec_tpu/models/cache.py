@@ -15,6 +15,9 @@ slack of `spec_tokens` slots is what makes rollback a pointer move: a speculativ
 `spec_tokens` positions past the kept prefix only overwrites slots whose positions are already
 outside every later query's window.
 
+Attention entries take their kind's head size and KV heads (Gemma 4: two cache shapes, local
+and global). Kv-shared layers (Gemma 4's tail) have no entry: they read their donor's.
+
 The position held by slot s of a ring of R slots, for a row whose cache holds `length` tokens, is
 the largest p < length with p = s (mod R); p < 0 means the slot is empty.
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.models import assistant as assistant_lib
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
 from spec_tpu.decoding import rejection, sampling
@@ -53,14 +54,23 @@ class LoopSpec:
   eos_id: int | None
   pad_id: int = 0
   prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
+  # Draft source "assistant" (draft None, draft_params the assistant's): Gemma 4's drafter
+  # reads the target's caches and final hidden state; no draft cache, nothing to roll back.
+  assistant: assistant_lib.AssistantConfig | None = None
+  greedy_drafts: bool = False  # the assistant proposes its argmax (a one-hot p), to compare
 
   @property
   def num_tokens(self) -> int:
     return self.target.num_tokens
 
   def __post_init__(self):
-    if self.k > self.k_max or (self.k > 0 and self.draft is None):
+    has_draft = self.draft is not None or self.assistant is not None
+    if self.k > self.k_max or (self.k > 0 and not has_draft):
       raise ValueError(f"k={self.k} needs a draft and k <= k_max={self.k_max}")
+    if self.draft is not None and self.assistant is not None:
+      raise ValueError("give a draft model or an assistant, not both")
+    if self.assistant is not None:
+      self.assistant.check_target(self.target)
 
 
 class Rows(NamedTuple):
@@ -88,6 +98,8 @@ class State(NamedTuple):
   done_b: jax.Array       # finished, cancelled or empty: the row does not advance
   rows: Rows
   stats: Stats
+  # The target's final hidden state that produced each row's `last` token (assistant only).
+  target_hidden_bd: jax.Array | None = None
 
 
 class Out(NamedTuple):
@@ -121,7 +133,9 @@ def init_state(spec: LoopSpec, batch: int) -> State:
       rows=Rows(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32), zeros_b,
                 jnp.zeros((batch, 2), jnp.uint32), zeros_b),
       stats=Stats(zeros_b, zeros_b, jnp.zeros((batch, n), jnp.int32),
-                  jnp.zeros((batch, n), jnp.int32)))
+                  jnp.zeros((batch, n), jnp.int32)),
+      target_hidden_bd=(None if spec.assistant is None else
+                        jnp.zeros((batch, spec.target.d_model), spec.target.dtype)))
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
@@ -132,8 +146,8 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   speculation starts). Returns (state of r rows, first_r)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
-  logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
-                             spec.prefill_chunk)
+  logits, tc, *hidden = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
+                                      spec.prefill_chunk, final_hidden=spec.assistant is not None)
   key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
   first = sampling.sample(key_r, _probs(spec, logits[:, 0], rows))
   dc = None
@@ -155,7 +169,8 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   state = State(target_cache=tc, draft_cache=dc, tokens_bs=tokens,
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
-                            jnp.zeros((r, n), jnp.int32)))
+                            jnp.zeros((r, n), jnp.int32)),
+                target_hidden_bd=hidden[0][:, 0] if hidden else None)
   return state, first
 
 
@@ -172,7 +187,9 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
                    cache_lib.insert_rows(state.draft_cache, new.draft_cache, slots_r)),
       tokens_bs=put(state.tokens_bs, new.tokens_bs), num_out_b=put(state.num_out_b, new.num_out_b),
       done_b=put(state.done_b, new.done_b), rows=jax.tree.map(put, state.rows, new.rows),
-      stats=jax.tree.map(put, state.stats, new.stats))
+      stats=jax.tree.map(put, state.stats, new.stats),
+      target_hidden_bd=(None if state.target_hidden_bd is None else
+                        put(state.target_hidden_bd, new.target_hidden_bd)))
   return state, first, new.done_b
 
 
@@ -227,6 +244,22 @@ def _draft(spec: LoopSpec, draft_params, state: State, keys_bn):
   return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
 
 
+def _draft_assistant(spec: LoopSpec, assistant_params, target_params, state: State, last_b,
+                     keys_bn):
+  """K draft tokens from the assistant and the distributions they were drawn from: sampled
+  from its filtered distribution (acceptance sum min(p, q)), or its argmax as a one-hot p."""
+  def propose(key_b, logits_bv):
+    p = _probs(spec, logits_bv, state.rows)
+    if spec.greedy_drafts:
+      x = jnp.argmax(p, axis=-1).astype(jnp.int32)
+      return x, jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype)
+    return sampling.sample(key_b, p), p
+
+  return assistant_lib.draft(assistant_params, spec.assistant, target_params, spec.target,
+                             state.target_cache, last_b, state.target_hidden_bd, keys_bn,
+                             propose)
+
+
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):
   """buf[i, start_i + j] = values[i, j] for j < count_i; nothing else is touched (a scatter
   that drops the rest, where a dynamic_update_slice would clamp and overwrite)."""
@@ -249,7 +282,11 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   l0 = tc0.length
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
-  if k > 0:
+  if k > 0 and spec.assistant is not None:
+    draft_bn, p_bnv = _draft_assistant(spec, draft_params, target_params, state, last,
+                                       keys_bn[:, :k])
+    verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
+  elif k > 0:
     draft_bn, p_bnv, dc, draft_traces, draft_start = _draft(spec, draft_params, state,
                                                             keys_bn[:, :k])
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
@@ -258,8 +295,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     verify_bm = last[:, None]
   # traces: recurrent layers keep their state after each of the K+1 positions until the
   # rollback below selects the kept one (attention layers need only the length move).
-  logits, tc, target_traces = model.forward(target_params, spec.target, verify_bm, tc0,
-                                            traces=True)
+  logits, tc, target_traces, *hidden = model.forward(
+      target_params, spec.target, verify_bm, tc0, traces=True,
+      final_hidden=spec.assistant is not None)
   q_bmv = _probs(spec, logits, state.rows)
   if k > 0:
     n, nxt = rejection.accept(keys_bn[:, k], draft_bn, p_bnv, q_bmv)
@@ -269,11 +307,15 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
   tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0), target_traces, l0)
-  if k > 0:
+  if k > 0 and spec.assistant is None:
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
                                           state.draft_cache.length), draft_traces, draft_start)
   else:
-    dc = state.draft_cache  # K = 0 never runs the draft
+    dc = state.draft_cache  # K = 0 never runs the draft; the assistant has no cache
+  target_hidden = state.target_hidden_bd
+  if hidden:  # the hidden state that produced the new last token: verify position n
+    at_n = jnp.take_along_axis(hidden[0], n[:, None, None], axis=1)[:, 0]
+    target_hidden = jnp.where(active[:, None], at_n.astype(target_hidden.dtype), target_hidden)
   j = jnp.arange(k + 1)[None, :]
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)
@@ -299,7 +341,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                 reached_bn=st.reached_bn + act[:, None] * ((jn <= n[:, None]) & (jn < k)),
                 accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]))
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
-                         done_b=done, stats=stats)
+                         done_b=done, stats=stats, target_hidden_bd=target_hidden)
   return state, emitted, count
 
 
@@ -315,7 +357,7 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
   """
   b = state.done_b.shape[0]
   state = state._replace(done_b=state.done_b | ~live_b)
-  if spec.k > 0 and catch_up:
+  if spec.k > 0 and catch_up and spec.draft is not None:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
   out = Out(tokens_bw=jnp.full((b, spec.out_len), spec.pad_id, jnp.int32),

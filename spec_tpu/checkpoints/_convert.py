@@ -103,7 +103,8 @@ def _contracting_axes(cfg: ModelConfig):
 
   def contracting(path):
     if path[0] == "layers":
-      node = sharding.layer_logical_axes(cfg, cfg.layer_types[path[1]])
+      node = sharding.layer_logical_axes(cfg, cfg.layer_types[path[1]],
+                                         kv_shared=path[1] >= cfg.num_cached_layers)
       path = path[2:]
     else:
       node = top
@@ -158,8 +159,9 @@ def fill_params(plan: list[Step], get: Callable[[str], np.ndarray], cfg: ModelCo
     if release is not None and last_use[name] == i:
       release(name)
   # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
+  stacked = {"groups": cfg.num_groups, "shared_groups": cfg.num_shared_groups}
   expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
-              for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
+              for at in ([(g,) for g in range(stacked[key])] if key in stacked else [()])}
   if written != expected:
     raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
   return params

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints -> spec_tpu: config.json mapping, weight mapping, directory conversion.
 
 Served: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
-(with its image half: hf_vision.py), LlamaForCausalLM, MistralForCausalLM. The semantics follow
+(with its image half: hf_vision.py), LlamaForCausalLM, MistralForCausalLM; Gemma 4 text in
+hf_gemma4.py. The semantics follow
 transformers' modeling code (5.x), which is also what tests/test_hf_parity.py checks against:
   - Gemma RMSNorm multiplies by (1 + w); embeddings are scaled by sqrt(d_model) rounded to the
     weight dtype; Gemma 2/3 scale queries by query_pre_attn_scalar ** -0.5.
@@ -24,7 +25,7 @@ import json
 import os
 from typing import Any, Iterator
 
-from spec_tpu.checkpoints import hf_vision, recurrent_convert
+from spec_tpu.checkpoints import hf_gemma4, hf_vision, recurrent_convert
 # HFConversionError, float_dtype, tokenizer_id and the TOKENIZER_ names are part of this module's
 # API too (the error type of everything here; where a converted checkpoint keeps its tokenizer).
 from spec_tpu.checkpoints._convert import (  # noqa: F401
@@ -260,6 +261,8 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   """
   if recurrent_convert.is_hf_recurrent_gemma(hf_config):
     return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
+  if hf_gemma4.is_gemma4(hf_config):
+    return hf_gemma4.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
     cfg = _config_from_hf(hf_config, name, dtype)
     if hf_vision.is_multimodal(hf_config):
@@ -397,6 +400,8 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   """
   if RECURRENT in cfg.layer_pattern:
     return recurrent_convert.stacked(recurrent_convert.convert_hf_params(index, cfg, dtype), cfg)
+  if hf_gemma4.is_gemma4_config(cfg):
+    return hf_gemma4.convert_params(index, cfg, dtype)
   names = set(index.names())
   prefix = _locate(names)
   plan = list(_plan(cfg, prefix))

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.models import assistant as assistant_lib
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
 from spec_tpu.decoding import gumbel, rejection, sampling
@@ -71,17 +72,28 @@ class LoopSpec:
   controls: bool = False     # Rows.controls and State's token counts exist (penalties etc.)
   max_logit_bias: int = 0    # logit_bias entries per row (with controls)
   source: DraftSource = DraftSource()  # where proposals come from (draft_source.py)
+  # Draft source "assistant" (draft None, draft_params the assistant's): Gemma 4's drafter
+  # reads the target's caches and final hidden state; no draft cache, nothing to roll back.
+  assistant: assistant_lib.AssistantConfig | None = None
+  greedy_drafts: bool = False  # the assistant proposes its argmax (a one-hot p), to compare
 
   @property
   def num_tokens(self) -> int:
     return self.target.num_tokens
 
   def __post_init__(self):
+    has_draft = self.draft is not None or self.assistant is not None
     needs_model = self.k > 0 and self.source.uses_model
-    if self.k > self.k_max or (needs_model and self.draft is None):
+    if self.k > self.k_max or (needs_model and not has_draft):
       raise ValueError(f"k={self.k} needs a draft and k <= k_max={self.k_max}")
-    if not self.source.uses_model and self.draft is not None:
+    if not self.source.uses_model and has_draft:
       raise ValueError("n-gram drafting runs no draft model: give draft=None")
+    if self.draft is not None and self.assistant is not None:
+      raise ValueError("give a draft model or an assistant, not both")
+    if self.assistant is not None:
+      if self.source.uses_ngram or self.controls:
+        raise ValueError("the assistant drafter drafts alone, without penalties or logit_bias")
+      self.assistant.check_target(self.target)
     check_coupling(self.coupling)
 
 
@@ -136,6 +148,8 @@ class State(NamedTuple):
   stats: Stats
   counts_bv: jax.Array | None = None     # with controls: int32 generated tokens (emitted) by id
   in_prompt_bv: jax.Array | None = None  # with controls: bool, the prompt's tokens
+  # The target's final hidden state that produced each row's `last` token (assistant only).
+  target_hidden_bd: jax.Array | None = None
 
 
 class Logprobs(NamedTuple):
@@ -223,7 +237,9 @@ def init_state(spec: LoopSpec, batch: int) -> State:
       rows=Rows(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32), zeros_b,
                 jnp.zeros((batch, 2), jnp.uint32), zeros_b),
       stats=Stats(zeros_b, zeros_b, jnp.zeros((batch, n), jnp.int32),
-                  jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b))
+                  jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b),
+      target_hidden_bd=(None if spec.assistant is None else
+                        jnp.zeros((batch, spec.target.d_model), spec.target.dtype)))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias
@@ -245,8 +261,9 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   first_r, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
-  logits, tc = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
-                             spec.prefill_chunk, soft=soft)
+  logits, tc, *hidden = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
+                                      spec.prefill_chunk, soft=soft,
+                                      final_hidden=spec.assistant is not None)
   counts = in_prompt = None
   if spec.controls:
     counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
@@ -280,7 +297,8 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                             jnp.zeros((r, n), jnp.int32), zeros_r, zeros_r),
                 counts_bv=None if counts is None else _count(counts, first[:, None],
                                                      jnp.ones((r,), jnp.int32)),
-                in_prompt_bv=in_prompt)
+                in_prompt_bv=in_prompt,
+                target_hidden_bd=hidden[0][:, 0] if hidden else None)
   return state, first, _logprobs(spec, q_rv, first)
 
 
@@ -310,7 +328,9 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
       stats=jax.tree.map(put, state.stats, new.stats),
       counts_bv=None if state.counts_bv is None else put(state.counts_bv, new.counts_bv),
       in_prompt_bv=None if state.in_prompt_bv is None else put(state.in_prompt_bv,
-                                                               new.in_prompt_bv))
+                                                               new.in_prompt_bv),
+      target_hidden_bd=(None if state.target_hidden_bd is None else
+                        put(state.target_hidden_bd, new.target_hidden_bd)))
   return state, first, new.done_b, logprobs
 
 
@@ -415,6 +435,21 @@ def _propose(spec: LoopSpec, draft_params, state: State, randomness_bn, last_pos
   draft_bn, p_bnv, dc, traces, start = _draft(spec, draft_params, state, randomness_bn, ngram_bn,
                                               ngram_b)
   return draft_bn, p_bnv, None, ngram_b, dc, traces, start
+def _draft_assistant(spec: LoopSpec, assistant_params, target_params, state: State, last_b,
+                     randomness_bn):
+  """K draft tokens from the assistant and the distributions they were drawn from: picked
+  from its filtered distribution with the round's randomness (acceptance sum min(p, q) under
+  the rejection coupling), or its argmax as a one-hot p."""
+  def propose(randomness_b, logits_bv):
+    p = _probs(spec, logits_bv, state.rows)
+    if spec.greedy_drafts:
+      x = jnp.argmax(p, axis=-1).astype(jnp.int32)
+      return x, jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype)
+    return _pick(spec, randomness_b, p), p
+
+  return assistant_lib.draft(assistant_params, spec.assistant, target_params, spec.target,
+                             state.target_cache, last_b, state.target_hidden_bd, randomness_bn,
+                             propose)
 
 
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):
@@ -445,7 +480,12 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
         sampling.row_keys(state.rows.seed_b2, state.stats.rounds_b + 1), k + 1)
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
-  if k > 0:
+  if k > 0 and spec.assistant is not None:
+    draft_bn, p_bnv = _draft_assistant(spec, draft_params, target_params, state, last,
+                                       randomness[:, :k])
+    num_b, ngram_b = None, jnp.zeros((b,), jnp.int32)
+    verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
+  elif k > 0:
     draft_bn, p_bnv, num_b, ngram_b, dc, draft_traces, draft_start = _propose(
         spec, draft_params, state, randomness[:, :k], l0)
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
@@ -455,8 +495,9 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     verify_bm = last[:, None]
   # traces: recurrent layers keep their state after each of the K+1 positions until the
   # rollback below selects the kept one (attention layers need only the length move).
-  logits, tc, target_traces = model.forward(target_params, spec.target, verify_bm, tc0,
-                                            traces=True)
+  logits, tc, target_traces, *hidden = model.forward(
+      target_params, spec.target, verify_bm, tc0, traces=True,
+      final_hidden=spec.assistant is not None)
   counts_bmv = None
   if spec.controls:  # position j follows the j drafts before it
     counts_bmv = _prefix_counts(state.counts_bv, draft_bn, spec.num_tokens)
@@ -475,7 +516,11 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
                                           state.draft_cache.length), draft_traces, draft_start)
   else:
-    dc = state.draft_cache  # K = 0 and n-gram rounds never run the draft
+    dc = state.draft_cache  # K = 0 and n-gram rounds never run a draft; the assistant has no cache
+  target_hidden = state.target_hidden_bd
+  if hidden:  # the hidden state that produced the new last token: verify position n
+    at_n = jnp.take_along_axis(hidden[0], n[:, None, None], axis=1)[:, 0]
+    target_hidden = jnp.where(active[:, None], at_n.astype(target_hidden.dtype), target_hidden)
   j = jnp.arange(k + 1)[None, :]
   emitted = jnp.where(j < n[:, None], jnp.pad(draft_bn, ((0, 0), (0, 1))), nxt[:, None])
   kept = jnp.where(active, n + 1, 0)
@@ -506,7 +551,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                 ngram_judged_b=st.ngram_judged_b + act * jnp.minimum(n + 1, ngram_b),
                 ngram_accepted_b=st.ngram_accepted_b + act * jnp.minimum(n, ngram_b))
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
-                         done_b=done, stats=stats)
+                         done_b=done, stats=stats, target_hidden_bd=target_hidden)
   if spec.controls:
     state = state._replace(counts_bv=_count(state.counts_bv, emitted, kept))
   return state, emitted, count, logprobs

@@ -15,6 +15,9 @@ slack of `spec_tokens` slots is what makes rollback a pointer move: a speculativ
 `spec_tokens` positions past the kept prefix only overwrites slots whose positions are already
 outside every later query's window.
 
+Attention entries take their kind's head size and KV heads (Gemma 4: two cache shapes, local
+and global). Kv-shared layers (Gemma 4's tail) have no entry: they read their donor's.
+
 The position held by slot s of a ring of R slots, for a row whose cache holds `length` tokens, is
 the largest p < length with p = s (mod R); p < 0 means the slot is empty.
 
@@ -32,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spec_tpu.models import recurrent
+from spec_tpu.models import layout, recurrent
 from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
@@ -87,16 +90,17 @@ def kind_slots(cfg: ModelConfig, kind: str, max_len: int, spec_tokens: int = 0) 
 
 
 def layer_slots(cfg: ModelConfig, max_len: int, spec_tokens: int = 0) -> tuple[int, ...]:
-  """Slots per layer, in depth order."""
-  return tuple(kind_slots(cfg, kind, max_len, spec_tokens) for kind in cfg.layer_types)
+  """Slots per cached layer, in depth order (kv-shared layers have no cache of their own)."""
+  return tuple(kind_slots(cfg, kind, max_len, spec_tokens)
+               for kind in cfg.layer_types[:cfg.num_cached_layers])
 
 
 def _layer_cache(cfg: ModelConfig, kind: str, lead: tuple[int, ...], batch: int, max_len: int,
                  spec_tokens: int, dtype):
   """One entry: `lead` is (G,) for a stacked group entry, () for a remainder layer."""
   if kind in (LOCAL, GLOBAL):
-    shape = lead + (batch, cfg.num_kv_heads, kind_slots(cfg, kind, max_len, spec_tokens),
-                    cfg.head_dim)
+    shape = lead + (batch, cfg.kind_kv_heads(kind), kind_slots(cfg, kind, max_len, spec_tokens),
+                    cfg.kind_head_dim(kind))
     store = stored_dtype(dtype)
     return KVCache(k=jnp.zeros(shape, store), v=jnp.zeros(shape, store))
   if kind == RECURRENT:
@@ -119,8 +123,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, spec_tokens: int = 0,
   pattern = cfg.layer_pattern
   groups = tuple(_layer_cache(cfg, kind, (cfg.num_groups,), batch, max_len, spec_tokens, dtype)
                  for kind in pattern) if cfg.num_groups else ()
-  remainder = tuple(_layer_cache(cfg, pattern[r], (), batch, max_len, spec_tokens, dtype)
-                    for r in range(cfg.num_remainder))
+  remainder = tuple(_layer_cache(cfg, layout.remainder_kind(cfg, r), (), batch, max_len,
+                                 spec_tokens, dtype) for r in range(cfg.num_remainder))
   return Cache(groups=groups, remainder=remainder, length=jnp.zeros((batch,), jnp.int32))
 
 

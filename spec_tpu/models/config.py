@@ -76,6 +76,24 @@ class ModelConfig:
   quantize: str | None = None
   # The image encoder and projector (models/vision/); None: a text-only model.
   vision: VisionConfig | None = None
+  # Gemma 4. Global layers' own head size and KV heads (None: head_dim, num_kv_heads): the two
+  # attention kinds then have two cache shapes.
+  global_head_dim: int | None = None
+  num_global_kv_heads: int | None = None
+  global_k_eq_v: bool = False     # global layers' values are their keys' projection (no v weight)
+  v_norm: bool = False            # a weightless RMSNorm on each value head
+  layer_scalar: bool = False      # a learned scalar multiplies each layer's output (whole stream)
+  # Proportional RoPE on global layers: only the first fraction of the head_dim/2 frequencies
+  # turn (the rest are zero), exponents still over the whole head_dim.
+  rope_proportion_global: float = 1.0
+  # Per-layer embeddings (PLE): a second token table of ple_dim per layer, mixed with a
+  # projection of the embeddings, gated into each layer's output. 0: none.
+  ple_dim: int = 0
+  ple_vocab_size: int | None = None  # rows of the PLE table (None: vocab_size)
+  # The last kv_shared_layers layers compute queries only and attend over the keys and values of
+  # the last earlier layer of their kind (the donor): no cache and no k/v weights of their own.
+  kv_shared_layers: int = 0
+  kv_shared_ffw_dim: int | None = None  # their feed-forward width (None: ffw_dim)
 
   def __post_init__(self):
     problems = []
@@ -139,6 +157,8 @@ class ModelConfig:
         problems.append(f"vision must be a VisionConfig or None, got {type(self.vision).__name__}")
       elif RECURRENT in self.layer_pattern:
         problems.append("vision is supported for attention-only models")
+      elif self.kv_shared_layers:
+        problems.append("vision is not supported with KV-shared layers yet")
       else:
         v = self.vision
         ids = dict(start_id=v.start_id, end_id=v.end_id, newline_id=v.newline_id)
@@ -146,13 +166,81 @@ class ModelConfig:
         if bad:
           problems.append(f"vision token ids {bad} are outside the vocabulary "
                           f"[0, {self.num_tokens})")
+    problems += self._gemma4_problems()
     if problems:
       raise ValueError(f"bad ModelConfig {self.name!r}: " + "; ".join(problems))
+
+  def _gemma4_problems(self) -> list[str]:
+    problems = []
+    for field in ("global_head_dim", "num_global_kv_heads", "ple_vocab_size",
+                  "kv_shared_ffw_dim"):
+      if getattr(self, field) is not None and getattr(self, field) <= 0:
+        problems.append(f"{field} must be None or positive, got {getattr(self, field)}")
+    g_kv = self.kind_kv_heads(GLOBAL)
+    if g_kv > 0 and self.num_heads % g_kv:
+      problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_global_kv_heads "
+                      f"({g_kv})")
+    if not 0 < self.rope_proportion_global <= 1:
+      problems.append(f"rope_proportion_global must be in (0, 1], got "
+                      f"{self.rope_proportion_global}")
+    if self.ple_dim < 0:
+      problems.append(f"ple_dim must be >= 0, got {self.ple_dim}")
+    if not 0 <= self.kv_shared_layers < self.num_layers:
+      problems.append(f"kv_shared_layers must be in [0, num_layers={self.num_layers}), got "
+                      f"{self.kv_shared_layers}")
+    elif self.kv_shared_layers:
+      shared = set(self.layer_types[self.num_cached_layers:])
+      if not shared <= set(self.layer_types[:self.num_cached_layers]):
+        problems.append(f"kv-shared layers of kinds {sorted(shared)} need an earlier layer of "
+                        "each kind to read from")
+    gemma4 = (self.global_head_dim, self.num_global_kv_heads, self.global_k_eq_v, self.v_norm,
+              self.layer_scalar, self.ple_dim, self.kv_shared_layers)
+    if RECURRENT in self.layer_pattern and any(gemma4):
+      problems.append("Gemma 4 attention features do not combine with recurrent layers")
+    if self.quantize and (self.ple_dim or self.kv_shared_layers or self.global_k_eq_v
+                          or self.global_head_dim or self.num_global_kv_heads):
+      problems.append("quantize is not supported for Gemma 4-style models yet")
+    return problems
 
   @property
   def layer_types(self) -> tuple[str, ...]:
     p = self.layer_pattern
     return tuple(p[i % len(p)] for i in range(self.num_layers))
+
+  def kind_head_dim(self, kind: str) -> int:
+    """Head size of an attention layer of this kind."""
+    return self.global_head_dim or self.head_dim if kind == GLOBAL else self.head_dim
+
+  def kind_kv_heads(self, kind: str) -> int:
+    return self.num_global_kv_heads or self.num_kv_heads if kind == GLOBAL else self.num_kv_heads
+
+  @property
+  def num_cached_layers(self) -> int:
+    """Layers with a cache of their own: all but the kv-shared tail."""
+    return self.num_layers - self.kv_shared_layers
+
+  @property
+  def kv_donors(self) -> dict[str, int]:
+    """kind -> the layer whose cache the kv-shared layers of that kind read (the last cached
+    layer of the kind); empty without kv sharing."""
+    if not self.kv_shared_layers:
+      return {}
+    kinds = self.layer_types[:self.num_cached_layers]
+    return {kind: max(i for i, k in enumerate(kinds) if k == kind) for kind in set(kinds)}
+
+  @property
+  def shared_pattern(self) -> tuple[str, ...]:
+    """layer_pattern from the first kv-shared layer's phase: the tail's own period."""
+    p, start = len(self.layer_pattern), self.num_cached_layers
+    return tuple(self.layer_pattern[(start + j) % p] for j in range(p))
+
+  @property
+  def num_shared_groups(self) -> int:
+    return self.kv_shared_layers // len(self.layer_pattern)
+
+  @property
+  def num_shared_remainder(self) -> int:
+    return self.kv_shared_layers % len(self.layer_pattern)
 
   @property
   def recurrent_width(self) -> int:
@@ -161,13 +249,16 @@ class ModelConfig:
 
   @property
   def num_groups(self) -> int:
-    """Whole periods of layer_pattern: the layer groups run under one lax.scan."""
-    return self.num_layers // len(self.layer_pattern)
+    """Whole periods of layer_pattern: the layer groups run under one lax.scan. With kv-shared
+    layers, of the cached layers only, and the last whole period stays out of the scan: its
+    layers include the donors, whose cache writes wait until the shared layers have read."""
+    periods = self.num_cached_layers // len(self.layer_pattern)
+    return max(periods - 1, 0) if self.kv_shared_layers else periods
 
   @property
   def num_remainder(self) -> int:
-    """Layers after the last whole period (kinds layer_pattern[:num_remainder]), unscanned."""
-    return self.num_layers % len(self.layer_pattern)
+    """Cached layers after the scanned groups (kinds layer_pattern[r % P]), unscanned."""
+    return self.num_cached_layers - self.num_groups * len(self.layer_pattern)
 
   @property
   def num_tokens(self) -> int:
@@ -201,19 +292,36 @@ class ModelConfig:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
   def num_params(self) -> int:
-    d, h, k, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_dim
+    d, h, f = self.d_model, self.num_heads, self.ffw_dim
     w, c = self.recurrent_width, self.conv1d_width
-    attn = d * e * (2 * h + 2 * k) + (2 * e if self.qk_norm else 0) + d * self.attn_out_bias
+
+    def attn(kind, kv_shared):
+      e, k = self.kind_head_dim(kind), self.kind_kv_heads(kind)
+      kv_weights = 0 if kv_shared else (1 if kind == GLOBAL and self.global_k_eq_v else 2)
+      norms = (e if self.qk_norm else 0) + (e if self.qk_norm and not kv_shared else 0)
+      return d * e * (2 * h + kv_weights * k) + norms + d * self.attn_out_bias
+
     # linear_x, linear_y (d w) and linear_out (w d) with biases, the conv (c w) with bias, two
     # block-diagonal gates (h (w/h)^2) with biases, a_param (w): models/recurrent.py.
     recurrent = 3 * d * w + 2 * w + d + (c + 1) * w + 2 * (w * w // h + w) + w
     gated = self.ffw_activation != "gelu"
-    ffw = d * f * (3 if gated else 2) + self.ffw_bias * ((2 if gated else 1) * f + d)
+
+    def ffw(width):
+      return d * width * (3 if gated else 2) + self.ffw_bias * ((2 if gated else 1) * width + d)
+
     norms = d * (2 + self.post_attn_norm + self.post_ffw_norm)
+    per_layer = norms + self.layer_scalar + (2 * d * self.ple_dim + d if self.ple_dim else 0)
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    mixing = sum(recurrent if kind == RECURRENT else attn for kind in self.layer_types)
-    vision = self.vision.num_params(d) if self.vision else 0
-    return mixing + self.num_layers * (ffw + norms) + embed + d + vision
+    total = embed + d + (self.vision.num_params(d) if self.vision else 0)
+    if self.ple_dim:
+      width = self.num_layers * self.ple_dim
+      total += (self.ple_vocab_size or self.vocab_size) * width + d * width + self.ple_dim
+    for i, kind in enumerate(self.layer_types):
+      shared = i >= self.num_cached_layers
+      mixing = recurrent if kind == RECURRENT else attn(kind, shared)
+      total += mixing + ffw(self.kv_shared_ffw_dim if shared and self.kv_shared_ffw_dim
+                            else f) + per_layer
+    return total
 
 
 def _gemma(name, **kw) -> ModelConfig:
@@ -253,6 +361,21 @@ def _recurrentgemma(name, **kw) -> ModelConfig:
   return _gemma(name, **base)
 
 
+def _gemma4(name, **kw) -> ModelConfig:
+  """Gemma 4 text (transformers' Gemma4TextConfig and modeling_gemma4.py): local head_dim 256,
+  global 512 (global_head_dim), RMSNorm times w (not 1 + w), q/k norms and a weightless v
+  norm, attention scale 1, a learned layer_scalar, local RoPE theta 1e4, global theta 1e6
+  with proportional RoPE (partial_rotary_factor 0.25), final logits soft-capped at 30,
+  vocabulary 262,144, tied embeddings scaled by sqrt(d_model)."""
+  base = dict(vocab_size=262_144, head_dim=256, global_head_dim=512, norm_plus_one=False,
+              post_attn_norm=True, post_ffw_norm=True, qk_norm=True, v_norm=True,
+              query_scale=1.0, layer_scalar=True, rope_base_local=10_000.0,
+              rope_base_global=1_000_000.0, rope_proportion_global=0.25,
+              final_logit_softcap=30.0, tokenizer="gemma4")
+  base.update(kw)
+  return _gemma(name, **base)
+
+
 PRESETS: dict[str, ModelConfig] = {
   c.name: c for c in [
     # Tiny shapes for tests: every feature of the decoder at a size a CPU compiles in seconds.
@@ -273,6 +396,16 @@ PRESETS: dict[str, ModelConfig] = {
     _recurrentgemma("tiny_recurrentgemma", vocab_size=64, d_model=32, num_layers=4, num_heads=4,
                     head_dim=8, ffw_dim=48, lru_width=24, sliding_window=5, dtype="float32",
                     tokenizer=""),
+    # Gemma 4 at test size: the dense k_eq_v form (31B-like: two head sizes and KV head counts)
+    # and the PLE + kv-sharing form (E2B-like: a tail of 3 layers reading layers 3 and 4).
+    _gemma4("tiny_gemma4", vocab_size=64, d_model=32, num_layers=6, num_heads=4,
+            num_kv_heads=2, head_dim=8, global_head_dim=16, num_global_kv_heads=1,
+            global_k_eq_v=True, ffw_dim=64, layer_pattern=(LOCAL, LOCAL, GLOBAL),
+            sliding_window=5, dtype="float32", tokenizer=""),
+    _gemma4("tiny_gemma4_ple", vocab_size=64, d_model=32, num_layers=8, num_heads=4,
+            num_kv_heads=1, head_dim=8, global_head_dim=16, ffw_dim=48,
+            layer_pattern=(LOCAL, GLOBAL), sliding_window=5, ple_dim=8, kv_shared_layers=3,
+            kv_shared_ffw_dim=96, dtype="float32", tokenizer=""),
     # Chen et al. 2023: Chinchilla 70B target and its 4B draft (wide and shallow).
     ModelConfig(name="chinchilla_70b", vocab_size=32_000, d_model=8192, num_layers=80,
                 num_heads=64, num_kv_heads=64, head_dim=128, ffw_dim=4 * 8192,
@@ -316,6 +449,22 @@ PRESETS: dict[str, ModelConfig] = {
                     ffw_dim=3 * 2560, lru_width=2560, sliding_window=2049),
     _recurrentgemma("recurrentgemma_9b", d_model=4096, num_layers=38, num_heads=16, head_dim=256,
                     ffw_dim=3 * 4096, lru_width=4096, sliding_window=2049),
+    # Gemma 4 text. Numbers from the checkpoints' config.json text_config as quoted (and
+    # agreeing) in several public repositories' fixtures; hub files not read from here.
+    # 31B: 60 layers 5:1, d 5376, 32 heads, 16 local / 4 global KV heads, k_eq_v, window 1024.
+    _gemma4("gemma4_31b", d_model=5376, num_layers=60, num_heads=32, num_kv_heads=16,
+            num_global_kv_heads=4, global_k_eq_v=True, ffw_dim=21_504,
+            layer_pattern=(LOCAL,) * 5 + (GLOBAL,), sliding_window=1024),
+    # E2B: 35 layers 4:1, d 1536, 8 heads, 1 KV head, PLE 256, last 20 layers kv-shared with
+    # a double-wide MLP (intermediate_size 6144; one source says 8192: unverified here).
+    _gemma4("gemma4_e2b", d_model=1536, num_layers=35, num_heads=8, num_kv_heads=1,
+            ffw_dim=6144, layer_pattern=(LOCAL,) * 4 + (GLOBAL,), sliding_window=512,
+            ple_dim=256, kv_shared_layers=20, kv_shared_ffw_dim=2 * 6144),
+    # E4B: 42 layers 5:1, d 2560, 8 heads, 2 KV heads, PLE 256, last 18 kv-shared, no
+    # double-wide MLP.
+    _gemma4("gemma4_e4b", d_model=2560, num_layers=42, num_heads=8, num_kv_heads=2,
+            ffw_dim=10_240, layer_pattern=(LOCAL,) * 5 + (GLOBAL,), sliding_window=512,
+            ple_dim=256, kv_shared_layers=18),
     # Llama-style shapes (GQA/MHA, SwiGLU, untied) for benchmarks.
     ModelConfig(name="llama_7b", vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
                 num_kv_heads=32, head_dim=128, ffw_dim=11_008, norm_eps=1e-5,

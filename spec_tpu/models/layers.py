@@ -51,11 +51,13 @@ def _rotate_half_matrix(e: int):
   return jnp.where(i[:, None] == source, sign, 0.0).astype(F32)
 
 
-def rope(x, positions, base: float, scale: float, llama3=None):
+def rope(x, positions, base: float, scale: float, llama3=None, proportion: float = 1.0):
   """Rotary embedding, half-split layout (as transformers' rotate_half), over the last axis of x
   (queries b t h e or keys b k t e); positions broadcast against x's other axes (b t 1 or b 1 t).
   Positions are divided by scale (linear scaling), frequencies optionally Llama 3.1-scaled
-  (rope_frequencies).
+  (rope_frequencies). proportion < 1: Gemma 4's proportional RoPE, the frequencies past the
+  first int(proportion * e // 2) set to zero (those dimensions pass through), as transformers'
+  "proportional" rope type.
 
   The half rotation is a product with a signed permutation matrix (exact: one nonzero term per
   output, at HIGHEST precision) rather than slices and a concatenation along e: with the
@@ -64,6 +66,8 @@ def rope(x, positions, base: float, scale: float, llama3=None):
   """
   e = x.shape[-1]
   inv_freq = rope_frequencies(e, base, llama3)
+  if proportion < 1:
+    inv_freq = jnp.where(jnp.arange(e // 2) < int(proportion * e // 2), inv_freq, 0.0)
   angles = (positions.astype(F32) / scale)[..., None] * inv_freq
   cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
   sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)

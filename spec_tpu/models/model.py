@@ -8,6 +8,8 @@ code of its layer KIND (`_layer`), with that kind's own params and cache pytrees
 
 Params are a plain pytree (layout.py says where layer i sits):
   embed (v d); unembed (d v) when not tied; final_norm (d);
+  with per-layer embeddings (Gemma 4, cfg.ple_dim = p): ple_embed (v l*p), ple_proj (d l*p),
+  ple_proj_norm (p);
   groups: [P entries], entry j = a layer of kind layer_pattern[j], every leaf with a leading
           l axis over the G groups (an empty list when G = 0);
   remainder: [R entries], entry r = layer G * P + r (kind layer_pattern[r]), unstacked.
@@ -15,6 +17,10 @@ An attention layer (kinds local and global) is
   {attn_norm (d), attn: {q (h d e), k (k d e), v (k d e), o (h e d), [q_norm (e), k_norm (e)]},
    [post_attn_norm (d)], ffw_norm (d), ffw: {[gate (d f)], up (d f), down (f d)},
    [post_ffw_norm (d)]}
+where e and k are the layer kind's (cfg.kind_head_dim, cfg.kind_kv_heads); Gemma 4 adds
+[ple_gate (d p), ple_out (p d), ple_norm (d)] and [layer_scalar (1)], drops attn.v on global
+layers with global_k_eq_v, and its kv-shared layers (params shared_groups, shared_remainder)
+have no attn.k, attn.v, attn.k_norm and an ffw of kv_shared_ffw_dim;
 with, for RecurrentGemma (config fields attn_out_bias, ffw_bias), attn.o_bias (d) and ffw
 {gate, gate_bias (f), up, up_bias (f), down, down_bias (d)}. A recurrent layer (kind recurrent) is
   {recurrent_norm (d), recurrent: models/recurrent.py's block params, ffw_norm (d), ffw}
@@ -57,8 +63,8 @@ def _norm_init(cfg: ModelConfig, dtype, size=None):
   return jnp.full((size or cfg.d_model,), 0.0 if cfg.norm_plus_one else 1.0, dtype)
 
 
-def _init_ffw(cfg: ModelConfig, key, dtype) -> dict:
-  d, f = cfg.d_model, cfg.ffw_dim
+def _init_ffw(cfg: ModelConfig, key, dtype, ffw_dim: int | None = None) -> dict:
+  d, f = cfg.d_model, ffw_dim or cfg.ffw_dim
   keys = iter(jax.random.split(key, 3))
   ffw = {"up": _normal(next(keys), (d, f), d, dtype), "down": _normal(next(keys), (f, d), f, dtype)}
   if cfg.ffw_activation != "gelu":
@@ -76,9 +82,9 @@ def _init_recurrent_layer(cfg: ModelConfig, key, dtype) -> dict:
           "ffw_norm": _norm_init(cfg, dtype), "ffw": _init_ffw(cfg, k_ffw, dtype)}
 
 
-def _init_attention_layer(cfg: ModelConfig, key, dtype) -> dict:
-  d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  keys = iter(jax.random.split(key, 7))
+def _init_attention_layer(cfg: ModelConfig, kind: str, key, dtype, kv_shared: bool) -> dict:
+  d, h, k, e = cfg.d_model, cfg.num_heads, cfg.kind_kv_heads(kind), cfg.kind_head_dim(kind)
+  keys = iter(jax.random.split(key, 9))
   normal = lambda shape, fan_in: _normal(next(keys), shape, fan_in, dtype)  # noqa: E731
   # Heads-major projections (as the gemma library's q_einsum): a TPU tiles the two minor axes,
   # and d e keeps them large where d h e would pad a few heads per device and make XLA relayout
@@ -90,19 +96,32 @@ def _init_attention_layer(cfg: ModelConfig, key, dtype) -> dict:
     attn["k_norm"] = _norm_init(cfg, dtype, e)
   if cfg.attn_out_bias:
     attn["o_bias"] = jnp.zeros((d,), dtype)
+  if kind == GLOBAL and cfg.global_k_eq_v:
+    del attn["v"]
+  if kv_shared:  # queries only: keys and values come from the donor's cache
+    for name in ("k", "v", "k_norm"):
+      attn.pop(name, None)
+  ffw_dim = cfg.kv_shared_ffw_dim if kv_shared else None
   layer = {"attn_norm": _norm_init(cfg, dtype), "attn": attn, "ffw_norm": _norm_init(cfg, dtype),
-           "ffw": _init_ffw(cfg, next(keys), dtype)}
+           "ffw": _init_ffw(cfg, next(keys), dtype, ffw_dim)}
   if cfg.post_attn_norm:
     layer["post_attn_norm"] = _norm_init(cfg, dtype)
   if cfg.post_ffw_norm:
     layer["post_ffw_norm"] = _norm_init(cfg, dtype)
+  if cfg.ple_dim:
+    layer["ple_gate"] = _normal(next(keys), (d, cfg.ple_dim), d, dtype)
+    layer["ple_out"] = _normal(next(keys), (cfg.ple_dim, d), cfg.ple_dim, dtype)
+    layer["ple_norm"] = _norm_init(cfg, dtype)
+  if cfg.layer_scalar:
+    layer["layer_scalar"] = jnp.ones((1,), dtype)
   return layer
 
 
-def init_layer(cfg: ModelConfig, kind: str, key, dtype) -> dict:
-  """Random params of one layer of the given kind (unstacked)."""
+def init_layer(cfg: ModelConfig, kind: str, key, dtype, kv_shared: bool = False) -> dict:
+  """Random params of one layer of the given kind (unstacked); kv_shared: a layer that reads
+  its donor's cache (no k/v weights)."""
   if kind in (LOCAL, GLOBAL):
-    return _init_attention_layer(cfg, key, dtype)
+    return _init_attention_layer(cfg, kind, key, dtype, kv_shared)
   if kind == RECURRENT:
     return _init_recurrent_layer(cfg, key, dtype)
   raise ValueError(f"no params for layer kind {kind!r}")
@@ -121,17 +140,33 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
   params["groups"] = [
       jax.vmap(lambda k, kind=kind: init_layer(cfg, kind, k, dtype))(keys[2 + j:2 + n:p])
       for j, kind in enumerate(cfg.layer_pattern)] if cfg.num_groups else []
-  params["remainder"] = [init_layer(cfg, cfg.layer_pattern[r], keys[2 + n + r], dtype)
+  params["remainder"] = [init_layer(cfg, layout.remainder_kind(cfg, r), keys[2 + n + r], dtype)
                          for r in range(cfg.num_remainder)]
   if cfg.vision is not None:
     params["vision"] = siglip.init_params(cfg.vision, d, jax.random.fold_in(key, 1), dtype)
+  if cfg.kv_shared_layers:
+    first, shared = 2 + cfg.num_cached_layers, cfg.shared_pattern
+    m = cfg.num_shared_groups * p
+    params["shared_groups"] = [
+        jax.vmap(lambda k, kind=kind: init_layer(cfg, kind, k, dtype, True))(
+            keys[first + j:first + m:p])
+        for j, kind in enumerate(shared)] if cfg.num_shared_groups else []
+    params["shared_remainder"] = [init_layer(cfg, shared[r], keys[first + m + r], dtype, True)
+                                  for r in range(cfg.num_shared_remainder)]
+  if cfg.ple_dim:
+    k_embed, k_proj = jax.random.split(keys[1])
+    width = cfg.num_layers * cfg.ple_dim
+    params["ple_embed"] = _normal(k_embed, (cfg.ple_vocab_size or v, width), cfg.ple_dim, dtype)
+    params["ple_proj"] = _normal(k_proj, (d, width), d, dtype)
+    params["ple_proj_norm"] = _norm_init(cfg, dtype, cfg.ple_dim)
   if cfg.quantize:
     params = quantize(params, cfg)
   return params
 
 
-def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
-  """Logical axes of one (unstacked) layer's params of the given kind."""
+def layer_logical_axes(cfg: ModelConfig, kind: str, kv_shared: bool = False) -> dict:
+  """Logical axes of one (unstacked) layer's params of the given kind (kv_shared: a layer that
+  reads its donor's cache, without k/v weights)."""
   if kind not in (LOCAL, GLOBAL, RECURRENT):
     raise ValueError(f"no logical axes for layer kind {kind!r}")
   ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
@@ -148,11 +183,20 @@ def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
     attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
   if cfg.attn_out_bias:
     attn["o_bias"] = ("embed",)
+  if kind == GLOBAL and cfg.global_k_eq_v:
+    del attn["v"]
+  if kv_shared:
+    for name in ("k", "v", "k_norm"):
+      attn.pop(name, None)
   layer = {"attn_norm": ("embed",), "attn": attn, "ffw_norm": ("embed",), "ffw": ffw}
   if cfg.post_attn_norm:
     layer["post_attn_norm"] = ("embed",)
   if cfg.post_ffw_norm:
     layer["post_ffw_norm"] = ("embed",)
+  if cfg.ple_dim:
+    layer.update(ple_gate=("embed", None), ple_out=(None, "embed"), ple_norm=("embed",))
+  if cfg.layer_scalar:
+    layer["layer_scalar"] = (None,)
   return layer
 
 
@@ -164,7 +208,16 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
   axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),
           "groups": [stacked(layer_logical_axes(cfg, kind)) for kind in pattern]
                     if cfg.num_groups else [],
-          "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
+          "remainder": [layer_logical_axes(cfg, layout.remainder_kind(cfg, r))
+                        for r in range(cfg.num_remainder)]}
+  if cfg.kv_shared_layers:
+    shared = cfg.shared_pattern
+    axes["shared_groups"] = [stacked(layer_logical_axes(cfg, kind, kv_shared=True))
+                             for kind in shared] if cfg.num_shared_groups else []
+    axes["shared_remainder"] = [layer_logical_axes(cfg, shared[r], kv_shared=True)
+                                for r in range(cfg.num_shared_remainder)]
+  if cfg.ple_dim:
+    axes.update(ple_embed=("vocab", None), ple_proj=("embed", None), ple_proj_norm=(None,))
   if not cfg.tie_embeddings:
     axes["unembed"] = ("embed", "vocab")
   if cfg.vision is not None:
@@ -192,24 +245,34 @@ def _norm(cfg, x, scale):
   return layers.rms_norm(x, scale, cfg.norm_eps, cfg.norm_plus_one)
 
 
-def _project_qkv(cfg, p, x_btd, positions_bt, kind):
-  """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them)."""
+def _project_qkv(cfg, p, x_btd, positions_bt, kind, queries_only: bool = False):
+  """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them);
+  queries_only (a kv-shared layer): keys and values are None."""
   q = layers.project_heads(x_btd, p["q"])
-  k = layers.project_heads(x_btd, p["k"], heads_major=True)
-  v = layers.project_heads(x_btd, p["v"], heads_major=True)
+  k = v = None
+  if not queries_only:
+    k = layers.project_heads(x_btd, p["k"], heads_major=True)
+    # Gemma 4 global layers with k_eq_v: the values are the key projection (before its norm
+    # and rotation).
+    v = k if "v" not in p else layers.project_heads(x_btd, p["v"], heads_major=True)
+    if cfg.v_norm:
+      v = layers.rms_norm(v, jnp.ones((), F32), cfg.norm_eps, plus_one=False)
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
-    k = _norm(cfg, k, p["k_norm"])
+    k = None if queries_only else _norm(cfg, k, p["k_norm"])
   local = kind == LOCAL
   base = cfg.rope_base_local if local else cfg.rope_base_global
   scale = cfg.rope_scale_local if local else cfg.rope_scale_global
+  proportion = 1.0 if local else cfg.rope_proportion_global
   if cfg.rope_fraction < 1:  # RecurrentGemma: RoPE on the first half of each head only
     q = recurrent.partial_rope(q, positions_bt[:, :, None], cfg.rope_fraction, base)
     k = recurrent.partial_rope(k, positions_bt[:, None, :], cfg.rope_fraction, base)
   else:
-    q = layers.rope(q, positions_bt[:, :, None], base, scale, cfg.rope_llama3)
-    k = layers.rope(k, positions_bt[:, None, :], base, scale, cfg.rope_llama3)
-  query_scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+    q = layers.rope(q, positions_bt[:, :, None], base, scale, cfg.rope_llama3, proportion)
+    if not queries_only:
+      k = layers.rope(k, positions_bt[:, None, :], base, scale, cfg.rope_llama3, proportion)
+  query_scale = (cfg.query_scale if cfg.query_scale is not None
+                 else cfg.kind_head_dim(kind) ** -0.5)
   return (q.astype(F32) * query_scale).astype(q.dtype), k, v
 
 
@@ -245,6 +308,7 @@ class _Context(NamedTuple):
   length_b: jax.Array | None   # tokens already in the cache; None: no cache (forward_full)
   block_bt: jax.Array | None = None  # image block of each token (-1: text); None: no images
   ahead: _Ahead | None = None        # chunked prefill with images: the tokens after the chunk
+  ple_btlp: jax.Array | None = None  # per-layer embeddings of every layer (cfg.ple_dim)
 
 
 class _CacheView:
@@ -273,19 +337,27 @@ class _CacheView:
     return cache_lib.values(cut(entry.k)), cache_lib.values(cut(entry.v))
 
 
-def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None):
+def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None,
+                     donor: cache_lib.KVCache | None = None):
   """A pre-norm attention + feed-forward block: (x after it, the cache update, the cache entry
-  as attention passed it through). The update is the new tokens' keys and values (None without
-  a cache); attention reads the old cache and the new tokens as two key blocks, so nothing is
-  written before every query has read. The update is to be written into the returned entry:
-  one chain of uses of the cache, which XLA updates in place (layers.attend_filled)."""
+  as attention passed it through). The update is the new tokens' keys and values; attention
+  reads the old cache and the new tokens as two key blocks, so nothing is written before every
+  query has read. The update is to be written into the returned entry: one chain of uses of
+  the cache, which XLA updates in place (layers.attend_filled).
+
+  donor: a kv-shared layer's donor's update (lc is then the donor's cache, not yet written):
+  the layer attends over exactly what its donor attended over, with its own queries."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
-  q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind)
+  q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind,
+                         queries_only=donor is not None)
+  if donor is not None:
+    k, v = donor
   new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt, ctx.block_bt,
                         ctx.block_bt))
   if ctx.ahead is not None:
     # Keys of later tokens, seen only by queries of their image block (all later in position,
-    # so the window never hides them); one block with the chunk's own keys.
+    # so the window never hides them); one block with the chunk's own keys. (Models with images
+    # have no KV-shared layers: ModelConfig refuses the pair.)
     a = ctx.ahead
     h_a = _norm(cfg, a.x_btd, lp["attn_norm"])
     _, k_a, v_a = _project_qkv(cfg, lp["attn"], h_a, jnp.maximum(a.key_positions_bt, 0), kind)
@@ -302,7 +374,7 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None)
                       cache_lib.slot_positions(ctx.length_b, num_slots, slots_s))
     filled = jnp.minimum(jnp.max(ctx.length_b), num_slots)
     a, entry = layers.attend_filled(q, entry, lc.read, num_slots, cache_mask, filled,
-                                    ATTENTION_BLOCK, new, cfg.num_kv_heads,
+                                    ATTENTION_BLOCK, new, cfg.kind_kv_heads(kind),
                                     cfg.attn_logit_softcap)
   else:
     blocks = [new]
@@ -310,14 +382,13 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None)
       cache_pos = cache_lib.slot_positions(ctx.length_b, num_slots)
       whole = lc.whole()
       blocks.insert(0, (whole.k, whole.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
-    a = layers.attend(q, blocks, cfg.num_kv_heads, cfg.attn_logit_softcap)
+    a = layers.attend(q, blocks, cfg.kind_kv_heads(kind), cfg.attn_logit_softcap)
   a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.attn_out_bias:
     a = a + lp["attn"]["o_bias"]
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
-  update = None if lc is None else cache_lib.KVCache(k, v)
-  return _feed_forward_block(cfg, lp, x_btd + a), update, entry
+  return _feed_forward_block(cfg, lp, x_btd + a), cache_lib.KVCache(k, v), entry
 
 
 def _feed_forward_block(cfg, lp, x_btd):
@@ -345,29 +416,43 @@ def _recurrent_layer(cfg, lp, x_btd, ctx: _Context, lc: recurrent.RecurrentState
   return _feed_forward_block(cfg, lp, x_btd + out), trace, None
 
 
-def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc):
+def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc, index=None,
+           donor=None):
   """One layer of any kind: (x after it, its cache update, the cache entry as the layer passed
   it through or None where it did not touch it). A new kind adds a branch here, in
   init_layer, in cache.py (_layer_cache, write_layer, a NamedTuple with logical_axes) and in
-  layer_logical_axes."""
+  layer_logical_axes; a new feed-forward (e.g. experts beside the dense one) goes in
+  _feed_forward_block, its params beside "ffw". index: the layer's depth (static or traced),
+  for its per-layer embedding; donor: see _attention_layer."""
   if kind in (LOCAL, GLOBAL):
-    return _attention_layer(cfg, kind, lp, x_btd, ctx, lc)
-  if kind == RECURRENT:
-    return _recurrent_layer(cfg, lp, x_btd, ctx, lc)
-  raise ValueError(f"no forward for layer kind {kind!r}")
+    out = _attention_layer(cfg, kind, lp, x_btd, ctx, lc, donor)
+  elif kind == RECURRENT:
+    out = _recurrent_layer(cfg, lp, x_btd, ctx, lc)
+  else:
+    raise ValueError(f"no forward for layer kind {kind!r}")
+  x_btd = out[0]
+  if cfg.ple_dim:
+    ple_btp = jax.lax.dynamic_index_in_dim(ctx.ple_btlp, index, axis=2, keepdims=False)
+    g = jax.nn.gelu(quant.einsum("btd,dp->btp", x_btd, lp["ple_gate"]),
+                    approximate=cfg.gelu_approximate)
+    y = quant.einsum("btp,pd->btd", g * ple_btp, lp["ple_out"])
+    x_btd = x_btd + _norm(cfg, y, lp["ple_norm"])
+  if cfg.layer_scalar:
+    x_btd = x_btd * lp["layer_scalar"]
+  return (x_btd,) + out[1:]
 
 
-def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g):
+def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g, index=None):
   """One layer with its cache entry (stacked: the layer's index g in it; None: no cache):
   returns (x, entry with the layer's update written, the layer's Trace if recurrent else
-  None)."""
+  None). index: the layer's depth (see _layer)."""
   if entry is None:
     lc = None
   elif kind in (LOCAL, GLOBAL):
     lc = _CacheView(entry, g)  # read in place, block by block where the cache is long
   else:
     lc = entry if g is None else jax.tree.map(lambda a: a[g], entry)
-  x_btd, update, passed = _layer(cfg, kind, lp, x_btd, ctx, lc)
+  x_btd, update, passed = _layer(cfg, kind, lp, x_btd, ctx, lc, index)
   if passed is not None:
     entry = passed  # the write goes into the entry as the layer passed it through
   if entry is not None:
@@ -376,7 +461,7 @@ def _apply(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g):
 
 
 def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry, g,
-                   chunk: int):
+                   chunk: int, index=None):
   """_apply over the tokens in chunks (a lax.scan inside the layer): each chunk reads what the
   earlier ones wrote to the cache, so the result is the same as one call. See `prefill`."""
   b, t, _ = x_btd.shape
@@ -399,8 +484,9 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
       ahead = _Ahead(after(x), after(key_pos), after(block))
     ctx_c = _Context(cut(ctx.positions_bt), cut(ctx.key_positions_bt), cut(ctx.valid_bt),
                      ctx.length_b + jnp.minimum(num_new_b, at),
-                     None if not reach else cut(ctx.block_bt), ahead)
-    x_c, entry, _ = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g)
+                     None if not reach else cut(ctx.block_bt), ahead,
+                     None if ctx.ple_btlp is None else cut(ctx.ple_btlp))
+    x_c, entry, _ = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g, index)
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, at, axis=1), entry), None
 
   (x_pad, entry), _ = jax.lax.scan(step, (x_pad, entry), jnp.arange(t // chunk))
@@ -416,27 +502,65 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
   Under the scan the stacked cache entries are loop state: the layer of group g reads its slice
   and writes its update back at g, so caches are updated in place (cache.py says why).
   unrolled: the plain reference instead, a Python loop over the layers in depth order, each with
-  its kind from cfg.layer_types and its params and cache picked by layout.layer.
+  its kind from cfg.layer_types and its params and cache picked by layout.
   chunk: run each layer over the tokens in chunks of this many (t a multiple of it; cache only).
+
+  kv-shared layers (cfg.kv_shared_layers) run after the cached ones and attend over what their
+  donor attended over: its cache before its write and its new keys and values. So a donor's
+  write waits until the last of them has read (donors sit in the remainder, never in the scan;
+  config.num_groups), and each reader passes the donor's entry on to the next, one chain of uses
+  that XLA updates in place. Such a model runs unchunked (a chunk's shared layers would need
+  the donor's keys of later chunks' predecessors, already overwritten in a ring).
   """
-  pattern = cfg.layer_pattern
+  pattern, p = cfg.layer_pattern, len(cfg.layer_pattern)
   groups = [None] * len(pattern) if cache is None else list(cache.groups)
   remainder = [None] * cfg.num_remainder if cache is None else list(cache.remainder)
-  chunked = chunk is not None and cache is not None and x_btd.shape[1] > chunk
+  chunked = (chunk is not None and cache is not None and x_btd.shape[1] > chunk
+             and not cfg.kv_shared_layers)
+  donor_of = {i: kind for kind, i in cfg.kv_donors.items()}
+  donors = {}  # kind -> [cache entry (not yet written), its new keys and values]
 
-  def apply(kind, lp, x, entry, g):
+  def apply(kind, lp, x, entry, g, index):
     if chunked:
-      return _apply_chunked(cfg, kind, lp, x, ctx, entry, g, chunk)
-    return _apply(cfg, kind, lp, x, ctx, entry, g)
+      return _apply_chunked(cfg, kind, lp, x, ctx, entry, g, chunk, index)
+    return _apply(cfg, kind, lp, x, ctx, entry, g, index)
+
+  def apply_cached(i, kind, lp, x, entry, g):
+    """Layer i (static) of the cached ones; a donor's write is held back."""
+    if i not in donor_of:
+      return apply(kind, lp, x, entry, g, i)
+    lc = None if entry is None else _CacheView(entry, None)
+    x, update, passed = _layer(cfg, kind, lp, x, ctx, lc, i)
+    donors[kind] = [entry if passed is None else passed, update]
+    return x, None, None
+
+  def apply_shared(kind, lp, x, entry, update, index):
+    lc = None if entry is None else _CacheView(entry, None)
+    x, _, passed = _layer(cfg, kind, lp, x, ctx, lc, index, donor=update)
+    return x, (entry if passed is None else passed)
+
+  def write_donors():
+    for kind, i in cfg.kv_donors.items():
+      _, r, _ = layout.where(cfg, i)
+      entry, update = donors[kind]
+      if entry is not None:
+        remainder[r] = cache_lib.write_layer(kind, entry, update, ctx.positions_bt,
+                                             ctx.valid_bt)
 
   if unrolled:
     traces = []
     for i, kind in enumerate(cfg.layer_types):
+      lp = layout.layer_params(cfg, params, i)
+      if i >= cfg.num_cached_layers:
+        x_btd, donors[kind][0] = apply_shared(kind, lp, x_btd, *donors[kind], i)
+        continue
       part, j, g = layout.where(cfg, i)
       entries = groups if part == "groups" else remainder
-      lp = layout.layer(cfg, params["groups"], params["remainder"], i)
-      x_btd, entries[j], trace = apply(kind, lp, x_btd, entries[j], g)
+      x_btd, entry, trace = apply_cached(i, kind, lp, x_btd, entries[j], g)
+      if i not in donor_of:
+        entries[j] = entry
       traces.append(trace)
+    write_donors()
     trace_groups, trace_remainder = layout.stack(cfg, traces, jnp.stack)
     return x_btd, groups, remainder, cache_lib.Traces(tuple(trace_groups),
                                                       tuple(trace_remainder))
@@ -445,7 +569,7 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
     x, entries, g = carry
     entries, traces = list(entries), []
     for j, kind in enumerate(pattern):
-      x, entries[j], trace = apply(kind, group_params[j], x, entries[j], g)
+      x, entries[j], trace = apply(kind, group_params[j], x, entries[j], g, g * p + j)
       traces.append(trace)
     # Traces leave the scan as outputs (stacked over the groups): they are small (K + 1
     # positions) and live only until the rollback of the same round.
@@ -455,10 +579,38 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
   if cfg.num_groups:
     (x_btd, groups, _), trace_groups = jax.lax.scan(group, (x_btd, tuple(groups), 0),
                                                     params["groups"])
+  groups = list(groups)
   trace_remainder = []
+  first = cfg.num_groups * p
   for r, lp in enumerate(params["remainder"]):
-    x_btd, remainder[r], trace = apply(pattern[r], lp, x_btd, remainder[r], None)
+    i = first + r
+    x_btd, entry, trace = apply_cached(i, cfg.layer_types[i], lp, x_btd, remainder[r], None)
+    if i not in donor_of:
+      remainder[r] = entry
     trace_remainder.append(trace)
+
+  if cfg.kv_shared_layers:
+    kinds = sorted(donors)
+    start = cfg.num_cached_layers
+
+    def shared_group(carry, group_params):
+      x, entries, g = carry
+      entries = dict(zip(kinds, entries))
+      for j, kind in enumerate(cfg.shared_pattern):
+        x, entries[kind] = apply_shared(kind, group_params[j], x, entries[kind],
+                                        donors[kind][1], start + g * p + j)
+      return (x, tuple(entries[k] for k in kinds), g + 1), None
+
+    if cfg.num_shared_groups:
+      (x_btd, entries, _), _ = jax.lax.scan(
+          shared_group, (x_btd, tuple(donors[k][0] for k in kinds), 0), params["shared_groups"])
+      for kind, entry in zip(kinds, entries):
+        donors[kind][0] = entry
+    for r, lp in enumerate(params["shared_remainder"]):
+      i = start + cfg.num_shared_groups * p + r
+      kind = cfg.layer_types[i]
+      x_btd, donors[kind][0] = apply_shared(kind, lp, x_btd, *donors[kind], i)
+    write_donors()
   return x_btd, groups, remainder, cache_lib.Traces(tuple(trace_groups), tuple(trace_remainder))
 
 
@@ -494,10 +646,29 @@ def _embed_with_images(cfg, params, tokens_bt, valid_bt, soft_bmd):
                              axis=1)
   x = jnp.where(is_image[..., None], rows.astype(x.dtype), x)
   return x, jnp.where(is_image, index // cfg.vision.num_soft_tokens, -1)
+def _per_layer_inputs(cfg, params, tokens_bt, x_btd):
+  """b t l p: every layer's per-layer embedding (Gemma 4 PLE), the token's row of the PLE
+  table (scaled by sqrt(p)) averaged with a normed projection of the embedding x (scaled by
+  1 / sqrt(d)), as transformers' Gemma4TextModel.project_per_layer_inputs."""
+  if not cfg.ple_dim:
+    return None
+  b, t = tokens_bt.shape
+  shape = (b, t, cfg.num_layers, cfg.ple_dim)
+  table = params["ple_embed"]
+  tok = quant.embed_lookup(table, tokens_bt)
+  tok = tok * jnp.asarray(math.sqrt(cfg.ple_dim), tok.dtype)
+  proj = quant.einsum("btd,dn->btn", x_btd, params["ple_proj"])
+  proj = proj * jnp.asarray(cfg.d_model ** -0.5, proj.dtype)
+  proj = _norm(cfg, proj.reshape(shape), params["ple_proj_norm"])
+  return (proj + tok.reshape(shape)) * jnp.asarray(2 ** -0.5, proj.dtype)
 
 
 def _unembed(cfg, params, x_btd):
-  x = _norm(cfg, x_btd, params["final_norm"])
+  return logits_of_hidden(cfg, params, _norm(cfg, x_btd, params["final_norm"]))
+
+
+def logits_of_hidden(cfg, params, x):
+  """Float32 logits (b t v) of final hidden states (after the final norm)."""
   if cfg.tie_embeddings:
     logits = quant.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=F32)
   else:
@@ -516,14 +687,15 @@ def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False,
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   valid = jnp.ones((b, t), bool)
   x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
-  ctx = _Context(positions, positions, valid, None, block)
+  ctx = _Context(positions, positions, valid, None, block,
+                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x))
   x, _, _, _ = _run_layers(cfg, params, x, ctx, None, unrolled)
   return _unembed(cfg, params, x)
 
 
 def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b=None,
             last_only: bool = False, *, unrolled: bool = False, chunk: int | None = None,
-            traces: bool = False, soft=None):
+            traces: bool = False, soft=None, final_hidden: bool = False):
   """Runs t new tokens per row through the decoder with a KV cache.
 
   Serves prefill (t = prompt), decode (t = 1) and verification (t = K + 1). Row i's tokens
@@ -537,6 +709,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   (`cache.rollback(cache, length, traces, start)`), which a length move alone cannot do.
   soft: soft tokens (b m d) of the images whose placeholders are among the new tokens, each
   image's block whole in this call (forward_full says more); None: text only.
+  final_hidden: also return the hidden states after the final norm (b t d, or b 1 d), last:
+  what an assistant drafter (models/assistant.py) is fed.
   """
   b, t_in = tokens_bt.shape
   if num_new_b is None:
@@ -549,7 +723,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   positions = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   valid = jnp.arange(t)[None, :] < num_new_b[:, None]
   x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
-  ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length, block)
+  ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length, block,
+                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x))
   x, groups, remainder, layer_traces = _run_layers(cfg, params, x, ctx, cache, unrolled, chunk)
   cache = cache_lib.Cache(groups=tuple(groups), remainder=tuple(remainder),
                           length=length + num_new_b)
@@ -558,13 +733,17 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
     x = jnp.take_along_axis(x, idx[:, None, None], axis=1)
   else:
     x = x[:, :t_in]
+  h = _norm(cfg, x, params["final_norm"])
+  out = (logits_of_hidden(cfg, params, h), cache)
   if traces:
-    return _unembed(cfg, params, x), cache, layer_traces
-  return _unembed(cfg, params, x), cache
+    out += (layer_traces,)
+  if final_hidden:
+    out += (h,)
+  return out
 
 
 def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new_b, chunk: int,
-            soft=None):
+            soft=None, final_hidden: bool = False):
   """forward(..., last_only=True) with each layer run over the prompt `chunk` tokens at a time.
 
   Same logits and cache as one call, for any chunk size. Why: compiling a layer over t tokens
@@ -580,4 +759,4 @@ def prefill(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   of the rest of its blocks (_apply_chunked), so the result is still the same as one call.
   """
   return forward(params, cfg, tokens_bt, cache, num_new_b, last_only=True, chunk=chunk,
-                 soft=soft)
+                 soft=soft, final_hidden=final_hidden)

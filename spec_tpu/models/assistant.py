@@ -1,0 +1,128 @@
+"""Gemma 4's assistant drafter: a few query-only layers over the TARGET's caches.
+
+The assistant keeps no cache of its own. Each draft step sits at one position, the position
+of the last token the target has not yet seen (the target's cache length L): its input is the
+concatenation of the target's embedding of that token and a hidden state (the target's final
+hidden state that produced the token for the first step, the assistant's own projected state
+after), projected to the assistant's width; every layer attends over the target's last cached
+local and last cached global layer (keys and values of positions < L, windowed on local
+layers), exactly as the target's own layers of that kind would. So every step of a round reads
+the same target state and nothing needs rolling back.
+
+Params: {pre_proj (2D d), post_proj (d D), embed (v d, tied unembedding), final_norm (d),
+layers: [one kv-shared attention layer per entry, model.py's layout]}, D the target's d_model.
+Semantics follow transformers' Gemma4AssistantForCausalLM (its logits are not soft-capped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from spec_tpu.models import cache as cache_lib
+from spec_tpu.models import layout, model, quant
+from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class AssistantConfig:
+  """layers: the assistant's layers as a ModelConfig (its d_model, heads, ffw; head sizes and
+  KV head counts those of the target's kinds; every layer kv-shared); backbone_d_model: the
+  target's d_model."""
+  layers: ModelConfig
+  backbone_d_model: int
+
+  def check_target(self, target: ModelConfig) -> None:
+    a = self.layers
+    problems = []
+    if target.d_model != self.backbone_d_model:
+      problems.append(f"target d_model {target.d_model} != backbone_d_model "
+                      f"{self.backbone_d_model}")
+    if target.vocab_size != a.vocab_size:
+      problems.append(f"vocabularies differ ({target.vocab_size} vs {a.vocab_size})")
+    for kind in set(a.layer_types):
+      if kind not in target.layer_types[:target.num_cached_layers]:
+        problems.append(f"the target has no cached {kind} layer to read")
+      elif (a.kind_head_dim(kind), a.kind_kv_heads(kind)) != (target.kind_head_dim(kind),
+                                                              target.kind_kv_heads(kind)):
+        problems.append(f"{kind} head_dim / KV heads differ from the target's")
+    if LOCAL in a.layer_types and a.sliding_window - 1 > target.sliding_window + 1:
+      # A local step at position L reads keys L - (window - 1) .. L - 1; the target's ring
+      # keeps its window plus at least one slot of slack (spec_tokens >= 1).
+      problems.append(f"the assistant's window ({a.sliding_window}) needs more keys than the "
+                      f"target's ring keeps (window {target.sliding_window} + 1)")
+    if problems:
+      raise ValueError("assistant does not fit its target: " + "; ".join(problems))
+
+
+def init_params(acfg: AssistantConfig, key, dtype=None) -> dict:
+  """Random params (for tests)."""
+  cfg = acfg.layers
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  keys = jax.random.split(key, cfg.num_layers + 3)
+  d, big = cfg.d_model, acfg.backbone_d_model
+  return {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
+          "post_proj": model._normal(keys[1], (d, big), d, dtype),
+          "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
+          "final_norm": model._norm_init(cfg, dtype),
+          "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
+                     for i, kind in enumerate(cfg.layer_types)]}
+
+
+def target_sources(target: ModelConfig) -> dict[str, int]:
+  """kind -> the target layer the assistant reads: the last cached layer of the kind."""
+  kinds = target.layer_types[:target.num_cached_layers]
+  return {kind: max(i for i, k in enumerate(kinds) if k == kind) for kind in set(kinds)}
+
+
+def _views(target: ModelConfig, cache: cache_lib.Cache) -> dict:
+  views = {}
+  for kind, i in target_sources(target).items():
+    part, j, g = layout.where(target, i)
+    entries = cache.groups if part == "groups" else cache.remainder
+    views[kind] = model._CacheView(entries[j], g)
+  return views
+
+
+def step(params, acfg: AssistantConfig, target_params, target: ModelConfig,
+         cache: cache_lib.Cache, token_b, hidden_bD):
+  """One draft step at position cache.length: (float32 logits b v, next hidden b D).
+  token_b: the last token (not in the target's cache); hidden_bD: the target's final hidden
+  state that produced it (first step) or the previous step's next hidden."""
+  cfg = acfg.layers
+  b = token_b.shape[0]
+  embedded = model._embed(target, target_params, token_b[:, None])
+  x = jnp.concatenate([embedded, hidden_bD[:, None].astype(embedded.dtype)], axis=-1)
+  x = quant.einsum("btn,nd->btd", x, params["pre_proj"])
+  positions = cache.length[:, None]
+  # No new keys: every key is the target's. One masked placeholder key stands in for the new
+  # block (its position -1 is never visible), so attention's blockwise path has a block to
+  # start its running max from.
+  ctx = model._Context(positions, jnp.full((b, 1), -1, jnp.int32), jnp.ones((b, 1), bool),
+                       cache.length)
+  views = _views(target, cache)
+  for i, (kind, lp) in enumerate(zip(cfg.layer_types, params["layers"])):
+    e, k = cfg.kind_head_dim(kind), cfg.kind_kv_heads(kind)
+    none = jnp.zeros((b, k, 1, e), x.dtype)
+    x, _, _ = model._layer(cfg, kind, lp, x, ctx, views[kind], i, donor=(none, none))
+  h = model._norm(cfg, x, params["final_norm"])
+  logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
+  nxt = quant.einsum("btd,dn->btn", h, params["post_proj"])
+  return logits[:, 0], nxt[:, 0]
+
+
+def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,
+          cache: cache_lib.Cache, last_b, hidden_bD, keys_bn, propose):
+  """n draft tokens from the assistant: (tokens b n, the distributions they were drawn from
+  b n v). propose(key_b, logits_bv) -> (token_b, p_bv) draws one token (the decode loop's
+  filtered sampling, or a one-hot argmax). Reads the target's cache, writes nothing."""
+  def one(carry, key_b):
+    token, hidden = carry
+    logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
+    nxt, p = propose(key_b, logits)
+    return (nxt, hidden), (nxt, p)
+
+  _, (xs, ps) = jax.lax.scan(one, (last_b, hidden_bD), jnp.moveaxis(keys_bn, 1, 0))
+  return jnp.moveaxis(xs, 0, 1), jnp.moveaxis(ps, 0, 1)

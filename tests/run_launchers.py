@@ -5,7 +5,8 @@ drives it.
 
     python tests/run_launchers.py COMMANDS.json RESULTS.jsonl
 
-COMMANDS.json: a list of argv lists, ["launch.sample", "--config=...", ...]. For each command one
+COMMANDS.json: a list of argv lists, ["launch.sample", "--config=...", ...], or ["python", CODE]
+for a Python example (run as a script's top level would run it). For each command one
 line is appended to RESULTS.jsonl as soon as it ends: {"index", "rc", "seconds", "cpu_seconds",
 "log"} (log: its stdout and stderr). A command that hangs leaves the lines of those before it.
 """
@@ -54,6 +55,9 @@ def run_one(argv: list[str], log_path: str) -> int:
   rc = 0
   with _captured(log_path):
     try:
+      if module == "python":
+        exec(compile(args[0], "<example>", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+        return 0
       sys.modules.pop(module, None)
       launcher = importlib.import_module(module)
       cli.run(launcher.main)

@@ -80,6 +80,10 @@ def run_one(argv: list[str], log_path: str) -> int:
 
 def main(commands_path: str, results_path: str) -> None:
   os.chdir(REPO)  # configs are named relative to the repository root
+  # The process's devices are those its XLA_FLAGS ask for, whichever command comes first (a
+  # launcher that sets jax_num_cpu_devices for its own mesh would otherwise fix them for all).
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()
   with open(commands_path) as f:
     commands = json.load(f)
   log_dir = os.path.dirname(os.path.abspath(results_path))

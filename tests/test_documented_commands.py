@@ -395,7 +395,9 @@ def _env(devices: int, cache_dir: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
              # Commands of one config compile the same programs: the second loads them.
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             # launch.plan --tpu loads libtpu, which other tests' processes may hold too.
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   flags = os.environ.get("XLA_FLAGS", "")  # conftest's faster-compile flags carry over
   if devices > 1:
     flags += f" --xla_force_host_platform_device_count={devices}"

@@ -107,9 +107,9 @@ PYTHON = "python"  # the program of a Python example: its one argument is the co
 
 # Simulated devices of the process a launcher's commands run in (default 1). Most of their time is
 # single-threaded compilation, so the two processes run side by side: the plans (16 devices for
-# the documented topologies) also take train and evaluate_pair, whose programs use one device, to
-# balance the load (one feeds the other, so they share a process and keep document order).
-DEVICES = {"launch.plan": 16, "launch.train": 16, "launch.evaluate_pair": 16}
+# the documented topologies; compiling for TPU is most of the suite's share) in one, everything
+# else in the other.
+DEVICES = {"launch.plan": 16}
 
 # Placeholders in the documents: absolute paths name places on the user's machine.
 _PLACEHOLDER_ROOTS = ("/ckpt/", "/models/", "/tmp/")

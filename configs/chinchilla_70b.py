@@ -16,11 +16,12 @@ from configs import common
 
 def get_config(arg=None):
   data, model = (1, 16) if not arg else (int(x) for x in arg.split("x"))
-  c = common.base(batch_size=data)
+  c = common.base(num_slots=data)
   c.model = common.model_section(preset="chinchilla_70b")
   c.draft = common.model_section(preset="chinchilla_4b_draft")
   # Paper: nucleus sampling on XSum (top_p 0.8), K=4.
-  c.sampling.update(k=4, temperature=1.0, top_p=0.8, max_new_tokens=128)
+  c.engine.k = 4
+  c.sampling.update(temperature=1.0, top_p=0.8, max_new_tokens=128)
   c.mesh.shape = (data, model)
   c.run.prompt_len = 1024
   return c

@@ -12,30 +12,30 @@
       quantize      '' = the weights as stored (a checkpoint converted or saved in int8 loads
                     as int8 with no option), 'int8' = int8 weights with per-output-channel
                     scales (spec_tpu/models/quant.py), quantized while a float checkpoint loads
-      tokenizer     sentencepiece model path, 'bytes', or '' (then text prompts cannot be encoded)
+      tokenizer     a tokenizer.model or tokenizer.json path, a converted checkpoint's directory
+                    (its tokenizer/), 'bytes', or '' (then text prompts cannot be encoded)
     draft.*     the same fields for the draft (preset '' and checkpoint '' = no draft: k must be 0)
-    sampling.*  k (draft tokens per round, 0 = autoregressive), temperature (0 = greedy), top_p,
-                top_k (0 = off), max_new_tokens, seed; adaptive_k: launch.sample's engine
-                chooses K per step (0 = speculation off) from the measured acceptance and
-                round times, starting at k and never above k_max (spec_tpu/decoding/k_policy.py)
+    sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),
+                max_new_tokens, seed
+    engine.*    the serving engine every launcher runs (sample, serve, serve_bench; checked by
+                spec_tpu.setup.engine_settings, built by spec_tpu.setup.build_engine):
+                k (draft tokens per round, 0 = autoregressive), adaptive_k (K per step from
+                the measured acceptance and round times, starting at k, among 0, k and powers
+                of two up to k_max; spec_tpu/decoding/k_policy.py), k_max, calibrate (time
+                every K the policy may pick before serving; launch.sample always calibrates an
+                adaptive engine), num_slots (the batch), max_len (context per slot: prompt +
+                new tokens + k_max + 1; 0 = what the prompts need for sample and serve_bench,
+                1024 for serve), rounds_per_step (N; 0 = chosen from measured times),
+                max_rounds_per_step, max_top_k (largest per-request top_k launch.serve
+                accepts; sample and serve_bench run sampling.top_k), prefill_rows (requests
+                per insert call)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
-    run.*       batch_size (launch.sample: the engine's slots), prompts (text), add_bos,
-                compare_ar (also run k=0 and report the speedup), max_cache_len (launch.sample:
-                a slot's context; 0 = just what the prompts and new tokens need),
+    run.*       prompts (text), add_bos, compare_ar (also run k=0 and report the speedup),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
                 serve, benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
-    serve.*     the serving engine (launch/serve.py, launch/serve_bench.py; launch.sample takes
-                rounds_per_step, max_rounds_per_step and prefill_rows from here; see
-                spec_tpu/serving/engine.py): num_slots (the batch), max_len (context per slot:
-                prompt + new tokens + k_max + 1), adaptive_k (K per step from measured a and c,
-                0..sampling.k_max, starting at sampling.k; False: always sampling.k),
-                calibrate (time every K the policy may pick, 0, sampling.k and powers of two
-                up to sampling.k_max, before serving), rounds_per_step
-                (N; 0 = chosen from measured times), max_rounds_per_step, max_top_k (largest
-                per-request top_k), prefill_rows (requests per insert call), model_name
-                ('' = the target's name)
+    serve.*     model_name: the name launch.serve answers to ('' = the target's name)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -96,20 +96,21 @@ def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = F
   return s
 
 
-def base(**run) -> ml_collections.ConfigDict:
+def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
   """Every key of the schema with a neutral default; config files change what they need."""
   c = ml_collections.ConfigDict()
   c.model = model_section()
   c.draft = model_section()
   c.sampling = ml_collections.ConfigDict(dict(
-      k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0,
-      adaptive_k=False, k_max=8))
+      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64, seed=0))
+  c.engine = ml_collections.ConfigDict(dict(
+      k=4, adaptive_k=False, k_max=8, calibrate=True, num_slots=8, max_len=0,
+      rounds_per_step=0, max_rounds_per_step=16, max_top_k=64, prefill_rows=1))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
-      batch_size=1, prompts=(), add_bos=True, compare_ar=False, max_cache_len=0,
-      prompt_len=128, compile_cache=DEFAULT_COMPILE_CACHE))
+      prompts=(), add_bos=True, compare_ar=False, prompt_len=128,
+      compile_cache=DEFAULT_COMPILE_CACHE))
   c.run.update(run)
-  c.serve = ml_collections.ConfigDict(dict(
-      num_slots=8, max_len=1024, adaptive_k=True, calibrate=True, rounds_per_step=0,
-      max_rounds_per_step=16, max_top_k=64, prefill_rows=1, model_name=""))
+  c.engine.num_slots = num_slots
+  c.serve = ml_collections.ConfigDict(dict(model_name=""))
   return c

@@ -30,7 +30,7 @@ PROMPTS = (
 
 def get_config(arg=None):
   del arg
-  c = common.base(batch_size=4, prompts=PROMPTS, compare_ar=True)
+  c = common.base(num_slots=4, prompts=PROMPTS, compare_ar=True)
   tokenizer = os.path.join(common.ASSETS_DIR, "stdlib_sp2048.model")
   c.model = common.model_section(checkpoint=os.path.join(common.ASSETS_DIR, "target"),
                                  tokenizer=tokenizer)
@@ -38,13 +38,12 @@ def get_config(arg=None):
                                  tokenizer=tokenizer)
   # The pair was trained on files separated by EOS, never with a BOS in front.
   c.run.add_bos = False
+  c.sampling.update(temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
   # adaptive_k: the engine calibrates K = 0, 1, 2, 4, 8 on these prompts before the first
   # request and runs the K that pays, K = 0 where speculation does not, so the first command a
   # user runs is never slower than plain decoding (on some machines it would be, at a fixed K).
-  c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0,
-                    adaptive_k=True)
+  # max_len: the pair was trained on 128-token windows; every round attends over the whole
+  # slot, so a context far beyond what the models can use only costs time.
+  c.engine.update(k=4, adaptive_k=True, max_len=256)
   c.mesh.shape = (1, -1)
-  # The pair was trained on 128-token windows; every round attends over the whole slot, so a
-  # context far beyond what the models can use only costs time.
-  c.serve.max_len = 256
   return c

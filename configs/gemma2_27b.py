@@ -15,10 +15,11 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  c = common.base(batch_size=1)
+  c = common.base(num_slots=1)
   c.model = common.model_section(preset="gemma2_27b")
   c.draft = common.model_section(preset="gemma2_2b")
-  c.sampling.update(k=4, temperature=1.0, top_p=0.95, top_k=64, max_new_tokens=256)
+  c.engine.k = 4
+  c.sampling.update(temperature=1.0, top_p=0.95, top_k=64, max_new_tokens=256)
   c.mesh.shape = (1, -1)
   c.run.prompt_len = 1024
   return c

@@ -12,7 +12,7 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  c = common.base(batch_size=1)
+  c = common.base(num_slots=1)
   c.model = common.model_section(preset="llama_7b", allow_random=True)
   # 134M parameters, Llama-shaped: 12 layers of d_model 768 with the 7B's 32k vocabulary, the
   # size class of the drafts used for 7B targets in the literature (c ~ 0.05 at batch 1).
@@ -23,7 +23,8 @@ def get_config(arg=None):
   # The vocabulary the pair shares is the ModelConfig field (the llama_7b preset's "llama"); the
   # section's own `tokenizer` is a tokenizer file, which random-weight benchmarks do not need.
   c.draft.fields.tokenizer = "llama"
-  c.sampling.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=128)
+  c.engine.k = 4
+  c.sampling.update(temperature=1.0, top_p=1.0, max_new_tokens=128)
   c.mesh.shape = (1, -1)
   c.run.prompt_len = 128
   return c

@@ -20,7 +20,7 @@ PROMPTS = (
 
 def get_config(arg=None):
   del arg
-  c = common.base(batch_size=4, prompts=PROMPTS, compare_ar=True)
+  c = common.base(num_slots=4, prompts=PROMPTS, compare_ar=True)
   tokenizer = os.path.join(common.ASSETS_DIR, "stdlib_sp2048.model")
   # The fallback shapes only matter while the checkpoints are missing: tiny, with the
   # tokenizer's 2048-token vocabulary so real prompts can be fed.
@@ -31,6 +31,7 @@ def get_config(arg=None):
       preset="tiny", checkpoint="",
       allow_random=True, tokenizer=tokenizer, name="random_tiny_draft", vocab_size=2048,
       num_layers=1)
-  c.sampling.update(k=4, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
+  c.engine.k = 4
+  c.sampling.update(temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=64, seed=0)
   c.mesh.shape = (1, -1)
   return c

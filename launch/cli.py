@@ -13,12 +13,15 @@ This module imports absl and ml_collections only, so `--help` and flag errors st
 
 from __future__ import annotations
 
+import glob
+import logging as std_logging
 import os
 import re
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 
@@ -71,16 +74,6 @@ def check_output_file(flag: str, path: str) -> None:
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
     raise UserError(f"--{flag} {path!r}: {parent!r} is not a writable directory")
-
-
-def make_output_dir(flag: str, path: str) -> None:
-  """Creates the directory a launcher writes its results into, or a UserError naming the flag."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--{flag} {path!r}: {e.strerror or e}") from None
-  if not os.access(path, os.W_OK):
-    raise UserError(f"--{flag} {path!r} is not writable")
 
 
 def _one_line(message: str) -> str:
@@ -149,9 +142,46 @@ def is_user_error(e: BaseException) -> bool:
       c.__module__.split(".")[0] == "spec_tpu" for c in type(e).__mro__)
 
 
+# This repository's code: its INFO lines are the launchers' progress; other libraries' (orbax
+# logs every step of a save or restore) show only at a raised --verbosity.
+_OWN_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                  + os.sep for d in ("launch", "spec_tpu", "configs"))
+
+
+def _own_or_important(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.WARNING or record.pathname.startswith(_OWN_CODE)
+
+
+def quiet_other_libraries() -> None:
+  """Other libraries' INFO logs off unless --verbosity (-v) was given."""
+  handler = logging.get_absl_handler()
+  if flags.FLAGS["verbosity"].present:
+    handler.removeFilter(_own_or_important)
+  else:
+    handler.addFilter(_own_or_important)
+
+
+def _accelerator_present() -> bool:
+  # Device files of TPU chips (v4: /dev/accel*; later chips: VFIO groups) and of GPUs.
+  return any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*",
+                                    "/dev/kfd"))
+
+
+def default_platform() -> None:
+  """JAX_PLATFORMS=cpu where nothing was chosen and the machine has no accelerator: otherwise
+  an installed libtpu probes for a TPU that is not there, and prints pages of errors about it.
+  A machine with an accelerator (or a JAX_PLATFORMS already set) is left to JAX's own choice."""
+  if "JAX_PLATFORMS" not in os.environ and "jax" not in sys.modules and not _accelerator_present():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def run(main) -> None:
-  """app.run(main) with one-line errors for flags, configs and deliberate user errors."""
+  """app.run(main) with one-line errors for flags, configs and deliberate user errors, and only
+  the launcher's own progress on the console."""
+  default_platform()
+
   def guarded(argv):
+    quiet_other_libraries()
     try:
       return main(argv)
     except app.UsageError as e:

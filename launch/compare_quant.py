@@ -13,24 +13,18 @@ and per pair (int8 vs stored, stored vs float32): max and mean |logit difference
 position and vocabulary entry, top-1 agreement (same argmax), and mean KL(first || second) in
 nats. The stored-vs-float32 row is the size of the noise the stored dtype already has. With
 --tokens=heldout (the default, for the shipped pair's tokenizer) each form's held-out loss is
-reported too (nats/token over the same windows as launch.evaluate_pair).
+reported too (nats/token over the same windows as launch.evaluate_pair). The scoring is
+spec_tpu/evaluation.py's.
 """
 
 from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
 from launch import cli
-from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import model
-from spec_tpu.training import corpus
 
 _CHECKPOINTS = flags.DEFINE_multi_string(
     "checkpoint", ["spec_tpu/assets/target", "spec_tpu/assets/draft"],
@@ -45,92 +39,8 @@ _WINDOWS = flags.DEFINE_integer("windows", 64, "Windows (sequences) to compare."
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per window.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
-_BATCH = 16
-
-
-def _windows(vocab: int) -> np.ndarray:
-  """(n, seq_len + 1) token windows: the model reads the first seq_len, the loss scores the
-  next token at each."""
-  if _TOKENS.value == "random":
-    rng = np.random.default_rng(0)
-    return rng.integers(0, vocab, (_WINDOWS.value, _SEQ_LEN.value + 1), dtype=np.int32)
-  from spec_tpu import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.load()
-  _, heldout = corpus.split(corpus.stdlib_files())
-  return corpus.heldout_windows(corpus.token_stream(tok, heldout), _SEQ_LEN.value,
-                                _WINDOWS.value)
-
-
-def _logits(params, cfg, windows):
-  fn = jax.jit(lambda p, t: model.forward_full(p, cfg, t)[..., :cfg.num_tokens])
-  return np.concatenate([np.asarray(fn(params, jnp.asarray(windows[i:i + _BATCH, :-1])),
-                                    np.float32) for i in range(0, len(windows), _BATCH)])
-
-
-def _compare(a, b) -> dict:
-  """a, b: (n t v) float32 logits of two forms of a model."""
-  diff = np.abs(a - b)
-  la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
-  lb = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
-  kl = np.sum(np.exp(la) * (la - lb), axis=-1)
-  return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-          "top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
-          "mean_kl": float(kl.mean())}
-
-
-def _loss(logits, windows) -> float:
-  logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-  return float(-np.mean(np.take_along_axis(logp, windows[:, 1:, None], axis=-1)))
-
-
-def check(path: str, quantized: str | None) -> None:
-  """What compare() would refuse, from the stored configs alone (no weights read)."""
-  cfg = checkpoint.load_config(path)
-  if cfg.quantize:
-    raise app.UsageError(f"--checkpoint {path} is already {cfg.quantize}: give the float one")
-  try:
-    cfg.replace(quantize="int8")
-  except ValueError as e:
-    raise app.UsageError(f"--checkpoint {path}: {e}") from None
-  if _TOKENS.value == "heldout":
-    from spec_tpu import tokenizer as tokenizer_lib
-    shipped = tokenizer_lib.load().name
-    if cfg.tokenizer != shipped:
-      raise app.UsageError(f"--checkpoint {path} was made with tokenizer {cfg.tokenizer!r}, and "
-                           f"--tokens=heldout encodes with the shipped one ({shipped}): its "
-                           "ids would mean other tokens; use --tokens=random")
-  if quantized:
-    q_cfg = checkpoint.load_config(quantized)
-    if q_cfg.quantize != "int8" or q_cfg.num_params() != cfg.num_params():
-      raise app.UsageError(f"--quantized {quantized} is not an int8 form of {path}")
-
-
-def compare(path: str, quantized: str | None) -> dict:
-  stored, cfg = checkpoint.restore(path)
-  if quantized:
-    q_params, q_cfg = checkpoint.restore(quantized)
-  else:
-    q_cfg = cfg.replace(quantize="int8")
-    q_params = jax.jit(model.quantize, static_argnums=1)(stored, q_cfg)
-  f32_cfg = cfg.replace(dtype="float32")
-  f32 = jax.tree.map(lambda x: x.astype(jnp.float32), stored)
-  windows = _windows(cfg.num_tokens)
-  logits = {"float32": _logits(f32, f32_cfg, windows), cfg.dtype: _logits(stored, cfg, windows),
-            "int8": _logits(q_params, q_cfg, windows)}
-  out = {"checkpoint": path, "quantized": quantized or "(quantized on load)",
-         "stored_dtype": cfg.dtype, "num_params": cfg.num_params(), "tokens": _TOKENS.value,
-         "positions": int(windows[:, 1:].size),
-         f"int8_vs_{cfg.dtype}": _compare(logits[cfg.dtype], logits["int8"]),
-         f"{cfg.dtype}_vs_float32": _compare(logits["float32"], logits[cfg.dtype])}
-  if _TOKENS.value == "heldout":
-    out["heldout_loss"] = {form: _loss(lg, windows) for form, lg in logits.items()}
-  return out
-
-
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   for flag in (_WINDOWS, _SEQ_LEN):
     if flag.value < 1:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}")
@@ -140,9 +50,13 @@ def main(argv):
   if _OUTPUT.value:
     cli.check_output_file("output", _OUTPUT.value)
   quantized = list(_QUANTIZED.value) + [None] * (len(_CHECKPOINTS.value) - len(_QUANTIZED.value))
+  from spec_tpu import evaluation
   for p, q in zip(_CHECKPOINTS.value, quantized):
-    check(p, q)  # CheckpointError (missing, damaged config): one line (cli.run)
-  results = [compare(p, q) for p, q in zip(_CHECKPOINTS.value, quantized)]
+    # CheckpointError (missing, damaged config), EvaluationError: one line (cli.run)
+    evaluation.check_quantizable(p, q, _TOKENS.value)
+  results = [evaluation.compare_quantized(p, q, tokens=_TOKENS.value, windows=_WINDOWS.value,
+                                          seq_len=_SEQ_LEN.value)
+             for p, q in zip(_CHECKPOINTS.value, quantized)]
   for r in results:
     d = r["stored_dtype"]
     print(f"{r['checkpoint']} ({r['num_params'] / 1e6:.2f}M params, stored {d}; int8 from "

@@ -10,24 +10,19 @@ of the way in, so they sit in code rather than in license headers), never seen i
 draft is run at K=--k with temperature 1 and greedy; the target alone (K=0) at the same settings
 is the baseline of the wall-clock speedup. Times exclude compilation (Sampler.generate's seconds)
 and are the best of --repeats runs, since other work on a shared machine only ever adds time.
+The evaluation is spec_tpu/evaluation.py's.
 """
 
 from __future__ import annotations
 
 import json
 
-import jax
 from absl import app
 from absl import flags
 
 from launch import cli
 from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import model
 from spec_tpu.models.config import FLOAT_DTYPES
-from spec_tpu.training import corpus, train
-from spec_tpu import tokenizer as tokenizer_lib
-from spec_tpu.decoding.sampler import Sampler
-from spec_tpu.decoding.sampling import SamplingParams
 
 _TARGET = flags.DEFINE_string("target", "spec_tpu/assets/target", "Target checkpoint.")
 _DRAFT = flags.DEFINE_multi_string("draft", ["distilled=spec_tpu/assets/draft"],
@@ -45,38 +40,6 @@ _QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "Serve (and score) tar
 _SAMPLES = flags.DEFINE_integer("show_samples", 2, "Decoded continuations to print.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
-
-SETTINGS = {"temp1": SamplingParams(temperature=1.0), "greedy": SamplingParams(temperature=0.0)}
-
-
-def heldout_prompts(tok, files, n: int, length: int) -> list[list[int]]:
-  prompts = []
-  for ids in tok.encode_batch([corpus.read_text([f]) for f in files]):
-    if len(ids) >= 3 * length:
-      start = len(ids) // 3
-      prompts.append(ids[start:start + length])
-    if len(prompts) == n:
-      break
-  if len(prompts) < n:
-    raise app.UsageError(f"only {len(prompts)} held-out files are long enough for {n} prompts")
-  return prompts
-
-
-def _restore(path, dtype=None):
-  dtype = dtype or _DTYPE.value or None
-  params, cfg = checkpoint.restore(path, dtype=dtype)
-  cfg = cfg.replace(dtype=dtype) if dtype else cfg
-  if _QUANTIZE.value and not cfg.quantize:
-    cfg = cfg.replace(quantize=_QUANTIZE.value)
-    params = jax.jit(model.quantize, static_argnums=1)(params, cfg)
-  return params, cfg
-
-
-def _timed(sampler, prompts, k, sampling):
-  runs = [sampler.generate(prompts, max_new_tokens=_MAX_NEW.value, k=k, sampling=sampling,
-                           seed=_SEED.value) for _ in range(max(1, _REPEATS.value))]
-  return min(runs, key=lambda r: r.seconds)
-
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
@@ -100,54 +63,17 @@ def main(argv):
   for path in [_TARGET.value] + [p for _, p in drafts]:
     checkpoint.load_config(path)  # manifest and config only: a missing checkpoint fails here
 
-  tok = tokenizer_lib.load()
-  _, heldout_files = corpus.split(corpus.stdlib_files())
-  windows = corpus.heldout_windows(corpus.token_stream(tok, heldout_files), _SEQ_LEN.value,
-                                   _EVAL_WINDOWS.value)
-  prompts = heldout_prompts(tok, heldout_files, _NUM_PROMPTS.value, _PROMPT_LEN.value)
-
-  def loss_of(path):
-    # Scored in float32 activations from the stored (or int8) weights, whatever --dtype
-    # sampling uses.
-    params, cfg = _restore(path, dtype="float32")
-    return train.evaluate(params, cfg, windows)
-
-  t_params, t_cfg = _restore(_TARGET.value)
-  out = {"target": {"checkpoint": _TARGET.value, "num_params": t_cfg.num_params(),
-                    "heldout_loss": loss_of(_TARGET.value)},
-         "k": _K.value, "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
-         "max_new_tokens": _MAX_NEW.value, "dtype": t_cfg.dtype,
-         "quantize": t_cfg.quantize or "none", "drafts": {}, "baseline": {}}
-  baseline = Sampler(t_params, t_cfg, eos_id=tok.eos_id)
-  for name, sp in SETTINGS.items():
-    r = _timed(baseline, prompts, 0, sp)
-    out["baseline"][name] = {"seconds": r.seconds, "tokens": r.num_generated}
-
-  rows, samples = [], []
-  for label, path in drafts:
-    d_params, d_cfg = _restore(path)
-    sampler = Sampler(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_id=tok.eos_id)
-    entry = {"checkpoint": path, "num_params": d_cfg.num_params(), "heldout_loss": loss_of(path)}
-    for name, sp in SETTINGS.items():
-      r = _timed(sampler, prompts, _K.value, sp)
-      base = out["baseline"][name]
-      # Rows may stop at EOS, so compare throughputs (tokens/s), not raw seconds.
-      speedup = (r.num_generated / r.seconds) / (base["tokens"] / base["seconds"])
-      entry[name] = {"acceptance_rate": r.acceptance_rate(),
-                     "tokens_per_call": r.tokens_per_call(), "seconds": r.seconds,
-                     "tokens": r.num_generated, "speedup": speedup,
-                     "acceptance_by_position": [float(x) for x in r.acceptance_by_position()]}
-      rows.append((label, name, entry["heldout_loss"], r.acceptance_rate(), r.tokens_per_call(),
-                   speedup))
-      if name == "temp1" and not samples:
-        samples = [(tok.decode(prompts[i]), tok.decode(r.tokens[i]))
-                   for i in range(min(_SAMPLES.value, len(prompts)))]
-    out["drafts"][label] = entry
-
-  print(f"target {_TARGET.value}: {t_cfg.num_params() / 1e6:.2f}M params, held-out loss "
-        f"{out['target']['heldout_loss']:.3f} nats/token; {len(prompts)} held-out prompts x "
-        f"{_MAX_NEW.value} new tokens, K={_K.value}, dtype {t_cfg.dtype}"
-        + (f", {t_cfg.quantize} weights" if t_cfg.quantize else ""))
+  from spec_tpu import evaluation
+  out, rows, samples = evaluation.evaluate_pairs(
+      _TARGET.value, drafts, num_prompts=_NUM_PROMPTS.value, prompt_len=_PROMPT_LEN.value,
+      max_new_tokens=_MAX_NEW.value, k=_K.value, repeats=_REPEATS.value, seq_len=_SEQ_LEN.value,
+      eval_windows=_EVAL_WINDOWS.value, dtype=_DTYPE.value or None, quantize=_QUANTIZE.value,
+      seed=_SEED.value, show_samples=_SAMPLES.value)
+  t = out["target"]
+  print(f"target {_TARGET.value}: {t['num_params'] / 1e6:.2f}M params, held-out loss "
+        f"{t['heldout_loss']:.3f} nats/token; {out['num_prompts']} held-out prompts x "
+        f"{_MAX_NEW.value} new tokens, K={_K.value}, dtype {out['dtype']}"
+        + (f", {out['quantize']} weights" if out["quantize"] != "none" else ""))
   print(f"{'draft':<12} {'params':>8} {'sampling':<8} {'loss':>6} {'accept':>7} {'tok/call':>9} "
         f"{'speedup':>8}")
   for label, name, loss, acc, tpc, speedup in rows:

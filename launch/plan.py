@@ -11,8 +11,8 @@ a TPU topology, also a roofline estimate of step times.
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --topology=1x8 \
         --batch=1 --context=2048 --quantize=none,int8
 
-The program is `jax.jit(decode.run).lower(...).compile()` with jax.ShapeDtypeStruct params carrying
-their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
+The work is spec_tpu/planning.py's. The program is `jax.jit(decode.run).lower(...).compile()`
+with jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
 cache length: prompt + max_new_tokens + K + 1 tokens. Reported per device:
   compiled   XLA's memory_analysis(): arguments (params + inputs), outputs, temporaries (the
              caches live inside the program, so they count here)
@@ -33,11 +33,8 @@ memory is reported as DOES NOT FIT.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import sys
-import time
 
 from absl import flags
 
@@ -46,9 +43,9 @@ from launch import cli
 _CONFIG = cli.define_config_file("config", "configs/chinchilla_70b.py", "Setup to plan.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Mesh DATAxMODEL, e.g. 1x16 or 2x8 "
                                 "(default: the config's mesh.shape).")
-_BATCH = flags.DEFINE_integer("batch", None, "Rows per batch (default: run.batch_size).")
+_BATCH = flags.DEFINE_integer("batch", None, "Rows per batch (default: engine.num_slots).")
 _CONTEXT = flags.DEFINE_integer("context", 2048, "Cache length per row (prompt + new tokens).")
-_K = flags.DEFINE_integer("k", None, "Draft tokens per round (default: sampling.k).")
+_K = flags.DEFINE_integer("k", None, "Draft tokens per round (default: engine.k).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "New tokens (default: sampling's).")
 _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtpu "
                            "(e.g. v5e:4x4) instead of the local devices.")
@@ -58,19 +55,6 @@ _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for 
 _ACCEPTANCE = flags.DEFINE_list("acceptance", ["0.6", "0.7", "0.8", "0.9"],
                                 "Acceptance rates a for the --tpu speed estimate.")
 
-GIB = 1 << 30
-# Per chip, one jax device per chip (v4/v5p megacore); --tpu checks the device it compiled for.
-HBM = {"TPU v4": 32 * GIB, "TPU v5e": 16 * GIB, "TPU v5p": 95 * GIB}
-
-
-_CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                     "xla_llvm_disable_expensive_passes": True}
-
-
-class DoesNotFit(ValueError):
-  """The device's compiler found the program larger than the device memory."""
-
-
 def parse_topology(text: str) -> tuple[int, int]:
   try:
     data, model = (int(x) for x in text.lower().split("x"))
@@ -79,322 +63,6 @@ def parse_topology(text: str) -> tuple[int, int]:
   if data <= 0 or model <= 0:
     raise ValueError(f"--topology sizes must be positive, got {text!r}")
   return data, model
-
-
-def ensure_cpu_devices(n: int) -> None:
-  """Simulated CPU devices for the mesh; must run before any JAX op creates the CPU backend."""
-  import jax
-  if n <= jax.config.jax_num_cpu_devices:
-    return
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError:  # a backend exists already (e.g. in-process use); devices are checked later
-    pass
-
-
-def _devices(n: int, tpu_topology: str | None):
-  import jax
-  if tpu_topology:
-    from jax.experimental import topologies
-    try:
-      devices = topologies.get_topology_desc(topology_name=tpu_topology, platform="tpu").devices
-    except Exception as e:  # libtpu missing or a bad name: both are user errors here
-      raise ValueError(f"--tpu={tpu_topology}: cannot describe this TPU topology ({e}); it needs "
-                       "libtpu (pip install 'jax[tpu]') and a name such as v5e:4x4") from None
-    if len(devices) != n:
-      raise ValueError(f"--tpu={tpu_topology} has {len(devices)} devices, the mesh needs {n}")
-    return list(devices)
-  devices = jax.devices()
-  if len(devices) < n or devices[0].platform != "cpu" and len(devices) != n:
-    devices = jax.devices("cpu")
-  if len(devices) < n:
-    raise ValueError(f"the mesh needs {n} devices but there are {len(devices)} CPU devices; "
-                     f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-  return devices[:n]
-
-
-def _per_device_bytes(structs, shardings) -> int:
-  import jax
-  import numpy as np
-  return int(sum(np.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                 for x, s in zip(jax.tree.leaves(structs), jax.tree.leaves(shardings))))
-
-
-def _step_cost(cfg, rules, mesh, batch: int, context: int, t: int, spec_tokens: int):
-  """What one forward of t tokens per row costs one device, with a cache of `context` slots.
-
-  Flops and collectives: XLA's cost analysis and HLO of unrolled programs of one and of two layer
-  groups, extrapolated to the depth (while-loop bodies count once in XLA's cost analysis, so the
-  scanned program would not do). HBM bytes: every param and cache array's per-device bytes (the
-  attention reads every cache slot), except an untied embedding table (t rows are gathered).
-  """
-  import jax
-  import numpy as np
-  from spec_tpu import roofline, sharding
-  from spec_tpu.models import cache as cache_lib, model
-
-  def abstract(c):
-    shapes = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
-    p_sh = sharding.param_shardings(c, mesh, rules, shapes)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, p_sh)
-    cache = cache_lib.abstract_cache(c, batch, context, spec_tokens)
-    c_sh = sharding.cache_shardings(cache, mesh, rules)
-    cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         cache, c_sh)
-    return params, p_sh, cache, c_sh
-
-  def cost(groups: int):
-    c = cfg.replace(num_layers=groups * len(cfg.layer_pattern) + cfg.num_remainder)
-    params, _, cache, _ = abstract(c)
-    tokens = jax.ShapeDtypeStruct((batch, t), np.int32,
-                                  sharding=sharding.batch_sharding(mesh, (batch, t), rules))
-    step = jax.jit(lambda p, x, kv: model.forward(p, c, x, kv, unrolled=True), donate_argnums=2)
-    return roofline.program_cost(step.lower(params, tokens, cache).compile())
-
-  total = (cost(cfg.num_groups) if cfg.num_groups <= 1
-           else roofline.extrapolate(cost(1), cost(2), cfg.num_groups))
-  params, p_sh, cache, c_sh = abstract(cfg)
-  if not cfg.tie_embeddings:
-    params, p_sh = (dict(x, embed=None) for x in (params, p_sh))
-  hbm = _per_device_bytes(params, p_sh) + _per_device_bytes(cache, c_sh)
-  return dataclasses.replace(total, hbm_bytes=float(hbm))
-
-
-def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
-                   acceptances) -> dict:
-  """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
-  a draft step on this TPU, per device, and of speculative rounds at the given acceptances."""
-  from spec_tpu import roofline
-  chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
-  start = time.perf_counter()
-  programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
-  if k > 0:
-    programs["draft_step"] = (setup.draft, 1)
-  costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
-           for name, (m, t) in programs.items()}
-  times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
-  out = dict(chip=chip.name, device_share_of_chip=share,
-             hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
-             bf16_flops_per_s=chip.bf16_flops_per_s * share,
-             collective_latency_s=roofline.COLLECTIVE_LATENCY_S,
-             compile_seconds=time.perf_counter() - start,
-             programs={name: dict(cost=dataclasses.asdict(costs[name]), seconds=times[name])
-                       for name in costs})
-  if k > 0:
-    out["speculative"] = {
-        str(a): roofline.speculative(times["target_step"]["total"], times["verify"]["total"],
-                                     times["draft_step"]["total"], k, float(a))
-        for a in acceptances}
-  return out
-
-
-def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
-         max_new: int | None, tpu_topology: str | None = None,
-         acceptances=(0.6, 0.7, 0.8, 0.9)) -> dict:
-  import jax
-  import numpy as np
-  from launch import common
-  from spec_tpu.models import cache as cache_lib, model, recurrent
-  from spec_tpu.decoding import decode
-  from spec_tpu import sharding
-
-  setup = common.resolve(config, need_weights=False, k=k)
-  k = setup.k
-  max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
-  prompt_len = context - max_new - k - 1
-  if batch <= 0 or prompt_len <= 0:
-    raise ValueError(f"--context={context} must exceed max_new_tokens ({max_new}) + K + 1 "
-                     f"({k + 1}), and --batch ({batch}) must be positive")
-  data, model_axis = topology
-  devices = _devices(data * model_axis, tpu_topology)
-  mesh = sharding.make_mesh((data, model_axis), devices=devices)
-  if batch % data:
-    raise ValueError(f"--batch={batch} must divide over the data axis ({data})")
-
-  def abstract_params(m):
-    shapes = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
-    shards = sharding.param_shardings(m.cfg, mesh, m.rules, shapes)
-    structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           shapes, shards)
-    return structs, shards
-
-  def cache_bytes(m):
-    abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
-    return _per_device_bytes(abstract, sharding.cache_shardings(abstract, mesh, m.rules))
-
-  def recurrent_bytes(m, positions):
-    """(state, trace) bytes per device of the recurrent layers: the states in the cache, and
-    those after each of `positions` tokens of one call (sharded like the states)."""
-    abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
-    shards = sharding.cache_shardings(abstract, mesh, m.rules)
-    entries = cache_lib.recurrent_entries(abstract)
-    pairs = [(e, s) for e, s in zip(entries.groups + entries.remainder,
-                                    shards.groups + shards.remainder) if e is not None]
-    state = sum(_per_device_bytes(e, s) for e, s in pairs)
-    full = sum(_per_device_bytes(e, jax.tree.map(lambda _: sharding.replicated(mesh), e))
-               for e, _ in pairs)
-    trace = recurrent.verification_trace_bytes(m.cfg, batch, positions)
-    return state, (trace * state // full if full else 0)
-
-  draft = setup.draft if k > 0 else None
-  tp, t_sh = abstract_params(setup.target)
-  dp, d_sh = abstract_params(draft) if draft else (None, None)
-  spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
-                         k_max=k,
-                         max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_len=context, out_len=max_new + k, eos_id=None)
-  rules = setup.target.rules
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(
-      mesh, shape, rules))
-  rep = sharding.replicated(mesh)
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
-  # tokens, lengths, temperature, top_p, top_k, seed
-  args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
-          scalar(np.int32), scalar(np.uint32))
-
-  start = time.perf_counter()
-  lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
-  lower_s = time.perf_counter() - start
-  start, start_cpu = time.perf_counter(), time.process_time()
-  # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
-  # does not change buffer assignment, which is what memory_analysis reports).
-  from spec_tpu.decoding import sampler
-  quantized = bool(setup.target.cfg.quantize or (draft and draft.cfg.quantize))
-  options = sampler.compiler_options(devices[0].platform, quantized)  # as the Sampler compiles
-  if devices[0].platform == "cpu":
-    options.update(_CPU_FAST_COMPILE)
-  try:
-    compiled = lowered.compile(options)
-  except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the program: "
-                     f"{str(e).splitlines()[0]}") from None
-  # CPU time too: on a shared machine the wall time depends on everyone else's load.
-  compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-  mem = compiled.memory_analysis()
-
-  weights = {"target": _per_device_bytes(tp, t_sh),
-             "draft": _per_device_bytes(dp, d_sh) if draft else 0}
-  caches = {"target": cache_bytes(setup.target), "draft": cache_bytes(draft) if draft else 0}
-  # Recurrent layers: the target traces K + 1 positions, the draft stacks its K - 1 steps.
-  t_state, t_trace = recurrent_bytes(setup.target, k + 1)
-  d_state, d_trace = recurrent_bytes(draft, max(k - 1, 0)) if draft else (0, 0)
-  states = {"target": t_state, "draft": d_state}
-  traces = {"target": t_trace, "draft": d_trace}
-  compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-  platform = devices[0].platform
-  need = compiled_total
-  report = dict(
-      target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
-      quantize=setup.target.cfg.quantize or "none",
-      target_params=setup.target.cfg.num_params(),
-      draft_params=draft.cfg.num_params() if draft else 0,
-      mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
-      batch=batch, context=context, prompt_len=prompt_len, max_new_tokens=max_new, k=k,
-      lower_seconds=lower_s, compile_seconds=compile_s, compile_cpu_seconds=compile_cpu_s,
-      compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-                    temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
-                    generated_code=mem.generated_code_size_in_bytes, total=compiled_total),
-      analytic=dict(weights=weights, kv_caches=caches, recurrent_states=states,
-                    verification_traces=traces,
-                    total=sum(weights.values()) + sum(caches.values()) + sum(traces.values())),
-      estimated_need=need,
-      estimate_basis=("compiled total on CPU (XLA:CPU's float32 copy of one layer's weights "
-                      "included; confirm with --tpu)" if platform == "cpu" else "compiled total"),
-      fits={chip: need <= hbm for chip, hbm in HBM.items()})
-  if platform == "tpu":
-    from spec_tpu import roofline
-    device = devices[0]
-    hbm = roofline.CHIPS[device.device_kind].hbm_bytes * roofline.device_share(device)
-    report["device_hbm"] = hbm
-    report["fits"] = {device.device_kind: need <= hbm}
-    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances)
-  return report
-
-
-def format_report(r: dict) -> str:
-  g = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB / 10 else f"{b / (1 << 20):8.2f} MiB"
-  c, a = r["compiled"], r["analytic"]
-  lines = [
-      f"plan: {r['target']} ({r['target_params'] / 1e9:.2f}B)"
-      + (f" + draft {r['draft']} ({r['draft_params'] / 1e9:.2f}B), K={r['k']}" if r["draft"]
-         else " (autoregressive)"),
-      f"mesh {r['mesh']} on {r['platform']} ({r['device_kind']}); batch {r['batch']}, context "
-      f"{r['context']} (prompt {r['prompt_len']} + {r['max_new_tokens']} new + {r['k'] + 1})",
-      f"weights: {r.get('quantize', 'none')}; lower {r['lower_seconds']:.1f} s, compile "
-      f"{r['compile_seconds']:.1f} s ({r['compile_cpu_seconds']:.1f} s of CPU time)"
-      + (" (loaded from the persistent compilation cache: pass --config.run.compile_cache= to "
-         "time a compile)" if r.get("compile_cache", {}).get("hits") else ""),
-      "",
-      "per device, compiled (XLA memory_analysis):",
-      f"  arguments (params + inputs) {g(c['arguments'])}",
-      f"  temporaries                 {g(c['temporaries'])}",
-      f"  outputs                     {g(c['outputs'])}",
-      f"  total                       {g(c['total'])}",
-      "per device, analytic:",
-      f"  target weights              {g(a['weights']['target'])}",
-      f"  draft weights               {g(a['weights']['draft'])}",
-      f"  target KV cache             {g(a['kv_caches']['target'])}",
-      f"  draft KV cache              {g(a['kv_caches']['draft'])}",
-  ]
-  for role in ("target", "draft"):
-    if a.get("recurrent_states", {}).get(role):
-      lines += [f"  {role + ' recurrent state':28s}{g(a['recurrent_states'][role])}"
-                " (part of its cache above)",
-                f"  {role + ' verification trace':28s}{g(a['verification_traces'][role])}"
-                " (a state per position, held until the rollback)"]
-  lines += [
-      f"  total                       {g(a['total'])}",
-  ]
-  estimated = r["platform"] == "cpu"
-  lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
-  chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)
-  for chip, hbm in chips.items():
-    spare = hbm - r["estimated_need"]
-    if spare < 0:
-      verdict = f"DOES NOT FIT (short by {-spare / GIB:.1f} GiB)"
-    else:
-      verdict = f"fits ({spare / GIB:.1f} GiB spare)"
-      if estimated and spare < 0.25 * hbm:
-        # Compiling for a real TPU (--tpu) measured ~3 GiB more than this estimate for 70B.
-        verdict += ", borderline for an estimate: confirm with --tpu"
-    lines.append(f"  {chip:8s} {hbm / GIB:4.0f} GiB HBM: {verdict}")
-  if "speed" in r:
-    lines += ["", *format_speed(r["speed"], r["k"])]
-  return "\n".join(lines)
-
-
-def format_speed(sp: dict, k: int) -> list[str]:
-  ms = lambda s: f"{s * 1e3:8.3f}"  # noqa: E731
-  lines = [
-      f"speed per device: an ESTIMATE from the TPU compiler's cost analysis (roofline: bytes / "
-      f"HBM bandwidth vs flops / peak, plus {sp['collective_latency_s'] * 1e6:.0f} us assumed "
-      "per collective; spec_tpu/roofline.py says what it leaves out)",
-      f"  {sp['chip']} x {sp['device_share_of_chip']:g} per device: "
-      f"{sp['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM, {sp['bf16_flops_per_s'] / 1e12:.1f} "
-      f"TFLOP/s bf16; step programs compiled in {sp['compile_seconds']:.1f} s",
-      "  program        HBM GiB  XLA's GiB*   GFLOP  collectives  memory ms compute ms   coll. ms"
-      "  estimate ms"]
-  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step"}
-  for name, p in sp["programs"].items():
-    c, t = p["cost"], p["seconds"]
-    lines.append(f"  {names[name]:13s} {c['hbm_bytes'] / GIB:8.3f} {c['xla_bytes'] / GIB:10.3f} "
-                 f"{c['flops'] / 1e9:8.1f} {c['collectives']:12.0f} {ms(t['memory'])}  "
-                 f"{ms(t['compute'])} {ms(t['collectives'])}     {ms(t['total'])}")
-  if "speculative" in sp:
-    first = next(iter(sp["speculative"].values()))
-    lines.append("  * XLA:TPU's bytes accessed of a one-layer-group program, for reference (it counts "
-                 "fused temporaries and on-chip copies; not HBM traffic)")
-    lines.append(f"  K = {k}: c = draft / target step = {first['c']:.3f}; a round (K draft steps + "
-                 f"verify) = {first['round_s'] * 1e3:.2f} ms")
-    lines.append("  acceptance a  tokens/round  ms/token  speedup  (formula with c)")
-    for a, e in sp["speculative"].items():
-      lines.append(f"  {float(a):12.2f} {e['tokens_per_round']:13.2f} {e['s_per_token'] * 1e3:9.2f}"
-                   f" {e['speedup']:7.2f}x  ({e['formula_speedup']:.2f}x)")
-  return lines
 
 
 def main(argv):
@@ -413,57 +81,35 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   if not _TPU.value:
-    ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
-  from launch import common
+    from spec_tpu import planning  # imports jax: after the flags are checked
+    planning.ensure_cpu_devices(topology[0] * topology[1])  # before any JAX op
+  from spec_tpu import compile_cache, planning, setup as common
   from spec_tpu.checkpoints import checkpoint
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   # A program compiled for a described TPU (no TPU attached) can be stored but not loaded back
   # (jax 0.10: "PjRtCompiler must be constructed with a Client"), so --tpu plans compile afresh.
-  cache_dir = None if _TPU.value else common.use_compile_cache(config)
+  cache_dir = None if _TPU.value else compile_cache.use(config.run.compile_cache)
   reports = []
   for mode in modes:
     try:
-      report = plan(common.with_quantize(config, mode), topology,
-                    _BATCH.value or int(config.run.batch_size), _CONTEXT.value, _K.value,
+      report = planning.plan(common.with_quantize(config, mode), topology,
+                    _BATCH.value or int(config.engine.num_slots), _CONTEXT.value, _K.value,
                     _MAX_NEW.value, _TPU.value, tuple(float(a) for a in _ACCEPTANCE.value))
-    except DoesNotFit as e:
+    except planning.DoesNotFit as e:
       # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
       print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)
       reports.append(dict(quantize=mode or "as configured", does_not_fit=str(e)))
       continue
     except (ValueError, common.SetupError, checkpoint.CheckpointError) as e:
       sys.exit(f"error: {e}")
-    report["compile_cache"] = dict(dir=cache_dir, **common.compile_cache_counts)
-    print(format_report(report) + "\n", flush=True)
+    report["compile_cache"] = dict(dir=cache_dir, **compile_cache.counts)
+    print(planning.format_report(report) + "\n", flush=True)
     reports.append(report)
   if len(reports) > 1:
-    print(format_comparison(reports), flush=True)
+    print(planning.format_comparison(reports), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(reports[0] if len(reports) == 1 else reports, f, indent=1)
-
-
-def format_comparison(reports: list[dict]) -> str:
-  """One line per weight form: what each device holds and whether it fits."""
-  big = max(r.get("estimated_need", GIB) for r in reports) >= GIB
-  unit, scale = ("GiB", GIB) if big else ("MiB", 1 << 20)
-  g = lambda b: f"{b / scale:.2f}"  # noqa: E731
-  # A --tpu plan answers for the described chip only; a CPU plan for every chip in HBM.
-  chips = list(dict.fromkeys(chip for r in reports for chip in r.get("fits", {})))
-  head = (f"{'weights':8} {'target w':>9} {'draft w':>8} {'KV':>6} {'compiled':>9} {'need':>6}  "
-          + "  ".join(f"{chip:>{max(8, len(chip))}}" for chip in chips) + f"   ({unit} per device)")
-  lines = [head]
-  for r in reports:
-    if "does_not_fit" in r:
-      lines.append(f"{r['quantize']:8} DOES NOT FIT: {r['does_not_fit']}")
-      continue
-    a = r["analytic"]
-    fits = "  ".join(f"{'fits' if r['fits'][chip] else 'NO':>{max(8, len(chip))}}"
-                     for chip in chips)
-    lines.append(f"{r['quantize']:8} {g(a['weights']['target']):>9} {g(a['weights']['draft']):>8} "
-                 f"{g(sum(a['kv_caches'].values())):>6} {g(r['compiled']['total']):>9} "
-                 f"{g(r['estimated_need']):>6}  {fits}")
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,39 +3,17 @@
     python -m launch.serve_bench --config=configs/default.py --output_dir=/tmp/serve_bench \
         --end_text='return '
 
-Workload: --requests prompts (the config's run.prompts, cycled), each generating up to
---max_new_tokens with the config's sampling settings and its own seed, ending at an end token
-(--end_text, default the tokenizer's EOS). The embedded pair rarely writes EOS within a few
-hundred tokens, so its figures use --end_text='return ' (one token of its vocabulary): output
-lengths then vary from a few tokens to the maximum, as EOS makes them vary in real traffic. A
-fixed batch waits for its longest row; the engine refills a slot as soon as it frees.
-
-1. Throughput (tokens per second of wall time over the whole workload, and per second of
-   process CPU time, which other jobs on a shared machine do not inflate; compiles excluded;
-   the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots
-   requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at sampling.k,
-   against the engine with --num_slots slots at K = 0 and with adaptive K (calibrated first;
-   the K's it ran are reported; without a draft, the engine at K = 0 alone).
-2. Latency at each --clients count: that many client threads, each submitting a request,
-   reading its stream and submitting the next (closed loop) until --latency_requests are done,
-   on the adaptive engine running on its background thread. Time to first token (submission
-   to first chunk, queueing included) and inter-token latency ((last chunk - first chunk) /
-   (tokens - 1) per request), median and 90th percentile, and tokens/s.
-
-Writes results.json, table.txt (also printed) and serve_bench.png.
+Throughput of fixed batches (Sampler.generate) at K = 0 and engine.k against the engine at K = 0
+and with adaptive K, then time to first token and inter-token latency at each --clients count
+(what each means: spec_tpu/serving/bench.py). The engine is the one `engine.*` configures, as
+launch.serve runs it. --end_text: one token that ends a request ('' = the tokenizer's EOS); the
+embedded pair rarely writes EOS, so its figures use --end_text='return '. Writes results.json,
+table.txt (also printed) and serve_bench.png.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import statistics
-import threading
-import time
-
 from absl import flags
-from absl import logging
 
 from launch import cli
 
@@ -44,7 +22,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and th
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests in the throughput workload.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per request.")
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", None, "Slots = fixed batch size "
-                                  "(default: serve.num_slots).")
+                                  "(default: engine.num_slots).")
 _CLIENTS = flags.DEFINE_list("clients", ["1", "8", "32"], "Concurrent clients to measure.")
 _LATENCY_REQUESTS = flags.DEFINE_integer("latency_requests", 32,
                                          "Requests per client count (at least one per client).")
@@ -54,227 +32,13 @@ _END_TEXT = flags.DEFINE_string("end_text", "", "Text of one token that ends a r
 flags.mark_flag_as_required("output_dir")
 
 
-def _percentile(xs, q):
-  xs = sorted(x for x in xs if math.isfinite(x))
-  if not xs:
-    return float("nan")
-  return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
-
-
-def _end_id(tok, end_text):
-  if not end_text:
-    return tok.eos_id, "EOS"
-  ids = tok.encode(end_text)
-  if len(ids) != 1:
-    from launch import common
-    raise common.SetupError(f"--end_text={end_text!r} is {len(ids)} tokens; it must be one")
-  return ids[0], repr(end_text)
-
-
-def run(config, output_dir, requests, max_new, num_slots, clients, latency_requests,
-        end_text, repeats=2) -> dict:
-  import jax
-  from launch import common
-  from spec_tpu.serving import Engine, GenerationParams
-
-  setup = common.resolve(config, need_weights=True)
-  tok = common.load_tokenizer(config, setup)
-  if tok is None or not len(config.run.prompts):
-    raise common.SetupError("serve_bench needs a tokenizer and run.prompts")
-  num_slots = int(num_slots or config.serve.num_slots)
-  clients = cli.int_list("clients", clients)
-  if not clients or min(requests, max_new, num_slots, repeats, latency_requests, *clients) < 1:
-    raise common.SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
-                            "--latency_requests must be >= 1")
-  cli.make_output_dir("output_dir", output_dir)
-  end_id, end_name = _end_id(tok, end_text)
-  add_bos = bool(config.run.add_bos)
-  encoded = [tok.encode(p, add_bos=add_bos) for p in config.run.prompts]
-  workload = [encoded[i % len(encoded)] for i in range(requests)]
-  s = setup.sampling
-  params = [GenerationParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p,
-                             top_k=s.top_k, seed=i) for i in range(requests)]
-  mesh = common.build_mesh(config)
-  sampler = common.build_sampler(setup, mesh, eos_id=end_id, pad_id=tok.pad_id)
-  k = setup.k
-  max_len = max(len(p) for p in encoded) + max_new + max(k, int(config.sampling.k_max)) + 1
-  result = dict(target=setup.target.describe(), draft=setup.draft.describe() if setup.draft
-                else None, random_weights=setup.any_random, device=str(jax.devices()[0]),
-                num_devices=jax.device_count(), num_slots=num_slots, requests=requests,
-                max_new_tokens=max_new, end_token=end_name,
-                sampling=dataclasses.asdict(s), throughput=[], latency=[])
-
-  # 1. Throughput: fixed batches vs the engine. Every mode is compiled (and the adaptive
-  # engine calibrated) first; then the modes run in turn, --repeats times, and each keeps its
-  # fastest run, so a busy spell of a shared machine does not land on one mode alone.
-  batches = [workload[i:i + num_slots] for i in range(0, requests, num_slots)]
-  pad = lambda b: b + [b[0]] * (num_slots - len(b))  # one compiled shape for every batch
-
-  def fixed(kk):
-    def run_once():
-      tokens = judged = accepted = 0
-      for i, b in enumerate(batches):
-        res = sampler.generate(pad(b), max_new_tokens=max_new, k=kk, sampling=s, seed=i)
-        tokens += sum(len(t) for t in res.tokens[:len(b)])
-        if kk:
-          judged += int(res.reached[:len(b)].sum())
-          accepted += int(res.accepted[:len(b)].sum())
-      return tokens, accepted, judged, (), None
-    sampler.generate(pad(batches[0]), max_new_tokens=max_new, k=kk, sampling=s)  # compiles
-    return run_once
-
-  def engine(adaptive):
-    adaptive = adaptive and k > 0  # as launch.serve: without a draft (or at k = 0), K stays 0
-    e = Engine(sampler, num_slots=num_slots, max_len=max_len, k=k if adaptive else 0,
-               k_max=max(k, int(config.sampling.k_max)) if adaptive else 0,
-               adaptive_k=adaptive, tokenizer=tok, max_top_k=max(int(s.top_k), 1),
-               seed=int(config.sampling.seed))
-    report = e.calibrate(encoded) if adaptive else None
-    e.warm_up([e.k], [len(p) for p in encoded])
-
-    def run_once():
-      done = e.generate(workload, params)
-      ks = tuple(sorted({kk for c in done for kk in c.stats.ks}))
-      return (sum(len(c.tokens) for c in done), sum(c.stats.accepted for c in done),
-              sum(c.stats.judged for c in done), ks, [len(c.tokens) for c in done])
-    return e, report, run_once
-
-  adaptive_engine, report, adaptive_run = engine(True)
-  plain_run = engine(False)[2] if k else adaptive_run  # without speculation they are one
-  modes = [("fixed batches", "0", fixed(0))] + ([("fixed batches", str(k), fixed(k))] if k else [])
-  modes += [("engine", "0", plain_run)] + ([("engine", "adaptive", adaptive_run)] if k else [])
-  best = {}
-  for _ in range(repeats):
-    for name, kk, run_once in modes:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      tokens, accepted, judged, ks, lengths = run_once()
-      seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-      if lengths is not None:
-        result["output_lengths"] = dict(mean=statistics.mean(lengths), min=min(lengths),
-                                        max=max(lengths))
-      cheapest_cpu = min(cpu_s, best.get((name, kk), {}).get("cpu_seconds", cpu_s))
-      if (name, kk) not in best or seconds < best[(name, kk)]["seconds"]:
-        best[(name, kk)] = dict(mode=name, k=kk, tokens=tokens, seconds=seconds,
-                                tokens_per_s=tokens / seconds,
-                                acceptance=accepted / judged if judged else None,
-                                ks_used=list(ks))
-      # Wall and CPU figures are each the best of the runs (not necessarily the same run).
-      best[(name, kk)].update(cpu_seconds=cheapest_cpu, tokens_per_cpu_s=tokens / cheapest_cpu)
-      logging.info("%s K=%s: %.1f tokens/s, %.1f tokens/cpu-s", name, kk, tokens / seconds,
-                   tokens / cpu_s)
-  for name, kk, _ in modes:
-    row = best[(name, kk)]
-    if kk == "adaptive":
-      row.update(k="adaptive: " + ",".join(map(str, row["ks_used"])), calibration=report)
-    result["throughput"].append(row)
-
-  # 2. Latency under concurrent clients (the adaptive engine, on its own thread).
-  e = adaptive_engine.start()
-  try:
-    for c in clients:
-      per_client = max(1, math.ceil(latency_requests / c))
-      records, lock = [], threading.Lock()
-
-      def client(ci):
-        for j in range(per_client):
-          i = (ci * per_client + j) % requests
-          r = e.submit(workload[i], params[i])
-          first = last = None
-          for _ in r:
-            last = time.perf_counter()
-            first = first or last
-          n = len(r.tokens)
-          with lock:
-            records.append(dict(ttft=first - r.submitted, tokens=n,
-                                itl=(last - first) / (n - 1) if n > 1 else float("nan"),
-                                start=r.submitted, end=last))
-
-      threads = [threading.Thread(target=client, args=(ci,)) for ci in range(c)]
-      start = time.perf_counter()
-      for t in threads:
-        t.start()
-      for t in threads:
-        t.join()
-      seconds = time.perf_counter() - start
-      ttft, itl = [r["ttft"] for r in records], [r["itl"] for r in records]
-      result["latency"].append(dict(
-          clients=c, requests=len(records), tokens_per_s=sum(r["tokens"] for r in records) / seconds,
-          ttft_p50_ms=1e3 * _percentile(ttft, 0.5), ttft_p90_ms=1e3 * _percentile(ttft, 0.9),
-          itl_p50_ms=1e3 * _percentile(itl, 0.5), itl_p90_ms=1e3 * _percentile(itl, 0.9),
-          k=e.k, rounds_per_step=e.pacing.rounds(e.k)))
-      logging.info("%d clients: %s", c, result["latency"][-1])
-  finally:
-    e.shutdown()
-
-  common.write_results(output_dir, result, format_table(result))
-  plot(result, os.path.join(output_dir, "serve_bench.png"))
-  return result
-
-
-def _cell(x, fmt):
-  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
-
-
-def format_table(r: dict) -> str:
-  lines = [f"target: {r['target']}", f"draft:  {r['draft']}",
-           f"device: {r['num_devices']} x {r['device']}; {r['num_slots']} slots; "
-           f"{r['requests']} requests of <= {r['max_new_tokens']} tokens ending at "
-           f"{r['end_token']} (lengths {r['output_lengths']['min']}..."
-           f"{r['output_lengths']['max']}, mean {r['output_lengths']['mean']:.1f})"]
-  if r["random_weights"]:
-    lines.append("RANDOM WEIGHTS: acceptance (and so speedup) is not meaningful")
-  base = next(t for t in r["throughput"] if t["mode"] == "fixed batches")
-  lines += ["", f"{'mode':>14}  {'K':>14}  {'tokens/s':>9}  {'vs fixed K=0':>12}  "
-            f"{'tokens/cpu-s':>12}  {'vs fixed K=0':>12}  {'a':>6}"]
-  for t in r["throughput"]:
-    lines.append(f"{t['mode']:>14}  {t['k']:>14}  {t['tokens_per_s']:9.1f}  "
-                 f"{t['tokens_per_s'] / base['tokens_per_s']:11.2f}x  "
-                 f"{t['tokens_per_cpu_s']:12.1f}  "
-                 f"{t['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:11.2f}x  "
-                 f"{_cell(t.get('acceptance'), '{:.3f}'):>6}")
-  lines += ["", f"{'clients':>7}  {'requests':>8}  {'tokens/s':>9}  {'TTFT p50':>9}  "
-            f"{'TTFT p90':>9}  {'ITL p50':>8}  {'ITL p90':>8}  {'K':>2}  {'N':>3}"]
-  for t in r["latency"]:
-    lines.append(f"{t['clients']:7d}  {t['requests']:8d}  {t['tokens_per_s']:9.1f}  "
-                 f"{_cell(t['ttft_p50_ms'], '{:.1f}'):>6} ms  "
-                 f"{_cell(t['ttft_p90_ms'], '{:.1f}'):>6} ms  "
-                 f"{_cell(t['itl_p50_ms'], '{:.2f}'):>5} ms  {_cell(t['itl_p90_ms'], '{:.2f}'):>5} ms"
-                 f"  {t['k']:>2}  {t['rounds_per_step']:>3}")
-  return "\n".join(lines)
-
-
-def plot(r: dict, path: str) -> None:
-  from launch import common
-  plt = common.pyplot(path)
-  if plt is None:
-    return
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  labels = [f"{t['mode']}\nK={t['k']}" for t in r["throughput"]]
-  ax1.bar(range(len(labels)), [t["tokens_per_s"] for t in r["throughput"]],
-          color=["#999999" if t["mode"] != "engine" else "#3b75af" for t in r["throughput"]])
-  ax1.set_xticks(range(len(labels)), labels, fontsize=7)
-  ax1.set_ylabel("tokens/s")
-  ax1.set_title(f"{r['requests']} requests, {r['num_slots']} slots")
-  c = [t["clients"] for t in r["latency"]]
-  ax2.plot(c, [t["ttft_p50_ms"] for t in r["latency"]], "o-", label="TTFT p50")
-  ax2.plot(c, [t["itl_p50_ms"] for t in r["latency"]], "s-", label="inter-token p50")
-  ax2.set_xscale("log")
-  ax2.set_yscale("log")
-  ax2.set_xticks(c, [str(x) for x in c])
-  ax2.set_xlabel("concurrent clients")
-  ax2.set_ylabel("ms")
-  ax2.legend(fontsize=8)
-  ax2.set_title("latency (adaptive engine)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv):
   del argv  # cli.run refuses positional arguments
   # SetupError, CheckpointError, ...: one line each (cli.run).
-  run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
-      _CLIENTS.value, _LATENCY_REQUESTS.value, _END_TEXT.value, _REPEATS.value)
+  from spec_tpu.serving import bench
+  bench.run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
+            cli.int_list("clients", _CLIENTS.value), _LATENCY_REQUESTS.value, _END_TEXT.value,
+            _REPEATS.value)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ class Chip:
 CHIPS = {
     # v4: ICI is not in the Cloud table; 6 links of 50 GB/s each way (TPU v4 paper, ISCA 2023).
     "TPU v4": Chip("v4", 1200e9, 275e12, 600e9, 32 * GIB, 2),
-    "TPU v5 lite": Chip("v5e", 819e9, 197e12, 400e9, 16e9, 1),
-    "TPU v5": Chip("v5p", 2765e9, 459e12, 1200e9, 95e9, 2),
-    "TPU v6 lite": Chip("v6e", 1640e9, 918e12, 800e9, 32e9, 1),
+    "TPU v5 lite": Chip("v5e", 819e9, 197e12, 400e9, 16 * GIB, 1),
+    "TPU v5": Chip("v5p", 2765e9, 459e12, 1200e9, 95 * GIB, 2),
+    "TPU v6 lite": Chip("v6e", 1640e9, 918e12, 800e9, 32 * GIB, 1),
 }
 
 

@@ -15,8 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spec_tpu.models import cache as cache_lib
-from spec_tpu.models import quant, recurrent
-from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models import model
+from spec_tpu.models.config import ModelConfig
+# The params' logical axes are declared where the params are made (models/model.py).
+from spec_tpu.models.model import is_axes, layer_logical_axes, param_logical_axes  # noqa: F401
 
 Rules = tuple[tuple[str, str | None], ...]
 
@@ -77,64 +79,15 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   return P(*out)
 
 
-def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
-  """Logical axes of one (unstacked) layer's params of the given kind."""
-  if kind not in (LOCAL, GLOBAL, RECURRENT):
-    raise ValueError(f"no logical axes for layer kind {kind!r}")
-  ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
-  if cfg.ffw_activation != "gelu":
-    ffw["gate"] = ("embed", "ffw")
-  if cfg.ffw_bias:
-    ffw.update({name + "_bias": axes[-1:] for name, axes in list(ffw.items())})
-  if kind == RECURRENT:
-    return {"recurrent_norm": ("embed",), "recurrent": dict(recurrent.PARAM_AXES),
-            "ffw_norm": ("embed",), "ffw": ffw}
-  attn = {"q": ("heads", "embed", "head_dim"), "k": ("kv_heads", "embed", "head_dim"),
-          "v": ("kv_heads", "embed", "head_dim"), "o": ("heads", "head_dim", "embed")}
-  if cfg.qk_norm:
-    attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
-  if cfg.attn_out_bias:
-    attn["o_bias"] = ("embed",)
-  layer = {"attn_norm": ("embed",), "attn": attn, "ffw_norm": ("embed",), "ffw": ffw}
-  if cfg.post_attn_norm:
-    layer["post_attn_norm"] = ("embed",)
-  if cfg.post_ffw_norm:
-    layer["post_ffw_norm"] = ("embed",)
-  return layer
-
-
-def param_logical_axes(cfg: ModelConfig) -> dict:
-  """Logical axes of every param, in the pytree layout of spec_tpu.models.model (stacked group
-  entries lead with 'layers')."""
-  stacked = lambda axes: jax.tree.map(lambda ax: ("layers",) + ax, axes, is_leaf=_is_axes)  # noqa: E731
-  pattern = cfg.layer_pattern
-  axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),
-          "groups": [stacked(layer_logical_axes(cfg, kind)) for kind in pattern]
-                    if cfg.num_groups else [],
-          "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
-  if not cfg.tie_embeddings:
-    axes["unembed"] = ("embed", "vocab")
-  if cfg.quantize:
-    # int8 values shard as the weight; scales as its output axes (quant.py).
-    axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
-  return axes
-
-
-def _is_axes(x):
-  # Non-empty: an empty tuple is a pytree node (e.g. a cache with no remainder layers).
-  return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
-
-
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = TENSOR_PARALLEL,
                     params_shape=None) -> dict:
   """NamedShardings for the params; shapes come from params_shape (arrays or ShapeDtypeStructs)
   or, if omitted, from the config."""
   if params_shape is None:
-    from spec_tpu.models import model
     params_shape = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
   axes = param_logical_axes(cfg)
   return jax.tree.map(lambda ax, x: NamedSharding(mesh, spec_for(ax, x.shape, mesh, rules)),
-                      axes, params_shape, is_leaf=_is_axes)
+                      axes, params_shape, is_leaf=is_axes)
 
 
 def cache_shardings(cache: cache_lib.Cache, mesh: Mesh,
@@ -142,7 +95,7 @@ def cache_shardings(cache: cache_lib.Cache, mesh: Mesh,
   """Caches shard by batch and (KV) heads, replicated where heads < model shards; stacked
   entries keep every layer on every device (the 'layers' axis maps to no mesh axis)."""
   return jax.tree.map(lambda ax, x: NamedSharding(mesh, spec_for(ax, x.shape, mesh, rules)),
-                      cache_lib.logical_axes(cache), cache, is_leaf=_is_axes)
+                      cache_lib.logical_axes(cache), cache, is_leaf=is_axes)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = TENSOR_PARALLEL):

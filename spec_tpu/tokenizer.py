@@ -1,24 +1,39 @@
-"""Tokenizers: a thin wrapper over sentencepiece, and a byte-level fallback with the same interface.
+"""Tokenizers, one interface: sentencepiece models (tokenizer.model), tokenizer.json files (the
+`tokenizers` library: byte-level BPE and the rest of Hugging Face's fast tokenizers), and a
+byte-level fallback.
 
-Both promise exact round trips, `decode(encode(text)) == text`, for any text: source code depends on
-every space, tab and newline. Ids 0..3 are pad, unk, bos, eos in both.
+    tok = load("/ckpt/llama3")   # a checkpoint or tokenizer directory: picks the backend
+    ids = tok.encode("text", add_bos=True); text = tok.decode(ids)
 
-`name` identifies a tokenizer (a hash of the model file), so a draft/target pair that does not share
-a vocabulary can be refused before speculative sampling silently produces garbage.
+The interface: name, vocab_size, pad_id/unk_id/bos_id (-1: none), eos_id and eos_ids (every id
+that ends a generation; generation_config.json's list where the directory has one),
+encode(text, add_bos, add_eos), encode_batch(texts), decode(ids), id_to_piece(i). decode drops
+special tokens (pad, bos, eos, ...) and ids past the vocabulary, and writes an incomplete or
+invalid UTF-8 sequence as U+FFFD, which is what incremental detokenisation waits on
+(serving/request.py).
+
+Exact round trips, `decode(encode(text)) == text` for any text: the byte tokenizer, the
+sentencepiece models spec_tpu trains (byte fallback, no normalisation), and byte-level BPE
+tokenizer.json files without a normalizer (Llama 3 and its like). A format that normalises
+(NFKC) or adds a dummy prefix space does not promise it. In a tokenizer.json, text that spells an
+added special token ("<|eot_id|>") encodes as that token, as transformers does: chat templates
+rely on it.
+
+`name` identifies a tokenizer by a hash of its file ("sp:...", "json:...", or "bytes"), the name
+launch.convert records in a converted checkpoint's config, so a draft/target pair, or a
+checkpoint and a tokenizer, that do not share a vocabulary are refused before speculative
+sampling silently produces garbage.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import time
+import json
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
-
-from spec_tpu.training import corpus
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -45,14 +60,17 @@ def _as_id_list(ids: Sequence[int] | np.ndarray, vocab_size: int) -> list[int]:
 class Tokenizer:
   """A sentencepiece model. Build with `Tokenizer.load(path)` or `Tokenizer(model_bytes)`."""
 
-  def __init__(self, model_proto: bytes):
+  def __init__(self, model_proto: bytes, eos_ids: Sequence[int] = ()):
+    """eos_ids: the ids that end a generation (generation_config.json's); default the model's
+    EOS piece."""
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.name = "sp:" + hashlib.sha256(model_proto).hexdigest()[:12]
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = self._sp.pad_id()
     self.unk_id = self._sp.unk_id()
     self.bos_id = self._sp.bos_id()
-    self.eos_id = self._sp.eos_id()
+    self.eos_ids = _eos_ids(eos_ids, self._sp.eos_id(), self.vocab_size)
+    self.eos_id = self.eos_ids[0] if self.eos_ids else -1
     self._space_byte_ids = [self._sp.piece_to_id(p) for p in _SP_SPACE_BYTES]
     if any(i == self.unk_id for i in self._space_byte_ids):
       raise ValueError("sentencepiece model lacks byte-fallback pieces; train with byte_fallback=True")
@@ -103,6 +121,7 @@ class ByteTokenizer:
 
   name = "bytes"
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+  eos_ids = (EOS_ID,)
   _OFFSET = 4
   vocab_size = 256 + _OFFSET
 
@@ -130,104 +149,122 @@ class ByteTokenizer:
     return "ByteTokenizer()"
 
 
-def load(spec: str | Path | None = None) -> Tokenizer | ByteTokenizer:
-  """'bytes' -> ByteTokenizer; a path -> Tokenizer; None -> the shipped stdlib tokenizer."""
+class JsonTokenizer:
+  """A tokenizer.json, read by the `tokenizers` library. Build with `JsonTokenizer.load(path)`
+  (which also reads tokenizer_config.json and generation_config.json beside it) or
+  `JsonTokenizer(data, config=..., generation=...)` with their parsed contents."""
+
+  def __init__(self, data: bytes, *, config: dict | None = None,
+               generation: dict | None = None):
+    import tokenizers  # a dependency, but only tokenizer.json users pay for the import
+
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # tokenizers raises plain Exception for a malformed file
+      raise ValueError(f"not a readable tokenizer.json: {str(e).splitlines()[0]}") from None
+    # A tokenizer.json may carry truncation or padding settings meant for training batches:
+    # prompts are neither cut nor padded here.
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    self.name = "json:" + hashlib.sha256(data).hexdigest()[:12]
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+    config, generation = config or {}, generation or {}
+
+    def special(key):  # tokenizer_config.json names the token; generation_config.json its id
+      token = config.get(f"{key}_token")
+      if isinstance(token, dict):
+        token = token.get("content")
+      found = self._tok.token_to_id(token) if isinstance(token, str) else None
+      if found is None and isinstance(generation.get(f"{key}_token_id"), int):
+        found = generation[f"{key}_token_id"]
+      return -1 if found is None else int(found)
+
+    self.pad_id, self.unk_id, self.bos_id = special("pad"), special("unk"), special("bos")
+    listed = generation.get("eos_token_id")
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    self.eos_ids = _eos_ids(listed, special("eos"), self.vocab_size)
+    self.eos_id = self.eos_ids[0] if self.eos_ids else -1
+
+  @classmethod
+  def load(cls, path: str | Path) -> "JsonTokenizer":
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"tokenizer.json not found: {path}")
+    return cls(path.read_bytes(), config=_read_json(path.parent / "tokenizer_config.json"),
+               generation=_read_json(path.parent / "generation_config.json"))
+
+  def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Ids of text; add_bos/add_eos add the BOS/EOS id where the tokenizer has one (as
+    transformers' add_special_tokens does)."""
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    if add_bos and self.bos_id >= 0:
+      ids.insert(0, self.bos_id)
+    if add_eos and self.eos_id >= 0:
+      ids.append(self.eos_id)
+    return ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self._tok.decode(_as_id_list(ids, self.vocab_size), skip_special_tokens=True)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i)) or ""
+
+  def __repr__(self) -> str:
+    return f"JsonTokenizer({self.name}, vocab_size={self.vocab_size})"
+
+
+def _eos_ids(listed: Sequence[int], own: int, vocab_size: int) -> tuple[int, ...]:
+  """generation_config.json's EOS ids where it lists any (in its order), else the tokenizer's
+  own EOS token; ids outside the vocabulary are refused."""
+  ids = tuple(int(i) for i in listed) or ((own,) if own >= 0 else ())
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"eos_token_id {bad[0]} is outside the tokenizer's {vocab_size} tokens")
+  return ids
+
+
+def _read_json(path: Path) -> dict:
+  if not path.is_file():
+    return {}
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from None
+  return data if isinstance(data, dict) else {}
+
+
+TOKENIZER_SUBDIR = "tokenizer"  # where a converted checkpoint keeps its tokenizer files
+
+
+def load(spec: str | Path | None = None) -> Tokenizer | JsonTokenizer | ByteTokenizer:
+  """'bytes' -> ByteTokenizer; None -> the shipped stdlib tokenizer; a tokenizer.json file ->
+  JsonTokenizer; another file -> a sentencepiece Tokenizer; a directory (a converted checkpoint,
+  whose tokenizer files are in its tokenizer/, or a model directory) -> its tokenizer.model if it
+  has one, else its tokenizer.json, with EOS ids from generation_config.json there."""
   if spec == "bytes":
     return ByteTokenizer()
-  return Tokenizer.load(DEFAULT_MODEL_PATH if spec is None else spec)
+  path = Path(DEFAULT_MODEL_PATH if spec is None else spec)
+  if path.is_dir():
+    if (path / TOKENIZER_SUBDIR).is_dir():
+      path = path / TOKENIZER_SUBDIR
+    if (path / "tokenizer.model").is_file():
+      listed = _read_json(path / "generation_config.json").get("eos_token_id")
+      listed = [listed] if isinstance(listed, int) else list(listed or [])
+      return Tokenizer((path / "tokenizer.model").read_bytes(), eos_ids=listed)
+    if (path / "tokenizer.json").is_file():
+      return JsonTokenizer.load(path / "tokenizer.json")
+    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+  if path.suffix == ".json":
+    return JsonTokenizer.load(path)
+  return Tokenizer.load(path)
 
 
-# Trainer settings, chosen by held-out bytes/token on stdlib source at vocab 2048 while keeping exact
-# round trips. Measured (3 MB of training text): prefix-whitespace BPE 2.72, + '\n' learned rather
-# than a user-defined symbol 2.86, + pieces may span spaces 2.98, + no script split 3.09, + whitespace
-# as suffix 3.16; unigram 2.58. On the full train split the final setting gives 3.30.
-_TRAINER_OPTIONS = dict(
-  model_type="bpe",                    # unigram: ~5% more tokens and 10-40x slower to train
-  normalization_rule_name="identity",  # no NFKC: code must come back byte for byte
-  remove_extra_whitespaces=False,
-  add_dummy_prefix=False,              # no invented leading space
-  byte_fallback=True,                  # any text encodes; never <unk>
-  # Whitespace attaches to the end of a piece, so pieces such as ":\n        " (newline + indent)
-  # and "def " can form; '\n' stays an ordinary character (not a user-defined symbol) for the same
-  # reason. Pinning indentation runs as user-defined symbols measured worse than learning them.
-  treat_whitespace_as_suffix=True,
-  split_by_whitespace=False,
-  split_by_unicode_script=False,       # lets "):" and ")\n" merge
-  allow_whitespace_only_pieces=True,   # indentation runs
-  pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-  input_sentence_size=0,               # use every chunk: no sampling, so training is deterministic
-  shuffle_input_sentence=False,
-  num_threads=1,
-  max_sentence_length=1 << 16,         # bytes; chunks are ~4 KB, this only admits rare long lines
-  minloglevel=2,
-)
-_CHUNK_BYTES = 4096
-
-
-def _chunks(text: str, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[str]:
-  """Whole lines (newlines kept) grouped into ~chunk_bytes pieces: the trainer's 'sentences'."""
-  buf, size = [], 0
-  for line in text.splitlines(keepends=True):
-    buf.append(line)
-    size += len(line)
-    if size >= chunk_bytes:
-      yield "".join(buf)
-      buf, size = [], 0
-  if buf:
-    yield "".join(buf)
-
-
-def train_tokenizer(text_or_files: str | Path | Iterable[Path], model_prefix: str | Path,
-                    vocab_size: int = 2048, max_bytes: int | None = None) -> Path:
-  """Train a BPE sentencepiece model and write `<model_prefix>.model`; returns its path.
-
-  A `str` is the training text itself; a Path or an iterable of paths is read with
-  `corpus.read_text`. The smallest workable vocab_size is ~260 + the number of distinct characters
-  (about 350 for Python source), as byte-fallback pieces take 256 ids.
-  """
-  if isinstance(text_or_files, str):
-    text = text_or_files if max_bytes is None else text_or_files.encode()[:max_bytes].decode(
-      "utf-8", errors="ignore")
-  else:
-    files = [text_or_files] if isinstance(text_or_files, Path) else list(text_or_files)
-    text = corpus.read_text(files, max_bytes=max_bytes)
-  if not text:
-    raise ValueError("no training text")
-  out = Path(str(model_prefix) + ".model")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(sentence_iterator=_chunks(text), model_writer=model,
-                                   vocab_size=vocab_size, **_TRAINER_OPTIONS)
-  except RuntimeError as e:
-    raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}): {e}") from e
-  out.write_bytes(model.getvalue())
-  return out
-
-
-def bytes_per_token(tok: Tokenizer | ByteTokenizer, text: str) -> float:
-  return len(text.encode("utf-8")) / max(1, len(tok.encode(text)))
-
-
-def build_default_tokenizer(out_dir: str | Path = ASSETS_DIR, vocab_size: int = 2048,
-                            max_bytes: int = 30_000_000, verbose: bool = True) -> Path:
-  """Train the shipped tokenizer on the stdlib train split; write `<out_dir>/stdlib_sp<vocab>.model`.
-
-  Checks exact round trips on the held-out split and raises if any file fails.
-  """
-  files = corpus.stdlib_files()
-  train_files, heldout_files = corpus.split(files)
-  start = time.perf_counter()
-  path = train_tokenizer(train_files, Path(out_dir) / f"stdlib_sp{vocab_size}",
-                         vocab_size=vocab_size, max_bytes=max_bytes)
-  seconds = time.perf_counter() - start
-  tok = Tokenizer.load(path)
-  heldout = corpus.read_text(heldout_files)
-  ids = tok.encode(heldout)
-  if tok.decode(ids) != heldout:
-    raise RuntimeError(f"{path}: held-out text does not round-trip exactly")
-  if verbose:
-    print(f"{path}: {tok.name}, vocab {tok.vocab_size}, trained in {seconds:.1f}s on "
-          f"{len(train_files)} files; held-out {len(heldout_files)} files, "
-          f"{len(heldout.encode()) / len(ids):.3f} bytes/token")
-  return path
+def verifiable(name: str) -> bool:
+  """Whether a tokenizer name says which file it is (a hash: "sp:...", "json:...") or is the
+  byte tokenizer, so two such names differ exactly when the vocabularies may. Other names
+  ("gemma", a preset's) say which vocabulary family, not which file."""
+  return name.startswith(("sp:", "json:")) or name == "bytes"

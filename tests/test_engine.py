@@ -28,7 +28,7 @@ from spec_tpu.tokenizer import ByteTokenizer
 
 
 def _toy_sampler(eos_id=None):
-  return Sampler(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
+  return Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
                  draft_cfg=ex.DRAFT, eos_id=eos_id)
 
 
@@ -40,7 +40,7 @@ def _drain(engine):
 @pytest.fixture(scope="module")
 def toy_engine():
   """The toy pair, K = 3 fixed (compiled programs are per engine: tests share this one)."""
-  return Engine(_toy_sampler(), num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4)
+  return Engine(_toy_sampler().pair, num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
   # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
   # temperatures queued between them, so each enters a slot at its own time beside rows at
   # other positions with other settings (4 requests per insert call),
-  engine = Engine(_toy_sampler(), num_slots=128, max_len=32, k=3, adaptive_k=False,
+  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
                   max_top_k=4, prefill_rows=4)
   rng = np.random.default_rng(0)
   fillers = iter(_fillers(rng, LAW_ROWS))
@@ -100,7 +100,7 @@ def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine
   # path excluded, as in test_exactness),
   n = 256
   engine = toy_engine
-  sampler = engine.sampler
+  sampler = Sampler(engine.pair)
   prompts = ex.GREEDY_PROMPTS[:n]
   want = np.array(sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
                                    sampling=ex.GREEDY).tokens)
@@ -150,10 +150,10 @@ def byte_engine():
   target = get_preset("tiny").replace(name="tiny_bytes", vocab_size=260, tokenizer="bytes")
   draft = target.replace(name="tiny_bytes_draft", num_layers=1)
   tok = ByteTokenizer()
-  sampler = Sampler(model.init_params(target, jax.random.key(0)), target,
+  sampler = Sampler.from_params(model.init_params(target, jax.random.key(0)), target,
                     draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
                     eos_id=tok.eos_id)
-  engine = Engine(sampler, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
+  engine = Engine(sampler.pair, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
                   rounds_per_step=2)
   return engine, tok
 
@@ -268,7 +268,7 @@ def test_a_failed_insert_finishes_its_requests_with_the_error(byte_engine, monke
 def test_shutdown_during_a_long_device_call_still_finishes_every_request(byte_engine,
                                                                          monkeypatch):
   first, tok = byte_engine
-  engine = Engine(first.sampler, num_slots=2, max_len=64, k=0, adaptive_k=False, tokenizer=tok)
+  engine = Engine(first.pair, num_slots=2, max_len=64, k=0, adaptive_k=False, tokenizer=tok)
   insert = engine._insert
 
   def slow_insert(*args, **kwargs):
@@ -292,9 +292,9 @@ def same_draft_engine():
   """The target as its own draft (p = q: every draft token is accepted, a = 1); adaptive K
   from k0 = 1 up to k_max = 3. Tests reset its policy."""
   same = ex.TARGET.replace(name="same_as_target")
-  sampler = Sampler(ex.target_params(), ex.TARGET, draft_params=ex.target_params(),
+  sampler = Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=ex.target_params(),
                     draft_cfg=same)
-  return Engine(sampler, num_slots=8, max_len=64, max_top_k=4, window_rounds=8, k=1, k_max=3,
+  return Engine(sampler.pair, num_slots=8, max_len=64, max_top_k=4, window_rounds=8, k=1, k_max=3,
                 adaptive_k=True)
 
 

@@ -265,13 +265,13 @@ def _full_rows(result):
 
 @pytest.fixture(scope="module")
 def single():
-  return Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
+  return Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
 
 
 @pytest.fixture(scope="module")
 def sharded_2x4():
   # Target tensor-parallel (heads, ffw and vocab over 4); the padded draft replicated.
-  return Sampler(target_params(), TARGET, mesh=make_mesh((2, 4)),
+  return Sampler.from_params(target_params(), TARGET, mesh=make_mesh((2, 4)),
                  draft_params=_padded(draft_params()), draft_cfg=PADDED_DRAFT,
                  draft_rules=REPLICATED)
 
@@ -279,13 +279,13 @@ def sharded_2x4():
 @pytest.fixture(scope="module")
 def sharded_1x8():
   # Both tensor-parallel over 8 (vocab split 8 ways; heads don't divide, so they replicate).
-  return Sampler(target_params(), TARGET, mesh=make_mesh((1, 8)), draft_params=draft_params(),
+  return Sampler.from_params(target_params(), TARGET, mesh=make_mesh((1, 8)), draft_params=draft_params(),
                  draft_cfg=DRAFT)
 
 
 @pytest.fixture(scope="module")
 def with_eos():
-  return Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT, eos_id=EOS)
+  return Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT, eos_id=EOS)
 
 
 def _same_prompt(sampler, k, seed, **sampling_kw):
@@ -439,7 +439,7 @@ def test_wrong_acceptance_rules_fail_the_same_test(monkeypatch):
   # on half the batch each.
   monkeypatch.setattr(rejection, "accept", _wrong_by_row)
   # A fresh Sampler: compiled programs are cached per instance, so this one traces the patch.
-  sampler = Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
+  sampler = Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
   tokens = _full_rows(_same_prompt(sampler, 3, seed=13))
   for name, rows in [("always_accept", tokens[0::2]), ("resample_from_target", tokens[1::2])]:
     p, each = exactness_pvalue(rows.tolist())
@@ -504,7 +504,7 @@ def test_greedy_speculative_equals_greedy_autoregressive(request, single, setup,
 
 @pytest.fixture(scope="module")
 def recurrent_pair():
-  return Sampler(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(), draft_cfg=RG_DRAFT)
+  return Sampler.from_params(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(), draft_cfg=RG_DRAFT)
 
 
 RECURRENT_CASES = [  # id, k, sampling options
@@ -534,7 +534,7 @@ def test_recurrent_rollback_without_selection_fails_the_same_test(monkeypatch):
   # Given the loop with a rollback that moves lengths only (the recurrent states keep the
   # rejected drafts); then the same statistics reject it outright.
   monkeypatch.setattr(cache_lib, "rollback", _rollback_by_length_only)
-  sampler = Sampler(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(),
+  sampler = Sampler.from_params(rg_target_params(), RG_TARGET, draft_params=rg_draft_params(),
                     draft_cfg=RG_DRAFT)
   tokens = _full_rows(_same_prompt(sampler, 3, seed=14))
   p, each = exactness_pvalue(tokens.tolist(), target="recurrent")
@@ -687,7 +687,7 @@ def test_negative_k_is_refused(single):
 
 def test_k_too_large_for_cache_is_refused():
   # Given max_cache_len 20 and 4 + 8 tokens: verifying k drafts needs k + 1 more slots.
-  sampler = Sampler(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT,
+  sampler = Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT,
                     max_cache_len=20)
   with pytest.raises(ValueError, match="does not fit"):
     sampler.generate([PROMPT], max_new_tokens=8, k=8)
@@ -695,17 +695,17 @@ def test_k_too_large_for_cache_is_refused():
 
 def test_draft_with_other_tokenizer_is_refused():
   with pytest.raises(ValueError, match="tokenizer"):
-    Sampler(target_params(), TARGET, draft_params=draft_params(),
+    Sampler.from_params(target_params(), TARGET, draft_params=draft_params(),
             draft_cfg=DRAFT.replace(tokenizer="other"))
 
 
 def test_draft_with_other_valid_vocab_is_refused():
   with pytest.raises(ValueError, match="vocabularies differ"):
-    Sampler(target_params(), TARGET, draft_params=_padded(draft_params()),
+    Sampler.from_params(target_params(), TARGET, draft_params=_padded(draft_params()),
             draft_cfg=PADDED_DRAFT.replace(valid_vocab_size=V + 1))
 
 
 def test_speculation_without_draft_is_refused():
-  sampler = Sampler(target_params(), TARGET)
+  sampler = Sampler.from_params(target_params(), TARGET)
   with pytest.raises(ValueError, match="needs a draft"):
     sampler.generate([PROMPT], max_new_tokens=4, k=2)

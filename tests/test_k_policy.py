@@ -2,17 +2,15 @@
 
 import math
 
-import jax
 import numpy as np
 import pytest
 
-from spec_tpu.decoding import k_policy
-from spec_tpu.models import model
-from spec_tpu.models.config import get_preset
-from spec_tpu.decoding.k_policy import (AdaptiveK, choose_k, choose_k_measured, cost_ratio,
-                                        expected_speedup)
-from spec_tpu.decoding.sampler import Result, Sampler
-from spec_tpu.sharding import make_mesh
+from spec_tpu.decoding.k_policy import AdaptiveK, choose_k_measured, expected_speedup
+
+
+def choose_k(a, c, k_max, margin=0.0):
+  """The policy's choice when a round at K costs K c + 1 plain steps (the paper's model)."""
+  return choose_k_measured(a, {k: k * c + 1.0 for k in range(k_max + 1)}, margin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,30 +80,14 @@ def test_choose_k_margin_keeps_marginal_gains_off():
   assert choose_k(a, c, 8, margin=0.05) == 0
 
 
-def test_cost_ratio_charges_extra_verification_to_each_draft():
-  # Verification as cheap as a step (memory-bound): c is the plain time ratio.
-  assert cost_ratio(1.0, 10.0, 10.0, 4) == pytest.approx(0.1)
-  # Verifying 3 tokens costs 2 steps (compute-bound): +0.5 step per draft token when k = 2.
-  assert cost_ratio(1.0, 20.0, 10.0, 2) == pytest.approx(0.1 + 0.5)
-  # The round costs what the formula charges: k t_draft + t_verify = t_step (k c + 1).
-  c = cost_ratio(0.7, 13.0, 10.0, 3)
-  assert 3 * 0.7 + 13.0 == pytest.approx(10.0 * (3 * c + 1))
-  with pytest.raises(ValueError):
-    cost_ratio(1.0, 10.0, 10.0, 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # AdaptiveK on synthetic streams of batches.
 
 def _batch(rng, a, k, rounds=400):
-  """A Result as the sampler reports it, for rounds whose draft tokens are each accepted with
-  probability a (independently), stopping at the first rejection."""
+  """(accepted, judged) draft tokens of rounds whose draft tokens are each accepted with
+  probability a (independently), stopping at the first rejection (later ones are not judged)."""
   n = np.sum(np.cumprod(rng.random((rounds, k)) < a, axis=1), axis=1)
-  j = np.arange(k)[None, :]
-  reached = np.sum(j <= n[:, None], axis=0)[None, :]
-  accepted_at = np.sum(j < n[:, None], axis=0)[None, :]
-  return Result(tokens=[[]], rounds=np.array([rounds]), accepted=np.array([n.sum()]),
-                reached=reached, accepted_at=accepted_at, k=k, seconds=0.0)
+  return float(n.sum()), float(np.minimum(n + 1, k).sum())
 
 
 def _run(policy, rng, a, batches, c):
@@ -113,12 +95,12 @@ def _run(policy, rng, a, batches, c):
   for _ in range(batches):
     k = policy.k
     if k:
-      policy.observe(_batch(rng, a, k))
+      policy.observe_acceptance(*_batch(rng, a, k))
     else:
-      policy.observe(Result(tokens=[[]], rounds=np.array([0]), accepted=np.array([0]),
-                            reached=np.zeros((1, 1)), accepted_at=np.zeros((1, 1)), k=0,
-                            seconds=0.0))
-    policy.observe_times(c * 10.0, 10.0, 10.0, k=max(k, 1))
+      policy.observe_off()
+    # Rounds timed as the engine times them: plain decoding, and the K that ran.
+    policy.observe_round_time(0, 10.0)
+    policy.observe_round_time(max(k, 1), 10.0 * (1 + max(k, 1) * c))
     history.append(policy.k)
     # Never speculate on a speedup estimate below 1 (except an opted-in probe).
     assert policy.k == 0 or policy.speedup() > 1.0 or policy.probing
@@ -127,7 +109,7 @@ def _run(policy, rng, a, batches, c):
 
 def test_adaptive_k_keeps_k0_until_it_knows_the_cost():
   policy = AdaptiveK(k0=3, k_max=8)
-  policy.observe(_batch(np.random.default_rng(0), 0.05, 3))
+  policy.observe_acceptance(*_batch(np.random.default_rng(0), 0.05, 3))
   assert policy.k == 3 and math.isnan(policy.speedup())
 
 
@@ -175,32 +157,6 @@ def test_adaptive_k_refuses_bad_settings():
     AdaptiveK().observe_acceptance(5, 3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Measured step times on a real (tiny, sharded) sampler.
-
-def test_measure_step_times_feeds_the_policy():
-  # Given a tensor-parallel tiny target and draft on a 2x4 mesh; then the three timings are
-  # positive and give the policy a finite cost ratio.
-  target = get_preset("tiny")
-  draft = target.replace(name="tiny_draft", num_layers=1)
-  sampler = Sampler(model.init_params(target, jax.random.key(0)), target,
-                    mesh=make_mesh((2, 4)), draft_params=model.init_params(draft, jax.random.key(1)),
-                    draft_cfg=draft)
-  times = k_policy.measure_step_times(sampler, batch=2, prompt_len=8, k=3, max_new_tokens=8,
-                                      repeats=3)
-  assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times)
-  policy = AdaptiveK(k0=2, k_max=4)
-  policy.observe_times(*times, k=3)
-  assert math.isfinite(policy.c) and policy.c >= 0 and 0 <= policy.k <= 4
-
-
-def test_measure_step_times_needs_a_draft():
-  target = get_preset("tiny")
-  sampler = Sampler(model.init_params(target, jax.random.key(0)), target)
-  with pytest.raises(ValueError, match="draft"):
-    k_policy.measure_step_times(sampler, batch=1, prompt_len=4, k=2)
-
-
 def test_measured_round_times_replace_the_linear_cost_model():
   # Given a ~ 0.7 and rounds timed at K = 0 and K = 4 only: the linear model (c from K = 4)
   # says one draft token pays,
@@ -222,7 +178,9 @@ def test_measured_round_times_replace_the_linear_cost_model():
 
 def test_choice_is_limited_to_the_allowed_ks():
   # A free, always-right draft would take k_max, but only the compiled K's are allowed.
-  policy = AdaptiveK(k0=1, k_max=8, ks=(0, 1, 2, 4), c0=0.0)
+  policy = AdaptiveK(k0=1, k_max=8, ks=(0, 1, 2, 4))
+  for k in (0, 1, 2, 4):
+    policy.observe_round_time(k, 1.0)
   policy.observe_acceptance(1000, 1000)
   assert policy.k == 4
   assert choose_k_measured(0.9, {0: 1.0, 1: 1.05, 3: 1.2}) == 3

@@ -18,15 +18,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import tiny_random as default_config  # noqa: E402
-from launch import common, sample  # noqa: E402
+from spec_tpu import setup as common  # noqa: E402
+from spec_tpu import reports  # noqa: E402
+from spec_tpu.decoding import k_policy  # noqa: E402
+from spec_tpu.serving import offline, results  # noqa: E402
 
 
-def _tiny_config(**sampling):
-  """Random tiny models with the shipped tokenizer: no checkpoint is read."""
+def _tiny_config(**settings):
+  """Random tiny models with the shipped tokenizer: no checkpoint is read. Settings go to the
+  section that has them (engine or sampling)."""
   c = default_config.get_config()
   c.model.checkpoint = c.draft.checkpoint = ""
-  c.run.batch_size = 2
-  c.sampling.update(max_new_tokens=8, **sampling)
+  c.engine.num_slots = 2
+  c.sampling.max_new_tokens = 8
+  for name, value in settings.items():
+    (c.engine if name in c.engine else c.sampling)[name] = value
   return c
 
 
@@ -58,7 +64,7 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   out = tmp_path / "out.jsonl"
   config = _tiny_config()
   # when sampled with the AR comparison on,
-  summary = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
+  summary = offline.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
                        compare_ar=True, multihost=False)
   # then each prompt has one line (in the order they finished) whose text is the decoding of
   # its tokens,
@@ -78,12 +84,12 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   assert summary["speedup_vs_ar"] > 0
   # Every line records what made it: models, tokenizer, seed, lengths, K policy, sampling values.
   setup = common.resolve(config)
-  settings = sample.run_settings(config, setup, tok, k_max=4)
+  settings = results.run_settings(config, setup, tok, k_max=4)
   assert all(r["settings"] == settings for r in lines)
   assert settings["seed"] == 0 and settings["k"] == 4 and settings["max_new_tokens"] == 8
   assert settings["target"]["weights"] == "random" and settings["tokenizer"] == tok.name
   # and running again with the same settings finds every prompt done (nothing is compiled).
-  again = sample.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
+  again = offline.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
                      compare_ar=True, multihost=False)
   assert again["note"] == "every prompt already done" and _read(out) == lines
 
@@ -95,7 +101,7 @@ def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
     prompts = tmp_path / f"{name}.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": texts[i]}) + "\n" for i in ids))
     out = tmp_path / f"{name}_out.jsonl"
-    sample.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
+    offline.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
     return {r["id"]: r["tokens"] for r in _read(out)}
   together = sample_ids(["a", "b", "c"], "together")
   # when two of them run again in another order, without the third (as a resumed run would),
@@ -130,7 +136,7 @@ def test_adaptive_k_follows_the_measured_cost(tmp_path, monkeypatch, c, expected
   monkeypatch.setattr(Engine, "calibrate", faked)
   config = _tiny_config(adaptive_k=True, k=2, k_max=6)
   out = tmp_path / "out.jsonl"
-  summary = sample.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
+  summary = offline.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
                        multihost=False)
   # then the engine's policy runs a free draft at the largest K it compiled (0, 1, 2, 4: more
   # drafts only add accepted tokens), turns a slow one off from the first step, and every
@@ -162,7 +168,7 @@ def test_a_torn_last_line_is_cut_away(tmp_path, tail):
   path = tmp_path / "out.jsonl"
   whole = _result("a") + _result(2)
   path.write_bytes(whole.encode() + tail)
-  assert sample.finished_ids(str(path)) == {'"a"', "2"}
+  assert results.finished_ids(str(path)) == {'"a"', "2"}
   assert path.read_text() == whole
 
 
@@ -181,8 +187,8 @@ def test_an_output_holding_anything_else_is_refused_untouched(tmp_path, monkeypa
   path = tmp_path / "notes.jsonl"
   path.write_text(content)
   # then sampling into it is refused before anything is read, loaded or written,
-  with pytest.raises(sample.InputError, match="did not write"):
-    sample.run(_tiny_config(), ["x = 1"], None, str(path), compare_ar=False, multihost=False)
+  with pytest.raises(results.InputError, match="did not write"):
+    offline.run(_tiny_config(), ["x = 1"], None, str(path), compare_ar=False, multihost=False)
   # and the file is exactly as it was.
   assert path.read_text() == content
 
@@ -191,19 +197,19 @@ def _no_weights_or_compiles(monkeypatch):
   def forbidden(*a, **k):
     raise AssertionError("bad input must be refused before weights are loaded or compiled")
   monkeypatch.setattr(common, "load_params", forbidden)
-  monkeypatch.setattr(common, "build_sampler", forbidden)
+  monkeypatch.setattr(common, "build_pair", forbidden)
 
 
 @pytest.mark.parametrize("case, error, match", [
-    ("unreadable_prompts", sample.InputError, "cannot read prompt file"),
-    ("bad_jsonl", sample.InputError, "expected"),
-    ("duplicate_ids", sample.InputError, "appears twice"),
-    ("output_dir_missing", sample.InputError, "does not exist"),
+    ("unreadable_prompts", results.InputError, "cannot read prompt file"),
+    ("bad_jsonl", results.InputError, "expected"),
+    ("duplicate_ids", results.InputError, "appears twice"),
+    ("output_dir_missing", results.InputError, "does not exist"),
     ("missing_checkpoint", common.SetupError, "does not exist"),
     ("no_checkpoint", common.SetupError, "no checkpoint given"),
     ("k_without_draft", common.SetupError, "needs a draft"),
     ("bad_top_p", common.SetupError, "top_p"),
-    ("prompt_too_long", sample.InputError, "does not fit the cache"),
+    ("prompt_too_long", results.InputError, "does not fit the cache"),
     ("adaptive_k_above_k_max", common.SetupError, "adaptive_k needs"),
 ])
 def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, match):
@@ -231,11 +237,11 @@ def test_bad_input_fails_before_any_compile(tmp_path, monkeypatch, case, error, 
   elif case == "bad_top_p":
     config.sampling.top_p = 1.5
   elif case == "prompt_too_long":
-    config.run.max_cache_len = 16
+    config.engine.max_len = 16
   elif case == "adaptive_k_above_k_max":
-    config.sampling.update(adaptive_k=True, k=5, k_max=4)
+    config.engine.update(adaptive_k=True, k=5, k_max=4)
   with pytest.raises(error, match=match):
-    sample.run(config, [], prompts_file, output, compare_ar=False, multihost=False)
+    offline.run(config, [], prompts_file, output, compare_ar=False, multihost=False)
 
 
 @pytest.mark.parametrize("how", ["same_path", "relative_path", "symlink"])
@@ -251,25 +257,25 @@ def test_prompts_and_output_being_one_file_is_refused(tmp_path, monkeypatch, how
     os.symlink(prompts, output)
   # then the run is refused (it would count every prompt as done), and the file is untouched.
   before = prompts.read_text()
-  with pytest.raises(sample.InputError, match="same file"):
-    sample.run(_tiny_config(), [], str(prompts), output, compare_ar=False, multihost=False)
+  with pytest.raises(results.InputError, match="same file"):
+    offline.run(_tiny_config(), [], str(prompts), output, compare_ar=False, multihost=False)
   assert prompts.read_text() == before
 
 
 def _settings(config):
   setup = common.resolve(config)
-  return sample.run_settings(config, setup, common.load_tokenizer(config, setup), k_max=8)
+  return results.run_settings(config, setup, common.load_tokenizer(config, setup), k_max=8)
 
 
 @pytest.mark.parametrize("change, named", [
     (lambda c: c.sampling.update(seed=1), "seed is 0 in the file, 1 now"),
     (lambda c: c.sampling.update(max_new_tokens=16), "max_new_tokens is 8 in the file, 16 now"),
-    (lambda c: c.sampling.update(k=2), "k is 4 in the file, 2 now"),
-    (lambda c: c.sampling.update(adaptive_k=True), "adaptive_k is false in the file, true now"),
+    (lambda c: c.engine.update(k=2), "k is 4 in the file, 2 now"),
+    (lambda c: c.engine.update(adaptive_k=True), "adaptive_k is false in the file, true now"),
     (lambda c: c.sampling.update(temperature=0.5), "temperature is 0.8"),
     (lambda c: c.sampling.update(top_p=1.0), "top_p is 0.95"),
     (lambda c: c.sampling.update(top_k=5), "top_k is 0"),
-    (lambda c: c.run.update(batch_size=3), "num_slots is 2"),
+    (lambda c: c.engine.update(num_slots=3), "num_slots is 2"),
     (lambda c: c.draft.fields.update(num_layers=2), "draft is name=random_tiny_draft"),
     (lambda c: c.model.fields.update(name="other"), "target is name=random_tiny_target"),
 ])
@@ -284,8 +290,8 @@ def test_resuming_into_an_output_made_with_other_settings_is_refused(tmp_path, m
   # when it is resumed with one setting changed,
   change(config)
   # then the run refuses, naming the setting, and leaves the file alone;
-  with pytest.raises(sample.InputError, match=f"other settings.*{re.escape(named)}"):
-    sample.run(config, ["a", "b", "c"], None, str(out), compare_ar=False, multihost=False)
+  with pytest.raises(results.InputError, match=f"other settings.*{re.escape(named)}"):
+    offline.run(config, ["a", "b", "c"], None, str(out), compare_ar=False, multihost=False)
   assert out.read_text() == before
 
 
@@ -297,12 +303,12 @@ def test_resuming_with_other_settings_appends_only_when_asked_and_says_so(tmp_pa
   # Lines from before settings were recorded, and a prompt whose text changed, both count.
   out.write_text(out.read_text().replace('"settings": {', '"old": {', 1))
   config.sampling.seed = 7
-  with pytest.raises(sample.InputError, match="records no settings.*seed is 0 in the file, 7 now"
+  with pytest.raises(results.InputError, match="records no settings.*seed is 0 in the file, 7 now"
                      ".*--append_other_settings"):
-    sample.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
-  with pytest.raises(sample.InputError, match="prompt 1 has another text"):
-    sample.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
-  summary = sample.run(config, ["p0", "p1"], None, str(out), compare_ar=False, multihost=False,
+    offline.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
+  with pytest.raises(results.InputError, match="prompt 1 has another text"):
+    offline.run(config, ["p0", "changed"], None, str(out), compare_ar=False, multihost=False)
+  summary = offline.run(config, ["p0", "p1"], None, str(out), compare_ar=False, multihost=False,
                        append_other_settings=True)
   assert summary["note"] == "every prompt already done"
   assert "seed is 0 in the file, 7 now" in summary["mixed_settings"]
@@ -333,7 +339,7 @@ def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeyp
      "no field 'sampling.nope'"),
     (["launch.sample", "--config=configs/nope.py"], "--config=configs/nope.py: no such config"),
     (["launch.train", "--config=configs/train.py:nope"], "takes target, distill or draft"),
-    (["launch.sample", "--config.sampling.k=many"], "--config.sampling.k=many"),
+    (["launch.sample", "--config.engine.k=many"], "--config.engine.k=many"),
     (["launch.benchmark", "--output_dir=OUT", "--ks=abc"], "--ks takes comma-separated integers"),
     (["launch.benchmark", "--output_dir=OUT", "--batches=0"], "--batches must be positive, got 0"),
     (["launch.sample", "--output=OUT/o.jsonl", "stray"], "unexpected argument 'stray'"),
@@ -382,8 +388,8 @@ LATE_MISTAKES = [
     (_TRAIN + ["--config.batch=0"], "--config.batch must be a positive integer"),
     (_TRAIN + ["--config.steps=0"], "--config.steps must be a positive integer"),
     (_SAMPLE + ["--config.sampling.seed=-1"], "sampling.seed must be >= 0"),
-    (_SAMPLE + ["--config.serve.prefill_rows=0"], "serve.prefill_rows must be >= 1"),
-    (_SAMPLE + ["--config.serve.rounds_per_step=-1"], "serve.rounds_per_step must be 0"),
+    (_SAMPLE + ["--config.engine.prefill_rows=0"], "engine.prefill_rows must be >= 1"),
+    (_SAMPLE + ["--config.engine.rounds_per_step=-1"], "engine.rounds_per_step must be 0"),
     (_SAMPLE + ["--config.model.fields.dtype=bfloat61"], "dtype must be one of"),
     (_BENCH + ["--repeats=0"], "--repeats must be >= 1"),
     (_BENCH + ["--step_repeats=0"], "--step_repeats must be >= 1"),
@@ -407,7 +413,7 @@ LATE_MISTAKES = [
     # Launchers that ran under app.run with their own parsing: tracebacks and pages of help.
     (["launch.serve", "--config.sampling.temprature=0.5"], "no field 'sampling.temprature'"),
     (["launch.serve", "stray"], "unexpected argument 'stray'"),
-    (["launch.serve", *_TINY, "--config.serve.prefill_rows=0"], "serve.prefill_rows must be"),
+    (["launch.serve", *_TINY, "--config.engine.prefill_rows=0"], "engine.prefill_rows must be"),
     (["launch.serve_bench", *_TINY, "--output_dir=OUT/sb", "--clients=a"],
      "--clients takes comma-separated integers"),
     (["launch.compare_quant", "--checkpoint=OUT/none"], "OUT/none"),
@@ -464,7 +470,7 @@ def test_quantizing_a_recurrent_checkpoint_on_load_is_refused_in_one_line(tmp_pa
 def _sample_cmd(prompts, output):
   return [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
           "--config.model.checkpoint=", "--config.draft.checkpoint=",
-          "--config.run.batch_size=2", "--config.sampling.max_new_tokens=8",
+          "--config.engine.num_slots=2", "--config.sampling.max_new_tokens=8",
           "--nocompare_ar", f"--prompts={prompts}", f"--output={output}"]
 
 
@@ -612,7 +618,7 @@ def test_benchmark_writes_table_json_and_plot(tmp_path):
               "measured_over_ideal", "verify_cost", "bandwidth_utilisation"):
     assert spec[key] > 0, key
   assert 0 <= spec["acceptance"] <= 1
-  expected = common.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], 2)
+  expected = k_policy.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], 2)
   assert abs(spec["ideal_speedup"] - expected) < 1e-9
   # and writes the table (also to stdout) and the plot.
   assert "meas/ideal" in (tmp_path / "table.txt").read_text() and "meas/ideal" in proc.stdout
@@ -622,7 +628,7 @@ def test_benchmark_writes_table_json_and_plot(tmp_path):
 _BANDWIDTH_PROBE = """
 import json, time
 import jax, numpy as np
-from launch import benchmark
+from spec_tpu import benchmark, profiling
 from spec_tpu import sharding
 mesh = sharding.make_mesh((1, jax.device_count()))
 nbytes = 1 << 28  # far beyond any CPU cache
@@ -631,7 +637,7 @@ copy, probe = 0.0, 0.0
 for _ in range(3):  # interleaved, best of each: other work on the machine only slows either
   start = time.perf_counter(); np.copyto(dst, src)
   copy = max(copy, 2 * nbytes / (time.perf_counter() - start))
-  probe = max(probe, benchmark.measure_bandwidth(mesh, nbytes, repeats=3) * mesh.size)
+  probe = max(probe, profiling.measure_bandwidth(mesh, nbytes, repeats=3) * mesh.size)
 point = lambda util: dict(batch=1, k=0, ms_per_token=1.0, tokens_per_s=1.0, acceptance=None,
                           cost_ratio_c=0.1, speedup=1.0, ideal_speedup=1.0,
                           measured_over_ideal=1.0, verify_cost=1.0, bandwidth_utilisation=util,
@@ -659,10 +665,10 @@ def test_bandwidth_is_measured_as_a_decode_step_reads_memory(tmp_path):
 
 
 def test_ideal_speedup_matches_leviathan_formula():
-  assert common.ideal_speedup(0.0, 0.1, 4) == 1 / 1.4
-  assert abs(common.ideal_speedup(0.8, 0.05, 4) - (1 - 0.8 ** 5) / (0.2 * 1.2)) < 1e-12
-  assert common.ideal_speedup(1.0, 0.0, 3) == 4.0
-  assert common.ideal_speedup(0.5, 0.1, 0) == 1.0
+  assert k_policy.ideal_speedup(0.0, 0.1, 4) == 1 / 1.4
+  assert abs(k_policy.ideal_speedup(0.8, 0.05, 4) - (1 - 0.8 ** 5) / (0.2 * 1.2)) < 1e-12
+  assert k_policy.ideal_speedup(1.0, 0.0, 3) == 4.0
+  assert k_policy.ideal_speedup(0.5, 0.1, 0) == 1.0
 
 
 def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
@@ -719,4 +725,4 @@ def test_benchmarks_skip_the_plot_without_matplotlib(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
   # then the plots of launch.benchmark and launch.serve_bench (both ask common.pyplot) are
   # skipped, logged, instead of failing after the results were made.
-  assert common.pyplot(str(tmp_path / "speedup_vs_k.png")) is None
+  assert reports.pyplot(str(tmp_path / "speedup_vs_k.png")) is None

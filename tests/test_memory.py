@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spec_tpu import sharding
-from spec_tpu.decoding import sampler as sampler_lib
+from spec_tpu import pair as sampler_lib
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, model
@@ -19,7 +19,8 @@ CFG = config.ModelConfig(name="deep_bf16", vocab_size=512, d_model=256, num_laye
 def _need_bytes(monkeypatch, options):
   monkeypatch.setattr(sampler_lib, "compiler_options", lambda platform, quantized=False: options)
   params = model.init_params(CFG, jax.random.key(0))
-  sampler = Sampler(params, CFG, mesh=sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
+  sampler = Sampler.from_params(params, CFG,
+                                mesh=sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
   spec = sampler._spec(k=0, top_k=0, max_new=8, prompt_len=8)
   mem = sampler._compiled(spec, batch=2, prompt_len=8).memory_analysis()
   weights = sum(x.nbytes for x in jax.tree.leaves(params))

@@ -280,7 +280,7 @@ def test_a_decode_step_never_passes_over_the_whole_cache():
   no instruction but the in-place write makes an array the size of a layer's (or the stacked)
   cache: no float32 conversion, no copy, no view of it (each was there once, README "Context
   length"; XLA:CPU scatters a bfloat16 array through float32)."""
-  from spec_tpu.decoding import sampler
+  from spec_tpu import pair as sampler
   cfg = config.get_preset("tiny").replace(num_layers=3, dtype="bfloat16")
   params = model.init_params(cfg, jax.random.key(0))
   slots = 4 * model.ATTENTION_BLOCK
@@ -321,7 +321,7 @@ def test_heads_batched_projection_equals_the_einsum(b, t, heads_major):
 def test_compiler_options_are_options_xla_knows(platform, quantized):
   """A misspelt option fails compilation ("No such compile option"); XLA accepts every
   platform's option names in any compile, so the GPU ones are checked on CPU too."""
-  from spec_tpu.decoding import sampler
+  from spec_tpu import pair as sampler
   options = sampler.compiler_options(platform, quantized)
   assert options
   if platform == "gpu":  # int8 weights keep Triton's gemm fusions (they convert in the matmul)

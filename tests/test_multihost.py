@@ -35,7 +35,7 @@ def _free_port():
 def _cmd(output, *extra):
   return ["timeout", "-s", "KILL", str(LIMIT_S), sys.executable, "-m", "launch.sample",
           "--config=configs/tiny_random.py", "--config.model.checkpoint=",
-          "--config.draft.checkpoint=", "--config.run.batch_size=2",
+          "--config.draft.checkpoint=", "--config.engine.num_slots=2",
           "--config.sampling.max_new_tokens=8", "--nocompare_ar",
           "--prompt=def add(a, b):", "--prompt=import os", "--prompt=class A:",
           f"--output={output}", *extra]

@@ -109,7 +109,7 @@ def test_params_tree_quantizer_covers_exactly_the_matmul_weights():
     assert quant.is_quantized(params["embed"]) == tied
     if not tied:
       assert params["unembed"]["scale"].shape == (cfg.vocab_size,)
-    axes = sharding.param_logical_axes(cfg)
+    axes = model.param_logical_axes(cfg)
     assert jax.tree.structure(jax.tree.map(lambda _: 0, axes, is_leaf=quant._is_axes)) == \
         jax.tree.structure(jax.tree.map(lambda _: 0, params))
   with pytest.raises(ValueError, match="quantize must be"):
@@ -140,7 +140,7 @@ ex.LAW_MODELS["int8_target"] = (Q_TARGET, q_target_params)
 
 @pytest.fixture(scope="module")
 def int8_pair():
-  return Sampler(q_target_params(), Q_TARGET, draft_params=_quantize(ex.draft_params(), Q_DRAFT),
+  return Sampler.from_params(q_target_params(), Q_TARGET, draft_params=_quantize(ex.draft_params(), Q_DRAFT),
                  draft_cfg=Q_DRAFT)
 
 
@@ -166,7 +166,7 @@ def test_int8_greedy_speculative_equals_int8_greedy_autoregressive(int8_pair):
   path, clear = ex.greedy_path(Q_TARGET, q_target_params(), prompts, ar)
   assert clear.mean() > 0.99
   assert np.array_equal(np.argmax(path, axis=-1)[clear], ar[clear]), "k=0 is not int8 greedy"
-  sharded = Sampler(int8_pair.target_params, Q_TARGET, mesh=sharding.make_mesh((2, 4)),
+  sharded = Sampler.from_params(int8_pair.target_params, Q_TARGET, mesh=sharding.make_mesh((2, 4)),
                     draft_params=int8_pair.draft_params, draft_cfg=Q_DRAFT)
   for name, sampler in [("one device", int8_pair), ("2x4", sharded)]:
     result = sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=3, sampling=ex.GREEDY)
@@ -327,11 +327,11 @@ def test_int8_checkpoint_round_trip_needs_no_flag(tmp_path):
 def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tmp_path):
   # Given a random transformers Llama in safetensors; when converted with quantize="int8" and
   # without; then the int8 checkpoint loads as int8 with no option, and equals the float one
-  # quantized while it loads (launch.common with model.quantize=int8), value for value.
+  # quantized while it loads (spec_tpu.setup with model.quantize=int8), value for value.
   pytest.importorskip("torch")
   import test_hf_parity as parity
   from configs import common as configs_common
-  from launch import common
+  from spec_tpu import setup as common
   from spec_tpu.checkpoints import hf
   torch, transformers = parity._torch()
   parity._build_hf(torch, transformers, "llama_gqa", tmp_path / "hf")
@@ -342,7 +342,7 @@ def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tm
   for name, path, option in [("stored", "int8", ""), ("on_load", "float", "int8")]:
     c = configs_common.base()
     c.model = configs_common.model_section(checkpoint=str(tmp_path / path), quantize=option)
-    c.sampling.k = 0
+    c.engine.k = 0
     setup = common.resolve(c)
     assert setup.target.cfg.quantize == "int8"
     assert setup.target.quantize_on_load == (name == "on_load")
@@ -351,7 +351,7 @@ def test_hf_conversion_to_int8_equals_quantizing_the_float_conversion_on_load(tm
   jax.tree.map(np.testing.assert_array_equal, loaded["stored"], loaded["on_load"])
   # Read one leaf at a time (chunks of 1 byte): the same params.
   float_cfg = checkpoint.load_config(tmp_path / "float")
-  to = quant.leaf_quantizer(sharding.param_logical_axes(float_cfg), embed=False)
+  to = quant.leaf_quantizer(model.param_logical_axes(float_cfg), embed=False)
   one_by_one, _ = checkpoint.restore_transformed(
       tmp_path / "float", shardings=sharding.param_shardings(float_cfg, mesh), transform=to,
       chunk_bytes=1)

@@ -22,7 +22,6 @@ import pytest
 from spec_tpu.checkpoints import recurrent_convert
 from spec_tpu.checkpoints.hf import HFConversionError
 from spec_tpu.checkpoints.recurrent_convert import ReferenceConversionError
-from spec_tpu import sharding
 from spec_tpu.decoding import decode
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import config, layers, model, recurrent
@@ -470,7 +469,7 @@ def test_decoder_params_and_cache_have_logical_axes():
   params = model.init_params(CFG, jax.random.key(23))
   cache = cache_lib.init_cache(CFG, 2, 16, K + 1)
   # then every leaf has logical axes of its rank (what shardings and insert_rows read),
-  axes = sharding.param_logical_axes(CFG)
+  axes = model.param_logical_axes(CFG)
   jax.tree.map(lambda ax, x: assert_rank(ax, x), axes, params, is_leaf=_is_axes)
   jax.tree.map(lambda ax, x: assert_rank(ax, x), cache_lib.logical_axes(cache), cache,
                is_leaf=_is_axes)

@@ -28,14 +28,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import tiny_random  # noqa: E402
-from launch import common  # noqa: E402
+from spec_tpu import setup as common  # noqa: E402
 
 MODEL = "random_tiny_target"  # the target's name in configs/tiny_random.py
 MAX_LEN = 512
 OVERRIDES = ["--config.model.checkpoint=", "--config.draft.checkpoint=",
-             "--config.serve.calibrate=False", "--config.serve.adaptive_k=False",
-             "--config.serve.num_slots=16", f"--config.serve.max_len={MAX_LEN}",
-             "--config.serve.rounds_per_step=2"]
+             "--config.engine.calibrate=False", "--config.engine.adaptive_k=False",
+             "--config.engine.num_slots=16", f"--config.engine.max_len={MAX_LEN}",
+             "--config.engine.rounds_per_step=2"]
 
 
 def _free_port():
@@ -313,7 +313,8 @@ def test_greedy_through_the_server_equals_sampler_greedy(server):
   setup = common.resolve(config)
   tok = common.load_tokenizer(config, setup)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  sampler = common.build_sampler(setup, mesh, eos_id=tok.eos_id, use_draft=False)
+  from spec_tpu.decoding.sampler import Sampler
+  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
   prompts = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):"]
   add_bos = bool(config.run.add_bos)  # the server encodes prompts as the config says
   want = sampler.generate([tok.encode(p, add_bos=add_bos) for p in prompts], max_new_tokens=20,
@@ -382,7 +383,7 @@ def test_serve_bench_writes_table_json_and_plot(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.serve_bench", "--config=configs/tiny_random.py",
        "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
-       "--config.sampling.k=2", "--config.sampling.k_max=2",  # fewer programs to compile
+       "--config.engine.k=2", "--config.engine.k_max=2",  # fewer programs to compile
        "--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
        "--latency_requests=2", "--repeats=1"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -406,7 +407,7 @@ def test_serve_bench_runs_a_target_without_a_draft(tmp_path):
   (tmp_path / "no_draft.py").write_text(
       "from configs import common, tiny_random\n\n\ndef get_config():\n"
       "  c = tiny_random.get_config()\n  c.draft = common.model_section()\n"
-      "  c.sampling.k = 0\n  return c\n")
+      "  c.engine.k = 0\n  return c\n")
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
   env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

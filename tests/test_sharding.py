@@ -53,10 +53,10 @@ def test_sharded_logits_are_close_to_one_device(name):
 def test_sharded_greedy_tokens_equal_one_device(name):
   cfg, params = _model(name)
   greedy = SamplingParams(temperature=0.0)
-  want = Sampler(params, cfg).generate(PROMPTS, max_new_tokens=12, sampling=greedy).tokens
+  want = Sampler.from_params(params, cfg).generate(PROMPTS, max_new_tokens=12, sampling=greedy).tokens
   assert len({tuple(t) for t in want}) > 1  # not a degenerate model
   for shape in MESHES:
-    got = Sampler(params, cfg, mesh=sharding.make_mesh(shape)).generate(
+    got = Sampler.from_params(params, cfg, mesh=sharding.make_mesh(shape)).generate(
         PROMPTS, max_new_tokens=12, sampling=greedy).tokens
     assert got == want, shape
 
@@ -83,7 +83,7 @@ class TestBadInput:
   cfg, params = _model("tiny_gemma2")
 
   def sampler(self, **kw):
-    return Sampler(self.params, self.cfg, **kw)
+    return Sampler.from_params(self.params, self.cfg, **kw)
 
   def test_empty_prompt(self):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -172,10 +172,10 @@ def test_sharded_recurrent_speculative_greedy_equals_one_device():
   # device's.
   cfg, target, draft = _recurrent_pair()
   greedy = SamplingParams(temperature=0.0)
-  want = Sampler(target, cfg, draft_params=draft, draft_cfg=cfg).generate(
+  want = Sampler.from_params(target, cfg, draft_params=draft, draft_cfg=cfg).generate(
       PROMPTS, max_new_tokens=12, sampling=greedy, k=2)
   assert len({tuple(t) for t in want.tokens}) > 1 and 0 < want.acceptance_rate() < 1
   for shape in [(1, 8), (2, 4)]:
-    got = Sampler(target, cfg, mesh=sharding.make_mesh(shape), draft_params=draft,
+    got = Sampler.from_params(target, cfg, mesh=sharding.make_mesh(shape), draft_params=draft,
                   draft_cfg=cfg).generate(PROMPTS, max_new_tokens=12, sampling=greedy, k=2)
     assert got.tokens == want.tokens, shape

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spec_tpu.training import corpus
+from spec_tpu.training import corpus, tokenizer_training
 from spec_tpu import tokenizer as tokenizer_lib
 from spec_tpu.tokenizer import ByteTokenizer, Tokenizer
 
@@ -34,7 +34,7 @@ def tiny_model(tmp_path_factory):
   """A vocab-400 BPE model on ~200 KB of training files (trains in well under a second)."""
   train, _ = corpus.split(corpus.stdlib_files())
   prefix = tmp_path_factory.mktemp("sp") / "tiny"
-  return tokenizer_lib.train_tokenizer(train, prefix, vocab_size=400, max_bytes=200_000)
+  return tokenizer_training.train_tokenizer(train, prefix, vocab_size=400, max_bytes=200_000)
 
 
 def test_byte_tokenizer_round_trips_arbitrary_unicode():
@@ -90,21 +90,21 @@ def test_trained_model_specials_and_name(tiny_model, tmp_path):
     tok.decode([-1])
   assert tok.name.startswith("sp:") and len(tok.name) == 15
   assert Tokenizer.load(tiny_model).name == tok.name
-  assert tok.name != Tokenizer.load(tokenizer_lib.train_tokenizer(
+  assert tok.name != Tokenizer.load(tokenizer_training.train_tokenizer(
       "a b c\n" * 2000 + "".join(map(chr, range(32, 127))), tmp_path / "other", 350)).name
 
 
 def test_training_is_deterministic(tiny_model, tmp_path):
   train, _ = corpus.split(corpus.stdlib_files())
-  again = tokenizer_lib.train_tokenizer(train, tmp_path / "again", vocab_size=400, max_bytes=200_000)
+  again = tokenizer_training.train_tokenizer(train, tmp_path / "again", vocab_size=400, max_bytes=200_000)
   assert again.read_bytes() == tiny_model.read_bytes()
 
 
 def test_training_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="no training text"):
-    tokenizer_lib.train_tokenizer("", tmp_path / "empty")
+    tokenizer_training.train_tokenizer("", tmp_path / "empty")
   with pytest.raises(ValueError, match="vocab_size=100"):
-    tokenizer_lib.train_tokenizer("def f(): pass\n" * 100, tmp_path / "small", vocab_size=100)
+    tokenizer_training.train_tokenizer("def f(): pass\n" * 100, tmp_path / "small", vocab_size=100)
   with pytest.raises(FileNotFoundError):
     Tokenizer.load(tmp_path / "missing.model")
 
@@ -116,5 +116,5 @@ def test_shipped_tokenizer(heldout_sample):
   for text in HARD_TEXTS + heldout_sample:
     assert tok.decode(tok.encode(text)) == text
   # Regression guard on compression (3.3 bytes/token on the held-out split with Python 3.11).
-  assert tokenizer_lib.bytes_per_token(tok, "\n".join(heldout_sample)) > 2.8
+  assert tokenizer_training.bytes_per_token(tok, "\n".join(heldout_sample)) > 2.8
 

@@ -20,34 +20,18 @@ Shapes: HF Linear weights are (out, in). The decoder's params layout is in spec_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from spec_tpu.models import layout, model, quant
-from spec_tpu.models.config import FLOAT_DTYPES, GLOBAL, LOCAL, RECURRENT, ModelConfig
-
-
-def float_dtype(dtype) -> str:
-  """The canonical name of the float dtype converted weights take, or an HFConversionError."""
-  try:
-    name = jnp.dtype(dtype).name
-  except TypeError:  # not a dtype name at all
-    name = str(dtype)
-  if name not in FLOAT_DTYPES:
-    raise HFConversionError(f"weights convert to one of {FLOAT_DTYPES}, not {name} (the "
-                            "source's declared dtype unless --dtype names one; int8 weights: "
-                            "--quantize=int8)")
-  return name
-
-
-class HFConversionError(ValueError):
-  """A Hugging Face checkpoint that spec_tpu cannot convert faithfully."""
+from spec_tpu.checkpoints import recurrent_convert
+# HFConversionError, float_dtype, tokenizer_id and the TOKENIZER_ names are part of this module's
+# API too (the error type of everything here; where a converted checkpoint keeps its tokenizer).
+from spec_tpu.checkpoints._convert import (  # noqa: F401
+    TOKENIZER_DIR, TOKENIZER_FILES, HFConversionError, Step, check_plan, fill_params,
+    float_dtype, same, shortest_period, tokenizer_files, tokenizer_id, transpose)
+from spec_tpu.models import quant
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
 
 
 # ---------------------------------------------------------------- config.json -> ModelConfig
@@ -209,14 +193,6 @@ def _rope(f: _Fields, family: str) -> dict:
               rope_llama3=llama3_global)
 
 
-def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
-  """The shortest prefix whose cyclic repetition gives every layer's kind."""
-  for p in range(1, len(kinds) + 1):
-    if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
-      return tuple(kinds[:p])
-  raise AssertionError("unreachable: the full list is its own period")
-
-
 def _layer_pattern(f: _Fields, family: str, num_layers: int) -> tuple[str, ...]:
   if family in ("gemma", "llama"):
     return (GLOBAL,)
@@ -238,7 +214,7 @@ def _layer_pattern(f: _Fields, family: str, num_layers: int) -> tuple[str, ...]:
     if name not in _LAYER_KINDS:
       raise HFConversionError(f"config field 'layer_types[{i}]' is {name!r}; supported: "
                               f"{sorted(_LAYER_KINDS)}")
-  return _shortest_period([_LAYER_KINDS[n] for n in names])
+  return shortest_period([_LAYER_KINDS[n] for n in names])
 
 
 def _refuse_unsupported(f: _Fields) -> None:
@@ -282,7 +258,6 @@ def config_from_hf(hf_config: dict[str, Any], *, name: str | None = None,
   Raises HFConversionError naming the field for anything the decoder cannot reproduce.
   RecurrentGemmaForCausalLM (Griffin) has its own mapping, recurrent_convert.config_from_hf.
   """
-  from spec_tpu.checkpoints import recurrent_convert  # it imports this module's error type
   if recurrent_convert.is_hf_recurrent_gemma(hf_config):
     return recurrent_convert.config_from_hf(hf_config, name=name, dtype=dtype)
   try:
@@ -367,18 +342,6 @@ def _locate(names: set[str]) -> str:
   return found[0]
 
 
-# A step of the plan: (HF name, HF shape, destination path in params, HF array -> ours).
-Step = tuple[str, tuple[int, ...], tuple, Callable[[np.ndarray], np.ndarray]]
-
-
-def _same(a):
-  return a
-
-
-def _transpose(a):
-  return a.T
-
-
 def _plan(cfg: ModelConfig, prefix: str) -> Iterator[Step]:
   d, h, k, e, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim,
                       cfg.vocab_size)
@@ -387,30 +350,30 @@ def _plan(cfg: ModelConfig, prefix: str) -> Iterator[Step]:
   def heads_in(n):  # (n*e, d) -> (n d e)
     return lambda a: a.reshape(n, e, d).transpose(0, 2, 1)
 
-  yield f"{prefix}embed_tokens.weight", (v, d), ("embed",), _same
+  yield f"{prefix}embed_tokens.weight", (v, d), ("embed",), same
   if not cfg.tie_embeddings:
-    yield _head_name(prefix), (v, d), ("unembed",), _transpose
-  yield f"{prefix}norm.weight", (d,), ("final_norm",), _same
+    yield _head_name(prefix), (v, d), ("unembed",), transpose
+  yield f"{prefix}norm.weight", (d,), ("final_norm",), same
   for i in range(cfg.num_layers):
     p, L = f"{prefix}layers.{i}.", ("layers", i)
-    yield p + "input_layernorm.weight", (d,), L + ("attn_norm",), _same
+    yield p + "input_layernorm.weight", (d,), L + ("attn_norm",), same
     yield p + "self_attn.q_proj.weight", (h * e, d), L + ("attn", "q"), heads_in(h)
     yield p + "self_attn.k_proj.weight", (k * e, d), L + ("attn", "k"), heads_in(k)
     yield p + "self_attn.v_proj.weight", (k * e, d), L + ("attn", "v"), heads_in(k)
     yield (p + "self_attn.o_proj.weight", (d, h * e), L + ("attn", "o"),
            lambda a: a.reshape(d, h, e).transpose(1, 2, 0))
     if cfg.qk_norm:
-      yield p + "self_attn.q_norm.weight", (e,), L + ("attn", "q_norm"), _same
-      yield p + "self_attn.k_norm.weight", (e,), L + ("attn", "k_norm"), _same
+      yield p + "self_attn.q_norm.weight", (e,), L + ("attn", "q_norm"), same
+      yield p + "self_attn.k_norm.weight", (e,), L + ("attn", "k_norm"), same
     if gemma23:
-      yield p + "post_attention_layernorm.weight", (d,), L + ("post_attn_norm",), _same
-      yield p + "pre_feedforward_layernorm.weight", (d,), L + ("ffw_norm",), _same
-      yield p + "post_feedforward_layernorm.weight", (d,), L + ("post_ffw_norm",), _same
+      yield p + "post_attention_layernorm.weight", (d,), L + ("post_attn_norm",), same
+      yield p + "pre_feedforward_layernorm.weight", (d,), L + ("ffw_norm",), same
+      yield p + "post_feedforward_layernorm.weight", (d,), L + ("post_ffw_norm",), same
     else:
-      yield p + "post_attention_layernorm.weight", (d,), L + ("ffw_norm",), _same
-    yield p + "mlp.gate_proj.weight", (f, d), L + ("ffw", "gate"), _transpose
-    yield p + "mlp.up_proj.weight", (f, d), L + ("ffw", "up"), _transpose
-    yield p + "mlp.down_proj.weight", (d, f), L + ("ffw", "down"), _transpose
+      yield p + "post_attention_layernorm.weight", (d,), L + ("ffw_norm",), same
+    yield p + "mlp.gate_proj.weight", (f, d), L + ("ffw", "gate"), transpose
+    yield p + "mlp.up_proj.weight", (f, d), L + ("ffw", "up"), transpose
+    yield p + "mlp.down_proj.weight", (d, f), L + ("ffw", "down"), transpose
 
 
 def _ignorable(name: str, prefix: str, cfg: ModelConfig) -> bool:
@@ -421,124 +384,30 @@ def _ignorable(name: str, prefix: str, cfg: ModelConfig) -> bool:
   return prefix != "model." and name.startswith(_MULTIMODAL_PARTS)
 
 
-def _check_names_and_shapes(index, plan: list[Step], prefix: str, cfg: ModelConfig) -> None:
-  names = set(index.names())
-  wanted = {step[0] for step in plan}
-  missing = [s[0] for s in plan if s[0] not in names]
-  if missing:
-    raise HFConversionError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all; "
-                            f"config: {cfg.num_layers} layers, tie_embeddings="
-                            f"{cfg.tie_embeddings})")
-  unexpected = sorted(n for n in names - wanted if not _ignorable(n, prefix, cfg))
-  if unexpected:
-    raise HFConversionError(
-        f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all): the "
-        "checkpoint holds weights the decoder would not use (biases? more layers than "
-        "config.json says?); refusing rather than dropping them")
-  for name, shape, _, _ in plan:
-    found = tuple(index.shape(name))
-    if found != shape:
-      raise HFConversionError(f"tensor {name!r} has shape {found}, expected {shape} from "
-                              "config.json")
-    if not jnp.issubdtype(index.dtype(name), jnp.floating):
-      raise HFConversionError(f"tensor {name!r} has dtype {index.dtype(name)}; expected floating "
-                              "point (quantized checkpoints are not supported)")
-
-
-def _empty_params(cfg: ModelConfig, dtype) -> dict:
-  """Uninitialised numpy arrays in the params layout (np.empty: pages are only touched as the
-  tensors are copied in, so memory grows with the conversion, never past the output). Float
-  leaves get dtype; a quantized weight's int8 values and float32 scales keep theirs."""
-  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-  def empty(path, x):
-    keep = x.dtype == jnp.int8 or quant.is_scale_path(path)
-    return np.empty(x.shape, x.dtype if keep else dtype)
-
-  return jax.tree_util.tree_map_with_path(empty, shapes)
-
-
-def _contracting_axes(cfg: ModelConfig):
-  """plan path -> contracting axes of the (unstacked) weight there, from the logical axes the
-  sharding rules use."""
-  from spec_tpu import sharding
-  top = sharding.param_logical_axes(cfg.replace(quantize=None))
-
-  def contracting(path):
-    if path[0] == "layers":
-      node = sharding.layer_logical_axes(cfg, cfg.layer_types[path[1]])
-      path = path[2:]
-    else:
-      node = top
-    for key in path:
-      node = node[key]
-    return quant.contracting_axes(node, path[-1])
-
-  return contracting
-
-
-def _destination(cfg: ModelConfig, params: dict, path: tuple):
-  """(array, index) to copy a tensor with plan path `path` into: stacked layers take index g."""
-  if path[0] != "layers":
-    node, rest, index = params, path, ()
-  else:
-    part, j, g = layout.where(cfg, path[1])
-    node, rest, index = params[part][j], path[2:], (() if g is None else (g,))
-  for key in rest:
-    node = node[key]
-  return node, index
-
-
 def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
   """Params (numpy arrays, model.py layout) from a checkpoint index.
 
   index: anything with names(), shape(name), dtype(name) and get(name) -> np.ndarray (a
     spec_tpu.checkpoints.safetensors_io.SafetensorsIndex).
-  Every name and shape is checked before any tensor is read. The output's stacked arrays are
-  allocated first and each tensor is read, laid out and cast straight into its slice, one at a
-  time, so peak memory is about one source tensor on top of the output. With cfg.quantize, each
-  weight is quantized (quant.py, in numpy: the same values as at load time) as it is read, so
-  the output allocated and held is the int8 model, never a float one.
+  Every name and shape is checked before any tensor is read; then each tensor is read and laid
+  out into its slice of the output, one at a time, quantized as it is read with cfg.quantize
+  (_convert.fill_params).
   A config with recurrent layers reads RecurrentGemmaForCausalLM names (recurrent_convert).
   """
   if RECURRENT in cfg.layer_pattern:
-    from spec_tpu.checkpoints import recurrent_convert
     return recurrent_convert.stacked(recurrent_convert.convert_hf_params(index, cfg, dtype), cfg)
-  dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
-  prefix = _locate(set(index.names()))
+  names = set(index.names())
+  prefix = _locate(names)
   plan = list(_plan(cfg, prefix))
-  _check_names_and_shapes(index, plan, prefix, cfg)
-  params = _empty_params(cfg, dtype)
-  contracting = _contracting_axes(cfg)
-  written = set()
-  for name, _, path, layout_fn in plan:
-    src = index.get(name)
-    dst, at = _destination(cfg, params, path)
-    if quant.is_quantized(dst):
-      q = quant.quantize(layout_fn(src), contracting(path), xp=np)
-      for key in ("w", "scale"):
-        dst[key][at] = q[key]
-        written.add((id(dst[key]), at))
-      del q
-    else:
-      dst[at] = layout_fn(src)  # the layout change is a view; the assignment casts while copying
-      written.add((id(dst), at))
-    del src
-  # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
-  expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
-              for at in ([(g,) for g in range(cfg.num_groups)] if key == "groups" else [()])}
-  if written != expected:
-    raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
-  return params
-
-
+  check_plan(plan, names, index.shape, index.dtype,
+             ignorable=lambda n: _ignorable(n, prefix, cfg), error=HFConversionError,
+             context=f"config.json: {cfg.num_layers} layers, tie_embeddings={cfg.tie_embeddings}",
+             unexpected_hint="biases? more layers than config.json says?")
+  return fill_params(plan, index.get, cfg, dtype)
 
 
 # ---------------------------------------------------------------- directories
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")  # newer checkpoints keep the chat template apart
-TOKENIZER_DIR = "tokenizer"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -567,21 +436,6 @@ def _check_weight_files(src: str) -> None:
         "supported, since unpickling runs arbitrary code. Re-save the model with "
         "save_pretrained(..., safe_serialization=True) in a trusted environment.")
   raise HFConversionError(f"{src!r} holds no *.safetensors weights")
-
-
-def tokenizer_id(src: str) -> str:
-  """Names a tokenizer by a hash of its vocabulary file, so a draft and a target converted with
-  different tokenizers are told apart (sizes alone can coincide). The "sp:" form is the one
-  spec_tpu.tokenizer.Tokenizer.name gives the same sentencepiece file."""
-  for name, tag in (("tokenizer.model", "sp"), ("tokenizer.json", "json")):
-    path = os.path.join(src, name)
-    if os.path.isfile(path):
-      h = hashlib.sha256()
-      with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-          h.update(chunk)
-      return f"{tag}:{h.hexdigest()[:12]}"
-  return ""
 
 
 def convert_directory(src, dst, dtype=None, overwrite: bool = False,
@@ -616,12 +470,7 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
            "model_type": hf.get("model_type")}
   # Tokenizer files go in before the manifest seals the checkpoint, so they are hash-checked
   # with the weights.
-  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite, files=_tokenizer_files(src))
+  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite, files=tokenizer_files(src))
   del params
   return cfg
 
-
-def _tokenizer_files(src: str) -> dict[str, str]:
-  """Checkpoint-relative path -> source path of the tokenizer files present in src."""
-  return {f"{TOKENIZER_DIR}/{n}": os.path.join(src, n) for n in TOKENIZER_FILES
-          if os.path.isfile(os.path.join(src, n))}

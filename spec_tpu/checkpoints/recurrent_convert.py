@@ -23,30 +23,21 @@ mask (keys > q - W) sees one key fewer, which changes outputs only past position
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+import os
+from typing import Any, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu.checkpoints.hf import HFConversionError, float_dtype
-from spec_tpu.models import layout
+# stacked and jax_tree_to_numpy are part of this module's API too (its unstacked layout's users).
+from spec_tpu.checkpoints._convert import (  # noqa: F401
+    ConversionError, HFConversionError, Step, check_plan, flatten, float_dtype,
+    jax_tree_to_numpy, restore_orbax_tree, same, shortest_period, stacked, transpose)
 from spec_tpu.models.config import LOCAL, RECURRENT, ModelConfig
 
 
-class ReferenceConversionError(ValueError):
+class ReferenceConversionError(ConversionError):
   """A recurrentgemma (reference) param tree that spec_tpu cannot convert faithfully."""
-
-
-# A step of a plan: (source name, source shape, destination path, source array -> ours).
-Step = tuple[str, tuple[int, ...], tuple, Callable[[np.ndarray], np.ndarray]]
-
-
-def _same(a):
-  return a
-
-
-def _transpose(a):
-  return a.T
 
 
 # ---------------------------------------------------------------- transformers config.json
@@ -156,43 +147,43 @@ def _hf_plan(cfg: ModelConfig) -> Iterator[Step]:
   def heads_in(n):  # (n*e, d) -> (n d e), heads-major as the decoder's (model.py)
     return lambda a: a.reshape(n, e, d).transpose(0, 2, 1)
 
-  yield "model.embed_tokens.weight", (v, d), ("embed",), _same
-  yield "model.final_norm.weight", (d,), ("final_norm",), _same
+  yield "model.embed_tokens.weight", (v, d), ("embed",), same
+  yield "model.final_norm.weight", (d,), ("final_norm",), same
   for n, kind in enumerate(cfg.layer_types):
     p, L = f"model.layers.{n}.", ("layers", n)
     t = p + "temporal_block."
     if kind == RECURRENT:
       R = L + ("recurrent",)
-      yield p + "temporal_pre_norm.weight", (d,), L + ("recurrent_norm",), _same
+      yield p + "temporal_pre_norm.weight", (d,), L + ("recurrent_norm",), same
       for ours, theirs in (("y", "linear_y"), ("x", "linear_x")):
-        yield f"{t}{theirs}.weight", (w, d), R + (ours,), _transpose
-        yield f"{t}{theirs}.bias", (w,), R + (ours + "_bias",), _same
-      yield t + "linear_out.weight", (d, w), R + ("out",), _transpose
-      yield t + "linear_out.bias", (d,), R + ("out_bias",), _same
+        yield f"{t}{theirs}.weight", (w, d), R + (ours,), transpose
+        yield f"{t}{theirs}.bias", (w,), R + (ours + "_bias",), same
+      yield t + "linear_out.weight", (d, w), R + ("out",), transpose
+      yield t + "linear_out.bias", (d,), R + ("out_bias",), same
       # nn.Conv1d(groups=w, padding=c-1) cut to the first t outputs: weight[:, 0, j] weighs
       # the input c-1-j positions back, as the reference's w[j].
       yield t + "conv_1d.weight", (w, 1, c), R + ("conv",), lambda a: a[:, 0, :].T
-      yield t + "conv_1d.bias", (w,), R + ("conv_bias",), _same
+      yield t + "conv_1d.bias", (w,), R + ("conv_bias",), same
       for ours, theirs in (("input_gate", "input_gate"), ("a_gate", "recurrent_gate")):
-        yield f"{t}rg_lru.{theirs}_weight", (h, i, i), R + (ours,), _same
-        yield f"{t}rg_lru.{theirs}_bias", (h, i), R + (ours + "_bias",), _same
-      yield t + "rg_lru.recurrent_param", (w,), R + ("a_param",), _same
+        yield f"{t}rg_lru.{theirs}_weight", (h, i, i), R + (ours,), same
+        yield f"{t}rg_lru.{theirs}_bias", (h, i), R + (ours + "_bias",), same
+      yield t + "rg_lru.recurrent_param", (w,), R + ("a_param",), same
     else:
       A = L + ("attn",)
-      yield p + "temporal_pre_norm.weight", (d,), L + ("attn_norm",), _same
+      yield p + "temporal_pre_norm.weight", (d,), L + ("attn_norm",), same
       yield t + "q_proj.weight", (h * e, d), A + ("q",), heads_in(h)
       yield t + "k_proj.weight", (k * e, d), A + ("k",), heads_in(k)
       yield t + "v_proj.weight", (k * e, d), A + ("v",), heads_in(k)
       yield (t + "o_proj.weight", (d, h * e), A + ("o",),
              lambda a: a.reshape(d, h, e).transpose(1, 2, 0))
-      yield t + "o_proj.bias", (d,), A + ("o_bias",), _same
-    yield p + "channel_pre_norm.weight", (d,), L + ("ffw_norm",), _same
+      yield t + "o_proj.bias", (d,), A + ("o_bias",), same
+    yield p + "channel_pre_norm.weight", (d,), L + ("ffw_norm",), same
     m = p + "mlp_block."
     for ours in ("gate", "up"):
-      yield f"{m}{ours}_proj.weight", (f, d), L + ("ffw", ours), _transpose
-      yield f"{m}{ours}_proj.bias", (f,), L + ("ffw", ours + "_bias"), _same
-    yield m + "down_proj.weight", (d, f), L + ("ffw", "down"), _transpose
-    yield m + "down_proj.bias", (d,), L + ("ffw", "down_bias"), _same
+      yield f"{m}{ours}_proj.weight", (f, d), L + ("ffw", ours), transpose
+      yield f"{m}{ours}_proj.bias", (f,), L + ("ffw", ours + "_bias"), same
+    yield m + "down_proj.weight", (d, f), L + ("ffw", "down"), transpose
+    yield m + "down_proj.bias", (d,), L + ("ffw", "down_bias"), same
 
 
 def _hf_kind(names: set[str], layer: int) -> str | None:
@@ -228,17 +219,6 @@ def convert_hf_params(index, cfg: ModelConfig, dtype=None) -> dict:
 
 # ---------------------------------------------------------------- the reference's Flax tree
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + "/"))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _reference_root(tree: Mapping) -> Mapping:
   """The params of a restored reference checkpoint ({'params': ...} or the params themselves)."""
   if "params" in tree and isinstance(tree["params"], Mapping):
@@ -251,45 +231,45 @@ def _reference_plan(cfg: ModelConfig) -> Iterator[Step]:
                       cfg.vocab_size)
   w, c = cfg.recurrent_width, cfg.conv1d_width
   i = w // h
-  yield "embedder/input_embedding", (v, d), ("embed",), _same
-  yield "final_norm/scale", (d,), ("final_norm",), _same
+  yield "embedder/input_embedding", (v, d), ("embed",), same
+  yield "final_norm/scale", (d,), ("final_norm",), same
   for n, kind in enumerate(cfg.layer_types):
     p, L = f"blocks.{n}/", ("layers", n)
     if kind == RECURRENT:
       t, R = p + "recurrent_block/", L + ("recurrent",)
-      yield p + "temporal_pre_norm/scale", (d,), L + ("recurrent_norm",), _same
+      yield p + "temporal_pre_norm/scale", (d,), L + ("recurrent_norm",), same
       for ours, theirs in (("y", "linear_y"), ("x", "linear_x")):
-        yield f"{t}{theirs}/kernel", (d, w), R + (ours,), _same
-        yield f"{t}{theirs}/bias", (w,), R + (ours + "_bias",), _same
-      yield t + "linear_out/kernel", (w, d), R + ("out",), _same
-      yield t + "linear_out/bias", (d,), R + ("out_bias",), _same
-      yield t + "conv_1d/w", (c, w), R + ("conv",), _same
-      yield t + "conv_1d/b", (w,), R + ("conv_bias",), _same
+        yield f"{t}{theirs}/kernel", (d, w), R + (ours,), same
+        yield f"{t}{theirs}/bias", (w,), R + (ours + "_bias",), same
+      yield t + "linear_out/kernel", (w, d), R + ("out",), same
+      yield t + "linear_out/bias", (d,), R + ("out_bias",), same
+      yield t + "conv_1d/w", (c, w), R + ("conv",), same
+      yield t + "conv_1d/b", (w,), R + ("conv_bias",), same
       for gate in ("input_gate", "a_gate"):
-        yield f"{t}rg_lru/{gate}/w", (h, i, i), R + (gate,), _same
-        yield f"{t}rg_lru/{gate}/b", (h, i), R + (gate + "_bias",), _same
-      yield t + "rg_lru/a_param", (w,), R + ("a_param",), _same
+        yield f"{t}rg_lru/{gate}/w", (h, i, i), R + (gate,), same
+        yield f"{t}rg_lru/{gate}/b", (h, i), R + (gate + "_bias",), same
+      yield t + "rg_lru/a_param", (w,), R + ("a_param",), same
     else:
       if k != 1:
         raise ReferenceConversionError(f"config num_kv_heads is {k}: the reference's attention "
                                        "has exactly one key/value head")
       t, A = p + "attention_block/", L + ("attn",)
-      yield p + "temporal_pre_norm/scale", (d,), L + ("attn_norm",), _same
+      yield p + "temporal_pre_norm/scale", (d,), L + ("attn_norm",), same
       yield (t + "proj_q/kernel", (d, h * e), A + ("q",),
              lambda a: a.reshape(d, h, e).transpose(1, 0, 2))
       yield t + "proj_k/kernel", (d, e), A + ("k",), lambda a: a.reshape(1, d, e)
       yield t + "proj_v/kernel", (d, e), A + ("v",), lambda a: a.reshape(1, d, e)
       yield t + "proj_final/kernel", (h * e, d), A + ("o",), lambda a: a.reshape(h, e, d)
-      yield t + "proj_final/bias", (d,), A + ("o_bias",), _same
-    yield p + "channel_pre_norm/scale", (d,), L + ("ffw_norm",), _same
+      yield t + "proj_final/bias", (d,), A + ("o_bias",), same
+    yield p + "channel_pre_norm/scale", (d,), L + ("ffw_norm",), same
     m = p + "mlp_block/"
     # ffw_up stacks (gate, up): w (2 d f), b (2 1 1 f); the gelu applies to index 0.
     yield m + "ffw_up/w", (2, d, f), L + ("ffw", "gate"), lambda a: a[0]
     yield m + "ffw_up/w", (2, d, f), L + ("ffw", "up"), lambda a: a[1]
     yield m + "ffw_up/b", (2, 1, 1, f), L + ("ffw", "gate_bias"), lambda a: a[0, 0, 0]
     yield m + "ffw_up/b", (2, 1, 1, f), L + ("ffw", "up_bias"), lambda a: a[1, 0, 0]
-    yield m + "ffw_down/kernel", (f, d), L + ("ffw", "down"), _same
-    yield m + "ffw_down/bias", (d,), L + ("ffw", "down_bias"), _same
+    yield m + "ffw_down/kernel", (f, d), L + ("ffw", "down"), same
+    yield m + "ffw_down/bias", (d,), L + ("ffw", "down_bias"), same
 
 
 def _reference_kind(block: Mapping) -> str | None:
@@ -311,7 +291,7 @@ def convert_reference_params(tree: Mapping, cfg: ModelConfig, dtype=None) -> dic
       raise ReferenceConversionError(
           f"blocks.{n} of the checkpoint is a {found} block but the config's layer_pattern "
           f"{cfg.layer_pattern} makes layer {n} {kind}")
-  flat = _flatten(root)
+  flat = flatten(root)
   plan = list(_reference_plan(cfg))
   shape = lambda name: np.shape(flat[name])  # noqa: E731
   dtype_of = lambda name: np.asarray(flat[name]).dtype  # noqa: E731
@@ -328,25 +308,13 @@ def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite
   The config comes from the param shapes (config_from_reference); the window and soft-cap are
   the released models' (not stored in the params). Returns the ModelConfig.
   """
-  import os
-
-  import orbax.checkpoint as ocp
-
-  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.checkpoints import checkpoint  # heavy (orbax): only once there is work to do
 
   src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
-  if not os.path.isdir(src):
-    raise ReferenceConversionError(f"source {src!r} is not a directory (expected the orbax "
-                                   "checkpoint directory of the recurrentgemma params)")
-  dtype = None if dtype is None else float_dtype(dtype)
-  checkpoint.check_destination(dst, overwrite, source=src)
-  try:
-    tree = ocp.PyTreeCheckpointer().restore(src)
-  except Exception as e:  # orbax raises many types for a directory that is not its format
-    raise ReferenceConversionError(f"cannot restore {src!r} as an orbax checkpoint: "
-                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                                   ) from None
-  tree = jax_tree_to_numpy(tree)
+  dtype = None if dtype is None else float_dtype(dtype, ReferenceConversionError)
+  if os.path.isdir(src):
+    checkpoint.check_destination(dst, overwrite, source=src)
+  tree = restore_orbax_tree(src, ReferenceConversionError, "the recurrentgemma params")
   cfg = config_from_reference(tree, name=os.path.basename(src.rstrip(os.sep)),
                               attention_window_size=attention_window_size,
                               dtype=dtype or "bfloat16").replace(tokenizer=tokenizer)
@@ -354,13 +322,6 @@ def convert_reference_directory(src, dst, *, dtype: str | None = None, overwrite
   checkpoint.save(dst, params, cfg, extra={"source": "recurrentgemma", "src": src},
                   overwrite=overwrite)
   return cfg
-
-
-def jax_tree_to_numpy(tree):
-  """Nested dicts with numpy leaves (orbax restores jax or numpy arrays)."""
-  if isinstance(tree, Mapping):
-    return {k: jax_tree_to_numpy(v) for k, v in tree.items()}
-  return np.asarray(tree)
 
 
 def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
@@ -398,7 +359,7 @@ def config_from_reference(tree: Mapping, *, name: str = "recurrent_gemma",
         num_kv_heads=1, head_dim=int(d) // int(heads), ffw_dim=int(f), ffw_activation="geglu",
         norm_plus_one=True, tie_embeddings=True, scale_embeddings=True,
         embed_scale_dtype="bfloat16", final_logit_softcap=logits_soft_cap or None,
-        layer_pattern=_shortest_period(kinds), sliding_window=attention_window_size + 1,
+        layer_pattern=shortest_period(kinds), sliding_window=attention_window_size + 1,
         rope_fraction=0.5, ffw_bias=True, attn_out_bias=True, lru_width=int(lru),
         conv1d_width=conv_width, dtype=dtype)
   except ValueError as e:  # e.g. a dtype that is not a float type
@@ -414,41 +375,13 @@ def _first_conv(root, kinds):
                                    "the conv width cannot be read") from None
 
 
-def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
-  for p in range(1, len(kinds) + 1):
-    if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
-      return tuple(kinds[:p])
-  raise AssertionError("unreachable: the full list is its own period")
-
-
 # ---------------------------------------------------------------- shared
-
-def stacked(params: Mapping, cfg: ModelConfig, stack_fn: Callable = np.stack) -> dict:
-  """The decoder's params (models/model.py) from the unstacked layout: the per-layer dicts
-  stacked per period of the layer pattern (layout.stack)."""
-  groups, remainder = layout.stack(cfg, params["layers"], stack_fn)
-  out = {k: v for k, v in params.items() if k != "layers"}
-  return dict(out, groups=groups, remainder=remainder)
-
 
 def _check(plan: list[Step], names: set[str], shape_of, dtype_of, ignorable, error,
            cfg: ModelConfig) -> None:
-  wanted = {s[0] for s in plan}
-  missing = [s[0] for s in plan if s[0] not in names]
-  if missing:
-    raise error(f"missing tensor {missing[0]!r} ({len(missing)} missing in all; config: "
-                f"{cfg.num_layers} layers, layer_pattern {cfg.layer_pattern})")
-  unexpected = sorted(n for n in names - wanted if not ignorable(n))
-  if unexpected:
-    raise error(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all): "
-                "the checkpoint holds weights the decoder would not use (more layers than the "
-                "config says? a complex-valued RG-LRU?); refusing rather than dropping them")
-  for name, want, _, _ in plan:
-    found = tuple(shape_of(name))
-    if found != want:
-      raise error(f"tensor {name!r} has shape {found}, expected {want} from the config")
-    if not jnp.issubdtype(dtype_of(name), jnp.floating):
-      raise error(f"tensor {name!r} has dtype {dtype_of(name)}; expected floating point")
+  check_plan(plan, names, shape_of, dtype_of, ignorable=ignorable, error=error,
+             context=f"config: {cfg.num_layers} layers, layer_pattern {cfg.layer_pattern}",
+             unexpected_hint="more layers than the config says? a complex-valued RG-LRU?")
 
 
 def _materialise(plan: list[Step], get, cfg: ModelConfig, dtype) -> dict:

@@ -9,42 +9,20 @@ steps and yields 1 + a + ... + a^K tokens, so against plain decoding (K = 0) the
 Here a is the acceptance of a judged draft token, Result.acceptance_rate() =
 Result.accepted.sum() / Result.reached.sum() (drafts after a rejection are never judged).
 
-Verifying K + 1 tokens is not free when the target is compute-bound (CPU, large batches): with
-measured times `cost_ratio` folds the extra verification cost into c, per draft token, so the
-formula stays the same. (That share is measured at one K and assumed the same at the others,
-i.e. verification cost linear in K; re-measure at the K in use if that matters.)
-
-The serving engine (spec_tpu/serving/engine.py) owns one, fed per window of rounds from its
-own steps; a launcher driving a Sampler adapts K between batches (the Sampler stays stateless):
-
-    policy = AdaptiveK(k0=4, k_max=8)
-    policy.observe_times(*measure_step_times(sampler, batch=8, prompt_len=128, k=4), k=4)
-    for prompts in batches:
-      result = sampler.generate(prompts, max_new_tokens=256, k=policy.k, sampling=...)
-      policy.observe(result)      # acceptance from the batch's per-position statistics
-    # policy.a, policy.c, policy.speedup() are there to log.
-
-`policy.k` is 0 whenever the estimated speedup of the best K is not above 1 + margin, so a poor
-draft, a slow draft or a compute-bound target turns speculation off. While K = 0 no acceptance is
-observed; opting in with `probe_every=N` runs one batch at K = 1 after N batches at K = 0, so a
-draft that became good again is noticed. That probe (`policy.probing`) is the only time K > 0 is
-chosen on an estimate below 1 + margin; it costs at most one batch in N + 1.
+The serving engine (spec_tpu/serving/engine.py) owns one: its calibration times a round at
+every K it may pick (`observe_round_time`), and every window of rounds reports the acceptance
+(`observe_acceptance`, or `observe_off` for a window at K = 0). `policy.k` is 0 whenever the
+estimated speedup of the best K is not above 1 + margin, so a poor draft, a slow draft or a
+compute-bound target turns speculation off. While K = 0 no acceptance is observed; with
+`probe_every=N` one window runs the smallest K after N windows at K = 0, so a draft that became
+good again is noticed. That probe (`policy.probing`) is the only time K > 0 is chosen on an
+estimate below 1 + margin.
 Distinct K values compile distinct programs: keep k_max small.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
-
-import jax
-import jax.numpy as jnp
-
-from spec_tpu.models import cache as cache_lib
-from spec_tpu.models import model
-from spec_tpu.decoding import prompts as prompts_lib
-from spec_tpu import sharding
 
 
 def expected_speedup(a: float, c: float, k: int) -> float:
@@ -57,31 +35,14 @@ def expected_speedup(a: float, c: float, k: int) -> float:
   return sum(a ** i for i in range(k + 1)) / (k * c + 1.0)
 
 
-def choose_k(a: float, c: float, k_max: int, margin: float = 0.0) -> int:
-  """The k in 0..k_max with the largest expected speedup; 0 unless it beats 1 + margin.
-
-  Ties go to the smaller k (fewer wasted draft steps, fewer compiled programs)."""
-  _check(a, c, k_max)
-  best_k, best = 0, 1.0 + margin
-  for k in range(1, k_max + 1):
-    s = expected_speedup(a, c, k)
-    if s > best * (1 + 1e-12):
-      best_k, best = k, s
-  return best_k
-
-
-def cost_ratio(draft_step_s: float, target_verify_s: float, target_step_s: float,
-               k: int) -> float:
-  """c for the speedup formula from measured times: a draft step plus its share of the extra
-  cost of verifying k + 1 tokens instead of one, in target steps.
-
-  A round costs k t_draft + t_verify = t_step (k c + 1) with this c."""
-  if k < 1:
-    raise ValueError(f"cost_ratio needs k >= 1 (times of a speculative round), got {k}")
-  if not (draft_step_s >= 0 and target_verify_s >= 0 and target_step_s > 0):
-    raise ValueError("step times must be non-negative and the target step positive, got "
-                     f"{draft_step_s}, {target_verify_s}, {target_step_s}")
-  return max(0.0, (k * draft_step_s + target_verify_s - target_step_s) / (k * target_step_s))
+def ideal_speedup(a: float, c: float, k: int) -> float:
+  """expected_speedup, but 1 at K = 0 and NaN where a or c is undefined (no draft token was
+  judged, or no draft was timed): what a benchmark reports as the ideal."""
+  if k == 0:
+    return 1.0
+  if not (math.isfinite(a) and math.isfinite(c)):
+    return float("nan")
+  return expected_speedup(a, c, k)
 
 
 def _check(a, c, k):
@@ -118,17 +79,15 @@ class AdaptiveK:
     to 0 or 1. Averaging batches rather than pooling their counts makes a batch at large K count
     no more than one at small K, so a draft that turns bad is dropped within a few batches.
   cost: a round at K relative to a round at K = 0. Where round times at K and at 0 were both
-    observed (`observe_round_time`, e.g. by the serving engine, which times every K it may run)
-    that ratio, as measured: no model of how verification grows with K. Otherwise the formula's
-    K c + 1, with c an exponential moving average (same weight) of `cost_ratio` from measured
-    step times (`observe_times`), i.e. cost assumed linear in K.
-  Until a cost is known (c observed or given as c0) the policy keeps k0: without a cost it
+    observed (`observe_round_time`) that ratio, as measured: no model of how verification grows
+    with K. For a K not timed, the formula's K c + 1, with c the per-draft-token cost the timed
+    K's imply (cost assumed linear in K).
+  Until a cost is known the policy keeps k0: without a cost it
   cannot tell whether speculation pays. `ks` limits the choice (e.g. to the K whose programs
   are compiled); a probe runs the smallest positive one.
   """
 
-  def __init__(self, k0: int = 4, k_max: int = 8, *, c0: float | None = None,
-               prior: tuple[float, float] = (1.0, 1.0), weight: float = 0.5,
+  def __init__(self, k0: int = 4, k_max: int = 8, *, prior: tuple[float, float] = (1.0, 1.0), weight: float = 0.5,
                margin: float = 0.02, probe_every: int | None = None,
                ks: tuple[int, ...] | None = None):
     if int(k_max) != k_max or k_max < 0 or int(k0) != k0 or not 0 <= k0 <= k_max:
@@ -146,7 +105,7 @@ class AdaptiveK:
     self.probe_every = probe_every
     self._prior = (float(prior[0]), float(prior[1]))
     self._a = None  # no batch seen yet: the prior's mean
-    self._c = None if c0 is None else float(c0)
+    self._c = None
     self._round_s: dict[int, float] = {}
     self._k = int(k0)
     self._batches_off = 0  # consecutive batches run with k = 0 by choice
@@ -187,12 +146,6 @@ class AdaptiveK:
     cost = self.cost(k)
     return math.nan if cost is None else sum(self.a ** i for i in range(k + 1)) / cost
 
-  def observe(self, result) -> int:
-    """Takes a finished batch (a sampler Result); returns the K for the next batch."""
-    if result.k > 0:
-      return self.observe_acceptance(float(result.accepted_at.sum()), float(result.reached.sum()))
-    return self.observe_off()
-
   def observe_off(self) -> int:
     """A finished batch run at K = 0: nothing to learn about a, one batch closer to a probe."""
     self._batches_off += 1
@@ -208,13 +161,6 @@ class AdaptiveK:
     self._a = batch_a if self._a is None else self._ema(self._a, batch_a)
     self._batches_off = 0
     return self._update(batch_done=True)
-
-  def observe_times(self, draft_step_s: float, target_verify_s: float, target_step_s: float,
-                    k: int) -> int:
-    """Measured step times (e.g. from measure_step_times) for rounds of k drafts."""
-    c = cost_ratio(draft_step_s, target_verify_s, target_step_s, k)
-    self._c = c if self._c is None else self._ema(self._c, c)
-    return self._update()
 
   def observe_round_time(self, k: int, seconds: float) -> int:
     """The measured time of one round at k (k = 0: plain decoding), as the loop pays it."""
@@ -244,55 +190,3 @@ class AdaptiveK:
       k, self._batches_off = positive[0], 0
     self._k = k
     return k
-
-
-def measure_step_times(sampler, batch: int, prompt_len: int, k: int, *,
-                       max_new_tokens: int = 64, repeats: int = 5) -> tuple[float, float, float]:
-  """(draft_step_seconds, target_verify_seconds, target_step_seconds), each the median of
-  `repeats` timed calls after a warm-up, of one jitted `model.forward` on the sampler's sharded
-  params and mesh with the decode loop's shapes: `batch` rows whose caches hold `prompt_len`
-  tokens in buffers sized as `Sampler.generate` sizes them; the draft and the target step feed
-  1 token, the verification k + 1. Caches are donated and threaded, as in the loop.
-  """
-  if sampler.draft_cfg is None:
-    raise ValueError("measure_step_times needs a Sampler with a draft model")
-  if k < 1 or batch < 1 or prompt_len < 1 or repeats < 1:
-    raise ValueError(f"need k, batch, prompt_len, repeats >= 1, got {k}, {batch}, "
-                     f"{prompt_len}, {repeats}")
-  max_len = prompts_lib.bucket(prompt_len) + max_new_tokens + k + 1
-  draft = _time_forward(sampler, sampler.draft_params, sampler.draft_cfg, sampler.draft_rules,
-                        batch, max_len, prompt_len, k, 1, repeats)
-  verify = _time_forward(sampler, sampler.target_params, sampler.target_cfg,
-                         sampler.target_rules, batch, max_len, prompt_len, k, k + 1, repeats)
-  step = _time_forward(sampler, sampler.target_params, sampler.target_cfg, sampler.target_rules,
-                       batch, max_len, prompt_len, k, 1, repeats)
-  return draft, verify, step
-
-
-def _time_forward(sampler, params, cfg, rules, batch, max_len, prompt_len, k, t, repeats):
-  mesh = sampler.mesh
-  cache_sh = sharding.cache_shardings(cache_lib.abstract_cache(cfg, batch, max_len, k + 1), mesh,
-                                      rules)
-  rows = sharding.batch_sharding(mesh, (batch,), rules)
-  tokens = jax.device_put(jnp.zeros((batch, t), jnp.int32),
-                          sharding.batch_sharding(mesh, (batch, t), rules))
-
-  def fn(params, tokens, cache):
-    logits, cache = model.forward(params, cfg, tokens, cache)
-    # The loop consumes the logits on device; a per-row token stands in for that use without
-    # timing a gather of the (vocab-sharded) logits to one place.
-    return jnp.argmax(logits[:, -1], axis=-1), cache
-
-  cache = jax.device_put(cache_lib.init_cache(cfg, batch, max_len, k + 1), cache_sh)
-  # With the decode programs' XLA options, so the steps are timed as the loop runs them.
-  step = jax.jit(fn, out_shardings=(rows, cache_sh), donate_argnums=2).lower(
-      params, tokens, cache).compile(sampler.compiler_options())
-  times = []
-  for i in range(repeats + 1):  # the first call warms up
-    # Every call sees a cache holding prompt_len tokens, like a round early in decoding.
-    cache = cache._replace(length=jax.device_put(jnp.full((batch,), prompt_len, jnp.int32), rows))
-    start = time.perf_counter()
-    _, cache = jax.block_until_ready(step(params, tokens, cache))
-    if i:
-      times.append(time.perf_counter() - start)
-  return statistics.median(times)

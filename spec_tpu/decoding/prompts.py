@@ -55,3 +55,9 @@ def check_fits(prompt_len: int, max_new_tokens: int, max_len: int | None, extra:
         f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens"
         + (f" + {extra} for verification" if extra else "")
         + f" does not fit the cache of {max_len} tokens (max_cache_len)")
+
+
+def synthetic(batch: int, length: int, num_tokens: int, seed: int = 0) -> list[list[int]]:
+  """Random token prompts for benchmarks and plans when there is no tokenizer."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(4, num_tokens, size=(batch, length)).tolist()

@@ -1,7 +1,7 @@
 """The user-facing sampler: validates input on the host, then runs one compiled program per
 (shapes, K, static sampling options) with the target and draft on their own shardings.
 
-    sampler = Sampler(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...)
+    sampler = Sampler(Pair(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...))
     result = sampler.generate(prompts, max_new_tokens=64, k=4, sampling=SamplingParams(...))
 """
 
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from spec_tpu.decoding import decode, prompts as prompts_lib
 from spec_tpu import sharding
 from spec_tpu.models.config import ModelConfig
 from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.pair import Pair, integer
 
 
 @dataclasses.dataclass
@@ -62,78 +61,37 @@ class Result:
             "tokens_per_target_call": self.tokens_per_call(row)}
 
 
-# XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion hoists the float32
-# copy of each stacked weight out of the layer scan: a float32 copy of the whole model, twice the
-# bf16 weights' memory. Without that pass the copy is one layer's at a time.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-# XLA:GPU, measured on an H100 (README "GPU"): a decode step reads each weight once only if the
-# matmuls go to cuBLAS reading layer slices of the stacked weights in place (dynamic-slice
-# fusion; Triton gemm fusions copied each layer's weights out of the stack first) and two
-# matmuls of one input are not merged into one (the merger concatenates their weights, a copy
-# per call). int8 weights keep Triton's gemm fusions: they convert the int8 operand inside the
-# matmul, where cuBLAS needs a converted copy first (24.1 vs 13.6 ms/token for the 7B).
-GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
-                        "xla_gpu_enable_triton_gemm": False,
-                        "xla_gpu_dot_merger_threshold_mb": 0}
-
-
-def compiler_options(platform: str, quantized: bool = False) -> dict | None:
-  """XLA options for compiling a decode program for devices of this platform (quantized: the
-  program's weights include int8 ones)."""
-  if platform == "cpu":
-    return dict(CPU_COMPILER_OPTIONS)
-  if platform in ("gpu", "cuda"):
-    options = dict(GPU_COMPILER_OPTIONS)
-    if quantized:
-      del options["xla_gpu_enable_triton_gemm"]
-    return options
-  return None
-
-
-def check_pair(target: ModelConfig, draft: ModelConfig):
-  """Draft and target must share a tokenizer; padded embedding tables may differ in size."""
-  if target.tokenizer != draft.tokenizer:
-    raise ValueError(f"draft tokenizer {draft.tokenizer!r} differs from target tokenizer "
-                     f"{target.tokenizer!r}: speculative sampling needs one vocabulary")
-  if target.num_tokens != draft.num_tokens:
-    raise ValueError(f"draft has {draft.num_tokens} tokens, target {target.num_tokens}: the "
-                     "vocabularies differ (set valid_vocab_size for padded embedding tables)")
-
-
 class Sampler:
-  """Holds sharded params of a target (and optionally a draft) and compiles decode programs."""
+  """Whole batches over a Pair: one compiled decode program per (shapes, K, static sampling
+  options), kept per Sampler."""
 
-  def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
-               draft_params=None, draft_cfg: ModelConfig | None = None,
-               target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
-               eos_id: int | None = None, pad_id: int = 0, max_cache_len: int | None = None,
+  def __init__(self, pair: Pair, *, max_cache_len: int | None = None,
                cache_len: int | None = None):
-    if (draft_params is None) != (draft_cfg is None):
-      raise ValueError("give both draft_params and draft_cfg, or neither")
-    if draft_cfg is not None:
-      check_pair(target_cfg, draft_cfg)
-    # A pad or EOS id past the vocabulary would embed as NaN (padding positions reach every
-    # output through attention's 0 * NaN) or never match a sampled token. A sentencepiece model
-    # without a pad or EOS piece says -1: padding then uses token 0 (what fills padded positions
-    # does not matter as long as it embeds), and there is no EOS.
-    vocab = min(c.num_tokens for c in (target_cfg, draft_cfg) if c is not None)
-    pad_id = max(0, integer("pad_id", pad_id, -1, vocab - 1))
-    eos_id = None if eos_id is None or eos_id == -1 else integer("eos_id", eos_id, 0, vocab - 1)
-    self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
-    self.target_rules, self.draft_rules = target_rules, draft_rules
+    self.pair = pair
     # cache_len: every program's cache has exactly this many slots (benchmarks of long max
     # contexts); None: what the prompt bucket and new tokens need, capped by max_cache_len.
-    self.eos_id, self.pad_id, self.max_cache_len = eos_id, pad_id, max_cache_len
-    self.cache_len = cache_len
+    self.max_cache_len, self.cache_len = max_cache_len, cache_len
     if cache_len is not None:
       self.max_cache_len = cache_len if max_cache_len is None else min(cache_len, max_cache_len)
     self._programs = {}
-    self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
-    self.draft_params = (None if draft_params is None else
-                         sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
+
+  @classmethod
+  def from_params(cls, target_params, target_cfg: ModelConfig, *,
+                  max_cache_len: int | None = None, cache_len: int | None = None,
+                  **pair_options) -> "Sampler":
+    """Sampler(Pair(target_params, target_cfg, **pair_options), ...) in one call."""
+    return cls(Pair(target_params, target_cfg, **pair_options), max_cache_len=max_cache_len,
+               cache_len=cache_len)
+
+  # The pair's fields, read through the Sampler.
+  target_params = property(lambda self: self.pair.target_params)
+  draft_params = property(lambda self: self.pair.draft_params)
+  target_cfg = property(lambda self: self.pair.target_cfg)
+  draft_cfg = property(lambda self: self.pair.draft_cfg)
+  target_rules = property(lambda self: self.pair.target_rules)
+  mesh = property(lambda self: self.pair.mesh)
+  eos_id = property(lambda self: self.pair.eos_id)
+  pad_id = property(lambda self: self.pair.pad_id)
 
   def _spec(self, k, top_k, max_new, prompt_len) -> decode.LoopSpec:
     # Positions written reach prompt + max_new + k; prompt_len is the padded bucket, so the
@@ -152,16 +110,9 @@ class Sampler:
       self._programs[key] = self._compile(spec, batch, prompt_len)
     return self._programs[key]
 
-  def param_shardings(self, with_draft: bool):
-    tp = sharding.param_shardings(self.target_cfg, self.mesh, self.target_rules,
-                                  self.target_params)
-    dp = (sharding.param_shardings(self.draft_cfg, self.mesh, self.draft_rules,
-                                   self.draft_params) if with_draft else None)
-    return tp, dp
-
   def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int):
     mesh = self.mesh
-    tp, dp = self.param_shardings(spec.k > 0)
+    tp, dp = self.pair.param_shardings(spec.k > 0)
     rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
     rep = sharding.replicated(mesh)
     n = max(spec.k, 1)
@@ -178,12 +129,7 @@ class Sampler:
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32))
-    return jitted.lower(*args).compile(self.compiler_options())
-
-  def compiler_options(self) -> dict | None:
-    """The XLA options every program over these models compiles with."""
-    quantized = any(c is not None and c.quantize for c in (self.target_cfg, self.draft_cfg))
-    return compiler_options(self.mesh.devices.flat[0].platform, quantized)
+    return jitted.lower(*args).compile(self.pair.compiler_options())
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0) -> Result:
@@ -215,17 +161,6 @@ class Sampler:
                   rounds=stats.rounds_b, accepted=stats.accepted_b,
                   reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
                   seconds=seconds)
-
-
-def integer(name: str, value, lo: int, hi: int | None = None) -> int:
-  """`value` as an int in [lo, hi], or a ValueError naming it (a float, even 5.0, is refused:
-  it would be truncated or reach a shape)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  if value < lo or (hi is not None and value > hi):
-    raise ValueError(f"{name} must be " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
-                     + f", got {value}")
-  return int(value)
 
 
 def to_host(tree):

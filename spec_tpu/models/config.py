@@ -275,7 +275,11 @@ PRESETS: dict[str, ModelConfig] = {
             ffw_dim=14_336, query_scale=256 ** -0.5),
     _gemma2("gemma2_27b", d_model=4608, num_layers=46, num_heads=32, num_kv_heads=16,
             head_dim=128, ffw_dim=36_864, query_scale=144 ** -0.5),
-    # Gemma 3 (text): 4B and up scale global RoPE positions by 8.
+    # Gemma 3 (text): 4B and up scale global RoPE positions by 8. The 270M and 1B share the
+    # 4B's tokenizer: the smallest drafts of the family.
+    _gemma3("gemma3_270m", vocab_size=262_144, d_model=640, num_layers=18, num_heads=4,
+            num_kv_heads=1, head_dim=256, ffw_dim=2048, sliding_window=512,
+            query_scale=256 ** -0.5),
     _gemma3("gemma3_1b", vocab_size=262_144, d_model=1152, num_layers=26, num_heads=4,
             num_kv_heads=1, head_dim=256, ffw_dim=6912, sliding_window=512,
             query_scale=256 ** -0.5),

@@ -125,12 +125,59 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
   return params
 
 
+def layer_logical_axes(cfg: ModelConfig, kind: str) -> dict:
+  """Logical axes of one (unstacked) layer's params of the given kind."""
+  if kind not in (LOCAL, GLOBAL, RECURRENT):
+    raise ValueError(f"no logical axes for layer kind {kind!r}")
+  ffw = {"up": ("embed", "ffw"), "down": ("ffw", "embed")}
+  if cfg.ffw_activation != "gelu":
+    ffw["gate"] = ("embed", "ffw")
+  if cfg.ffw_bias:
+    ffw.update({name + "_bias": axes[-1:] for name, axes in list(ffw.items())})
+  if kind == RECURRENT:
+    return {"recurrent_norm": ("embed",), "recurrent": dict(recurrent.PARAM_AXES),
+            "ffw_norm": ("embed",), "ffw": ffw}
+  attn = {"q": ("heads", "embed", "head_dim"), "k": ("kv_heads", "embed", "head_dim"),
+          "v": ("kv_heads", "embed", "head_dim"), "o": ("heads", "head_dim", "embed")}
+  if cfg.qk_norm:
+    attn.update(q_norm=("head_dim",), k_norm=("head_dim",))
+  if cfg.attn_out_bias:
+    attn["o_bias"] = ("embed",)
+  layer = {"attn_norm": ("embed",), "attn": attn, "ffw_norm": ("embed",), "ffw": ffw}
+  if cfg.post_attn_norm:
+    layer["post_attn_norm"] = ("embed",)
+  if cfg.post_ffw_norm:
+    layer["post_ffw_norm"] = ("embed",)
+  return layer
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """Logical axes of every param, in the pytree layout init_params makes (stacked group entries
+  lead with 'layers'); spec_tpu.sharding maps them onto a mesh."""
+  stacked = lambda axes: jax.tree.map(lambda ax: ("layers",) + ax, axes, is_leaf=is_axes)  # noqa: E731
+  pattern = cfg.layer_pattern
+  axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),
+          "groups": [stacked(layer_logical_axes(cfg, kind)) for kind in pattern]
+                    if cfg.num_groups else [],
+          "remainder": [layer_logical_axes(cfg, pattern[r]) for r in range(cfg.num_remainder)]}
+  if not cfg.tie_embeddings:
+    axes["unembed"] = ("embed", "vocab")
+  if cfg.quantize:
+    # int8 values shard as the weight; scales as its output axes (quant.py).
+    axes = quant.quantized_logical_axes(axes, embed=cfg.tie_embeddings)
+  return axes
+
+
+def is_axes(x):
+  # Non-empty: an empty tuple is a pytree node (e.g. a cache with no remainder layers).
+  return isinstance(x, tuple) and bool(x) and all(a is None or isinstance(a, str) for a in x)
+
+
 def quantize(params, cfg: ModelConfig, **kw):
   """Float params of cfg's shapes in the quantized form cfg.quantize names (quant.py): the
   matmul weights, and the embedding table when it is also the (tied) unembedding. kw: see
   quant.quantize_params (out_shardings, delete_source)."""
-  from spec_tpu import sharding  # sharding imports this package's cache and config
-  float_axes = sharding.param_logical_axes(cfg.replace(quantize=None))
+  float_axes = param_logical_axes(cfg.replace(quantize=None))
   return quant.quantize_params(params, float_axes, embed=cfg.tie_embeddings, **kw)
 
 
@@ -267,7 +314,7 @@ def _layer(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, lc):
   """One layer of any kind: (x after it, its cache update, the cache entry as the layer passed
   it through or None where it did not touch it). A new kind adds a branch here, in
   init_layer, in cache.py (_layer_cache, write_layer, a NamedTuple with logical_axes) and in
-  sharding.layer_logical_axes."""
+  layer_logical_axes."""
   if kind in (LOCAL, GLOBAL):
     return _attention_layer(cfg, kind, lp, x_btd, ctx, lc)
   if kind == RECURRENT:

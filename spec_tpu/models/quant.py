@@ -41,7 +41,7 @@ INT8 = "int8"
 MODES = (INT8,)
 QMAX = 127  # symmetric: -128 is never used, so negating a weight negates its int8 values
 
-# Contracting logical axes (spec_tpu.sharding.param_logical_axes) of each quantizable weight,
+# Contracting logical axes (spec_tpu.models.model.param_logical_axes) of each quantizable weight,
 # by leaf name: the axes the matmul sums over. Every other axis of the weight (its output
 # channels, and a leading stacked-layers axis) gets its own scale.
 CONTRACTING = {
@@ -148,7 +148,7 @@ def quantize_params(params, logical_axes, *, embed: bool, out_shardings=None,
   """Params with every quantizable weight (quantized_names(embed)) replaced by its quantized
   form; anything else is returned as it is.
 
-  logical_axes: the float params' logical axes (spec_tpu.sharding.param_logical_axes of the
+  logical_axes: the float params' logical axes (spec_tpu.models.model.param_logical_axes of the
     unquantized config), in either layout (a list of layers, or stacked groups whose leading
     'layers' axis is simply one more output axis).
   out_shardings: a pytree of Shardings for the quantized params (sharding.param_shardings of the

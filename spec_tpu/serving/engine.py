@@ -1,6 +1,6 @@
 """The serving engine: continuous batching over fixed slots, exact speculative sampling.
 
-    engine = Engine(sampler, num_slots=8, max_len=1024, k=4, tokenizer=tok)
+    engine = Engine(pair, num_slots=8, max_len=1024, k=4)   # pair: spec_tpu.pair.Pair
     engine.start()                       # a background thread owns the device from here on
     request = engine.submit("def fib(n):", GenerationParams(max_new_tokens=64, temperature=0.8))
     for chunk in request:                # or `async for chunk in request`, or request.result()
@@ -72,9 +72,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spec_tpu import sharding
+from spec_tpu import profiling, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
-from spec_tpu.decoding.sampler import Sampler, to_host
+from spec_tpu.decoding.sampler import to_host
+from spec_tpu.pair import Pair
 from spec_tpu.serving import metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
@@ -102,14 +103,14 @@ class Engine:
   per K. Not thread-safe except `submit`, `Request` methods, `metrics` and `shutdown`: one
   thread (start()'s, or the caller's) runs `step`."""
 
-  def __init__(self, sampler: Sampler, *, num_slots: int = 8, max_len: int = 1024,
+  def __init__(self, pair: Pair, *, num_slots: int = 8, max_len: int = 1024,
                k: int | None = None, k_max: int | None = None, adaptive_k: bool = True,
                max_top_k: int = 64, rounds_per_step: int | None = None,
                max_rounds_per_step: int = 16, prefill_rows: int = 1, tokenizer=None,
                ks: Sequence[int] | None = None, add_bos: bool = False,
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
                margin: float = 0.1, seed: int = 0, channel=None):
-    has_draft = sampler.draft_cfg is not None
+    has_draft = pair.has_draft
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
     k_max = (k if not adaptive_k else max(k, 4)) if k_max is None else int(k_max)
@@ -121,7 +122,9 @@ class Engine:
     if max_top_k < 0:
       raise ValueError(f"max_top_k must be >= 0 (0: requests cannot ask for top_k), got "
                        f"{max_top_k}")
-    self.sampler, self.tokenizer, self.add_bos = sampler, tokenizer, bool(add_bos)
+    self.pair, self.add_bos = pair, bool(add_bos)
+    # The pair's tokenizer unless one is given (None: requests are token ids).
+    self.tokenizer = tokenizer if tokenizer is not None else pair.tokenizer
     self.num_slots, self.max_len = int(num_slots), int(max_len)
     self.prefill_rows = min(int(prefill_rows), self.num_slots)
     self.min_prompt_bucket, self.window_rounds = min_prompt_bucket, window_rounds
@@ -138,28 +141,25 @@ class Engine:
     self.policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=probe_every, ks=self.ks,
                                      margin=margin) if adaptive_k else None
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
-    num_tokens = sampler.target_cfg.num_tokens
+    num_tokens = pair.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
     self._spec = decode.LoopSpec(
-        target=sampler.target_cfg, draft=sampler.draft_cfg if k_max > 0 else None, k=0,
+        target=pair.target_cfg, draft=pair.draft_cfg if k_max > 0 else None, k=0,
         k_max=k_max, max_top_k=self.max_top_k, max_len=self.max_len,
-        out_len=max_rounds_per_step, eos_id=sampler.eos_id, pad_id=sampler.pad_id)
+        out_len=max_rounds_per_step, eos_id=pair.eos_id, pad_id=pair.pad_id)
     self._channel = channel
     self._rng = np.random.default_rng(seed)
     self._programs = {}
-    mesh, rules = sampler.mesh, sampler.target_rules
+    mesh, rules = pair.mesh, pair.target_rules
     self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
     self._abstract = jax.eval_shape(lambda: decode.init_state(self._spec, self.num_slots))
     self._state_sh = self._state_shardings()
     self._state = jax.jit(lambda: decode.init_state(self._spec, self.num_slots),
                           out_shardings=self._state_sh)()
-    # Round costs for the K policy. On the CPU backend, process CPU time: other processes on a
-    # shared machine do not inflate it (wall-clock ratios between K's swung by 2x under load;
-    # CPU-time ratios by a few %). Elsewhere the device's wall time is the cost.
-    platform = sampler.mesh.devices.flat[0].platform
-    self._cost_clock = time.process_time if platform == "cpu" else time.perf_counter
-    self._params = (sampler.target_params, sampler.draft_params if k_max > 0 else None)
-    self._param_sh = sampler.param_shardings(k_max > 0)
+    # Round costs for the K policy (profiling.cost_clock: CPU time on the CPU backend).
+    self._cost_clock = profiling.cost_clock(pair.platform)
+    self._params = (pair.target_params, pair.draft_params if k_max > 0 else None)
+    self._param_sh = pair.param_shardings(k_max > 0)
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()
@@ -207,7 +207,7 @@ class Engine:
              ) -> Request:
     """Queues a request (any thread); raises ValueError on bad input before queueing."""
     tokens = self._tokens(prompt)
-    num_tokens = self.sampler.target_cfg.num_tokens
+    num_tokens = self.pair.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
       # keeps every token: the same as off
       params = dataclasses.replace(params, top_k=0)
@@ -231,7 +231,7 @@ class Engine:
       if self.tokenizer is None:
         raise ValueError("a text prompt needs an engine with a tokenizer")
       return self.tokenizer.encode(prompt, add_bos=self.add_bos)
-    return prompts_lib.token_ids(prompt, self.sampler.target_cfg.num_tokens)
+    return prompts_lib.token_ids(prompt, self.pair.target_cfg.num_tokens)
 
   def _withdraw(self, requests: Sequence[Request]) -> None:
     """Takes queued requests back (a batch whose later input was refused): out of the queue,
@@ -400,7 +400,7 @@ class Engine:
   def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]]):
     """One insert call: the requests in `chunk` into their slots (padded to prefill_rows)."""
     r = self.prefill_rows
-    tokens = np.full((r, t), self.sampler.pad_id, np.int32)
+    tokens = np.full((r, t), self.pair.pad_id, np.int32)
     lengths = np.ones((r,), np.int32)
     slots = np.full((r,), self.num_slots, np.int32)  # out of range: a padding row is dropped
     temperature, top_p = np.ones((r,), np.float32), np.ones((r,), np.float32)
@@ -472,7 +472,7 @@ class Engine:
     if stopped:
       self._finish_slot(slot, STOP)
     elif device_done:
-      eos = self.sampler.eos_id
+      eos = self.pair.eos_id
       hit_eos = eos is not None and s.request._tokens and s.request._tokens[-1] == eos
       self._finish_slot(slot, STOP if hit_eos else LENGTH)
 
@@ -518,7 +518,7 @@ class Engine:
     if self.active_slots or self._queue:
       raise RuntimeError("calibrate() runs on an idle engine")
     if prompts is None:
-      prompts = self._rng.integers(4, self.sampler.target_cfg.num_tokens,
+      prompts = self._rng.integers(4, self.pair.target_cfg.num_tokens,
                                    size=(self.num_slots, self.min_prompt_bucket // 2)).tolist()
     # Checked (and text encoded) before the first is queued: a bad one must not leave the
     # others behind in the queue.
@@ -616,7 +616,7 @@ class Engine:
   # ------------------------------------------------------------------ compiled programs
 
   def _state_shardings(self):
-    mesh, s = self.sampler.mesh, self.sampler
+    mesh, s = self.pair.mesh, self.pair
     sh = jax.tree.map(lambda x: self._row(*x.shape), self._abstract)
     return sh._replace(
         target_cache=sharding.cache_shardings(self._abstract.target_cache, mesh, s.target_rules),
@@ -639,7 +639,7 @@ class Engine:
               sds((r,), jnp.int32),
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
                           sds((r, 2), jnp.uint32), sds((r,), jnp.int32)))
-      self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
+      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int):
@@ -647,7 +647,7 @@ class Engine:
     if key not in self._programs:
       spec = dataclasses.replace(self._spec, k=k, out_len=self.pacing.max_rounds * (k + 1))
       b, row = self.num_slots, self._row
-      rep = sharding.replicated(self.sampler.mesh)
+      rep = sharding.replicated(self.pair.mesh)
       fn = functools.partial(decode.run_rounds, spec)
       jitted = jax.jit(fn, donate_argnums=(2,),
                        in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
@@ -656,7 +656,7 @@ class Engine:
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
               sds((), bool))
-      self._programs[key] = jitted.lower(*args).compile(self.sampler.compiler_options())
+      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]
 
   # ------------------------------------------------------------------ multi-host

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import AsyncIterator, Iterator, Sequence
 
-from spec_tpu.decoding.sampler import integer
+from spec_tpu.pair import integer
 
 # Finish reasons (OpenAI's words where they have one).
 STOP = "stop"            # EOS or a stop string

@@ -1,31 +1,33 @@
-"""Glue from a config (configs/common.py schema) to library objects, shared by the launchers:
-model configs, checkpoints or random weights, the mesh, the tokenizer, the Sampler.
+"""From a config (configs/common.py's schema) to a Pair and an Engine: model configs resolved,
+checkpoints restored (quantized on load if asked) or random weights made, all placed on a mesh.
 
-Everything that can fail on user input is checked in `resolve` before any weights are read or
-any program compiles, so a typo costs seconds, not a 70B compile.
+    setup = resolve(config)                      # cheap: every user mistake fails here
+    pair = load_pair(config, setup)               # weights read, sharded onto the mesh
+    engine = build_engine(pair, engine_settings(config), seed=..., add_bos=...)
+
+Everything that can fail on user input is checked in `resolve` (and `engine_settings`) before
+any weights are read or any program compiles, so a typo costs seconds, not a 70B compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
 import numpy as np
 
-from launch import cli
-from spec_tpu.checkpoints import checkpoint
-from spec_tpu.models import config as config_lib, model, quant
 from spec_tpu import sharding
+from spec_tpu.checkpoints import checkpoint
 from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.models import config as config_lib, model, quant
+from spec_tpu.pair import Pair, check_pair
 
 
-class SetupError(cli.UserError):
+class SetupError(ValueError):
   """The config or the files it names cannot work; raised before anything compiles."""
 
 
@@ -101,7 +103,7 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if neutral.get("tokenizer", cfg.tokenizer) != cfg.tokenizer:
       logging.warning("%s: checkpoint %s records tokenizer %r; using %r instead, as "
                       "%s.fields.tokenizer says", role, path, cfg.tokenizer, neutral["tokenizer"],
-                      _section_name(role))
+                      section_name(role))
     if neutral:
       try:
         cfg = cfg.replace(**neutral)
@@ -110,21 +112,11 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
     if section.preset or set(fields) - set(neutral):
       logging.info("%s: checkpoint %s carries its own config; preset and shape fields ignored",
                    role, path)
-    # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
-    on_load = bool(quantize) and cfg.quantize is None
-    if on_load:
-      try:
-        cfg = cfg.replace(quantize=quantize)
-      except ValueError as e:
-        raise SetupError(f"{role}: checkpoint {path}: {e}") from None
-    elif quantize and cfg.quantize != quantize:
-      raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
-                       f"served as {quantize}")
-    return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
+    return _checkpoint_setup(path, cfg, rules, role, quantize)
   if need_weights and not section.allow_random:
     problem = f"checkpoint {path!r} does not exist" if path else "no checkpoint given"
-    raise SetupError(f"{role}: {problem}; set --config.{_section_name(role)}.checkpoint=DIR "
-                     f"(or --config.{_section_name(role)}.allow_random=True for random weights)")
+    raise SetupError(f"{role}: {problem}; set --config.{section_name(role)}.checkpoint=DIR "
+                     f"(or --config.{section_name(role)}.allow_random=True for random weights)")
   try:
     base = config_lib.get_preset(section.preset) if section.preset else None
     cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
@@ -138,26 +130,75 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
   return ModelSetup(cfg, None, rules, role)
 
 
-def _section_name(role: str) -> str:
+def _checkpoint_setup(path: str, cfg, rules, role: str, quantize: str | None) -> ModelSetup:
+  # A stored int8 checkpoint stays int8 with no option; a float one is quantized on request.
+  on_load = bool(quantize) and cfg.quantize is None
+  if on_load:
+    try:
+      cfg = cfg.replace(quantize=quantize)
+    except ValueError as e:
+      raise SetupError(f"{role}: checkpoint {path}: {e}") from None
+  elif quantize and cfg.quantize != quantize:
+    raise SetupError(f"{role}: checkpoint {path} is stored {cfg.quantize}; it cannot be "
+                     f"served as {quantize}")
+  return ModelSetup(cfg, os.path.abspath(path), rules, role, quantize_on_load=on_load)
+
+
+def from_checkpoint(path: str, role: str = "target", *, rules: sharding.Rules =
+                    sharding.TENSOR_PARALLEL, quantize: str | None = None) -> ModelSetup:
+  """One model from a spec_tpu checkpoint directory (its config only is read here), served as
+  stored or, with quantize='int8', quantized while it loads."""
+  try:
+    cfg = checkpoint.load_config(path)
+    quantize = quant.check_mode(quantize or "")
+  except (checkpoint.CheckpointError, ValueError) as e:
+    raise SetupError(f"{role}: {e}") from None
+  return _checkpoint_setup(path, cfg, rules, role, quantize)
+
+
+def load_checkpoints(target: str, draft: str | None = None, *, mesh, tokenizer=None,
+                     quantize: str | None = None, target_rules=sharding.TENSOR_PARALLEL,
+                     draft_rules=sharding.TENSOR_PARALLEL, eos_id: int | None = None,
+                     pad_id: int | None = None) -> Pair:
+  """A Pair from checkpoint directories, without a config: restored shard by shard onto
+  `mesh` (quantized while loading with quantize='int8').
+
+      mesh = sharding.make_mesh((2, 4))
+      pair = load_checkpoints("ckpt/target", "ckpt/draft", mesh=mesh, tokenizer=tok)
+      engine = Engine(pair, num_slots=8, max_len=512, k=4)
+  """
+  t = from_checkpoint(target, "target", rules=target_rules, quantize=quantize)
+  d = (from_checkpoint(draft, "draft", rules=draft_rules, quantize=quantize)
+       if draft else None)
+  if d is not None:
+    try:
+      check_pair(t.cfg, d.cfg)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
+  setup = Setup(target=t, draft=d, sampling=SamplingParams(), k=0)
+  return build_pair(setup, mesh, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id)
+
+
+def section_name(role: str) -> str:
   return "model" if role == "target" else "draft"
 
 
 def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup:
-  """Model configs and sampling options from a config; raises SetupError on anything wrong."""
+  """Model configs, sampling options and K from a config; raises SetupError on anything wrong
+  (the engine section included)."""
   target = _model_setup(config.model, "target", need_weights=need_weights)
   if target is None:
     raise SetupError("model: give model.checkpoint or model.preset")
   draft = _model_setup(config.draft, "draft", need_weights=need_weights)
-  k = int(config.sampling.k if k is None else k)
+  k = int(config.engine.k if k is None else k)
   if k < 0:
-    raise SetupError(f"sampling.k must be >= 0, got {k}")
+    raise SetupError(f"engine.k must be >= 0, got {k}")
   if k > 0 and draft is None:
-    raise SetupError(f"sampling.k={k} needs a draft (draft.checkpoint or draft.preset); "
-                     "use --config.sampling.k=0 for autoregressive sampling")
+    raise SetupError(f"engine.k={k} needs a draft (draft.checkpoint or draft.preset); "
+                     "use --config.engine.k=0 for autoregressive sampling")
   if draft is not None:
-    from spec_tpu.decoding import sampler as sampler_lib
     try:
-      sampler_lib.check_pair(target.cfg, draft.cfg)
+      check_pair(target.cfg, draft.cfg)
     except ValueError as e:
       raise SetupError(str(e)) from None
   s = config.sampling
@@ -170,34 +211,8 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
     raise SetupError(f"sampling.max_new_tokens must be positive, got {s.max_new_tokens}")
   if int(s.seed) < 0:
     raise SetupError(f"sampling.seed must be >= 0, got {s.seed}")
-  _check_serve(config.serve)
+  engine_settings(config)
   return Setup(target=target, draft=draft, sampling=params, k=k)
-
-
-def _check_serve(serve) -> None:
-  """The engine's settings (launch.sample and launch.serve build one from them)."""
-  for name in ("prefill_rows", "max_rounds_per_step"):
-    if int(serve[name]) < 1:
-      raise SetupError(f"serve.{name} must be >= 1, got {serve[name]}")
-  if not 0 <= int(serve.rounds_per_step) <= int(serve.max_rounds_per_step):
-    raise SetupError(f"serve.rounds_per_step must be 0 (paced by measured time) or 1.."
-                     f"serve.max_rounds_per_step={serve.max_rounds_per_step}, got "
-                     f"{serve.rounds_per_step}")
-  if int(serve.max_top_k) < 0:
-    raise SetupError(f"serve.max_top_k must be >= 0, got {serve.max_top_k}")
-
-
-def pyplot(path: str):
-  """matplotlib.pyplot for a benchmark's plot at `path`, or None (logged) when matplotlib is
-  not installed: the results and tables do not need it."""
-  try:
-    import matplotlib
-  except ImportError:
-    logging.warning("no plot %s: matplotlib is not installed (pip install -e '.[bench]')", path)
-    return None
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
 
 
 def with_quantize(config, mode: str | None):
@@ -210,6 +225,78 @@ def with_quantize(config, mode: str | None):
   config = config.copy_and_resolve_references()
   config.model.quantize = config.draft.quantize = "" if mode == "none" else mode
   return config
+
+
+# ---------------------------------------------------------------- the engine section
+
+# launch.serve's context per slot when engine.max_len is 0 (it knows no prompts in advance).
+DEFAULT_MAX_LEN = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+  """The `engine` section of a config, checked: what every launcher builds its Engine from."""
+  num_slots: int
+  max_len: int              # 0: sized from the prompts (launch.sample, launch.serve_bench)
+  k: int
+  k_max: int                # the largest K adaptive K may pick (= k when not adaptive)
+  adaptive_k: bool
+  calibrate: bool
+  rounds_per_step: int | None
+  max_rounds_per_step: int
+  max_top_k: int
+  prefill_rows: int
+
+  def context(self, prompt_lens: Sequence[int] = (), max_new_tokens: int = 0) -> int:
+    """A slot's length: max_len, else the longest prompt, its new tokens and a verification
+    block of k_max + 1 (DEFAULT_MAX_LEN with no prompts)."""
+    if self.max_len:
+      return self.max_len
+    if not prompt_lens:
+      return DEFAULT_MAX_LEN
+    return max(prompt_lens) + max_new_tokens + self.k_max + 1
+
+
+def engine_settings(config) -> EngineSettings:
+  """config.engine checked once; raises SetupError with the key's name."""
+  e = config.engine
+  for name in ("num_slots", "prefill_rows", "max_rounds_per_step"):
+    if int(e[name]) < 1:
+      raise SetupError(f"engine.{name} must be >= 1, got {e[name]}")
+  if not 0 <= int(e.rounds_per_step) <= int(e.max_rounds_per_step):
+    raise SetupError(f"engine.rounds_per_step must be 0 (paced by measured time) or 1.."
+                     f"engine.max_rounds_per_step={e.max_rounds_per_step}, got "
+                     f"{e.rounds_per_step}")
+  if int(e.max_top_k) < 0:
+    raise SetupError(f"engine.max_top_k must be >= 0, got {e.max_top_k}")
+  if int(e.max_len) < 0 or int(e.max_len) == 1:
+    raise SetupError(f"engine.max_len must be 0 (sized from the prompts) or >= 2, got "
+                     f"{e.max_len}")
+  k, adaptive = int(e.k), bool(e.adaptive_k) and int(e.k) > 0
+  k_max = int(e.k_max) if adaptive else k
+  if adaptive and not 1 <= k <= k_max:
+    raise SetupError(f"engine.adaptive_k needs 1 <= engine.k <= engine.k_max (k is the "
+                     f"starting K), got k={k}, k_max={k_max}")
+  return EngineSettings(num_slots=int(e.num_slots), max_len=int(e.max_len), k=k, k_max=k_max,
+                        adaptive_k=adaptive, calibrate=bool(e.calibrate),
+                        rounds_per_step=int(e.rounds_per_step) or None,
+                        max_rounds_per_step=int(e.max_rounds_per_step),
+                        max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows))
+
+
+def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = None,
+                 max_top_k: int | None = None, seed: int = 0, add_bos: bool = False,
+                 channel=None):
+  """The Engine the settings describe over `pair` (max_len, max_top_k: overrides of the
+  settings' values, e.g. a context sized from known prompts)."""
+  from spec_tpu.serving.engine import Engine
+  return Engine(pair, num_slots=settings.num_slots,
+                max_len=max_len or settings.context(), k=settings.k, k_max=settings.k_max,
+                adaptive_k=settings.adaptive_k,
+                max_top_k=settings.max_top_k if max_top_k is None else max_top_k,
+                rounds_per_step=settings.rounds_per_step,
+                max_rounds_per_step=settings.max_rounds_per_step,
+                prefill_rows=settings.prefill_rows, add_bos=add_bos, seed=seed, channel=channel)
 
 
 # ---------------------------------------------------------------- mesh
@@ -237,76 +324,6 @@ def build_mesh(config):
   return sharding.make_mesh(mesh_shape(config.mesh.shape, jax.device_count()))
 
 
-# ---------------------------------------------------------------- persistent compilation cache
-
-_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
-                 "/jax/compilation_cache/cache_misses": "misses"}
-compile_cache_counts = {"hits": 0, "misses": 0}  # this process's lookups since use_compile_cache
-_listening = []
-
-
-def _count_cache_event(event: str, **_) -> None:
-  if event in _CACHE_EVENTS:
-    compile_cache_counts[_CACHE_EVENTS[event]] += 1
-
-
-def use_compile_cache(config) -> str | None:
-  """Turns on JAX's persistent compilation cache in config.run.compile_cache ('' = off), before
-  anything compiles; JAX_COMPILATION_CACHE_DIR, when set, names the directory instead. Returns
-  the directory in use, or None.
-
-  A compiled decode program is stored under a key of its HLO, devices, compiler options and
-  versions, so a second run of the same setup (same shapes, K, topology) loads it instead of
-  compiling. Only process 0 of a multi-host job writes entries; every process reads them, so a
-  pod shares one directory that all hosts can read (README: sharing the cache on a pod).
-  """
-  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(config.run.compile_cache or "")
-  if not path:
-    return None
-  if "://" not in path:
-    path = os.path.abspath(os.path.expanduser(path))
-  jax.config.update("jax_compilation_cache_dir", path)
-  if not _listening:
-    jax.monitoring.register_event_listener(_count_cache_event)
-    _listening.append(True)
-  return path
-
-
-def compile_cache_summary(path: str | None) -> str:
-  if path is None:
-    return "persistent compilation cache off (run.compile_cache is empty)"
-  c = compile_cache_counts
-  return f"compilation cache {path}: {c['hits']} programs loaded, {c['misses']} compiled and stored"
-
-
-# ---------------------------------------------------------------- multi-host
-
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-  """jax.distributed.initialize(); with no arguments it finds the pod/cluster by itself."""
-  kw = {}
-  if coordinator_address:
-    kw.update(coordinator_address=coordinator_address, num_processes=num_processes,
-              process_id=process_id)
-  jax.distributed.initialize(**kw)
-
-
-def all_agree(ok: bool) -> bool:
-  """Process 0's verdict on every process, so they all stop together (none waits forever)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
-def broadcast(x: np.ndarray) -> np.ndarray:
-  """Process 0's array on every process."""
-  if jax.process_count() == 1:
-    return x
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.broadcast_one_to_all(x))
-
-
 # ---------------------------------------------------------------- weights
 
 def _seed(name: str) -> int:
@@ -317,7 +334,7 @@ def load_params(m: ModelSetup, mesh):
   """Params placed on their shardings: restored shard by shard, or random (with a warning)."""
   if m.checkpoint is not None and m.quantize_on_load:
     stored = m.cfg.replace(quantize=None)
-    to = quant.leaf_quantizer(sharding.param_logical_axes(stored), embed=m.cfg.tie_embeddings,
+    to = quant.leaf_quantizer(model.param_logical_axes(stored), embed=m.cfg.tie_embeddings,
                               out_shardings=sharding.param_shardings(m.cfg, mesh, m.rules),
                               delete_source=True)
     params, _ = checkpoint.restore_transformed(
@@ -333,6 +350,32 @@ def load_params(m: ModelSetup, mesh):
   # same key (the key depends on the role and name only).
   init = jax.jit(lambda key: model.init_params(m.cfg, key), out_shardings=shardings)
   return init(jax.random.key(_seed(f"{m.role}:{m.cfg.name}")))
+
+
+def build_pair(setup: Setup, mesh, *, tokenizer=None, eos_id: int | None = None,
+               pad_id: int | None = None, use_draft: bool = True) -> Pair:
+  """Both models' params loaded onto `mesh` (the draft left out with use_draft=False). EOS and
+  pad come from the tokenizer unless given."""
+  target_params = load_params(setup.target, mesh)
+  draft = setup.draft if use_draft else None
+  draft_params = load_params(draft, mesh) if draft is not None else None
+  if eos_id is None and tokenizer is not None:
+    eos_id = tokenizer.eos_id
+  if pad_id is None:
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+  return Pair(target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
+              draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
+              draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
+              pad_id=pad_id, tokenizer=tokenizer)
+
+
+def load_pair(config, setup: Setup | None = None, mesh=None, **options) -> Pair:
+  """config -> Pair in one call: resolved (unless `setup` is given), tokenizer checked,
+  weights loaded onto `mesh` (default: the config's mesh.shape over every device)."""
+  setup = resolve(config) if setup is None else setup
+  tok = load_tokenizer(config, setup)
+  return build_pair(setup, build_mesh(config) if mesh is None else mesh, tokenizer=tok,
+                    **options)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -359,23 +402,18 @@ def load_tokenizer(config, setup: Setup):
   return tok
 
 
-def _verifiable(name: str) -> bool:
-  # Names spec_tpu.tokenizer gives: "sp:<hash of the model file>" and "bytes". Others ("gemma",
-  # or "json:..." from a converted tokenizer.json) say which vocabulary, not which file.
-  return name.startswith("sp:") or name == "bytes"
-
-
 def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
   """Weights from a checkpoint decode correctly only with the tokenizer they were trained with:
   any other vocabulary runs without an error and prints garbage. The user may still say, through
   a model's `fields.tokenizer`, that they mean another one (the checkpoint's record then reads
   as that name)."""
+  from spec_tpu import tokenizer as tokenizer_lib
   wrong = []
   for m in models:
     recorded = m.cfg.tokenizer
     if m.checkpoint is None or not recorded or recorded == tok.name:
       continue
-    if _verifiable(recorded) or _verifiable(tok.name):
+    if tokenizer_lib.verifiable(recorded) or tokenizer_lib.verifiable(tok.name):
       wrong.append(m)
     else:
       logging.warning("%s checkpoint %s names tokenizer %r, which cannot be compared with %r "
@@ -384,60 +422,8 @@ def check_tokenizer_matches(models: list[ModelSetup], tok, spec: str) -> None:
   if wrong:
     given = f"{spec!r}" + (f" ({tok.name})" if tok.name != spec else "")
     made = "; ".join(f"{m.role} {m.checkpoint}: {m.cfg.tokenizer!r}" for m in wrong)
-    overrides = " ".join(f"--config.{_section_name(m.role)}.fields.tokenizer={tok.name}"
+    overrides = " ".join(f"--config.{section_name(m.role)}.fields.tokenizer={tok.name}"
                          for m in wrong)
     raise SetupError(f"model.tokenizer {given} is not the tokenizer the checkpoint was made "
                      f"with ({made}): token ids would decode into garbage. Give that tokenizer, "
                      f"or, if you mean it, {overrides}")
-
-
-# ---------------------------------------------------------------- sampler
-
-def build_sampler(setup: Setup, mesh, *, eos_id: int | None, pad_id: int = 0,
-                  max_cache_len: int = 0, use_draft: bool = True, cache_len: int = 0):
-  from spec_tpu.decoding import sampler as sampler_lib
-  target_params = load_params(setup.target, mesh)
-  draft = setup.draft if use_draft else None
-  draft_params = load_params(draft, mesh) if draft is not None else None
-  return sampler_lib.Sampler(
-      target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
-      draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
-      draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
-      pad_id=pad_id, max_cache_len=max_cache_len or None, cache_len=cache_len or None)
-
-
-def ideal_speedup(a: float, c: float, k: int) -> float:
-  """Leviathan et al. 2023, Thm 3.8: (1 - a^(K+1)) / ((1 - a)(K c + 1)); 1 at K = 0 and NaN
-  where the acceptance rate is undefined (no draft token was judged)."""
-  from spec_tpu.decoding import k_policy
-  if k == 0:
-    return 1.0
-  if not (math.isfinite(a) and math.isfinite(c)):
-    return float("nan")
-  return k_policy.expected_speedup(a, c, k)
-
-
-def synthetic_prompts(batch: int, length: int, num_tokens: int, seed: int = 0) -> list[list[int]]:
-  """Random token prompts for benchmarks and plans when there is no tokenizer."""
-  rng = np.random.default_rng(seed)
-  return rng.integers(4, num_tokens, size=(batch, length)).tolist()
-
-
-def finite(x):
-  """A result tree as strict JSON takes it: NaN and infinities become None (null), keys str."""
-  if isinstance(x, dict):
-    return {str(k): finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [finite(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
-def write_results(output_dir: str, result: dict, table: str) -> None:
-  """A benchmark's results.json and table.txt in output_dir; the table also to stdout."""
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
-    json.dump(finite(result), f, indent=1, default=list)
-  with open(os.path.join(output_dir, "table.txt"), "w") as f:
-    f.write(table + "\n")
-  print(table, flush=True)

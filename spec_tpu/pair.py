@@ -1,0 +1,119 @@
+"""A target and (optionally) a draft, placed on a mesh: what `Sampler` and `Engine` both run.
+
+    pair = Pair(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...,
+                eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+    Sampler(pair).generate(prompts, max_new_tokens=64, k=4)
+    Engine(pair, num_slots=8, max_len=1024, k=4)
+
+spec_tpu.setup builds one from a config (checkpoints restored, quantized, sharded).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+from jax.sharding import Mesh
+
+from spec_tpu import sharding
+from spec_tpu.models.config import ModelConfig
+
+
+# XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion hoists the float32
+# copy of each stacked weight out of the layer scan: a float32 copy of the whole model, twice the
+# bf16 weights' memory. Without that pass the copy is one layer's at a time.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+# XLA:GPU, measured on an H100 (README "GPU"): a decode step reads each weight once only if the
+# matmuls go to cuBLAS reading layer slices of the stacked weights in place (dynamic-slice
+# fusion; Triton gemm fusions copied each layer's weights out of the stack first) and two
+# matmuls of one input are not merged into one (the merger concatenates their weights, a copy
+# per call). int8 weights keep Triton's gemm fusions: they convert the int8 operand inside the
+# matmul, where cuBLAS needs a converted copy first (24.1 vs 13.6 ms/token for the 7B).
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
+                        "xla_gpu_enable_triton_gemm": False,
+                        "xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def compiler_options(platform: str, quantized: bool = False) -> dict | None:
+  """XLA options for compiling a decode program for devices of this platform (quantized: the
+  program's weights include int8 ones)."""
+  if platform == "cpu":
+    return dict(CPU_COMPILER_OPTIONS)
+  if platform in ("gpu", "cuda"):
+    options = dict(GPU_COMPILER_OPTIONS)
+    if quantized:
+      del options["xla_gpu_enable_triton_gemm"]
+    return options
+  return None
+
+
+def check_pair(target: ModelConfig, draft: ModelConfig):
+  """Draft and target must share a tokenizer; padded embedding tables may differ in size."""
+  if target.tokenizer != draft.tokenizer:
+    raise ValueError(f"draft tokenizer {draft.tokenizer!r} differs from target tokenizer "
+                     f"{target.tokenizer!r}: speculative sampling needs one vocabulary")
+  if target.num_tokens != draft.num_tokens:
+    raise ValueError(f"draft has {draft.num_tokens} tokens, target {target.num_tokens}: the "
+                     "vocabularies differ (set valid_vocab_size for padded embedding tables)")
+
+
+def integer(name: str, value, lo: int, hi: int | None = None) -> int:
+  """`value` as an int in [lo, hi], or a ValueError naming it (a float, even 5.0, is refused:
+  it would be truncated or reach a shape)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if value < lo or (hi is not None and value > hi):
+    raise ValueError(f"{name} must be " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+                     + f", got {value}")
+  return int(value)
+
+
+class Pair:
+  """Sharded params and configs of a target (and optionally a draft), their sharding rules, the
+  mesh, the EOS and pad ids, and the tokenizer (optional: token ids work without one)."""
+
+  def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
+               draft_params=None, draft_cfg: ModelConfig | None = None,
+               target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
+               eos_id: int | None = None, pad_id: int = 0, tokenizer=None):
+    if (draft_params is None) != (draft_cfg is None):
+      raise ValueError("give both draft_params and draft_cfg, or neither")
+    if draft_cfg is not None:
+      check_pair(target_cfg, draft_cfg)
+    # A pad or EOS id past the vocabulary would embed as NaN (padding positions reach every
+    # output through attention's 0 * NaN) or never match a sampled token. A sentencepiece model
+    # without a pad or EOS piece says -1: padding then uses token 0 (what fills padded positions
+    # does not matter as long as it embeds), and there is no EOS.
+    vocab = min(c.num_tokens for c in (target_cfg, draft_cfg) if c is not None)
+    self.pad_id = max(0, integer("pad_id", pad_id, -1, vocab - 1))
+    self.eos_id = (None if eos_id is None or eos_id == -1
+                   else integer("eos_id", eos_id, 0, vocab - 1))
+    self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
+    self.target_rules, self.draft_rules = target_rules, draft_rules
+    self.tokenizer = tokenizer
+    self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
+    self.draft_params = (None if draft_params is None else
+                         sharding.shard_params(draft_params, draft_cfg, self.mesh, draft_rules))
+
+  @property
+  def has_draft(self) -> bool:
+    return self.draft_cfg is not None
+
+  @property
+  def platform(self) -> str:
+    return self.mesh.devices.flat[0].platform
+
+  def param_shardings(self, with_draft: bool):
+    tp = sharding.param_shardings(self.target_cfg, self.mesh, self.target_rules,
+                                  self.target_params)
+    dp = (sharding.param_shardings(self.draft_cfg, self.mesh, self.draft_rules,
+                                   self.draft_params) if with_draft else None)
+    return tp, dp
+
+  def compiler_options(self) -> dict | None:
+    """The XLA options every program over these models compiles with."""
+    quantized = any(c is not None and c.quantize for c in (self.target_cfg, self.draft_cfg))
+    return compiler_options(self.platform, quantized)

@@ -1,0 +1,342 @@
+"""The gemma library's checkpoints: the converted decoder reproduces transformers' model holding the
+same weights, and bad trees fail with an error that names the problem.
+
+Tiny random trees are written in numpy as the gemma library names and shapes them
+(gemma/gm/nn/_modules.py), in its flat layout ('transformer/layer_0/attn/q_einsum' -> {'w'}) or
+its nested one, saved with orbax, and converted with spec_tpu.checkpoints.gemma_lib. The
+reference is transformers' Gemma/Gemma2/Gemma3 model with the same weights, mapped the way
+transformers' own converter (models/gemma3/convert_gemma3_weights.py) maps them: logits over a
+sequence longer than every sliding window must agree in float32.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from spec_tpu.checkpoints import checkpoint, gemma_lib
+from spec_tpu.checkpoints.gemma_lib import GemmaConversionError
+from spec_tpu.models import model
+from spec_tpu.models.config import ModelConfig, get_preset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 384      # rows of the table: room for a 350-piece sentencepiece tokenizer
+SEQ = 16         # longer than every window below
+S, F = "sliding_attention", "full_attention"
+
+# Gemma 1 has no tiny preset of its own: every Gemma 1 shares gemma_2b's settings.
+GEMMA1_MHA = get_preset("gemma_2b").replace(
+    name="tiny_gemma1", vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
+    head_dim=8, ffw_dim=64, dtype="float32", tokenizer="")
+GEMMA1_MQA = GEMMA1_MHA.replace(num_kv_heads=1)
+_HF_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 head_dim=8, rms_norm_eps=1e-6)
+# name -> (preset, layout, transposed gating, transformers config class and its arguments).
+# The transformers configs are written out by hand from the presets' published values, not
+# derived by spec_tpu's own mapping.
+CASES = {
+  "gemma_mha_qkv": (GEMMA1_MHA, "nested", False, "GemmaConfig",
+                    dict(_HF_SMALL, num_hidden_layers=2, num_key_value_heads=4)),
+  "gemma_mqa": (GEMMA1_MQA, "flat", False, "GemmaConfig",
+                dict(_HF_SMALL, num_hidden_layers=2, num_key_value_heads=1)),
+  "gemma2": ("tiny_gemma2", "flat", False, "Gemma2Config",
+             dict(_HF_SMALL, num_hidden_layers=4, num_key_value_heads=2,
+                  query_pre_attn_scalar=16, sliding_window=6, attn_logit_softcapping=50.0,
+                  final_logit_softcapping=30.0)),
+  "gemma2_transposed": ("tiny_gemma2", "nested", True, "Gemma2Config",
+                        dict(_HF_SMALL, num_hidden_layers=4, num_key_value_heads=2,
+                             query_pre_attn_scalar=16, sliding_window=6,
+                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+  "gemma3": ("tiny_gemma3", "flat", True, "Gemma3TextConfig",
+             dict(_HF_SMALL, num_hidden_layers=6, num_key_value_heads=1,
+                  query_pre_attn_scalar=8, sliding_window=5, rope_theta=1e6,
+                  rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                  attn_logit_softcapping=None, final_logit_softcapping=None,
+                  layer_types=[S, S, F, S, S, F])),
+}
+
+
+def _cfg(preset) -> ModelConfig:
+  """The preset's shapes with a VOCAB-row table (the vocabulary is the tree's, not a preset's)."""
+  return (get_preset(preset) if isinstance(preset, str) else preset).replace(vocab_size=VOCAB)
+
+
+def gemma_tree(cfg: ModelConfig, *, transposed: bool, seed: int = 0) -> dict:
+  """The nested layout (model.init()['params']) of random weights large enough that every part
+  matters (norms around 0, Gemma's 1 + scale)."""
+  rng = np.random.default_rng(seed)
+  d, h, k, e, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+
+  def w(*shape, fan_in):
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  def norm(n):
+    return {"scale": (0.3 * rng.standard_normal(n)).astype(np.float32)}
+
+  tree = {"embedder": {"input_embedding": rng.standard_normal((cfg.vocab_size, d))
+                       .astype(np.float32)},
+          "final_norm": norm(d)}
+  for i in range(cfg.num_layers):
+    attn = {"attn_vec_einsum": {"w": w(h, e, d, fan_in=h * e)}}
+    if k == h:
+      attn["qkv_einsum"] = {"w": w(3, h, d, e, fan_in=d)}
+    else:
+      attn["q_einsum"] = {"w": w(h, d, e, fan_in=d)}
+      attn["kv_einsum"] = {"w": w(2, k, d, e, fan_in=d)}
+    layer = {"pre_attention_norm": norm(d), "attn": attn, "pre_ffw_norm": norm(d),
+             "mlp": {"gating_einsum": w(2, f, d, fan_in=d) if transposed else w(2, d, f, fan_in=d),
+                     "linear": w(f, d, fan_in=f)}}
+    if cfg.qk_norm:
+      attn["_query_norm"], attn["_key_norm"] = norm(e), norm(e)
+    if cfg.post_attn_norm:
+      layer["post_attention_norm"] = norm(d)
+    if cfg.post_ffw_norm:
+      layer["post_ffw_norm"] = norm(d)
+    tree[f"layer_{i}"] = layer
+  return tree
+
+
+def flat_layout(nested: dict, vision: bool = False) -> dict:
+  """The released checkpoints' layout: 'transformer/<module path>' -> {param name: array}, the
+  mlp weights as {'w': array} (the library's _compat.flatten_and_remap_params)."""
+  out = {}
+
+  def walk(node, path):
+    if all(not isinstance(v, dict) for v in node.values()):
+      out["transformer/" + "/".join(path)] = dict(node)
+      return
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, path + [key])
+      else:  # a bare mlp leaf of the nested layout
+        out["transformer/" + "/".join(path + [key])] = {"w": value}
+
+  walk(nested, [])
+  if vision:  # Gemma 3's SigLIP encoder and projection, skipped by the converter
+    out["SigLiPFromPatches_0/siglip_encoder/embedding"] = {"kernel": np.zeros((2, 2, 3, 4),
+                                                                               np.float32)}
+    out["transformer/embedder/mm_input_projection"] = {"w": np.zeros((4, 32), np.float32)}
+  return out
+
+
+def save_tree(tree: dict, path) -> str:
+  import orbax.checkpoint as ocp
+  ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
+  return str(path)
+
+
+def hf_state(tree: dict, cfg: ModelConfig, transposed: bool) -> dict:
+  """transformers' names for the nested tree's weights (convert_gemma3_weights.py's mapping)."""
+  import torch
+  d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  s = {"model.embed_tokens.weight": tree["embedder"]["input_embedding"],
+       "model.norm.weight": tree["final_norm"]["scale"]}
+  for i in range(cfg.num_layers):
+    L, p = tree[f"layer_{i}"], f"model.layers.{i}."
+    a = L["attn"]
+    if "qkv_einsum" in a:
+      q, kk, v = a["qkv_einsum"]["w"]
+    else:
+      q, (kk, v) = a["q_einsum"]["w"], a["kv_einsum"]["w"]
+    s[p + "self_attn.q_proj.weight"] = q.transpose(0, 2, 1).reshape(h * e, d)
+    s[p + "self_attn.k_proj.weight"] = kk.transpose(0, 2, 1).reshape(k * e, d)
+    s[p + "self_attn.v_proj.weight"] = v.transpose(0, 2, 1).reshape(k * e, d)
+    s[p + "self_attn.o_proj.weight"] = a["attn_vec_einsum"]["w"].transpose(2, 0, 1).reshape(
+        d, h * e)
+    if cfg.qk_norm:
+      s[p + "self_attn.q_norm.weight"] = a["_query_norm"]["scale"]
+      s[p + "self_attn.k_norm.weight"] = a["_key_norm"]["scale"]
+    s[p + "input_layernorm.weight"] = L["pre_attention_norm"]["scale"]
+    if cfg.post_attn_norm:
+      s[p + "post_attention_layernorm.weight"] = L["post_attention_norm"]["scale"]
+      s[p + "pre_feedforward_layernorm.weight"] = L["pre_ffw_norm"]["scale"]
+      s[p + "post_feedforward_layernorm.weight"] = L["post_ffw_norm"]["scale"]
+    else:
+      s[p + "post_attention_layernorm.weight"] = L["pre_ffw_norm"]["scale"]
+    gate, up = L["mlp"]["gating_einsum"]
+    s[p + "mlp.gate_proj.weight"] = gate if transposed else gate.T
+    s[p + "mlp.up_proj.weight"] = up if transposed else up.T
+    s[p + "mlp.down_proj.weight"] = L["mlp"]["linear"].T
+  return {n: torch.tensor(np.ascontiguousarray(a)) for n, a in s.items()}
+
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_forward_full = jax.jit(model.forward_full, static_argnums=1, compiler_options=_FAST_COMPILE)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def converted(request, tmp_path_factory):
+  case = request.param
+  preset, layout, transposed, _, _ = CASES[case]
+  cfg = _cfg(preset)
+  nested = gemma_tree(cfg, transposed=transposed)
+  tree = nested if layout == "nested" else flat_layout(nested, vision=case == "gemma3")
+  root = tmp_path_factory.mktemp(case)
+  src = save_tree(tree, root / "orbax")
+  gemma_lib.convert_directory(src, root / "ckpt", preset=preset)
+  params, restored = checkpoint.restore(root / "ckpt")
+  return case, nested, params, restored
+
+
+def test_logits_match_transformers(converted):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  case, nested, params, cfg = converted
+  preset, _, transposed, cls_name, kwargs = CASES[case]
+  config = getattr(transformers, cls_name)(**kwargs)
+  hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+  missing, unexpected = hf_model.load_state_dict(hf_state(nested, cfg, transposed), strict=False)
+  assert set(missing) <= {"lm_head.weight"} and not unexpected  # the head is tied
+  tokens = np.random.default_rng(1).integers(0, VOCAB, (2, SEQ), dtype=np.int32)
+  with torch.no_grad():
+    want = hf_model.eval()(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+  got = np.asarray(_forward_full(params, cfg, tokens))
+  err = float(np.abs(got - want).max() / np.abs(want).max())
+  assert err < 1e-5, f"{case}: relative logits error {err:.2e}"
+
+
+def test_config_comes_from_the_tree_and_the_preset(converted):
+  case, nested, _, cfg = converted
+  preset = _cfg(CASES[case][0])
+  for field in gemma_lib.SHAPE_FIELDS + ("layer_pattern", "sliding_window", "query_scale",
+                                         "attn_logit_softcap", "final_logit_softcap",
+                                         "rope_base_local", "rope_base_global",
+                                         "rope_scale_global"):
+    assert getattr(cfg, field) == getattr(preset, field), (case, field)
+  assert cfg.vocab_size == VOCAB and cfg.dtype == "float32"
+
+
+def test_flat_and_nested_layouts_give_the_same_params():
+  cfg = get_preset("tiny_gemma3")
+  nested = gemma_tree(cfg, transposed=True, seed=3)
+  a, skipped_a = gemma_lib.canonical_names(nested)
+  b, skipped_b = gemma_lib.canonical_names(flat_layout(nested, vision=True))
+  c, _ = gemma_lib.canonical_names({"params": nested})  # a Kauldron-style root
+  assert not skipped_a and sorted(skipped_b) == [
+      "SigLiPFromPatches_0/siglip_encoder/embedding/kernel", "embedder/mm_input_projection/w"]
+  assert set(a) == set(b) == set(c)
+  pa = gemma_lib.convert_params(a, gemma_lib.config_from_tree(a, preset="tiny_gemma3"))
+  pb = gemma_lib.convert_params(b, gemma_lib.config_from_tree(b, preset="tiny_gemma3"))
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_released_shapes_pick_their_preset_without_one_named():
+  """The tree alone gives a released model's settings: its shapes pick the preset (here Gemma 3
+  270M's, read from shapes only: no weights are made)."""
+  preset = get_preset("gemma3_270m")
+  names = {"embedder/input_embedding": np.empty((262_144, 640), np.float32)}
+  for i in range(preset.num_layers):
+    p = f"layer_{i}/"
+    names.update({p + "attn/q_einsum/w": np.empty((4, 640, 256), np.float32),
+                  p + "attn/kv_einsum/w": np.empty((2, 1, 640, 256), np.float32),
+                  p + "attn/_query_norm/scale": np.empty(256, np.float32),
+                  p + "post_attention_norm/scale": np.empty(640, np.float32),
+                  p + "mlp/gating_einsum/w": np.empty((2, 2048, 640), np.float32),
+                  p + "mlp/linear/w": np.empty((2048, 640), np.float32)})
+  cfg = gemma_lib.config_from_tree(names, name="g")
+  assert cfg == preset.replace(name="g", dtype="float32")
+  # A Gemma 2 or 3 tree of shapes no release has needs a named preset: its window and soft caps
+  # are not in the tree.
+  names["layer_0/mlp/linear/w"] = np.empty((2000, 640), np.float32)
+  with pytest.raises(GemmaConversionError, match=r"match no released gemma3 model.*--preset="):
+    gemma_lib.config_from_tree(names)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def small_tree():
+  cfg = _cfg("tiny_gemma2")
+  return cfg, gemma_tree(cfg, transposed=False)
+
+
+def test_a_preset_that_differs_from_the_tree_names_the_field(small_tree):
+  cfg, nested = small_tree
+  names, _ = gemma_lib.canonical_names(nested)
+  with pytest.raises(GemmaConversionError,
+                     match=r"^preset 'tiny_gemma3' has num_layers=6, the checkpoint 4"):
+    gemma_lib.config_from_tree(names, preset="tiny_gemma3")
+  with pytest.raises(GemmaConversionError, match="^preset 'tiny' is not a Gemma config: "
+                                                 "ffw_activation=swiglu, Gemma has geglu$"):
+    gemma_lib.config_from_tree(names, preset=get_preset("tiny").replace(
+        num_layers=4, num_kv_heads=2, post_attn_norm=True, post_ffw_norm=True))
+  with pytest.raises(GemmaConversionError, match="unknown preset 'gemma9'"):
+    gemma_lib.config_from_tree(names, preset="gemma9")
+
+
+def test_a_missing_layer_or_tensor_is_named(small_tree):
+  cfg, nested = small_tree
+  gone = {k: v for k, v in nested.items() if k != "layer_2"}
+  names, _ = gemma_lib.canonical_names(gone)
+  with pytest.raises(GemmaConversionError, match=r"^layer_2 is missing \(1 missing in all; "
+                                                 r"layers found up to layer_3\)$"):
+    gemma_lib.config_from_tree(names)
+  names, _ = gemma_lib.canonical_names(nested)
+  del names["layer_1/post_ffw_norm/scale"]
+  with pytest.raises(GemmaConversionError, match="missing tensor 'layer_1/post_ffw_norm/scale'"):
+    gemma_lib.convert_params(names, gemma_lib.config_from_tree(names, preset="tiny_gemma2"))
+  names, _ = gemma_lib.canonical_names(nested)
+  names["layer_0/attn/lora_a"] = np.zeros(3, np.float32)
+  with pytest.raises(GemmaConversionError, match="unexpected tensor 'layer_0/attn/lora_a'"):
+    gemma_lib.convert_params(names, gemma_lib.config_from_tree(names, preset="tiny_gemma2"))
+  names, _ = gemma_lib.canonical_names(nested)
+  names["layer_3/mlp/linear/w"] = np.zeros((64, 31), np.float32)
+  with pytest.raises(GemmaConversionError,
+                     match=r"'layer_3/mlp/linear/w' has shape \(64, 31\), expected \(64, 32\)"):
+    gemma_lib.convert_params(names, gemma_lib.config_from_tree(names, preset="tiny_gemma2"))
+
+
+def test_a_tree_that_is_not_a_gemma_checkpoint_is_refused(tmp_path):
+  # A recurrentgemma-style tree: orbax restores it, but it holds no gemma embedder.
+  src = save_tree({"params": {"embedder": {"table": np.zeros((4, 2), np.float32)},
+                              "blocks.0": {"w": np.zeros(2, np.float32)}}}, tmp_path / "rg")
+  with pytest.raises(GemmaConversionError, match=r"^not a gemma library checkpoint: no "
+                                                 r"'embedder/input_embedding'"):
+    gemma_lib.convert_directory(src, tmp_path / "out")
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "weights.bin").write_bytes(b"x")
+  with pytest.raises(GemmaConversionError, match="cannot restore .* as an orbax checkpoint"):
+    gemma_lib.convert_directory(tmp_path / "plain", tmp_path / "out")
+  with pytest.raises(GemmaConversionError, match="is not a directory"):
+    gemma_lib.convert_directory(tmp_path / "nope", tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def _train_sp(path, vocab_size=350):
+  from spec_tpu.training import tokenizer_training
+  text = "".join(f"def f{i}(x, y):\n    return x * {i} + y - {i * 7}\n" for i in range(2000))
+  return tokenizer_training.train_tokenizer(text, path, vocab_size=vocab_size)
+
+
+def test_launcher_converts_with_the_tokenizer_beside_the_checkpoint(small_tree, tmp_path):
+  """The Kaggle layout: <model>/tokenizer.model beside the orbax directory <model>/<variant>/."""
+  cfg, nested = small_tree
+  src = save_tree(flat_layout(nested), tmp_path / "gemma" / "tiny")
+  tok = _train_sp(tmp_path / "sp")
+  os.replace(tok, tmp_path / "gemma" / "tokenizer.model")
+  dst = tmp_path / "ckpt"
+  cmd = [sys.executable, "-m", "launch.convert", "--from=gemma", f"--src={src}", f"--dst={dst}",
+         "--preset=tiny_gemma2", "--dtype=bfloat16"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "4 layers" in out.stdout and "tokenizer sp:" in out.stdout
+  params, restored = checkpoint.restore(dst)
+  assert restored.dtype == "bfloat16" and restored.vocab_size == VOCAB
+  assert restored.valid_vocab_size == 350 and restored.tokenizer.startswith("sp:")
+  from spec_tpu import tokenizer as tokenizer_lib
+  assert tokenizer_lib.load(dst).name == restored.tokenizer  # the copied file, found by load
+  # A tokenizer larger than the table is not this model's: one line, nothing written.
+  big = _train_sp(tmp_path / "big", vocab_size=400)
+  cmd = [a.replace(str(dst), str(tmp_path / "ckpt2")) for a in cmd] + [f"--tokenizer={big}"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      f"error: tokenizer '{big}' has 400 tokens but the checkpoint's embedding table only "
+      f"{VOCAB} rows: not this model's tokenizer"]
+  assert not (tmp_path / "ckpt2").exists()

@@ -1,0 +1,95 @@
+"""The library's setup path, used as a library user would (no launcher code): checkpoints onto a
+mesh as a Pair, and an Engine serving a request from it."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from spec_tpu import setup, sharding
+from spec_tpu.checkpoints import checkpoint
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.models import config as config_lib, model
+from spec_tpu.serving import Engine, GenerationParams
+
+TARGET = config_lib.get_preset("tiny").replace(name="lib_target", vocab_size=64, num_heads=4,
+                                               num_kv_heads=4)
+DRAFT = TARGET.replace(name="lib_draft", num_layers=1)
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec_tpu",
+                      "assets")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lib_ckpt")
+  for cfg, seed in ((TARGET, 0), (DRAFT, 1)):
+    checkpoint.save(root / cfg.name, model.init_params(cfg, jax.random.key(seed)), cfg)
+  return str(root / TARGET.name), str(root / DRAFT.name)
+
+
+def test_a_checkpoint_pair_on_a_2x4_mesh_serves_a_request(checkpoints):
+  # Given a target and draft checkpoint restored onto a 2x4 (data x model) mesh as one Pair,
+  mesh = sharding.make_mesh((2, 4))
+  pair = setup.load_checkpoints(*checkpoints, mesh=mesh)
+  assert pair.target_cfg == TARGET and pair.draft_cfg == DRAFT
+  q = pair.target_params["groups"][0]["attn"]["q"]
+  assert q.sharding.mesh.shape == {"data": 2, "model": 4} and "model" in q.sharding.spec
+  # when an Engine over the pair serves a greedy request with speculation (K = 2),
+  engine = Engine(pair, num_slots=2, max_len=48, k=2, adaptive_k=False, max_top_k=4)
+  prompt = [3, 17, 5, 42, 8]
+  done = engine.generate([prompt], [GenerationParams(max_new_tokens=12, temperature=0.0)])[0]
+  # then it returns the target's own greedy continuation (Sampler over the same Pair, K = 0),
+  want = Sampler(pair).generate([prompt], max_new_tokens=12,
+                                sampling=SamplingParams(temperature=0.0)).tokens[0]
+  assert done.tokens == want and len(want) == 12
+  # with the draft's tokens judged by the target.
+  assert done.stats.judged > 0
+
+
+def test_engine_settings_build_the_engine_they_describe(checkpoints):
+  # Given a config's engine section (configs/common.py) with non-default values,
+  from configs import common
+  c = common.base(num_slots=3)
+  c.engine.update(k=2, k_max=4, adaptive_k=True, max_len=40, rounds_per_step=2,
+                  max_rounds_per_step=4, prefill_rows=2, max_top_k=8)
+  settings = setup.engine_settings(c)
+  one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  pair = setup.load_checkpoints(*checkpoints, mesh=one_device)
+  # when the library builds the Engine from it, then the engine runs those settings.
+  engine = setup.build_engine(pair, settings)
+  assert (engine.num_slots, engine.max_len, engine.k, engine.k_max) == (3, 40, 2, 4)
+  assert engine.prefill_rows == 2 and engine.max_top_k == 8 and engine.policy is not None
+  assert engine.pacing.max_rounds == 4 and engine.pacing.rounds(2) == 2
+  assert engine.ks == (0, 1, 2, 4)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("num_slots", 0, "engine.num_slots must be >= 1"),
+    ("max_len", 1, "engine.max_len must be 0"),
+    ("k_max", 1, "engine.adaptive_k needs 1 <= engine.k <= engine.k_max"),
+])
+def test_bad_engine_settings_are_refused_by_name(field, value, match):
+  from configs import common
+  c = common.base()
+  c.engine.adaptive_k = True
+  c.engine[field] = value
+  with pytest.raises(setup.SetupError, match=match):
+    setup.engine_settings(c)
+
+
+def test_a_checkpoint_that_does_not_exist_is_a_setup_error(tmp_path):
+  with pytest.raises(setup.SetupError, match="target"):
+    setup.load_checkpoints(str(tmp_path / "nope"),
+                           mesh=sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_shipped_assets_are_in_the_current_checkpoint_format(role):
+  # The first run of every user loads these: they take the current path, not a compatibility one.
+  meta = json.loads(open(os.path.join(ASSETS, role, checkpoint.CONFIG_FILE)).read())
+  assert meta["version"] == checkpoint.VERSION
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ASSETS, role))
+             for f in fs)
+  assert size < 8 << 20

@@ -52,13 +52,13 @@ NOT_RUN = {
 
 # Draft tokens per round: K = 1 runs the same program as any K, and adaptive K then calibrates
 # and chooses between two compiled rounds (0 and 1) rather than five (0, 1, 2, 4, 8).
-_ONE_K = ["--config.sampling.k=1", "--config.sampling.k_max=1"]
+_ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
     # One slot length for every prompt set: the sample commands of one config then share their
     # compiled rounds through the compilation cache.
     "launch.sample": ["--config.sampling.max_new_tokens=4", "--nocompare_ar",
-                      "--config.run.max_cache_len=64", *_ONE_K],
+                      "--config.engine.max_len=64", *_ONE_K],
     "launch.benchmark": ["--ks=0", "--batches=1", "--max_new_tokens=2", "--repeats=1",
                          "--step_repeats=1"],
     # A short context: the TPU compiler's time grows with the prefill's length.
@@ -96,8 +96,9 @@ SHRINK_CONFIG = {
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA + ["--ks=0,1"],
 }
 
-# Python examples (an indented block whose first line imports spec_tpu) run as written with these
-# replacements: the same calls, smaller. A replacement no example uses fails the coverage test.
+# Python examples (an indented block that starts with an import and uses spec_tpu) run as written
+# with these replacements: the same calls, smaller. A replacement no example uses fails the
+# coverage test.
 SHRINK_PYTHON = {
     "num_slots=8": "num_slots=2",
     "max_len=1024": "max_len=64",
@@ -189,17 +190,18 @@ def _alternatives(args: list[str]) -> list[list[str]]:
 
 
 def _python_examples(source: str, lines: list[str]) -> list[tuple[int, Command]]:
-  """Indented blocks that start by importing spec_tpu, dedented, with their first line."""
+  """Indented blocks that start with an import and use spec_tpu, dedented, with their first
+  line. (The README's `openai` client example talks to a server: tests/test_serve.py runs it.)"""
   examples, n = [], 0
   while n < len(lines):
-    first = lines[n].strip()
     if (lines[n].startswith("    ") and (n == 0 or not lines[n - 1].strip())
-        and re.match(r"(from|import) spec_tpu\b", first)):
+        and re.match(r"(from|import) \w", lines[n].strip())):
       end = n
       while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
         end += 1
       code = "\n".join(line[4:] for line in lines[n:end]).strip() + "\n"
-      examples.append((n, Command(f"{source}:{n + 1}", code, PYTHON, (code,))))
+      if re.search(r"\bspec_tpu\b", code):
+        examples.append((n, Command(f"{source}:{n + 1}", code, PYTHON, (code,))))
       n = end
     else:
       n += 1

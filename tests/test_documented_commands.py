@@ -101,7 +101,7 @@ SHRINK_CONFIG = {
 # coverage test.
 SHRINK_PYTHON = {
     "num_slots=8": "num_slots=2",
-    "max_len=1024": "max_len=64",
+    "max_len=1024, k=4)": "max_len=64, k=1, k_max=1)",  # calibrates two rounds, not five
     "max_new_tokens=64": "max_new_tokens=8",
 }
 PYTHON = "python"  # the program of a Python example: its one argument is the code

@@ -1,7 +1,6 @@
 """The embedded default: the small target/draft pair shipped in spec_tpu/assets/, trained on Python
 source, with its sentencepiece tokenizer and a few built-in prompts.
 
-    python -m launch.sample --config=configs/default.py
     python -m launch.sample --config=configs/default.py --prompts=prompts.jsonl --output=out.jsonl
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench
     python -m launch.serve --config=configs/default.py --port=8000

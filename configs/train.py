@@ -12,7 +12,7 @@ Override any field, e.g. --config.seconds=3600 --config.steps=20000.
 
 import ml_collections
 
-# ~3.7M params: the shape the issue asked for (Llama-style GQA + SwiGLU, tied embeddings).
+# ~3.7M params, Llama-style (GQA + SwiGLU, tied embeddings): the shape of many users' models.
 TARGET = dict(name="stdlib_target", vocab_size=2048, d_model=256, num_layers=4, num_heads=4,
               num_kv_heads=2, head_dim=64, ffw_dim=768, tie_embeddings=True)
 # ~0.4M params, ~9x smaller: 2 layers (shallow, as in Chen et al.); half its params are the

@@ -5,7 +5,8 @@ drives it.
 
     python tests/run_launchers.py COMMANDS.json RESULTS.jsonl
 
-COMMANDS.json: a list of argv lists, ["launch.sample", "--config=...", ...]. For each command one
+COMMANDS.json: a list of argv lists, ["launch.sample", "--config=...", ...], or ["python", CODE]
+for a Python example (run as a script's top level would run it). For each command one
 line is appended to RESULTS.jsonl as soon as it ends: {"index", "rc", "seconds", "cpu_seconds",
 "log"} (log: its stdout and stderr). A command that hangs leaves the lines of those before it.
 """
@@ -54,6 +55,9 @@ def run_one(argv: list[str], log_path: str) -> int:
   rc = 0
   with _captured(log_path):
     try:
+      if module == "python":
+        exec(compile(args[0], "<example>", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+        return 0
       sys.modules.pop(module, None)
       launcher = importlib.import_module(module)
       cli.run(launcher.main)
@@ -76,6 +80,10 @@ def run_one(argv: list[str], log_path: str) -> int:
 
 def main(commands_path: str, results_path: str) -> None:
   os.chdir(REPO)  # configs are named relative to the repository root
+  # The process's devices are those its XLA_FLAGS ask for, whichever command comes first (a
+  # launcher that sets jax_num_cpu_devices for its own mesh would otherwise fix them for all).
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()
   with open(commands_path) as f:
     commands = json.load(f)
   log_dir = os.path.dirname(os.path.abspath(results_path))

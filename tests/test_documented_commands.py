@@ -1,20 +1,24 @@
-"""Every command the README and the config docstrings show runs, so a config or a documented
-command that cannot run is caught here rather than by a user.
+"""Every command the README, the docs (docs/*.md) and the config docstrings show runs, so a config
+or a documented command that cannot run is caught here rather than by a user.
 
 The commands are collected from the documents themselves: a new one is run by default. Each runs
 as written, with only (1) the shrinking overrides of the small tables below appended (a later flag
 wins), (2) placeholder paths (/ckpt/..., /models/..., /tmp/..., prompts.jsonl) moved into a
 temporary directory, and (3) the inputs a user would bring (a Hugging Face model directory, a
 tokenizer file, checkpoints of the big presets, a prompts file) made tiny there, only where no
-earlier command makes them. Commands run in document order, README first, so one command's output
-feeds a later one as the documents intend (launch.train's draft feeds launch.evaluate_pair, and
-launch.convert's Gemma 2 2B is the draft the Gemma 2 sample command reads).
+earlier command makes them. Commands run in document order (README.md, docs/*.md, configs/*.py),
+so one command's output feeds a later one as the documents intend (launch.train's draft feeds
+launch.evaluate_pair, and launch.convert's Gemma 2 2B is the draft the Gemma 2 sample command
+reads).
 
-A command whose program has no row in SHRINK or NOT_RUN fails the coverage test: a new launcher
-must say how it is shrunk before it can be left to run at full size; a table row no command uses
-fails it too. The commands run in two processes side by side (tests/run_launchers.py runs many
-commands per process): launch.plan on 16 simulated devices (the documented topologies), the rest
-on one device.
+Commands that are the same once shrunk (the results file shows the command behind each figure,
+and several differ only in a value the shrinking replaces) run once; the others' tests report the
+run they share. A command whose program has no row in SHRINK or NOT_RUN fails the coverage test:
+a new launcher must say how it is shrunk before it can be left to run at full size; a table row
+no command uses fails it too. The commands run in two processes side by side
+(tests/run_launchers.py runs many commands per process, each process with one persistent JAX
+compilation cache, so a program that several commands compile is compiled once): launch.plan on
+16 simulated devices (the documented topologies), the rest on one device.
 """
 
 import ast
@@ -46,12 +50,20 @@ NOT_RUN = {
           "commands that follow run on it",
 }
 
+# Draft tokens per round: K = 1 runs the same program as any K, and adaptive K then calibrates
+# and chooses between two compiled rounds (0 and 1) rather than five (0, 1, 2, 4, 8).
+_ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
-    "launch.sample": ["--config.sampling.max_new_tokens=4", "--nocompare_ar"],
+    # One slot length for every prompt set: the sample commands of one config then share their
+    # compiled rounds through the compilation cache.
+    "launch.sample": ["--config.sampling.max_new_tokens=4", "--nocompare_ar",
+                      "--config.engine.max_len=64", *_ONE_K],
     "launch.benchmark": ["--ks=0", "--batches=1", "--max_new_tokens=2", "--repeats=1",
                          "--step_repeats=1"],
-    "launch.plan": ["--config.model.fields.num_layers=1", "--config.draft.fields.num_layers=1"],
+    # A short context: the TPU compiler's time grows with the prefill's length.
+    "launch.plan": ["--config.model.fields.num_layers=1", "--config.draft.fields.num_layers=1",
+                    "--context=64", "--max_new_tokens=8"],
     "launch.train": ["--config.steps=1", "--config.seconds=600", "--config.batch=2",
                      "--config.seq_len=16", "--config.eval_windows=1"],
     "launch.evaluate_pair": ["--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
@@ -59,7 +71,7 @@ SHRINK = {
     "launch.convert": [],
     "launch.compare_quant": ["--windows=2", "--seq_len=16"],
     "launch.serve_bench": ["--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
-                           "--latency_requests=2"],
+                           "--latency_requests=2", "--repeats=1", *_ONE_K],
 }
 
 # Appended to the commands of one launcher naming one config (--config=..., as written).
@@ -84,16 +96,32 @@ SHRINK_CONFIG = {
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA + ["--ks=0,1"],
 }
 
+# Python examples (an indented block that starts with an import and uses spec_tpu) run as written
+# with these replacements: the same calls, smaller. A replacement no example uses fails the
+# coverage test.
+SHRINK_PYTHON = {
+    "num_slots=8": "num_slots=2",
+    "max_len=1024, k=4)": "max_len=64, k=1, k_max=1)",  # calibrates two rounds, not five
+    "max_new_tokens=64": "max_new_tokens=8",
+}
+PYTHON = "python"  # the program of a Python example: its one argument is the code
+
 # Simulated devices of the process a launcher's commands run in (default 1). Most of their time is
 # single-threaded compilation, so the two processes run side by side: the plans (16 devices for
-# the documented topologies) also take train and evaluate_pair, whose programs use one device, to
-# balance the load (one feeds the other, so they share a process and keep document order).
-DEVICES = {"launch.plan": 16, "launch.train": 16, "launch.evaluate_pair": 16}
+# the documented topologies; compiling for TPU is most of the suite's share) in one, everything
+# else in the other.
+DEVICES = {"launch.plan": 16}
 
 # Placeholders in the documents: absolute paths name places on the user's machine.
 _PLACEHOLDER_ROOTS = ("/ckpt/", "/models/", "/tmp/")
 # Flags whose relative file names are the command's own files (made, or written, per command).
 _OWN_FILE_FLAGS = ("--prompts", "--output", "--output_json")
+# Flags that may be given more than once, every occurrence counting; of any other flag the last
+# occurrence wins, as absl and ml_collections read them.
+_REPEATED_FLAGS = ("--draft", "--prompt", "--checkpoint", "--quantized")
+# Where a command writes results no later command reads: commands differing only there do the
+# same work.
+_RESULT_DIR_FLAGS = ("--output_dir",)
 
 # ---------------------------------------------------------------- collecting
 
@@ -112,12 +140,17 @@ class Command:
 
   @property
   def id(self) -> str:
+    if self.program == PYTHON:
+      return f"{self.source} python example"
     return f"{self.source} {self.program} {' '.join(self.args)}"[:150]
 
 
 def _documents() -> list[tuple[str, str]]:
-  with open(os.path.join(REPO, "README.md")) as f:
-    docs = [("README.md", f.read())]
+  docs = []
+  for path in [os.path.join(REPO, "README.md"),
+               *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]:
+    with open(path) as f:
+      docs.append((os.path.relpath(path, REPO), f.read()))
   for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
     with open(path) as f:
       docstring = ast.get_docstring(ast.parse(f.read())) or ""
@@ -156,32 +189,57 @@ def _alternatives(args: list[str]) -> list[list[str]]:
   return [args]
 
 
+def _python_examples(source: str, lines: list[str]) -> list[tuple[int, Command]]:
+  """Indented blocks that start with an import and use spec_tpu, dedented, with their first
+  line. (The README's `openai` client example talks to a server: tests/test_serve.py runs it.)"""
+  examples, n = [], 0
+  while n < len(lines):
+    if (lines[n].startswith("    ") and (n == 0 or not lines[n - 1].strip())
+        and re.match(r"(from|import) \w", lines[n].strip())):
+      end = n
+      while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+        end += 1
+      code = "\n".join(line[4:] for line in lines[n:end]).strip() + "\n"
+      if re.search(r"\bspec_tpu\b", code):
+        examples.append((n, Command(f"{source}:{n + 1}", code, PYTHON, (code,))))
+      n = end
+    else:
+      n += 1
+  return examples
+
+
+def _shell_commands(source: str, text: str) -> list[tuple[int, Command]]:
+  """Every line (continuations joined, `&&` split) that runs one of the programs above."""
+  commands, lines, n = [], text.splitlines(), 0
+  while n < len(lines):
+    start, line = n, lines[n].strip()
+    while line.endswith("\\") and n + 1 < len(lines):
+      n += 1
+      line = line[:-1].rstrip() + " " + lines[n].strip()
+    n += 1
+    for segment in line.split("&&"):
+      try:
+        tokens = shlex.split(segment, comments=True)
+      except ValueError:
+        continue  # prose with an odd quote
+      found = _program(tokens)
+      if found is None:
+        continue
+      program, args = found
+      commands += [(start, Command(f"{source}:{start + 1}", segment.strip(), program,
+                                   tuple(variant))) for variant in _alternatives(args)]
+  return commands
+
+
 def documented_commands() -> list[Command]:
+  """Shell commands and Python examples in document order, each the first time it is shown."""
   commands, seen = [], set()
   for source, text in _documents():
-    lines = text.splitlines()
-    n = 0
-    while n < len(lines):
-      start, line = n, lines[n].strip()
-      while line.endswith("\\") and n + 1 < len(lines):
-        n += 1
-        line = line[:-1].rstrip() + " " + lines[n].strip()
-      n += 1
-      for segment in line.split("&&"):
-        try:
-          tokens = shlex.split(segment, comments=True)
-        except ValueError:
-          continue  # prose with an odd quote
-        found = _program(tokens)
-        if found is None:
-          continue
-        program, args = found
-        for variant in _alternatives(args):
-          key = (program, tuple(variant))
-          if key not in seen:
-            seen.add(key)
-            commands.append(Command(f"{source}:{start + 1}", segment.strip(), program,
-                                    tuple(variant)))
+    found = _shell_commands(source, text) + _python_examples(source, text.splitlines())
+    for _, command in sorted(found, key=lambda f: f[0]):
+      if (command.program, command.args) not in seen:
+        seen.add((command.program, command.args))
+        commands.append(command)
   return commands
 
 
@@ -191,7 +249,8 @@ LAUNCHES = [c for c in COMMANDS if c.program not in NOT_RUN]
 
 def test_every_documented_command_is_covered():
   # Every command is a launcher with shrinking rules, or is listed as not run (with a reason);
-  uncovered = [c.text for c in COMMANDS if c.program not in SHRINK and c.program not in NOT_RUN]
+  uncovered = [c.text for c in COMMANDS
+               if c.program not in SHRINK and c.program not in NOT_RUN and c.program != PYTHON]
   assert not uncovered, f"documented commands with no row in SHRINK or NOT_RUN: {uncovered}"
   # every table row still matches a command (a stale row hides a renamed one),
   programs = {c.program for c in COMMANDS}
@@ -199,11 +258,15 @@ def test_every_documented_command_is_covered():
   stale = [key for key in SHRINK_CONFIG
            if not any((c.config, c.program) == key for c in COMMANDS)]
   assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
+  examples = [c.text for c in COMMANDS if c.program == PYTHON]
+  stale = [old for old in SHRINK_PYTHON if not any(old in code for code in examples)]
+  assert not stale, f"SHRINK_PYTHON rows no Python example uses: {stale}"
   # and the documents do hold the commands this suite is meant to keep runnable.
   assert {"launch.sample", "launch.benchmark", "launch.plan", "launch.convert", "launch.train",
           "launch.evaluate_pair"} <= programs
-  assert any(c.config == "configs/llama_7b_bench.py" and c.source.startswith("README")
+  assert any(c.config == "configs/llama_7b_bench.py" and c.source.startswith("docs/")
              for c in LAUNCHES)
+  assert any(c.source.startswith("README") for c in LAUNCHES)
   assert len({c.config for c in LAUNCHES if c.config}) >= 9
 
 
@@ -223,6 +286,11 @@ def _place(value: str, root: str, own_dir: str, own_file: bool) -> str:
 def _argv(command: Command, index: int, root: str) -> list[str]:
   own_dir = os.path.join(root, "commands", str(index))
   os.makedirs(own_dir, exist_ok=True)
+  if command.program == PYTHON:
+    code = command.text
+    for old, new in SHRINK_PYTHON.items():
+      code = code.replace(old, new)
+    return [PYTHON, code]
   extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
            + SHRINK_CONFIG.get((command.config, command.program), []))
   argv = [command.program]
@@ -231,6 +299,19 @@ def _argv(command: Command, index: int, root: str) -> list[str]:
     argv.append(name + sep + _place(value, root, own_dir, name in _OWN_FILE_FLAGS) if sep
                 else arg)
   return argv
+
+
+def _work(argv: list[str]) -> tuple:
+  """What a shrunk command does: its program and the flags that take effect, in order."""
+  effective = {}
+  for n, arg in enumerate(argv[1:]):
+    name = arg.partition("=")[0]
+    if name in _RESULT_DIR_FLAGS:
+      continue
+    key = (name, n) if name in _REPEATED_FLAGS else name
+    effective.pop(key, None)  # a later occurrence takes effect in its own place
+    effective[key] = arg
+  return (argv[0], *effective.values())
 
 
 def _flag_values(argv, name):
@@ -316,7 +397,9 @@ def _env(devices: int, cache_dir: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
              # Commands of one config compile the same programs: the second loads them.
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             # launch.plan --tpu loads libtpu, which other tests' processes may hold too.
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   flags = os.environ.get("XLA_FLAGS", "")  # conftest's faster-compile flags carry over
   if devices > 1:
     flags += f" --xla_force_host_platform_device_count={devices}"
@@ -329,9 +412,14 @@ def results(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("documented"))
   argvs = [_argv(c, i, root) for i, c in enumerate(LAUNCHES)]
   _prepare_inputs(argvs, root)
+  # Each command -> the first that does the same work once shrunk (itself if none before it).
+  first_with_work, same_as = {}, {}
+  for i, argv in enumerate(argvs):
+    same_as[i] = first_with_work.setdefault(_work(argv), i)
   groups = {}
   for i, c in enumerate(LAUNCHES):
-    groups.setdefault(DEVICES.get(c.program, 1), []).append(i)
+    if same_as[i] == i:
+      groups.setdefault(DEVICES.get(c.program, 1), []).append(i)
   procs = []
   for devices, indices in groups.items():  # side by side: most of the time is single-threaded
     group_dir = os.path.join(root, f"run_{devices}")
@@ -363,6 +451,10 @@ def results(tmp_path_factory):
     for i in indices:
       found.setdefault(i, {"rc": None, "argv": argvs[i], "seconds": 0.0,
                            "log": f"did not finish (driver exit {proc.returncode}):\n{driver_log}"})
+  for i, first in same_as.items():
+    if first != i:
+      found[i] = dict(found[first], log=f"the same run as {LAUNCHES[first].source} once shrunk:\n"
+                                        + found[first]["log"])
   return found
 
 

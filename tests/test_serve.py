@@ -10,6 +10,8 @@ fixed so seeded outputs repeat), started on 127.0.0.1 at a free port.
 import asyncio
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,6 +283,38 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, b
   assert error["error"]["code"] == code
   ok = _client(server).completions.create(model=MODEL, prompt="import os", max_tokens=3)
   assert ok.usage.completion_tokens >= 1
+
+
+def _readme_block(first_line: str) -> str:
+  """The README's indented example that starts with `first_line`, dedented, continuations joined
+  for shell lines."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    lines = f.read().splitlines()
+  start = lines.index("    " + first_line)
+  block = []
+  for line in lines[start:]:
+    if not line.startswith("    "):
+      break
+    block.append(line[4:])
+  return "\n".join(block) + "\n"
+
+
+def test_the_readmes_client_examples_run_against_the_server(server, capsys):
+  # Given the README's curl and openai examples, pointed at this server and its model,
+  host = server[len("http://"):]
+  curl = _readme_block("curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\")
+  curl = curl.replace("\\\n", " ").replace("localhost:8000", host).replace("stdlib_target", MODEL)
+  example = _readme_block("from openai import OpenAI")
+  example = example.replace("http://127.0.0.1:8000", server).replace("stdlib_target", MODEL)
+  # when they run as written, the curl command streams events to its end
+  if shutil.which("curl"):
+    out = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=120)
+    events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+    assert out.returncode == 0 and events[-1] == "data: [DONE]", out.stdout + out.stderr
+    assert json.loads(events[0][len("data: "):])["model"] == MODEL
+  # and the client's example runs to its end, printing the completion's text.
+  exec(compile(example, "README.md", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+  assert capsys.readouterr().out.endswith("\n")
 
 
 def test_openai_client_sees_errors_as_its_exceptions(server):

@@ -21,7 +21,8 @@ def _need_bytes(monkeypatch, options):
   params = model.init_params(CFG, jax.random.key(0))
   sampler = Sampler.from_params(params, CFG,
                                 mesh=sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
-  spec = sampler._spec(k=0, top_k=0, max_new=8, prompt_len=8)
+  spec = sampler._spec(k=0, top_k=0, max_new=8, prompt_len=8, coupling="rejection",
+                       source=sampler.draft_source)
   mem = sampler._compiled(spec, batch=2, prompt_len=8).memory_analysis()
   weights = sum(x.nbytes for x in jax.tree.leaves(params))
   caches = sum(x.nbytes for x in jax.tree.leaves(

@@ -709,7 +709,7 @@ class _FailingEngine:
   def __init__(self):
     from spec_tpu.tokenizer import ByteTokenizer
     self.tokenizer, self.add_bos, self.running, self.failure = ByteTokenizer(), False, True, None
-    self.metrics = None
+    self.metrics, self.vision = None, None  # a text-only model
 
   def room(self, prompt_len):
     return 64
@@ -717,7 +717,7 @@ class _FailingEngine:
   def submit_all(self, items):
     return [self._submit(*item) for item in items]
 
-  def _submit(self, prompt, params):
+  def _submit(self, prompt, params, images=None):
     from spec_tpu.serving.request import ABORTED, Request
     r = Request(0, self.tokenizer.encode(prompt), params, self.tokenizer)
 
@@ -768,7 +768,7 @@ class _SilentEngine(_FailingEngine):
     super().__init__()
     self.requests = []
 
-  def _submit(self, prompt, params):
+  def _submit(self, prompt, params, images=None):
     from spec_tpu.serving.request import Request
     prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     r = Request(0, prompt, params, self.tokenizer)

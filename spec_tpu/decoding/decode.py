@@ -490,7 +490,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
         spec, draft_params, state, randomness[:, :k], l0)
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   else:
-    draft_bn = jnp.zeros((b, 0), jnp.int32)
+    draft_bn, num_b = jnp.zeros((b, 0), jnp.int32), None
     ngram_b = jnp.zeros((b,), jnp.int32)
     verify_bm = last[:, None]
   # traces: recurrent layers keep their state after each of the K+1 positions until the
@@ -502,10 +502,12 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   if spec.controls:  # position j follows the j drafts before it
     counts_bmv = _prefix_counts(state.counts_bv, draft_bn, spec.num_tokens)
   q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv)
+  # num_b only where proposals are ragged (n-gram rounds): every other round judges all K.
+  ragged = () if num_b is None else (num_b,)
   if k > 0 and spec.coupling == "gumbel":
-    n, nxt = gumbel.verify(draft_bn, q_bmv, randomness, num_b)
+    n, nxt = gumbel.verify(draft_bn, q_bmv, randomness, *ragged)
   elif k > 0:
-    n, nxt = rejection.accept(randomness[:, k], draft_bn, p_bnv, q_bmv, num_b)
+    n, nxt = rejection.accept(randomness[:, k], draft_bn, p_bnv, q_bmv, *ragged)
   else:
     n = jnp.zeros((b,), jnp.int32)
     nxt = _pick(spec, randomness[:, 0], q_bmv[:, 0])

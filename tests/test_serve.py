@@ -306,6 +306,10 @@ def test_the_readmes_client_examples_run_against_the_server(server, capsys):
   curl = curl.replace("\\\n", " ").replace("localhost:8000", host).replace("stdlib_target", MODEL)
   example = _readme_block("from openai import OpenAI")
   example = example.replace("http://127.0.0.1:8000", server).replace("stdlib_target", MODEL)
+  # (this server requires its key, which the README's server, started without one, does not)
+  assert curl.startswith("curl ") and 'api_key="unused"' in example
+  curl = curl.replace("curl ", f"curl -H 'Authorization: Bearer {KEY}' ", 1)
+  example = example.replace('api_key="unused"', f'api_key="{KEY}"')
   # when they run as written, the curl command streams events to its end
   if shutil.which("curl"):
     out = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ fixed so seeded outputs repeat), started on 127.0.0.1 at a free port.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -706,6 +707,25 @@ def test_chat_template_comes_from_the_checkpoint_tokenizer_files(tmp_path):
     fallback.render([{"role": "robot", "content": "x"}])
 
 
+@contextlib.contextmanager
+def _served(app):
+  """An in-process uvicorn server for app on a free port; yields its URL, stops on exit."""
+  import uvicorn
+  port = _free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  try:
+    deadline = time.monotonic() + 30
+    while not server.started:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
 class _FailingEngine:
   """Stands in for an Engine whose device fails mid-request: each request gets its first text,
   then the failure (as Engine._fail reports it to the requests in its slots)."""
@@ -734,19 +754,9 @@ class _FailingEngine:
 
 
 def test_an_engine_failure_reaches_clients_as_a_503_or_an_error_event():
-  import uvicorn
   from spec_tpu.serving import openai_api
   app = openai_api.build_app(_FailingEngine(), "m")
-  port = _free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + 30
-    while not server.started:
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
+  with _served(app) as url:
     # Given an engine that fails while a request is in it, a plain request gets an OpenAI-shaped
     # 503 (not a bare 500),
     status, body = _post(url, "/v1/completions", b'{"model": "m", "prompt": "x"}')
@@ -760,9 +770,6 @@ def test_an_engine_failure_reaches_clients_as_a_503_or_an_error_event():
     assert json.loads(events[0])["choices"][0]["text"] == "partial "
     assert json.loads(events[-2])["error"]["type"] == "server_error"
     assert events[-1] == "[DONE]"
-  finally:
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 class _SilentEngine(_FailingEngine):
@@ -782,20 +789,10 @@ class _SilentEngine(_FailingEngine):
 
 
 def test_a_request_past_the_time_limit_is_cancelled_and_answered_504():
-  import uvicorn
   from spec_tpu.serving import openai_api
   engine = _SilentEngine()
   app = openai_api.build_app(engine, "m", limits=openai_api.Limits(request_timeout_s=0.5))
-  port = _free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + 30
-    while not server.started:
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
+  with _served(app) as url:
     # Given a server with a 0.5 s limit and requests that would never finish, a plain request
     # gets a 504 and its request is cancelled (its slot freed),
     started = time.monotonic()
@@ -812,6 +809,3 @@ def test_a_request_past_the_time_limit_is_cancelled_and_answered_504():
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "so far"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
     assert events[-1] == "[DONE]" and engine.requests[-1].cancelled
-  finally:
-    server.should_exit = True
-    thread.join(timeout=10)

@@ -45,6 +45,8 @@ NOT_RUN = {
     "pip": "installs the package this suite already imports (needs the network)",
     "pytest": "is this test suite",
     "launch.serve": "serves until stopped; tests/test_serve.py starts the server and talks to it",
+    "lm_eval": "evaluates through a running server; tests/test_eval_harness.py runs its "
+               "local-completions model against one, with a local task file",
     "-c": "inline Python that writes a random transformers model to convert; the suite makes its "
           "stand-in Hugging Face models the same way (_make_hf_model), and the launch.convert "
           "commands that follow run on it",

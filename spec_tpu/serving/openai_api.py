@@ -380,7 +380,9 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
       parts.append(part)
     return b"".join(parts)
 
-  async def _body(http: HttpRequest) -> dict:
+  async def _body(http: HttpRequest, model_optional: bool = False) -> dict:
+    """The request's JSON object, authorized, for this server's model (a body without a
+    model passes where model_optional)."""
     _authorize(http)
     raw = await _read(http)
     try:
@@ -390,7 +392,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     if not isinstance(body, dict):
       raise ApiError(400, "the body must be a JSON object")
     model = body.get("model")
-    if model != model_name:
+    if model != model_name and not (model_optional and model is None):
       raise ApiError(404, f"the model {model!r} does not exist; this server serves "
                      f"{model_name!r}", param="model", code="model_not_found")
     if not engine.running:
@@ -467,6 +469,50 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   async def metrics():
     return PlainTextResponse(engine.metrics.prometheus(),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
+
+  # vLLM's tokenizer endpoints (at the root, as vLLM serves them): clients that count or split
+  # tokens themselves (lm-evaluation-harness's local-completions model picks them up on its
+  # own) then need no copy of the tokenizer.
+  def _tokenizer_needed():
+    if tok is None:
+      raise ApiError(400, "this server has no tokenizer: it takes token ids only")
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info(http: HttpRequest):
+    _authorize(http)
+    _tokenizer_needed()
+    piece = lambda i: tok.id_to_piece(i) if i is not None and i >= 0 else None
+    return {"tokenizer_class": type(tok).__name__, "name": getattr(tok, "name", None),
+            "eos_token": piece(engine.pair.eos_id), "eos_token_id": engine.pair.eos_id,
+            "bos_token": piece(tok.bos_id), "bos_token_id": tok.bos_id,
+            "pad_token": piece(engine.pair.pad_id), "pad_token_id": engine.pair.pad_id,
+            "model_max_length": engine.max_len, "add_bos_token": engine.add_bos,
+            "chat_template": None if template.is_fallback else template.source}
+
+  @app.post("/tokenize")
+  async def tokenize(http: HttpRequest):
+    body = await _body(http, model_optional=True)
+    _tokenizer_needed()
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+      raise ApiError(400, "'prompt' must be a string", param="prompt")
+    # add_special_tokens (vLLM's default true): encoded as a text prompt to /v1/completions is.
+    special = True if body.get("add_special_tokens") is None else \
+        _flag(body, "add_special_tokens")
+    tokens = tok.encode(prompt, add_bos=special and engine.add_bos)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
+
+  @app.post("/detokenize")
+  async def detokenize(http: HttpRequest):
+    body = await _body(http, model_optional=True)
+    _tokenizer_needed()
+    tokens = body.get("tokens")
+    vocab = engine.pair.target_cfg.num_tokens
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                             and 0 <= t < vocab for t in tokens)):
+      raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})",
+                     param="tokens")
+    return {"prompt": tok.decode(tokens)}
 
   @app.get("/v1/models")
   async def models(http: HttpRequest):

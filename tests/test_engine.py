@@ -200,6 +200,28 @@ def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
   # and the draft was judged and sometimes rejected.
   stats = [r.stats for r in requests]
   assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+  # Logprobs under controls: each token's is that of the penalised, filtered distribution it
+  # was drawn from, or with raw_logprobs the target's own log-softmax (no penalties, bias,
+  # temperature or min_p), both recomputed in numpy from one forward.
+  settings = dict(CONTROLS, temperature=0.6, max_new_tokens=10, logprobs=0)
+  both = engine.generate([ex.PROMPT] * 4, [GenerationParams(seed=s, raw_logprobs=s % 2 == 1,
+                                                            **settings) for s in range(4)])
+  ref_controls = dict(presence=CONTROLS["presence_penalty"],
+                      frequency=CONTROLS["frequency_penalty"],
+                      repetition=CONTROLS["repetition_penalty"],
+                      bias=dict(CONTROLS["logit_bias"]))
+  for s, done in enumerate(both):
+    seq = list(ex.PROMPT) + done.tokens
+    logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
+                                           np.asarray([seq], np.int32))[0], np.float64)
+    for j, lp in enumerate(done.logprobs):
+      at = logits[len(ex.PROMPT) - 1 + j]
+      if s % 2:
+        want = ts.reference(at, 1.0, 0, 1.0)
+      else:
+        shifted = ts.reference_penalize(at, done.tokens[:j], list(ex.PROMPT), **ref_controls)
+        want = ts.reference(shifted, settings["temperature"], 0, 1.0, min_p=CONTROLS["min_p"])
+      np.testing.assert_allclose(lp.logprob, np.log(want[done.tokens[j]]), atol=2e-5)
 
 
 def test_controls_need_an_engine_built_with_them(toy_engine):
@@ -222,10 +244,13 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
   rng = np.random.default_rng(k)
   prompts = [rng.integers(0, ex.V, int(rng.integers(2, 9))).tolist() for _ in range(8)]
   params = [GenerationParams(max_new_tokens=14, seed=i, logprobs=3,
+                             raw_logprobs=i >= len(LOGPROB_SETTINGS),
                              **LOGPROB_SETTINGS[i % len(LOGPROB_SETTINGS)])
             for i in range(len(prompts))]
   # Given requests with mixed filters, decoded at K = k (3: tokens come from acceptance,
-  # resampling after a rejection and the bonus position alike; 0: plain decoding),
+  # resampling after a rejection and the bonus position alike; 0: plain decoding), each
+  # setting once asking for the logprobs of the distribution it samples from and once for the
+  # raw distribution's,
   requests = engine.submit_all(list(zip(prompts, params)))
   while engine.step(k=k):
     pass
@@ -234,11 +259,13 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
     done = r.result()
     assert len(done.logprobs) == len(done.tokens) >= 1
     # then each token's logprob is log q(token | its prefix), q the target's filtered
-    # distribution recomputed in float64 from one forward over the whole sequence,
+    # distribution (or its raw one: temperature 1, no filters) recomputed in float64 from one
+    # forward over the whole sequence,
     seq = prompt + done.tokens
     logits = np.asarray(full(np.asarray([seq], np.int32))[0], np.float64)
     for j, lp in enumerate(done.logprobs):
-      q = ts.reference(logits[len(prompt) - 1 + j], p.temperature, p.top_k, p.top_p)
+      q = ts.reference(logits[len(prompt) - 1 + j], *((1.0, 0, 1.0) if p.raw_logprobs else
+                                                      (p.temperature, p.top_k, p.top_p)))
       assert lp.token == done.tokens[j]
       np.testing.assert_allclose(lp.logprob, np.log(q[lp.token]), atol=2e-5)
       # and the top 3 are q's most probable tokens with their logprobs (-inf: filtered out).

@@ -265,6 +265,7 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
      None),
     (b'{"model": "random_tiny_target", "prompt": "x", "presence_penalty": 3}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "min_p": 1.5}', 400, None),
+    (b'{"model": "random_tiny_target", "prompt": "x", "logprobs_mode": "logits"}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"x": 1}}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "logit_bias": {"999999": 1}}', 400, None),
     # Accepted and silently ignored before: tools, JSON mode, "false" as a string.
@@ -559,6 +560,15 @@ def test_penalties_and_logit_bias_reach_the_sampler_plain_and_streamed(server):
                                         extra_body={"repetition_penalty": 5.0}, **kw)
   tokens = penalised.choices[0].logprobs.tokens
   assert len(set(tokens)) == len(tokens) == 16
+  # With logprobs_mode "raw" the same tokens carry the model's own logprobs (a greedy token's
+  # processed one is 0), its most probable tokens' among the alternatives, streamed or not.
+  kw = dict(kw, logprobs=2, max_tokens=6, extra_body={"logprobs_mode": "raw"})
+  raw = client.completions.create(**kw).choices[0].logprobs
+  assert raw.tokens == plain[:6] and all(-50 < v < -1e-4 for v in raw.token_logprobs)
+  assert all(v == max(top.values()) for v, top in zip(raw.token_logprobs, raw.top_logprobs))
+  streamed = [v for c in client.completions.create(stream=True, **kw) if c.choices
+              and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+  assert np.allclose(streamed, raw.token_logprobs, atol=1e-6)
 
 
 def test_greedy_through_the_server_equals_sampler_greedy(server):

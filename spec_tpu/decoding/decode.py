@@ -71,6 +71,8 @@ class LoopSpec:
                              # the token's own log-probability)
   controls: bool = False     # Rows.controls and State's token counts exist (penalties etc.)
   max_logit_bias: int = 0    # logit_bias entries per row (with controls)
+  raw_logprobs: bool = False  # Rows.raw_logprobs_b exists: rows may ask for the logprobs of
+                              # the model's raw distribution instead
   source: DraftSource = DraftSource()  # where proposals come from (draft_source.py)
   # Draft source "assistant" (draft None, draft_params the assistant's): Gemma 4's drafter
   # reads the target's caches and final hidden state; no draft cache, nothing to roll back.
@@ -124,6 +126,10 @@ class Rows(NamedTuple):
   seed_b2: jax.Array        # uint32 (seed, stream): the row's random stream
   max_new_b: jax.Array      # int32 tokens to generate at most (the prefill's token included)
   controls: Controls | None = None  # None: none compiled in (LoopSpec.controls False)
+  # bool: the row's logprobs are of the target's raw distribution (log-softmax of its logits:
+  # temperature 1, no penalties, no filters) rather than of the one it samples from. None:
+  # never (LoopSpec.raw_logprobs False).
+  raw_logprobs_b: jax.Array | None = None
 
 
 class Stats(NamedTuple):
@@ -156,7 +162,8 @@ class Logprobs(NamedTuple):
   """Of each emitted token (leading axes those of the tokens, ...): the log-probability under
   the target's distribution it was sampled from (after temperature and filters: the q an
   accepted draft, a resampled token and the bonus token all follow), and the logprobs_k most
-  probable tokens of that distribution (-inf for tokens the filters removed)."""
+  probable tokens of that distribution (-inf for tokens the filters removed). Rows with
+  Rows.raw_logprobs_b get both of the target's raw distribution instead."""
   token: jax.Array        # ... float32
   top_ids: jax.Array      # ... n int32, most probable first
   top: jax.Array          # ... n float32
@@ -211,6 +218,23 @@ def _logprobs(spec: LoopSpec, q_xv, tokens_x, *, log_space: bool = False) -> Log
   return Logprobs(token, jnp.zeros(none, jnp.int32), jnp.zeros(none, jnp.float32))
 
 
+def _emitted_logprobs(spec: LoopSpec, q_xv, logits_xv, tokens_x, rows: Rows) -> Logprobs:
+  """Logprobs of tokens (leading axes b ...) drawn from q: of q, or for rows asking for raw
+  logprobs of log_softmax(logits), computed only when some row asks."""
+  processed = _logprobs(spec, q_xv, tokens_x)
+  raw_b = rows.raw_logprobs_b
+  if raw_b is None:
+    return processed
+
+  def raw():
+    log_q = jax.nn.log_softmax(logits_xv[..., :spec.num_tokens].astype(jnp.float32), axis=-1)
+    return _logprobs(spec, log_q, tokens_x, log_space=True)
+
+  chosen = jax.lax.cond(jnp.any(raw_b), raw, lambda: processed)
+  pick = lambda r, p: jnp.where(raw_b.reshape(raw_b.shape + (1,) * (r.ndim - 1)), r, p)
+  return jax.tree.map(pick, chosen, processed)
+
+
 def prompt_logprobs(spec: LoopSpec, target_params, tokens_bt) -> Logprobs:
   """Logprobs of tokens 1..t-1 of each row (leading axes b t-1) under the target's own
   distribution, temperature 1 and no filters (prompt tokens were not sampled from anything),
@@ -240,6 +264,8 @@ def init_state(spec: LoopSpec, batch: int) -> State:
                   jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b),
       target_hidden_bd=(None if spec.assistant is None else
                         jnp.zeros((batch, spec.target.d_model), spec.target.dtype)))
+  if spec.raw_logprobs:
+    state = state._replace(rows=state.rows._replace(raw_logprobs_b=jnp.zeros((batch,), bool)))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias
@@ -299,7 +325,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                                                      jnp.ones((r,), jnp.int32)),
                 in_prompt_bv=in_prompt,
                 target_hidden_bd=hidden[0][:, 0] if hidden else None)
-  return state, first, _logprobs(spec, q_rv, first)
+  return state, first, _emitted_logprobs(spec, q_rv, logits[:, 0], first, rows)
 
 
 def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
@@ -529,7 +555,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   tokens = _scatter_rows(state.tokens_bs, l0 + 1, emitted, kept)
   # Emitted token j was verified at position j: q_bmv[:, j] is the law it follows, whether it
   # was an accepted draft, the resample after a rejection or the bonus.
-  logprobs = _logprobs(spec, q_bmv, emitted)
+  logprobs = _emitted_logprobs(spec, q_bmv, logits, emitted, state.rows)
 
   count = kept
   hit_eos = jnp.zeros_like(active)

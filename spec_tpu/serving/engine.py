@@ -205,7 +205,7 @@ class Engine:
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
         eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
-        max_logit_bias=self.max_logit_bias)
+        max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None)
     self.coupling = coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
@@ -321,6 +321,8 @@ class Engine:
       params = dataclasses.replace(params, logit_bias=tuple(params.logit_bias.items()))
     params.validate(max_top_k=self.max_top_k, has_tokenizer=self.tokenizer is not None,
                     max_logprobs=self.logprobs_k, num_tokens=num_tokens)
+    if params.raw_logprobs and not self._spec.raw_logprobs:
+      raise ValueError("raw logprobs need a single-process engine")
     if params.has_controls and not self.controls:
       raise ValueError("penalties, min_p and logit_bias need an engine built with controls=True")
     if len(params.logit_bias) > self.max_logit_bias:
@@ -568,7 +570,9 @@ class Engine:
                                                         p.max_new_tokens)
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
-    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk))
+    raw = np.array([req.params.raw_logprobs for _, req in chunk]
+                   + [False] * (r - len(chunk)), bool) if self._spec.raw_logprobs else None
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk), raw)
     pixels = None
     if images:
       size = self.pair.target_cfg.vision.image_size
@@ -836,7 +840,9 @@ class Engine:
       m = self.max_logit_bias
       controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
           if self.controls else None
-      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh)
+      raw = self._spec.raw_logprobs
+      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh,
+                            row(r) if raw else None)
       sds = jax.ShapeDtypeStruct
       image_args, image_sh = (), ()
       if images:
@@ -857,7 +863,8 @@ class Engine:
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
                           sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
                           decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
-                                          sds((r, m), jnp.float32)) if self.controls else None),
+                                          sds((r, m), jnp.float32)) if self.controls else None,
+                          sds((r,), bool) if raw else None),
               *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]

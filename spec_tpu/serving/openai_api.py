@@ -13,6 +13,7 @@ context 400 (code context_length_exceeded), a full queue 503 with Retry-After, t
 already sent).
 
 Beyond OpenAI's fields: `top_k` (0 or -1 = off), `min_p` and `repetition_penalty` (vLLM's),
+`logprobs_mode` ("processed", the default, or "raw": see _params),
 and each response's `spec_tpu` object with the request's acceptance statistics (a streamed
 response sends it with the final chunk).
 """
@@ -145,6 +146,13 @@ def _params(body: dict, chat: bool = False) -> GenerationParams:
     logprobs = top if _flag(body, "logprobs") else None
     if top and logprobs is None:
       raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+  # Which distribution logprobs describe: the one each token was sampled from (default), or
+  # the model's raw one (vLLM's names for its server-wide option are accepted too).
+  mode = body.get("logprobs_mode")
+  if mode not in (None, "processed", "raw", "processed_logprobs", "raw_logprobs"):
+    raise ApiError(400, "'logprobs_mode' must be 'processed' (the distribution each token was "
+                   "sampled from) or 'raw' (the model's own, before temperature, penalties and "
+                   "filters)", param="logprobs_mode")
   bias = body.get("logit_bias") or {}
   if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
       isinstance(t, str) and t.strip().isdigit() for t in bias):
@@ -159,7 +167,8 @@ def _params(body: dict, chat: bool = False) -> GenerationParams:
   return GenerationParams(**controls, max_new_tokens=max(max_tokens, 1),
                           temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),
                           top_p=float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
-                          top_k=max(top_k, 0), seed=seed, stop=stop, logprobs=logprobs)
+                          top_k=max(top_k, 0), seed=seed, stop=stop, logprobs=logprobs,
+                          raw_logprobs=mode in ("raw", "raw_logprobs"))
 
 
 def _samples(n: int, params: GenerationParams) -> list[GenerationParams]:

@@ -39,6 +39,8 @@ class GenerationParams:
   stop: tuple[str, ...] = ()    # stop strings (need a tokenizer)
   logprobs: int | None = None   # None: none; n: each token's log-probability and the n most
                                 # probable tokens (at most the engine's logprobs_k)
+  raw_logprobs: bool = False    # logprobs of the target's raw distribution (temperature 1, no
+                                # penalties or filters), not of the one the token was drawn from
   # Controls (need an engine with controls=True; sampling.penalize and sampling.probabilities
   # define them): neutral values are off.
   min_p: float = 0.0
@@ -80,6 +82,8 @@ class GenerationParams:
       if not ok:
         raise ValueError(f"logit_bias entries must be (token id in the vocabulary, finite "
                          f"bias), got {entry!r}"[:200])
+    if not isinstance(self.raw_logprobs, bool):
+      raise ValueError(f"raw_logprobs must be True or False, got {self.raw_logprobs!r}")
     if self.logprobs is not None:
       integer("logprobs", self.logprobs, 0)
       if self.logprobs > max_logprobs:

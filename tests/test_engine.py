@@ -69,16 +69,26 @@ def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
   # Given an engine whose slots are kept busy by filler requests (other prompts and lengths,
   # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
   # temperatures queued between them, so each enters a slot at its own time beside rows at
-  # other positions with other settings (4 requests per insert call),
+  # other positions with other settings (4 prompts per insert call; requests for one prompt
+  # admitted together share its prefill, whatever their settings), the requests at T = 1 in
+  # pairs of samples of one request (streams seed and seed + 2^32, as n = 2 asks),
   engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
                   max_top_k=4, prefill_rows=4)
+  prefilled = []  # per insert call: (prompts prefilled, requests inserted)
+  run_insert = engine._run_insert
+  engine._run_insert = lambda *a: prefilled.append(
+      (int(np.sum(np.any(a[1].reshape(len(a[1]), -1) < 128, axis=1))),
+       int(np.sum(a[1] < 128)))) or run_insert(*a)
   rng = np.random.default_rng(0)
   fillers = iter(_fillers(rng, LAW_ROWS))
   law = {1.0: [], 0.7: []}
   for i in range(LAW_ROWS):
+    if i % 2 == 0:
+      pair_seed = int(rng.integers(2**63))
+    seeds = {1.0: pair_seed + i % 2 * 2 ** 32, 0.7: int(rng.integers(2**63))}
     for temperature, requests in law.items():
       requests.append(engine.submit(ex.PROMPT, GenerationParams(
-          max_new_tokens=ex.MAX_NEW, temperature=temperature, seed=int(rng.integers(2**63)))))
+          max_new_tokens=ex.MAX_NEW, temperature=temperature, seed=seeds[temperature])))
     if i % 2:
       engine.submit(*next(fillers))
   # when the engine runs them all,
@@ -95,6 +105,16 @@ def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
   a = sum(s.accepted for s in stats) / sum(s.judged for s in stats)
   assert 0.2 < a < 0.9, a
   assert len({round(s.queue_s, 4) for s in stats}) > 50
+  # The pairs of samples agree on their first 2 tokens as often as independent draws would
+  # (sum of the squared law, ~5%), not more: a shared prefill gave each its own stream.
+  tokens = np.array([r.result().tokens for r in law[1.0]])[:, :2]
+  collisions = int(np.sum(np.all(tokens[0::2] == tokens[1::2], axis=1)))
+  p_collide = float(np.sum(ex.exact_law().sum(axis=(2, 3, 4)) ** 2))
+  test = ex.stats.binomtest(collisions, len(tokens) // 2, p_collide)
+  assert test.pvalue > ex.ALPHA, (collisions, len(tokens) // 2 * p_collide)
+  # Most prefills were shared (the law requests arrive 2 to 3 at a time).
+  prompts, inserted = np.sum(prefilled, axis=0)
+  assert inserted == 2 * LAW_ROWS + LAW_ROWS // 2 and prompts < 0.6 * inserted, prefilled[:5]
 
 
 def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine):
@@ -142,6 +162,29 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
   seeds = [engine.generate([ex.PROMPT], dataclasses.replace(probe, seed=s))[0].tokens
            for s in range(3)]
   assert any(t != alone for t in seeds)
+
+
+def test_samples_of_one_prompt_share_one_prefill(toy_engine, monkeypatch):
+  engine = toy_engine
+  calls = []
+  run_insert = engine._run_insert
+  monkeypatch.setattr(engine, "_run_insert", lambda *a, **kw: calls.append(a[1].shape)
+                      or run_insert(*a, **kw))
+  # Given 3 seeded samples of one prompt (as n = 3 asks: streams seed + j * 2^32, one of them
+  # with other filters) submitted together,
+  probe = GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=1.0, seed=11)
+  params = [dataclasses.replace(probe, seed=probe.seed + j * 2 ** 32) for j in range(3)]
+  params[2] = dataclasses.replace(params[2], temperature=0.7, top_k=4)
+  shared = engine.generate([ex.PROMPT] * 3, params)
+  # then the prompt was prefilled once, into the 3 slots (a fan of 4, one entry dropped),
+  assert calls == [(1, 4)]
+  # and each sample is what the same request gives alone (its own prefill): the copies are
+  # independent samples, each on its own stream, not one sample repeated.
+  calls.clear()
+  alone = [engine.generate([ex.PROMPT], p)[0] for p in params]
+  assert calls == [(1,)] * 3
+  assert [r.tokens for r in shared] == [r.tokens for r in alone]
+  assert len({tuple(r.tokens) for r in shared}) == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -278,18 +278,31 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool, soft=None) -> tuple[State, jax.Array, Logprobs]:
+            with_draft: bool, soft=None, fan: int = 1) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
   speculation starts). soft: the soft tokens of the prompts' images (r m d, model.forward),
-  for the target only: a text-only draft reads the placeholder ids. Returns (state of r rows,
-  first_r, its Logprobs)."""
+  for the target only: a text-only draft reads the placeholder ids. fan: rows per prompt
+  (static): each prompt is prefilled once and row i * fan + j is its j-th sample, with its
+  own settings and random stream (rows: r * fan of them), so the state's caches keep r rows
+  and everything else r * fan. Returns (state, first token per row, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc, *hidden = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
                                       spec.prefill_chunk, soft=soft,
                                       final_hidden=spec.assistant is not None)
+  dc = None
+  if spec.draft is not None:
+    dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
+    if with_draft:
+      _, dc = model.prefill(draft_params, spec.draft, _draft_view(spec, tokens_rt), dc,
+                            lengths_r, spec.prefill_chunk)
+  if fan > 1:  # a prompt's samples share its prefill: the same logits, prompt and hidden state
+    each = lambda x: jnp.repeat(x, fan, axis=0)
+    logits, tokens_rt, lengths_r = each(logits), each(tokens_rt), each(lengths_r)
+    hidden = [each(h) for h in hidden]
+    r *= fan
   counts = in_prompt = None
   if spec.controls:
     counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
@@ -301,12 +314,6 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   else:
     key_r = sampling.row_keys(rows.seed_b2, jnp.zeros((r,), jnp.int32))  # round 0: the prefill
     first = sampling.sample(key_r, q_rv)
-  dc = None
-  if spec.draft is not None:
-    dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
-    if with_draft:
-      _, dc = model.prefill(draft_params, spec.draft, _draft_view(spec, tokens_rt), dc,
-                            lengths_r, spec.prefill_chunk)
   pos = jnp.arange(spec.max_len)[None, :]
   prompt = jnp.pad(tokens_rt, ((0, 0), (0, max(spec.max_len - t, 0))),
                    constant_values=spec.pad_id)[:, :spec.max_len]
@@ -328,12 +335,15 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   return state, first, _emitted_logprobs(spec, q_rv, logits[:, 0], first, rows)
 
 
-def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, tokens_rt,
+def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tokens_rt,
            lengths_r, rows: Rows, *, with_draft: bool, pixels=None):
-  """Prefills r requests into rows slots_r of a resident state (a slot >= batch drops its
-  request: padding of a fixed-width insert). pixels: the requests' images (r u H W 3, each
-  row's first, zeros after), encoded here, once per request. Returns (state, first_r,
-  done_r, Logprobs of first_r)."""
+  """Prefills r requests into rows slots (r) of a resident state (a slot >= batch drops its
+  request: padding of a fixed-width insert); or r prompts, each prefilled once, into rows
+  slots[i, :] (r n: n samples of each prompt, rows.* of r n entries, prompt-major).
+  pixels: the requests' images (r u H W 3, each row's first, zeros after), encoded here, once
+  per request. Returns (state, first token, done, its Logprobs), one per slot entry."""
+  fan = 1 if slots.ndim == 1 else slots.shape[1]
+  slots_r = slots.reshape(-1)
   soft = None
   if pixels is not None:
     # One image of every row at a time: the encoder's attention scores (heads x patches^2 in
@@ -343,12 +353,12 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots_r, t
     soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
     soft = soft.reshape(soft.shape[0], -1, soft.shape[-1])
   new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                                 with_draft=with_draft, soft=soft)
+                                 with_draft=with_draft, soft=soft, fan=fan)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
-      target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots_r),
+      target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots),
       draft_cache=(None if state.draft_cache is None else
-                   cache_lib.insert_rows(state.draft_cache, new.draft_cache, slots_r)),
+                   cache_lib.insert_rows(state.draft_cache, new.draft_cache, slots)),
       tokens_bs=put(state.tokens_bs, new.tokens_bs), num_out_b=put(state.num_out_b, new.num_out_b),
       done_b=put(state.done_b, new.done_b), rows=jax.tree.map(put, state.rows, new.rows),
       stats=jax.tree.map(put, state.stats, new.stats),

@@ -186,14 +186,20 @@ def steps_traces(first: Traces, steps: Traces) -> Traces:
                 tuple(map(one, first.remainder, steps.remainder)))
 
 
-def insert_rows(cache: Cache, rows: Cache, slots_r) -> Cache:
+def insert_rows(cache: Cache, rows: Cache, slots) -> Cache:
   """The cache with row i of `rows` (freshly prefilled, same max_len and spec_tokens, r rows)
-  written over row slots_r[i] of `cache`, everything held there before (buffers and length)
-  replaced. A slot >= the batch drops its row, so a fixed-width insert can carry padding rows.
-  Rows not named are untouched; under jit with `cache` donated this updates it in place.
-  Each leaf's batch axis comes from its logical axes (stacked entries lead with 'layers')."""
+  written over row slots[i] of `cache` (slots: r), or over each of rows slots[i, :] (slots:
+  r n, one prompt's prefill shared by n rows), everything held there before (buffers and
+  length) replaced. A slot >= the batch drops its row, so a fixed-width insert can carry
+  padding rows. Rows not named are untouched; under jit with `cache` donated this updates it
+  in place. Each leaf's batch axis comes from its logical axes (stacked entries lead with
+  'layers')."""
   def put(axes, old, new):
-    at = (slice(None),) * axes.index("batch") + (slots_r,)
+    b = axes.index("batch")
+    at = (slice(None),) * b + (slots,)
+    if slots.ndim == 2:  # row i to n slots: the index's r n axes stand where the batch was
+      new = jnp.broadcast_to(jnp.expand_dims(new, b + 1),
+                             new.shape[:b + 1] + slots.shape[1:] + new.shape[b + 1:])
     return old.at[at].set(new.astype(old.dtype), mode="drop")
   return jax.tree.map(put, logical_axes(cache), cache, rows, is_leaf=_is_axes)
 

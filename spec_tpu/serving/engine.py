@@ -19,8 +19,11 @@ so one compiled program serves any mix of requests.
 insert. Waiting requests are prefilled into free slots, `prefill_rows` per call, one program
 per prompt bucket (power of two). The width is fixed so that a request's prefill always runs in
 the same program shape, whatever arrives with it: with a seed its tokens then do not depend on
-the other requests (on XLA:CPU a batch of 1 or 2 rows rounds differently from 4). The prefill's
-token is returned at once: time to first token is queueing plus one prefill.
+the other requests (on XLA:CPU a batch of 1 or 2 rows rounds differently from 4). Requests
+with the same prompt admitted together (n samples of one request) share one prefill, its cache
+rows written to each one's slot (decode.insert's fan), each drawing its first token with its
+own settings and stream. The prefill's token is returned at once: time to first token is
+queueing plus one prefill.
 
 step. One program per K runs up to N speculative rounds for every live slot in one device call
 (decode.run_rounds, the loop Sampler.generate runs too), stopping early when no slot runs or,
@@ -515,10 +518,13 @@ class Engine:
       return
     with_draft = (self.k > 0 if with_draft is None else with_draft) and self._has_draft_model
     by_bucket = collections.defaultdict(list)
-    for slot, r in zip(free, requests):
-      # Requests with images are inserted with others of as many images (a power of two).
+    for group in self._same_prompt_groups(list(zip(free, requests))):
+      r = group[0][1]
+      # Requests with images are inserted with others of as many images (a power of two);
+      # a prompt's samples with others of as many samples (also a power of two).
       images = 0 if r.images is None else prompts_lib.bucket(len(r.images), 1)
-      by_bucket[self._bucket(len(r.prompt)), images].append((slot, r))
+      fan = prompts_lib.bucket(len(group), 1)
+      by_bucket[self._bucket(len(r.prompt)), images, fan].append(group)
     try:
       self._insert_all(by_bucket, with_draft)
     except BaseException as e:
@@ -531,68 +537,100 @@ class Engine:
     if not with_draft and self._has_draft_model:
       self._draft_behind = True
 
+  def _same_prompt_groups(self, placed: list[tuple[int, Request]]) -> list[list]:
+    """(slot, request) pairs grouped by prompt, in order: requests with the same tokens (the
+    n samples of one prompt, or simply equal prompts) share one prefill. Requests with images,
+    and every request of a multi-host engine, stay alone."""
+    groups, index = [], {}
+    for slot, r in placed:
+      key = tuple(r.prompt) if r.images is None and self._channel is None else None
+      if key is not None and key in index:
+        groups[index[key]].append((slot, r))
+        continue
+      if key is not None:
+        index[key] = len(groups)
+      groups.append([(slot, r)])
+    return groups
+
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
-    for (t, images), group in sorted(by_bucket.items()):
-      for i in range(0, len(group), self.prefill_rows):
-        chunk = group[i:i + self.prefill_rows]
+    for (t, images, fan), groups in sorted(by_bucket.items()):
+      for i in range(0, len(groups), self.prefill_rows):
+        chunk = groups[i:i + self.prefill_rows]
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done, logprobs = to_host(self._insert(with_draft, t, chunk, images))
+        first, done, logprobs = to_host(self._insert(with_draft, t, chunk, images, fan))
         now = time.perf_counter()
-        for row, (slot, r) in enumerate(chunk):
-          r.stats.queue_s = started - r.submitted
-          r.stats.time_to_first_token_s = now - r.submitted
-          self._slots[slot] = _Slot(r, ks=set())
-          self.metrics.add(prompt_tokens=len(r.prompt))
-          self._deliver(slot, [int(first[row])], bool(done[row]),
-                        jax.tree.map(lambda x: x[row:row + 1], logprobs))
+        for g, group in enumerate(chunk):
+          for j, (slot, r) in enumerate(group):
+            row = g * fan + j
+            r.stats.queue_s = started - r.submitted
+            r.stats.time_to_first_token_s = now - r.submitted
+            self._slots[slot] = _Slot(r, ks=set())
+            self.metrics.add(prompt_tokens=len(r.prompt))
+            self._deliver(slot, [int(first[row])], bool(done[row]),
+                          jax.tree.map(lambda x: x[row:row + 1], logprobs))
 
   def _bucket(self, n: int) -> int:
     return min(prompts_lib.bucket(n, self.min_prompt_bucket), self.max_len)
 
-  def _insert(self, with_draft: bool, t: int, chunk: list[tuple[int, Request]],
-              images: int = 0):
-    """One insert call: the requests in `chunk` into their slots (padded to prefill_rows),
-    with room for `images` images per request."""
+  def _insert(self, with_draft: bool, t: int, chunk: list[list[tuple[int, Request]]],
+              images: int = 0, fan: int = 1):
+    """One insert call: the groups of requests in `chunk` (padded to prefill_rows), each group
+    one prompt prefilled once into its requests' slots (at most `fan` of them: fan > 1 makes
+    the slots r x fan), with room for `images` images per request."""
     r = self.prefill_rows
     tokens = np.full((r, t), self.pair.pad_id, np.int32)
     lengths = np.ones((r,), np.int32)
-    slots = np.full((r,), self.num_slots, np.int32)  # out of range: a padding row is dropped
-    temperature, top_p = np.ones((r,), np.float32), np.ones((r,), np.float32)
-    top_k, max_new = np.zeros((r,), np.int32), np.ones((r,), np.int32)
-    seeds = np.zeros((r, 2), np.uint32)
-    for i, (slot, req) in enumerate(chunk):
-      p = req.params
-      tokens[i, :len(req.prompt)] = req.prompt
-      lengths[i], slots[i] = len(req.prompt), slot
+    # out of range: a padding entry is dropped
+    slots = np.full((r, fan) if fan > 1 else (r,), self.num_slots, np.int32)
+    entries = [None] * (r * fan)  # (slot, request) of each prompt's copies, prompt-major
+    for i, group in enumerate(chunk):
+      prompt = group[0][1].prompt
+      tokens[i, :len(prompt)], lengths[i] = prompt, len(prompt)
+      for j, (slot, req) in enumerate(group):
+        slots.reshape(-1)[i * fan + j] = slot
+        entries[i * fan + j] = (slot, req)
+    n = r * fan
+    temperature, top_p = np.ones((n,), np.float32), np.ones((n,), np.float32)
+    top_k, max_new = np.zeros((n,), np.int32), np.ones((n,), np.int32)
+    seeds = np.zeros((n, 2), np.uint32)
+    raw = np.zeros((n,), bool)
+    for i, entry in enumerate(entries):
+      if entry is None:
+        continue
+      p = entry[1].params
       temperature[i], top_p[i], top_k[i], max_new[i] = (p.temperature, p.top_p, p.top_k,
                                                         p.max_new_tokens)
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
-    raw = np.array([req.params.raw_logprobs for _, req in chunk]
-                   + [False] * (r - len(chunk)), bool) if self._spec.raw_logprobs else None
-    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk), raw)
+      raw[i] = p.raw_logprobs
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(entries),
+                       raw if self._spec.raw_logprobs else None)
     pixels = None
     if images:
       size = self.pair.target_cfg.vision.image_size
       pixels = np.zeros((r, images, size, size, 3), np.float32)
-      for i, (_, req) in enumerate(chunk):
+      for i, group in enumerate(chunk):
+        req = group[0][1]
         if req.images is not None:
           pixels[i, :len(req.images)] = req.images
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
     return self._run_insert(with_draft, slots, tokens, lengths, rows, pixels)
 
-  def _controls(self, chunk) -> decode.Controls | None:
+  def _controls(self, entries) -> decode.Controls | None:
+    """The controls of an insert's rows (entries: (slot, request) or None, one per row)."""
     if not self.controls:
       return None
-    r, m = self.prefill_rows, self.max_logit_bias
+    r, m = len(entries), self.max_logit_bias
     c = decode.Controls(np.zeros((r,), np.float32), np.zeros((r,), np.float32),
                         np.zeros((r,), np.float32), np.ones((r,), np.float32),
                         np.full((r, m), -1, np.int32), np.zeros((r, m), np.float32))
-    for i, (_, req) in enumerate(chunk):
-      p = req.params
+    for i, entry in enumerate(entries):
+      if entry is None:
+        continue
+      p = entry[1].params
       c.min_p_b[i], c.presence_b[i] = p.min_p, p.presence_penalty
       c.frequency_b[i], c.repetition_b[i] = p.frequency_penalty, p.repetition_penalty
       for j, (token, bias) in enumerate(p.logit_bias):
@@ -601,7 +639,8 @@ class Engine:
 
   def _run_insert(self, with_draft, slots, tokens, lengths, rows, pixels=None):
     program = self._insert_program(with_draft, tokens.shape[1],
-                                   0 if pixels is None else pixels.shape[1])
+                                   0 if pixels is None else pixels.shape[1],
+                                   1 if slots.ndim == 1 else slots.shape[1])
     args = (*self._params, self._state, slots, tokens, lengths, rows)
     self._state, first, done, logprobs = program(*args,
                                                  *(() if pixels is None else (pixels,)))
@@ -832,17 +871,21 @@ class Engine:
     m = self.logprobs_k
     return decode.Logprobs(self._row(*shape), self._row(*shape, m), self._row(*shape, m))
 
-  def _insert_program(self, with_draft: bool, t: int, images: int = 0):
-    key = ("insert", with_draft, t, images)
+  def _insert_program(self, with_draft: bool, t: int, images: int = 0, fan: int = 1):
+    """prefill_rows prompts of bucket t into their slots; with fan > 1 each prompt into fan
+    slots (its samples: one prefill), the per-row settings r * fan of them."""
+    key = ("insert", with_draft, t, images, fan)
     if key not in self._programs:
       r = self.prefill_rows
+      n = r * fan  # rows the settings, first tokens and logprobs are of
       row = self._row
       m = self.max_logit_bias
-      controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
+      controls_sh = decode.Controls(row(n), row(n), row(n), row(n), row(n, m), row(n, m)) \
           if self.controls else None
       raw = self._spec.raw_logprobs
-      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh,
-                            row(r) if raw else None)
+      rows_sh = decode.Rows(row(n), row(n), row(n), row(n, 2), row(n), controls_sh,
+                            row(n) if raw else None)
+      slots_shape = (r, fan) if fan > 1 else (r,)
       sds = jax.ShapeDtypeStruct
       image_args, image_sh = (), ()
       if images:
@@ -855,16 +898,16 @@ class Engine:
                              pixels=args[7] if images else None)
 
       jitted = jax.jit(fn, donate_argnums=(2,),
-                       in_shardings=(*self._param_sh, self._state_sh, row(r), row(r, t), row(r),
-                                     rows_sh, *image_sh),
-                       out_shardings=(self._state_sh, row(r), row(r), self._logprobs_sh(r)))
-      args = (*self._params, self._abstract, sds((r,), jnp.int32), sds((r, t), jnp.int32),
-              sds((r,), jnp.int32),
-              decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
-                          sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
-                          decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
-                                          sds((r, m), jnp.float32)) if self.controls else None,
-                          sds((r,), bool) if raw else None),
+                       in_shardings=(*self._param_sh, self._state_sh, row(*slots_shape),
+                                     row(r, t), row(r), rows_sh, *image_sh),
+                       out_shardings=(self._state_sh, row(n), row(n), self._logprobs_sh(n)))
+      args = (*self._params, self._abstract, sds(slots_shape, jnp.int32),
+              sds((r, t), jnp.int32), sds((r,), jnp.int32),
+              decode.Rows(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n,), jnp.int32),
+                          sds((n, 2), jnp.uint32), sds((n,), jnp.int32),
+                          decode.Controls(*[sds((n,), jnp.float32)] * 4, sds((n, m), jnp.int32),
+                                          sds((n, m), jnp.float32)) if self.controls else None,
+                          sds((n,), bool) if raw else None),
               *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
     return self._programs[key]

@@ -5,15 +5,22 @@ and scoring a local task file (no dataset download). The scores it gets are chec
 recompute from the target's own forward pass.
 """
 
+import functools
 import json
 import math
+import urllib.error
+import urllib.request
 
+import jax
 import numpy as np
 import pytest
+from lm_eval.api.instance import Instance
+from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-lm_eval = pytest.importorskip("lm_eval")
-
-from test_serve import _served  # noqa: E402
+from spec_tpu import setup, sharding, tokenizer
+from spec_tpu.models import model
+from spec_tpu.serving import Engine, openai_api
+from test_serve import _served
 
 MODEL, KEY = "stdlib_target", "eval-key"
 
@@ -21,9 +28,6 @@ MODEL, KEY = "stdlib_target", "eval-key"
 @pytest.fixture(scope="module")
 def served():
   """(url, pair) of an in-process server of the embedded pair (one device, K = 2 fixed)."""
-  import jax
-  from spec_tpu import setup, sharding, tokenizer
-  from spec_tpu.serving import Engine, openai_api
   tok = tokenizer.load()
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   pair = setup.load_checkpoints("spec_tpu/assets/target", "spec_tpu/assets/draft", mesh=mesh,
@@ -39,22 +43,21 @@ def served():
 
 
 def _lm(url, monkeypatch):
-  from lm_eval.models.openai_completions import LocalCompletionsAPI
   monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what its completions requests send
   return LocalCompletionsAPI(base_url=url + "/v1/completions", model=MODEL, auth_token=KEY,
                              max_length=200, max_gen_toks=12)
 
 
+@functools.cache
+def _forward(cfg):
+  return jax.jit(lambda params, tokens: model.forward_full(params, cfg, tokens))
+
+
 def _log_softmax(pair, tokens):
   """float64 log q(. | tokens[:j + 1]) at every position j, from one forward over exactly
   these tokens (the target computes in bfloat16: a padded width would round differently)."""
-  import jax
-  from spec_tpu.models import model
   cfg = pair.target_cfg
-  if not hasattr(pair, "_reference_forward"):
-    pair._reference_forward = jax.jit(lambda p, x: model.forward_full(p, cfg, x))
-  logits = np.asarray(pair._reference_forward(pair.target_params,
-                                              np.asarray([tokens], np.int32))[0],
+  logits = np.asarray(_forward(cfg)(pair.target_params, np.asarray([tokens], np.int32))[0],
                       np.float64)[:, :cfg.num_tokens]
   top = logits.max(-1, keepdims=True)
   return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
@@ -97,7 +100,6 @@ WRONG = [" b - a", "x)", "y)", "pop(x)"]  # a worse choice for each, for the tas
 
 
 def test_loglikelihood_and_generation_through_local_completions(served, monkeypatch):
-  from lm_eval.api.instance import Instance
   url, pair = served
   lm = _lm(url, monkeypatch)
   tok = pair.tokenizer
@@ -149,7 +151,7 @@ def test_a_local_task_file_is_scored_with_no_download(served, monkeypatch, tmp_p
   monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  from lm_eval import simple_evaluate
+  from lm_eval import simple_evaluate  # imports `datasets`: only the test that needs it
   from lm_eval.tasks import TaskManager
   # when lm-eval evaluates it through the server,
   results = simple_evaluate(model=_lm(url, monkeypatch), tasks=["stdlib_choice"],
@@ -167,8 +169,6 @@ def test_a_local_task_file_is_scored_with_no_download(served, monkeypatch, tmp_p
 
 
 def test_tokenizer_endpoints_as_vllm_serves_them(served):
-  import urllib.error
-  import urllib.request
   url, pair = served
   tok = pair.tokenizer
 

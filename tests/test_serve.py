@@ -748,7 +748,7 @@ class _FailingEngine:
   def room(self, prompt_len):
     return 64
 
-  def submit_all(self, items):
+  def submit_all(self, items, share_prefill=False):
     return [self._submit(*item) for item in items]
 
   def _submit(self, prompt, params, images=None):

@@ -19,10 +19,10 @@ so one compiled program serves any mix of requests.
 insert. Waiting requests are prefilled into free slots, `prefill_rows` per call, one program
 per prompt bucket (power of two). The width is fixed so that a request's prefill always runs in
 the same program shape, whatever arrives with it: with a seed its tokens then do not depend on
-the other requests (on XLA:CPU a batch of 1 or 2 rows rounds differently from 4). Requests
-with the same prompt admitted together (n samples of one request) share one prefill, its cache
-rows written to each one's slot (decode.insert's fan), each drawing its first token with its
-own settings and stream. The prefill's token is returned at once: time to first token is
+the other requests (on XLA:CPU a batch of 1 or 2 rows rounds differently from 4). The n
+samples of one prompt (submit_all's share_prefill) admitted together share one prefill, its
+cache rows written to each one's slot (decode.insert's fan), each drawing its first token with
+its own settings and stream. The prefill's token is returned at once: time to first token is
 queueing plus one prefill.
 
 step. One program per K runs up to N speculative rounds for every live slot in one device call
@@ -281,11 +281,17 @@ class Engine:
     decoded and resized here; encoded once, when the request is inserted."""
     return self.submit_all([(prompt, params, images)])[0]
 
-  def submit_all(self, items: Sequence[tuple], *, bounded: bool = True) -> list[Request]:
+  def submit_all(self, items: Sequence[tuple], *, bounded: bool = True,
+                 share_prefill: bool = False) -> list[Request]:
     """Queues several requests, all or none: every one is checked, and the queue bound is
     checked for them together, before any is queued (several prompts of one HTTP call, or
     n > 1 samples of one prompt). items: (prompt, params) or (prompt, params, images), as
-    submit takes them."""
+    submit takes them.
+
+    share_prefill: items with the same prompt are samples of it (n > 1): admitted together,
+    they share one prefill (each still draws with its own settings and stream). Asked for,
+    not automatic, so an insert program per fan is compiled only for requests that ask for
+    samples."""
     bounded = bounded and self.max_queue is not None
     if bounded and len(items) > self.max_queue:  # would never fit: not worth a retry
       raise ValueError(f"{len(items)} requests at once exceed this server's queue of "
@@ -297,10 +303,11 @@ class Engine:
       if bounded and len(self._queue) + len(checked) > self.max_queue:
         raise QueueFullError(f"the queue is full ({len(self._queue)} requests waiting, at most "
                              f"{self.max_queue}): try again later")
-      requests = []
+      requests, group = [], self._next_id if share_prefill else None
       for tokens, params, pixels, placeholder in checked:
         requests.append(Request(self._next_id, tokens, params, self.tokenizer, images=pixels,
                                 placeholder=placeholder))
+        requests[-1].prefill_group = group
         self._next_id += 1
       self._queue.extend(requests)
       self._lock.notify_all()
@@ -538,12 +545,13 @@ class Engine:
       self._draft_behind = True
 
   def _same_prompt_groups(self, placed: list[tuple[int, Request]]) -> list[list]:
-    """(slot, request) pairs grouped by prompt, in order: requests with the same tokens (the
-    n samples of one prompt, or simply equal prompts) share one prefill. Requests with images,
-    and every request of a multi-host engine, stay alone."""
+    """(slot, request) pairs grouped, in order: the samples of one prompt (submit_all's
+    share_prefill) share one prefill. Requests with images, and every request of a
+    multi-host engine, stay alone."""
     groups, index = [], {}
     for slot, r in placed:
-      key = tuple(r.prompt) if r.images is None and self._channel is None else None
+      key = ((r.prefill_group, tuple(r.prompt)) if r.prefill_group is not None
+             and r.images is None and self._channel is None else None)
       if key is not None and key in index:
         groups[index[key]].append((slot, r))
         continue

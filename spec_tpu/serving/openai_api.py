@@ -409,8 +409,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     return body
 
   def _submit(items: list[tuple], param: str = "prompt") -> list[Request]:
-    try:
-      return engine.submit_all(items)
+    try:  # the n samples of a prompt share its prefill
+      return engine.submit_all(items, share_prefill=True)
     except ContextLengthError as e:
       raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
     except ValueError as e:

@@ -195,6 +195,7 @@ class Request:
     self.prompt = list(prompt)
     self.params = params
     self.images = images  # n H W 3 float32 (the encoder's input), or None
+    self.prefill_group: int | None = None  # requests of one group and prompt share a prefill
     self.submitted = time.perf_counter()
     # Image placeholders are no text (their id may lie past the tokenizer's vocabulary).
     context = [t for t in self.prompt if t != placeholder]

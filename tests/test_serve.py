@@ -426,8 +426,11 @@ def test_n_samples_of_a_prompt_plain_and_streamed(server):
   # Given n = 3 seeded samples of each of two prompts,
   kw = dict(model=MODEL, prompt=["def add(a, b):", "import os\n"], max_tokens=12,
             temperature=1.0, seed=5, n=3)
+  before = _metrics(server)["spec_tpu_prompt_tokens_total"]
   plain = client.completions.create(**kw)
-  # then choice i * 3 + j is sample j of prompt i; sample 0 is the request without n (the seed
+  # then each prompt was prefilled once for its 3 samples (the prompt tokens counted once),
+  assert _metrics(server)["spec_tpu_prompt_tokens_total"] - before == plain.usage.prompt_tokens
+  # choice i * 3 + j is sample j of prompt i; sample 0 is the request without n (the seed
   # picks stream j for sample j), and the samples differ from each other,
   assert [c.index for c in plain.choices] == list(range(6))
   single = client.completions.create(**dict(kw, n=1))

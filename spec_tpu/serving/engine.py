@@ -575,7 +575,8 @@ class Engine:
             r.stats.queue_s = started - r.submitted
             r.stats.time_to_first_token_s = now - r.submitted
             self._slots[slot] = _Slot(r, ks=set())
-            self.metrics.add(prompt_tokens=len(r.prompt))
+            if j == 0:  # prefilled once for the group
+              self.metrics.add(prompt_tokens=len(r.prompt))
             self._deliver(slot, [int(first[row])], bool(done[row]),
                           jax.tree.map(lambda x: x[row:row + 1], logprobs))
 

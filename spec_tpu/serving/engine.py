@@ -50,7 +50,9 @@ feeds it the tokens it missed (decode.catch_up_draft).
 
 Per request beyond the filters: logprobs (each emitted token's log-probability under the
 target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
-tokens), and with `controls=True` penalties, min_p and logit_bias (decode.Controls). `score`
+tokens), with `controls=True` penalties, min_p and logit_bias (decode.Controls), and with
+`grammar_states` > 0 structured output (GenerationParams.grammar: a regex or JSON schema
+compiled by `grammars`, held on device as an automaton per slot; decoding/grammar.py). `score`
 runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 
@@ -119,6 +121,7 @@ class _Slot:
   judged: int = 0
   ngram_accepted: int = 0
   ngram_judged: int = 0
+  mask_rejected: int = 0
 
 
 def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
@@ -144,7 +147,8 @@ class Engine:
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
                margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
-               max_logit_bias: int = 300, draft_source: DraftSource | None = None):
+               max_logit_bias: int = 300, draft_source: DraftSource | None = None,
+               grammar_states: int = 0):
     decode.check_coupling(coupling)
     # Where proposals come from (default: the pair's); an n-gram source needs no model.
     source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
@@ -197,6 +201,21 @@ class Engine:
       raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
                        "single-process engine")
     self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
+    # Structured output: each slot owns grammar_states rows of the automata pool (the largest
+    # grammar a request may bring), after the pool's shared unconstrained row 0.
+    if grammar_states < 0:
+      raise ValueError(f"grammar_states must be >= 0 (0: no structured output), got "
+                       f"{grammar_states}")
+    if grammar_states and channel is not None:
+      raise ValueError("structured output needs a single-process engine")
+    self.grammar_states = int(grammar_states)
+    self.grammars = None
+    if self.grammar_states:
+      from spec_tpu.decoding import grammar as grammar_lib
+      if self.tokenizer is not None and pair.eos_id is not None:
+        self.grammars = grammar_lib.GrammarCompiler(
+            grammar_lib.token_bytes(self.tokenizer), pair.eos_id, num_tokens,
+            max_states=self.grammar_states)
     self.draft_source = source
     draft_model = pair.draft_cfg if k_max > 0 and source.uses_model else None
     self._has_draft_model = draft_model is not None
@@ -205,7 +224,8 @@ class Engine:
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
         eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
-        max_logit_bias=self.max_logit_bias)
+        max_logit_bias=self.max_logit_bias,
+        grammar_states=1 + self.num_slots * self.grammar_states if self.grammar_states else 0)
     self.coupling = coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
@@ -323,6 +343,15 @@ class Engine:
                     max_logprobs=self.logprobs_k, num_tokens=num_tokens)
     if params.has_controls and not self.controls:
       raise ValueError("penalties, min_p and logit_bias need an engine built with controls=True")
+    if params.grammar is not None:
+      if not self.grammar_states:
+        raise ValueError("structured output needs an engine built with grammar_states > 0")
+      if self.pair.eos_id is None:
+        raise ValueError("structured output needs a pair with an EOS token")
+      g = params.grammar.next_sv
+      if g.ndim != 2 or g.shape[1] != num_tokens or g.shape[0] > self.grammar_states:
+        raise ValueError(f"the grammar's table {g.shape} does not fit this engine "
+                         f"(at most {self.grammar_states} states x {num_tokens} tokens)")
     if len(params.logit_bias) > self.max_logit_bias:
       raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
                        f"{self.max_logit_bias}")
@@ -568,7 +597,8 @@ class Engine:
                                                         p.max_new_tokens)
       seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2 ** 63))
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
-    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk))
+    rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(chunk),
+                       self._grammars(chunk))
     pixels = None
     if images:
       size = self.pair.target_cfg.vision.image_size
@@ -579,6 +609,24 @@ class Engine:
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
     return self._run_insert(with_draft, slots, tokens, lengths, rows, pixels)
+
+  def _grammars(self, chunk) -> np.ndarray | None:
+    """The chunk's start states in the automata pool (0: unconstrained), after writing the
+    constrained requests' automata into their slots' rows."""
+    if not self.grammar_states:
+      return None
+    r, s = self.prefill_rows, self.grammar_states
+    start = np.zeros((r,), np.int32)
+    offsets = np.full((r,), self._spec.grammar_states, np.int32)  # past the pool: dropped
+    tables = np.full((r, s, self.pair.target_cfg.num_tokens), -1, np.int32)
+    for i, (slot, req) in enumerate(chunk):
+      g = req.params.grammar
+      if g is not None:
+        start[i] = offsets[i] = 1 + slot * s
+        tables[i, :g.num_states] = g.next_sv
+    if (start > 0).any():
+      self._state = self._grammar_program()(self._state, offsets, tables)
+    return start
 
   def _controls(self, chunk) -> decode.Controls | None:
     if not self.controls:
@@ -634,6 +682,7 @@ class Engine:
                                                  int(judged_b[i]))
       slot.ngram_accepted = int(stats.ngram_accepted_b[i])
       slot.ngram_judged = int(stats.ngram_judged_b[i])
+      slot.mask_rejected = int(stats.mask_rejected_b[i])
       c = out.count_b[i]
       self._deliver(i, out.tokens_bw[i, :c].tolist(), bool(done[i]),
                     jax.tree.map(lambda x: x[i, :c], out.logprobs))
@@ -669,6 +718,7 @@ class Engine:
     stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
                                 accepted=s.accepted, judged=s.judged,
                                 ngram_accepted=s.ngram_accepted, ngram_judged=s.ngram_judged,
+                                mask_rejected=s.mask_rejected,
                                 ks=tuple(sorted(s.ks)))
     r._finish(reason, stats)
     self.metrics.finished(reason, stats.time_to_first_token_s)
@@ -811,7 +861,10 @@ class Engine:
     return sh._replace(
         target_cache=sharding.cache_shardings(self._abstract.target_cache, mesh, s.target_rules),
         draft_cache=(None if self._abstract.draft_cache is None else
-                     sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
+                     sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)),
+        # Every row may enter any slot's automaton rows: the pool is not split by batch.
+        grammar_next_sv=(None if self._abstract.grammar_next_sv is None else
+                         sharding.replicated(mesh)))
 
   def _score_program(self, t: int):
     key = ("score", t)
@@ -836,7 +889,8 @@ class Engine:
       m = self.max_logit_bias
       controls_sh = decode.Controls(row(r), row(r), row(r), row(r), row(r, m), row(r, m)) \
           if self.controls else None
-      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh)
+      rows_sh = decode.Rows(row(r), row(r), row(r), row(r, 2), row(r), controls_sh,
+                            row(r) if self.grammar_states else None)
       sds = jax.ShapeDtypeStruct
       image_args, image_sh = (), ()
       if images:
@@ -857,9 +911,23 @@ class Engine:
               decode.Rows(sds((r,), jnp.float32), sds((r,), jnp.float32), sds((r,), jnp.int32),
                           sds((r, 2), jnp.uint32), sds((r,), jnp.int32),
                           decode.Controls(*[sds((r,), jnp.float32)] * 4, sds((r, m), jnp.int32),
-                                          sds((r, m), jnp.float32)) if self.controls else None),
+                                          sds((r, m), jnp.float32)) if self.controls else None,
+                          sds((r,), jnp.int32) if self.grammar_states else None),
               *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+    return self._programs[key]
+
+  def _grammar_program(self):
+    key = ("grammar",)
+    if key not in self._programs:
+      r, s, v = self.prefill_rows, self.grammar_states, self.pair.target_cfg.num_tokens
+      rep = sharding.replicated(self.pair.mesh)
+      jitted = jax.jit(functools.partial(decode.write_grammars, self._spec), donate_argnums=(0,),
+                       in_shardings=(self._state_sh, rep, rep), out_shardings=self._state_sh)
+      sds = jax.ShapeDtypeStruct
+      self._programs[key] = jitted.lower(self._abstract, sds((r,), jnp.int32),
+                                         sds((r, s, v), jnp.int32)).compile(
+                                             self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int):

@@ -20,6 +20,7 @@ import pytest
 import test_exactness as ex
 import test_sampling as ts
 from spec_tpu.decoding import decode, k_policy, sampling
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
@@ -269,15 +270,24 @@ def _grammar_rows(engine, grammar, rows, seed):
           [r.stats for r in constrained])
 
 
-def test_grammar_masks_keep_the_constrained_law_under_speculation(monkeypatch):
-  # Given requests constrained by a regex over the toy vocabulary, decoded with K = 3 drafts
-  # (the draft masked at each drafted position in the state its drafts reach), sharing the
-  # slots with unconstrained requests,
+# K = 3 hybrid drafts: n-gram proposals from the row's own tokens (one-hot, not masked: some
+# leave the language, are rejected and rolled back), then the draft model, masked at each
+# drafted position in the state its drafts reach.
+GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
+
+
+def _grammar_engine(grammar):
+  return Engine(_toy_sampler(eos_id=ex.EOS).pair, num_slots=128, max_len=32, k=3,
+                adaptive_k=False, max_top_k=4, prefill_rows=4,
+                grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
+
+
+def test_grammar_masks_keep_the_constrained_law_under_speculation():
+  # Given requests constrained by a regex over the toy vocabulary, decoded with hybrid drafts
+  # (GRAMMAR_SOURCE), sharing the slots with unconstrained requests,
   grammar = _toy_grammar()
-  pair = _toy_sampler(eos_id=ex.EOS).pair
-  make = lambda: Engine(pair, num_slots=128, max_len=32, k=3, adaptive_k=False, max_top_k=4,
-                        prefill_rows=4, grammar_states=grammar.num_states)
-  constrained, free, stats = _grammar_rows(make(), grammar, LAW_ROWS * 3 // 2, seed=3)
+  constrained, free, stats = _grammar_rows(_grammar_engine(grammar), grammar,
+                                           LAW_ROWS * 3 // 2, seed=3)
   # then the constrained rows' first L tokens follow the target's law under the grammar's
   # masks (computed independently),
   law = _masked_law(TOY_REGEX)
@@ -285,14 +295,21 @@ def test_grammar_masks_keep_the_constrained_law_under_speculation(monkeypatch):
   assert min(p) > ex.ALPHA, p
   # the unconstrained rows beside them are not masked (their first tokens leave the language),
   assert np.mean([t[0] not in (0, 1, 2, 4) for t in free]) > 0.2
-  # the draft was judged and sometimes rejected, and the mask refused some of its first
-  # choices (the grammar constrained it);
+  # both sources' drafts were judged and sometimes rejected, and the mask refused proposals
+  # (n-gram tokens outside the language, the model's unmasked first choices);
   assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+  assert 0 < sum(s.ngram_judged for s in stats) < sum(s.judged for s in stats)
   assert sum(s.mask_rejected for s in stats) > 0
-  # while with the mask on the draft's p only (the target's q unmasked), the same test fails.
+
+
+@pytest.mark.slow  # a second engine compile (~20 s) for the negative control
+def test_grammar_mask_on_the_draft_only_fails_the_same_test(monkeypatch):
+  # Given the mask on the draft's p only (the target's q unmasked at the verified positions),
   monkeypatch.setattr(decode, "_verify_allowed", lambda table, g: None)
-  wrong, _, _ = _grammar_rows(make(), grammar, 300, seed=4)
-  assert min(ex.law_pvalues(wrong, law)) < ex.NEGATIVE_P
+  grammar = _toy_grammar()
+  wrong, _, _ = _grammar_rows(_grammar_engine(grammar), grammar, 300, seed=4)
+  # then the constrained law test fails it.
+  assert min(ex.law_pvalues(wrong, _masked_law(TOY_REGEX))) < ex.NEGATIVE_P
 
 
 def test_controls_need_an_engine_built_with_them(toy_engine):

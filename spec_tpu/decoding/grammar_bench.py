@@ -217,18 +217,18 @@ def engine_rows(engine, prompts, schema=SCHEMA, ks=(0, 4), samples: int = 16,
   and schema-valid responses of `samples` requests (prompts cycled) with and without the
   schema at each K, on one engine (fixed K per run: Engine.step(k))."""
   from spec_tpu.serving import GenerationParams
-  g = engine.grammars.json_schema(schema)
+  g = engine.grammars.json_schema(schema) if engine.grammars is not None else None
   rows = []
   for k in ks:
-    for constrained in (False, True):
+    for constrained in (False, True) if g is not None else (False,):
       params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 grammar=g if constrained else None)
       requests = engine.submit_all([(prompts[i % len(prompts)], params)
                                     for i in range(samples)])
-      start = time.perf_counter()
+      start, rounds0 = time.perf_counter(), engine.metrics.rounds
       while engine.step(k):
         pass
-      seconds = time.perf_counter() - start
+      seconds, rounds = time.perf_counter() - start, engine.metrics.rounds - rounds0
       stats = [r.result().stats for r in requests]
       new = sum(s.new_tokens for s in stats)
       judged = sum(s.judged for s in stats)
@@ -236,7 +236,8 @@ def engine_rows(engine, prompts, schema=SCHEMA, ks=(0, 4), samples: int = 16,
       if constrained:
         valid = sum(_valid(r.result().text, schema) for r in requests)
       stopped = sum(r.result().finish_reason == "stop" for r in requests)
-      rows.append(dict(k=k, schema=constrained, tokens=new, seconds=seconds,
+      rows.append(dict(k=k, schema=constrained, grammars=g is not None, tokens=new,
+                       seconds=seconds, rounds=rounds, ms_per_round=1e3 * seconds / rounds,
                        tokens_per_s=new / seconds,
                        acceptance=sum(s.accepted for s in stats) / judged if judged else None,
                        mask_rejected=sum(s.mask_rejected for s in stats), valid=valid,
@@ -254,13 +255,15 @@ def _valid(text: str, schema) -> bool:
 
 
 def format_engine(rows: list[dict]) -> str:
-  out = [f"{'K':>3}{'schema':>8}{'tokens':>8}{'tok/s':>9}{'accept':>8}{'refused':>9}"
-         f"{'ended':>8}{'valid':>8}"]
+  out = [f"{'engine':<15}{'K':>3}{'schema':>8}{'tokens':>8}{'tok/s':>9}{'ms/round':>10}"
+         f"{'accept':>8}{'refused':>9}{'ended':>8}{'valid':>8}"]
   for r in rows:
     acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
     valid = "-" if r["valid"] is None else f"{r['valid']}/{r['samples']}"
-    out.append(f"{r['k']:>3}{'yes' if r['schema'] else 'no':>8}{r['tokens']:>8}"
-               f"{r['tokens_per_s']:>9.1f}{acc:>8}{r['mask_rejected']:>9}"
+    engine = "grammars" if r["grammars"] else "no grammars"
+    out.append(f"{engine:<15}{r['k']:>3}{'yes' if r['schema'] else 'no':>8}{r['tokens']:>8}"
+               f"{r['tokens_per_s']:>9.1f}{r['ms_per_round']:>10.2f}"
+               f"{acc:>8}{r['mask_rejected']:>9}"
                f"{r['stopped']:>8}{valid:>8}")
   return "\n".join(out)
 
@@ -270,7 +273,8 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
         ks=None) -> str:
   """The launcher's call: the library table at `sizes` (the config's tokenizer's pieces,
   extended synthetically past its size) and the engine table on the config's pair at K = 0
-  and engine.k (engine.grammar_states from the config, at least 512). Writes results.json and
+  and engine.k (engine.grammar_states from the config, at least 512), and on an engine built
+  without grammars (the masks' cost to unconstrained rows). Writes results.json and
   table.txt under output_dir; returns the table."""
   import os
   from spec_tpu import setup
@@ -287,13 +291,16 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
     settings = setup.engine_settings(config)
     pair = setup.load_pair(config, s)
     k = settings.k
-    e = Engine(pair, num_slots=settings.num_slots, max_len=settings.context() or 256, k=k,
-               adaptive_k=False, max_rounds_per_step=settings.max_rounds_per_step,
-               grammar_states=max(settings.grammar_states, 512))
     prompts = [tok.encode(p) for p in config.run.prompts] or [[tok.eos_id]]
     ks = tuple(ks) if ks else tuple(sorted({0, k}))
-    engine_rows(e, prompts, ks=ks, samples=samples, max_new_tokens=min(max_new_tokens, 16))
-    rows = engine_rows(e, prompts, ks=ks, samples=samples, max_new_tokens=max_new_tokens)
+    rows = []
+    # The engine without grammar support too: what the masks cost the rows that have none.
+    for states in (0, max(settings.grammar_states, 512)):
+      e = Engine(pair, num_slots=settings.num_slots, max_len=settings.context() or 256, k=k,
+                 adaptive_k=False, max_rounds_per_step=settings.max_rounds_per_step,
+                 grammar_states=states)
+      engine_rows(e, prompts, ks=ks, samples=samples, max_new_tokens=min(max_new_tokens, 16))
+      rows += engine_rows(e, prompts, ks=ks, samples=samples, max_new_tokens=max_new_tokens)
     results["engine"] = rows
     parts.append(format_engine(rows))
   table = "\n\n".join(parts)

@@ -276,17 +276,18 @@ def _grammar_rows(engine, grammar, rows, seed):
 GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
 
 
-def _grammar_engine(grammar):
+def _grammar_engine(grammar, coupling="rejection"):
   return Engine(_toy_sampler(eos_id=ex.EOS).pair, num_slots=128, max_len=32, k=3,
-                adaptive_k=False, max_top_k=4, prefill_rows=4,
+                adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
                 grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
 
 
-def test_grammar_masks_keep_the_constrained_law_under_speculation():
+@pytest.mark.parametrize("coupling", ["rejection", pytest.param("gumbel", marks=pytest.mark.slow)])
+def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
   # Given requests constrained by a regex over the toy vocabulary, decoded with hybrid drafts
   # (GRAMMAR_SOURCE), sharing the slots with unconstrained requests,
   grammar = _toy_grammar()
-  constrained, free, stats = _grammar_rows(_grammar_engine(grammar), grammar,
+  constrained, free, stats = _grammar_rows(_grammar_engine(grammar, coupling), grammar,
                                            LAW_ROWS * 3 // 2, seed=3)
   # then the constrained rows' first L tokens follow the target's law under the grammar's
   # masks (computed independently),

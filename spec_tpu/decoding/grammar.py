@@ -30,20 +30,17 @@ class GrammarError(ValueError):
   """A response format, schema or regex that cannot constrain a generation (a 400)."""
 
 
-# JSON Schema keywords the schema-to-regex translation honours. Any other keyword would be
-# silently dropped by it, so the output might not validate: refused instead.
+# JSON Schema keywords the schema-to-regex translation enforces. It would drop any other
+# (numeric bounds, multipleOf, uniqueItems, ...) silently, and the output might then fail its
+# schema: those are refused instead.
 SUPPORTED_KEYWORDS = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "prefixItems",
     "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-    "definitions", "minLength", "maxLength", "pattern", "format", "title", "description",
-    "$schema", "$id", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "default",
-    "examples", "minProperties", "maxProperties", "propertyNames"})
+    "definitions", "minLength", "maxLength", "pattern", "format"})
 # Annotations only: they constrain nothing, whatever their value.
 _ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "default", "examples",
                           "$comment"})
-# Keywords the translation drops for numbers: not refused only where they hold no bound the
-# regex would have to enforce (they are refused on numbers below).
-_NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +87,11 @@ def _check_schema(schema, path="schema"):
     if key in _ANNOTATIONS:
       continue
     if key not in SUPPORTED_KEYWORDS:
-      raise GrammarError(f"{path}: unsupported JSON Schema keyword {key!r}")
-    if key in _NUMERIC_BOUNDS:
-      raise GrammarError(f"{path}: unsupported JSON Schema keyword {key!r} (numeric bounds "
-                         f"are not enforced)")
-    if key in ("minProperties", "maxProperties", "propertyNames"):
-      raise GrammarError(f"{path}: unsupported JSON Schema keyword {key!r}")
-    if key == "format" and value not in ("date-time", "date", "time", "uuid", "email", "uri"):
-      raise GrammarError(f"{path}: unsupported format {value!r}")
+      raise GrammarError(f"{path}: unsupported JSON Schema keyword {key!r} (it would not be "
+                         f"enforced)")
+    if key == "format" and value not in FORMATS:
+      raise GrammarError(f"{path}: unsupported format {value!r} (supported: "
+                         f"{', '.join(FORMATS)})")
     if key in ("properties", "$defs", "definitions"):
       if not isinstance(value, dict):
         raise GrammarError(f"{path}.{key} must be an object")

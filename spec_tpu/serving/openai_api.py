@@ -380,6 +380,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   template = chat_template or chat_lib.ChatTemplate()
   created = int(time.time())
   tok = engine.tokenizer
+  grammars = getattr(engine, "grammars", None)  # structured output (None: off)
   key = limits.api_key.encode() if limits.api_key else None
   timeout_s = limits.request_timeout_s
 
@@ -513,7 +514,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
     body = await _body(http)
-    params = dataclasses.replace(_params(body), grammar=_grammar(body, getattr(engine, "grammars", None)))
+    params = dataclasses.replace(_params(body), grammar=_grammar(body, grammars))
     prompts = [_encode(p) for p in _prompts(body)]
     stream, include_usage = _stream(body)
     n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
@@ -597,8 +598,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
     body = await _body(http)
-    params = dataclasses.replace(_params(body, chat=True),
-                                 grammar=_grammar(body, getattr(engine, "grammars", None)))
+    params = dataclasses.replace(_params(body, chat=True), grammar=_grammar(body, grammars))
     messages = body.get("messages")
     if not isinstance(messages, list):
       raise ApiError(400, "'messages' must be a list", param="messages")

@@ -23,6 +23,8 @@ _ENGINE = flags.DEFINE_bool("engine", True, "Time the engine with and without a 
 _SIZES = flags.DEFINE_list("vocab_sizes", ["2048", "262144"], "Vocabularies of the library table.")
 _SAMPLES = flags.DEFINE_integer("samples", 16, "Requests per engine row.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens per request.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved runs of each engine row (the "
+                                "fastest kept).")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -31,7 +33,8 @@ def main(argv):
   from spec_tpu.decoding import grammar_bench
   print(grammar_bench.run(_CONFIG.value, _OUTPUT_DIR.value, libraries=_LIBRARIES.value,
                           engine=_ENGINE.value, sizes=cli.int_list("vocab_sizes", _SIZES.value),
-                          samples=_SAMPLES.value, max_new_tokens=_MAX_NEW.value))
+                          samples=_SAMPLES.value, max_new_tokens=_MAX_NEW.value,
+                          repeats=_REPEATS.value))
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def _allowed(table_sv, g):
 def _advance(table_sv, g_b, x_b):
   """Each row's state after token x. A token the state does not allow leads to state 0 (no
   constraint): it is never accepted (its q is 0), so nothing after it is judged."""
-  return jnp.maximum(jnp.take_along_axis(table_sv[g_b], x_b[:, None], axis=1)[:, 0], 0)
+  return jnp.maximum(table_sv[g_b, x_b], 0)
 
 
 def _verify_allowed(table_sv, g_bm):

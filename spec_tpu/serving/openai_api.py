@@ -514,7 +514,9 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
     body = await _body(http)
-    params = dataclasses.replace(_params(body), grammar=_grammar(body, grammars))
+    # Compiled off the event loop: a large schema at a large vocabulary takes seconds.
+    params = dataclasses.replace(_params(body),
+                                 grammar=await asyncio.to_thread(_grammar, body, grammars))
     prompts = [_encode(p) for p in _prompts(body)]
     stream, include_usage = _stream(body)
     n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
@@ -598,7 +600,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
     body = await _body(http)
-    params = dataclasses.replace(_params(body, chat=True), grammar=_grammar(body, grammars))
+    params = dataclasses.replace(_params(body, chat=True),
+                                 grammar=await asyncio.to_thread(_grammar, body, grammars))
     messages = body.get("messages")
     if not isinstance(messages, list):
       raise ApiError(400, "'messages' must be a list", param="messages")

@@ -43,7 +43,9 @@ def url():
   pair = setup.load_pair(default.get_config())
   engine = Engine(pair, num_slots=min(SAMPLES, 16), max_len=192, k=4, adaptive_k=False,
                   rounds_per_step=4, max_rounds_per_step=4, grammar_states=512,
-                  coupling="gumbel").start()  # as launch.serve runs it
+                  coupling="gumbel")  # as launch.serve runs it
+  engine.warm_up([4])  # as launch.serve does: the step and the automaton-writing programs
+  engine.start()
   try:
     with _served(openai_api.build_app(engine, "stdlib")) as u:
       yield u

@@ -832,9 +832,10 @@ class Engine:
 
   def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = (),
               both_inserts: bool = False) -> None:
-    """Compiles the step programs for these K and the insert programs for prompts of these
-    lengths (their buckets; inserting as the current K does, or both ways), so no request
-    waits for them. Others compile on first use (seconds on CPU; more for large models)."""
+    """Compiles the step programs for these K, the insert programs for prompts of these
+    lengths (their buckets; inserting as the current K does, or both ways) and, with
+    grammar_states, the program that writes a request's automaton, so no request waits for
+    them. Others compile on first use (seconds on CPU; more for large models)."""
     if any(not 0 <= int(k) <= self.k_max for k in ks):
       raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
     for k in ks:
@@ -844,6 +845,8 @@ class Engine:
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
       for with_draft in drafts:
         self._insert_program(with_draft, t)
+    if self.grammar_states:  # what the first constrained request would wait for
+      self._grammar_program()
 
   def _publish_gauges(self):
     g = dict(queue_length=len(self._queue), active_slots=self.active_slots,

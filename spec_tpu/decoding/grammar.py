@@ -43,7 +43,7 @@ _ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "default", "
 FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (an array)
 class TokenGrammar:
   """A compiled grammar: next_sv[s, v] is the state after token v in state s, -1 where v is
   not allowed (EOS maps an accepting state to itself). State 0 is the start."""

@@ -9,7 +9,6 @@ import re
 import sys
 
 import jsonschema
-import numpy as np
 import openai
 import pytest
 

@@ -99,8 +99,7 @@ def _warm(walk, repeats: int = 3) -> float:
 
 
 def _xgrammar(pieces, eos, tokens, schema):
-  import torch
-  import xgrammar as xgr
+  import xgrammar as xgr  # its bitmasks are torch tensors: it imports torch itself
   vocab = [p if p else b"<|special|>" for p in pieces]
   info = xgr.TokenizerInfo(vocab, vocab_size=len(vocab), stop_token_ids=[eos])
   compiled, compile_s = _timed(lambda: xgr.GrammarCompiler(info, cache_enabled=False)
@@ -116,7 +115,6 @@ def _xgrammar(pieces, eos, tokens, schema):
     matcher.fill_next_token_bitmask(mask)
   walk_s = _warm(walk)
   matcher.rollback(3)  # the rollback API: back over the last tokens
-  del torch
   return dict(compile_s=compile_s, mask_us=1e6 * walk_s / (len(tokens) + 1),
               rollback="GrammarMatcher.rollback(n), fork()")
 

@@ -269,6 +269,7 @@ class EngineSettings:
   logprobs_k: int = 0       # top logprobs a request may ask for (launch.serve)
   controls: bool = False    # penalties, min_p and logit_bias per request (launch.serve)
   max_logit_bias: int = 300
+  grammar_states: int = 0   # structured output: automaton states per slot (launch.serve)
 
   def context(self, prompt_lens: Sequence[int] = (), max_new_tokens: int = 0) -> int:
     """A slot's length: max_len, else the longest prompt, its new tokens and a verification
@@ -290,7 +291,7 @@ def engine_settings(config) -> EngineSettings:
     raise SetupError(f"engine.rounds_per_step must be 0 (paced by measured time) or 1.."
                      f"engine.max_rounds_per_step={e.max_rounds_per_step}, got "
                      f"{e.rounds_per_step}")
-  for name in ("max_top_k", "logprobs_k", "max_logit_bias"):
+  for name in ("max_top_k", "logprobs_k", "max_logit_bias", "grammar_states"):
     if int(e[name]) < 0:
       raise SetupError(f"engine.{name} must be >= 0, got {e[name]}")
   if int(e.max_len) < 0 or int(e.max_len) == 1:
@@ -311,7 +312,8 @@ def engine_settings(config) -> EngineSettings:
                         max_rounds_per_step=int(e.max_rounds_per_step),
                         max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows),
                         coupling=coupling, logprobs_k=int(e.logprobs_k),
-                        controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias))
+                        controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias),
+                        grammar_states=int(e.get("grammar_states", 0)))
 
 
 def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = None,
@@ -319,8 +321,9 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                  add_bos: bool = False, channel=None, max_queue: int | None = None):
   """The Engine the settings describe over `pair` (max_len, max_top_k: overrides of the
   settings' values, e.g. a context sized from known prompts). per_request_extras=False leaves
-  out logprobs_k alternatives and the controls (a launcher whose requests use neither);
-  controls are off on a multi-host engine (their inputs are not in the insert message).
+  out logprobs_k alternatives, the controls and grammars (a launcher whose requests use
+  none); controls and grammars are off on a multi-host engine (their inputs are not in the
+  insert message).
   max_queue: requests waiting for a slot before submit refuses more (None: unbounded)."""
   from spec_tpu.serving.engine import Engine
   return Engine(pair, num_slots=settings.num_slots,
@@ -333,7 +336,9 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 coupling=settings.coupling, max_queue=max_queue,
                 logprobs_k=settings.logprobs_k if per_request_extras else 0,
                 controls=per_request_extras and settings.controls and channel is None,
-                max_logit_bias=settings.max_logit_bias)
+                max_logit_bias=settings.max_logit_bias,
+                grammar_states=(settings.grammar_states
+                                if per_request_extras and channel is None else 0))
 
 
 # ---------------------------------------------------------------- mesh

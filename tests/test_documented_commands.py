@@ -72,6 +72,8 @@ SHRINK = {
                              "--repeats=1", "--seq_len=8", "--eval_windows=1", "--show_samples=1"],
     "launch.convert": [],
     "launch.compare_quant": ["--windows=2", "--seq_len=16"],
+    "launch.grammar_bench": ["--vocab_sizes=2048", "--samples=2", "--max_new_tokens=4",
+                             "--repeats=1", *_ONE_K],
     "launch.serve_bench": ["--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
                            "--latency_requests=2", "--repeats=1", *_ONE_K],
 }

@@ -19,7 +19,8 @@ import pytest
 
 import test_exactness as ex
 import test_sampling as ts
-from spec_tpu.decoding import k_policy, sampling
+from spec_tpu.decoding import decode, k_policy, sampling
+from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.models import model
 from spec_tpu.models.config import get_preset
@@ -269,6 +270,116 @@ def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
         shifted = ts.reference_penalize(at, done.tokens[:j], list(ex.PROMPT), **ref_controls)
         want = ts.reference(shifted, settings["temperature"], 0, 1.0, min_p=CONTROLS["min_p"])
       np.testing.assert_allclose(lp.logprob, np.log(want[done.tokens[j]]), atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured output: a regex over the toy vocabulary masks the draft's p and the target's q at
+# every drafted and verified position (decoding/grammar.py).
+
+# Token i spells letter i ("f", token 5, is the EOS: it spells nothing). Every string of the
+# language has 6 tokens or more, so EOS never enters the first L and the masks vary with the
+# prefix: position 0 allows 4 tokens, the next 3 or 4 depending on the first.
+TOY_REGEX = "([abc][dgh]|e[ab]*g){3,}"
+TOY_PIECES = [None if i == ex.EOS else bytes([ord("a") + i]) for i in range(ex.V)]
+
+
+def _toy_grammar():
+  from spec_tpu.decoding import grammar
+  compiler = grammar.GrammarCompiler(TOY_PIECES, ex.EOS, ex.V, max_states=16)
+  return compiler.regex(TOY_REGEX)
+
+
+@jax.jit
+def _masked_law_device(params, allowed_nlv):
+  n = len(ex.CONTINUATIONS)
+  cont = jnp.asarray(ex.CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
+  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
+  probs = sampling.probabilities(jnp.where(allowed_nlv, logits, -jnp.inf), 1.0, 0, 1.0)
+  return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
+
+
+def _masked_law(pattern):
+  """The target's law with each token restricted to those that keep the text a prefix of a
+  string of the language, by the `regex` module's partial matching (not the automaton under
+  test)."""
+  import regex
+  letters = "".join(chr(ord("a") + i) for i in range(ex.V))
+  allowed = np.zeros(ex.CONTINUATIONS.shape + (ex.V,), bool)
+  memo = {}
+  for row, cont in enumerate(ex.CONTINUATIONS):
+    for j in range(ex.L):
+      prefix = "".join(letters[t] for t in cont[:j])
+      if prefix not in memo:
+        memo[prefix] = [t != ex.EOS and regex.fullmatch(pattern, prefix + letters[t],
+                                                        partial=True) is not None
+                        for t in range(ex.V)]
+        # A prefix outside the language has probability 0 already: any mask will do.
+        memo[prefix] = memo[prefix] if any(memo[prefix]) else [True] * ex.V
+      allowed[row, j] = memo[prefix]
+  law = np.asarray(_masked_law_device(ex.target_params(), allowed), np.float64)
+  return (law / law.sum()).reshape((ex.V,) * ex.L)
+
+
+def _grammar_rows(engine, grammar, rows, seed):
+  rng = np.random.default_rng(seed)
+  items = []
+  for i in range(rows):  # every third request unconstrained, sharing the slots
+    constrained = i % 3 != 2
+    items.append((ex.PROMPT, GenerationParams(
+        max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)),
+        grammar=grammar if constrained else None)))
+  requests = engine.submit_all(items, bounded=False)
+  _drain(engine)
+  constrained = [r for i, r in enumerate(requests) if i % 3 != 2]
+  free = [r.result().tokens for i, r in enumerate(requests) if i % 3 == 2]
+  # (A row that stopped at EOS, which the grammar never allows this early, is padded with it.)
+  pad = lambda t: t + [ex.EOS] * (ex.L - len(t))
+  return (np.array([pad(r.result().tokens) for r in constrained]), free,
+          [r.stats for r in constrained])
+
+
+# K = 3 hybrid drafts: n-gram proposals from the row's own tokens (one-hot, not masked: some
+# leave the language, are rejected and rolled back), then the draft model, masked at each
+# drafted position in the state its drafts reach.
+GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
+
+
+def _grammar_engine(grammar, coupling="rejection"):
+  return Engine(_toy_sampler(eos_id=ex.EOS).pair, num_slots=128, max_len=32, k=3,
+                adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
+                grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
+
+
+@pytest.mark.parametrize("coupling", ["rejection", pytest.param("gumbel", marks=pytest.mark.slow)])
+def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
+  # Given requests constrained by a regex over the toy vocabulary, decoded with hybrid drafts
+  # (GRAMMAR_SOURCE), sharing the slots with unconstrained requests,
+  grammar = _toy_grammar()
+  constrained, free, stats = _grammar_rows(_grammar_engine(grammar, coupling), grammar,
+                                           LAW_ROWS * 3 // 2, seed=3)
+  # then the constrained rows' first L tokens follow the target's law under the grammar's
+  # masks (computed independently),
+  law = _masked_law(TOY_REGEX)
+  p = ex.law_pvalues(constrained, law)
+  assert min(p) > ex.ALPHA, p
+  # the unconstrained rows beside them are not masked (their first tokens leave the language),
+  assert np.mean([t[0] not in (0, 1, 2, 4) for t in free]) > 0.2
+  # both sources' drafts were judged and sometimes rejected, and the mask refused proposals
+  # (n-gram tokens outside the language, the model's unmasked first choices);
+  assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+  assert 0 < sum(s.ngram_judged for s in stats) < sum(s.judged for s in stats)
+  assert sum(s.mask_rejected for s in stats) > 0
+
+
+@pytest.mark.slow  # a second engine compile (~20 s) for the negative control
+def test_grammar_mask_on_the_draft_only_fails_the_same_test(monkeypatch):
+  # Given the mask on the draft's p only (the target's q unmasked at the verified positions),
+  monkeypatch.setattr(decode, "_verify_allowed", lambda table, g: None)
+  grammar = _toy_grammar()
+  wrong, _, _ = _grammar_rows(_grammar_engine(grammar), grammar, 300, seed=4)
+  # then the constrained law test fails it.
+  assert min(ex.law_pvalues(wrong, _masked_law(TOY_REGEX))) < ex.NEGATIVE_P
 
 
 def test_controls_need_an_engine_built_with_them(toy_engine):

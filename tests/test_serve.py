@@ -271,6 +271,7 @@ def test_client_disconnecting_from_a_plain_request_cancels_it(server):
     # Accepted and silently ignored before: tools, JSON mode, "false" as a string.
     (b'{"model": "random_tiny_target", "prompt": "x", "tools": [{"type": "function"}]}', 400,
      None),
+    # JSON mode where the engine has no grammar table (engine.grammar_states = 0).
     (b'{"model": "random_tiny_target", "prompt": "x", "response_format": {"type": '
      b'"json_object"}}', 400, None),
     (b'{"model": "random_tiny_target", "prompt": "x", "stream": "false"}', 400, None),

@@ -105,6 +105,7 @@ def test_draft_kind_reaches_the_pair_and_the_engine(checkpoints):
     ("k_max", 1, "engine.adaptive_k needs 1 <= engine.k <= engine.k_max"),
     ("logprobs_k", -1, "engine.logprobs_k must be >= 0"),
     ("max_logit_bias", -1, "engine.max_logit_bias must be >= 0"),
+    ("grammar_states", -1, "engine.grammar_states must be >= 0"),
 ])
 def test_bad_engine_settings_are_refused_by_name(field, value, match):
   from configs import common

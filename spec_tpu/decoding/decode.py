@@ -78,6 +78,9 @@ class LoopSpec:
   # reads the target's caches and final hidden state; no draft cache, nothing to roll back.
   assistant: assistant_lib.AssistantConfig | None = None
   greedy_drafts: bool = False  # the assistant proposes its argmax (a one-hot p), to compare
+  # Rows of the grammar automata pool (State.grammar_next_sv; 0: no structured output compiled
+  # in). Row 0 is the unconstrained state every free row sits in.
+  grammar_states: int = 0
 
   @property
   def num_tokens(self) -> int:
@@ -93,8 +96,9 @@ class LoopSpec:
     if self.draft is not None and self.assistant is not None:
       raise ValueError("give a draft model or an assistant, not both")
     if self.assistant is not None:
-      if self.source.uses_ngram or self.controls:
-        raise ValueError("the assistant drafter drafts alone, without penalties or logit_bias")
+      if self.source.uses_ngram or self.controls or self.grammar_states:
+        raise ValueError("the assistant drafter drafts alone, without penalties, logit_bias "
+                         "or grammars")
       self.assistant.check_target(self.target)
     check_coupling(self.coupling)
 
@@ -130,6 +134,8 @@ class Rows(NamedTuple):
   # temperature 1, no penalties, no filters) rather than of the one it samples from. None:
   # never (LoopSpec.raw_logprobs False).
   raw_logprobs_b: jax.Array | None = None
+  # With LoopSpec.grammar_states: int32 the row's grammar's start state in the pool (0: none).
+  grammar_b: jax.Array | None = None
 
 
 class Stats(NamedTuple):
@@ -142,6 +148,10 @@ class Stats(NamedTuple):
   # rejected in reached_bn, as a round that proposes nothing yields one token, like a rejection).
   ngram_judged_b: jax.Array
   ngram_accepted_b: jax.Array
+  # Drafted positions whose proposal the grammar's mask refused: an n-gram token outside the
+  # language (judged and rejected), or the draft model's most probable token (the masked draft
+  # then proposed another).
+  mask_rejected_b: jax.Array
 
 
 class State(NamedTuple):
@@ -156,6 +166,10 @@ class State(NamedTuple):
   in_prompt_bv: jax.Array | None = None  # with controls: bool, the prompt's tokens
   # The target's final hidden state that produced each row's `last` token (assistant only).
   target_hidden_bd: jax.Array | None = None
+  # With LoopSpec.grammar_states: the automata pool, next[state, token] (-1: not allowed), and
+  # each row's state after its tokens up to `last` (see grammar.py).
+  grammar_next_sv: jax.Array | None = None
+  grammar_b: jax.Array | None = None
 
 
 class Logprobs(NamedTuple):
@@ -177,18 +191,49 @@ class Out(NamedTuple):
   logprobs: Logprobs      # of tokens_bw
 
 
-def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None):
+def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None, allowed=None):
   # Both models' distributions over the shared tokens only (padding rows have zero mass), through
   # the one transform (exactness needs p and q filtered alike). counts: the generated tokens
-  # before each position (shaped like the logits), with controls.
+  # before each position (shaped like the logits), with controls; allowed: the grammar's mask
+  # at each position (bool, shaped like the logits), before temperature and filters.
   logits_bv = logits_bv[..., :spec.num_tokens]
   c = rows.controls
   if c is not None:
     logits_bv = sampling.penalize(logits_bv, counts, in_prompt, c.presence_b, c.frequency_b,
                                   c.repetition_b, c.bias_ids_bn, c.bias_bn)
+  if allowed is not None:
+    logits_bv = jnp.where(allowed, logits_bv, -jnp.inf)
   return sampling.probabilities(logits_bv, rows.temperature_b, rows.top_k_b, rows.top_p_b,
                                 max_top_k=spec.max_top_k,
                                 min_p=None if c is None else c.min_p_b)
+
+
+def _allowed(table_sv, g):
+  """The grammar's mask in states g (any shape): g.shape + (V,) bool."""
+  return table_sv[g] >= 0
+
+
+def _advance(table_sv, g_b, x_b):
+  """Each row's state after token x. A token the state does not allow leads to state 0 (no
+  constraint): it is never accepted (its q is 0), so nothing after it is judged."""
+  return jnp.maximum(table_sv[g_b, x_b], 0)
+
+
+def _verify_allowed(table_sv, g_bm):
+  """The masks of the target's K + 1 verified positions (the same states the draft was masked
+  with: the row's state advanced over the drafts before each)."""
+  return _allowed(table_sv, g_bm)
+
+
+def write_grammars(spec: LoopSpec, state: State, offsets_r, tables_rsv) -> State:
+  """Writes grammar i's table (local states from 0, -1: not allowed) into pool rows
+  offsets_r[i] .. offsets_r[i] + s, its states renumbered from there (an offset past the pool
+  drops it: padding)."""
+  s = tables_rsv.shape[1]
+  shifted = jnp.where(tables_rsv >= 0, tables_rsv + offsets_r[:, None, None], -1)
+  at = offsets_r[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+  at = jnp.where(offsets_r[:, None] < spec.grammar_states, at, spec.grammar_states)
+  return state._replace(grammar_next_sv=state.grammar_next_sv.at[at].set(shifted, mode="drop"))
 
 
 def _count(counts_bv, tokens_bm, num_b):
@@ -261,11 +306,15 @@ def init_state(spec: LoopSpec, batch: int) -> State:
       rows=Rows(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32), zeros_b,
                 jnp.zeros((batch, 2), jnp.uint32), zeros_b),
       stats=Stats(zeros_b, zeros_b, jnp.zeros((batch, n), jnp.int32),
-                  jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b),
+                  jnp.zeros((batch, n), jnp.int32), zeros_b, zeros_b, zeros_b),
       target_hidden_bd=(None if spec.assistant is None else
                         jnp.zeros((batch, spec.target.d_model), spec.target.dtype)))
   if spec.raw_logprobs:
     state = state._replace(rows=state.rows._replace(raw_logprobs_b=jnp.zeros((batch,), bool)))
+  if spec.grammar_states:
+    state = state._replace(
+        rows=state.rows._replace(grammar_b=zeros_b), grammar_b=zeros_b,
+        grammar_next_sv=jnp.zeros((spec.grammar_states, spec.num_tokens), jnp.int32))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias
@@ -278,7 +327,8 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool, soft=None, fan: int = 1) -> tuple[State, jax.Array, Logprobs]:
+            with_draft: bool, soft=None, fan: int = 1,
+            grammar_next_sv=None) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
@@ -286,7 +336,9 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   for the target only: a text-only draft reads the placeholder ids. fan: rows per prompt
   (static): each prompt is prefilled once and row i * fan + j is its j-th sample, with its
   own settings and random stream (rows: r * fan of them), so the state's caches keep r rows
-  and everything else r * fan. Returns (state, first token per row, its Logprobs)."""
+  and everything else r * fan. grammar_next_sv: the automata pool rows.grammar_b start in
+  (with LoopSpec.grammar_states; the state returned holds the rows' states, not the pool).
+  Returns (state, first token per row, its Logprobs)."""
   r, t = tokens_rt.shape
   tc = cache_lib.init_cache(spec.target, r, spec.max_len, spec.k_max + 1)
   logits, tc, *hidden = model.prefill(target_params, spec.target, tokens_rt, tc, lengths_r,
@@ -307,7 +359,10 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   if spec.controls:
     counts = jnp.zeros((r, spec.num_tokens), jnp.int32)
     in_prompt = _count(counts, tokens_rt, lengths_r) > 0
-  q_rv = _probs(spec, logits[:, 0], rows, counts, in_prompt)
+  allowed = None
+  if spec.grammar_states:
+    allowed = _allowed(grammar_next_sv, rows.grammar_b)
+  q_rv = _probs(spec, logits[:, 0], rows, counts, in_prompt, allowed)
   if spec.coupling == "gumbel":
     first = gumbel.choose(q_rv, gumbel.noise(rows.seed_b2, lengths_r[:, None],
                                              spec.num_tokens)[:, 0])
@@ -327,11 +382,13 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   state = State(target_cache=tc, draft_cache=dc, tokens_bs=tokens,
                 num_out_b=jnp.ones((r,), jnp.int32), done_b=done, rows=rows,
                 stats=Stats(zeros_r, zeros_r, jnp.zeros((r, n), jnp.int32),
-                            jnp.zeros((r, n), jnp.int32), zeros_r, zeros_r),
+                            jnp.zeros((r, n), jnp.int32), zeros_r, zeros_r, zeros_r),
                 counts_bv=None if counts is None else _count(counts, first[:, None],
                                                      jnp.ones((r,), jnp.int32)),
                 in_prompt_bv=in_prompt,
-                target_hidden_bd=hidden[0][:, 0] if hidden else None)
+                target_hidden_bd=hidden[0][:, 0] if hidden else None,
+                grammar_b=(None if not spec.grammar_states else
+                           _advance(grammar_next_sv, rows.grammar_b, first)))
   return state, first, _emitted_logprobs(spec, q_rv, logits[:, 0], first, rows)
 
 
@@ -353,7 +410,8 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
     soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
     soft = soft.reshape(soft.shape[0], -1, soft.shape[-1])
   new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                                 with_draft=with_draft, soft=soft, fan=fan)
+                                 with_draft=with_draft, soft=soft, fan=fan,
+                                 grammar_next_sv=state.grammar_next_sv)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots),
@@ -366,7 +424,9 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
       in_prompt_bv=None if state.in_prompt_bv is None else put(state.in_prompt_bv,
                                                                new.in_prompt_bv),
       target_hidden_bd=(None if state.target_hidden_bd is None else
-                        put(state.target_hidden_bd, new.target_hidden_bd)))
+                        put(state.target_hidden_bd, new.target_hidden_bd)),
+      grammar_next_sv=state.grammar_next_sv,
+      grammar_b=None if state.grammar_b is None else put(state.grammar_b, new.grammar_b))
   return state, first, new.done_b, logprobs
 
 
@@ -410,7 +470,9 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn,
   which every kept prefix of a live row includes).
 
   The first forced_b[i] tokens of row i are forced_bn's (n-gram proposals, one-hot
-  distributions): the draft is fed them and samples only the positions after them."""
+  distributions): the draft is fed them and samples only the positions after them. With a
+  grammar, each sampled position is masked in the row's state advanced over the drafts before
+  it; the last value returned counts the positions whose proposal the mask refused (Stats)."""
   tc, dc = state.target_cache, state.draft_cache
   b = state.done_b.shape[0]
   num_pending = jnp.where(state.done_b, 0, tc.length - dc.length + 1)  # 1 or 2 when live
@@ -420,44 +482,54 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn,
                              last_only=True)
   v = spec.num_tokens
   counts, in_prompt = state.counts_bv, state.in_prompt_bv
+  table = state.grammar_next_sv
 
-  def choose(j, randomness_b, p):
+  def choose(j, randomness_b, logits_bv, counts, g_b):
     forced = j < forced_b
+    allowed = None if table is None else _allowed(table, g_b)
+    p = _probs(spec, logits_bv, state.rows, counts, in_prompt, allowed)
     x = jnp.where(forced, forced_bn[:, j], _pick(spec, randomness_b, p))
-    return x, jnp.where(forced[:, None], jax.nn.one_hot(x, v, dtype=p.dtype), p)
+    p = jnp.where(forced[:, None], jax.nn.one_hot(x, v, dtype=p.dtype), p)
+    if table is None:
+      return x, p, g_b, jnp.zeros_like(x)
+    # Refused: a forced token outside the language, or the draft's unmasked first choice.
+    top = jnp.argmax(logits_bv[..., :v], axis=-1)
+    refused = ~jnp.take_along_axis(allowed, jnp.where(forced, x, top)[:, None], axis=1)[:, 0]
+    return x, p, _advance(table, g_b, x), refused.astype(jnp.int32)
 
-  x0, p0 = choose(0, randomness_bn[:, 0], _probs(spec, logits[:, 0], state.rows, counts,
-                                                  in_prompt))
+  x0, p0, g1, refused0 = choose(0, randomness_bn[:, 0], logits[:, 0], counts, state.grammar_b)
 
   first = cache_lib.recurrent_entries(dc)
   start_b = dc.length
   one = jnp.ones((b,), jnp.int32)
 
   def step(carry, xs):
-    dc, x, counts = carry
+    dc, x, counts, g, refused = carry
     j, randomness_b = xs
     logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     if counts is not None:  # the drafted prefix's own tokens count too
       counts = _count(counts, x[:, None], one)
-    nxt, p = choose(j, randomness_b, _probs(spec, logits[:, 0], state.rows, counts, in_prompt))
+    nxt, p, g, r = choose(j, randomness_b, logits[:, 0], counts, g)
     # A recurrent layer's state after each step, stacked by the scan: the rollback selects
     # the one its kept length ends on (None for attention layers: nothing stacked).
-    return (dc, nxt, counts), (nxt, p, cache_lib.recurrent_entries(dc))
+    return (dc, nxt, counts, g, refused + r), (nxt, p, cache_lib.recurrent_entries(dc))
 
   k = randomness_bn.shape[1]
-  (dc, _, _), (xs, ps, steps) = jax.lax.scan(
-      step, (dc, x0, counts), (jnp.arange(1, k), jnp.moveaxis(randomness_bn[:, 1:], 1, 0)))
+  (dc, _, _, _, refused), (xs, ps, steps) = jax.lax.scan(
+      step, (dc, x0, counts, g1, refused0),
+      (jnp.arange(1, k), jnp.moveaxis(randomness_bn[:, 1:], 1, 0)))
   draft_bn = jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
   p_bnv = jnp.concatenate([p0[:, None], jnp.moveaxis(ps, 0, 1)], axis=1)
-  return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b
+  return draft_bn, p_bnv, dc, cache_lib.steps_traces(first, steps), start_b, refused
 
 
 def _propose(spec: LoopSpec, draft_params, state: State, randomness_bn, last_pos_b):
   """The round's proposals from the spec's draft source: (draft_bn, p_bnv, num_b, ngram_b,
-  draft cache, draft traces, draft start). p_bnv: the distributions they were drawn from
-  (one-hot for n-gram tokens); num_b: proposals per row (positions after it are not judged),
-  None where every row proposes K; ngram_b: how many of them the n-gram lookup made (a
-  prefix)."""
+  draft cache, draft traces, draft start, refused_b). p_bnv: the distributions they were drawn
+  from (one-hot for n-gram tokens); num_b: proposals per row (positions after it are not
+  judged), None where every row proposes K; ngram_b: how many of them the n-gram lookup made
+  (a prefix); refused_b: the grammar's refusals while drafting (_draft), None where no model
+  drafted."""
   b, k = randomness_bn.shape[0], spec.k
   src = spec.source
   if src.uses_ngram:
@@ -467,10 +539,10 @@ def _propose(spec: LoopSpec, draft_params, state: State, randomness_bn, last_pos
     ngram_bn, ngram_b = jnp.zeros((b, k), jnp.int32), jnp.zeros((b,), jnp.int32)
   if not src.uses_model:
     p_bnv = jax.nn.one_hot(ngram_bn, spec.num_tokens, dtype=jnp.float32)
-    return ngram_bn, p_bnv, ngram_b, ngram_b, state.draft_cache, None, None
-  draft_bn, p_bnv, dc, traces, start = _draft(spec, draft_params, state, randomness_bn, ngram_bn,
-                                              ngram_b)
-  return draft_bn, p_bnv, None, ngram_b, dc, traces, start
+    return ngram_bn, p_bnv, ngram_b, ngram_b, state.draft_cache, None, None, None
+  draft_bn, p_bnv, dc, traces, start, refused = _draft(spec, draft_params, state, randomness_bn,
+                                                       ngram_bn, ngram_b)
+  return draft_bn, p_bnv, None, ngram_b, dc, traces, start, refused
 def _draft_assistant(spec: LoopSpec, assistant_params, target_params, state: State, last_b,
                      randomness_bn):
   """K draft tokens from the assistant and the distributions they were drawn from: picked
@@ -516,13 +588,14 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
         sampling.row_keys(state.rows.seed_b2, state.stats.rounds_b + 1), k + 1)
   last = jnp.take_along_axis(state.tokens_bs, jnp.minimum(l0, spec.max_len - 1)[:, None],
                              axis=1)[:, 0]
+  refused = None
   if k > 0 and spec.assistant is not None:
     draft_bn, p_bnv = _draft_assistant(spec, draft_params, target_params, state, last,
                                        randomness[:, :k])
     num_b, ngram_b = None, jnp.zeros((b,), jnp.int32)
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   elif k > 0:
-    draft_bn, p_bnv, num_b, ngram_b, dc, draft_traces, draft_start = _propose(
+    draft_bn, p_bnv, num_b, ngram_b, dc, draft_traces, draft_start, refused = _propose(
         spec, draft_params, state, randomness[:, :k], l0)
     verify_bm = jnp.concatenate([last[:, None], draft_bn], axis=1)
   else:
@@ -537,7 +610,21 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   counts_bmv = None
   if spec.controls:  # position j follows the j drafts before it
     counts_bmv = _prefix_counts(state.counts_bv, draft_bn, spec.num_tokens)
-  q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv)
+  allowed = None
+  if spec.grammar_states:
+    # The row's grammar state before each verified position: advanced over the drafts.
+    table = state.grammar_next_sv
+    g = [state.grammar_b]
+    for j in range(k):
+      g.append(_advance(table, g[-1], draft_bn[:, j]))
+    g_bm = jnp.stack(g, axis=1)
+    allowed = _verify_allowed(table, g_bm)
+    if refused is None and k > 0:  # n-gram proposals only: those outside the language
+      inside = jnp.take_along_axis(_allowed(table, g_bm[:, :k]), draft_bn[..., None],
+                                   axis=2)[..., 0]
+      judged = jnp.arange(k)[None, :] < (k if num_b is None else num_b)[:, None]
+      refused = jnp.sum(judged & ~inside, axis=1, dtype=jnp.int32)
+  q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv, allowed)
   # num_b only where proposals are ragged (n-gram rounds): every other round judges all K.
   ragged = () if num_b is None else (num_b,)
   if k > 0 and spec.coupling == "gumbel":
@@ -587,9 +674,16 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
                 reached_bn=st.reached_bn + act[:, None] * ((jn <= n[:, None]) & (jn < k)),
                 accepted_bn=st.accepted_bn + act[:, None] * (jn < n[:, None]),
                 ngram_judged_b=st.ngram_judged_b + act * jnp.minimum(n + 1, ngram_b),
-                ngram_accepted_b=st.ngram_accepted_b + act * jnp.minimum(n, ngram_b))
+                ngram_accepted_b=st.ngram_accepted_b + act * jnp.minimum(n, ngram_b),
+                mask_rejected_b=st.mask_rejected_b)
+  if refused is not None:
+    stats = stats._replace(mask_rejected_b=st.mask_rejected_b + act * refused)
   state = state._replace(target_cache=tc, draft_cache=dc, tokens_bs=tokens, num_out_b=num_out,
                          done_b=done, stats=stats, target_hidden_bd=target_hidden)
+  if spec.grammar_states:  # the state the emitted tokens reach: n accepted drafts, then nxt
+    g_n = jnp.take_along_axis(g_bm, n[:, None], axis=1)[:, 0]
+    state = state._replace(grammar_b=jnp.where(active, _advance(table, g_n, nxt),
+                                               state.grammar_b))
   if spec.controls:
     state = state._replace(counts_bv=_count(state.counts_bv, emitted, kept))
   return state, emitted, count, logprobs

@@ -160,7 +160,8 @@ class Sampler:
                                        soft_sharding),
                      out_shardings=(rows(batch, max_new), rows(batch),
                                     decode.Stats(rows(batch), rows(batch), rows(batch, n),
-                                                 rows(batch, n), rows(batch), rows(batch))))
+                                                 rows(batch, n), rows(batch), rows(batch),
+                                                 rows(batch))))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     args = (self.target_params, self.draft_params if spec.draft is not None else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),

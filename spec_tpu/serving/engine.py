@@ -53,7 +53,9 @@ feeds it the tokens it missed (decode.catch_up_draft).
 
 Per request beyond the filters: logprobs (each emitted token's log-probability under the
 target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
-tokens), and with `controls=True` penalties, min_p and logit_bias (decode.Controls). `score`
+tokens), with `controls=True` penalties, min_p and logit_bias (decode.Controls), and with
+`grammar_states` > 0 structured output (GenerationParams.grammar: a regex or JSON schema
+compiled by `grammars`, held on device as an automaton per slot; decoding/grammar.py). `score`
 runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 
@@ -122,6 +124,7 @@ class _Slot:
   judged: int = 0
   ngram_accepted: int = 0
   ngram_judged: int = 0
+  mask_rejected: int = 0
 
 
 def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
@@ -147,7 +150,8 @@ class Engine:
                min_prompt_bucket: int = 16, window_rounds: int = 64, probe_every: int = 16,
                margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
-               max_logit_bias: int = 300, draft_source: DraftSource | None = None):
+               max_logit_bias: int = 300, draft_source: DraftSource | None = None,
+               grammar_states: int = 0):
     decode.check_coupling(coupling)
     # Where proposals come from (default: the pair's); an n-gram source needs no model.
     source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
@@ -200,6 +204,21 @@ class Engine:
       raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
                        "single-process engine")
     self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
+    # Structured output: each slot owns grammar_states rows of the automata pool (the largest
+    # grammar a request may bring), after the pool's shared unconstrained row 0.
+    if grammar_states < 0:
+      raise ValueError(f"grammar_states must be >= 0 (0: no structured output), got "
+                       f"{grammar_states}")
+    if grammar_states and channel is not None:
+      raise ValueError("structured output needs a single-process engine")
+    self.grammar_states = int(grammar_states)
+    self.grammars = None
+    if self.grammar_states:
+      from spec_tpu.decoding import grammar as grammar_lib
+      if self.tokenizer is not None and pair.eos_id is not None:
+        self.grammars = grammar_lib.GrammarCompiler(
+            grammar_lib.token_bytes(self.tokenizer), pair.eos_id, num_tokens,
+            max_states=self.grammar_states)
     self.draft_source = source
     draft_model = pair.draft_cfg if k_max > 0 and source.uses_model else None
     self._has_draft_model = draft_model is not None
@@ -208,7 +227,8 @@ class Engine:
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
         eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
-        max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None)
+        max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None,
+        grammar_states=1 + self.num_slots * self.grammar_states if self.grammar_states else 0)
     self.coupling = coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
@@ -335,6 +355,15 @@ class Engine:
       raise ValueError("raw logprobs need a single-process engine")
     if params.has_controls and not self.controls:
       raise ValueError("penalties, min_p and logit_bias need an engine built with controls=True")
+    if params.grammar is not None:
+      if not self.grammar_states:
+        raise ValueError("structured output needs an engine built with grammar_states > 0")
+      if self.pair.eos_id is None:
+        raise ValueError("structured output needs a pair with an EOS token")
+      g = params.grammar.next_sv
+      if g.ndim != 2 or g.shape[1] != num_tokens or g.shape[0] > self.grammar_states:
+        raise ValueError(f"the grammar's table {g.shape} does not fit this engine "
+                         f"(at most {self.grammar_states} states x {num_tokens} tokens)")
     if len(params.logit_bias) > self.max_logit_bias:
       raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
                        f"{self.max_logit_bias}")
@@ -615,7 +644,7 @@ class Engine:
       seeds[i] = (seed % 2 ** 32, seed // 2 ** 32)
       raw[i] = p.raw_logprobs
     rows = decode.Rows(temperature, top_p, top_k, seeds, max_new, self._controls(entries),
-                       raw if self._spec.raw_logprobs else None)
+                       raw if self._spec.raw_logprobs else None, self._grammars(entries))
     pixels = None
     if images:
       size = self.pair.target_cfg.vision.image_size
@@ -627,6 +656,26 @@ class Engine:
     if self._channel is not None:
       self._channel.send_insert(with_draft, slots, tokens, lengths, rows)
     return self._run_insert(with_draft, slots, tokens, lengths, rows, pixels)
+
+  def _grammars(self, entries) -> np.ndarray | None:
+    """The rows' start states in the automata pool (0: unconstrained), after writing the
+    constrained requests' automata into their slots' rows (entries: (slot, request) or None,
+    one per row)."""
+    if not self.grammar_states:
+      return None
+    r, s = self.prefill_rows, self.grammar_states
+    start = np.zeros((len(entries),), np.int32)
+    for lo in range(0, len(entries), r):  # the writing program takes prefill_rows automata
+      offsets = np.full((r,), self._spec.grammar_states, np.int32)  # past the pool: dropped
+      tables = np.full((r, s, self.pair.target_cfg.num_tokens), -1, np.int32)
+      for i, entry in enumerate(entries[lo:lo + r]):
+        g = None if entry is None else entry[1].params.grammar
+        if g is not None:
+          start[lo + i] = offsets[i] = 1 + entry[0] * s
+          tables[i, :g.num_states] = g.next_sv
+      if (offsets < self._spec.grammar_states).any():
+        self._state = self._grammar_program()(self._state, offsets, tables)
+    return start
 
   def _controls(self, entries) -> decode.Controls | None:
     """The controls of an insert's rows (entries: (slot, request) or None, one per row)."""
@@ -686,6 +735,7 @@ class Engine:
                                                  int(judged_b[i]))
       slot.ngram_accepted = int(stats.ngram_accepted_b[i])
       slot.ngram_judged = int(stats.ngram_judged_b[i])
+      slot.mask_rejected = int(stats.mask_rejected_b[i])
       c = out.count_b[i]
       self._deliver(i, out.tokens_bw[i, :c].tolist(), bool(done[i]),
                     jax.tree.map(lambda x: x[i, :c], out.logprobs))
@@ -721,6 +771,7 @@ class Engine:
     stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
                                 accepted=s.accepted, judged=s.judged,
                                 ngram_accepted=s.ngram_accepted, ngram_judged=s.ngram_judged,
+                                mask_rejected=s.mask_rejected,
                                 ks=tuple(sorted(s.ks)))
     r._finish(reason, stats)
     self.metrics.finished(reason, stats.time_to_first_token_s)
@@ -834,9 +885,10 @@ class Engine:
 
   def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = (),
               both_inserts: bool = False) -> None:
-    """Compiles the step programs for these K and the insert programs for prompts of these
-    lengths (their buckets; inserting as the current K does, or both ways), so no request
-    waits for them. Others compile on first use (seconds on CPU; more for large models)."""
+    """Compiles the step programs for these K, the insert programs for prompts of these
+    lengths (their buckets; inserting as the current K does, or both ways) and, with
+    grammar_states, the program that writes a request's automaton, so no request waits for
+    them. Others compile on first use (seconds on CPU; more for large models)."""
     if any(not 0 <= int(k) <= self.k_max for k in ks):
       raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
     for k in ks:
@@ -846,6 +898,8 @@ class Engine:
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
       for with_draft in drafts:
         self._insert_program(with_draft, t)
+    if self.grammar_states:  # what the first constrained request would wait for
+      self._grammar_program()
 
   def _publish_gauges(self):
     g = dict(queue_length=len(self._queue), active_slots=self.active_slots,
@@ -863,7 +917,10 @@ class Engine:
     return sh._replace(
         target_cache=sharding.cache_shardings(self._abstract.target_cache, mesh, s.target_rules),
         draft_cache=(None if self._abstract.draft_cache is None else
-                     sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)))
+                     sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)),
+        # Every row may enter any slot's automaton rows: the pool is not split by batch.
+        grammar_next_sv=(None if self._abstract.grammar_next_sv is None else
+                         sharding.replicated(mesh)))
 
   def _score_program(self, t: int):
     key = ("score", t)
@@ -893,7 +950,7 @@ class Engine:
           if self.controls else None
       raw = self._spec.raw_logprobs
       rows_sh = decode.Rows(row(n), row(n), row(n), row(n, 2), row(n), controls_sh,
-                            row(n) if raw else None)
+                            row(n) if raw else None, row(n) if self.grammar_states else None)
       slots_shape = (r, fan) if fan > 1 else (r,)
       sds = jax.ShapeDtypeStruct
       image_args, image_sh = (), ()
@@ -916,9 +973,23 @@ class Engine:
                           sds((n, 2), jnp.uint32), sds((n,), jnp.int32),
                           decode.Controls(*[sds((n,), jnp.float32)] * 4, sds((n, m), jnp.int32),
                                           sds((n, m), jnp.float32)) if self.controls else None,
-                          sds((n,), bool) if raw else None),
+                          sds((n,), bool) if raw else None,
+                          sds((n,), jnp.int32) if self.grammar_states else None),
               *image_args)
       self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+    return self._programs[key]
+
+  def _grammar_program(self):
+    key = ("grammar",)
+    if key not in self._programs:
+      r, s, v = self.prefill_rows, self.grammar_states, self.pair.target_cfg.num_tokens
+      rep = sharding.replicated(self.pair.mesh)
+      jitted = jax.jit(functools.partial(decode.write_grammars, self._spec), donate_argnums=(0,),
+                       in_shardings=(self._state_sh, rep, rep), out_shardings=self._state_sh)
+      sds = jax.ShapeDtypeStruct
+      self._programs[key] = jitted.lower(self._abstract, sds((r,), jnp.int32),
+                                         sds((r, s, v), jnp.int32)).compile(
+                                             self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int):

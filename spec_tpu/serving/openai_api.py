@@ -110,8 +110,7 @@ def _params(body: dict, chat: bool = False) -> GenerationParams:
   default_max_tokens = 1 if chat else DEFAULT_MAX_TOKENS  # chat's is replaced by the room left
   for name, neutral in (("suffix", ("",)),
                         ("tools", ([],)), ("functions", ([],)),
-                        ("tool_choice", ("none", "auto")), ("function_call", ("none", "auto")),
-                        ("response_format", ({"type": "text"},))):
+                        ("tool_choice", ("none", "auto")), ("function_call", ("none", "auto"))):
     _unsupported(body, name, neutral)
   max_tokens = body.get(max_tokens_field)
   if max_tokens is None and max_tokens_field == "max_completion_tokens":
@@ -169,6 +168,42 @@ def _params(body: dict, chat: bool = False) -> GenerationParams:
                           top_p=float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
                           top_k=max(top_k, 0), seed=seed, stop=stop, logprobs=logprobs,
                           raw_logprobs=mode in ("raw", "raw_logprobs"))
+
+
+def _grammar(body: dict, grammars):
+  """The compiled grammar a request's response_format (json_object, json_schema) or
+  `guided_regex` (an extension, as vLLM names it) asks for; None for plain text."""
+  fmt = body.get("response_format")
+  regex = body.get("guided_regex")
+  if fmt in (None, {"type": "text"}) and regex is None:
+    return None
+  from spec_tpu.decoding.grammar import GrammarError, json_object_regex
+  if grammars is None:
+    raise ApiError(400, "structured output is not enabled on this server (engine."
+                   "grammar_states = 0, or no tokenizer or EOS)", param="response_format")
+  try:
+    if regex is not None:
+      if fmt not in (None, {"type": "text"}):
+        raise ApiError(400, "give 'response_format' or 'guided_regex', not both",
+                       param="guided_regex")
+      if not isinstance(regex, str):
+        raise ApiError(400, "'guided_regex' must be a string", param="guided_regex")
+      return grammars.regex(regex)
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+      return grammars.regex(json_object_regex())
+    if kind == "json_schema":
+      spec = fmt.get("json_schema")
+      if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise ApiError(400, "'response_format.json_schema' must be an object with a "
+                       "'schema' object", param="response_format")
+      # strict or not, the output follows the schema: the mask never lets it stray.
+      return grammars.json_schema(spec.get("schema", {}))
+    raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or "
+                   "'json_schema'", param="response_format")
+  except GrammarError as e:
+    raise ApiError(400, str(e), param="guided_regex" if regex is not None else
+                   "response_format") from None
 
 
 def _samples(n: int, params: GenerationParams) -> list[GenerationParams]:
@@ -297,7 +332,8 @@ def _spec_stats(request: Request) -> dict:
   s = request.stats
   return {"acceptance_rate": _finite(s.acceptance_rate), "accepted": s.accepted,
           "judged": s.judged, "ngram_accepted": s.ngram_accepted,
-          "ngram_judged": s.ngram_judged, "target_calls": s.target_calls,
+          "ngram_judged": s.ngram_judged, "mask_rejected": s.mask_rejected,
+          "target_calls": s.target_calls,
           "tokens_per_target_call": _finite(s.tokens_per_target_call), "k": list(s.ks),
           "time_to_first_token_s": _finite(s.time_to_first_token_s), "seconds": s.seconds}
 
@@ -353,6 +389,7 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   template = chat_template or chat_lib.ChatTemplate()
   created = int(time.time())
   tok = engine.tokenizer
+  grammars = getattr(engine, "grammars", None)  # structured output (None: off)
   key = limits.api_key.encode() if limits.api_key else None
   timeout_s = limits.request_timeout_s
 
@@ -532,7 +569,9 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
     body = await _body(http)
-    params = _params(body)
+    # Compiled off the event loop: a large schema at a large vocabulary takes seconds.
+    params = dataclasses.replace(_params(body),
+                                 grammar=await asyncio.to_thread(_grammar, body, grammars))
     prompts = [_encode(p) for p in _prompts(body)]
     stream, include_usage = _stream(body)
     n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
@@ -616,7 +655,8 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
     body = await _body(http)
-    params = _params(body, chat=True)
+    params = dataclasses.replace(_params(body, chat=True),
+                                 grammar=await asyncio.to_thread(_grammar, body, grammars))
     messages = body.get("messages")
     if not isinstance(messages, list):
       raise ApiError(400, "'messages' must be a list", param="messages")

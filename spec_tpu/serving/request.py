@@ -48,6 +48,9 @@ class GenerationParams:
   frequency_penalty: float = 0.0
   repetition_penalty: float = 1.0
   logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
+  # Structured output (needs an engine with grammar_states > 0): the output is constrained to
+  # this compiled grammar's language (Engine.grammars compiles regexes and JSON schemas).
+  grammar: object | None = None  # grammar.TokenGrammar
 
   @property
   def has_controls(self) -> bool:
@@ -127,6 +130,7 @@ class RequestStats:
   judged: int = 0           # draft tokens the target judged (the a of the speedup formula)
   ngram_accepted: int = 0   # of `accepted`, proposed by the n-gram lookup (the rest: the model)
   ngram_judged: int = 0     # of `judged`, proposed by the n-gram lookup
+  mask_rejected: int = 0    # drafted positions whose proposal the grammar's mask refused
   ks: tuple[int, ...] = ()  # the K of every step the request took part in, distinct, sorted
   queue_s: float = 0.0      # submitted -> prefill started
   time_to_first_token_s: float = float("nan")

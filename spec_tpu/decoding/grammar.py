@@ -1,0 +1,219 @@
+"""Structured output: a regex or JSON schema compiled to a token-level automaton the decode loop
+holds on device.
+
+A grammar constrains the target's law to the tokens its automaton allows after the prefix. The
+automaton is deterministic over tokens, so the allowed set at every position is a function of
+the prefix: the loop masks the draft's p at each drafted position (the state advanced over the
+drafted tokens), the target's q at each of the K + 1 verified positions (the same states) and
+the bonus position, and after acceptance keeps the state reached by the emitted tokens (the
+rollback: the states of rejected drafts are simply not kept). EOS is allowed exactly in the
+accepting states. Speculative sampling stays exact for the constrained law, and nothing leaves
+the device between rounds (decode.py).
+
+Compilation (host, once per grammar and tokenizer; `GrammarCompiler` caches it): a JSON schema
+becomes a regex (outlines-core), the regex a DFA over the tokens' bytes (outlines-core's Index),
+and that a table next[state, token] (int32, -1: not allowed) with the start state 0.
+docs/structured.md compares the grammar libraries and gives the costs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import threading
+
+import numpy as np
+
+
+class GrammarError(ValueError):
+  """A response format, schema or regex that cannot constrain a generation (a 400)."""
+
+
+# JSON Schema keywords the schema-to-regex translation enforces. It would drop any other
+# (numeric bounds, multipleOf, uniqueItems, ...) silently, and the output might then fail its
+# schema: those are refused instead.
+SUPPORTED_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+    "definitions", "minLength", "maxLength", "pattern", "format"})
+# Annotations only: they constrain nothing, whatever their value.
+_ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "default", "examples",
+                          "$comment"})
+FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (an array)
+class TokenGrammar:
+  """A compiled grammar: next_sv[s, v] is the state after token v in state s, -1 where v is
+  not allowed (EOS maps an accepting state to itself). State 0 is the start."""
+  next_sv: np.ndarray
+  source: str  # the regex it was compiled from
+
+  @property
+  def num_states(self) -> int:
+    return self.next_sv.shape[0]
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+  """The bytes each token id stands for in generated text (None: a control token that never
+  appears in it, such as pad, BOS or EOS)."""
+  sp = getattr(tokenizer, "_sp", None)
+  if sp is not None:  # sentencepiece
+    out = []
+    for i in range(tokenizer.vocab_size):
+      if sp.is_control(i) or sp.is_unknown(i):
+        out.append(None)
+      elif sp.is_byte(i):
+        out.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+      else:
+        out.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+  if getattr(tokenizer, "name", None) == "bytes":
+    offset = tokenizer.vocab_size - 256
+    return [None] * offset + [bytes([b]) for b in range(256)]
+  raise GrammarError(f"structured output is not supported for the tokenizer {tokenizer!r} "
+                     f"(sentencepiece and byte tokenizers are)")
+
+
+def _check_schema(schema, path="schema"):
+  """Refuses what the regex translation would not enforce (so a response could fail its
+  schema) and what is not a JSON schema."""
+  if isinstance(schema, bool):
+    return
+  if not isinstance(schema, dict):
+    raise GrammarError(f"{path} must be an object, got {type(schema).__name__}")
+  for key, value in schema.items():
+    if key in _ANNOTATIONS:
+      continue
+    if key not in SUPPORTED_KEYWORDS:
+      raise GrammarError(f"{path}: unsupported JSON Schema keyword {key!r} (it would not be "
+                         f"enforced)")
+    if key == "format" and value not in FORMATS:
+      raise GrammarError(f"{path}: unsupported format {value!r} (supported: "
+                         f"{', '.join(FORMATS)})")
+    if key in ("properties", "$defs", "definitions"):
+      if not isinstance(value, dict):
+        raise GrammarError(f"{path}.{key} must be an object")
+      for name, sub in value.items():
+        _check_schema(sub, f"{path}.{key}.{name}")
+    elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+      if not isinstance(value, list) or not value:
+        raise GrammarError(f"{path}.{key} must be a non-empty array")
+      for i, sub in enumerate(value):
+        _check_schema(sub, f"{path}.{key}[{i}]")
+    elif key in ("items", "additionalProperties") and not isinstance(value, bool):
+      _check_schema(value, f"{path}.{key}")
+    elif key == "type":
+      types = value if isinstance(value, list) else [value]
+      known = {"object", "array", "string", "number", "integer", "boolean", "null"}
+      if not types or any(t not in known for t in types):
+        raise GrammarError(f"{path}.type must be one of {sorted(known)}, got {value!r}")
+    elif key == "required" and not (isinstance(value, list) and
+                                     all(isinstance(x, str) for x in value)):
+      raise GrammarError(f"{path}.required must be an array of property names")
+    elif key == "enum" and not isinstance(value, list):
+      raise GrammarError(f"{path}.enum must be an array")
+    elif key in ("minLength", "maxLength", "minItems", "maxItems") and not (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+      raise GrammarError(f"{path}.{key} must be a non-negative integer")
+
+
+def schema_regex(schema) -> str:
+  """The regex of a JSON schema's instances (compact JSON, optional single spaces)."""
+  from outlines_core.json_schema import build_regex_from_schema
+  _check_schema(schema)
+  try:
+    return build_regex_from_schema(json.dumps(schema))
+  except Exception as e:  # the translation's own refusals (bad $ref, bad pattern, ...)
+    raise GrammarError(f"invalid JSON schema: {_first_line(e)}") from None
+
+
+def json_object_regex() -> str:
+  """response_format json_object: a JSON object whose values are scalars or arrays of scalars.
+  (A regex cannot nest without bound, and the translation's own unrolling of an untyped object,
+  three levels deep, is a 1600-state automaton that takes 10 s to compile at a 2k vocabulary.)"""
+  from outlines_core.json_schema import BOOLEAN, NULL, NUMBER, STRING, WHITESPACE as W
+  scalar = f"({STRING}|{NUMBER}|{BOOLEAN}|{NULL})"
+  value = f"({scalar}|\\[{W}({scalar}({W},{W}{scalar})*)?{W}\\])"
+  member = f"{STRING}{W}:{W}{value}"
+  return f"\\{{{W}({member}({W},{W}{member})*)?{W}\\}}"
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return text.splitlines()[0]
+
+
+class GrammarCompiler:
+  """Compiles regexes and JSON schemas over one vocabulary to TokenGrammars, caching the last
+  `cache_size` (thread-safe: the server compiles while the engine runs). pieces: each token's
+  bytes (token_bytes; None: never in text)."""
+
+  def __init__(self, pieces, eos_id: int, num_tokens: int, *, max_states: int,
+               cache_size: int = 64):
+    from outlines_core import Vocabulary
+    if eos_id is None:
+      raise GrammarError("structured output needs an EOS token (the grammar decides where "
+                         "the generation may end)")
+    by_bytes = collections.defaultdict(list)
+    for i, b in enumerate(pieces[:num_tokens]):
+      if b:  # empty pieces would loop in place; control tokens never appear in text
+        by_bytes[b].append(i)
+    self._vocabulary = Vocabulary(eos_id, dict(by_bytes))
+    self.eos_id, self.num_tokens, self.max_states = eos_id, num_tokens, max_states
+    self._cache: collections.OrderedDict[str, TokenGrammar] = collections.OrderedDict()
+    self._cache_size = cache_size
+    self._lock = threading.Lock()
+
+  def regex(self, pattern: str) -> TokenGrammar:
+    if not isinstance(pattern, str) or not pattern:
+      raise GrammarError("the regex must be a non-empty string")
+    with self._lock:
+      if pattern in self._cache:
+        self._cache.move_to_end(pattern)
+        return self._cache[pattern]
+    grammar = self._compile(pattern)
+    with self._lock:
+      self._cache[pattern] = grammar
+      while len(self._cache) > self._cache_size:
+        self._cache.popitem(last=False)
+    return grammar
+
+  def json_schema(self, schema) -> TokenGrammar:
+    return self.regex(schema_regex(schema))
+
+  def _compile(self, pattern: str) -> TokenGrammar:
+    from outlines_core import Index
+    try:
+      index = Index(pattern, self._vocabulary)
+    except Exception as e:
+      raise GrammarError(f"cannot compile the regex {pattern[:80]!r}: {_first_line(e)}") \
+          from None
+    transitions = index.get_transitions()
+    start = index.get_initial_state()
+    finals = set(index.get_final_states())
+    # States numbered from the start, in breadth-first order (0 = start).
+    order, seen = [start], {start}
+    for s in order:
+      for nxt in transitions.get(s, {}).values():
+        if nxt not in seen:
+          seen.add(nxt)
+          order.append(nxt)
+    if len(order) > self.max_states:
+      raise GrammarError(f"the grammar needs {len(order)} automaton states, more than the "
+                         f"engine's grammar_states={self.max_states}")
+    number = {s: i for i, s in enumerate(order)}
+    table = np.full((len(order), self.num_tokens), -1, np.int32)
+    for s in order:
+      for token, nxt in transitions.get(s, {}).items():
+        if token < self.num_tokens:
+          table[number[s], token] = number[nxt]
+      table[number[s], self.eos_id] = number[s] if s in finals else -1
+    # A state that allows nothing would leave the target's law undefined; the index prunes
+    # dead ends, so only a language with no string in this vocabulary gets here.
+    if not (table[0] >= 0).any():
+      raise GrammarError(f"the regex {pattern[:80]!r} matches no text these tokens can spell")
+    if not all((table[number[s]] >= 0).any() for s in order):
+      raise GrammarError(f"the regex {pattern[:80]!r} has states these tokens cannot leave")
+    return TokenGrammar(table, pattern)

@@ -246,7 +246,8 @@ def test_speculative_greedy_equals_autoregressive_greedy(pair):
   assert got == want
 
 
-@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_gemma4_ple", "tiny_gemma3", "tiny"])
+@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_gemma4_ple", "tiny_gemma3", "tiny",
+                                  "tiny_gemma4_assistant", "gemma4_31b_assistant"])
 def test_num_params_counts_what_init_allocates(name):
   import math
   cfg = get_preset(name)

@@ -255,7 +255,12 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
 
 # ---------------------------------------------------------------- the assistant drafter
 
-def assistant_from_hf(hf_config: dict, index, dtype=None):
+def is_assistant(hf: dict) -> bool:
+  return (hf.get("model_type") == "gemma4_assistant"
+          or "Gemma4AssistantForCausalLM" in (hf.get("architectures") or []))
+
+
+def assistant_from_hf(hf_config: dict, index, dtype=None, name: str = "gemma4_assistant"):
   """(AssistantConfig, params as numpy arrays) of a Gemma4AssistantForCausalLM checkpoint
   (config.json contents and a checkpoint index, as convert_params takes)."""
   from spec_tpu.models import assistant
@@ -268,7 +273,7 @@ def assistant_from_hf(hf_config: dict, index, dtype=None):
   text["num_kv_shared_layers"] = 0  # every layer reads the target: no tail of its own
   text.setdefault("hidden_size_per_layer_input", 0)
   text.setdefault("dtype", hf_config.get("dtype") or hf_config.get("torch_dtype"))
-  cfg = config_from_hf(text, name="gemma4_assistant", dtype=dtype)
+  cfg = config_from_hf(text, name=name, dtype=dtype)
   cfg = cfg.replace(final_logit_softcap=None)  # the assistant's head applies none
   if cfg.sliding_window:
     # transformers masks the assistant's local layers with a bidirectional window (distance

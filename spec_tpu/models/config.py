@@ -363,6 +363,9 @@ class AssistantConfig:
     return {"kind": "assistant", "backbone_d_model": self.backbone_d_model,
             "layers": self.layers.to_dict()}
 
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "AssistantConfig":
     if set(d) != {"kind", "backbone_d_model", "layers"} or d["kind"] != "assistant":

@@ -1,7 +1,8 @@
 """Gemma 4 text checkpoints from Hugging Face: config.json mapping and weight plan.
 
-Served: Gemma4ForCausalLM (model_type gemma4_text) and the text half of
-Gemma4ForConditionalGeneration (model_type gemma4; its vision and audio towers are not read).
+Served: Gemma4ForCausalLM (model_type gemma4_text), the text half of
+Gemma4ForConditionalGeneration (model_type gemma4; its vision and audio towers are not read),
+and Gemma4AssistantForCausalLM (model_type gemma4_assistant: assistant_from_hf).
 The semantics follow transformers' models/gemma4/modeling_gemma4.py (5.25), which
 tests/test_gemma4.py checks against:
   - RMSNorm multiplies by w (not 1 + w); values get a weightless RMSNorm; attention scale 1.

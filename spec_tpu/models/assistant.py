@@ -30,12 +30,18 @@ def init_params(acfg: AssistantConfig, key, dtype=None) -> dict:
   dtype = jnp.dtype(dtype or cfg.dtype)
   keys = jax.random.split(key, cfg.num_layers + 3)
   d, big = cfg.d_model, acfg.backbone_d_model
-  return {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
-          "post_proj": model._normal(keys[1], (d, big), d, dtype),
-          "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
-          "final_norm": model._norm_init(cfg, dtype),
-          "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
-                     for i, kind in enumerate(cfg.layer_types)]}
+  params = {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
+            "post_proj": model._normal(keys[1], (d, big), d, dtype),
+            "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
+            "final_norm": model._norm_init(cfg, dtype),
+            "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
+                       for i, kind in enumerate(cfg.layer_types)]}
+  if acfg.centroids:
+    c = acfg.centroids
+    params["centroids"] = model._normal(jax.random.fold_in(key, 1), (d, c), d, dtype)
+    params["token_order"] = jax.random.permutation(
+        jax.random.fold_in(key, 2), cfg.vocab_size).astype(jnp.int32).reshape(c, -1)
+  return params
 
 
 def param_logical_axes(acfg: AssistantConfig) -> dict:
@@ -44,7 +50,9 @@ def param_logical_axes(acfg: AssistantConfig) -> dict:
   return {"pre_proj": ("embed", None), "post_proj": (None, "embed"), "embed": ("vocab", "embed"),
           "final_norm": ("embed",),
           "layers": [model.layer_logical_axes(cfg, kind, kv_shared=True)
-                     for kind in cfg.layer_types]}
+                     for kind in cfg.layer_types],
+          **({"centroids": ("embed", None), "token_order": (None, None)}
+             if acfg.centroids else {})}
 
 
 def target_sources(target: ModelConfig) -> dict[str, int]:
@@ -84,9 +92,26 @@ def step(params, acfg: AssistantConfig, target_params, target: ModelConfig,
     none = jnp.zeros((b, k, 1, e), x.dtype)
     x, _, _ = model._layer(cfg, kind, lp, x, ctx, views[kind], i, donor=(none, none))
   h = model._norm(cfg, x, params["final_norm"])
-  logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
   nxt = quant.einsum("btd,dn->btn", h, params["post_proj"])
+  if acfg.centroids:
+    return _centroid_logits(params, acfg, h[:, 0]), nxt[:, 0]
+  logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
   return logits[:, 0], nxt[:, 0]
+
+
+def _centroid_logits(params, acfg: AssistantConfig, h_bd):
+  """Logits of the tokens of the centroid_top_k best clusters (AssistantConfig says how the
+  rest are set): only those rows of the vocabulary are read."""
+  b = h_bd.shape[0]
+  scores = jnp.einsum("bd,dc->bc", h_bd, params["centroids"],
+                      preferred_element_type=jnp.float32)
+  _, best = jax.lax.top_k(scores, acfg.centroid_top_k)
+  ids = params["token_order"][best].reshape(b, -1)  # b n: the chosen clusters' tokens
+  rows = jnp.take(params["embed"], ids, axis=0)     # b n d
+  chosen = jnp.einsum("bd,bnd->bn", h_bd, rows, preferred_element_type=jnp.float32)
+  floor = jnp.min(chosen, axis=-1, keepdims=True) - 1.0
+  logits = jnp.broadcast_to(floor, (b, acfg.vocab_size))
+  return logits.at[jnp.arange(b)[:, None], ids].set(chosen)
 
 
 def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,

@@ -331,9 +331,16 @@ class AssistantConfig:
   caches. layers: its layers as a ModelConfig (its d_model, heads, ffw; head sizes and KV head
   counts those of the target's kinds; every layer reads the target's cache, none has k/v
   weights); backbone_d_model: the target's d_model (the width of the hidden state it is fed).
-  Name, tokenizer, vocabulary and dtype are the layers'."""
+  Name, tokenizer, vocabulary and dtype are the layers'.
+  centroids > 0 (the E2B/E4B assistants' ordered embeddings): the vocabulary falls into that
+  many clusters of vocab_size / centroids tokens; a step scores the clusters, and only the
+  tokens of the centroid_top_k best get their own logit, every other token the lowest of those
+  minus 1 (transformers' Gemma4AssistantMaskedEmbedder, which takes that floor over its whole
+  batch; here per row, so a row's draft never depends on its neighbours)."""
   layers: ModelConfig
   backbone_d_model: int
+  centroids: int = 0
+  centroid_top_k: int = 0
 
   name = property(lambda self: self.layers.name)
   tokenizer = property(lambda self: self.layers.tokenizer)
@@ -352,15 +359,22 @@ class AssistantConfig:
                        "their own")
     if self.backbone_d_model < 1:
       raise ValueError(f"backbone_d_model must be positive, got {self.backbone_d_model}")
+    if self.centroids and (self.layers.vocab_size % self.centroids
+                           or not 0 < self.centroid_top_k <= self.centroids):
+      raise ValueError(f"centroids ({self.centroids}) must divide vocab_size "
+                       f"({self.layers.vocab_size}), with 0 < centroid_top_k "
+                       f"({self.centroid_top_k}) <= centroids")
 
   def replace(self, **kw) -> "AssistantConfig":
-    """backbone_d_model and layers on this config; any other field on its layers."""
-    own = {k: kw.pop(k) for k in ("backbone_d_model", "layers") if k in kw}
+    """Its own fields on this config; any other field on its layers."""
+    own = {k: kw.pop(k) for k in ("backbone_d_model", "layers", "centroids", "centroid_top_k")
+           if k in kw}
     layers = own.pop("layers", self.layers)
     return dataclasses.replace(self, layers=layers.replace(**kw) if kw else layers, **own)
 
   def to_dict(self) -> dict[str, Any]:
     return {"kind": "assistant", "backbone_d_model": self.backbone_d_model,
+            "centroids": self.centroids, "centroid_top_k": self.centroid_top_k,
             "layers": self.layers.to_dict()}
 
   def to_json(self) -> str:
@@ -368,14 +382,17 @@ class AssistantConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "AssistantConfig":
-    if set(d) != {"kind", "backbone_d_model", "layers"} or d["kind"] != "assistant":
-      raise ValueError(f"an assistant config holds kind, backbone_d_model and layers; got "
-                       f"{sorted(d)}")
-    return cls(ModelConfig.from_dict(d["layers"]), int(d["backbone_d_model"]))
+    own = {"kind", "backbone_d_model", "layers", "centroids", "centroid_top_k"}
+    if not {"kind", "backbone_d_model", "layers"} <= set(d) <= own or d["kind"] != "assistant":
+      raise ValueError(f"an assistant config holds {sorted(own)}; got {sorted(d)}")
+    return cls(ModelConfig.from_dict(d["layers"]), int(d["backbone_d_model"]),
+               int(d.get("centroids", 0)), int(d.get("centroid_top_k", 0)))
 
   def num_params(self) -> int:
     a, big = self.layers, self.backbone_d_model
     total = a.num_params() + 3 * big * a.d_model  # pre_proj (2D d), post_proj (d D)
+    if self.centroids:  # the centroids (d C) and the token order (V)
+      total += a.d_model * self.centroids + a.vocab_size
     for kind in a.layer_types:  # no k/v weights or k norm: every layer reads the target's
       e, k = a.kind_head_dim(kind), a.kind_kv_heads(kind)
       total -= a.d_model * e * k * (1 if kind == GLOBAL and a.global_k_eq_v else 2)

@@ -292,7 +292,8 @@ def _read_meta(path: str, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]
 
 
 def load_config(path) -> ModelConfig:
-  """The ModelConfig (or AssistantConfig) stored with a checkpoint (checks the config file, not the arrays)."""
+  """The ModelConfig (or AssistantConfig) stored with a checkpoint (checks the config file,
+  not the arrays)."""
   path = os.fspath(path)
   return _config(path, _read_meta(path, _read_manifest(path)))
 
@@ -381,7 +382,7 @@ def _fields_setting(config: ModelConfig, implied: dict, variants: dict, leaf: st
 
 
 def _value(config, field: str):
-  if isinstance(config, config_lib.AssistantConfig) and field != "backbone_d_model":
+  if isinstance(config, config_lib.AssistantConfig) and not hasattr(config, field):
     return getattr(config.layers, field)
   return getattr(config, field)
 

@@ -560,7 +560,8 @@ PRESETS: dict[str, ModelConfig] = {
             num_global_kv_heads=4, global_k_eq_v=True, ffw_dim=21_504,
             layer_pattern=(LOCAL,) * 5 + (GLOBAL,), sliding_window=1024),
     # E2B: 35 layers 4:1, d 1536, 8 heads, 1 KV head, PLE 256, last 20 layers kv-shared with
-    # a double-wide MLP (intermediate_size 6144; one source says 8192: unverified here).
+    # a double-wide MLP (intermediate_size 6144 with use_double_wide_mlp, as four independent
+    # public repositories quote its config.json, one from a fetched copy).
     _gemma4("gemma4_e2b", d_model=1536, num_layers=35, num_heads=8, num_kv_heads=1,
             ffw_dim=6144, layer_pattern=(LOCAL,) * 4 + (GLOBAL,), sliding_window=512,
             ple_dim=256, kv_shared_layers=20, kv_shared_ffw_dim=2 * 6144),

@@ -18,8 +18,11 @@
       kind          where proposals come from: 'model' (the draft model; none: engine.k must be
                     0), 'ngram' (prompt lookup in the row's own tokens: no draft model, none
                     loaded), 'hybrid' (n-gram where the lookup matches, the draft model
-                    continuing it and elsewhere); spec_tpu/decoding/draft_source.py
+                    continuing it and elsewhere), 'assistant' (a Gemma 4 assistant drafter,
+                    converted from Gemma4AssistantForCausalLM, reading the target's caches;
+                    preset a name in ASSISTANT_PRESETS); spec_tpu/decoding/draft_source.py
       ngram_max, ngram_min  suffix lengths the lookup tries, longest first
+      greedy        kind 'assistant': propose its argmax (one-hot) instead of a sample
     sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),
                 max_new_tokens, seed; coupling: 'gumbel' (a seed gives the same tokens
                 whatever K, the draft, the batch or a resume) or 'rejection' (the most
@@ -119,10 +122,11 @@ def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = F
 
 
 def draft_section(kind: str = "model", ngram_max: int = 4, ngram_min: int = 2,
-                  **model) -> ml_collections.ConfigDict:
-  """A model section plus where proposals come from (draft.kind and the n-gram sizes)."""
+                  greedy: bool = False, **model) -> ml_collections.ConfigDict:
+  """A model section plus where proposals come from (draft.kind, the n-gram sizes and the
+  assistant's greedy option)."""
   s = model_section(**model)
-  s.kind, s.ngram_max, s.ngram_min = kind, ngram_max, ngram_min
+  s.kind, s.ngram_max, s.ngram_min, s.greedy = kind, ngram_max, ngram_min, greedy
   return s
 
 

@@ -7,7 +7,8 @@
 
 spec_tpu.setup builds one from a config (checkpoints restored, quantized, sharded).
 `draft_source` says where proposals come from (spec_tpu/decoding/draft_source.py): the draft
-model (default), prompt lookup (no draft model needed) or both.
+model (default), prompt lookup (no draft model needed) or both. A Gemma 4 assistant drafter
+is a draft too: draft_cfg an AssistantConfig (its draft source then defaults to 'assistant').
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import Mesh
 
 from spec_tpu import sharding
 from spec_tpu.decoding.draft_source import DraftSource
-from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.config import AssistantConfig, ModelConfig
 
 
 # XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion hoists the float32
@@ -52,8 +53,16 @@ def compiler_options(platform: str, quantized: bool = False) -> dict | None:
   return None
 
 
-def check_pair(target: ModelConfig, draft: ModelConfig):
-  """Draft and target must share a tokenizer; padded embedding tables may differ in size."""
+def check_pair(target: ModelConfig, draft: ModelConfig | AssistantConfig):
+  """Draft and target must share a tokenizer; padded embedding tables may differ in size. An
+  assistant must fit its target's caches and width (it may record no tokenizer: it is made
+  for one target)."""
+  if isinstance(draft, AssistantConfig):
+    draft.check_target(target)
+    if draft.tokenizer and draft.tokenizer != target.tokenizer:
+      raise ValueError(f"assistant tokenizer {draft.tokenizer!r} differs from target tokenizer "
+                       f"{target.tokenizer!r}: speculative sampling needs one vocabulary")
+    return
   if target.tokenizer != draft.tokenizer:
     raise ValueError(f"draft tokenizer {draft.tokenizer!r} differs from target tokenizer "
                      f"{target.tokenizer!r}: speculative sampling needs one vocabulary")
@@ -79,10 +88,10 @@ class Pair:
   proposals come from."""
 
   def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
-               draft_params=None, draft_cfg: ModelConfig | None = None,
+               draft_params=None, draft_cfg: ModelConfig | AssistantConfig | None = None,
                target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
                eos_id: int | None = None, pad_id: int = 0, tokenizer=None,
-               draft_source: DraftSource = DraftSource()):
+               draft_source: DraftSource | None = None):
     if (draft_params is None) != (draft_cfg is None):
       raise ValueError("give both draft_params and draft_cfg, or neither")
     if draft_cfg is not None:
@@ -99,6 +108,8 @@ class Pair:
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules
     self.tokenizer = tokenizer
+    if draft_source is None:
+      draft_source = DraftSource("assistant" if self.has_assistant else "model")
     self.draft_source = self.check_source(draft_source)
     self.target_params = sharding.shard_params(target_params, target_cfg, self.mesh, target_rules)
     self.draft_params = (None if draft_params is None else
@@ -108,13 +119,25 @@ class Pair:
   def has_draft(self) -> bool:
     return self.draft_cfg is not None
 
+  @property
+  def has_assistant(self) -> bool:
+    """The draft is a Gemma 4 assistant drafter (it reads the target's caches)."""
+    return isinstance(self.draft_cfg, AssistantConfig)
+
   def check_source(self, source: DraftSource) -> DraftSource:
-    """`source` if this pair can run it (hybrid drafting needs the draft model)."""
+    """`source` if this pair can run it (hybrid drafting needs the draft model, the
+    assistant source an assistant, and an assistant drafts only as one)."""
     if not isinstance(source, DraftSource):
       raise ValueError(f"draft_source must be a DraftSource, got {source!r}")
     if source.kind == "hybrid" and self.draft_cfg is None:
       raise ValueError("draft kind 'hybrid' needs a draft model; this pair has none "
                        "(use kind 'ngram')")
+    if source.uses_assistant and not self.has_assistant:
+      raise ValueError("draft kind 'assistant' needs a Gemma 4 assistant drafter as the draft "
+                       "(a checkpoint converted from Gemma4AssistantForCausalLM)")
+    if self.has_assistant and source.kind in ("model", "hybrid"):
+      raise ValueError(f"the draft is a Gemma 4 assistant drafter: it drafts as kind "
+                       f"'assistant', not {source.kind!r}")
     return source
 
   @property

@@ -14,7 +14,7 @@ import numpy as np
 
 from spec_tpu import pair as pair_lib, profiling, roofline, setup as common, sharding
 from spec_tpu.decoding import decode
-from spec_tpu.models import cache as cache_lib, model, recurrent
+from spec_tpu.models import cache as cache_lib, config as config_lib, model, recurrent
 
 
 GIB = roofline.GIB
@@ -98,6 +98,47 @@ def _step_cost(cfg, rules, mesh, batch: int, context: int, t: int, spec_tokens: 
   return dataclasses.replace(total, hbm_bytes=float(hbm))
 
 
+def _assistant_step_cost(acfg, target_cfg, rules, mesh, batch: int, context: int,
+                         spec_tokens: int):
+  """What one assistant draft step costs one device: its layers (unrolled: no loop to
+  extrapolate) over the target's last local and global caches. HBM bytes: its params (the
+  tied vocabulary head read whole) and those two cache layers, per device."""
+  from spec_tpu.models import assistant
+  from spec_tpu.models.config import GLOBAL, LOCAL
+
+  def abstract(c):
+    shapes = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
+    shards = sharding.param_shardings(c, mesh, rules, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shards), shards
+
+  def abstract_cache(c):
+    cache = cache_lib.abstract_cache(c, batch, context, spec_tokens)
+    shards = sharding.cache_shardings(cache, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        cache, shards), shards
+
+  ap, a_sh = abstract(acfg)
+  tp, _ = abstract(target_cfg)
+  cache, _ = abstract_cache(target_cfg)
+  rows = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dtype, sharding=sharding.batch_sharding(mesh, shape, rules))
+  step = jax.jit(lambda a, t, kv, x, h: assistant.step(a, acfg, t, target_cfg, kv, x, h))
+  cost = roofline.program_cost(step.lower(
+      ap, tp, cache, rows(batch), rows(batch, target_cfg.d_model, dtype=target_cfg.dtype)
+  ).compile())
+  # The two cache layers it reads: a target of one layer of each kind it reads has exactly
+  # their shapes and shardings.
+  kinds = tuple(k for k in (LOCAL, GLOBAL) if k in assistant.target_sources(target_cfg))
+  read = target_cfg.replace(num_layers=len(kinds), layer_pattern=kinds, kv_shared_layers=0,
+                            kv_shared_ffw_dim=None, ple_dim=0, ple_vocab_size=None,
+                            sliding_window=target_cfg.sliding_window if LOCAL in kinds
+                            else None)
+  read_cache, read_sh = abstract_cache(read)
+  hbm = profiling.per_device_bytes(ap, a_sh) + profiling.per_device_bytes(read_cache, read_sh)
+  return dataclasses.replace(cost, hbm_bytes=float(hbm))
+
+
 def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
                    acceptances) -> dict:
   """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
@@ -105,10 +146,13 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
-  if k > 0 and setup.draft is not None:  # n-gram drafts: no draft step
-    programs["draft_step"] = (setup.draft, 1)
+  if k > 0 and setup.draft is not None and not _is_assistant(setup.draft):
+    programs["draft_step"] = (setup.draft, 1)  # n-gram drafts: no draft step
   costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
            for name, (m, t) in programs.items()}
+  if k > 0 and setup.draft is not None and _is_assistant(setup.draft):
+    costs["draft_step"] = _assistant_step_cost(setup.draft.cfg, setup.target.cfg,
+                                               setup.draft.rules, mesh, batch, context, k + 1)
   times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
   out = dict(chip=chip.name, device_share_of_chip=share,
              hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
@@ -124,6 +168,10 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
                                      k, float(a))
         for a in acceptances}
   return out
+
+
+def _is_assistant(m) -> bool:
+  return isinstance(m.cfg, config_lib.AssistantConfig)
 
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
@@ -151,12 +199,16 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     return structs, shards
 
   def cache_bytes(m):
+    if _is_assistant(m):  # it reads the target's cache, holds none
+      return 0
     abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
     return profiling.per_device_bytes(abstract, sharding.cache_shardings(abstract, mesh, m.rules))
 
   def recurrent_bytes(m, positions):
     """(state, trace) bytes per device of the recurrent layers: the states in the cache, and
     those after each of `positions` tokens of one call (sharded like the states)."""
+    if _is_assistant(m):
+      return 0, 0
     abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
     shards = sharding.cache_shardings(abstract, mesh, m.rules)
     entries = cache_lib.recurrent_entries(abstract)
@@ -171,8 +223,10 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   draft = setup.draft if k > 0 else None
   tp, t_sh = abstract_params(setup.target)
   dp, d_sh = abstract_params(draft) if draft else (None, None)
-  spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
-                         k_max=k,
+  assistant = draft is not None and _is_assistant(draft)
+  spec = decode.LoopSpec(target=setup.target.cfg, k=k, k_max=k,
+                         draft=draft.cfg if draft and not assistant else None,
+                         assistant=draft.cfg if assistant else None,
                          max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
                          max_len=context, out_len=max_new + k, eos_id=None,
                          source=setup.draft_source if k else decode.DraftSource())

@@ -35,7 +35,7 @@ class SetupError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSetup:
-  cfg: config_lib.ModelConfig
+  cfg: config_lib.ModelConfig | config_lib.AssistantConfig  # the latter: a Gemma 4 assistant
   checkpoint: str | None   # None: random weights
   rules: sharding.Rules
   role: str                # "target" | "draft"
@@ -179,7 +179,9 @@ def load_checkpoints(target: str, draft: str | None = None, *, mesh, tokenizer=N
       check_pair(t.cfg, d.cfg)
     except ValueError as e:
       raise SetupError(str(e)) from None
-  setup = Setup(target=t, draft=d, sampling=SamplingParams(), k=0)
+  assistant = d is not None and isinstance(d.cfg, config_lib.AssistantConfig)
+  setup = Setup(target=t, draft=d, sampling=SamplingParams(), k=0,
+                draft_source=DraftSource("assistant" if assistant else "model"))
   return build_pair(setup, mesh, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id)
 
 
@@ -206,6 +208,7 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
                      "drafts without a model, or --config.engine.k=0 for autoregressive "
                      "sampling")
   if draft is not None:
+    check_draft_kind(draft, source)
     try:
       check_pair(target.cfg, draft.cfg)
     except ValueError as e:
@@ -226,12 +229,25 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
 
 
 def draft_source(section) -> DraftSource:
-  """draft.kind and the n-gram sizes (a section without them drafts with the model)."""
+  """draft.kind, the n-gram sizes and draft.greedy (a section without them drafts with the
+  model)."""
   try:
     return DraftSource(str(section.get("kind", "model")), int(section.get("ngram_max", 4)),
-                       int(section.get("ngram_min", 2)))
+                       int(section.get("ngram_min", 2)), bool(section.get("greedy", False)))
   except ValueError as e:
     raise SetupError(f"draft: {e}") from None
+
+
+def check_draft_kind(draft: ModelSetup, source: DraftSource) -> None:
+  """An assistant checkpoint drafts as kind 'assistant', and only it does."""
+  is_assistant = isinstance(draft.cfg, config_lib.AssistantConfig)
+  where = draft.checkpoint or f"preset {draft.cfg.name!r}"
+  if is_assistant and not source.uses_assistant:
+    raise SetupError(f"draft {where} is a Gemma 4 assistant drafter: set "
+                     f"--config.draft.kind=assistant (not {source.kind!r})")
+  if source.uses_assistant and not is_assistant:
+    raise SetupError(f"draft.kind='assistant' needs a Gemma 4 assistant drafter (converted "
+                     f"from Gemma4AssistantForCausalLM); draft {where} is a draft model")
 
 
 def with_quantize(config, mode: str | None):

@@ -1,10 +1,10 @@
 """The assistant draft source (Gemma 4's drafter reading the target's caches) keeps speculative
-sampling exact, with sampled drafts and with greedy (one-hot) drafts, and a wrong claim about
-the draft's distribution fails the same test.
+sampling exact through the Sampler and the serving Engine, with sampled drafts and with greedy
+(one-hot) drafts, and a wrong claim about the draft's distribution fails the same test.
 
 Target and statistics are test_exactness's (V = 8, enumerated law, sequential martingale test);
-the assistant is a random two-layer drafter over the target's local and global caches, run by
-decode.generate directly (the draft source has no Sampler wiring yet).
+the assistant is a random two-layer drafter over the target's local and global caches, the
+draft of a Pair (its draft source then is 'assistant').
 """
 
 import functools
@@ -16,8 +16,14 @@ import pytest
 
 import test_exactness as ex
 from spec_tpu.decoding import decode
-from spec_tpu.models import assistant
+from spec_tpu.decoding.draft_source import DraftSource
+from spec_tpu.decoding.sampler import Sampler
+from spec_tpu.decoding.sampling import SamplingParams
+from spec_tpu.models import assistant, model
+from spec_tpu.models import cache as cache_lib
 from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.pair import Pair
+from spec_tpu.serving import Engine, GenerationParams
 
 K = 3
 ASSISTANT = assistant.AssistantConfig(
@@ -35,21 +41,20 @@ def assistant_params():
   return dict(p, embed=p["embed"] * 3.0)  # a sharper q, far from uniform
 
 
-def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0, slack=2):
-  # slack: spare positions; another value makes another program (jit caches traces by the
-  # function and its static arguments, so a monkeypatched rule needs a spec of its own).
-  spec = decode.LoopSpec(target=ex.TARGET, draft=None, k=K, k_max=K, max_top_k=ex.V,
-                         max_len=len(ex.PROMPT) + ex.MAX_NEW + K + slack,
-                         out_len=ex.MAX_NEW + K,
-                         eos_id=None, assistant=ASSISTANT, greedy_drafts=greedy_drafts)
-  tokens = jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (ex.BATCH, 1))
-  lengths = jnp.full((ex.BATCH,), len(ex.PROMPT), jnp.int32)
-  run = jax.jit(decode.generate, static_argnums=0)
-  out, num, stats = run(spec, ex.target_params(), assistant_params(), tokens, lengths,
-                        np.float32(temperature), np.float32(top_p), np.int32(top_k), seed)
-  assert set(np.asarray(num).tolist()) == {ex.MAX_NEW}
-  acceptance = float(stats.accepted_bn.sum() / stats.reached_bn.sum())
-  return [list(r) for r in np.asarray(out)], acceptance, np.asarray(stats.accepted_b)
+def pair() -> Pair:
+  return Pair(ex.target_params(), ex.TARGET, draft_params=assistant_params(),
+              draft_cfg=ASSISTANT)
+
+
+def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0):
+  # A Sampler of its own per call: its programs are traced afresh (a monkeypatched rule takes).
+  result = Sampler(pair()).generate(
+      [ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K, seed=seed,
+      sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+      draft_source=DraftSource("assistant", greedy=greedy_drafts))
+  assert result.draft_kind == "assistant"
+  assert {len(t) for t in result.tokens} == {ex.MAX_NEW}
+  return result.tokens, ex.judged_acceptance(result), result.accepted
 
 
 _runs = functools.lru_cache(maxsize=None)(_run)
@@ -91,19 +96,73 @@ def test_claiming_a_wrong_draft_distribution_fails(monkeypatch):
     return draft_bn, jnp.full_like(p_bnv, 1.0 / p_bnv.shape[-1])
 
   monkeypatch.setattr(decode, "_draft_assistant", wrong)
-  rows, _, _ = _run(True, seed=13, slack=3)
+  rows, _, _ = _run(True, seed=13)
   p, _ = ex.exactness_pvalue(rows)
   assert p < ex.NEGATIVE_P
 
 
 def test_greedy_speculative_equals_greedy_autoregressive():
   rows, _, _ = _runs(False, 14, 0.0)
-  spec = decode.LoopSpec(target=ex.TARGET, draft=None, k=0, k_max=0, max_top_k=ex.V,
-                         max_len=len(ex.PROMPT) + ex.MAX_NEW + 2, out_len=ex.MAX_NEW,
-                         eos_id=None)
-  tokens = jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (2, 1))
-  out, _, _ = jax.jit(decode.generate, static_argnums=0)(
-      spec, ex.target_params(), None, tokens, jnp.full((2,), len(ex.PROMPT), jnp.int32),
-      np.float32(0.0), np.float32(1.0), np.int32(0), 0)
-  want = np.asarray(out)[0].tolist()
+  want = Sampler(pair()).generate([ex.PROMPT] * 2, max_new_tokens=ex.MAX_NEW, k=0,
+                                  sampling=SamplingParams(temperature=0.0)).tokens[0]
   assert all(r == want for r in rows)
+
+
+@jax.jit
+def _final_hidden(tokens_bs, length_b):
+  cache = cache_lib.init_cache(ex.TARGET, tokens_bs.shape[0], tokens_bs.shape[1], 1)
+  return model.forward(ex.target_params(), ex.TARGET, tokens_bs, cache, length_b,
+                       last_only=True, final_hidden=True)[-1][:, 0]
+
+
+def _check_hidden_states(engine):
+  """Every live row's hidden state in the engine is the target's final hidden state at the
+  last position its cache holds (the one that produced the row's pending token), recomputed
+  from the row's tokens alone: inserts, rollbacks, K = 0 rounds and reused slots all keep it."""
+  state = engine._state
+  live = np.flatnonzero(~np.asarray(state.done_b))
+  assert live.size > 10
+  want = np.asarray(_final_hidden(state.tokens_bs, state.target_cache.length))[live]
+  got = np.asarray(state.target_hidden_bd)[live]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+ENGINE_ROWS = 1000  # per group; the Sampler cases above hold the test's power (3000 rows)
+
+
+@pytest.mark.slow
+def test_engine_with_the_assistant_follows_the_target_law():
+  """Given an engine with the assistant as its draft and the controls compiled in (as
+  launch.serve builds it), its slots kept busy by ragged filler requests so slots are reused
+  and rows sit at other positions, and every fourth step run at K = 0 (the assistant must
+  start the next K = 3 round from the target's current hidden state), when plain requests at
+  T = 1 and requests with every control at once run through it, then each group follows its
+  enumerated law (all MAX_NEW tokens for the plain ones, sequentially; the first L with the
+  controls), and the assistant was judged and sometimes rejected."""
+  import test_engine as te
+  engine = Engine(pair(), num_slots=128, max_len=32, k=K, adaptive_k=False, max_top_k=4,
+                  prefill_rows=4, controls=True, max_logit_bias=4)
+  assert engine.draft_source.kind == "assistant"
+  rng = np.random.default_rng(3)
+  fillers = iter(te._fillers(rng, ENGINE_ROWS))
+  plain, controlled = [], []
+  for i in range(ENGINE_ROWS):
+    plain.append(engine.submit(ex.PROMPT, GenerationParams(
+        max_new_tokens=ex.MAX_NEW, temperature=1.0, seed=int(rng.integers(2 ** 63)))))
+    controlled.append(engine.submit(ex.PROMPT, GenerationParams(
+        max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **te.CONTROLS)))
+    if i % 2:
+      engine.submit(*next(fillers))
+  steps = 0
+  while engine.step(k=0 if steps % 4 == 3 else None):
+    if steps in (3, 4, 9):  # after a K = 0 step, and after K = 3 steps
+      _check_hidden_states(engine)
+    steps += 1
+  p, each = ex.exactness_pvalue([r.result().tokens for r in plain], temperature=1.0)
+  assert p > ex.ALPHA, f"plain requests depart from the target law (p={p:.2e}; {each})"
+  tokens = np.array([r.result().tokens for r in controlled])
+  p = ex.law_pvalues(tokens, te._controlled_law(te.CONTROLS))
+  assert min(p) > ex.ALPHA, p
+  stats = [r.stats for r in plain]
+  assert 0.05 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
+  assert sum(s.ks == (0, K) for s in stats) > 100  # rows lived through both kinds of step

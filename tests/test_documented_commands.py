@@ -339,15 +339,38 @@ def _write_prompts(path):
       f.write(json.dumps({"id": f"p{i}", "prompt": text}) + "\n")
 
 
+# A tiny Gemma 4 text model's shapes (k_eq_v global layers, two head sizes), and its
+# assistant's: query-only layers reading that model's caches.
+_GEMMA4_TEXT = dict(vocab_size=2048, num_attention_heads=2, num_key_value_heads=1,
+                    num_global_key_value_heads=1, attention_k_eq_v=True, head_dim=16,
+                    global_head_dim=32, sliding_window=16, hidden_size_per_layer_input=0,
+                    num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+
+
 def _make_hf_model(path, tokenizer_file):
-  """A tiny Gemma 2 saved by transformers, as a model downloaded from the hub would be."""
+  """A tiny model saved by transformers, as a model downloaded from the hub would be: Gemma 2,
+  or for a Gemma 4 name a Gemma 4 text model, or for a Gemma 4 assistant's name its assistant
+  drafter (whose directory carries no tokenizer)."""
   import shutil
   import transformers  # builds from a config: no network
-  config = transformers.Gemma2Config(
-      vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
-      query_pre_attn_scalar=16)
-  model = transformers.AutoModelForCausalLM.from_config(config)
+  name = os.path.basename(path.rstrip("/")).lower()
+  if "gemma-4" in name and "assistant" in name:
+    text = transformers.Gemma4TextConfig(hidden_size=24, intermediate_size=48,
+                                         vocab_size_per_layer_input=0, **_GEMMA4_TEXT)
+    model = transformers.Gemma4AssistantForCausalLM(transformers.Gemma4AssistantConfig(
+        text_config=text.to_dict(), backbone_hidden_size=32))
+    model.save_pretrained(path, safe_serialization=True)
+    return
+  if "gemma-4" in name:
+    config = transformers.Gemma4TextConfig(hidden_size=32, intermediate_size=64,
+                                           final_logit_softcapping=30.0, **_GEMMA4_TEXT)
+    model = transformers.Gemma4ForCausalLM(config)
+  else:
+    config = transformers.Gemma2Config(
+        vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+        query_pre_attn_scalar=16)
+    model = transformers.AutoModelForCausalLM.from_config(config)
   model.save_pretrained(path, safe_serialization=True)
   shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.model"))
 
@@ -376,7 +399,7 @@ def _prepare_inputs(argvs: list[list[str]], root: str) -> None:
       if not os.path.exists(path):
         _make_hf_model(path, shipped)
     for path in _flag_values(argv, "--config.model.tokenizer"):
-      if path.startswith(root) and not os.path.exists(path):
+      if path.startswith(root) and not os.path.exists(path) and path not in made_later:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(shipped, path)
     config_spec = (_flag_values(argv, "--config") or [""])[-1]

@@ -246,7 +246,8 @@ def test_speculative_greedy_equals_autoregressive_greedy(pair):
   assert got == want
 
 
-@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_gemma4_ple", "tiny_gemma3", "tiny"])
+@pytest.mark.parametrize("name", ["tiny_gemma4", "tiny_gemma4_ple", "tiny_gemma3", "tiny",
+                                  "tiny_gemma4_assistant", "gemma4_31b_assistant"])
 def test_num_params_counts_what_init_allocates(name):
   import math
   cfg = get_preset(name)
@@ -272,12 +273,15 @@ def _randomize(torch, m, seed):
         p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["full_head", "centroid_head"])
 @pytest.mark.parametrize("converted", ["dense_k_eq_v"], indirect=True)
-def test_assistant_logits_given_the_target_state_match_transformers(converted, tmp_path):
+def test_assistant_logits_given_the_target_state_match_transformers(converted, ordered,
+                                                                    tmp_path):
   """Given the target's state after a prompt longer than the window (its caches, its final
   hidden state at the last prompt token, the token that followed), when a tiny random
   Gemma4AssistantForCausalLM drafts 3 tokens (argmax, as transformers' candidate generator
-  does), then every step's logits equal transformers'."""
+  does), then every step's logits equal transformers' (ordered: the E2B/E4B form, logits of
+  the tokens of the 2 best of 8 centroids' clusters, every other token at their floor)."""
   _, hf_target, params, cfg = converted
   torch, transformers = _torch()
   from spec_tpu.checkpoints.safetensors_io import SafetensorsIndex
@@ -287,17 +291,23 @@ def test_assistant_logits_given_the_target_state_match_transformers(converted, t
       num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
       attention_k_eq_v=True, head_dim=8, global_head_dim=16, sliding_window=5,
       hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, layer_types=[S, F])
-  a_config = transformers.Gemma4AssistantConfig(text_config=text.to_dict(),
-                                                backbone_hidden_size=32)
+  a_config = transformers.Gemma4AssistantConfig(
+      text_config=text.to_dict(), backbone_hidden_size=32, use_ordered_embeddings=ordered,
+      num_centroids=8, centroid_intermediate_top_k=2)
   hf_assistant = transformers.Gemma4AssistantForCausalLM(a_config).eval()
   hf_assistant.config.get_text_config()._attn_implementation = "eager"
   _randomize(torch, hf_assistant, seed=5)
+  if ordered:
+    with torch.no_grad():
+      hf_assistant.masked_embedding.token_ordering.copy_(
+          torch.randperm(VOCAB, generator=torch.Generator().manual_seed(6)))
   hf_assistant.save_pretrained(tmp_path / "assistant", safe_serialization=True)
   import json
   acfg, a_params = hf_gemma4.assistant_from_hf(
       json.loads((tmp_path / "assistant" / "config.json").read_text()),
       SafetensorsIndex(tmp_path / "assistant"))
   acfg.check_target(cfg)
+  assert acfg.centroids == (8 if ordered else 0)
 
   prompt = _tokens(1, 12, seed=7)
   nxt = np.array([[11]], np.int64)

@@ -51,6 +51,12 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+  yield from _launch_serve(tmp_path_factory, "configs/tiny_random.py", OVERRIDES)
+
+
+def _launch_serve(tmp_path_factory, config, overrides):
+  """`python -m launch.serve --config=config *overrides` on a free port: yields its URL once
+  /health answers, stops it after."""
   port = _free_port()
   log = tmp_path_factory.mktemp("serve") / "server.log"
   env = dict(os.environ)
@@ -58,8 +64,8 @@ def server(tmp_path_factory):
   env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY)
   with open(log, "wb") as out:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", "--config=configs/tiny_random.py",
-         f"--port={port}", *OVERRIDES], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        [sys.executable, "-m", "launch.serve", f"--config={config}",
+         f"--port={port}", *overrides], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.monotonic() + 240
@@ -598,6 +604,65 @@ def test_greedy_through_the_server_equals_sampler_greedy(server):
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
     assert got.choices[0].text == tok.decode(tokens)
     assert got.usage.completion_tokens == len(tokens)
+
+
+# A Gemma 4 target with its assistant drafter (configs/gemma4_31b.py at the tiny presets' shapes,
+# random weights, the shipped tokenizer's 2048-token vocabulary).
+ASSISTANT_MODEL = "random_tiny_gemma4"
+ASSISTANT_OVERRIDES = [
+    "--config.model.preset=tiny_gemma4", "--config.draft.preset=tiny_gemma4_assistant",
+    "--config.model.allow_random=True", "--config.draft.allow_random=True",
+    f"--config.model.fields.name={ASSISTANT_MODEL}",
+    *[f"--config.{m}.fields.vocab_size=2048" for m in ("model", "draft")],
+    "--config.model.tokenizer=" + os.path.join(REPO, "spec_tpu/assets/stdlib_sp2048.model"),
+    "--config.engine.calibrate=False", "--config.engine.num_slots=2",
+    "--config.engine.max_len=64", "--config.engine.k=2", "--config.engine.rounds_per_step=2"]
+
+
+def _assistant_config():
+  from configs import gemma4_31b
+  config = gemma4_31b.get_config()
+  config.model.preset, config.draft.preset = "tiny_gemma4", "tiny_gemma4_assistant"
+  config.model.allow_random = config.draft.allow_random = True
+  config.model.fields.name = ASSISTANT_MODEL
+  config.model.fields.vocab_size = config.draft.fields.vocab_size = 2048
+  config.model.tokenizer = os.path.join(REPO, "spec_tpu/assets/stdlib_sp2048.model")
+  return config
+
+
+@pytest.fixture(scope="module")
+def assistant_server(tmp_path_factory):
+  yield from _launch_serve(tmp_path_factory, "configs/gemma4_31b.py", ASSISTANT_OVERRIDES)
+
+
+def test_a_gemma4_pair_with_its_assistant_streams_and_equals_greedy(assistant_server):
+  # Given launch.serve with a Gemma 4 target and its assistant drafter (K = 2 every round),
+  # and the same random target (weights are a function of the config) in a Sampler here,
+  import jax
+  from spec_tpu import sharding
+  from spec_tpu.decoding.sampler import Sampler
+  from spec_tpu.decoding.sampling import SamplingParams
+  config = _assistant_config()
+  setup = common.resolve(config)
+  assert setup.draft_source.kind == "assistant"
+  tok = common.load_tokenizer(config, setup)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
+  prompt = "def add(a, b):"
+  want = sampler.generate([tok.encode(prompt, add_bos=bool(config.run.add_bos))],
+                          max_new_tokens=12, sampling=SamplingParams(temperature=0.0)).tokens[0]
+  client = _client(assistant_server)
+  # when a greedy completion streams through the openai client, then its text is the target's
+  # greedy continuation (assistant drafts, verification and rollback changed nothing),
+  chunks = list(client.completions.create(model=ASSISTANT_MODEL, prompt=prompt, max_tokens=12,
+                                          temperature=0, stream=True))
+  assert "".join(c.choices[0].text for c in chunks) == tok.decode(want)
+  # and a sampled request, plain and streamed with one seed, gives one text.
+  kw = dict(model=ASSISTANT_MODEL, prompt="import os\n", max_tokens=10, temperature=0.9,
+            seed=5)
+  plain = client.completions.create(**kw).choices[0].text
+  streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+  assert plain == streamed and plain
 
 
 def test_two_processes_serve_like_one(server, tmp_path):

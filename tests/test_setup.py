@@ -99,6 +99,42 @@ def test_draft_kind_reaches_the_pair_and_the_engine(checkpoints):
     setup.resolve(c)
 
 
+def test_an_assistant_checkpoint_drafts_as_kind_assistant(tmp_path):
+  # Given a Gemma 4 target and its assistant drafter saved as checkpoints (the assistant's
+  # config stored with it, its arrays checked against that config on restore),
+  from configs import common
+  target = config_lib.get_preset("tiny_gemma4")
+  acfg = config_lib.get_preset("tiny_gemma4_assistant")
+  init = jax.jit(model.init_params, static_argnums=0)  # one program, not hundreds of ops
+  for cfg, seed in ((target, 0), (acfg, 1)):
+    checkpoint.save(tmp_path / cfg.name, init(cfg, jax.random.key(seed)), cfg)
+  paths = str(tmp_path / target.name), str(tmp_path / acfg.name)
+  assert checkpoint.load_config(paths[1]) == acfg
+  one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  # then load_checkpoints makes a Pair that drafts with it,
+  pair = setup.load_checkpoints(*paths, mesh=one_device)
+  assert pair.has_assistant and pair.draft_source.kind == "assistant"
+  # and a config must say draft.kind=assistant for it, and only for an assistant.
+  c = common.base(num_slots=2)
+  c.model.checkpoint, c.draft.checkpoint = paths
+  with pytest.raises(setup.SetupError, match="set --config.draft.kind=assistant"):
+    setup.resolve(c)
+  c.draft.update(kind="assistant", greedy=True)
+  resolved = setup.resolve(c)
+  assert resolved.draft.cfg == acfg and resolved.draft_source.greedy
+  c.model.checkpoint = ""
+  c.model.update(preset="tiny_gemma4", allow_random=True)
+  c.draft.checkpoint = ""
+  c.draft.update(preset="tiny", allow_random=True)
+  with pytest.raises(setup.SetupError, match="needs a Gemma 4 assistant drafter"):
+    setup.resolve(c)
+  # An assistant made for another target is refused before anything loads.
+  c.draft.update(preset="tiny_gemma4_assistant")
+  c.draft.fields.backbone_d_model = 48
+  with pytest.raises(setup.SetupError, match="backbone_d_model"):
+    setup.resolve(c)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("num_slots", 0, "engine.num_slots must be >= 1"),
     ("max_len", 1, "engine.max_len must be 0"),

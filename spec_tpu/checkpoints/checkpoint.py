@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a params pytree plus its ModelConfig, with an integrity manifest.
+"""Orbax checkpoints of a params pytree plus its ModelConfig (or a Gemma 4 assistant drafter's
+AssistantConfig), with an integrity manifest.
 
 Layout of a checkpoint directory:
     params/               orbax StandardCheckpointer output (arrays, sharded writes by every process)
@@ -225,8 +226,9 @@ def save(path, params, config: ModelConfig, *, extra: dict | None = None,
   they are copied before the manifest is written, so they are hash-checked with the weights.
   """
   path = check_destination(path, overwrite)
-  if not isinstance(config, ModelConfig):
-    raise _err(path, f"config must be a ModelConfig, got {type(config).__name__}")
+  if not isinstance(config, (ModelConfig, config_lib.AssistantConfig)):
+    raise _err(path, f"config must be a ModelConfig or an AssistantConfig, got "
+               f"{type(config).__name__}")
   try:
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "extra": extra or {}}
     json.dumps(meta)
@@ -290,14 +292,15 @@ def _read_meta(path: str, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]
 
 
 def load_config(path) -> ModelConfig:
-  """The ModelConfig stored with a checkpoint (checks the config file, not the arrays)."""
+  """The ModelConfig (or AssistantConfig) stored with a checkpoint (checks the config file,
+  not the arrays)."""
   path = os.fspath(path)
   return _config(path, _read_meta(path, _read_manifest(path)))
 
 
 def _config(path: str, meta: dict) -> ModelConfig:
   try:
-    return ModelConfig.from_dict(meta["config"])
+    return config_lib.config_from_dict(meta["config"])
   except (KeyError, TypeError, ValueError) as e:
     raise _err(path, f"stored config is invalid: {e}") from None
 
@@ -334,6 +337,14 @@ def implied_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _one_field_variants(config: ModelConfig):
   """(field, config with that field alone changed) for every field that may set a shape."""
+  if isinstance(config, config_lib.AssistantConfig):  # its layers' fields, and its own
+    yield "backbone_d_model", config.replace(backbone_d_model=config.backbone_d_model + 1)
+    for name, layers in _one_field_variants(config.layers):
+      try:
+        yield name, config.replace(layers=layers)
+      except ValueError:
+        continue
+    return
   presets = list(config_lib.PRESETS.values())
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
@@ -370,6 +381,12 @@ def _fields_setting(config: ModelConfig, implied: dict, variants: dict, leaf: st
   return found
 
 
+def _value(config, field: str):
+  if isinstance(config, config_lib.AssistantConfig) and not hasattr(config, field):
+    return getattr(config.layers, field)
+  return getattr(config, field)
+
+
 def check_arrays(path, config: ModelConfig, stored_tree) -> None:
   """Raises CheckpointError, naming the config fields at fault, unless every leaf of the stored
   params has exactly the shape `config` implies (and no leaf is missing or extra)."""
@@ -397,7 +414,7 @@ def check_arrays(path, config: ModelConfig, stored_tree) -> None:
       if h == w:
         continue
       fields = _fields_setting(config, implied, variants, leaf, axis)
-      direct = [f for f in fields if getattr(config, f) == w]
+      direct = [f for f in fields if _value(config, f) == w]
       if len(direct) == 1 and claims.get(direct[0], h) == h:
         claims[direct[0]] = h
       else:
@@ -408,7 +425,7 @@ def check_arrays(path, config: ModelConfig, stored_tree) -> None:
                                    else "")
     others.append(f"{some} {'are' if len(leaves) > 1 else 'is'} {where}"
                   + (f" (set by {', '.join(fields)})" if fields else ""))
-  phrases = [f"{f} is {getattr(config, f)} in the config but {h} in the arrays"
+  phrases = [f"{f} is {_value(config, f)} in the config but {h} in the arrays"
              for f, h in claims.items()] + others
   more = len(phrases) - _MAX_REPORTED
   raise _err(path, "its stored config does not match its arrays: "

@@ -465,6 +465,8 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
   if not os.path.isdir(src):
     raise HFConversionError(f"source {src!r} is not a directory")
   hf = read_hf_config(src)
+  if hf_gemma4.is_assistant(hf):
+    return _convert_assistant(src, dst, hf, dtype, overwrite, quantize)
   cfg = config_from_hf(hf, name=os.path.basename(src), dtype=dtype)
   try:
     cfg = cfg.replace(quantize=quant.check_mode(quantize))
@@ -483,3 +485,23 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
   del params
   return cfg
 
+
+
+def _convert_assistant(src: str, dst: str, hf: dict, dtype, overwrite: bool, quantize):
+  """A Gemma4AssistantForCausalLM directory: its AssistantConfig and weights (it drafts for
+  the Gemma 4 target it was trained with; draft.kind = 'assistant')."""
+  from spec_tpu.checkpoints import checkpoint
+  from spec_tpu.checkpoints.safetensors_io import SafetensorsIndex
+  if quantize:
+    raise HFConversionError("--quantize: int8 assistant weights are not supported")
+  checkpoint.check_destination(dst, overwrite, source=src)
+  _check_weight_files(src)
+  acfg, params = hf_gemma4.assistant_from_hf(hf, SafetensorsIndex(src), dtype=dtype,
+                                             name=os.path.basename(src))
+  # Its tokenizer is its target's: recorded when the directory carries one.
+  acfg = acfg.replace(tokenizer=tokenizer_id(src))
+  extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),
+           "model_type": hf.get("model_type")}
+  checkpoint.save(dst, params, acfg, extra=extra, overwrite=overwrite,
+                  files=tokenizer_files(src))
+  return acfg

@@ -1,7 +1,8 @@
 """Gemma 4 text checkpoints from Hugging Face: config.json mapping and weight plan.
 
-Served: Gemma4ForCausalLM (model_type gemma4_text) and the text half of
-Gemma4ForConditionalGeneration (model_type gemma4; its vision and audio towers are not read).
+Served: Gemma4ForCausalLM (model_type gemma4_text), the text half of
+Gemma4ForConditionalGeneration (model_type gemma4; its vision and audio towers are not read),
+and Gemma4AssistantForCausalLM (model_type gemma4_assistant: assistant_from_hf).
 The semantics follow transformers' models/gemma4/modeling_gemma4.py (5.25), which
 tests/test_gemma4.py checks against:
   - RMSNorm multiplies by w (not 1 + w); values get a weightless RMSNorm; attention scale 1.
@@ -255,20 +256,22 @@ def convert_params(index, cfg: ModelConfig, dtype=None) -> dict:
 
 # ---------------------------------------------------------------- the assistant drafter
 
-def assistant_from_hf(hf_config: dict, index, dtype=None):
+def is_assistant(hf: dict) -> bool:
+  return (hf.get("model_type") == "gemma4_assistant"
+          or "Gemma4AssistantForCausalLM" in (hf.get("architectures") or []))
+
+
+def assistant_from_hf(hf_config: dict, index, dtype=None, name: str = "gemma4_assistant"):
   """(AssistantConfig, params as numpy arrays) of a Gemma4AssistantForCausalLM checkpoint
   (config.json contents and a checkpoint index, as convert_params takes)."""
   from spec_tpu.models import assistant
-  if hf_config.get("use_ordered_embeddings"):
-    raise _error("config field 'use_ordered_embeddings' is set: centroid-masked assistant "
-                 "logits are not supported yet")
   text = dict(hf_config.get("text_config") or {})
   if not text:
     raise _error("Gemma4AssistantForCausalLM config.json has no 'text_config'")
   text["num_kv_shared_layers"] = 0  # every layer reads the target: no tail of its own
   text.setdefault("hidden_size_per_layer_input", 0)
   text.setdefault("dtype", hf_config.get("dtype") or hf_config.get("torch_dtype"))
-  cfg = config_from_hf(text, name="gemma4_assistant", dtype=dtype)
+  cfg = config_from_hf(text, name=name, dtype=dtype)
   cfg = cfg.replace(final_logit_softcap=None)  # the assistant's head applies none
   if cfg.sliding_window:
     # transformers masks the assistant's local layers with a bidirectional window (distance
@@ -277,7 +280,14 @@ def assistant_from_hf(hf_config: dict, index, dtype=None):
     # positions > q - window).
     cfg = cfg.replace(sliding_window=cfg.sliding_window + 2)
   big = int(hf_config.get("backbone_hidden_size", 1536))
-  acfg = assistant.AssistantConfig(layers=cfg, backbone_d_model=big)
+  ordered = bool(hf_config.get("use_ordered_embeddings"))
+  centroids = int(hf_config.get("num_centroids", 2048)) if ordered else 0
+  try:
+    acfg = assistant.AssistantConfig(
+        layers=cfg, backbone_d_model=big, centroids=centroids,
+        centroid_top_k=int(hf_config.get("centroid_intermediate_top_k", 32)) if ordered else 0)
+  except ValueError as e:
+    raise _error(f"config.json gives an invalid assistant: {e}") from None
   d, h, v = cfg.d_model, cfg.num_heads, cfg.vocab_size
   plan = [("model.embed_tokens.weight", (v, d), ("embed",), same),
           ("model.norm.weight", (d,), ("final_norm",), same),
@@ -298,18 +308,32 @@ def assistant_from_hf(hf_config: dict, index, dtype=None):
              (p + "mlp.up_proj.weight", (cfg.ffw_dim, d), L + ("ffw", "up"), transpose),
              (p + "mlp.down_proj.weight", (d, cfg.ffw_dim), L + ("ffw", "down"), transpose),
              (p + "layer_scalar", (1,), L + ("layer_scalar",), same)]
-  check_plan(plan, set(index.names()), index.shape, index.dtype,
+  order = "masked_embedding.token_ordering"  # token ids, cluster by cluster (integers)
+  if centroids:
+    plan.append(("masked_embedding.centroids.weight", (centroids, d), ("centroids",),
+                 transpose))
+    if order not in index.names() or tuple(index.shape(order)) != (v,):
+      raise _error(f"use_ordered_embeddings: expected tensor {order!r} of shape ({v},)")
+  check_plan(plan, set(index.names()) - {order}, index.shape, index.dtype,
              ignorable=lambda n: n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq"),
              error=HFConversionError, context=f"config.json: {cfg.num_layers} layers",
              unexpected_hint="more layers than config.json says?")
   np_dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
   shapes = jax.eval_shape(lambda: assistant.init_params(acfg, jax.random.key(0)))
   params = jax.tree.map(lambda x: np.empty(x.shape, np_dtype), shapes)
+  if centroids:
+    ids = np.asarray(index.get(order)).astype(np.int64)
+    if sorted(ids.tolist()) != list(range(v)):
+      raise _error(f"tensor {order!r} is not an ordering of the {v} token ids")
+    params["token_order"] = ids.astype(np.int32).reshape(centroids, v // centroids)
+    plan_leaves = len(plan) + 1
+  else:
+    plan_leaves = len(plan)
   for name, _, path, fn in plan:
     node = params
     for key in path[:-1]:
       node = node[key]
     node[path[-1]][...] = fn(index.get(name))
-  if len(plan) != len(jax.tree.leaves(params)):
+  if plan_leaves != len(jax.tree.leaves(params)):
     raise AssertionError("assistant conversion plan does not fill every param")
   return acfg, params

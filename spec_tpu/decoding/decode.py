@@ -15,7 +15,9 @@ State per row (slot):
   never pay for it); `catch_up_draft` feeds the gap in chunks before the next speculative round.
 Proposals come from the spec's draft source (draft_source.py, `_propose`): the draft model, an
 n-gram lookup in tokens_bs (no draft cache at all), or both (the draft is fed the n-gram
-tokens it did not propose, so its cache stays as in a model round). A row may propose fewer
+tokens it did not propose, so its cache stays as in a model round), or Gemma 4's assistant
+(`_draft_assistant`: it reads the target's cache and State.target_hidden_bd, which every
+round, K = 0 included, and every insert keep current; no draft cache). A row may propose fewer
 than K tokens; the rejection step judges only those (`rejection.accept`'s num_b).
 Rows advance independently: each accepts its own number of tokens and stops on its own, and
 each draws its random numbers from its own (seed, stream) pair, never from a batch-wide key, so
@@ -42,7 +44,7 @@ from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
 from spec_tpu.decoding import gumbel, rejection, sampling
 from spec_tpu.decoding.draft_source import DraftSource, ngram_proposals
-from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.config import AssistantConfig, ModelConfig
 
 CATCH_UP_CHUNK = 32  # tokens per draft call when the draft catches up after K = 0 rounds
 COUPLINGS = ("rejection", "gumbel")  # see the module docstring
@@ -76,8 +78,9 @@ class LoopSpec:
   source: DraftSource = DraftSource()  # where proposals come from (draft_source.py)
   # Draft source "assistant" (draft None, draft_params the assistant's): Gemma 4's drafter
   # reads the target's caches and final hidden state; no draft cache, nothing to roll back.
-  assistant: assistant_lib.AssistantConfig | None = None
-  greedy_drafts: bool = False  # the assistant proposes its argmax (a one-hot p), to compare
+  # Set whenever a program on this state may draft with it (k_max > 0), K = 0 programs too:
+  # they keep the target's final hidden state current for the next speculative round.
+  assistant: AssistantConfig | None = None
   # Rows of the grammar automata pool (State.grammar_next_sv; 0: no structured output compiled
   # in). Row 0 is the unconstrained state every free row sits in.
   grammar_states: int = 0
@@ -95,10 +98,12 @@ class LoopSpec:
       raise ValueError("n-gram drafting runs no draft model: give draft=None")
     if self.draft is not None and self.assistant is not None:
       raise ValueError("give a draft model or an assistant, not both")
+    if (self.assistant is not None) != (self.source.uses_assistant and self.k_max > 0):
+      raise ValueError("draft kind 'assistant' and an AssistantConfig go together (give "
+                       "assistant= with source=DraftSource('assistant'), draft=None)")
     if self.assistant is not None:
-      if self.source.uses_ngram or self.controls or self.grammar_states:
-        raise ValueError("the assistant drafter drafts alone, without penalties, logit_bias "
-                         "or grammars")
+      if self.grammar_states:
+        raise ValueError("the assistant drafter drafts without grammars")
       self.assistant.check_target(self.target)
     check_coupling(self.coupling)
 
@@ -247,7 +252,9 @@ def _count(counts_bv, tokens_bm, num_b):
 def _prefix_counts(counts_bv, tokens_bm, num_tokens: int):
   """b m+1 v: the counts before position j, j = 0..m: counts plus tokens[:j]."""
   onehot = jax.nn.one_hot(tokens_bm, num_tokens, dtype=jnp.int32)
-  before = jnp.concatenate([jnp.zeros_like(onehot[:, :1]), jnp.cumsum(onehot, axis=1)], axis=1)
+  # zeros of an explicit shape: with m = 0 (a K = 0 round) onehot[:, :1] would be empty.
+  zeros = jnp.zeros((tokens_bm.shape[0], 1, num_tokens), jnp.int32)
+  before = jnp.concatenate([zeros, jnp.cumsum(onehot, axis=1)], axis=1)
   return counts_bv[:, None, :] + before
 
 
@@ -543,21 +550,28 @@ def _propose(spec: LoopSpec, draft_params, state: State, randomness_bn, last_pos
   draft_bn, p_bnv, dc, traces, start, refused = _draft(spec, draft_params, state, randomness_bn,
                                                        ngram_bn, ngram_b)
   return draft_bn, p_bnv, None, ngram_b, dc, traces, start, refused
+
+
 def _draft_assistant(spec: LoopSpec, assistant_params, target_params, state: State, last_b,
                      randomness_bn):
   """K draft tokens from the assistant and the distributions they were drawn from: picked
   from its filtered distribution with the round's randomness (acceptance sum min(p, q) under
-  the rejection coupling), or its argmax as a one-hot p."""
-  def propose(randomness_b, logits_bv):
-    p = _probs(spec, logits_bv, state.rows)
-    if spec.greedy_drafts:
+  the rejection coupling), or its argmax as a one-hot p (DraftSource.greedy). With controls,
+  each position's penalties count the drafted prefix before it, as the target's will."""
+  one = jnp.ones_like(last_b)
+
+  def propose(randomness_b, logits_bv, counts):
+    p = _probs(spec, logits_bv, state.rows, counts, state.in_prompt_bv)
+    if spec.source.greedy:
       x = jnp.argmax(p, axis=-1).astype(jnp.int32)
-      return x, jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype)
-    return _pick(spec, randomness_b, p), p
+      p = jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype)
+    else:
+      x = _pick(spec, randomness_b, p)
+    return x, p, None if counts is None else _count(counts, x[:, None], one)
 
   return assistant_lib.draft(assistant_params, spec.assistant, target_params, spec.target,
                              state.target_cache, last_b, state.target_hidden_bd, randomness_bn,
-                             propose)
+                             propose, carry=state.counts_bv)
 
 
 def _scatter_rows(buf_bx, start_b, values_bm, count_b):

@@ -1,4 +1,5 @@
-"""Where a round's proposals come from: a draft model, prompt lookup (n-gram), or both.
+"""Where a round's proposals come from: a draft model, prompt lookup (n-gram), both, or
+Gemma 4's assistant drafter.
 
   model   the draft model samples K tokens autoregressively (its distributions p are the
           proposal distributions).
@@ -14,6 +15,11 @@
           exactly what the target may keep); rows without a match take the draft's K. The
           draft runs every round, so its cache never lags and one round costs what a model
           round costs.
+  assistant  Gemma 4's assistant drafter (models/assistant.py; the pair's draft is an
+          AssistantConfig): query-only layers over the target's own caches and final hidden
+          state, K tokens sampled from its filtered q (acceptance sum min(p, q)), or with
+          greedy=True its argmax, a one-hot p (to compare). It keeps no cache: nothing lags,
+          nothing rolls back.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-KINDS = ("model", "ngram", "hybrid")
+KINDS = ("model", "ngram", "hybrid", "assistant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,7 @@ class DraftSource:
   kind: str = "model"
   ngram_max: int = 4  # longest suffix looked up
   ngram_min: int = 2  # shortest suffix that counts as a match
+  greedy: bool = False  # assistant: propose its argmax (a one-hot p) instead of a sample
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -39,13 +46,21 @@ class DraftSource:
       raise ValueError(f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, "
                        f"ngram_max={self.ngram_max}")
 
+    if self.greedy and self.kind != "assistant":
+      raise ValueError("greedy drafts are an option of the draft kind 'assistant'")
+
   @property
   def uses_model(self) -> bool:
+    """Proposals come from the draft checkpoint (a draft model or an assistant)."""
     return self.kind != "ngram"
 
   @property
   def uses_ngram(self) -> bool:
-    return self.kind != "model"
+    return self.kind in ("ngram", "hybrid")
+
+  @property
+  def uses_assistant(self) -> bool:
+    return self.kind == "assistant"
 
 
 def ngram_proposals(tokens_bs, last_b, k: int, ngram_max: int, ngram_min: int):

@@ -9,6 +9,9 @@ coupling (decode.COUPLINGS): 'gumbel' makes a seed's tokens independent of K and
 drafts. Both sample the target's law exactly.
 Without a draft model, prompt lookup proposes the drafts:
     sampler = Sampler.from_params(target_params, target_cfg, draft_source=DraftSource("ngram"))
+With a Gemma 4 assistant drafter (an AssistantConfig as the draft), the assistant does:
+    sampler = Sampler.from_params(target_params, target_cfg, draft_params=assistant_params,
+                                  draft_cfg=assistant_cfg)
 """
 
 from __future__ import annotations
@@ -128,8 +131,12 @@ class Sampler:
     max_len = prompt_len + max_new + k + 1 if self.cache_len is None else self.cache_len
     if self.max_cache_len is not None:
       max_len = min(max_len, self.max_cache_len)
-    draft = self.draft_cfg if k and source.uses_model else None
-    return decode.LoopSpec(target=self.target_cfg, draft=draft, k=k, k_max=k, max_top_k=top_k,
+    drafting = k and source.uses_model
+    return decode.LoopSpec(target=self.target_cfg, k=k, k_max=k, max_top_k=top_k,
+                           draft=self.draft_cfg if drafting and not source.uses_assistant
+                           else None,
+                           assistant=self.draft_cfg if drafting and source.uses_assistant
+                           else None,
                            max_len=max_len, out_len=max_new + k, eos_id=self.eos_id,
                            pad_id=self.pad_id, coupling=coupling,
                            source=source if k else DraftSource())
@@ -146,7 +153,7 @@ class Sampler:
   def _compile(self, spec: decode.LoopSpec, batch: int, prompt_len: int,
                soft_len: int | None = None):
     mesh = self.mesh
-    tp, dp = self.pair.param_shardings(spec.draft is not None)
+    tp, dp = self.pair.param_shardings(_reads_draft(spec))
     rows = lambda *shape: sharding.batch_sharding(mesh, shape, self.target_rules)
     rep = sharding.replicated(mesh)
     n = max(spec.k, 1)
@@ -163,7 +170,7 @@ class Sampler:
                                                  rows(batch, n), rows(batch), rows(batch),
                                                  rows(batch))))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
-    args = (self.target_params, self.draft_params if spec.draft is not None else None,
+    args = (self.target_params, self.draft_params if _reads_draft(spec) else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32),
@@ -251,7 +258,7 @@ class Sampler:
     compiled = self._compiled(spec, *tokens.shape, None if soft is None else soft.shape[1])
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.
-    args = (self.target_params, self.draft_params if spec.draft is not None else None, tokens,
+    args = (self.target_params, self.draft_params if _reads_draft(spec) else None, tokens,
             lengths,
             np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
             np.uint32(seed), soft)
@@ -265,6 +272,11 @@ class Sampler:
                   reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
                   seconds=seconds, ngram_judged=stats.ngram_judged_b,
                   ngram_accepted=stats.ngram_accepted_b, draft_kind=spec.source.kind)
+
+
+def _reads_draft(spec: decode.LoopSpec) -> bool:
+  """The program takes the draft's params (a draft model's or an assistant's)."""
+  return spec.draft is not None or spec.assistant is not None
 
 
 def to_host(tree):

@@ -16,45 +16,12 @@ Semantics follow transformers' Gemma4AssistantForCausalLM (its logits are not so
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layout, model, quant
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class AssistantConfig:
-  """layers: the assistant's layers as a ModelConfig (its d_model, heads, ffw; head sizes and
-  KV head counts those of the target's kinds; every layer kv-shared); backbone_d_model: the
-  target's d_model."""
-  layers: ModelConfig
-  backbone_d_model: int
-
-  def check_target(self, target: ModelConfig) -> None:
-    a = self.layers
-    problems = []
-    if target.d_model != self.backbone_d_model:
-      problems.append(f"target d_model {target.d_model} != backbone_d_model "
-                      f"{self.backbone_d_model}")
-    if target.vocab_size != a.vocab_size:
-      problems.append(f"vocabularies differ ({target.vocab_size} vs {a.vocab_size})")
-    for kind in set(a.layer_types):
-      if kind not in target.layer_types[:target.num_cached_layers]:
-        problems.append(f"the target has no cached {kind} layer to read")
-      elif (a.kind_head_dim(kind), a.kind_kv_heads(kind)) != (target.kind_head_dim(kind),
-                                                              target.kind_kv_heads(kind)):
-        problems.append(f"{kind} head_dim / KV heads differ from the target's")
-    if LOCAL in a.layer_types and a.sliding_window - 1 > target.sliding_window + 1:
-      # A local step at position L reads keys L - (window - 1) .. L - 1; the target's ring
-      # keeps its window plus at least one slot of slack (spec_tokens >= 1).
-      problems.append(f"the assistant's window ({a.sliding_window}) needs more keys than the "
-                      f"target's ring keeps (window {target.sliding_window} + 1)")
-    if problems:
-      raise ValueError("assistant does not fit its target: " + "; ".join(problems))
+from spec_tpu.models.config import AssistantConfig, ModelConfig  # noqa: F401 (re-export)
 
 
 def init_params(acfg: AssistantConfig, key, dtype=None) -> dict:
@@ -63,12 +30,29 @@ def init_params(acfg: AssistantConfig, key, dtype=None) -> dict:
   dtype = jnp.dtype(dtype or cfg.dtype)
   keys = jax.random.split(key, cfg.num_layers + 3)
   d, big = cfg.d_model, acfg.backbone_d_model
-  return {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
-          "post_proj": model._normal(keys[1], (d, big), d, dtype),
-          "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
-          "final_norm": model._norm_init(cfg, dtype),
-          "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
-                     for i, kind in enumerate(cfg.layer_types)]}
+  params = {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
+            "post_proj": model._normal(keys[1], (d, big), d, dtype),
+            "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
+            "final_norm": model._norm_init(cfg, dtype),
+            "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
+                       for i, kind in enumerate(cfg.layer_types)]}
+  if acfg.centroids:
+    c = acfg.centroids
+    params["centroids"] = model._normal(jax.random.fold_in(key, 1), (d, c), d, dtype)
+    params["token_order"] = jax.random.permutation(
+        jax.random.fold_in(key, 2), cfg.vocab_size).astype(jnp.int32).reshape(c, -1)
+  return params
+
+
+def param_logical_axes(acfg: AssistantConfig) -> dict:
+  """Logical axes of init_params' tree (spec_tpu.sharding maps them onto a mesh)."""
+  cfg = acfg.layers
+  return {"pre_proj": ("embed", None), "post_proj": (None, "embed"), "embed": ("vocab", "embed"),
+          "final_norm": ("embed",),
+          "layers": [model.layer_logical_axes(cfg, kind, kv_shared=True)
+                     for kind in cfg.layer_types],
+          **({"centroids": ("embed", None), "token_order": (None, None)}
+             if acfg.centroids else {})}
 
 
 def target_sources(target: ModelConfig) -> dict[str, int]:
@@ -108,21 +92,40 @@ def step(params, acfg: AssistantConfig, target_params, target: ModelConfig,
     none = jnp.zeros((b, k, 1, e), x.dtype)
     x, _, _ = model._layer(cfg, kind, lp, x, ctx, views[kind], i, donor=(none, none))
   h = model._norm(cfg, x, params["final_norm"])
-  logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
   nxt = quant.einsum("btd,dn->btn", h, params["post_proj"])
+  if acfg.centroids:
+    return _centroid_logits(params, acfg, h[:, 0]), nxt[:, 0]
+  logits = quant.einsum("btd,vd->btv", h, params["embed"], preferred_element_type=jnp.float32)
   return logits[:, 0], nxt[:, 0]
 
 
-def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,
-          cache: cache_lib.Cache, last_b, hidden_bD, keys_bn, propose):
-  """n draft tokens from the assistant: (tokens b n, the distributions they were drawn from
-  b n v). propose(key_b, logits_bv) -> (token_b, p_bv) draws one token (the decode loop's
-  filtered sampling, or a one-hot argmax). Reads the target's cache, writes nothing."""
-  def one(carry, key_b):
-    token, hidden = carry
-    logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
-    nxt, p = propose(key_b, logits)
-    return (nxt, hidden), (nxt, p)
+def _centroid_logits(params, acfg: AssistantConfig, h_bd):
+  """Logits of the tokens of the centroid_top_k best clusters (AssistantConfig says how the
+  rest are set): only those rows of the vocabulary are read."""
+  b = h_bd.shape[0]
+  scores = jnp.einsum("bd,dc->bc", h_bd, params["centroids"],
+                      preferred_element_type=jnp.float32)
+  _, best = jax.lax.top_k(scores, acfg.centroid_top_k)
+  ids = params["token_order"][best].reshape(b, -1)  # b n: the chosen clusters' tokens
+  rows = jnp.take(params["embed"], ids, axis=0)     # b n d
+  chosen = jnp.einsum("bd,bnd->bn", h_bd, rows, preferred_element_type=jnp.float32)
+  floor = jnp.min(chosen, axis=-1, keepdims=True) - 1.0
+  logits = jnp.broadcast_to(floor, (b, acfg.vocab_size))
+  return logits.at[jnp.arange(b)[:, None], ids].set(chosen)
 
-  _, (xs, ps) = jax.lax.scan(one, (last_b, hidden_bD), jnp.moveaxis(keys_bn, 1, 0))
+
+def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,
+          cache: cache_lib.Cache, last_b, hidden_bD, keys_bn, propose, carry=None):
+  """n draft tokens from the assistant: (tokens b n, the distributions they were drawn from
+  b n v). propose(key_b, logits_bv, carry) -> (token_b, p_bv, carry) draws one token (the
+  decode loop's filtered sampling, or a one-hot argmax); `carry` is the caller's own state
+  from step to step (e.g. token counts of the drafted prefix). Reads the target's cache,
+  writes nothing."""
+  def one(state, key_b):
+    token, hidden, extra = state
+    logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
+    nxt, p, extra = propose(key_b, logits, extra)
+    return (nxt, hidden, extra), (nxt, p)
+
+  _, (xs, ps) = jax.lax.scan(one, (last_b, hidden_bD, carry), jnp.moveaxis(keys_bn, 1, 0))
   return jnp.moveaxis(xs, 0, 1), jnp.moveaxis(ps, 0, 1)

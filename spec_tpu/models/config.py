@@ -324,6 +324,110 @@ class ModelConfig:
     return total
 
 
+
+@dataclasses.dataclass(frozen=True)
+class AssistantConfig:
+  """Gemma 4's assistant drafter (models/assistant.py): query-only layers over a target's
+  caches. layers: its layers as a ModelConfig (its d_model, heads, ffw; head sizes and KV head
+  counts those of the target's kinds; every layer reads the target's cache, none has k/v
+  weights); backbone_d_model: the target's d_model (the width of the hidden state it is fed).
+  Name, tokenizer, vocabulary and dtype are the layers'.
+  centroids > 0 (the E2B/E4B assistants' ordered embeddings): the vocabulary falls into that
+  many clusters of vocab_size / centroids tokens; a step scores the clusters, and only the
+  tokens of the centroid_top_k best get their own logit, every other token the lowest of those
+  minus 1 (transformers' Gemma4AssistantMaskedEmbedder, which takes that floor over its whole
+  batch; here per row, so a row's draft never depends on its neighbours)."""
+  layers: ModelConfig
+  backbone_d_model: int
+  centroids: int = 0
+  centroid_top_k: int = 0
+
+  name = property(lambda self: self.layers.name)
+  tokenizer = property(lambda self: self.layers.tokenizer)
+  dtype = property(lambda self: self.layers.dtype)
+  quantize = property(lambda self: self.layers.quantize)
+  vocab_size = property(lambda self: self.layers.vocab_size)
+  num_tokens = property(lambda self: self.layers.num_tokens)
+  num_layers = property(lambda self: self.layers.num_layers)
+  d_model = property(lambda self: self.layers.d_model)
+
+  def __post_init__(self):
+    if self.layers.quantize:
+      raise ValueError("int8 assistant weights are not supported")
+    if self.layers.kv_shared_layers or self.layers.ple_dim or self.layers.vision is not None:
+      raise ValueError("assistant layers take no kv-shared tail, PLE or vision encoder of "
+                       "their own")
+    if self.backbone_d_model < 1:
+      raise ValueError(f"backbone_d_model must be positive, got {self.backbone_d_model}")
+    if self.centroids and (self.layers.vocab_size % self.centroids
+                           or not 0 < self.centroid_top_k <= self.centroids):
+      raise ValueError(f"centroids ({self.centroids}) must divide vocab_size "
+                       f"({self.layers.vocab_size}), with 0 < centroid_top_k "
+                       f"({self.centroid_top_k}) <= centroids")
+
+  def replace(self, **kw) -> "AssistantConfig":
+    """Its own fields on this config; any other field on its layers."""
+    own = {k: kw.pop(k) for k in ("backbone_d_model", "layers", "centroids", "centroid_top_k")
+           if k in kw}
+    layers = own.pop("layers", self.layers)
+    return dataclasses.replace(self, layers=layers.replace(**kw) if kw else layers, **own)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"kind": "assistant", "backbone_d_model": self.backbone_d_model,
+            "centroids": self.centroids, "centroid_top_k": self.centroid_top_k,
+            "layers": self.layers.to_dict()}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "AssistantConfig":
+    own = {"kind", "backbone_d_model", "layers", "centroids", "centroid_top_k"}
+    if not {"kind", "backbone_d_model", "layers"} <= set(d) <= own or d["kind"] != "assistant":
+      raise ValueError(f"an assistant config holds {sorted(own)}; got {sorted(d)}")
+    return cls(ModelConfig.from_dict(d["layers"]), int(d["backbone_d_model"]),
+               int(d.get("centroids", 0)), int(d.get("centroid_top_k", 0)))
+
+  def num_params(self) -> int:
+    a, big = self.layers, self.backbone_d_model
+    total = a.num_params() + 3 * big * a.d_model  # pre_proj (2D d), post_proj (d D)
+    if self.centroids:  # the centroids (d C) and the token order (V)
+      total += a.d_model * self.centroids + a.vocab_size
+    for kind in a.layer_types:  # no k/v weights or k norm: every layer reads the target's
+      e, k = a.kind_head_dim(kind), a.kind_kv_heads(kind)
+      total -= a.d_model * e * k * (1 if kind == GLOBAL and a.global_k_eq_v else 2)
+      total -= e if a.qk_norm else 0
+    return total
+
+  def check_target(self, target: ModelConfig) -> None:
+    """Raises ValueError unless this assistant can read `target`'s caches and hidden state."""
+    a = self.layers
+    problems = []
+    if target.d_model != self.backbone_d_model:
+      problems.append(f"target d_model {target.d_model} != backbone_d_model "
+                      f"{self.backbone_d_model}")
+    if target.vocab_size != a.vocab_size:
+      problems.append(f"vocabularies differ ({target.vocab_size} vs {a.vocab_size})")
+    for kind in sorted(set(a.layer_types)):
+      if kind not in target.layer_types[:target.num_cached_layers]:
+        problems.append(f"the target has no cached {kind} layer to read")
+      elif (a.kind_head_dim(kind), a.kind_kv_heads(kind)) != (target.kind_head_dim(kind),
+                                                              target.kind_kv_heads(kind)):
+        problems.append(f"{kind} head_dim / KV heads differ from the target's")
+    if LOCAL in a.layer_types and a.sliding_window - 1 > target.sliding_window + 1:
+      # A local step at position L reads keys L - (window - 1) .. L - 1; the target's ring
+      # keeps its window plus at least one slot of slack (spec_tokens >= 1).
+      problems.append(f"the assistant's window ({a.sliding_window}) needs more keys than the "
+                      f"target's ring keeps (window {target.sliding_window} + 1)")
+    if problems:
+      raise ValueError("assistant does not fit its target: " + "; ".join(problems))
+
+
+def config_from_dict(d: dict[str, Any]) -> "ModelConfig | AssistantConfig":
+  """A stored config (to_dict's output) of either kind."""
+  return AssistantConfig.from_dict(d) if d.get("kind") == "assistant" else ModelConfig.from_dict(d)
+
+
 def _gemma(name, **kw) -> ModelConfig:
   base = dict(ffw_activation="geglu", norm_plus_one=True, tie_embeddings=True,
               scale_embeddings=True, norm_eps=1e-6, dtype="bfloat16")
@@ -456,7 +560,8 @@ PRESETS: dict[str, ModelConfig] = {
             num_global_kv_heads=4, global_k_eq_v=True, ffw_dim=21_504,
             layer_pattern=(LOCAL,) * 5 + (GLOBAL,), sliding_window=1024),
     # E2B: 35 layers 4:1, d 1536, 8 heads, 1 KV head, PLE 256, last 20 layers kv-shared with
-    # a double-wide MLP (intermediate_size 6144; one source says 8192: unverified here).
+    # a double-wide MLP (intermediate_size 6144 with use_double_wide_mlp, as four independent
+    # public repositories quote its config.json, one from a fetched copy).
     _gemma4("gemma4_e2b", d_model=1536, num_layers=35, num_heads=8, num_kv_heads=1,
             ffw_dim=6144, layer_pattern=(LOCAL,) * 4 + (GLOBAL,), sliding_window=512,
             ple_dim=256, kv_shared_layers=20, kv_shared_ffw_dim=2 * 6144),
@@ -489,7 +594,37 @@ PRESETS.update({f"{n}_vision": PRESETS[n].replace(name=f"{n}_vision", vision=GEM
                 for n in ("gemma3_4b", "gemma3_12b", "gemma3_27b")})
 
 
-def get_preset(name: str) -> ModelConfig:
+
+def _assistant(name, target: ModelConfig, **kw) -> AssistantConfig:
+  """A Gemma 4 assistant for `target`: its kinds' head sizes and KV heads, no soft cap on its
+  logits, local windows 2 wider than the target's (hf_gemma4.assistant_from_hf says why)."""
+  base = dict(vocab_size=target.vocab_size, head_dim=target.head_dim,
+              global_head_dim=target.global_head_dim, num_kv_heads=target.num_kv_heads,
+              num_global_kv_heads=target.num_global_kv_heads,
+              global_k_eq_v=target.global_k_eq_v, sliding_window=target.sliding_window + 2,
+              final_logit_softcap=None, dtype=target.dtype, tokenizer=target.tokenizer)
+  base.update(kw)
+  return AssistantConfig(_gemma4(name, **base), backbone_d_model=target.d_model)
+
+
+# Assistant drafters (draft.kind = 'assistant'), each made for one target.
+ASSISTANT_PRESETS: dict[str, AssistantConfig] = {
+  a.name: a for a in [
+    _assistant("tiny_gemma4_assistant", PRESETS["tiny_gemma4"], d_model=24, num_layers=2,
+               num_heads=4, ffw_dim=40, layer_pattern=(LOCAL, GLOBAL)),
+    # google/gemma-4-31B-it-assistant: 4 layers of width 1024, 32 heads, MLP 8192, as Modular
+    # MAX's Gemma4AssistantConfig defaults give it (its hub config.json not read from here;
+    # the 3 local + 1 global order is assumed).
+    _assistant("gemma4_31b_assistant", PRESETS["gemma4_31b"], d_model=1024, num_layers=4,
+               num_heads=32, ffw_dim=8192, layer_pattern=(LOCAL,) * 3 + (GLOBAL,)),
+  ]
+}
+
+
+def get_preset(name: str) -> "ModelConfig | AssistantConfig":
+  if name in ASSISTANT_PRESETS:
+    return ASSISTANT_PRESETS[name]
   if name not in PRESETS:
-    raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    raise KeyError(f"unknown model preset {name!r}; known: "
+                   f"{sorted(PRESETS) + sorted(ASSISTANT_PRESETS)}")
   return PRESETS[name]

@@ -46,7 +46,7 @@ from spec_tpu.models import layers
 from spec_tpu.models import layout
 from spec_tpu.models import quant, recurrent
 from spec_tpu.models.vision import siglip
-from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, RECURRENT, AssistantConfig, ModelConfig
 
 F32 = jnp.float32
 # Caches longer than this are read block by block, only as far as the fullest row has filled
@@ -128,7 +128,11 @@ def init_layer(cfg: ModelConfig, kind: str, key, dtype, kv_shared: bool = False)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
-  """Random params (scaled normal), for tests and for training from scratch."""
+  """Random params (scaled normal), for tests and for training from scratch (an
+  AssistantConfig: the assistant drafter's, models/assistant.py)."""
+  if isinstance(cfg, AssistantConfig):
+    from spec_tpu.models import assistant  # it builds on this module
+    return assistant.init_params(cfg, key, dtype)
   dtype = jnp.dtype(dtype or cfg.dtype)
   d, v = cfg.d_model, cfg.vocab_size
   keys = jax.random.split(key, cfg.num_layers + 2)  # one per layer: kinds draw what they need
@@ -203,6 +207,9 @@ def layer_logical_axes(cfg: ModelConfig, kind: str, kv_shared: bool = False) -> 
 def param_logical_axes(cfg: ModelConfig) -> dict:
   """Logical axes of every param, in the pytree layout init_params makes (stacked group entries
   lead with 'layers'); spec_tpu.sharding maps them onto a mesh."""
+  if isinstance(cfg, AssistantConfig):
+    from spec_tpu.models import assistant
+    return assistant.param_logical_axes(cfg)
   stacked = lambda axes: jax.tree.map(lambda ax: ("layers",) + ax, axes, is_leaf=is_axes)  # noqa: E731
   pattern = cfg.layer_pattern
   axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),

@@ -63,7 +63,11 @@ Draft sources: `draft_source` (default: the pair's) is the draft model, prompt l
 (n-gram: no draft model, a round costs one verification) or hybrid (draft_source.py). The K
 policy needs nothing new: calibration times each K's round as this source pays it, and a
 position the lookup left empty counts as a judged, rejected draft (a round yields what it
-yields), so the same formula picks K, 0 where the lookup rarely matches.
+yields), so the same formula picks K, 0 where the lookup rarely matches. Gemma 4's assistant drafter
+(source 'assistant') reads the target's caches and keeps no cache of its own: each row's
+target final hidden state lives in the state (written by insert, updated by every round at
+any K, K = 0 included), so a slot reused by a new request, a rollback or a K = 0 spell leaves
+nothing to catch up.
 
 Random numbers: request r draws from the stream (seed_r mod 2^32, seed_r div 2^32): its output
 law never depends on the batch, and with a seed neither do its tokens. The coupling (engine-wide,
@@ -220,10 +224,15 @@ class Engine:
             grammar_lib.token_bytes(self.tokenizer), pair.eos_id, num_tokens,
             max_states=self.grammar_states)
     self.draft_source = source
-    draft_model = pair.draft_cfg if k_max > 0 and source.uses_model else None
+    drafts = k_max > 0 and source.uses_model
+    draft_model = pair.draft_cfg if drafts and not source.uses_assistant else None
+    # The assistant has no cache: every program reads its params (K = 0 steps and inserts
+    # keep the target's final hidden state it starts from), nothing ever lags.
+    assistant = pair.draft_cfg if drafts and source.uses_assistant else None
     self._has_draft_model = draft_model is not None
+    reads_draft = draft_model is not None or assistant is not None
     self._spec = decode.LoopSpec(
-        target=pair.target_cfg, draft=draft_model, k=0, k_max=k_max,
+        target=pair.target_cfg, draft=draft_model, assistant=assistant, k=0, k_max=k_max,
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
         eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
@@ -241,8 +250,8 @@ class Engine:
                           out_shardings=self._state_sh)()
     # Round costs for the K policy (profiling.cost_clock: CPU time on the CPU backend).
     self._cost_clock = profiling.cost_clock(pair.platform)
-    self._params = (pair.target_params, pair.draft_params if self._has_draft_model else None)
-    self._param_sh = pair.param_shardings(self._has_draft_model)
+    self._params = (pair.target_params, pair.draft_params if reads_draft else None)
+    self._param_sh = pair.param_shardings(reads_draft)
 
     self._slots: list[_Slot | None] = [None] * self.num_slots
     self._queue: collections.deque[Request] = collections.deque()

@@ -86,7 +86,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
     if m is not None:
       logging.info("%s", m.describe())
   # No EOS: every row generates max_new tokens, so every point does the same work.
-  sampler = Sampler(common.build_pair(setup, mesh, eos_id=None, pad_id=0),
+  sampler = Sampler(common.build_pair(setup, mesh, eos_ids=(), pad_id=0),
                     cache_len=cache_len or None, coupling=setup.coupling)
   bandwidth = profiling.measure_bandwidth(mesh, (1 << 30) if jax.devices()[0].platform != "cpu"
                                 else (1 << 28))
@@ -179,7 +179,7 @@ def run_draft_kinds(config, output_dir: str, kinds, batch: int, max_new: int | N
                "open": encode([config.run.prompts[i % len(config.run.prompts)]
                                for i in range(batch)])}
   # No EOS: every row generates max_new tokens, so every source does the same work.
-  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_id=None, pad_id=0))
+  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0))
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   try:
     rows = source_bench.compare_sources(
@@ -305,7 +305,7 @@ def run_couplings(config, output_dir: str, couplings, temperatures, batches,
   samplings = [dataclasses.replace(setup.sampling, temperature=t) for t in temps]
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   reports.make_output_dir("output_dir", output_dir)
-  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_id=None, pad_id=0))
+  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0))
   rows = []
   for b in batches:
     for row in coupling_bench.compare(sampler, prompts_for(config, setup, b), k=setup.k,

@@ -174,7 +174,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   spec = decode.LoopSpec(target=setup.target.cfg, draft=draft.cfg if draft else None, k=k,
                          k_max=k,
                          max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_len=context, out_len=max_new + k, eos_id=None,
+                         max_len=context, out_len=max_new + k, eos_ids=(),
                          source=setup.draft_source if k else decode.DraftSource())
   rules = setup.target.rules
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(

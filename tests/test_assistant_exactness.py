@@ -41,7 +41,7 @@ def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0, sl
   spec = decode.LoopSpec(target=ex.TARGET, draft=None, k=K, k_max=K, max_top_k=ex.V,
                          max_len=len(ex.PROMPT) + ex.MAX_NEW + K + slack,
                          out_len=ex.MAX_NEW + K,
-                         eos_id=None, assistant=ASSISTANT, greedy_drafts=greedy_drafts)
+                         eos_ids=(), assistant=ASSISTANT, greedy_drafts=greedy_drafts)
   tokens = jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (ex.BATCH, 1))
   lengths = jnp.full((ex.BATCH,), len(ex.PROMPT), jnp.int32)
   run = jax.jit(decode.generate, static_argnums=0)
@@ -100,7 +100,7 @@ def test_greedy_speculative_equals_greedy_autoregressive():
   rows, _, _ = _runs(False, 14, 0.0)
   spec = decode.LoopSpec(target=ex.TARGET, draft=None, k=0, k_max=0, max_top_k=ex.V,
                          max_len=len(ex.PROMPT) + ex.MAX_NEW + 2, out_len=ex.MAX_NEW,
-                         eos_id=None)
+                         eos_ids=())
   tokens = jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (2, 1))
   out, _, _ = jax.jit(decode.generate, static_argnums=0)(
       spec, ex.target_params(), None, tokens, jnp.full((2,), len(ex.PROMPT), jnp.int32),

@@ -30,9 +30,9 @@ from spec_tpu.serving.pacing import Pacing
 from spec_tpu.tokenizer import ByteTokenizer
 
 
-def _toy_sampler(eos_id=None):
+def _toy_sampler():
   return Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
-                 draft_cfg=ex.DRAFT, eos_id=eos_id)
+                 draft_cfg=ex.DRAFT)
 
 
 def _drain(engine):
@@ -295,7 +295,7 @@ def byte_engine():
   tok = ByteTokenizer()
   sampler = Sampler.from_params(model.init_params(target, jax.random.key(0)), target,
                     draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
-                    eos_id=tok.eos_id)
+                    eos_ids=tok.eos_ids)
   engine = Engine(sampler.pair, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
                   rounds_per_step=2)
   return engine, tok

@@ -117,7 +117,7 @@ class Sampler:
   draft_cfg = property(lambda self: self.pair.draft_cfg)
   target_rules = property(lambda self: self.pair.target_rules)
   mesh = property(lambda self: self.pair.mesh)
-  eos_id = property(lambda self: self.pair.eos_id)
+  eos_ids = property(lambda self: self.pair.eos_ids)
   pad_id = property(lambda self: self.pair.pad_id)
   draft_source = property(lambda self: self.pair.draft_source)
 
@@ -130,7 +130,7 @@ class Sampler:
       max_len = min(max_len, self.max_cache_len)
     draft = self.draft_cfg if k and source.uses_model else None
     return decode.LoopSpec(target=self.target_cfg, draft=draft, k=k, k_max=k, max_top_k=top_k,
-                           max_len=max_len, out_len=max_new + k, eos_id=self.eos_id,
+                           max_len=max_len, out_len=max_new + k, eos_ids=self.eos_ids,
                            pad_id=self.pad_id, coupling=coupling,
                            source=source if k else DraftSource())
 

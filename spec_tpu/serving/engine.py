@@ -203,7 +203,7 @@ class Engine:
     self._spec = decode.LoopSpec(
         target=pair.target_cfg, draft=draft_model, k=0, k_max=k_max,
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
-        eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
+        eos_ids=pair.eos_ids, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
         max_logit_bias=self.max_logit_bias)
     self.coupling = coupling
@@ -658,8 +658,8 @@ class Engine:
     if stopped:
       self._finish_slot(slot, STOP)
     elif device_done:
-      eos = self.pair.eos_id
-      hit_eos = eos is not None and s.request._tokens and s.request._tokens[-1] == eos
+      last = s.request._tokens[-1] if s.request._tokens else None
+      hit_eos = last in self.pair.eos_ids
       self._finish_slot(slot, STOP if hit_eos else LENGTH)
 
   def _finish_slot(self, slot: int, reason: str):

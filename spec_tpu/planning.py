@@ -98,10 +98,50 @@ def _step_cost(cfg, rules, mesh, batch: int, context: int, t: int, spec_tokens: 
   return dataclasses.replace(total, hbm_bytes=float(hbm))
 
 
+def _abstract_params(cfg, mesh, rules):
+  """(abstract params carrying their shardings, the shardings) of a model."""
+  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  shards = sharding.param_shardings(cfg, mesh, rules, shapes)
+  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, shards)
+  return structs, shards
+
+
+def _encoder_cost(cfg, rules, mesh, images: int):
+  """What encoding `images` images (the vision encoder and projector) costs one device: flops
+  and collectives extrapolated from encoders of one and of two layers (the encoder's layers run
+  under a scan, which XLA's cost analysis counts once); HBM bytes: the encoder's weights and
+  the images."""
+  v = cfg.vision
+
+  def cost(layers):
+    c = cfg.replace(vision=v.replace(num_layers=layers))
+    params, _ = _abstract_params(c, mesh, rules)
+    return roofline.program_cost(_encoder_program(c, mesh, rules, params, images))
+
+  total = roofline.extrapolate(cost(1), cost(2), v.num_layers)
+  params, shards = _abstract_params(cfg, mesh, rules)
+  pixels = images * v.image_size ** 2 * 3 * 4
+  hbm = profiling.per_device_bytes(params["vision"], shards["vision"]) + pixels
+  return dataclasses.replace(total, hbm_bytes=float(hbm))
+
+
+def _encoder_program(cfg, mesh, rules, params, images: int, options=None):
+  """The compiled encoder (soft tokens of `images` images, as the Sampler and the engine's
+  insert run it: its own program, before the prefill)."""
+  size = cfg.vision.image_size
+  pixels = jax.ShapeDtypeStruct((images, size, size, 3), np.float32,
+                                sharding=sharding.batch_sharding(mesh, (images, size, size, 3),
+                                                                 rules))
+  lowered = jax.jit(lambda p, x: model.encode_images(p, cfg, x)).lower(params, pixels)
+  return lowered.compile(options)
+
+
 def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
-                   acceptances) -> dict:
+                   acceptances, images: int = 0) -> dict:
   """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
-  a draft step on this TPU, per device, and of speculative rounds at the given acceptances."""
+  a draft step on this TPU, per device, and of speculative rounds at the given acceptances; with
+  images, also of encoding one image."""
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
@@ -109,6 +149,8 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
     programs["draft_step"] = (setup.draft, 1)
   costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
            for name, (m, t) in programs.items()}
+  if images:
+    costs["encode_image"] = _encoder_cost(setup.target.cfg, setup.target.rules, mesh, 1)
   times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
   out = dict(chip=chip.name, device_share_of_chip=share,
              hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
@@ -128,8 +170,10 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
          max_new: int | None, tpu_topology: str | None = None,
-         acceptances=(0.6, 0.7, 0.8, 0.9)) -> dict:
-
+         acceptances=(0.6, 0.7, 0.8, 0.9), images: int = 0) -> dict:
+  """images: per row, image blocks in the prompt (a target with a vision encoder): the
+  encoder's program is compiled beside the decode program, whose prefill takes their soft
+  tokens."""
   setup = common.resolve(config, need_weights=False, k=k)
   k = setup.k
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
@@ -137,6 +181,15 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   if batch <= 0 or prompt_len <= 0:
     raise ValueError(f"--context={context} must exceed max_new_tokens ({max_new}) + K + 1 "
                      f"({k + 1}), and --batch ({batch}) must be positive")
+  vision = setup.target.cfg.vision
+  if images < 0:
+    raise ValueError(f"--images must be >= 0, got {images}")
+  if images and vision is None:
+    raise ValueError(f"--images={images}: target {setup.target.cfg.name!r} has no vision "
+                     "encoder (e.g. --config.model.preset=gemma3_27b_vision)")
+  if images and images * vision.block_len > prompt_len:
+    raise ValueError(f"--images={images}: {images} image blocks of {vision.block_len} tokens "
+                     f"do not fit the {prompt_len}-token prompt; raise --context")
   data, model_axis = topology
   devices = _devices(data * model_axis, tpu_topology)
   mesh = sharding.make_mesh((data, model_axis), devices=devices)
@@ -144,11 +197,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     raise ValueError(f"--batch={batch} must divide over the data axis ({data})")
 
   def abstract_params(m):
-    shapes = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
-    shards = sharding.param_shardings(m.cfg, mesh, m.rules, shapes)
-    structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           shapes, shards)
-    return structs, shards
+    return _abstract_params(m.cfg, mesh, m.rules)
 
   def cache_bytes(m):
     abstract = cache_lib.abstract_cache(m.cfg, batch, context, k + 1)
@@ -181,9 +230,14 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       mesh, shape, rules))
   rep = sharding.replicated(mesh)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
-  # tokens, lengths, temperature, top_p, top_k, seed
+  # tokens, lengths, temperature, top_p, top_k, seed, soft tokens of the images
+  soft = None
+  if images:
+    shape = (batch, images * vision.num_soft_tokens, setup.target.cfg.d_model)
+    soft = jax.ShapeDtypeStruct(shape, setup.target.cfg.dtype,
+                                sharding=sharding.batch_sharding(mesh, shape, rules))
   args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
-          scalar(np.int32), scalar(np.uint32))
+          scalar(np.int32), scalar(np.uint32), soft)
 
   start = time.perf_counter()
   lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
@@ -205,6 +259,21 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   # CPU time too: on a shared machine the wall time depends on everyone else's load.
   compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
+  encoder = None
+  if images:  # its own program, run before the prefill: the device holds one or the other
+    try:
+      e = _encoder_program(setup.target.cfg, mesh, rules, tp, batch * images,
+                           options).memory_analysis()
+    except Exception as err:  # noqa: BLE001 - as above
+      if "RESOURCE_EXHAUSTED" not in str(err):
+        raise
+      raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the vision encoder: "
+                       f"{str(err).splitlines()[0]}") from None
+    encoder = dict(images=batch * images, arguments=e.argument_size_in_bytes,
+                   outputs=e.output_size_in_bytes, temporaries=e.temp_size_in_bytes,
+                   total=(e.argument_size_in_bytes + e.output_size_in_bytes
+                          + e.temp_size_in_bytes - e.alias_size_in_bytes),
+                   weights=profiling.per_device_bytes(tp["vision"], t_sh["vision"]))
 
   weights = {"target": profiling.per_device_bytes(tp, t_sh),
              "draft": profiling.per_device_bytes(dp, d_sh) if draft else 0}
@@ -217,7 +286,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
-  need = compiled_total
+  need = max(compiled_total, encoder["total"] if encoder else 0)
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
       quantize=setup.target.cfg.quantize or "none",
@@ -225,6 +294,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
       batch=batch, context=context, prompt_len=prompt_len, max_new_tokens=max_new, k=k,
+      images_per_row=images, encoder=encoder,
       lower_seconds=lower_s, compile_seconds=compile_s, compile_cpu_seconds=compile_cpu_s,
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
@@ -241,7 +311,8 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     hbm = roofline.CHIPS[device.device_kind].hbm_bytes * roofline.device_share(device)
     report["device_hbm"] = hbm
     report["fits"] = {device.device_kind: need <= hbm}
-    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances)
+    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances,
+                                     images)
   return report
 
 
@@ -279,6 +350,13 @@ def format_report(r: dict) -> str:
   lines += [
       f"  total                       {g(a['total'])}",
   ]
+  e = r.get("encoder")
+  if e:
+    lines += [f"vision encoder, its own program before the prefill ({e['images']} images; the "
+              f"prompt holds {r['images_per_row']} image blocks a row):",
+              f"  encoder weights             {g(e['weights'])} (part of the target weights)",
+              f"  temporaries                 {g(e['temporaries'])}",
+              f"  total                       {g(e['total'])}"]
   estimated = r["platform"] == "cpu"
   lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
   chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)
@@ -308,7 +386,8 @@ def format_speed(sp: dict, k: int) -> list[str]:
       f"TFLOP/s bf16; step programs compiled in {sp['compile_seconds']:.1f} s",
       "  program        HBM GiB  XLA's GiB*   GFLOP  collectives  memory ms compute ms   coll. ms"
       "  estimate ms"]
-  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step"}
+  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step",
+           "encode_image": "encode image"}
   for name, p in sp["programs"].items():
     c, t = p["cost"], p["seconds"]
     lines.append(f"  {names[name]:13s} {c['hbm_bytes'] / GIB:8.3f} {c['xla_bytes'] / GIB:10.3f} "

@@ -318,3 +318,33 @@ def run_couplings(config, output_dir: str, couplings, temperatures, batches,
                                          random_weights=setup.any_random, rows=rows),
                         coupling_bench.format_table(rows))
   return rows
+
+
+def run_images(config, output_dir: str, counts, repeats: int) -> list[dict]:
+  """The vision encoder's time per image and the time to first token with each count of images
+  in the prompt (serving/image_bench.py), through a one-slot engine running the target alone
+  at K = 0 (encoding and the prefill are the target's); writes results.json and table.txt."""
+  from spec_tpu.serving import Engine, image_bench
+  counts = sorted(set(counts))
+  if not counts or counts[0] < 0 or repeats < 1:
+    raise SetupError(f"--images takes counts >= 0 and --repeats must be >= 1, got "
+                     f"{','.join(map(str, counts))} and {repeats}")
+  setup = common.resolve(config, need_weights=True, k=0)
+  vision = setup.target.cfg.vision
+  if vision is None:
+    raise SetupError(f"--images: target {setup.target.cfg.name!r} has no vision encoder "
+                     "(e.g. --config.model.preset=tiny_vision)")
+  blocks = {vision.start_id, vision.end_id, vision.newline_id, vision.image_id}
+  prompt = [t for t in prompts_for(config, setup, 1)[0] if t not in blocks]
+  reports.make_output_dir("output_dir", output_dir)
+  pair = common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0,
+                           use_draft=False)
+  engine = Engine(pair, num_slots=1, k=0, adaptive_k=False,
+                  max_len=len(prompt) + counts[-1] * vision.block_len + 8)
+  rows = image_bench.measure(engine, prompt, counts, repeats, seed=int(config.sampling.seed))
+  reports.write_results(output_dir, dict(target=setup.target.describe(),
+                                         device=str(jax.devices()[0]),
+                                         num_devices=jax.device_count(),
+                                         random_weights=setup.any_random, repeats=repeats,
+                                         rows=rows), image_bench.format_table(rows))
+  return rows

@@ -107,41 +107,43 @@ def _abstract_params(cfg, mesh, rules):
   return structs, shards
 
 
-def _encoder_cost(cfg, rules, mesh, images: int):
-  """What encoding `images` images (the vision encoder and projector) costs one device: flops
-  and collectives extrapolated from encoders of one and of two layers (the encoder's layers run
-  under a scan, which XLA's cost analysis counts once); HBM bytes: the encoder's weights and
-  the images."""
+def _encoder_cost(cfg, rules, mesh, scanned=None):
+  """What encoding one image (the vision encoder and projector) costs one device. XLA's cost
+  analysis counts the body of the encoder's layer scan once: the compiled encoder (`scanned`,
+  one image; compiled here if not given) counts what is outside the layers and one layer, an
+  unrolled two-layer encoder the outside and two layers, so one layer is their difference.
+  HBM bytes: the encoder's weights and the image."""
   v = cfg.vision
-
-  def cost(layers):
-    c = cfg.replace(vision=v.replace(num_layers=layers))
-    params, _ = _abstract_params(c, mesh, rules)
-    return roofline.program_cost(_encoder_program(c, mesh, rules, params, images))
-
-  total = roofline.extrapolate(cost(1), cost(2), v.num_layers)
   params, shards = _abstract_params(cfg, mesh, rules)
-  pixels = images * v.image_size ** 2 * 3 * 4
-  hbm = profiling.per_device_bytes(params["vision"], shards["vision"]) + pixels
-  return dataclasses.replace(total, hbm_bytes=float(hbm))
+  if scanned is None:
+    scanned = _encoder_program(cfg, mesh, rules, params, 1)
+  once = roofline.program_cost(scanned)
+  c2 = cfg.replace(vision=v.replace(num_layers=2))
+  two = roofline.program_cost(_encoder_program(
+      c2, mesh, rules, _abstract_params(c2, mesh, rules)[0], 1, unrolled=True))
+  total = once + (two - once).scaled(v.num_layers - 1)
+  hbm = profiling.per_device_bytes(params["vision"], shards["vision"]) + v.image_size ** 2 * 3 * 4
+  return dataclasses.replace(total, xla_bytes=once.xla_bytes, hbm_bytes=float(hbm))
 
 
-def _encoder_program(cfg, mesh, rules, params, images: int, options=None):
+def _encoder_program(cfg, mesh, rules, params, images: int, options=None,
+                     unrolled: bool = False):
   """The compiled encoder (soft tokens of `images` images, as the Sampler and the engine's
   insert run it: its own program, before the prefill)."""
   size = cfg.vision.image_size
   pixels = jax.ShapeDtypeStruct((images, size, size, 3), np.float32,
                                 sharding=sharding.batch_sharding(mesh, (images, size, size, 3),
                                                                  rules))
-  lowered = jax.jit(lambda p, x: model.encode_images(p, cfg, x)).lower(params, pixels)
+  lowered = jax.jit(lambda p, x: model.encode_images(p, cfg, x, unrolled=unrolled)).lower(
+      params, pixels)
   return lowered.compile(options)
 
 
 def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
-                   acceptances, images: int = 0) -> dict:
+                   acceptances, images: int = 0, encoder=None) -> dict:
   """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
   a draft step on this TPU, per device, and of speculative rounds at the given acceptances; with
-  images, also of encoding one image."""
+  images, also of encoding one image (`encoder`: its compiled program for one image, if made)."""
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
@@ -150,7 +152,7 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
   costs = {name: _step_cost(m.cfg, m.rules, mesh, batch, context, t, k + 1)
            for name, (m, t) in programs.items()}
   if images:
-    costs["encode_image"] = _encoder_cost(setup.target.cfg, setup.target.rules, mesh, 1)
+    costs["encode_image"] = _encoder_cost(setup.target.cfg, setup.target.rules, mesh, encoder)
   times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
   out = dict(chip=chip.name, device_share_of_chip=share,
              hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
@@ -259,11 +261,12 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   # CPU time too: on a shared machine the wall time depends on everyone else's load.
   compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
-  encoder = None
+  encoder = encoder_program = None
   if images:  # its own program, run before the prefill: the device holds one or the other
     try:
-      e = _encoder_program(setup.target.cfg, mesh, rules, tp, batch * images,
-                           options).memory_analysis()
+      encoder_program = _encoder_program(setup.target.cfg, mesh, rules, tp, batch * images,
+                                         options)
+      e = encoder_program.memory_analysis()
     except Exception as err:  # noqa: BLE001 - as above
       if "RESOURCE_EXHAUSTED" not in str(err):
         raise
@@ -312,7 +315,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     report["device_hbm"] = hbm
     report["fits"] = {device.device_kind: need <= hbm}
     report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances,
-                                     images)
+                                     images, encoder_program if batch * images == 1 else None)
   return report
 
 

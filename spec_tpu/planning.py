@@ -289,7 +289,13 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
-  need = max(compiled_total, encoder["total"] if encoder else 0)
+  need = compiled_total
+  if encoder:
+    # jit leaves out arguments a program never reads: the decode program's do not hold the
+    # encoder's weights, the encoder's not the decoder's, yet both stay on the device.
+    others = sum(weights.values()) - encoder["weights"]
+    encoder["need"] = encoder["total"] + others
+    need = max(compiled_total + encoder["weights"], encoder["need"])
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
       quantize=setup.target.cfg.quantize or "none",
@@ -359,7 +365,8 @@ def format_report(r: dict) -> str:
               f"prompt holds {r['images_per_row']} image blocks a row):",
               f"  encoder weights             {g(e['weights'])} (part of the target weights)",
               f"  temporaries                 {g(e['temporaries'])}",
-              f"  total                       {g(e['total'])}"]
+              f"  total                       {g(e['total'])}",
+              f"  with the decoder's weights  {g(e['need'])} (resident, not its arguments)"]
   estimated = r["platform"] == "cpu"
   lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
   chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)

@@ -568,11 +568,12 @@ def test_plan_tiny_on_2x8_reports_memory(tmp_path):
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
   # then the encoder's own program is planned over the batch's 6 images, its weights counted
-  # among the target's, and the need is the larger program's.
+  # among the target's, and the need is the larger program's with the other's weights.
   e = report["encoder"]
   assert report["images_per_row"] == 3 and e["images"] == 6
   assert 0 < e["weights"] < report["analytic"]["weights"]["target"] and e["temporaries"] > 0
-  assert report["estimated_need"] == max(report["compiled"]["total"], e["total"])
+  assert report["estimated_need"] == max(report["compiled"]["total"] + e["weights"], e["need"])
+  assert e["need"] > e["total"]  # the decoder's weights stay resident while it encodes
   assert "vision encoder, its own program" in proc.stdout
   # More image blocks than the prompt holds, or images for a text-only model: refused before
   # anything compiles.

@@ -101,6 +101,9 @@ def test_encoder_matches_siglip_alone(converted):
   got_soft = np.asarray(model.encode_images(params, cfg, jnp.asarray(images)))
   assert got_soft.shape == (3, 4, cfg.d_model)
   assert _rel_err(got_soft, want_soft) < 1e-5
+  # The unrolled encoder (what launch.plan's cost analysis compiles) computes the same.
+  unrolled = np.asarray(model.encode_images(params, cfg, jnp.asarray(images), unrolled=True))
+  assert _rel_err(unrolled, got_soft) < 1e-6
 
 
 PROMPTS = [  # (prompt with start_of_image marks, number of images)

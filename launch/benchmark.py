@@ -9,6 +9,8 @@
         --couplings=rejection,gumbel --temperatures=0.6,1.0 --batches=8
     python -m launch.benchmark --config=configs/default.py --output_dir=/tmp/bench_sources \
         --draft_kinds=none,ngram,model,hybrid --batches=4
+    python -m launch.benchmark --config=configs/tiny_random.py --config.model.preset=tiny_vision \
+        --output_dir=/tmp/bench_images --images=0,1,4
 
 Per (batch, K) point: ms per token, tokens/s, acceptance a, cost ratio c, measured and ideal
 speedup, verification cost and memory-bandwidth utilisation (what each means:
@@ -18,7 +20,9 @@ ends with a side-by-side table (quantize.txt). `--couplings=rejection,gumbel` co
 couplings instead, at K = engine.k: tokens/s, acceptance and the acceptance each should reach
 (spec_tpu/decoding/coupling_bench.py). `--draft_kinds` compares draft sources (none, ngram,
 model, hybrid) at K = engine.k and the first batch size on a prompt-repeating and an
-open-ended workload instead of sweeping K.
+open-ended workload instead of sweeping K. `--images=0,1,4` measures a target with a vision
+encoder instead: the encoder's time per image and the time to first token with each count of
+images in the prompt (spec_tpu/serving/image_bench.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ _TEMPERATURES = flags.DEFINE_list("temperatures", None, "Temperatures of --coupl
                                   "the config's sampling.temperature).")
 _DRAFT_KINDS = flags.DEFINE_list("draft_kinds", None, "Compare draft sources instead of "
                                  "sweeping K: none (autoregressive), ngram, model, hybrid.")
+_IMAGES = flags.DEFINE_list("images", None, "Measure the vision encoder per image and the time "
+                            "to first token with these image counts in the prompt (e.g. 0,1,4) "
+                            "instead of sweeping K.")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -66,6 +73,10 @@ def main(argv):
                             temperatures, cli.int_list("batches", _BATCHES.value),
                             _MAX_NEW.value, _REPEATS.value)
     logging.info("%s", compile_cache.summary(cache_dir))
+    return
+  if _IMAGES.value is not None:
+    benchmark.run_images(_CONFIG.value, _OUTPUT_DIR.value, cli.int_list("images", _IMAGES.value),
+                         _REPEATS.value)
     return
   modes = [None] if _QUANTIZE.value is None else [m.strip() for m in _QUANTIZE.value]
   if not modes or len(set(modes)) < len(modes):

@@ -10,6 +10,8 @@ a TPU topology, also a roofline estimate of step times.
         --batch=1 --context=2048                                             # needs libtpu
     python -m launch.plan --config=configs/chinchilla_70b.py --tpu=v5e:2x4 --topology=1x8 \
         --batch=1 --context=2048 --quantize=none,int8
+    python -m launch.plan --config=configs/gemma3_27b.py --config.model.preset=gemma3_27b_vision \
+        --tpu=v5e:4x4 --topology=1x16 --batch=1 --context=2048 --images=1    # needs libtpu
 
 The work is spec_tpu/planning.py's. The program is `jax.jit(decode.run).lower(...).compile()`
 with jax.ShapeDtypeStruct params carrying their NamedShardings (the same rule tables and XLA options the Sampler uses). `--context` is the
@@ -29,6 +31,11 @@ from the TPU compiler's cost analysis, with the speedup at the --acceptance rate
 `--quantize=none,int8` plans each weight form in turn (target and draft alike; default: as the
 config says) and ends with a side-by-side table; a form the TPU compiler refuses for lack of
 memory is reported as DOES NOT FIT.
+`--images=N` (a target with a vision encoder, e.g. --config.model.preset=gemma3_27b_vision):
+each row's prompt holds N image blocks whose soft tokens the prefill takes, and the vision
+encoder's own program (run before the prefill, over batch x N images) is compiled too; the
+need per device is the larger of the two programs; with --tpu the estimate adds the encoder's
+cost per image.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ _TPU = flags.DEFINE_string("tpu", None, "Compile for this TPU topology via libtp
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the report here.")
 _QUANTIZE = flags.DEFINE_list("quantize", None, "Weight forms to plan, each for target and draft "
                               "alike: none (float) and/or int8 (default: the config's).")
+_IMAGES = flags.DEFINE_integer("images", 0, "Image blocks per row's prompt (a target with a "
+                               "vision encoder): the encoder's program and an image prefill "
+                               "are planned too.")
 _ACCEPTANCE = flags.DEFINE_list("acceptance", ["0.6", "0.7", "0.8", "0.9"],
                                 "Acceptance rates a for the --tpu speed estimate.")
 
@@ -94,7 +104,8 @@ def main(argv):
     try:
       report = planning.plan(common.with_quantize(config, mode), topology,
                     _BATCH.value or int(config.engine.num_slots), _CONTEXT.value, _K.value,
-                    _MAX_NEW.value, _TPU.value, tuple(float(a) for a in _ACCEPTANCE.value))
+                    _MAX_NEW.value, _TPU.value, tuple(float(a) for a in _ACCEPTANCE.value),
+                    images=_IMAGES.value)
     except planning.DoesNotFit as e:
       # Not an input error: the answer to "will it fit?", and the other forms still get theirs.
       print(f"weights {mode or 'as configured'}: DOES NOT FIT on {e}\n", flush=True)

@@ -86,7 +86,7 @@ def run(config, output_dir: str, ks, batches, max_new: int | None, repeats: int,
     if m is not None:
       logging.info("%s", m.describe())
   # No EOS: every row generates max_new tokens, so every point does the same work.
-  sampler = Sampler(common.build_pair(setup, mesh, eos_id=None, pad_id=0),
+  sampler = Sampler(common.build_pair(setup, mesh, eos_ids=(), pad_id=0),
                     cache_len=cache_len or None, coupling=setup.coupling)
   bandwidth = profiling.measure_bandwidth(mesh, (1 << 30) if jax.devices()[0].platform != "cpu"
                                 else (1 << 28))
@@ -179,7 +179,7 @@ def run_draft_kinds(config, output_dir: str, kinds, batch: int, max_new: int | N
                "open": encode([config.run.prompts[i % len(config.run.prompts)]
                                for i in range(batch)])}
   # No EOS: every row generates max_new tokens, so every source does the same work.
-  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_id=None, pad_id=0))
+  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0))
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   try:
     rows = source_bench.compare_sources(
@@ -305,7 +305,7 @@ def run_couplings(config, output_dir: str, couplings, temperatures, batches,
   samplings = [dataclasses.replace(setup.sampling, temperature=t) for t in temps]
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
   reports.make_output_dir("output_dir", output_dir)
-  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_id=None, pad_id=0))
+  sampler = Sampler(common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0))
   rows = []
   for b in batches:
     for row in coupling_bench.compare(sampler, prompts_for(config, setup, b), k=setup.k,
@@ -317,4 +317,34 @@ def run_couplings(config, output_dir: str, couplings, temperatures, batches,
                                          draft=setup.draft.describe(), max_new_tokens=max_new,
                                          random_weights=setup.any_random, rows=rows),
                         coupling_bench.format_table(rows))
+  return rows
+
+
+def run_images(config, output_dir: str, counts, repeats: int) -> list[dict]:
+  """The vision encoder's time per image and the time to first token with each count of images
+  in the prompt (serving/image_bench.py), through a one-slot engine running the target alone
+  at K = 0 (encoding and the prefill are the target's); writes results.json and table.txt."""
+  from spec_tpu.serving import Engine, image_bench
+  counts = sorted(set(counts))
+  if not counts or counts[0] < 0 or repeats < 1:
+    raise SetupError(f"--images takes counts >= 0 and --repeats must be >= 1, got "
+                     f"{','.join(map(str, counts))} and {repeats}")
+  setup = common.resolve(config, need_weights=True, k=0)
+  vision = setup.target.cfg.vision
+  if vision is None:
+    raise SetupError(f"--images: target {setup.target.cfg.name!r} has no vision encoder "
+                     "(e.g. --config.model.preset=tiny_vision)")
+  blocks = {vision.start_id, vision.end_id, vision.newline_id, vision.image_id}
+  prompt = [t for t in prompts_for(config, setup, 1)[0] if t not in blocks]
+  reports.make_output_dir("output_dir", output_dir)
+  pair = common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0,
+                           use_draft=False)
+  engine = Engine(pair, num_slots=1, k=0, adaptive_k=False,
+                  max_len=len(prompt) + counts[-1] * vision.block_len + 8)
+  rows = image_bench.measure(engine, prompt, counts, repeats, seed=int(config.sampling.seed))
+  reports.write_results(output_dir, dict(target=setup.target.describe(),
+                                         device=str(jax.devices()[0]),
+                                         num_devices=jax.device_count(),
+                                         random_weights=setup.any_random, repeats=repeats,
+                                         rows=rows), image_bench.format_table(rows))
   return rows

@@ -85,7 +85,7 @@ def evaluate_pairs(target: str, drafts: list[tuple[str, str]], *, num_prompts: i
          "k": k, "num_prompts": len(prompts), "prompt_len": prompt_len,
          "max_new_tokens": max_new_tokens, "dtype": t_cfg.dtype,
          "quantize": t_cfg.quantize or "none", "drafts": {}, "baseline": {}}
-  baseline = Sampler.from_params(t_params, t_cfg, eos_id=tok.eos_id)
+  baseline = Sampler.from_params(t_params, t_cfg, eos_ids=tok.eos_ids)
   for name, sp in SETTINGS.items():
     r = timed(baseline, 0, sp)
     out["baseline"][name] = {"seconds": r.seconds, "tokens": r.num_generated}
@@ -94,7 +94,7 @@ def evaluate_pairs(target: str, drafts: list[tuple[str, str]], *, num_prompts: i
   for label, path in drafts:
     d_params, d_cfg = restore(path, dtype, quantize)
     sampler = Sampler.from_params(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg,
-                                  eos_id=tok.eos_id)
+                                  eos_ids=tok.eos_ids)
     entry = {"checkpoint": path, "num_params": d_cfg.num_params(), "heldout_loss": loss_of(path)}
     for name, sp in SETTINGS.items():
       r = timed(sampler, k, sp)

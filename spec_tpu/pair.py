@@ -1,7 +1,7 @@
 """A target and (optionally) a draft, placed on a mesh: what `Sampler` and `Engine` both run.
 
     pair = Pair(target_params, target_cfg, mesh=mesh, draft_params=..., draft_cfg=...,
-                eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+                eos_ids=tok.eos_ids, pad_id=tok.pad_id, tokenizer=tok)
     Sampler(pair).generate(prompts, max_new_tokens=64, k=4)
     Engine(pair, num_slots=8, max_len=1024, k=4)
 
@@ -14,6 +14,7 @@ is a draft too: draft_cfg an AssistantConfig (its draft source then defaults to 
 from __future__ import annotations
 
 import numbers
+from typing import Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -82,15 +83,29 @@ def integer(name: str, value, lo: int, hi: int | None = None) -> int:
   return int(value)
 
 
+def eos_tuple(eos_ids, vocab: int) -> tuple[int, ...]:
+  """The ids that end a generation as a tuple (order kept, repeats dropped): from one id or a
+  sequence of ids; None, () and -1 (a tokenizer's "none") mean no EOS. Ids outside the
+  vocabulary are refused: they would never match a sampled token."""
+  if eos_ids is None:
+    return ()
+  if isinstance(eos_ids, numbers.Integral) and not isinstance(eos_ids, bool):
+    eos_ids = () if eos_ids == -1 else (eos_ids,)
+  if isinstance(eos_ids, (str, bytes)) or not isinstance(eos_ids, Sequence):
+    raise ValueError(f"eos_ids must be an id or a sequence of ids, got {eos_ids!r}")
+  ids = [integer("eos_ids", i, 0, vocab - 1) for i in eos_ids]
+  return tuple(dict.fromkeys(ids))
+
+
 class Pair:
   """Sharded params and configs of a target (and optionally a draft), their sharding rules, the
-  mesh, the EOS and pad ids, the tokenizer (optional: token ids work without one) and where
+  mesh, the EOS ids (any of them ends a row) and the pad id, the tokenizer (optional: token ids work without one) and where
   proposals come from."""
 
   def __init__(self, target_params, target_cfg: ModelConfig, *, mesh: Mesh | None = None,
                draft_params=None, draft_cfg: ModelConfig | AssistantConfig | None = None,
                target_rules=sharding.TENSOR_PARALLEL, draft_rules=sharding.TENSOR_PARALLEL,
-               eos_id: int | None = None, pad_id: int = 0, tokenizer=None,
+               eos_ids: int | Sequence[int] | None = None, pad_id: int = 0, tokenizer=None,
                draft_source: DraftSource | None = None):
     if (draft_params is None) != (draft_cfg is None):
       raise ValueError("give both draft_params and draft_cfg, or neither")
@@ -102,8 +117,7 @@ class Pair:
     # does not matter as long as it embeds), and there is no EOS.
     vocab = min(c.num_tokens for c in (target_cfg, draft_cfg) if c is not None)
     self.pad_id = max(0, integer("pad_id", pad_id, -1, vocab - 1))
-    self.eos_id = (None if eos_id is None or eos_id == -1
-                   else integer("eos_id", eos_id, 0, vocab - 1))
+    self.eos_ids = eos_tuple(eos_ids, vocab)
     self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     self.target_cfg, self.draft_cfg = target_cfg, draft_cfg
     self.target_rules, self.draft_rules = target_rules, draft_rules

@@ -137,12 +137,52 @@ def _assistant_step_cost(acfg, target_cfg, rules, mesh, batch: int, context: int
   read_cache, read_sh = abstract_cache(read)
   hbm = profiling.per_device_bytes(ap, a_sh) + profiling.per_device_bytes(read_cache, read_sh)
   return dataclasses.replace(cost, hbm_bytes=float(hbm))
+def _abstract_params(cfg, mesh, rules):
+  """(abstract params carrying their shardings, the shardings) of a model."""
+  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  shards = sharding.param_shardings(cfg, mesh, rules, shapes)
+  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, shards)
+  return structs, shards
+
+
+def _encoder_cost(cfg, rules, mesh, scanned=None):
+  """What encoding one image (the vision encoder and projector) costs one device. XLA's cost
+  analysis counts the body of the encoder's layer scan once: the compiled encoder (`scanned`,
+  one image; compiled here if not given) counts what is outside the layers and one layer, an
+  unrolled two-layer encoder the outside and two layers, so one layer is their difference.
+  HBM bytes: the encoder's weights and the image."""
+  v = cfg.vision
+  params, shards = _abstract_params(cfg, mesh, rules)
+  if scanned is None:
+    scanned = _encoder_program(cfg, mesh, rules, params, 1)
+  once = roofline.program_cost(scanned)
+  c2 = cfg.replace(vision=v.replace(num_layers=2))
+  two = roofline.program_cost(_encoder_program(
+      c2, mesh, rules, _abstract_params(c2, mesh, rules)[0], 1, unrolled=True))
+  total = once + (two - once).scaled(v.num_layers - 1)
+  hbm = profiling.per_device_bytes(params["vision"], shards["vision"]) + v.image_size ** 2 * 3 * 4
+  return dataclasses.replace(total, xla_bytes=once.xla_bytes, hbm_bytes=float(hbm))
+
+
+def _encoder_program(cfg, mesh, rules, params, images: int, options=None,
+                     unrolled: bool = False):
+  """The compiled encoder (soft tokens of `images` images, as the Sampler and the engine's
+  insert run it: its own program, before the prefill)."""
+  size = cfg.vision.image_size
+  pixels = jax.ShapeDtypeStruct((images, size, size, 3), np.float32,
+                                sharding=sharding.batch_sharding(mesh, (images, size, size, 3),
+                                                                 rules))
+  lowered = jax.jit(lambda p, x: model.encode_images(p, cfg, x, unrolled=unrolled)).lower(
+      params, pixels)
+  return lowered.compile(options)
 
 
 def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
-                   acceptances) -> dict:
+                   acceptances, images: int = 0, encoder=None) -> dict:
   """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
-  a draft step on this TPU, per device, and of speculative rounds at the given acceptances."""
+  a draft step on this TPU, per device, and of speculative rounds at the given acceptances; with
+  images, also of encoding one image (`encoder`: its compiled program for one image, if made)."""
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
@@ -153,6 +193,8 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
   if k > 0 and setup.draft is not None and _is_assistant(setup.draft):
     costs["draft_step"] = _assistant_step_cost(setup.draft.cfg, setup.target.cfg,
                                                setup.draft.rules, mesh, batch, context, k + 1)
+  if images:
+    costs["encode_image"] = _encoder_cost(setup.target.cfg, setup.target.rules, mesh, encoder)
   times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
   out = dict(chip=chip.name, device_share_of_chip=share,
              hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
@@ -176,8 +218,10 @@ def _is_assistant(m) -> bool:
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
          max_new: int | None, tpu_topology: str | None = None,
-         acceptances=(0.6, 0.7, 0.8, 0.9)) -> dict:
-
+         acceptances=(0.6, 0.7, 0.8, 0.9), images: int = 0) -> dict:
+  """images: per row, image blocks in the prompt (a target with a vision encoder): the
+  encoder's program is compiled beside the decode program, whose prefill takes their soft
+  tokens."""
   setup = common.resolve(config, need_weights=False, k=k)
   k = setup.k
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
@@ -185,6 +229,15 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   if batch <= 0 or prompt_len <= 0:
     raise ValueError(f"--context={context} must exceed max_new_tokens ({max_new}) + K + 1 "
                      f"({k + 1}), and --batch ({batch}) must be positive")
+  vision = setup.target.cfg.vision
+  if images < 0:
+    raise ValueError(f"--images must be >= 0, got {images}")
+  if images and vision is None:
+    raise ValueError(f"--images={images}: target {setup.target.cfg.name!r} has no vision "
+                     "encoder (e.g. --config.model.preset=gemma3_27b_vision)")
+  if images and images * vision.block_len > prompt_len:
+    raise ValueError(f"--images={images}: {images} image blocks of {vision.block_len} tokens "
+                     f"do not fit the {prompt_len}-token prompt; raise --context")
   data, model_axis = topology
   devices = _devices(data * model_axis, tpu_topology)
   mesh = sharding.make_mesh((data, model_axis), devices=devices)
@@ -192,11 +245,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     raise ValueError(f"--batch={batch} must divide over the data axis ({data})")
 
   def abstract_params(m):
-    shapes = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
-    shards = sharding.param_shardings(m.cfg, mesh, m.rules, shapes)
-    structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           shapes, shards)
-    return structs, shards
+    return _abstract_params(m.cfg, mesh, m.rules)
 
   def cache_bytes(m):
     if _is_assistant(m):  # it reads the target's cache, holds none
@@ -228,16 +277,21 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
                          draft=draft.cfg if draft and not assistant else None,
                          assistant=draft.cfg if assistant else None,
                          max_top_k=setup.sampling.effective_top_k(setup.target.cfg.num_tokens),
-                         max_len=context, out_len=max_new + k, eos_id=None,
+                         max_len=context, out_len=max_new + k, eos_ids=(),
                          source=setup.draft_source if k else decode.DraftSource())
   rules = setup.target.rules
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding.batch_sharding(
       mesh, shape, rules))
   rep = sharding.replicated(mesh)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
-  # tokens, lengths, temperature, top_p, top_k, seed
+  # tokens, lengths, temperature, top_p, top_k, seed, soft tokens of the images
+  soft = None
+  if images:
+    shape = (batch, images * vision.num_soft_tokens, setup.target.cfg.d_model)
+    soft = jax.ShapeDtypeStruct(shape, setup.target.cfg.dtype,
+                                sharding=sharding.batch_sharding(mesh, shape, rules))
   args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
-          scalar(np.int32), scalar(np.uint32))
+          scalar(np.int32), scalar(np.uint32), soft)
 
   start = time.perf_counter()
   lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
@@ -259,6 +313,22 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   # CPU time too: on a shared machine the wall time depends on everyone else's load.
   compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
+  encoder = encoder_program = None
+  if images:  # its own program, run before the prefill: the device holds one or the other
+    try:
+      encoder_program = _encoder_program(setup.target.cfg, mesh, rules, tp, batch * images,
+                                         options)
+      e = encoder_program.memory_analysis()
+    except Exception as err:  # noqa: BLE001 - as above
+      if "RESOURCE_EXHAUSTED" not in str(err):
+        raise
+      raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the vision encoder: "
+                       f"{str(err).splitlines()[0]}") from None
+    encoder = dict(images=batch * images, arguments=e.argument_size_in_bytes,
+                   outputs=e.output_size_in_bytes, temporaries=e.temp_size_in_bytes,
+                   total=(e.argument_size_in_bytes + e.output_size_in_bytes
+                          + e.temp_size_in_bytes - e.alias_size_in_bytes),
+                   weights=profiling.per_device_bytes(tp["vision"], t_sh["vision"]))
 
   weights = {"target": profiling.per_device_bytes(tp, t_sh),
              "draft": profiling.per_device_bytes(dp, d_sh) if draft else 0}
@@ -272,6 +342,12 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
   need = compiled_total
+  if encoder:
+    # jit leaves out arguments a program never reads: the decode program's do not hold the
+    # encoder's weights, the encoder's not the decoder's, yet both stay on the device.
+    others = sum(weights.values()) - encoder["weights"]
+    encoder["need"] = encoder["total"] + others
+    need = max(compiled_total + encoder["weights"], encoder["need"])
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
       quantize=setup.target.cfg.quantize or "none",
@@ -279,6 +355,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
       batch=batch, context=context, prompt_len=prompt_len, max_new_tokens=max_new, k=k,
+      images_per_row=images, encoder=encoder,
       lower_seconds=lower_s, compile_seconds=compile_s, compile_cpu_seconds=compile_cpu_s,
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
@@ -295,7 +372,8 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
     hbm = roofline.CHIPS[device.device_kind].hbm_bytes * roofline.device_share(device)
     report["device_hbm"] = hbm
     report["fits"] = {device.device_kind: need <= hbm}
-    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances)
+    report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances,
+                                     images, encoder_program if batch * images == 1 else None)
   return report
 
 
@@ -333,6 +411,14 @@ def format_report(r: dict) -> str:
   lines += [
       f"  total                       {g(a['total'])}",
   ]
+  e = r.get("encoder")
+  if e:
+    lines += [f"vision encoder, its own program before the prefill ({e['images']} images; the "
+              f"prompt holds {r['images_per_row']} image blocks a row):",
+              f"  encoder weights             {g(e['weights'])} (part of the target weights)",
+              f"  temporaries                 {g(e['temporaries'])}",
+              f"  total                       {g(e['total'])}",
+              f"  with the decoder's weights  {g(e['need'])} (resident, not its arguments)"]
   estimated = r["platform"] == "cpu"
   lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
   chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)
@@ -362,7 +448,8 @@ def format_speed(sp: dict, k: int) -> list[str]:
       f"TFLOP/s bf16; step programs compiled in {sp['compile_seconds']:.1f} s",
       "  program        HBM GiB  XLA's GiB*   GFLOP  collectives  memory ms compute ms   coll. ms"
       "  estimate ms"]
-  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step"}
+  names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step",
+           "encode_image": "encode image"}
   for name, p in sp["programs"].items():
     c, t = p["cost"], p["seconds"]
     lines.append(f"  {names[name]:13s} {c['hbm_bytes'] / GIB:8.3f} {c['xla_bytes'] / GIB:10.3f} "

@@ -162,7 +162,8 @@ def from_checkpoint(path: str, role: str = "target", *, rules: sharding.Rules =
 
 def load_checkpoints(target: str, draft: str | None = None, *, mesh, tokenizer=None,
                      quantize: str | None = None, target_rules=sharding.TENSOR_PARALLEL,
-                     draft_rules=sharding.TENSOR_PARALLEL, eos_id: int | None = None,
+                     draft_rules=sharding.TENSOR_PARALLEL,
+                     eos_ids: int | Sequence[int] | None = None,
                      pad_id: int | None = None) -> Pair:
   """A Pair from checkpoint directories, without a config: restored shard by shard onto
   `mesh` (quantized while loading with quantize='int8').
@@ -182,7 +183,7 @@ def load_checkpoints(target: str, draft: str | None = None, *, mesh, tokenizer=N
   assistant = d is not None and isinstance(d.cfg, config_lib.AssistantConfig)
   setup = Setup(target=t, draft=d, sampling=SamplingParams(), k=0,
                 draft_source=DraftSource("assistant" if assistant else "model"))
-  return build_pair(setup, mesh, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id)
+  return build_pair(setup, mesh, tokenizer=tokenizer, eos_ids=eos_ids, pad_id=pad_id)
 
 
 def section_name(role: str) -> str:
@@ -410,23 +411,25 @@ def load_params(m: ModelSetup, mesh):
   return init(jax.random.key(_seed(f"{m.role}:{m.cfg.name}")))
 
 
-def build_pair(setup: Setup, mesh, *, tokenizer=None, eos_id: int | None = None,
-               pad_id: int | None = None, use_draft: bool = True) -> Pair:
-  """Both models' params loaded onto `mesh` (the draft left out with use_draft=False). EOS and
-  pad come from the tokenizer unless given."""
+def build_pair(setup: Setup, mesh, *, tokenizer=None,
+               eos_ids: int | Sequence[int] | None = None, pad_id: int | None = None,
+               use_draft: bool = True) -> Pair:
+  """Both models' params loaded onto `mesh` (the draft left out with use_draft=False). The EOS
+  ids (every one the tokenizer's checkpoint lists) and pad come from the tokenizer unless
+  given; eos_ids=() means none."""
   target_params = load_params(setup.target, mesh)
   draft = setup.draft if use_draft else None
   draft_params = load_params(draft, mesh) if draft is not None else None
   # Without its draft model a pair drafts by prompt lookup only if that is what was asked.
   source = (setup.draft_source if draft is not None or not setup.draft_source.uses_model
             else DraftSource())
-  if eos_id is None and tokenizer is not None:
-    eos_id = tokenizer.eos_id
+  if eos_ids is None and tokenizer is not None:
+    eos_ids = tokenizer.eos_ids
   if pad_id is None:
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
   return Pair(target_params, setup.target.cfg, mesh=mesh, draft_params=draft_params,
               draft_cfg=draft.cfg if draft else None, target_rules=setup.target.rules,
-              draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_id=eos_id,
+              draft_rules=draft.rules if draft else sharding.TENSOR_PARALLEL, eos_ids=eos_ids,
               pad_id=pad_id, tokenizer=tokenizer, draft_source=source)
 
 

@@ -112,6 +112,11 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def piece_id(self, piece: str) -> int | None:
+    """The id of the piece spelled `piece` ("<end_of_turn>"), None if the model has none."""
+    i = self._sp.piece_to_id(piece)
+    return None if i == self.unk_id and piece != self.id_to_piece(i) else int(i)
+
   def __repr__(self) -> str:
     return f"Tokenizer({self.name}, vocab_size={self.vocab_size})"
 

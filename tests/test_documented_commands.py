@@ -94,6 +94,8 @@ SHRINK_CONFIG = {
     # The 27B's padding rows are beyond the 262,144 tokens of the Gemma 3 tokenizer; the stand-in
     # tokenizer here has 2048.
     ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
+    # The prompt must hold an image block (260 tokens) where a plan asks for images.
+    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288"],
     # Random 7B weights would be 13 GB: the same shapes, narrower; and the README's GPU command
     # is the one that runs the draft (the speculative path of the default pair's benchmark is
     # tests/test_launch.py's).

@@ -31,9 +31,9 @@ from spec_tpu.serving.pacing import Pacing
 from spec_tpu.tokenizer import ByteTokenizer
 
 
-def _toy_sampler(eos_id=None):
+def _toy_sampler(eos_ids=None):
   return Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=ex.draft_params(),
-                 draft_cfg=ex.DRAFT, eos_id=eos_id)
+                 draft_cfg=ex.DRAFT, eos_ids=eos_ids)
 
 
 def _drain(engine):
@@ -346,7 +346,7 @@ GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
 
 
 def _grammar_engine(grammar, coupling="rejection"):
-  return Engine(_toy_sampler(eos_id=ex.EOS).pair, num_slots=128, max_len=32, k=3,
+  return Engine(_toy_sampler(eos_ids=ex.EOS).pair, num_slots=128, max_len=32, k=3,
                 adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
                 grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
 
@@ -480,7 +480,7 @@ def byte_engine():
   tok = ByteTokenizer()
   sampler = Sampler.from_params(model.init_params(target, jax.random.key(0)), target,
                     draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
-                    eos_id=tok.eos_id)
+                    eos_ids=tok.eos_ids)
   engine = Engine(sampler.pair, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
                   rounds_per_step=2)
   return engine, tok

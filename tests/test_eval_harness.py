@@ -190,8 +190,8 @@ def test_tokenizer_endpoints_as_vllm_serves_them(served):
   assert call("/detokenize", {"tokens": out["tokens"]}) == (200, {"prompt": text})
   # /tokenizer_info names the special tokens and the context,
   status, info = call("/tokenizer_info")
-  assert status == 200 and info["eos_token_id"] == pair.eos_id
-  assert info["eos_token"] == tok.id_to_piece(pair.eos_id) and info["model_max_length"] == 256
+  assert status == 200 and info["eos_token_id"] == pair.eos_ids[0]
+  assert info["eos_token"] == tok.id_to_piece(pair.eos_ids[0]) and info["model_max_length"] == 256
   # and each needs the key, refuses bad input in one line, and names no other model.
   assert call("/tokenize", {"prompt": text}, key=None)[0] == 401
   assert call("/detokenize", {"tokens": [-1]})[0] == 400

@@ -61,7 +61,9 @@ BATCH = 3000
 ALPHA = 1e-4              # false-alarm rate per chi-square case
 NEGATIVE_P = 1e-9         # a wrong rule must be rejected this decisively
 GREEDY_MARGIN = 1e-4
-EOS = 5                   # per-step probability ~0.05-0.25 under the target: rows stop at varied times
+# Two EOS ids (as Llama 3 instruct's <|end_of_text|> and <|eot_id|>): together ~0.07-0.11 per
+# step under the target, so rows stop at varied times, each id ending some of them.
+EOS_IDS = (5, 4)
 
 # Target: Llama-style with a sliding-window layer (window 3 < prompt + new tokens, so the ring
 # cache wraps and is rolled back). Draft: same shapes, all-global layers, params mixed with an
@@ -306,7 +308,7 @@ def sharded_1x8():
 
 @pytest.fixture(scope="module")
 def with_eos():
-  return Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT, eos_id=EOS)
+  return Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT, eos_ids=EOS_IDS)
 
 
 def _same_prompt(sampler, k, seed, coupling="rejection", **sampling_kw):
@@ -396,17 +398,20 @@ def test_sharded_target_with_padded_replicated_draft_follows_target_law(sharded_
 
 @pytest.mark.parametrize("coupling", ["rejection", "gumbel"])
 def test_rows_stop_at_their_own_eos_and_truncated_law_holds(with_eos, coupling):
-  # Given eos_id; then each row ends at its first EOS (nothing after it), rows end at different
-  # times, and the truncated output follows the target law pushed through truncation.
+  # Given two EOS ids; then each row ends at its first token that is either (nothing after
+  # it), rows end at different times and on each id, and the truncated output follows the
+  # target law pushed through truncation.
   result = _same_prompt(with_eos, 3, seed=12, coupling=coupling)
   for row in result.tokens:
-    assert EOS not in row[:-1], "a token was emitted after EOS"
-    assert len(row) == MAX_NEW or row[-1] == EOS
+    assert not set(EOS_IDS) & set(row[:-1]), "a token was emitted after EOS"
+    assert len(row) == MAX_NEW or row[-1] in EOS_IDS
   lengths = np.array([len(t) for t in result.tokens])
   assert len(np.unique(lengths)) > 3
+  ends = [row[-1] for row in result.tokens if len(row) < MAX_NEW]
+  assert all(ends.count(i) > BATCH // 50 for i in EOS_IDS), np.bincount(ends)
 
   law = exact_law().reshape(-1)
-  is_eos = CONTINUATIONS == EOS
+  is_eos = np.isin(CONTINUATIONS, EOS_IDS)
   stop = np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1), L)  # index of first EOS
   # Tokens 1-3 with everything from the position after EOS replaced by a marker V.
   def truncated_first3(seqs, stop_at):
@@ -418,7 +423,7 @@ def test_rows_stop_at_their_own_eos_and_truncated_law_holds(with_eos, coupling):
   padded = np.full((BATCH, L), V)
   for i, row in enumerate(result.tokens):
     padded[i, :min(len(row), L)] = row[:L]
-  got_eos = padded == EOS
+  got_eos = np.isin(padded, EOS_IDS)
   got_stop = np.where(got_eos.any(axis=1), np.argmax(got_eos, axis=1), L)
   got3 = np.bincount(truncated_first3(padded, got_stop), minlength=(V + 1) ** 3)
   each = [chi_square_pvalue(got3, want3),
@@ -633,13 +638,15 @@ def test_recurrent_greedy_speculative_equals_greedy_autoregressive(recurrent_pai
 
 
 def test_greedy_with_eos_is_greedy_truncated_at_eos(single, with_eos):
-  # Given eos_id; then each greedy row is the greedy continuation cut just after its first EOS.
+  # Given two EOS ids; then each greedy row is the greedy continuation cut just after its first
+  # token that is either.
   want, clear = _greedy_reference(single)
   result = with_eos.generate(GREEDY_PROMPTS, max_new_tokens=MAX_NEW, k=3, sampling=GREEDY)
   truncated = 0
   for i in np.flatnonzero(clear):
     row = want[i].tolist()
-    cut = row[:row.index(EOS) + 1] if EOS in row else row
+    stop = [j for j, x in enumerate(row) if x in EOS_IDS]
+    cut = row[:stop[0] + 1] if stop else row
     truncated += len(cut) < MAX_NEW
     assert result.tokens[i] == cut, (i, result.tokens[i], cut)
   assert truncated > BATCH // 20  # EOS actually cut many rows short

@@ -3,13 +3,15 @@ same weights, and bad trees fail with an error that names the problem.
 
 Tiny random trees are written in numpy as the gemma library names and shapes them
 (gemma/gm/nn/_modules.py), in its flat layout ('transformer/layer_0/attn/q_einsum' -> {'w'}) or
-its nested one, saved with orbax, and converted with spec_tpu.checkpoints.gemma_lib. The
+its nested one, or its stacked one (layers of one attention-pattern position stacked), saved
+with orbax, and converted with spec_tpu.checkpoints.gemma_lib. The
 reference is transformers' Gemma/Gemma2/Gemma3 model with the same weights, mapped the way
 transformers' own converter (models/gemma3/convert_gemma3_weights.py) maps them: logits over a
 sequence longer than every sliding window must agree in float32.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,7 +53,7 @@ CASES = {
                         dict(_HF_SMALL, num_hidden_layers=4, num_key_value_heads=2,
                              query_pre_attn_scalar=16, sliding_window=6,
                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
-  "gemma3": ("tiny_gemma3", "flat", True, "Gemma3TextConfig",
+  "gemma3": ("tiny_gemma3", "stacked", True, "Gemma3TextConfig",
              dict(_HF_SMALL, num_hidden_layers=6, num_key_value_heads=1,
                   query_pre_attn_scalar=8, sliding_window=5, rope_theta=1e6,
                   rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -123,6 +125,26 @@ def flat_layout(nested: dict, vision: bool = False) -> dict:
   return out
 
 
+def stacked_layout(flat: dict, period: int) -> dict:
+  """The library's stacked layout of a flat tree (its _compat.stack_params): layer i's
+  {param: array} joins 'transformer/stacked_layers/attention_type_<i % period>/<path>' at
+  slice i // period of a new leading axis."""
+  out, groups = {}, {}
+  for key, params in flat.items():
+    m = re.match(r"transformer/layer_(\d+)/(.*)", key)
+    if m is None:
+      out[key] = params
+      continue
+    i = int(m.group(1))
+    group = groups.setdefault(f"transformer/stacked_layers/attention_type_{i % period}/"
+                              + m.group(2), {})
+    for name, value in params.items():
+      group.setdefault(name, {})[i // period] = value
+  for key, params in groups.items():
+    out[key] = {name: np.stack([s[j] for j in sorted(s)]) for name, s in params.items()}
+  return out
+
+
 def save_tree(tree: dict, path) -> str:
   import orbax.checkpoint as ocp
   ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
@@ -175,6 +197,8 @@ def converted(request, tmp_path_factory):
   cfg = _cfg(preset)
   nested = gemma_tree(cfg, transposed=transposed)
   tree = nested if layout == "nested" else flat_layout(nested, vision=case == "gemma3")
+  if layout == "stacked":  # Gemma 3's 5:1 pattern shrunk to 2:1, two layers per position
+    tree = stacked_layout(tree, period=3)
   root = tmp_path_factory.mktemp(case)
   src = save_tree(tree, root / "orbax")
   gemma_lib.convert_directory(src, root / "ckpt", preset=preset)
@@ -210,18 +234,28 @@ def test_config_comes_from_the_tree_and_the_preset(converted):
   assert cfg.vocab_size == VOCAB and cfg.dtype == "float32"
 
 
-def test_flat_and_nested_layouts_give_the_same_params():
+def test_flat_nested_and_stacked_layouts_give_the_same_params():
   cfg = get_preset("tiny_gemma3")
   nested = gemma_tree(cfg, transposed=True, seed=3)
   a, skipped_a = gemma_lib.canonical_names(nested)
   b, skipped_b = gemma_lib.canonical_names(flat_layout(nested, vision=True))
   c, _ = gemma_lib.canonical_names({"params": nested})  # a Kauldron-style root
+  # Stacked by a period that does not divide the 6 layers: positions 0-1 hold 2, 2-3 hold 1.
+  stacked = stacked_layout(flat_layout(nested), period=4)
+  assert stacked["transformer/stacked_layers/attention_type_1/attn/q_einsum"]["w"].shape[0] == 2
+  d, _ = gemma_lib.canonical_names(stacked)
   assert not skipped_a and sorted(skipped_b) == [
       "SigLiPFromPatches_0/siglip_encoder/embedding/kernel", "embedder/mm_input_projection/w"]
-  assert set(a) == set(b) == set(c)
-  pa = gemma_lib.convert_params(a, gemma_lib.config_from_tree(a, preset="tiny_gemma3"))
-  pb = gemma_lib.convert_params(b, gemma_lib.config_from_tree(b, preset="tiny_gemma3"))
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  assert set(a) == set(b) == set(c) == set(d)
+  convert = lambda n: gemma_lib.convert_params(
+      n, gemma_lib.config_from_tree(n, preset="tiny_gemma3"))
+  pa = convert(a)
+  for other in (b, d):
+    jax.tree.map(np.testing.assert_array_equal, pa, convert(other))
+  # A stacked tree missing a position's group misses those layers, named as such.
+  del stacked["transformer/stacked_layers/attention_type_3/pre_ffw_norm"]
+  with pytest.raises(GemmaConversionError, match="missing tensor 'layer_3/pre_ffw_norm/scale'"):
+    convert(gemma_lib.canonical_names(stacked)[0])
 
 
 def test_released_shapes_pick_their_preset_without_one_named():
@@ -307,9 +341,17 @@ def test_a_tree_that_is_not_a_gemma_checkpoint_is_refused(tmp_path):
 
 
 def _train_sp(path, vocab_size=350):
-  from spec_tpu.training import tokenizer_training
-  text = "".join(f"def f{i}(x, y):\n    return x * {i} + y - {i * 7}\n" for i in range(2000))
-  return tokenizer_training.train_tokenizer(text, path, vocab_size=vocab_size)
+  """A byte-fallback sentencepiece model with Gemma's chat-turn pieces (user-defined, as in
+  Gemma's tokenizer.model)."""
+  import sentencepiece as spm
+  text = [f"def f{i}(x, y):\n    return x * {i} + y - {i * 7}\n" for i in range(2000)]
+  path = f"{path}.model"
+  with open(path, "wb") as f:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=f, vocab_size=vocab_size, byte_fallback=True,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, unk_id=1,
+        bos_id=2, eos_id=3, minloglevel=2)
+  return path
 
 
 def test_launcher_converts_with_the_tokenizer_beside_the_checkpoint(small_tree, tmp_path):
@@ -329,7 +371,11 @@ def test_launcher_converts_with_the_tokenizer_beside_the_checkpoint(small_tree, 
   assert restored.dtype == "bfloat16" and restored.vocab_size == VOCAB
   assert restored.valid_vocab_size == 350 and restored.tokenizer.startswith("sp:")
   from spec_tpu import tokenizer as tokenizer_lib
-  assert tokenizer_lib.load(dst).name == restored.tokenizer  # the copied file, found by load
+  tok = tokenizer_lib.load(dst)
+  assert tok.name == restored.tokenizer  # the copied file, found by load
+  # Generation stops on EOS and on <end_of_turn>, as in the gemma library's sampler.
+  assert tok.eos_ids == (3, tok.piece_id("<end_of_turn>")) and tok.eos_ids[1] > 3
+  assert tok.piece_id("<no such piece>") is None
   # A tokenizer larger than the table is not this model's: one line, nothing written.
   big = _train_sp(tmp_path / "big", vocab_size=400)
   cmd = [a.replace(str(dst), str(tmp_path / "ckpt2")) for a in cmd] + [f"--tokenizer={big}"]

@@ -556,16 +556,37 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
 
 
 def test_plan_tiny_on_2x8_reports_memory(tmp_path):
+  # Given the tiny target with a vision encoder and 3 image blocks in each row's prompt,
   report_path = tmp_path / "plan.json"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=2x8",
        "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
-       f"--output_json={report_path}"],
+       "--config.model.preset=tiny_vision", "--images=3", f"--output_json={report_path}"],
       cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(report_path.read_text())
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
+  # then the encoder's own program is planned over the batch's 6 images, its weights counted
+  # among the target's, and the need is the larger program's with the other's weights.
+  e = report["encoder"]
+  assert report["images_per_row"] == 3 and e["images"] == 6
+  assert 0 < e["weights"] < report["analytic"]["weights"]["target"] and e["temporaries"] > 0
+  assert report["estimated_need"] == max(report["compiled"]["total"] + e["weights"], e["need"])
+  assert e["need"] > e["total"]  # the decoder's weights stay resident while it encodes
+  assert "vision encoder, its own program" in proc.stdout
+  # More image blocks than the prompt holds, or images for a text-only model: refused before
+  # anything compiles.
+  from configs import tiny_random
+  from spec_tpu import planning
+  config = tiny_random.get_config()
+  config.model.preset = "tiny_vision"
+  with pytest.raises(ValueError, match=r"^--images=40: 40 image blocks of 8 tokens do not fit "
+                                       r"the 107-token prompt; raise --context$"):
+    planning.plan(config, (1, 1), 1, 128, None, 16, images=40)
+  config.model.preset = "tiny"
+  with pytest.raises(ValueError, match="target 'random_tiny_target' has no vision encoder"):
+    planning.plan(config, (1, 1), 1, 128, None, 16, images=1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
@@ -579,6 +600,7 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--tpu=v5e:2x4",
        "--topology=1x8", "--batch=1", "--context=64", "--config.sampling.max_new_tokens=8",
+       "--config.model.preset=tiny_vision", "--images=1",
        "--acceptance=0.5,0.9", f"--output_json={report_path}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -594,6 +616,10 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
   assert 0 < target["hbm_bytes"] <= weights["target"] + report["analytic"]["kv_caches"]["target"]
   assert target["collectives"] > 0 and target["flops"] > 0  # tensor parallel over 8 devices
   assert 0 < steps["draft_step"] < steps["target_step"] <= steps["verify"]
+  # (with an image a row: the encoder's cost per image beside them, its flops extrapolated
+  # from one and two encoder layers to the model's),
+  image = speed["programs"]["encode_image"]["cost"]
+  assert image["flops"] > 0 and 0 < image["hbm_bytes"] < weights["target"]
   # and the expected speedup grows with the acceptance rate.
   low, high = speed["speculative"]["0.5"], speed["speculative"]["0.9"]
   assert low["speedup"] < high["speedup"] and low["c"] == high["c"] < 1

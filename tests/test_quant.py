@@ -234,7 +234,7 @@ def _dequantize_first(spec, x, w, *, preferred_element_type=None):
 def _decode_args(cfg, params, batch=3, prompt_len=5, shardings=None):
   """decode.generate's program (what Sampler.generate and launch.plan compile), abstract args."""
   spec = decode.LoopSpec(target=cfg, draft=None, k=0, k_max=0, max_top_k=0, max_len=16,
-                         out_len=4, eos_id=None)
+                         out_len=4, eos_ids=())
   rep = shardings
   struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
   # params, draft params, tokens, lengths, temperature, top_p, top_k, seed

@@ -521,7 +521,7 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   target = _decoder_params(reference)
   draft = model.init_params(CFG, jax.random.key(30))
   spec = decode.LoopSpec(target=CFG, draft=CFG, k=k, k_max=k, max_top_k=0, max_len=48,
-                         out_len=k + 1, eos_id=None)
+                         out_len=k + 1, eos_ids=())
   b = 4
   lengths = jnp.array([6, 1, 9, 4])
   prompts = jax.random.randint(jax.random.key(31), (b, 9), 0, CFG.vocab_size)

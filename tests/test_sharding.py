@@ -127,11 +127,15 @@ class TestBadInput:
     # A pad id past the vocabulary embedded as NaN and turned every output into token 0.
     with pytest.raises(ValueError, match="pad_id must be in"):
       self.sampler(pad_id=self.cfg.num_tokens)
-    with pytest.raises(ValueError, match="eos_id must be in"):
-      self.sampler(eos_id=self.cfg.num_tokens)
+    with pytest.raises(ValueError, match="eos_ids must be in"):
+      self.sampler(eos_ids=(1, self.cfg.num_tokens))
+    with pytest.raises(ValueError, match="eos_ids must be an id or a sequence of ids"):
+      self.sampler(eos_ids="2")
     # A sentencepiece model without pad/EOS pieces says -1: token 0 pads, no EOS.
-    s = self.sampler(pad_id=-1, eos_id=-1)
-    assert (s.pad_id, s.eos_id) == (0, None)
+    s = self.sampler(pad_id=-1, eos_ids=-1)
+    assert (s.pad_id, s.eos_ids) == (0, ())
+    assert self.sampler(eos_ids=3).eos_ids == (3,)
+    assert self.sampler(eos_ids=[3, 1, 3]).eos_ids == (3, 1)
 
   def test_k_without_draft(self):
     with pytest.raises(ValueError, match="needs a draft"):

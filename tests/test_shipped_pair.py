@@ -24,9 +24,9 @@ def test_shipped_pair_loads_and_samples_with_meaningful_acceptance():
   # token), so a prompt ending in a bare "\n" is a split the models never saw in training.
   prompts = [tok.encode("def read_json(path):\n    with open(path) as f:\n        return json."),
              tok.encode("class Stack:\n    def __init__(self):\n        self.items = ")]
-  sampler = Sampler.from_params(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_id=tok.eos_id)
+  sampler = Sampler.from_params(t_params, t_cfg, draft_params=d_params, draft_cfg=d_cfg, eos_ids=tok.eos_ids)
   result = sampler.generate(prompts, max_new_tokens=16, k=4, sampling=SamplingParams(0.0))
   texts = [tok.decode(t) for t in result.tokens]
-  assert all(texts) and all(len(t) == 16 or t[-1] == tok.eos_id for t in result.tokens)
+  assert all(texts) and all(len(t) == 16 or t[-1] in tok.eos_ids for t in result.tokens)
   # A trained pair agrees far more often than chance (1 / 2048).
   assert result.acceptance_rate() > 0.2

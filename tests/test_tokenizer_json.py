@@ -118,9 +118,10 @@ def json_engine(tok_dir):
   draft = target.replace(name="tiny_json_draft", num_layers=1)
   pair = Pair(model.init_params(target, jax.random.key(0)), target,
               draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
-              eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+              eos_ids=tok.eos_ids, pad_id=tok.pad_id, tokenizer=tok)
+  # Controls: a logit_bias makes a chosen EOS id the one sampled.
   return Engine(pair, num_slots=2, max_len=96, k=2, adaptive_k=False, tokenizer=tok,
-                rounds_per_step=2, add_bos=True), tok
+                rounds_per_step=2, add_bos=True, controls=True, max_logit_bias=1), tok
 
 
 def test_engine_serves_a_text_prompt_streamed_as_decoded(json_engine):
@@ -134,6 +135,26 @@ def test_engine_serves_a_text_prompt_streamed_as_decoded(json_engine):
   assert done.stats.prompt_tokens == len(tok.encode(SPLIT_TEXT)) + 1  # with BOS
   assert "".join(c.text for c in chunks) == done.text == tok.decode(done.tokens)
   assert len(done.tokens) > 5
+
+
+def test_either_eos_id_of_the_checkpoint_stops_a_request(json_engine):
+  # Given generation_config.json's two EOS ids (<|end_of_text|> 1, <|eot_id|> 4); when a
+  # request is biased towards one of them (about a third of each step's mass); then it stops
+  # at its first one with finish reason "stop"; unbiased, it runs to its length.
+  engine, tok = json_engine
+  assert engine.pair.eos_ids == tok.eos_ids == (1, 4)
+  params = lambda **kw: GenerationParams(max_new_tokens=12, seed=3, temperature=1.0, **kw)
+  requests = {i: engine.submit("hello", params(logit_bias=((i, 5.0),))) for i in (1, 4)}
+  plain = engine.submit("hello", params())
+  while engine.step():
+    pass
+  for i, r in requests.items():
+    done = r.result()
+    assert (done.tokens[-1], done.finish_reason) == (i, "stop"), done
+    assert not {1, 4} & set(done.tokens[:-1])
+  # Not only the prefill's token: a round's emitted tokens are cut at an EOS too.
+  assert max(len(r.result().tokens) for r in requests.values()) > 1
+  assert not {1, 4} & set(plain.result().tokens) and plain.result().finish_reason == "length"
 
 
 def test_server_streamed_text_equals_plain_text(json_engine, tok_dir):
@@ -157,6 +178,11 @@ def test_server_streamed_text_equals_plain_text(json_engine, tok_dir):
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "Hi"}]})
     assert reply.status_code == 200, reply.text
+    for eos in (1, 4):  # a chat turn ends at either EOS id: finish reason "stop"
+      reply = client.post("/v1/chat/completions", json={
+          "model": "tiny_json", "max_tokens": 12, "seed": 3, "logit_bias": {str(eos): 30},
+          "messages": [{"role": "user", "content": "Hi"}]})
+      assert reply.json()["choices"][0]["finish_reason"] == "stop", reply.text
   finally:
     engine.shutdown()
 

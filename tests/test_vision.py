@@ -80,6 +80,12 @@ def test_converted_config_names_the_image_block(converted):
       28, 7, 16, 2, 2, 24)
   assert (v.num_soft_tokens, v.pool, v.start_id, v.end_id, v.image_id) == (4, 2, START, END,
                                                                           IMAGE)
+  assert v.newline_id == 108  # no tokenizer in the source: Gemma 3's id
+  # A tokenizer that splits "\n\n" cannot lay out an image block.
+  from spec_tpu.checkpoints.hf_vision import with_newline_id
+  from spec_tpu.tokenizer import ByteTokenizer
+  with pytest.raises(hf.HFConversionError, match=r'encodes "\\n\\n" as 2 tokens \[14, 14\]'):
+    with_newline_id(v, ByteTokenizer())
 
 
 def test_encoder_matches_siglip_alone(converted):
@@ -95,6 +101,9 @@ def test_encoder_matches_siglip_alone(converted):
   got_soft = np.asarray(model.encode_images(params, cfg, jnp.asarray(images)))
   assert got_soft.shape == (3, 4, cfg.d_model)
   assert _rel_err(got_soft, want_soft) < 1e-5
+  # The unrolled encoder (what launch.plan's cost analysis compiles) computes the same.
+  unrolled = np.asarray(model.encode_images(params, cfg, jnp.asarray(images), unrolled=True))
+  assert _rel_err(unrolled, got_soft) < 1e-6
 
 
 PROMPTS = [  # (prompt with start_of_image marks, number of images)
@@ -202,7 +211,12 @@ def test_both_name_layouts_convert_alike(converted, tmp_path, names):
 
   os.remove(src / "model.safetensors")
   save_file({renamed(k): v for k, v in tensors.items()}, src / "model.safetensors")
+  if names == "hub":  # with a tokenizer: the image block's "\n\n" id is read from it
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({"<unk>": 0, "\n\n": 97}, unk_token="<unk>")).save(
+        str(src / "tokenizer.json"))
   hf.convert_directory(src, tmp_path / "ckpt")
-  got, _ = checkpoint.restore(tmp_path / "ckpt")
+  got, cfg = checkpoint.restore(tmp_path / "ckpt")
   jax.tree.map(np.testing.assert_array_equal, got, params)
+  assert cfg.vision.newline_id == (97 if names == "hub" else 108)
   shutil.rmtree(src)

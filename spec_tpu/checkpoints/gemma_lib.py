@@ -2,10 +2,14 @@
 
     convert_directory("/kaggle/gemma-2/flax/gemma2-2b", "/ckpt/gemma2_2b")
 
-The source is an orbax PyTree checkpoint of the Flax params, in either layout the library
+The source is an orbax PyTree checkpoint of the Flax params, in any layout the library
 writes: flat (top-level keys 'transformer/layer_0/attn/q_einsum' -> {'w': ...}, as the released
-checkpoints are) or nested (model.init()['params']: {'layer_0': {'attn': {'q_einsum': {'w'}}}},
-its mlp weights as bare leaves), with or without a 'transformer' or 'params' root. Names and
+checkpoints are), nested (model.init()['params']: {'layer_0': {'attn': {'q_einsum': {'w'}}}},
+its mlp weights as bare leaves), with or without a 'transformer' or 'params' root, or stacked
+(its older training layout, the library's _compat.unstack_params: the layers of each position
+in the attention pattern stacked along a leading axis,
+'transformer/stacked_layers/attention_type_j/attn/q_einsum' -> {'w': (n_j, N, D, H)}, slice s
+being layer s * P + j for a pattern of P positions). Names and
 shapes (the library's gemma/gm/nn/_modules.py; the mapping as transformers'
 convert_gemma3_weights.py writes it), N heads, K kv heads, D d_model, H head_dim, F ffw:
   embedder/input_embedding                 (V, D)   the output layer too (tied)
@@ -38,9 +42,11 @@ past its size are marked as padding (valid_vocab_size).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import tempfile
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -76,7 +82,11 @@ _GEMMA_FIELDS = dict(ffw_activation="geglu", gelu_approximate=True, norm_plus_on
 
 _ROOTS = ("params/", "transformer/", "rlx_networks/policy_network/")
 _VISION = ("vision_encoder/", "SigLiPFromPatches_0/", "embedder/mm_")
+# The gemma library's sampler stops on EOS and on the end of a chat turn; a converted checkpoint
+# records both in its tokenizer's generation_config.json, as transformers' Gemma releases do.
+END_OF_TURN = "<end_of_turn>"
 _LAYER = re.compile(r"layer_(\d+)/")
+_STACKED = re.compile(r"stacked_layers/attention_type_(\d+)/(.+)")
 
 
 # ---------------------------------------------------------------- the tree
@@ -86,8 +96,8 @@ def canonical_names(tree: Mapping) -> tuple[dict[str, np.ndarray], list[str]]:
 
   Canonical names are the flat layout's without its 'transformer/' root, every weight ending in
   its own name ('layer_0/mlp/linear/w', as the flat layout has it; the nested one drops the 'w'
-  of the two mlp weights)."""
-  flat = flatten(tree)
+  of the two mlp weights); stacked layers are unstacked into their layer_i (views, no copy)."""
+  flat = _unstacked(flatten(tree))
   names, vision = {}, []
   for name, value in flat.items():
     for root in _ROOTS:
@@ -100,6 +110,29 @@ def canonical_names(tree: Mapping) -> tuple[dict[str, np.ndarray], list[str]]:
       name += "/w"
     names[name] = value
   return names, vision
+
+
+def _unstacked(flat: dict) -> dict:
+  """`flat` with each stacked weight ('.../stacked_layers/attention_type_j/<path>', leading
+  axis n_j) replaced by its slices '.../layer_<s * P + j>/<path>', P the number of pattern
+  positions (attention types) in the tree."""
+  stacked = {n: m for n in flat if (m := _STACKED.search(n))}
+  if not stacked:
+    return flat
+  period = 1 + max(int(m.group(1)) for m in stacked.values())
+  out = {}
+  for name, value in flat.items():
+    m = stacked.get(name)
+    if m is None:
+      out[name] = value
+      continue
+    if np.ndim(value) < 1:
+      raise GemmaConversionError(f"stacked tensor {name!r} has no layer axis (shape "
+                                 f"{np.shape(value)})")
+    head, j, path = name[:m.start()], int(m.group(1)), m.group(2)
+    for s in range(np.shape(value)[0]):
+      out[f"{head}layer_{s * period + j}/{path}"] = value[s]
+  return out
 
 
 def _shape(names, name) -> tuple[int, ...]:
@@ -282,6 +315,8 @@ def convert_directory(src, dst, *, preset: str | ModelConfig | None = None,
     None: the released model with the tree's shapes.
   tokenizer: the sentencepiece tokenizer.model to copy to dst/tokenizer/; None: find_tokenizer's
     (a checkpoint converted without one takes token ids only). Its size must fit the table.
+    Where it has an <end_of_turn> piece, dst/tokenizer/generation_config.json lists it beside
+    EOS: generation stops on either, as in the gemma library's sampler.
   dtype: the params dtype; default the checkpoint's. quantize: None or "int8" (models/quant.py).
   Returns the ModelConfig (its `tokenizer` names the copied file, "sp:<hash>").
   """
@@ -325,5 +360,12 @@ def convert_directory(src, dst, *, preset: str | ModelConfig | None = None,
   cfg = cfg.replace(quantize=quantize)
   params = convert_params(names, cfg)
   extra = {"source": "gemma", "src": src, "skipped": "vision encoder" if vision else None}
-  checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite, files=files)
+  with tempfile.TemporaryDirectory() as tmp:
+    end_of_turn = tok.piece_id(END_OF_TURN) if tokenizer is not None else None
+    if end_of_turn is not None and tok.eos_id >= 0:
+      generation = os.path.join(tmp, "generation_config.json")
+      with open(generation, "w") as f:
+        json.dump({"eos_token_id": [tok.eos_id, end_of_turn]}, f)
+      files[f"{TOKENIZER_DIR}/generation_config.json"] = generation
+    checkpoint.save(dst, params, cfg, extra=extra, overwrite=overwrite, files=files)
   return cfg

@@ -475,6 +475,9 @@ def convert_directory(src, dst, dtype=None, overwrite: bool = False,
   checkpoint.check_destination(dst, overwrite, source=src)
   _check_weight_files(src)
   cfg = cfg.replace(tokenizer=tokenizer_id(src))
+  if cfg.vision is not None and cfg.tokenizer:
+    from spec_tpu import tokenizer as tokenizer_lib
+    cfg = cfg.replace(vision=hf_vision.with_newline_id(cfg.vision, tokenizer_lib.load(src)))
 
   params = convert_params(SafetensorsIndex(src), cfg)
   extra = {"source": "hf", "src": src, "architectures": hf.get("architectures"),

@@ -64,6 +64,16 @@ def vision_config(hf: dict[str, Any]) -> VisionConfig:
     raise HFConversionError(f"config.json gives an invalid vision tower: {e}") from None
 
 
+def with_newline_id(vision: VisionConfig, tokenizer) -> VisionConfig:
+  """`vision` with the id of "\n\n" (which opens and closes an image block) read from the
+  checkpoint's tokenizer; an HFConversionError where the tokenizer splits it."""
+  ids = tokenizer.encode("\n\n")
+  if len(ids) != 1:
+    raise HFConversionError(f"the tokenizer encodes \"\\n\\n\" as {len(ids)} tokens {ids}; an "
+                            "image block needs it as one token (Gemma 3's tokenizers have it)")
+  return vision.replace(newline_id=int(ids[0]))
+
+
 def is_vision_name(name: str) -> bool:
   return name.startswith(_PARTS)
 

@@ -65,7 +65,7 @@ class LoopSpec:
   max_top_k: int             # static bound on per-row top_k (the shape of the top-k search)
   max_len: int               # positions per row (caches and token buffer)
   out_len: int               # tokens one run_rounds call can return per row
-  eos_id: int | None
+  eos_ids: tuple[int, ...] = ()  # a row stops after emitting any of these (none: no EOS)
   pad_id: int = 0
   prefill_chunk: int = 128   # prompt tokens per layer pass at prefill (model.prefill says why)
   coupling: str = "rejection"  # one of COUPLINGS
@@ -90,6 +90,8 @@ class LoopSpec:
     return self.target.num_tokens
 
   def __post_init__(self):
+    # A tuple (hashable, static): each id is one compare in the program, not a traced lookup.
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
     has_draft = self.draft is not None or self.assistant is not None
     needs_model = self.k > 0 and self.source.uses_model
     if self.k > self.k_max or (needs_model and not has_draft):
@@ -106,6 +108,15 @@ class LoopSpec:
         raise ValueError("the assistant drafter drafts without grammars")
       self.assistant.check_target(self.target)
     check_coupling(self.coupling)
+
+
+def _is_eos(spec: LoopSpec, tokens):
+  """Whether each token is one of the spec's EOS ids (an OR of a few compares; False with
+  none)."""
+  hit = jnp.zeros(tokens.shape, bool)
+  for i in spec.eos_ids:
+    hit |= tokens == i
+  return hit
 
 
 def check_coupling(coupling: str) -> str:
@@ -381,9 +392,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                    constant_values=spec.pad_id)[:, :spec.max_len]
   tokens = jnp.where(pos < lengths_r[:, None], prompt,
                      jnp.where(pos == lengths_r[:, None], first[:, None], spec.pad_id))
-  done = rows.max_new_b <= 1
-  if spec.eos_id is not None:
-    done |= first == spec.eos_id
+  done = (rows.max_new_b <= 1) | _is_eos(spec, first)
   zeros_r = jnp.zeros((r,), jnp.int32)
   n = _stats_width(spec)
   state = State(target_cache=tc, draft_cache=dc, tokens_bs=tokens,
@@ -669,12 +678,10 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   logprobs = _emitted_logprobs(spec, q_bmv, logits, emitted, state.rows)
 
   count = kept
-  hit_eos = jnp.zeros_like(active)
-  if spec.eos_id is not None:
-    is_eos = (emitted == spec.eos_id) & (j < count[:, None])
-    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), k + 1)
-    hit_eos = first_eos < count
-    count = jnp.minimum(count, first_eos + 1)
+  is_eos = _is_eos(spec, emitted) & (j < count[:, None])
+  first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), k + 1)
+  hit_eos = first_eos < count
+  count = jnp.minimum(count, first_eos + 1)
   room = state.rows.max_new_b - state.num_out_b
   hit_eos &= count <= room  # an EOS past max_new is never emitted
   count = jnp.clip(count, 0, jnp.maximum(room, 0))

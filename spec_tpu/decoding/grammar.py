@@ -148,20 +148,22 @@ def _first_line(e: BaseException) -> str:
 class GrammarCompiler:
   """Compiles regexes and JSON schemas over one vocabulary to TokenGrammars, caching the last
   `cache_size` (thread-safe: the server compiles while the engine runs). pieces: each token's
-  bytes (token_bytes; None: never in text)."""
+  bytes (token_bytes; None: never in text). eos_ids: an id or several (each ends a generation,
+  allowed exactly where the grammar accepts)."""
 
-  def __init__(self, pieces, eos_id: int, num_tokens: int, *, max_states: int,
+  def __init__(self, pieces, eos_ids, num_tokens: int, *, max_states: int,
                cache_size: int = 64):
     from outlines_core import Vocabulary
-    if eos_id is None:
+    eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids or ())
+    if not eos_ids:
       raise GrammarError("structured output needs an EOS token (the grammar decides where "
                          "the generation may end)")
     by_bytes = collections.defaultdict(list)
     for i, b in enumerate(pieces[:num_tokens]):
       if b:  # empty pieces would loop in place; control tokens never appear in text
         by_bytes[b].append(i)
-    self._vocabulary = Vocabulary(eos_id, dict(by_bytes))
-    self.eos_id, self.num_tokens, self.max_states = eos_id, num_tokens, max_states
+    self._vocabulary = Vocabulary(eos_ids[0], dict(by_bytes))
+    self.eos_ids, self.num_tokens, self.max_states = eos_id, num_tokens, max_states
     self._cache: collections.OrderedDict[str, TokenGrammar] = collections.OrderedDict()
     self._cache_size = cache_size
     self._lock = threading.Lock()
@@ -209,7 +211,7 @@ class GrammarCompiler:
       for token, nxt in transitions.get(s, {}).items():
         if token < self.num_tokens:
           table[number[s], token] = number[nxt]
-      table[number[s], self.eos_id] = number[s] if s in finals else -1
+      table[number[s], list(self.eos_ids)] = number[s] if s in finals else -1
     # A state that allows nothing would leave the target's law undefined; the index prunes
     # dead ends, so only a language with no string in this vocabulary gets here.
     if not (table[0] >= 0).any():

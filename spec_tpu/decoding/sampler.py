@@ -120,7 +120,7 @@ class Sampler:
   draft_cfg = property(lambda self: self.pair.draft_cfg)
   target_rules = property(lambda self: self.pair.target_rules)
   mesh = property(lambda self: self.pair.mesh)
-  eos_id = property(lambda self: self.pair.eos_id)
+  eos_ids = property(lambda self: self.pair.eos_ids)
   pad_id = property(lambda self: self.pair.pad_id)
   draft_source = property(lambda self: self.pair.draft_source)
 
@@ -137,7 +137,7 @@ class Sampler:
                            else None,
                            assistant=self.draft_cfg if drafting and source.uses_assistant
                            else None,
-                           max_len=max_len, out_len=max_new + k, eos_id=self.eos_id,
+                           max_len=max_len, out_len=max_new + k, eos_ids=self.eos_ids,
                            pad_id=self.pad_id, coupling=coupling,
                            source=source if k else DraftSource())
 

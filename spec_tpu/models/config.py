@@ -592,6 +592,14 @@ PRESETS: dict[str, ModelConfig] = {
 # Gemma 3 4B, 12B and 27B as released: the text model and the one image encoder they share.
 PRESETS.update({f"{n}_vision": PRESETS[n].replace(name=f"{n}_vision", vision=GEMMA3_VISION)
                 for n in ("gemma3_4b", "gemma3_12b", "gemma3_27b")})
+# The tiny model with a tiny encoder (28x28 images, 16 patches pooled to 4 soft tokens), for
+# smoke runs of image paths (launch.plan --images, launch.benchmark --images); its image-block
+# ids are the last of the 64-token vocabulary, the placeholder past any vocabulary.
+PRESETS["tiny_vision"] = PRESETS["tiny"].replace(
+    name="tiny_vision", vision=VisionConfig(image_size=28, patch_size=7, width=16, num_layers=2,
+                                            num_heads=2, mlp_dim=32, num_soft_tokens=4,
+                                            start_id=61, end_id=62, newline_id=63,
+                                            image_id=1 << 20))
 
 
 

@@ -631,12 +631,13 @@ def _embed(cfg, params, tokens_bt):
   return x
 
 
-def encode_images(params, cfg: ModelConfig, images):
+def encode_images(params, cfg: ModelConfig, images, *, unrolled: bool = False):
   """Soft tokens (u j d) of u images (u H W 3, H = W = cfg.vision.image_size, values in
-  [-1, 1]): the vision encoder and projector, run once per image."""
+  [-1, 1]): the vision encoder and projector, run once per image. unrolled: the encoder's
+  layers as a Python loop (for cost analysis), not a scan."""
   if cfg.vision is None:
     raise ValueError(f"model {cfg.name!r} has no vision encoder: it cannot read images")
-  return siglip.soft_tokens(params["vision"], cfg.vision, images).astype(cfg.dtype)
+  return siglip.soft_tokens(params["vision"], cfg.vision, images, unrolled).astype(cfg.dtype)
 
 
 def _embed_with_images(cfg, params, tokens_bt, valid_bt, soft_bmd):

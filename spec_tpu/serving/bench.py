@@ -48,13 +48,13 @@ def _percentile(xs, q):
   return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def _end_id(tok, end_text):
+def _end_ids(tok, end_text):
   if not end_text:
-    return tok.eos_id, "EOS"
+    return tok.eos_ids, "EOS"
   ids = tok.encode(end_text)
   if len(ids) != 1:
     raise SetupError(f"--end_text={end_text!r} is {len(ids)} tokens; it must be one")
-  return ids[0], repr(end_text)
+  return ids, repr(end_text)
 
 
 def run(config, output_dir, requests, max_new, num_slots, clients, latency_requests,
@@ -71,7 +71,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     raise SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
                             "--latency_requests must be >= 1")
   reports.make_output_dir("output_dir", output_dir)
-  end_id, end_name = _end_id(tok, end_text)
+  end_ids, end_name = _end_ids(tok, end_text)
   add_bos = bool(config.run.add_bos)
   encoded = [tok.encode(p, add_bos=add_bos) for p in config.run.prompts]
   workload = [encoded[i % len(encoded)] for i in range(requests)]
@@ -79,7 +79,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   params = [GenerationParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p,
                              top_k=s.top_k, seed=i) for i in range(requests)]
   mesh = common.build_mesh(config)
-  pair = common.build_pair(setup, mesh, tokenizer=tok, eos_id=end_id)
+  pair = common.build_pair(setup, mesh, tokenizer=tok, eos_ids=end_ids)
   sampler = Sampler(pair, coupling=setup.coupling)
   k = setup.k
   max_len = settings.context([len(p) for p in encoded], max_new)

@@ -219,9 +219,9 @@ class Engine:
     self.grammars = None
     if self.grammar_states:
       from spec_tpu.decoding import grammar as grammar_lib
-      if self.tokenizer is not None and pair.eos_id is not None:
+      if self.tokenizer is not None and pair.eos_ids:
         self.grammars = grammar_lib.GrammarCompiler(
-            grammar_lib.token_bytes(self.tokenizer), pair.eos_id, num_tokens,
+            grammar_lib.token_bytes(self.tokenizer), pair.eos_ids, num_tokens,
             max_states=self.grammar_states)
     self.draft_source = source
     drafts = k_max > 0 and source.uses_model
@@ -234,7 +234,7 @@ class Engine:
     self._spec = decode.LoopSpec(
         target=pair.target_cfg, draft=draft_model, assistant=assistant, k=0, k_max=k_max,
         max_top_k=self.max_top_k, max_len=self.max_len, out_len=max_rounds_per_step,
-        eos_id=pair.eos_id, pad_id=pair.pad_id, coupling=coupling, source=source,
+        eos_ids=pair.eos_ids, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
         max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None,
         grammar_states=1 + self.num_slots * self.grammar_states if self.grammar_states else 0)
@@ -367,7 +367,7 @@ class Engine:
     if params.grammar is not None:
       if not self.grammar_states:
         raise ValueError("structured output needs an engine built with grammar_states > 0")
-      if self.pair.eos_id is None:
+      if not self.pair.eos_ids:
         raise ValueError("structured output needs a pair with an EOS token")
       g = params.grammar.next_sv
       if g.ndim != 2 or g.shape[1] != num_tokens or g.shape[0] > self.grammar_states:
@@ -769,8 +769,8 @@ class Engine:
     if stopped:
       self._finish_slot(slot, STOP)
     elif device_done:
-      eos = self.pair.eos_id
-      hit_eos = eos is not None and s.request._tokens and s.request._tokens[-1] == eos
+      last = s.request._tokens[-1] if s.request._tokens else None
+      hit_eos = last in self.pair.eos_ids
       self._finish_slot(slot, STOP if hit_eos else LENGTH)
 
   def _finish_slot(self, slot: int, reason: str):

@@ -528,8 +528,9 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     _authorize(http)
     _tokenizer_needed()
     piece = lambda i: tok.id_to_piece(i) if i is not None and i >= 0 else None
+    eos = engine.pair.eos_ids[0] if engine.pair.eos_ids else None  # the first: vLLM's one id
     return {"tokenizer_class": type(tok).__name__, "name": getattr(tok, "name", None),
-            "eos_token": piece(engine.pair.eos_id), "eos_token_id": engine.pair.eos_id,
+            "eos_token": piece(eos), "eos_token_id": eos,
             "bos_token": piece(tok.bos_id), "bos_token_id": tok.bos_id,
             "pad_token": piece(engine.pair.pad_id), "pad_token_id": engine.pair.pad_id,
             "model_max_length": engine.max_len, "add_bos_token": engine.add_bos,

@@ -25,7 +25,8 @@ class VisionConfig:
   num_soft_tokens: int = 256   # per image, after pooling (a square number)
   norm_eps: float = 1e-6       # the encoder's LayerNorms and the projector's RMSNorm
   # Token ids of an image block: "\n\n", start_of_image, num_soft_tokens x image, end_of_image,
-  # "\n\n" replaces each start_of_image of a prompt (Gemma 3's tokenizer ids).
+  # "\n\n" replaces each start_of_image of a prompt (Gemma 3's tokenizer ids; conversion reads
+  # "\n\n"'s from the checkpoint's tokenizer where it has one).
   start_id: int = 255_999
   end_id: int = 256_000
   image_id: int = 262_144

@@ -107,13 +107,18 @@ def _block(vcfg: VisionConfig, x_upa, lp):
   return x_upa + h @ lp["fc2"] + lp["fc2_bias"]
 
 
-def encode(params, vcfg: VisionConfig, images):
+def encode(params, vcfg: VisionConfig, images, unrolled: bool = False):
   """The encoder's output (u p a): SiglipVisionModel's last_hidden_state. images: u H W 3 with
-  H = W = vcfg.image_size, values in [-1, 1] (vision/image.py prepares them)."""
+  H = W = vcfg.image_size, values in [-1, 1] (vision/image.py prepares them). unrolled: a Python
+  loop over the layers instead of the scan (XLA's cost analysis counts a scan's body once)."""
   dtype = params["patch"].dtype
   x = patchify(vcfg, images.astype(dtype)) @ params["patch"] + params["patch_bias"]
   x = x + params["position"]
-  x, _ = jax.lax.scan(lambda x, lp: (_block(vcfg, x, lp), None), x, params["layers"])
+  if unrolled:
+    for i in range(vcfg.num_layers):
+      x = _block(vcfg, x, jax.tree.map(lambda a, i=i: a[i], params["layers"]))
+  else:
+    x, _ = jax.lax.scan(lambda x, lp: (_block(vcfg, x, lp), None), x, params["layers"])
   return _layer_norm(x, params["final_scale"], params["final_bias"], vcfg.norm_eps)
 
 
@@ -129,6 +134,6 @@ def project(params, vcfg: VisionConfig, x_upa):
   return normed @ params["projection"]
 
 
-def soft_tokens(params, vcfg: VisionConfig, images):
+def soft_tokens(params, vcfg: VisionConfig, images, unrolled: bool = False):
   """Images (u H W 3 in [-1, 1]) -> their soft tokens (u j d)."""
-  return project(params, vcfg, encode(params, vcfg, images))
+  return project(params, vcfg, encode(params, vcfg, images, unrolled))

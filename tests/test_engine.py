@@ -280,12 +280,13 @@ def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
 # language has 6 tokens or more, so EOS never enters the first L and the masks vary with the
 # prefix: position 0 allows 4 tokens, the next 3 or 4 depending on the first.
 TOY_REGEX = "([abc][dgh]|e[ab]*g){3,}"
-TOY_PIECES = [None if i == ex.EOS else bytes([ord("a") + i]) for i in range(ex.V)]
+EOS = ex.EOS_IDS[0]  # the grammar tests' one end token
+TOY_PIECES = [None if i == EOS else bytes([ord("a") + i]) for i in range(ex.V)]
 
 
 def _toy_grammar():
   from spec_tpu.decoding import grammar
-  compiler = grammar.GrammarCompiler(TOY_PIECES, ex.EOS, ex.V, max_states=16)
+  compiler = grammar.GrammarCompiler(TOY_PIECES, EOS, ex.V, max_states=16)
   return compiler.regex(TOY_REGEX)
 
 
@@ -311,7 +312,7 @@ def _masked_law(pattern):
     for j in range(ex.L):
       prefix = "".join(letters[t] for t in cont[:j])
       if prefix not in memo:
-        memo[prefix] = [t != ex.EOS and regex.fullmatch(pattern, prefix + letters[t],
+        memo[prefix] = [t != EOS and regex.fullmatch(pattern, prefix + letters[t],
                                                         partial=True) is not None
                         for t in range(ex.V)]
         # A prefix outside the language has probability 0 already: any mask will do.
@@ -334,7 +335,7 @@ def _grammar_rows(engine, grammar, rows, seed):
   constrained = [r for i, r in enumerate(requests) if i % 3 != 2]
   free = [r.result().tokens for i, r in enumerate(requests) if i % 3 == 2]
   # (A row that stopped at EOS, which the grammar never allows this early, is padded with it.)
-  pad = lambda t: t + [ex.EOS] * (ex.L - len(t))
+  pad = lambda t: t + [EOS] * (ex.L - len(t))
   return (np.array([pad(r.result().tokens) for r in constrained]), free,
           [r.stats for r in constrained])
 
@@ -346,7 +347,7 @@ GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
 
 
 def _grammar_engine(grammar, coupling="rejection"):
-  return Engine(_toy_sampler(eos_ids=ex.EOS).pair, num_slots=128, max_len=32, k=3,
+  return Engine(_toy_sampler(eos_ids=EOS).pair, num_slots=128, max_len=32, k=3,
                 adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
                 grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
 

@@ -160,10 +160,12 @@ class GrammarCompiler:
                          "the generation may end)")
     by_bytes = collections.defaultdict(list)
     for i, b in enumerate(pieces[:num_tokens]):
-      if b:  # empty pieces would loop in place; control tokens never appear in text
+      # Empty pieces would loop in place; control tokens never appear in text; an end token is
+      # the table's own column.
+      if b and i not in eos_ids:
         by_bytes[b].append(i)
     self._vocabulary = Vocabulary(eos_ids[0], dict(by_bytes))
-    self.eos_ids, self.num_tokens, self.max_states = eos_id, num_tokens, max_states
+    self.eos_ids, self.num_tokens, self.max_states = eos_ids, num_tokens, max_states
     self._cache: collections.OrderedDict[str, TokenGrammar] = collections.OrderedDict()
     self._cache_size = cache_size
     self._lock = threading.Lock()

@@ -5,7 +5,8 @@
       fields.*      ModelConfig fields that override the preset, e.g. --config.model.fields.num_layers=2
       checkpoint    spec_tpu checkpoint directory ('' = none); a checkpoint carries its own
                     ModelConfig, so preset and fields describe the random-weight fallback (and
-                    the plan); only valid_vocab_size and tokenizer also apply over a checkpoint
+                    the plan); only valid_vocab_size, tokenizer and dtype (float leaves cast
+                    as they load) also apply over a checkpoint
       allow_random  no checkpoint (or a missing one) -> random weights with a loud warning;
                     False makes that an error raised before anything compiles
       rules         sharding rule set: tensor_parallel | replicated

@@ -80,7 +80,9 @@ def _fields(section) -> dict[str, Any]:
 
 
 # ModelConfig fields a config may set on top of a checkpoint's own config (no param shape changes).
-CHECKPOINT_OVERRIDABLE = ("valid_vocab_size", "tokenizer")
+# dtype: float leaves are cast as they load, and activations follow (e.g. a small bfloat16
+# checkpoint served in float32, so that differently shaped calls cannot round a near-tie apart).
+CHECKPOINT_OVERRIDABLE = ("valid_vocab_size", "tokenizer", "dtype")
 
 
 def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None:
@@ -380,7 +382,10 @@ def load_params(m: ModelSetup, mesh):
   if m.checkpoint is not None:
     abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
     shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)
-    params, _ = checkpoint.restore(m.checkpoint, shardings=shardings)
+    # Float leaves in the config's dtype, whatever they were stored in (an int8 checkpoint's
+    # leaves as stored: its float32 scales must not be cast).
+    dtype = m.cfg.dtype if m.cfg.quantize is None else None
+    params, _ = checkpoint.restore(m.checkpoint, shardings=shardings, dtype=dtype)
     return params
   shardings = sharding.param_shardings(m.cfg, mesh, m.rules)
   # Initialised in place: no host copy, and every process computes the same values from the

@@ -9,7 +9,9 @@
            nothing; later rounds match where the output repeats a pair (both paths checked
            to carry mass).
   greedy   speculative greedy with n-gram / hybrid proposals = autoregressive greedy.
-  control  accepting every proposal without the rejection step fails the same test.
+           Both couplings: the rejection step and gumbel (noise by position).
+  control  accepting every proposal without the rejection step (or, under gumbel, without the
+           agreement check) fails the same test.
 """
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 import test_exactness as ex
-from spec_tpu.decoding import rejection, sampling
+from spec_tpu.decoding import gumbel, rejection, sampling
 from spec_tpu.decoding.draft_source import DraftSource, ngram_proposals
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
@@ -98,9 +100,10 @@ def no_draft_2x4():
                              draft_source=NGRAM)
 
 
-def _run(sampler, source, seed, **options):
+def _run(sampler, source, seed, coupling=None, **options):
   return sampler.generate([ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K,
-                          sampling=SamplingParams(**options), seed=seed, draft_source=source)
+                          sampling=SamplingParams(**options), seed=seed, draft_source=source,
+                          coupling=coupling)
 
 
 def _check_sources_used(result, source):
@@ -119,15 +122,20 @@ CASES = [  # id, source, sampling options
     ("ngram_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
      {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
     ("hybrid_top_p_0.8_temperature_0.7", HYBRID, {"top_p": 0.8, "temperature": 0.7}),
+    # Under the gumbel coupling a one-hot proposal is kept iff it is the target's Gumbel-max
+    # token at its position; rows with no match (ragged proposal counts) judge nothing.
+    ("ngram_gumbel_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
+     {"top_k": 3, "top_p": 0.9, "temperature": 0.7, "coupling": "gumbel"}),
 ]
 
 
 @pytest.mark.parametrize("source,options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_output_follows_target_law(single, source, options):
-  # Given one prompt on every row; when sampling with n-gram (or hybrid) proposals; then the
-  # tokens follow the target's law.
+  # Given one prompt on every row; when sampling with n-gram (or hybrid) proposals, under
+  # either coupling; then the tokens follow the target's law.
   result = _run(single, source, seed=200 + len(options), **options)
-  p, each = ex.exactness_pvalue(ex._full_rows(result), **options)
+  law = {k: v for k, v in options.items() if k != "coupling"}
+  p, each = ex.exactness_pvalue(ex._full_rows(result), **law)
   assert p > ex.ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
   _check_sources_used(result, source)
 
@@ -160,11 +168,20 @@ def _accept_every_proposal(key, draft_bn, p_bnv, q_bmv, num_b=None):
   return n, sampling.sample(key, q_bmv[jnp.arange(b), n])
 
 
-def test_accepting_proposals_without_rejection_fails_the_same_test(monkeypatch):
+def _keep_every_gumbel_proposal(draft_bn, q_bmv, noise_bmv, num_b=None):
+  """WRONG: keeps every proposal (no agreement check), then the target's token after them."""
+  b, k = draft_bn.shape
+  n = jnp.full((b,), k, jnp.int32) if num_b is None else num_b
+  return n, gumbel.choose(q_bmv[jnp.arange(b), n], noise_bmv[jnp.arange(b), n])
+
+
+@pytest.mark.parametrize("coupling", ["rejection", "gumbel"])
+def test_accepting_proposals_without_rejection_fails_the_same_test(monkeypatch, coupling):
   monkeypatch.setattr(rejection, "accept", _accept_every_proposal)
+  monkeypatch.setattr(gumbel, "verify", _keep_every_gumbel_proposal)
   sampler = Sampler.from_params(ex.target_params(), ex.TARGET,
                                 draft_source=NGRAM)  # traces the patch
-  result = _run(sampler, None, seed=212)
+  result = _run(sampler, None, seed=212, coupling=coupling)
   p, each = ex.exactness_pvalue(ex._full_rows(result).tolist())
   assert p < ex.NEGATIVE_P, f"accepting every proposal passed (p = {p:.2e}; tests: {each})"
 

@@ -19,7 +19,10 @@
       kind          where proposals come from: 'model' (the draft model; none: engine.k must be
                     0), 'ngram' (prompt lookup in the row's own tokens: no draft model, none
                     loaded), 'hybrid' (n-gram where the lookup matches, the draft model
-                    continuing it and elsewhere); spec_tpu/decoding/draft_source.py
+                    continuing it and elsewhere), 'auto' (the K policy picks model, ngram or
+                    hybrid per step with K, from each one's measured acceptance and round
+                    cost; needs the draft model and engine.adaptive_k);
+                    spec_tpu/decoding/draft_source.py
       ngram_max, ngram_min  suffix lengths the lookup tries, longest first
     sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),
                 max_new_tokens, seed; coupling: 'gumbel' (a seed gives the same tokens

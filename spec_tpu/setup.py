@@ -227,13 +227,19 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
                draft_source=source)
 
 
+# draft.kind 'auto': the K policy chooses among these per step (the pair drafts as 'hybrid',
+# the kind that needs everything the others do).
+AUTO_SOURCES = ("model", "ngram", "hybrid")
+
+
 def draft_source(section) -> DraftSource:
   """draft.kind and the n-gram sizes (a section without them drafts with the model)."""
+  kind = str(section.get("kind", "model"))
   try:
-    return DraftSource(str(section.get("kind", "model")), int(section.get("ngram_max", 4)),
+    return DraftSource("hybrid" if kind == "auto" else kind, int(section.get("ngram_max", 4)),
                        int(section.get("ngram_min", 2)))
   except ValueError as e:
-    raise SetupError(f"draft: {e}") from None
+    raise SetupError(f"draft: {e.args[0].replace('hybrid', 'hybrid, auto')}") from None
 
 
 def with_quantize(config, mode: str | None):
@@ -268,6 +274,8 @@ class EngineSettings:
   max_top_k: int
   prefill_rows: int
   coupling: str = "rejection"  # sampling.coupling: the engine runs one for every request
+  sources: tuple[str, ...] | None = None  # draft kinds the K policy picks among (None: the
+                                          # pair's draft.kind alone)
   logprobs_k: int = 0       # top logprobs a request may ask for (launch.serve)
   controls: bool = False    # penalties, min_p and logit_bias per request (launch.serve)
   max_logit_bias: int = 300
@@ -307,12 +315,18 @@ def engine_settings(config) -> EngineSettings:
     coupling = decode.check_coupling(str(config.sampling.coupling))
   except ValueError as err:
     raise SetupError(f"sampling.{err}") from None
+  sources = None
+  if str(config.draft.get("kind", "model")) == "auto":
+    if not adaptive:
+      raise SetupError("draft.kind='auto' needs engine.adaptive_k=True and engine.k >= 1 (the "
+                       "K policy chooses the source)")
+    sources = AUTO_SOURCES
   return EngineSettings(num_slots=int(e.num_slots), max_len=int(e.max_len), k=k, k_max=k_max,
                         adaptive_k=adaptive, calibrate=bool(e.calibrate),
                         rounds_per_step=int(e.rounds_per_step) or None,
                         max_rounds_per_step=int(e.max_rounds_per_step),
                         max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows),
-                        coupling=coupling, logprobs_k=int(e.logprobs_k),
+                        coupling=coupling, sources=sources, logprobs_k=int(e.logprobs_k),
                         controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias))
 
 
@@ -333,6 +347,7 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 max_rounds_per_step=settings.max_rounds_per_step,
                 prefill_rows=settings.prefill_rows, add_bos=add_bos, seed=seed, channel=channel,
                 coupling=settings.coupling, max_queue=max_queue,
+                sources=settings.sources if pair.has_draft else None,
                 logprobs_k=settings.logprobs_k if per_request_extras else 0,
                 controls=per_request_extras and settings.controls and channel is None,
                 max_logit_bias=settings.max_logit_bias)

@@ -253,6 +253,70 @@ def test_ngram_engine_without_draft_model_calibrates_and_serves():
   assert np.array_equal(got[clear], want[clear])
 
 
+def test_engine_choosing_sources_per_step_runs_the_policys_choice_and_stays_exact(single):
+  # Given an engine whose K policy chooses among the draft model, n-gram lookup and hybrid,
+  from spec_tpu.serving import Engine, GenerationParams
+  engine = Engine(single.pair, num_slots=8, max_len=40, k=2, k_max=2, max_top_k=4, ks=(0, 2),
+                  sources=("model", "ngram", "hybrid"))
+  # when it calibrates, it times a round of every (source, K) and measures each source,
+  report = engine.calibrate(rounds=2, repeats=1)
+  engine.window_rounds = 10 ** 6  # below, the choice is set by hand and stays
+  for src in engine.sources:
+    assert report["sources"][src]["judged"] > 0
+    assert set(report["sources"][src]["relative_cost"]) == {2}
+  assert report["chosen_source"] == engine.source and report["chosen_k"] == engine.k
+  prompts, greedy = ex.GREEDY_PROMPTS[:8], GenerationParams(max_new_tokens=ex.MAX_NEW,
+                                                            temperature=0.0)
+  want = np.array(single.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
+                                  sampling=ex.GREEDY).tokens)
+  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
+  # and a policy given round costs where every source can pay (this machine's timings of a
+  # tiny pair may favour none),
+  from spec_tpu.decoding.k_policy import AdaptiveK
+  policy = engine.policy = AdaptiveK(k0=2, k_max=2, ks=engine.ks, sources=engine.sources)
+  policy.observe_round_time(0, 1.0)
+  for src in engine.sources:
+    policy.observe_round_time(2, 1.2, source=src)
+  for src, others in [("ngram", "model"), ("model", "ngram")]:
+    # when the measured acceptance makes one source the clear winner (the other drafts nothing
+    # of use),
+    for _ in range(6):  # the estimates average windows: several, to forget the last case
+      policy.observe_acceptance(99, 100, source=src)
+      for other in (others, "hybrid"):
+        policy.observe_acceptance(0, 100, source=other)
+    assert policy.source == src and policy.k > 0
+    out = engine.generate(prompts, greedy)
+    # then every speculative round drafted with that source (n-gram proposals or none),
+    stats = [c.stats for c in out]
+    accepted = sum(st.accepted for st in stats)
+    assert accepted > 0 and sum(st.judged for st in stats) > 0
+    if src == "ngram":
+      assert sum(st.ngram_accepted for st in stats) == accepted
+    else:
+      assert sum(st.ngram_judged for st in stats) == 0
+    # and the tokens are the target's greedy continuation.
+    got = np.array([c.tokens for c in out])
+    assert np.array_equal(got[clear], want[clear])
+  # Steps that switch source every time (the draft model falls behind in n-gram and K = 0
+  # steps and catches up before it drafts again) keep greedy output exact too.
+  requests = [engine.submit(p, greedy) for p in prompts]
+  for i in range(64):
+    if not engine.step(k=(2, 2, 0, 2)[i % 4], source=engine.sources[i % 3]):
+      break
+  got = np.array([r.result().tokens for r in requests])
+  assert np.array_equal(got[clear], want[clear])
+
+
+def test_choosing_among_sources_needs_adaptive_k(single):
+  from spec_tpu.serving import Engine
+  with pytest.raises(ValueError, match="needs adaptive_k"):
+    Engine(single.pair, num_slots=2, max_len=40, k=2, adaptive_k=False,
+           sources=("model", "ngram"))
+  no_draft = Sampler.from_params(ex.target_params(), ex.TARGET, draft_source=NGRAM).pair
+  with pytest.raises(ValueError, match="needs a draft model"):
+    Engine(no_draft, num_slots=2, max_len=40, k=2, sources=("ngram", "model"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, launcher and benchmark plumbing.
 

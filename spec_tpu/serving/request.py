@@ -124,6 +124,7 @@ class RequestStats:
   ngram_accepted: int = 0   # of `accepted`, proposed by the n-gram lookup (the rest: the model)
   ngram_judged: int = 0     # of `judged`, proposed by the n-gram lookup
   ks: tuple[int, ...] = ()  # the K of every step the request took part in, distinct, sorted
+  sources: tuple[str, ...] = ()  # the draft kinds of its speculative steps, distinct, sorted
   queue_s: float = 0.0      # submitted -> prefill started
   time_to_first_token_s: float = float("nan")
   seconds: float = 0.0      # submitted -> finished

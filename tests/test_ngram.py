@@ -320,6 +320,27 @@ def test_choosing_among_sources_needs_adaptive_k(single):
 # ---------------------------------------------------------------------------------------------
 # Config, launcher and benchmark plumbing.
 
+def test_config_draft_kind_auto_lets_the_policy_choose_among_every_source():
+  # Given the tiny random config with draft.kind = auto,
+  from configs import tiny_random
+  from spec_tpu import setup as setup_lib
+  c = tiny_random.get_config()
+  c.model.checkpoint = c.draft.checkpoint = ""
+  c.draft.kind = "auto"
+  c.engine.update(adaptive_k=True, k=2, k_max=2)
+  # then the pair drafts as hybrid (it needs the draft model) and the engine's policy chooses
+  # among the three kinds,
+  assert setup_lib.resolve(c, need_weights=False).draft_source.kind == "hybrid"
+  assert setup_lib.engine_settings(c).sources == ("model", "ngram", "hybrid")
+  # which needs adaptive K, said in one line.
+  c.engine.adaptive_k = False
+  with pytest.raises(setup_lib.SetupError, match="draft.kind='auto' needs engine.adaptive_k"):
+    setup_lib.engine_settings(c)
+  c.draft.kind = "suffix"
+  with pytest.raises(setup_lib.SetupError, match="model, ngram, hybrid, auto"):
+    setup_lib.resolve(c, need_weights=False)
+
+
 def test_config_draft_kind_ngram_samples_without_loading_a_draft(tmp_path):
   # Given the tiny random config whose draft section names a checkpoint that does not exist,
   # with draft.kind = ngram,

@@ -134,7 +134,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
             dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False, sources=None))
     e = common.build_engine(pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
                             per_request_extras=False, seed=int(config.sampling.seed))
-    report = e.calibrate(encoded) if adaptive else None
+    report = e.calibrate(encoded, temperature=s.temperature) if adaptive else None
     e.warm_up([e.k], [len(p) for p in encoded])
 
     def run_once():

@@ -733,14 +733,16 @@ class Engine:
     w.update(rounds=0, accepted=0, judged=0)
 
   def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
-                repeats: int = 5) -> dict:
+                repeats: int = 5, temperature: float = 1.0) -> dict:
     """Compiles and times what serving runs, before any request: with every slot busy on
     `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
     each K the policy may pick with each draft source (each after an untimed warm-up call),
     and the acceptance each source gets. Seeds the pacing and the K policy with them, so the
     first real step already runs the source and K the measured times and acceptance favour
-    (K = 0 where speculation does not pay). Returns the measurements (those of the first
-    source at the top level, every source's under "sources")."""
+    (K = 0 where speculation does not pay). `temperature`: what the requests to come will
+    mostly run at (acceptance depends on it, an n-gram lookup's most: greedy output copies
+    its prompt far more often). Returns the measurements (those of the first source at the
+    top level, every source's under "sources")."""
     if self.active_slots or self._queue:
       raise RuntimeError("calibrate() runs on an idle engine")
     if prompts is None:
@@ -762,7 +764,8 @@ class Engine:
       for _ in range(self.num_slots - self.active_slots):
         i = next(count)
         self.submit_all([(prompts[i % len(prompts)],
-                          GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))],
+                          GenerationParams(max_new_tokens=max_new, temperature=temperature,
+                                           seed=i))],
                         bounded=False)
       self._admit(with_draft=True)  # no catch-up inside a timed call
       return self._run_step(kk, n=n, timed=False, source=source)

@@ -5,7 +5,8 @@
       fields.*      ModelConfig fields that override the preset, e.g. --config.model.fields.num_layers=2
       checkpoint    spec_tpu checkpoint directory ('' = none); a checkpoint carries its own
                     ModelConfig, so preset and fields describe the random-weight fallback (and
-                    the plan); only valid_vocab_size and tokenizer also apply over a checkpoint
+                    the plan); only valid_vocab_size, tokenizer and dtype (float leaves cast
+                    as they load) also apply over a checkpoint
       allow_random  no checkpoint (or a missing one) -> random weights with a loud warning;
                     False makes that an error raised before anything compiles
       rules         sharding rule set: tensor_parallel | replicated
@@ -20,7 +21,10 @@
                     loaded), 'hybrid' (n-gram where the lookup matches, the draft model
                     continuing it and elsewhere), 'assistant' (a Gemma 4 assistant drafter,
                     converted from Gemma4AssistantForCausalLM, reading the target's caches;
-                    preset a name in ASSISTANT_PRESETS); spec_tpu/decoding/draft_source.py
+                    preset a name in ASSISTANT_PRESETS), 'auto' (the K policy picks model,
+                    ngram or hybrid per step with K, from each one's measured acceptance and
+                    round cost; needs the draft model and engine.adaptive_k);
+                    spec_tpu/decoding/draft_source.py
       ngram_max, ngram_min  suffix lengths the lookup tries, longest first
       greedy        kind 'assistant': propose its argmax (one-hot) instead of a sample
     sampling.*  what each request samples: temperature (0 = greedy), top_p, top_k (0 = off),

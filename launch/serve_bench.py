@@ -7,8 +7,14 @@ Throughput of fixed batches (Sampler.generate) at K = 0 and engine.k against the
 and with adaptive K, then time to first token and inter-token latency at each --clients count
 (what each means: spec_tpu/serving/bench.py). The engine is the one `engine.*` configures, as
 launch.serve runs it. --end_text: one token that ends a request ('' = the tokenizer's EOS); the
-embedded pair rarely writes EOS, so its figures use --end_text='return '. Writes results.json,
-table.txt (also printed) and serve_bench.png.
+embedded pair rarely writes EOS, so its figures use --end_text='return '. --workload=rewrite
+runs prompts whose outputs repeat them (where n-gram drafts pay); with
+--config.draft.kind=auto the adaptive engine picks the draft source per step as well as K:
+
+    python -m launch.serve_bench --config=configs/default.py --output_dir=/tmp/serve_bench_auto \
+        --end_text='return ' --config.draft.kind=auto --workload=rewrite
+
+Writes results.json, table.txt (also printed) and serve_bench.png.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ _LATENCY_REQUESTS = flags.DEFINE_integer("latency_requests", 32,
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Runs of each throughput mode (the fastest kept).")
 _END_TEXT = flags.DEFINE_string("end_text", "", "Text of one token that ends a request "
                                 "('' = the tokenizer's EOS).")
+_WORKLOAD = flags.DEFINE_string("workload", "prompts", "prompts: the config's run.prompts; "
+                                "rewrite: 'rewrite this function' prompts over held-out stdlib "
+                                "code (outputs that repeat the prompt).")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -38,7 +47,7 @@ def main(argv):
   from spec_tpu.serving import bench
   bench.run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
             cli.int_list("clients", _CLIENTS.value), _LATENCY_REQUESTS.value, _END_TEXT.value,
-            _REPEATS.value)
+            _REPEATS.value, _WORKLOAD.value)
 
 
 if __name__ == "__main__":

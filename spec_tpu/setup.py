@@ -80,7 +80,9 @@ def _fields(section) -> dict[str, Any]:
 
 
 # ModelConfig fields a config may set on top of a checkpoint's own config (no param shape changes).
-CHECKPOINT_OVERRIDABLE = ("valid_vocab_size", "tokenizer")
+# dtype: float leaves are cast as they load, and activations follow (e.g. a small bfloat16
+# checkpoint served in float32, so that differently shaped calls cannot round a near-tie apart).
+CHECKPOINT_OVERRIDABLE = ("valid_vocab_size", "tokenizer", "dtype")
 
 
 def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None:
@@ -229,14 +231,20 @@ def resolve(config, *, need_weights: bool = True, k: int | None = None) -> Setup
                draft_source=source)
 
 
+# draft.kind 'auto': the K policy chooses among these per step (the pair drafts as 'hybrid',
+# the kind that needs everything the others do).
+AUTO_SOURCES = ("model", "ngram", "hybrid")
+
+
 def draft_source(section) -> DraftSource:
-  """draft.kind, the n-gram sizes and draft.greedy (a section without them drafts with the
-  model)."""
+  """draft.kind ('auto': hybrid proposals, the K policy choosing the source per step), the
+  n-gram sizes and draft.greedy (a section without them drafts with the model)."""
+  kind = str(section.get("kind", "model"))
   try:
-    return DraftSource(str(section.get("kind", "model")), int(section.get("ngram_max", 4)),
+    return DraftSource("hybrid" if kind == "auto" else kind, int(section.get("ngram_max", 4)),
                        int(section.get("ngram_min", 2)), bool(section.get("greedy", False)))
   except ValueError as e:
-    raise SetupError(f"draft: {e}") from None
+    raise SetupError(f"draft: {e.args[0].replace('hybrid', 'hybrid, auto')}") from None
 
 
 def check_draft_kind(draft: ModelSetup, source: DraftSource) -> None:
@@ -283,6 +291,8 @@ class EngineSettings:
   max_top_k: int
   prefill_rows: int
   coupling: str = "rejection"  # sampling.coupling: the engine runs one for every request
+  sources: tuple[str, ...] | None = None  # draft kinds the K policy picks among (None: the
+                                          # pair's draft.kind alone)
   logprobs_k: int = 0       # top logprobs a request may ask for (launch.serve)
   controls: bool = False    # penalties, min_p and logit_bias per request (launch.serve)
   max_logit_bias: int = 300
@@ -323,12 +333,18 @@ def engine_settings(config) -> EngineSettings:
     coupling = decode.check_coupling(str(config.sampling.coupling))
   except ValueError as err:
     raise SetupError(f"sampling.{err}") from None
+  sources = None
+  if str(config.draft.get("kind", "model")) == "auto":
+    if not adaptive:
+      raise SetupError("draft.kind='auto' needs engine.adaptive_k=True and engine.k >= 1 (the "
+                       "K policy chooses the source)")
+    sources = AUTO_SOURCES
   return EngineSettings(num_slots=int(e.num_slots), max_len=int(e.max_len), k=k, k_max=k_max,
                         adaptive_k=adaptive, calibrate=bool(e.calibrate),
                         rounds_per_step=int(e.rounds_per_step) or None,
                         max_rounds_per_step=int(e.max_rounds_per_step),
                         max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows),
-                        coupling=coupling, logprobs_k=int(e.logprobs_k),
+                        coupling=coupling, sources=sources, logprobs_k=int(e.logprobs_k),
                         controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias),
                         grammar_states=int(e.get("grammar_states", 0)))
 
@@ -351,6 +367,7 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 max_rounds_per_step=settings.max_rounds_per_step,
                 prefill_rows=settings.prefill_rows, add_bos=add_bos, seed=seed, channel=channel,
                 coupling=settings.coupling, max_queue=max_queue,
+                sources=settings.sources if pair.has_draft else None,
                 logprobs_k=settings.logprobs_k if per_request_extras else 0,
                 controls=per_request_extras and settings.controls and channel is None,
                 max_logit_bias=settings.max_logit_bias,
@@ -402,7 +419,10 @@ def load_params(m: ModelSetup, mesh):
   if m.checkpoint is not None:
     abstract = jax.eval_shape(lambda: model.init_params(m.cfg, jax.random.key(0)))
     shardings = sharding.param_shardings(m.cfg, mesh, m.rules, abstract)
-    params, _ = checkpoint.restore(m.checkpoint, shardings=shardings)
+    # Float leaves in the config's dtype, whatever they were stored in (an int8 checkpoint's
+    # leaves as stored: its float32 scales must not be cast).
+    dtype = m.cfg.dtype if m.cfg.quantize is None else None
+    params, _ = checkpoint.restore(m.checkpoint, shardings=shardings, dtype=dtype)
     return params
   shardings = sharding.param_shardings(m.cfg, mesh, m.rules)
   # Initialised in place: no host copy, and every process computes the same values from the

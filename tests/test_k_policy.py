@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from spec_tpu.decoding.k_policy import AdaptiveK, choose_k_measured, expected_speedup
+from spec_tpu.decoding.k_policy import (AdaptiveK, choose_k_measured, choose_measured,
+                                       expected_speedup)
 
 
 def choose_k(a, c, k_max, margin=0.0):
@@ -194,3 +195,91 @@ def test_a_measured_cost_below_a_smaller_ks_is_timing_noise():
     policy.observe_round_time(k, t)
   assert policy.cost(2) == pytest.approx(18.0 / 5.0)
   assert policy.k == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the source as well as K.
+
+# Round costs relative to plain decoding, shaped as on the embedded pair: an n-gram round pays
+# only for verifying more tokens, a model or hybrid round for K draft steps too.
+COSTS = {**{("ngram", k): 1.0 + 0.03 * k for k in (1, 2, 4, 8)},
+         **{("model", k): 1.0 + 0.25 * k for k in (1, 2, 4, 8)},
+         **{("hybrid", k): 1.05 + 0.25 * k for k in (1, 2, 4, 8)}}
+
+
+def _brute_force(a, costs, margin=0.0):
+  rates = {key: sum(a[key[0]] ** i for i in range(key[1] + 1)) / c for key, c in costs.items()}
+  best = max(rates, key=rates.get)
+  return best if rates[best] > 1.0 + margin else (None, 0)
+
+
+@pytest.mark.parametrize("a,want_source", [
+    ({"model": 0.6, "ngram": 0.9, "hybrid": 0.7}, "ngram"),    # a prompt being repeated
+    ({"model": 0.6, "ngram": 0.05, "hybrid": 0.6}, "model"),   # open-ended text
+    ({"model": 0.7, "ngram": 0.4, "hybrid": 0.85}, "hybrid"),  # partly repeated
+    ({"model": 0.1, "ngram": 0.01, "hybrid": 0.1}, None),      # nothing pays: off
+])
+def test_choose_measured_picks_the_source_and_k_with_most_tokens_per_time(a, want_source):
+  # Given each source's acceptance and the cost of a round of each (source, K); then the choice
+  # is the pair with the most expected tokens per unit time (the brute-force argmax), K = 0
+  # when none beats plain decoding.
+  source, k = choose_measured(a, COSTS)
+  assert source == want_source and (source, k) == _brute_force(a, COSTS)
+  assert (k == 0) == (source is None)
+
+
+def test_choose_measured_is_the_argmax_over_random_acceptances_and_costs():
+  rng = np.random.default_rng(5)
+  for _ in range(200):
+    a = dict(zip(("model", "ngram", "hybrid"), rng.random(3)))
+    costs = {key: 1.0 + rng.random() * key[1] for key in COSTS}
+    margin = rng.choice([0.0, 0.1])
+    assert choose_measured(a, costs, margin) == _brute_force(a, costs, margin)
+
+
+def _run_sources(policy, rng, a_by_source, batches):
+  """Batches run at the policy's (source, K) with that source's acceptance; round costs as
+  COSTS (times in units of a plain round), observed once as calibration would."""
+  history = []
+  for _ in range(batches):
+    k, source = policy.k, policy.source
+    if k:
+      policy.observe_acceptance(*_batch(rng, a_by_source[source], k), source=source)
+    else:
+      policy.observe_off()
+    history.append((source, k) if k else (None, 0))
+  return history
+
+
+def test_adaptive_choice_follows_the_workload_between_sources():
+  rng = np.random.default_rng(6)
+  policy = AdaptiveK(k0=2, k_max=8, ks=(1, 2, 4, 8), probe_every=8,
+                     sources=("model", "ngram", "hybrid"), margin=0.1)
+  policy.observe_round_time(0, 10.0)
+  for (source, k), cost in COSTS.items():
+    policy.observe_round_time(k, 10.0 * cost, source=source)
+  # Given a workload that repeats its prompt (lookups match: n-gram drafts accepted 90%),
+  repeating = {"model": 0.6, "ngram": 0.9, "hybrid": 0.65}
+  history = _run_sources(policy, rng, repeating, 12)
+  # then the policy settles on n-gram drafts at a large K (they cost no draft steps),
+  assert history[-1] == ("ngram", 8) and history[-8:].count(("ngram", 8)) >= 5
+  # when the text turns open-ended (no lookup matches), it moves to drafting with the model
+  # within a few batches, settles on the model alone (hybrid costs a lookup more for nothing),
+  # and probes n-gram again now and then at the smallest K,
+  open_ended = {"model": 0.6, "ngram": 0.02, "hybrid": 0.6}
+  history = _run_sources(policy, rng, open_ended, 16)
+  assert all(s in ("model", "hybrid") for s, _ in history[2:4])
+  assert all(s != "ngram" or k == 1 for s, k in history[2:]) and ("ngram", 1) in history[4:]
+  assert history[-4:] == [("model", 2)] * 4
+  # and when nothing pays (a poor draft, no matches), speculation is off but for probes.
+  poor = {"model": 0.05, "ngram": 0.02, "hybrid": 0.05}
+  history = _run_sources(policy, rng, poor, 16)
+  assert history[-8:].count((None, 0)) >= 5
+  assert all(k in (0, 1) for _, k in history[4:])
+
+
+def test_sources_are_checked():
+  with pytest.raises(ValueError, match="sources"):
+    AdaptiveK(sources=())
+  with pytest.raises(ValueError, match="not one of"):
+    AdaptiveK(sources=("model",)).observe_round_time(2, 1.0, source="ngram")

@@ -9,7 +9,9 @@
            nothing; later rounds match where the output repeats a pair (both paths checked
            to carry mass).
   greedy   speculative greedy with n-gram / hybrid proposals = autoregressive greedy.
-  control  accepting every proposal without the rejection step fails the same test.
+           Both couplings: the rejection step and gumbel (noise by position).
+  control  accepting every proposal without the rejection step (or, under gumbel, without the
+           agreement check) fails the same test.
 """
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 import test_exactness as ex
-from spec_tpu.decoding import rejection, sampling
+from spec_tpu.decoding import gumbel, rejection, sampling
 from spec_tpu.decoding.draft_source import DraftSource, ngram_proposals
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
@@ -98,9 +100,10 @@ def no_draft_2x4():
                              draft_source=NGRAM)
 
 
-def _run(sampler, source, seed, **options):
+def _run(sampler, source, seed, coupling=None, **options):
   return sampler.generate([ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K,
-                          sampling=SamplingParams(**options), seed=seed, draft_source=source)
+                          sampling=SamplingParams(**options), seed=seed, draft_source=source,
+                          coupling=coupling)
 
 
 def _check_sources_used(result, source):
@@ -119,15 +122,20 @@ CASES = [  # id, source, sampling options
     ("ngram_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
      {"top_k": 3, "top_p": 0.9, "temperature": 0.7}),
     ("hybrid_top_p_0.8_temperature_0.7", HYBRID, {"top_p": 0.8, "temperature": 0.7}),
+    # Under the gumbel coupling a one-hot proposal is kept iff it is the target's Gumbel-max
+    # token at its position; rows with no match (ragged proposal counts) judge nothing.
+    ("ngram_gumbel_top_k_3_top_p_0.9_temperature_0.7", NGRAM,
+     {"top_k": 3, "top_p": 0.9, "temperature": 0.7, "coupling": "gumbel"}),
 ]
 
 
 @pytest.mark.parametrize("source,options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_output_follows_target_law(single, source, options):
-  # Given one prompt on every row; when sampling with n-gram (or hybrid) proposals; then the
-  # tokens follow the target's law.
+  # Given one prompt on every row; when sampling with n-gram (or hybrid) proposals, under
+  # either coupling; then the tokens follow the target's law.
   result = _run(single, source, seed=200 + len(options), **options)
-  p, each = ex.exactness_pvalue(ex._full_rows(result), **options)
+  law = {k: v for k, v in options.items() if k != "coupling"}
+  p, each = ex.exactness_pvalue(ex._full_rows(result), **law)
   assert p > ex.ALPHA, f"output departs from the target law (p = {p:.2e}; tests: {each})"
   _check_sources_used(result, source)
 
@@ -160,11 +168,20 @@ def _accept_every_proposal(key, draft_bn, p_bnv, q_bmv, num_b=None):
   return n, sampling.sample(key, q_bmv[jnp.arange(b), n])
 
 
-def test_accepting_proposals_without_rejection_fails_the_same_test(monkeypatch):
+def _keep_every_gumbel_proposal(draft_bn, q_bmv, noise_bmv, num_b=None):
+  """WRONG: keeps every proposal (no agreement check), then the target's token after them."""
+  b, k = draft_bn.shape
+  n = jnp.full((b,), k, jnp.int32) if num_b is None else num_b
+  return n, gumbel.choose(q_bmv[jnp.arange(b), n], noise_bmv[jnp.arange(b), n])
+
+
+@pytest.mark.parametrize("coupling", ["rejection", "gumbel"])
+def test_accepting_proposals_without_rejection_fails_the_same_test(monkeypatch, coupling):
   monkeypatch.setattr(rejection, "accept", _accept_every_proposal)
+  monkeypatch.setattr(gumbel, "verify", _keep_every_gumbel_proposal)
   sampler = Sampler.from_params(ex.target_params(), ex.TARGET,
                                 draft_source=NGRAM)  # traces the patch
-  result = _run(sampler, None, seed=212)
+  result = _run(sampler, None, seed=212, coupling=coupling)
   p, each = ex.exactness_pvalue(ex._full_rows(result).tolist())
   assert p < ex.NEGATIVE_P, f"accepting every proposal passed (p = {p:.2e}; tests: {each})"
 
@@ -236,8 +253,93 @@ def test_ngram_engine_without_draft_model_calibrates_and_serves():
   assert np.array_equal(got[clear], want[clear])
 
 
+def test_engine_choosing_sources_per_step_runs_the_policys_choice_and_stays_exact(single):
+  # Given an engine whose K policy chooses among the draft model, n-gram lookup and hybrid,
+  from spec_tpu.serving import Engine, GenerationParams
+  engine = Engine(single.pair, num_slots=8, max_len=40, k=2, k_max=2, max_top_k=4, ks=(0, 2),
+                  sources=("model", "ngram", "hybrid"))
+  # when it calibrates, it times a round of every (source, K) and measures each source,
+  report = engine.calibrate(rounds=2, repeats=1)
+  engine.window_rounds = 10 ** 6  # below, the choice is set by hand and stays
+  for src in engine.sources:
+    assert report["sources"][src]["judged"] > 0
+    assert set(report["sources"][src]["relative_cost"]) == {2}
+  assert report["chosen_source"] == engine.source and report["chosen_k"] == engine.k
+  prompts, greedy = ex.GREEDY_PROMPTS[:8], GenerationParams(max_new_tokens=ex.MAX_NEW,
+                                                            temperature=0.0)
+  want = np.array(single.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
+                                  sampling=ex.GREEDY).tokens)
+  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
+  # and a policy given round costs where every source can pay (this machine's timings of a
+  # tiny pair may favour none),
+  from spec_tpu.decoding.k_policy import AdaptiveK
+  policy = engine.policy = AdaptiveK(k0=2, k_max=2, ks=engine.ks, sources=engine.sources)
+  policy.observe_round_time(0, 1.0)
+  for src in engine.sources:
+    policy.observe_round_time(2, 1.2, source=src)
+  for src, others in [("ngram", "model"), ("model", "ngram")]:
+    # when the measured acceptance makes one source the clear winner (the other drafts nothing
+    # of use),
+    for _ in range(6):  # the estimates average windows: several, to forget the last case
+      policy.observe_acceptance(99, 100, source=src)
+      for other in (others, "hybrid"):
+        policy.observe_acceptance(0, 100, source=other)
+    assert policy.source == src and policy.k > 0
+    out = engine.generate(prompts, greedy)
+    # then every speculative round drafted with that source (n-gram proposals or none),
+    stats = [c.stats for c in out]
+    accepted = sum(st.accepted for st in stats)
+    assert accepted > 0 and sum(st.judged for st in stats) > 0
+    if src == "ngram":
+      assert sum(st.ngram_accepted for st in stats) == accepted
+    else:
+      assert sum(st.ngram_judged for st in stats) == 0
+    # and the tokens are the target's greedy continuation.
+    got = np.array([c.tokens for c in out])
+    assert np.array_equal(got[clear], want[clear])
+  # Steps that switch source every time (the draft model falls behind in n-gram and K = 0
+  # steps and catches up before it drafts again) keep greedy output exact too.
+  requests = [engine.submit(p, greedy) for p in prompts]
+  for i in range(64):
+    if not engine.step(k=(2, 2, 0, 2)[i % 4], source=engine.sources[i % 3]):
+      break
+  got = np.array([r.result().tokens for r in requests])
+  assert np.array_equal(got[clear], want[clear])
+
+
+def test_choosing_among_sources_needs_adaptive_k(single):
+  from spec_tpu.serving import Engine
+  with pytest.raises(ValueError, match="needs adaptive_k"):
+    Engine(single.pair, num_slots=2, max_len=40, k=2, adaptive_k=False,
+           sources=("model", "ngram"))
+  no_draft = Sampler.from_params(ex.target_params(), ex.TARGET, draft_source=NGRAM).pair
+  with pytest.raises(ValueError, match="needs a draft model"):
+    Engine(no_draft, num_slots=2, max_len=40, k=2, sources=("ngram", "model"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, launcher and benchmark plumbing.
+
+def test_config_draft_kind_auto_lets_the_policy_choose_among_every_source():
+  # Given the tiny random config with draft.kind = auto,
+  from configs import tiny_random
+  from spec_tpu import setup as setup_lib
+  c = tiny_random.get_config()
+  c.model.checkpoint = c.draft.checkpoint = ""
+  c.draft.kind = "auto"
+  c.engine.update(adaptive_k=True, k=2, k_max=2)
+  # then the pair drafts as hybrid (it needs the draft model) and the engine's policy chooses
+  # among the three kinds,
+  assert setup_lib.resolve(c, need_weights=False).draft_source.kind == "hybrid"
+  assert setup_lib.engine_settings(c).sources == ("model", "ngram", "hybrid")
+  # which needs adaptive K, said in one line.
+  c.engine.adaptive_k = False
+  with pytest.raises(setup_lib.SetupError, match="draft.kind='auto' needs engine.adaptive_k"):
+    setup_lib.engine_settings(c)
+  c.draft.kind = "suffix"
+  with pytest.raises(setup_lib.SetupError, match="model, ngram, hybrid, auto"):
+    setup_lib.resolve(c, need_weights=False)
+
 
 def test_config_draft_kind_ngram_samples_without_loading_a_draft(tmp_path):
   # Given the tiny random config whose draft section names a checkpoint that does not exist,

@@ -134,7 +134,7 @@ def test_completion_plain_and_streamed_agree(server):
   assert len(chunks) > 2
   assert plain.usage.completion_tokens <= 24 and plain.usage.prompt_tokens > 0
   stats = plain.choices[0].model_extra["spec_tpu"]
-  assert stats["target_calls"] >= 1 and stats["k"] == [4]
+  assert stats["target_calls"] >= 1 and stats["k"] == [4] and stats["sources"] == ["model"]
 
 
 def test_chat_plain_and_streamed(server):

@@ -93,6 +93,13 @@ def test_draft_kind_reaches_the_pair_and_the_engine(checkpoints):
   assert resolved.draft.cfg == DRAFT
   assert setup.build_pair(resolved, one_device).draft_source.kind == "hybrid"
   assert setup.build_pair(resolved, one_device, use_draft=False).draft_source == DraftSource()
+  # auto: the engine's K policy chooses among the three kinds (adaptive K).
+  c.draft.kind = "auto"
+  c.engine.adaptive_k = True
+  engine = setup.build_engine(setup.build_pair(setup.resolve(c), one_device),
+                              setup.engine_settings(c))
+  assert engine.sources == ("model", "ngram", "hybrid") and engine.policy.sources == engine.sources
+  c.draft.kind, c.engine.adaptive_k = "hybrid", False
   # A hybrid or model draft with no draft model is refused by name.
   c.draft.checkpoint = ""
   with pytest.raises(setup.SetupError, match="draft.kind='hybrid' with engine.k=2 needs a draft"):

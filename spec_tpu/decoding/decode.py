@@ -58,7 +58,9 @@ class LoopSpec:
   in `k` and `out_len`; the state's shapes come from the rest.
   """
   target: ModelConfig
-  draft: ModelConfig | None  # None: no draft model and no draft cache (k = 0, or n-gram drafts)
+  draft: ModelConfig | None  # None: no draft model and no draft cache (k = 0, or n-gram drafts);
+                             # with n-gram drafts a draft's cache idles (an engine choosing
+                             # sources per step), caught up by the next model round
   k: int                     # draft tokens per round of this program; 0 = autoregressive
   k_max: int                 # the largest K any program on this state runs: the caches keep
                              # K_max + 1 slots of rollback slack, the stats K_max columns
@@ -96,8 +98,8 @@ class LoopSpec:
     needs_model = self.k > 0 and self.source.uses_model
     if self.k > self.k_max or (needs_model and not has_draft):
       raise ValueError(f"k={self.k} needs a draft and k <= k_max={self.k_max}")
-    if not self.source.uses_model and has_draft:
-      raise ValueError("n-gram drafting runs no draft model: give draft=None")
+    if not self.source.uses_model and self.assistant is not None:
+      raise ValueError("n-gram drafting runs no draft model: give assistant=None")
     if self.draft is not None and self.assistant is not None:
       raise ValueError("give a draft model or an assistant, not both")
     if (self.assistant is not None) != (self.source.uses_assistant and self.k_max > 0):
@@ -660,7 +662,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   # Roll back: the target keeps last + n accepted drafts, the draft what it fed of those
   # (all but x_K when every draft was accepted); finished rows stay where they are.
   tc = cache_lib.rollback(tc, jnp.where(active, l0 + n + 1, l0), target_traces, l0)
-  if k > 0 and spec.draft is not None:
+  if k > 0 and spec.draft is not None and spec.source.uses_model:
     dc = cache_lib.rollback(dc, jnp.where(active, jnp.minimum(l0 + n + 1, l0 + k),
                                           state.draft_cache.length), draft_traces, draft_start)
   else:
@@ -722,7 +724,7 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
   """
   b = state.done_b.shape[0]
   state = state._replace(done_b=state.done_b | ~live_b)
-  if spec.k > 0 and spec.draft is not None and catch_up:
+  if spec.k > 0 and spec.draft is not None and spec.source.uses_model and catch_up:
     state = catch_up_draft(spec, draft_params, state)
   done0 = state.done_b
   w, m = spec.out_len, spec.logprobs_k

@@ -57,8 +57,25 @@ def _end_ids(tok, end_text):
   return ids, repr(end_text)
 
 
+WORKLOADS = ("prompts", "rewrite")
+
+
+def workload_texts(config, tok, workload: str, count: int) -> list[str]:
+  """The prompts of a workload: 'prompts' the config's run.prompts; 'rewrite' that many
+  "rewrite this function" prompts over held-out standard-library code (the output can copy
+  the prompt: where n-gram drafts pay; decoding/source_bench.py)."""
+  if workload == "prompts":
+    return list(config.run.prompts)
+  if workload != "rewrite":
+    raise SetupError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+  from spec_tpu.decoding import source_bench
+  from spec_tpu.training import corpus
+  _, heldout = corpus.split(corpus.stdlib_files())
+  return source_bench.rewrite_prompts(heldout, tok, count)
+
+
 def run(config, output_dir, requests, max_new, num_slots, clients, latency_requests,
-        end_text, repeats=2) -> dict:
+        end_text, repeats=2, workload_kind="prompts") -> dict:
   setup = common.resolve(config, need_weights=True)
   tok = common.load_tokenizer(config, setup)
   if tok is None or not len(config.run.prompts):
@@ -73,7 +90,8 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   reports.make_output_dir("output_dir", output_dir)
   end_ids, end_name = _end_ids(tok, end_text)
   add_bos = bool(config.run.add_bos)
-  encoded = [tok.encode(p, add_bos=add_bos) for p in config.run.prompts]
+  texts = workload_texts(config, tok, workload_kind, min(requests, 16))
+  encoded = [tok.encode(p, add_bos=add_bos) for p in texts]
   workload = [encoded[i % len(encoded)] for i in range(requests)]
   s = setup.sampling
   params = [GenerationParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p,
@@ -84,10 +102,10 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   k = setup.k
   max_len = settings.context([len(p) for p in encoded], max_new)
   result = dict(target=setup.target.describe(), draft=setup.draft.describe() if setup.draft
-                else None, draft_kind=setup.draft_source.kind,
+                else None, draft_kind=str(config.draft.get("kind", "model")),
                 random_weights=setup.any_random, device=str(jax.devices()[0]),
                 num_devices=jax.device_count(), num_slots=num_slots, requests=requests,
-                max_new_tokens=max_new, end_token=end_name,
+                max_new_tokens=max_new, end_token=end_name, workload=workload_kind,
                 sampling=dataclasses.asdict(s), throughput=[], latency=[])
 
   # 1. Throughput: fixed batches vs the engine. Every mode is compiled (and the adaptive
@@ -105,7 +123,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
         if kk:
           judged += int(res.reached[:len(b)].sum())
           accepted += int(res.accepted[:len(b)].sum())
-      return tokens, accepted, judged, (), None
+      return tokens, accepted, judged, ((), ()), None
     sampler.generate(pad(batches[0]), max_new_tokens=max_new, k=kk, sampling=s)  # compiles
     return run_once
 
@@ -113,17 +131,19 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     # The engine launch.serve runs (engine.*), adaptive or held at K = 0.
     mode = (dataclasses.replace(settings, adaptive_k=True,
                                 k_max=max(k, int(config.engine.k_max))) if adaptive and k > 0 else
-            dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False))
+            dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False, sources=None))
     e = common.build_engine(pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
                             per_request_extras=False, seed=int(config.sampling.seed))
-    report = e.calibrate(encoded) if adaptive else None
+    report = e.calibrate(encoded, temperature=s.temperature) if adaptive else None
     e.warm_up([e.k], [len(p) for p in encoded])
 
     def run_once():
       done = e.generate(workload, params)
       ks = tuple(sorted({kk for c in done for kk in c.stats.ks}))
+      sources = {src for c in done for src in c.stats.sources}
       return (sum(len(c.tokens) for c in done), sum(c.stats.accepted for c in done),
-              sum(c.stats.judged for c in done), ks, [len(c.tokens) for c in done])
+              sum(c.stats.judged for c in done), (ks, tuple(sorted(sources))),
+              [len(c.tokens) for c in done])
     return e, report, run_once
 
   adaptive_engine, report, adaptive_run = engine(True)
@@ -144,7 +164,7 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
         best[(name, kk)] = dict(mode=name, k=kk, tokens=tokens, seconds=seconds,
                                 tokens_per_s=tokens / seconds,
                                 acceptance=accepted / judged if judged else None,
-                                ks_used=list(ks))
+                                ks_used=list(ks[0]), sources_used=list(ks[1]))
       # Wall and CPU figures are each the best of the runs (not necessarily the same run).
       best[(name, kk)].update(cpu_seconds=cheapest_cpu, tokens_per_cpu_s=tokens / cheapest_cpu)
       logging.info("%s K=%s: %.1f tokens/s, %.1f tokens/cpu-s", name, kk, tokens / seconds,
@@ -152,7 +172,10 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   for name, kk, _ in modes:
     row = best[(name, kk)]
     if kk == "adaptive":
-      row.update(k="adaptive: " + ",".join(map(str, row["ks_used"])), calibration=report)
+      used = ",".join(map(str, row["ks_used"]))
+      if len(adaptive_engine.sources) > 1:  # which draft kinds the policy picked
+        used += " " + "+".join(row["sources_used"])
+      row.update(k="adaptive: " + used, calibration=report)
     result["throughput"].append(row)
 
   # 2. Latency under concurrent clients (the adaptive engine, on its own thread).
@@ -203,7 +226,8 @@ def _cell(x, fmt):
 
 
 def format_table(r: dict) -> str:
-  lines = [f"target: {r['target']}", f"draft:  {r['draft']}",
+  lines = [f"target: {r['target']}", f"draft:  {r['draft']} (kind {r['draft_kind']})",
+           f"workload: {r.get('workload', 'prompts')}",
            f"device: {r['num_devices']} x {r['device']}; {r['num_slots']} slots; "
            f"{r['requests']} requests of <= {r['max_new_tokens']} tokens ending at "
            f"{r['end_token']} (lengths {r['output_lengths']['min']}..."

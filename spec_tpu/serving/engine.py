@@ -60,10 +60,14 @@ runs one forward over a prompt between steps for its tokens' logprobs (echo). `m
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 
 Draft sources: `draft_source` (default: the pair's) is the draft model, prompt lookup
-(n-gram: no draft model, a round costs one verification) or hybrid (draft_source.py). The K
-policy needs nothing new: calibration times each K's round as this source pays it, and a
+(n-gram: no draft model, a round costs one verification) or hybrid (draft_source.py). A
 position the lookup left empty counts as a judged, rejected draft (a round yields what it
-yields), so the same formula picks K, 0 where the lookup rarely matches. Gemma 4's assistant drafter
+yields), so the same formula picks K, 0 where the lookup rarely matches. With several
+`sources` the policy picks the source per step too: calibration times a round of every
+(source, K) and measures each source's acceptance, windows refresh the acceptance of the
+source that ran, and a source not run for `probe_every` windows is probed at the smallest K
+(k_policy.py). One step program per (source, K); n-gram and K = 0 steps leave the draft model
+behind, and the next step that drafts with it catches it up first. Gemma 4's assistant drafter
 (source 'assistant') reads the target's caches and keeps no cache of its own: each row's
 target final hidden state lives in the state (written by insert, updated by every round at
 any K, K = 0 included), so a slot reused by a new request, a rollback or a K = 0 spell leaves
@@ -123,6 +127,7 @@ class QueueFullError(RuntimeError):
 class _Slot:
   request: Request
   ks: set
+  sources: set = dataclasses.field(default_factory=set)
   rounds: int = 0
   accepted: int = 0
   judged: int = 0
@@ -155,10 +160,20 @@ class Engine:
                margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
                max_logit_bias: int = 300, draft_source: DraftSource | None = None,
-               grammar_states: int = 0):
+               grammar_states: int = 0, sources: Sequence[str] | None = None):
     decode.check_coupling(coupling)
     # Where proposals come from (default: the pair's); an n-gram source needs no model.
     source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
+    # The draft kinds the K policy may choose among per step (default: the source's alone).
+    sources = (source.kind,) if sources is None else tuple(dict.fromkeys(sources))
+    for kind in sources:
+      pair.check_source(dataclasses.replace(source, kind=kind))
+    if len(sources) > 1 and "model" in sources and not pair.has_draft:
+      raise ValueError("draft kind 'model' needs a draft model; this pair has none")
+    if len(sources) > 1 and not adaptive_k:
+      raise ValueError(f"choosing among draft sources {sources} needs adaptive_k")
+    if len(sources) > 1 and channel is not None:
+      raise ValueError("choosing among draft sources needs a single-process engine")
     has_draft = pair.has_draft or not source.uses_model
     k = (4 if has_draft else 0) if k is None else int(k)
     adaptive_k = bool(adaptive_k and has_draft)
@@ -192,8 +207,9 @@ class Engine:
       raise ValueError(f"ks {self.ks} must lie in 0..k_max={k_max}")
     # margin: speculate only where the estimate beats plain decoding by 10% (by default):
     # timings on a shared machine are noisy, and a wrong K > 0 costs more than a missed one.
+    self.sources = sources
     self.policy = k_policy.AdaptiveK(k0=k, k_max=k_max, probe_every=probe_every, ks=self.ks,
-                                     margin=margin) if adaptive_k else None
+                                     margin=margin, sources=sources) if adaptive_k else None
     self.pacing = Pacing(max_rounds_per_step, fixed=rounds_per_step)
     num_tokens = pair.target_cfg.num_tokens
     self.max_top_k = min(int(max_top_k), num_tokens - 1)
@@ -224,7 +240,8 @@ class Engine:
             grammar_lib.token_bytes(self.tokenizer), pair.eos_ids, num_tokens,
             max_states=self.grammar_states)
     self.draft_source = source
-    drafts = k_max > 0 and source.uses_model
+    uses_model = any(kind != "ngram" for kind in sources)
+    drafts = k_max > 0 and uses_model
     draft_model = pair.draft_cfg if drafts and not source.uses_assistant else None
     # The assistant has no cache: every program reads its params (K = 0 steps and inserts
     # keep the target's final hidden state it starts from), nothing ever lags.
@@ -259,7 +276,7 @@ class Engine:
     self._lock = threading.Condition()
     self._next_id = 0
     self._draft_behind = False  # some live row's draft missed tokens (K = 0 steps or inserts)
-    self._window = dict(k=None, rounds=0, accepted=0, judged=0)
+    self._window = dict(k=None, source=None, rounds=0, accepted=0, judged=0)
     self._host_mark: float | None = None
     self._thread: threading.Thread | None = None
     self._stopping = False
@@ -273,6 +290,14 @@ class Engine:
   def k(self) -> int:
     """The K the next step runs."""
     return self.policy.k if self.policy is not None else self._fixed_k
+
+  @property
+  def source(self) -> str:
+    """The draft kind the next step's rounds propose with (one of `sources`)."""
+    return self.policy.source if self.policy is not None else self.sources[0]
+
+  def _uses_model(self, source: str) -> bool:
+    return self._has_draft_model and source != "ngram"
 
   @property
   def vision(self):
@@ -483,12 +508,15 @@ class Engine:
 
   # ------------------------------------------------------------------ the scheduler
 
-  def step(self, k: int | None = None) -> bool:
+  def step(self, k: int | None = None, source: str | None = None) -> bool:
     """One scheduling iteration: free cancelled slots, admit waiting requests (prefill), run
-    one device step for the live slots at K = k (default: the policy's), deliver tokens, free
-    finished slots. Returns whether requests remain (running or queued)."""
+    one device step for the live slots at K = k with draft kind `source` (default: the
+    policy's), deliver tokens, free finished slots. Returns whether requests remain (running
+    or queued)."""
     if k is not None and not 0 <= k <= self.k_max:
       raise ValueError(f"k={k} outside 0..k_max={self.k_max}")
+    if source is not None and source not in self.sources:
+      raise ValueError(f"source {source!r} is not one of this engine's {self.sources}")
     self._free_cancelled()
     if self._scoring:
       self._run_scoring()
@@ -496,7 +524,7 @@ class Engine:
     if any(s is not None for s in self._slots):
       if self._host_mark is not None:
         self.pacing.observe_host(time.perf_counter() - self._host_mark)
-      self._run_step(self.k if k is None else k)
+      self._run_step(self.k if k is None else k, source=source)
       self._host_mark = time.perf_counter()
     else:
       self._host_mark = None
@@ -561,7 +589,9 @@ class Engine:
     requests = self._take_waiting(len(free))
     if not requests:
       return
-    with_draft = (self.k > 0 if with_draft is None else with_draft) and self._has_draft_model
+    if with_draft is None:
+      with_draft = self.k > 0 and self._uses_model(self.source)
+    with_draft = with_draft and self._has_draft_model
     by_bucket = collections.defaultdict(list)
     for group in self._same_prompt_groups(list(zip(free, requests))):
       r = group[0][1]
@@ -713,24 +743,28 @@ class Engine:
                                                  *(() if pixels is None else (pixels,)))
     return first, done, logprobs
 
-  def _run_step(self, k: int, n: int | None = None, timed: bool = True):
-    """One step at K for the live slots; delivers its tokens. Returns (rounds, wall seconds,
-    accepted, judged, cost seconds) (cost: see _cost_clock)."""
+  def _run_step(self, k: int, n: int | None = None, timed: bool = True,
+                source: str | None = None):
+    """One step at K, drafting with `source` (default: the policy's), for the live slots;
+    delivers its tokens. Returns (rounds, wall seconds, accepted, judged, cost seconds) (cost:
+    see _cost_clock)."""
+    source = self.source if source is None else source
     n = self.pacing.rounds(k) if n is None else n
     live = np.array([s is not None for s in self._slots])
     stop_on_free = bool(self._queue)
-    catching_up = k > 0 and self._draft_behind and self._has_draft_model
+    runs_draft = k > 0 and self._uses_model(source)
+    catching_up = runs_draft and self._draft_behind
     if self._channel is not None:
       self._channel.send_step(k, live, n, stop_on_free)
     start, cost_start = time.perf_counter(), self._cost_clock()
-    out, done, stats = self._run_step_call(k, live, n, stop_on_free)
+    out, done, stats = self._run_step_call(k, live, n, stop_on_free, source)
     seconds, cost = time.perf_counter() - start, self._cost_clock() - cost_start
     rounds = int(out.rounds)
     if timed and not catching_up:
       self.pacing.observe_step(k, rounds, seconds)
-    if k > 0:
+    if runs_draft:
       self._draft_behind = False
-    elif live.any():
+    elif live.any():  # K = 0 and n-gram rounds leave the draft model behind
       self._draft_behind = self._has_draft_model
     judged_b = stats.reached_bn.sum(axis=1)
     step_accepted = step_judged = 0
@@ -738,6 +772,8 @@ class Engine:
       if slot is None:
         continue
       slot.ks.add(k)
+      if k > 0:
+        slot.sources.add(source)
       step_accepted += int(stats.accepted_b[i]) - slot.accepted
       step_judged += int(judged_b[i]) - slot.judged
       slot.rounds, slot.accepted, slot.judged = (int(stats.rounds_b[i]), int(stats.accepted_b[i]),
@@ -750,11 +786,11 @@ class Engine:
                     jax.tree.map(lambda x: x[i, :c], out.logprobs))
     self.metrics.add(steps=1, rounds=rounds, accepted=step_accepted, judged=step_judged)
     if timed:
-      self._observe_window(k, rounds, step_accepted, step_judged)
+      self._observe_window(k, source, rounds, step_accepted, step_judged)
     return rounds, seconds, step_accepted, step_judged, cost
 
-  def _run_step_call(self, k, live, n, stop_on_free):
-    program = self._step_program(k)
+  def _run_step_call(self, k, live, n, stop_on_free, source=None):
+    program = self._step_program(k, self.sources[0] if source is None else source)
     self._state, out = program(*self._params, self._state, live, np.int32(n),
                                np.bool_(stop_on_free))
     return to_host((out, self._state.done_b, self._state.stats))
@@ -781,40 +817,43 @@ class Engine:
                                 accepted=s.accepted, judged=s.judged,
                                 ngram_accepted=s.ngram_accepted, ngram_judged=s.ngram_judged,
                                 mask_rejected=s.mask_rejected,
-                                ks=tuple(sorted(s.ks)))
+                                ks=tuple(sorted(s.ks)), sources=tuple(sorted(s.sources)))
     r._finish(reason, stats)
     self.metrics.finished(reason, stats.time_to_first_token_s)
 
   # ------------------------------------------------------------------ choosing K
 
-  def _observe_window(self, k, rounds, accepted, judged):
+  def _observe_window(self, k, source, rounds, accepted, judged):
     """Feeds the K policy the acceptance once per window of rounds at one K. (Round costs come
     from calibrate(): measured with every slot busy and no other work in the process, they
     do not change with traffic, since every slot is computed anyway.)"""
     if self.policy is None or rounds == 0:
       return
     w = self._window
-    if w["k"] != k:
-      w.update(k=k, rounds=0, accepted=0, judged=0)
+    if (w["k"], w["source"]) != (k, source):
+      w.update(k=k, source=source, rounds=0, accepted=0, judged=0)
     w["rounds"] += rounds
     w["accepted"] += accepted
     w["judged"] += judged
     if w["rounds"] < self.window_rounds:
       return
     if k > 0:
-      self.policy.observe_acceptance(w["accepted"], w["judged"])
+      self.policy.observe_acceptance(w["accepted"], w["judged"], source=source)
     else:
       self.policy.observe_off()
     w.update(rounds=0, accepted=0, judged=0)
 
   def calibrate(self, prompts: Sequence[Sequence[int]] | None = None, rounds: int = 8,
-                repeats: int = 5) -> dict:
+                repeats: int = 5, temperature: float = 1.0) -> dict:
     """Compiles and times what serving runs, before any request: with every slot busy on
     `prompts` (cycled; random tokens if None), a step call's own cost (0 rounds) and a round at
-    each K the policy may pick (each after an untimed warm-up call), and the acceptance the
-    draft gets. Seeds the pacing and the K policy with them, so the first real step already
-    runs the K the measured times and acceptance favour (K = 0 where speculation does not
-    pay). Returns the measurements."""
+    each K the policy may pick with each draft source (each after an untimed warm-up call),
+    and the acceptance each source gets. Seeds the pacing and the K policy with them, so the
+    first real step already runs the source and K the measured times and acceptance favour
+    (K = 0 where speculation does not pay). `temperature`: what the requests to come will
+    mostly run at (acceptance depends on it, an n-gram lookup's most: greedy output copies
+    its prompt far more often). Returns the measurements (those of the first source at the
+    top level, every source's under "sources")."""
     if self.active_slots or self._queue:
       raise RuntimeError("calibrate() runs on an idle engine")
     if prompts is None:
@@ -831,79 +870,100 @@ class Engine:
     max_new = min(room, (repeats + 2) * (rounds + 1) * (max(self.ks) + 1))
     count = iter(range(2 ** 62))
 
-    def call(kk, n):
+    def call(kk, n, source):
       # Every slot busy: requests that finished are replaced before each call.
       for _ in range(self.num_slots - self.active_slots):
         i = next(count)
         self.submit_all([(prompts[i % len(prompts)],
-                          GenerationParams(max_new_tokens=max_new, temperature=1.0, seed=i))],
+                          GenerationParams(max_new_tokens=max_new, temperature=temperature,
+                                           seed=i))],
                         bounded=False)
       self._admit(with_draft=True)  # no catch-up inside a timed call
-      return self._run_step(kk, n=n, timed=False)
+      return self._run_step(kk, n=n, timed=False, source=source)
 
+    first = self.sources[0]
     report = {"ks": self.ks, "clock": self._cost_clock.__name__}
     for _ in range(2):
-      _, seconds, _, _, call_cost = call(0, 0)
+      _, seconds, _, _, call_cost = call(0, 0, first)
     self.pacing.observe_call(seconds)
     report["call_s"], report["call_cost_s"] = seconds, call_cost
-    accepted = judged = 0
-    for kk in self.ks:
-      call(kk, rounds)  # compiles; at K > 0 the draft catches up first
-    # Each K timed `repeats` times, the K's interleaved so that a busy spell of the machine
-    # hits them all alike, keeping each K's cheapest round: interference only adds time.
+    # K = 0 once (no source drafts), every other K with every source.
+    choices = [(src if kk else first, kk) for kk in self.ks
+               for src in (self.sources if kk else (first,))]
+    counts = {src: [0, 0] for src in self.sources}  # accepted, judged
+    for src, kk in choices:
+      call(kk, rounds, src)  # compiles; at K > 0 the draft catches up first
+    # Each choice timed `repeats` times, interleaved so that a busy spell of the machine hits
+    # them all alike, keeping each one's cheapest round: interference only adds time.
     best, best_wall = {}, {}
     for _ in range(repeats):
-      for kk in self.ks:
-        if kk > 0:
-          call(kk, 1)  # the draft catches up after K = 0 calls, untimed
-        r, seconds, a, j, cost = call(kk, rounds)
+      for src, kk in choices:
+        if kk > 0 and self._uses_model(src):
+          call(kk, 1, src)  # the draft catches up after K = 0 and n-gram calls, untimed
+        r, seconds, a, j, cost = call(kk, rounds, src)
         if r:
           t = max(cost - call_cost, 1e-9) / r
-          best[kk] = min(best.get(kk, t), t)
+          best[src, kk] = min(best.get((src, kk), t), t)
           t = max(seconds - self.pacing.call_s, 1e-9) / r
-          best_wall[kk] = min(best_wall.get(kk, t), t)
-        accepted, judged = accepted + a, judged + j
-    for kk in best:
-      self.pacing.round_s[kk] = best_wall[kk]
-      report[f"round_s_k{kk}"] = best[kk]
-    report["accepted"], report["judged"] = accepted, judged
+          best_wall[src, kk] = min(best_wall.get((src, kk), t), t)
+        counts[src][0] += a
+        counts[src][1] += j
+    for (src, kk), t in best_wall.items():  # pacing by K: the slowest source's round
+      self.pacing.round_s[kk] = max(self.pacing.round_s.get(kk, 0.0), t)
+    for kk in self.ks:
+      if (first, kk) in best:
+        report[f"round_s_k{kk}"] = best[first, kk]
+    report["accepted"], report["judged"] = counts[first]
     for slot in self._slots:
       if slot is not None:
         slot.request.cancel()
     self._free_cancelled()
-    self._run_step(0, n=0, timed=False)  # marks the rows done on device
+    self._run_step(0, n=0, timed=False, source=first)  # marks the rows done on device
     if self.policy is not None:
-      for kk, t in best.items():
-        self.policy.observe_round_time(kk, t)
-      if judged:
-        self.policy.observe_acceptance(accepted, judged)
-    if 0 in best:
-      report["relative_cost"] = {kk: t / best[0] for kk, t in best.items()}
-    report.update(chosen_k=self.k, a=self.policy.a if self.policy else None,
+      for (src, kk), t in best.items():
+        self.policy.observe_round_time(kk, t, source=src)
+      for src, (accepted, judged) in counts.items():
+        if judged:
+          self.policy.observe_acceptance(accepted, judged, source=src)
+    base = best.get((first, 0))
+    if base:
+      report["relative_cost"] = {kk: best[first, kk] / base for kk in self.ks
+                                 if (first, kk) in best}
+    if len(self.sources) > 1:
+      report["sources"] = {
+          src: dict(accepted=counts[src][0], judged=counts[src][1],
+                    relative_cost={kk: best[src, kk] / base for kk in self.ks
+                                   if kk and (src, kk) in best and base},
+                    expected_speedup={kk: self.policy.speedup(kk, src) for kk in self.ks if kk})
+          for src in self.sources}
+    report.update(chosen_k=self.k, chosen_source=self.source,
+                  a=self.policy.a if self.policy else None,
                   c=self.policy.c if self.policy else None,
-                  expected_speedup={kk: self.policy.speedup(kk) for kk in self.ks}
+                  expected_speedup={kk: self.policy.speedup(kk, self.source) for kk in self.ks}
                   if self.policy else None)
     # The first requests should not wait for a compile: inserts for the calibration prompts'
     # buckets, with and without the draft (K = 0 inserts skip it).
-    self.warm_up(self.ks, [len(p) for p in prompts], both_inserts=True)
+    self.warm_up(self.ks, [len(p) for p in prompts], both_inserts=True, sources=self.sources)
     self.metrics.reset()
-    self._window.update(k=None, rounds=0, accepted=0, judged=0)
+    self._window.update(k=None, source=None, rounds=0, accepted=0, judged=0)
     self._host_mark = None
     self._publish_gauges()
     return report
 
   def warm_up(self, ks: Sequence[int], prompt_lengths: Sequence[int] = (),
-              both_inserts: bool = False) -> None:
-    """Compiles the step programs for these K, the insert programs for prompts of these
-    lengths (their buckets; inserting as the current K does, or both ways) and, with
-    grammar_states, the program that writes a request's automaton, so no request waits for
-    them. Others compile on first use (seconds on CPU; more for large models)."""
+              both_inserts: bool = False, sources: Sequence[str] | None = None) -> None:
+    """Compiles the step programs for these K (with these draft sources; default: the
+    current one), the insert programs for prompts of these lengths (their buckets; inserting
+    as the current K does, or both ways) and, with grammar_states, the program that writes a
+    request's automaton, so no request waits for them. Others compile on first use (seconds
+    on CPU; more for large models)."""
     if any(not 0 <= int(k) <= self.k_max for k in ks):
       raise ValueError(f"ks {list(ks)} must lie in 0..k_max={self.k_max}")
-    for k in ks:
-      self._step_program(int(k))
+    for source in (self.source,) if sources is None else sources:
+      for k in ks:
+        self._step_program(int(k), source)
     drafts = ({True, False} if both_inserts and self._has_draft_model else
-              {self.k > 0 and self._has_draft_model})
+              {self.k > 0 and self._uses_model(self.source)})
     for t in sorted({self._bucket(int(n)) for n in prompt_lengths}):
       for with_draft in drafts:
         self._insert_program(with_draft, t)
@@ -1001,10 +1061,13 @@ class Engine:
                                              self.pair.compiler_options())
     return self._programs[key]
 
-  def _step_program(self, k: int):
-    key = ("step", k)
+  def _step_program(self, k: int, source: str):
+    # K = 0 runs no source: one program whatever the policy's source.
+    source = self.sources[0] if k == 0 else source
+    key = ("step", k, source)
     if key not in self._programs:
-      spec = dataclasses.replace(self._spec, k=k, out_len=self.pacing.max_rounds * (k + 1))
+      spec = dataclasses.replace(self._spec, k=k, out_len=self.pacing.max_rounds * (k + 1),
+                                 source=dataclasses.replace(self._spec.source, kind=source))
       b, row = self.num_slots, self._row
       rep = sharding.replicated(self.pair.mesh)
       fn = functools.partial(decode.run_rounds, spec)

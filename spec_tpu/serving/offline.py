@@ -228,7 +228,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output
   if engine.policy is not None:
     # Every K the policy may pick is compiled and timed with all slots busy on these prompts
     # before the first request, and the first step runs the K the measurement favours.
-    report = engine.calibrate([encoded[i] for i in todo])
+    report = engine.calibrate([encoded[i] for i in todo], temperature=float(s.temperature))
     logging.info("adaptive K: a round takes %s; K = %d chosen (a = %.3f, expected speedup "
                  "%.2f)", {k: f"{v * 1e3:.2f} ms" for k, v in engine.pacing.round_s.items()},
                  report["chosen_k"], engine.policy.a, engine.policy.speedup())

@@ -335,6 +335,7 @@ def _spec_stats(request: Request) -> dict:
           "ngram_judged": s.ngram_judged, "mask_rejected": s.mask_rejected,
           "target_calls": s.target_calls,
           "tokens_per_target_call": _finite(s.tokens_per_target_call), "k": list(s.ks),
+          "sources": list(s.sources),
           "time_to_first_token_s": _finite(s.time_to_first_token_s), "seconds": s.seconds}
 
 

@@ -132,6 +132,7 @@ class RequestStats:
   ngram_judged: int = 0     # of `judged`, proposed by the n-gram lookup
   mask_rejected: int = 0    # drafted positions whose proposal the grammar's mask refused
   ks: tuple[int, ...] = ()  # the K of every step the request took part in, distinct, sorted
+  sources: tuple[str, ...] = ()  # the draft kinds of its speculative steps, distinct, sorted
   queue_s: float = 0.0      # submitted -> prefill started
   time_to_first_token_s: float = float("nan")
   seconds: float = 0.0      # submitted -> finished

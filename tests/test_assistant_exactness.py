@@ -37,7 +37,7 @@ ASSISTANT = assistant.AssistantConfig(
 
 @functools.lru_cache(maxsize=None)
 def assistant_params():
-  p = assistant.init_params(ASSISTANT, jax.random.key(7))
+  p = model.init_params(ASSISTANT, jax.random.key(7))
   return dict(p, embed=p["embed"] * 3.0)  # a sharper q, far from uniform
 
 

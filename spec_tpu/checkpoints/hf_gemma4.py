@@ -28,7 +28,7 @@ import numpy as np
 from spec_tpu.checkpoints._convert import (
     HFConversionError, Step, check_plan, fill_params, float_dtype, same, shortest_period,
     transpose)
-from spec_tpu.models.config import GLOBAL, LOCAL, ModelConfig
+from spec_tpu.models.config import GLOBAL, LOCAL, AssistantConfig, ModelConfig
 
 _TEXT_TYPES = ("gemma4_text",)
 _MULTIMODAL_TYPES = ("gemma4",)
@@ -264,7 +264,7 @@ def is_assistant(hf: dict) -> bool:
 def assistant_from_hf(hf_config: dict, index, dtype=None, name: str = "gemma4_assistant"):
   """(AssistantConfig, params as numpy arrays) of a Gemma4AssistantForCausalLM checkpoint
   (config.json contents and a checkpoint index, as convert_params takes)."""
-  from spec_tpu.models import assistant
+  from spec_tpu.models import model
   text = dict(hf_config.get("text_config") or {})
   if not text:
     raise _error("Gemma4AssistantForCausalLM config.json has no 'text_config'")
@@ -283,7 +283,7 @@ def assistant_from_hf(hf_config: dict, index, dtype=None, name: str = "gemma4_as
   ordered = bool(hf_config.get("use_ordered_embeddings"))
   centroids = int(hf_config.get("num_centroids", 2048)) if ordered else 0
   try:
-    acfg = assistant.AssistantConfig(
+    acfg = AssistantConfig(
         layers=cfg, backbone_d_model=big, centroids=centroids,
         centroid_top_k=int(hf_config.get("centroid_intermediate_top_k", 32)) if ordered else 0)
   except ValueError as e:
@@ -319,7 +319,7 @@ def assistant_from_hf(hf_config: dict, index, dtype=None, name: str = "gemma4_as
              error=HFConversionError, context=f"config.json: {cfg.num_layers} layers",
              unexpected_hint="more layers than config.json says?")
   np_dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
-  shapes = jax.eval_shape(lambda: assistant.init_params(acfg, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: model.init_params(acfg, jax.random.key(0)))
   params = jax.tree.map(lambda x: np.empty(x.shape, np_dtype), shapes)
   if centroids:
     ids = np.asarray(index.get(order)).astype(np.int64)

@@ -9,7 +9,7 @@ local and last cached global layer (keys and values of positions < L, windowed o
 layers), exactly as the target's own layers of that kind would. So every step of a round reads
 the same target state and nothing needs rolling back.
 
-Params: {pre_proj (2D d), post_proj (d D), embed (v d, tied unembedding), final_norm (d),
+Params (model.init_params of an AssistantConfig): {pre_proj (2D d), post_proj (d D), embed (v d, tied unembedding), final_norm (d),
 layers: [one kv-shared attention layer per entry, model.py's layout]}, D the target's d_model.
 Semantics follow transformers' Gemma4AssistantForCausalLM (its logits are not soft-capped).
 """
@@ -22,37 +22,6 @@ import jax.numpy as jnp
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layout, model, quant
 from spec_tpu.models.config import AssistantConfig, ModelConfig  # noqa: F401 (re-export)
-
-
-def init_params(acfg: AssistantConfig, key, dtype=None) -> dict:
-  """Random params (for tests)."""
-  cfg = acfg.layers
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  keys = jax.random.split(key, cfg.num_layers + 3)
-  d, big = cfg.d_model, acfg.backbone_d_model
-  params = {"pre_proj": model._normal(keys[0], (2 * big, d), 2 * big, dtype),
-            "post_proj": model._normal(keys[1], (d, big), d, dtype),
-            "embed": model._normal(keys[2], (cfg.vocab_size, d), d, dtype),
-            "final_norm": model._norm_init(cfg, dtype),
-            "layers": [model.init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
-                       for i, kind in enumerate(cfg.layer_types)]}
-  if acfg.centroids:
-    c = acfg.centroids
-    params["centroids"] = model._normal(jax.random.fold_in(key, 1), (d, c), d, dtype)
-    params["token_order"] = jax.random.permutation(
-        jax.random.fold_in(key, 2), cfg.vocab_size).astype(jnp.int32).reshape(c, -1)
-  return params
-
-
-def param_logical_axes(acfg: AssistantConfig) -> dict:
-  """Logical axes of init_params' tree (spec_tpu.sharding maps them onto a mesh)."""
-  cfg = acfg.layers
-  return {"pre_proj": ("embed", None), "post_proj": (None, "embed"), "embed": ("vocab", "embed"),
-          "final_norm": ("embed",),
-          "layers": [model.layer_logical_axes(cfg, kind, kv_shared=True)
-                     for kind in cfg.layer_types],
-          **({"centroids": ("embed", None), "token_order": (None, None)}
-             if acfg.centroids else {})}
 
 
 def target_sources(target: ModelConfig) -> dict[str, int]:

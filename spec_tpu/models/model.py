@@ -127,12 +127,42 @@ def init_layer(cfg: ModelConfig, kind: str, key, dtype, kv_shared: bool = False)
   raise ValueError(f"no params for layer kind {kind!r}")
 
 
+def _init_assistant_params(acfg: AssistantConfig, key, dtype=None) -> dict:
+  """The assistant drafter's random params (models/assistant.py runs them)."""
+  cfg = acfg.layers
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  keys = jax.random.split(key, cfg.num_layers + 3)
+  d, big = cfg.d_model, acfg.backbone_d_model
+  params = {"pre_proj": _normal(keys[0], (2 * big, d), 2 * big, dtype),
+            "post_proj": _normal(keys[1], (d, big), d, dtype),
+            "embed": _normal(keys[2], (cfg.vocab_size, d), d, dtype),
+            "final_norm": _norm_init(cfg, dtype),
+            "layers": [init_layer(cfg, kind, keys[3 + i], dtype, kv_shared=True)
+                       for i, kind in enumerate(cfg.layer_types)]}
+  if acfg.centroids:
+    c = acfg.centroids
+    params["centroids"] = _normal(jax.random.fold_in(key, 1), (d, c), d, dtype)
+    params["token_order"] = jax.random.permutation(
+        jax.random.fold_in(key, 2), cfg.vocab_size).astype(jnp.int32).reshape(c, -1)
+  return params
+
+
+def _assistant_logical_axes(acfg: AssistantConfig) -> dict:
+  """Logical axes of _init_assistant_params' tree."""
+  cfg = acfg.layers
+  return {"pre_proj": ("embed", None), "post_proj": (None, "embed"), "embed": ("vocab", "embed"),
+          "final_norm": ("embed",),
+          "layers": [layer_logical_axes(cfg, kind, kv_shared=True)
+                     for kind in cfg.layer_types],
+          **({"centroids": ("embed", None), "token_order": (None, None)}
+             if acfg.centroids else {})}
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
   """Random params (scaled normal), for tests and for training from scratch (an
   AssistantConfig: the assistant drafter's, models/assistant.py)."""
   if isinstance(cfg, AssistantConfig):
-    from spec_tpu.models import assistant  # it builds on this module
-    return assistant.init_params(cfg, key, dtype)
+    return _init_assistant_params(cfg, key, dtype)
   dtype = jnp.dtype(dtype or cfg.dtype)
   d, v = cfg.d_model, cfg.vocab_size
   keys = jax.random.split(key, cfg.num_layers + 2)  # one per layer: kinds draw what they need
@@ -208,8 +238,7 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
   """Logical axes of every param, in the pytree layout init_params makes (stacked group entries
   lead with 'layers'); spec_tpu.sharding maps them onto a mesh."""
   if isinstance(cfg, AssistantConfig):
-    from spec_tpu.models import assistant
-    return assistant.param_logical_axes(cfg)
+    return _assistant_logical_axes(cfg)
   stacked = lambda axes: jax.tree.map(lambda ax: ("layers",) + ax, axes, is_leaf=is_axes)  # noqa: E731
   pattern = cfg.layer_pattern
   axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",),

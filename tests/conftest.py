@@ -32,6 +32,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   flags = _FAST_COMPILE + (" " + _OLDER_EMITTERS if _xla_knows(_OLDER_EMITTERS) else "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
+# One persistent compilation cache for the whole run, in a fresh directory removed when the run
+# ends: a program compiled once (same HLO, devices, options and XLA flags) is loaded by every other
+# test, xdist worker and launched process that needs it, rather than compiled again (most of the
+# suite's time is compilation). Each run starts empty, so no run depends on an earlier one's
+# programs. Set by the first process, like XLA_FLAGS; a cache the caller names is used instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE_DIR = tempfile.mkdtemp(prefix="spec_tpu_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -16,7 +16,7 @@ and several differ only in a value the shrinking replaces) run once; the others'
 run they share. A command whose program has no row in SHRINK or NOT_RUN fails the coverage test:
 a new launcher must say how it is shrunk before it can be left to run at full size; a table row
 no command uses fails it too. The commands run in two processes side by side
-(tests/run_launchers.py runs many commands per process, each process with one persistent JAX
+(tests/run_launchers.py runs many commands per process, and both use the suite's persistent JAX
 compilation cache, so a program that several commands compile is compiled once): launch.plan on
 16 simulated devices (the documented topologies), the rest on one device.
 """
@@ -63,9 +63,10 @@ SHRINK = {
                       "--config.engine.max_len=64", *_ONE_K],
     "launch.benchmark": ["--ks=0", "--batches=1", "--max_new_tokens=2", "--repeats=1",
                          "--step_repeats=1"],
-    # A short context: the TPU compiler's time grows with the prefill's length.
+    # A short context (a 7-token prompt at K = 4): the TPU compiler's time grows with the
+    # prefill's length (a recurrent pair's TPU plan: 42 s of CPU time at 64, 36 s at 20).
     "launch.plan": ["--config.model.fields.num_layers=1", "--config.draft.fields.num_layers=1",
-                    "--context=64", "--max_new_tokens=8"],
+                    "--context=20", "--max_new_tokens=8"],
     "launch.train": ["--config.steps=1", "--config.seconds=600", "--config.batch=2",
                      "--config.seq_len=16", "--config.eval_windows=1"],
     "launch.evaluate_pair": ["--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
@@ -422,10 +423,11 @@ def _prepare_inputs(argvs: list[list[str]], root: str) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _env(devices: int, cache_dir: str) -> dict:
+def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
-             # Commands of one config compile the same programs: the second loads them.
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             # Commands of one config compile the same programs: the second loads them from the
+             # suite's compilation cache (conftest.py).
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              # launch.plan --tpu loads libtpu, which other tests' processes may hold too.
              ALLOW_MULTIPLE_LIBTPU_LOAD="1")
@@ -459,7 +461,7 @@ def results(tmp_path_factory):
     procs.append((indices, group_dir, out, subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
          os.path.join(group_dir, "commands.json"), os.path.join(group_dir, "results.jsonl")],
-        cwd=REPO, env=_env(devices, os.path.join(group_dir, "jax_cache")),
+        cwd=REPO, env=_env(devices),
         stdout=out, stderr=subprocess.STDOUT)))
   deadline = time.monotonic() + 900
   found = {}

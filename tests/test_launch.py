@@ -36,13 +36,13 @@ def _tiny_config(**settings):
   return c
 
 
-def _env(tmp_path, devices=8):
+def _env(devices=8):
   env = dict(os.environ)
   # conftest's cheaper XLA:CPU backend flags carry over to the launched processes.
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  # The suite's compilation cache (conftest.py): a launcher loads the programs that an earlier
+  # one, of this test or another, compiled for the same setup.
   env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
-             # Later subprocesses of a test reuse the first one's compiled programs.
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
@@ -370,7 +370,7 @@ def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeyp
 def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, argv, says):
   # Given a mistake on the command line of any launcher,
   argv = [a.replace("OUT", str(tmp_path)) for a in argv]
-  proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=_env(tmp_path),
+  proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=_env(),
                         capture_output=True, text=True, timeout=120)
   # then it exits non-zero with one line that says what is wrong: no traceback, no flag help,
   assert proc.returncode != 0
@@ -457,7 +457,7 @@ def test_late_mistakes_end_in_one_line_before_any_work(tmp_path):
   (tmp_path / "commands.json").write_text(json.dumps(commands))
   subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
                   str(tmp_path / "commands.json"), str(tmp_path / "results.jsonl")],
-                 cwd=REPO, env=_env(tmp_path, devices=1), check=True, timeout=600)
+                 cwd=REPO, env=_env(devices=1), check=True, timeout=600)
   results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert len(results) == len(LATE_MISTAKES)
   for (argv, says), r in zip(LATE_MISTAKES, results):
@@ -495,7 +495,7 @@ def _sample_cmd(prompts, output, *flags):
 def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
   # Given the default command as a user runs it (the embedded pair, in float32 as the default
   # config loads it, its prompts, temperature, top-p and 64 new tokens, on one CPU device),
-  env = _env(tmp_path, devices=1)
+  env = _env(devices=1)
   texts = []
   for k in (4, 0):
     out = tmp_path / f"k{k}.jsonl"
@@ -512,7 +512,7 @@ def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
 def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
   prompts, n = tmp_path / "prompts.jsonl", 16
   _write_prompts(prompts, n)
-  env = _env(tmp_path)
+  env = _env()
   # Given the output of an uninterrupted run at K = 4, and one at K = 1 (the default coupling,
   # gumbel, makes the text independent of K),
   reference = tmp_path / "reference.jsonl"
@@ -559,7 +559,7 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/chinchilla_70b.py",
        "--topology=1x16", "--batch=1", "--context=2048", f"--output_json={report_path}"],
-      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(report_path.read_text())
   # then the weights split 16 ways (~8.6 GB per device of bf16 70B + 4B),
@@ -580,7 +580,7 @@ def test_plan_tiny_on_2x8_reports_memory(tmp_path):
       [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=2x8",
        "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
        "--config.model.preset=tiny_vision", "--images=3", f"--output_json={report_path}"],
-      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(report_path.read_text())
   assert report["mesh"] == {"data": 2, "model": 8}
@@ -611,7 +611,7 @@ def test_plan_tiny_on_2x8_reports_memory(tmp_path):
 def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
   # Given the tiny pair and a TPU v5e 2x4 slice described by libtpu (no TPU attached),
   report_path = tmp_path / "plan.json"
-  env = _env(tmp_path, devices=1)
+  env = _env(devices=1)
   del env["JAX_PLATFORMS"]
   env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
              TPU_WORKER_HOSTNAMES="localhost")
@@ -647,7 +647,7 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
 def test_second_plan_loads_its_program_from_the_compile_cache(tmp_path):
   # Given the persistent compilation cache the config names (not JAX's env var),
   cache = tmp_path / "compile_cache"
-  env = _env(tmp_path, devices=1)
+  env = _env(devices=1)
   del env["JAX_COMPILATION_CACHE_DIR"]
 
   def plan(name):
@@ -675,7 +675,7 @@ def test_benchmark_writes_table_json_and_plot(tmp_path):
       [sys.executable, "-m", "launch.benchmark", "--config=configs/tiny_random.py",
        "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
        "--ks=0,2", "--batches=2", "--max_new_tokens=8", "--repeats=1", "--step_repeats=2"],
-      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # reports every column per point, with K=0 as the speedup baseline,
   result = json.loads((tmp_path / "results.json").read_text())
@@ -718,7 +718,7 @@ print(json.dumps(dict(copy=copy, probe=probe, over=benchmark.format_table(result
 
 def test_bandwidth_is_measured_as_a_decode_step_reads_memory(tmp_path):
   # Given the machine's memory bandwidth as numpy's copy moves it (read + write),
-  proc = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE], cwd=REPO, env=_env(tmp_path),
+  proc = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE], cwd=REPO, env=_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout)
@@ -773,7 +773,7 @@ def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
        "--topology=1x8", "--batch=1", "--context=512", "--config.sampling.max_new_tokens=16",
        "--config.model.fields.num_layers=3", "--config.draft.fields.num_layers=3",
        f"--output_json={report_path}"],
-      cwd=REPO, env=_env(tmp_path, devices=1), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   a = json.loads(report_path.read_text())["analytic"]
   # then per device (width split 8 ways) each recurrent layer holds a float32 state and 3 bf16

@@ -70,6 +70,8 @@ SHRINK = {
                              "--repeats=1", "--seq_len=8", "--eval_windows=1", "--show_samples=1"],
     "launch.convert": [],
     "launch.compare_quant": ["--windows=2", "--seq_len=16"],
+    "launch.side_by_side": ["--batches=1", "--ks=0", "--prompt_len=8", "--max_new_tokens=2",
+                            "--repeats=1"],
     "launch.serve_bench": ["--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
                            "--latency_requests=2", "--repeats=1", *_ONE_K],
 }

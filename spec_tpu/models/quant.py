@@ -18,8 +18,7 @@ Where the dequantisation happens (`einsum`): the int8 operand is converted to th
 dtype as the operand of the dot and the scales multiply the dot's float32 output channels, so
 no float copy of a weight is ever written: XLA:TPU fuses the convert into the dot (the MXU is
 fed int8 from HBM) and the scale into the dot's output fusion. (XLA:CPU cannot: it converts
-every weight to float32 once per program and keeps the copy, as it already does for bfloat16
-weights; see README "int8 weights".)
+each layer's int8 weights to bfloat16 for its matmuls, at every step; docs/int8.md.)
 
 Which weights: the matmul weights q, k, v, o, gate, up, down and unembed; with tied embeddings
 the table is the unembedding too, so it is quantized per vocabulary row and the lookup

@@ -325,6 +325,12 @@ class _CacheView:
     entry = self.entry if self.g is None else jax.tree.map(lambda a: a[self.g], self.entry)
     return jax.tree.map(cache_lib.values, entry)
 
+  def copied_per_step(self) -> int:
+    """Bytes XLA:CPU copies per step when this layer reads the cache in one piece (see
+    _attention_layer): the whole entry twice, at every layer of the stack."""
+    layers = 1 if self.g is None else self.entry.k.shape[0]
+    return 2 * layers * _nbytes(self.entry)
+
   def read(self, entry: cache_lib.KVCache, at, size: int):
     """Slots at .. at + size - 1 of keys and values (b k size e) of this layer in `entry` (the
     view's entry, as it came out of a loop that passed it through)."""
@@ -386,7 +392,7 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None,
 
   if lc is not None and num_slots > ATTENTION_BLOCK:
     a, entry = filled(ATTENTION_BLOCK)
-  elif lc is not None:
+  elif lc is not None and lc.copied_per_step() >= CPU_COPY_MIN_BYTES:
     # A short cache in one piece, read as a slice feeding attention, gives the write no data
     # dependency on the read: XLA:CPU then copies the whole stacked cache, keys and values
     # twice each, per layer per step (docs/cpu.md). Read through the block loop (one block of
@@ -400,6 +406,10 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None,
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
   return _feed_forward_block(cfg, lp, x_btd + a), cache_lib.KVCache(k, v), entry
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _feed_forward_block(cfg, lp, x_btd):
@@ -504,8 +514,15 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
   return x_pad[:, :t], entry, None  # no trace: a chunked call (prefill) is never rolled back
 
 
+# On CPU, the forms that spare a per-step copy at the price of compile time (layer groups
+# unrolled, _scan_groups; a short cache read through the block loop, _attention_layer) are used
+# where the copy is at least this many bytes: a smaller one costs less than the compile time.
+CPU_COPY_MIN_BYTES = 1 << 20
+
+
 def _scan_groups(body, init, stacked_params):
-  """jax.lax.scan of body over the layer groups; unrolled on CPU.
+  """jax.lax.scan of body over the layer groups; unrolled on CPU where a group's weights are
+  large (CPU_COPY_MIN_BYTES).
 
   A stacked weight's layer slice is a copy on XLA:CPU (its matmuls take whole buffers): inside
   the scan, every weight of every layer was copied out of its stack at every step (40% of a
@@ -514,6 +531,9 @@ def _scan_groups(body, init, stacked_params):
   the scan keeps one group's code in the program whatever the depth.
   """
   scan = lambda unroll: jax.lax.scan(body, init, stacked_params, unroll=unroll)  # noqa: E731
+  groups = jax.tree.leaves(stacked_params)[0].shape[0]
+  if _nbytes(stacked_params) // groups < CPU_COPY_MIN_BYTES:
+    return scan(1)
   return jax.lax.platform_dependent(cpu=lambda: scan(True), default=lambda: scan(1))
 
 

@@ -24,10 +24,11 @@ from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.models.config import AssistantConfig, ModelConfig
 
 
-# XLA:CPU computes bf16 dots in float32, and its loop-invariant code motion hoists the float32
-# copy of each stacked weight out of the layer scan: a float32 copy of the whole model, twice the
-# bf16 weights' memory. Without that pass the copy is one layer's at a time.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# XLA:CPU: int8 weights are converted to bfloat16 for their matmuls, and loop-invariant code
+# motion would hoist that convert of every stacked weight out of the decode loop, a bfloat16
+# copy of the whole model (twice the int8 bytes). Float weights keep the pass: it takes the
+# layers' weight slices out of the decode loop (model._scan_groups).
+CPU_QUANTIZED_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 # XLA:GPU, measured on an H100 (README "GPU"): a decode step reads each weight once only if the
@@ -45,7 +46,7 @@ def compiler_options(platform: str, quantized: bool = False) -> dict | None:
   """XLA options for compiling a decode program for devices of this platform (quantized: the
   program's weights include int8 ones)."""
   if platform == "cpu":
-    return dict(CPU_COMPILER_OPTIONS)
+    return dict(CPU_QUANTIZED_COMPILER_OPTIONS) if quantized else None
   if platform in ("gpu", "cuda"):
     options = dict(GPU_COMPILER_OPTIONS)
     if quantized:

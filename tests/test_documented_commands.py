@@ -75,6 +75,8 @@ SHRINK = {
     "launch.compare_quant": ["--windows=2", "--seq_len=16"],
     "launch.grammar_bench": ["--vocab_sizes=2048", "--samples=2", "--max_new_tokens=4",
                              "--repeats=1", *_ONE_K],
+    "launch.side_by_side": ["--batches=1", "--ks=0", "--prompt_len=8", "--max_new_tokens=2",
+                            "--repeats=1"],
     "launch.serve_bench": ["--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
                            "--latency_requests=2", "--repeats=1", *_ONE_K],
 }

@@ -105,6 +105,26 @@ def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
+  """On CPU, layer groups and short caches of at least CPU_COPY_MIN_BYTES run unrolled and are
+  read through the block loop; forced on for a tiny model (local ring layers, a remainder),
+  they compute the prefill, a 2-token step and the caches the scan and the one-piece read do."""
+  cfg = config.get_preset("tiny_gemma2").replace(num_layers=5)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  lengths = jnp.array([9, 5])
+  runs = []
+  for least in (model.CPU_COPY_MIN_BYTES, 0):
+    monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", least)
+    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
+    cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
+    prefill, cache = fwd(params, tokens[:, :9], cache, lengths)
+    step, cache = fwd(params, tokens[:, 9:11], cache)
+    runs.append((prefill, step, cache))
+  for a, b in zip(*map(jax.tree.leaves, runs)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_params_and_caches_are_stacked_per_pattern_period():
   # Given Gemma 3's shape with 8 layers of pattern (local, local, global): 2 groups + 2 layers,
   cfg = config.get_preset("tiny_gemma3").replace(num_layers=8)
@@ -317,7 +337,7 @@ def test_heads_batched_projection_equals_the_einsum(b, t, heads_major):
   np.testing.assert_array_equal(layers.project_heads(x, w, heads_major), jnp.einsum(spec, x, w))
 
 
-@pytest.mark.parametrize("platform,quantized", [("cpu", False), ("gpu", False), ("gpu", True)])
+@pytest.mark.parametrize("platform,quantized", [("cpu", True), ("gpu", False), ("gpu", True)])
 def test_compiler_options_are_options_xla_knows(platform, quantized):
   """A misspelt option fails compilation ("No such compile option"); XLA accepts every
   platform's option names in any compile, so the GPU ones are checked on CPU too."""

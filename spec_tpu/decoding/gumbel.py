@@ -28,6 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.decoding import sampling
+
 # A domain tag folded in before the position, so that this coupling's noise never shares a key
 # with the rejection coupling's per-round keys of the same stream (sampling.row_keys).
 _TAG = 0x6A0B5EED
@@ -49,7 +51,7 @@ def choose(probs, noise_v):
   """argmin_i noise(i) / probs(i) over the last axis (int32), i.e. argmax_i log probs(i) + G(i);
   zero-probability tokens are never chosen."""
   race = jnp.where(probs > 0, noise_v / jnp.where(probs > 0, probs, 1.0), jnp.inf)
-  return jnp.argmin(race, axis=-1).astype(jnp.int32)
+  return sampling.argmax(-race)
 
 
 def verify(draft_bn, q_bmv, noise_bmv, num_b=None):

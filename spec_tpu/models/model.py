@@ -361,6 +361,12 @@ class _CacheView:
     entry = self.entry if self.g is None else jax.tree.map(lambda a: a[self.g], self.entry)
     return jax.tree.map(cache_lib.values, entry)
 
+  def copied_per_step(self) -> int:
+    """Bytes XLA:CPU copies per step when this layer reads the cache in one piece (see
+    _attention_layer): the whole entry twice, at every layer of the stack."""
+    layers = 1 if self.g is None else self.entry.k.shape[0]
+    return 2 * layers * _nbytes(self.entry)
+
   def read(self, entry: cache_lib.KVCache, at, size: int):
     """Slots at .. at + size - 1 of keys and values (b k size e) of this layer in `entry` (the
     view's entry, as it came out of a loop that passed it through)."""
@@ -403,28 +409,43 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None,
                 for i, pair in enumerate(zip(new, (k_a, v_a, mask_a))))
   num_slots = None if lc is None else lc.num_slots
   entry = None if lc is None else lc.entry
-  if lc is not None and num_slots > ATTENTION_BLOCK:
+  def filled(block: int):
     # Slots 0 .. min(length, S) - 1 are the filled ones (in a ring too): read only those.
     def cache_mask(slots_s):
       return _visible(cfg, kind, ctx.positions_bt,
                       cache_lib.slot_positions(ctx.length_b, num_slots, slots_s))
-    filled = jnp.minimum(jnp.max(ctx.length_b), num_slots)
-    a, entry = layers.attend_filled(q, entry, lc.read, num_slots, cache_mask, filled,
-                                    ATTENTION_BLOCK, new, cfg.kind_kv_heads(kind),
-                                    cfg.attn_logit_softcap)
-  else:
+    n = jnp.minimum(jnp.max(ctx.length_b), num_slots)
+    return layers.attend_filled(q, entry, lc.read, num_slots, cache_mask, n, block, new,
+                                cfg.kind_kv_heads(kind), cfg.attn_logit_softcap)
+
+  def whole():
     blocks = [new]
     if lc is not None:
       cache_pos = cache_lib.slot_positions(ctx.length_b, num_slots)
-      whole = lc.whole()
-      blocks.insert(0, (whole.k, whole.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
-    a = layers.attend(q, blocks, cfg.kind_kv_heads(kind), cfg.attn_logit_softcap)
+      kv = lc.whole()
+      blocks.insert(0, (kv.k, kv.v, _visible(cfg, kind, ctx.positions_bt, cache_pos)))
+    return layers.attend(q, blocks, cfg.kind_kv_heads(kind), cfg.attn_logit_softcap), entry
+
+  if lc is not None and num_slots > ATTENTION_BLOCK:
+    a, entry = filled(ATTENTION_BLOCK)
+  elif lc is not None and lc.copied_per_step() >= CPU_COPY_MIN_BYTES:
+    # A short cache in one piece, read as a slice feeding attention, gives the write no data
+    # dependency on the read: XLA:CPU then copies the whole stacked cache, keys and values
+    # twice each, per layer per step (docs/cpu.md). Read through the block loop (one block of
+    # every slot) the write goes into the loop's output, after the read, in place.
+    a, entry = jax.lax.platform_dependent(cpu=lambda: filled(num_slots), default=whole)
+  else:
+    a, entry = whole()
   a = quant.einsum("bthe,hed->btd", a, lp["attn"]["o"])
   if cfg.attn_out_bias:
     a = a + lp["attn"]["o_bias"]
   if cfg.post_attn_norm:
     a = _norm(cfg, a, lp["post_attn_norm"])
   return _feed_forward_block(cfg, lp, x_btd + a), cache_lib.KVCache(k, v), entry
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _feed_forward_block(cfg, lp, x_btd):
@@ -529,6 +550,29 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
   return x_pad[:, :t], entry, None  # no trace: a chunked call (prefill) is never rolled back
 
 
+# On CPU, the forms that spare a per-step copy at the price of compile time (layer groups
+# unrolled, _scan_groups; a short cache read through the block loop, _attention_layer) are used
+# where the copy is at least this many bytes: a smaller one costs less than the compile time.
+CPU_COPY_MIN_BYTES = 1 << 20
+
+
+def _scan_groups(body, init, stacked_params):
+  """jax.lax.scan of body over the layer groups; unrolled on CPU where a group's weights are
+  large (CPU_COPY_MIN_BYTES).
+
+  A stacked weight's layer slice is a copy on XLA:CPU (its matmuls take whole buffers): inside
+  the scan, every weight of every layer was copied out of its stack at every step (40% of a
+  batch-8 matmul's time, docs/cpu.md). Unrolled, the slices are fixed, and loop-invariant code
+  motion takes them out of the decode loop: the weights are copied once per program. Elsewhere
+  the scan keeps one group's code in the program whatever the depth.
+  """
+  scan = lambda unroll: jax.lax.scan(body, init, stacked_params, unroll=unroll)  # noqa: E731
+  groups = jax.tree.leaves(stacked_params)[0].shape[0]
+  if _nbytes(stacked_params) // groups < CPU_COPY_MIN_BYTES:
+    return scan(1)
+  return jax.lax.platform_dependent(cpu=lambda: scan(True), default=lambda: scan(1))
+
+
 def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled: bool,
                 chunk: int | None = None):
   """x through every layer. Returns (x, cache groups, cache remainder, traces) with every
@@ -613,7 +657,7 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
 
   trace_groups = ()
   if cfg.num_groups:
-    (x_btd, groups, _), trace_groups = jax.lax.scan(group, (x_btd, tuple(groups), 0),
+    (x_btd, groups, _), trace_groups = _scan_groups(group, (x_btd, tuple(groups), 0),
                                                     params["groups"])
   groups = list(groups)
   trace_remainder = []
@@ -638,7 +682,7 @@ def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled:
       return (x, tuple(entries[k] for k in kinds), g + 1), None
 
     if cfg.num_shared_groups:
-      (x_btd, entries, _), _ = jax.lax.scan(
+      (x_btd, entries, _), _ = _scan_groups(
           shared_group, (x_btd, tuple(donors[k][0] for k in kinds), 0), params["shared_groups"])
       for kind, entry in zip(kinds, entries):
         donors[kind][0] = entry

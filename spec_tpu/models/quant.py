@@ -18,8 +18,7 @@ Where the dequantisation happens (`einsum`): the int8 operand is converted to th
 dtype as the operand of the dot and the scales multiply the dot's float32 output channels, so
 no float copy of a weight is ever written: XLA:TPU fuses the convert into the dot (the MXU is
 fed int8 from HBM) and the scale into the dot's output fusion. (XLA:CPU cannot: it converts
-every weight to float32 once per program and keeps the copy, as it already does for bfloat16
-weights; see README "int8 weights".)
+each layer's int8 weights to bfloat16 for its matmuls, at every step; docs/int8.md.)
 
 Which weights: the matmul weights q, k, v, o, gate, up, down and unembed; with tied embeddings
 the table is the unembedding too, so it is quantized per vocabulary row and the lookup
@@ -90,9 +89,36 @@ def einsum(spec: str, x, w, *, preferred_element_type=None):
   w's free axes), and w's free axes in w's order are exactly the scale's axes, so the scale
   broadcasts without moving; permuting last keeps the float32 dot unpermuted (XLA:CPU cannot
   run a bf16 x bf16 -> f32 dot that also permutes its output).
+
+  bfloat16 x bfloat16 on CPU: the same dot, asked for float32 and rounded after. Asked for a
+  bfloat16 result, XLA:CPU converts both operands to float32 first: a float32 copy of every
+  weight written and read again at every step, which cost more than the products themselves
+  at batch 8 (docs/cpu.md). Given bf16 operands and a float32 result it multiplies them as they
+  lie (the same float32 sums, rounded once). Other platforms keep the plain einsum.
   """
   if not is_quantized(w):
-    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    plain = lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)  # noqa: E731
+    if (preferred_element_type is not None or not x.dtype == w.dtype == jnp.bfloat16
+        or not _is_product(spec)):
+      return plain(x, w)
+    return jax.lax.platform_dependent(
+        x, w, cpu=lambda x, w: _natural_dot(spec, x, w, None, x.dtype), default=plain)
+  return _natural_dot(spec, x, w["w"].astype(x.dtype), w["scale"],
+                      preferred_element_type or x.dtype)
+
+
+def _is_product(spec: str) -> bool:
+  """Whether spec is a plain product: each output axis a free axis of exactly one operand."""
+  inputs, out = spec.replace(" ", "").split("->")
+  xs, ws = inputs.split(",")
+  free = [c for c in xs if c not in ws] + [c for c in ws if c not in xs]
+  return sorted(free) == sorted(out)
+
+
+def _natural_dot(spec: str, x, w, scale, out_dtype):
+  """x times w accumulated and returned in float32 in the dot's natural order (x's free axes,
+  then w's), times `scale` (over w's free axes; None: none), cast to out_dtype, then permuted
+  into the spec's output order."""
   inputs, out = spec.replace(" ", "").split("->")
   xs, ws = inputs.split(",")
   if any(c in xs and c in out for c in ws):
@@ -100,12 +126,15 @@ def einsum(spec: str, x, w, *, preferred_element_type=None):
   contract = [c for c in ws if c in xs]
   w_free = [c for c in ws if c in out]
   x_free = [c for c in xs if c in out]
-  if sorted(x_free + w_free) != sorted(out) or len(w_free) != w["scale"].ndim:
-    raise ValueError(f"quant.einsum {spec!r}: a scale of shape {w['scale'].shape} does not fit "
+  if scale is not None and (sorted(x_free + w_free) != sorted(out)
+                            or len(w_free) != scale.ndim):
+    raise ValueError(f"quant.einsum {spec!r}: a scale of shape {scale.shape} does not fit "
                      f"the weight's output axes {w_free}")
   dims = (([xs.index(c) for c in contract], [ws.index(c) for c in contract]), ([], []))
-  y = jax.lax.dot_general(x, w["w"].astype(x.dtype), dims, preferred_element_type=F32)
-  y = (y * w["scale"]).astype(preferred_element_type or x.dtype)
+  y = jax.lax.dot_general(x, w, dims, preferred_element_type=F32)
+  if scale is not None:
+    y = y * scale
+  y = y.astype(out_dtype)
   natural = "".join(x_free + w_free)
   return y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
 

@@ -33,10 +33,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
 # One persistent compilation cache for the whole run, in a fresh directory removed when the run
-# ends: a program compiled once (same HLO, devices, options and XLA flags) is loaded by every other
-# test, xdist worker and launched process that needs it, rather than compiled again (most of the
-# suite's time is compilation). Each run starts empty, so no run depends on an earlier one's
-# programs. Set by the first process, like XLA_FLAGS; a cache the caller names is used instead.
+# ends: a program compiled once (same HLO, devices, options and XLA flags) is loaded by the other
+# tests, xdist workers and launched processes that compile it, and no launcher reads or writes
+# the user's cache (configs' run.compile_cache), so no run depends on an earlier one's programs.
+# Set by the first process, like XLA_FLAGS; a cache the caller names is used instead.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil

@@ -141,6 +141,18 @@ def test_output_follows_target_law_given_the_image_on_a_2x4_mesh():
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
 
 
+@pytest.mark.slow
+def test_law_given_the_image_with_a_multimodal_draft_on_a_2x4_mesh():
+  """Target and multimodal draft both tensor-parallel over 4 (each encoder by the default
+  rules), rows over 2."""
+  sampler = Sampler.from_params(target_params(), TARGET, mesh=make_mesh((2, 4)),
+                                draft_params=mm_draft_params(), draft_cfg=MM_DRAFT)
+  result = sampler.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                            max_new_tokens=ex.MAX_NEW, k=3, seed=533)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+
+
 def test_the_image_changes_the_law():
   """Not vacuous: another image gives another next-token law (the suite above would notice an
   image dropped or misplaced)."""
@@ -210,6 +222,12 @@ def test_image_misuse_is_refused(single):
   text_only = Sampler.from_params(ex.target_params(), ex.TARGET)
   with pytest.raises(ValueError, match="has no vision encoder"):
     text_only.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="a draft reads images only where its target does"):
+    Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=mm_draft_params(),
+                        draft_cfg=MM_DRAFT)
+  other = MM_DRAFT.replace(vision=MM_DRAFT.vision.replace(num_soft_tokens=1))
+  with pytest.raises(ValueError, match=r"\(num_soft_tokens differ\): a multimodal draft must"):
+    Sampler.from_params(target_params(), TARGET, draft_params=mm_draft_params(), draft_cfg=other)
   small = Sampler.from_params(target_params(), TARGET, max_cache_len=10)
   with pytest.raises(ValueError, match="prompt of 9 tokens .* does not fit the cache"):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)

@@ -1,7 +1,8 @@
 """Sampling with images: the output follows the target's law given the image (the statistical
 suite of tests/test_exactness.py, with its law enumerated from the target conditioned on an
-image prompt) with a text-only draft and with a multimodal one, greedy speculative equals greedy autoregressive, and bad
-image input fails in one line before any work."""
+image prompt) with a text-only draft and with a multimodal one (its own encoder), greedy
+speculative equals greedy autoregressive, a multimodal draft reads its image, and bad image
+input fails in one line before any work."""
 
 import functools
 import io

@@ -71,6 +71,15 @@ def check_pair(target: ModelConfig, draft: ModelConfig | AssistantConfig):
   if target.num_tokens != draft.num_tokens:
     raise ValueError(f"draft has {draft.num_tokens} tokens, target {target.num_tokens}: the "
                      "vocabularies differ (set valid_vocab_size for padded embedding tables)")
+  if draft.vision is not None:
+    if target.vision is None:
+      raise ValueError(f"draft {draft.name!r} has a vision encoder, target {target.name!r} none: "
+                       "a draft reads images only where its target does")
+    layout = ("image_size", "num_soft_tokens", "start_id", "end_id", "image_id", "newline_id")
+    differ = [f for f in layout if getattr(draft.vision, f) != getattr(target.vision, f)]
+    if differ:
+      raise ValueError(f"draft and target lay image prompts out differently ({', '.join(differ)} "
+                       "differ): a multimodal draft must read the target's image blocks")
 
 
 def integer(name: str, value, lo: int, hi: int | None = None) -> int:

@@ -1,7 +1,8 @@
 """Sampling with images: the output follows the target's law given the image (the statistical
 suite of tests/test_exactness.py, with its law enumerated from the target conditioned on an
-image prompt) with a text-only draft, greedy speculative equals greedy autoregressive, and bad
-image input fails in one line before any work."""
+image prompt) with a text-only draft and with a multimodal one (its own encoder), greedy
+speculative equals greedy autoregressive, a multimodal draft reads its image, and bad image
+input fails in one line before any work."""
 
 import functools
 import io
@@ -45,10 +46,26 @@ ex.LAW_MODELS["vision"] = (TARGET, target_params)
 ex.LAW_PROMPTS["vision"] = (prompt_lib.expand(TEXT, 1, VISION), lambda: _soft(IMAGE))
 
 
+# A multimodal draft: the exactness draft's text weights with its own (wider) encoder and
+# projector, which lays image prompts out as the target does.
+MM_DRAFT = ex.DRAFT.replace(name="exact_vision_draft", vision=VISION.replace(width=12, mlp_dim=24))
+
+
+@functools.lru_cache(maxsize=None)
+def mm_draft_params():
+  return {**ex.draft_params(), "vision": model.init_params(MM_DRAFT, jax.random.key(5))["vision"]}
+
+
 @pytest.fixture(scope="module")
 def single():
   return Sampler.from_params(target_params(), TARGET, draft_params=ex.draft_params(),
                              draft_cfg=ex.DRAFT)
+
+
+@pytest.fixture(scope="module")
+def multimodal():
+  return Sampler.from_params(target_params(), TARGET, draft_params=mm_draft_params(),
+                             draft_cfg=MM_DRAFT)
 
 
 @pytest.mark.slow
@@ -59,6 +76,63 @@ def test_output_follows_target_law_given_the_image(single):
   p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
   assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)
+
+
+@pytest.mark.slow
+def test_output_follows_target_law_given_the_image_with_a_multimodal_draft(multimodal):
+  """Speculative (K = 3), the draft encoding the image with its own encoder."""
+  result = multimodal.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                               max_new_tokens=ex.MAX_NEW, k=3, seed=523)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+  assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)
+
+
+# A draft that is the target itself, image encoder included, proposes from the target's own
+# law given the image: every proposal is accepted, unless it ignored its image.
+ORACLE_IMAGES = [[np.random.default_rng(4).integers(0, 256, (14, 14, 3), dtype=np.uint8)]
+                 for _ in range(16)]
+
+
+@functools.lru_cache(maxsize=None)
+def oracle():
+  return Sampler.from_params(target_params(), TARGET, draft_params=target_params(),
+                             draft_cfg=TARGET)
+
+
+def test_a_multimodal_draft_reads_the_image():
+  """Through Sampler.generate."""
+  seen = oracle().generate([TEXT] * len(ORACLE_IMAGES), images=ORACLE_IMAGES,
+                           max_new_tokens=12, k=3, seed=7)
+  assert ex.judged_acceptance(seen) == 1.0
+
+
+@pytest.mark.slow
+def test_the_oracle_draft_blind_to_the_image_is_rejected_now_and_then():
+  """The check above can fail: the same draft text-only (it reads the placeholders as
+  padding) has proposals rejected."""
+  prompts = [TEXT] * len(ORACLE_IMAGES)
+  text = {k: v for k, v in target_params().items() if k != "vision"}
+  blind = Sampler.from_params(target_params(), TARGET, draft_params=text,
+                              draft_cfg=TARGET.replace(name="blind", vision=None))
+  unseen = blind.generate(prompts, images=ORACLE_IMAGES, max_new_tokens=12, k=3, seed=7)
+  assert ex.judged_acceptance(unseen) < 0.97, ex.judged_acceptance(unseen)
+
+
+def test_the_engine_prefills_a_multimodal_draft_with_the_images():
+  """Through Engine.submit, the requests admitted while K = 0: the draft, which catches up
+  from ids alone, is prefilled with the images all the same."""
+  from spec_tpu.serving.engine import Engine
+  from spec_tpu.serving.request import GenerationParams
+  engine = Engine(oracle().pair, num_slots=4, max_len=32, k=0, k_max=3, adaptive_k=False,
+                  prefill_rows=2)
+  requests = [engine.submit(TEXT, GenerationParams(max_new_tokens=12, seed=i), im)
+              for i, im in enumerate(ORACLE_IMAGES[:4])]
+  engine.step()
+  while engine.step(k=3):
+    pass
+  stats = [r.result().stats for r in requests]
+  assert sum(s.judged for s in stats) > 0 and all(s.accepted == s.judged for s in stats)
 
 
 @pytest.mark.slow
@@ -74,6 +148,18 @@ def test_output_follows_target_law_given_the_image_on_a_2x4_mesh():
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
 
 
+@pytest.mark.slow
+def test_law_given_the_image_with_a_multimodal_draft_on_a_2x4_mesh():
+  """Target and multimodal draft both tensor-parallel over 4 (each encoder by the default
+  rules), rows over 2."""
+  sampler = Sampler.from_params(target_params(), TARGET, mesh=make_mesh((2, 4)),
+                                draft_params=mm_draft_params(), draft_cfg=MM_DRAFT)
+  result = sampler.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                            max_new_tokens=ex.MAX_NEW, k=3, seed=533)
+  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
+  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
+
+
 def test_the_image_changes_the_law():
   """Not vacuous: another image gives another next-token law (the suite above would notice an
   image dropped or misplaced)."""
@@ -84,7 +170,7 @@ def test_the_image_changes_the_law():
   assert np.max(np.abs(np.asarray(first[0]) - np.asarray(first[1]))) > 0.02
 
 
-def test_greedy_speculative_equals_greedy_autoregressive(single):
+def test_greedy_speculative_equals_greedy_autoregressive(single, multimodal):
   rng = np.random.default_rng(2)
   img = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
   s = VISION.start_id
@@ -94,6 +180,8 @@ def test_greedy_speculative_equals_greedy_autoregressive(single):
   ar = single.generate(prompts, images=images, max_new_tokens=10, k=0, sampling=greedy)
   spec = single.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
   assert ar.tokens == spec.tokens
+  mm = multimodal.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
+  assert ar.tokens == mm.tokens
   # The rows' prefill logits are the model's given each row's own images.
   for i, (p, row) in enumerate(zip(prompts, images)):
     ids = np.asarray([prompt_lib.expand(p, len(row), VISION)])
@@ -141,6 +229,12 @@ def test_image_misuse_is_refused(single):
   text_only = Sampler.from_params(ex.target_params(), ex.TARGET)
   with pytest.raises(ValueError, match="has no vision encoder"):
     text_only.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="a draft reads images only where its target does"):
+    Sampler.from_params(ex.target_params(), ex.TARGET, draft_params=mm_draft_params(),
+                        draft_cfg=MM_DRAFT)
+  other = MM_DRAFT.replace(vision=MM_DRAFT.vision.replace(num_soft_tokens=1))
+  with pytest.raises(ValueError, match=r"\(num_soft_tokens differ\): a multimodal draft must"):
+    Sampler.from_params(target_params(), TARGET, draft_params=mm_draft_params(), draft_cfg=other)
   small = Sampler.from_params(target_params(), TARGET, max_cache_len=10)
   with pytest.raises(ValueError, match="prompt of 9 tokens .* does not fit the cache"):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)

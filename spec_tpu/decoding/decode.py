@@ -347,13 +347,15 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
-            with_draft: bool, soft=None, fan: int = 1,
+            with_draft: bool, soft=None, draft_soft=None, fan: int = 1,
             grammar_next_sv=None) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
-  speculation starts). soft: the soft tokens of the prompts' images (r m d, model.forward),
-  for the target only: a text-only draft reads the placeholder ids. fan: rows per prompt
+  speculation starts). soft: the soft tokens of the prompts' images (r m d, model.forward) for
+  the target; draft_soft: the same images' soft tokens from a multimodal draft's own encoder
+  and projector (r m d_draft), or None: a text-only draft reads the placeholders as padding.
+  fan: rows per prompt
   (static): each prompt is prefilled once and row i * fan + j is its j-th sample, with its
   own settings and random stream (rows: r * fan of them), so the state's caches keep r rows
   and everything else r * fan. grammar_next_sv: the automata pool rows.grammar_b start in
@@ -368,8 +370,9 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   if spec.draft is not None:
     dc = cache_lib.init_cache(spec.draft, r, spec.max_len, spec.k_max + 1)
     if with_draft:
-      _, dc = model.prefill(draft_params, spec.draft, _draft_view(spec, tokens_rt), dc,
-                            lengths_r, spec.prefill_chunk)
+      _, dc = model.prefill(draft_params, spec.draft,
+                            _draft_view(spec, tokens_rt, images=draft_soft is not None), dc,
+                            lengths_r, spec.prefill_chunk, soft=draft_soft)
   if fan > 1:  # a prompt's samples share its prefill: the same logits, prompt and hidden state
     each = lambda x: jnp.repeat(x, fan, axis=0)
     logits, tokens_rt, lengths_r = each(logits), each(tokens_rt), each(lengths_r)
@@ -419,17 +422,14 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
   per request. Returns (state, first token, done, its Logprobs), one per slot entry."""
   fan = 1 if slots.ndim == 1 else slots.shape[1]
   slots_r = slots.reshape(-1)
-  soft = None
+  soft = draft_soft = None
   if pixels is not None:
-    # One image of every row at a time: the encoder's attention scores (heads x patches^2 in
-    # float32, 1 GiB per Gemma 3 image) are held for r images, not r x u.
-    def encode(images_r):
-      return model.encode_images(target_params, spec.target, images_r)
-    soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
-    soft = soft.reshape(soft.shape[0], -1, soft.shape[-1])
+    soft = _encode_rows(target_params, spec.target, pixels)
+    if with_draft and reads_images(spec):
+      draft_soft = _encode_rows(draft_params, spec.draft, pixels)
   new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
-                                 with_draft=with_draft, soft=soft, fan=fan,
-                                 grammar_next_sv=state.grammar_next_sv)
+                                 with_draft=with_draft, soft=soft, draft_soft=draft_soft,
+                                 fan=fan, grammar_next_sv=state.grammar_next_sv)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots),
@@ -448,10 +448,29 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
   return state, first, new.done_b, logprobs
 
 
-def _draft_view(spec: LoopSpec, tokens):
-  """The tokens as the draft embeds them: ids past its vocabulary (an image placeholder, which
-  may lie outside every vocabulary) read as padding."""
-  return jnp.where(tokens < spec.draft.num_tokens, tokens, spec.pad_id)
+def reads_images(spec: LoopSpec) -> bool:
+  """The draft is a model with its own vision encoder: it reads the prompts' images."""
+  return spec.draft is not None and spec.draft.vision is not None
+
+
+def _encode_rows(params, cfg, pixels):
+  """Soft tokens (r u*j d) of each row's images (pixels r u H W 3), with cfg's encoder."""
+  # One image of every row at a time: the encoder's attention scores (heads x patches^2 in
+  # float32, 1 GiB per Gemma 3 image) are held for r images, not r x u.
+  def encode(images_r):
+    return model.encode_images(params, cfg, images_r)
+  soft = jnp.swapaxes(jax.lax.map(encode, jnp.swapaxes(pixels, 0, 1)), 0, 1)  # r u j d
+  return soft.reshape(soft.shape[0], -1, soft.shape[-1])
+
+
+def _draft_view(spec: LoopSpec, tokens, images: bool = False):
+  """The tokens as the draft embeds them: ids past its vocabulary read as padding, among them
+  an image placeholder (which may lie outside every vocabulary) unless images: the draft then
+  embeds its own soft tokens there."""
+  keep = tokens < spec.draft.num_tokens
+  if images:
+    keep |= tokens == spec.draft.vision.image_id
+  return jnp.where(keep, tokens, spec.pad_id)
 
 
 def catch_up_draft(spec: LoopSpec, draft_params, state: State) -> State:
@@ -751,10 +770,10 @@ def run_rounds(spec: LoopSpec, target_params, draft_params, state: State, live_b
 
 
 def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, temperature,
-             top_p, top_k, seed, soft=None):
+             top_p, top_k, seed, soft=None, draft_soft=None):
   """Sampler.generate's program: prefill every row, decode to completion. Row i draws from
-  stream (seed, i); soft: the prompts' image soft tokens (prefill). Returns (tokens b max_new,
-  num_b, Stats)."""
+  stream (seed, i); soft, draft_soft: the prompts' image soft tokens for the target's and a
+  multimodal draft's prefill. Returns (tokens b max_new, num_b, Stats)."""
   b = tokens_bt.shape[0]
   max_new = spec.out_len - spec.k  # run_rounds emits max_new - 1; a round needs k + 1 of room
   full = lambda x, dtype: jnp.full((b,), x, dtype)
@@ -762,7 +781,7 @@ def generate(spec: LoopSpec, target_params, draft_params, tokens_bt, lengths_b, 
   rows = Rows(full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
               seeds, full(max_new, jnp.int32))
   state, first, _ = prefill(spec, target_params, draft_params, tokens_bt, lengths_b, rows,
-                            with_draft=spec.k > 0, soft=soft)
+                            with_draft=spec.k > 0, soft=soft, draft_soft=draft_soft)
   # The draft was prefilled with the target and runs every round: it never lags.
   state, out = run_rounds(spec, target_params, draft_params, state, jnp.ones((b,), bool),
                           max_new, False, catch_up=False)

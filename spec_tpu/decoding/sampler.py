@@ -162,9 +162,12 @@ class Sampler:
     # The state lives and dies inside the program (created at prefill, carried by the while
     # loop), so nothing needs donating; the compiler updates it in place.
     d = self.target_cfg.d_model
+    draft_images = soft_len is not None and decode.reads_images(spec)
+    dd = self.draft_cfg.d_model if draft_images else None
     soft_sharding = None if soft_len is None else rows(batch, soft_len, d)
+    draft_soft_sharding = rows(batch, soft_len, dd) if draft_images else None
     jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep,
-                                       soft_sharding),
+                                       soft_sharding, draft_soft_sharding),
                      out_shardings=(rows(batch, max_new), rows(batch),
                                     decode.Stats(rows(batch), rows(batch), rows(batch, n),
                                                  rows(batch, n), rows(batch), rows(batch),
@@ -175,7 +178,9 @@ class Sampler:
             jax.ShapeDtypeStruct((batch,), jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.uint32),
             None if soft_len is None else jax.ShapeDtypeStruct((batch, soft_len, d),
-                                                               self.target_cfg.dtype))
+                                                               self.target_cfg.dtype),
+            jax.ShapeDtypeStruct((batch, soft_len, dd), self.draft_cfg.dtype)
+            if draft_images else None)
     return jitted.lower(*args).compile(self.pair.compiler_options())
 
   def encode_images(self, images: Sequence) -> np.ndarray:
@@ -186,25 +191,28 @@ class Sampler:
               for i, img in enumerate(images)]
     return self._encode(pixels)
 
-  def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
+  def _encode(self, pixels: list[np.ndarray], draft: bool = False) -> np.ndarray:
+    """Soft tokens (u j d) of prepared images, by the target's encoder or the draft's."""
     n = prompts_lib.bucket(len(pixels), 1)
-    key = ("encoder", n)
+    key = ("encoder", n, draft)
+    cfg, params = ((self.draft_cfg, self.draft_params) if draft else
+                   (self.target_cfg, self.target_params))
     if key not in self._programs:
-      size = self.target_cfg.vision.image_size
-      tp, _ = self.pair.param_shardings(False)
+      size = cfg.vision.image_size
+      tp, dp = self.pair.param_shardings(draft)
       rows = sharding.batch_sharding(self.mesh, (n, size, size, 3), self.target_rules)
-      cfg = self.target_cfg
       fn = jax.jit(lambda params, images: model.encode_images(params, cfg, images),
-                   in_shardings=(tp, rows))
+                   in_shardings=(dp if draft else tp, rows))
       self._programs[key] = fn.lower(
-          self.target_params, jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)).compile(
+          params, jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)).compile(
               self.pair.compiler_options())
     batch = np.zeros((n,) + pixels[0].shape, np.float32)
     batch[:len(pixels)] = pixels
-    return to_host(self._programs[key](self.target_params, batch))[:len(pixels)]
+    return to_host(self._programs[key](params, batch))[:len(pixels)]
 
   def _with_images(self, prompts, images):
-    """(prompts with image blocks laid out, soft tokens b m d or None)."""
+    """(prompts with image blocks laid out, a function of `draft` giving the soft tokens
+    (b m d) of the target's encoder or the draft's, or None without images)."""
     vision = self.pair.vision()
     if len(images) != len(prompts):
       raise ValueError(f"images must hold one list per prompt: {len(images)} lists for "
@@ -220,7 +228,8 @@ class Sampler:
     if not pixels:
       return laid_out, None
     width = prompts_lib.bucket(max(counts), 1) * vision.num_soft_tokens
-    return laid_out, image_prompt.soft_rows(self._encode(pixels), counts, width)
+    return laid_out, lambda draft: image_prompt.soft_rows(self._encode(pixels, draft), counts,
+                                                          width)
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, k: int = 0,
                sampling: SamplingParams = SamplingParams(), seed: int = 0,
@@ -235,7 +244,8 @@ class Sampler:
     images: per prompt, a list of images (PIL images, H x W x 3 arrays, encoded bytes or file
     paths; models/vision/image.py), one for each start_of_image token of the prompt, where the
     image goes (a model with a vision encoder only). They are encoded once, before the
-    prefill; the draft, text-only, reads the prompt's ids."""
+    prefill, by the target's encoder and, for a multimodal draft, by the draft's own; a
+    text-only draft reads the prompt's ids (the placeholders as padding)."""
     source = self.draft_source if draft_source is None else self.pair.check_source(draft_source)
     sampling.validate()
     coupling = self.coupling if coupling is None else decode.check_coupling(coupling)
@@ -246,22 +256,24 @@ class Sampler:
     if k > 0 and self.draft_cfg is None and source.uses_model:
       raise ValueError(f"k={k} needs a draft model; this Sampler has none (use k=0, or the "
                        "draft kind 'ngram')")
-    soft, placeholder = None, None
+    encode, placeholder = None, None
     if images is not None:
-      prompts, soft = self._with_images(prompts, images)
+      prompts, encode = self._with_images(prompts, images)
       placeholder = self.target_cfg.vision.image_id
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id,
                                        placeholder=placeholder)
     prompts_lib.check_fits(int(lengths.max()), max_new_tokens, self.max_cache_len, extra=k + 1)
     top_k = sampling.effective_top_k(self.target_cfg.num_tokens)
     spec = self._spec(k, top_k, max_new_tokens, tokens.shape[1], coupling, source)
+    soft = None if encode is None else encode(False)
+    draft_soft = encode(True) if encode is not None and decode.reads_images(spec) else None
     compiled = self._compiled(spec, *tokens.shape, None if soft is None else soft.shape[1])
     # Host arrays, the same on every process: with several processes jit places on each one's
     # devices the rows they hold along the mesh's data axis.
     args = (self.target_params, self.draft_params if _reads_draft(spec) else None, tokens,
             lengths,
             np.float32(sampling.temperature), np.float32(sampling.top_p), np.int32(top_k),
-            np.uint32(seed), soft)
+            np.uint32(seed), soft, draft_soft)
     start = time.perf_counter()
     out, num, stats = jax.block_until_ready(compiled(*args))
     seconds = time.perf_counter() - start

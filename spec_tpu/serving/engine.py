@@ -630,12 +630,15 @@ class Engine:
 
   def _insert_all(self, by_bucket, with_draft: bool) -> None:
     for (t, images, fan), groups in sorted(by_bucket.items()):
+      # A multimodal draft sees a prompt's images only at its prefill (catching up later it
+      # reads ids alone): rows with images prefill it even while nothing drafts.
+      draft = with_draft or bool(images and decode.reads_images(self._spec))
       for i in range(0, len(groups), self.prefill_rows):
         chunk = groups[i:i + self.prefill_rows]
         started = time.perf_counter()
         # Fetched per call: each request's first token streams as soon as it exists, and no
         # pile of un-waited programs builds up (with collectives that deadlocks XLA:CPU).
-        first, done, logprobs = to_host(self._insert(with_draft, t, chunk, images, fan))
+        first, done, logprobs = to_host(self._insert(draft, t, chunk, images, fan))
         now = time.perf_counter()
         for g, group in enumerate(chunk):
           for j, (slot, r) in enumerate(group):

@@ -1,8 +1,9 @@
 """Where images go in a prompt: each start_of_image token of the prompt becomes an image block,
 "\\n\\n", start_of_image, num_soft_tokens placeholders (image_id), end_of_image, "\\n\\n" (as
 transformers' Gemma3Processor and the gemma library lay them out); the decoder replaces the
-placeholders' embeddings by the image's soft tokens (model.forward's `soft`). A text-only draft
-reads the same ids, placeholders included."""
+placeholders' embeddings by the image's soft tokens (model.forward's `soft`). A draft reads the
+same ids: a multimodal one fills the placeholders with its own encoder's soft tokens, a
+text-only one reads them as padding."""
 
 from __future__ import annotations
 

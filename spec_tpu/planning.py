@@ -300,7 +300,7 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   # On CPU the program is only measured, never run: skip LLVM's optimisations (code quality
   # does not change buffer assignment, which is what memory_analysis reports).
   quantized = bool(setup.target.cfg.quantize or (draft and draft.cfg.quantize))
-  options = pair_lib.compiler_options(devices[0].platform, quantized)  # as the Sampler compiles
+  options = dict(pair_lib.compiler_options(devices[0].platform, quantized) or {})  # the Sampler's
   if devices[0].platform == "cpu":
     options.update(_CPU_FAST_COMPILE)
   try:

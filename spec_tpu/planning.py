@@ -221,7 +221,13 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
          acceptances=(0.6, 0.7, 0.8, 0.9), images: int = 0) -> dict:
   """images: per row, image blocks in the prompt (a target with a vision encoder): the
   encoder's program is compiled beside the decode program, whose prefill takes their soft
-  tokens."""
+  tokens. Programs are traced in the accelerators' forms (a CPU plan stands in for them)."""
+  with model.accelerator_forms():
+    return _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptances,
+                 images)
+
+
+def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptances, images):
   setup = common.resolve(config, need_weights=False, k=k)
   k = setup.k
   max_new = int(config.sampling.max_new_tokens if max_new is None else max_new)
@@ -302,7 +308,9 @@ def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | N
   quantized = bool(setup.target.cfg.quantize or (draft and draft.cfg.quantize))
   options = dict(pair_lib.compiler_options(devices[0].platform, quantized) or {})  # the Sampler's
   if devices[0].platform == "cpu":
-    options.update(_CPU_FAST_COMPILE)
+    # Standing in for an accelerator's program: no CPU-only weight copies hoisted out of the
+    # decode loop (what the CPU's own decode programs trade memory for speed with).
+    options.update(pair_lib.CPU_QUANTIZED_COMPILER_OPTIONS, **_CPU_FAST_COMPILE)
   try:
     compiled = lowered.compile(options)
   except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit

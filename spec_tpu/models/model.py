@@ -35,6 +35,8 @@ either form.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import NamedTuple
 
@@ -554,6 +556,18 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
 # unrolled, _scan_groups; a short cache read through the block loop, _attention_layer) are used
 # where the copy is at least this many bytes: a smaller one costs less than the compile time.
 CPU_COPY_MIN_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def accelerator_forms():
+  """Traces inside take the accelerators' forms on CPU too: launch.plan's CPU compiles stand
+  in for a TPU's or GPU's program, whose memory has no CPU-only copy of the weights."""
+  global CPU_COPY_MIN_BYTES
+  saved, CPU_COPY_MIN_BYTES = CPU_COPY_MIN_BYTES, float("inf")
+  try:
+    yield
+  finally:
+    CPU_COPY_MIN_BYTES = saved
 
 
 def _scan_groups(body, init, stacked_params):

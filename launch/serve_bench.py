@@ -14,6 +14,9 @@ runs prompts whose outputs repeat them (where n-gram drafts pay); with
     python -m launch.serve_bench --config=configs/default.py --output_dir=/tmp/serve_bench_auto \
         --end_text='return ' --config.draft.kind=auto --workload=rewrite
 
+--draft_kinds=model,auto,ngram times one adaptive engine per draft kind in the same process,
+taking turns (docs/results.md, "Choosing the draft source").
+
 Writes results.json, table.txt (also printed) and serve_bench.png.
 """
 
@@ -38,6 +41,9 @@ _END_TEXT = flags.DEFINE_string("end_text", "", "Text of one token that ends a r
 _WORKLOAD = flags.DEFINE_string("workload", "prompts", "prompts: the config's run.prompts; "
                                 "rewrite: 'rewrite this function' prompts over held-out stdlib "
                                 "code (outputs that repeat the prompt).")
+_DRAFT_KINDS = flags.DEFINE_list("draft_kinds", None, "Time the adaptive engine with each of "
+                                 "these draft.kind values (model, ngram, hybrid, auto), taking "
+                                 "turns; latency runs on the first.")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -47,7 +53,7 @@ def main(argv):
   from spec_tpu.serving import bench
   bench.run(_CONFIG.value, _OUTPUT_DIR.value, _REQUESTS.value, _MAX_NEW.value, _NUM_SLOTS.value,
             cli.int_list("clients", _CLIENTS.value), _LATENCY_REQUESTS.value, _END_TEXT.value,
-            _REPEATS.value, _WORKLOAD.value)
+            _REPEATS.value, _WORKLOAD.value, _DRAFT_KINDS.value)
 
 
 if __name__ == "__main__":

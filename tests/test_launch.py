@@ -433,6 +433,8 @@ LATE_MISTAKES = [
     (["launch.serve", *_TINY, "--config.engine.prefill_rows=0"], "engine.prefill_rows must be"),
     (["launch.serve_bench", *_TINY, "--output_dir=OUT/sb", "--clients=a"],
      "--clients takes comma-separated integers"),
+    (["launch.serve_bench", *_TINY, "--output_dir=OUT/sb", "--draft_kinds=ngram,ngram"],
+     "--draft_kinds must name distinct kinds"),
     (["launch.compare_quant", "--checkpoint=OUT/none"], "OUT/none"),
     (["launch.compare_quant", "--windows=0"], "--windows must be >= 1"),
     # Held-out windows are encoded with the shipped tokenizer: another model's ids mean nothing.

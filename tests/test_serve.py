@@ -606,6 +606,38 @@ def test_greedy_through_the_server_equals_sampler_greedy(server):
     assert got.usage.completion_tokens == len(tokens)
 
 
+def test_an_ngram_draft_serves_through_the_openai_client(tmp_path_factory):
+  # Given launch.serve drafting by prompt lookup (draft.kind=ngram: no draft model, K = 2),
+  overrides = [o for o in OVERRIDES if not o.startswith(("--config.engine.num_slots",
+                                                         "--config.engine.max_len"))]
+  overrides += ["--config.draft.kind=ngram", "--config.engine.k=2",
+                "--config.engine.num_slots=2", "--config.engine.max_len=64"]
+  serve = _launch_serve(tmp_path_factory, "configs/tiny_random.py", overrides)
+  url = next(serve)
+  try:
+    # when the openai client asks for a greedy completion of a prompt that repeats itself,
+    prompt = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    got = _client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                          temperature=0)
+  finally:
+    serve.close()
+  # then its text is the target's greedy continuation without speculation.
+  import jax
+  from spec_tpu import sharding
+  from spec_tpu.decoding.sampler import Sampler
+  from spec_tpu.decoding.sampling import SamplingParams
+  config = tiny_random.get_config()
+  config.model.checkpoint = config.draft.checkpoint = ""
+  setup = common.resolve(config)
+  tok = common.load_tokenizer(config, setup)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
+  want = sampler.generate([tok.encode(prompt, add_bos=bool(config.run.add_bos))],
+                          max_new_tokens=12, sampling=SamplingParams(temperature=0.0)).tokens[0]
+  assert got.choices[0].text == tok.decode(want)
+  assert got.usage.completion_tokens == len(want)
+
+
 # A Gemma 4 target with its assistant drafter (configs/gemma4_31b.py at the tiny presets' shapes,
 # random weights, the shipped tokenizer's 2048-token vocabulary).
 ASSISTANT_MODEL = "random_tiny_gemma4"

@@ -13,7 +13,9 @@ fixed batch waits for its longest row; the engine refills a slot as soon as it f
    the fastest of --repeats runs with the modes taking turns): fixed batches of --num_slots
    requests (`Sampler.generate`, as launch.benchmark runs them) at K = 0 and at engine.k,
    against the engine with --num_slots slots at K = 0 and with adaptive K (calibrated first;
-   the K's it ran are reported; without a draft, the engine at K = 0 alone).
+   the K's it ran are reported, and the seconds its calibration and compiles took at start;
+   without a draft, the engine at K = 0 alone). With --draft_kinds, one adaptive engine per
+   draft.kind instead of fixed batches at engine.k, all taking turns in the one process.
 2. Latency at each --clients count: that many client threads, each submitting a request,
    reading its stream and submitting the next (closed loop) until --latency_requests are done,
    on the adaptive engine running on its background thread. Time to first token (submission
@@ -75,7 +77,20 @@ def workload_texts(config, tok, workload: str, count: int) -> list[str]:
 
 
 def run(config, output_dir, requests, max_new, num_slots, clients, latency_requests,
-        end_text, repeats=2, workload_kind="prompts") -> dict:
+        end_text, repeats=2, workload_kind="prompts", draft_kinds=None) -> dict:
+  """draft_kinds: draft.kind values (model, ngram, hybrid, auto) whose adaptive engines are
+  timed side by side, taking turns with the baselines; None: the config's draft.kind alone,
+  with fixed batches at engine.k as well."""
+  kinds = [str(k).strip() for k in draft_kinds] if draft_kinds else None
+  if kinds is not None and (not all(kinds) or len(set(kinds)) != len(kinds)):
+    raise SetupError(f"--draft_kinds must name distinct kinds, got {','.join(kinds)}")
+  own_kind = str(config.draft.get("kind", "model"))
+  configs = {}
+  for kind in kinds or [own_kind]:
+    c = config.copy_and_resolve_references()
+    c.draft.kind = kind
+    configs[kind] = c
+  config = next(iter(configs.values()))  # baselines, latency and the header run on the first
   setup = common.resolve(config, need_weights=True)
   tok = common.load_tokenizer(config, setup)
   if tok is None or not len(config.run.prompts):
@@ -87,6 +102,11 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   if not clients or min(requests, max_new, num_slots, repeats, latency_requests, *clients) < 1:
     raise SetupError("--requests, --max_new_tokens, --num_slots, --clients, --repeats, "
                             "--latency_requests must be >= 1")
+  k = setup.k
+  if kinds is not None and k < 1:
+    raise SetupError(f"--draft_kinds compares speculative engines; engine.k is {k}")
+  setups = {kind: common.resolve(c, need_weights=True) if c is not config else setup
+            for kind, c in configs.items()}  # every kind's errors before any compile
   reports.make_output_dir("output_dir", output_dir)
   end_ids, end_name = _end_ids(tok, end_text)
   add_bos = bool(config.run.add_bos)
@@ -99,10 +119,10 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
   mesh = common.build_mesh(config)
   pair = common.build_pair(setup, mesh, tokenizer=tok, eos_ids=end_ids)
   sampler = Sampler(pair, coupling=setup.coupling)
-  k = setup.k
   max_len = settings.context([len(p) for p in encoded], max_new)
-  result = dict(target=setup.target.describe(), draft=setup.draft.describe() if setup.draft
-                else None, draft_kind=str(config.draft.get("kind", "model")),
+  drafts = [st.draft for st in setups.values() if st.draft]
+  result = dict(target=setup.target.describe(), draft=drafts[0].describe() if drafts else None,
+                draft_kind=",".join(kinds or [own_kind]),
                 random_weights=setup.any_random, device=str(jax.devices()[0]),
                 num_devices=jax.device_count(), num_slots=num_slots, requests=requests,
                 max_new_tokens=max_new, end_token=end_name, workload=workload_kind,
@@ -127,15 +147,20 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
     sampler.generate(pad(batches[0]), max_new_tokens=max_new, k=kk, sampling=s)  # compiles
     return run_once
 
-  def engine(adaptive):
+  def engine(adaptive, kind_pair=pair, kind_config=config):
     # The engine launch.serve runs (engine.*), adaptive or held at K = 0.
-    mode = (dataclasses.replace(settings, adaptive_k=True,
-                                k_max=max(k, int(config.engine.k_max))) if adaptive and k > 0 else
-            dataclasses.replace(settings, k=0, k_max=0, adaptive_k=False, sources=None))
-    e = common.build_engine(pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
-                            per_request_extras=False, seed=int(config.sampling.seed))
+    kind_settings = dataclasses.replace(common.engine_settings(kind_config), num_slots=num_slots)
+    mode = (dataclasses.replace(kind_settings, adaptive_k=True,
+                                k_max=max(k, int(kind_config.engine.k_max)))
+            if adaptive and k > 0 else
+            dataclasses.replace(kind_settings, k=0, k_max=0, adaptive_k=False, sources=None))
+    e = common.build_engine(kind_pair, mode, max_len=max_len, max_top_k=max(int(s.top_k), 1),
+                            per_request_extras=False, seed=int(kind_config.sampling.seed))
+    # Calibration and compiles: what a server pays once at start, reported, never timed.
+    start = time.perf_counter()
     report = e.calibrate(encoded, temperature=s.temperature) if adaptive else None
     e.warm_up([e.k], [len(p) for p in encoded])
+    startup = time.perf_counter() - start
 
     def run_once():
       done = e.generate(workload, params)
@@ -144,41 +169,55 @@ def run(config, output_dir, requests, max_new, num_slots, clients, latency_reque
       return (sum(len(c.tokens) for c in done), sum(c.stats.accepted for c in done),
               sum(c.stats.judged for c in done), (ks, tuple(sorted(sources))),
               [len(c.tokens) for c in done])
-    return e, report, run_once
+    return e, report, run_once, startup
 
-  adaptive_engine, report, adaptive_run = engine(True)
-  plain_run = engine(False)[2] if k else adaptive_run  # without speculation they are one
-  modes = [("fixed batches", "0", fixed(0))] + ([("fixed batches", str(k), fixed(k))] if k else [])
-  modes += [("engine", "0", plain_run)] + ([("engine", "adaptive", adaptive_run)] if k else [])
+  adaptive = {}  # kind -> (engine, calibration report, run, startup seconds)
+  for kind, c in configs.items():
+    kind_pair = pair if c is config else common.build_pair(setups[kind], mesh, tokenizer=tok,
+                                                           eos_ids=end_ids)
+    adaptive[kind] = engine(True, kind_pair, c)
+  first = next(iter(adaptive.values()))
+  adaptive_engine = first[0]
+  plain_run = engine(False)[2] if k else first[2]  # without speculation they are one
+  modes = [("fixed batches", "0", None, fixed(0))]
+  if k and kinds is None:
+    modes.append(("fixed batches", str(k), None, fixed(k)))
+  modes.append(("engine", "0", None, plain_run))
+  if k:
+    modes += [("engine", "adaptive", kind, a[2]) for kind, a in adaptive.items()]
   best = {}
   for _ in range(repeats):
-    for name, kk, run_once in modes:
+    for name, kk, kind, run_once in modes:
       start, cpu_start = time.perf_counter(), time.process_time()
       tokens, accepted, judged, ks, lengths = run_once()
       seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
       if lengths is not None:
         result["output_lengths"] = dict(mean=statistics.mean(lengths), min=min(lengths),
                                         max=max(lengths))
-      cheapest_cpu = min(cpu_s, best.get((name, kk), {}).get("cpu_seconds", cpu_s))
-      if (name, kk) not in best or seconds < best[(name, kk)]["seconds"]:
-        best[(name, kk)] = dict(mode=name, k=kk, tokens=tokens, seconds=seconds,
-                                tokens_per_s=tokens / seconds,
-                                acceptance=accepted / judged if judged else None,
-                                ks_used=list(ks[0]), sources_used=list(ks[1]))
+      key = (name, kk, kind)
+      cheapest_cpu = min(cpu_s, best.get(key, {}).get("cpu_seconds", cpu_s))
+      if key not in best or seconds < best[key]["seconds"]:
+        best[key] = dict(mode=name, k=kk, draft_kind=kind, tokens=tokens, seconds=seconds,
+                         tokens_per_s=tokens / seconds,
+                         acceptance=accepted / judged if judged else None,
+                         ks_used=list(ks[0]), sources_used=list(ks[1]))
       # Wall and CPU figures are each the best of the runs (not necessarily the same run).
-      best[(name, kk)].update(cpu_seconds=cheapest_cpu, tokens_per_cpu_s=tokens / cheapest_cpu)
-      logging.info("%s K=%s: %.1f tokens/s, %.1f tokens/cpu-s", name, kk, tokens / seconds,
-                   tokens / cpu_s)
-  for name, kk, _ in modes:
-    row = best[(name, kk)]
+      best[key].update(cpu_seconds=cheapest_cpu, tokens_per_cpu_s=tokens / cheapest_cpu)
+      logging.info("%s K=%s %s: %.1f tokens/s, %.1f tokens/cpu-s", name, kk, kind or "",
+                   tokens / seconds, tokens / cpu_s)
+  for name, kk, kind, _ in modes:
+    row = best[(name, kk, kind)]
     if kk == "adaptive":
+      e, report, _, startup = adaptive[kind]
       used = ",".join(map(str, row["ks_used"]))
-      if len(adaptive_engine.sources) > 1:  # which draft kinds the policy picked
+      if len(e.sources) > 1:  # which draft kinds the policy picked
         used += " " + "+".join(row["sources_used"])
-      row.update(k="adaptive: " + used, calibration=report)
+      row.update(k="adaptive: " + used, calibration=report, startup_seconds=startup)
+      if kinds is not None:
+        row["mode"] = f"engine ({kind})"
     result["throughput"].append(row)
 
-  # 2. Latency under concurrent clients (the adaptive engine, on its own thread).
+  # 2. Latency under concurrent clients (the first kind's adaptive engine, on its own thread).
   e = adaptive_engine.start()
   try:
     for c in clients:
@@ -235,14 +274,15 @@ def format_table(r: dict) -> str:
   if r["random_weights"]:
     lines.append("RANDOM WEIGHTS: acceptance (and so speedup) is not meaningful")
   base = next(t for t in r["throughput"] if t["mode"] == "fixed batches")
-  lines += ["", f"{'mode':>14}  {'K':>14}  {'tokens/s':>9}  {'vs fixed K=0':>12}  "
-            f"{'tokens/cpu-s':>12}  {'vs fixed K=0':>12}  {'a':>6}"]
+  lines += ["", f"{'mode':>15}  {'K':>14}  {'tokens/s':>9}  {'vs fixed K=0':>12}  "
+            f"{'tokens/cpu-s':>12}  {'vs fixed K=0':>12}  {'a':>6}  {'startup s':>9}"]
   for t in r["throughput"]:
-    lines.append(f"{t['mode']:>14}  {t['k']:>14}  {t['tokens_per_s']:9.1f}  "
+    lines.append(f"{t['mode']:>15}  {t['k']:>14}  {t['tokens_per_s']:9.1f}  "
                  f"{t['tokens_per_s'] / base['tokens_per_s']:11.2f}x  "
                  f"{t['tokens_per_cpu_s']:12.1f}  "
                  f"{t['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:11.2f}x  "
-                 f"{_cell(t.get('acceptance'), '{:.3f}'):>6}")
+                 f"{_cell(t.get('acceptance'), '{:.3f}'):>6}  "
+                 f"{_cell(t.get('startup_seconds'), '{:.1f}'):>9}")
   lines += ["", f"{'clients':>7}  {'requests':>8}  {'tokens/s':>9}  {'TTFT p50':>9}  "
             f"{'TTFT p90':>9}  {'ITL p50':>8}  {'ITL p90':>8}  {'K':>2}  {'N':>3}"]
   for t in r["latency"]:

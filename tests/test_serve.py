@@ -584,23 +584,11 @@ def test_penalties_and_logit_bias_reach_the_sampler_plain_and_streamed(server):
 def test_greedy_through_the_server_equals_sampler_greedy(server):
   # Given the server's own models (random weights are a function of the config) in a Sampler
   # here, decoding greedily without speculation,
-  import jax
-  from spec_tpu import sharding
-  from spec_tpu.decoding.sampling import SamplingParams
-  config = tiny_random.get_config()
-  config.model.checkpoint = config.draft.checkpoint = ""
-  setup = common.resolve(config)
-  tok = common.load_tokenizer(config, setup)
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  from spec_tpu.decoding.sampler import Sampler
-  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
   prompts = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):"]
-  add_bos = bool(config.run.add_bos)  # the server encodes prompts as the config says
-  want = sampler.generate([tok.encode(p, add_bos=add_bos) for p in prompts], max_new_tokens=20,
-                          sampling=SamplingParams(temperature=0.0))
+  tok, want = _tiny_random_greedy(prompts, 20)
   # then the server's greedy completions (K = 4 speculation) are the same tokens.
   client = _client(server)
-  for prompt, tokens in zip(prompts, want.tokens):
+  for prompt, tokens in zip(prompts, want):
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
     assert got.choices[0].text == tok.decode(tokens)
     assert got.usage.completion_tokens == len(tokens)
@@ -622,18 +610,7 @@ def test_an_ngram_draft_serves_through_the_openai_client(tmp_path_factory):
   finally:
     serve.close()
   # then its text is the target's greedy continuation without speculation.
-  import jax
-  from spec_tpu import sharding
-  from spec_tpu.decoding.sampler import Sampler
-  from spec_tpu.decoding.sampling import SamplingParams
-  config = tiny_random.get_config()
-  config.model.checkpoint = config.draft.checkpoint = ""
-  setup = common.resolve(config)
-  tok = common.load_tokenizer(config, setup)
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
-  want = sampler.generate([tok.encode(prompt, add_bos=bool(config.run.add_bos))],
-                          max_new_tokens=12, sampling=SamplingParams(temperature=0.0)).tokens[0]
+  tok, (want,) = _tiny_random_greedy([prompt], 12)
   assert got.choices[0].text == tok.decode(want)
   assert got.usage.completion_tokens == len(want)
 
@@ -920,3 +897,24 @@ def test_a_request_past_the_time_limit_is_cancelled_and_answered_504():
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "so far"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
     assert events[-1] == "[DONE]" and engine.requests[-1].cancelled
+
+
+def _tiny_random_greedy(prompts, max_new_tokens):
+  """(tokenizer, tokens) of configs/tiny_random.py's target decoding the prompts greedily
+  without speculation, in a Sampler here (random weights are a function of the config), the
+  prompts encoded as the server encodes them."""
+  import jax
+  from spec_tpu import sharding
+  from spec_tpu.decoding.sampler import Sampler
+  from spec_tpu.decoding.sampling import SamplingParams
+  config = tiny_random.get_config()
+  config.model.checkpoint = config.draft.checkpoint = ""
+  setup = common.resolve(config)
+  tok = common.load_tokenizer(config, setup)
+  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
+  add_bos = bool(config.run.add_bos)
+  result = sampler.generate([tok.encode(p, add_bos=add_bos) for p in prompts],
+                            max_new_tokens=max_new_tokens,
+                            sampling=SamplingParams(temperature=0.0))
+  return tok, result.tokens

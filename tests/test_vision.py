@@ -220,3 +220,56 @@ def test_both_name_layouts_convert_alike(converted, tmp_path, names):
   jax.tree.map(np.testing.assert_array_equal, got, params)
   assert cfg.vision.newline_id == (97 if names == "hub" else 108)
   shutil.rmtree(src)
+
+
+# (width, height): landscape, portrait, under the ratio, square, crops too small, many crops,
+# a crop count capped by the long side over min_crop_size.
+PAN_AND_SCAN_SIZES = [(700, 300), (257, 900), (350, 300), (400, 400), (500, 120), (1700, 260),
+                      (600, 290)]
+
+
+@pytest.mark.parametrize("size", PAN_AND_SCAN_SIZES)
+def test_pan_and_scan_crops_as_transformers(size):
+  pytest.importorskip("transformers")
+  from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+  from spec_tpu.models.vision import image as image_lib
+  w, h = size
+  pixels = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  want = Gemma3ImageProcessorPil().pan_and_scan(
+      pixels.transpose(2, 0, 1), pan_and_scan_min_crop_size=256,
+      pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
+  got = image_lib.pan_and_scan(pixels)
+  np.testing.assert_array_equal(np.asarray(got[0]), pixels)
+  assert len(got) == 1 + len(want)
+  for g, t in zip(got[1:], want):
+    np.testing.assert_array_equal(np.asarray(g), t.transpose(1, 2, 0))
+  if size in ((700, 300), (1700, 260)):
+    assert len(want) >= 2  # the sizes above do exercise crops
+  with pytest.raises(ValueError, match="Pan & Scan needs"):
+    image_lib.pan_and_scan(pixels, max_num_crops=1)
+
+
+def test_pan_and_scan_prompt_as_transformers():
+  pytest.importorskip("transformers")
+  from types import SimpleNamespace
+  from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
+  from spec_tpu.models.vision.config import GEMMA3
+  v = GEMMA3
+  full = "\n\n<boi>" + "<img>" * v.num_soft_tokens + "<eoi>\n\n"
+  proc = SimpleNamespace(full_image_sequence=full)
+  encode = lambda s: [1000 + ord(c) for c in s]  # noqa: E731 - a character tokenizer
+  names = {v.newline_id: "\n\n", v.start_id: "<boi>", v.image_id: "<img>", v.end_id: "<eoi>"}
+  decode = lambda ids: "".join(names.get(t) or chr(t - 1000) for t in ids)  # noqa: E731
+  crop_text = prompt_lib.crop_text_ids(encode)
+  prompt = encode("a") + [v.start_id] + encode("b") + [v.start_id] + encode("c")
+  for crops in ([3, 0], [0, 2], [1, 4]):
+    ids = prompt_lib.expand(prompt, 2, v, crops=crops, crop_text=crop_text)
+    want = "a{}b{}c".format(*(Gemma3Processor.replace_image_token(proc, {"num_crops": crops}, k)
+                              for k in range(2)))
+    assert decode(ids) == want
+    assert ids.count(v.image_id) == v.num_soft_tokens * (2 + sum(crops))
+  assert prompt_lib.expand(prompt, 2, v, crops=[0, 0]) == prompt_lib.expand(prompt, 2, v)
+  with pytest.raises(ValueError, match="need crop_text"):
+    prompt_lib.expand(prompt, 2, v, crops=[1, 0])
+  with pytest.raises(ValueError, match="crops must give a count"):
+    prompt_lib.expand(prompt, 2, v, crops=[1])

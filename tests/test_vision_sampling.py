@@ -263,3 +263,23 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
   with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
     engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
   assert engine.queue_length == 0
+
+
+def test_pan_and_scan_reads_an_image_as_the_original_then_its_crops(single):
+  """With pan_and_scan, a wide image is read as the original and its crops, in the layout the
+  prompt gets when the caller writes the crop text and passes the crops as images itself."""
+  wide = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
+  crop_text = ([3, 4], [5], [3])
+  views = image_lib.pan_and_scan(wide)
+  assert len(views) == 3
+  by_hand = ([3] + crop_text[0] + [VISION.start_id] + crop_text[1] + [VISION.start_id]
+             + crop_text[2] + [VISION.start_id])
+  got = single.generate([TEXT], images=[[wide]], pan_and_scan=crop_text, max_new_tokens=3)
+  want = single.generate([by_hand], images=[views], max_new_tokens=3)
+  assert got.tokens == want.tokens
+  ids, soft = single._with_images([TEXT], [[wide]], crop_text)
+  ids_by_hand, soft_by_hand = single._with_images([by_hand], [views])
+  assert ids == ids_by_hand and ids[0].count(VISION.image_id) == 3 * VISION.num_soft_tokens
+  np.testing.assert_array_equal(soft(False), soft_by_hand(False))
+  # Off by default: one block, the original's.
+  assert single._with_images([TEXT], [[wide]])[0] == [prompt_lib.expand(TEXT, 1, VISION)]

@@ -210,9 +210,10 @@ class Sampler:
     batch[:len(pixels)] = pixels
     return to_host(self._programs[key](params, batch))[:len(pixels)]
 
-  def _with_images(self, prompts, images):
+  def _with_images(self, prompts, images, crop_text=None):
     """(prompts with image blocks laid out, a function of `draft` giving the soft tokens
-    (b m d) of the target's encoder or the draft's, or None without images)."""
+    (b m d) of the target's encoder or the draft's, or None without images). crop_text (Pan &
+    Scan's words as ids): each image becomes [original, crops...] (image.pan_and_scan)."""
     vision = self.pair.vision()
     if len(images) != len(prompts):
       raise ValueError(f"images must hold one list per prompt: {len(images)} lists for "
@@ -221,7 +222,14 @@ class Sampler:
     for i, (p, row) in enumerate(zip(prompts, images)):
       row = [] if row is None else list(row)
       prompts_lib.token_ids(p, self.target_cfg.num_tokens, f"prompt {i}")
-      laid_out.append(image_prompt.expand(p, len(row), vision, f"prompt {i}"))
+      crops = None
+      if crop_text is not None:
+        views = [image_lib.pan_and_scan(img, what=f"prompt {i} image {j}")
+                 for j, img in enumerate(row)]
+        crops = [len(v) - 1 for v in views]
+        row = [view for v in views for view in v]
+      laid_out.append(image_prompt.expand(p, len(crops) if crops is not None else len(row),
+                                          vision, f"prompt {i}", crops, crop_text))
       pixels += [image_lib.prepare(img, vision.image_size, f"prompt {i} image {j}")
                  for j, img in enumerate(row)]
       counts.append(len(row))
@@ -235,7 +243,8 @@ class Sampler:
                sampling: SamplingParams = SamplingParams(), seed: int = 0,
                coupling: str | None = None,
                draft_source: DraftSource | None = None,
-               images: Sequence[Sequence] | None = None) -> Result:
+               images: Sequence[Sequence] | None = None,
+               pan_and_scan: Sequence[Sequence[int]] | None = None) -> Result:
     """Samples max_new_tokens (fewer after EOS) for every prompt. Row i draws from the random
     stream (seed, i): the stream a serving Engine request with seed `seed + i * 2**32` uses.
     coupling: None = the Sampler's. draft_source: where K > 0 rounds get their proposals
@@ -245,7 +254,12 @@ class Sampler:
     paths; models/vision/image.py), one for each start_of_image token of the prompt, where the
     image goes (a model with a vision encoder only). They are encoded once, before the
     prefill, by the target's encoder and, for a multimodal draft, by the draft's own; a
-    text-only draft reads the prompt's ids (the placeholders as padding)."""
+    text-only draft reads the prompt's ids (the placeholders as padding).
+
+    pan_and_scan: None (off, the default) or Pan & Scan's words as token ids
+    (vision/prompt.py's crop_text_ids(tokenizer.encode)): a wide or tall image is then also
+    read as up to 4 crops, each an image block of its own after the original's (transformers'
+    Gemma3Processor with do_pan_and_scan=True, its default crop settings)."""
     source = self.draft_source if draft_source is None else self.pair.check_source(draft_source)
     sampling.validate()
     coupling = self.coupling if coupling is None else decode.check_coupling(coupling)
@@ -258,7 +272,7 @@ class Sampler:
                        "draft kind 'ngram')")
     encode, placeholder = None, None
     if images is not None:
-      prompts, encode = self._with_images(prompts, images)
+      prompts, encode = self._with_images(prompts, images, pan_and_scan)
       placeholder = self.target_cfg.vision.image_id
     tokens, lengths = prompts_lib.pack(prompts, self.target_cfg.num_tokens, self.pad_id,
                                        placeholder=placeholder)

@@ -1,11 +1,13 @@
 """Images from what users hand over (PIL images, arrays, encoded bytes, files) to the encoder's
 input: RGB, bilinear resize to image_size x image_size, values scaled to [-1, 1] (x / 127.5 - 1),
-as transformers' Gemma3ImageProcessor and the gemma library prepare them (Pan & Scan crops,
-off by default there, are not made). Decoding is Pillow's."""
+as transformers' Gemma3ImageProcessor and the gemma library prepare them. Pan & Scan
+(`pan_and_scan`: crops of a wide or tall image, each encoded as an image of its own) is an
+option, off by default as in transformers. Decoding is Pillow's."""
 
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import numpy as np
@@ -75,3 +77,42 @@ def prepare(image, size: int, what: str = "image") -> np.ndarray:
   Image = _pil()
   img = to_pil(image, what).resize((size, size), Image.Resampling.BILINEAR)
   return np.asarray(img, np.float32) / 127.5 - 1.0
+
+
+def pan_and_scan_boxes(width: int, height: int, min_crop_size: int = 256,
+                       max_num_crops: int = 4, min_ratio_to_activate: float = 1.2
+                       ) -> list[tuple[int, int, int, int]]:
+  """Pan & Scan's crop boxes (left, top, right, bottom) of a width x height image, with
+  transformers' Gemma3ImageProcessor arithmetic: none unless the long side is at least
+  min_ratio_to_activate times the short one; else about long/short crops (at least 2, at most
+  max_num_crops) along the long side, none when a crop would be under min_crop_size. The last
+  crop is cut at the image's edge (ceil-sized crops, as transformers slices)."""
+  if width >= height:
+    if width / height < min_ratio_to_activate:
+      return []
+    n = min(math.floor(width / min_crop_size), math.floor(width / height + 0.5))
+    num_w, num_h = min(max_num_crops, max(2, n)), 1
+  else:
+    if height / width < min_ratio_to_activate:
+      return []
+    n = min(math.floor(height / min_crop_size), math.floor(height / width + 0.5))
+    num_w, num_h = 1, min(max_num_crops, max(2, n))
+  crop_w, crop_h = math.ceil(width / num_w), math.ceil(height / num_h)
+  if min(crop_w, crop_h) < min_crop_size:
+    return []
+  return [(x, y, min(x + crop_w, width), min(y + crop_h, height))
+          for y in range(0, crop_h * num_h, crop_h) for x in range(0, crop_w * num_w, crop_w)]
+
+
+def pan_and_scan(image, min_crop_size: int = 256, max_num_crops: int = 4,
+                 min_ratio_to_activate: float = 1.2, what: str = "image") -> list:
+  """One image as [original, crops...] (PIL RGB images; just [original] when Pan & Scan does
+  not apply): each goes through `prepare` and the encoder as an image of its own, and the
+  prompt lays them out with prompt.expand's `crops`."""
+  if min_crop_size < 1 or max_num_crops < 2 or min_ratio_to_activate < 1:
+    raise ValueError("Pan & Scan needs min_crop_size >= 1, max_num_crops >= 2 and "
+                     "min_ratio_to_activate >= 1")
+  img = to_pil(image, what)
+  boxes = pan_and_scan_boxes(img.width, img.height, min_crop_size, max_num_crops,
+                             min_ratio_to_activate)
+  return [img] + [img.crop(box) for box in boxes]

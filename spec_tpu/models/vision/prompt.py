@@ -14,10 +14,27 @@ import numpy as np
 from spec_tpu.models.vision.config import VisionConfig
 
 
+# Pan & Scan's words around an image with crops, as transformers' Gemma3Processor writes them:
+# ORIGINAL, the original's block, CROPS, then the crops' blocks joined by SEPARATOR.
+PAN_AND_SCAN_TEXT = ("Here is the original image ",
+                     " and here are some crops to help you see better ", " ")
+
+
+def crop_text_ids(encode) -> tuple[list[int], ...]:
+  """PAN_AND_SCAN_TEXT's pieces as token ids, each through encode(piece) -> ids (no BOS).
+  Tokenized piece by piece, so they may split differently from transformers' tokenizing the
+  whole expanded text at once (same words, possibly other token boundaries)."""
+  return tuple(list(encode(piece)) for piece in PAN_AND_SCAN_TEXT)
+
+
 def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
-           what: str = "the prompt") -> list[int]:
+           what: str = "the prompt", crops: Sequence[int] | None = None,
+           crop_text: Sequence[Sequence[int]] | None = None) -> list[int]:
   """The prompt's token ids with each start_of_image expanded into an image block, or a
-  ValueError when the prompt's start_of_image tokens and its images differ in number."""
+  ValueError when the prompt's start_of_image tokens and its images differ in number.
+  With Pan & Scan, crops[k] is image k's number of crops (image.pan_and_scan's list less the
+  original): an image with crops becomes crop_text's words (crop_text_ids) around 1 + crops[k]
+  blocks, filled in order by the original's soft tokens then its crops'."""
   prompt = [int(t) for t in prompt]
   if vcfg.image_id in prompt:
     raise ValueError(f"{what} holds the image placeholder id {vcfg.image_id}: mark an image's "
@@ -28,9 +45,25 @@ def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
                      f"{num_images} image(s): give one image per start_of_image")
   block = ([vcfg.newline_id, vcfg.start_id] + [vcfg.image_id] * vcfg.num_soft_tokens
            + [vcfg.end_id, vcfg.newline_id])
-  out = []
+  crops = [0] * num_images if crops is None else [int(c) for c in crops]
+  if len(crops) != num_images or min(crops, default=0) < 0:
+    raise ValueError(f"{what}: crops must give a count >= 0 for each of its {num_images} "
+                     "image(s)")
+  if any(crops) and (crop_text is None or len(crop_text) != 3):
+    raise ValueError(f"{what}: images with Pan & Scan crops need crop_text (crop_text_ids)")
+  out, k = [], 0
   for t in prompt:
-    out.extend(block if t == vcfg.start_id else (t,))
+    if t != vcfg.start_id:
+      out.append(t)
+      continue
+    if crops[k]:
+      original, between, sep = (list(map(int, ids)) for ids in crop_text)
+      out += original + block + between + block
+      for _ in range(crops[k] - 1):
+        out += sep + block
+    else:
+      out += block
+    k += 1
   return out
 
 

@@ -57,19 +57,7 @@ def _build_hf(torch, transformers, case, path):
     cls = transformers.Gemma4ForConditionalGeneration
   m = cls(config).eval()
   m.config._attn_implementation = "eager"
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():  # weights large enough that every part matters (norms are w, not 1 + w)
-    for name, p in list(m.named_parameters()) + list(m.named_buffers()):
-      if name.endswith("layer_scalar"):
-        p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-      elif not p.is_floating_point() or "inv_freq" in name or "embed_scale" in name:
-        continue
-      elif p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-      elif "embed_tokens" in name:
-        p.copy_(torch.randn(p.shape, generator=gen))
-      else:
-        p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+  _randomize(torch, m, 0)
   m.save_pretrained(path, safe_serialization=True)
   return m
 
@@ -258,6 +246,7 @@ def test_num_params_counts_what_init_allocates(name):
 # ---------------------------------------------------------------- the assistant drafter
 
 def _randomize(torch, m, seed):
+  """Weights large enough that every part matters (norms are w, not 1 + w)."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in list(m.named_parameters()) + list(m.named_buffers()):

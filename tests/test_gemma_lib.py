@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from spec_tpu.checkpoints import checkpoint, gemma_lib
+from spec_tpu.checkpoints._convert import flatten
 from spec_tpu.checkpoints.gemma_lib import GemmaConversionError
 from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig, get_preset
@@ -102,26 +103,20 @@ def gemma_tree(cfg: ModelConfig, *, transposed: bool, seed: int = 0) -> dict:
   return tree
 
 
-def flat_layout(nested: dict, vision: bool = False) -> dict:
-  """The released checkpoints' layout: 'transformer/<module path>' -> {param name: array}, the
-  mlp weights as {'w': array} (the library's _compat.flatten_and_remap_params)."""
+def flat_layout(nested: dict) -> dict:
+  """The released checkpoints' layout (the library's _checkpoint._nested_to_flat): every
+  leaf's module path -> {param name: array}, under 'transformer/' or, for the vision encoder
+  (nested 'vision_encoder'), 'SigLiPFromPatches_0/'; the nested layout's bare mlp leaves
+  become {'w': array} (its _compat.flatten_and_remap_params)."""
+  nested = dict(nested)
+  vision = nested.pop("vision_encoder", None)
   out = {}
-
-  def walk(node, path):
-    if all(not isinstance(v, dict) for v in node.values()):
-      out["transformer/" + "/".join(path)] = dict(node)
-      return
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(value, path + [key])
-      else:  # a bare mlp leaf of the nested layout
-        out["transformer/" + "/".join(path + [key])] = {"w": value}
-
-  walk(nested, [])
-  if vision:  # Gemma 3's SigLIP encoder and projection, skipped by the converter
-    out["SigLiPFromPatches_0/siglip_encoder/embedding"] = {"kernel": np.zeros((2, 2, 3, 4),
-                                                                               np.float32)}
-    out["transformer/embedder/mm_input_projection"] = {"w": np.zeros((4, 32), np.float32)}
+  for root, tree in (("transformer", nested), ("SigLiPFromPatches_0", vision or {})):
+    for name, value in flatten(tree).items():
+      if name.endswith(("/mlp/linear", "/mlp/gating_einsum")):
+        name += "/w"
+      module, param = name.rsplit("/", 1)
+      out.setdefault(f"{root}/{module}", {})[param] = value
   return out
 
 
@@ -196,7 +191,7 @@ def converted(request, tmp_path_factory):
   preset, layout, transposed, _, _ = CASES[case]
   cfg = _cfg(preset)
   nested = gemma_tree(cfg, transposed=transposed)
-  tree = nested if layout == "nested" else flat_layout(nested, vision=case == "gemma3")
+  tree = nested if layout == "nested" else flat_layout(nested)
   if layout == "stacked":  # Gemma 3's 5:1 pattern shrunk to 2:1, two layers per position
     tree = stacked_layout(tree, period=3)
   root = tmp_path_factory.mktemp(case)
@@ -237,15 +232,14 @@ def test_config_comes_from_the_tree_and_the_preset(converted):
 def test_flat_nested_and_stacked_layouts_give_the_same_params():
   cfg = get_preset("tiny_gemma3")
   nested = gemma_tree(cfg, transposed=True, seed=3)
-  a, skipped_a = gemma_lib.canonical_names(nested)
-  b, skipped_b = gemma_lib.canonical_names(flat_layout(nested, vision=True))
+  a, vision_a = gemma_lib.canonical_names(nested)
+  b, vision_b = gemma_lib.canonical_names(flat_layout(nested))
   c, _ = gemma_lib.canonical_names({"params": nested})  # a Kauldron-style root
   # Stacked by a period that does not divide the 6 layers: positions 0-1 hold 2, 2-3 hold 1.
   stacked = stacked_layout(flat_layout(nested), period=4)
   assert stacked["transformer/stacked_layers/attention_type_1/attn/q_einsum"]["w"].shape[0] == 2
   d, _ = gemma_lib.canonical_names(stacked)
-  assert not skipped_a and sorted(skipped_b) == [
-      "SigLiPFromPatches_0/siglip_encoder/embedding/kernel", "embedder/mm_input_projection/w"]
+  assert not vision_a and not vision_b  # a text-only tree has no image half
   assert set(a) == set(b) == set(c) == set(d)
   convert = lambda n: gemma_lib.convert_params(
       n, gemma_lib.config_from_tree(n, preset="tiny_gemma3"))
@@ -340,17 +334,21 @@ def test_a_tree_that_is_not_a_gemma_checkpoint_is_refused(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def _train_sp(path, vocab_size=350):
+def _train_sp(path, vocab_size=350, image_pieces=False):
   """A byte-fallback sentencepiece model with Gemma's chat-turn pieces (user-defined, as in
-  Gemma's tokenizer.model)."""
+  Gemma's tokenizer.model); image_pieces: also Gemma 3's image-block pieces, "\n\n" one token
+  (no dummy prefix, as in Gemma 3's)."""
   import sentencepiece as spm
   text = [f"def f{i}(x, y):\n    return x * {i} + y - {i * 7}\n" for i in range(2000)]
+  pieces = ["<start_of_turn>", "<end_of_turn>"]
+  if image_pieces:
+    pieces += ["<start_of_image>", "<end_of_image>", "\n\n"]
   path = f"{path}.model"
   with open(path, "wb") as f:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text), model_writer=f, vocab_size=vocab_size, byte_fallback=True,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, unk_id=1,
-        bos_id=2, eos_id=3, minloglevel=2)
+        user_defined_symbols=pieces, pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
+        add_dummy_prefix=not image_pieces)
   return path
 
 
@@ -386,3 +384,103 @@ def test_launcher_converts_with_the_tokenizer_beside_the_checkpoint(small_tree, 
       f"error: tokenizer '{big}' has 400 tokens but the checkpoint's embedding table only "
       f"{VOCAB} rows: not this model's tokenizer"]
   assert not (tmp_path / "ckpt2").exists()
+
+
+# ---------------------------------------------------------------- the image half
+
+def _library_siglip(vcfg):
+  """The gemma library's SigLIP ViT (gemma/gm/nn/vision/_vision_utils.py ViTModel, the
+  SigLiPFromPatches default: learned position embedding, no scan) as its source composes flax
+  modules: the parameter names, shapes and layouts below are flax's own (auto-named
+  LayerNorm_0, MultiHeadDotProductAttention_0, MlpBlock_0/Dense_0, a stride-P Conv)."""
+  import flax.linen as nn
+
+  class MlpBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.gelu(nn.Dense(vcfg.mlp_dim)(x))  # flax's gelu: the tanh approximation
+      return nn.Dense(vcfg.width)(x)
+
+  class Encoder1DBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=vcfg.num_heads)(y, y)
+      return x + MlpBlock()(nn.LayerNorm()(x))
+
+  class Encoder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(vcfg.num_layers):
+        x = Encoder1DBlock(name=f"encoderblock_{i}")(x)
+      return nn.LayerNorm(name="encoder_norm")(x)
+
+  class ViTModel(nn.Module):
+    @nn.compact
+    def __call__(self, image):
+      p = vcfg.patch_size
+      x = nn.Conv(vcfg.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(image)
+      n, h, w, c = x.shape
+      x = x.reshape(n, h * w, c)
+      x = x + self.param("pos_embedding", nn.initializers.normal(stddev=c ** -0.5),
+                         (1, h * w, c))
+      return Encoder(name="Transformer")(x)
+
+  return ViTModel()
+
+
+def _library_soft_tokens(encoded, side, norm_scale, projection):
+  """The library's VisionExit (average pooling to side x side tokens) and Embedder.encode_vision
+  (its RMSNorm, times 1 + scale, then the '...tm,md->...td' einsum)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  u, n, a = encoded.shape
+  g = int(n ** 0.5)
+  window = (g // side, g // side)
+  x = nn.avg_pool(encoded.reshape(u, g, g, a), window, strides=window).reshape(u, -1, a)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+  return jnp.einsum("...tm,md->...td", x * (1 + norm_scale), projection)
+
+
+def test_vision_tree_converts_to_the_library_modules_outputs(tmp_path):
+  """A Gemma 3 tree with the library's SigLIP encoder (random flax params, every one moved off
+  its init), stacked text layers, flat layout, the tokenizer beside it: the converted model's
+  encoder and soft tokens equal the flax modules' outputs, and the image block's ids are the
+  tokenizer's."""
+  import jax.numpy as jnp
+  from spec_tpu.models.vision import siglip
+  vcfg = get_preset("tiny_vision").vision  # 28x28 images, 7x7 patches, 4 soft tokens
+  preset = _cfg("tiny_gemma3").replace(vision=vcfg)
+  vit = _library_siglip(vcfg)
+  images = np.random.default_rng(5).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+  encoder = vit.init(jax.random.key(0), images[:1])["params"]
+  leaves, treedef = jax.tree.flatten(encoder)
+  rng = np.random.default_rng(6)
+  encoder = jax.tree.unflatten(treedef, [np.asarray(x) + 0.3 * rng.standard_normal(x.shape)
+                                         .astype(np.float32) for x in leaves])
+  nested = gemma_tree(preset, transposed=True, seed=7)
+  norm_scale = (0.3 * rng.standard_normal(vcfg.width)).astype(np.float32)
+  projection = rng.standard_normal((vcfg.width, preset.d_model)).astype(np.float32) / 4
+  nested["embedder"].update(mm_soft_embedding_norm={"scale": norm_scale},
+                            mm_input_projection={"w": projection})
+  nested["vision_encoder"] = {"siglip_encoder": encoder}
+  tree = stacked_layout(flat_layout(nested), period=3)
+  assert "SigLiPFromPatches_0/siglip_encoder" in tree  # pos_embedding's module: the encoder
+  src = save_tree(tree, tmp_path / "gemma3" / "tiny")
+  tok = _train_sp(tmp_path / "sp", image_pieces=True)
+  os.replace(tok, tmp_path / "gemma3" / "tokenizer.model")
+  gemma_lib.convert_directory(src, tmp_path / "ckpt", preset=preset)
+  params, cfg = checkpoint.restore(tmp_path / "ckpt")
+  from spec_tpu import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.load(tmp_path / "ckpt")
+  assert cfg.vision == vcfg.replace(start_id=tok.piece_id("<start_of_image>"),
+                                    end_id=tok.piece_id("<end_of_image>"),
+                                    newline_id=tok.encode("\n\n")[0])
+  assert cfg.vision.newline_id != vcfg.newline_id
+  want = np.asarray(vit.apply({"params": encoder}, images))
+  got = np.asarray(siglip.encode(params["vision"], cfg.vision, jnp.asarray(images)))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  want = np.asarray(_library_soft_tokens(want, 2, norm_scale, projection))
+  got = np.asarray(model.encode_images(params, cfg, jnp.asarray(images)))
+  assert got.shape == (2, 4, preset.d_model)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5

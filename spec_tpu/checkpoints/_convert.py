@@ -31,6 +31,10 @@ class HFConversionError(ConversionError):
   """A Hugging Face checkpoint that spec_tpu cannot convert faithfully."""
 
 
+class GemmaConversionError(ConversionError):
+  """A gemma library checkpoint that spec_tpu cannot convert faithfully."""
+
+
 def float_dtype(dtype, error: type[ConversionError] = HFConversionError) -> str:
   """The canonical name of the float dtype converted weights take, or `error`."""
   try:
@@ -164,6 +168,35 @@ def fill_params(plan: list[Step], get: Callable[[str], np.ndarray], cfg: ModelCo
               for at in ([(g,) for g in range(stacked[key])] if key in stacked else [()])}
   if written != expected:
     raise AssertionError(f"conversion plan fills {len(written)} of {len(expected)} arrays/slices")
+  return params
+
+
+def fill_vision(plan: list[Step], get: Callable[[str], np.ndarray], cfg: ModelConfig,
+                dtype=None, release: Callable[[str], None] | None = None) -> dict:
+  """params["vision"] (numpy, models/vision/siglip.py layout, float weights cast to dtype or
+  cfg.dtype) from a checked plan whose paths are ("patch",), ..., or ("layers", leaf, i) for
+  encoder layer i; `release` as in fill_params."""
+  from spec_tpu.models.vision import siglip
+  dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
+  shapes = jax.eval_shape(lambda: siglip.init_params(cfg.vision, cfg.d_model, jax.random.key(0),
+                                                     dtype))
+  params = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), shapes)
+  last_use = {name: i for i, (name, _, _, _) in enumerate(plan)}
+  written = set()
+  for i, (name, _, path, arrange) in enumerate(plan):
+    *keys, at = path if path[0] == "layers" else path + ((),)
+    node = params
+    for k in keys[:-1]:
+      node = node[k]
+    node[keys[-1]][at] = arrange(np.asarray(get(name)))  # cast while copying
+    written.add((id(node[keys[-1]]), at))
+    if release is not None and last_use[name] == i:
+      release(name)
+  # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
+  expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
+              for at in (range(cfg.vision.num_layers) if key == "layers" else [()])}
+  if written != expected:
+    raise AssertionError(f"vision plan fills {len(written)} of {len(expected)} arrays/slices")
   return params
 
 

@@ -28,8 +28,9 @@ convert_gemma3_weights.py writes it), N heads, K kv heads, D d_model, H head_dim
                                                     and 27B, Gemma 3); gelu on index 0
   layer_i/mlp/linear/w                     (F, D)
   final_norm/scale                         (D)
-Gemma 3's vision encoder (vision_encoder/..., SigLiPFromPatches_0/...) and its embedder/mm_*
-projection are skipped with a warning: the text model converts, images are not supported yet.
+Gemma 3 4B, 12B and 27B also hold the SigLIP image encoder (SigLiPFromPatches_0/... in the flat
+layout, vision_encoder/... in the nested one) and the embedder's mm_* projection of its output:
+gemma_lib_vision.py converts them into the model's vision params, its config from their shapes.
 
 The shapes give the config (layers, dims, heads, kv heads, head_dim, which norms); the family
 follows from the norms (Gemma 3: q/k norms; Gemma 2: norms after attention and FFW; Gemma 1:
@@ -43,7 +44,6 @@ past its size are marked as padding (valid_vocab_size).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import tempfile
@@ -52,17 +52,11 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from spec_tpu.checkpoints._convert import (
-    TOKENIZER_DIR, ConversionError, Step, check_plan, file_id, fill_params, flatten,
+    TOKENIZER_DIR, GemmaConversionError, Step, check_plan, file_id, fill_params, flatten,
     float_dtype, restore_orbax_tree, same)
+from spec_tpu.checkpoints import gemma_lib_vision
 from spec_tpu.models import quant
 from spec_tpu.models.config import PRESETS, ModelConfig
-
-log = logging.getLogger(__name__)
-
-
-class GemmaConversionError(ConversionError):
-  """A gemma library checkpoint that spec_tpu cannot convert faithfully."""
-
 
 # The released models of each family, whose presets (models/config.py) give what the tree
 # cannot: a tree matching one of these in every shape field converts with its settings.
@@ -81,7 +75,6 @@ _GEMMA_FIELDS = dict(ffw_activation="geglu", gelu_approximate=True, norm_plus_on
                      attn_out_bias=False, rope_fraction=1.0)
 
 _ROOTS = ("params/", "transformer/", "rlx_networks/policy_network/")
-_VISION = ("vision_encoder/", "SigLiPFromPatches_0/", "embedder/mm_")
 # The gemma library's sampler stops on EOS and on the end of a chat turn; a converted checkpoint
 # records both in its tokenizer's generation_config.json, as transformers' Gemma releases do.
 END_OF_TURN = "<end_of_turn>"
@@ -91,25 +84,27 @@ _STACKED = re.compile(r"stacked_layers/attention_type_(\d+)/(.+)")
 
 # ---------------------------------------------------------------- the tree
 
-def canonical_names(tree: Mapping) -> tuple[dict[str, np.ndarray], list[str]]:
-  """({canonical name: array}, [skipped vision names]) of a restored tree in either layout.
+def canonical_names(tree: Mapping) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """({canonical name: array} of the text model, the same of the image half) of a restored
+  tree in any layout; the second is empty for a text-only checkpoint.
 
   Canonical names are the flat layout's without its 'transformer/' root, every weight ending in
   its own name ('layer_0/mlp/linear/w', as the flat layout has it; the nested one drops the 'w'
-  of the two mlp weights); stacked layers are unstacked into their layer_i (views, no copy)."""
+  of the two mlp weights); stacked layers are unstacked into their layer_i (views, no copy).
+  The image half's are gemma_lib_vision.canonical's."""
   flat = _unstacked(flatten(tree))
-  names, vision = {}, []
+  names, vision = {}, {}
   for name, value in flat.items():
     for root in _ROOTS:
       if name.startswith(root):
         name = name[len(root):]
-    if name.startswith(_VISION):
-      vision.append(name)
+    if gemma_lib_vision.is_vision_name(name):
+      vision[name] = value
       continue
     if name.endswith(("/mlp/gating_einsum", "/mlp/linear")):
       name += "/w"
     names[name] = value
-  return names, vision
+  return names, gemma_lib_vision.canonical(vision)
 
 
 def _unstacked(flat: dict) -> dict:
@@ -205,13 +200,21 @@ def _preset(preset: str | ModelConfig) -> ModelConfig:
 
 
 def config_from_tree(names: Mapping, *, preset: str | ModelConfig | None = None,
-                     name: str = "gemma", dtype: str | None = None) -> ModelConfig:
-  """The ModelConfig of a gemma tree (canonical names): shapes from the tree, the rest from
-  `preset` (checked against the tree) or from the released model with the tree's shapes."""
+                     name: str = "gemma", dtype: str | None = None,
+                     vision: Mapping | None = None, tokenizer=None) -> ModelConfig:
+  """The ModelConfig of a gemma tree (canonical names, and the image half's in `vision`):
+  shapes from the tree, the rest from `preset` (checked against the tree) or from the released
+  model with the tree's shapes. The image block's token ids come from `tokenizer` (a loaded
+  spec_tpu Tokenizer) where given, else from the preset's vision config or Gemma 3's."""
   shapes = read_shapes(names)
   family = shapes["family"]
+  base_vision = None
   if preset is not None:
     base = _preset(preset)
+    base_vision = base.vision
+    if base_vision is not None and not vision:
+      raise GemmaConversionError(f"preset {base.name!r} has a vision encoder, the checkpoint "
+                                 "none: name the text model's preset")
     for field in SHAPE_FIELDS:
       if getattr(base, field) != shapes[field]:
         raise GemmaConversionError(f"preset {base.name!r} has {field}={getattr(base, field)}, "
@@ -235,8 +238,29 @@ def config_from_tree(names: Mapping, *, preset: str | ModelConfig | None = None,
                       GemmaConversionError)
   fields = {f: shapes[f] for f in SHAPE_FIELDS + ("vocab_size",)}
   try:
-    return base.replace(name=name, dtype=dtype, valid_vocab_size=None, quantize=None, **fields)
+    cfg = base.replace(name=name, dtype=dtype, valid_vocab_size=None, quantize=None,
+                       vision=None, **fields)
   except ValueError as e:
+    raise GemmaConversionError(f"the checkpoint gives an invalid model: {e}") from None
+  if not vision:
+    return cfg
+  vcfg = gemma_lib_vision.config_from_tree(vision, base_vision, base.name)
+  if tokenizer is not None:
+    vcfg = gemma_lib_vision.with_token_ids(vcfg, tokenizer)
+  return with_vision(cfg, vcfg)
+
+
+def with_vision(cfg: ModelConfig, vision) -> ModelConfig:
+  """cfg with the VisionConfig `vision`, or a GemmaConversionError saying why it cannot be."""
+  try:
+    return cfg.replace(vision=vision)
+  except ValueError as e:
+    if "outside the vocabulary" in str(e):
+      raise GemmaConversionError(
+          f"the image block's token ids (start {vision.start_id}, end {vision.end_id}, "
+          f"\"\\n\\n\" {vision.newline_id}) are outside the checkpoint's {cfg.vocab_size}-row "
+          "table: give the checkpoint's tokenizer (--tokenizer) or a preset whose vision "
+          "config names them") from None
     raise GemmaConversionError(f"the checkpoint gives an invalid model: {e}") from None
 
 
@@ -277,11 +301,16 @@ def _plan(cfg: ModelConfig, qkv: bool, transposed_gating: bool) -> Iterator[Step
     yield p + "mlp/linear/w", (f, d), L + ("ffw", "down"), same
 
 
-def convert_params(names: dict[str, np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
-  """Params (numpy, models/model.py layout) from a tree's canonical names (canonical_names).
+def convert_params(names: dict[str, np.ndarray], cfg: ModelConfig, dtype=None,
+                   vision: dict[str, np.ndarray] | None = None) -> dict:
+  """Params (numpy, models/model.py layout) from a tree's canonical names (canonical_names:
+  the text model's, and the image half's in `vision` where cfg.vision is set).
   Every name and shape is checked first; a weight the decoder would not use is an error. Each
-  source array is dropped from `names` after its last use, so the source's memory is handed
-  back as the output fills."""
+  source array is dropped from `names` / `vision` after its last use, so the source's memory is
+  handed back as the output fills."""
+  if bool(vision) != (cfg.vision is not None):
+    raise GemmaConversionError("the config has a vision encoder, the tree none" if vision is None
+                               or not vision else "the tree has a vision encoder, the config none")
   qkv = "layer_0/attn/qkv_einsum/w" in names
   transposed = tuple(np.shape(names.get("layer_0/mlp/gating_einsum/w", ()))) == (
       2, cfg.ffw_dim, cfg.d_model)
@@ -291,7 +320,12 @@ def convert_params(names: dict[str, np.ndarray], cfg: ModelConfig, dtype=None) -
              context=f"config: {cfg.num_layers} layers, {cfg.num_heads} heads, "
                      f"{cfg.num_kv_heads} kv heads",
              unexpected_hint="LoRA or quantization weights? a layer the config lacks?")
-  return fill_params(plan, lambda n: np.asarray(names[n]), cfg, dtype, release=names.pop)
+  text_cfg = cfg.replace(vision=None)
+  if cfg.vision is None:
+    return fill_params(plan, lambda n: np.asarray(names[n]), text_cfg, dtype, release=names.pop)
+  image = gemma_lib_vision.convert(vision, cfg, dtype)  # checks its names before the decoder's
+  return dict(fill_params(plan, lambda n: np.asarray(names[n]), text_cfg, dtype,
+                          release=names.pop), vision=image)
 
 
 # ---------------------------------------------------------------- directories
@@ -316,7 +350,8 @@ def convert_directory(src, dst, *, preset: str | ModelConfig | None = None,
   tokenizer: the sentencepiece tokenizer.model to copy to dst/tokenizer/; None: find_tokenizer's
     (a checkpoint converted without one takes token ids only). Its size must fit the table.
     Where it has an <end_of_turn> piece, dst/tokenizer/generation_config.json lists it beside
-    EOS: generation stops on either, as in the gemma library's sampler.
+    EOS: generation stops on either, as in the gemma library's sampler. With a vision tree, the
+    image block's <start_of_image>, <end_of_image> and "\n\n" ids are read from it.
   dtype: the params dtype; default the checkpoint's. quantize: None or "int8" (models/quant.py).
   Returns the ModelConfig (its `tokenizer` names the copied file, "sp:<hash>").
   """
@@ -336,19 +371,17 @@ def convert_directory(src, dst, *, preset: str | ModelConfig | None = None,
     checkpoint.check_destination(dst, overwrite, source=src)
   names, vision = canonical_names(
       restore_orbax_tree(src, GemmaConversionError, "the gemma library's params"))
-  if vision:
-    log.warning("%s: skipping the vision encoder (%d tensors, e.g. %s): spec_tpu converts the "
-                "text model only, images are not supported yet", src, len(vision), vision[0])
-  cfg = config_from_tree(names, preset=preset, name=os.path.basename(src.rstrip(os.sep)),
-                         dtype=dtype)
   tokenizer = tokenizer or find_tokenizer(src)
-  files = {}
+  tok, files = None, {}
   if tokenizer is not None:
     try:
       tok = tokenizer_lib.Tokenizer.load(tokenizer)
     except (OSError, RuntimeError, ValueError) as e:
       raise GemmaConversionError(f"tokenizer {tokenizer!r} is not a usable sentencepiece "
                                  f"model: {str(e).splitlines()[0]}") from None
+  cfg = config_from_tree(names, preset=preset, name=os.path.basename(src.rstrip(os.sep)),
+                         dtype=dtype, vision=vision, tokenizer=tok)
+  if tok is not None:
     if tok.vocab_size > cfg.vocab_size:
       raise GemmaConversionError(f"tokenizer {tokenizer!r} has {tok.vocab_size} tokens but the "
                                  f"checkpoint's embedding table only {cfg.vocab_size} rows: not "
@@ -358,10 +391,10 @@ def convert_directory(src, dst, *, preset: str | ModelConfig | None = None,
                       else None)
     files = {f"{TOKENIZER_DIR}/tokenizer.model": tokenizer}
   cfg = cfg.replace(quantize=quantize)
-  params = convert_params(names, cfg)
-  extra = {"source": "gemma", "src": src, "skipped": "vision encoder" if vision else None}
+  params = convert_params(names, cfg, vision=vision)
+  extra = {"source": "gemma", "src": src}
   with tempfile.TemporaryDirectory() as tmp:
-    end_of_turn = tok.piece_id(END_OF_TURN) if tokenizer is not None else None
+    end_of_turn = tok.piece_id(END_OF_TURN) if tok is not None else None
     if end_of_turn is not None and tok.eos_id >= 0:
       generation = os.path.join(tmp, "generation_config.json")
       with open(generation, "w") as f:

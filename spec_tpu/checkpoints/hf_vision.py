@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from spec_tpu.checkpoints._convert import HFConversionError, check_plan, same
+from spec_tpu.checkpoints._convert import (
+    ConversionError, HFConversionError, check_plan, fill_vision, same)
 from spec_tpu.models.config import ModelConfig
-from spec_tpu.models.vision import siglip
 from spec_tpu.models.vision.config import VisionConfig
 
 _TOWERS = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.",
@@ -64,12 +60,13 @@ def vision_config(hf: dict[str, Any]) -> VisionConfig:
     raise HFConversionError(f"config.json gives an invalid vision tower: {e}") from None
 
 
-def with_newline_id(vision: VisionConfig, tokenizer) -> VisionConfig:
+def with_newline_id(vision: VisionConfig, tokenizer,
+                    error: type[ConversionError] = HFConversionError) -> VisionConfig:
   """`vision` with the id of "\n\n" (which opens and closes an image block) read from the
-  checkpoint's tokenizer; an HFConversionError where the tokenizer splits it."""
+  checkpoint's tokenizer; `error` where the tokenizer splits it."""
   ids = tokenizer.encode("\n\n")
   if len(ids) != 1:
-    raise HFConversionError(f"the tokenizer encodes \"\\n\\n\" as {len(ids)} tokens {ids}; an "
+    raise error(f"the tokenizer encodes \"\\n\\n\" as {len(ids)} tokens {ids}; an "
                             "image block needs it as one token (Gemma 3's tokenizers have it)")
   return vision.replace(newline_id=int(ids[0]))
 
@@ -130,21 +127,4 @@ def convert(index, cfg: ModelConfig, dtype=None) -> dict:
              ignorable=lambda n: not is_vision_name(n) or n.startswith(head),
              error=HFConversionError, context=f"config.json: {cfg.vision.num_layers} vision layers",
              unexpected_hint="more vision layers than config.json says?")
-  dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
-  shapes = jax.eval_shape(lambda: siglip.init_params(cfg.vision, cfg.d_model, jax.random.key(0),
-                                                     dtype))
-  params = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), shapes)
-  written = set()
-  for name, _, path, arrange in plan:
-    *keys, at = path if path[0] == "layers" else path + ((),)
-    node = params
-    for k in keys[:-1]:
-      node = node[k]
-    node[keys[-1]][at] = arrange(np.asarray(index.get(name)))  # cast while copying
-    written.add((id(node[keys[-1]]), at))
-  # np.empty holds garbage until written: the plan must have filled every leaf and every layer.
-  expected = {(id(leaf), at) for key, sub in params.items() for leaf in jax.tree.leaves(sub)
-              for at in (range(cfg.vision.num_layers) if key == "layers" else [()])}
-  if written != expected:
-    raise AssertionError(f"vision plan fills {len(written)} of {len(expected)} arrays/slices")
-  return params
+  return fill_vision(plan, index.get, cfg, dtype)

@@ -222,6 +222,169 @@ def test_both_name_layouts_convert_alike(converted, tmp_path, names):
   shutil.rmtree(src)
 
 
+# ---------------------------------------------------------------- the gemma library's tree
+
+def _library_tree(m, cfg, scan=False) -> dict:
+  """m's weights as the gemma library holds them (model.init()['params'], nested), named and
+  laid out by its modules (transformers' convert_gemma3_weights.py mapping, run backwards;
+  test_gemma_lib checks these layouts against the library's flax modules). scan: the ViT's
+  scan option, encoder blocks stacked on a leading axis."""
+  sd = {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
+  T, V, P = "model.language_model.", "model.vision_tower.", "model.multi_modal_projector."
+  d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def heads(w, n):  # (n * e, d) -> (n, d, e)
+    return w.reshape(n, e, d).transpose(0, 2, 1)
+
+  tree = {"embedder": {"input_embedding": sd[T + "embed_tokens.weight"],
+                       "mm_input_projection": {"w": sd[P + "mm_input_projection_weight"]},
+                       "mm_soft_embedding_norm": {"scale": sd[P + "mm_soft_emb_norm.weight"]}},
+          "final_norm": {"scale": sd[T + "norm.weight"]}}
+  for i in range(cfg.num_layers):
+    p = f"{T}layers.{i}."
+    scale = lambda name: {"scale": sd[p + name + ".weight"]}
+    tree[f"layer_{i}"] = {
+        "pre_attention_norm": scale("input_layernorm"),
+        "post_attention_norm": scale("post_attention_layernorm"),
+        "pre_ffw_norm": scale("pre_feedforward_layernorm"),
+        "post_ffw_norm": scale("post_feedforward_layernorm"),
+        "attn": {"q_einsum": {"w": heads(sd[p + "self_attn.q_proj.weight"], h)},
+                 "kv_einsum": {"w": np.stack([heads(sd[p + "self_attn.k_proj.weight"], k),
+                                              heads(sd[p + "self_attn.v_proj.weight"], k)])},
+                 "attn_vec_einsum": {"w": sd[p + "self_attn.o_proj.weight"].reshape(
+                     d, h, e).transpose(1, 2, 0)},
+                 "_query_norm": scale("self_attn.q_norm"), "_key_norm": scale("self_attn.k_norm")},
+        # Gemma 3's transpose_gating_einsum layout: (2, ffw, d_model), gate first.
+        "mlp": {"gating_einsum": np.stack([sd[p + "mlp.gate_proj.weight"],
+                                           sd[p + "mlp.up_proj.weight"]]),
+                "linear": sd[p + "mlp.down_proj.weight"].T}}
+  v = cfg.vision
+  w, vh, ve = v.width, v.num_heads, v.head_dim
+
+  def norm(name):
+    return {"scale": sd[name + ".weight"], "bias": sd[name + ".bias"]}
+
+  blocks = []
+  for i in range(v.num_layers):
+    p = f"{V}encoder.layers.{i}."
+    attn = {ours: {"kernel": sd[p + f"self_attn.{hf_name}.weight"].T.reshape(w, vh, ve),
+                   "bias": sd[p + f"self_attn.{hf_name}.bias"].reshape(vh, ve)}
+            for ours, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))}
+    attn["out"] = {"kernel": sd[p + "self_attn.out_proj.weight"].T.reshape(vh, ve, w),
+                   "bias": sd[p + "self_attn.out_proj.bias"]}
+    blocks.append({"LayerNorm_0": norm(p + "layer_norm1"), "MultiHeadDotProductAttention_0": attn,
+                   "LayerNorm_1": norm(p + "layer_norm2"),
+                   "MlpBlock_0": {f"Dense_{j}": {"kernel": sd[p + f"mlp.fc{j + 1}.weight"].T,
+                                                 "bias": sd[p + f"mlp.fc{j + 1}.bias"]}
+                                  for j in (0, 1)}})
+  encoder = ({"encoderblock": jax.tree.map(lambda *a: np.stack(a), *blocks)} if scan else
+             {f"encoderblock_{i}": b for i, b in enumerate(blocks)})
+  encoder["encoder_norm"] = norm(V + "post_layernorm")
+  tree["vision_encoder"] = {"siglip_encoder": {
+      "embedding": {"kernel": sd[V + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+                    "bias": sd[V + "embeddings.patch_embedding.bias"]},
+      "pos_embedding": sd[V + "embeddings.position_embedding.weight"][None],
+      "Transformer": encoder}}
+  return tree
+
+
+def _gemma_convert(tree, preset):
+  from spec_tpu.checkpoints import gemma_lib
+  names, vision = gemma_lib.canonical_names(tree)
+  cfg = gemma_lib.config_from_tree(names, preset=preset, vision=vision)
+  return gemma_lib.convert_params(names, cfg, vision=vision), cfg
+
+
+@pytest.mark.parametrize("layout", ["flat_stacked", "nested_scanned"])
+def test_gemma_library_tree_converts_to_the_hf_params(converted, layout):
+  """The same weights from the gemma library's tree (its released flat layout with stacked
+  text layers, or its nested one with the ViT's scanned blocks) convert to exactly the params
+  of transformers' checkpoint, and the config's image half is the same."""
+  import test_gemma_lib as gl
+  m, params, cfg = converted
+  tree = _library_tree(m, cfg, scan=layout == "nested_scanned")
+  if layout == "flat_stacked":
+    tree = gl.stacked_layout(gl.flat_layout(tree), period=3)
+  else:
+    tree = {"params": tree}
+  # The tree gives the encoder's shape; the preset (here: the transformers checkpoint's config)
+  # the soft-token count and the image block's ids.
+  got, got_cfg = _gemma_convert(tree, cfg)
+  assert got_cfg.vision == cfg.vision
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  if layout == "flat_stacked":  # and so the logits with an image are transformers'
+    text, n = PROMPTS[0]
+    ids = prompt_lib.expand(text, n, got_cfg.vision)
+    images = _images(n, 12)
+    soft = model.encode_images(got, got_cfg, jnp.asarray(images)).reshape(1, n * 4, -1)
+    logits = model.forward_full(got, got_cfg, jnp.asarray([ids], jnp.int32), soft=soft)
+    assert _rel_err(np.asarray(logits)[0], _want_logits(m, ids, images)) < 1e-5
+
+
+def test_a_partial_gemma_library_vision_tree_is_named(converted):
+  from spec_tpu.checkpoints import gemma_lib
+  from spec_tpu.checkpoints.gemma_lib import GemmaConversionError
+  m, _, cfg = converted
+  E = "vision_encoder/siglip_encoder/"
+
+  def without(*paths, add=None):
+    flat = gemma_lib.flatten(_library_tree(m, cfg))
+    for path in paths:
+      flat = {n: x for n, x in flat.items() if not n.startswith(path)}
+    return dict(flat, **(add or {}))
+
+  def convert(flat, preset=cfg):
+    from spec_tpu.checkpoints._convert import flatten
+    nested = {}
+    for name, x in flat.items():
+      *keys, leaf = name.split("/")
+      node = nested
+      for key in keys:
+        node = node.setdefault(key, {})
+      node[leaf] = x
+    assert flatten(nested).keys() == flat.keys()
+    return _gemma_convert(nested, preset)
+
+  with pytest.raises(GemmaConversionError, match=r"^partial vision tree: no 'embedder/"
+                                                 r"mm_input_projection/w' \(\d+ vision tensors"):
+    convert(without("embedder/mm_input_projection"))
+  with pytest.raises(GemmaConversionError, match=r"^partial vision tree: no 'SigLiPFromPatches_0/"
+                                                 r"siglip_encoder/embedding/kernel'"):
+    convert(without(E))  # the projector alone
+  with pytest.raises(GemmaConversionError, match="^vision encoder block encoderblock_0 is "
+                                                 "missing"):
+    convert(without(E + "Transformer/encoderblock_0/"))
+  with pytest.raises(GemmaConversionError, match=r"^missing tensor 'SigLiPFromPatches_0/"
+                                                 r"siglip_encoder/Transformer/encoderblock_1/"
+                                                 r"MlpBlock_0/Dense_1/bias' \(1 missing"):
+    convert(without(E + "Transformer/encoderblock_1/MlpBlock_0/Dense_1/bias"))
+  probe = {E + "MAPHead_0/probe": np.zeros((1, 1, 16), np.float32)}
+  with pytest.raises(GemmaConversionError, match="^unexpected tensor 'SigLiPFromPatches_0/"
+                                                 "siglip_encoder/MAPHead_0/probe'"):
+    convert(without(add=probe))
+  # The tree's encoder must be the preset's, and a preset's encoder must be in the tree.
+  with pytest.raises(GemmaConversionError, match="^preset .* has vision.num_heads=4, the "
+                                                 "checkpoint 2$"):
+    convert(without(), cfg.replace(vision=cfg.vision.replace(num_heads=4)))
+  with pytest.raises(GemmaConversionError, match="has a vision encoder, the checkpoint none"):
+    convert(without(E, "embedder/mm_"))
+  # Without a preset's vision config, Gemma 3's 256 soft tokens do not fit 4x4 patches.
+  with pytest.raises(GemmaConversionError, match=r"invalid encoder .*num_soft_tokens \(256\).*"
+                                                 r"--preset="):
+    convert(without(), cfg.replace(vision=None))
+  # Gemma 3's image-block ids do not fit a 128-row table: the tokenizer or a preset must say.
+  from spec_tpu.models.vision.config import GEMMA3
+  with pytest.raises(GemmaConversionError, match=r"^the image block's token ids \(start 255999, "
+                                                 r"end 256000, \"\\n\\n\" 108\) are outside the "
+                                                 r"checkpoint's 128-row table: give"):
+    gemma_lib.with_vision(cfg.replace(vision=None), GEMMA3)
+  # A tokenizer without the image pieces is not a Gemma 3 tokenizer.
+  from spec_tpu.checkpoints import gemma_lib_vision
+  chat_only = type("Pieces", (), {"piece_id": lambda self, p: {"<end_of_turn>": 9}.get(p)})()
+  with pytest.raises(GemmaConversionError, match="^the tokenizer has no <start_of_image> piece"):
+    gemma_lib_vision.with_token_ids(cfg.vision, chat_only)
+
+
 # (width, height): landscape, portrait, under the ratio, square, crops too small, many crops,
 # a crop count capped by the long side over min_crop_size.
 PAN_AND_SCAN_SIZES = [(700, 300), (257, 900), (350, 300), (400, 400), (500, 120), (1700, 260),

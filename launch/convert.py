@@ -15,8 +15,9 @@ detected from config.json. The logic lives in spec_tpu.checkpoints.hf.convert_di
 --from=reference: a RecurrentGemma checkpoint of the recurrentgemma package as released (the
 orbax PyTree checkpoint of its Flax params, e.g. Kaggle's google/recurrentgemma 2b/ or 9b/);
 spec_tpu.checkpoints.recurrent_convert.convert_reference_directory.
---from=gemma: a checkpoint of the gemma library (the Flax/JAX releases of Gemma 1, 2 and 3, e.g.
-Kaggle's google/gemma-2 flax gemma2-2b-it/), with the tokenizer.model found in or beside it
+--from=gemma: a checkpoint of the gemma library (the Flax/JAX releases of Gemma 1, 2 and 3, Gemma
+3's image encoder included, e.g. Kaggle's google/gemma-2 flax gemma2-2b-it/), with the
+tokenizer.model found in or beside it
 unless --tokenizer names one; the config comes from the tree and the released preset with its
 shapes, or --preset; spec_tpu.checkpoints.gemma_lib.convert_directory. This file only parses
 flags.

@@ -453,11 +453,16 @@ def test_vision_tree_converts_to_the_library_modules_outputs(tmp_path):
   preset = _cfg("tiny_gemma3").replace(vision=vcfg)
   vit = _library_siglip(vcfg)
   images = np.random.default_rng(5).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
-  encoder = vit.init(jax.random.key(0), images[:1])["params"]
-  leaves, treedef = jax.tree.flatten(encoder)
   rng = np.random.default_rng(6)
-  encoder = jax.tree.unflatten(treedef, [np.asarray(x) + 0.3 * rng.standard_normal(x.shape)
-                                         .astype(np.float32) for x in leaves])
+
+  def draw(path, x):  # weights ~ 1/sqrt(fan in), norms around 1, biases around 0
+    if x.ndim == 1:
+      return (0.3 * rng.standard_normal(x.shape) + (path[-1].key == "scale")).astype(np.float32)
+    fan_in = 1 if path[-1].key == "pos_embedding" else np.prod(x.shape[:-1])
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  encoder = jax.tree_util.tree_map_with_path(
+      draw, jax.eval_shape(vit.init, jax.random.key(0), images[:1])["params"])
   nested = gemma_tree(preset, transposed=True, seed=7)
   norm_scale = (0.3 * rng.standard_normal(vcfg.width)).astype(np.float32)
   projection = rng.standard_normal((vcfg.width, preset.d_model)).astype(np.float32) / 4
@@ -477,10 +482,11 @@ def test_vision_tree_converts_to_the_library_modules_outputs(tmp_path):
                                     end_id=tok.piece_id("<end_of_image>"),
                                     newline_id=tok.encode("\n\n")[0])
   assert cfg.vision.newline_id != vcfg.newline_id
-  want = np.asarray(vit.apply({"params": encoder}, images))
-  got = np.asarray(siglip.encode(params["vision"], cfg.vision, jnp.asarray(images)))
-  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  want = np.asarray(jax.jit(vit.apply)({"params": encoder}, images))
+  encoded = jax.jit(siglip.encode, static_argnums=1)(params["vision"], cfg.vision, images)
+  assert np.abs(np.asarray(encoded) - want).max() / np.abs(want).max() < 1e-5
   want = np.asarray(_library_soft_tokens(want, 2, norm_scale, projection))
-  got = np.asarray(model.encode_images(params, cfg, jnp.asarray(images)))
+  got = np.asarray(jax.jit(siglip.project, static_argnums=1)(params["vision"], cfg.vision,
+                                                              encoded))
   assert got.shape == (2, 4, preset.d_model)
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5

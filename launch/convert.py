@@ -78,7 +78,8 @@ def main(argv):
                                overwrite=_OVERWRITE.value, quantize=_QUANTIZE.value)
   print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}"
-        + (f", {cfg.quantize} weights" if cfg.quantize else "") + note)
+        + (f", {cfg.quantize} weights" if cfg.quantize else "")
+        + (f", image encoder of {cfg.vision.num_layers} layers" if cfg.vision else "") + note)
 
 
 if __name__ == "__main__":

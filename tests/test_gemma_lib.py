@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from spec_tpu.checkpoints import checkpoint, gemma_lib
+from spec_tpu.checkpoints import checkpoint, gemma_lib, gemma_lib_vision
 from spec_tpu.checkpoints._convert import flatten
 from spec_tpu.checkpoints.gemma_lib import GemmaConversionError
 from spec_tpu.models import model
@@ -274,6 +274,45 @@ def test_released_shapes_pick_their_preset_without_one_named():
     gemma_lib.config_from_tree(names)
 
 
+def _shapes_only(cfg: ModelConfig) -> tuple[dict, dict]:
+  """Canonical names of a released Gemma 3 multimodal tree (text, vision) holding shapes only:
+  zero-stride views, no memory."""
+  v = cfg.vision
+  d, h, k, e, f, w = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim,
+                      v.width)
+  like = lambda *shape: np.broadcast_to(np.float32(0), shape)
+  names = {"embedder/input_embedding": like(262_144, d)}
+  for i in range(cfg.num_layers):
+    p = f"layer_{i}/"
+    names.update({p + "attn/q_einsum/w": like(h, d, e), p + "attn/kv_einsum/w": like(2, k, d, e),
+                  p + "attn/_query_norm/scale": like(e), p + "post_attention_norm/scale": like(d),
+                  p + "mlp/gating_einsum/w": like(2, f, d), p + "mlp/linear/w": like(f, d)})
+  E = gemma_lib_vision.ENCODER
+  vision = {E + "embedding/kernel": like(v.patch_size, v.patch_size, 3, w),
+            E + "pos_embedding": like(1, v.num_patches, w),
+            E + "Transformer/encoder_norm/scale": like(w),
+            gemma_lib_vision.SOFT_NORM: like(w), gemma_lib_vision.PROJECTION: like(w, d)}
+  for i in range(v.num_layers):
+    B = f"{E}Transformer/encoderblock_{i}/"
+    vision.update({B + "MultiHeadDotProductAttention_0/query/kernel":
+                   like(w, v.num_heads, v.head_dim),
+                   B + "MlpBlock_0/Dense_0/kernel": like(w, v.mlp_dim)})
+  return names, vision
+
+
+@pytest.mark.parametrize("release", ["gemma3_4b", "gemma3_12b", "gemma3_27b"])
+def test_released_multimodal_shapes_give_the_vision_preset(release):
+  """A released Gemma 3 4B/12B/27B tree (shapes only) converts to its `_vision` preset: the
+  text settings from the release, the encoder's shape from the tree, its soft tokens and the
+  image block's ids Gemma 3's (the gemma library's table has no image-token row: 262,144)."""
+  want = get_preset(release + "_vision")
+  names, vision = _shapes_only(want)
+  cfg = gemma_lib.config_from_tree(names, name="g", vision=vision)
+  assert cfg == want.replace(name="g", dtype="float32", vocab_size=262_144)
+  assert cfg.vision.image_id == cfg.vocab_size  # the placeholder is past the table
+
+
+# ---------------------------------------------------------------- bad input
 # ---------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")

@@ -309,8 +309,8 @@ def convert_params(names: dict[str, np.ndarray], cfg: ModelConfig, dtype=None,
   source array is dropped from `names` / `vision` after its last use, so the source's memory is
   handed back as the output fills."""
   if bool(vision) != (cfg.vision is not None):
-    raise GemmaConversionError("the config has a vision encoder, the tree none" if vision is None
-                               or not vision else "the tree has a vision encoder, the config none")
+    raise GemmaConversionError("the tree has a vision encoder, the config none" if vision else
+                               "the config has a vision encoder, the tree none")
   qkv = "layer_0/attn/qkv_einsum/w" in names
   transposed = tuple(np.shape(names.get("layer_0/mlp/gating_einsum/w", ()))) == (
       2, cfg.ffw_dim, cfg.d_model)

@@ -240,6 +240,10 @@ def test_flat_nested_and_stacked_layouts_give_the_same_params():
   assert stacked["transformer/stacked_layers/attention_type_1/attn/q_einsum"]["w"].shape[0] == 2
   d, _ = gemma_lib.canonical_names(stacked)
   assert not vision_a and not vision_b  # a text-only tree has no image half
+  # ... also where its embedder keeps rows for image tokens that no model reads.
+  extra = dict(nested, embedder=dict(nested["embedder"], mm_input_embedding_extra=np.zeros(
+      (4, cfg.d_model), np.float32)))
+  assert gemma_lib.canonical_names(extra)[1] == {}
   assert set(a) == set(b) == set(c) == set(d)
   convert = lambda n: gemma_lib.convert_params(
       n, gemma_lib.config_from_tree(n, preset="tiny_gemma3"))

@@ -252,15 +252,15 @@ def config_from_tree(names: Mapping, *, preset: str | ModelConfig | None = None,
 
 def with_vision(cfg: ModelConfig, vision) -> ModelConfig:
   """cfg with the VisionConfig `vision`, or a GemmaConversionError saying why it cannot be."""
+  if max(vision.start_id, vision.end_id, vision.newline_id) >= cfg.num_tokens:
+    raise GemmaConversionError(
+        f"the image block's token ids (start {vision.start_id}, end {vision.end_id}, "
+        f"\"\\n\\n\" {vision.newline_id}) are outside the checkpoint's {cfg.num_tokens}-row "
+        "table: give the checkpoint's tokenizer (--tokenizer) or a preset whose vision config "
+        "names them")
   try:
     return cfg.replace(vision=vision)
   except ValueError as e:
-    if "outside the vocabulary" in str(e):
-      raise GemmaConversionError(
-          f"the image block's token ids (start {vision.start_id}, end {vision.end_id}, "
-          f"\"\\n\\n\" {vision.newline_id}) are outside the checkpoint's {cfg.vocab_size}-row "
-          "table: give the checkpoint's tokenizer (--tokenizer) or a preset whose vision "
-          "config names them") from None
     raise GemmaConversionError(f"the checkpoint gives an invalid model: {e}") from None
 
 

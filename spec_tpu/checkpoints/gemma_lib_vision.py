@@ -69,9 +69,16 @@ def is_vision_name(name: str) -> bool:
 
 
 def canonical(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The image half's names in the flat layout, scanned encoder blocks unstacked (views)."""
+  """The image half's names in the flat layout, scanned encoder blocks unstacked (views), the
+  UNUSED rows left out (a text-only release may carry them too)."""
+  unused = sorted(n for n in flat if n.startswith(UNUSED))
+  if unused:
+    log.info("skipping %s: neither the gemma library's model nor transformers reads it",
+             ", ".join(unused))
   out = {}
   for name, value in flat.items():
+    if name.startswith(UNUSED):
+      continue
     if name.startswith(_NESTED_ENCODER):
       name = "SigLiPFromPatches_0/" + name[len(_NESTED_ENCODER):]
     if name.startswith(_SCANNED):
@@ -189,12 +196,8 @@ def convert(names: dict[str, np.ndarray], cfg: ModelConfig, dtype=None) -> dict:
   """params["vision"] (numpy, siglip.py layout) from the image half's canonical names, after
   checking every name, shape and dtype; each source array is dropped from `names` after use."""
   plan = list(_plan(cfg))
-  unused = sorted(n for n in names if n.startswith(UNUSED))
-  if unused:
-    log.info("skipping %s: neither the gemma library's model nor transformers reads it",
-             ", ".join(unused))
   check_plan(plan, set(names), lambda n: np.shape(names[n]), lambda n: names[n].dtype,
-             ignorable=lambda n: n.startswith(UNUSED), error=GemmaConversionError,
+             ignorable=lambda n: False, error=GemmaConversionError,
              context=f"vision: {cfg.vision.num_layers} encoder blocks, width "
                      f"{cfg.vision.width}, d_model {cfg.d_model}",
              unexpected_hint="a pooling head or projector this encoder does not run?")

@@ -267,13 +267,24 @@ def test_launch_sample_reads_the_images_a_jsonl_prompt_lists(tmp_path):
     f.write(json.dumps({"id": "a", "prompt": "x = <start_of_image> + 1", "images": ["i.png"]})
             + "\n" + json.dumps({"id": "b", "prompt": "y = 2"}) + "\n")
   outputs = []
-  for seed in (0, 5):
-    picture = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+  # A square picture, a wide one, and the wide one with Pan & Scan (the original and 2 crops).
+  for name, picture, pan_and_scan in [
+      ("square", np.random.default_rng(0).integers(0, 256, (14, 14, 3), dtype=np.uint8), False),
+      ("wide", WIDE, False), ("crops", WIDE, True)]:
     (tmp_path / "i.png").write_bytes(_png(picture))
-    out = tmp_path / f"out{seed}.jsonl"
+    out = tmp_path / f"{name}.jsonl"
+    config.run.pan_and_scan = pan_and_scan
     offline.run(config, [], str(prompts), str(out), compare_ar=False, multihost=False)
-    outputs.append({r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())})
-  assert outputs[0]["b"] == outputs[1]["b"] and outputs[0]["a"] != outputs[1]["a"]
+    lines = list(map(json.loads, out.read_text().splitlines()))
+    assert all(r["settings"].get("pan_and_scan", False) == pan_and_scan for r in lines)
+    outputs.append({r["id"]: r["tokens"] for r in lines})
+  assert outputs[0]["b"] == outputs[1]["b"] == outputs[2]["b"]
+  assert len({tuple(o["a"]) for o in outputs}) == 3
+  # A file written without Pan & Scan does not resume with it.
+  with pytest.raises(offline.InputError, match="pan_and_scan is null in the file, true now"):
+    offline.run(config, [], str(prompts), str(tmp_path / "wide.jsonl"), compare_ar=False,
+                multihost=False)
+  config.run.pan_and_scan = False
   for line, match in [({"prompt": "z", "images": ["missing.png"]}, "cannot read"),
                       ({"prompt": "<start_of_image><start_of_image>", "images": ["i.png"]},
                        "marks 2 image place"),

@@ -299,16 +299,25 @@ def test_image_bench_times_the_encoder_and_the_first_token():
   # Given a one-slot engine on the byte-level vision model and a text prompt,
   from spec_tpu.serving import image_bench
   params = model.init_params(CFG, jax.random.key(0))
-  engine = Engine(Pair(params, CFG), num_slots=1, max_len=64, k=0)
+  engine = Engine(Pair(params, CFG), num_slots=1, max_len=128, k=0)
   prompt = TOK.encode("describe:")
   # when the benchmark runs with 0 and 2 images after it,
   rows = image_bench.measure(engine, prompt, counts=(0, 2), repeats=1)
   # then each row's prompt holds its image blocks, the encoder was timed where there are
   # images, and every request reached its first token.
   assert [r["prompt_tokens"] for r in rows] == [len(prompt), len(prompt) + 2 * VISION.block_len]
+  assert [r["encoded_images"] for r in rows] == [0, 2]
   assert rows[0]["encode_s"] == 0 and rows[1]["encode_s"] > 0
   assert rows[1]["encode_s_per_image"] == rows[1]["encode_s"] / 2
   assert all(0 < r["ttft_s"] < 60 for r in rows)
-  assert image_bench.format_table(rows).splitlines()[0].split()[:2] == ["images", "prompt"]
+  head = image_bench.format_table(rows).splitlines()[0].split()
+  assert head[:3] == ["images", "encoded", "prompt"]
   with pytest.raises(ValueError, match="holds an image-block token id"):
     image_bench.measure(engine, prompt + [VISION.start_id], counts=(2,), repeats=1)
+  # With Pan & Scan each (wide) image is encoded as the original and 2 crops, laid out as the
+  # engine lays it out.
+  crop_text = prompt_lib.crop_text_ids(TOK.encode)
+  [row] = image_bench.measure(engine, prompt, counts=(1,), repeats=1, pan_and_scan=crop_text)
+  assert row["encoded_images"] == 3 and row["encode_s_per_image"] == row["encode_s"] / 3
+  assert row["prompt_tokens"] == len(prompt) + 3 * VISION.block_len + sum(map(len, crop_text))
+  assert 0 < row["ttft_s"] < 60

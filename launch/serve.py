@@ -8,8 +8,9 @@ speculative sampling, streaming).
 Endpoints: POST /v1/completions and /v1/chat/completions (`stream: true` for server-sent
 events; chat image_url parts for a model with a vision encoder: data: URLs, local files
 under --image_dirs, http(s) URLs with serve.fetch_image_urls; Pan & Scan with run.pan_and_scan
-or a request's mm_processor_kwargs), GET /v1/models, /health, /metrics (Prometheus). The model name served is
-serve.model_name, else the target's (`stdlib_target` for the embedded pair):
+or a request's mm_processor_kwargs), GET /v1/models, /health, /metrics (Prometheus). The
+model name served is serve.model_name, else the target's (`stdlib_target` for the embedded
+pair):
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"model": "stdlib_target", "prompt": "def add(a, b):\n    ", "max_tokens": 32}'

@@ -271,6 +271,8 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
   with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
     engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
+  with pytest.raises(ValueError, match=r"pan_and_scan's words has token ids outside"):
+    engine.submit((s,), GenerationParams(max_new_tokens=2), [WIDE], pan_and_scan=([4], [99], []))
   assert engine.queue_length == 0
 
 

@@ -457,6 +457,9 @@ class Engine:
     if self._channel is not None:
       raise ValueError("images are not supported on a multi-host engine yet")
     laid_out, views = image_prompt.lay_out(tokens, images, vision, "the prompt", crop_text)
+    if crop_text is not None:  # the caller's ids for Pan & Scan's words, checked as a prompt's
+      prompts_lib.token_ids([t for piece in crop_text for t in piece],
+                            self.pair.target_cfg.num_tokens, "pan_and_scan's words")
     pixels = np.stack([image_lib.prepare(img, vision.image_size, f"image {j}")
                        for j, img in enumerate(views)])
     return laid_out, pixels

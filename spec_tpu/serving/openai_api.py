@@ -15,8 +15,8 @@ already sent).
 Beyond OpenAI's fields: `top_k` (0 or -1 = off), `min_p` and `repetition_penalty` (vLLM's),
 `logprobs_mode` ("processed", the default, or "raw": see _params), vLLM's
 `mm_processor_kwargs: {"do_pan_and_scan": bool}` (chat: Pan & Scan for the request's images,
-overriding the server's default), and each response's `spec_tpu` object with the request's acceptance statistics (a streamed
-response sends it with the final chunk).
+overriding the server's default), and each response's `spec_tpu` object with the request's
+acceptance statistics (a streamed response sends it with the final chunk).
 """
 
 from __future__ import annotations

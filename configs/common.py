@@ -58,13 +58,19 @@
     run.*       prompts (text), add_bos, compare_ar (also run k=0 and report the speedup),
                 prompt_len (synthetic prompts for benchmark/plan when there is no tokenizer),
                 compile_cache (JAX's persistent compilation cache directory for sample,
-                serve, benchmark and plan; '' = off; a local path, or gs://... shared by a pod)
+                serve, benchmark and plan; '' = off; a local path, or gs://... shared by a pod),
+                pan_and_scan (Gemma 3 images: a wide or tall image is also read as up to 4
+                crops; launch.sample's JSONL images, the server's default for chat images,
+                benchmark --images; off by default)
     serve.*     launch.serve's HTTP front end: model_name (the name it answers to; '' = the
                 target's), api_key (clients must send it as a bearer token; '' = none, unless
                 --api_key or SPEC_TPU_API_KEY gives one), max_queue (requests waiting for a
                 slot; more get 503 + Retry-After; 0 = unbounded), max_body_bytes (larger
                 request bodies get 413), request_timeout_s (a request still running after
-                this is cancelled, 504; 0 = no limit)
+                this is cancelled, 504; 0 = no limit), fetch_image_urls (chat image_url parts
+                may name http(s) URLs, which the server downloads: any client can then make it
+                call any address it reaches; off = refused), fetch_timeout_s and
+                fetch_max_bytes (each download's limits)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -149,10 +155,11 @@ def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       prompts=(), add_bos=True, compare_ar=False, prompt_len=128,
-      compile_cache=DEFAULT_COMPILE_CACHE))
+      compile_cache=DEFAULT_COMPILE_CACHE, pan_and_scan=False))
   c.run.update(run)
   c.engine.num_slots = num_slots
   c.serve = ml_collections.ConfigDict(dict(
       model_name="", api_key="", max_queue=256, max_body_bytes=8 << 20,
-      request_timeout_s=600.0))
+      request_timeout_s=600.0, fetch_image_urls=False, fetch_timeout_s=10.0,
+      fetch_max_bytes=32 << 20))
   return c

@@ -35,7 +35,8 @@ memory is reported as DOES NOT FIT.
 each row's prompt holds N image blocks whose soft tokens the prefill takes, and the vision
 encoder's own program (run before the prefill, over batch x N images) is compiled too; the
 need per device is the larger of the two programs; with --tpu the estimate adds the encoder's
-cost per image.
+cost per image. A multimodal draft (one with its own encoder) has its encoder planned and
+estimated the same way.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ speculative sampling, streaming).
         --config.engine.num_slots=32 --config.engine.max_len=2048
 
 Endpoints: POST /v1/completions and /v1/chat/completions (`stream: true` for server-sent
-events; chat image_url parts for a model with a vision encoder: data: URLs, or local files
-under --image_dirs), GET /v1/models, /health, /metrics (Prometheus). The model name served is
-serve.model_name, else the target's (`stdlib_target` for the embedded pair):
+events; chat image_url parts for a model with a vision encoder: data: URLs, local files
+under --image_dirs, http(s) URLs with serve.fetch_image_urls; Pan & Scan with run.pan_and_scan
+or a request's mm_processor_kwargs), GET /v1/models, /health, /metrics (Prometheus). The
+model name served is serve.model_name, else the target's (`stdlib_target` for the embedded
+pair):
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"model": "stdlib_target", "prompt": "def add(a, b):\n    ", "max_tokens": 32}'
@@ -69,7 +71,7 @@ def main(argv):
   limits = server.limits(config, _API_KEY.value)
   engine.start()
   server_app = openai_api.build_app(engine, name, template, limits,
-                                    image_dirs=_IMAGE_DIRS.value)
+                                    image_dirs=_IMAGE_DIRS.value, **server.images(config))
   print(f"serving {name} on http://{_HOST.value}:{_PORT.value} (K = {engine.k}, "
         f"{engine.num_slots} slots, context {engine.max_len}; chat template: "
         f"{'plain fallback' if template.is_fallback else 'from the checkpoint'}; API key "

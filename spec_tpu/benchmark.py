@@ -323,7 +323,8 @@ def run_couplings(config, output_dir: str, couplings, temperatures, batches,
 def run_images(config, output_dir: str, counts, repeats: int) -> list[dict]:
   """The vision encoder's time per image and the time to first token with each count of images
   in the prompt (serving/image_bench.py), through a one-slot engine running the target alone
-  at K = 0 (encoding and the prefill are the target's); writes results.json and table.txt."""
+  at K = 0 (encoding and the prefill are the target's), with Pan & Scan where
+  run.pan_and_scan; writes results.json and table.txt."""
   from spec_tpu.serving import Engine, image_bench
   counts = sorted(set(counts))
   if not counts or counts[0] < 0 or repeats < 1:
@@ -334,17 +335,27 @@ def run_images(config, output_dir: str, counts, repeats: int) -> list[dict]:
   if vision is None:
     raise SetupError(f"--images: target {setup.target.cfg.name!r} has no vision encoder "
                      "(e.g. --config.model.preset=tiny_vision)")
+  crop_text = None
+  if bool(config.run.pan_and_scan):
+    tok = common.load_tokenizer(config, setup)
+    if tok is None:
+      raise SetupError("run.pan_and_scan needs a tokenizer (model.tokenizer) for Pan & Scan's "
+                       "words")
+    from spec_tpu.models.vision import prompt as image_prompt
+    crop_text = image_prompt.crop_text_ids(tok.encode)
   blocks = {vision.start_id, vision.end_id, vision.newline_id, vision.image_id}
   prompt = [t for t in prompts_for(config, setup, 1)[0] if t not in blocks]
   reports.make_output_dir("output_dir", output_dir)
   pair = common.build_pair(setup, common.build_mesh(config), eos_ids=(), pad_id=0,
                            use_draft=False)
-  engine = Engine(pair, num_slots=1, k=0, adaptive_k=False,
-                  max_len=len(prompt) + counts[-1] * vision.block_len + 8)
-  rows = image_bench.measure(engine, prompt, counts, repeats, seed=int(config.sampling.seed))
+  seed = int(config.sampling.seed)
+  longest = image_bench.bench_request(prompt, counts[-1], vision, seed, crop_text)[2]
+  engine = Engine(pair, num_slots=1, k=0, adaptive_k=False, max_len=len(longest) + 8)
+  rows = image_bench.measure(engine, prompt, counts, repeats, seed=seed, pan_and_scan=crop_text)
   reports.write_results(output_dir, dict(target=setup.target.describe(),
                                          device=str(jax.devices()[0]),
                                          num_devices=jax.device_count(),
                                          random_weights=setup.any_random, repeats=repeats,
-                                         rows=rows), image_bench.format_table(rows))
+                                         pan_and_scan=crop_text is not None, rows=rows),
+                        image_bench.format_table(rows))
   return rows

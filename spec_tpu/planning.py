@@ -179,10 +179,12 @@ def _encoder_program(cfg, mesh, rules, params, images: int, options=None,
 
 
 def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
-                   acceptances, images: int = 0, encoder=None) -> dict:
+                   acceptances, images: int = 0, encoder=None, draft_encoder=None) -> dict:
   """Roofline estimate (spec_tpu/roofline.py) of a target step, a verification of K+1 tokens and
   a draft step on this TPU, per device, and of speculative rounds at the given acceptances; with
-  images, also of encoding one image (`encoder`: its compiled program for one image, if made)."""
+  images, also of encoding one image (`encoder`: its compiled program for one image, if made),
+  and of the draft's own encoding where it reads images (a multimodal draft; `draft_encoder`
+  likewise)."""
   chip, share = roofline.CHIPS[device.device_kind], roofline.device_share(device)
   start = time.perf_counter()
   programs = {"target_step": (setup.target, 1), "verify": (setup.target, k + 1)}
@@ -195,6 +197,9 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
                                                setup.draft.rules, mesh, batch, context, k + 1)
   if images:
     costs["encode_image"] = _encoder_cost(setup.target.cfg, setup.target.rules, mesh, encoder)
+    if k > 0 and _reads_images(setup.draft):
+      costs["draft_encode_image"] = _encoder_cost(setup.draft.cfg, setup.draft.rules, mesh,
+                                                  draft_encoder)
   times = {name: roofline.seconds(c, chip, share) for name, c in costs.items()}
   out = dict(chip=chip.name, device_share_of_chip=share,
              hbm_bytes_per_s=chip.hbm_bytes_per_s * share,
@@ -214,6 +219,28 @@ def speed_estimate(setup, mesh, device, batch: int, context: int, k: int,
 
 def _is_assistant(m) -> bool:
   return isinstance(m.cfg, config_lib.AssistantConfig)
+
+
+def _reads_images(m) -> bool:
+  """A multimodal draft: it encodes the prompt's images with its own encoder."""
+  return m is not None and not _is_assistant(m) and m.cfg.vision is not None
+
+
+def _encoder_memory(m, mesh, params, shards, images: int, options, device_kind: str):
+  """(what a model's encoder program over `images` images holds per device, the program)."""
+  try:
+    program = _encoder_program(m.cfg, mesh, m.rules, params, images, options)
+    e = program.memory_analysis()
+  except Exception as err:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    raise DoesNotFit(f"{device_kind}: the compiler refuses the {m.cfg.name} vision encoder: "
+                     f"{str(err).splitlines()[0]}") from None
+  return dict(images=images, arguments=e.argument_size_in_bytes,
+              outputs=e.output_size_in_bytes, temporaries=e.temp_size_in_bytes,
+              total=(e.argument_size_in_bytes + e.output_size_in_bytes
+                     + e.temp_size_in_bytes - e.alias_size_in_bytes),
+              weights=profiling.per_device_bytes(params["vision"], shards["vision"])), program
 
 
 def plan(config, topology: tuple[int, int], batch: int, context: int, k: int | None,
@@ -290,14 +317,18 @@ def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptance
       mesh, shape, rules))
   rep = sharding.replicated(mesh)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
-  # tokens, lengths, temperature, top_p, top_k, seed, soft tokens of the images
-  soft = None
-  if images:
-    shape = (batch, images * vision.num_soft_tokens, setup.target.cfg.d_model)
-    soft = jax.ShapeDtypeStruct(shape, setup.target.cfg.dtype,
+  # tokens, lengths, temperature, top_p, top_k, seed, soft tokens of the images (the target's,
+  # and a multimodal draft's from its own encoder)
+  draft_reads = bool(images) and _reads_images(draft)
+
+  def soft_tokens(cfg):
+    shape = (batch, images * vision.num_soft_tokens, cfg.d_model)
+    return jax.ShapeDtypeStruct(shape, cfg.dtype,
                                 sharding=sharding.batch_sharding(mesh, shape, rules))
+
   args = (tp, dp, rows(batch, prompt_len), rows(batch), scalar(np.float32), scalar(np.float32),
-          scalar(np.int32), scalar(np.uint32), soft)
+          scalar(np.int32), scalar(np.uint32), soft_tokens(setup.target.cfg) if images else None,
+          soft_tokens(draft.cfg) if draft_reads else None)
 
   start = time.perf_counter()
   lowered = jax.jit(functools.partial(decode.generate, spec)).lower(*args)
@@ -321,22 +352,16 @@ def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptance
   # CPU time too: on a shared machine the wall time depends on everyone else's load.
   compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   mem = compiled.memory_analysis()
-  encoder = encoder_program = None
-  if images:  # its own program, run before the prefill: the device holds one or the other
-    try:
-      encoder_program = _encoder_program(setup.target.cfg, mesh, rules, tp, batch * images,
-                                         options)
-      e = encoder_program.memory_analysis()
-    except Exception as err:  # noqa: BLE001 - as above
-      if "RESOURCE_EXHAUSTED" not in str(err):
-        raise
-      raise DoesNotFit(f"{devices[0].device_kind}: the compiler refuses the vision encoder: "
-                       f"{str(err).splitlines()[0]}") from None
-    encoder = dict(images=batch * images, arguments=e.argument_size_in_bytes,
-                   outputs=e.output_size_in_bytes, temporaries=e.temp_size_in_bytes,
-                   total=(e.argument_size_in_bytes + e.output_size_in_bytes
-                          + e.temp_size_in_bytes - e.alias_size_in_bytes),
-                   weights=profiling.per_device_bytes(tp["vision"], t_sh["vision"]))
+  # Each encoder is its own program, run before the prefill: the device holds one of them or
+  # the decode program at a time.
+  encoders, programs = {}, {}
+  if images:
+    kind = devices[0].device_kind
+    encoders["target"], programs["target"] = _encoder_memory(
+        setup.target, mesh, tp, t_sh, batch * images, options, kind)
+    if draft_reads:
+      encoders["draft"], programs["draft"] = _encoder_memory(
+          draft, mesh, dp, d_sh, batch * images, options, kind)
 
   weights = {"target": profiling.per_device_bytes(tp, t_sh),
              "draft": profiling.per_device_bytes(dp, d_sh) if draft else 0}
@@ -349,13 +374,12 @@ def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptance
   compiled_total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
   platform = devices[0].platform
-  need = compiled_total
-  if encoder:
-    # jit leaves out arguments a program never reads: the decode program's do not hold the
-    # encoder's weights, the encoder's not the decoder's, yet both stay on the device.
-    others = sum(weights.values()) - encoder["weights"]
-    encoder["need"] = encoder["total"] + others
-    need = max(compiled_total + encoder["weights"], encoder["need"])
+  # jit leaves out arguments a program never reads: the decode program's do not hold the
+  # encoders' weights, an encoder's not the rest, yet all stay on the device.
+  need = compiled_total + sum(e["weights"] for e in encoders.values())
+  for e in encoders.values():
+    e["need"] = e["total"] + sum(weights.values()) - e["weights"]
+    need = max(need, e["need"])
   report = dict(
       target=setup.target.cfg.name, draft=draft.cfg.name if draft else None,
       quantize=setup.target.cfg.quantize or "none",
@@ -363,7 +387,8 @@ def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptance
       draft_params=draft.cfg.num_params() if draft else 0,
       mesh=dict(mesh.shape), platform=platform, device_kind=devices[0].device_kind,
       batch=batch, context=context, prompt_len=prompt_len, max_new_tokens=max_new, k=k,
-      images_per_row=images, encoder=encoder,
+      images_per_row=images, encoder=encoders.get("target"),
+      draft_encoder=encoders.get("draft"),
       lower_seconds=lower_s, compile_seconds=compile_s, compile_cpu_seconds=compile_cpu_s,
       compiled=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes,
@@ -380,8 +405,10 @@ def _plan(config, topology, batch, context, k, max_new, tpu_topology, acceptance
     hbm = roofline.CHIPS[device.device_kind].hbm_bytes * roofline.device_share(device)
     report["device_hbm"] = hbm
     report["fits"] = {device.device_kind: need <= hbm}
+    one = batch * images == 1  # then the programs compiled above are the one-image ones
     report["speed"] = speed_estimate(setup, mesh, device, batch, context, k, acceptances,
-                                     images, encoder_program if batch * images == 1 else None)
+                                     images, programs.get("target") if one else None,
+                                     programs.get("draft") if one else None)
   return report
 
 
@@ -419,14 +446,16 @@ def format_report(r: dict) -> str:
   lines += [
       f"  total                       {g(a['total'])}",
   ]
-  e = r.get("encoder")
-  if e:
-    lines += [f"vision encoder, its own program before the prefill ({e['images']} images; the "
-              f"prompt holds {r['images_per_row']} image blocks a row):",
-              f"  encoder weights             {g(e['weights'])} (part of the target weights)",
-              f"  temporaries                 {g(e['temporaries'])}",
-              f"  total                       {g(e['total'])}",
-              f"  with the decoder's weights  {g(e['need'])} (resident, not its arguments)"]
+  for role, key in (("", "encoder"), ("the draft's ", "draft_encoder")):
+    e = r.get(key)
+    if e:
+      lines += [f"{role}vision encoder, its own program before the prefill ({e['images']} "
+                f"images; the prompt holds {r['images_per_row']} image blocks a row):",
+                f"  encoder weights             {g(e['weights'])} (part of the "
+                f"{'draft' if role else 'target'} weights)",
+                f"  temporaries                 {g(e['temporaries'])}",
+                f"  total                       {g(e['total'])}",
+                f"  with the other weights      {g(e['need'])} (resident, not its arguments)"]
   estimated = r["platform"] == "cpu"
   lines += ["", f"need per device: {g(r['estimated_need'])}  [{r['estimate_basis']}]"]
   chips = ({r["device_kind"]: r["device_hbm"]} if "device_hbm" in r else HBM)
@@ -457,7 +486,7 @@ def format_speed(sp: dict, k: int) -> list[str]:
       "  program        HBM GiB  XLA's GiB*   GFLOP  collectives  memory ms compute ms   coll. ms"
       "  estimate ms"]
   names = {"target_step": "target step", "verify": f"verify {k + 1}", "draft_step": "draft step",
-           "encode_image": "encode image"}
+           "encode_image": "encode image", "draft_encode_image": "draft encode"}
   for name, p in sp["programs"].items():
     c, t = p["cost"], p["seconds"]
     lines.append(f"  {names[name]:13s} {c['hbm_bytes'] / GIB:8.3f} {c['xla_bytes'] / GIB:10.3f} "

@@ -576,25 +576,33 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
 
 
 def test_plan_tiny_on_2x8_reports_memory(tmp_path):
-  # Given the tiny target with a vision encoder and 3 image blocks in each row's prompt,
+  # Given the tiny target with a vision encoder, a multimodal draft (its own encoder) and 3
+  # image blocks in each row's prompt,
   report_path = tmp_path / "plan.json"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=2x8",
        "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
-       "--config.model.preset=tiny_vision", "--images=3", f"--output_json={report_path}"],
+       "--config.model.preset=tiny_vision", "--config.draft.preset=tiny_vision", "--images=3",
+       f"--output_json={report_path}"],
       cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(report_path.read_text())
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
-  # then the encoder's own program is planned over the batch's 6 images, its weights counted
-  # among the target's, and the need is the larger program's with the other's weights.
-  e = report["encoder"]
-  assert report["images_per_row"] == 3 and e["images"] == 6
-  assert 0 < e["weights"] < report["analytic"]["weights"]["target"] and e["temporaries"] > 0
-  assert report["estimated_need"] == max(report["compiled"]["total"] + e["weights"], e["need"])
-  assert e["need"] > e["total"]  # the decoder's weights stay resident while it encodes
+  # then each encoder's own program is planned over the batch's 6 images, its weights counted
+  # among its model's, and the need is the largest program's with the other weights.
+  e, d = report["encoder"], report["draft_encoder"]
+  weights = report["analytic"]["weights"]
+  assert report["images_per_row"] == 3 and e["images"] == d["images"] == 6
+  assert 0 < e["weights"] < weights["target"] and e["temporaries"] > 0
+  assert 0 < d["weights"] < weights["draft"] and d["temporaries"] > 0
+  assert report["estimated_need"] == max(
+      report["compiled"]["total"] + e["weights"] + d["weights"], e["need"], d["need"])
+  # (all weights stay resident while one encoder runs)
+  assert e["need"] - e["total"] == weights["target"] + weights["draft"] - e["weights"]
+  assert d["need"] - d["total"] == weights["target"] + weights["draft"] - d["weights"]
   assert "vision encoder, its own program" in proc.stdout
+  assert "the draft's vision encoder, its own program" in proc.stdout
   # More image blocks than the prompt holds, or images for a text-only model: refused before
   # anything compiles.
   from configs import tiny_random

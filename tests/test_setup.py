@@ -174,6 +174,15 @@ def test_serve_limits_come_from_the_serve_section(monkeypatch):
   c.serve.max_queue = -1
   with pytest.raises(setup.SetupError, match="serve.max_queue must be >= 0"):
     server.limits(c)
+  # Image options: fetching and Pan & Scan off by default, on with their limits when asked.
+  assert server.images(c) == dict(fetch=None, pan_and_scan=False)
+  c.serve.update(fetch_image_urls=True, fetch_timeout_s=2.5)
+  c.run.pan_and_scan = True
+  options = server.images(c)
+  assert options["pan_and_scan"] and options["fetch"].timeout_s == 2.5
+  c.serve.fetch_max_bytes = 0
+  with pytest.raises(setup.SetupError, match="serve.fetch_timeout_s and serve.fetch_max_bytes"):
+    server.images(c)
 
 
 def test_a_checkpoint_that_does_not_exist_is_a_setup_error(tmp_path):

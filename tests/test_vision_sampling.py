@@ -240,21 +240,30 @@ def test_image_misuse_is_refused(single):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
 
 
+WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
+CROP_TEXT = ([4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
+
+
 def test_engine_serves_image_and_text_requests_side_by_side(single):
-  """Requests with 0, 1 and 2 images, inserted together and behind each other (rows at other
-  positions), give each seeded request the tokens Sampler.generate gives its row."""
+  """Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the
+  original and 2 crops), inserted together and behind each other (rows at other positions),
+  give each seeded request the tokens Sampler.generate gives its row."""
   from spec_tpu.serving.engine import ContextLengthError, Engine
   from spec_tpu.serving.request import GenerationParams
   rng = np.random.default_rng(3)
-  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731
+  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731 - no crops
   s = VISION.start_id
-  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2)]
-  images = [[img()], [], [img(), img()], [img()], []]
+  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2), (s,)]
+  images = [[img()], [], [img(), img()], [img()], [], [WIDE]]
   seed = 77
-  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed).tokens
+  # Pan & Scan for every row here; only the wide image has crops, so for the others it is off.
+  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed,
+                         pan_and_scan=CROP_TEXT).tokens
   engine = Engine(single.pair, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
-  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im)
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im,
+                            pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
               for i, (p, im) in enumerate(zip(prompts, images))]
+  assert len(requests[-1].prompt) == 3 * VISION.block_len + 3 and len(requests[-1].images) == 3
   while engine.step():
     pass
   assert [r.result().tokens for r in requests] == want
@@ -262,14 +271,15 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
   with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
     engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
+  with pytest.raises(ValueError, match=r"pan_and_scan's words has token ids outside"):
+    engine.submit((s,), GenerationParams(max_new_tokens=2), [WIDE], pan_and_scan=([4], [99], []))
   assert engine.queue_length == 0
 
 
 def test_pan_and_scan_reads_an_image_as_the_original_then_its_crops(single):
   """With pan_and_scan, a wide image is read as the original and its crops, in the layout the
   prompt gets when the caller writes the crop text and passes the crops as images itself."""
-  wide = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
-  crop_text = ([3, 4], [5], [3])
+  wide, crop_text = WIDE, ([3, 4], [5], [3])
   views = image_lib.pan_and_scan(wide)
   assert len(views) == 3
   by_hand = ([3] + crop_text[0] + [VISION.start_id] + crop_text[1] + [VISION.start_id]

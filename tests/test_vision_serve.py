@@ -1,8 +1,12 @@
 """Images through the OpenAI-compatible server: the real `openai` client sends a base64 image
-in a chat message, plain and streamed; local files only under the allow-list; remote URLs and
-bad images refused with a 400 that names the problem."""
+in a chat message, plain and streamed; local files only under the allow-list; remote URLs
+refused unless the server fetches them (from a local http.server here), and then only image
+bodies within the limits; Pan & Scan as the server's default or a request's choice; bad images
+refused with a 400 that names the problem."""
 
 import base64
+import contextlib
+import http.server
 import io
 import os
 import socket
@@ -15,9 +19,10 @@ import pytest
 
 from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig
+from spec_tpu.models.vision import prompt as prompt_lib
 from spec_tpu.models.vision.config import VisionConfig
 from spec_tpu.pair import Pair
-from spec_tpu.serving import chat
+from spec_tpu.serving import chat, image_urls
 from spec_tpu.serving.engine import Engine
 from spec_tpu.serving.request import GenerationParams
 from spec_tpu.tokenizer import ByteTokenizer
@@ -33,6 +38,9 @@ CFG = ModelConfig(name="byte_vision", vocab_size=TOK.vocab_size, d_model=16, num
                   num_heads=2, num_kv_heads=1, head_dim=8, ffw_dim=32, vision=VISION,
                   tokenizer="bytes")
 IMAGE = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+# Wide enough for Pan & Scan's 2 crops (blocky, so its PNG stays small).
+WIDE = np.random.default_rng(1).integers(0, 256, (30, 70, 3), dtype=np.uint8).repeat(
+    10, 0).repeat(10, 1)
 
 
 def _png(image) -> bytes:
@@ -46,15 +54,10 @@ def _data_url(data: bytes) -> str:
   return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _client(app):
+  """The real openai client on `app`, served by uvicorn on a thread."""
   import uvicorn
-  from spec_tpu.serving import openai_api
-  allowed = tmp_path_factory.mktemp("images")
-  (allowed / "a.png").write_bytes(_png(IMAGE))
-  params = model.init_params(CFG, jax.random.key(0))
-  engine = Engine(Pair(params, CFG, tokenizer=TOK), num_slots=2, max_len=96, k=0).start()
-  app = openai_api.build_app(engine, "m", image_dirs=[str(allowed)])
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -65,13 +68,26 @@ def served(tmp_path_factory):
   while not server.started:
     assert time.monotonic() < deadline
     time.sleep(0.05)
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                         max_retries=0, timeout=120)
   try:
-    yield client, engine, allowed
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                        max_retries=0, timeout=120)
   finally:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  from spec_tpu.serving import openai_api
+  allowed = tmp_path_factory.mktemp("images")
+  (allowed / "a.png").write_bytes(_png(IMAGE))
+  params = model.init_params(CFG, jax.random.key(0))
+  engine = Engine(Pair(params, CFG, tokenizer=TOK), num_slots=2, max_len=160, k=0).start()
+  app = openai_api.build_app(engine, "m", image_dirs=[str(allowed)])
+  try:
+    with _client(app) as client:
+      yield client, engine, allowed
+  finally:
     engine.shutdown()
 
 
@@ -129,6 +145,99 @@ def test_image_parts_need_a_model_that_reads_images():
   assert urls == ["u"]
 
 
+class _ImageHost(http.server.BaseHTTPRequestHandler):
+  """Serves PAGES: path -> (status, content type, body); /slow answers after a second."""
+  PAGES = {"/wide.png": (200, "image/png", _png(WIDE)),
+           "/page.html": (200, "text/html", b"<html>not a picture</html>"),
+           "/fake.png": (200, "image/png", b"not a picture either")}
+
+  def do_GET(self):
+    if self.path == "/slow":
+      time.sleep(1.0)
+    status, kind, body = self.PAGES.get(self.path, (404, "text/plain", b"missing"))
+    self.send_response(status)
+    self.send_header("Content-Type", kind)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    with contextlib.suppress(ConnectionError):  # a client that stopped reading (size limit)
+      self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+  """A local http.server (no outside network): its base URL."""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+  thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_remote_images_are_fetched_only_when_enabled_and_within_limits(image_host):
+  fetch = image_urls.Fetch(timeout_s=5.0, max_bytes=1 << 20)
+  wide = f"{image_host}/wide.png"
+  assert image_urls.read(wide, fetch=fetch) == _png(WIDE)
+  with pytest.raises(ValueError, match="remote image URLs are not fetched"):
+    image_urls.read(wide)  # off by default
+  for url, limits, match in [
+      (f"{image_host}/missing.png", fetch, r"fetching .*/missing.png failed: HTTP 404"),
+      (wide, image_urls.Fetch(max_bytes=1000), "is larger than the 1000 bytes"),
+      (f"{image_host}/page.html", fetch, "is served as 'text/html', not as an image"),
+      (f"{image_host}/slow", image_urls.Fetch(timeout_s=0.2), "failed: .*timed out"),
+      ("http://127.0.0.1:1/x.png", fetch, "failed: .*refused"),
+      ("ftp://127.0.0.1/x.png", fetch, "remote image URLs are not fetched")]:
+    with pytest.raises(ValueError, match="^image: .*" + match):
+      image_urls.read(url, fetch=limits)
+  with pytest.raises(ValueError, match="needs a timeout > 0"):
+    image_urls.Fetch(timeout_s=0)
+
+
+def test_pan_and_scan_through_the_server(served, image_host):
+  """A request's mm_processor_kwargs turns Pan & Scan on (its prompt then holds the original's
+  and 2 crops' blocks, with the words between them) and gives what Engine.submit gives with
+  it; a server with it on by default and fetching on reads a remote image alike."""
+  from spec_tpu.serving import openai_api
+  client, engine, _ = served
+  kw = dict(model="m", max_tokens=4, temperature=0.0)
+  messages = _messages(_data_url(_png(WIDE)))
+  on = {"mm_processor_kwargs": {"do_pan_and_scan": True}}
+  plain = client.chat.completions.create(messages=messages, **kw)
+  crops = client.chat.completions.create(messages=messages, extra_body=on, **kw)
+  crop_text = prompt_lib.crop_text_ids(TOK.encode)
+  # 2 crops: the words before the original, between it and the crops, and one separator.
+  assert crops.usage.prompt_tokens == (plain.usage.prompt_tokens + 2 * VISION.block_len
+                                       + sum(map(len, crop_text)))
+  ids = TOK.encode("look: ") + [VISION.start_id] + TOK.encode("what is this?\n")
+  want = engine.submit(ids, GenerationParams(max_new_tokens=4, temperature=0.0), [_png(WIDE)],
+                       pan_and_scan=crop_text).result(timeout=120)
+  assert crops.choices[0].message.content == want.text
+  with pytest.raises(openai.BadRequestError, match="'mm_processor_kwargs' takes only"):
+    client.chat.completions.create(messages=messages, extra_body={
+        "mm_processor_kwargs": {"do_pan_and_scan": "yes"}}, **kw)
+  app = openai_api.build_app(engine, "m", fetch=image_urls.Fetch(timeout_s=30),
+                             pan_and_scan=True)
+  with _client(app) as fetching:
+    remote = _messages(f"{image_host}/wide.png")
+    by_default = fetching.chat.completions.create(messages=remote, **kw)
+    off = fetching.chat.completions.create(
+        messages=remote, extra_body={"mm_processor_kwargs": {"do_pan_and_scan": False}}, **kw)
+    with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+      fetching.chat.completions.create(messages=_messages(f"{image_host}/nope.png"), **kw)
+    with pytest.raises(openai.BadRequestError, match="not in an image format"):
+      fetching.chat.completions.create(messages=_messages(f"{image_host}/fake.png"), **kw)
+  assert (by_default.choices[0].message.content, by_default.usage.prompt_tokens) == (
+      crops.choices[0].message.content, crops.usage.prompt_tokens)
+  assert (off.choices[0].message.content, off.usage.prompt_tokens) == (
+      plain.choices[0].message.content, plain.usage.prompt_tokens)
+
+
 def test_launch_sample_reads_the_images_a_jsonl_prompt_lists(tmp_path):
   """launch.sample's JSONL `images` (files beside the prompts file) reach the model: another
   picture in the same file gives another output; bad lists fail before any compile."""
@@ -158,13 +267,24 @@ def test_launch_sample_reads_the_images_a_jsonl_prompt_lists(tmp_path):
     f.write(json.dumps({"id": "a", "prompt": "x = <start_of_image> + 1", "images": ["i.png"]})
             + "\n" + json.dumps({"id": "b", "prompt": "y = 2"}) + "\n")
   outputs = []
-  for seed in (0, 5):
-    picture = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+  # A square picture, a wide one, and the wide one with Pan & Scan (the original and 2 crops).
+  for name, picture, pan_and_scan in [
+      ("square", np.random.default_rng(0).integers(0, 256, (14, 14, 3), dtype=np.uint8), False),
+      ("wide", WIDE, False), ("crops", WIDE, True)]:
     (tmp_path / "i.png").write_bytes(_png(picture))
-    out = tmp_path / f"out{seed}.jsonl"
+    out = tmp_path / f"{name}.jsonl"
+    config.run.pan_and_scan = pan_and_scan
     offline.run(config, [], str(prompts), str(out), compare_ar=False, multihost=False)
-    outputs.append({r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())})
-  assert outputs[0]["b"] == outputs[1]["b"] and outputs[0]["a"] != outputs[1]["a"]
+    lines = list(map(json.loads, out.read_text().splitlines()))
+    assert all(r["settings"].get("pan_and_scan", False) == pan_and_scan for r in lines)
+    outputs.append({r["id"]: r["tokens"] for r in lines})
+  assert outputs[0]["b"] == outputs[1]["b"] == outputs[2]["b"]
+  assert len({tuple(o["a"]) for o in outputs}) == 3
+  # A file written without Pan & Scan does not resume with it.
+  with pytest.raises(offline.InputError, match="pan_and_scan is null in the file, true now"):
+    offline.run(config, [], str(prompts), str(tmp_path / "wide.jsonl"), compare_ar=False,
+                multihost=False)
+  config.run.pan_and_scan = False
   for line, match in [({"prompt": "z", "images": ["missing.png"]}, "cannot read"),
                       ({"prompt": "<start_of_image><start_of_image>", "images": ["i.png"]},
                        "marks 2 image place"),
@@ -179,16 +299,25 @@ def test_image_bench_times_the_encoder_and_the_first_token():
   # Given a one-slot engine on the byte-level vision model and a text prompt,
   from spec_tpu.serving import image_bench
   params = model.init_params(CFG, jax.random.key(0))
-  engine = Engine(Pair(params, CFG), num_slots=1, max_len=64, k=0)
+  engine = Engine(Pair(params, CFG), num_slots=1, max_len=128, k=0)
   prompt = TOK.encode("describe:")
   # when the benchmark runs with 0 and 2 images after it,
   rows = image_bench.measure(engine, prompt, counts=(0, 2), repeats=1)
   # then each row's prompt holds its image blocks, the encoder was timed where there are
   # images, and every request reached its first token.
   assert [r["prompt_tokens"] for r in rows] == [len(prompt), len(prompt) + 2 * VISION.block_len]
+  assert [r["encoded_images"] for r in rows] == [0, 2]
   assert rows[0]["encode_s"] == 0 and rows[1]["encode_s"] > 0
   assert rows[1]["encode_s_per_image"] == rows[1]["encode_s"] / 2
   assert all(0 < r["ttft_s"] < 60 for r in rows)
-  assert image_bench.format_table(rows).splitlines()[0].split()[:2] == ["images", "prompt"]
+  head = image_bench.format_table(rows).splitlines()[0].split()
+  assert head[:3] == ["images", "encoded", "prompt"]
   with pytest.raises(ValueError, match="holds an image-block token id"):
     image_bench.measure(engine, prompt + [VISION.start_id], counts=(2,), repeats=1)
+  # With Pan & Scan each (wide) image is encoded as the original and 2 crops, laid out as the
+  # engine lays it out.
+  crop_text = prompt_lib.crop_text_ids(TOK.encode)
+  [row] = image_bench.measure(engine, prompt, counts=(1,), repeats=1, pan_and_scan=crop_text)
+  assert row["encoded_images"] == 3 and row["encode_s_per_image"] == row["encode_s"] / 3
+  assert row["prompt_tokens"] == len(prompt) + 3 * VISION.block_len + sum(map(len, crop_text))
+  assert 0 < row["ttft_s"] < 60

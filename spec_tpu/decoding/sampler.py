@@ -222,14 +222,8 @@ class Sampler:
     for i, (p, row) in enumerate(zip(prompts, images)):
       row = [] if row is None else list(row)
       prompts_lib.token_ids(p, self.target_cfg.num_tokens, f"prompt {i}")
-      crops = None
-      if crop_text is not None:
-        views = [image_lib.pan_and_scan(img, what=f"prompt {i} image {j}")
-                 for j, img in enumerate(row)]
-        crops = [len(v) - 1 for v in views]
-        row = [view for v in views for view in v]
-      laid_out.append(image_prompt.expand(p, len(crops) if crops is not None else len(row),
-                                          vision, f"prompt {i}", crops, crop_text))
+      ids, row = image_prompt.lay_out(p, row, vision, f"prompt {i}", crop_text)
+      laid_out.append(ids)
       pixels += [image_lib.prepare(img, vision.image_size, f"prompt {i} image {j}")
                  for j, img in enumerate(row)]
       counts.append(len(row))

@@ -327,20 +327,23 @@ class Engine:
           f"{self.k_max + 1} for verification) exceeds the context of {self.max_len} tokens")
 
   def submit(self, prompt: str | Sequence[int], params: GenerationParams = GenerationParams(),
-             images: Sequence | None = None) -> Request:
+             images: Sequence | None = None,
+             pan_and_scan: Sequence[Sequence[int]] | None = None) -> Request:
     """Queues a request (any thread); raises ValueError on bad input and QueueFullError past
     max_queue, before queueing.
 
     images: one per start_of_image token of the prompt (Sampler.generate says which forms),
-    decoded and resized here; encoded once, when the request is inserted."""
-    return self.submit_all([(prompt, params, images)])[0]
+    decoded and resized here; encoded once, when the request is inserted. pan_and_scan: None
+    (off) or Pan & Scan's words as ids, as Sampler.generate takes them: each image is then
+    read as the original and its crops, every one an image block of its own."""
+    return self.submit_all([(prompt, params, images, pan_and_scan)])[0]
 
   def submit_all(self, items: Sequence[tuple], *, bounded: bool = True,
                  share_prefill: bool = False) -> list[Request]:
     """Queues several requests, all or none: every one is checked, and the queue bound is
     checked for them together, before any is queued (several prompts of one HTTP call, or
-    n > 1 samples of one prompt). items: (prompt, params) or (prompt, params, images), as
-    submit takes them.
+    n > 1 samples of one prompt). items: (prompt, params), (prompt, params, images) or
+    (prompt, params, images, pan_and_scan), as submit takes them.
 
     share_prefill: items with the same prompt are samples of it (n > 1): admitted together,
     they share one prefill (each still draws with its own settings and stream). Asked for,
@@ -367,12 +370,13 @@ class Engine:
       self._lock.notify_all()
     return requests
 
-  def _checked(self, prompt, params: GenerationParams, images: Sequence | None = None):
+  def _checked(self, prompt, params: GenerationParams, images: Sequence | None = None,
+               pan_and_scan: Sequence[Sequence[int]] | None = None):
     """(tokens, params, pixels, placeholder) of a request, checked; raises before queueing."""
     tokens = self._tokens(prompt)
     pixels, placeholder = None, None
     if images:
-      tokens, pixels = self._with_images(tokens, images)
+      tokens, pixels = self._with_images(tokens, images, pan_and_scan)
       placeholder = self.pair.target_cfg.vision.image_id
     num_tokens = self.pair.target_cfg.num_tokens
     if isinstance(params.top_k, numbers.Integral) and params.top_k >= num_tokens:
@@ -445,14 +449,19 @@ class Engine:
           f.set_exception(e)
         raise
 
-  def _with_images(self, tokens: list[int], images: Sequence):
-    """(the prompt with its image blocks laid out, the images as the encoder's input)."""
+  def _with_images(self, tokens: list[int], images: Sequence, crop_text=None):
+    """(the prompt with its image blocks laid out, the images as the encoder's input: one per
+    block, so with Pan & Scan (crop_text) an image's crops count as images of their own, in
+    the insert's image buckets and the soft tokens' width alike)."""
     vision = self.pair.vision()
     if self._channel is not None:
       raise ValueError("images are not supported on a multi-host engine yet")
-    laid_out = image_prompt.expand(tokens, len(images), vision)
+    laid_out, views = image_prompt.lay_out(tokens, images, vision, "the prompt", crop_text)
+    if crop_text is not None:  # the caller's ids for Pan & Scan's words, checked as a prompt's
+      prompts_lib.token_ids([t for piece in crop_text for t in piece],
+                            self.pair.target_cfg.num_tokens, "pan_and_scan's words")
     pixels = np.stack([image_lib.prepare(img, vision.image_size, f"image {j}")
-                       for j, img in enumerate(images)])
+                       for j, img in enumerate(views)])
     return laid_out, pixels
 
   def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
@@ -465,9 +474,11 @@ class Engine:
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
                params: GenerationParams | Sequence[GenerationParams] = GenerationParams(),
-               images: Sequence[Sequence | None] | None = None) -> list[Completion]:
-    """Submits every prompt (with images[i], when given, as submit's images) and steps until
-    all are done (the caller's thread drives the engine; not while start()'s thread runs)."""
+               images: Sequence[Sequence | None] | None = None,
+               pan_and_scan: Sequence[Sequence[int]] | None = None) -> list[Completion]:
+    """Submits every prompt (with images[i], when given, as submit's images, and pan_and_scan
+    as submit takes it) and steps until all are done (the caller's thread drives the engine;
+    not while start()'s thread runs)."""
     if self._thread is not None:
       raise RuntimeError("generate() drives the engine itself; with start() use submit()")
     params = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
@@ -476,7 +487,8 @@ class Engine:
     images = [None] * len(prompts) if images is None else list(images)
     if len(images) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    requests = self.submit_all(list(zip(prompts, params, images)), bounded=False)
+    requests = self.submit_all([(p, q, im, pan_and_scan) for p, q, im in
+                                zip(prompts, params, images)], bounded=False)
     while self.step():
       pass
     return [r.result() for r in requests]

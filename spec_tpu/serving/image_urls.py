@@ -3,21 +3,43 @@
 data: URLs (base64) are read inline. Local files (file:// URLs or absolute paths) only under the
 directories the server was started with (an allow-list; none by default), resolved after
 symlinks, so a request cannot read anything else on the host. Remote (http, https) URLs are
-refused: fetching them would let any client make the server call out."""
+refused unless the server opts into fetching them (`Fetch`: serve.fetch_image_urls), since
+fetching lets any client make the server call any address it can reach; fetched, a body must be
+served as image/*, arrive within the time limit and stay under the size limit."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import http.client
 import os
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Sequence
 
 MAX_BYTES = 32 << 20  # one image's encoded size at most
 
 
-def read(url, allowed_dirs: Sequence[str] = (), what: str = "image") -> bytes:
-  """The encoded image a URL names, or a ValueError saying why it is refused."""
+@dataclasses.dataclass(frozen=True)
+class Fetch:
+  """Remote image URLs fetched, not refused: each download at most max_bytes, whole within
+  timeout_s seconds."""
+  timeout_s: float = 10.0
+  max_bytes: int = MAX_BYTES
+
+  def __post_init__(self):
+    if not (self.timeout_s > 0 and self.max_bytes > 0):
+      raise ValueError(f"fetching image URLs needs a timeout > 0 and a size limit > 0, got "
+                       f"{self.timeout_s} s and {self.max_bytes} bytes")
+
+
+def read(url, allowed_dirs: Sequence[str] = (), what: str = "image",
+         fetch: Fetch | None = None) -> bytes:
+  """The encoded image a URL names, or a ValueError saying why it is refused. fetch: how
+  http(s) URLs are fetched (None: they are refused). Blocks while it downloads."""
   if not isinstance(url, str) or not url:
     raise ValueError(f"{what}: image_url.url must be a non-empty string")
   scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -31,6 +53,8 @@ def read(url, allowed_dirs: Sequence[str] = (), what: str = "image") -> bytes:
       return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
       raise ValueError(f"{what}: the data: URL holds invalid base64") from None
+  if scheme in ("http", "https") and fetch is not None:
+    return _fetch(url, fetch, what)
   if scheme in ("http", "https", "ftp"):
     raise ValueError(f"{what}: remote image URLs are not fetched; send the image inline as a "
                      "data: URL (data:image/png;base64,...)")
@@ -58,3 +82,52 @@ def _read_allowed(path: str, allowed_dirs: Sequence[str], what: str) -> bytes:
       return fh.read()
   except OSError as e:
     raise ValueError(f"{what}: cannot read {path!r}: {e.strerror}") from None
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+  """Follows redirects to http(s) only (urllib would also follow one to ftp)."""
+
+  def redirect_request(self, req, fp, code, msg, headers, newurl):
+    if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
+      raise urllib.error.HTTPError(newurl, code, "redirected to a non-http(s) URL", headers, fp)
+    return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
+def _fetch(url: str, fetch: Fetch, what: str) -> bytes:
+  shown = url if len(url) <= 100 else url[:97] + "..."
+  failed = f"{what}: fetching {shown} failed"
+  deadline = time.monotonic() + fetch.timeout_s
+  request = urllib.request.Request(url, headers={"Accept": "image/*",
+                                                 "User-Agent": "spec_tpu-image-fetch"})
+  try:
+    response = _OPENER.open(request, timeout=fetch.timeout_s)
+  except urllib.error.HTTPError as e:
+    raise ValueError(f"{failed}: HTTP {e.code} {e.reason}") from None
+  except urllib.error.URLError as e:
+    raise ValueError(f"{failed}: {e.reason}") from None
+  except (http.client.HTTPException, OSError, ValueError) as e:  # timeouts, bad hosts, ports
+    raise ValueError(f"{failed}: {e or type(e).__name__}") from None
+  with response:
+    kind = response.headers.get_content_type()  # text/plain when the header is missing
+    if not kind.startswith("image/"):
+      raise ValueError(f"{what}: {shown} is served as {kind!r}, not as an image (image/*)")
+    too_large = ValueError(f"{what}: {shown} is larger than the {fetch.max_bytes} bytes an "
+                           "image may be")
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > fetch.max_bytes:
+      raise too_large
+    chunks, size = [], 0
+    try:
+      while chunk := response.read(min(1 << 16, fetch.max_bytes + 1 - size)):
+        size += len(chunk)
+        if size > fetch.max_bytes:
+          raise too_large
+        if time.monotonic() > deadline:  # the socket timeout bounds each read, not the sum
+          raise ValueError(f"{failed}: not downloaded within {fetch.timeout_s} s")
+        chunks.append(chunk)
+    except (http.client.HTTPException, OSError) as e:
+      raise ValueError(f"{failed}: {e or type(e).__name__}") from None
+  return b"".join(chunks)

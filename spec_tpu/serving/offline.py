@@ -107,8 +107,12 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost=False,
   if tok is None:
     raise setup_lib.SetupError("model.tokenizer is empty: text prompts need a tokenizer")
   encoded = [tok.encode(p.text, add_bos=bool(config.run.add_bos)) for p in prompts]
+  crop_text = None
+  if bool(config.run.pan_and_scan) and setup.target.cfg.vision is not None:
+    from spec_tpu.models.vision import prompt as image_prompt
+    crop_text = image_prompt.crop_text_ids(tok.encode)
   images, laid_out = _read_images(prompts, setup.target.cfg.vision, tok, encoded,
-                                  bool(config.run.add_bos))
+                                  bool(config.run.add_bos), crop_text)
   for p, ids in zip(prompts, encoded):
     if not ids:
       raise InputError(f"prompt {p.id!r} encodes to no tokens (set run.add_bos=True)")
@@ -179,16 +183,17 @@ def run(config, flag_prompts, prompts_path, output, compare_ar, multihost=False,
     return {}
   try:
     return _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output,
-                     settings, compare_ar and k_max > 0, note)
+                     settings, compare_ar and k_max > 0, note, crop_text=crop_text)
   finally:
     engine.shutdown()
 
 
-def _read_images(prompts, vision, tok, encoded, add_bos: bool):
+def _read_images(prompts, vision, tok, encoded, add_bos: bool, crop_text=None):
   """Each prompt's images decoded (before any device work, so a bad file fails in seconds),
   its ids with start_of_image where the text marks an image (encoded, in place), and its length
-  once the image blocks are laid out. An image goes where the text says <start_of_image>, or
-  before the text if it says it nowhere."""
+  once the image blocks are laid out (with Pan & Scan's crops where crop_text, its words as
+  ids, is given). An image goes where the text says <start_of_image>, or before the text if it
+  says it nowhere."""
   from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
   mark = "<start_of_image>"
   images, laid_out = [], []
@@ -204,18 +209,24 @@ def _read_images(prompts, vision, tok, encoded, add_bos: bool):
           tok.encode, text, mark, vision.start_id))
       try:
         images.append([image_lib.to_pil(x, f"prompt {p.id!r} image {x!r}") for x in p.images])
+        ids, _ = image_prompt.lay_out(encoded[i], images[-1], vision, f"prompt {p.id!r}",
+                                      crop_text)
       except ValueError as e:
         raise InputError(str(e)) from None
+      laid_out.append(len(ids))
     else:
       images.append(None)
-    laid_out.append(len(encoded[i]) + len(p.images) * (0 if vision is None else
-                                                        vision.block_len - 1))
+      laid_out.append(len(encoded[i]))
   return images, laid_out
 
 
 def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output, settings,
-              compare_ar, note, progress=True) -> dict:
+              compare_ar, note, progress=True, crop_text=None) -> dict:
   """Process 0's part: every prompt left is a request; each finished one is written at once."""
+
+  def submit(i, params):
+    return engine.submit(encoded[i], params, images[i], pan_and_scan=crop_text)
+
   from spec_tpu.serving import GenerationParams
   s, max_new = setup.sampling, int(config.sampling.max_new_tokens)
   seed = int(config.sampling.seed)
@@ -237,8 +248,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output
     # two passes are timed against each other, each K gets an untimed run first.
     few = todo[:engine.num_slots]
     for k in (engine.k, 0):
-      drain(engine, [engine.submit(encoded[i], params(i, min(2, max_new)), images[i])
-                     for i in few], k)
+      drain(engine, [submit(i, params(i, min(2, max_new))) for i in few], k)
 
   from tqdm import tqdm
   bar = tqdm(disable=not progress, total=len(todo), unit="prompt", file=sys.stderr,
@@ -269,7 +279,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output
 
   requests = []
   for i in todo:
-    r = engine.submit(encoded[i], params(i), images[i])
+    r = submit(i, params(i))
     index[r.id] = i
     requests.append(r)
   totals.seconds = drain(engine, requests, on_finish=write)
@@ -283,7 +293,7 @@ def _schedule(engine, config, setup, tok, prompts, encoded, images, todo, output
     if totals.ks <= {0}:  # adaptive K kept speculation off: the run was its own baseline
       totals.ar_tokens, totals.ar_seconds = totals.tokens, totals.seconds
     else:
-      ar = [engine.submit(encoded[i], params(i), images[i]) for i in todo]
+      ar = [submit(i, params(i)) for i in todo]
       totals.ar_seconds = drain(engine, ar, k=0)
       totals.ar_tokens = sum(len(r.result().tokens) for r in ar)
   return dict(totals.summary(setup.k, setup.any_random), **summary, **note)

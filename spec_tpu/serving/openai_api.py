@@ -13,9 +13,10 @@ context 400 (code context_length_exceeded), a full queue 503 with Retry-After, t
 already sent).
 
 Beyond OpenAI's fields: `top_k` (0 or -1 = off), `min_p` and `repetition_penalty` (vLLM's),
-`logprobs_mode` ("processed", the default, or "raw": see _params),
-and each response's `spec_tpu` object with the request's acceptance statistics (a streamed
-response sends it with the final chunk).
+`logprobs_mode` ("processed", the default, or "raw": see _params), vLLM's
+`mm_processor_kwargs: {"do_pan_and_scan": bool}` (chat: Pan & Scan for the request's images,
+overriding the server's default), and each response's `spec_tpu` object with the request's
+acceptance statistics (a streamed response sends it with the final chunk).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from spec_tpu.models.vision import prompt as image_prompt
+from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
 from spec_tpu.serving import chat as chat_lib, image_urls
 from spec_tpu.serving.engine import ContextLengthError, Engine, QueueFullError
 from spec_tpu.serving.request import GenerationParams, Request, TokenLogprob
@@ -103,6 +104,19 @@ def _unsupported(body: dict, name: str, neutral) -> None:
   if body.get(name) not in (None, neutral) and not (isinstance(neutral, tuple)
                                                      and body.get(name) in neutral):
     raise ApiError(400, f"'{name}' is not supported by this server", param=name)
+
+
+def _pan_and_scan(body: dict, default: bool) -> bool:
+  """Whether a chat request's images get Pan & Scan: vLLM's per-request processor options,
+  of which this server knows do_pan_and_scan alone."""
+  options = body.get("mm_processor_kwargs")
+  if options is None:
+    return default
+  if (not isinstance(options, dict) or set(options) - {"do_pan_and_scan"}
+      or not isinstance(options.get("do_pan_and_scan", default), bool)):
+    raise ApiError(400, "'mm_processor_kwargs' takes only 'do_pan_and_scan' (true or false)",
+                   param="mm_processor_kwargs")
+  return options.get("do_pan_and_scan", default)
 
 
 def _params(body: dict, chat: bool = False) -> GenerationParams:
@@ -382,10 +396,12 @@ def _event_stream(requests: list[Request], head: dict, choice, last_choice, incl
 # ------------------------------------------------------------------ the app
 
 def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTemplate | None = None,
-              limits: Limits = Limits(), image_dirs: Sequence[str] = ()) -> FastAPI:
+              limits: Limits = Limits(), image_dirs: Sequence[str] = (),
+              fetch: image_urls.Fetch | None = None, pan_and_scan: bool = False) -> FastAPI:
   """The FastAPI app serving `engine` (already started) under `model_name`. image_dirs: the
   directories chat requests may name local image files under (image_urls.py); none: only
-  inline data: URLs."""
+  inline data: URLs. fetch: how http(s) image URLs are fetched (None: refused). pan_and_scan:
+  Pan & Scan for chat images unless a request says otherwise (mm_processor_kwargs)."""
   app = FastAPI(title="spec_tpu", version="0.1.0")
   template = chat_template or chat_lib.ChatTemplate()
   created = int(time.time())
@@ -393,6 +409,9 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
   grammars = getattr(engine, "grammars", None)  # structured output (None: off)
   key = limits.api_key.encode() if limits.api_key else None
   timeout_s = limits.request_timeout_s
+  # Pan & Scan's words, tokenized once (a model that reads images, with a tokenizer).
+  crop_words = (image_prompt.crop_text_ids(tok.encode)
+                if engine.vision is not None and tok is not None else None)
 
   @app.exception_handler(ApiError)
   async def _api_error(_, e: ApiError):
@@ -678,19 +697,25 @@ def build_app(engine: Engine, model_name: str, chat_template: chat_lib.ChatTempl
     else:
       prompt += image_prompt.encode_marked(tok.encode, text, chat_lib.IMAGE_MARK,
                                            vision.start_id)
-    images = []
-    for j, url in enumerate(urls or []):
-      try:
-        images.append(image_urls.read(url, image_dirs, f"image {j}"))
-      except ValueError as e:
-        raise ApiError(400, str(e), param="messages") from None
-    prompt_len = len(prompt) + len(images) * (vision.block_len - 1 if vision else 0)
-    if body.get("max_completion_tokens") is None and body.get("max_tokens") is None:
-      # OpenAI's chat default: until the end of the context.
-      params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(prompt_len)))
+    crop_text = crop_words if _pan_and_scan(body, pan_and_scan) and urls else None
+
+    def read_images():  # in a worker thread: downloads and decoding block
+      return [image_lib.to_pil(image_urls.read(url, image_dirs, f"image {j}", fetch),
+                               f"image {j}") for j, url in enumerate(urls or [])]
+
+    try:
+      images = await asyncio.to_thread(read_images)
+      if body.get("max_completion_tokens") is None and body.get("max_tokens") is None:
+        # OpenAI's chat default: until the end of the context (the prompt as laid out).
+        laid_out = (image_prompt.lay_out(prompt, images, vision, "the prompt", crop_text)[0]
+                    if images else prompt)
+        params = dataclasses.replace(params, max_new_tokens=max(1, engine.room(len(laid_out))))
+    except ValueError as e:
+      raise ApiError(400, str(e), param="messages") from None
     stream, include_usage = _stream(body)
     n = _number(body, "n", 1, lo=1, hi=MAX_N, integer=True)
-    requests = _submit([(prompt, q, images) for q in _samples(n, params)], param="messages")
+    requests = _submit([(prompt, q, images, crop_text) for q in _samples(n, params)],
+                       param="messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
       done = await _results(http, requests)

@@ -207,6 +207,8 @@ def run_settings(config, setup, tok, k_max: int) -> dict:
       "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
   if setup.draft_source.kind != "model" and uses_draft:
     settings["draft_source"] = dataclasses.asdict(setup.draft_source)
+  if bool(config.run.pan_and_scan) and setup.target.cfg.vision is not None:
+    settings["pan_and_scan"] = True  # absent when off: files written before it still resume
   return json.loads(json.dumps(settings))
 
 

@@ -17,6 +17,7 @@ def ready_engine(config, multihost: bool = False, coordinator=None, num_processe
   setup = setup_lib.resolve(config, need_weights=True)
   settings = setup_lib.engine_settings(config)
   limits(config)  # the serve section's mistakes fail before anything loads
+  images(config)
   tok = setup_lib.load_tokenizer(config, setup)
   if multihost:
     distributed.init(coordinator, num_processes, process_id)
@@ -60,3 +61,18 @@ def limits(config, api_key: str | None = None):
       api_key=api_key or str(s.api_key) or os.environ.get("SPEC_TPU_API_KEY") or None,
       max_body_bytes=int(s.max_body_bytes) or None,
       request_timeout_s=float(s.request_timeout_s) or None)
+
+
+def images(config) -> dict:
+  """build_app's image options from the config: fetch (serve.fetch_image_urls and its limits,
+  else None) and pan_and_scan (run.pan_and_scan); raises SetupError on a bad limit."""
+  from spec_tpu.serving import image_urls
+  s = config.serve
+  fetch = None
+  if bool(s.fetch_image_urls):
+    try:
+      fetch = image_urls.Fetch(float(s.fetch_timeout_s), int(s.fetch_max_bytes))
+    except ValueError as e:
+      raise setup_lib.SetupError(f"serve.fetch_timeout_s and serve.fetch_max_bytes: {e}") \
+          from None
+  return dict(fetch=fetch, pan_and_scan=bool(config.run.pan_and_scan))

@@ -67,6 +67,22 @@ def expand(prompt: Sequence[int], num_images: int, vcfg: VisionConfig,
   return out
 
 
+def lay_out(prompt: Sequence[int], images: Sequence, vcfg: VisionConfig,
+            what: str = "the prompt", crop_text: Sequence[Sequence[int]] | None = None
+            ) -> tuple[list[int], list]:
+  """(the prompt's ids with its image blocks laid out, the images that fill the blocks, in
+  order). Without crop_text those are `images` as given; with it (Pan & Scan's words as ids,
+  crop_text_ids) each image becomes image.pan_and_scan's [original, crops...], decoded here,
+  one block each."""
+  images = list(images)
+  if crop_text is None:
+    return expand(prompt, len(images), vcfg, what), images
+  from spec_tpu.models.vision import image as image_lib
+  views = [image_lib.pan_and_scan(img, what=f"{what} image {j}") for j, img in enumerate(images)]
+  ids = expand(prompt, len(images), vcfg, what, [len(v) - 1 for v in views], crop_text)
+  return ids, [view for v in views for view in v]
+
+
 def encode_marked(encode, text: str, mark: str, start_id: int) -> list[int]:
   """Token ids of a text in which `mark` stands for an image's place: each mark becomes
   start_id, the text between marks goes through encode(piece) -> ids."""

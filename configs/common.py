@@ -68,9 +68,10 @@
                 slot; more get 503 + Retry-After; 0 = unbounded), max_body_bytes (larger
                 request bodies get 413), request_timeout_s (a request still running after
                 this is cancelled, 504; 0 = no limit), fetch_image_urls (chat image_url parts
-                may name http(s) URLs, which the server downloads: any client can then make it
-                call any address it reaches; off = refused), fetch_timeout_s and
-                fetch_max_bytes (each download's limits)
+                may name http(s) URLs, which the server downloads; off = refused),
+                fetch_private_hosts (also from loopback, private, link-local and reserved
+                addresses: the server's own network; off = public hosts only),
+                fetch_timeout_s and fetch_max_bytes (each download's limits)
 
 Configs are plain data: nothing here imports JAX or reads a file, so loading one is instant and
 `--config.x.y=v` overrides of a name that is not in the schema fail before anything compiles.
@@ -160,6 +161,6 @@ def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
   c.engine.num_slots = num_slots
   c.serve = ml_collections.ConfigDict(dict(
       model_name="", api_key="", max_queue=256, max_body_bytes=8 << 20,
-      request_timeout_s=600.0, fetch_image_urls=False, fetch_timeout_s=10.0,
-      fetch_max_bytes=32 << 20))
+      request_timeout_s=600.0, fetch_image_urls=False, fetch_private_hosts=False,
+      fetch_timeout_s=10.0, fetch_max_bytes=32 << 20))
   return c

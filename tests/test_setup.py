@@ -180,6 +180,9 @@ def test_serve_limits_come_from_the_serve_section(monkeypatch):
   c.run.pan_and_scan = True
   options = server.images(c)
   assert options["pan_and_scan"] and options["fetch"].timeout_s == 2.5
+  assert not options["fetch"].private_hosts
+  c.serve.fetch_private_hosts = True
+  assert server.images(c)["fetch"].private_hosts
   c.serve.fetch_max_bytes = 0
   with pytest.raises(setup.SetupError, match="serve.fetch_timeout_s and serve.fetch_max_bytes"):
     server.images(c)

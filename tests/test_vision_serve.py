@@ -12,6 +12,8 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import jax
 import numpy as np
@@ -181,22 +183,34 @@ def image_host():
 
 
 def test_remote_images_are_fetched_only_when_enabled_and_within_limits(image_host):
-  fetch = image_urls.Fetch(timeout_s=5.0, max_bytes=1 << 20)
+  fetch = image_urls.Fetch(timeout_s=5.0, max_bytes=1 << 20, private_hosts=True)
   wide = f"{image_host}/wide.png"
   assert image_urls.read(wide, fetch=fetch) == _png(WIDE)
   with pytest.raises(ValueError, match="remote image URLs are not fetched"):
     image_urls.read(wide)  # off by default
   for url, limits, match in [
+      # The test's host is local: fetched only where private hosts are allowed.
+      (wide, image_urls.Fetch(), "'127.0.0.1' is at 127.0.0.1, not a public address"),
+      ("http://localhost:1/x.png", image_urls.Fetch(), "not a public address"),
+      ("http://169.254.169.254/latest/", image_urls.Fetch(), "not a public address"),
       (f"{image_host}/missing.png", fetch, r"fetching .*/missing.png failed: HTTP 404"),
-      (wide, image_urls.Fetch(max_bytes=1000), "is larger than the 1000 bytes"),
+      (wide, image_urls.Fetch(max_bytes=1000, private_hosts=True), "is larger than the 1000 bytes"),
       (f"{image_host}/page.html", fetch, "is served as 'text/html', not as an image"),
-      (f"{image_host}/slow", image_urls.Fetch(timeout_s=0.2), "failed: .*timed out"),
+      (f"{image_host}/slow", image_urls.Fetch(timeout_s=0.2, private_hosts=True),
+       "failed: .*timed out"),
       ("http://127.0.0.1:1/x.png", fetch, "failed: .*refused"),
       ("ftp://127.0.0.1/x.png", fetch, "remote image URLs are not fetched")]:
     with pytest.raises(ValueError, match="^image: .*" + match):
       image_urls.read(url, fetch=limits)
   with pytest.raises(ValueError, match="needs a timeout > 0"):
     image_urls.Fetch(timeout_s=0)
+  # A redirect is checked like the first URL: a public host cannot bounce the fetch inward.
+  request = urllib.request.Request("http://example.com/cat.png")
+  with pytest.raises(urllib.error.HTTPError, match="redirected to '10.0.0.1' is at 10.0.0.1"):
+    image_urls._Redirects(False).redirect_request(request, None, 302, "Found", {},
+                                                  "http://10.0.0.1/cat.png")
+  assert image_urls._Redirects(True).redirect_request(
+      request, None, 302, "Found", {}, "http://10.0.0.1/cat.png").full_url.startswith("http://10.")
 
 
 def test_pan_and_scan_through_the_server(served, image_host):
@@ -221,7 +235,7 @@ def test_pan_and_scan_through_the_server(served, image_host):
   with pytest.raises(openai.BadRequestError, match="'mm_processor_kwargs' takes only"):
     client.chat.completions.create(messages=messages, extra_body={
         "mm_processor_kwargs": {"do_pan_and_scan": "yes"}}, **kw)
-  app = openai_api.build_app(engine, "m", fetch=image_urls.Fetch(timeout_s=30),
+  app = openai_api.build_app(engine, "m", fetch=image_urls.Fetch(timeout_s=30, private_hosts=True),
                              pan_and_scan=True)
   with _client(app) as fetching:
     remote = _messages(f"{image_host}/wide.png")

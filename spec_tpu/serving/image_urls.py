@@ -4,8 +4,11 @@ data: URLs (base64) are read inline. Local files (file:// URLs or absolute paths
 directories the server was started with (an allow-list; none by default), resolved after
 symlinks, so a request cannot read anything else on the host. Remote (http, https) URLs are
 refused unless the server opts into fetching them (`Fetch`: serve.fetch_image_urls), since
-fetching lets any client make the server call any address it can reach; fetched, a body must be
-served as image/*, arrive within the time limit and stay under the size limit."""
+fetching lets any client make the server call any address it can reach; fetched, the host must
+resolve to public addresses only (loopback, private, link-local and reserved ones refused unless
+the server allows them: serve.fetch_private_hosts), at the first request and at every redirect,
+and a body must be served as image/*, arrive within the time limit and stay under the size
+limit."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import base64
 import binascii
 import dataclasses
 import http.client
+import ipaddress
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -26,9 +31,11 @@ MAX_BYTES = 32 << 20  # one image's encoded size at most
 @dataclasses.dataclass(frozen=True)
 class Fetch:
   """Remote image URLs fetched, not refused: each download at most max_bytes, whole within
-  timeout_s seconds."""
+  timeout_s seconds; private_hosts: also from hosts at loopback, private, link-local or reserved
+  addresses (the server's own network, a cloud's metadata service), refused by default."""
   timeout_s: float = 10.0
   max_bytes: int = MAX_BYTES
+  private_hosts: bool = False
 
   def __post_init__(self):
     if not (self.timeout_s > 0 and self.max_bytes > 0):
@@ -84,26 +91,47 @@ def _read_allowed(path: str, allowed_dirs: Sequence[str], what: str) -> bytes:
     raise ValueError(f"{what}: cannot read {path!r}: {e.strerror}") from None
 
 
-class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-  """Follows redirects to http(s) only (urllib would also follow one to ftp)."""
+def _public_host(url: str) -> str | None:
+  """None when every address the URL's host resolves to is public, else why not."""
+  parts = urllib.parse.urlparse(url)
+  try:
+    infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+  except (socket.gaierror, UnicodeError, ValueError) as e:
+    return f"cannot resolve {parts.hostname!r}: {e}"
+  for info in infos:
+    address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+    if not address.is_global or address.is_multicast:
+      return (f"{parts.hostname!r} is at {address}, not a public address (a server fetches "
+              "from private hosts only with serve.fetch_private_hosts)")
+  return None
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+  """Follows redirects to http(s) only (urllib would also follow one to ftp), and, unless private
+  hosts are allowed, only to public ones (a public host must not bounce the fetch inward)."""
+
+  def __init__(self, private_hosts: bool):
+    self.private_hosts = private_hosts
 
   def redirect_request(self, req, fp, code, msg, headers, newurl):
     if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
       raise urllib.error.HTTPError(newurl, code, "redirected to a non-http(s) URL", headers, fp)
+    if not self.private_hosts and (why := _public_host(newurl)):
+      raise urllib.error.HTTPError(newurl, code, f"redirected to {why}", headers, fp)
     return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
 
 
 def _fetch(url: str, fetch: Fetch, what: str) -> bytes:
   shown = url if len(url) <= 100 else url[:97] + "..."
   failed = f"{what}: fetching {shown} failed"
   deadline = time.monotonic() + fetch.timeout_s
+  if not fetch.private_hosts and (why := _public_host(url)):
+    raise ValueError(f"{failed}: {why}")
   request = urllib.request.Request(url, headers={"Accept": "image/*",
                                                  "User-Agent": "spec_tpu-image-fetch"})
+  opener = urllib.request.build_opener(_Redirects(fetch.private_hosts))
   try:
-    response = _OPENER.open(request, timeout=fetch.timeout_s)
+    response = opener.open(request, timeout=fetch.timeout_s)
   except urllib.error.HTTPError as e:
     raise ValueError(f"{failed}: HTTP {e.code} {e.reason}") from None
   except urllib.error.URLError as e:

@@ -64,14 +64,16 @@ def limits(config, api_key: str | None = None):
 
 
 def images(config) -> dict:
-  """build_app's image options from the config: fetch (serve.fetch_image_urls and its limits,
+  """build_app's image options from the config: fetch (serve.fetch_image_urls, its limits and
+  whether private hosts are fetched from,
   else None) and pan_and_scan (run.pan_and_scan); raises SetupError on a bad limit."""
   from spec_tpu.serving import image_urls
   s = config.serve
   fetch = None
   if bool(s.fetch_image_urls):
     try:
-      fetch = image_urls.Fetch(float(s.fetch_timeout_s), int(s.fetch_max_bytes))
+      fetch = image_urls.Fetch(float(s.fetch_timeout_s), int(s.fetch_max_bytes),
+                               bool(s.fetch_private_hosts))
     except ValueError as e:
       raise setup_lib.SetupError(f"serve.fetch_timeout_s and serve.fetch_max_bytes: {e}") \
           from None

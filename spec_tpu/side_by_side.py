@@ -13,10 +13,11 @@ directories (what vLLM reads) and converted to spec_tpu checkpoints (what spec_t
 (no EOS), temperature T, K = 0 (plain decoding) and each K > 0 (the draft proposes K tokens per
 round), best of `repeats` runs after a warm-up, in wall time and in CPU time (each system's
 processes, all their threads: the steadier measure on a shared machine). With rounds > 1 the
-two systems take turns and each point keeps its best of all rounds. vLLM is optional and never a dependency: it
-runs in the interpreter `vllm_python` names (its own venv: its torch build differs from the
-test extra's), as a script (vllm_worker.py) that imports only vLLM and the standard library;
-without one, this interpreter if it has vLLM, else it is skipped with a message.
+two systems take turns and each point keeps its best of all rounds. vLLM is optional and
+never a dependency: it runs in the interpreter `vllm_python` names (its own venv: its torch
+build differs from the test extra's), as a script (vllm_worker.py) that imports only vLLM
+and the standard library; without one, this interpreter if it has vLLM, else it is skipped
+with a message.
 
 Acceptance is accepted / judged draft tokens for spec_tpu (Result.acceptance_rate) and
 accepted / proposed for vLLM (its spec-decode counters): drafts after a rejection count against

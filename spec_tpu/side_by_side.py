@@ -11,10 +11,13 @@ directories (what vLLM reads) and converted to spec_tpu checkpoints (what spec_t
 
 `run` samples the same random-token prompts with both systems: every row makes max_new tokens
 (no EOS), temperature T, K = 0 (plain decoding) and each K > 0 (the draft proposes K tokens per
-round), best of `repeats` runs after a warm-up. vLLM is optional and never a dependency: it
-runs in the interpreter `vllm_python` names (its own venv: its torch build differs from the
-test extra's), as a script (vllm_worker.py) that imports only vLLM and the standard library;
-without one, this interpreter if it has vLLM, else it is skipped with a message.
+round), best of `repeats` runs after a warm-up, in wall time and in CPU time (each system's
+processes, all their threads: the steadier measure on a shared machine). With rounds > 1 the
+two systems take turns and each point keeps its best of all rounds. vLLM is optional and
+never a dependency: it runs in the interpreter `vllm_python` names (its own venv: its torch
+build differs from the test extra's), as a script (vllm_worker.py) that imports only vLLM
+and the standard library; without one, this interpreter if it has vLLM, else it is skipped
+with a message.
 
 Acceptance is accepted / judged draft tokens for spec_tpu (Result.acceptance_rate) and
 accepted / proposed for vLLM (its spec-decode counters): drafts after a rejection count against
@@ -28,8 +31,10 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -85,37 +90,77 @@ def prompts(opts: Options, vocab: int) -> list[list[int]]:
   return rng.integers(0, vocab, (max(opts.batches), opts.prompt_len)).tolist()
 
 
-def run_spec_tpu(pair_dir: str, opts: Options, rows: list[list[int]]) -> list[dict]:
-  import jax
-  from spec_tpu import setup, sharding
-  from spec_tpu.decoding.sampler import Sampler
-  from spec_tpu.decoding.sampling import SamplingParams
+class SpecTpu:
+  """spec_tpu's half: the pair loaded once onto one device, its programs compiled at the
+  first `points` call of each (batch, K)."""
 
-  mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-  pair = setup.load_checkpoints(os.path.join(pair_dir, TARGET),
-                                os.path.join(pair_dir, DRAFT) if max(opts.ks) else None,
-                                mesh=mesh)
-  sampler = Sampler(pair)
-  sampling = SamplingParams(temperature=opts.temperature)
-  points = []
-  for b in opts.batches:
-    for k in opts.ks:
-      go = lambda seed: sampler.generate(rows[:b], max_new_tokens=opts.max_new_tokens, k=k,  # noqa: E731
-                                         sampling=sampling, seed=seed)
-      go(opts.seed)  # compiles
-      runs = [go(opts.seed + 1 + i) for i in range(opts.repeats)]
-      best = min(r.seconds for r in runs)
-      judged = sum(int(r.reached.sum()) for r in runs) if k else 0
-      accepted = sum(int(r.accepted.sum()) for r in runs)
-      points.append(_point("spec_tpu", b, k, best, opts,
-                           accepted / judged if judged else None))
-  return points
+  def __init__(self, pair_dir: str, opts: Options):
+    import jax
+    from spec_tpu import setup, sharding
+    from spec_tpu.decoding.sampler import Sampler
+
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    pair = setup.load_checkpoints(os.path.join(pair_dir, TARGET),
+                                  os.path.join(pair_dir, DRAFT) if max(opts.ks) else None,
+                                  mesh=mesh)
+    self.sampler, self.opts, self.compiled = Sampler(pair), opts, set()
+
+  def points(self, rows: list[list[int]], seed: int) -> list[dict]:
+    """Every (batch, K): best wall and CPU time of `repeats` runs (seeds from `seed` on)."""
+    from spec_tpu.decoding.sampling import SamplingParams
+    opts, sampling = self.opts, SamplingParams(temperature=self.opts.temperature)
+    points = []
+    for b in opts.batches:
+      for k in opts.ks:
+        go = lambda seed: self.sampler.generate(  # noqa: E731
+            rows[:b], max_new_tokens=opts.max_new_tokens, k=k, sampling=sampling, seed=seed)
+        if (b, k) not in self.compiled:
+          go(opts.seed)
+          self.compiled.add((b, k))
+        runs, times, cpu = [], [], []
+        for i in range(opts.repeats):
+          start, start_cpu = time.perf_counter(), _cpu_seconds()
+          runs.append(go(seed + i))
+          times.append(time.perf_counter() - start)
+          cpu.append(_cpu_seconds() - start_cpu)
+        judged = sum(int(r.reached.sum()) for r in runs) if k else 0
+        accepted = sum(int(r.accepted.sum()) for r in runs)
+        points.append(_point("spec_tpu", b, k, min(times), min(cpu), opts,
+                             accepted / judged if judged else None))
+    return points
 
 
-def _point(system: str, b: int, k: int, seconds: float, opts: Options, acceptance) -> dict:
-  return {"system": system, "batch": b, "k": k, "seconds": seconds,
-          "tokens_per_s": b * opts.max_new_tokens / seconds,
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process, all its threads."""
+  use = resource.getrusage(resource.RUSAGE_SELF)
+  return use.ru_utime + use.ru_stime
+
+
+def _point(system: str, b: int, k: int, seconds: float, cpu_seconds: float, opts: Options,
+           acceptance) -> dict:
+  tokens = b * opts.max_new_tokens
+  # tokens_per_cpu_s is None for a run shorter than /proc's clock tick (vLLM's CPU time)
+  return {"system": system, "batch": b, "k": k, "seconds": seconds, "cpu_seconds": cpu_seconds,
+          "tokens_per_s": tokens / seconds,
+          "tokens_per_cpu_s": tokens / cpu_seconds if cpu_seconds > 0 else None,
           "ms_per_token_per_row": 1e3 * seconds / opts.max_new_tokens, "acceptance": acceptance}
+
+
+def _best(points: list[dict]) -> list[dict]:
+  """One point per (system, batch, K): the least wall and the least CPU time over rounds;
+  acceptance averaged."""
+  by: dict = {}
+  for p in points:
+    by.setdefault((p["system"], p["batch"], p["k"]), []).append(p)
+  out = []
+  for same in by.values():
+    best = dict(min(same, key=lambda p: p["seconds"]))
+    cpu = min(same, key=lambda p: p["cpu_seconds"])
+    best.update(cpu_seconds=cpu["cpu_seconds"], tokens_per_cpu_s=cpu["tokens_per_cpu_s"])
+    accs = [p["acceptance"] for p in same if p["acceptance"] is not None]
+    best["acceptance"] = sum(accs) / len(accs) if accs else None
+    out.append(best)
+  return out
 
 
 def find_vllm(vllm_python: str | None) -> tuple[str | None, str]:
@@ -140,26 +185,32 @@ def run_vllm(python: str, pair_dir: str, opts: Options, rows: list[list[int]]) -
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
     raise RuntimeError(f"the vLLM worker failed (exit {done.returncode}): {tail[0]}")
   out = json.loads(lines[-1])
-  out["points"] = [_point("vLLM", p["batch"], p["k"], p["seconds"], opts, p["acceptance"])
-                   for p in out["points"]]
+  out["points"] = [_point("vLLM", p["batch"], p["k"], p["seconds"], p["cpu_seconds"], opts,
+                          p["acceptance"]) for p in out["points"]]
   return out
 
 
 def run(pair_dir: str, opts: Options, *, vllm_python: str | None = None,
-        output: str | None = None) -> dict:
-  """Both systems' points (vLLM's where it can run), with versions and machine."""
+        output: str | None = None, rounds: int = 1) -> dict:
+  """Both systems' points (vLLM's where it can run), with versions and machine. `rounds` > 1
+  takes turns, spec_tpu's points then vLLM's, and keeps each point's best over the rounds, so
+  a machine whose load changes weighs on both alike."""
   import jax
   python, skipped = find_vllm(vllm_python)
   rows = prompts(opts, 8192)
-  result = {"options": dataclasses.asdict(opts),
+  result = {"options": dataclasses.asdict(opts), "rounds": rounds,
             "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
-                        "processor": platform.processor()},
-            "versions": {"jax": jax.__version__}, "vllm_skipped": skipped,
-            "points": run_spec_tpu(pair_dir, opts, rows)}
-  if python is not None:
-    vllm = run_vllm(python, pair_dir, opts, rows)
-    result["versions"]["vllm"] = vllm["version"]
-    result["points"] += vllm["points"]
+                        "processor": platform.processor(), "load_average": os.getloadavg()},
+            "versions": {"jax": jax.__version__}, "vllm_skipped": skipped}
+  ours, points = SpecTpu(pair_dir, opts), []
+  for r in range(rounds):
+    points += ours.points(rows, seed=opts.seed + 1 + r * opts.repeats)
+    if python is not None:
+      vllm = run_vllm(python, pair_dir, opts, rows)
+      result["versions"]["vllm"] = vllm["version"]
+      points += vllm["points"]
+  result["points"] = _best(points)
+  result["machine"]["load_average_after"] = os.getloadavg()
   if output:
     with open(output, "w") as f:
       json.dump(result, f, indent=1)
@@ -171,18 +222,23 @@ def format_table(result: dict) -> str:
   by = {(p["system"], p["batch"], p["k"]): p for p in result["points"]}
   keys = sorted({(p["batch"], p["k"]) for p in result["points"]})
   head = ["batch", "K"] + [f"{s} {c}" for s in systems
-                           for c in ("tokens/s", "ms/token/row", "acceptance")]
+                           for c in ("tokens/s", "tokens/CPU-s", "ms/token/row", "acceptance")]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for b, k in keys:
     cells = [str(b), str(k)]
     for s in systems:
       p = by.get((s, b, k))
       acc = "" if p is None or p["acceptance"] is None else f"{p['acceptance']:.3f}"
-      cells += (["", "", ""] if p is None else
-                [f"{p['tokens_per_s']:.0f}", f"{p['ms_per_token_per_row']:.2f}", acc])
+      cells += (["", "", "", ""] if p is None else
+                [f"{p['tokens_per_s']:.0f}",
+                 "" if p["tokens_per_cpu_s"] is None else f"{p['tokens_per_cpu_s']:.0f}",
+                 f"{p['ms_per_token_per_row']:.2f}", acc])
     lines.append("| " + " | ".join(cells) + " |")
   m, v = result["machine"], result["versions"]
-  lines.append(f"{m['arch']}, {m['cpus']} CPUs; " + ", ".join(f"{k} {x}" for k, x in v.items()))
+  load = (f", load average {m['load_average'][0]:.1f} before, "
+          f"{m['load_average_after'][0]:.1f} after" if "load_average_after" in m else "")
+  lines.append(f"{m['arch']}, {m['cpus']} CPUs{load}; "
+               + ", ".join(f"{k} {x}" for k, x in v.items()))
   if result["vllm_skipped"]:
     lines.append(result["vllm_skipped"])
   return "\n".join(lines)

@@ -52,9 +52,28 @@ def test_vllm_worker_reports_every_point_and_its_acceptance(tmp_path, monkeypatc
   assert got[(1, 0)]["acceptance"] is None and got[(2, 4)]["acceptance"] == 0.75
   p = got[(2, 4)]
   assert p["tokens_per_s"] == pytest.approx(2 * 5 / p["seconds"])
+  # CPU time is read from /proc for the worker's process tree: present, and never above what
+  # two cores could spend in the wall time (a second core's share, and the clock's tick).
+  assert 0 <= p["cpu_seconds"] <= 2 * p["seconds"] + 0.02
   table = side_by_side.format_table({"points": out["points"], "machine": {"arch": "x", "cpus": 2},
                                      "versions": {"vllm": out["version"]}, "vllm_skipped": ""})
-  assert "| 2 | 4 | " in table and "0.750" in table
+  assert "| 2 | 4 | " in table and "0.750" in table and "tokens/CPU-s" in table
+
+
+def test_rounds_keep_each_points_least_wall_and_cpu_time():
+  # Given one point measured in two rounds, the first faster by the clock, the second by CPU time,
+  opts = side_by_side.Options(max_new_tokens=10)
+  first = side_by_side._point("vLLM", 1, 4, 2.0, 3.0, opts, 0.5)
+  second = side_by_side._point("vLLM", 1, 4, 4.0, 1.0, opts, 0.7)
+  other = side_by_side._point("spec_tpu", 1, 4, 1.0, 1.0, opts, 0.6)
+  # when the rounds are merged,
+  best = {p["system"]: p for p in side_by_side._best([first, other, second])}
+  # then each system keeps its own best wall time and best CPU time, and the mean acceptance.
+  assert len(best) == 2 and best["spec_tpu"] == other
+  v = best["vLLM"]
+  assert (v["seconds"], v["tokens_per_s"]) == (2.0, 5.0)
+  assert (v["cpu_seconds"], v["tokens_per_cpu_s"]) == (1.0, 10.0)
+  assert v["acceptance"] == pytest.approx(0.6)
 
 
 def test_without_vllm_the_comparison_says_it_is_skipped(monkeypatch):

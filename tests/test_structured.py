@@ -9,6 +9,7 @@ import re
 import sys
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
@@ -138,3 +139,69 @@ def test_a_grammar_compiles_to_the_automaton_of_its_language():
   # a grammar larger than the engine's table is refused.
   with pytest.raises(grammar.GrammarError, match="grammar_states=1"):
     grammar.GrammarCompiler(pieces, 6, 7, max_states=1).regex("(ab)+c")
+
+
+def _outlines_reference(pieces, eos, pattern):
+  """(transitions, initial state, final states) of outlines-core's own Index over the same
+  vocabulary: the automaton before any renumbering or compaction."""
+  import collections
+  from outlines_core import Index, Vocabulary
+  by_bytes = collections.defaultdict(list)
+  for i, b in enumerate(pieces):
+    if b and i != eos:
+      by_bytes[b].append(i)
+  index = Index(pattern, Vocabulary(eos, dict(by_bytes)))
+  return index.get_transitions(), index.get_initial_state(), set(index.get_final_states())
+
+
+@pytest.mark.parametrize("name", ["bounded", "plain", "json_object", "regex"])
+def test_the_compact_table_gives_the_automatons_transitions_for_every_token(name):
+  # Given the embedded pair's 2048-token vocabulary and a schema or regex,
+  from configs import default
+  from spec_tpu import setup
+  cfg = default.get_config()
+  tok = setup.load_tokenizer(cfg, setup.resolve(cfg))
+  pieces, v = grammar.token_bytes(tok), tok.vocab_size
+  pattern = {"bounded": grammar.schema_regex(grammar_bench.SCHEMA),
+             "plain": grammar.schema_regex(grammar_bench.PLAIN_SCHEMA),
+             "json_object": grammar.json_object_regex(),
+             "regex": r"(-?[0-9]{1,3}|[a-z]+ [a-z]+)"}[name]
+  g = grammar.GrammarCompiler(pieces, tok.eos_id, v, max_states=512).regex(pattern)
+  # when it is compiled to token classes (far fewer than tokens),
+  assert g.cls_v.shape == (v,) and g.num_classes < v // 8
+  # then every state's transition on every token, EOS included, is outlines-core's own
+  # (walked from both starts together: each of its states maps to one of ours).
+  transitions, start, finals = _outlines_reference(pieces, tok.eos_id, pattern)
+  ours, todo, walked = {start: 0}, [start], {start}
+  while todo:
+    s = todo.pop()
+    want = np.full(v, -2, np.int64)  # -2: not allowed
+    out = transitions.get(s, {})
+    want[np.fromiter(out.keys(), np.int64, len(out))] = np.fromiter(out.values(), np.int64,
+                                                                    len(out))
+    got = g.next_sc[ours[s], g.cls_v]
+    allowed = want != -2
+    allowed[tok.eos_id] = s in finals
+    np.testing.assert_array_equal(got >= 0, allowed)
+    assert s not in finals or got[tok.eos_id] == ours[s]
+    allowed[tok.eos_id] = False
+    for ref, mine in set(zip(want[allowed].tolist(), got[allowed].tolist())):
+      assert ours.setdefault(ref, mine) == mine, (ref, mine)
+      if ref not in walked:
+        walked.add(ref)
+        todo.append(ref)
+  assert len(ours) == g.num_states == len(set(ours.values()))
+
+
+def test_token_classes_rebuild_the_table_exactly():
+  # Given a table whose columns repeat (and two that differ in one state only),
+  rng = np.random.default_rng(0)
+  distinct = rng.integers(-1, 5, size=(6, 40)).astype(np.int32)
+  distinct[:, 1] = distinct[:, 0]
+  distinct[3, 1] = distinct[3, 0] + 1
+  table = distinct[:, rng.integers(0, 40, size=500)]
+  # when its columns are grouped into classes,
+  cls_v, next_sc = grammar.token_classes(table)
+  # then the classes give the table back, one class per distinct column.
+  np.testing.assert_array_equal(next_sc[:, cls_v], table)
+  assert next_sc.shape[1] == np.unique(table, axis=1).shape[1]

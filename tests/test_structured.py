@@ -26,21 +26,29 @@ SAMPLES = int(os.environ.get("SPEC_TPU_JSON_SAMPLES", 8))
 
 
 @pytest.fixture(scope="module")
-def url():
+def engine():
   from configs import default
   from spec_tpu import setup
-  from spec_tpu.serving import Engine, openai_api
+  from spec_tpu.serving import Engine
   pair = setup.load_pair(default.get_config())
+  # One grammar table for all slots: a request bringing another grammar waits for it, and
+  # every change of grammar rewrites it.
   engine = Engine(pair, num_slots=min(SAMPLES, 16), max_len=192, k=4, adaptive_k=False,
                   rounds_per_step=4, max_rounds_per_step=4, grammar_states=512,
-                  coupling="gumbel")  # as launch.serve runs it
+                  grammar_tables=1, coupling="gumbel")  # as launch.serve runs it
   engine.warm_up([4])  # as launch.serve does: the step and the automaton-writing programs
   engine.start()
   try:
-    with _served(openai_api.build_app(engine, "stdlib")) as u:
-      yield u
+    yield engine
   finally:
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+  from spec_tpu.serving import openai_api
+  with _served(openai_api.build_app(engine, "stdlib")) as u:
+    yield u
 
 
 def _client(url):
@@ -205,3 +213,47 @@ def test_token_classes_rebuild_the_table_exactly():
   # then the classes give the table back, one class per distinct column.
   np.testing.assert_array_equal(next_sc[:, cls_v], table)
   assert next_sc.shape[1] == np.unique(table, axis=1).shape[1]
+
+
+def test_requests_with_another_grammar_wait_for_the_table_and_follow_their_own(engine):
+  # Given an engine with one grammar table, and requests with two regexes submitted at once
+  # (disjoint languages: a row reading the other's table would show),
+  from spec_tpu.serving import GenerationParams
+  patterns = ["[0-9]{6}x", "[0-9]{3}(yes|no)"]
+  writes = engine.metrics.gauges["grammar_table_writes"]
+  items = [("The answer is", GenerationParams(max_new_tokens=12, temperature=1.0, seed=i,
+                                             grammar=engine.grammars.regex(patterns[i % 2])))
+           for i in range(4)]
+  requests = engine.submit_all(items)
+  # then each request's text is a whole string of its own language,
+  for i, r in enumerate(requests):
+    done = r.result(timeout=60)
+    assert re.fullmatch(patterns[i % 2], done.text), (patterns[i % 2], done.text)
+  # the requests of one grammar shared the table (one write per change of grammar, at most
+  # one per request), and no table is held after them.
+  gauges = engine.metrics.gauges
+  assert 2 <= gauges["grammar_table_writes"] - writes <= 4
+  assert gauges["grammar_tables_in_use"] == 0 and gauges["grammar_tables"] == 1
+
+
+def test_grammar_tables_are_shared_by_key_and_reused_least_recently_used_first():
+  from spec_tpu.serving.grammar_tables import GrammarTables
+  tables = GrammarTables(2)
+  # Given two requests with grammar a, then one with b,
+  a1, a2, b = tables.acquire("a"), tables.acquire("a"), tables.acquire("b")
+  # then the two share a's table, written once, and b has the other;
+  assert a1 == a2 != b and tables.take_write(a1) and not tables.take_write(a2)
+  assert tables.take_write(b) and tables.in_use == 2 and tables.writes == 2
+  # a third grammar waits while both tables are used,
+  assert tables.acquire("c") is None
+  # and takes the least recently used free table once its requests finish, while a grammar
+  # whose table was kept comes back without a write.
+  tables.release(b)
+  tables.release(a1)
+  tables.release(a2)
+  c = tables.acquire("c")
+  assert c == a1 and tables.take_write(c)
+  assert tables.acquire("b") == b and not tables.take_write(b)
+  tables.release(c)
+  with pytest.raises(RuntimeError, match="released more often"):
+    tables.release(c)

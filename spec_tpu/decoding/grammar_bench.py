@@ -167,10 +167,14 @@ def _outlines(pieces, eos, tokens, schema):
       s = index.get_next_state(s, t)
     index.get_allowed_tokens(s)
   walk_s = _warm(walk)
-  states = len(index.get_transitions()) + 1
+  # spec_tpu's table: the automaton's states x token classes, and a class per token.
+  g, table_s = _timed(lambda: grammar_lib.GrammarCompiler(
+      pieces, eos, len(pieces), max_states=2 ** 20).regex(regex))
   return dict(compile_s=compile_s, mask_us=1e6 * walk_s / (len(tokens) + 1),
               rollback="a DFA: the state is an int (keep the one to return to)",
-              states=states, table_mib=states * len(pieces) * 4 / 2 ** 20)
+              states=g.num_states, table_mib=g.num_states * len(pieces) * 4 / 2 ** 20,
+              classes=g.num_classes, table_s=table_s,
+              compact_mib=(g.next_sc.size + g.cls_v.size) * 4 / 2 ** 20)
 
 
 LIBRARIES = {"xgrammar": _xgrammar, "llguidance": _llguidance, "outlines-core": _outlines}
@@ -198,13 +202,14 @@ def compare_libraries(base_pieces: list, eos: int, sizes=(2048, 262144), schemas
 
 def format_libraries(rows: list[dict]) -> str:
   out = [f"{'library':<14}{'vocab':>8}{'schema':>9}{'compile s':>11}{'mask us/token':>15}"
-         f"  DFA states (int32 table)"]
+         f"  DFA states (dense int32 table)  token classes (compact table)"]
   for r in rows:
     head = f"{r['library']:<14}{r['vocab']:>8}{r['schema']:>9}"
     if "error" in r:
       out.append(f"{head}  {r['error']}")
       continue
-    extra = f"  {r['states']} ({r['table_mib']:.1f} MiB)" if "states" in r else ""
+    extra = (f"  {r['states']} ({r['table_mib']:.1f} MiB)  {r['classes']} "
+             f"({r['compact_mib']:.2f} MiB)" if "states" in r else "")
     out.append(f"{head}{r['compile_s']:>11.3f}{r['mask_us']:>15.1f}{extra}")
   return "\n".join(out)
 
@@ -287,10 +292,10 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
     results["libraries"] = rows
     parts.append(format_libraries(rows))
     settings = setup.engine_settings(config)
-    # The device's share: 512 states per slot (the embedded pair's setting) at each size.
-    rows = [mask_cost(settings.num_slots, max(settings.k, 1), size,
-                      states=min(512, max(1, 2 ** 28 // (settings.num_slots * size * 4))))
-            for size in sizes]
+    # The device's share: a table of 512 states (the embedded pair's setting) and the engine's
+    # default 1024 token classes per slot, at each size.
+    rows = [mask_cost(settings.num_slots, max(settings.k, 1), size, states=512,
+                      classes=min(1024, size)) for size in sizes]
     results["mask_cost"] = rows
     parts.append(format_mask_cost(rows))
   if engine:
@@ -327,29 +332,35 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
   return table
 
 
-def mask_cost(batch: int, k: int, vocab: int, states: int = 512, repeats: int = 5,
-              calls: int = 50) -> dict:
+def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 1024,
+              repeats: int = 5, calls: int = 50) -> dict:
   """Microseconds per round of the mask work alone, on the default device: the row's state
-  advanced over K drafts, K + 1 mask rows gathered from a (1 + batch x states) x vocab pool
-  and applied to the verified logits, and the draft's K masked positions, beside the same
-  softmaxes without masks (best of `repeats` interleaved runs of `calls` rounds)."""
+  advanced over K drafts, K + 1 masks gathered from a pool of `batch` tables (states x
+  classes, a class per token) and applied to the verified logits, and the draft's K masked
+  positions, beside the same softmaxes without masks (best of `repeats` interleaved runs of
+  `calls` rounds)."""
   import jax
   import jax.numpy as jnp
   from spec_tpu.decoding import decode
   rng = np.random.default_rng(0)
-  pool = 1 + batch * states
-  table = jnp.asarray(np.where(rng.random((pool, vocab)) < 0.5, -1,
-                               rng.integers(0, pool, (pool, vocab))).astype(np.int32))
+  pool_states = 1 + batch * states
+  pool = decode.GrammarPool(
+      next_sc=jnp.asarray(np.where(rng.random((pool_states, classes)) < 0.5, -1,
+                                   rng.integers(0, pool_states, (pool_states, classes))
+                                   ).astype(np.int32)),
+      table_s=jnp.asarray(np.concatenate([[0], np.repeat(np.arange(1, batch + 1), states)]
+                                         ).astype(np.int32)),
+      cls_tv=jnp.asarray(rng.integers(0, classes, (1 + batch, vocab)).astype(np.int32)))
   logits = jnp.asarray(rng.normal(size=(batch, k + 1, vocab)).astype(np.float32))
   drafts = jnp.asarray(rng.integers(0, vocab, (batch, k)).astype(np.int32))
-  g0 = jnp.asarray(rng.integers(0, pool, (batch,)).astype(np.int32))
+  g0 = jnp.asarray(rng.integers(0, pool_states, (batch,)).astype(np.int32))
 
   def masked(logits, drafts, g0):
     g = [g0]
     for j in range(k):
-      g.append(decode._advance(table, g[-1], drafts[:, j]))
+      g.append(decode._advance(pool, g[-1], drafts[:, j]))
     g_bm = jnp.stack(g, axis=1)
-    allowed = decode._allowed(table, g_bm)
+    allowed = decode._allowed(pool, g_bm)
     return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1) \
         + jax.nn.softmax(jnp.where(allowed[:, :k], logits[:, :k], -jnp.inf), axis=-1).sum()
 
@@ -367,9 +378,10 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, repeats: int = 
         out = fn(logits, drafts, g0)
       out.block_until_ready()
       best[name] = min(best[name], (time.perf_counter() - start) / calls)
-  return dict(batch=batch, k=k, vocab=vocab, states=states, table_mib=pool * vocab * 4 / 2 ** 20,
-              masked_us=1e6 * best["masked"], plain_us=1e6 * best["plain"],
-              mask_us=1e6 * (best["masked"] - best["plain"]))
+  pool_bytes = sum(x.size * 4 for x in pool)
+  return dict(batch=batch, k=k, vocab=vocab, states=states, classes=classes,
+              table_mib=pool_bytes / 2 ** 20, masked_us=1e6 * best["masked"],
+              plain_us=1e6 * best["plain"], mask_us=1e6 * (best["masked"] - best["plain"]))
 
 
 def format_mask_cost(rows: list[dict]) -> str:

@@ -378,9 +378,12 @@ def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
   assert grammar.num_classes < ex.V
   gauges = engine.metrics.gauges
   assert gauges["grammar_table_writes"] == 1 and gauges["grammar_tables_in_use"] == 0
-  cls_tv = np.asarray(engine._state.grammar_pool.cls_tv)
-  np.testing.assert_array_equal(cls_tv[1], grammar.cls_v)
-  assert not cls_tv[2].any()
+  pool = jax.tree.map(np.asarray, engine._state.grammar_pool)
+  s, c = grammar.num_states, grammar.num_classes
+  np.testing.assert_array_equal(pool.cls_tv[1], grammar.cls_v)
+  np.testing.assert_array_equal(pool.next_sc[1:1 + s, :c],
+                                np.where(grammar.next_sc >= 0, grammar.next_sc + 1, -1))
+  assert (pool.table_s[1:1 + s] == 1).all() and not pool.cls_tv[2].any()
 
 
 @pytest.mark.slow  # a second engine compile (~20 s) for the negative control

@@ -234,6 +234,10 @@ def test_requests_with_another_grammar_wait_for_the_table_and_follow_their_own(e
   gauges = engine.metrics.gauges
   assert 2 <= gauges["grammar_table_writes"] - writes <= 4
   assert gauges["grammar_tables_in_use"] == 0 and gauges["grammar_tables"] == 1
+  # (/metrics reports them, and the pool's size: 513 states x 1024 classes, 2 class maps.)
+  text = engine.metrics.prometheus()
+  assert f"spec_tpu_grammar_pool_bytes {4 * (513 * 1025 + 2 * 2048)}" in text
+  assert "spec_tpu_grammar_table_writes_total" in text
 
 
 def test_grammar_tables_are_shared_by_key_and_reused_least_recently_used_first():

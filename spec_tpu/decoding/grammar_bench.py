@@ -43,6 +43,23 @@ PLAIN_SCHEMA = {
     "additionalProperties": False,
 }
 SCHEMAS = {"bounded": SCHEMA, "plain": PLAIN_SCHEMA}
+# A record with formats, a nested object and a pattern: the largest automaton of the table
+# sizes below.
+NESTED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "email": {"type": "string", "format": "email"},
+        "created": {"type": "string", "format": "date-time"},
+        "score": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "address": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "zip": {"type": "string", "pattern": "[0-9]{5}"}}, "required": ["city", "zip"]},
+    },
+    "required": ["id", "email", "created", "score", "tags", "address"],
+    "additionalProperties": False,
+}
 DOCUMENT = '{"name": "parse", "kind": "list", "ok": true, "tags": ["io", "str"]}'
 
 
@@ -200,6 +217,37 @@ def compare_libraries(base_pieces: list, eos: int, sizes=(2048, 262144), schemas
   return rows
 
 
+def table_sizes(base_pieces: list, eos: int, sizes=(2048, 262144)) -> list[dict]:
+  """One row per (vocabulary size, grammar): the compiled automaton's states and token
+  classes, its dense table's bytes (states x V int32) against the compact one's (states x
+  classes int32 and an int32 class per token), and the compile seconds (outlines-core's index
+  and the table)."""
+  grammars = {name: grammar_lib.schema_regex(schema)
+              for name, schema in (*SCHEMAS.items(), ("nested", NESTED_SCHEMA))}
+  grammars["json_object"] = grammar_lib.json_object_regex()
+  rows = []
+  for size in sizes:
+    pieces = synthetic_vocabulary(base_pieces, size) if size > len(base_pieces) \
+        else list(base_pieces[:size])
+    compiler = grammar_lib.GrammarCompiler(pieces, eos, size, max_states=2 ** 20)
+    for name, regex in grammars.items():
+      g, seconds = _timed(lambda: compiler.regex(regex))
+      rows.append(dict(vocab=size, grammar=name, states=g.num_states, classes=g.num_classes,
+                       dense_mib=g.num_states * size * 4 / 2 ** 20,
+                       compact_mib=(g.next_sc.size + g.cls_v.size) * 4 / 2 ** 20,
+                       compile_s=seconds))
+  return rows
+
+
+def format_table_sizes(rows: list[dict]) -> str:
+  out = [f"{'vocab':>8}{'grammar':>12}{'states':>8}{'classes':>9}{'dense MiB':>11}"
+         f"{'compact MiB':>13}{'compile s':>11}"]
+  for r in rows:
+    out.append(f"{r['vocab']:>8}{r['grammar']:>12}{r['states']:>8}{r['classes']:>9}"
+               f"{r['dense_mib']:>11.1f}{r['compact_mib']:>13.2f}{r['compile_s']:>11.2f}")
+  return "\n".join(out)
+
+
 def format_libraries(rows: list[dict]) -> str:
   out = [f"{'library':<14}{'vocab':>8}{'schema':>9}{'compile s':>11}{'mask us/token':>15}"
          f"  DFA states (dense int32 table)  token classes (compact table)"]
@@ -291,6 +339,9 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
     rows = compare_libraries(grammar_lib.token_bytes(tok), tok.eos_id, sizes)
     results["libraries"] = rows
     parts.append(format_libraries(rows))
+    rows = table_sizes(grammar_lib.token_bytes(tok), tok.eos_id, sizes)
+    results["table_sizes"] = rows
+    parts.append(format_table_sizes(rows))
     settings = setup.engine_settings(config)
     # The device's share: a table of 512 states (the embedded pair's setting) and the engine's
     # default 1024 token classes per slot, at each size.
@@ -337,8 +388,9 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 
   """Microseconds per round of the mask work alone, on the default device: the row's state
   advanced over K drafts, K + 1 masks gathered from a pool of `batch` tables (states x
   classes, a class per token) and applied to the verified logits, and the draft's K masked
-  positions, beside the same softmaxes without masks (best of `repeats` interleaved runs of
-  `calls` rounds)."""
+  positions, beside the same softmaxes without masks and with masks from a dense
+  states x vocab table (at most 256 MiB of it: fewer states at large vocabularies), best of
+  `repeats` interleaved runs of `calls` rounds."""
   import jax
   import jax.numpy as jnp
   from spec_tpu.decoding import decode
@@ -354,20 +406,31 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 
   logits = jnp.asarray(rng.normal(size=(batch, k + 1, vocab)).astype(np.float32))
   drafts = jnp.asarray(rng.integers(0, vocab, (batch, k)).astype(np.int32))
   g0 = jnp.asarray(rng.integers(0, pool_states, (batch,)).astype(np.int32))
+  dense_states = 1 + batch * min(states, max(1, 2 ** 26 // (batch * vocab)))
+  dense = jnp.asarray(np.where(rng.random((dense_states, vocab)) < 0.5, -1,
+                               rng.integers(0, dense_states, (dense_states, vocab))
+                               ).astype(np.int32))
 
-  def masked(logits, drafts, g0):
-    g = [g0]
-    for j in range(k):
-      g.append(decode._advance(pool, g[-1], drafts[:, j]))
-    g_bm = jnp.stack(g, axis=1)
-    allowed = decode._allowed(pool, g_bm)
-    return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1) \
-        + jax.nn.softmax(jnp.where(allowed[:, :k], logits[:, :k], -jnp.inf), axis=-1).sum()
+  def masked_by(allowed_fn, advance, num_states):
+    def masked(logits, drafts, g0):
+      g = [g0 % num_states]
+      for j in range(k):
+        g.append(advance(g[-1], drafts[:, j]))
+      g_bm = jnp.stack(g, axis=1)
+      allowed = allowed_fn(g_bm)
+      return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1) \
+          + jax.nn.softmax(jnp.where(allowed[:, :k], logits[:, :k], -jnp.inf), axis=-1).sum()
+    return masked
 
   def plain(logits, drafts, g0):
     return jax.nn.softmax(logits, axis=-1) + jax.nn.softmax(logits[:, :k], axis=-1).sum()
 
-  fns = {name: jax.jit(fn) for name, fn in (("masked", masked), ("plain", plain))}
+  fns = {name: jax.jit(fn) for name, fn in (
+      ("masked", masked_by(lambda g: decode._allowed(pool, g),
+                           lambda g, x: decode._advance(pool, g, x), pool_states)),
+      ("dense", masked_by(lambda g: dense[g] >= 0, lambda g, x: jnp.maximum(dense[g, x], 0),
+                          dense_states)),
+      ("plain", plain))}
   best = {name: float("inf") for name in fns}
   for fn in fns.values():
     fn(logits, drafts, g0).block_until_ready()
@@ -381,13 +444,16 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 
   pool_bytes = sum(x.size * 4 for x in pool)
   return dict(batch=batch, k=k, vocab=vocab, states=states, classes=classes,
               table_mib=pool_bytes / 2 ** 20, masked_us=1e6 * best["masked"],
-              plain_us=1e6 * best["plain"], mask_us=1e6 * (best["masked"] - best["plain"]))
+              plain_us=1e6 * best["plain"], mask_us=1e6 * (best["masked"] - best["plain"]),
+              dense_mib=dense.size * 4 / 2 ** 20,
+              dense_mask_us=1e6 * (best["dense"] - best["plain"]))
 
 
 def format_mask_cost(rows: list[dict]) -> str:
   out = [f"{'batch':>6}{'K':>3}{'vocab':>8}{'pool MiB':>10}{'masked us':>11}{'plain us':>10}"
-         f"{'mask us/round':>15}"]
+         f"{'mask us/round':>15}{'dense MiB':>11}{'dense mask us':>15}"]
   for r in rows:
     out.append(f"{r['batch']:>6}{r['k']:>3}{r['vocab']:>8}{r['table_mib']:>10.0f}"
-               f"{r['masked_us']:>11.1f}{r['plain_us']:>10.1f}{r['mask_us']:>15.1f}")
+               f"{r['masked_us']:>11.1f}{r['plain_us']:>10.1f}{r['mask_us']:>15.1f}"
+               f"{r['dense_mib']:>11.0f}{r['dense_mask_us']:>15.1f}")
   return "\n".join(out)

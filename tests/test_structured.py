@@ -144,9 +144,11 @@ def test_a_grammar_compiles_to_the_automaton_of_its_language():
     assert s is not None and g.next_sv[s, 6] == s, tokens
   assert walk([2]) is None and walk([3, 3, 4]) is None and walk([5]) is None
   assert g.next_sv[walk([3]), 6] == -1
-  # a grammar larger than the engine's table is refused.
+  # a grammar larger than the engine's table (states or token classes) is refused.
   with pytest.raises(grammar.GrammarError, match="grammar_states=1"):
     grammar.GrammarCompiler(pieces, 6, 7, max_states=1).regex("(ab)+c")
+  with pytest.raises(grammar.GrammarError, match="grammar_classes=2"):
+    grammar.GrammarCompiler(pieces, 6, 7, max_states=8, max_classes=2).regex("(ab)+c")
 
 
 def _outlines_reference(pieces, eos, pattern):

@@ -49,7 +49,8 @@ def get_config(arg=None):
   # max_len: the pair was trained on 128-token windows; every round attends over the whole
   # slot, so a context far beyond what the models can use only costs time.
   # grammar_states: structured output (response_format); 4 tables (one per slot) of 512
-  # states x 1024 token classes (engine.grammar_classes) and a class per token: 8 MiB.
+  # states x 1024 token classes (engine.grammar_classes), a class per token and up to 512
+  # masks of 2048 bits: 8.6 MiB.
   c.engine.update(k=4, adaptive_k=True, max_len=256, grammar_states=512)
   c.mesh.shape = (1, -1)
   return c

@@ -298,6 +298,7 @@ class EngineSettings:
   max_logit_bias: int = 300
   grammar_states: int = 0   # structured output: automaton states per grammar (launch.serve)
   grammar_classes: int = 1024  # token classes per grammar
+  grammar_masks: int = 0    # distinct allowed sets (bit masks) per grammar (0: grammar_states)
   grammar_tables: int = 0   # grammars on device at once (0: one per slot)
 
   def context(self, prompt_lens: Sequence[int] = (), max_new_tokens: int = 0) -> int:
@@ -320,7 +321,8 @@ def engine_settings(config) -> EngineSettings:
     raise SetupError(f"engine.rounds_per_step must be 0 (paced by measured time) or 1.."
                      f"engine.max_rounds_per_step={e.max_rounds_per_step}, got "
                      f"{e.rounds_per_step}")
-  for name in ("max_top_k", "logprobs_k", "max_logit_bias", "grammar_states", "grammar_tables"):
+  for name in ("max_top_k", "logprobs_k", "max_logit_bias", "grammar_states", "grammar_masks",
+               "grammar_tables"):
     if int(e[name]) < 0:
       raise SetupError(f"engine.{name} must be >= 0, got {e[name]}")
   if int(e.get("grammar_classes", 1024)) < 1:
@@ -352,6 +354,7 @@ def engine_settings(config) -> EngineSettings:
                         controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias),
                         grammar_states=int(e.get("grammar_states", 0)),
                         grammar_classes=int(e.get("grammar_classes", 1024)),
+                        grammar_masks=int(e.get("grammar_masks", 0)),
                         grammar_tables=int(e.get("grammar_tables", 0)))
 
 
@@ -380,6 +383,7 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 grammar_states=(settings.grammar_states
                                 if per_request_extras and channel is None else 0),
                 grammar_classes=settings.grammar_classes,
+                grammar_masks=settings.grammar_masks or None,
                 grammar_tables=settings.grammar_tables or None)
 
 

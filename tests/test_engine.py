@@ -351,7 +351,8 @@ def _grammar_engine(grammar, coupling="rejection"):
   return Engine(_toy_sampler(eos_ids=EOS).pair, num_slots=128, max_len=32, k=3,
                 adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
                 grammar_states=grammar.num_states, grammar_classes=grammar.num_classes,
-                grammar_tables=2, draft_source=GRAMMAR_SOURCE)
+                grammar_masks=grammar.num_masks, grammar_tables=2,
+                draft_source=GRAMMAR_SOURCE)
 
 
 @pytest.mark.parametrize("coupling", ["rejection", pytest.param("gumbel", marks=pytest.mark.slow)])
@@ -384,6 +385,9 @@ def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
   np.testing.assert_array_equal(pool.next_sc[1:1 + s, :c],
                                 np.where(grammar.next_sc >= 0, grammar.next_sc + 1, -1))
   assert (pool.table_s[1:1 + s] == 1).all() and not pool.cls_tv[2].any()
+  m = grammar.num_masks
+  np.testing.assert_array_equal(pool.mask_s[1:1 + s], grammar.mask_s + 1)
+  np.testing.assert_array_equal(pool.bits_mw[1:1 + m], grammar.bits_mw)
 
 
 @pytest.mark.slow  # a second engine compile (~20 s) for the negative control

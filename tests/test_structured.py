@@ -201,6 +201,26 @@ def test_the_compact_table_gives_the_automatons_transitions_for_every_token(name
         walked.add(ref)
         todo.append(ref)
   assert len(ours) == g.num_states == len(set(ours.values()))
+  # The device's lookups (a table at pool offset 1, after the unconstrained state 0) give
+  # the same masks, from the bit-packed sets, and the same next states.
+  import jax.numpy as jnp
+  from spec_tpu.decoding import decode
+  dense = g.next_sv
+  pool = decode.GrammarPool(
+      next_sc=jnp.asarray(np.concatenate([np.zeros((1, g.num_classes), np.int32),
+                                          np.where(g.next_sc >= 0, g.next_sc + 1, -1)])),
+      table_s=jnp.asarray(np.r_[0, np.ones(g.num_states, np.int32)]),
+      cls_tv=jnp.asarray(np.stack([np.zeros(v, np.int32), g.cls_v])),
+      mask_s=jnp.asarray(np.r_[0, g.mask_s + 1].astype(np.int32)),
+      bits_mw=jnp.asarray(np.concatenate([np.full((1, g.bits_mw.shape[1]), 2 ** 32 - 1,
+                                                  np.uint32), g.bits_mw])))
+  states = jnp.arange(1, g.num_states + 1)
+  np.testing.assert_array_equal(decode._allowed(pool, states), dense >= 0)
+  np.testing.assert_array_equal(
+      decode._advance(pool, jnp.broadcast_to(states[:, None], dense.shape),
+                      jnp.broadcast_to(jnp.arange(v)[None, :], dense.shape)),
+      np.where(dense >= 0, dense + 1, 0))
+  assert decode._allowed(pool, jnp.zeros((1,), jnp.int32)).all()
 
 
 def test_token_classes_rebuild_the_table_exactly():
@@ -236,9 +256,10 @@ def test_requests_with_another_grammar_wait_for_the_table_and_follow_their_own(e
   gauges = engine.metrics.gauges
   assert 2 <= gauges["grammar_table_writes"] - writes <= 4
   assert gauges["grammar_tables_in_use"] == 0 and gauges["grammar_tables"] == 1
-  # (/metrics reports them, and the pool's size: 513 states x 1024 classes, 2 class maps.)
+  # (/metrics reports them, and the pool's size: 513 states x 1024 classes and a class map
+  # and a mask each, 2 class maps, 513 masks of 2048 bits.)
   text = engine.metrics.prometheus()
-  assert f"spec_tpu_grammar_pool_bytes {4 * (513 * 1025 + 2 * 2048)}" in text
+  assert f"spec_tpu_grammar_pool_bytes {4 * (513 * 1026 + 2 * 2048 + 513 * 64)}" in text
   assert "spec_tpu_grammar_table_writes_total" in text
 
 

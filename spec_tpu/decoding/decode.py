@@ -85,10 +85,12 @@ class LoopSpec:
   assistant: AssistantConfig | None = None
   # The grammar automata pool (State.grammar_pool; 0: no structured output compiled in):
   # its states (row 0: the unconstrained state every free row sits in), token classes per
-  # state, and class maps (map 0: every token in class 0, that of state 0).
+  # state, class maps (map 0: every token in class 0, that of state 0) and bit-packed masks
+  # (mask 0: every token, that of state 0).
   grammar_states: int = 0
   grammar_classes: int = 0
   grammar_tables: int = 0
+  grammar_masks: int = 0
 
   @property
   def num_tokens(self) -> int:
@@ -108,9 +110,10 @@ class LoopSpec:
     if (self.assistant is not None) != (self.source.uses_assistant and self.k_max > 0):
       raise ValueError("draft kind 'assistant' and an AssistantConfig go together (give "
                        "assistant= with source=DraftSource('assistant'), draft=None)")
-    if bool(self.grammar_states) != bool(self.grammar_classes) or \
-        bool(self.grammar_states) != bool(self.grammar_tables):
-      raise ValueError("grammar_states, grammar_classes and grammar_tables go together")
+    if len({bool(self.grammar_states), bool(self.grammar_classes), bool(self.grammar_tables),
+            bool(self.grammar_masks)}) > 1:
+      raise ValueError("grammar_states, grammar_classes, grammar_tables and grammar_masks go "
+                       "together")
     if self.assistant is not None:
       if self.grammar_states:
         raise ValueError("the assistant drafter drafts without grammars")
@@ -180,12 +183,15 @@ class Stats(NamedTuple):
 
 class GrammarPool(NamedTuple):
   """Compiled automata (grammar.py) held compactly: token v in pool state s leads to
-  next_sc[s, cls_tv[table_s[s], v]] (-1: not allowed). A table's states are a block of rows
-  renumbered into the pool; its tokens' classes one row of cls_tv, which every slot whose
-  request uses that grammar shares."""
+  next_sc[s, cls_tv[table_s[s], v]] (-1: not allowed), and is allowed there iff bit v % 32 of
+  bits_mw[mask_s[s], v // 32] is set. A table's states, and its masks, are a block of rows
+  renumbered into the pool; its tokens' classes one row of cls_tv; every slot whose request
+  uses that grammar shares them."""
   next_sc: jax.Array  # int32 (pool states, classes)
   table_s: jax.Array  # int32 (pool states,): the class map each state reads
   cls_tv: jax.Array   # int32 (class maps, V)
+  mask_s: jax.Array   # int32 (pool states,): the mask row each state reads
+  bits_mw: jax.Array  # uint32 (pool masks, ceil(V / 32))
 
 
 class State(NamedTuple):
@@ -243,9 +249,11 @@ def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None, a
 
 
 def _allowed(pool: GrammarPool, g):
-  """The grammar's mask in states g (any shape): g.shape + (V,) bool."""
-  allowed_c = pool.next_sc[g] >= 0
-  return jnp.take_along_axis(allowed_c, pool.cls_tv[pool.table_s[g]], axis=-1)
+  """The grammar's mask in states g (any shape): g.shape + (V,) bool. (Rows of bits and
+  shifts: no gather per token.)"""
+  words = pool.bits_mw[pool.mask_s[g]]
+  bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return bits.reshape(g.shape + (-1,))[..., :pool.cls_tv.shape[-1]] != 0
 
 
 def _advance(pool: GrammarPool, g_b, x_b):
@@ -260,20 +268,30 @@ def _verify_allowed(pool: GrammarPool, g_bm):
   return _allowed(pool, g_bm)
 
 
-def write_grammars(spec: LoopSpec, state: State, tables_r, offsets_r, next_rsc, cls_rv) -> State:
-  """Writes automaton i (states from 0, -1: not allowed) into the pool: its token classes
-  cls_rv[i] as class map tables_r[i], its states as rows offsets_r[i] .. offsets_r[i] + s,
-  renumbered from there (a table or offset past the pool drops it: padding)."""
-  s = next_rsc.shape[1]
-  shifted = jnp.where(next_rsc >= 0, next_rsc + offsets_r[:, None, None], -1)
-  at = offsets_r[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-  at = jnp.where(offsets_r[:, None] < spec.grammar_states, at, spec.grammar_states)
+def write_grammars(spec: LoopSpec, state: State, tables_r, next_rsc, cls_rv, mask_rs,
+                   bits_rmw) -> State:
+  """Writes automaton i (states and masks from 0, -1: not allowed) into the pool as table
+  tables_r[i] (1..): its token classes as class map tables_r[i], its s states as the rows of
+  block tables_r[i] - 1 after state 0, renumbered there, its m masks likewise after mask 0 (a
+  table past the pool drops it: padding)."""
+  s, m = next_rsc.shape[1], bits_rmw.shape[1]
+  real = tables_r < spec.grammar_tables
+  offsets = 1 + (tables_r - 1) * s
+  shifted = jnp.where(next_rsc >= 0, next_rsc + offsets[:, None, None], -1)
+  at = jnp.where(real[:, None], offsets[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :],
+                 spec.grammar_states)
+  mask_offsets = 1 + (tables_r - 1) * m
+  mask_at = jnp.where(real[:, None],
+                      mask_offsets[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :],
+                      spec.grammar_masks)
   pool = state.grammar_pool
   return state._replace(grammar_pool=GrammarPool(
       next_sc=pool.next_sc.at[at].set(shifted, mode="drop"),
       table_s=pool.table_s.at[at].set(jnp.broadcast_to(tables_r[:, None], at.shape),
                                       mode="drop"),
-      cls_tv=pool.cls_tv.at[tables_r].set(cls_rv, mode="drop")))
+      cls_tv=pool.cls_tv.at[tables_r].set(cls_rv, mode="drop"),
+      mask_s=pool.mask_s.at[at].set(mask_rs + mask_offsets[:, None], mode="drop"),
+      bits_mw=pool.bits_mw.at[mask_at].set(bits_rmw, mode="drop")))
 
 
 def _count(counts_bv, tokens_bm, num_b):
@@ -359,7 +377,10 @@ def init_state(spec: LoopSpec, batch: int) -> State:
         grammar_pool=GrammarPool(
             jnp.zeros((spec.grammar_states, spec.grammar_classes), jnp.int32),
             jnp.zeros((spec.grammar_states,), jnp.int32),
-            jnp.zeros((spec.grammar_tables, spec.num_tokens), jnp.int32)))
+            jnp.zeros((spec.grammar_tables, spec.num_tokens), jnp.int32),
+            jnp.zeros((spec.grammar_states,), jnp.int32),
+            jnp.full((spec.grammar_masks, -(-spec.num_tokens // 32)), 2 ** 32 - 1,
+                     jnp.uint32)))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias

@@ -16,8 +16,9 @@ and that a table next[state, token] (int32, -1: not allowed) with the start stat
 compactly: most tokens behave alike in every state (the same column of the table), so the
 table is stored as a class per token, cls[token], and next_cls[state, class], exactly
 next[state, token] = next_cls[state, cls[token]] (a 256k-token vocabulary has a few hundred
-classes for a JSON schema). docs/structured.md compares the grammar libraries and gives the
-costs.
+classes for a JSON schema). A state's mask is one of few distinct allowed sets, each kept
+bit-packed (a bit per token: a row costs V / 8 bytes, and the device reads it without a
+gather). docs/structured.md compares the grammar libraries and gives the costs.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (arrays)
 class TokenGrammar:
   """A compiled grammar: token v in state s leads to next_sc[s, cls_v[v]], -1 where v is not
-  allowed (EOS maps an accepting state to itself). State 0 is the start."""
+  allowed (EOS maps an accepting state to itself). State 0 is the start. The same masks,
+  bit-packed: v is allowed in s iff bit v % 32 of bits_mw[mask_s[s], v // 32] is set."""
   cls_v: np.ndarray    # int32 (V,): each token's class (tokens of one class act alike)
   next_sc: np.ndarray  # int32 (states, classes)
+  mask_s: np.ndarray   # int32 (states,): the state's allowed set
+  bits_mw: np.ndarray  # uint32 (allowed sets, ceil(V / 32))
   source: str  # the regex it was compiled from
   # What identifies the automaton: the regex and the vocabulary it was compiled over (slots
   # whose requests bring the same key share one table on device).
@@ -66,6 +70,10 @@ class TokenGrammar:
   @property
   def num_classes(self) -> int:
     return self.next_sc.shape[1]
+
+  @property
+  def num_masks(self) -> int:
+    return self.bits_mw.shape[0]
 
   @property
   def next_sv(self) -> np.ndarray:
@@ -87,6 +95,18 @@ def token_classes(table_sv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   if not np.array_equal(next_sc[:, cls_v], table_sv):
     next_sc, cls_v = np.unique(table_sv, axis=1, return_inverse=True)
   return cls_v.reshape(-1).astype(np.int32), np.ascontiguousarray(next_sc, np.int32)
+
+
+def mask_rows(cls_v: np.ndarray, next_sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mask_s, bits_mw): each state's allowed set among the distinct ones, and those sets
+  bit-packed, token v at bit v % 32 of word v // 32 (little-endian)."""
+  sets_mc, mask_s = np.unique(next_sc >= 0, axis=0, return_inverse=True)
+  v = cls_v.shape[0]
+  allowed_mv = np.zeros((sets_mc.shape[0], -(-v // 32) * 32), bool)
+  allowed_mv[:, :v] = sets_mc[:, cls_v]
+  bits = np.packbits(allowed_mv, axis=1, bitorder="little")
+  return (mask_s.reshape(-1).astype(np.int32),
+          np.ascontiguousarray(bits).view("<u4").astype(np.uint32))
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:
@@ -183,11 +203,13 @@ class GrammarCompiler:
   """Compiles regexes and JSON schemas over one vocabulary to TokenGrammars, caching the last
   `cache_size` (thread-safe: the server compiles while the engine runs). pieces: each token's
   bytes (token_bytes; None: never in text). eos_ids: an id or several (each ends a generation,
-  allowed exactly where the grammar accepts). max_states, max_classes: the most automaton
-  states and token classes a grammar may have (the engine's table size; None: any)."""
+  allowed exactly where the grammar accepts). max_states, max_classes, max_masks: the most
+  automaton states, token classes and distinct allowed sets a grammar may have (the engine's
+  table size; None: any)."""
 
   def __init__(self, pieces, eos_ids, num_tokens: int, *, max_states: int,
-               max_classes: int | None = None, cache_size: int = 64):
+               max_classes: int | None = None, max_masks: int | None = None,
+               cache_size: int = 64):
     from outlines_core import Vocabulary
     eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids or ())
     if not eos_ids:
@@ -201,7 +223,7 @@ class GrammarCompiler:
         by_bytes[b].append(i)
     self._vocabulary = Vocabulary(eos_ids[0], dict(by_bytes))
     self.eos_ids, self.num_tokens, self.max_states = eos_ids, num_tokens, max_states
-    self.max_classes = max_classes
+    self.max_classes, self.max_masks = max_classes, max_masks
     # The vocabulary's identity, part of every grammar's key.
     digest = hashlib.sha256(repr((sorted(by_bytes.items()), eos_ids, num_tokens)).encode())
     self._vocabulary_id = digest.hexdigest()[:16]
@@ -269,4 +291,9 @@ class GrammarCompiler:
     if self.max_classes is not None and next_sc.shape[1] > self.max_classes:
       raise GrammarError(f"the grammar needs {next_sc.shape[1]} token classes, more than the "
                          f"engine's grammar_classes={self.max_classes}")
-    return TokenGrammar(cls_v, next_sc, pattern, key=f"{self._vocabulary_id}:{pattern}")
+    mask_s, bits_mw = mask_rows(cls_v, next_sc)
+    if self.max_masks is not None and bits_mw.shape[0] > self.max_masks:
+      raise GrammarError(f"the grammar needs {bits_mw.shape[0]} distinct token masks, more "
+                         f"than the engine's grammar_masks={self.max_masks}")
+    return TokenGrammar(cls_v, next_sc, mask_s, bits_mw, pattern,
+                        key=f"{self._vocabulary_id}:{pattern}")

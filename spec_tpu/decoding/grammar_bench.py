@@ -191,7 +191,8 @@ def _outlines(pieces, eos, tokens, schema):
               rollback="a DFA: the state is an int (keep the one to return to)",
               states=g.num_states, table_mib=g.num_states * len(pieces) * 4 / 2 ** 20,
               classes=g.num_classes, table_s=table_s,
-              compact_mib=(g.next_sc.size + g.cls_v.size) * 4 / 2 ** 20)
+              compact_mib=(g.next_sc.size + g.cls_v.size + g.mask_s.size +
+                           g.bits_mw.size) * 4 / 2 ** 20)
 
 
 LIBRARIES = {"xgrammar": _xgrammar, "llguidance": _llguidance, "outlines-core": _outlines}
@@ -218,10 +219,10 @@ def compare_libraries(base_pieces: list, eos: int, sizes=(2048, 262144), schemas
 
 
 def table_sizes(base_pieces: list, eos: int, sizes=(2048, 262144)) -> list[dict]:
-  """One row per (vocabulary size, grammar): the compiled automaton's states and token
-  classes, its dense table's bytes (states x V int32) against the compact one's (states x
-  classes int32 and an int32 class per token), and the compile seconds (outlines-core's index
-  and the table)."""
+  """One row per (vocabulary size, grammar): the compiled automaton's states, token classes
+  and distinct masks, its dense table's bytes (states x V int32) against the compact one's
+  (states x classes int32, an int32 class per token, a bit per token per mask), and the
+  compile seconds (outlines-core's index and the tables)."""
   grammars = {name: grammar_lib.schema_regex(schema)
               for name, schema in (*SCHEMAS.items(), ("nested", NESTED_SCHEMA))}
   grammars["json_object"] = grammar_lib.json_object_regex()
@@ -233,18 +234,20 @@ def table_sizes(base_pieces: list, eos: int, sizes=(2048, 262144)) -> list[dict]
     for name, regex in grammars.items():
       g, seconds = _timed(lambda: compiler.regex(regex))
       rows.append(dict(vocab=size, grammar=name, states=g.num_states, classes=g.num_classes,
-                       dense_mib=g.num_states * size * 4 / 2 ** 20,
-                       compact_mib=(g.next_sc.size + g.cls_v.size) * 4 / 2 ** 20,
+                       masks=g.num_masks, dense_mib=g.num_states * size * 4 / 2 ** 20,
+                       compact_mib=(g.next_sc.size + g.cls_v.size + g.mask_s.size +
+                                    g.bits_mw.size) * 4 / 2 ** 20,
                        compile_s=seconds))
   return rows
 
 
 def format_table_sizes(rows: list[dict]) -> str:
-  out = [f"{'vocab':>8}{'grammar':>12}{'states':>8}{'classes':>9}{'dense MiB':>11}"
-         f"{'compact MiB':>13}{'compile s':>11}"]
+  out = [f"{'vocab':>8}{'grammar':>12}{'states':>8}{'classes':>9}{'masks':>7}"
+         f"{'dense MiB':>11}{'compact MiB':>13}{'compile s':>11}"]
   for r in rows:
     out.append(f"{r['vocab']:>8}{r['grammar']:>12}{r['states']:>8}{r['classes']:>9}"
-               f"{r['dense_mib']:>11.1f}{r['compact_mib']:>13.2f}{r['compile_s']:>11.2f}")
+               f"{r['masks']:>7}{r['dense_mib']:>11.1f}{r['compact_mib']:>13.2f}"
+               f"{r['compile_s']:>11.2f}")
   return "\n".join(out)
 
 
@@ -386,8 +389,9 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
 def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 1024,
               repeats: int = 5, calls: int = 50) -> dict:
   """Microseconds per round of the mask work alone, on the default device: the row's state
-  advanced over K drafts, K + 1 masks gathered from a pool of `batch` tables (states x
-  classes, a class per token) and applied to the verified logits, and the draft's K masked
+  advanced over K drafts, K + 1 masks read from a pool of `batch` tables (states x classes,
+  a class per token, a bit mask per state) and applied to the verified logits, and the
+  draft's K masked
   positions, beside the same softmaxes without masks and with masks from a dense
   states x vocab table (at most 256 MiB of it: fewer states at large vocabularies), best of
   `repeats` interleaved runs of `calls` rounds."""
@@ -402,7 +406,10 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 
                                    ).astype(np.int32)),
       table_s=jnp.asarray(np.concatenate([[0], np.repeat(np.arange(1, batch + 1), states)]
                                          ).astype(np.int32)),
-      cls_tv=jnp.asarray(rng.integers(0, classes, (1 + batch, vocab)).astype(np.int32)))
+      cls_tv=jnp.asarray(rng.integers(0, classes, (1 + batch, vocab)).astype(np.int32)),
+      mask_s=jnp.asarray(rng.integers(0, pool_states, (pool_states,)).astype(np.int32)),
+      bits_mw=jnp.asarray(rng.integers(0, 2 ** 32, (pool_states, -(-vocab // 32)),
+                                       dtype=np.uint64).astype(np.uint32)))
   logits = jnp.asarray(rng.normal(size=(batch, k + 1, vocab)).astype(np.float32))
   drafts = jnp.asarray(rng.integers(0, vocab, (batch, k)).astype(np.int32))
   g0 = jnp.asarray(rng.integers(0, pool_states, (batch,)).astype(np.int32))
@@ -441,7 +448,7 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 
         out = fn(logits, drafts, g0)
       out.block_until_ready()
       best[name] = min(best[name], (time.perf_counter() - start) / calls)
-  pool_bytes = sum(x.size * 4 for x in pool)
+  pool_bytes = sum(x.size * x.dtype.itemsize for x in pool)
   return dict(batch=batch, k=k, vocab=vocab, states=states, classes=classes,
               table_mib=pool_bytes / 2 ** 20, masked_us=1e6 * best["masked"],
               plain_us=1e6 * best["plain"], mask_us=1e6 * (best["masked"] - best["plain"]),

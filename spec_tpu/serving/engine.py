@@ -163,7 +163,8 @@ class Engine:
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
                max_logit_bias: int = 300, draft_source: DraftSource | None = None,
                grammar_states: int = 0, grammar_classes: int | None = None,
-               grammar_tables: int | None = None, sources: Sequence[str] | None = None):
+               grammar_masks: int | None = None, grammar_tables: int | None = None,
+               sources: Sequence[str] | None = None):
     decode.check_coupling(coupling)
     # Where proposals come from (default: the pair's); an n-gram source needs no model.
     source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
@@ -228,9 +229,9 @@ class Engine:
                        "single-process engine")
     self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
     # Structured output: the automata pool holds grammar_tables tables (default one per slot;
-    # slots with one grammar share its table) of grammar_states states and grammar_classes
-    # token classes each (the largest grammar a request may bring), after the pool's shared
-    # unconstrained state 0.
+    # slots with one grammar share its table) of grammar_states states, grammar_classes token
+    # classes and grammar_masks distinct allowed sets each (the largest grammar a request may
+    # bring), after the pool's shared unconstrained state 0.
     if grammar_states < 0:
       raise ValueError(f"grammar_states must be >= 0 (0: no structured output), got "
                        f"{grammar_states}")
@@ -240,10 +241,14 @@ class Engine:
     # (More classes than tokens never occur: one a token.)
     self.grammar_classes = min(1024 if grammar_classes is None else int(grammar_classes),
                                num_tokens)
+    # (At most one mask per state: the default never refuses what grammar_states admits.)
+    self.grammar_masks = self.grammar_states if grammar_masks is None else int(grammar_masks)
     self.grammar_tables = self.num_slots if grammar_tables is None else int(grammar_tables)
-    if self.grammar_states and (self.grammar_classes < 1 or self.grammar_tables < 1):
-      raise ValueError(f"grammar_classes and grammar_tables must be >= 1, got "
-                       f"{self.grammar_classes} and {self.grammar_tables}")
+    if self.grammar_states and min(self.grammar_classes, self.grammar_masks,
+                                   self.grammar_tables) < 1:
+      raise ValueError(f"grammar_classes, grammar_masks and grammar_tables must be >= 1, got "
+                       f"{self.grammar_classes}, {self.grammar_masks} and "
+                       f"{self.grammar_tables}")
     self.grammars = None
     self.grammar_pool_bytes = 0
     if self.grammar_states:
@@ -251,13 +256,17 @@ class Engine:
       if self.tokenizer is not None and pair.eos_ids:
         self.grammars = grammar_lib.GrammarCompiler(
             grammar_lib.token_bytes(self.tokenizer), pair.eos_ids, num_tokens,
-            max_states=self.grammar_states, max_classes=self.grammar_classes)
+            max_states=self.grammar_states, max_classes=self.grammar_classes,
+            max_masks=self.grammar_masks)
       states = 1 + self.grammar_tables * self.grammar_states
-      self.grammar_pool_bytes = 4 * (states * (self.grammar_classes + 1) +
-                                     (1 + self.grammar_tables) * num_tokens)
-      logging.info("grammar pool: %d tables of %d states x %d token classes over %d tokens: "
-                   "%.1f MiB", self.grammar_tables, self.grammar_states, self.grammar_classes,
-                   num_tokens, self.grammar_pool_bytes / 2 ** 20)
+      masks = 1 + self.grammar_tables * self.grammar_masks
+      self.grammar_pool_bytes = 4 * (states * (self.grammar_classes + 2) +
+                                     (1 + self.grammar_tables) * num_tokens +
+                                     masks * -(-num_tokens // 32))
+      logging.info("grammar pool: %d tables of %d states x %d token classes and %d masks "
+                   "over %d tokens: %.1f MiB", self.grammar_tables, self.grammar_states,
+                   self.grammar_classes, self.grammar_masks, num_tokens,
+                   self.grammar_pool_bytes / 2 ** 20)
     self._tables = grammar_tables_lib.GrammarTables(self.grammar_tables)
     self._slot_tables = [0] * self.num_slots   # each slot's grammar table (0: none)
     self._request_tables: dict[int, int] = {}  # taken from the queue, not yet in a slot
@@ -277,7 +286,8 @@ class Engine:
         logprobs_k=self.logprobs_k, controls=self.controls,
         max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None,
         **(dict(grammar_states=1 + self.grammar_tables * self.grammar_states,
-                grammar_classes=self.grammar_classes, grammar_tables=1 + self.grammar_tables)
+                grammar_classes=self.grammar_classes, grammar_tables=1 + self.grammar_tables,
+                grammar_masks=1 + self.grammar_tables * self.grammar_masks)
            if self.grammar_states else {}))
     self.coupling = coupling
     self._channel = channel
@@ -420,10 +430,11 @@ class Engine:
         raise ValueError("structured output needs a pair with an EOS token")
       g = params.grammar
       if (g.cls_v.shape != (num_tokens,) or g.num_states > self.grammar_states or
-          g.num_classes > self.grammar_classes):
+          g.num_classes > self.grammar_classes or g.num_masks > self.grammar_masks):
         raise ValueError(f"the grammar ({g.num_states} states, {g.num_classes} token classes, "
-                         f"{g.cls_v.shape[0]} tokens) does not fit this engine (at most "
-                         f"{self.grammar_states} states, {self.grammar_classes} classes, "
+                         f"{g.num_masks} masks, {g.cls_v.shape[0]} tokens) does not fit this "
+                         f"engine (at most {self.grammar_states} states, "
+                         f"{self.grammar_classes} classes, {self.grammar_masks} masks, "
                          f"{num_tokens} tokens)")
     if len(params.logit_bias) > self.max_logit_bias:
       raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
@@ -740,7 +751,8 @@ class Engine:
     request) or None, one per row; each request's table was acquired as it left the queue)."""
     if not self.grammar_states:
       return None
-    r, s, c = self.prefill_rows, self.grammar_states, self.grammar_classes
+    r, s, c, m = self.prefill_rows, self.grammar_states, self.grammar_classes, self.grammar_masks
+    v = self.pair.target_cfg.num_tokens
     start = np.zeros((len(entries),), np.int32)
     writes = []
     for i, entry in enumerate(entries):
@@ -754,14 +766,18 @@ class Engine:
     for lo in range(0, len(writes), r):  # the writing program takes prefill_rows automata
       # Past the pool: dropped (padding).
       tables = np.full((r,), self._spec.grammar_tables, np.int32)
-      offsets = np.full((r,), self._spec.grammar_states, np.int32)
       next_rsc = np.full((r, s, c), -1, np.int32)
-      cls_rv = np.zeros((r, self.pair.target_cfg.num_tokens), np.int32)
+      cls_rv = np.zeros((r, v), np.int32)
+      mask_rs = np.zeros((r, s), np.int32)
+      bits_rmw = np.zeros((r, m, -(-v // 32)), np.uint32)
       for i, (table, g) in enumerate(writes[lo:lo + r]):
-        tables[i], offsets[i] = table, 1 + (table - 1) * s
+        tables[i] = table
         next_rsc[i, :g.num_states, :g.num_classes] = g.next_sc
         cls_rv[i] = g.cls_v
-      self._state = self._grammar_program()(self._state, tables, offsets, next_rsc, cls_rv)
+        mask_rs[i, :g.num_states] = g.mask_s
+        bits_rmw[i, :g.num_masks] = g.bits_mw
+      self._state = self._grammar_program()(self._state, tables, next_rsc, cls_rv, mask_rs,
+                                            bits_rmw)
     return start
 
   def _release_table(self, slot: int) -> None:
@@ -1110,17 +1126,18 @@ class Engine:
   def _grammar_program(self):
     key = ("grammar",)
     if key not in self._programs:
-      r, s, c = self.prefill_rows, self.grammar_states, self.grammar_classes
+      r, s, c, m = self.prefill_rows, self.grammar_states, self.grammar_classes, \
+          self.grammar_masks
       v = self.pair.target_cfg.num_tokens
       rep = sharding.replicated(self.pair.mesh)
       jitted = jax.jit(functools.partial(decode.write_grammars, self._spec), donate_argnums=(0,),
-                       in_shardings=(self._state_sh,) + (rep,) * 4,
+                       in_shardings=(self._state_sh,) + (rep,) * 5,
                        out_shardings=self._state_sh)
       sds = jax.ShapeDtypeStruct
       self._programs[key] = jitted.lower(
-          self._abstract, sds((r,), jnp.int32), sds((r,), jnp.int32),
-          sds((r, s, c), jnp.int32), sds((r, v), jnp.int32)).compile(
-              self.pair.compiler_options())
+          self._abstract, sds((r,), jnp.int32), sds((r, s, c), jnp.int32),
+          sds((r, v), jnp.int32), sds((r, s), jnp.int32),
+          sds((r, m, -(-v // 32)), jnp.uint32)).compile(self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int, source: str):

@@ -149,6 +149,8 @@ def test_a_grammar_compiles_to_the_automaton_of_its_language():
     grammar.GrammarCompiler(pieces, 6, 7, max_states=1).regex("(ab)+c")
   with pytest.raises(grammar.GrammarError, match="grammar_classes=2"):
     grammar.GrammarCompiler(pieces, 6, 7, max_states=8, max_classes=2).regex("(ab)+c")
+  with pytest.raises(grammar.GrammarError, match="grammar_masks=1"):
+    grammar.GrammarCompiler(pieces, 6, 7, max_states=8, max_masks=1).regex("(ab)+c")
 
 
 def _outlines_reference(pieces, eos, pattern):

@@ -55,8 +55,9 @@ Per request beyond the filters: logprobs (each emitted token's log-probability u
 target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
 tokens), with `controls=True` penalties, min_p and logit_bias (decode.Controls), and with
 `grammar_states` > 0 structured output (GenerationParams.grammar: a regex or JSON schema
-compiled by `grammars`, held on device as a token-class automaton, one table per grammar in
-use, shared by the slots that use it: grammar_tables.py, decoding/grammar.py). `score`
+compiled by `grammars`, held on device as a token-class automaton with bit-packed masks, one
+table per grammar in use, shared by the slots that use it: grammar_tables.py,
+decoding/grammar.py). `score`
 runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 

@@ -50,9 +50,14 @@
                 frequency and repetition penalties, min_p and logit_bias: token counts per
                 slot and a penalty pass at every drafted position; single-process engines
                 only, off on a multi-host one), max_logit_bias (logit_bias entries per request),
-                grammar_states (structured output: automaton states each slot holds for a
-                request's JSON schema or regex, a states x vocabulary int32 table per slot on
-                device; 0 = off; docs/structured.md)
+                grammar_states (structured output: the most automaton states of a request's
+                JSON schema or regex; 0 = off; docs/structured.md), grammar_classes (the most
+                token classes of one: tokens that act alike in every state share a column),
+                grammar_masks (the most distinct allowed sets of one, each a bit per token;
+                0 = grammar_states),
+                grammar_tables (grammars held on device at once, each a states x classes
+                int32 table, a class per token and its masks, shared by the slots using it;
+                0 = one per slot)
     mesh.*      shape (data, model), -1 = every device not used by the other axis;
                 multihost: call jax.distributed.initialize() first (pods; see launch/sample.py)
     run.*       prompts (text), add_bos, compare_ar (also run k=0 and report the speedup),
@@ -152,7 +157,8 @@ def base(num_slots: int = 8, **run) -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict(dict(
       k=4, adaptive_k=False, k_max=8, calibrate=True, num_slots=8, max_len=0,
       rounds_per_step=0, max_rounds_per_step=16, max_top_k=64, prefill_rows=1,
-      logprobs_k=5, controls=True, max_logit_bias=300, grammar_states=0))
+      logprobs_k=5, controls=True, max_logit_bias=300, grammar_states=0,
+      grammar_classes=1024, grammar_masks=0, grammar_tables=0))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1), multihost=False))
   c.run = ml_collections.ConfigDict(dict(
       prompts=(), add_bos=True, compare_ar=False, prompt_len=128,

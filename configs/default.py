@@ -48,8 +48,9 @@ def get_config(arg=None):
   # user runs is never slower than plain decoding (on some machines it would be, at a fixed K).
   # max_len: the pair was trained on 128-token windows; every round attends over the whole
   # slot, so a context far beyond what the models can use only costs time.
-  # grammar_states: structured output (response_format); 512 states x 2048 tokens x 4 slots
-  # is a 16 MiB table.
+  # grammar_states: structured output (response_format); 4 tables (one per slot) of 512
+  # states x 1024 token classes (engine.grammar_classes), a class per token and up to 512
+  # masks of 2048 bits: 8.6 MiB.
   c.engine.update(k=4, adaptive_k=True, max_len=256, grammar_states=512)
   c.mesh.shape = (1, -1)
   return c

@@ -5,7 +5,9 @@ JSON schema.
 
 The library table: compile seconds and host mask microseconds per token of xgrammar,
 llguidance (both optional: reported as not installed when missing) and outlines-core, at the
-tokenizer's vocabulary and a synthetic 256k one. The engine table: tokens/s, acceptance, mask
+tokenizer's vocabulary and a synthetic 256k one; the compiled tables' sizes (states, token
+classes, dense against compact bytes) for four grammars at the same vocabularies; the mask
+work per round on device. The engine table: tokens/s, acceptance, mask
 refusals and schema-valid responses at K = 0 and engine.k, at temperature 1
 (spec_tpu/decoding/grammar_bench.py). Writes results.json and table.txt (also printed).
 """

@@ -296,7 +296,10 @@ class EngineSettings:
   logprobs_k: int = 0       # top logprobs a request may ask for (launch.serve)
   controls: bool = False    # penalties, min_p and logit_bias per request (launch.serve)
   max_logit_bias: int = 300
-  grammar_states: int = 0   # structured output: automaton states per slot (launch.serve)
+  grammar_states: int = 0   # structured output: automaton states per grammar (launch.serve)
+  grammar_classes: int = 1024  # token classes per grammar
+  grammar_masks: int = 0    # distinct allowed sets (bit masks) per grammar (0: grammar_states)
+  grammar_tables: int = 0   # grammars on device at once (0: one per slot)
 
   def context(self, prompt_lens: Sequence[int] = (), max_new_tokens: int = 0) -> int:
     """A slot's length: max_len, else the longest prompt, its new tokens and a verification
@@ -318,9 +321,12 @@ def engine_settings(config) -> EngineSettings:
     raise SetupError(f"engine.rounds_per_step must be 0 (paced by measured time) or 1.."
                      f"engine.max_rounds_per_step={e.max_rounds_per_step}, got "
                      f"{e.rounds_per_step}")
-  for name in ("max_top_k", "logprobs_k", "max_logit_bias", "grammar_states"):
+  for name in ("max_top_k", "logprobs_k", "max_logit_bias", "grammar_states", "grammar_masks",
+               "grammar_tables"):
     if int(e[name]) < 0:
       raise SetupError(f"engine.{name} must be >= 0, got {e[name]}")
+  if int(e.get("grammar_classes", 1024)) < 1:
+    raise SetupError(f"engine.grammar_classes must be >= 1, got {e.grammar_classes}")
   if int(e.max_len) < 0 or int(e.max_len) == 1:
     raise SetupError(f"engine.max_len must be 0 (sized from the prompts) or >= 2, got "
                      f"{e.max_len}")
@@ -346,7 +352,10 @@ def engine_settings(config) -> EngineSettings:
                         max_top_k=int(e.max_top_k), prefill_rows=int(e.prefill_rows),
                         coupling=coupling, sources=sources, logprobs_k=int(e.logprobs_k),
                         controls=bool(e.controls), max_logit_bias=int(e.max_logit_bias),
-                        grammar_states=int(e.get("grammar_states", 0)))
+                        grammar_states=int(e.get("grammar_states", 0)),
+                        grammar_classes=int(e.get("grammar_classes", 1024)),
+                        grammar_masks=int(e.get("grammar_masks", 0)),
+                        grammar_tables=int(e.get("grammar_tables", 0)))
 
 
 def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = None,
@@ -372,7 +381,10 @@ def build_engine(pair: Pair, settings: EngineSettings, *, max_len: int | None = 
                 controls=per_request_extras and settings.controls and channel is None,
                 max_logit_bias=settings.max_logit_bias,
                 grammar_states=(settings.grammar_states
-                                if per_request_extras and channel is None else 0))
+                                if per_request_extras and channel is None else 0),
+                grammar_classes=settings.grammar_classes,
+                grammar_masks=settings.grammar_masks or None,
+                grammar_tables=settings.grammar_tables or None)
 
 
 # ---------------------------------------------------------------- mesh

@@ -347,9 +347,12 @@ GRAMMAR_SOURCE = DraftSource("hybrid", ngram_max=3, ngram_min=1)
 
 
 def _grammar_engine(grammar, coupling="rejection"):
+  # Two tables for 128 slots: the slots whose requests bring one grammar share its table.
   return Engine(_toy_sampler(eos_ids=EOS).pair, num_slots=128, max_len=32, k=3,
                 adaptive_k=False, max_top_k=4, prefill_rows=4, coupling=coupling,
-                grammar_states=grammar.num_states, draft_source=GRAMMAR_SOURCE)
+                grammar_states=grammar.num_states, grammar_classes=grammar.num_classes,
+                grammar_masks=grammar.num_masks, grammar_tables=2,
+                draft_source=GRAMMAR_SOURCE)
 
 
 @pytest.mark.parametrize("coupling", ["rejection", pytest.param("gumbel", marks=pytest.mark.slow)])
@@ -357,8 +360,8 @@ def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
   # Given requests constrained by a regex over the toy vocabulary, decoded with hybrid drafts
   # (GRAMMAR_SOURCE), sharing the slots with unconstrained requests,
   grammar = _toy_grammar()
-  constrained, free, stats = _grammar_rows(_grammar_engine(grammar, coupling), grammar,
-                                           LAW_ROWS * 3 // 2, seed=3)
+  engine = _grammar_engine(grammar, coupling)
+  constrained, free, stats = _grammar_rows(engine, grammar, LAW_ROWS * 3 // 2, seed=3)
   # then the constrained rows' first L tokens follow the target's law under the grammar's
   # masks (computed independently),
   law = _masked_law(TOY_REGEX)
@@ -371,6 +374,20 @@ def test_grammar_masks_keep_the_constrained_law_under_speculation(coupling):
   assert 0.2 < sum(s.accepted for s in stats) / sum(s.judged for s in stats) < 0.95
   assert 0 < sum(s.ngram_judged for s in stats) < sum(s.judged for s in stats)
   assert sum(s.mask_rejected for s in stats) > 0
+  # and every constrained slot read the one table its grammar was written to, once (a token
+  # class per token: the toy vocabulary's 8 tokens in fewer classes).
+  assert grammar.num_classes < ex.V
+  gauges = engine.metrics.gauges
+  assert gauges["grammar_table_writes"] == 1 and gauges["grammar_tables_in_use"] == 0
+  pool = jax.tree.map(np.asarray, engine._state.grammar_pool)
+  s, c = grammar.num_states, grammar.num_classes
+  np.testing.assert_array_equal(pool.cls_tv[1], grammar.cls_v)
+  np.testing.assert_array_equal(pool.next_sc[1:1 + s, :c],
+                                np.where(grammar.next_sc >= 0, grammar.next_sc + 1, -1))
+  assert (pool.table_s[1:1 + s] == 1).all() and not pool.cls_tv[2].any()
+  m = grammar.num_masks
+  np.testing.assert_array_equal(pool.mask_s[1:1 + s], grammar.mask_s + 1)
+  np.testing.assert_array_equal(pool.bits_mw[1:1 + m], grammar.bits_mw)
 
 
 @pytest.mark.slow  # a second engine compile (~20 s) for the negative control

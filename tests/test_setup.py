@@ -149,6 +149,9 @@ def test_an_assistant_checkpoint_drafts_as_kind_assistant(tmp_path):
     ("logprobs_k", -1, "engine.logprobs_k must be >= 0"),
     ("max_logit_bias", -1, "engine.max_logit_bias must be >= 0"),
     ("grammar_states", -1, "engine.grammar_states must be >= 0"),
+    ("grammar_classes", 0, "engine.grammar_classes must be >= 1"),
+    ("grammar_masks", -1, "engine.grammar_masks must be >= 0"),
+    ("grammar_tables", -1, "engine.grammar_tables must be >= 0"),
 ])
 def test_bad_engine_settings_are_refused_by_name(field, value, match):
   from configs import common

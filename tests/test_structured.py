@@ -9,6 +9,7 @@ import re
 import sys
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
@@ -25,21 +26,29 @@ SAMPLES = int(os.environ.get("SPEC_TPU_JSON_SAMPLES", 8))
 
 
 @pytest.fixture(scope="module")
-def url():
+def engine():
   from configs import default
   from spec_tpu import setup
-  from spec_tpu.serving import Engine, openai_api
+  from spec_tpu.serving import Engine
   pair = setup.load_pair(default.get_config())
+  # One grammar table for all slots: a request bringing another grammar waits for it, and
+  # every change of grammar rewrites it.
   engine = Engine(pair, num_slots=min(SAMPLES, 16), max_len=192, k=4, adaptive_k=False,
                   rounds_per_step=4, max_rounds_per_step=4, grammar_states=512,
-                  coupling="gumbel")  # as launch.serve runs it
+                  grammar_tables=1, coupling="gumbel")  # as launch.serve runs it
   engine.warm_up([4])  # as launch.serve does: the step and the automaton-writing programs
   engine.start()
   try:
-    with _served(openai_api.build_app(engine, "stdlib")) as u:
-      yield u
+    yield engine
   finally:
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+  from spec_tpu.serving import openai_api
+  with _served(openai_api.build_app(engine, "stdlib")) as u:
+    yield u
 
 
 def _client(url):
@@ -135,6 +144,145 @@ def test_a_grammar_compiles_to_the_automaton_of_its_language():
     assert s is not None and g.next_sv[s, 6] == s, tokens
   assert walk([2]) is None and walk([3, 3, 4]) is None and walk([5]) is None
   assert g.next_sv[walk([3]), 6] == -1
-  # a grammar larger than the engine's table is refused.
+  # a grammar larger than the engine's table (states or token classes) is refused.
   with pytest.raises(grammar.GrammarError, match="grammar_states=1"):
     grammar.GrammarCompiler(pieces, 6, 7, max_states=1).regex("(ab)+c")
+  with pytest.raises(grammar.GrammarError, match="grammar_classes=2"):
+    grammar.GrammarCompiler(pieces, 6, 7, max_states=8, max_classes=2).regex("(ab)+c")
+  with pytest.raises(grammar.GrammarError, match="grammar_masks=1"):
+    grammar.GrammarCompiler(pieces, 6, 7, max_states=8, max_masks=1).regex("(ab)+c")
+
+
+def _outlines_reference(pieces, eos, pattern):
+  """(transitions, initial state, final states) of outlines-core's own Index over the same
+  vocabulary: the automaton before any renumbering or compaction."""
+  import collections
+  from outlines_core import Index, Vocabulary
+  by_bytes = collections.defaultdict(list)
+  for i, b in enumerate(pieces):
+    if b and i != eos:
+      by_bytes[b].append(i)
+  index = Index(pattern, Vocabulary(eos, dict(by_bytes)))
+  return index.get_transitions(), index.get_initial_state(), set(index.get_final_states())
+
+
+@pytest.mark.parametrize("name", ["bounded", "plain", "json_object", "regex"])
+def test_the_compact_table_gives_the_automatons_transitions_for_every_token(name):
+  # Given the embedded pair's 2048-token vocabulary and a schema or regex,
+  from configs import default
+  from spec_tpu import setup
+  cfg = default.get_config()
+  tok = setup.load_tokenizer(cfg, setup.resolve(cfg))
+  pieces, v = grammar.token_bytes(tok), tok.vocab_size
+  pattern = {"bounded": grammar.schema_regex(grammar_bench.SCHEMA),
+             "plain": grammar.schema_regex(grammar_bench.PLAIN_SCHEMA),
+             "json_object": grammar.json_object_regex(),
+             "regex": r"(-?[0-9]{1,3}|[a-z]+ [a-z]+)"}[name]
+  g = grammar.GrammarCompiler(pieces, tok.eos_id, v, max_states=512).regex(pattern)
+  # when it is compiled to token classes (far fewer than tokens),
+  assert g.cls_v.shape == (v,) and g.num_classes < v // 8
+  # then every state's transition on every token, EOS included, is outlines-core's own
+  # (walked from both starts together: each of its states maps to one of ours).
+  transitions, start, finals = _outlines_reference(pieces, tok.eos_id, pattern)
+  ours, todo, walked = {start: 0}, [start], {start}
+  while todo:
+    s = todo.pop()
+    want = np.full(v, -2, np.int64)  # -2: not allowed
+    out = transitions.get(s, {})
+    want[np.fromiter(out.keys(), np.int64, len(out))] = np.fromiter(out.values(), np.int64,
+                                                                    len(out))
+    got = g.next_sc[ours[s], g.cls_v]
+    allowed = want != -2
+    allowed[tok.eos_id] = s in finals
+    np.testing.assert_array_equal(got >= 0, allowed)
+    assert s not in finals or got[tok.eos_id] == ours[s]
+    allowed[tok.eos_id] = False
+    for ref, mine in set(zip(want[allowed].tolist(), got[allowed].tolist())):
+      assert ours.setdefault(ref, mine) == mine, (ref, mine)
+      if ref not in walked:
+        walked.add(ref)
+        todo.append(ref)
+  assert len(ours) == g.num_states == len(set(ours.values()))
+  # The device's lookups (a table at pool offset 1, after the unconstrained state 0) give
+  # the same masks, from the bit-packed sets, and the same next states.
+  import jax.numpy as jnp
+  from spec_tpu.decoding import decode
+  dense = g.next_sv
+  pool = decode.GrammarPool(
+      next_sc=jnp.asarray(np.concatenate([np.zeros((1, g.num_classes), np.int32),
+                                          np.where(g.next_sc >= 0, g.next_sc + 1, -1)])),
+      table_s=jnp.asarray(np.r_[0, np.ones(g.num_states, np.int32)]),
+      cls_tv=jnp.asarray(np.stack([np.zeros(v, np.int32), g.cls_v])),
+      mask_s=jnp.asarray(np.r_[0, g.mask_s + 1].astype(np.int32)),
+      bits_mw=jnp.asarray(np.concatenate([np.full((1, g.bits_mw.shape[1]), 2 ** 32 - 1,
+                                                  np.uint32), g.bits_mw])))
+  states = jnp.arange(1, g.num_states + 1)
+  np.testing.assert_array_equal(decode._allowed(pool, states), dense >= 0)
+  np.testing.assert_array_equal(
+      decode._advance(pool, jnp.broadcast_to(states[:, None], dense.shape),
+                      jnp.broadcast_to(jnp.arange(v)[None, :], dense.shape)),
+      np.where(dense >= 0, dense + 1, 0))
+  assert decode._allowed(pool, jnp.zeros((1,), jnp.int32)).all()
+
+
+def test_token_classes_rebuild_the_table_exactly():
+  # Given a table whose columns repeat (and two that differ in one state only),
+  rng = np.random.default_rng(0)
+  distinct = rng.integers(-1, 5, size=(6, 40)).astype(np.int32)
+  distinct[:, 1] = distinct[:, 0]
+  distinct[3, 1] = distinct[3, 0] + 1
+  table = distinct[:, rng.integers(0, 40, size=500)]
+  # when its columns are grouped into classes,
+  cls_v, next_sc = grammar.token_classes(table)
+  # then the classes give the table back, one class per distinct column.
+  np.testing.assert_array_equal(next_sc[:, cls_v], table)
+  assert next_sc.shape[1] == np.unique(table, axis=1).shape[1]
+
+
+def test_requests_with_another_grammar_wait_for_the_table_and_follow_their_own(engine):
+  # Given an engine with one grammar table, and requests with two regexes submitted at once
+  # (disjoint languages: a row reading the other's table would show),
+  from spec_tpu.serving import GenerationParams
+  patterns = ["[0-9]{6}x", "[0-9]{3}(yes|no)"]
+  writes = engine.metrics.gauges["grammar_table_writes"]
+  items = [("The answer is", GenerationParams(max_new_tokens=12, temperature=1.0, seed=i,
+                                             grammar=engine.grammars.regex(patterns[i % 2])))
+           for i in range(4)]
+  requests = engine.submit_all(items)
+  # then each request's text is a whole string of its own language,
+  for i, r in enumerate(requests):
+    done = r.result(timeout=60)
+    assert re.fullmatch(patterns[i % 2], done.text), (patterns[i % 2], done.text)
+  # the requests of one grammar shared the table (one write per change of grammar, at most
+  # one per request), and no table is held after them.
+  gauges = engine.metrics.gauges
+  assert 2 <= gauges["grammar_table_writes"] - writes <= 4
+  assert gauges["grammar_tables_in_use"] == 0 and gauges["grammar_tables"] == 1
+  # (/metrics reports them, and the pool's size: 513 states x 1024 classes and a class map
+  # and a mask each, 2 class maps, 513 masks of 2048 bits.)
+  text = engine.metrics.prometheus()
+  assert f"spec_tpu_grammar_pool_bytes {4 * (513 * 1026 + 2 * 2048 + 513 * 64)}" in text
+  assert "spec_tpu_grammar_table_writes_total" in text
+
+
+def test_grammar_tables_are_shared_by_key_and_reused_least_recently_used_first():
+  from spec_tpu.serving.grammar_tables import GrammarTables
+  tables = GrammarTables(2)
+  # Given two requests with grammar a, then one with b,
+  a1, a2, b = tables.acquire("a"), tables.acquire("a"), tables.acquire("b")
+  # then the two share a's table, written once, and b has the other;
+  assert a1 == a2 != b and tables.take_write(a1) and not tables.take_write(a2)
+  assert tables.take_write(b) and tables.in_use == 2 and tables.writes == 2
+  # a third grammar waits while both tables are used,
+  assert tables.acquire("c") is None
+  # and takes the least recently used free table once its requests finish, while a grammar
+  # whose table was kept comes back without a write.
+  tables.release(b)
+  tables.release(a1)
+  tables.release(a2)
+  c = tables.acquire("c")
+  assert c == a1 and tables.take_write(c)
+  assert tables.acquire("b") == b and not tables.take_write(b)
+  tables.release(c)
+  with pytest.raises(RuntimeError, match="released more often"):
+    tables.release(c)

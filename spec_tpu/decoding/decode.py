@@ -83,9 +83,14 @@ class LoopSpec:
   # Set whenever a program on this state may draft with it (k_max > 0), K = 0 programs too:
   # they keep the target's final hidden state current for the next speculative round.
   assistant: AssistantConfig | None = None
-  # Rows of the grammar automata pool (State.grammar_next_sv; 0: no structured output compiled
-  # in). Row 0 is the unconstrained state every free row sits in.
+  # The grammar automata pool (State.grammar_pool; 0: no structured output compiled in):
+  # its states (row 0: the unconstrained state every free row sits in), token classes per
+  # state, class maps (map 0: every token in class 0, that of state 0) and bit-packed masks
+  # (mask 0: every token, that of state 0).
   grammar_states: int = 0
+  grammar_classes: int = 0
+  grammar_tables: int = 0
+  grammar_masks: int = 0
 
   @property
   def num_tokens(self) -> int:
@@ -105,6 +110,10 @@ class LoopSpec:
     if (self.assistant is not None) != (self.source.uses_assistant and self.k_max > 0):
       raise ValueError("draft kind 'assistant' and an AssistantConfig go together (give "
                        "assistant= with source=DraftSource('assistant'), draft=None)")
+    if len({bool(self.grammar_states), bool(self.grammar_classes), bool(self.grammar_tables),
+            bool(self.grammar_masks)}) > 1:
+      raise ValueError("grammar_states, grammar_classes, grammar_tables and grammar_masks go "
+                       "together")
     if self.assistant is not None:
       if self.grammar_states:
         raise ValueError("the assistant drafter drafts without grammars")
@@ -172,6 +181,19 @@ class Stats(NamedTuple):
   mask_rejected_b: jax.Array
 
 
+class GrammarPool(NamedTuple):
+  """Compiled automata (grammar.py) held compactly: token v in pool state s leads to
+  next_sc[s, cls_tv[table_s[s], v]] (-1: not allowed), and is allowed there iff bit v % 32 of
+  bits_mw[mask_s[s], v // 32] is set. A table's states, and its masks, are a block of rows
+  renumbered into the pool; its tokens' classes one row of cls_tv; every slot whose request
+  uses that grammar shares them."""
+  next_sc: jax.Array  # int32 (pool states, classes)
+  table_s: jax.Array  # int32 (pool states,): the class map each state reads
+  cls_tv: jax.Array   # int32 (class maps, V)
+  mask_s: jax.Array   # int32 (pool states,): the mask row each state reads
+  bits_mw: jax.Array  # uint32 (pool masks, ceil(V / 32))
+
+
 class State(NamedTuple):
   target_cache: cache_lib.Cache
   draft_cache: cache_lib.Cache | None
@@ -184,9 +206,9 @@ class State(NamedTuple):
   in_prompt_bv: jax.Array | None = None  # with controls: bool, the prompt's tokens
   # The target's final hidden state that produced each row's `last` token (assistant only).
   target_hidden_bd: jax.Array | None = None
-  # With LoopSpec.grammar_states: the automata pool, next[state, token] (-1: not allowed), and
-  # each row's state after its tokens up to `last` (see grammar.py).
-  grammar_next_sv: jax.Array | None = None
+  # With LoopSpec.grammar_states: the automata pool, and each row's state after its tokens up
+  # to `last` (see grammar.py).
+  grammar_pool: GrammarPool | None = None
   grammar_b: jax.Array | None = None
 
 
@@ -226,32 +248,50 @@ def _probs(spec: LoopSpec, logits_bv, rows: Rows, counts=None, in_prompt=None, a
                                 min_p=None if c is None else c.min_p_b)
 
 
-def _allowed(table_sv, g):
-  """The grammar's mask in states g (any shape): g.shape + (V,) bool."""
-  return table_sv[g] >= 0
+def _allowed(pool: GrammarPool, g):
+  """The grammar's mask in states g (any shape): g.shape + (V,) bool. (Rows of bits and
+  shifts: no gather per token.)"""
+  words = pool.bits_mw[pool.mask_s[g]]
+  bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return bits.reshape(g.shape + (-1,))[..., :pool.cls_tv.shape[-1]] != 0
 
 
-def _advance(table_sv, g_b, x_b):
+def _advance(pool: GrammarPool, g_b, x_b):
   """Each row's state after token x. A token the state does not allow leads to state 0 (no
   constraint): it is never accepted (its q is 0), so nothing after it is judged."""
-  return jnp.maximum(table_sv[g_b, x_b], 0)
+  return jnp.maximum(pool.next_sc[g_b, pool.cls_tv[pool.table_s[g_b], x_b]], 0)
 
 
-def _verify_allowed(table_sv, g_bm):
+def _verify_allowed(pool: GrammarPool, g_bm):
   """The masks of the target's K + 1 verified positions (the same states the draft was masked
   with: the row's state advanced over the drafts before each)."""
-  return _allowed(table_sv, g_bm)
+  return _allowed(pool, g_bm)
 
 
-def write_grammars(spec: LoopSpec, state: State, offsets_r, tables_rsv) -> State:
-  """Writes grammar i's table (local states from 0, -1: not allowed) into pool rows
-  offsets_r[i] .. offsets_r[i] + s, its states renumbered from there (an offset past the pool
-  drops it: padding)."""
-  s = tables_rsv.shape[1]
-  shifted = jnp.where(tables_rsv >= 0, tables_rsv + offsets_r[:, None, None], -1)
-  at = offsets_r[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-  at = jnp.where(offsets_r[:, None] < spec.grammar_states, at, spec.grammar_states)
-  return state._replace(grammar_next_sv=state.grammar_next_sv.at[at].set(shifted, mode="drop"))
+def write_grammars(spec: LoopSpec, state: State, tables_r, next_rsc, cls_rv, mask_rs,
+                   bits_rmw) -> State:
+  """Writes automaton i (states and masks from 0, -1: not allowed) into the pool as table
+  tables_r[i] (1..): its token classes as class map tables_r[i], its s states as the rows of
+  block tables_r[i] - 1 after state 0, renumbered there, its m masks likewise after mask 0 (a
+  table past the pool drops it: padding)."""
+  s, m = next_rsc.shape[1], bits_rmw.shape[1]
+  real = tables_r < spec.grammar_tables
+  offsets = 1 + (tables_r - 1) * s
+  shifted = jnp.where(next_rsc >= 0, next_rsc + offsets[:, None, None], -1)
+  at = jnp.where(real[:, None], offsets[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :],
+                 spec.grammar_states)
+  mask_offsets = 1 + (tables_r - 1) * m
+  mask_at = jnp.where(real[:, None],
+                      mask_offsets[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :],
+                      spec.grammar_masks)
+  pool = state.grammar_pool
+  return state._replace(grammar_pool=GrammarPool(
+      next_sc=pool.next_sc.at[at].set(shifted, mode="drop"),
+      table_s=pool.table_s.at[at].set(jnp.broadcast_to(tables_r[:, None], at.shape),
+                                      mode="drop"),
+      cls_tv=pool.cls_tv.at[tables_r].set(cls_rv, mode="drop"),
+      mask_s=pool.mask_s.at[at].set(mask_rs + mask_offsets[:, None], mode="drop"),
+      bits_mw=pool.bits_mw.at[mask_at].set(bits_rmw, mode="drop")))
 
 
 def _count(counts_bv, tokens_bm, num_b):
@@ -334,7 +374,13 @@ def init_state(spec: LoopSpec, batch: int) -> State:
   if spec.grammar_states:
     state = state._replace(
         rows=state.rows._replace(grammar_b=zeros_b), grammar_b=zeros_b,
-        grammar_next_sv=jnp.zeros((spec.grammar_states, spec.num_tokens), jnp.int32))
+        grammar_pool=GrammarPool(
+            jnp.zeros((spec.grammar_states, spec.grammar_classes), jnp.int32),
+            jnp.zeros((spec.grammar_states,), jnp.int32),
+            jnp.zeros((spec.grammar_tables, spec.num_tokens), jnp.int32),
+            jnp.zeros((spec.grammar_states,), jnp.int32),
+            jnp.full((spec.grammar_masks, -(-spec.num_tokens // 32)), 2 ** 32 - 1,
+                     jnp.uint32)))
   if not spec.controls:
     return state
   v, m = spec.num_tokens, spec.max_logit_bias
@@ -348,7 +394,7 @@ def init_state(spec: LoopSpec, batch: int) -> State:
 
 def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, rows: Rows, *,
             with_draft: bool, soft=None, draft_soft=None, fan: int = 1,
-            grammar_next_sv=None) -> tuple[State, jax.Array, Logprobs]:
+            grammar_pool=None) -> tuple[State, jax.Array, Logprobs]:
   """The state of r fresh rows after their prompts (right-padded to t) and the first token.
 
   with_draft: prefill the draft too (the engine skips it while K = 0: the draft catches up if
@@ -358,7 +404,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
   fan: rows per prompt
   (static): each prompt is prefilled once and row i * fan + j is its j-th sample, with its
   own settings and random stream (rows: r * fan of them), so the state's caches keep r rows
-  and everything else r * fan. grammar_next_sv: the automata pool rows.grammar_b start in
+  and everything else r * fan. grammar_pool: the automata pool rows.grammar_b start in
   (with LoopSpec.grammar_states; the state returned holds the rows' states, not the pool).
   Returns (state, first token per row, its Logprobs)."""
   r, t = tokens_rt.shape
@@ -384,7 +430,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
     in_prompt = _count(counts, tokens_rt, lengths_r) > 0
   allowed = None
   if spec.grammar_states:
-    allowed = _allowed(grammar_next_sv, rows.grammar_b)
+    allowed = _allowed(grammar_pool, rows.grammar_b)
   q_rv = _probs(spec, logits[:, 0], rows, counts, in_prompt, allowed)
   if spec.coupling == "gumbel":
     first = gumbel.choose(q_rv, gumbel.noise(rows.seed_b2, lengths_r[:, None],
@@ -409,7 +455,7 @@ def prefill(spec: LoopSpec, target_params, draft_params, tokens_rt, lengths_r, r
                 in_prompt_bv=in_prompt,
                 target_hidden_bd=hidden[0][:, 0] if hidden else None,
                 grammar_b=(None if not spec.grammar_states else
-                           _advance(grammar_next_sv, rows.grammar_b, first)))
+                           _advance(grammar_pool, rows.grammar_b, first)))
   return state, first, _emitted_logprobs(spec, q_rv, logits[:, 0], first, rows)
 
 
@@ -429,7 +475,7 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
       draft_soft = _encode_rows(draft_params, spec.draft, pixels)
   new, first, logprobs = prefill(spec, target_params, draft_params, tokens_rt, lengths_r, rows,
                                  with_draft=with_draft, soft=soft, draft_soft=draft_soft,
-                                 fan=fan, grammar_next_sv=state.grammar_next_sv)
+                                 fan=fan, grammar_pool=state.grammar_pool)
   put = lambda old, fresh: old.at[slots_r].set(fresh, mode="drop")
   state = State(
       target_cache=cache_lib.insert_rows(state.target_cache, new.target_cache, slots),
@@ -443,7 +489,7 @@ def insert(spec: LoopSpec, target_params, draft_params, state: State, slots, tok
                                                                new.in_prompt_bv),
       target_hidden_bd=(None if state.target_hidden_bd is None else
                         put(state.target_hidden_bd, new.target_hidden_bd)),
-      grammar_next_sv=state.grammar_next_sv,
+      grammar_pool=state.grammar_pool,
       grammar_b=None if state.grammar_b is None else put(state.grammar_b, new.grammar_b))
   return state, first, new.done_b, logprobs
 
@@ -519,7 +565,7 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn,
                              last_only=True)
   v = spec.num_tokens
   counts, in_prompt = state.counts_bv, state.in_prompt_bv
-  table = state.grammar_next_sv
+  table = state.grammar_pool
 
   def choose(j, randomness_b, logits_bv, counts, g_b):
     forced = j < forced_b
@@ -657,7 +703,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
   allowed = None
   if spec.grammar_states:
     # The row's grammar state before each verified position: advanced over the drafts.
-    table = state.grammar_next_sv
+    table = state.grammar_pool
     g = [state.grammar_b]
     for j in range(k):
       g.append(_advance(table, g[-1], draft_bn[:, j]))

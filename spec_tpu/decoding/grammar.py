@@ -12,14 +12,20 @@ the device between rounds (decode.py).
 
 Compilation (host, once per grammar and tokenizer; `GrammarCompiler` caches it): a JSON schema
 becomes a regex (outlines-core), the regex a DFA over the tokens' bytes (outlines-core's Index),
-and that a table next[state, token] (int32, -1: not allowed) with the start state 0.
-docs/structured.md compares the grammar libraries and gives the costs.
+and that a table next[state, token] (int32, -1: not allowed) with the start state 0, held
+compactly: most tokens behave alike in every state (the same column of the table), so the
+table is stored as a class per token, cls[token], and next_cls[state, class], exactly
+next[state, token] = next_cls[state, cls[token]] (a 256k-token vocabulary has a few hundred
+classes for a JSON schema). A state's mask is one of few distinct allowed sets, each kept
+bit-packed (a bit per token: a row costs V / 8 bytes, and the device reads it without a
+gather). docs/structured.md compares the grammar libraries and gives the costs.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import threading
 
@@ -43,16 +49,64 @@ _ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "default", "
 FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (an array)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (arrays)
 class TokenGrammar:
-  """A compiled grammar: next_sv[s, v] is the state after token v in state s, -1 where v is
-  not allowed (EOS maps an accepting state to itself). State 0 is the start."""
-  next_sv: np.ndarray
+  """A compiled grammar: token v in state s leads to next_sc[s, cls_v[v]], -1 where v is not
+  allowed (EOS maps an accepting state to itself). State 0 is the start. The same masks,
+  bit-packed: v is allowed in s iff bit v % 32 of bits_mw[mask_s[s], v // 32] is set."""
+  cls_v: np.ndarray    # int32 (V,): each token's class (tokens of one class act alike)
+  next_sc: np.ndarray  # int32 (states, classes)
+  mask_s: np.ndarray   # int32 (states,): the state's allowed set
+  bits_mw: np.ndarray  # uint32 (allowed sets, ceil(V / 32))
   source: str  # the regex it was compiled from
+  # What identifies the automaton: the regex and the vocabulary it was compiled over (slots
+  # whose requests bring the same key share one table on device).
+  key: str
 
   @property
   def num_states(self) -> int:
-    return self.next_sv.shape[0]
+    return self.next_sc.shape[0]
+
+  @property
+  def num_classes(self) -> int:
+    return self.next_sc.shape[1]
+
+  @property
+  def num_masks(self) -> int:
+    return self.bits_mw.shape[0]
+
+  @property
+  def next_sv(self) -> np.ndarray:
+    """The dense table next[state, token] (states x V int32: large for a large vocabulary)."""
+    return self.next_sc[:, self.cls_v]
+
+
+def token_classes(table_sv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(cls_v, next_sc): the table's distinct columns, exactly table_sv = next_sc[:, cls_v].
+  Columns are grouped by a hash (a random linear form, fast at 256k tokens), then checked in
+  full; a collision, never seen, falls back to sorting the columns themselves."""
+  states = table_sv.shape[0]
+  weights = np.random.default_rng(0).integers(1, 2 ** 63, size=states, dtype=np.uint64)
+  signature = np.zeros(table_sv.shape[1], np.uint64)
+  for s in range(states):  # row by row: no states x V int64 temporary
+    signature += weights[s] * (table_sv[s] + 1).astype(np.uint64)
+  _, first, cls_v = np.unique(signature, return_index=True, return_inverse=True)
+  next_sc = table_sv[:, first]
+  if not np.array_equal(next_sc[:, cls_v], table_sv):
+    next_sc, cls_v = np.unique(table_sv, axis=1, return_inverse=True)
+  return cls_v.reshape(-1).astype(np.int32), np.ascontiguousarray(next_sc, np.int32)
+
+
+def mask_rows(cls_v: np.ndarray, next_sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mask_s, bits_mw): each state's allowed set among the distinct ones, and those sets
+  bit-packed, token v at bit v % 32 of word v // 32 (little-endian)."""
+  sets_mc, mask_s = np.unique(next_sc >= 0, axis=0, return_inverse=True)
+  v = cls_v.shape[0]
+  allowed_mv = np.zeros((sets_mc.shape[0], -(-v // 32) * 32), bool)
+  allowed_mv[:, :v] = sets_mc[:, cls_v]
+  bits = np.packbits(allowed_mv, axis=1, bitorder="little")
+  return (mask_s.reshape(-1).astype(np.int32),
+          np.ascontiguousarray(bits).view("<u4").astype(np.uint32))
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:
@@ -149,9 +203,12 @@ class GrammarCompiler:
   """Compiles regexes and JSON schemas over one vocabulary to TokenGrammars, caching the last
   `cache_size` (thread-safe: the server compiles while the engine runs). pieces: each token's
   bytes (token_bytes; None: never in text). eos_ids: an id or several (each ends a generation,
-  allowed exactly where the grammar accepts)."""
+  allowed exactly where the grammar accepts). max_states, max_classes, max_masks: the most
+  automaton states, token classes and distinct allowed sets a grammar may have (the engine's
+  table size; None: any)."""
 
   def __init__(self, pieces, eos_ids, num_tokens: int, *, max_states: int,
+               max_classes: int | None = None, max_masks: int | None = None,
                cache_size: int = 64):
     from outlines_core import Vocabulary
     eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids or ())
@@ -166,6 +223,10 @@ class GrammarCompiler:
         by_bytes[b].append(i)
     self._vocabulary = Vocabulary(eos_ids[0], dict(by_bytes))
     self.eos_ids, self.num_tokens, self.max_states = eos_ids, num_tokens, max_states
+    self.max_classes, self.max_masks = max_classes, max_masks
+    # The vocabulary's identity, part of every grammar's key.
+    digest = hashlib.sha256(repr((sorted(by_bytes.items()), eos_ids, num_tokens)).encode())
+    self._vocabulary_id = digest.hexdigest()[:16]
     self._cache: collections.OrderedDict[str, TokenGrammar] = collections.OrderedDict()
     self._cache_size = cache_size
     self._lock = threading.Lock()
@@ -207,17 +268,32 @@ class GrammarCompiler:
     if len(order) > self.max_states:
       raise GrammarError(f"the grammar needs {len(order)} automaton states, more than the "
                          f"engine's grammar_states={self.max_states}")
-    number = {s: i for i, s in enumerate(order)}
+    # outlines-core's state ids -> ours, through a sorted array (vectorized per state: a
+    # string state allows most of a 256k vocabulary).
+    ids = np.array(order, np.int64)
+    by_id = np.argsort(ids)
     table = np.full((len(order), self.num_tokens), -1, np.int32)
-    for s in order:
-      for token, nxt in transitions.get(s, {}).items():
-        if token < self.num_tokens:
-          table[number[s], token] = number[nxt]
-      table[number[s], list(self.eos_ids)] = number[s] if s in finals else -1
+    eos = list(self.eos_ids)
+    for i, s in enumerate(order):
+      out = transitions.get(s, {})
+      tokens = np.fromiter(out.keys(), np.int64, len(out))
+      nexts = np.fromiter(out.values(), np.int64, len(out))
+      keep = tokens < self.num_tokens
+      table[i, tokens[keep]] = by_id[np.searchsorted(ids, nexts[keep], sorter=by_id)]
+      table[i, eos] = i if s in finals else -1
     # A state that allows nothing would leave the target's law undefined; the index prunes
     # dead ends, so only a language with no string in this vocabulary gets here.
     if not (table[0] >= 0).any():
       raise GrammarError(f"the regex {pattern[:80]!r} matches no text these tokens can spell")
-    if not all((table[number[s]] >= 0).any() for s in order):
+    if not (table >= 0).any(axis=1).all():
       raise GrammarError(f"the regex {pattern[:80]!r} has states these tokens cannot leave")
-    return TokenGrammar(table, pattern)
+    cls_v, next_sc = token_classes(table)
+    if self.max_classes is not None and next_sc.shape[1] > self.max_classes:
+      raise GrammarError(f"the grammar needs {next_sc.shape[1]} token classes, more than the "
+                         f"engine's grammar_classes={self.max_classes}")
+    mask_s, bits_mw = mask_rows(cls_v, next_sc)
+    if self.max_masks is not None and bits_mw.shape[0] > self.max_masks:
+      raise GrammarError(f"the grammar needs {bits_mw.shape[0]} distinct token masks, more "
+                         f"than the engine's grammar_masks={self.max_masks}")
+    return TokenGrammar(cls_v, next_sc, mask_s, bits_mw, pattern,
+                        key=f"{self._vocabulary_id}:{pattern}")

@@ -43,6 +43,23 @@ PLAIN_SCHEMA = {
     "additionalProperties": False,
 }
 SCHEMAS = {"bounded": SCHEMA, "plain": PLAIN_SCHEMA}
+# A record with formats, a nested object and a pattern: the largest automaton of the table
+# sizes below.
+NESTED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "email": {"type": "string", "format": "email"},
+        "created": {"type": "string", "format": "date-time"},
+        "score": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "address": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "zip": {"type": "string", "pattern": "[0-9]{5}"}}, "required": ["city", "zip"]},
+    },
+    "required": ["id", "email", "created", "score", "tags", "address"],
+    "additionalProperties": False,
+}
 DOCUMENT = '{"name": "parse", "kind": "list", "ok": true, "tags": ["io", "str"]}'
 
 
@@ -167,10 +184,15 @@ def _outlines(pieces, eos, tokens, schema):
       s = index.get_next_state(s, t)
     index.get_allowed_tokens(s)
   walk_s = _warm(walk)
-  states = len(index.get_transitions()) + 1
+  # spec_tpu's table: the automaton's states x token classes, and a class per token.
+  g, table_s = _timed(lambda: grammar_lib.GrammarCompiler(
+      pieces, eos, len(pieces), max_states=2 ** 20).regex(regex))
   return dict(compile_s=compile_s, mask_us=1e6 * walk_s / (len(tokens) + 1),
               rollback="a DFA: the state is an int (keep the one to return to)",
-              states=states, table_mib=states * len(pieces) * 4 / 2 ** 20)
+              states=g.num_states, table_mib=g.num_states * len(pieces) * 4 / 2 ** 20,
+              classes=g.num_classes, table_s=table_s,
+              compact_mib=(g.next_sc.size + g.cls_v.size + g.mask_s.size +
+                           g.bits_mw.size) * 4 / 2 ** 20)
 
 
 LIBRARIES = {"xgrammar": _xgrammar, "llguidance": _llguidance, "outlines-core": _outlines}
@@ -196,15 +218,49 @@ def compare_libraries(base_pieces: list, eos: int, sizes=(2048, 262144), schemas
   return rows
 
 
+def table_sizes(base_pieces: list, eos: int, sizes=(2048, 262144)) -> list[dict]:
+  """One row per (vocabulary size, grammar): the compiled automaton's states, token classes
+  and distinct masks, its dense table's bytes (states x V int32) against the compact one's
+  (states x classes int32, an int32 class per token, a bit per token per mask), and the
+  compile seconds (outlines-core's index and the tables)."""
+  grammars = {name: grammar_lib.schema_regex(schema)
+              for name, schema in (*SCHEMAS.items(), ("nested", NESTED_SCHEMA))}
+  grammars["json_object"] = grammar_lib.json_object_regex()
+  rows = []
+  for size in sizes:
+    pieces = synthetic_vocabulary(base_pieces, size) if size > len(base_pieces) \
+        else list(base_pieces[:size])
+    compiler = grammar_lib.GrammarCompiler(pieces, eos, size, max_states=2 ** 20)
+    for name, regex in grammars.items():
+      g, seconds = _timed(lambda: compiler.regex(regex))
+      rows.append(dict(vocab=size, grammar=name, states=g.num_states, classes=g.num_classes,
+                       masks=g.num_masks, dense_mib=g.num_states * size * 4 / 2 ** 20,
+                       compact_mib=(g.next_sc.size + g.cls_v.size + g.mask_s.size +
+                                    g.bits_mw.size) * 4 / 2 ** 20,
+                       compile_s=seconds))
+  return rows
+
+
+def format_table_sizes(rows: list[dict]) -> str:
+  out = [f"{'vocab':>8}{'grammar':>12}{'states':>8}{'classes':>9}{'masks':>7}"
+         f"{'dense MiB':>11}{'compact MiB':>13}{'compile s':>11}"]
+  for r in rows:
+    out.append(f"{r['vocab']:>8}{r['grammar']:>12}{r['states']:>8}{r['classes']:>9}"
+               f"{r['masks']:>7}{r['dense_mib']:>11.1f}{r['compact_mib']:>13.2f}"
+               f"{r['compile_s']:>11.2f}")
+  return "\n".join(out)
+
+
 def format_libraries(rows: list[dict]) -> str:
   out = [f"{'library':<14}{'vocab':>8}{'schema':>9}{'compile s':>11}{'mask us/token':>15}"
-         f"  DFA states (int32 table)"]
+         f"  DFA states (dense int32 table)  token classes (compact table)"]
   for r in rows:
     head = f"{r['library']:<14}{r['vocab']:>8}{r['schema']:>9}"
     if "error" in r:
       out.append(f"{head}  {r['error']}")
       continue
-    extra = f"  {r['states']} ({r['table_mib']:.1f} MiB)" if "states" in r else ""
+    extra = (f"  {r['states']} ({r['table_mib']:.1f} MiB)  {r['classes']} "
+             f"({r['compact_mib']:.2f} MiB)" if "states" in r else "")
     out.append(f"{head}{r['compile_s']:>11.3f}{r['mask_us']:>15.1f}{extra}")
   return "\n".join(out)
 
@@ -286,11 +342,14 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
     rows = compare_libraries(grammar_lib.token_bytes(tok), tok.eos_id, sizes)
     results["libraries"] = rows
     parts.append(format_libraries(rows))
+    rows = table_sizes(grammar_lib.token_bytes(tok), tok.eos_id, sizes)
+    results["table_sizes"] = rows
+    parts.append(format_table_sizes(rows))
     settings = setup.engine_settings(config)
-    # The device's share: 512 states per slot (the embedded pair's setting) at each size.
-    rows = [mask_cost(settings.num_slots, max(settings.k, 1), size,
-                      states=min(512, max(1, 2 ** 28 // (settings.num_slots * size * 4))))
-            for size in sizes]
+    # The device's share: a table of 512 states (the embedded pair's setting) and the engine's
+    # default 1024 token classes per slot, at each size.
+    rows = [mask_cost(settings.num_slots, max(settings.k, 1), size, states=512,
+                      classes=min(1024, size)) for size in sizes]
     results["mask_cost"] = rows
     parts.append(format_mask_cost(rows))
   if engine:
@@ -327,36 +386,58 @@ def run(config, output_dir: str, *, libraries: bool = True, engine: bool = True,
   return table
 
 
-def mask_cost(batch: int, k: int, vocab: int, states: int = 512, repeats: int = 5,
-              calls: int = 50) -> dict:
+def mask_cost(batch: int, k: int, vocab: int, states: int = 512, classes: int = 1024,
+              repeats: int = 5, calls: int = 50) -> dict:
   """Microseconds per round of the mask work alone, on the default device: the row's state
-  advanced over K drafts, K + 1 mask rows gathered from a (1 + batch x states) x vocab pool
-  and applied to the verified logits, and the draft's K masked positions, beside the same
-  softmaxes without masks (best of `repeats` interleaved runs of `calls` rounds)."""
+  advanced over K drafts, K + 1 masks read from a pool of `batch` tables (states x classes,
+  a class per token, a bit mask per state) and applied to the verified logits, and the
+  draft's K masked
+  positions, beside the same softmaxes without masks and with masks from a dense
+  states x vocab table (at most 256 MiB of it: fewer states at large vocabularies), best of
+  `repeats` interleaved runs of `calls` rounds."""
   import jax
   import jax.numpy as jnp
   from spec_tpu.decoding import decode
   rng = np.random.default_rng(0)
-  pool = 1 + batch * states
-  table = jnp.asarray(np.where(rng.random((pool, vocab)) < 0.5, -1,
-                               rng.integers(0, pool, (pool, vocab))).astype(np.int32))
+  pool_states = 1 + batch * states
+  pool = decode.GrammarPool(
+      next_sc=jnp.asarray(np.where(rng.random((pool_states, classes)) < 0.5, -1,
+                                   rng.integers(0, pool_states, (pool_states, classes))
+                                   ).astype(np.int32)),
+      table_s=jnp.asarray(np.concatenate([[0], np.repeat(np.arange(1, batch + 1), states)]
+                                         ).astype(np.int32)),
+      cls_tv=jnp.asarray(rng.integers(0, classes, (1 + batch, vocab)).astype(np.int32)),
+      mask_s=jnp.asarray(rng.integers(0, pool_states, (pool_states,)).astype(np.int32)),
+      bits_mw=jnp.asarray(rng.integers(0, 2 ** 32, (pool_states, -(-vocab // 32)),
+                                       dtype=np.uint64).astype(np.uint32)))
   logits = jnp.asarray(rng.normal(size=(batch, k + 1, vocab)).astype(np.float32))
   drafts = jnp.asarray(rng.integers(0, vocab, (batch, k)).astype(np.int32))
-  g0 = jnp.asarray(rng.integers(0, pool, (batch,)).astype(np.int32))
+  g0 = jnp.asarray(rng.integers(0, pool_states, (batch,)).astype(np.int32))
+  dense_states = 1 + batch * min(states, max(1, 2 ** 26 // (batch * vocab)))
+  dense = jnp.asarray(np.where(rng.random((dense_states, vocab)) < 0.5, -1,
+                               rng.integers(0, dense_states, (dense_states, vocab))
+                               ).astype(np.int32))
 
-  def masked(logits, drafts, g0):
-    g = [g0]
-    for j in range(k):
-      g.append(decode._advance(table, g[-1], drafts[:, j]))
-    g_bm = jnp.stack(g, axis=1)
-    allowed = decode._allowed(table, g_bm)
-    return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1) \
-        + jax.nn.softmax(jnp.where(allowed[:, :k], logits[:, :k], -jnp.inf), axis=-1).sum()
+  def masked_by(allowed_fn, advance, num_states):
+    def masked(logits, drafts, g0):
+      g = [g0 % num_states]
+      for j in range(k):
+        g.append(advance(g[-1], drafts[:, j]))
+      g_bm = jnp.stack(g, axis=1)
+      allowed = allowed_fn(g_bm)
+      return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1) \
+          + jax.nn.softmax(jnp.where(allowed[:, :k], logits[:, :k], -jnp.inf), axis=-1).sum()
+    return masked
 
   def plain(logits, drafts, g0):
     return jax.nn.softmax(logits, axis=-1) + jax.nn.softmax(logits[:, :k], axis=-1).sum()
 
-  fns = {name: jax.jit(fn) for name, fn in (("masked", masked), ("plain", plain))}
+  fns = {name: jax.jit(fn) for name, fn in (
+      ("masked", masked_by(lambda g: decode._allowed(pool, g),
+                           lambda g, x: decode._advance(pool, g, x), pool_states)),
+      ("dense", masked_by(lambda g: dense[g] >= 0, lambda g, x: jnp.maximum(dense[g, x], 0),
+                          dense_states)),
+      ("plain", plain))}
   best = {name: float("inf") for name in fns}
   for fn in fns.values():
     fn(logits, drafts, g0).block_until_ready()
@@ -367,15 +448,19 @@ def mask_cost(batch: int, k: int, vocab: int, states: int = 512, repeats: int = 
         out = fn(logits, drafts, g0)
       out.block_until_ready()
       best[name] = min(best[name], (time.perf_counter() - start) / calls)
-  return dict(batch=batch, k=k, vocab=vocab, states=states, table_mib=pool * vocab * 4 / 2 ** 20,
-              masked_us=1e6 * best["masked"], plain_us=1e6 * best["plain"],
-              mask_us=1e6 * (best["masked"] - best["plain"]))
+  pool_bytes = sum(x.size * x.dtype.itemsize for x in pool)
+  return dict(batch=batch, k=k, vocab=vocab, states=states, classes=classes,
+              table_mib=pool_bytes / 2 ** 20, masked_us=1e6 * best["masked"],
+              plain_us=1e6 * best["plain"], mask_us=1e6 * (best["masked"] - best["plain"]),
+              dense_mib=dense.size * 4 / 2 ** 20,
+              dense_mask_us=1e6 * (best["dense"] - best["plain"]))
 
 
 def format_mask_cost(rows: list[dict]) -> str:
   out = [f"{'batch':>6}{'K':>3}{'vocab':>8}{'pool MiB':>10}{'masked us':>11}{'plain us':>10}"
-         f"{'mask us/round':>15}"]
+         f"{'mask us/round':>15}{'dense MiB':>11}{'dense mask us':>15}"]
   for r in rows:
     out.append(f"{r['batch']:>6}{r['k']:>3}{r['vocab']:>8}{r['table_mib']:>10.0f}"
-               f"{r['masked_us']:>11.1f}{r['plain_us']:>10.1f}{r['mask_us']:>15.1f}")
+               f"{r['masked_us']:>11.1f}{r['plain_us']:>10.1f}{r['mask_us']:>15.1f}"
+               f"{r['dense_mib']:>11.0f}{r['dense_mask_us']:>15.1f}")
   return "\n".join(out)

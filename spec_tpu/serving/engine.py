@@ -55,7 +55,9 @@ Per request beyond the filters: logprobs (each emitted token's log-probability u
 target's distribution it follows, and the top `logprobs_k`, recorded on device beside the
 tokens), with `controls=True` penalties, min_p and logit_bias (decode.Controls), and with
 `grammar_states` > 0 structured output (GenerationParams.grammar: a regex or JSON schema
-compiled by `grammars`, held on device as an automaton per slot; decoding/grammar.py). `score`
+compiled by `grammars`, held on device as a token-class automaton with bit-packed masks, one
+table per grammar in use, shared by the slots that use it: grammar_tables.py,
+decoding/grammar.py). `score`
 runs one forward over a prompt between steps for its tokens' logprobs (echo). `max_queue`
 bounds the requests waiting for a slot: past it submit raises QueueFullError.
 
@@ -99,6 +101,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from spec_tpu import profiling, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
@@ -106,7 +109,7 @@ from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import to_host
 from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
 from spec_tpu.pair import Pair
-from spec_tpu.serving import metrics as metrics_lib
+from spec_tpu.serving import grammar_tables as grammar_tables_lib, metrics as metrics_lib
 from spec_tpu.serving.pacing import Pacing
 from spec_tpu.serving.request import (ABORTED, CANCELLED, LENGTH, STOP, Completion,
                                       GenerationParams, Request, TokenLogprob)
@@ -160,7 +163,9 @@ class Engine:
                margin: float = 0.1, seed: int = 0, channel=None, coupling: str = "rejection",
                max_queue: int | None = None, logprobs_k: int = 0, controls: bool = False,
                max_logit_bias: int = 300, draft_source: DraftSource | None = None,
-               grammar_states: int = 0, sources: Sequence[str] | None = None):
+               grammar_states: int = 0, grammar_classes: int | None = None,
+               grammar_masks: int | None = None, grammar_tables: int | None = None,
+               sources: Sequence[str] | None = None):
     decode.check_coupling(coupling)
     # Where proposals come from (default: the pair's); an n-gram source needs no model.
     source = pair.draft_source if draft_source is None else pair.check_source(draft_source)
@@ -224,21 +229,48 @@ class Engine:
       raise ValueError("sampling controls (penalties, min_p, logit_bias) need a "
                        "single-process engine")
     self.controls, self.max_logit_bias = bool(controls), int(max_logit_bias) if controls else 0
-    # Structured output: each slot owns grammar_states rows of the automata pool (the largest
-    # grammar a request may bring), after the pool's shared unconstrained row 0.
+    # Structured output: the automata pool holds grammar_tables tables (default one per slot;
+    # slots with one grammar share its table) of grammar_states states, grammar_classes token
+    # classes and grammar_masks distinct allowed sets each (the largest grammar a request may
+    # bring), after the pool's shared unconstrained state 0.
     if grammar_states < 0:
       raise ValueError(f"grammar_states must be >= 0 (0: no structured output), got "
                        f"{grammar_states}")
     if grammar_states and channel is not None:
       raise ValueError("structured output needs a single-process engine")
     self.grammar_states = int(grammar_states)
+    # (More classes than tokens never occur: one a token.)
+    self.grammar_classes = min(1024 if grammar_classes is None else int(grammar_classes),
+                               num_tokens)
+    # (At most one mask per state: the default never refuses what grammar_states admits.)
+    self.grammar_masks = self.grammar_states if grammar_masks is None else int(grammar_masks)
+    self.grammar_tables = self.num_slots if grammar_tables is None else int(grammar_tables)
+    if self.grammar_states and min(self.grammar_classes, self.grammar_masks,
+                                   self.grammar_tables) < 1:
+      raise ValueError(f"grammar_classes, grammar_masks and grammar_tables must be >= 1, got "
+                       f"{self.grammar_classes}, {self.grammar_masks} and "
+                       f"{self.grammar_tables}")
     self.grammars = None
+    self.grammar_pool_bytes = 0
     if self.grammar_states:
       from spec_tpu.decoding import grammar as grammar_lib
       if self.tokenizer is not None and pair.eos_ids:
         self.grammars = grammar_lib.GrammarCompiler(
             grammar_lib.token_bytes(self.tokenizer), pair.eos_ids, num_tokens,
-            max_states=self.grammar_states)
+            max_states=self.grammar_states, max_classes=self.grammar_classes,
+            max_masks=self.grammar_masks)
+      states = 1 + self.grammar_tables * self.grammar_states
+      masks = 1 + self.grammar_tables * self.grammar_masks
+      self.grammar_pool_bytes = 4 * (states * (self.grammar_classes + 2) +
+                                     (1 + self.grammar_tables) * num_tokens +
+                                     masks * -(-num_tokens // 32))
+      logging.info("grammar pool: %d tables of %d states x %d token classes and %d masks "
+                   "over %d tokens: %.1f MiB", self.grammar_tables, self.grammar_states,
+                   self.grammar_classes, self.grammar_masks, num_tokens,
+                   self.grammar_pool_bytes / 2 ** 20)
+    self._tables = grammar_tables_lib.GrammarTables(self.grammar_tables)
+    self._slot_tables = [0] * self.num_slots   # each slot's grammar table (0: none)
+    self._request_tables: dict[int, int] = {}  # taken from the queue, not yet in a slot
     self.draft_source = source
     uses_model = any(kind != "ngram" for kind in sources)
     drafts = k_max > 0 and uses_model
@@ -254,7 +286,10 @@ class Engine:
         eos_ids=pair.eos_ids, pad_id=pair.pad_id, coupling=coupling, source=source,
         logprobs_k=self.logprobs_k, controls=self.controls,
         max_logit_bias=self.max_logit_bias, raw_logprobs=channel is None,
-        grammar_states=1 + self.num_slots * self.grammar_states if self.grammar_states else 0)
+        **(dict(grammar_states=1 + self.grammar_tables * self.grammar_states,
+                grammar_classes=self.grammar_classes, grammar_tables=1 + self.grammar_tables,
+                grammar_masks=1 + self.grammar_tables * self.grammar_masks)
+           if self.grammar_states else {}))
     self.coupling = coupling
     self._channel = channel
     self._rng = np.random.default_rng(seed)
@@ -398,10 +433,14 @@ class Engine:
         raise ValueError("structured output needs an engine built with grammar_states > 0")
       if not self.pair.eos_ids:
         raise ValueError("structured output needs a pair with an EOS token")
-      g = params.grammar.next_sv
-      if g.ndim != 2 or g.shape[1] != num_tokens or g.shape[0] > self.grammar_states:
-        raise ValueError(f"the grammar's table {g.shape} does not fit this engine "
-                         f"(at most {self.grammar_states} states x {num_tokens} tokens)")
+      g = params.grammar
+      if (g.cls_v.shape != (num_tokens,) or g.num_states > self.grammar_states or
+          g.num_classes > self.grammar_classes or g.num_masks > self.grammar_masks):
+        raise ValueError(f"the grammar ({g.num_states} states, {g.num_classes} token classes, "
+                         f"{g.num_masks} masks, {g.cls_v.shape[0]} tokens) does not fit this "
+                         f"engine (at most {self.grammar_states} states, "
+                         f"{self.grammar_classes} classes, {self.grammar_masks} masks, "
+                         f"{num_tokens} tokens)")
     if len(params.logit_bias) > self.max_logit_bias:
       raise ValueError(f"logit_bias has {len(params.logit_bias)} entries, at most "
                        f"{self.max_logit_bias}")
@@ -576,6 +615,7 @@ class Engine:
       if slot is not None:
         slot.request._finish(ABORTED, error=error)
         self._slots[i] = None
+        self._release_table(i)
     for r in queued:
       r._finish(ABORTED, error=error)
 
@@ -585,15 +625,22 @@ class Engine:
         self._finish_slot(i, CANCELLED)
 
   def _take_waiting(self, num_free: int) -> list[Request]:
-    taken = []
+    taken, waiting = [], collections.deque()
     with self._lock:
       while self._queue and len(taken) < num_free:
         r = self._queue.popleft()
         if r.cancelled:
           r._finish(CANCELLED)
           self.metrics.finished(CANCELLED, None)
-        else:
-          taken.append(r)
+          continue
+        if r.params.grammar is not None:
+          table = self._tables.acquire(r.params.grammar.key)
+          if table is None:  # every table holds another live grammar: it waits for one
+            waiting.append(r)
+            continue
+          self._request_tables[r.id] = table
+        taken.append(r)
+      self._queue.extendleft(reversed(waiting))
     return taken
 
   def _admit(self, with_draft: bool | None = None):
@@ -713,23 +760,43 @@ class Engine:
 
   def _grammars(self, entries) -> np.ndarray | None:
     """The rows' start states in the automata pool (0: unconstrained), after writing the
-    constrained requests' automata into their slots' rows (entries: (slot, request) or None,
-    one per row)."""
+    automata of constrained requests whose table does not hold them yet (entries: (slot,
+    request) or None, one per row; each request's table was acquired as it left the queue)."""
     if not self.grammar_states:
       return None
-    r, s = self.prefill_rows, self.grammar_states
+    r, s, c, m = self.prefill_rows, self.grammar_states, self.grammar_classes, self.grammar_masks
+    v = self.pair.target_cfg.num_tokens
     start = np.zeros((len(entries),), np.int32)
-    for lo in range(0, len(entries), r):  # the writing program takes prefill_rows automata
-      offsets = np.full((r,), self._spec.grammar_states, np.int32)  # past the pool: dropped
-      tables = np.full((r, s, self.pair.target_cfg.num_tokens), -1, np.int32)
-      for i, entry in enumerate(entries[lo:lo + r]):
-        g = None if entry is None else entry[1].params.grammar
-        if g is not None:
-          start[lo + i] = offsets[i] = 1 + entry[0] * s
-          tables[i, :g.num_states] = g.next_sv
-      if (offsets < self._spec.grammar_states).any():
-        self._state = self._grammar_program()(self._state, offsets, tables)
+    writes = []
+    for i, entry in enumerate(entries):
+      if entry is None or entry[1].params.grammar is None:
+        continue
+      slot, request = entry
+      table = self._slot_tables[slot] = self._request_tables.pop(request.id)
+      start[i] = 1 + (table - 1) * s
+      if self._tables.take_write(table):
+        writes.append((table, request.params.grammar))
+    for lo in range(0, len(writes), r):  # the writing program takes prefill_rows automata
+      # Past the pool: dropped (padding).
+      tables = np.full((r,), self._spec.grammar_tables, np.int32)
+      next_rsc = np.full((r, s, c), -1, np.int32)
+      cls_rv = np.zeros((r, v), np.int32)
+      mask_rs = np.zeros((r, s), np.int32)
+      bits_rmw = np.zeros((r, m, -(-v // 32)), np.uint32)
+      for i, (table, g) in enumerate(writes[lo:lo + r]):
+        tables[i] = table
+        next_rsc[i, :g.num_states, :g.num_classes] = g.next_sc
+        cls_rv[i] = g.cls_v
+        mask_rs[i, :g.num_states] = g.mask_s
+        bits_rmw[i, :g.num_masks] = g.bits_mw
+      self._state = self._grammar_program()(self._state, tables, next_rsc, cls_rv, mask_rs,
+                                            bits_rmw)
     return start
+
+  def _release_table(self, slot: int) -> None:
+    if self._slot_tables[slot]:
+      self._tables.release(self._slot_tables[slot])
+      self._slot_tables[slot] = 0
 
   def _controls(self, entries) -> decode.Controls | None:
     """The controls of an insert's rows (entries: (slot, request) or None, one per row)."""
@@ -827,6 +894,7 @@ class Engine:
   def _finish_slot(self, slot: int, reason: str):
     s = self._slots[slot]
     self._slots[slot] = None  # the next step's live mask stops the row on device
+    self._release_table(slot)
     r = s.request
     stats = dataclasses.replace(r.stats, new_tokens=len(r._tokens), target_calls=s.rounds + 1,
                                 accepted=s.accepted, judged=s.judged,
@@ -988,6 +1056,10 @@ class Engine:
   def _publish_gauges(self):
     g = dict(queue_length=len(self._queue), active_slots=self.active_slots,
              slots=self.num_slots, k=self.k, rounds_per_step=self.pacing.rounds(self.k))
+    if self.grammar_states:
+      g.update(grammar_tables_in_use=self._tables.in_use, grammar_tables=self.grammar_tables,
+               grammar_table_writes=self._tables.writes,
+               grammar_pool_bytes=self.grammar_pool_bytes)
     if self.policy is not None:
       g.update(c=self.policy.c if self.policy.c is not None else float("nan"),
                expected_speedup=self.policy.speedup(), a=self.policy.a)
@@ -1002,9 +1074,10 @@ class Engine:
         target_cache=sharding.cache_shardings(self._abstract.target_cache, mesh, s.target_rules),
         draft_cache=(None if self._abstract.draft_cache is None else
                      sharding.cache_shardings(self._abstract.draft_cache, mesh, s.draft_rules)),
-        # Every row may enter any slot's automaton rows: the pool is not split by batch.
-        grammar_next_sv=(None if self._abstract.grammar_next_sv is None else
-                         sharding.replicated(mesh)))
+        # Every row may enter any table's states: the pool is not split by batch.
+        grammar_pool=(None if self._abstract.grammar_pool is None else
+                      jax.tree.map(lambda _: sharding.replicated(mesh),
+                                   self._abstract.grammar_pool)))
 
   def _score_program(self, t: int):
     key = ("score", t)
@@ -1066,14 +1139,18 @@ class Engine:
   def _grammar_program(self):
     key = ("grammar",)
     if key not in self._programs:
-      r, s, v = self.prefill_rows, self.grammar_states, self.pair.target_cfg.num_tokens
+      r, s, c, m = self.prefill_rows, self.grammar_states, self.grammar_classes, \
+          self.grammar_masks
+      v = self.pair.target_cfg.num_tokens
       rep = sharding.replicated(self.pair.mesh)
       jitted = jax.jit(functools.partial(decode.write_grammars, self._spec), donate_argnums=(0,),
-                       in_shardings=(self._state_sh, rep, rep), out_shardings=self._state_sh)
+                       in_shardings=(self._state_sh,) + (rep,) * 5,
+                       out_shardings=self._state_sh)
       sds = jax.ShapeDtypeStruct
-      self._programs[key] = jitted.lower(self._abstract, sds((r,), jnp.int32),
-                                         sds((r, s, v), jnp.int32)).compile(
-                                             self.pair.compiler_options())
+      self._programs[key] = jitted.lower(
+          self._abstract, sds((r,), jnp.int32), sds((r, s, c), jnp.int32),
+          sds((r, v), jnp.int32), sds((r, s), jnp.int32),
+          sds((r, m, -(-v // 32)), jnp.uint32)).compile(self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int, source: str):

@@ -135,6 +135,15 @@ class EngineMetrics:
              [("", {}, g.get("c", float("nan")))])
       metric("expected_speedup", "gauge", "The K policy's estimated speedup over K = 0.",
              [("", {}, g.get("expected_speedup", float("nan")))])
+      if "grammar_tables" in g:  # an engine with structured output
+        metric("grammar_tables", "gauge", "Grammar tables on device (one compiled grammar "
+               "each, shared by the slots using it).", [("", {}, g["grammar_tables"])])
+        metric("grammar_tables_in_use", "gauge", "Grammar tables a running request uses.",
+               [("", {}, g["grammar_tables_in_use"])])
+        metric("grammar_table_writes_total", "counter", "Grammars written to the device.",
+               [("", {}, g["grammar_table_writes"])])
+        metric("grammar_pool_bytes", "gauge", "Device bytes of the grammar pool.",
+               [("", {}, g["grammar_pool_bytes"])])
       h = self.ttft
       samples = [("_bucket", {"le": _number(b)}, c) for b, c in zip(h.buckets, h.counts)]
       samples += [("_bucket", {"le": "+Inf"}, h.count), ("_sum", {}, h.total),

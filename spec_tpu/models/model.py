@@ -54,6 +54,9 @@ F32 = jnp.float32
 # Caches longer than this are read block by block, only as far as the fullest row has filled
 # them (layers.attend_filled); shorter ones in one piece.
 ATTENTION_BLOCK = 512
+# Forward calls of at most this many tokens (b t: decode, verification) share one RoPE table
+# per attention kind across their layers (_rope_tables).
+ROPE_TABLE_MAX_TOKENS = 1024
 
 
 def _normal(key, shape, fan_in, dtype):
@@ -294,8 +297,10 @@ def _rope_tables(cfg, positions_bt):
   """Each attention kind's RoPE (cos, sin), b t e, computed once per forward call: left to
   every layer, XLA:CPU fuses the sines and cosines into each layer's query and key rotation and
   evaluates them per head per layer (12 times for a step of 8 query and 4 key heads, the
-  speculative round's largest elementwise cost). None where RoPE covers part of a head."""
-  if cfg.rope_fraction < 1:
+  speculative round's largest elementwise cost). None where RoPE covers part of a head, and
+  for calls of more than ROPE_TABLE_MAX_TOKENS tokens (prefill), whose tables (8 e bytes a token
+  per kind) would be a long prompt's large buffers where fused they cost nothing to hold."""
+  if cfg.rope_fraction < 1 or positions_bt.size > ROPE_TABLE_MAX_TOKENS:
     return None
   return {kind: layers.rope_table(positions_bt, cfg.kind_head_dim(kind), *_rope_args(cfg, kind))
           for kind in sorted(set(cfg.layer_types)) if kind != RECURRENT}

@@ -149,6 +149,21 @@ def test_params_and_caches_are_stacked_per_pattern_period():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["tiny_gemma3", "tiny_gemma4"])
+def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
+  # Given a model whose local and global layers rotate differently (bases, Gemma 4's
+  # proportional RoPE and larger global heads),
+  cfg, params, tokens = _setup(name, batch=2, seq=6)
+  # when its forward calls share one RoPE table per kind (few tokens) and when every layer
+  # computes its own (ROPE_TABLE_MAX_TOKENS 0),
+  shared = model.forward_full(params, cfg, tokens)
+  monkeypatch.setattr(model, "ROPE_TABLE_MAX_TOKENS", 0)
+  alone = model.forward_full(params, cfg, tokens)
+  # then the logits agree to float32 rounding (XLA:CPU's sine and cosine fused into a rotation
+  # and computed alone can differ in the last bits).
+  np.testing.assert_allclose(shared, alone, atol=2e-5)
+
+
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES[1:])
 def test_chunked_prefill_equals_one_call(name, num_layers):
   # Given ragged prompts longer than the chunk and than every local window (5-6 tokens),

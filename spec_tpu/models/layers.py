@@ -51,7 +51,19 @@ def _rotate_half_matrix(e: int):
   return jnp.where(i[:, None] == source, sign, 0.0).astype(F32)
 
 
-def rope(x, positions, base: float, scale: float, llama3=None, proportion: float = 1.0):
+def rope_table(positions, e: int, base: float, scale: float, llama3=None,
+               proportion: float = 1.0):
+  """(cos, sin), each positions.shape + (e,) in float32: what `rope` multiplies by."""
+  inv_freq = rope_frequencies(e, base, llama3)
+  if proportion < 1:
+    inv_freq = jnp.where(jnp.arange(e // 2) < int(proportion * e // 2), inv_freq, 0.0)
+  angles = (positions.astype(F32) / scale)[..., None] * inv_freq
+  return (jnp.concatenate([jnp.cos(angles)] * 2, axis=-1),
+          jnp.concatenate([jnp.sin(angles)] * 2, axis=-1))
+
+
+def rope(x, positions, base: float, scale: float, llama3=None, proportion: float = 1.0,
+         table=None):
   """Rotary embedding, half-split layout (as transformers' rotate_half), over the last axis of x
   (queries b t h e or keys b k t e); positions broadcast against x's other axes (b t 1 or b 1 t).
   Positions are divided by scale (linear scaling), frequencies optionally Llama 3.1-scaled
@@ -63,14 +75,12 @@ def rope(x, positions, base: float, scale: float, llama3=None, proportion: float
   output, at HIGHEST precision) rather than slices and a concatenation along e: with the
   concatenation, XLA:TPU lays the q/k projections out e-major for prompt-sized chunks and copies
   the whole stacked q and k weights into that layout (1.25 GiB per device for Chinchilla 70B).
+
+  table: `rope_table` of these positions, computed once for many calls (positions then unused).
   """
   e = x.shape[-1]
-  inv_freq = rope_frequencies(e, base, llama3)
-  if proportion < 1:
-    inv_freq = jnp.where(jnp.arange(e // 2) < int(proportion * e // 2), inv_freq, 0.0)
-  angles = (positions.astype(F32) / scale)[..., None] * inv_freq
-  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
-  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
+  cos, sin = table if table is not None else rope_table(positions, e, base, scale, llama3,
+                                                        proportion)
   x32 = x.astype(F32)
   rotated = jnp.einsum("...e,ef->...f", x32, _rotate_half_matrix(e),
                        precision=jax.lax.Precision.HIGHEST)

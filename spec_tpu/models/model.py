@@ -54,6 +54,9 @@ F32 = jnp.float32
 # Caches longer than this are read block by block, only as far as the fullest row has filled
 # them (layers.attend_filled); shorter ones in one piece.
 ATTENTION_BLOCK = 512
+# Forward calls of at most this many tokens (b t: decode, verification) share one RoPE table
+# per attention kind across their layers (_rope_tables).
+ROPE_TABLE_MAX_TOKENS = 1024
 
 
 def _normal(key, shape, fan_in, dtype):
@@ -283,9 +286,30 @@ def _norm(cfg, x, scale):
   return layers.rms_norm(x, scale, cfg.norm_eps, cfg.norm_plus_one)
 
 
-def _project_qkv(cfg, p, x_btd, positions_bt, kind, queries_only: bool = False):
+def _rope_args(cfg, kind):
+  """(base, scale, Llama 3.1 scaling, proportion) of this kind's rotary embedding."""
+  if kind == LOCAL:
+    return cfg.rope_base_local, cfg.rope_scale_local, cfg.rope_llama3, 1.0
+  return cfg.rope_base_global, cfg.rope_scale_global, cfg.rope_llama3, cfg.rope_proportion_global
+
+
+def _rope_tables(cfg, positions_bt):
+  """Each attention kind's RoPE (cos, sin), b t e, computed once per forward call: left to
+  every layer, XLA:CPU fuses the sines and cosines into each layer's query and key rotation and
+  evaluates them per head per layer (12 times for a step of 8 query and 4 key heads, the
+  speculative round's largest elementwise cost). None where RoPE covers part of a head, and
+  for calls of more than ROPE_TABLE_MAX_TOKENS tokens (prefill), whose tables (8 e bytes a token
+  per kind) would be a long prompt's large buffers where fused they cost nothing to hold."""
+  if cfg.rope_fraction < 1 or positions_bt.size > ROPE_TABLE_MAX_TOKENS:
+    return None
+  return {kind: layers.rope_table(positions_bt, cfg.kind_head_dim(kind), *_rope_args(cfg, kind))
+          for kind in sorted(set(cfg.layer_types)) if kind != RECURRENT}
+
+
+def _project_qkv(cfg, p, x_btd, positions_bt, kind, queries_only: bool = False, table=None):
   """Queries b t h e (scaled), keys and values b k t e (heads-major, as the cache holds them);
-  queries_only (a kv-shared layer): keys and values are None."""
+  queries_only (a kv-shared layer): keys and values are None. table: `_rope_tables`' entry of
+  this kind for positions_bt, or None (computed here)."""
   q = layers.project_heads(x_btd, p["q"])
   k = v = None
   if not queries_only:
@@ -298,17 +322,16 @@ def _project_qkv(cfg, p, x_btd, positions_bt, kind, queries_only: bool = False):
   if cfg.qk_norm:
     q = _norm(cfg, q, p["q_norm"])
     k = None if queries_only else _norm(cfg, k, p["k_norm"])
-  local = kind == LOCAL
-  base = cfg.rope_base_local if local else cfg.rope_base_global
-  scale = cfg.rope_scale_local if local else cfg.rope_scale_global
-  proportion = 1.0 if local else cfg.rope_proportion_global
+  args = _rope_args(cfg, kind)
   if cfg.rope_fraction < 1:  # RecurrentGemma: RoPE on the first half of each head only
-    q = recurrent.partial_rope(q, positions_bt[:, :, None], cfg.rope_fraction, base)
-    k = recurrent.partial_rope(k, positions_bt[:, None, :], cfg.rope_fraction, base)
+    q = recurrent.partial_rope(q, positions_bt[:, :, None], cfg.rope_fraction, args[0])
+    k = recurrent.partial_rope(k, positions_bt[:, None, :], cfg.rope_fraction, args[0])
   else:
-    q = layers.rope(q, positions_bt[:, :, None], base, scale, cfg.rope_llama3, proportion)
+    if table is None:
+      table = layers.rope_table(positions_bt, q.shape[-1], *args)
+    q = layers.rope(q, None, *args, table=tuple(c[:, :, None] for c in table))
     if not queries_only:
-      k = layers.rope(k, positions_bt[:, None, :], base, scale, cfg.rope_llama3, proportion)
+      k = layers.rope(k, None, *args, table=tuple(c[:, None] for c in table))
   query_scale = (cfg.query_scale if cfg.query_scale is not None
                  else cfg.kind_head_dim(kind) ** -0.5)
   return (q.astype(F32) * query_scale).astype(q.dtype), k, v
@@ -347,6 +370,7 @@ class _Context(NamedTuple):
   block_bt: jax.Array | None = None  # image block of each token (-1: text); None: no images
   ahead: _Ahead | None = None        # chunked prefill with images: the tokens after the chunk
   ple_btlp: jax.Array | None = None  # per-layer embeddings of every layer (cfg.ple_dim)
+  rope: dict | None = None           # _rope_tables of positions_bt; None: each layer's own
 
 
 class _CacheView:
@@ -393,7 +417,8 @@ def _attention_layer(cfg, kind, lp, x_btd, ctx: _Context, lc: _CacheView | None,
   the layer attends over exactly what its donor attended over, with its own queries."""
   h = _norm(cfg, x_btd, lp["attn_norm"])
   q, k, v = _project_qkv(cfg, lp["attn"], h, ctx.positions_bt, kind,
-                         queries_only=donor is not None)
+                         queries_only=donor is not None,
+                         table=None if ctx.rope is None else ctx.rope[kind])
   if donor is not None:
     k, v = donor
   new = (k, v, _visible(cfg, kind, ctx.positions_bt, ctx.key_positions_bt, ctx.block_bt,
@@ -544,7 +569,8 @@ def _apply_chunked(cfg: ModelConfig, kind: str, lp, x_btd, ctx: _Context, entry,
     ctx_c = _Context(cut(ctx.positions_bt), cut(ctx.key_positions_bt), cut(ctx.valid_bt),
                      ctx.length_b + jnp.minimum(num_new_b, at),
                      None if not reach else cut(ctx.block_bt), ahead,
-                     None if ctx.ple_btlp is None else cut(ctx.ple_btlp))
+                     None if ctx.ple_btlp is None else cut(ctx.ple_btlp),
+                     jax.tree.map(cut, ctx.rope))
     x_c, entry, _ = _apply(cfg, kind, lp, cut(x), ctx_c, entry, g, index)
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, at, axis=1), entry), None
 
@@ -783,7 +809,8 @@ def forward_full(params, cfg: ModelConfig, tokens_bt, *, unrolled: bool = False,
   valid = jnp.ones((b, t), bool)
   x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
   ctx = _Context(positions, positions, valid, None, block,
-                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x))
+                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x),
+                 rope=_rope_tables(cfg, positions))
   x, _, _, _ = _run_layers(cfg, params, x, ctx, None, unrolled)
   return _unembed(cfg, params, x)
 
@@ -819,7 +846,8 @@ def forward(params, cfg: ModelConfig, tokens_bt, cache: cache_lib.Cache, num_new
   valid = jnp.arange(t)[None, :] < num_new_b[:, None]
   x, block = _embed_with_images(cfg, params, tokens_bt, valid, soft)
   ctx = _Context(positions, jnp.where(valid, positions, -1), valid, length, block,
-                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x))
+                 ple_btlp=_per_layer_inputs(cfg, params, tokens_bt, x),
+                 rope=_rope_tables(cfg, positions))
   x, groups, remainder, layer_traces = _run_layers(cfg, params, x, ctx, cache, unrolled, chunk)
   cache = cache_lib.Cache(groups=tuple(groups), remainder=tuple(remainder),
                           length=length + num_new_b)

@@ -673,29 +673,6 @@ def test_second_plan_loads_its_program_from_the_compile_cache(tmp_path):
   assert files_after == files
 
 
-def test_benchmark_writes_table_json_and_plot(tmp_path):
-  # Given the random tiny pair, a sweep over K in {0, 2} at batch 2
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", "--config=configs/tiny_random.py",
-       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
-       "--ks=0,2", "--batches=2", "--max_new_tokens=8", "--repeats=1", "--step_repeats=2"],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # reports every column per point, with K=0 as the speedup baseline,
-  result = json.loads((tmp_path / "results.json").read_text())
-  base, spec = result["points"]
-  assert (base["k"], base["speedup"], base["ideal_speedup"]) == (0, 1.0, 1.0)
-  for key in ("ms_per_token", "tokens_per_s", "cost_ratio_c", "speedup", "ideal_speedup",
-              "measured_over_ideal", "verify_cost", "bandwidth_utilisation"):
-    assert spec[key] > 0, key
-  assert 0 <= spec["acceptance"] <= 1
-  expected = k_policy.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], 2)
-  assert abs(spec["ideal_speedup"] - expected) < 1e-9
-  # and writes the table (also to stdout) and the plot.
-  assert "meas/ideal" in (tmp_path / "table.txt").read_text() and "meas/ideal" in proc.stdout
-  assert (tmp_path / "speedup_vs_k.png").stat().st_size > 1000
-
-
 _BANDWIDTH_PROBE = """
 import json, time
 import jax, numpy as np

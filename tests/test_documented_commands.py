@@ -120,6 +120,14 @@ PYTHON = "python"  # the program of a Python example: its one argument is the co
 # the documented topologies; compiling for TPU is most of the suite's share) in one, everything
 # else in the other.
 DEVICES = {"launch.plan": 16}
+# The plans' process asks XLA:TPU for its least compile effort: these runs check that each plan
+# compiles and reports, not its figures (tests/test_launch.py checks those at the default
+# effort), and the least effort compiles a documented TPU plan about 2.5x faster (recurrentgemma_9b
+# on v5e:2x4, shrunk: 57 -> 22 s of CPU time). The programs it makes are scheduled less tightly,
+# so a plan's temporaries come out larger (that plan's 36.9 -> 47.2 MiB); the speed estimate is
+# unchanged (XLA:CPU, already compiling at its least effort here, gains nothing).
+LEAST_COMPILE_EFFORT = {"JAX_OPTIMIZATION_LEVEL": "O0", "JAX_EXEC_TIME_OPTIMIZATION_EFFORT": "-1",
+                        "JAX_MEMORY_FITTING_LEVEL": "O0"}
 
 # Placeholders in the documents: absolute paths name places on the user's machine.
 _PLACEHOLDER_ROOTS = ("/ckpt/", "/models/", "/tmp/")
@@ -436,6 +444,7 @@ def _env(devices: int) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")  # conftest's faster-compile flags carry over
   if devices > 1:
     flags += f" --xla_force_host_platform_device_count={devices}"
+    env.update(LEAST_COMPILE_EFFORT)
   env["XLA_FLAGS"] = flags.strip()
   return env
 
@@ -496,3 +505,64 @@ def test_documented_command_runs(results, index):
   r = results[index]
   assert r["rc"] == 0, (f"{LAUNCHES[index].source}: {LAUNCHES[index].text}\nran as: "
                         f"{shlex.join(r['argv'])}\n{r['log'][-4000:]}")
+
+
+# ---------------------------------------------------------------- what the benchmarks wrote
+# The benchmark launchers' outputs are checked on the documented runs above rather than on
+# runs of their own (the same launcher, shrunk the same way: a second run would compile and
+# measure it again).
+
+
+def _documented_run(results, program: str, *args: str) -> tuple[dict, str]:
+  """The run of the first documented command of `program` given all of `args`, and its
+  --output_dir there."""
+  for i, c in enumerate(LAUNCHES):
+    if c.program == program and set(args) <= set(c.args):
+      r = results[i]
+      assert r["rc"] == 0, f"{c.source}: {c.text}\n{r['log'][-4000:]}"
+      return r, _flag_values(r["argv"], "--output_dir")[-1]
+  raise AssertionError(f"no documented {program} command with {args}: the documents changed")
+
+
+def test_benchmark_writes_table_json_and_plot(results):
+  # Given the documented benchmark of the Llama-shaped pair, shrunk to K in {0, 1} at batch 1,
+  r, out = _documented_run(results, "launch.benchmark", "--config=configs/llama_7b_bench.py",
+                           "--output_dir=/tmp/bench_llama_ctx512")
+  # it reports every column per point, with K=0 as the speedup baseline,
+  with open(os.path.join(out, "results.json")) as f:
+    result = json.load(f)
+  base, spec = result["points"]
+  assert (base["k"], base["speedup"], base["ideal_speedup"]) == (0, 1.0, 1.0)
+  assert spec["k"] == 1
+  for key in ("ms_per_token", "tokens_per_s", "cost_ratio_c", "speedup", "ideal_speedup",
+              "measured_over_ideal", "verify_cost", "bandwidth_utilisation"):
+    assert spec[key] > 0, key
+  assert 0 <= spec["acceptance"] <= 1
+  from spec_tpu.decoding import k_policy
+  expected = k_policy.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], spec["k"])
+  assert abs(spec["ideal_speedup"] - expected) < 1e-9
+  # and writes the table (also to stdout) and the plot.
+  with open(os.path.join(out, "table.txt")) as f:
+    assert "meas/ideal" in f.read() and "meas/ideal" in r["log"]
+  assert os.path.getsize(os.path.join(out, "speedup_vs_k.png")) > 1000
+
+
+def test_serve_bench_writes_table_json_and_plot(results):
+  # Given the documented serving benchmark (the default pair), shrunk to seconds (2 slots, 4
+  # requests, K in {0, 1}),
+  r, out = _documented_run(results, "launch.serve_bench", "--config=configs/default.py",
+                           "--output_dir=/tmp/serve_bench")
+  # it compares fixed batches and the engine, and measures latency per client count,
+  with open(os.path.join(out, "results.json")) as f:
+    result = json.load(f)
+  modes = [(t["mode"], t["k"].split(":")[0]) for t in result["throughput"]]
+  assert modes == [("fixed batches", "0"), ("fixed batches", "1"), ("engine", "0"),
+                   ("engine", "adaptive")]
+  assert all(t["tokens_per_s"] > 0 and t["tokens_per_cpu_s"] > 0 and t["tokens"] > 0
+             for t in result["throughput"])
+  assert set(result["throughput"][-1]["calibration"]["relative_cost"]) == {"0", "1"}
+  assert [l["clients"] for l in result["latency"]] == [1, 2]
+  assert all(l["ttft_p50_ms"] > 0 and l["requests"] >= 2 for l in result["latency"])
+  with open(os.path.join(out, "table.txt")) as f:
+    assert "TTFT p50" in r["log"] and "TTFT p50" in f.read()
+  assert os.path.getsize(os.path.join(out, "serve_bench.png")) > 1000

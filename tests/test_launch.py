@@ -122,9 +122,9 @@ def test_adaptive_k_follows_the_measured_cost_and_the_text_does_not(tmp_path, mo
   assert default.get_config().sampling.coupling == "gumbel"
   assert default_config.get_config().sampling.coupling == "gumbel"
   texts = []
-  for c, expected_k in [(0.0, 4), (10.0, 0)]:
+  for c, expected_k in [(0.0, 2), (10.0, 0)]:
     texts.append(_adaptive_run(tmp_path / f"c{c}", monkeypatch, calibrate, c, expected_k))
-  # then the two runs, one speculating at K = 4 and one never, wrote the same text for every
+  # then the two runs, one speculating at K = 2 and one never, wrote the same text for every
   # prompt (a seed reproduces whatever K the policy picks).
   assert texts[0] == texts[1]
 
@@ -146,11 +146,11 @@ def _adaptive_run(tmp_path, monkeypatch, calibrate, c, expected_k):
     return report
 
   monkeypatch.setattr(Engine, "calibrate", faked)
-  config = _tiny_config(adaptive_k=True, k=2, k_max=6)
+  config = _tiny_config(adaptive_k=True, k=1, k_max=2)
   out = tmp_path / "out.jsonl"
   summary = offline.run(config, [f"x = {i}" for i in range(6)], None, str(out), compare_ar=True,
                        multihost=False)
-  # then the engine's policy runs a free draft at the largest K it compiled (0, 1, 2, 4: more
+  # then the engine's policy runs a free draft at the largest K it compiled (0, 1, 2: more
   # drafts only add accepted tokens), turns a slow one off from the first step, and every
   # prompt is written once with the K its request ran with.
   assert summary["ks_used"] == [expected_k]
@@ -514,7 +514,9 @@ def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
 def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
   prompts, n = tmp_path / "prompts.jsonl", 16
   _write_prompts(prompts, n)
-  env = _env()
+  # One device: what is checked is the output file across a kill, not the mesh (sampling on 1x8
+  # is the tests' above and test_multihost's), and each launch compiles and runs cheaper.
+  env = _env(devices=1)
   # Given the output of an uninterrupted run at K = 4, and one at K = 1 (the default coupling,
   # gumbel, makes the text independent of K),
   reference = tmp_path / "reference.jsonl"
@@ -677,29 +679,6 @@ def test_second_plan_loads_its_program_from_the_compile_cache(tmp_path):
   assert first["dir"] == str(cache) and first["misses"] >= 1 and first["hits"] == 0 and files
   assert second["hits"] >= 1 and second["misses"] == 0
   assert files_after == files
-
-
-def test_benchmark_writes_table_json_and_plot(tmp_path):
-  # Given the random tiny pair, a sweep over K in {0, 2} at batch 2
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.benchmark", "--config=configs/tiny_random.py",
-       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
-       "--ks=0,2", "--batches=2", "--max_new_tokens=8", "--repeats=1", "--step_repeats=2"],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # reports every column per point, with K=0 as the speedup baseline,
-  result = json.loads((tmp_path / "results.json").read_text())
-  base, spec = result["points"]
-  assert (base["k"], base["speedup"], base["ideal_speedup"]) == (0, 1.0, 1.0)
-  for key in ("ms_per_token", "tokens_per_s", "cost_ratio_c", "speedup", "ideal_speedup",
-              "measured_over_ideal", "verify_cost", "bandwidth_utilisation"):
-    assert spec[key] > 0, key
-  assert 0 <= spec["acceptance"] <= 1
-  expected = k_policy.ideal_speedup(spec["acceptance"], spec["cost_ratio_c"], 2)
-  assert abs(spec["ideal_speedup"] - expected) < 1e-9
-  # and writes the table (also to stdout) and the plot.
-  assert "meas/ideal" in (tmp_path / "table.txt").read_text() and "meas/ideal" in proc.stdout
-  assert (tmp_path / "speedup_vs_k.png").stat().st_size > 1000
 
 
 _BANDWIDTH_PROBE = """

@@ -722,33 +722,6 @@ def test_two_processes_serve_like_one(server, tmp_path):
   assert [p.returncode for p in procs] == [0, 0], logs[1].read_text()[-2000:]
 
 
-def test_serve_bench_writes_table_json_and_plot(tmp_path):
-  # Given the serving benchmark shrunk to seconds (random tiny pair, 2 slots),
-  env = dict(os.environ)
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.serve_bench", "--config=configs/tiny_random.py",
-       "--config.model.checkpoint=", "--config.draft.checkpoint=", f"--output_dir={tmp_path}",
-       "--config.engine.k=2", "--config.engine.k_max=2",  # fewer programs to compile
-       "--requests=4", "--max_new_tokens=6", "--num_slots=2", "--clients=1,2",
-       "--latency_requests=2", "--repeats=1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # then it compares fixed batches and the engine, and measures latency per client count,
-  result = json.loads((tmp_path / "results.json").read_text())
-  modes = [(t["mode"], t["k"].split(":")[0]) for t in result["throughput"]]
-  assert modes == [("fixed batches", "0"), ("fixed batches", "2"), ("engine", "0"),
-                   ("engine", "adaptive")]
-  assert all(t["tokens_per_s"] > 0 and t["tokens_per_cpu_s"] > 0 and t["tokens"] > 0
-             for t in result["throughput"])
-  assert set(result["throughput"][-1]["calibration"]["relative_cost"]) == {"0", "1", "2"}
-  assert [l["clients"] for l in result["latency"]] == [1, 2]
-  assert all(l["ttft_p50_ms"] > 0 and l["requests"] >= 2 for l in result["latency"])
-  assert "TTFT p50" in proc.stdout and "TTFT p50" in (tmp_path / "table.txt").read_text()
-  assert (tmp_path / "serve_bench.png").stat().st_size > 1000
-
-
 def test_serve_bench_runs_a_target_without_a_draft(tmp_path):
   # Given a config with no draft (k = 0), which serve_bench's adaptive engine refused to build,
   (tmp_path / "no_draft.py").write_text(

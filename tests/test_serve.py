@@ -802,7 +802,7 @@ class _FailingEngine:
   def submit_all(self, items, share_prefill=False):
     return [self._submit(*item) for item in items]
 
-  def _submit(self, prompt, params, images=None):
+  def _submit(self, prompt, params, images=None, pan_and_scan=None):
     from spec_tpu.serving.request import ABORTED, Request
     r = Request(0, self.tokenizer.encode(prompt), params, self.tokenizer)
 
@@ -840,7 +840,7 @@ class _SilentEngine(_FailingEngine):
     super().__init__()
     self.requests = []
 
-  def _submit(self, prompt, params, images=None):
+  def _submit(self, prompt, params, images=None, pan_and_scan=None):
     from spec_tpu.serving.request import Request
     prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     r = Request(0, prompt, params, self.tokenizer)

@@ -79,9 +79,7 @@ def main(argv):
   print(f"converted {_SRC.value} -> {_DST.value}: {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size}, {cfg.dtype}"
         + (f", {cfg.quantize} weights" if cfg.quantize else "")
-        + (f", image encoder of {vision.num_layers} layers"
-           if (vision := getattr(cfg, "vision", None)) else "")  # an assistant has none
-        + note)
+        + (f", image encoder of {cfg.vision.num_layers} layers" if cfg.vision else "") + note)
 
 
 if __name__ == "__main__":

@@ -106,20 +106,14 @@ def _assistant_step_cost(acfg, target_cfg, rules, mesh, batch: int, context: int
   from spec_tpu.models import assistant
   from spec_tpu.models.config import GLOBAL, LOCAL
 
-  def abstract(c):
-    shapes = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
-    shards = sharding.param_shardings(c, mesh, rules, shapes)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, shards), shards
-
   def abstract_cache(c):
     cache = cache_lib.abstract_cache(c, batch, context, spec_tokens)
     shards = sharding.cache_shardings(cache, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         cache, shards), shards
 
-  ap, a_sh = abstract(acfg)
-  tp, _ = abstract(target_cfg)
+  ap, a_sh = _abstract_params(acfg, mesh, rules)
+  tp, _ = _abstract_params(target_cfg, mesh, rules)
   cache, _ = abstract_cache(target_cfg)
   rows = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct(  # noqa: E731
       shape, dtype, sharding=sharding.batch_sharding(mesh, shape, rules))
@@ -137,6 +131,8 @@ def _assistant_step_cost(acfg, target_cfg, rules, mesh, batch: int, context: int
   read_cache, read_sh = abstract_cache(read)
   hbm = profiling.per_device_bytes(ap, a_sh) + profiling.per_device_bytes(read_cache, read_sh)
   return dataclasses.replace(cost, hbm_bytes=float(hbm))
+
+
 def _abstract_params(cfg, mesh, rules):
   """(abstract params carrying their shardings, the shardings) of a model."""
   shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))

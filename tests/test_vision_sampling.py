@@ -69,20 +69,13 @@ def multimodal():
 
 
 @pytest.mark.slow
-def test_output_follows_target_law_given_the_image(single):
-  """Speculative (K = 3) with a text-only draft; greedy equality below ties it to K = 0."""
-  result = single.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
-                           max_new_tokens=ex.MAX_NEW, k=3, seed=503)
-  p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
-  assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
-  assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)
-
-
-@pytest.mark.slow
-def test_output_follows_target_law_given_the_image_with_a_multimodal_draft(multimodal):
-  """Speculative (K = 3), the draft encoding the image with its own encoder."""
-  result = multimodal.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
-                               max_new_tokens=ex.MAX_NEW, k=3, seed=523)
+@pytest.mark.parametrize("draft,seed", [("single", 503), ("multimodal", 523)])
+def test_output_follows_target_law_given_the_image(request, draft, seed):
+  """Speculative (K = 3) with a text-only draft (greedy equality below ties it to K = 0), and
+  with a draft that encodes the image with its own encoder."""
+  sampler = request.getfixturevalue(draft)
+  result = sampler.generate([TEXT] * ex.BATCH, images=[[IMAGE]] * ex.BATCH,
+                            max_new_tokens=ex.MAX_NEW, k=3, seed=seed)
   p, each = ex.exactness_pvalue(ex._full_rows(result), target="vision")
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
   assert 0.2 < ex.judged_acceptance(result) < 0.95, ex.judged_acceptance(result)

@@ -182,7 +182,7 @@ def image_host():
     thread.join(timeout=10)
 
 
-def test_remote_images_are_fetched_only_when_enabled_and_within_limits(image_host):
+def test_remote_images_are_fetched_only_when_enabled_and_within_limits(image_host, monkeypatch):
   fetch = image_urls.Fetch(timeout_s=5.0, max_bytes=1 << 20, private_hosts=True)
   wide = f"{image_host}/wide.png"
   assert image_urls.read(wide, fetch=fetch) == _png(WIDE)
@@ -204,6 +204,13 @@ def test_remote_images_are_fetched_only_when_enabled_and_within_limits(image_hos
       image_urls.read(url, fetch=limits)
   with pytest.raises(ValueError, match="needs a timeout > 0"):
     image_urls.Fetch(timeout_s=0)
+  # A name that resolves to a public address when checked and an inward one when connected
+  # (DNS rebinding) is refused where the connection lands.
+  with monkeypatch.context() as m:
+    m.setattr(image_urls, "_public_host", lambda url: None)
+    with pytest.raises(ValueError, match="'127.0.0.1' connected to 127.0.0.1, not a public"):
+      image_urls.read(wide, fetch=image_urls.Fetch())
+    assert image_urls.read(wide, fetch=fetch) == _png(WIDE)
   # A redirect is checked like the first URL: a public host cannot bounce the fetch inward.
   request = urllib.request.Request("http://example.com/cat.png")
   with pytest.raises(urllib.error.HTTPError, match="redirected to '10.0.0.1' is at 10.0.0.1"):

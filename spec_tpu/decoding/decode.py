@@ -256,10 +256,15 @@ def _allowed(pool: GrammarPool, g):
   return bits.reshape(g.shape + (-1,))[..., :pool.cls_tv.shape[-1]] != 0
 
 
+def _next(pool: GrammarPool, g, x):
+  """The state after token x in states g (any shape, alike): -1 where g does not allow x."""
+  return pool.next_sc[g, pool.cls_tv[pool.table_s[g], x]]
+
+
 def _advance(pool: GrammarPool, g_b, x_b):
   """Each row's state after token x. A token the state does not allow leads to state 0 (no
   constraint): it is never accepted (its q is 0), so nothing after it is judged."""
-  return jnp.maximum(pool.next_sc[g_b, pool.cls_tv[pool.table_s[g_b], x_b]], 0)
+  return jnp.maximum(_next(pool, g_b, x_b), 0)
 
 
 def _verify_allowed(pool: GrammarPool, g_bm):
@@ -710,8 +715,7 @@ def round_(spec: LoopSpec, target_params, draft_params, state: State):
     g_bm = jnp.stack(g, axis=1)
     allowed = _verify_allowed(table, g_bm)
     if refused is None and k > 0:  # n-gram proposals only: those outside the language
-      inside = jnp.take_along_axis(_allowed(table, g_bm[:, :k]), draft_bn[..., None],
-                                   axis=2)[..., 0]
+      inside = _next(table, g_bm[:, :k], draft_bn) >= 0
       judged = jnp.arange(k)[None, :] < (k if num_b is None else num_b)[:, None]
       refused = jnp.sum(judged & ~inside, axis=1, dtype=jnp.int32)
   q_bmv = _probs(spec, logits, state.rows, counts_bmv, state.in_prompt_bv, allowed)

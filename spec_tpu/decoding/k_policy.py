@@ -186,7 +186,7 @@ class AdaptiveK:
     base = self._round_s.get((None, 0))
     timed = [t for (s, j), t in self._round_s.items() if s == src and j <= k]
     if (src, k) in self._round_s and base is not None:
-      return max(timed) / base
+      return max(timed + [base]) / base  # never below K = 0's own round
     c = self._c.get(src)
     return None if c is None else k * c + 1.0
 

@@ -54,7 +54,7 @@ def step(params, acfg: AssistantConfig, target_params, target: ModelConfig,
   # block (its position -1 is never visible), so attention's blockwise path has a block to
   # start its running max from.
   ctx = model._Context(positions, jnp.full((b, 1), -1, jnp.int32), jnp.ones((b, 1), bool),
-                       cache.length)
+                       cache.length, rope=model._rope_tables(cfg, positions))
   views = _views(target, cache)
   for i, (kind, lp) in enumerate(zip(cfg.layer_types, params["layers"])):
     e, k = cfg.kind_head_dim(kind), cfg.kind_kv_heads(kind)

@@ -350,6 +350,7 @@ class AssistantConfig:
   num_tokens = property(lambda self: self.layers.num_tokens)
   num_layers = property(lambda self: self.layers.num_layers)
   d_model = property(lambda self: self.layers.d_model)
+  vision = property(lambda self: self.layers.vision)  # None: an assistant reads no images
 
   def __post_init__(self):
     if self.layers.quantize:

@@ -259,15 +259,6 @@ class Engine:
             grammar_lib.token_bytes(self.tokenizer), pair.eos_ids, num_tokens,
             max_states=self.grammar_states, max_classes=self.grammar_classes,
             max_masks=self.grammar_masks)
-      states = 1 + self.grammar_tables * self.grammar_states
-      masks = 1 + self.grammar_tables * self.grammar_masks
-      self.grammar_pool_bytes = 4 * (states * (self.grammar_classes + 2) +
-                                     (1 + self.grammar_tables) * num_tokens +
-                                     masks * -(-num_tokens // 32))
-      logging.info("grammar pool: %d tables of %d states x %d token classes and %d masks "
-                   "over %d tokens: %.1f MiB", self.grammar_tables, self.grammar_states,
-                   self.grammar_classes, self.grammar_masks, num_tokens,
-                   self.grammar_pool_bytes / 2 ** 20)
     self._tables = grammar_tables_lib.GrammarTables(self.grammar_tables)
     self._slot_tables = [0] * self.num_slots   # each slot's grammar table (0: none)
     self._request_tables: dict[int, int] = {}  # taken from the queue, not yet in a slot
@@ -297,6 +288,13 @@ class Engine:
     mesh, rules = pair.mesh, pair.target_rules
     self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
     self._abstract = jax.eval_shape(lambda: decode.init_state(self._spec, self.num_slots))
+    if self.grammar_states:
+      self.grammar_pool_bytes = sum(x.size * x.dtype.itemsize
+                                    for x in jax.tree.leaves(self._abstract.grammar_pool))
+      logging.info("grammar pool: %d tables of %d states x %d token classes and %d masks "
+                   "over %d tokens: %.1f MiB", self.grammar_tables, self.grammar_states,
+                   self.grammar_classes, self.grammar_masks, num_tokens,
+                   self.grammar_pool_bytes / 2 ** 20)
     self._state_sh = self._state_shardings()
     self._state = jax.jit(lambda: decode.init_state(self._spec, self.num_slots),
                           out_shardings=self._state_sh)()
@@ -663,10 +661,16 @@ class Engine:
       self._insert_all(by_bucket, with_draft)
     except BaseException as e:
       # Taken from the queue but in no slot yet: nobody else would ever finish them.
+      # Their grammar tables go back too, whether still reserved or already given to a slot.
       placed = {s.request.id for s in self._slots if s is not None}
       for r in requests:
         if r.id not in placed:
           r._finish(ABORTED, error=e)
+          if (table := self._request_tables.pop(r.id, 0)):
+            self._tables.release(table)
+      for slot in free:
+        if self._slots[slot] is None:
+          self._release_table(slot)
       raise
     if not with_draft and self._has_draft_model:
       self._draft_behind = True

@@ -7,6 +7,7 @@ refused unless the server opts into fetching them (`Fetch`: serve.fetch_image_ur
 fetching lets any client make the server call any address it can reach; fetched, the host must
 resolve to public addresses only (loopback, private, link-local and reserved ones refused unless
 the server allows them: serve.fetch_private_hosts), at the first request and at every redirect,
+and every connection must land on one,
 and a body must be served as image/*, arrive within the time limit and stay under the size
 limit."""
 
@@ -106,6 +107,41 @@ def _public_host(url: str) -> str | None:
   return None
 
 
+def _public_connection(address, *args, **kwargs):
+  """socket.create_connection, refusing a peer that is not at a public address: the check
+  above resolves the name once and the connection again, and a DNS server may answer the
+  second lookup with an inward address."""
+  sock = socket.create_connection(address, *args, **kwargs)
+  peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+  if not peer.is_global or peer.is_multicast:
+    sock.close()
+    raise OSError(f"{address[0]!r} connected to {peer}, not a public address (a server fetches "
+                  "from private hosts only with serve.fetch_private_hosts)")
+  return sock
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._create_connection = _public_connection
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._create_connection = _public_connection
+
+
+class _PublicHTTPHandler(urllib.request.HTTPHandler):
+  def http_open(self, req):
+    return self.do_open(_PublicHTTPConnection, req)
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+  def https_open(self, req):
+    return self.do_open(_PublicHTTPSConnection, req, context=self._context)
+
+
 class _Redirects(urllib.request.HTTPRedirectHandler):
   """Follows redirects to http(s) only (urllib would also follow one to ftp), and, unless private
   hosts are allowed, only to public ones (a public host must not bounce the fetch inward)."""
@@ -129,7 +165,10 @@ def _fetch(url: str, fetch: Fetch, what: str) -> bytes:
     raise ValueError(f"{failed}: {why}")
   request = urllib.request.Request(url, headers={"Accept": "image/*",
                                                  "User-Agent": "spec_tpu-image-fetch"})
-  opener = urllib.request.build_opener(_Redirects(fetch.private_hosts))
+  handlers = [_Redirects(fetch.private_hosts)]
+  if not fetch.private_hosts:  # every connection, redirects' too, checked where it lands
+    handlers += [_PublicHTTPHandler(), _PublicHTTPSHandler()]
+  opener = urllib.request.build_opener(*handlers)
   try:
     response = opener.open(request, timeout=fetch.timeout_s)
   except urllib.error.HTTPError as e:

@@ -105,6 +105,15 @@ SHRINK_CONFIG = {
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA + ["--ks=0,1"],
 }
 
+# Appended to the commands of one launcher that give one flag (any value): a comparison shrunk
+# to fewer of its members where every member's code path still runs. A benchmark's "hybrid"
+# source drafts from the n-gram lookup and the model (tests/test_ngram.py compares the sources
+# themselves); a serving benchmark's "auto" engine picks between both too.
+SHRINK_FLAG = {
+    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid"],
+    ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=model,auto"],
+}
+
 # Python examples (an indented block that starts with an import and uses spec_tpu) run as written
 # with these replacements: the same calls, smaller. A replacement no example uses fails the
 # coverage test.
@@ -275,6 +284,9 @@ def test_every_documented_command_is_covered():
   stale = [key for key in SHRINK_CONFIG
            if not any((c.config, c.program) == key for c in COMMANDS)]
   assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
+  stale = [key for key in SHRINK_FLAG if not any(c.program == key[0] and key[1] in _flags(c.args)
+                                                 for c in COMMANDS)]
+  assert not stale, f"SHRINK_FLAG rows no documented command uses: {stale}"
   examples = [c.text for c in COMMANDS if c.program == PYTHON]
   stale = [old for old in SHRINK_PYTHON if not any(old in code for code in examples)]
   assert not stale, f"SHRINK_PYTHON rows no Python example uses: {stale}"
@@ -310,12 +322,19 @@ def _argv(command: Command, index: int, root: str) -> list[str]:
     return [PYTHON, code]
   extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
            + SHRINK_CONFIG.get((command.config, command.program), []))
+  for flag in _flags(command.args):
+    extra += SHRINK_FLAG.get((command.program, flag), [])
   argv = [command.program]
   for arg in (*command.args, *extra):
     name, sep, value = arg.partition("=")
     argv.append(name + sep + _place(value, root, own_dir, name in _OWN_FILE_FLAGS) if sep
                 else arg)
   return argv
+
+
+def _flags(args) -> list[str]:
+  """The flag names among a command's arguments, in order, each once."""
+  return list(dict.fromkeys(a.partition("=")[0] for a in args if a.startswith("--")))
 
 
 def _work(argv: list[str]) -> tuple:

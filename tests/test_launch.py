@@ -351,7 +351,8 @@ def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeyp
   assert common.load_tokenizer(config, setup).name == "bytes"
 
 
-@pytest.mark.parametrize("argv, says", [
+# Mistakes on the command line of any launcher.
+USER_MISTAKES = [
     (["launch.sample", "--config.sampling.temprature=0.5"],
      "--config.sampling.temprature=0.5: the config has no field 'sampling.temprature'"),
     (["launch.plan", "--config=configs/tiny_random.py", "--config.sampling.nope=1"],
@@ -368,20 +369,39 @@ def test_a_checkpoints_tokenizer_must_be_the_one_given_unless_overridden(monkeyp
     (["launch.train", "stray"], "unexpected argument 'stray'"),
     (["launch.evaluate_pair", "stray"], "unexpected argument 'stray'"),
     (["launch.convert", "--from=hf", "--src=OUT/none", "--dst=OUT/d"], "is not a directory"),
-])
-def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, argv, says):
+]
+
+
+@pytest.fixture(scope="module")
+def user_mistake_runs(tmp_path_factory):
+  """USER_MISTAKES run as `python -m launch.X` runs each, one after another in one process
+  (tests/run_launchers.py: the launchers' flag parsing and main, not an interpreter each), in
+  one directory (OUT)."""
+  out = tmp_path_factory.mktemp("user_mistakes")
+  commands = [[a.replace("OUT", str(out)) for a in argv] for argv, _ in USER_MISTAKES]
+  (out / "commands.json").write_text(json.dumps(commands))
+  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
+                  str(out / "commands.json"), str(out / "results.jsonl")],
+                 cwd=REPO, env=_env(), check=True, timeout=300)
+  runs = _read(out / "results.jsonl")
+  assert len(runs) == len(USER_MISTAKES)
+  return out, runs
+
+
+@pytest.mark.parametrize("argv, says", USER_MISTAKES)
+def test_user_mistakes_end_in_one_line_not_a_traceback(user_mistake_runs, argv, says):
   # Given a mistake on the command line of any launcher,
-  argv = [a.replace("OUT", str(tmp_path)) for a in argv]
-  proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=120)
-  # then it exits non-zero with one line that says what is wrong: no traceback, no flag help,
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  out, runs = user_mistake_runs
+  r = runs[USER_MISTAKES.index((argv, says))]
+  # then it exits non-zero with one line that says what is wrong (all it prints, stdout and
+  # stderr together): no traceback, no flag help,
+  assert r["rc"] != 0
+  lines = r["log"].strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), r["log"][-2000:]
   assert says in lines[0]
   # and (--batches) blames only the flag at fault.
   assert "--ks" not in lines[0] or "--ks" in says
-  assert not (tmp_path / "o.jsonl").exists()
+  assert not (out / "o.jsonl").exists()
 
 
 _TINY = ["--config=configs/tiny_random.py", "--config.model.checkpoint=",

@@ -372,26 +372,10 @@ USER_MISTAKES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def user_mistake_runs(tmp_path_factory):
-  """USER_MISTAKES run as `python -m launch.X` runs each, one after another in one process
-  (tests/run_launchers.py: the launchers' flag parsing and main, not an interpreter each), in
-  one directory (OUT)."""
-  out = tmp_path_factory.mktemp("user_mistakes")
-  commands = [[a.replace("OUT", str(out)) for a in argv] for argv, _ in USER_MISTAKES]
-  (out / "commands.json").write_text(json.dumps(commands))
-  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
-                  str(out / "commands.json"), str(out / "results.jsonl")],
-                 cwd=REPO, env=_env(), check=True, timeout=300)
-  runs = _read(out / "results.jsonl")
-  assert len(runs) == len(USER_MISTAKES)
-  return out, runs
-
-
 @pytest.mark.parametrize("argv, says", USER_MISTAKES)
-def test_user_mistakes_end_in_one_line_not_a_traceback(user_mistake_runs, argv, says):
+def test_user_mistakes_end_in_one_line_not_a_traceback(mistake_runs, argv, says):
   # Given a mistake on the command line of any launcher,
-  out, runs = user_mistake_runs
+  out, runs = mistake_runs
   r = runs[USER_MISTAKES.index((argv, says))]
   # then it exits non-zero with one line that says what is wrong (all it prints, stdout and
   # stderr together): no traceback, no flag help,
@@ -464,34 +448,45 @@ LATE_MISTAKES = [
 ]
 
 
-def test_late_mistakes_end_in_one_line_before_any_work(tmp_path):
-  # Given mistakes that used to surface only after the work (a training run, an evaluation,
-  # loaded weights) or not at all, each run as `python -m launch.X` runs it (one process for all),
-  (tmp_path / "a_file").write_text("")
-  (tmp_path / "hf").mkdir()
-  (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(
+@pytest.fixture(scope="module")
+def mistake_runs(tmp_path_factory):
+  """USER_MISTAKES then LATE_MISTAKES, each run as `python -m launch.X` runs it, one after
+  another in one process (tests/run_launchers.py: the launchers' flag parsing and main, not an
+  interpreter and a JAX start each), in one directory (OUT) that holds what LATE_MISTAKES name."""
+  out = tmp_path_factory.mktemp("mistakes")
+  (out / "a_file").write_text("")
+  (out / "hf").mkdir()
+  (out / "hf" / "config.json").write_text(json.dumps(dict(
       architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
       num_hidden_layers=2, num_attention_heads=4)))
   import jax
   from spec_tpu.checkpoints import checkpoint
   from spec_tpu.models import config as config_lib, model
   cfg = config_lib.get_preset("tiny").replace(tokenizer="bytes")
-  checkpoint.save(tmp_path / "bytes_model", model.init_params(cfg, jax.random.key(0)), cfg)
-  commands = [[a.replace("OUT", str(tmp_path)) for a in argv] for argv, _ in LATE_MISTAKES]
-  (tmp_path / "commands.json").write_text(json.dumps(commands))
+  checkpoint.save(out / "bytes_model", model.init_params(cfg, jax.random.key(0)), cfg)
+  commands = [[a.replace("OUT", str(out)) for a in argv]
+              for argv, _ in USER_MISTAKES + LATE_MISTAKES]
+  (out / "commands.json").write_text(json.dumps(commands))
   subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
-                  str(tmp_path / "commands.json"), str(tmp_path / "results.jsonl")],
+                  str(out / "commands.json"), str(out / "results.jsonl")],
                  cwd=REPO, env=_env(devices=1), check=True, timeout=600)
-  results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-  assert len(results) == len(LATE_MISTAKES)
-  for (argv, says), r in zip(LATE_MISTAKES, results):
+  runs = _read(out / "results.jsonl")
+  assert len(runs) == len(commands)
+  return out, runs
+
+
+def test_late_mistakes_end_in_one_line_before_any_work(mistake_runs):
+  # Given mistakes that used to surface only after the work (a training run, an evaluation,
+  # loaded weights) or not at all, each run as `python -m launch.X` runs it (one process for all),
+  out, runs = mistake_runs
+  for (argv, says), r in zip(LATE_MISTAKES, runs[len(USER_MISTAKES):]):
     # then each ends with status 1 and one line saying what is wrong, no traceback,
     errors = [line for line in r["log"].splitlines() if line.startswith("error: ")]
     assert r["rc"] == 1 and "Traceback" not in r["log"] and len(errors) == 1, (argv, r["log"])
-    assert says.replace("OUT", str(tmp_path)) in errors[0], (argv, errors[0])
+    assert says.replace("OUT", str(out)) in errors[0], (argv, errors[0])
   # and nothing was trained, converted, sampled or benchmarked.
   for made in ("trained", "o.jsonl", "bench", "sb", "converted", "none"):
-    assert not (tmp_path / made).exists(), made
+    assert not (out / made).exists(), made
 
 
 def test_quantizing_a_recurrent_checkpoint_on_load_is_refused_in_one_line(tmp_path, monkeypatch):

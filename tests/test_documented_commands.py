@@ -99,10 +99,22 @@ SHRINK_CONFIG = {
     ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
     # The prompt must hold an image block (260 tokens) where a plan asks for images.
     ("configs/gemma3_27b.py", "launch.plan"): ["--context=288"],
-    # Random 7B weights would be 13 GB: the same shapes, narrower; and the README's GPU command
-    # is the one that runs the draft (the speculative path of the default pair's benchmark is
-    # tests/test_launch.py's).
-    ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA + ["--ks=0,1"],
+    # Random 7B weights would be 13 GB: the same shapes, narrower.
+    ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA,
+}
+
+# Appended to the commands of one launcher that give one argument: a flag (whatever its value)
+# or a whole argument as written.
+SHRINK_FLAG = {
+    # A comparison shrunk to fewer members where every member's code path still runs: a
+    # benchmark's "hybrid" source drafts from the n-gram lookup and the model
+    # (tests/test_ngram.py compares the sources themselves); a serving benchmark's "auto"
+    # engine picks between both too.
+    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid"],
+    ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=model,auto"],
+    # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
+    # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.
+    ("launch.benchmark", "--output_dir=/tmp/bench_llama_ctx512"): ["--ks=0,1"],
 }
 
 # Python examples (an indented block that starts with an import and uses spec_tpu) run as written
@@ -275,6 +287,9 @@ def test_every_documented_command_is_covered():
   stale = [key for key in SHRINK_CONFIG
            if not any((c.config, c.program) == key for c in COMMANDS)]
   assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
+  stale = [key for key in SHRINK_FLAG if not any(c.program == key[0] and key[1] in _keys(c.args)
+                                                 for c in COMMANDS)]
+  assert not stale, f"SHRINK_FLAG rows no documented command uses: {stale}"
   examples = [c.text for c in COMMANDS if c.program == PYTHON]
   stale = [old for old in SHRINK_PYTHON if not any(old in code for code in examples)]
   assert not stale, f"SHRINK_PYTHON rows no Python example uses: {stale}"
@@ -310,12 +325,21 @@ def _argv(command: Command, index: int, root: str) -> list[str]:
     return [PYTHON, code]
   extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
            + SHRINK_CONFIG.get((command.config, command.program), []))
+  for key in _keys(command.args):
+    extra += SHRINK_FLAG.get((command.program, key), [])
   argv = [command.program]
   for arg in (*command.args, *extra):
     name, sep, value = arg.partition("=")
     argv.append(name + sep + _place(value, root, own_dir, name in _OWN_FILE_FLAGS) if sep
                 else arg)
   return argv
+
+
+def _keys(args) -> list[str]:
+  """What a SHRINK_FLAG row may name of a command: its flags' names and its whole arguments,
+  in order, each once."""
+  return list(dict.fromkeys(k for a in args if a.startswith("--")
+                            for k in (a.partition("=")[0], a)))
 
 
 def _work(argv: list[str]) -> tuple:

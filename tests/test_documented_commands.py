@@ -66,7 +66,7 @@ SHRINK = {
                          "--step_repeats=1"],
     # A short context (a 7-token prompt at K = 4): the TPU compiler's time grows with the
     # prefill's length (a recurrent pair's TPU plan: 42 s of CPU time at 64, 36 s at 20). A
-    # 2048-token vocabulary: the TPU compiler's time is mostly the sampling over the vocabulary
+    # 2048-token vocabulary: much of the TPU compiler's time is the sampling over the vocabulary
     # (the logits, top-k and top-p filters), the same code at any size (that plan: 19.5 s at
     # Gemma's 256k, 11.3 s at 2048); its top-k search most of all (8 s of that plan's 19.5 at
     # 256k), so one plan keeps it (gemma_rg_pair's row below). K = 1: the same programs with one

@@ -55,6 +55,7 @@ NOT_RUN = {
 # Draft tokens per round: K = 1 runs the same program as any K, and adaptive K then calibrates
 # and chooses between two compiled rounds (0 and 1) rather than five (0, 1, 2, 4, 8).
 _ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
+_SMALL_VOCAB = [f"--config.{m}.fields.vocab_size=2048" for m in ("model", "draft")]
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
     # One slot length for every prompt set: the sample commands of one config then share their
@@ -64,9 +65,15 @@ SHRINK = {
     "launch.benchmark": ["--ks=0", "--batches=1", "--max_new_tokens=2", "--repeats=1",
                          "--step_repeats=1"],
     # A short context (a 7-token prompt at K = 4): the TPU compiler's time grows with the
-    # prefill's length (a recurrent pair's TPU plan: 42 s of CPU time at 64, 36 s at 20).
+    # prefill's length (a recurrent pair's TPU plan: 42 s of CPU time at 64, 36 s at 20). A
+    # 2048-token vocabulary: much of the TPU compiler's time is the sampling over the vocabulary
+    # (the logits, top-k and top-p filters), the same code at any size (that plan: 19.5 s at
+    # Gemma's 256k, 11.3 s at 2048); its top-k search most of all (8 s of that plan's 19.5 at
+    # 256k), so one plan keeps it (gemma_rg_pair's row below). K = 1: the same programs with one
+    # draft step to compile, not four (~2 s less per TPU plan).
     "launch.plan": ["--config.model.fields.num_layers=1", "--config.draft.fields.num_layers=1",
-                    "--context=20", "--max_new_tokens=8"],
+                    "--context=20", "--max_new_tokens=8", "--k=1", *_SMALL_VOCAB,
+                    "--config.sampling.top_k=0"],
     "launch.train": ["--config.steps=1", "--config.seconds=600", "--config.batch=2",
                      "--config.seq_len=16", "--config.eval_windows=1"],
     "launch.evaluate_pair": ["--num_prompts=1", "--prompt_len=8", "--max_new_tokens=2",
@@ -97,8 +104,13 @@ SHRINK_CONFIG = {
     # The 27B's padding rows are beyond the 262,144 tokens of the Gemma 3 tokenizer; the stand-in
     # tokenizer here has 2048.
     ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
-    # The prompt must hold an image block (260 tokens) where a plan asks for images.
-    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288"],
+    # The plan that keeps its config's top-k filter (see SHRINK), on a TPU and on CPU.
+    ("configs/gemma_rg_pair.py", "launch.plan"): ["--config.sampling.top_k=64"],
+    # The prompt must hold an image block (260 tokens) where a plan asks for images, and the
+    # vocabulary the image's delimiter tokens (ids 255999 and 256000): the presets' sizes.
+    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288",
+                                               "--config.model.fields.vocab_size=262208",
+                                               "--config.draft.fields.vocab_size=262144"],
     # Random 7B weights would be 13 GB: the same shapes, narrower.
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA,
 }

@@ -599,18 +599,35 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
   assert "TPU v5e" in proc.stdout and "DOES NOT FIT" not in proc.stdout
 
 
-def test_plan_tiny_on_2x8_reports_memory(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_plan_2x8(tmp_path_factory):
+  """The tiny target with a vision encoder, a multimodal draft (its own encoder) and 3 image
+  blocks in each row's prompt, planned on 2x8 with the compilation cache the config names (not
+  JAX's env var): (a function that runs the plan again, (the first run, its report), the
+  cache)."""
+  tmp = tmp_path_factory.mktemp("tiny_plan")
+  cache = tmp / "compile_cache"
+  env = _env(devices=1)
+  del env["JAX_COMPILATION_CACHE_DIR"]
+
+  def plan(name):
+    report_path = tmp / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py",
+         "--topology=2x8", "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
+         "--config.model.preset=tiny_vision", "--config.draft.preset=tiny_vision", "--images=3",
+         f"--config.run.compile_cache={cache}", f"--output_json={report_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(report_path.read_text())
+
+  return plan, plan("first"), cache
+
+
+def test_plan_tiny_on_2x8_reports_memory(tiny_plan_2x8):
   # Given the tiny target with a vision encoder, a multimodal draft (its own encoder) and 3
   # image blocks in each row's prompt,
-  report_path = tmp_path / "plan.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=2x8",
-       "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
-       "--config.model.preset=tiny_vision", "--config.draft.preset=tiny_vision", "--images=3",
-       f"--output_json={report_path}"],
-      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(report_path.read_text())
+  _, (proc, report), _ = tiny_plan_2x8
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
   # then each encoder's own program is planned over the batch's 6 images, its weights counted
@@ -678,29 +695,20 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
   assert "ESTIMATE" in proc.stdout
 
 
-def test_second_plan_loads_its_program_from_the_compile_cache(tmp_path):
-  # Given the persistent compilation cache the config names (not JAX's env var),
-  cache = tmp_path / "compile_cache"
-  env = _env(devices=1)
-  del env["JAX_COMPILATION_CACHE_DIR"]
-
-  def plan(name):
-    report_path = tmp_path / f"{name}.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--topology=1x2",
-         "--batch=1", "--context=64", "--config.sampling.max_new_tokens=8",
-         f"--config.run.compile_cache={cache}", f"--output_json={report_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(report_path.read_text())["compile_cache"], sorted(os.listdir(cache))
-
-  # when the same plan runs twice,
-  first, files = plan("first")
-  second, files_after = plan("second")
-  # then the first compiles and stores the decode program, and the second loads it.
-  assert first["dir"] == str(cache) and first["misses"] >= 1 and first["hits"] == 0 and files
-  assert second["hits"] >= 1 and second["misses"] == 0
-  assert files_after == files
+def test_second_plan_loads_its_program_from_the_compile_cache(tiny_plan_2x8):
+  # Given a plan that ran with the persistent compilation cache the config names (the tiny
+  # vision pair's: its decode program and its encoders' program, the same for both encoders),
+  plan, (_, report), cache = tiny_plan_2x8
+  first, files = report["compile_cache"], sorted(os.listdir(cache))
+  # when the same plan runs again,
+  _, again = plan("second")
+  second = again["compile_cache"]
+  # then the first compiled and stored its programs (the draft's encoder loaded the target's),
+  # and the second loads every one of them.
+  assert first["dir"] == str(cache) and first["misses"] >= 2 and files
+  assert second["hits"] == first["hits"] + first["misses"] and second["misses"] == 0
+  assert sorted(os.listdir(cache)) == files
+  assert again["compiled"] == report["compiled"] and again["encoder"] == report["encoder"]
 
 
 _BANDWIDTH_PROBE = """
@@ -777,12 +785,14 @@ def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
 
 
 def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
-  # Given RecurrentGemma 9B verified by 2B (3 layers each: 2 recurrent, 1 local) on 1x8, K = 4,
+  # Given RecurrentGemma 9B verified by 2B (3 layers each: 2 recurrent, 1 local) on 1x8, K = 4
+  # (a 2048-token vocabulary and a short context: neither changes a recurrent layer's bytes),
   report_path = tmp_path / "plan.json"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/recurrentgemma_9b.py",
-       "--topology=1x8", "--batch=1", "--context=512", "--config.sampling.max_new_tokens=16",
+       "--topology=1x8", "--batch=1", "--context=40", "--config.sampling.max_new_tokens=16",
        "--config.model.fields.num_layers=3", "--config.draft.fields.num_layers=3",
+       "--config.model.fields.vocab_size=2048", "--config.draft.fields.vocab_size=2048",
        f"--output_json={report_path}"],
       cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

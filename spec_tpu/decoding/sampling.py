@@ -78,14 +78,21 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
     scaled = jnp.where(top_k_on & (scaled < kth), -jnp.inf, scaled)
   else:
     top_k_on = jnp.zeros_like(top_k_on)
-  probs = jax.nn.softmax(scaled, axis=-1)
+  # The top of `scaled` is exactly 0, so this is jax.nn.softmax without its own max pass.
+  e = jnp.exp(scaled)
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)
   if min_p is not None:
     min_p = _per_row(min_p, logits, F32)
     kept = jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), probs, 0.0)
     probs = jnp.where(min_p > 0, kept / jnp.sum(kept, axis=-1, keepdims=True), probs)
   probs = _top_p(probs, m, top_k_on, top_p)
-  greedy = jax.nn.one_hot(argmax(logits), v, dtype=F32)
-  return jnp.where(temperature > 0, probs, greedy)
+  # Greedy rows take the argmax's one-hot; a runtime branch, so that a batch with no greedy row
+  # pays no argmax over the vocabulary.
+  sampled = temperature > 0
+  return jax.lax.cond(
+      jnp.all(sampled),
+      lambda p: p,
+      lambda p: jnp.where(sampled, p, jax.nn.one_hot(argmax(logits), v, dtype=F32)), probs)
 
 
 def penalize(logits, counts, in_prompt, presence, frequency, repetition, bias_ids, bias):
@@ -205,8 +212,9 @@ SAMPLE_BLOCK = 128  # vocabulary entries per block of `sample`'s two-level runni
 
 
 def sample(key, probs_bv, block: int = SAMPLE_BLOCK):
-  """One token per row from a distribution (zero-probability tokens are never drawn); `key` is
-  one key for the batch or one key per row.
+  """One token per row, drawn in proportion to probs_bv (a distribution, or any non-negative
+  weights: they need not sum to 1; zero-weight tokens are never drawn); `key` is one key for
+  the batch or one key per row.
 
   Inverse CDF: one uniform per row against the running sum, rather than Gumbel-max's one random
   number and one log per vocabulary entry (3x faster on CPU, where random bits are expensive).

@@ -138,10 +138,13 @@ def test_top_p_bisection_matches_reference_on_random_rows_with_ties():
     np.testing.assert_allclose(g, want, atol=1e-6)
 
 
-def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law():
-  # Zero-mass tokens at the start, in between and at the end.
+@pytest.mark.parametrize("block", [sampling.SAMPLE_BLOCK, 2, 3])
+def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law(block):
+  # Zero-mass tokens at the start, in between and at the end; with blocks of 2 or 3 tokens the
+  # two-level running sum has several blocks, one of zero mass (2) and a padded last (2, 3).
   probs = np.array([0.0, 0.5, 0.0, 0.0, 0.125, 0.375, 0.0], np.float32)
-  draws = np.asarray(sampling.sample(jax.random.key(3), jnp.asarray(np.tile(probs, (20000, 1)))))
+  draws = np.asarray(sampling.sample(jax.random.key(3), jnp.asarray(np.tile(probs, (20000, 1))),
+                                     block))
   counts = np.bincount(draws, minlength=len(probs))
   assert set(np.flatnonzero(counts)) == {1, 4, 5}
   # Within 4.5 standard deviations of the expected counts.
@@ -149,7 +152,7 @@ def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law():
   assert np.all(np.abs(counts - expected) <= 4.5 * np.sqrt(expected * (1 - probs)) + 1e-9)
   # All mass on the last token, or on the first.
   one_hot = jnp.asarray(np.eye(7, dtype=np.float32)[[6, 0]])
-  assert np.asarray(sampling.sample(jax.random.key(4), one_hot)).tolist() == [6, 0]
+  assert np.asarray(sampling.sample(jax.random.key(4), one_hot, block)).tolist() == [6, 0]
 
 
 @pytest.mark.parametrize("bad, match", [

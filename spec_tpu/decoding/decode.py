@@ -577,7 +577,8 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn,
     allowed = None if table is None else _allowed(table, g_b)
     p = _probs(spec, logits_bv, state.rows, counts, in_prompt, allowed)
     x = jnp.where(forced, forced_bn[:, j], _pick(spec, randomness_b, p))
-    p = jnp.where(forced[:, None], jax.nn.one_hot(x, v, dtype=p.dtype), p)
+    if spec.source.uses_ngram:  # otherwise nothing is forced: no pass over the vocabulary
+      p = jnp.where(forced[:, None], jax.nn.one_hot(x, v, dtype=p.dtype), p)
     if table is None:
       return x, p, g_b, jnp.zeros_like(x)
     # Refused: a forced token outside the language, or the draft's unmasked first choice.

@@ -40,8 +40,8 @@ def accept(key, draft_bn, p_bnv, q_bmv, num_b=None):
   q_n = q_bmv[rows, n]
   p_n = jnp.where((n < num_b)[:, None], p_bnv[rows, jnp.minimum(n, k - 1)], 0.0)
   residual = jnp.maximum(q_n - p_n, 0.0)
-  total = jnp.sum(residual, axis=-1, keepdims=True)
   # A rejection where q <= p everywhere has probability zero; rounding could still get here.
-  dist = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), q_n)
-  next_tok = sampling.sample(key_next, dist)
+  # (sample draws in proportion to its weights: the residual needs no normalizing.)
+  empty = jnp.all(residual <= 0, axis=-1, keepdims=True)
+  next_tok = sampling.sample(key_next, jnp.where(empty, q_n, residual))
   return n.astype(jnp.int32), next_tok

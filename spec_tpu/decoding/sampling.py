@@ -78,14 +78,21 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
     scaled = jnp.where(top_k_on & (scaled < kth), -jnp.inf, scaled)
   else:
     top_k_on = jnp.zeros_like(top_k_on)
-  probs = jax.nn.softmax(scaled, axis=-1)
+  # The top of `scaled` is exactly 0, so this is jax.nn.softmax without its own max pass.
+  e = jnp.exp(scaled)
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)
   if min_p is not None:
     min_p = _per_row(min_p, logits, F32)
     kept = jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), probs, 0.0)
     probs = jnp.where(min_p > 0, kept / jnp.sum(kept, axis=-1, keepdims=True), probs)
   probs = _top_p(probs, m, top_k_on, top_p)
-  greedy = jax.nn.one_hot(argmax(logits), v, dtype=F32)
-  return jnp.where(temperature > 0, probs, greedy)
+  # Greedy rows take the argmax's one-hot; a runtime branch, so that a batch with no greedy row
+  # pays no argmax over the vocabulary.
+  sampled = temperature > 0
+  return jax.lax.cond(
+      jnp.all(sampled),
+      lambda p: p,
+      lambda p: jnp.where(sampled, p, jax.nn.one_hot(argmax(logits), v, dtype=F32)), probs)
 
 
 def penalize(logits, counts, in_prompt, presence, frequency, repetition, bias_ids, bias):
@@ -201,24 +208,47 @@ def uniform(key, batch_shape: tuple[int, ...], shape: tuple[int, ...] = ()):
   return draw(key)
 
 
-def sample(key, probs_bv):
-  """One token per row from a distribution (zero-probability tokens are never drawn); `key` is
-  one key for the batch or one key per row.
+SAMPLE_BLOCK = 128  # vocabulary entries per block of `sample`'s two-level running sum
+
+
+def sample(key, probs_bv, block: int = SAMPLE_BLOCK):
+  """One token per row, drawn in proportion to probs_bv (a distribution, or any non-negative
+  weights: they need not sum to 1; zero-weight tokens are never drawn); `key` is one key for
+  the batch or one key per row.
 
   Inverse CDF: one uniform per row against the running sum, rather than Gumbel-max's one random
   number and one log per vocabulary entry (3x faster on CPU, where random bits are expensive).
-  The first token whose running sum exceeds u * total is drawn; tokens of zero mass are skipped
-  explicitly, so no rounding in the sum can select one, and if rounding leaves u * total at or
-  past the last sum the last token with mass is drawn.
+  The running sum is two-level: the sums of blocks of `block` tokens, their running sum (a
+  short one), then the running sum inside the one block each row's draw falls in, added to the
+  mass before that block. That reads the vocabulary once; a running sum over the whole
+  vocabulary (XLA's reduce-window) cost 5x as much on CPU (docs/cpu.md). The first token whose
+  running sum exceeds u * total is drawn; tokens (and blocks) of zero mass are skipped
+  explicitly, so no rounding in the sums can select one, and if rounding leaves u * total at or
+  past a block's (or the last block's) sum the last token with mass in it is drawn.
   """
   v = probs_bv.shape[-1]
-  cdf = jnp.cumsum(probs_bv.astype(F32), axis=-1)
+  block = max(1, min(block, v))
+  nb = -(-v // block)
+  probs = probs_bv.astype(F32)
+  probs = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, nb * block - v)])
+  blocks = probs.reshape(probs.shape[:-1] + (nb, block))
+  mass = jnp.sum(blocks, axis=-1)
+  cdf = jnp.cumsum(mass, axis=-1)
   r = uniform(key, probs_bv.shape[:-1])[..., None] * cdf[..., -1:]
-  has_mass = probs_bv > 0
+  j = _first_above(cdf, r, mass > 0)
+  before = jnp.take_along_axis(cdf - mass, j[..., None], axis=-1)
+  inside = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]
+  i = _first_above(before + jnp.cumsum(inside, axis=-1), r, inside > 0)
+  return jnp.minimum(j * block + i, v - 1).astype(jnp.int32)
+
+
+def _first_above(cdf, r, has_mass):
+  """The first index (last axis) whose running sum exceeds r among those with mass; the last
+  with mass where none does (rounding); the last index where none has mass."""
+  n = cdf.shape[-1]
   hit = (cdf > r) & has_mass
-  first = argmax(hit)
-  last_with_mass = v - 1 - argmax(has_mass[..., ::-1])
-  return jnp.where(jnp.any(hit, axis=-1), first, last_with_mass).astype(jnp.int32)
+  last_with_mass = n - 1 - argmax(has_mass[..., ::-1])
+  return jnp.where(jnp.any(hit, axis=-1), argmax(hit), last_with_mass)
 
 
 def argmax(x):

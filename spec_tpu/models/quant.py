@@ -143,7 +143,16 @@ def embed_lookup(table, tokens):
   """Rows of an embedding table (float, or quantized per row) for integer tokens, in the
   table's float dtype (float32 for a quantized table: the caller casts)."""
   if not is_quantized(table):
-    return jnp.take(table, tokens, axis=0)
+    if table.dtype != jnp.bfloat16:
+      return jnp.take(table, tokens, axis=0)
+    # XLA:CPU gathers bfloat16 through a float32 copy of the whole table (hoisted out of the
+    # decode loop: once per program, 4 bytes per entry); the table's bit patterns as uint16
+    # gather as they lie. Same values (an id past the table reads NaN either way).
+    bits = lambda t, i: jax.lax.bitcast_convert_type(
+        jnp.take(jax.lax.bitcast_convert_type(t, jnp.uint16), i, axis=0, mode="fill",
+                 fill_value=0x7FC0), jnp.bfloat16)
+    return jax.lax.platform_dependent(
+        table, tokens, cpu=bits, default=lambda t, i: jnp.take(t, i, axis=0))
   rows = jnp.take(table["w"], tokens, axis=0).astype(F32)
   return rows * jnp.take(table["scale"], tokens, axis=0)[..., None]
 

@@ -57,6 +57,15 @@ def server(tmp_path_factory):
   yield from _launch_serve(tmp_path_factory, "configs/tiny_random.py", OVERRIDES)
 
 
+def _tiny_random_without_prompts(folder) -> str:
+  """configs/tiny_random.py without its prompts, whose prompt lengths the server would compile
+  inserts for at start-up: a server that answers a few short prompts compiles only theirs."""
+  path = folder / "tiny_random_without_prompts.py"
+  path.write_text("from configs import tiny_random\n\n\ndef get_config():\n"
+                  "  c = tiny_random.get_config()\n  c.run.prompts = ()\n  return c\n")
+  return str(path)
+
+
 def _launch_serve(tmp_path_factory, config, overrides):
   """`python -m launch.serve --config=config *overrides` on a free port: yields its URL once
   /health answers, stops it after."""
@@ -64,7 +73,8 @@ def _launch_serve(tmp_path_factory, config, overrides):
   log = tmp_path_factory.mktemp("serve") / "server.log"
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY)
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY,
+             PYTHONPATH=REPO)
   with open(log, "wb") as out:
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.serve", f"--config={config}",
@@ -623,7 +633,8 @@ def test_an_ngram_draft_serves_through_the_openai_client(tmp_path_factory):
                                                          "--config.engine.k="))]
   overrides += ["--config.draft.kind=ngram", "--config.engine.k=2",
                 "--config.engine.num_slots=2", "--config.engine.max_len=64"]
-  serve = _launch_serve(tmp_path_factory, "configs/tiny_random.py", overrides)
+  config = _tiny_random_without_prompts(tmp_path_factory.mktemp("config"))
+  serve = _launch_serve(tmp_path_factory, config, overrides)
   url = next(serve)
   try:
     # when the openai client asks for a greedy completion of a prompt that repeats itself,
@@ -703,7 +714,8 @@ def test_two_processes_serve_like_one(server, tmp_path):
   port, coordinator = _free_port(), _free_port()
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  config = _tiny_random_without_prompts(tmp_path)
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   procs = []
   for i in range(2):
@@ -711,7 +723,7 @@ def test_two_processes_serve_like_one(server, tmp_path):
       # Multi-process CPU jobs ignore SIGTERM and hang if a peer dies: bounded by SIGKILL.
       procs.append(subprocess.Popen(
           ["timeout", "-s", "KILL", "300", sys.executable, "-m", "launch.serve",
-           "--config=configs/tiny_random.py", f"--port={port}", *OVERRIDES, "--multihost",
+           f"--config={config}", f"--port={port}", *OVERRIDES, "--multihost",
            f"--coordinator_address=127.0.0.1:{coordinator}", "--num_processes=2",
            f"--process_id={i}", "--config.mesh.shape=(2,1)"],
           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))

@@ -41,8 +41,9 @@ SLOTS, MAX_QUEUE, MAX_BODY, K = 4, 64, 1_000_000, 2
 KEY = "test-key-0123"  # the fixture's server requires it (through SPEC_TPU_API_KEY)
 OVERRIDES = ["--config.model.checkpoint=", "--config.draft.checkpoint=",
              "--config.engine.calibrate=False", "--config.engine.adaptive_k=False",
-             f"--config.engine.k={K}", f"--config.engine.num_slots={SLOTS}", f"--config.engine.max_len={MAX_LEN}",
-             "--config.engine.rounds_per_step=2", f"--config.serve.max_queue={MAX_QUEUE}",
+             f"--config.engine.k={K}", f"--config.engine.num_slots={SLOTS}",
+             f"--config.engine.max_len={MAX_LEN}", "--config.engine.rounds_per_step=2",
+             f"--config.serve.max_queue={MAX_QUEUE}",
              f"--config.serve.max_body_bytes={MAX_BODY}"]
 
 

@@ -183,7 +183,7 @@ def test_64_concurrent_mixed_requests_each_answered_once(server):
   client = _async_client(server)
 
   async def one(i):
-    kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 40,
+    kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 16,
               temperature=(0.0, 0.7, 1.2)[i % 3], top_p=(1.0, 0.9)[i % 2], seed=i,
               extra_body={"top_k": (0, 5, 40)[i % 3]})
     if i % 2:

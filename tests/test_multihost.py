@@ -32,13 +32,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
+PROMPTS = ["def add(a, b):", "import os", "class A:"]
+
+
 def _cmd(output, *extra):
   return ["timeout", "-s", "KILL", str(LIMIT_S), sys.executable, "-m", "launch.sample",
           "--config=configs/tiny_random.py", "--config.model.checkpoint=",
           "--config.draft.checkpoint=", "--config.engine.num_slots=2",
           "--config.sampling.max_new_tokens=8", "--nocompare_ar",
-          "--prompt=def add(a, b):", "--prompt=import os", "--prompt=class A:",
-          f"--output={output}", *extra]
+          *[f"--prompt={p}" for p in PROMPTS], f"--output={output}", *extra]
 
 
 def _tokens(path):
@@ -48,10 +50,17 @@ def _tokens(path):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-  """Tokens of one process with eight devices."""
+  """Tokens of one process with eight devices: this one (conftest's), running what
+  launch.sample runs with the same settings."""
+  sys.path.insert(0, REPO)
+  from configs import tiny_random
+  from spec_tpu.serving import offline
+  config = tiny_random.get_config()
+  config.model.checkpoint = config.draft.checkpoint = ""
+  config.engine.num_slots = 2
+  config.sampling.max_new_tokens = 8
   path = tmp_path_factory.mktemp("single") / "single.jsonl"
-  subprocess.run(_cmd(path), cwd=REPO, env=_env(8), check=True, capture_output=True,
-                 timeout=LIMIT_S + 30)
+  offline.run(config, PROMPTS, None, str(path), compare_ar=False)
   return _tokens(path)
 
 

@@ -3,12 +3,15 @@ streamed completions and chats, 64 concurrent mixed requests, a client that walk
 mid-stream, bad requests answered 4xx while the server keeps serving, and greedy output equal to
 the Sampler's token for token.
 
-One server for the module (random tiny models with the shipped tokenizer, one CPU device, K = 4
-fixed so seeded outputs repeat), started on 127.0.0.1 at a free port.
+One server for the module (random tiny models with the shipped tokenizer, one CPU device, K = 2
+fixed so seeded outputs repeat), started on 127.0.0.1 at a free port. Every round computes all
+its slots, busy or not: 4 slots keep the many one-request tests cheap, and the queue alone
+holds 64 clients at once.
 """
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -34,12 +37,13 @@ from spec_tpu import setup as common  # noqa: E402
 
 MODEL = "random_tiny_target"  # the target's name in configs/tiny_random.py
 MAX_LEN = 512
-SLOTS, MAX_QUEUE, MAX_BODY = 16, 64, 1_000_000
+SLOTS, MAX_QUEUE, MAX_BODY, K = 4, 64, 1_000_000, 2
 KEY = "test-key-0123"  # the fixture's server requires it (through SPEC_TPU_API_KEY)
 OVERRIDES = ["--config.model.checkpoint=", "--config.draft.checkpoint=",
              "--config.engine.calibrate=False", "--config.engine.adaptive_k=False",
-             f"--config.engine.num_slots={SLOTS}", f"--config.engine.max_len={MAX_LEN}",
-             "--config.engine.rounds_per_step=2", f"--config.serve.max_queue={MAX_QUEUE}",
+             f"--config.engine.k={K}", f"--config.engine.num_slots={SLOTS}",
+             f"--config.engine.max_len={MAX_LEN}", "--config.engine.rounds_per_step=2",
+             f"--config.serve.max_queue={MAX_QUEUE}",
              f"--config.serve.max_body_bytes={MAX_BODY}"]
 
 
@@ -54,6 +58,15 @@ def server(tmp_path_factory):
   yield from _launch_serve(tmp_path_factory, "configs/tiny_random.py", OVERRIDES)
 
 
+def _tiny_random_without_prompts(folder) -> str:
+  """configs/tiny_random.py without its prompts, whose prompt lengths the server would compile
+  inserts for at start-up: a server that answers a few short prompts compiles only theirs."""
+  path = folder / "tiny_random_without_prompts.py"
+  path.write_text("from configs import tiny_random\n\n\ndef get_config():\n"
+                  "  c = tiny_random.get_config()\n  c.run.prompts = ()\n  return c\n")
+  return str(path)
+
+
 def _launch_serve(tmp_path_factory, config, overrides):
   """`python -m launch.serve --config=config *overrides` on a free port: yields its URL once
   /health answers, stops it after."""
@@ -61,7 +74,8 @@ def _launch_serve(tmp_path_factory, config, overrides):
   log = tmp_path_factory.mktemp("serve") / "server.log"
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY)
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", SPEC_TPU_API_KEY=KEY,
+             PYTHONPATH=REPO)
   with open(log, "wb") as out:
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.serve", f"--config={config}",
@@ -77,7 +91,7 @@ def _launch_serve(tmp_path_factory, config, overrides):
           if r.status == 200:
             break
       except OSError:
-        time.sleep(0.5)
+        time.sleep(0.1)
     yield url
   finally:
     proc.send_signal(signal.SIGINT)
@@ -134,7 +148,7 @@ def test_completion_plain_and_streamed_agree(server):
   assert len(chunks) > 2
   assert plain.usage.completion_tokens <= 24 and plain.usage.prompt_tokens > 0
   stats = plain.choices[0].model_extra["spec_tpu"]
-  assert stats["target_calls"] >= 1 and stats["k"] == [4] and stats["sources"] == ["model"]
+  assert stats["target_calls"] >= 1 and stats["k"] == [K] and stats["sources"] == ["model"]
 
 
 def test_chat_plain_and_streamed(server):
@@ -159,7 +173,7 @@ def test_models_health_and_metrics(server):
                "spec_tpu_acceptance_rate", "spec_tpu_k", "spec_tpu_time_to_first_token_seconds_count",
                "spec_tpu_generated_tokens_total"):
     assert name in m, name
-  assert m["spec_tpu_k"] == 4 and m["spec_tpu_slots"] == 16
+  assert m["spec_tpu_k"] == K and m["spec_tpu_slots"] == SLOTS
 
 
 def test_64_concurrent_mixed_requests_each_answered_once(server):
@@ -169,7 +183,7 @@ def test_64_concurrent_mixed_requests_each_answered_once(server):
   client = _async_client(server)
 
   async def one(i):
-    kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 40,
+    kw = dict(model=MODEL, prompt=f"x = {i}\n" * (1 + i % 5), max_tokens=1 + (i * 7) % 16,
               temperature=(0.0, 0.7, 1.2)[i % 3], top_p=(1.0, 0.9)[i % 2], seed=i,
               extra_body={"top_k": (0, 5, 40)[i % 3]})
     if i % 2:
@@ -382,14 +396,22 @@ def test_a_body_past_the_size_limit_gets_413_declared_or_chunked(server):
 
 
 def test_a_flood_past_the_queue_gets_503_and_the_rest_are_answered(server):
-  # Given more concurrent requests than the slots plus the queue can hold, each long enough to
-  # keep its slot while the others arrive,
-  flood = SLOTS + MAX_QUEUE + 30
+  # Given every slot held by a long stream (EOS biased away: none ends by itself for hundreds
+  # of rounds),
+  extra = 10
+  eos = _tiny_random_tokenizer().eos_id
   client = _async_client(server)
+
+  async def hold():
+    stream = await client.completions.create(
+        model=MODEL, prompt="def f():", max_tokens=MAX_LEN - 32, temperature=1.0, stream=True,
+        logit_bias={str(eos): -100})
+    await stream.__aiter__().__anext__()  # its first token: it has a slot
+    return stream
 
   async def one(i):
     try:
-      r = await client.completions.create(model=MODEL, prompt=f"y = {i}", max_tokens=40,
+      r = await client.completions.create(model=MODEL, prompt=f"y = {i}", max_tokens=4,
                                           temperature=1.0)
       return r.choices[0].finish_reason
     except openai.APIStatusError as e:
@@ -397,17 +419,28 @@ def test_a_flood_past_the_queue_gets_503_and_the_rest_are_answered(server):
 
   async def run():
     try:
-      return await asyncio.gather(*(one(i) for i in range(flood)))
+      holders = await asyncio.gather(*(hold() for _ in range(SLOTS)))
+      # when more requests than the queue holds arrive at once,
+      flood = [asyncio.ensure_future(one(i)) for i in range(MAX_QUEUE + extra)]
+      deadline = time.monotonic() + 60
+      while sum(t.done() for t in flood) < extra and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+      full = _metrics(server)
+      for stream in holders:  # (hanging up cancels them; the queued requests get their slots)
+        await stream.close()
+      return full, await asyncio.gather(*flood)
     finally:
       await client.close()
 
-  results = asyncio.run(run())
+  full, results = asyncio.run(run())
   refused = [r for r in results if isinstance(r, tuple)]
-  # then the ones past the bound get 503 with Retry-After (OpenAI's client retries on these),
-  assert len(refused) >= flood - SLOTS - MAX_QUEUE, results
+  # then the queue fills and the ones past it get 503 with Retry-After (OpenAI's client retries
+  # on these),
+  assert full["spec_tpu_active_slots"] == SLOTS and full["spec_tpu_queue_length"] == MAX_QUEUE
+  assert len(refused) == extra, results
   assert all(status == 503 and retry == "1" and body["code"] == "queue_full"
              for status, retry, body in refused), refused
-  # every accepted one is answered in full, and the server goes on serving.
+  # every queued one is answered in full, and the server goes on serving.
   assert all(r in ("stop", "length") for r in results if not isinstance(r, tuple))
   assert _client(server).completions.create(model=MODEL, prompt="z", max_tokens=2).usage
   assert _metrics(server)["spec_tpu_queue_length"] == 0
@@ -430,24 +463,24 @@ def test_streams_report_usage_when_asked(server):
 
 def test_n_samples_of_a_prompt_plain_and_streamed(server):
   client = _client(server)
-  # Given n = 3 seeded samples of each of two prompts,
+  # Given n = 2 seeded samples of each of two prompts (as many as the server's slots),
   kw = dict(model=MODEL, prompt=["def add(a, b):", "import os\n"], max_tokens=12,
-            temperature=1.0, seed=5, n=3)
+            temperature=1.0, seed=5, n=2)
   before = _metrics(server)["spec_tpu_prompt_tokens_total"]
   plain = client.completions.create(**kw)
-  # then each prompt was prefilled once for its 3 samples (the prompt tokens counted once),
+  # then each prompt was prefilled once for its 2 samples (the prompt tokens counted once),
   assert _metrics(server)["spec_tpu_prompt_tokens_total"] - before == plain.usage.prompt_tokens
-  # choice i * 3 + j is sample j of prompt i; sample 0 is the request without n (the seed
+  # choice i * 2 + j is sample j of prompt i; sample 0 is the request without n (the seed
   # picks stream j for sample j), and the samples differ from each other,
-  assert [c.index for c in plain.choices] == list(range(6))
+  assert [c.index for c in plain.choices] == list(range(4))
   single = client.completions.create(**dict(kw, n=1))
-  assert [c.text for c in single.choices] == [plain.choices[0].text, plain.choices[3].text]
-  assert len({c.text for c in plain.choices[:3]}) > 1
+  assert [c.text for c in single.choices] == [plain.choices[0].text, plain.choices[2].text]
+  assert plain.choices[0].text != plain.choices[1].text
   # the prompt's tokens are counted once per prompt,
   assert plain.usage.prompt_tokens == single.usage.prompt_tokens
   assert plain.usage.completion_tokens >= single.usage.completion_tokens
   # and a stream's chunks carry their choice's index, each choice adding up to the same text.
-  texts, finish = [""] * 6, [None] * 6
+  texts, finish = [""] * 4, [None] * 4
   for c in client.completions.create(stream=True, **kw):
     for choice in c.choices:
       texts[choice.index] += choice.text
@@ -584,12 +617,12 @@ def test_penalties_and_logit_bias_reach_the_sampler_plain_and_streamed(server):
 def test_greedy_through_the_server_equals_sampler_greedy(server):
   # Given the server's own models (random weights are a function of the config) in a Sampler
   # here, decoding greedily without speculation,
-  prompts = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):"]
-  tok, want = _tiny_random_greedy(prompts, 20)
-  # then the server's greedy completions (K = 4 speculation) are the same tokens.
+  tok, want = _tiny_random_tokenizer(), _tiny_random_greedy()
+  # then the server's greedy completions (K = 2 speculation) are the same tokens.
   client = _client(server)
-  for prompt, tokens in zip(prompts, want):
-    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+  for prompt, tokens in list(want.items())[:3]:
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=GREEDY_TOKENS,
+                                    temperature=0)
     assert got.choices[0].text == tok.decode(tokens)
     assert got.usage.completion_tokens == len(tokens)
 
@@ -597,20 +630,22 @@ def test_greedy_through_the_server_equals_sampler_greedy(server):
 def test_an_ngram_draft_serves_through_the_openai_client(tmp_path_factory):
   # Given launch.serve drafting by prompt lookup (draft.kind=ngram: no draft model, K = 2),
   overrides = [o for o in OVERRIDES if not o.startswith(("--config.engine.num_slots",
-                                                         "--config.engine.max_len"))]
+                                                         "--config.engine.max_len",
+                                                         "--config.engine.k="))]
   overrides += ["--config.draft.kind=ngram", "--config.engine.k=2",
                 "--config.engine.num_slots=2", "--config.engine.max_len=64"]
-  serve = _launch_serve(tmp_path_factory, "configs/tiny_random.py", overrides)
+  config = _tiny_random_without_prompts(tmp_path_factory.mktemp("config"))
+  serve = _launch_serve(tmp_path_factory, config, overrides)
   url = next(serve)
   try:
     # when the openai client asks for a greedy completion of a prompt that repeats itself,
-    prompt = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    prompt = GREEDY_PROMPTS[3]
     got = _client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=12,
                                           temperature=0)
   finally:
     serve.close()
   # then its text is the target's greedy continuation without speculation.
-  tok, (want,) = _tiny_random_greedy([prompt], 12)
+  tok, want = _tiny_random_tokenizer(), _tiny_random_greedy()[prompt][:12]
   assert got.choices[0].text == tok.decode(want)
   assert got.usage.completion_tokens == len(want)
 
@@ -680,7 +715,8 @@ def test_two_processes_serve_like_one(server, tmp_path):
   port, coordinator = _free_port(), _free_port()
   env = dict(os.environ)
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
-  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  config = _tiny_random_without_prompts(tmp_path)
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   procs = []
   for i in range(2):
@@ -688,7 +724,7 @@ def test_two_processes_serve_like_one(server, tmp_path):
       # Multi-process CPU jobs ignore SIGTERM and hang if a peer dies: bounded by SIGKILL.
       procs.append(subprocess.Popen(
           ["timeout", "-s", "KILL", "300", sys.executable, "-m", "launch.serve",
-           "--config=configs/tiny_random.py", f"--port={port}", *OVERRIDES, "--multihost",
+           f"--config={config}", f"--port={port}", *OVERRIDES, "--multihost",
            f"--coordinator_address=127.0.0.1:{coordinator}", "--num_processes=2",
            f"--process_id={i}", "--config.mesh.shape=(2,1)"],
           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
@@ -702,7 +738,7 @@ def test_two_processes_serve_like_one(server, tmp_path):
         with urllib.request.urlopen(url + "/health", timeout=2):
           break
       except OSError:
-        time.sleep(0.5)
+        time.sleep(0.1)
     # when a few requests arrive at once (inserted and stepped on both processes),
     prompts = ["def add(a, b):", "import os\n", "x = 1"]
     batch = _client(url).completions.create(model=MODEL, prompt=prompts, max_tokens=12,
@@ -872,22 +908,40 @@ def test_a_request_past_the_time_limit_is_cancelled_and_answered_504():
     assert events[-1] == "[DONE]" and engine.requests[-1].cancelled
 
 
-def _tiny_random_greedy(prompts, max_new_tokens):
-  """(tokenizer, tokens) of configs/tiny_random.py's target decoding the prompts greedily
-  without speculation, in a Sampler here (random weights are a function of the config), the
-  prompts encoded as the server encodes them."""
+def _tiny_random_config():
+  config = tiny_random.get_config()
+  config.model.checkpoint = config.draft.checkpoint = ""
+  return config
+
+
+@functools.cache
+def _tiny_random_tokenizer():
+  config = _tiny_random_config()
+  return common.load_tokenizer(config, common.resolve(config))
+
+
+GREEDY_PROMPTS = ("def add(a, b):", "import os\n", "class Stack:\n    def push(self, x):",
+                  "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n")
+GREEDY_TOKENS = 20
+
+
+@functools.cache
+def _tiny_random_greedy():
+  """{prompt: tokens} of configs/tiny_random.py's target decoding GREEDY_PROMPTS greedily
+  (GREEDY_TOKENS each) without speculation, in a Sampler here (random weights are a function
+  of the config), the prompts encoded as the server encodes them. One batch, one compile, for
+  every test that asks."""
   import jax
   from spec_tpu import sharding
   from spec_tpu.decoding.sampler import Sampler
   from spec_tpu.decoding.sampling import SamplingParams
-  config = tiny_random.get_config()
-  config.model.checkpoint = config.draft.checkpoint = ""
+  config = _tiny_random_config()
   setup = common.resolve(config)
-  tok = common.load_tokenizer(config, setup)
+  tok = _tiny_random_tokenizer()
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
   sampler = Sampler(common.build_pair(setup, mesh, tokenizer=tok, use_draft=False))
   add_bos = bool(config.run.add_bos)
-  result = sampler.generate([tok.encode(p, add_bos=add_bos) for p in prompts],
-                            max_new_tokens=max_new_tokens,
+  result = sampler.generate([tok.encode(p, add_bos=add_bos) for p in GREEDY_PROMPTS],
+                            max_new_tokens=GREEDY_TOKENS,
                             sampling=SamplingParams(temperature=0.0))
-  return tok, result.tokens
+  return dict(zip(GREEDY_PROMPTS, result.tokens))

@@ -22,7 +22,7 @@ from test_serve import _served  # noqa: E402
 SCHEMA = grammar_bench.SCHEMA  # the schema the benchmark measures
 # Samples per call (n), streamed and not; SPEC_TPU_JSON_SAMPLES=50 is the documented run of
 # 100 (docs/structured.md).
-SAMPLES = int(os.environ.get("SPEC_TPU_JSON_SAMPLES", 8))
+SAMPLES = int(os.environ.get("SPEC_TPU_JSON_SAMPLES", 4))
 
 
 @pytest.fixture(scope="module")

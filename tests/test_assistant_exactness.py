@@ -128,7 +128,7 @@ def _check_hidden_states(engine):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-ENGINE_ROWS = 1000  # per group; the Sampler cases above hold the test's power (3000 rows)
+ENGINE_ROWS = ex.BATCH  # per group, as many as the Sampler cases above
 
 
 @pytest.mark.slow

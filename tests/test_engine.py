@@ -62,8 +62,8 @@ def _fillers(rng, n):
   return out
 
 
-LAW_ROWS = 2000  # per temperature: fewer than the Sampler suite's 3000 (its power is shown
-                 # there, on the same round function); enough for the pooled chi-square
+LAW_ROWS = ex.BATCH  # per temperature: the Sampler suite's rows (its docstring says why
+                    # that many: its negative controls' power, the pooled chi-square's calibration)
 
 
 def test_requests_inserted_into_a_busy_batch_follow_the_target_law():

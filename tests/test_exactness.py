@@ -15,16 +15,36 @@ Statistical suite on a toy vocabulary, where the target's law can be computed ex
 
 False alarms. The four p-values of a case are Bonferroni-combined, so a correct sampler fails a
 case with nominal probability <= ALPHA = 1e-4. Both tests are approximations (pooled Pearson;
-martingale CLT over ~30k tokens): multinomial draws from the exact law fail the pooled Pearson
-test at nominal 1e-3 about 1.3-2.2e-3 of the time, so count ~3e-4 per case. The suite has 19
-such cases (speculative, autoregressive, sharded, EOS, unit tests of `accept`; six of them with
-the gumbel coupling): a correct implementation trips one with probability ~6e-3 at most for a
-given set of random streams.
+martingale CLT over ~12k tokens): multinomial draws from the exact law fail the pooled Pearson
+test at nominal 1e-3 about 1.2-2.2e-3 of the time (1.2e-3 for both marginals at 1000 rows, 20k
+draws), so count ~3e-4 per case. The suite has 19 such cases (speculative, autoregressive,
+sharded, EOS, unit tests of `accept`; six of them with the gumbel coupling): a correct
+implementation trips one with probability ~6e-3 at most for a given set of random streams.
 Seeds are fixed, so CI is deterministic: a spurious failure could only appear when something
 changes the streams (key splitting, XLA version), and then with that small probability. Power:
 the negative controls (deliberately wrong acceptance rules, and for the gumbel coupling noise
 not indexed by position or the draft's token kept at a disagreement; same statistics) must get
-p < 1e-9.
+p < NEGATIVE_P = 1e-9.
+
+Why BATCH = 1000. Rows cost time linearly, so BATCH is the smallest round number at which a
+bug HALF as visible as the weakest negative control would still fail at NEGATIVE_P. The
+statistics' noncentrality grows linearly with the rows, so half the effect on n rows is the
+control itself on n/2 rows. Each control's combined p-value, recomputed on disjoint chunks of
+n of its own rows (3000-row runs; the worst chunk; 2-core CPU, 2026-12-06):
+
+    control                                 n = 250    500    750   1000   1500
+    rollback by length only (recurrent)       1e-4   1e-14  1e-33  1e-48  1e-78
+    n-gram proposals all kept, rejection      1e-9   1e-22  1e-41  1e-56  1e-94
+    n-gram proposals all kept, gumbel         1e-14  1e-41  1e-61  1e-87  1e-139
+    assistant's p claimed uniform             1e-22  1e-62  1e-92  1e-148 <1e-300
+    resample from q at a rejection            1e-26  1e-73  1e-109 1e-160 1e-244
+    always accept; both gumbel controls       <1e-100 at 250
+
+The weakest, the recurrent rollback, needs about 450 rows for 1e-9 (1e-9.5 at 400), so a bug
+half as visible needs about 900: BATCH = 1000. The two controls that share a batch get half of
+it each (500 rows: 1e-73 and below). The pooled Pearson test keeps its calibration at 1000
+rows (~2 draws per cell of 512 before pooling; false alarms as above, 0.9-1.7e-3 at nominal
+1e-3 with 3000 rows).
 
 Near-ties. Greedy equality is token for token except where the target's two best logits are
 within GREEDY_MARGIN along the path: there the float32 evaluation order (one token vs K+1 tokens
@@ -57,7 +77,7 @@ PROMPT = (3, 1, 4, 1)
 L = 5                     # tokens whose joint law is enumerated exactly
 MAX_NEW = 12              # generated per row: the first L against the enumerated law, all
                           # of them against the target's conditionals (several rounds each)
-BATCH = 3000
+BATCH = 1000              # rows per statistical case: the docstring says why this many
 ALPHA = 1e-4              # false-alarm rate per chi-square case
 NEGATIVE_P = 1e-9         # a wrong rule must be rejected this decisively
 GREEDY_MARGIN = 1e-4

@@ -56,6 +56,17 @@ NOT_RUN = {
 # and chooses between two compiled rounds (0 and 1) rather than five (0, 1, 2, 4, 8).
 _ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
 _SMALL_VOCAB = [f"--config.{m}.fields.vocab_size=2048" for m in ("model", "draft")]
+
+
+def _PRESET_VOCAB(config_path):  # noqa: N802 (a table entry, as _SMALL_VOCAB)
+  """_SMALL_VOCAB undone: a config's model and draft at their presets' vocabulary sizes."""
+  import importlib
+  from spec_tpu.models import config as config_lib
+  config = importlib.import_module(config_path[:-3].replace("/", ".")).get_config()
+  return [f"--config.{m}.fields.vocab_size="
+          f"{config_lib.get_preset(getattr(config, m).preset).vocab_size}"
+          for m in ("model", "draft")]
+
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
     # One slot length for every prompt set: the sample commands of one config then share their
@@ -108,9 +119,8 @@ SHRINK_CONFIG = {
     ("configs/gemma_rg_pair.py", "launch.plan"): ["--config.sampling.top_k=64"],
     # The prompt must hold an image block (260 tokens) where a plan asks for images, and the
     # vocabulary the image's delimiter tokens (ids 255999 and 256000): the presets' sizes.
-    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288",
-                                               "--config.model.fields.vocab_size=262208",
-                                               "--config.draft.fields.vocab_size=262144"],
+    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288", *_PRESET_VOCAB(
+        "configs/gemma3_27b.py")],
     # Random 7B weights would be 13 GB: the same shapes, narrower.
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA,
 }
@@ -121,9 +131,10 @@ SHRINK_FLAG = {
     # A comparison shrunk to fewer members where every member's code path still runs: a
     # benchmark's "hybrid" source drafts from the n-gram lookup and the model
     # (tests/test_ngram.py compares the sources themselves); a serving benchmark's "auto"
-    # engine picks between both too.
+    # engine picks between both too, its "ngram" engine is the one built without a draft
+    # model, and its "model" engine is every other serve_bench run's.
     ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid"],
-    ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=model,auto"],
+    ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=auto,ngram"],
     # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
     # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.
     ("launch.benchmark", "--output_dir=/tmp/bench_llama_ctx512"): ["--ks=0,1"],

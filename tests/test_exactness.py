@@ -27,21 +27,15 @@ not indexed by position or the draft's token kept at a disagreement; same statis
 p < NEGATIVE_P = 1e-9.
 
 Why BATCH = 1000. Rows cost time linearly, so BATCH is the smallest round number at which a
-bug HALF as visible as the weakest negative control would still fail at NEGATIVE_P. The
-statistics' noncentrality grows linearly with the rows, so half the effect on n rows is the
-control itself on n/2 rows. Each control's combined p-value, recomputed on disjoint chunks of
-n of its own rows (3000-row runs; the worst chunk; 2-core CPU, 2026-12-06):
-
-    control                                 n = 250    500    750   1000   1500
-    rollback by length only (recurrent)       1e-4   1e-14  1e-33  1e-48  1e-78
-    n-gram proposals all kept, rejection      1e-9   1e-22  1e-41  1e-56  1e-94
-    n-gram proposals all kept, gumbel         1e-14  1e-41  1e-61  1e-87  1e-139
-    assistant's p claimed uniform             1e-22  1e-62  1e-92  1e-148 <1e-300
-    resample from q at a rejection            1e-26  1e-73  1e-109 1e-160 1e-244
-    always accept; both gumbel controls       <1e-100 at 250
-
-The weakest, the recurrent rollback, needs about 450 rows for 1e-9 (1e-9.5 at 400), so a bug
-half as visible needs about 900: BATCH = 1000. The two controls that share a batch get half of
+bug with HALF the noncentrality of the weakest negative control (a deviation from the law about
+0.7x the control's: noncentrality grows as rows x deviation^2) would still fail at NEGATIVE_P.
+Noncentrality grows linearly with the rows, so half of it on n rows is the control itself on
+n/2 rows. Each control's combined p-value, recomputed on disjoint chunks of n of its own rows
+(3000-row runs; the worst chunk, of 12 at n = 250 and of 3 at n = 1000; 2-core CPU,
+2026-12-06):
+The weakest, the recurrent rollback, reaches 1e-9 at about 400 rows (1e-9.5 there), so a bug
+with half its noncentrality needs about 800: BATCH = 1000. (A deviation half the control's,
+a quarter of its noncentrality, would need about 1600.) The two controls that share a batch get half of
 it each (500 rows: 1e-73 and below). The pooled Pearson test keeps its calibration at 1000
 rows (~2 draws per cell of 512 before pooling; false alarms as above, 0.9-1.7e-3 at nominal
 1e-3 with 3000 rows).

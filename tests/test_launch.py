@@ -475,6 +475,16 @@ def mistake_runs(tmp_path_factory):
   return out, runs
 
 
+def test_a_mistake_in_a_fresh_interpreter_prints_one_line():
+  # The mistakes above run where JAX has started and earlier commands' modules are loaded; a
+  # user's `python -m` starts bare, and whatever it prints on the way counts too.
+  r = subprocess.run([sys.executable, "-m", "launch.sample", "--config.sampling.temprature=0.5"],
+                     cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=300)
+  said = (r.stdout + r.stderr).strip().splitlines()
+  assert r.returncode != 0 and len(said) == 1, said
+  assert said[0].startswith("error: ") and "sampling.temprature" in said[0]
+
+
 def test_late_mistakes_end_in_one_line_before_any_work(mistake_runs):
   # Given mistakes that used to surface only after the work (a training run, an evaluation,
   # loaded weights) or not at all, each run as `python -m launch.X` runs it (one process for all),
@@ -524,8 +534,9 @@ def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
                  cwd=REPO, env=_env(devices=1), check=True, timeout=600)
   runs = _read(tmp_path / "results.jsonl")
   assert [r["rc"] for r in runs] == [0, 0], runs[-1]["log"][-3000:]
-  texts = [{r["id"]: (r["tokens"], r["text"]) for r in _read(tmp_path / f"k{k}.jsonl")}
-           for k in (4, 0)]
+  lines = [_read(tmp_path / f"k{k}.jsonl") for k in (4, 0)]
+  assert [{r["stats"]["k"] for r in run} for run in lines] == [{4}, {0}]  # each its own K
+  texts = [{r["id"]: (r["tokens"], r["text"]) for r in run} for run in lines]
   # then both wrote the same text for every prompt (in bfloat16, 3 of these 6 texts split on a
   # near-tie that the K + 1-token verification and the 1-token step round apart).
   assert len(texts[0]) == 6 and texts[0] == texts[1]

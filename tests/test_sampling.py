@@ -138,18 +138,21 @@ def test_top_p_bisection_matches_reference_on_random_rows_with_ties():
     np.testing.assert_allclose(g, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [sampling.SAMPLE_BLOCK, 2, 3])
+@pytest.mark.parametrize("block", [None, 2, 3])
 def test_inverse_cdf_sampling_skips_zero_mass_tokens_and_follows_the_law(block):
-  # Zero-mass tokens at the start, in between and at the end; with blocks of 2 or 3 tokens the
-  # two-level running sum has several blocks, one of zero mass (2) and a padded last (2, 3).
+  # Zero-mass tokens at the start, in between and at the end; by default (one block of all 7
+  # here) and with blocks of 2 or 3 tokens, where the two-level running sum has several blocks,
+  # one of zero mass (2) and a padded last (2, 3).
+  # As a distribution, and as weights that do not sum to 1 (the rejection step's residual).
   probs = np.array([0.0, 0.5, 0.0, 0.0, 0.125, 0.375, 0.0], np.float32)
-  draws = np.asarray(sampling.sample(jax.random.key(3), jnp.asarray(np.tile(probs, (20000, 1))),
-                                     block))
-  counts = np.bincount(draws, minlength=len(probs))
-  assert set(np.flatnonzero(counts)) == {1, 4, 5}
-  # Within 4.5 standard deviations of the expected counts.
-  expected = 20000 * probs
-  assert np.all(np.abs(counts - expected) <= 4.5 * np.sqrt(expected * (1 - probs)) + 1e-9)
+  for scale in (1.0, 3e-5):
+    weights = jnp.asarray(np.tile(probs * np.float32(scale), (20000, 1)))
+    counts = np.bincount(np.asarray(sampling.sample(jax.random.key(3), weights, block)),
+                         minlength=len(probs))
+    assert set(np.flatnonzero(counts)) == {1, 4, 5}
+    # Within 4.5 standard deviations of the expected counts.
+    expected = 20000 * probs
+    assert np.all(np.abs(counts - expected) <= 4.5 * np.sqrt(expected * (1 - probs)) + 1e-9)
   # All mass on the last token, or on the first.
   one_hot = jnp.asarray(np.eye(7, dtype=np.float32)[[6, 0]])
   assert np.asarray(sampling.sample(jax.random.key(4), one_hot, block)).tolist() == [6, 0]

@@ -42,6 +42,7 @@ def accept(key, draft_bn, p_bnv, q_bmv, num_b=None):
   residual = jnp.maximum(q_n - p_n, 0.0)
   # A rejection where q <= p everywhere has probability zero; rounding could still get here.
   # (sample draws in proportion to its weights: the residual needs no normalizing.)
-  empty = jnp.all(residual <= 0, axis=-1, keepdims=True)
+  # Empty by its sum, as `sample` weighs it (a sum of denormals may round to zero).
+  empty = jnp.sum(residual, axis=-1, keepdims=True) <= 0
   next_tok = sampling.sample(key_next, jnp.where(empty, q_n, residual))
   return n.astype(jnp.int32), next_tok

@@ -86,13 +86,14 @@ def probabilities(logits, temperature, top_k, top_p, max_top_k: int | None = Non
     kept = jnp.where(probs >= min_p * jnp.max(probs, axis=-1, keepdims=True), probs, 0.0)
     probs = jnp.where(min_p > 0, kept / jnp.sum(kept, axis=-1, keepdims=True), probs)
   probs = _top_p(probs, m, top_k_on, top_p)
-  # Greedy rows take the argmax's one-hot; a runtime branch, so that a batch with no greedy row
-  # pays no argmax over the vocabulary.
+  # Greedy rows take the argmax's one-hot. On CPU behind a runtime branch, so that a batch with
+  # no greedy row pays no argmax over the vocabulary; elsewhere the pass is cheap and a branch is
+  # not (a GPU conditional waits for its predicate on the host).
   sampled = temperature > 0
-  return jax.lax.cond(
-      jnp.all(sampled),
-      lambda p: p,
-      lambda p: jnp.where(sampled, p, jax.nn.one_hot(argmax(logits), v, dtype=F32)), probs)
+  one_hot = lambda p: jnp.where(sampled, p, jax.nn.one_hot(argmax(logits), v, dtype=F32))
+  return jax.lax.platform_dependent(
+      probs, cpu=lambda p: jax.lax.cond(jnp.all(sampled), lambda p: p, one_hot, p),
+      default=one_hot)
 
 
 def penalize(logits, counts, in_prompt, presence, frequency, repetition, bias_ids, bias):
@@ -208,24 +209,31 @@ def uniform(key, batch_shape: tuple[int, ...], shape: tuple[int, ...] = ()):
   return draw(key)
 
 
-SAMPLE_BLOCK = 128  # vocabulary entries per block of `sample`'s two-level running sum
+SAMPLE_BLOCK = 128  # vocabulary entries per block of `sample`'s two-level running sum on CPU
 
 
-def sample(key, probs_bv, block: int = SAMPLE_BLOCK):
+def sample(key, probs_bv, block: int | None = None):
   """One token per row, drawn in proportion to probs_bv (a distribution, or any non-negative
-  weights: they need not sum to 1; zero-weight tokens are never drawn); `key` is one key for
-  the batch or one key per row.
+  weights: they need not sum to 1); zero-weight tokens are never drawn unless a row has no
+  weight at all (then its last token is); `key` is one key for the batch or one key per row.
 
   Inverse CDF: one uniform per row against the running sum, rather than Gumbel-max's one random
   number and one log per vocabulary entry (3x faster on CPU, where random bits are expensive).
-  The running sum is two-level: the sums of blocks of `block` tokens, their running sum (a
-  short one), then the running sum inside the one block each row's draw falls in, added to the
-  mass before that block. That reads the vocabulary once; a running sum over the whole
-  vocabulary (XLA's reduce-window) cost 5x as much on CPU (docs/cpu.md). The first token whose
-  running sum exceeds u * total is drawn; tokens (and blocks) of zero mass are skipped
-  explicitly, so no rounding in the sums can select one, and if rounding leaves u * total at or
-  past a block's (or the last block's) sum the last token with mass in it is drawn.
+  On CPU (or with `block` given) the running sum is two-level: the sums of blocks of `block`
+  tokens, their running sum (a short one), then the running sum inside the one block each
+  row's draw falls in, added to the mass before that block. That reads the vocabulary once; a
+  running sum over the whole vocabulary (XLA:CPU's reduce-window) made a draw 20x as costly
+  (350 against 17 us for 8 rows of 8192, docs/cpu.md). Elsewhere one block holds the whole
+  vocabulary (one running sum, as the accelerators' scans do well), so a vocabulary sharded
+  over devices is never cut into blocks across its shards. The first token whose running sum
+  exceeds u * total is drawn; tokens (and blocks) of zero mass are skipped explicitly, so no
+  rounding in the sums can select one, and if rounding leaves u * total at or past a block's
+  (or the last block's) sum the last token with mass in it is drawn.
   """
+  if block is None:
+    return jax.lax.platform_dependent(
+        key, probs_bv, cpu=lambda k, p: sample(k, p, SAMPLE_BLOCK),
+        default=lambda k, p: sample(k, p, p.shape[-1]))
   v = probs_bv.shape[-1]
   block = max(1, min(block, v))
   nb = -(-v // block)

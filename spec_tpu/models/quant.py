@@ -148,9 +148,11 @@ def embed_lookup(table, tokens):
     # XLA:CPU gathers bfloat16 through a float32 copy of the whole table (hoisted out of the
     # decode loop: once per program, 4 bytes per entry); the table's bit patterns as uint16
     # gather as they lie. Same values (an id past the table reads NaN either way).
-    bits = lambda t, i: jax.lax.bitcast_convert_type(
-        jnp.take(jax.lax.bitcast_convert_type(t, jnp.uint16), i, axis=0, mode="fill",
-                 fill_value=0x7FC0), jnp.bfloat16)
+    def bits(t, i):
+      return jax.lax.bitcast_convert_type(
+          jnp.take(jax.lax.bitcast_convert_type(t, jnp.uint16), i, axis=0, mode="fill",
+                   fill_value=0x7FC0), jnp.bfloat16)
+
     return jax.lax.platform_dependent(
         table, tokens, cpu=bits, default=lambda t, i: jnp.take(t, i, axis=0))
   rows = jnp.take(table["w"], tokens, axis=0).astype(F32)

@@ -133,8 +133,11 @@ SHRINK_FLAG = {
     # benchmark's "hybrid" source drafts from the n-gram lookup and the model
     # (tests/test_ngram.py compares the sources themselves); a serving benchmark's "auto"
     # engine picks between both too, its "ngram" engine is the one built without a draft
-    # model, and its "model" engine is every other serve_bench run's.
-    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid"],
+    # model, and its "model" engine is every other serve_bench run's. A benchmark's
+    # --draft_kinds and --couplings compare at engine.k (--ks does not apply): K = 1 there, as
+    # in every other speculative run here.
+    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid", *_ONE_K],
+    ("launch.benchmark", "--couplings"): _ONE_K,
     ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=auto,ngram"],
     # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
     # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.

@@ -15,10 +15,11 @@ Commands that are the same once shrunk (the results file shows the command behin
 and several differ only in a value the shrinking replaces) run once; the others' tests report the
 run they share. A command whose program has no row in SHRINK or NOT_RUN fails the coverage test:
 a new launcher must say how it is shrunk before it can be left to run at full size; a table row
-no command uses fails it too. The commands run in two processes side by side
-(tests/run_launchers.py runs many commands per process, and both use the suite's persistent JAX
+no command uses fails it too. The commands run in three processes side by side
+(tests/run_launchers.py runs many commands per process, and all use the suite's persistent JAX
 compilation cache, so a program that several commands compile is compiled once): launch.plan on
-16 simulated devices (the documented topologies), the rest on one device.
+16 simulated devices (the documented topologies), the benchmark launchers and the rest each on
+one device.
 """
 
 import ast
@@ -132,8 +133,11 @@ SHRINK_FLAG = {
     # benchmark's "hybrid" source drafts from the n-gram lookup and the model
     # (tests/test_ngram.py compares the sources themselves); a serving benchmark's "auto"
     # engine picks between both too, its "ngram" engine is the one built without a draft
-    # model, and its "model" engine is every other serve_bench run's.
-    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid"],
+    # model, and its "model" engine is every other serve_bench run's. A benchmark's
+    # --draft_kinds and --couplings compare at engine.k (--ks does not apply): K = 1 there, as
+    # in every other speculative run here.
+    ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid", *_ONE_K],
+    ("launch.benchmark", "--couplings"): _ONE_K,
     ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=auto,ngram"],
     # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
     # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.
@@ -150,11 +154,14 @@ SHRINK_PYTHON = {
 }
 PYTHON = "python"  # the program of a Python example: its one argument is the code
 
-# Simulated devices of the process a launcher's commands run in (default 1). Most of their time is
-# single-threaded compilation, so the two processes run side by side: the plans (16 devices for
-# the documented topologies; compiling for TPU is most of the suite's share) in one, everything
-# else in the other.
-DEVICES = {"launch.plan": 16}
+# The process a launcher's commands run in (default "other") and each process's simulated devices
+# (default 1). Most of their time is single-threaded compilation, so the processes run side by
+# side: the plans (16 devices for the documented topologies; compiling for TPU is most of the
+# suite's share) in one, the benchmark launchers in another and everything else in a third,
+# each about a third of the commands' time (no command reads what another process writes).
+PROCESS = {"launch.plan": "plans", "launch.benchmark": "benchmarks",
+           "launch.serve_bench": "benchmarks", "launch.grammar_bench": "benchmarks"}
+DEVICES = {"plans": 16}
 # The plans' process asks XLA:TPU for its least compile effort: these runs check that each plan
 # compiles and reports, not its figures (tests/test_launch.py checks those at the default
 # effort), and the least effort compiles a documented TPU plan about 2.5x faster (recurrentgemma_9b
@@ -508,10 +515,11 @@ def results(tmp_path_factory):
   groups = {}
   for i, c in enumerate(LAUNCHES):
     if same_as[i] == i:
-      groups.setdefault(DEVICES.get(c.program, 1), []).append(i)
+      groups.setdefault(PROCESS.get(c.program, "other"), []).append(i)
   procs = []
-  for devices, indices in groups.items():  # side by side: most of the time is single-threaded
-    group_dir = os.path.join(root, f"run_{devices}")
+  for name, indices in groups.items():  # side by side: most of the time is single-threaded
+    devices = DEVICES.get(name, 1)
+    group_dir = os.path.join(root, f"run_{name}")
     os.makedirs(group_dir)
     with open(os.path.join(group_dir, "commands.json"), "w") as f:
       json.dump([argvs[i] for i in indices], f)

@@ -92,24 +92,18 @@ def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   again = offline.run(config, ["def add(a, b):", "import os", "class A:"], None, str(out),
                      compare_ar=True, multihost=False)
   assert again["note"] == "every prompt already done" and _read(out) == lines
-
-
-def test_a_prompts_tokens_depend_on_its_id_not_on_what_else_runs(tmp_path):
-  # Given three prompts of one length, sampled together,
-  texts = {"a": "x = 1", "b": "x = 2", "c": "x = 3"}
-  def sample_ids(ids, name):
-    prompts = tmp_path / f"{name}.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i, "prompt": texts[i]}) + "\n" for i in ids))
-    out = tmp_path / f"{name}_out.jsonl"
-    offline.run(_tiny_config(), [], str(prompts), str(out), compare_ar=False, multihost=False)
-    return {r["id"]: r["tokens"] for r in _read(out)}
-  together = sample_ids(["a", "b", "c"], "together")
-  # when two of them run again in another order, without the third (as a resumed run would),
-  apart = sample_ids(["c", "a"], "apart")
-  # then each is sampled with the same tokens: its seed comes from (seed, id), and its request
-  # shares no randomness with the requests beside it.
-  assert apart == {i: together[i] for i in ("a", "c")}
-  assert together["a"] != together["c"]
+  # A prompt's tokens depend on its id, not on what else runs: two of the prompts again, in
+  # another order and without the third (as a resumed run would), are sampled with the same
+  # tokens (each seed comes from (seed, id); no request shares randomness with those beside it).
+  together = {r["id"]: r["tokens"] for r in lines}
+  apart = tmp_path / "apart.jsonl"
+  apart.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                           for i, p in [(2, "class A:"), (0, "def add(a, b):")]))
+  offline.run(config, [], str(apart), str(tmp_path / "apart_out.jsonl"), compare_ar=False,
+              multihost=False)
+  assert {r["id"]: r["tokens"] for r in _read(tmp_path / "apart_out.jsonl")} == {
+      i: together[i] for i in (0, 2)}
+  assert together[0] != together[2]
 
 
 def test_adaptive_k_follows_the_measured_cost_and_the_text_does_not(tmp_path, monkeypatch):

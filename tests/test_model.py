@@ -1,5 +1,7 @@
 """The decoder with a KV cache computes exactly what a full recompute of the sequence does."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,35 @@ from spec_tpu.models import config, layout, model
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
 
-def _setup(name, batch=3, seq=24):
+def _params(name, num_layers=None):
   cfg = config.get_preset(name)
-  params = model.init_params(cfg, jax.random.key(0))
+  return _init(cfg if num_layers is None else cfg.replace(num_layers=num_layers))
+
+
+@functools.lru_cache
+def _init(cfg):
+  # One init per config in the file: an eager init costs a second or two of CPU each time.
+  return cfg, model.init_params(cfg, jax.random.key(0))
+
+
+def _setup(name, batch=3, seq=24):
+  cfg, params = _params(name)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
   return cfg, params, tokens
+
+
+@functools.lru_cache
+def _full(name):
+  """The full recompute of _setup(name)'s tokens, shared by the decode and rollback tests."""
+  cfg, params, tokens = _setup(name)
+  return tokens, model.forward_full(params, cfg, tokens)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ragged_prefill_then_decode_matches_full_recompute(name):
   # Given rows with prompts of different lengths, longer than the local window (5-6 tokens),
-  cfg, params, tokens = _setup(name)
-  full = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  tokens, full = _full(name)
   lengths = jnp.array([9, 3, 12])
   prompt = jnp.where(jnp.arange(12)[None] < lengths[:, None], tokens[:, :12], 0)
   cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=4)
@@ -42,8 +61,8 @@ def test_ragged_prefill_then_decode_matches_full_recompute(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_rollback_is_a_pointer_move(name):
   # Given a cache that received K+1 speculative tokens of which only some are kept,
-  cfg, params, tokens = _setup(name, batch=2)
-  full = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  tokens, full = (a[:2] for a in _full(name))
   k = 4
   cache = cache_lib.init_cache(cfg, 2, 32, spec_tokens=k + 1)
   _, cache = model.forward(params, cfg, tokens[:, :8], cache)
@@ -83,8 +102,7 @@ SCAN_CASES = [("tiny", 2), ("tiny_gemma2", 5), ("tiny_gemma3", 8)]
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES)
 def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
   # Given a model whose depth is not a whole number of pattern periods,
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   lengths = jnp.array([12, 7])
   full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
@@ -109,8 +127,7 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   """On CPU, layer groups and short caches of at least CPU_COPY_MIN_BYTES run unrolled and are
   read through the block loop; forced on for a tiny model (local ring layers, a remainder),
   they compute the prefill, a 2-token step and the caches the scan and the one-piece read do."""
-  cfg = config.get_preset("tiny_gemma2").replace(num_layers=5)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny_gemma2", 5)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   lengths = jnp.array([9, 5])
   runs = []
@@ -127,8 +144,7 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
 
 def test_params_and_caches_are_stacked_per_pattern_period():
   # Given Gemma 3's shape with 8 layers of pattern (local, local, global): 2 groups + 2 layers,
-  cfg = config.get_preset("tiny_gemma3").replace(num_layers=8)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny_gemma3", 8)
   cache = cache_lib.init_cache(cfg, batch=3, max_len=20, spec_tokens=2)
   # then each pattern position is one stacked entry and the remainder is unstacked,
   assert [e["attn"]["q"].shape for e in params["groups"]] == [(2, 4, 32, 8)] * 3  # l h d e
@@ -167,8 +183,7 @@ def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES[1:])
 def test_chunked_prefill_equals_one_call(name, num_layers):
   # Given ragged prompts longer than the chunk and than every local window (5-6 tokens),
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (3, 15), 0, cfg.vocab_size)
   lengths = jnp.array([15, 4, 9])
   cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
@@ -188,8 +203,7 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
   # Given caches read 4 slots at a time (global caches of 30 slots end in a clamped block,
   # local rings of 8-9 slots wrap),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (3, 26), 0, cfg.vocab_size)
   full = model.forward_full(params, cfg, tokens)
   lengths = jnp.array([12, 3, 7])
@@ -209,8 +223,7 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
 def test_cache_blocks_past_the_fullest_row_are_never_read(monkeypatch):
   # Given a 32-slot cache read 4 slots at a time, rows holding at most 9 tokens (blocks 0-2),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
-  cfg = config.get_preset("tiny")
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny")
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
   cache = cache_lib.init_cache(cfg, 2, 32)
   _, cache = model.forward(params, cfg, tokens[:, :9], cache, jnp.array([9, 5]))

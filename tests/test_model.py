@@ -12,6 +12,15 @@ from spec_tpu.models import config, layout, model
 
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
+# One compiled program per call shape, built fast: eager forward calls dispatch hundreds of ops
+# and cost several times the compile. Tests that patch a module constant the trace reads
+# (ATTENTION_BLOCK, CPU_COPY_MIN_BYTES) jit a fresh function instead: these would reuse a trace.
+_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_forward = jax.jit(model.forward, static_argnums=1,
+                   static_argnames=("last_only", "unrolled", "chunk"), compiler_options=_FAST)
+_forward_full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled",
+                        compiler_options=_FAST)
+
 
 def _params(name, num_layers=None):
   cfg = config.get_preset(name)
@@ -34,7 +43,7 @@ def _setup(name, batch=3, seq=24):
 def _full(name):
   """The full recompute of _setup(name)'s tokens, shared by the decode and rollback tests."""
   cfg, params, tokens = _setup(name)
-  return tokens, model.forward_full(params, cfg, tokens)
+  return tokens, _forward_full(params, cfg, tokens)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -46,13 +55,12 @@ def test_ragged_prefill_then_decode_matches_full_recompute(name):
   prompt = jnp.where(jnp.arange(12)[None] < lengths[:, None], tokens[:, :12], 0)
   cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=4)
   # when they are prefilled together and then decoded one token at a time,
-  logits, cache = model.forward(params, cfg, prompt, cache, lengths)
+  logits, cache = _forward(params, cfg, prompt, cache, lengths)
   for i in range(3):
     np.testing.assert_allclose(logits[i, :lengths[i]], full[i, :lengths[i]], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for step in range(10):
     pos = lengths + step
-    logits, cache = fwd(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
+    logits, cache = _forward(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
     # then every step's logits equal the full recompute at that position.
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5)
   assert cache.length.tolist() == (lengths + 10).tolist()
@@ -65,17 +73,16 @@ def test_rollback_is_a_pointer_move(name):
   tokens, full = (a[:2] for a in _full(name))
   k = 4
   cache = cache_lib.init_cache(cfg, 2, 32, spec_tokens=k + 1)
-  _, cache = model.forward(params, cfg, tokens[:, :8], cache)
+  _, cache = _forward(params, cfg, tokens[:, :8], cache)
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
-  _, cache = model.forward(params, cfg, wrong, cache)
+  _, cache = _forward(params, cfg, wrong, cache)
   kept = jnp.array([0, 3])  # row 0 keeps nothing of the block, row 1 keeps 3 wrong tokens
   cache = cache_lib.rollback(cache, 8 + kept)
   # when decoding goes on from the kept length with the true tokens (row 1 re-writes them),
-  fwd = jax.jit(model.forward, static_argnums=1)
   for step in range(12):
     pos = jnp.array([8 + step, 8 + step])
     toks = tokens[jnp.arange(2), pos]
-    logits, cache = fwd(params, cfg, toks[:, None],
+    logits, cache = _forward(params, cfg, toks[:, None],
                         cache._replace(length=jnp.array([8 + step, 8 + step])))
     # then the result is as if the rejected tokens had never been written.
     np.testing.assert_allclose(logits[:, 0], full[:, 8 + step], atol=2e-5)
@@ -83,14 +90,13 @@ def test_rollback_is_a_pointer_move(name):
 
 def test_prefill_longer_than_ring_buffer_keeps_the_window():
   cfg, params, tokens = _setup("tiny_gemma2", batch=2, seq=30)
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)
   cache = cache_lib.init_cache(cfg, 2, 40)  # local ring of 6 slots, prompt of 25
   assert min(cache_lib.layer_slots(cfg, 40)) == cfg.sliding_window
-  logits, cache = model.forward(params, cfg, tokens[:, :25], cache)
+  logits, cache = _forward(params, cfg, tokens[:, :25], cache)
   np.testing.assert_allclose(logits, full[:, :25], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for pos in range(25, 30):
-    logits, cache = fwd(params, cfg, tokens[:, pos:pos + 1], cache)
+    logits, cache = _forward(params, cfg, tokens[:, pos:pos + 1], cache)
     np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=2e-5)
 
 
@@ -105,8 +111,7 @@ def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
   cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   lengths = jnp.array([12, 7])
-  full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
-  fwd = jax.jit(model.forward, static_argnums=1, static_argnames="unrolled")
+  full, fwd = _forward_full, _forward
   # when it runs under the layer scan and as a Python loop over the layers in depth order,
   for unrolled in (False, True):
     logits = full(params, cfg, tokens, unrolled=unrolled)
@@ -133,7 +138,8 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   runs = []
   for least in (model.CPU_COPY_MIN_BYTES, 0):
     monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", least)
-    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
+    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n),  # traced anew
+                  compiler_options=_FAST)
     cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
     prefill, cache = fwd(params, tokens[:, :9], cache, lengths)
     step, cache = fwd(params, tokens[:, 9:11], cache)
@@ -188,13 +194,13 @@ def test_chunked_prefill_equals_one_call(name, num_layers):
   lengths = jnp.array([15, 4, 9])
   cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
   # when prefilled in chunks of 4 tokens (15 is not a multiple) and in one call,
-  chunked = model.prefill(params, cfg, tokens, cache, lengths, chunk=4)
-  whole = model.forward(params, cfg, tokens, cache, lengths, last_only=True)
+  chunked = _forward(params, cfg, tokens, cache, lengths, last_only=True, chunk=4)
+  whole = _forward(params, cfg, tokens, cache, lengths, last_only=True)
   # then the last-token logits and the whole cache agree (float32 rounding),
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # and both are the full recompute's logits at each row's last token.
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)
   np.testing.assert_allclose(chunked[0][:, 0], full[jnp.arange(3), lengths - 1], atol=2e-5)
 
 
@@ -205,17 +211,18 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
   cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (3, 26), 0, cfg.vocab_size)
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)  # reads no cache: no attention blocks
   lengths = jnp.array([12, 3, 7])
   cache = cache_lib.init_cache(cfg, 3, 30, spec_tokens=3)
   # when ragged prompts are prefilled, then decoded token by token,
-  logits, cache = model.forward(params, cfg, tokens[:, :12], cache, lengths)
+  fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n),  # traced anew
+                compiler_options=_FAST)
+  logits, cache = fwd(params, tokens[:, :12], cache, lengths)
   for i, n in enumerate(lengths.tolist()):
     np.testing.assert_allclose(logits[i, :n], full[i, :n], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for step in range(12):
     pos = lengths + step
-    logits, cache = fwd(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
+    logits, cache = fwd(params, tokens[jnp.arange(3), pos][:, None], cache)
     # then every step equals the full recompute.
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5)
 

@@ -12,14 +12,12 @@ from spec_tpu.models import config, layout, model
 
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
-# One compiled program per call shape, built fast: eager forward calls dispatch hundreds of ops
-# and cost several times the compile. Tests that patch a module constant the trace reads
+# One compiled program per call shape, shared by the tests: an eager forward dispatches hundreds
+# of ops and costs a few times its compile. Tests that patch a module constant the trace reads
 # (ATTENTION_BLOCK, CPU_COPY_MIN_BYTES) jit a fresh function instead: these would reuse a trace.
-_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_forward = jax.jit(model.forward, static_argnums=1,
-                   static_argnames=("last_only", "unrolled", "chunk"), compiler_options=_FAST)
-_forward_full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled",
-                        compiler_options=_FAST)
+_forward = jax.jit(model.forward, static_argnums=1, static_argnames=("last_only", "unrolled"))
+_prefill = jax.jit(model.prefill, static_argnums=1, static_argnames="chunk")
+_forward_full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
 
 
 def _params(name, num_layers=None):
@@ -138,8 +136,7 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   runs = []
   for least in (model.CPU_COPY_MIN_BYTES, 0):
     monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", least)
-    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n),  # traced anew
-                  compiler_options=_FAST)
+    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
     cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
     prefill, cache = fwd(params, tokens[:, :9], cache, lengths)
     step, cache = fwd(params, tokens[:, 9:11], cache)
@@ -194,7 +191,7 @@ def test_chunked_prefill_equals_one_call(name, num_layers):
   lengths = jnp.array([15, 4, 9])
   cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
   # when prefilled in chunks of 4 tokens (15 is not a multiple) and in one call,
-  chunked = _forward(params, cfg, tokens, cache, lengths, last_only=True, chunk=4)
+  chunked = _prefill(params, cfg, tokens, cache, lengths, chunk=4)
   whole = _forward(params, cfg, tokens, cache, lengths, last_only=True)
   # then the last-token logits and the whole cache agree (float32 rounding),
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
@@ -215,8 +212,7 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
   lengths = jnp.array([12, 3, 7])
   cache = cache_lib.init_cache(cfg, 3, 30, spec_tokens=3)
   # when ragged prompts are prefilled, then decoded token by token,
-  fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n),  # traced anew
-                compiler_options=_FAST)
+  fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
   logits, cache = fwd(params, tokens[:, :12], cache, lengths)
   for i, n in enumerate(lengths.tolist()):
     np.testing.assert_allclose(logits[i, :n], full[i, :n], atol=2e-5)

@@ -51,7 +51,7 @@ def test_ragged_prefill_then_decode_matches_full_recompute(name):
   tokens, full = _full(name)
   lengths = jnp.array([9, 3, 12])
   prompt = jnp.where(jnp.arange(12)[None] < lengths[:, None], tokens[:, :12], 0)
-  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=4)
+  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=5)  # the rollback test's decode steps
   # when they are prefilled together and then decoded one token at a time,
   logits, cache = _forward(params, cfg, prompt, cache, lengths)
   for i in range(3):
@@ -68,20 +68,19 @@ def test_ragged_prefill_then_decode_matches_full_recompute(name):
 def test_rollback_is_a_pointer_move(name):
   # Given a cache that received K+1 speculative tokens of which only some are kept,
   cfg, params = _params(name)
-  tokens, full = (a[:2] for a in _full(name))
+  tokens, full = _full(name)
   k = 4
-  cache = cache_lib.init_cache(cfg, 2, 32, spec_tokens=k + 1)
+  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=k + 1)
   _, cache = _forward(params, cfg, tokens[:, :8], cache)
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
   _, cache = _forward(params, cfg, wrong, cache)
-  kept = jnp.array([0, 3])  # row 0 keeps nothing of the block, row 1 keeps 3 wrong tokens
+  kept = jnp.array([0, 3, k + 1])  # none of the block, 3 wrong tokens, all of them
   cache = cache_lib.rollback(cache, 8 + kept)
-  # when decoding goes on from the kept length with the true tokens (row 1 re-writes them),
+  # when decoding goes on from the kept length with the true tokens (rows 1-2 re-write them),
   for step in range(12):
-    pos = jnp.array([8 + step, 8 + step])
-    toks = tokens[jnp.arange(2), pos]
+    toks = tokens[:, 8 + step]
     logits, cache = _forward(params, cfg, toks[:, None],
-                        cache._replace(length=jnp.array([8 + step, 8 + step])))
+                             cache._replace(length=jnp.full((3,), 8 + step, jnp.int32)))
     # then the result is as if the rejected tokens had never been written.
     np.testing.assert_allclose(logits[:, 0], full[:, 8 + step], atol=2e-5)
 

@@ -121,6 +121,12 @@ def _want_logits(m, ids, images):
   return out.logits[0].float().numpy()
 
 
+# One program per call shape instead of eager calls (hundreds of dispatched ops each).
+_encode_images = jax.jit(model.encode_images, static_argnums=1)
+_forward_full = jax.jit(model.forward_full, static_argnums=1)
+_forward = jax.jit(model.forward, static_argnums=1, static_argnames="chunk")
+
+
 @pytest.mark.parametrize("row", [0, 1], ids=["one_image", "two_images"])
 def test_logits_match_transformers(converted, row):
   """Whole-sequence logits, and the cached forward in chunks that cut image blocks."""
@@ -130,13 +136,13 @@ def test_logits_match_transformers(converted, row):
   assert len(ids) == len(text) + n * 7
   images = _images(n, 10 + row)
   want = _want_logits(m, ids, images)
-  soft = model.encode_images(params, cfg, jnp.asarray(images)).reshape(1, n * 4, cfg.d_model)
+  soft = _encode_images(params, cfg, jnp.asarray(images)).reshape(1, n * 4, cfg.d_model)
   tokens = jnp.asarray([ids], jnp.int32)
-  got = np.asarray(model.forward_full(params, cfg, tokens, soft=soft))[0]
+  got = np.asarray(_forward_full(params, cfg, tokens, soft=soft))[0]
   assert _rel_err(got, want) < 1e-5
   for chunk in (3, 8):  # a chunk of 3 cuts every block; a cache of 32 slots
     c = cache_lib.init_cache(cfg, 1, 32, 1)
-    got_c, _ = model.forward(params, cfg, tokens, c, chunk=chunk, soft=soft)
+    got_c, _ = _forward(params, cfg, tokens, c, chunk=chunk, soft=soft)
     assert _rel_err(np.asarray(got_c)[0], want) < 1e-5, chunk
 
 

@@ -26,6 +26,10 @@ def _model(name):
   return cfg, model.init_params(cfg, jax.random.key(0))
 
 
+# One device's reference, one program (an eager forward dispatches hundreds of ops).
+_forward = jax.jit(model.forward, static_argnums=1)
+
+
 def _prefill_logits(cfg, params, mesh, tokens, lengths):
   cache = cache_lib.init_cache(cfg, tokens.shape[0], 32, spec_tokens=4)
   p_sh = sharding.param_shardings(cfg, mesh, params_shape=params)
@@ -41,8 +45,8 @@ def test_sharded_logits_are_close_to_one_device(name):
   cfg, params = _model(name)
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, cfg.vocab_size)
   lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
-  one = np.asarray(model.forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
-                                 lengths)[0])
+  one = np.asarray(_forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
+                            lengths)[0])
   for shape in MESHES:
     got = _prefill_logits(cfg, params, sharding.make_mesh(shape), tokens, lengths)
     for i, n in enumerate(lengths.tolist()):
@@ -158,8 +162,8 @@ def test_recurrent_width_shards_and_logits_equal_one_device():
   cfg, params, _ = _recurrent_pair()
   tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, cfg.vocab_size)
   lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
-  one = np.asarray(model.forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
-                                 lengths)[0])
+  one = np.asarray(_forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
+                            lengths)[0])
   for shape in [(1, 8), (2, 4)]:
     mesh = sharding.make_mesh(shape)
     # the recurrent weights and states are split over the width on the model axis,

@@ -228,13 +228,14 @@ def test_cache_blocks_past_the_fullest_row_are_never_read(monkeypatch):
   cfg, params = _params("tiny")
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
   cache = cache_lib.init_cache(cfg, 2, 32)
-  _, cache = model.forward(params, cfg, tokens[:, :9], cache, jnp.array([9, 5]))
+  fwd = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n))  # traced anew
+  _, cache = fwd(params, tokens[:, :9], cache, jnp.array([9, 5]))
   # whose slots from 12 on hold NaN (anything read there would poison the output: p * NaN),
   poison = lambda a: a.at[..., 12:, :].set(jnp.nan)  # noqa: E731
   cache = cache._replace(groups=tuple(jax.tree.map(poison, e) for e in cache.groups))
   # when the next token is decoded, then the logits are finite and right.
-  logits, _ = model.forward(params, cfg, tokens[:, 9:10], cache, jnp.array([1, 1]))
-  full = model.forward_full(params, cfg, tokens)
+  logits, _ = fwd(params, tokens[:, 9:10], cache, jnp.array([1, 1]))
+  full = _forward_full(params, cfg, tokens)
   assert jnp.all(jnp.isfinite(logits))
   np.testing.assert_allclose(logits[0, 0], full[0, 9], atol=2e-5)
 
@@ -244,8 +245,8 @@ def test_fewer_layers_than_one_period_are_all_remainder():
   params = model.init_params(cfg, jax.random.key(0))
   assert params["groups"] == [] and len(params["remainder"]) == 2
   tokens = jnp.arange(8)[None] % cfg.vocab_size
-  np.testing.assert_allclose(model.forward_full(params, cfg, tokens),
-                             model.forward_full(params, cfg, tokens, unrolled=True), atol=1e-5)
+  np.testing.assert_allclose(_forward_full(params, cfg, tokens),
+                             _forward_full(params, cfg, tokens, unrolled=True), atol=1e-5)
 
 
 def test_local_layer_memory_grows_with_the_window_not_the_context():

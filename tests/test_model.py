@@ -1,5 +1,7 @@
 """The decoder with a KV cache computes exactly what a full recompute of the sequence does."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,30 +12,53 @@ from spec_tpu.models import config, layout, model
 
 FAMILIES = ["tiny", "tiny_gemma2", "tiny_gemma3"]
 
+# One compiled program per call shape, shared by the tests: an eager forward dispatches hundreds
+# of ops and costs a few times its compile. Tests that patch a module constant the trace reads
+# (ATTENTION_BLOCK, CPU_COPY_MIN_BYTES) jit a fresh function instead: these would reuse a trace.
+_forward = jax.jit(model.forward, static_argnums=1, static_argnames=("last_only", "unrolled"))
+_prefill = jax.jit(model.prefill, static_argnums=1, static_argnames="chunk")
+_forward_full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
+
+
+def _params(name, num_layers=None):
+  cfg = config.get_preset(name)
+  return _init(cfg if num_layers is None else cfg.replace(num_layers=num_layers))
+
+
+@functools.lru_cache
+def _init(cfg):
+  # One init per config in the file: an eager init costs a second or two of CPU each time.
+  return cfg, model.init_params(cfg, jax.random.key(0))
+
 
 def _setup(name, batch=3, seq=24):
-  cfg = config.get_preset(name)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
   return cfg, params, tokens
+
+
+@functools.lru_cache
+def _full(name):
+  """The full recompute of _setup(name)'s tokens, shared by the decode and rollback tests."""
+  cfg, params, tokens = _setup(name)
+  return tokens, _forward_full(params, cfg, tokens)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ragged_prefill_then_decode_matches_full_recompute(name):
   # Given rows with prompts of different lengths, longer than the local window (5-6 tokens),
-  cfg, params, tokens = _setup(name)
-  full = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  tokens, full = _full(name)
   lengths = jnp.array([9, 3, 12])
   prompt = jnp.where(jnp.arange(12)[None] < lengths[:, None], tokens[:, :12], 0)
-  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=4)
+  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=5)  # the rollback test's decode steps
   # when they are prefilled together and then decoded one token at a time,
-  logits, cache = model.forward(params, cfg, prompt, cache, lengths)
+  logits, cache = _forward(params, cfg, prompt, cache, lengths)
   for i in range(3):
     np.testing.assert_allclose(logits[i, :lengths[i]], full[i, :lengths[i]], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for step in range(10):
     pos = lengths + step
-    logits, cache = fwd(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
+    logits, cache = _forward(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
     # then every step's logits equal the full recompute at that position.
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5)
   assert cache.length.tolist() == (lengths + 10).tolist()
@@ -42,36 +67,33 @@ def test_ragged_prefill_then_decode_matches_full_recompute(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_rollback_is_a_pointer_move(name):
   # Given a cache that received K+1 speculative tokens of which only some are kept,
-  cfg, params, tokens = _setup(name, batch=2)
-  full = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  tokens, full = _full(name)
   k = 4
-  cache = cache_lib.init_cache(cfg, 2, 32, spec_tokens=k + 1)
-  _, cache = model.forward(params, cfg, tokens[:, :8], cache)
+  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=k + 1)
+  _, cache = _forward(params, cfg, tokens[:, :8], cache)
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
-  _, cache = model.forward(params, cfg, wrong, cache)
-  kept = jnp.array([0, 3])  # row 0 keeps nothing of the block, row 1 keeps 3 wrong tokens
+  _, cache = _forward(params, cfg, wrong, cache)
+  kept = jnp.array([0, 3, k + 1])  # none of the block, 3 wrong tokens, all of them
   cache = cache_lib.rollback(cache, 8 + kept)
-  # when decoding goes on from the kept length with the true tokens (row 1 re-writes them),
-  fwd = jax.jit(model.forward, static_argnums=1)
+  # when decoding goes on from the kept length with the true tokens (rows 1-2 re-write them),
   for step in range(12):
-    pos = jnp.array([8 + step, 8 + step])
-    toks = tokens[jnp.arange(2), pos]
-    logits, cache = fwd(params, cfg, toks[:, None],
-                        cache._replace(length=jnp.array([8 + step, 8 + step])))
+    toks = tokens[:, 8 + step]
+    logits, cache = _forward(params, cfg, toks[:, None],
+                             cache._replace(length=jnp.full((3,), 8 + step, jnp.int32)))
     # then the result is as if the rejected tokens had never been written.
     np.testing.assert_allclose(logits[:, 0], full[:, 8 + step], atol=2e-5)
 
 
 def test_prefill_longer_than_ring_buffer_keeps_the_window():
   cfg, params, tokens = _setup("tiny_gemma2", batch=2, seq=30)
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)
   cache = cache_lib.init_cache(cfg, 2, 40)  # local ring of 6 slots, prompt of 25
   assert min(cache_lib.layer_slots(cfg, 40)) == cfg.sliding_window
-  logits, cache = model.forward(params, cfg, tokens[:, :25], cache)
+  logits, cache = _forward(params, cfg, tokens[:, :25], cache)
   np.testing.assert_allclose(logits, full[:, :25], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for pos in range(25, 30):
-    logits, cache = fwd(params, cfg, tokens[:, pos:pos + 1], cache)
+    logits, cache = _forward(params, cfg, tokens[:, pos:pos + 1], cache)
     np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=2e-5)
 
 
@@ -83,12 +105,10 @@ SCAN_CASES = [("tiny", 2), ("tiny_gemma2", 5), ("tiny_gemma3", 8)]
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES)
 def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
   # Given a model whose depth is not a whole number of pattern periods,
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   lengths = jnp.array([12, 7])
-  full = jax.jit(model.forward_full, static_argnums=1, static_argnames="unrolled")
-  fwd = jax.jit(model.forward, static_argnums=1, static_argnames="unrolled")
+  full, fwd = _forward_full, _forward
   # when it runs under the layer scan and as a Python loop over the layers in depth order,
   for unrolled in (False, True):
     logits = full(params, cfg, tokens, unrolled=unrolled)
@@ -109,8 +129,7 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   """On CPU, layer groups and short caches of at least CPU_COPY_MIN_BYTES run unrolled and are
   read through the block loop; forced on for a tiny model (local ring layers, a remainder),
   they compute the prefill, a 2-token step and the caches the scan and the one-piece read do."""
-  cfg = config.get_preset("tiny_gemma2").replace(num_layers=5)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny_gemma2", 5)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   lengths = jnp.array([9, 5])
   runs = []
@@ -127,8 +146,7 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
 
 def test_params_and_caches_are_stacked_per_pattern_period():
   # Given Gemma 3's shape with 8 layers of pattern (local, local, global): 2 groups + 2 layers,
-  cfg = config.get_preset("tiny_gemma3").replace(num_layers=8)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny_gemma3", 8)
   cache = cache_lib.init_cache(cfg, batch=3, max_len=20, spec_tokens=2)
   # then each pattern position is one stacked entry and the remainder is unstacked,
   assert [e["attn"]["q"].shape for e in params["groups"]] == [(2, 4, 32, 8)] * 3  # l h d e
@@ -167,19 +185,18 @@ def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES[1:])
 def test_chunked_prefill_equals_one_call(name, num_layers):
   # Given ragged prompts longer than the chunk and than every local window (5-6 tokens),
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (3, 15), 0, cfg.vocab_size)
   lengths = jnp.array([15, 4, 9])
   cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
   # when prefilled in chunks of 4 tokens (15 is not a multiple) and in one call,
-  chunked = model.prefill(params, cfg, tokens, cache, lengths, chunk=4)
-  whole = model.forward(params, cfg, tokens, cache, lengths, last_only=True)
+  chunked = _prefill(params, cfg, tokens, cache, lengths, chunk=4)
+  whole = _forward(params, cfg, tokens, cache, lengths, last_only=True)
   # then the last-token logits and the whole cache agree (float32 rounding),
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # and both are the full recompute's logits at each row's last token.
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)
   np.testing.assert_allclose(chunked[0][:, 0], full[jnp.arange(3), lengths - 1], atol=2e-5)
 
 
@@ -188,20 +205,19 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
   # Given caches read 4 slots at a time (global caches of 30 slots end in a clamped block,
   # local rings of 8-9 slots wrap),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
-  cfg = config.get_preset(name).replace(num_layers=num_layers)
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (3, 26), 0, cfg.vocab_size)
-  full = model.forward_full(params, cfg, tokens)
+  full = _forward_full(params, cfg, tokens)  # reads no cache: no attention blocks
   lengths = jnp.array([12, 3, 7])
   cache = cache_lib.init_cache(cfg, 3, 30, spec_tokens=3)
   # when ragged prompts are prefilled, then decoded token by token,
-  logits, cache = model.forward(params, cfg, tokens[:, :12], cache, lengths)
+  fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
+  logits, cache = fwd(params, tokens[:, :12], cache, lengths)
   for i, n in enumerate(lengths.tolist()):
     np.testing.assert_allclose(logits[i, :n], full[i, :n], atol=2e-5)
-  fwd = jax.jit(model.forward, static_argnums=1)
   for step in range(12):
     pos = lengths + step
-    logits, cache = fwd(params, cfg, tokens[jnp.arange(3), pos][:, None], cache)
+    logits, cache = fwd(params, tokens[jnp.arange(3), pos][:, None], cache)
     # then every step equals the full recompute.
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(3), pos], atol=2e-5)
 
@@ -209,17 +225,17 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
 def test_cache_blocks_past_the_fullest_row_are_never_read(monkeypatch):
   # Given a 32-slot cache read 4 slots at a time, rows holding at most 9 tokens (blocks 0-2),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
-  cfg = config.get_preset("tiny")
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _params("tiny")
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
   cache = cache_lib.init_cache(cfg, 2, 32)
-  _, cache = model.forward(params, cfg, tokens[:, :9], cache, jnp.array([9, 5]))
+  fwd = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n))  # traced anew
+  _, cache = fwd(params, tokens[:, :9], cache, jnp.array([9, 5]))
   # whose slots from 12 on hold NaN (anything read there would poison the output: p * NaN),
   poison = lambda a: a.at[..., 12:, :].set(jnp.nan)  # noqa: E731
   cache = cache._replace(groups=tuple(jax.tree.map(poison, e) for e in cache.groups))
   # when the next token is decoded, then the logits are finite and right.
-  logits, _ = model.forward(params, cfg, tokens[:, 9:10], cache, jnp.array([1, 1]))
-  full = model.forward_full(params, cfg, tokens)
+  logits, _ = fwd(params, tokens[:, 9:10], cache, jnp.array([1, 1]))
+  full = _forward_full(params, cfg, tokens)
   assert jnp.all(jnp.isfinite(logits))
   np.testing.assert_allclose(logits[0, 0], full[0, 9], atol=2e-5)
 
@@ -229,8 +245,8 @@ def test_fewer_layers_than_one_period_are_all_remainder():
   params = model.init_params(cfg, jax.random.key(0))
   assert params["groups"] == [] and len(params["remainder"]) == 2
   tokens = jnp.arange(8)[None] % cfg.vocab_size
-  np.testing.assert_allclose(model.forward_full(params, cfg, tokens),
-                             model.forward_full(params, cfg, tokens, unrolled=True), atol=1e-5)
+  np.testing.assert_allclose(_forward_full(params, cfg, tokens),
+                             _forward_full(params, cfg, tokens, unrolled=True), atol=1e-5)
 
 
 def test_local_layer_memory_grows_with_the_window_not_the_context():

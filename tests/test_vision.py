@@ -121,6 +121,13 @@ def _want_logits(m, ids, images):
   return out.logits[0].float().numpy()
 
 
+# One program per call shape instead of eager calls (hundreds of dispatched ops each).
+_encode_images = jax.jit(model.encode_images, static_argnums=1)
+_forward_full = jax.jit(model.forward_full, static_argnums=1)
+_forward = jax.jit(model.forward, static_argnums=1, static_argnames="chunk")
+_prefill = jax.jit(model.prefill, static_argnums=(1, 5))
+
+
 @pytest.mark.parametrize("row", [0, 1], ids=["one_image", "two_images"])
 def test_logits_match_transformers(converted, row):
   """Whole-sequence logits, and the cached forward in chunks that cut image blocks."""
@@ -130,13 +137,13 @@ def test_logits_match_transformers(converted, row):
   assert len(ids) == len(text) + n * 7
   images = _images(n, 10 + row)
   want = _want_logits(m, ids, images)
-  soft = model.encode_images(params, cfg, jnp.asarray(images)).reshape(1, n * 4, cfg.d_model)
+  soft = _encode_images(params, cfg, jnp.asarray(images)).reshape(1, n * 4, cfg.d_model)
   tokens = jnp.asarray([ids], jnp.int32)
-  got = np.asarray(model.forward_full(params, cfg, tokens, soft=soft))[0]
+  got = np.asarray(_forward_full(params, cfg, tokens, soft=soft))[0]
   assert _rel_err(got, want) < 1e-5
   for chunk in (3, 8):  # a chunk of 3 cuts every block; a cache of 32 slots
     c = cache_lib.init_cache(cfg, 1, 32, 1)
-    got_c, _ = model.forward(params, cfg, tokens, c, chunk=chunk, soft=soft)
+    got_c, _ = _forward(params, cfg, tokens, c, chunk=chunk, soft=soft)
     assert _rel_err(np.asarray(got_c)[0], want) < 1e-5, chunk
 
 
@@ -161,7 +168,7 @@ def test_ragged_batch_prefill_matches_rows_alone(converted):
   m, params, cfg = converted
   rows = [prompt_lib.expand(t, n, cfg.vision) for t, n in PROMPTS]
   images = [_images(n, 10 + i) for i, (_, n) in enumerate(PROMPTS)]
-  soft = np.asarray(model.encode_images(params, cfg, jnp.asarray(np.concatenate(images))))
+  soft = np.asarray(_encode_images(params, cfg, jnp.asarray(np.concatenate(images))))
   soft_rows = prompt_lib.soft_rows(soft, [n for _, n in PROMPTS])
   t = max(map(len, rows))
   tokens = np.zeros((2, t), np.int32)
@@ -169,8 +176,8 @@ def test_ragged_batch_prefill_matches_rows_alone(converted):
     tokens[i, :len(r)] = r
   lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
   c = cache_lib.init_cache(cfg, 2, 32, 1)
-  got, c = model.prefill(params, cfg, jnp.asarray(tokens), c, lengths, 4,
-                         soft=jnp.asarray(soft_rows))
+  got, c = _prefill(params, cfg, jnp.asarray(tokens), c, lengths, 4,
+                    soft=jnp.asarray(soft_rows))
   for i, r in enumerate(rows):
     want = _want_logits(m, r, images[i])[-1]
     assert _rel_err(np.asarray(got)[i, 0], want) < 1e-5

@@ -7,9 +7,8 @@ refused unless the server opts into fetching them (`Fetch`: serve.fetch_image_ur
 fetching lets any client make the server call any address it can reach; fetched, the host must
 resolve to public addresses only (loopback, private, link-local and reserved ones refused unless
 the server allows them: serve.fetch_private_hosts), at the first request and at every redirect,
-and every connection must land on one,
-and a body must be served as image/*, arrive within the time limit and stay under the size
-limit."""
+every connection must land on one, and a body must be served as image/*, arrive within the time
+limit and stay under the size limit."""
 
 from __future__ import annotations
 
@@ -92,6 +91,15 @@ def _read_allowed(path: str, allowed_dirs: Sequence[str], what: str) -> bytes:
     raise ValueError(f"{what}: cannot read {path!r}: {e.strerror}") from None
 
 
+def _not_public(host, ip: str, verb: str) -> str | None:
+  """None when ip (as a socket gives it, maybe with a %scope) is a public address, else why."""
+  address = ipaddress.ip_address(ip.split("%", 1)[0])
+  if address.is_global and not address.is_multicast:
+    return None
+  return (f"{host!r} {verb} {address}, not a public address (a server fetches from private "
+          "hosts only with serve.fetch_private_hosts)")
+
+
 def _public_host(url: str) -> str | None:
   """None when every address the URL's host resolves to is public, else why not."""
   parts = urllib.parse.urlparse(url)
@@ -99,12 +107,8 @@ def _public_host(url: str) -> str | None:
     infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
   except (socket.gaierror, UnicodeError, ValueError) as e:
     return f"cannot resolve {parts.hostname!r}: {e}"
-  for info in infos:
-    address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-    if not address.is_global or address.is_multicast:
-      return (f"{parts.hostname!r} is at {address}, not a public address (a server fetches "
-              "from private hosts only with serve.fetch_private_hosts)")
-  return None
+  return next((why for info in infos if (why := _not_public(parts.hostname, info[4][0],
+                                                            "is at"))), None)
 
 
 def _public_connection(address, *args, **kwargs):
@@ -112,11 +116,9 @@ def _public_connection(address, *args, **kwargs):
   above resolves the name once and the connection again, and a DNS server may answer the
   second lookup with an inward address."""
   sock = socket.create_connection(address, *args, **kwargs)
-  peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
-  if not peer.is_global or peer.is_multicast:
+  if why := _not_public(address[0], sock.getpeername()[0], "connected to"):
     sock.close()
-    raise OSError(f"{address[0]!r} connected to {peer}, not a public address (a server fetches "
-                  "from private hosts only with serve.fetch_private_hosts)")
+    raise OSError(why)
   return sock
 
 

@@ -65,8 +65,8 @@ def limits(config, api_key: str | None = None):
 
 def images(config) -> dict:
   """build_app's image options from the config: fetch (serve.fetch_image_urls, its limits and
-  whether private hosts are fetched from,
-  else None) and pan_and_scan (run.pan_and_scan); raises SetupError on a bad limit."""
+  whether private hosts are fetched from; else None) and pan_and_scan (run.pan_and_scan);
+  raises SetupError on a bad limit."""
   from spec_tpu.serving import image_urls
   s = config.serve
   fetch = None

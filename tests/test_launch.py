@@ -59,6 +59,28 @@ def _write_prompts(path, n):
       f.write(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):\n    return x * {i}"}) + "\n")
 
 
+def _launch_in_one_process(directory, commands, env, timeout=600):
+  """Runs launcher commands one after another in one process (tests/run_launchers.py: each as
+  `python -m launch.X` runs it, flag parsing and exit status included, but one interpreter and
+  JAX start-up for all); returns each command's {"rc", "log", ...} (log: stdout and stderr)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "commands.json").write_text(json.dumps(commands))
+  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
+                  str(directory / "commands.json"), str(directory / "results.jsonl")],
+                 cwd=REPO, env=env, check=True, timeout=timeout)
+  runs = _read(directory / "results.jsonl")
+  assert len(runs) == len(commands)
+  return runs
+
+
+def _selected(request, *names):
+  """Which of the named tests of this module this session runs (a shared fixture runs only the
+  commands of those)."""
+  chosen = {item.originalname for item in request.session.items
+            if item.module is request.module}
+  return {name: name in chosen for name in names}
+
+
 def test_sample_writes_one_jsonl_line_per_prompt_and_a_speedup(tmp_path):
   # Given three prompts on 8 simulated devices (mesh 1x8) with random tiny models,
   out = tmp_path / "out.jsonl"
@@ -583,16 +605,52 @@ def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
   assert all(r["settings"] == k1 and r["stats"]["k"] == 1 for r in lines)
 
 
+_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+# The plans of the tests below, by test: each its launch.plan flags.
+_PLANS = {
+    "test_plan_chinchilla_70b_on_16_devices": [
+        "--config=configs/chinchilla_70b.py", "--topology=1x16", "--batch=1", "--context=2048"],
+    "test_plan_compiles_for_a_tpu_and_estimates_speed": [
+        "--config=configs/tiny_random.py", "--tpu=v5e:2x4", "--topology=1x8", "--batch=1",
+        "--context=64", "--config.sampling.max_new_tokens=8", "--config.model.preset=tiny_vision",
+        "--images=1", "--acceptance=0.5,0.9"],
+    "test_plan_reports_recurrent_states_and_verification_traces": [
+        "--config=configs/recurrentgemma_9b.py", "--topology=1x8", "--batch=1", "--context=40",
+        "--config.sampling.max_new_tokens=16", "--config.model.fields.num_layers=3",
+        "--config.draft.fields.num_layers=3", "--config.model.fields.vocab_size=2048",
+        "--config.draft.fields.vocab_size=2048"],
+}
+
+
+@pytest.fixture(scope="module")
+def plans(request, tmp_path_factory):
+  """The plans of _PLANS that this session's tests ask for, one after another in one process
+  as `python -m launch.plan` runs each (each compiles programs of its own: a process each would
+  add only its start-up), at XLA:TPU's default compile effort: a function of a test's name
+  that returns its plan's run ({"rc", "log"}) and report."""
+  tmp = tmp_path_factory.mktemp("plans")
+  wanted = [name for name, chosen in _selected(request, *_PLANS).items() if chosen
+            and (_HAS_LIBTPU or name != "test_plan_compiles_for_a_tpu_and_estimates_speed")]
+  # A plan run alone asks for the CPU devices its mesh needs; in a shared process they are the
+  # process's, from the start: 16, the largest mesh's (a 1x8 mesh takes 8 of them).
+  env = _env(devices=16)
+  # launch.plan --tpu loads libtpu (no TPU attached; other tests' processes may hold it too).
+  env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
+             TPU_WORKER_HOSTNAMES="localhost")
+  commands = [["launch.plan", *_PLANS[name], f"--output_json={tmp / name}.json"]
+              for name in wanted]
+  runs = dict(zip(wanted, _launch_in_one_process(tmp, commands, env)))
+
+  def plan(name):
+    assert runs[name]["rc"] == 0, runs[name]["log"][-3000:]
+    return runs[name], json.loads((tmp / f"{name}.json").read_text())
+  return plan
+
+
 @pytest.mark.slow
-def test_plan_chinchilla_70b_on_16_devices(tmp_path):
+def test_plan_chinchilla_70b_on_16_devices(plans):
   # Given Chinchilla 70B + 4B on a simulated 1x16 mesh (abstract params: nothing allocated),
-  report_path = tmp_path / "plan.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.plan", "--config=configs/chinchilla_70b.py",
-       "--topology=1x16", "--batch=1", "--context=2048", f"--output_json={report_path}"],
-      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(report_path.read_text())
+  run, report = plans("test_plan_chinchilla_70b_on_16_devices")
   # then the weights split 16 ways (~8.6 GB per device of bf16 70B + 4B),
   weights = report["analytic"]["weights"]
   assert 8.0e9 < weights["target"] < 9.0e9 and 0.4e9 < weights["draft"] < 0.6e9
@@ -601,7 +659,7 @@ def test_plan_chinchilla_70b_on_16_devices(tmp_path):
   assert report["mesh"] == {"data": 1, "model": 16}
   assert weights["target"] < report["estimated_need"] < 12 * 2**30
   assert all(report["fits"].values())
-  assert "TPU v5e" in proc.stdout and "DOES NOT FIT" not in proc.stdout
+  assert "TPU v5e" in run["log"] and "DOES NOT FIT" not in run["log"]
 
 
 @pytest.fixture(scope="module")
@@ -663,22 +721,10 @@ def test_plan_tiny_on_2x8_reports_memory(tiny_plan_2x8):
     planning.plan(config, (1, 1), 1, 128, None, 16, images=1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
-def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
+@pytest.mark.skipif(not _HAS_LIBTPU, reason="needs libtpu")
+def test_plan_compiles_for_a_tpu_and_estimates_speed(plans):
   # Given the tiny pair and a TPU v5e 2x4 slice described by libtpu (no TPU attached),
-  report_path = tmp_path / "plan.json"
-  env = _env(devices=1)
-  del env["JAX_PLATFORMS"]
-  env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
-             TPU_WORKER_HOSTNAMES="localhost")
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py", "--tpu=v5e:2x4",
-       "--topology=1x8", "--batch=1", "--context=64", "--config.sampling.max_new_tokens=8",
-       "--config.model.preset=tiny_vision", "--images=1",
-       "--acceptance=0.5,0.9", f"--output_json={report_path}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(report_path.read_text())
+  run, report = plans("test_plan_compiles_for_a_tpu_and_estimates_speed")
   # when it plans the decode program there,
   assert report["platform"] == "tpu" and report["device_kind"] == "TPU v5 lite"
   assert report["fits"] == {"TPU v5 lite": True}
@@ -697,7 +743,7 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(tmp_path):
   # and the expected speedup grows with the acceptance rate.
   low, high = speed["speculative"]["0.5"], speed["speculative"]["0.9"]
   assert low["speedup"] < high["speedup"] and low["c"] == high["c"] < 1
-  assert "ESTIMATE" in proc.stdout
+  assert "ESTIMATE" in run["log"]
 
 
 def test_second_plan_loads_its_program_from_the_compile_cache(tiny_plan_2x8):
@@ -789,19 +835,11 @@ def test_checkpoint_weights_are_restored_onto_the_mesh(tmp_path):
   assert loaded["groups"][0]["ffw"]["up"].sharding.is_equivalent_to(want, 3)
 
 
-def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
+def test_plan_reports_recurrent_states_and_verification_traces(plans):
   # Given RecurrentGemma 9B verified by 2B (3 layers each: 2 recurrent, 1 local) on 1x8, K = 4
   # (a 2048-token vocabulary and a short context: neither changes a recurrent layer's bytes),
-  report_path = tmp_path / "plan.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.plan", "--config=configs/recurrentgemma_9b.py",
-       "--topology=1x8", "--batch=1", "--context=40", "--config.sampling.max_new_tokens=16",
-       "--config.model.fields.num_layers=3", "--config.draft.fields.num_layers=3",
-       "--config.model.fields.vocab_size=2048", "--config.draft.fields.vocab_size=2048",
-       f"--output_json={report_path}"],
-      cwd=REPO, env=_env(devices=1), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  a = json.loads(report_path.read_text())["analytic"]
+  run, report = plans("test_plan_reports_recurrent_states_and_verification_traces")
+  a = report["analytic"]
   # then per device (width split 8 ways) each recurrent layer holds a float32 state and 3 bf16
   # conv inputs: 2 layers x (4096 x 4 + 3 x 4096 x 2) bytes / 8 for the 9B,
   assert a["recurrent_states"] == {"target": 2 * (4096 * 4 + 3 * 4096 * 2) // 8,
@@ -810,7 +848,7 @@ def test_plan_reports_recurrent_states_and_verification_traces(tmp_path):
   # K - 1 single steps for the draft,
   assert a["verification_traces"] == {"target": 2 * 5 * 4096 * (4 + 2) // 8,
                                       "draft": 2 * 3 * 2560 * (4 + 2) // 8}
-  assert "target verification trace" in proc.stdout
+  assert "target verification trace" in run["log"]
 
 
 def test_benchmarks_skip_the_plot_without_matplotlib(tmp_path, monkeypatch):

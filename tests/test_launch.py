@@ -529,28 +529,35 @@ def test_quantizing_a_recurrent_checkpoint_on_load_is_refused_in_one_line(tmp_pa
     common.resolve(c)
 
 
-def _sample_cmd(prompts, output, *flags):
-  return [sys.executable, "-m", "launch.sample", "--config=configs/tiny_random.py",
-          "--config.model.checkpoint=", "--config.draft.checkpoint=",
-          "--config.engine.num_slots=2", "--config.sampling.max_new_tokens=8",
-          "--nocompare_ar", f"--prompts={prompts}", f"--output={output}", *flags]
+def _default_sample(output, k):
+  """The default command as a user runs it (the embedded pair, in float32 as the default config
+  loads it, its 6 prompts, 4 slots, temperature, top-p and 64 new tokens, on one CPU device),
+  at a fixed K."""
+  return ["launch.sample", f"--output={output}", "--nocompare_ar",
+          "--config.engine.adaptive_k=False", f"--config.engine.k={k}"]
+
+
+@pytest.fixture(scope="module")
+def default_runs(request, tmp_path_factory):
+  """The default command, uninterrupted, at K = 4 and (where
+  test_the_default_config_writes_the_same_texts_at_any_k runs) without speculation, one after
+  the other in one process, each as `python -m launch.sample` runs it (tests/run_launchers.py):
+  {K: its output's lines}."""
+  tmp = tmp_path_factory.mktemp("default_runs")
+  ks = [4] + [0] * _selected(request, "test_the_default_config_writes_the_same_texts_at_any_k")[
+      "test_the_default_config_writes_the_same_texts_at_any_k"]
+  runs = _launch_in_one_process(tmp, [_default_sample(tmp / f"k{k}.jsonl", k) for k in ks],
+                                _env(devices=1))
+  for k, run in zip(ks, runs):
+    assert run["rc"] == 0, run["log"][-3000:]
+  return {k: _read(tmp / f"k{k}.jsonl") for k in ks}
 
 
 @pytest.mark.slow  # two launcher runs with the real pair: ~15-30 s on 2 cores
-def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
-  # Given the default command as a user runs it (the embedded pair, in float32 as the default
-  # config loads it, its prompts, temperature, top-p and 64 new tokens, on one CPU device),
-  # when it runs once at K = 4 and once without speculation (one after the other in one
-  # process, each as `python -m launch.sample` runs it: tests/run_launchers.py),
-  commands = [["launch.sample", f"--output={tmp_path / f'k{k}.jsonl'}", "--nocompare_ar",
-               "--config.engine.adaptive_k=False", f"--config.engine.k={k}"] for k in (4, 0)]
-  (tmp_path / "commands.json").write_text(json.dumps(commands))
-  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
-                  str(tmp_path / "commands.json"), str(tmp_path / "results.jsonl")],
-                 cwd=REPO, env=_env(devices=1), check=True, timeout=600)
-  runs = _read(tmp_path / "results.jsonl")
-  assert [r["rc"] for r in runs] == [0, 0], runs[-1]["log"][-3000:]
-  lines = [_read(tmp_path / f"k{k}.jsonl") for k in (4, 0)]
+def test_the_default_config_writes_the_same_texts_at_any_k(default_runs):
+  # Given the default command as a user runs it, when it runs once at K = 4 and once without
+  # speculation,
+  lines = [default_runs[k] for k in (4, 0)]
   assert [{r["stats"]["k"] for r in run} for run in lines] == [{4}, {0}]  # each its own K
   texts = [{r["id"]: (r["tokens"], r["text"]) for r in run} for run in lines]
   # then both wrote the same text for every prompt (in bfloat16, 3 of these 6 texts split on a
@@ -558,24 +565,22 @@ def test_the_default_config_writes_the_same_texts_at_any_k(tmp_path):
   assert len(texts[0]) == 6 and texts[0] == texts[1]
 
 
-def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
-  prompts, n = tmp_path / "prompts.jsonl", 16
-  _write_prompts(prompts, n)
-  # One device: what is checked is the output file across a kill, not the mesh (sampling on 1x8
-  # is the tests' above and test_multihost's), and each launch compiles and runs cheaper.
+def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(default_runs, tmp_path):
+  # Given the output of the default command, uninterrupted, at K = 4 (one device: what is
+  # checked is the output file across a kill, not the mesh; sampling on 1x8 is the tests' above
+  # and test_multihost's),
+  expected = {r["id"]: r for r in default_runs[4]}
+  n = len(expected)
+  assert n == 6
   env = _env(devices=1)
-  # Given the output of an uninterrupted run at K = 4,
-  reference = tmp_path / "reference.jsonl"
-  subprocess.run(_sample_cmd(prompts, reference), cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=300)
-  expected = {r["id"]: r for r in _read(reference)}
-  assert len(expected) == n
-  # when a run at K = 1 (the default coupling, gumbel, makes the text independent of K) is
-  # SIGKILLed as soon as its first batch is on disk,
+  # when a run of the same command without speculation (the default coupling, gumbel, makes the
+  # text independent of K; its programs are in the suite's compilation cache where the test
+  # above ran) is SIGKILLed as soon as its first lines are on disk (its 4 slots finish 4
+  # prompts about together; the last 2 then take 64 more steps),
   output = tmp_path / "out.jsonl"
-  at_k1 = ("--config.engine.k=1",)
-  proc = subprocess.Popen(_sample_cmd(prompts, output, *at_k1), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  command = [sys.executable, "-m", *_default_sample(output, 0)]
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -590,19 +595,19 @@ def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(tmp_path):
   assert 2 <= written < n, f"the kill landed after {written} of {n} lines"
   # (and, as a kill in the middle of a write would, leaves a torn last line),
   with open(output, "ab") as f:
-    f.write(b'{"id": "p15", "prompt": "def f15(x')
+    f.write(b'{"id": 5, "prompt": "def read_json(pa')
   # then a restart finishes the rest, keeping the lines already written as they were: every id
   # exactly once, each with the tokens and text of the uninterrupted run at K = 4,
-  subprocess.run(_sample_cmd(prompts, output, *at_k1), cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=300)
+  subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
   assert output.read_bytes().startswith(before_kill[:before_kill.rindex(b"\n") + 1])
   lines = _read(output)
   assert sorted(r["id"] for r in lines) == sorted(expected)
   text = lambda r: (r["id"], r["prompt"], r["tokens"], r["text"])
   assert sorted(map(text, lines)) == sorted(map(text, expected.values()))
-  # and every line, before the kill or after, records the same settings: those of K = 1.
-  k1 = dict(expected["p0"]["settings"], k=1)
-  assert all(r["settings"] == k1 and r["stats"]["k"] == 1 for r in lines)
+  # and every line, before the kill or after, records the same settings: those of K = 0 (which
+  # runs no draft).
+  k0 = dict(expected[0]["settings"], k=0, draft=None)
+  assert all(r["settings"] == k0 and r["stats"]["k"] == 0 for r in lines)
 
 
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -627,8 +627,14 @@ def test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once(default_ru
 
 
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-# The plans of the tests below, by test: each its launch.plan flags.
+# The tiny target with a vision encoder, a multimodal draft (its own encoder) and 3 image blocks
+# in each row's prompt, on 2x8: two tests' plan.
+_TINY_2X8 = ["--config=configs/tiny_random.py", "--topology=2x8", "--batch=2", "--context=128",
+             "--config.sampling.max_new_tokens=16", "--config.model.preset=tiny_vision",
+             "--config.draft.preset=tiny_vision", "--images=3"]
+# The plans of the tests below, by name (a test's, or tiny_2x8): each its launch.plan flags.
 _PLANS = {
+    "tiny_2x8": _TINY_2X8,
     "test_plan_chinchilla_70b_on_16_devices": [
         "--config=configs/chinchilla_70b.py", "--topology=1x16", "--batch=1", "--context=2048"],
     "test_plan_compiles_for_a_tpu_and_estimates_speed": [
@@ -647,25 +653,38 @@ _PLANS = {
 def plans(request, tmp_path_factory):
   """The plans of _PLANS that this session's tests ask for, one after another in one process
   as `python -m launch.plan` runs each (each compiles programs of its own: a process each would
-  add only its start-up), at XLA:TPU's default compile effort: a function of a test's name
-  that returns its plan's run ({"rc", "log"}) and report."""
+  add only its start-up), at XLA:TPU's default compile effort, all with the persistent
+  compilation cache the config names (not JAX's env var), a fresh one that tiny_2x8, first,
+  starts: a function of a plan's name that returns its run ({"rc", "log"}) and report; its
+  `cache` the cache's directory."""
   tmp = tmp_path_factory.mktemp("plans")
-  wanted = [name for name, chosen in _selected(request, *_PLANS).items() if chosen
-            and (_HAS_LIBTPU or name != "test_plan_compiles_for_a_tpu_and_estimates_speed")]
-  # A plan run alone asks for the CPU devices its mesh needs; in a shared process they are the
-  # process's, from the start: 16, the largest mesh's (a 1x8 mesh takes 8 of them).
-  env = _env(devices=16)
-  # launch.plan --tpu loads libtpu (no TPU attached; other tests' processes may hold it too).
-  env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
-             TPU_WORKER_HOSTNAMES="localhost")
-  commands = [["launch.plan", *_PLANS[name], f"--output_json={tmp / name}.json"]
-              for name in wanted]
-  runs = dict(zip(wanted, _launch_in_one_process(tmp, commands, env)))
+  cache = tmp / "compile_cache"
+  tiny = {"test_plan_tiny_on_2x8_reports_memory",
+          "test_second_plan_loads_its_program_from_the_compile_cache"}
+  chosen = _selected(request, *_PLANS, *tiny)
+  wanted = (["tiny_2x8"] if any(chosen[name] for name in tiny) else []) + [
+      name for name in _PLANS if chosen[name]
+      and (_HAS_LIBTPU or name != "test_plan_compiles_for_a_tpu_and_estimates_speed")]
+  commands = [["launch.plan", *_PLANS[name], f"--config.run.compile_cache={cache}",
+               f"--output_json={tmp / name}.json"] for name in wanted]
+  runs = dict(zip(wanted, _launch_in_one_process(tmp, commands, _plan_env(devices=16))))
 
   def plan(name):
     assert runs[name]["rc"] == 0, runs[name]["log"][-3000:]
     return runs[name], json.loads((tmp / f"{name}.json").read_text())
+  plan.cache = cache
   return plan
+
+
+def _plan_env(devices):
+  # A plan run alone asks for the CPU devices its mesh needs; in a shared process they are the
+  # process's, from the start: 16, the largest mesh's (a 1x8 mesh takes 8 of them).
+  env = _env(devices)
+  del env["JAX_COMPILATION_CACHE_DIR"]  # the config's run.compile_cache: the one tested
+  # launch.plan --tpu loads libtpu (no TPU attached; other tests' processes may hold it too).
+  env.update(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-8",
+             TPU_WORKER_HOSTNAMES="localhost")
+  return env
 
 
 @pytest.mark.slow
@@ -684,34 +703,28 @@ def test_plan_chinchilla_70b_on_16_devices(plans):
 
 
 @pytest.fixture(scope="module")
-def tiny_plan_2x8(tmp_path_factory):
-  """The tiny target with a vision encoder, a multimodal draft (its own encoder) and 3 image
-  blocks in each row's prompt, planned on 2x8 with the compilation cache the config names (not
-  JAX's env var): (a function that runs the plan again, (the first run, its report), the
-  cache)."""
+def tiny_plan_2x8(plans, tmp_path_factory):
+  """The _TINY_2X8 plan, the first in the plans' process (it filled their compilation cache
+  from empty): (a function that runs it again in a fresh process, as a user's second
+  `python -m launch.plan` would, (the first run, its report), the cache)."""
   tmp = tmp_path_factory.mktemp("tiny_plan")
-  cache = tmp / "compile_cache"
-  env = _env(devices=1)
-  del env["JAX_COMPILATION_CACHE_DIR"]
 
-  def plan(name):
-    report_path = tmp / f"{name}.json"
+  def again():
+    report_path = tmp / "again.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.plan", "--config=configs/tiny_random.py",
-         "--topology=2x8", "--batch=2", "--context=128", "--config.sampling.max_new_tokens=16",
-         "--config.model.preset=tiny_vision", "--config.draft.preset=tiny_vision", "--images=3",
-         f"--config.run.compile_cache={cache}", f"--output_json={report_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "launch.plan", *_TINY_2X8,
+         f"--config.run.compile_cache={plans.cache}", f"--output_json={report_path}"],
+        cwd=REPO, env=_plan_env(devices=1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, json.loads(report_path.read_text())
+    return json.loads(report_path.read_text())
 
-  return plan, plan("first"), cache
+  return again, plans("tiny_2x8"), plans.cache
 
 
 def test_plan_tiny_on_2x8_reports_memory(tiny_plan_2x8):
   # Given the tiny target with a vision encoder, a multimodal draft (its own encoder) and 3
   # image blocks in each row's prompt,
-  _, (proc, report), _ = tiny_plan_2x8
+  _, (run, report), _ = tiny_plan_2x8
   assert report["mesh"] == {"data": 2, "model": 8}
   assert report["compiled"]["total"] > 0 and all(report["fits"].values())
   # then each encoder's own program is planned over the batch's 6 images, its weights counted
@@ -726,8 +739,8 @@ def test_plan_tiny_on_2x8_reports_memory(tiny_plan_2x8):
   # (all weights stay resident while one encoder runs)
   assert e["need"] - e["total"] == weights["target"] + weights["draft"] - e["weights"]
   assert d["need"] - d["total"] == weights["target"] + weights["draft"] - d["weights"]
-  assert "vision encoder, its own program" in proc.stdout
-  assert "the draft's vision encoder, its own program" in proc.stdout
+  assert "vision encoder, its own program" in run["log"]
+  assert "the draft's vision encoder, its own program" in run["log"]
   # More image blocks than the prompt holds, or images for a text-only model: refused before
   # anything compiles.
   from configs import tiny_random
@@ -768,12 +781,13 @@ def test_plan_compiles_for_a_tpu_and_estimates_speed(plans):
 
 
 def test_second_plan_loads_its_program_from_the_compile_cache(tiny_plan_2x8):
-  # Given a plan that ran with the persistent compilation cache the config names (the tiny
-  # vision pair's: its decode program and its encoders' program, the same for both encoders),
-  plan, (_, report), cache = tiny_plan_2x8
+  # Given a plan that ran with the persistent compilation cache the config names, empty before
+  # (the tiny vision pair's: its decode program and its encoders' program, the same for both
+  # encoders; the plans after it in its process stored theirs there too),
+  plan_again, (_, report), cache = tiny_plan_2x8
   first, files = report["compile_cache"], sorted(os.listdir(cache))
-  # when the same plan runs again,
-  _, again = plan("second")
+  # when the same plan runs again in a fresh process,
+  again = plan_again()
   second = again["compile_cache"]
   # then the first compiled and stored its programs (the draft's encoder loaded the target's),
   # and the second loads every one of them.

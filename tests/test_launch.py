@@ -480,12 +480,9 @@ LATE_MISTAKES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def mistake_runs(tmp_path_factory):
-  """USER_MISTAKES then LATE_MISTAKES, each run as `python -m launch.X` runs it, one after
-  another in one process (tests/run_launchers.py: the launchers' flag parsing and main, not an
-  interpreter and a JAX start each), in one directory (OUT) that holds what LATE_MISTAKES name."""
-  out = tmp_path_factory.mktemp("mistakes")
+def _mistake_commands(out):
+  """USER_MISTAKES then LATE_MISTAKES in one directory (OUT) that holds what LATE_MISTAKES
+  name."""
   (out / "a_file").write_text("")
   (out / "hf").mkdir()
   (out / "hf" / "config.json").write_text(json.dumps(dict(
@@ -496,15 +493,42 @@ def mistake_runs(tmp_path_factory):
   from spec_tpu.models import config as config_lib, model
   cfg = config_lib.get_preset("tiny").replace(tokenizer="bytes")
   checkpoint.save(out / "bytes_model", model.init_params(cfg, jax.random.key(0)), cfg)
-  commands = [[a.replace("OUT", str(out)) for a in argv]
-              for argv, _ in USER_MISTAKES + LATE_MISTAKES]
-  (out / "commands.json").write_text(json.dumps(commands))
-  subprocess.run([sys.executable, os.path.join(REPO, "tests", "run_launchers.py"),
-                  str(out / "commands.json"), str(out / "results.jsonl")],
-                 cwd=REPO, env=_env(devices=1), check=True, timeout=600)
-  runs = _read(out / "results.jsonl")
-  assert len(runs) == len(commands)
-  return out, runs
+  return [[a.replace("OUT", str(out)) for a in argv]
+          for argv, _ in USER_MISTAKES + LATE_MISTAKES]
+
+
+@pytest.fixture(scope="module")
+def one_device_launches(request, tmp_path_factory):
+  """The launcher runs on one device that this session's tests ask for, one after another in
+  one process, each as `python -m launch.X` runs it (tests/run_launchers.py: the launchers'
+  flag parsing and main, not an interpreter and a JAX start each): first the mistakes (OUT, and
+  each command's run: {"rc", "log"}), then the default command, uninterrupted, at K = 4 and
+  (where test_the_default_config_writes_the_same_texts_at_any_k runs) without speculation
+  ({K: its output's lines})."""
+  tmp = tmp_path_factory.mktemp("one_device")
+  chosen = _selected(request, "test_user_mistakes_end_in_one_line_not_a_traceback",
+                     "test_late_mistakes_end_in_one_line_before_any_work",
+                     "test_the_default_config_writes_the_same_texts_at_any_k",
+                     "test_sigkilled_run_resumes_and_finishes_every_prompt_exactly_once")
+  names = list(chosen)
+  out = tmp / "mistakes"
+  out.mkdir()
+  mistakes = (_mistake_commands(out) if chosen[names[0]] or chosen[names[1]] else [])
+  ks = ([4] if chosen[names[2]] or chosen[names[3]] else []) + [0] * chosen[names[2]]
+  runs = _launch_in_one_process(
+      tmp, mistakes + [_default_sample(tmp / f"k{k}.jsonl", k) for k in ks], _env(devices=1))
+  samples = {}
+  for k, run in zip(ks, runs[len(mistakes):]):
+    assert run["rc"] == 0, run["log"][-3000:]
+    samples[k] = _read(tmp / f"k{k}.jsonl")
+  return (out, runs[:len(mistakes)]), samples
+
+
+@pytest.fixture(scope="module")
+def mistake_runs(one_device_launches):
+  """USER_MISTAKES then LATE_MISTAKES, each run as `python -m launch.X` runs it, one after
+  another in one process: (OUT, each command's run)."""
+  return one_device_launches[0]
 
 
 def test_a_mistake_in_a_fresh_interpreter_prints_one_line():
@@ -554,19 +578,11 @@ def _default_sample(output, k):
 
 
 @pytest.fixture(scope="module")
-def default_runs(request, tmp_path_factory):
+def default_runs(one_device_launches):
   """The default command, uninterrupted, at K = 4 and (where
   test_the_default_config_writes_the_same_texts_at_any_k runs) without speculation, one after
-  the other in one process, each as `python -m launch.sample` runs it (tests/run_launchers.py):
-  {K: its output's lines}."""
-  tmp = tmp_path_factory.mktemp("default_runs")
-  ks = [4] + [0] * _selected(request, "test_the_default_config_writes_the_same_texts_at_any_k")[
-      "test_the_default_config_writes_the_same_texts_at_any_k"]
-  runs = _launch_in_one_process(tmp, [_default_sample(tmp / f"k{k}.jsonl", k) for k in ks],
-                                _env(devices=1))
-  for k, run in zip(ks, runs):
-    assert run["rc"] == 0, run["log"][-3000:]
-  return {k: _read(tmp / f"k{k}.jsonl") for k in ks}
+  the other in one process: {K: its output's lines}."""
+  return one_device_launches[1]
 
 
 @pytest.mark.slow  # two launcher runs with the real pair: ~15-30 s on 2 cores

@@ -8,6 +8,7 @@ import functools
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.models import model
 from spec_tpu.models.vision import image as image_lib
 from spec_tpu.models.vision import prompt as prompt_lib
+from spec_tpu.models.vision import siglip
 from spec_tpu.models.vision.config import VisionConfig
 from spec_tpu.sharding import REPLICATED, make_mesh
 
@@ -31,10 +33,17 @@ TEXT = (3, VISION.start_id)  # 9 tokens laid out: the law enumerates 9 + 5
 IMAGE = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)  # not square
 
 
+def _vision_params(cfg, key):
+  # What model.init_params(cfg, key) adds for the encoder; the text weights come from
+  # test_exactness's (already made) params rather than being drawn again.
+  return siglip.init_params(cfg.vision, cfg.d_model, jax.random.fold_in(key, 1),
+                            jnp.dtype(cfg.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def target_params():
   # Same text weights as test_exactness's target (same key), so its draft drafts for this one.
-  return ex._scaled(model.init_params(TARGET, jax.random.key(1)))
+  return {**ex.target_params(), "vision": _vision_params(TARGET, jax.random.key(1))}
 
 
 def _soft(image):
@@ -53,7 +62,7 @@ MM_DRAFT = ex.DRAFT.replace(name="exact_vision_draft", vision=VISION.replace(wid
 
 @functools.lru_cache(maxsize=None)
 def mm_draft_params():
-  return {**ex.draft_params(), "vision": model.init_params(MM_DRAFT, jax.random.key(5))["vision"]}
+  return {**ex.draft_params(), "vision": _vision_params(MM_DRAFT, jax.random.key(5))}
 
 
 @pytest.fixture(scope="module")
@@ -153,36 +162,75 @@ def test_law_given_the_image_with_a_multimodal_draft_on_a_2x4_mesh():
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
 
 
+# The reference below: the target without cache or sampler, encoder and decoder in one program
+# whose shapes fit every call (rows right-padded: the logits read are causal, before the pad).
+REF_ROWS, REF_LEN, REF_IMAGES = 8, 32, 4
+
+
+@jax.jit
+def _last_logits_device(params, ids_bt, last_b, pixels_bnhwc):
+  b, n = pixels_bnhwc.shape[:2]
+  soft = model.encode_images(params, TARGET, pixels_bnhwc.reshape(
+      (b * n,) + pixels_bnhwc.shape[2:]))
+  logits = model.forward_full(params, TARGET, ids_bt, soft=soft.reshape(b, -1, TARGET.d_model))
+  return logits[jnp.arange(b), last_b]
+
+
+def last_logits(rows):
+  """The target's next-token logits after each row: (laid-out ids, the images of its blocks)."""
+  ids = np.zeros((REF_ROWS, REF_LEN), np.int32)
+  last = np.zeros(REF_ROWS, np.int32)
+  size = VISION.image_size
+  pixels = np.zeros((REF_ROWS, REF_IMAGES, size, size, 3), np.float32)
+  for i, (row_ids, images) in enumerate(rows):
+    ids[i, :len(row_ids)], last[i] = row_ids, len(row_ids) - 1
+    for j, img in enumerate(images):
+      pixels[i, j] = image_lib.prepare(img, size)
+  return np.asarray(_last_logits_device(target_params(), ids, last, pixels))[:len(rows)]
+
+
 def test_the_image_changes_the_law():
   """Not vacuous: another image gives another next-token law (the suite above would notice an
   image dropped or misplaced)."""
   other = np.random.default_rng(1).integers(0, 256, (14, 14, 3), dtype=np.uint8)
-  ids = np.asarray([prompt_lib.expand(TEXT, 1, VISION)])
-  first = [jax.nn.softmax(model.forward_full(target_params(), TARGET, ids, soft=_soft(img))[0, -1])
-           for img in (IMAGE, other)]
-  assert np.max(np.abs(np.asarray(first[0]) - np.asarray(first[1]))) > 0.02
+  ids = prompt_lib.expand(TEXT, 1, VISION)
+  first = np.asarray(jax.nn.softmax(last_logits([(ids, [IMAGE]), (ids, [other])])))
+  assert np.max(np.abs(first[0] - first[1])) > 0.02
+
+
+WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
+CROP_TEXT = ([4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
+# Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the original
+# and 2 crops; the others have none, so for them it is off): the greedy and the engine tests ask
+# their questions of these, so the speculative program (K = 3, these rows, their prompt bucket
+# and soft tokens) is compiled once for both.
+_small = functools.partial(np.random.default_rng(3).integers, 0, 256, (10, 30, 3), np.uint8)
+MIXED_PROMPTS = [(3, VISION.start_id, 1), (1, 2, 3, 4), (VISION.start_id, 0, VISION.start_id),
+                 (5, VISION.start_id), (2, 2), (VISION.start_id,)]
+MIXED_IMAGES = [[_small()], [], [_small(), _small()], [_small()], [], [WIDE]]
+MIXED_NEW = 8
 
 
 def test_greedy_speculative_equals_greedy_autoregressive(single, multimodal):
-  rng = np.random.default_rng(2)
-  img = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
-  s = VISION.start_id
-  prompts = [(3, s, 1), (s, 0, s), (1, 2, 3), (s, 4)]  # one prompt bucket (16)
-  images = [[img()], [img(), img()], [], [img()]]
   greedy = SamplingParams(temperature=0.0)
-  ar = single.generate(prompts, images=images, max_new_tokens=10, k=0, sampling=greedy)
-  spec = single.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
-  assert ar.tokens == spec.tokens
-  mm = multimodal.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
-  assert ar.tokens == mm.tokens
-  # The rows' prefill logits are the model's given each row's own images.
-  for i, (p, row) in enumerate(zip(prompts, images)):
-    ids = np.asarray([prompt_lib.expand(p, len(row), VISION)])
-    soft = (model.encode_images(target_params(), TARGET,
-                                np.stack([image_lib.prepare(x, 14) for x in row]))
-            .reshape(1, -1, TARGET.d_model) if row else None)
-    logits = model.forward_full(target_params(), TARGET, ids, soft=soft)[0, -1]
-    assert ar.tokens[i][0] == int(np.argmax(logits)), i
+  run = lambda sampler, k: sampler.generate(  # noqa: E731
+      MIXED_PROMPTS, images=MIXED_IMAGES, max_new_tokens=MIXED_NEW, k=k, sampling=greedy,
+      pan_and_scan=CROP_TEXT).tokens
+  ar = run(single, 0)
+  assert run(single, 3) == ar
+  assert run(multimodal, 3) == ar
+  # The rows' prefill logits are the model's given each row's own images (the wide one's
+  # original and crops laid out by hand, as the caller would write them).
+  s, rows = VISION.start_id, []
+  for p, row in zip(MIXED_PROMPTS, MIXED_IMAGES):
+    if row and row[0] is WIDE:
+      assert p == (s,)
+      p = CROP_TEXT[0] + [s] + CROP_TEXT[1] + [s] + CROP_TEXT[2] + [s]
+      row = image_lib.pan_and_scan(WIDE)
+    rows.append((prompt_lib.expand(p, len(row), VISION), row))
+  assert len(rows[-1][1]) == 3
+  logits = last_logits(rows)
+  assert [t[0] for t in ar] == np.argmax(logits, axis=-1).tolist()
 
 
 def _png(image) -> bytes:
@@ -233,29 +281,18 @@ def test_image_misuse_is_refused(single):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
 
 
-WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
-CROP_TEXT = ([4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
-
-
 def test_engine_serves_image_and_text_requests_side_by_side(single):
-  """Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the
-  original and 2 crops), inserted together and behind each other (rows at other positions),
+  """The mixed requests, inserted together and behind each other (rows at other positions),
   give each seeded request the tokens Sampler.generate gives its row."""
   from spec_tpu.serving.engine import ContextLengthError, Engine
   from spec_tpu.serving.request import GenerationParams
-  rng = np.random.default_rng(3)
-  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731 - no crops
-  s = VISION.start_id
-  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2), (s,)]
-  images = [[img()], [], [img(), img()], [img()], [], [WIDE]]
-  seed = 77
-  # Pan & Scan for every row here; only the wide image has crops, so for the others it is off.
-  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed,
-                         pan_and_scan=CROP_TEXT).tokens
+  s, seed = VISION.start_id, 77
+  want = single.generate(MIXED_PROMPTS, images=MIXED_IMAGES, max_new_tokens=MIXED_NEW, k=3,
+                         seed=seed, pan_and_scan=CROP_TEXT).tokens
   engine = Engine(single.pair, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
-  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im,
-                            pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
-              for i, (p, im) in enumerate(zip(prompts, images))]
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=MIXED_NEW, seed=seed + i * 2**32),
+                            im, pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
+              for i, (p, im) in enumerate(zip(MIXED_PROMPTS, MIXED_IMAGES))]
   assert len(requests[-1].prompt) == 3 * VISION.block_len + 3 and len(requests[-1].images) == 3
   while engine.step():
     pass
@@ -263,7 +300,7 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
   with pytest.raises(ValueError, match="image 0 is not in an image format"):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
   with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
-    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
+    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [_small()] * 4)
   with pytest.raises(ValueError, match=r"pan_and_scan's words has token ids outside"):
     engine.submit((s,), GenerationParams(max_new_tokens=2), [WIDE], pan_and_scan=([4], [99], []))
   assert engine.queue_length == 0

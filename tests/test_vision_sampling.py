@@ -199,16 +199,32 @@ def test_the_image_changes_the_law():
 
 
 WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
-CROP_TEXT = ([4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
+CROP_TEXT = ([3, 4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
 # Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the original
-# and 2 crops; the others have none, so for them it is off): the greedy and the engine tests ask
-# their questions of these, so the speculative program (K = 3, these rows, their prompt bucket
-# and soft tokens) is compiled once for both.
+# and 2 crops; the others have none, so for them it is off): the greedy, Pan & Scan and engine
+# tests ask their questions of these, so each program (K = 0 and K = 3, these rows, their prompt
+# bucket and soft tokens) is compiled once for all of them.
 _small = functools.partial(np.random.default_rng(3).integers, 0, 256, (10, 30, 3), np.uint8)
 MIXED_PROMPTS = [(3, VISION.start_id, 1), (1, 2, 3, 4), (VISION.start_id, 0, VISION.start_id),
-                 (5, VISION.start_id), (2, 2), (VISION.start_id,)]
+                 (5, VISION.start_id), (2, 2), TEXT]
 MIXED_IMAGES = [[_small()], [], [_small(), _small()], [_small()], [], [WIDE]]
 MIXED_NEW = 8
+
+
+def _by_hand():
+  """The mixed requests with the wide image's crops laid out as a caller would write them
+  without pan_and_scan: Pan & Scan's words around start_of_image marks, the crops passed as
+  images after the original."""
+  s, prompts, images = VISION.start_id, [], []
+  for p, row in zip(MIXED_PROMPTS, MIXED_IMAGES):
+    if row and row[0] is WIDE:
+      assert p == TEXT
+      p = [3] + CROP_TEXT[0] + [s] + CROP_TEXT[1] + [s] + CROP_TEXT[2] + [s]
+      row = image_lib.pan_and_scan(WIDE)
+      assert len(row) == 3
+    prompts.append(list(p))
+    images.append(list(row))
+  return prompts, images
 
 
 def test_greedy_speculative_equals_greedy_autoregressive(single, multimodal):
@@ -220,16 +236,9 @@ def test_greedy_speculative_equals_greedy_autoregressive(single, multimodal):
   assert run(single, 3) == ar
   assert run(multimodal, 3) == ar
   # The rows' prefill logits are the model's given each row's own images (the wide one's
-  # original and crops laid out by hand, as the caller would write them).
-  s, rows = VISION.start_id, []
-  for p, row in zip(MIXED_PROMPTS, MIXED_IMAGES):
-    if row and row[0] is WIDE:
-      assert p == (s,)
-      p = CROP_TEXT[0] + [s] + CROP_TEXT[1] + [s] + CROP_TEXT[2] + [s]
-      row = image_lib.pan_and_scan(WIDE)
-    rows.append((prompt_lib.expand(p, len(row), VISION), row))
-  assert len(rows[-1][1]) == 3
-  logits = last_logits(rows)
+  # original and crops laid out by hand).
+  logits = last_logits([(prompt_lib.expand(p, len(row), VISION), row)
+                        for p, row in zip(*_by_hand())])
   assert [t[0] for t in ar] == np.argmax(logits, axis=-1).tolist()
 
 
@@ -289,18 +298,19 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
   s, seed = VISION.start_id, 77
   want = single.generate(MIXED_PROMPTS, images=MIXED_IMAGES, max_new_tokens=MIXED_NEW, k=3,
                          seed=seed, pan_and_scan=CROP_TEXT).tokens
-  engine = Engine(single.pair, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
+  engine = Engine(single.pair, num_slots=3, max_len=48, k=3, adaptive_k=False, prefill_rows=2)
   requests = [engine.submit(p, GenerationParams(max_new_tokens=MIXED_NEW, seed=seed + i * 2**32),
                             im, pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
               for i, (p, im) in enumerate(zip(MIXED_PROMPTS, MIXED_IMAGES))]
-  assert len(requests[-1].prompt) == 3 * VISION.block_len + 3 and len(requests[-1].images) == 3
+  assert len(requests[-1].prompt) == 3 * VISION.block_len + 1 + sum(map(len, CROP_TEXT))
+  assert len(requests[-1].images) == 3
   while engine.step():
     pass
   assert [r.result().tokens for r in requests] == want
   with pytest.raises(ValueError, match="image 0 is not in an image format"):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
-  with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
-    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [_small()] * 4)
+  with pytest.raises(ContextLengthError, match="prompt of 40 tokens"):  # 5 blocks of 8
+    engine.submit((s,) * 5, GenerationParams(max_new_tokens=8), [_small()] * 5)
   with pytest.raises(ValueError, match=r"pan_and_scan's words has token ids outside"):
     engine.submit((s,), GenerationParams(max_new_tokens=2), [WIDE], pan_and_scan=([4], [99], []))
   assert engine.queue_length == 0
@@ -308,18 +318,16 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
 
 def test_pan_and_scan_reads_an_image_as_the_original_then_its_crops(single):
   """With pan_and_scan, a wide image is read as the original and its crops, in the layout the
-  prompt gets when the caller writes the crop text and passes the crops as images itself."""
-  wide, crop_text = WIDE, ([3, 4], [5], [3])
-  views = image_lib.pan_and_scan(wide)
-  assert len(views) == 3
-  by_hand = ([3] + crop_text[0] + [VISION.start_id] + crop_text[1] + [VISION.start_id]
-             + crop_text[2] + [VISION.start_id])
-  got = single.generate([TEXT], images=[[wide]], pan_and_scan=crop_text, max_new_tokens=3)
-  want = single.generate([by_hand], images=[views], max_new_tokens=3)
+  prompt gets when the caller writes the crop text and passes the crops as images itself (the
+  mixed requests; the other rows' images have no crops)."""
+  by_hand, views = _by_hand()
+  got = single.generate(MIXED_PROMPTS, images=MIXED_IMAGES, pan_and_scan=CROP_TEXT,
+                        max_new_tokens=MIXED_NEW)
+  want = single.generate(by_hand, images=views, max_new_tokens=MIXED_NEW)
   assert got.tokens == want.tokens
-  ids, soft = single._with_images([TEXT], [[wide]], crop_text)
-  ids_by_hand, soft_by_hand = single._with_images([by_hand], [views])
-  assert ids == ids_by_hand and ids[0].count(VISION.image_id) == 3 * VISION.num_soft_tokens
+  ids, soft = single._with_images(MIXED_PROMPTS, MIXED_IMAGES, CROP_TEXT)
+  ids_by_hand, soft_by_hand = single._with_images(by_hand, views)
+  assert ids == ids_by_hand and ids[-1].count(VISION.image_id) == 3 * VISION.num_soft_tokens
   np.testing.assert_array_equal(soft(False), soft_by_hand(False))
   # Off by default: one block, the original's.
-  assert single._with_images([TEXT], [[wide]])[0] == [prompt_lib.expand(TEXT, 1, VISION)]
+  assert single._with_images([TEXT], [[WIDE]])[0] == [prompt_lib.expand(TEXT, 1, VISION)]

@@ -189,14 +189,18 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [9, 8, 7, 3, 3, 1, 0, 2], [
 
 
 def _numpy_params(cfg, seed):
-  """Random weights of model.init_params' shapes, each leaf normal over the square root of its
-  second-to-last dimension (about its fan-in), drawn by numpy: jitting model.init_params for
-  these models costs ~4 CPU-s of XLA compile, and these tests need weights, not that law."""
+  """Random weights as model.init_params makes them (identity norms, layer scalars 1, the rest
+  normal over sqrt(d_model)), drawn by numpy: jitting model.init_params for these models costs
+  ~4 CPU-s of XLA compile."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-  return jax.tree.map(lambda s: (rng.standard_normal(s.shape)
-                                 / np.sqrt(s.shape[-2] if s.ndim > 1 else 4)).astype(s.dtype),
-                      shapes)
+
+  def draw(path, s):
+    name = str(path[-1].key)
+    if name == "layer_scalar" or name.endswith("norm"):  # (1 + scale) norms: the identity at 0
+      return np.full(s.shape, 0.0 if name.endswith("norm") and cfg.norm_plus_one else 1.0, s.dtype)
+    return (rng.standard_normal(s.shape) / np.sqrt(cfg.d_model)).astype(s.dtype)
+  return jax.tree_util.tree_map_with_path(
+      draw, jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0))))
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,13 @@ _forward = jax.jit(model.forward, static_argnums=1, static_argnames="chunk")
 _prefill = jax.jit(model.prefill, static_argnums=(1, 5))
 
 
+def _encoded(params, cfg, images):
+  """Soft tokens of up to PROMPTS' most images, through one encoder program (padded)."""
+  pixels = np.zeros((max(c for _, c in PROMPTS),) + images.shape[1:], np.float32)
+  pixels[:len(images)] = images
+  return np.asarray(_encode_images(params, cfg, jnp.asarray(pixels)))[:len(images)]
+
+
 @pytest.mark.parametrize("row", [0, 1], ids=["one_image", "two_images"])
 def test_logits_match_transformers(converted, row):
   """Whole-sequence logits, and the cached forward in chunks that cut image blocks. Both rows
@@ -140,9 +147,9 @@ def test_logits_match_transformers(converted, row):
   images = _images(n, 10 + row)
   want = _want_logits(m, ids, images)
   most = max(c for _, c in PROMPTS)
-  pixels = np.zeros((most,) + images.shape[1:], np.float32)
-  pixels[:n] = images
-  soft = _encode_images(params, cfg, jnp.asarray(pixels)).reshape(1, most * 4, cfg.d_model)
+  soft = np.zeros((most, 4, cfg.d_model), np.float32)
+  soft[:n] = _encoded(params, cfg, images)
+  soft = jnp.asarray(soft.reshape(1, most * 4, cfg.d_model))
   tokens = np.zeros((1, max(len(t) + c * 7 for t, c in PROMPTS)), np.int32)
   tokens[0, :len(ids)] = ids
   got = np.asarray(_forward_full(params, cfg, jnp.asarray(tokens), soft=soft))[0, :len(ids)]
@@ -174,7 +181,7 @@ def test_ragged_batch_prefill_matches_rows_alone(converted):
   m, params, cfg = converted
   rows = [prompt_lib.expand(t, n, cfg.vision) for t, n in PROMPTS]
   images = [_images(n, 10 + i) for i, (_, n) in enumerate(PROMPTS)]
-  soft = np.asarray(_encode_images(params, cfg, jnp.asarray(np.concatenate(images))))
+  soft = np.concatenate([_encoded(params, cfg, x) for x in images])
   soft_rows = prompt_lib.soft_rows(soft, [n for _, n in PROMPTS])
   t = max(map(len, rows))
   tokens = np.zeros((2, t), np.int32)

@@ -169,15 +169,17 @@ CONTINUATIONS = np.array(list(itertools.product(range(V), repeat=L)), np.int32) 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "prompt"))
-def _law_device(params, cfg, temperature, top_p, top_k, prompt=PROMPT, soft=None):
-  n = len(CONTINUATIONS)
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(prompt, jnp.int32), (n, 1)), CONTINUATIONS],
+def _law_device(params, cfg, temperature, top_p, top_k, continuations, prompt=PROMPT, soft=None):
+  # continuations is an argument, not a constant: XLA would constant-fold work on the whole
+  # V**L x tokens array at compile time (13 s for an image prompt's placeholder positions).
+  n = len(continuations)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(prompt, jnp.int32), (n, 1)), continuations],
                            axis=1)
   soft = None if soft is None else jnp.broadcast_to(soft, (n,) + soft.shape[1:])
   # Causal: the logits at prompt end + i depend only on the first i continuation tokens.
   logits = model.forward_full(params, cfg, tokens, soft=soft)[:, len(prompt) - 1:-1]
   probs = sampling.probabilities(logits, temperature, top_k, top_p)
-  step = jnp.take_along_axis(probs, jnp.asarray(CONTINUATIONS)[..., None], axis=-1)[..., 0]
+  step = jnp.take_along_axis(probs, continuations[..., None], axis=-1)[..., 0]
   return jnp.prod(step.astype(jnp.float32), axis=1)
 
 
@@ -188,7 +190,7 @@ def exact_law(temperature=1.0, top_k=0, top_p=1.0, target="attention"):
   top_k = SamplingParams(top_k=top_k).effective_top_k(cfg.num_tokens)
   prompt, soft = _prompt(target)
   law = np.asarray(_law_device(params(), cfg, np.float32(temperature), np.float32(top_p),
-                               top_k, prompt, soft), np.float64)
+                               top_k, CONTINUATIONS, prompt, soft), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((V,) * L)
 

@@ -128,23 +128,36 @@ _forward = jax.jit(model.forward, static_argnums=1, static_argnames="chunk")
 _prefill = jax.jit(model.prefill, static_argnums=(1, 5))
 
 
+def _encoded(params, cfg, images):
+  """Soft tokens of up to PROMPTS' most images, through one encoder program (padded)."""
+  pixels = np.zeros((max(c for _, c in PROMPTS),) + images.shape[1:], np.float32)
+  pixels[:len(images)] = images
+  return np.asarray(_encode_images(params, cfg, jnp.asarray(pixels)))[:len(images)]
+
+
 @pytest.mark.parametrize("row", [0, 1], ids=["one_image", "two_images"])
 def test_logits_match_transformers(converted, row):
-  """Whole-sequence logits, and the cached forward in chunks that cut image blocks."""
+  """Whole-sequence logits, and the cached forward in chunks that cut image blocks. Both rows
+  in one shape (tokens right-padded to the longer prompt's, images to its count: the logits
+  read are causal, before the pad), so each program compiles once for the two."""
   m, params, cfg = converted
   text, n = PROMPTS[row]
   ids = prompt_lib.expand(text, n, cfg.vision)
   assert len(ids) == len(text) + n * 7
   images = _images(n, 10 + row)
   want = _want_logits(m, ids, images)
-  soft = _encode_images(params, cfg, jnp.asarray(images)).reshape(1, n * 4, cfg.d_model)
-  tokens = jnp.asarray([ids], jnp.int32)
-  got = np.asarray(_forward_full(params, cfg, tokens, soft=soft))[0]
+  most = max(c for _, c in PROMPTS)
+  soft = np.zeros((most, 4, cfg.d_model), np.float32)
+  soft[:n] = _encoded(params, cfg, images)
+  soft = jnp.asarray(soft.reshape(1, most * 4, cfg.d_model))
+  tokens = np.zeros((1, max(len(t) + c * 7 for t, c in PROMPTS)), np.int32)
+  tokens[0, :len(ids)] = ids
+  got = np.asarray(_forward_full(params, cfg, jnp.asarray(tokens), soft=soft))[0, :len(ids)]
   assert _rel_err(got, want) < 1e-5
   for chunk in (3, 8):  # a chunk of 3 cuts every block; a cache of 32 slots
     c = cache_lib.init_cache(cfg, 1, 32, 1)
-    got_c, _ = _forward(params, cfg, tokens, c, chunk=chunk, soft=soft)
-    assert _rel_err(np.asarray(got_c)[0], want) < 1e-5, chunk
+    got_c, _ = _forward(params, cfg, jnp.asarray(tokens), c, chunk=chunk, soft=soft)
+    assert _rel_err(np.asarray(got_c)[0, :len(ids)], want) < 1e-5, chunk
 
 
 def test_causal_images_would_differ(converted):
@@ -168,7 +181,7 @@ def test_ragged_batch_prefill_matches_rows_alone(converted):
   m, params, cfg = converted
   rows = [prompt_lib.expand(t, n, cfg.vision) for t, n in PROMPTS]
   images = [_images(n, 10 + i) for i, (_, n) in enumerate(PROMPTS)]
-  soft = np.asarray(_encode_images(params, cfg, jnp.asarray(np.concatenate(images))))
+  soft = np.concatenate([_encoded(params, cfg, x) for x in images])
   soft_rows = prompt_lib.soft_rows(soft, [n for _, n in PROMPTS])
   t = max(map(len, rows))
   tokens = np.zeros((2, t), np.int32)

@@ -8,6 +8,7 @@ import functools
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from spec_tpu.decoding.sampling import SamplingParams
 from spec_tpu.models import model
 from spec_tpu.models.vision import image as image_lib
 from spec_tpu.models.vision import prompt as prompt_lib
+from spec_tpu.models.vision import siglip
 from spec_tpu.models.vision.config import VisionConfig
 from spec_tpu.sharding import REPLICATED, make_mesh
 
@@ -31,10 +33,17 @@ TEXT = (3, VISION.start_id)  # 9 tokens laid out: the law enumerates 9 + 5
 IMAGE = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)  # not square
 
 
+def _vision_params(cfg, key):
+  # What model.init_params(cfg, key) adds for the encoder; the text weights come from
+  # test_exactness's (already made) params rather than being drawn again.
+  return siglip.init_params(cfg.vision, cfg.d_model, jax.random.fold_in(key, 1),
+                            jnp.dtype(cfg.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def target_params():
   # Same text weights as test_exactness's target (same key), so its draft drafts for this one.
-  return ex._scaled(model.init_params(TARGET, jax.random.key(1)))
+  return {**ex.target_params(), "vision": _vision_params(TARGET, jax.random.key(1))}
 
 
 def _soft(image):
@@ -53,7 +62,7 @@ MM_DRAFT = ex.DRAFT.replace(name="exact_vision_draft", vision=VISION.replace(wid
 
 @functools.lru_cache(maxsize=None)
 def mm_draft_params():
-  return {**ex.draft_params(), "vision": model.init_params(MM_DRAFT, jax.random.key(5))["vision"]}
+  return {**ex.draft_params(), "vision": _vision_params(MM_DRAFT, jax.random.key(5))}
 
 
 @pytest.fixture(scope="module")
@@ -153,36 +162,84 @@ def test_law_given_the_image_with_a_multimodal_draft_on_a_2x4_mesh():
   assert p > ex.ALPHA, f"output departs from the target law given the image (p = {p:.2e}; {each})"
 
 
+# The reference below: the target without cache or sampler, encoder and decoder in one program
+# whose shapes fit every call (rows right-padded: the logits read are causal, before the pad).
+REF_ROWS, REF_LEN, REF_IMAGES = 8, 32, 4
+
+
+@jax.jit
+def _last_logits_device(params, ids_bt, last_b, pixels_bnhwc):
+  b, n = pixels_bnhwc.shape[:2]
+  soft = model.encode_images(params, TARGET, pixels_bnhwc.reshape(
+      (b * n,) + pixels_bnhwc.shape[2:]))
+  logits = model.forward_full(params, TARGET, ids_bt, soft=soft.reshape(b, -1, TARGET.d_model))
+  return logits[jnp.arange(b), last_b]
+
+
+def last_logits(rows):
+  """The target's next-token logits after each row: (laid-out ids, the images of its blocks)."""
+  ids = np.zeros((REF_ROWS, REF_LEN), np.int32)
+  last = np.zeros(REF_ROWS, np.int32)
+  size = VISION.image_size
+  pixels = np.zeros((REF_ROWS, REF_IMAGES, size, size, 3), np.float32)
+  for i, (row_ids, images) in enumerate(rows):
+    ids[i, :len(row_ids)], last[i] = row_ids, len(row_ids) - 1
+    for j, img in enumerate(images):
+      pixels[i, j] = image_lib.prepare(img, size)
+  return np.asarray(_last_logits_device(target_params(), ids, last, pixels))[:len(rows)]
+
+
 def test_the_image_changes_the_law():
   """Not vacuous: another image gives another next-token law (the suite above would notice an
   image dropped or misplaced)."""
   other = np.random.default_rng(1).integers(0, 256, (14, 14, 3), dtype=np.uint8)
-  ids = np.asarray([prompt_lib.expand(TEXT, 1, VISION)])
-  first = [jax.nn.softmax(model.forward_full(target_params(), TARGET, ids, soft=_soft(img))[0, -1])
-           for img in (IMAGE, other)]
-  assert np.max(np.abs(np.asarray(first[0]) - np.asarray(first[1]))) > 0.02
+  ids = prompt_lib.expand(TEXT, 1, VISION)
+  first = np.asarray(jax.nn.softmax(last_logits([(ids, [IMAGE]), (ids, [other])])))
+  assert np.max(np.abs(first[0] - first[1])) > 0.02
+
+
+WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
+CROP_TEXT = ([3, 4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
+# Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the original
+# and 2 crops; the others have none, so for them it is off): the greedy, Pan & Scan and engine
+# tests ask their questions of these, so each program (K = 0 and K = 3, these rows, their prompt
+# bucket and soft tokens) is compiled once for all of them.
+_small = functools.partial(np.random.default_rng(3).integers, 0, 256, (10, 30, 3), np.uint8)
+MIXED_PROMPTS = [(3, VISION.start_id, 1), (1, 2, 3, 4), (VISION.start_id, 0, VISION.start_id),
+                 (5, VISION.start_id), (2, 2), TEXT]
+MIXED_IMAGES = [[_small()], [], [_small(), _small()], [_small()], [], [WIDE]]
+MIXED_NEW = 8
+
+
+def _by_hand():
+  """The mixed requests with the wide image's crops laid out as a caller would write them
+  without pan_and_scan: Pan & Scan's words around start_of_image marks, the crops passed as
+  images after the original."""
+  s, prompts, images = VISION.start_id, [], []
+  for p, row in zip(MIXED_PROMPTS, MIXED_IMAGES):
+    if row and row[0] is WIDE:
+      assert p == TEXT
+      p = [3] + CROP_TEXT[0] + [s] + CROP_TEXT[1] + [s] + CROP_TEXT[2] + [s]
+      row = image_lib.pan_and_scan(WIDE)
+      assert len(row) == 3
+    prompts.append(list(p))
+    images.append(list(row))
+  return prompts, images
 
 
 def test_greedy_speculative_equals_greedy_autoregressive(single, multimodal):
-  rng = np.random.default_rng(2)
-  img = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
-  s = VISION.start_id
-  prompts = [(3, s, 1), (s, 0, s), (1, 2, 3), (s, 4)]  # one prompt bucket (16)
-  images = [[img()], [img(), img()], [], [img()]]
   greedy = SamplingParams(temperature=0.0)
-  ar = single.generate(prompts, images=images, max_new_tokens=10, k=0, sampling=greedy)
-  spec = single.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
-  assert ar.tokens == spec.tokens
-  mm = multimodal.generate(prompts, images=images, max_new_tokens=10, k=3, sampling=greedy)
-  assert ar.tokens == mm.tokens
-  # The rows' prefill logits are the model's given each row's own images.
-  for i, (p, row) in enumerate(zip(prompts, images)):
-    ids = np.asarray([prompt_lib.expand(p, len(row), VISION)])
-    soft = (model.encode_images(target_params(), TARGET,
-                                np.stack([image_lib.prepare(x, 14) for x in row]))
-            .reshape(1, -1, TARGET.d_model) if row else None)
-    logits = model.forward_full(target_params(), TARGET, ids, soft=soft)[0, -1]
-    assert ar.tokens[i][0] == int(np.argmax(logits)), i
+  run = lambda sampler, k: sampler.generate(  # noqa: E731
+      MIXED_PROMPTS, images=MIXED_IMAGES, max_new_tokens=MIXED_NEW, k=k, sampling=greedy,
+      pan_and_scan=CROP_TEXT).tokens
+  ar = run(single, 0)
+  assert run(single, 3) == ar
+  assert run(multimodal, 3) == ar
+  # The rows' prefill logits are the model's given each row's own images (the wide one's
+  # original and crops laid out by hand).
+  logits = last_logits([(prompt_lib.expand(p, len(row), VISION), row)
+                        for p, row in zip(*_by_hand())])
+  assert [t[0] for t in ar] == np.argmax(logits, axis=-1).tolist()
 
 
 def _png(image) -> bytes:
@@ -233,37 +290,27 @@ def test_image_misuse_is_refused(single):
     small.generate([TEXT], images=[[IMAGE]], max_new_tokens=2)
 
 
-WIDE = np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8)
-CROP_TEXT = ([4], [5], [3])  # Pan & Scan's words, as ids of the toy vocabulary
-
-
 def test_engine_serves_image_and_text_requests_side_by_side(single):
-  """Requests with 0, 1 and 2 images, and one whose wide image Pan & Scan reads as 3 (the
-  original and 2 crops), inserted together and behind each other (rows at other positions),
+  """The mixed requests, inserted together and behind each other (rows at other positions),
   give each seeded request the tokens Sampler.generate gives its row."""
   from spec_tpu.serving.engine import ContextLengthError, Engine
   from spec_tpu.serving.request import GenerationParams
-  rng = np.random.default_rng(3)
-  img = lambda: rng.integers(0, 256, (10, 30, 3), dtype=np.uint8)  # noqa: E731 - no crops
-  s = VISION.start_id
-  prompts = [(3, s, 1), (1, 2, 3, 4), (s, 0, s), (5, s), (2, 2), (s,)]
-  images = [[img()], [], [img(), img()], [img()], [], [WIDE]]
-  seed = 77
-  # Pan & Scan for every row here; only the wide image has crops, so for the others it is off.
-  want = single.generate(prompts, images=images, max_new_tokens=8, k=3, seed=seed,
-                         pan_and_scan=CROP_TEXT).tokens
-  engine = Engine(single.pair, num_slots=3, max_len=40, k=3, adaptive_k=False, prefill_rows=2)
-  requests = [engine.submit(p, GenerationParams(max_new_tokens=8, seed=seed + i * 2**32), im,
-                            pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
-              for i, (p, im) in enumerate(zip(prompts, images))]
-  assert len(requests[-1].prompt) == 3 * VISION.block_len + 3 and len(requests[-1].images) == 3
+  s, seed = VISION.start_id, 77
+  want = single.generate(MIXED_PROMPTS, images=MIXED_IMAGES, max_new_tokens=MIXED_NEW, k=3,
+                         seed=seed, pan_and_scan=CROP_TEXT).tokens
+  engine = Engine(single.pair, num_slots=3, max_len=48, k=3, adaptive_k=False, prefill_rows=2)
+  requests = [engine.submit(p, GenerationParams(max_new_tokens=MIXED_NEW, seed=seed + i * 2**32),
+                            im, pan_and_scan=CROP_TEXT if im and im[0] is WIDE else None)
+              for i, (p, im) in enumerate(zip(MIXED_PROMPTS, MIXED_IMAGES))]
+  assert len(requests[-1].prompt) == 3 * VISION.block_len + 1 + sum(map(len, CROP_TEXT))
+  assert len(requests[-1].images) == 3
   while engine.step():
     pass
   assert [r.result().tokens for r in requests] == want
   with pytest.raises(ValueError, match="image 0 is not in an image format"):
     engine.submit(TEXT, GenerationParams(max_new_tokens=2), [b"GIF89a?"])
-  with pytest.raises(ContextLengthError, match="prompt of 32 tokens"):  # 4 blocks of 8
-    engine.submit((s,) * 4, GenerationParams(max_new_tokens=8), [img()] * 4)
+  with pytest.raises(ContextLengthError, match="prompt of 40 tokens"):  # 5 blocks of 8
+    engine.submit((s,) * 5, GenerationParams(max_new_tokens=8), [_small()] * 5)
   with pytest.raises(ValueError, match=r"pan_and_scan's words has token ids outside"):
     engine.submit((s,), GenerationParams(max_new_tokens=2), [WIDE], pan_and_scan=([4], [99], []))
   assert engine.queue_length == 0
@@ -271,18 +318,16 @@ def test_engine_serves_image_and_text_requests_side_by_side(single):
 
 def test_pan_and_scan_reads_an_image_as_the_original_then_its_crops(single):
   """With pan_and_scan, a wide image is read as the original and its crops, in the layout the
-  prompt gets when the caller writes the crop text and passes the crops as images itself."""
-  wide, crop_text = WIDE, ([3, 4], [5], [3])
-  views = image_lib.pan_and_scan(wide)
-  assert len(views) == 3
-  by_hand = ([3] + crop_text[0] + [VISION.start_id] + crop_text[1] + [VISION.start_id]
-             + crop_text[2] + [VISION.start_id])
-  got = single.generate([TEXT], images=[[wide]], pan_and_scan=crop_text, max_new_tokens=3)
-  want = single.generate([by_hand], images=[views], max_new_tokens=3)
+  prompt gets when the caller writes the crop text and passes the crops as images itself (the
+  mixed requests; the other rows' images have no crops)."""
+  by_hand, views = _by_hand()
+  got = single.generate(MIXED_PROMPTS, images=MIXED_IMAGES, pan_and_scan=CROP_TEXT,
+                        max_new_tokens=MIXED_NEW)
+  want = single.generate(by_hand, images=views, max_new_tokens=MIXED_NEW)
   assert got.tokens == want.tokens
-  ids, soft = single._with_images([TEXT], [[wide]], crop_text)
-  ids_by_hand, soft_by_hand = single._with_images([by_hand], [views])
-  assert ids == ids_by_hand and ids[0].count(VISION.image_id) == 3 * VISION.num_soft_tokens
+  ids, soft = single._with_images(MIXED_PROMPTS, MIXED_IMAGES, CROP_TEXT)
+  ids_by_hand, soft_by_hand = single._with_images(by_hand, views)
+  assert ids == ids_by_hand and ids[-1].count(VISION.image_id) == 3 * VISION.num_soft_tokens
   np.testing.assert_array_equal(soft(False), soft_by_hand(False))
   # Off by default: one block, the original's.
-  assert single._with_images([TEXT], [[wide]])[0] == [prompt_lib.expand(TEXT, 1, VISION)]
+  assert single._with_images([TEXT], [[WIDE]])[0] == [prompt_lib.expand(TEXT, 1, VISION)]

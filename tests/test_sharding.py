@@ -23,7 +23,11 @@ def _model(name):
   # A model with 8 query heads over 2 KV heads (tiny_gemma2: 4 heads, 2 KV heads widened), so a
   # model axis of 8 shards query heads while KV heads replicate.
   cfg = config.get_preset(name).replace(num_heads=8, num_kv_heads=2 if name != "tiny_gemma3" else 1)
-  return cfg, model.init_params(cfg, jax.random.key(0))
+  return cfg, _init(cfg, jax.random.key(0))
+
+
+# One program per config (an eager init compiles each of its ops' shapes on its own).
+_init = jax.jit(model.init_params, static_argnums=0)
 
 
 # One device's reference, one program (an eager forward dispatches hundreds of ops).
@@ -153,13 +157,16 @@ class TestBadInput:
 def _recurrent_pair():
   # RecurrentGemma-shaped, with an RG-LRU width of 32 and 8 gate blocks: the width shards over
   # a model axis of 8 or 4 (the "lru" rule), the gates' blocks with it.
+  # The draft is one recurrent layer: its rollback is the same selection at any depth, and a
+  # deeper draft only adds compile time.
   cfg = config.get_preset("tiny_recurrentgemma").replace(num_heads=8, head_dim=4, lru_width=32)
-  return cfg, model.init_params(cfg, jax.random.key(5)), model.init_params(cfg, jax.random.key(6))
+  draft_cfg = cfg.replace(num_layers=1)
+  return cfg, _init(cfg, jax.random.key(5)), draft_cfg, _init(draft_cfg, jax.random.key(6))
 
 
 def test_recurrent_width_shards_and_logits_equal_one_device():
   # Given a recurrent model and ragged prompts,
-  cfg, params, _ = _recurrent_pair()
+  cfg, params, _, _ = _recurrent_pair()
   tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, cfg.vocab_size)
   lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
   one = np.asarray(_forward(params, cfg, tokens, cache_lib.init_cache(cfg, 8, 32, 4),
@@ -181,12 +188,13 @@ def test_sharded_recurrent_speculative_greedy_equals_one_device():
   # Given a recurrent target and a recurrent draft (rollback by selection on both sides);
   # when decoding greedily with 2 drafts per round on 2x4 (rows and the width both split; the
   # 1x8 split of the width is the logits test's); then the tokens are one device's.
-  cfg, target, draft = _recurrent_pair()
+  cfg, target, draft_cfg, draft = _recurrent_pair()
+  assert draft_cfg.layer_types == (config.RECURRENT,)
   greedy = SamplingParams(temperature=0.0)
-  want = Sampler.from_params(target, cfg, draft_params=draft, draft_cfg=cfg).generate(
+  want = Sampler.from_params(target, cfg, draft_params=draft, draft_cfg=draft_cfg).generate(
       PROMPTS, max_new_tokens=12, sampling=greedy, k=2)
   assert len({tuple(t) for t in want.tokens}) > 1 and 0 < want.acceptance_rate() < 1
   got = Sampler.from_params(target, cfg, mesh=sharding.make_mesh((2, 4)), draft_params=draft,
-                            draft_cfg=cfg).generate(PROMPTS, max_new_tokens=12,
-                                                    sampling=greedy, k=2)
+                            draft_cfg=draft_cfg).generate(PROMPTS, max_new_tokens=12,
+                                                          sampling=greedy, k=2)
   assert got.tokens == want.tokens

@@ -22,7 +22,7 @@ CFG = config.ModelConfig(name="deep_bf16", vocab_size=512, d_model=256, num_laye
 
 def _need_bytes(monkeypatch, options):
   monkeypatch.setattr(sampler_lib, "compiler_options", lambda platform, quantized=False: options)
-  params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))  # one program
+  params = model.init_params(CFG, jax.random.key(0))
   sampler = Sampler.from_params(params, CFG,
                                 mesh=sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
   spec = sampler._spec(k=0, top_k=0, max_new=8, prompt_len=8, coupling="rejection",

@@ -87,6 +87,20 @@ def _ref_block():
                                    lru_width=CFG.lru_width, scan_type=LINEAR)
 
 
+_APPLIES = {}
+
+
+def _jit_apply(module):
+  """The reference module's apply as one program per call shape: applied eagerly, each of its
+  ops compiles for its shapes on its own, several times the one compile."""
+  if id(module) not in _APPLIES:  # (the module is kept: its id is never reused)
+    _APPLIES[id(module)] = module, jax.jit(module.apply, static_argnames="return_cache")
+  return _APPLIES[id(module)][1]
+
+
+_ref_block_apply = _jit_apply(_ref_block())
+
+
 def _positions(b, t, start=0):
   return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
 
@@ -120,8 +134,8 @@ def test_recurrent_block_equals_the_reference_block(reference, scan):
   # Given the reference's recurrent block and the same weights in spec_tpu's layout,
   _, ref_params, ours = reference
   x, pos = _x(2, SEQ), _positions(2, SEQ)
-  want, want_cache = _ref_block().apply({"params": ref_params["blocks.0"]["recurrent_block"]},
-                                        x, pos)
+  want, want_cache = _ref_block_apply({"params": ref_params["blocks.0"]["recurrent_block"]},
+                                      x, pos)
   # when a whole sequence goes through spec_tpu's block from the empty state,
   out, trace = _block(ours["layers"][0]["recurrent"], x, pos, jnp.array([SEQ, SEQ]),
                       recurrent.init_state(2, CFG.lru_width), scan=scan)
@@ -168,12 +182,12 @@ def _reference_steps(ref_params, x, prefill: int):
   """The reference's own states: prefill, then one token at a time (the only way it can add
   tokens to a cache). Returns the caches after prefill + n tokens, n = 0..t-prefill, and the
   outputs of the single steps."""
-  block, p = _ref_block(), {"params": ref_params["blocks.0"]["recurrent_block"]}
+  block, p = _ref_block_apply, {"params": ref_params["blocks.0"]["recurrent_block"]}
   b, t, _ = x.shape
-  _, cache = block.apply(p, x[:, :prefill], _positions(b, prefill))
+  _, cache = block(p, x[:, :prefill], _positions(b, prefill))
   caches, outs = [cache], []
   for j in range(prefill, t):
-    out, cache = block.apply(p, x[:, j:j + 1], _positions(b, 1, j), cache)
+    out, cache = block(p, x[:, j:j + 1], _positions(b, 1, j), cache)
     caches.append(cache)
     outs.append(out)
   return caches, jnp.concatenate(outs, axis=1)
@@ -328,12 +342,13 @@ def test_attention_equals_the_reference_including_the_window_edge(reference):
   x, pos = _x(2, SEQ, seed=13), _positions(2, SEQ)
   block = rg_modules.LocalAttentionBlock(width=CFG.d_model, num_heads=CFG.num_heads,
                                          window_size=WINDOW)
-  want, _ = block.apply({"params": ref_params["blocks.2"]["attention_block"]}, x, pos)
+  want, _ = _jit_apply(block)({"params": ref_params["blocks.2"]["attention_block"]}, x, pos)
   # then spec_tpu's attention with sliding_window = W + 1 (itself and W keys) is the reference,
   p = ours["layers"][2]["attn"]
-  np.testing.assert_allclose(recurrent.local_attention(CFG, p, x, pos), want, **TOL)
+  attention = jax.jit(recurrent.local_attention, static_argnums=0)
+  np.testing.assert_allclose(attention(CFG, p, x, pos), want, **TOL)
   # and one key fewer (transformers' reading of W) is not: the edge matters here.
-  narrow = recurrent.local_attention(CFG.replace(sliding_window=WINDOW), p, x, pos)
+  narrow = attention(CFG.replace(sliding_window=WINDOW), p, x, pos)
   np.testing.assert_allclose(narrow[:, :WINDOW], want[:, :WINDOW], **TOL)
   assert float(jnp.abs(narrow[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-2
 
@@ -367,7 +382,8 @@ def test_whole_model_logits_equal_the_reference_griffin(reference):
   # Given the reference's Griffin and its params converted from the Flax tree,
   model, ref_params, ours = reference
   tokens = jax.random.randint(jax.random.key(14), (2, SEQ), 0, CFG.vocab_size)
-  want, _ = model.apply({"params": ref_params}, tokens, _positions(2, SEQ), return_cache=False)
+  want, _ = _jit_apply(model)({"params": ref_params}, tokens, _positions(2, SEQ),
+                             return_cache=False)
   # then the pieces, composed as the decoder will, give its logits past the window,
   got = _forward(ours, CFG, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # |logits| up to ~5
@@ -391,7 +407,7 @@ def _reference_greedy(model_ref, ref_params, prompt_bt, steps):
   """The reference's greedy continuation: a prefill, then one token at a time on its cache
   (its only way to add tokens); returns the tokens and each step's logits."""
   b, t = prompt_bt.shape
-  apply = jax.jit(model_ref.apply, static_argnames="return_cache")
+  apply = _jit_apply(model_ref)
   logits, cache = apply({"params": ref_params}, prompt_bt, _positions(b, t), return_cache=True)
   out, all_logits = [], []
   for j in range(steps):
@@ -407,8 +423,8 @@ def test_decoder_logits_equal_the_reference_griffin(reference):
   # Given the reference's Griffin and the same weights stacked for spec_tpu's one decoder,
   model_ref, ref_params, _ = reference
   tokens = jax.random.randint(jax.random.key(20), (2, 3 * SEQ), 0, CFG.vocab_size)
-  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(2, 3 * SEQ),
-                            return_cache=False)
+  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(2, 3 * SEQ),
+                                 return_cache=False)
   # when the decoder (recurrent kind under the layer scan, partial RoPE, biases, bf16-rounded
   # embedding scale) runs whole sequences 9 windows long,
   got = _forward_full_model(_decoder_params(reference), CFG, tokens)
@@ -567,8 +583,8 @@ def test_a_released_style_reference_checkpoint_converts_to_a_servable_one(refere
   params, stored = checkpoint.restore(dst)
   assert stored == cfg and cfg.layer_pattern == CFG.layer_pattern and cfg.tokenizer == "gemma"
   tokens = jax.random.randint(jax.random.key(25), (1, SEQ), 0, CFG.vocab_size)
-  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(1, SEQ),
-                            return_cache=False)
+  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(1, SEQ),
+                                 return_cache=False)
   np.testing.assert_allclose(_forward_full_model(params, CFG, tokens), want, atol=5e-5, rtol=0)
   # and a source that is not such a checkpoint is one clear error.
   with pytest.raises(ReferenceConversionError, match="orbax"):

@@ -23,11 +23,7 @@ def _model(name):
   # A model with 8 query heads over 2 KV heads (tiny_gemma2: 4 heads, 2 KV heads widened), so a
   # model axis of 8 shards query heads while KV heads replicate.
   cfg = config.get_preset(name).replace(num_heads=8, num_kv_heads=2 if name != "tiny_gemma3" else 1)
-  return cfg, _init(cfg, jax.random.key(0))
-
-
-# One program per config (an eager init compiles each of its ops' shapes on its own).
-_init = jax.jit(model.init_params, static_argnums=0)
+  return cfg, model.init_params(cfg, jax.random.key(0))
 
 
 # One device's reference, one program (an eager forward dispatches hundreds of ops).
@@ -161,7 +157,8 @@ def _recurrent_pair():
   # deeper draft only adds compile time.
   cfg = config.get_preset("tiny_recurrentgemma").replace(num_heads=8, head_dim=4, lru_width=32)
   draft_cfg = cfg.replace(num_layers=1)
-  return cfg, _init(cfg, jax.random.key(5)), draft_cfg, _init(draft_cfg, jax.random.key(6))
+  return (cfg, model.init_params(cfg, jax.random.key(5)), draft_cfg,
+          model.init_params(draft_cfg, jax.random.key(6)))
 
 
 def test_recurrent_width_shards_and_logits_equal_one_device():

@@ -53,19 +53,31 @@ def _reference_config():
       attention_window_size=WINDOW, logits_soft_cap=CFG.final_logit_softcap, scan_type=LINEAR)
 
 
-def _randomize(params, key):
-  """The reference inits biases and norm scales at zero and its conv near zero, where a
-  missing bias or a swapped tap would hardly show: make them matter."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _random_params(shapes, seed):
+  """Random values for the reference's params tree, drawn on the host (the reference's own
+  init compiles a whole forward pass: seconds of CPU). Matrices are normal with the variance
+  of its init (1 / fan_in; the embedding's fan-in is its width) and a_param is its ring init
+  (a = exp(-8 r softplus(a_param)) with radius uniform in area on [0.9, 0.999]); where its
+  init puts zeros (biases, norm scales) or near-zeros (the conv), where a missing bias or a
+  swapped tap would hardly show, the values are made to matter."""
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   out = []
-  for (path, a), k in zip(leaves, jax.random.split(key, len(leaves))):
-    noise = jax.random.normal(k, a.shape, a.dtype)
-    name = path[-1].key
+  for path, leaf in leaves:
+    shape, name = leaf.shape, path[-1].key
+    noise = rng.standard_normal(shape)
     if name in ("b", "bias", "scale"):
       a = 0.3 * noise
     elif name == "w" and "conv_1d" in jax.tree_util.keystr(path):
       a = noise / 2
-    out.append(a)
+    elif name == "a_param":
+      radius2 = rng.uniform(size=shape) * (0.999 ** 2 - 0.9 ** 2) + 0.9 ** 2 + 1e-8
+      a = np.log(np.exp(-0.5 * np.log(radius2)) - 1.0)
+    elif name == "input_embedding":
+      a = noise / math.sqrt(shape[1])
+    else:  # kernels (d_in d_out), stacked or block-diagonal weights (... d_in d_out)
+      a = noise / math.sqrt(shape[-2])
+    out.append(jnp.asarray(a, leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -74,10 +86,9 @@ def reference():
   """(Griffin module, its random params, the same params converted to spec_tpu's layout)."""
   model = rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
   tokens = jnp.zeros((1, SEQ), jnp.int32)
-  # One compiled program: the reference's eager init costs ~4x more on a 2-core CPU.
-  params = jax.jit(lambda: _randomize(model.init(jax.random.key(0), tokens,
-                                                 _positions(1, SEQ))["params"],
-                                      jax.random.key(1)))()
+  # The tree and shapes of the reference's params (traced, nothing compiled), then values.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, _positions(1, SEQ)))
+  params = _random_params(shapes["params"], seed=1)
   ours = recurrent_convert.convert_reference_params(params, CFG)
   return model, params, jax.tree.map(jnp.asarray, ours)
 

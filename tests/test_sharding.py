@@ -57,9 +57,11 @@ def _prefill_logits(cfg, params, mesh, tokens, lengths):
   p_sh = sharding.param_shardings(cfg, mesh, params_shape=params)
   c_sh = sharding.cache_shardings(cache, mesh)
   rows = sharding.batch_sharding(mesh, tokens.shape)
-  fn = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n)[0],
-               in_shardings=(p_sh, rows, c_sh, sharding.batch_sharding(mesh, lengths.shape)))
-  return np.asarray(fn(jax.device_put(params, p_sh), tokens, cache, lengths))
+  # One device's function on arguments placed on the mesh: the mesh's program comes from the
+  # same trace, laid out by the arguments' shardings.
+  args = jax.device_put((params, tokens, cache, lengths),
+                        (p_sh, rows, c_sh, sharding.batch_sharding(mesh, lengths.shape)))
+  return np.asarray(_forward(args[0], cfg, *args[1:])[0])
 
 
 @pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_gemma3"])

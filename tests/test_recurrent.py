@@ -433,8 +433,9 @@ def _reference_greedy(model_ref, ref_params, prompt_bt, steps):
 def test_decoder_logits_equal_the_reference_griffin(reference):
   # Given the reference's Griffin and the same weights stacked for spec_tpu's one decoder,
   model_ref, ref_params, _ = reference
-  tokens = jax.random.randint(jax.random.key(20), (2, 3 * SEQ), 0, CFG.vocab_size)
-  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(2, 3 * SEQ),
+  # (the incremental test's tokens: one forward_full program)
+  tokens = jax.random.randint(jax.random.key(22), (3, 3 * SEQ), 0, CFG.vocab_size)
+  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(3, 3 * SEQ),
                                  return_cache=False)
   # when the decoder (recurrent kind under the layer scan, partial RoPE, biases, bf16-rounded
   # embedding scale) runs whole sequences 9 windows long,

@@ -11,6 +11,7 @@ Tiny random-weight models in float32 (tiny_recurrentgemma: d 32, lru width 24, 4
 4, pattern (R, R, L) over 4 layers), so every test compiles in seconds on a CPU.
 """
 
+import functools
 import math
 import os
 
@@ -81,16 +82,24 @@ def _random_params(shapes, seed):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _griffin():
+  return rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
+
+
+@functools.lru_cache
+def _reference_shapes():
+  """The tree and shapes of the reference's params (traced, nothing compiled)."""
+  tokens = jnp.zeros((1, SEQ), jnp.int32)
+  return jax.eval_shape(lambda: _griffin().init(jax.random.key(0), tokens,
+                                                _positions(1, SEQ)))["params"]
+
+
 @pytest.fixture(scope="module")
 def reference():
   """(Griffin module, its random params, the same params converted to spec_tpu's layout)."""
-  model = rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
-  tokens = jnp.zeros((1, SEQ), jnp.int32)
-  # The tree and shapes of the reference's params (traced, nothing compiled), then values.
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, _positions(1, SEQ)))
-  params = _random_params(shapes["params"], seed=1)
+  params = _random_params(_reference_shapes(), seed=1)
   ours = recurrent_convert.convert_reference_params(params, CFG)
-  return model, params, jax.tree.map(jnp.asarray, ours)
+  return _griffin(), params, jax.tree.map(jnp.asarray, ours)
 
 
 def _ref_block():
@@ -547,7 +556,11 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   # sampling at T = 1 (so rounds end in partial rejections), over ragged prompts,
   k = 3
   target = _decoder_params(reference)
-  draft = model.init_params(CFG, jax.random.key(30))
+  # (another draw of the reference's params, converted: an eager init_params compiles each of
+  # its ops' shapes, ~200 small programs)
+  other = recurrent_convert.convert_reference_params(
+      _random_params(_reference_shapes(), seed=30), CFG)
+  draft = _decoder_params((None, None, jax.tree.map(jnp.asarray, other)))
   spec = decode.LoopSpec(target=CFG, draft=CFG, k=k, k_max=k, max_top_k=0, max_len=48,
                          out_len=k + 1, eos_ids=())
   b = 4

@@ -72,7 +72,9 @@ def test_rollback_is_a_pointer_move(name):
   tokens, full = _full(name)
   k = 4
   cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=k + 1)
-  _, cache = _forward(params, cfg, tokens[:, :8], cache)
+  # (8 tokens prefilled through the ragged test's 12-token program)
+  prompt = jnp.where(jnp.arange(12)[None] < 8, tokens[:, :12], 0)
+  _, cache = _forward(params, cfg, prompt, cache, jnp.array([8, 8, 8]))
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
   _, cache = _forward(params, cfg, wrong, cache)
   kept = jnp.array([0, 3, k + 1])  # none of the block, 3 wrong tokens, all of them
@@ -104,23 +106,32 @@ def test_prefill_longer_than_ring_buffer_keeps_the_window():
 SCAN_CASES = [("tiny", 2), ("tiny_gemma2", 5), ("tiny_gemma3", 8)]
 
 
-SCAN_LENGTHS = (9, 7)  # ragged prompts of the 9-token prefill
+def _prefill_then_step(params, cfg, tokens, unrolled=False):
+  """Ragged prompts (9 and 7 of the first 9 tokens) prefilled into a 16-slot cache, then a
+  2-token step: (prefill logits, step logits, cache). One program where it is jitted."""
+  cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
+  prefill, cache = model.forward(params, cfg, tokens[:2, :9], cache, jnp.array([9, 7]),
+                                 unrolled=unrolled)
+  step, cache = model.forward(params, cfg, tokens[:2, 9:11], cache, unrolled=unrolled)
+  return prefill, step, cache
+
+
+def _unrolled_run(params, cfg, tokens):
+  return (model.forward_full(params, cfg, tokens, unrolled=True),
+          *_prefill_then_step(params, cfg, tokens, unrolled=True))
 
 
 @functools.lru_cache
 def _layers_run(name, num_layers, unrolled):
   """(full logits, prefill logits, a 2-token step's logits, the cache) of the layer scan
-  (unrolled False) or of a Python loop over the layers in depth order (True), through the
-  shared programs: the scan's run is also the CPU forms test's reference."""
+  (unrolled False) or of a Python loop over the layers in depth order (True), each in one
+  program; the scan's full logits are the shared full recompute, and its run is also the CPU
+  forms test's reference."""
   cfg, params = _params(name, num_layers)
   tokens, full = _full(name, num_layers)
-  logits = full if not unrolled else _forward_full(params, cfg, tokens, unrolled=True)
-  tokens = tokens[:2]
-  cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
-  prefill, cache = _forward(params, cfg, tokens[:, :9], cache, jnp.array(SCAN_LENGTHS),
-                            unrolled=unrolled)
-  step, cache = _forward(params, cfg, tokens[:, 9:11], cache, unrolled=unrolled)
-  return logits, prefill, step, cache
+  if unrolled:
+    return jax.jit(_unrolled_run, static_argnums=1)(params, cfg, tokens)
+  return (full, *jax.jit(_prefill_then_step, static_argnums=1)(params, cfg, tokens))
 
 
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES)
@@ -138,16 +149,13 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   read through the block loop; forced on for a tiny model (local ring layers, a remainder),
   they compute the prefill, a 2-token step and the caches the scan and the one-piece read do."""
   cfg, params = _params("tiny_gemma2", 5)
-  tokens = _full("tiny_gemma2", 5)[0][:2]
+  tokens = _full("tiny_gemma2", 5)[0]
   # The scan with the default threshold (the tiny layers are far below it): the shared run,
   # made before the patch below.
   scanned = _layers_run("tiny_gemma2", 5, False)[1:]
   monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", 0)
-  fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
-  cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
-  prefill, cache = fwd(params, tokens[:, :9], cache, jnp.array(SCAN_LENGTHS))
-  step, cache = fwd(params, tokens[:, 9:11], cache)
-  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves((prefill, step, cache))):
+  forced = jax.jit(lambda p, t: _prefill_then_step(p, cfg, t))(params, tokens)  # traced anew
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(forced)):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

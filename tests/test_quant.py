@@ -195,9 +195,10 @@ def test_sharded_int8_logits_equal_one_device():
   params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, cfg.vocab_size)
   lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
-  fwd = lambda p, t, c, n: model.forward(p, cfg, t, c, n)[0]  # noqa: E731
+  # One function for every mesh (one trace): the arguments' shardings lay out each program.
+  fwd = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n)[0])
   cache = cache_lib.init_cache(cfg, 8, 32, 4)
-  one = np.asarray(jax.jit(fwd)(params, tokens, cache, lengths))
+  one = np.asarray(fwd(params, tokens, cache, lengths))
   P = jax.sharding.PartitionSpec
   for shape in [(1, 8), (2, 4)]:
     mesh = sharding.make_mesh(shape)
@@ -207,10 +208,11 @@ def test_sharded_int8_logits_equal_one_device():
     assert attn["q"]["scale"].spec == P(None, "model", None)  # l h e: heads
     assert attn["o"]["scale"].spec == P(None, None)           # l d: replicated
     assert sh["embed"]["scale"].spec == P("model")            # vocab
-    fn = jax.jit(fwd, in_shardings=(sh, sharding.batch_sharding(mesh, tokens.shape),
-                                    sharding.cache_shardings(cache, mesh),
-                                    sharding.batch_sharding(mesh, lengths.shape)))
-    got = np.asarray(fn(jax.device_put(params, sh), tokens, cache, lengths))
+    args = jax.device_put((params, tokens, cache, lengths),
+                          (sh, sharding.batch_sharding(mesh, tokens.shape),
+                           sharding.cache_shardings(cache, mesh),
+                           sharding.batch_sharding(mesh, lengths.shape)))
+    got = np.asarray(fwd(*args))
     for i, n in enumerate(lengths.tolist()):
       np.testing.assert_allclose(got[i, :n], one[i, :n], atol=1e-5, err_msg=str(shape))
 

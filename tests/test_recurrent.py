@@ -527,18 +527,20 @@ def _is_axes(x):
 
 def test_inserting_a_row_replaces_its_recurrent_state(reference):
   # Given a cache whose row 1 holds another request's recurrent state,
+  # (the old cache filled by the incremental test's K+1-token program)
   params = _decoder_params(reference)
-  old = cache_lib.init_cache(CFG, 2, 16, K + 1)
-  _, old = _forward_model(params, CFG, jnp.ones((2, 5), jnp.int32), old)
-  fresh = cache_lib.init_cache(CFG, 1, 16, K + 1)
+  old = cache_lib.init_cache(CFG, 3, 3 * SEQ, K + 1)
+  _, old = _forward_model(params, CFG, jnp.ones((3, K + 1), jnp.int32), old)
+  fresh = cache_lib.init_cache(CFG, 1, 3 * SEQ, K + 1)
   _, fresh = _forward_model(params, CFG, jnp.full((1, 3), 2, jnp.int32), fresh)
   # when a freshly prefilled row is inserted at slot 1,
   got = cache_lib.insert_rows(old, fresh, jnp.array([1]))
-  # then that row is the fresh one in every leaf, and row 0 is untouched.
+  # then that row is the fresh one in every leaf, and rows 0 and 2 are untouched.
   def check(ax, g, o, f):
     axis = ax.index("batch")
     np.testing.assert_array_equal(jnp.take(g, 1, axis=axis), jnp.take(f, 0, axis=axis))
-    np.testing.assert_array_equal(jnp.take(g, 0, axis=axis), jnp.take(o, 0, axis=axis))
+    for row in (0, 2):
+      np.testing.assert_array_equal(jnp.take(g, row, axis=axis), jnp.take(o, row, axis=axis))
   jax.tree.map(check, cache_lib.logical_axes(got), got, old, fresh, is_leaf=_is_axes)
   assert isinstance(got.groups[0], recurrent.RecurrentState)
 

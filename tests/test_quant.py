@@ -187,12 +187,18 @@ def test_int8_greedy_speculative_equals_int8_greedy_autoregressive(int8_pair):
 # Sharded int8 computes what one device computes.
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_gemma2():
+  """tiny_gemma2 with 8 query heads, int8, and its random params (one init for the file)."""
+  cfg = config.get_preset("tiny_gemma2").replace(num_heads=8, num_kv_heads=2, quantize="int8")
+  return cfg, jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+
+
 def test_sharded_int8_logits_equal_one_device():
   # Given tiny_gemma2 with 8 query heads and a tied (so quantized) embedding table; then on
   # 1x8 and 2x4 meshes the scales shard as their weights' output axes and the prefill logits
   # equal one device's.
-  cfg = config.get_preset("tiny_gemma2").replace(num_heads=8, num_kv_heads=2, quantize="int8")
-  params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  cfg, params = _int8_gemma2()
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, cfg.vocab_size)
   lengths = jnp.array([16, 3, 9, 12, 1, 16, 7, 5], jnp.int32)
   # One function for every mesh (one trace): the arguments' shardings lay out each program.
@@ -320,8 +326,7 @@ def test_int8_checkpoint_round_trip_needs_no_flag(tmp_path):
   # Given int8 params saved with their config; then restore gives the same int8 values and
   # float32 scales (also when floats are cast to bfloat16 on restore), and the stored config
   # says int8, so loading needs no option.
-  cfg = config.get_preset("tiny_gemma2").replace(quantize="int8")
-  params = model.init_params(cfg, jax.random.key(0))
+  cfg, params = _int8_gemma2()
   checkpoint.save(tmp_path / "ckpt", params, cfg)
   restored, got_cfg = checkpoint.restore(tmp_path / "ckpt")
   assert got_cfg.quantize == "int8"

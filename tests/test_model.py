@@ -186,12 +186,13 @@ def test_params_and_caches_are_stacked_per_pattern_period():
 def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
   # Given a model whose local and global layers rotate differently (bases, Gemma 4's
   # proportional RoPE and larger global heads),
-  cfg, params, tokens = _setup(name, batch=2, seq=6)
-  # when its forward calls share one RoPE table per kind (few tokens) and when every layer
-  # computes its own (ROPE_TABLE_MAX_TOKENS 0),
-  shared = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  # when its forward calls share one RoPE table per kind (few tokens: the shared full
+  # recompute) and when every layer computes its own (ROPE_TABLE_MAX_TOKENS 0),
+  tokens, shared = _full(name)
+  assert tokens.size <= model.ROPE_TABLE_MAX_TOKENS
   monkeypatch.setattr(model, "ROPE_TABLE_MAX_TOKENS", 0)
-  alone = model.forward_full(params, cfg, tokens)
+  alone = jax.jit(lambda p, t: model.forward_full(p, cfg, t))(params, tokens)  # traced anew
   # then the logits agree to float32 rounding (XLA:CPU's sine and cosine fused into a rotation
   # and computed alone can differ in the last bits).
   np.testing.assert_allclose(shared, alone, atol=2e-5)

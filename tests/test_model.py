@@ -31,16 +31,17 @@ def _init(cfg):
   return cfg, model.init_params(cfg, jax.random.key(0))
 
 
-def _setup(name, batch=3, seq=24):
-  cfg, params = _params(name)
+def _setup(name, batch=3, seq=24, num_layers=None):
+  cfg, params = _params(name, num_layers)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
   return cfg, params, tokens
 
 
 @functools.lru_cache
-def _full(name):
-  """The full recompute of _setup(name)'s tokens, shared by the decode and rollback tests."""
-  cfg, params, tokens = _setup(name)
+def _full(name, num_layers=None):
+  """The full recompute of _setup's tokens (3 x 24), shared by the tests that compare against
+  it (one program per config)."""
+  cfg, params, tokens = _setup(name, num_layers=num_layers)
   return tokens, _forward_full(params, cfg, tokens)
 
 
@@ -71,7 +72,9 @@ def test_rollback_is_a_pointer_move(name):
   tokens, full = _full(name)
   k = 4
   cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=k + 1)
-  _, cache = _forward(params, cfg, tokens[:, :8], cache)
+  # (8 tokens prefilled through the ragged test's 12-token program)
+  prompt = jnp.where(jnp.arange(12)[None] < 8, tokens[:, :12], 0)
+  _, cache = _forward(params, cfg, prompt, cache, jnp.array([8, 8, 8]))
   wrong = (tokens[:, 8:8 + k + 1] + 7) % cfg.vocab_size  # tokens that will be rejected
   _, cache = _forward(params, cfg, wrong, cache)
   kept = jnp.array([0, 3, k + 1])  # none of the block, 3 wrong tokens, all of them
@@ -86,13 +89,14 @@ def test_rollback_is_a_pointer_move(name):
 
 
 def test_prefill_longer_than_ring_buffer_keeps_the_window():
-  cfg, params, tokens = _setup("tiny_gemma2", batch=2, seq=30)
-  full = _forward_full(params, cfg, tokens)
-  cache = cache_lib.init_cache(cfg, 2, 40)  # local ring of 6 slots, prompt of 25
-  assert min(cache_lib.layer_slots(cfg, 40)) == cfg.sliding_window
-  logits, cache = _forward(params, cfg, tokens[:, :25], cache)
-  np.testing.assert_allclose(logits, full[:, :25], atol=2e-5)
-  for pos in range(25, 30):
+  # (the cache and the decode step's program of the tests above)
+  cfg, params = _params("tiny_gemma2")
+  tokens, full = _full("tiny_gemma2")
+  cache = cache_lib.init_cache(cfg, 3, 32, spec_tokens=5)  # local rings of 6 + 5 slots
+  assert min(cache_lib.layer_slots(cfg, 32, spec_tokens=5)) == cfg.sliding_window + 5 < 19
+  logits, cache = _forward(params, cfg, tokens[:, :19], cache)  # a prompt of 19
+  np.testing.assert_allclose(logits, full[:, :19], atol=2e-5)
+  for pos in range(19, 24):
     logits, cache = _forward(params, cfg, tokens[:, pos:pos + 1], cache)
     np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=2e-5)
 
@@ -102,24 +106,39 @@ def test_prefill_longer_than_ring_buffer_keeps_the_window():
 SCAN_CASES = [("tiny", 2), ("tiny_gemma2", 5), ("tiny_gemma3", 8)]
 
 
+def _prefill_then_step(params, cfg, tokens, unrolled=False):
+  """Ragged prompts (9 and 7 of the first 9 tokens) prefilled into a 16-slot cache, then a
+  2-token step: (prefill logits, step logits, cache). One program where it is jitted."""
+  cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
+  prefill, cache = model.forward(params, cfg, tokens[:2, :9], cache, jnp.array([9, 7]),
+                                 unrolled=unrolled)
+  step, cache = model.forward(params, cfg, tokens[:2, 9:11], cache, unrolled=unrolled)
+  return prefill, step, cache
+
+
+def _unrolled_run(params, cfg, tokens):
+  return (model.forward_full(params, cfg, tokens, unrolled=True),
+          *_prefill_then_step(params, cfg, tokens, unrolled=True))
+
+
+@functools.lru_cache
+def _layers_run(name, num_layers, unrolled):
+  """(full logits, prefill logits, a 2-token step's logits, the cache) of the layer scan
+  (unrolled False) or of a Python loop over the layers in depth order (True), each in one
+  program; the scan's full logits are the shared full recompute, and its run is also the CPU
+  forms test's reference."""
+  cfg, params = _params(name, num_layers)
+  tokens, full = _full(name, num_layers)
+  if unrolled:
+    return jax.jit(_unrolled_run, static_argnums=1)(params, cfg, tokens)
+  return (full, *jax.jit(_prefill_then_step, static_argnums=1)(params, cfg, tokens))
+
+
 @pytest.mark.parametrize("name,num_layers", SCAN_CASES)
 def test_scanned_layers_compute_the_layer_by_layer_reference(name, num_layers):
   # Given a model whose depth is not a whole number of pattern periods,
-  cfg, params = _params(name, num_layers)
-  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-  lengths = jnp.array([12, 7])
-  full, fwd = _forward_full, _forward
   # when it runs under the layer scan and as a Python loop over the layers in depth order,
-  for unrolled in (False, True):
-    logits = full(params, cfg, tokens, unrolled=unrolled)
-    cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
-    prefill, cache = fwd(params, cfg, tokens[:, :9], cache, jnp.minimum(lengths, 9),
-                         unrolled=unrolled)
-    step, cache = fwd(params, cfg, tokens[:, 9:11], cache, unrolled=unrolled)
-    if unrolled:
-      want = (logits, prefill, step, cache)
-    else:
-      got = (logits, prefill, step, cache)
+  got, want = _layers_run(name, num_layers, False), _layers_run(name, num_layers, True)
   # then logits (full, prefill, a 2-token step) and every cache entry agree to float32 rounding.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -130,17 +149,13 @@ def test_cpu_forms_for_large_layers_compute_what_the_scan_does(monkeypatch):
   read through the block loop; forced on for a tiny model (local ring layers, a remainder),
   they compute the prefill, a 2-token step and the caches the scan and the one-piece read do."""
   cfg, params = _params("tiny_gemma2", 5)
-  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-  lengths = jnp.array([9, 5])
-  runs = []
-  for least in (model.CPU_COPY_MIN_BYTES, 0):
-    monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", least)
-    fwd = jax.jit(lambda p, t, c, n=None: model.forward(p, cfg, t, c, n))  # traced anew
-    cache = cache_lib.init_cache(cfg, 2, 16, spec_tokens=2)
-    prefill, cache = fwd(params, tokens[:, :9], cache, lengths)
-    step, cache = fwd(params, tokens[:, 9:11], cache)
-    runs.append((prefill, step, cache))
-  for a, b in zip(*map(jax.tree.leaves, runs)):
+  tokens = _full("tiny_gemma2", 5)[0]
+  # The scan with the default threshold (the tiny layers are far below it): the shared run,
+  # made before the patch below.
+  scanned = _layers_run("tiny_gemma2", 5, False)[1:]
+  monkeypatch.setattr(model, "CPU_COPY_MIN_BYTES", 0)
+  forced = jax.jit(lambda p, t: _prefill_then_step(p, cfg, t))(params, tokens)  # traced anew
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(forced)):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -171,12 +186,13 @@ def test_params_and_caches_are_stacked_per_pattern_period():
 def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
   # Given a model whose local and global layers rotate differently (bases, Gemma 4's
   # proportional RoPE and larger global heads),
-  cfg, params, tokens = _setup(name, batch=2, seq=6)
-  # when its forward calls share one RoPE table per kind (few tokens) and when every layer
-  # computes its own (ROPE_TABLE_MAX_TOKENS 0),
-  shared = model.forward_full(params, cfg, tokens)
+  cfg, params = _params(name)
+  # when its forward calls share one RoPE table per kind (few tokens: the shared full
+  # recompute) and when every layer computes its own (ROPE_TABLE_MAX_TOKENS 0),
+  tokens, shared = _full(name)
+  assert tokens.size <= model.ROPE_TABLE_MAX_TOKENS
   monkeypatch.setattr(model, "ROPE_TABLE_MAX_TOKENS", 0)
-  alone = model.forward_full(params, cfg, tokens)
+  alone = jax.jit(lambda p, t: model.forward_full(p, cfg, t))(params, tokens)  # traced anew
   # then the logits agree to float32 rounding (XLA:CPU's sine and cosine fused into a rotation
   # and computed alone can differ in the last bits).
   np.testing.assert_allclose(shared, alone, atol=2e-5)
@@ -186,7 +202,8 @@ def test_shared_rope_tables_rotate_as_each_layer_alone(monkeypatch, name):
 def test_chunked_prefill_equals_one_call(name, num_layers):
   # Given ragged prompts longer than the chunk and than every local window (5-6 tokens),
   cfg, params = _params(name, num_layers)
-  tokens = jax.random.randint(jax.random.key(1), (3, 15), 0, cfg.vocab_size)
+  every, full = _full(name, num_layers)  # causal: its first 15 positions see only these
+  tokens = every[:, :15]
   lengths = jnp.array([15, 4, 9])
   cache = cache_lib.init_cache(cfg, 3, 24, spec_tokens=3)
   # when prefilled in chunks of 4 tokens (15 is not a multiple) and in one call,
@@ -196,7 +213,6 @@ def test_chunked_prefill_equals_one_call(name, num_layers):
   for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # and both are the full recompute's logits at each row's last token.
-  full = _forward_full(params, cfg, tokens)
   np.testing.assert_allclose(chunked[0][:, 0], full[jnp.arange(3), lengths - 1], atol=2e-5)
 
 
@@ -206,8 +222,7 @@ def test_blockwise_cache_attention_matches_full_recompute(monkeypatch, name, num
   # local rings of 8-9 slots wrap),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
   cfg, params = _params(name, num_layers)
-  tokens = jax.random.randint(jax.random.key(1), (3, 26), 0, cfg.vocab_size)
-  full = _forward_full(params, cfg, tokens)  # reads no cache: no attention blocks
+  tokens, full = _full(name, num_layers)  # reads no cache: no attention blocks
   lengths = jnp.array([12, 3, 7])
   cache = cache_lib.init_cache(cfg, 3, 30, spec_tokens=3)
   # when ragged prompts are prefilled, then decoded token by token,
@@ -226,7 +241,8 @@ def test_cache_blocks_past_the_fullest_row_are_never_read(monkeypatch):
   # Given a 32-slot cache read 4 slots at a time, rows holding at most 9 tokens (blocks 0-2),
   monkeypatch.setattr(model, "ATTENTION_BLOCK", 4)
   cfg, params = _params("tiny")
-  tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+  tokens, full = _full("tiny")  # reads no cache: no attention blocks
+  tokens = tokens[:2, :10]
   cache = cache_lib.init_cache(cfg, 2, 32)
   fwd = jax.jit(lambda p, t, c, n: model.forward(p, cfg, t, c, n))  # traced anew
   _, cache = fwd(params, tokens[:, :9], cache, jnp.array([9, 5]))
@@ -235,7 +251,6 @@ def test_cache_blocks_past_the_fullest_row_are_never_read(monkeypatch):
   cache = cache._replace(groups=tuple(jax.tree.map(poison, e) for e in cache.groups))
   # when the next token is decoded, then the logits are finite and right.
   logits, _ = fwd(params, tokens[:, 9:10], cache, jnp.array([1, 1]))
-  full = _forward_full(params, cfg, tokens)
   assert jnp.all(jnp.isfinite(logits))
   np.testing.assert_allclose(logits[0, 0], full[0, 9], atol=2e-5)
 

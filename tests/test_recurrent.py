@@ -11,6 +11,7 @@ Tiny random-weight models in float32 (tiny_recurrentgemma: d 32, lru width 24, 4
 4, pattern (R, R, L) over 4 layers), so every test compiles in seconds on a CPU.
 """
 
+import functools
 import math
 import os
 
@@ -53,38 +54,71 @@ def _reference_config():
       attention_window_size=WINDOW, logits_soft_cap=CFG.final_logit_softcap, scan_type=LINEAR)
 
 
-def _randomize(params, key):
-  """The reference inits biases and norm scales at zero and its conv near zero, where a
-  missing bias or a swapped tap would hardly show: make them matter."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _random_params(shapes, seed):
+  """Random values for the reference's params tree, drawn on the host (the reference's own
+  init compiles a whole forward pass: seconds of CPU). Matrices are normal with the variance
+  of its init (1 / fan_in; the embedding's fan-in is its width) and a_param is its ring init
+  (a = exp(-8 r softplus(a_param)) with radius uniform in area on [0.9, 0.999]); where its
+  init puts zeros (biases, norm scales) or near-zeros (the conv), where a missing bias or a
+  swapped tap would hardly show, the values are made to matter."""
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   out = []
-  for (path, a), k in zip(leaves, jax.random.split(key, len(leaves))):
-    noise = jax.random.normal(k, a.shape, a.dtype)
-    name = path[-1].key
+  for path, leaf in leaves:
+    shape, name = leaf.shape, path[-1].key
+    noise = rng.standard_normal(shape)
     if name in ("b", "bias", "scale"):
       a = 0.3 * noise
     elif name == "w" and "conv_1d" in jax.tree_util.keystr(path):
       a = noise / 2
-    out.append(a)
+    elif name == "a_param":
+      radius2 = rng.uniform(size=shape) * (0.999 ** 2 - 0.9 ** 2) + 0.9 ** 2 + 1e-8
+      a = np.log(np.exp(-0.5 * np.log(radius2)) - 1.0)
+    elif name == "input_embedding":
+      a = noise / math.sqrt(shape[1])
+    else:  # kernels (d_in d_out), stacked or block-diagonal weights (... d_in d_out)
+      a = noise / math.sqrt(shape[-2])
+    out.append(jnp.asarray(a, leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _griffin():
+  return rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
+
+
+@functools.lru_cache
+def _reference_shapes():
+  """The tree and shapes of the reference's params (traced, nothing compiled)."""
+  tokens = jnp.zeros((1, SEQ), jnp.int32)
+  return jax.eval_shape(lambda: _griffin().init(jax.random.key(0), tokens,
+                                                _positions(1, SEQ)))["params"]
 
 
 @pytest.fixture(scope="module")
 def reference():
   """(Griffin module, its random params, the same params converted to spec_tpu's layout)."""
-  model = rg_griffin.Griffin(_reference_config(), gradient_checkpointing=False)
-  tokens = jnp.zeros((1, SEQ), jnp.int32)
-  # One compiled program: the reference's eager init costs ~4x more on a 2-core CPU.
-  params = jax.jit(lambda: _randomize(model.init(jax.random.key(0), tokens,
-                                                 _positions(1, SEQ))["params"],
-                                      jax.random.key(1)))()
+  params = _random_params(_reference_shapes(), seed=1)
   ours = recurrent_convert.convert_reference_params(params, CFG)
-  return model, params, jax.tree.map(jnp.asarray, ours)
+  return _griffin(), params, jax.tree.map(jnp.asarray, ours)
 
 
 def _ref_block():
   return rg_modules.RecurrentBlock(width=CFG.d_model, num_heads=CFG.num_heads,
                                    lru_width=CFG.lru_width, scan_type=LINEAR)
+
+
+_APPLIES = {}
+
+
+def _jit_apply(module):
+  """The reference module's apply as one program per call shape: applied eagerly, each of its
+  ops compiles for its shapes on its own, several times the one compile."""
+  if id(module) not in _APPLIES:  # (the module is kept: its id is never reused)
+    _APPLIES[id(module)] = module, jax.jit(module.apply, static_argnames="return_cache")
+  return _APPLIES[id(module)][1]
+
+
+_ref_block_apply = _jit_apply(_ref_block())
 
 
 def _positions(b, t, start=0):
@@ -120,8 +154,8 @@ def test_recurrent_block_equals_the_reference_block(reference, scan):
   # Given the reference's recurrent block and the same weights in spec_tpu's layout,
   _, ref_params, ours = reference
   x, pos = _x(2, SEQ), _positions(2, SEQ)
-  want, want_cache = _ref_block().apply({"params": ref_params["blocks.0"]["recurrent_block"]},
-                                        x, pos)
+  want, want_cache = _ref_block_apply({"params": ref_params["blocks.0"]["recurrent_block"]},
+                                      x, pos)
   # when a whole sequence goes through spec_tpu's block from the empty state,
   out, trace = _block(ours["layers"][0]["recurrent"], x, pos, jnp.array([SEQ, SEQ]),
                       recurrent.init_state(2, CFG.lru_width), scan=scan)
@@ -168,12 +202,12 @@ def _reference_steps(ref_params, x, prefill: int):
   """The reference's own states: prefill, then one token at a time (the only way it can add
   tokens to a cache). Returns the caches after prefill + n tokens, n = 0..t-prefill, and the
   outputs of the single steps."""
-  block, p = _ref_block(), {"params": ref_params["blocks.0"]["recurrent_block"]}
+  block, p = _ref_block_apply, {"params": ref_params["blocks.0"]["recurrent_block"]}
   b, t, _ = x.shape
-  _, cache = block.apply(p, x[:, :prefill], _positions(b, prefill))
+  _, cache = block(p, x[:, :prefill], _positions(b, prefill))
   caches, outs = [cache], []
   for j in range(prefill, t):
-    out, cache = block.apply(p, x[:, j:j + 1], _positions(b, 1, j), cache)
+    out, cache = block(p, x[:, j:j + 1], _positions(b, 1, j), cache)
     caches.append(cache)
     outs.append(out)
   return caches, jnp.concatenate(outs, axis=1)
@@ -328,12 +362,13 @@ def test_attention_equals_the_reference_including_the_window_edge(reference):
   x, pos = _x(2, SEQ, seed=13), _positions(2, SEQ)
   block = rg_modules.LocalAttentionBlock(width=CFG.d_model, num_heads=CFG.num_heads,
                                          window_size=WINDOW)
-  want, _ = block.apply({"params": ref_params["blocks.2"]["attention_block"]}, x, pos)
+  want, _ = _jit_apply(block)({"params": ref_params["blocks.2"]["attention_block"]}, x, pos)
   # then spec_tpu's attention with sliding_window = W + 1 (itself and W keys) is the reference,
   p = ours["layers"][2]["attn"]
-  np.testing.assert_allclose(recurrent.local_attention(CFG, p, x, pos), want, **TOL)
+  attention = jax.jit(recurrent.local_attention, static_argnums=0)
+  np.testing.assert_allclose(attention(CFG, p, x, pos), want, **TOL)
   # and one key fewer (transformers' reading of W) is not: the edge matters here.
-  narrow = recurrent.local_attention(CFG.replace(sliding_window=WINDOW), p, x, pos)
+  narrow = attention(CFG.replace(sliding_window=WINDOW), p, x, pos)
   np.testing.assert_allclose(narrow[:, :WINDOW], want[:, :WINDOW], **TOL)
   assert float(jnp.abs(narrow[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-2
 
@@ -367,7 +402,8 @@ def test_whole_model_logits_equal_the_reference_griffin(reference):
   # Given the reference's Griffin and its params converted from the Flax tree,
   model, ref_params, ours = reference
   tokens = jax.random.randint(jax.random.key(14), (2, SEQ), 0, CFG.vocab_size)
-  want, _ = model.apply({"params": ref_params}, tokens, _positions(2, SEQ), return_cache=False)
+  want, _ = _jit_apply(model)({"params": ref_params}, tokens, _positions(2, SEQ),
+                             return_cache=False)
   # then the pieces, composed as the decoder will, give its logits past the window,
   got = _forward(ours, CFG, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # |logits| up to ~5
@@ -391,7 +427,7 @@ def _reference_greedy(model_ref, ref_params, prompt_bt, steps):
   """The reference's greedy continuation: a prefill, then one token at a time on its cache
   (its only way to add tokens); returns the tokens and each step's logits."""
   b, t = prompt_bt.shape
-  apply = jax.jit(model_ref.apply, static_argnames="return_cache")
+  apply = _jit_apply(model_ref)
   logits, cache = apply({"params": ref_params}, prompt_bt, _positions(b, t), return_cache=True)
   out, all_logits = [], []
   for j in range(steps):
@@ -406,9 +442,10 @@ def _reference_greedy(model_ref, ref_params, prompt_bt, steps):
 def test_decoder_logits_equal_the_reference_griffin(reference):
   # Given the reference's Griffin and the same weights stacked for spec_tpu's one decoder,
   model_ref, ref_params, _ = reference
-  tokens = jax.random.randint(jax.random.key(20), (2, 3 * SEQ), 0, CFG.vocab_size)
-  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(2, 3 * SEQ),
-                            return_cache=False)
+  # (the incremental test's tokens: one forward_full program)
+  tokens = jax.random.randint(jax.random.key(22), (3, 3 * SEQ), 0, CFG.vocab_size)
+  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(3, 3 * SEQ),
+                                 return_cache=False)
   # when the decoder (recurrent kind under the layer scan, partial RoPE, biases, bf16-rounded
   # embedding scale) runs whole sequences 9 windows long,
   got = _forward_full_model(_decoder_params(reference), CFG, tokens)
@@ -490,18 +527,20 @@ def _is_axes(x):
 
 def test_inserting_a_row_replaces_its_recurrent_state(reference):
   # Given a cache whose row 1 holds another request's recurrent state,
+  # (the old cache filled by the incremental test's K+1-token program)
   params = _decoder_params(reference)
-  old = cache_lib.init_cache(CFG, 2, 16, K + 1)
-  _, old = _forward_model(params, CFG, jnp.ones((2, 5), jnp.int32), old)
-  fresh = cache_lib.init_cache(CFG, 1, 16, K + 1)
+  old = cache_lib.init_cache(CFG, 3, 3 * SEQ, K + 1)
+  _, old = _forward_model(params, CFG, jnp.ones((3, K + 1), jnp.int32), old)
+  fresh = cache_lib.init_cache(CFG, 1, 3 * SEQ, K + 1)
   _, fresh = _forward_model(params, CFG, jnp.full((1, 3), 2, jnp.int32), fresh)
   # when a freshly prefilled row is inserted at slot 1,
   got = cache_lib.insert_rows(old, fresh, jnp.array([1]))
-  # then that row is the fresh one in every leaf, and row 0 is untouched.
+  # then that row is the fresh one in every leaf, and rows 0 and 2 are untouched.
   def check(ax, g, o, f):
     axis = ax.index("batch")
     np.testing.assert_array_equal(jnp.take(g, 1, axis=axis), jnp.take(f, 0, axis=axis))
-    np.testing.assert_array_equal(jnp.take(g, 0, axis=axis), jnp.take(o, 0, axis=axis))
+    for row in (0, 2):
+      np.testing.assert_array_equal(jnp.take(g, row, axis=axis), jnp.take(o, row, axis=axis))
   jax.tree.map(check, cache_lib.logical_axes(got), got, old, fresh, is_leaf=_is_axes)
   assert isinstance(got.groups[0], recurrent.RecurrentState)
 
@@ -519,7 +558,11 @@ def test_decode_rounds_keep_the_state_of_a_fresh_pass_over_the_kept_prefix(refer
   # sampling at T = 1 (so rounds end in partial rejections), over ragged prompts,
   k = 3
   target = _decoder_params(reference)
-  draft = model.init_params(CFG, jax.random.key(30))
+  # (another draw of the reference's params, converted: an eager init_params compiles each of
+  # its ops' shapes, ~200 small programs)
+  other = recurrent_convert.convert_reference_params(
+      _random_params(_reference_shapes(), seed=30), CFG)
+  draft = _decoder_params((None, None, jax.tree.map(jnp.asarray, other)))
   spec = decode.LoopSpec(target=CFG, draft=CFG, k=k, k_max=k, max_top_k=0, max_len=48,
                          out_len=k + 1, eos_ids=())
   b = 4
@@ -567,8 +610,8 @@ def test_a_released_style_reference_checkpoint_converts_to_a_servable_one(refere
   params, stored = checkpoint.restore(dst)
   assert stored == cfg and cfg.layer_pattern == CFG.layer_pattern and cfg.tokenizer == "gemma"
   tokens = jax.random.randint(jax.random.key(25), (1, SEQ), 0, CFG.vocab_size)
-  want, _ = model_ref.apply({"params": ref_params}, tokens, _positions(1, SEQ),
-                            return_cache=False)
+  want, _ = _jit_apply(model_ref)({"params": ref_params}, tokens, _positions(1, SEQ),
+                                 return_cache=False)
   np.testing.assert_allclose(_forward_full_model(params, CFG, tokens), want, atol=5e-5, rtol=0)
   # and a source that is not such a checkpoint is one clear error.
   with pytest.raises(ReferenceConversionError, match="orbax"):

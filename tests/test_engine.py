@@ -43,8 +43,19 @@ def _drain(engine):
 
 @pytest.fixture(scope="module")
 def toy_engine():
-  """The toy pair, K = 3 fixed (compiled programs are per engine: tests share this one)."""
-  return Engine(_toy_sampler().pair, num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4)
+  """The toy pair, K = 3 fixed, with top-3 logprobs (compiled programs are per engine: tests
+  share this one)."""
+  return Engine(_toy_sampler().pair, num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4,
+                logprobs_k=3)
+
+
+@pytest.fixture(scope="module")
+def law_engine():
+  """The toy pair, K = 3 fixed, 128 slots filled 4 prompts per insert call, with the sampling
+  controls compiled in (as launch.serve builds it): the statistical engine tests share its
+  programs, requests with and without controls alike."""
+  return Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
+                max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,20 +77,19 @@ LAW_ROWS = ex.BATCH  # per temperature: the Sampler suite's rows (its docstring 
                     # that many: its negative controls' power, the pooled chi-square's calibration)
 
 
-def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
+def test_requests_inserted_into_a_busy_batch_follow_the_target_law(law_engine, monkeypatch):
   # Given an engine whose slots are kept busy by filler requests (other prompts and lengths,
   # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
   # temperatures queued between them, so each enters a slot at its own time beside rows at
   # other positions with other settings (4 prompts per insert call), the requests at T = 1 in
   # pairs of samples of one request (streams seed and seed + 2^32, one shared prefill, as
   # n = 2 asks),
-  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
-                  max_top_k=4, prefill_rows=4)
+  engine = law_engine
   prefilled = []  # per insert call: (prompts prefilled, requests inserted)
   run_insert = engine._run_insert
-  engine._run_insert = lambda *a: prefilled.append(
+  monkeypatch.setattr(engine, "_run_insert", lambda *a: prefilled.append(
       (int(np.sum(np.any(a[1].reshape(len(a[1]), -1) < 128, axis=1))),
-       int(np.sum(a[1] < 128)))) or run_insert(*a)
+       int(np.sum(a[1] < 128)))) or run_insert(*a))
   rng = np.random.default_rng(0)
   fillers = iter(_fillers(rng, LAW_ROWS))
   law = {1.0: [], 0.7: []}
@@ -121,16 +131,10 @@ def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
 
 def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine):
   # Given ragged greedy prompts queued among sampled requests (other temperatures, top-p,
-  # top-k) in one engine, and the target's greedy continuations (rows with a near-tie on the
-  # path excluded, as in test_exactness),
+  # top-k) in one engine,
   n = 256
   engine = toy_engine
-  sampler = Sampler(engine.pair)
   prompts = ex.GREEDY_PROMPTS[:n]
-  want = np.array(sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
-                                   sampling=ex.GREEDY).tokens)
-  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
-  assert clear.mean() > 0.97
   rng = np.random.default_rng(1)
   greedy = []
   for prompt, filler in zip(prompts, _fillers(rng, n)):
@@ -138,8 +142,14 @@ def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine
                                                          temperature=0.0, top_p=0.5)))
     engine.submit(*filler)
   _drain(engine)
-  # then every greedy request is the target's greedy continuation, token for token.
+  # then every greedy request is the target's greedy continuation, token for token: each token
+  # the argmax of the target's logits given the prompt and the tokens before it, from one
+  # forward over the whole row (no cache, no loop; rows with a near-tie on the path excluded,
+  # as in test_exactness).
   got = np.array([r.result().tokens for r in greedy])
+  path, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, got)
+  assert clear.mean() > 0.97
+  want = np.argmax(path, axis=-1)
   bad = np.flatnonzero(clear & np.any(got != want, axis=1))
   assert bad.size == 0, f"{bad.size} rows differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
 
@@ -226,12 +236,11 @@ def _controlled_law(c):
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 
 
-def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
+def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation(law_engine):
   # Given requests with every control at once (repetition, frequency and presence penalties
   # counting the row's own earlier tokens, min_p, logit_bias), decoded with K = 3 drafts
   # (each drafted position penalised with the drafted prefix's counts),
-  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
-                  max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
+  engine = law_engine
   rng = np.random.default_rng(1)
   requests = engine.submit_all([(ex.PROMPT, GenerationParams(
       max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **CONTROLS))
@@ -300,6 +309,7 @@ def _masked_law_device(params, allowed_nlv):
   return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
 
 
+@functools.lru_cache(maxsize=None)
 def _masked_law(pattern):
   """The target's law with each token restricted to those that keep the text a prefix of a
   string of the language, by the `regex` module's partial matching (not the automaton under
@@ -415,8 +425,8 @@ LOGPROB_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
 
 
 @pytest.mark.parametrize("k", [0, 3])
-def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_engine, k):
-  engine = toy_logprobs_engine
+def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_engine, k):
+  engine = toy_engine
   rng = np.random.default_rng(k)
   prompts = [rng.integers(0, ex.V, int(rng.integers(2, 9))).tolist() for _ in range(8)]
   params = [GenerationParams(max_new_tokens=14, seed=i, logprobs=3,
@@ -451,16 +461,16 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
         np.testing.assert_allclose(np.log(q[list(ids)]), lps, atol=2e-5)
 
 
-def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_logprobs_engine):
-  engine = toy_logprobs_engine
+def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_engine):
+  engine = toy_engine
   (r,) = engine.generate([[1, 2, 3]], GenerationParams(max_new_tokens=3, seed=0))
   assert r.logprobs is None
   with pytest.raises(ValueError, match="logprobs_k=3"):
     engine.submit([1, 2], GenerationParams(logprobs=4))
 
 
-def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
-  engine = toy_logprobs_engine
+def test_prompt_scores_are_the_targets_own_logprobs(toy_engine):
+  engine = toy_engine
   prompt = [3, 1, 4, 1, 5, 2, 6, 5, 3]
   # Given a prompt scored (between steps, as the engine's thread does),
   future = engine.score(prompt, top=2)
@@ -479,12 +489,6 @@ def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
     np.testing.assert_allclose([v for _, v in s.top], np.sort(logq[j - 1])[::-1][:2], atol=1e-5)
   with pytest.raises(ValueError, match="logprobs_k=3"):
     engine.score(prompt, top=4)
-
-
-@pytest.fixture(scope="module")
-def toy_logprobs_engine():
-  return Engine(_toy_sampler().pair, num_slots=8, max_len=40, k=3, adaptive_k=False, max_top_k=4,
-                logprobs_k=3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -500,8 +500,9 @@ def byte_engine():
   target = get_preset("tiny").replace(name="tiny_bytes", vocab_size=260, tokenizer="bytes")
   draft = target.replace(name="tiny_bytes_draft", num_layers=1)
   tok = ByteTokenizer()
-  sampler = Sampler.from_params(model.init_params(target, jax.random.key(0)), target,
-                    draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
+  init = jax.jit(model.init_params, static_argnums=0)  # one program, not one per op
+  sampler = Sampler.from_params(init(target, jax.random.key(0)), target,
+                    draft_params=init(draft, jax.random.key(1)), draft_cfg=draft,
                     eos_ids=tok.eos_ids)
   engine = Engine(sampler.pair, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
                   rounds_per_step=2)

@@ -83,7 +83,9 @@ def paired(single):  # noqa: F811
   return single
 
 
+@functools.lru_cache(maxsize=None)
 def _generate(sampler, k, coupling="gumbel"):
+  # Cached: tests asking different questions of one run do not pay for it twice.
   return sampler.generate(PROMPTS, max_new_tokens=ex.MAX_NEW, k=k, sampling=SAMPLING, seed=SEED,
                           coupling=coupling)
 

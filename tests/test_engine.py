@@ -41,6 +41,20 @@ def _drain(engine):
     pass
 
 
+@jax.jit
+def _forward_device(params, tokens_bt):
+  return model.forward_full(params, ex.TARGET, tokens_bt)
+
+
+def _target_logits(seq):
+  """The target's logits (float64) at every position of one token sequence, from one forward
+  without cache or loop; right-padded to one width so every call shares one program (padding
+  is invisible to the causal positions before it)."""
+  row = np.zeros((1, 32), np.int32)
+  row[0, :len(seq)] = seq
+  return np.asarray(_forward_device(ex.target_params(), row)[0, :len(seq)], np.float64)
+
+
 @pytest.fixture(scope="module")
 def toy_engine():
   """The toy pair, K = 3 fixed, with top-3 logprobs (compiled programs are per engine: tests
@@ -269,8 +283,7 @@ def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation(la
                       bias=dict(CONTROLS["logit_bias"]))
   for s, done in enumerate(both):
     seq = list(ex.PROMPT) + done.tokens
-    logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
-                                           np.asarray([seq], np.int32))[0], np.float64)
+    logits = _target_logits(seq)
     for j, lp in enumerate(done.logprobs):
       at = logits[len(ex.PROMPT) - 1 + j]
       if s % 2:
@@ -440,7 +453,6 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_engine, k
   requests = engine.submit_all(list(zip(prompts, params)))
   while engine.step(k=k):
     pass
-  full = jax.jit(lambda tokens: model.forward_full(ex.target_params(), ex.TARGET, tokens))
   for prompt, p, r in zip(prompts, params, requests):
     done = r.result()
     assert len(done.logprobs) == len(done.tokens) >= 1
@@ -448,7 +460,7 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_engine, k
     # distribution (or its raw one: temperature 1, no filters) recomputed in float64 from one
     # forward over the whole sequence,
     seq = prompt + done.tokens
-    logits = np.asarray(full(np.asarray([seq], np.int32))[0], np.float64)
+    logits = _target_logits(seq)
     for j, lp in enumerate(done.logprobs):
       q = ts.reference(logits[len(prompt) - 1 + j], *((1.0, 0, 1.0) if p.raw_logprobs else
                                                       (p.temperature, p.top_k, p.top_p)))
@@ -478,8 +490,7 @@ def test_prompt_scores_are_the_targets_own_logprobs(toy_engine):
   scores = future.result(timeout=0)
   # then the first token has nothing before it, and each later token's logprob and top 2 are
   # the target's log-softmax at the position before it (temperature 1, no filters).
-  logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
-                                         np.asarray([prompt], np.int32))[0], np.float64)
+  logits = _target_logits(prompt)
   logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   assert [s.token for s in scores] == prompt and math.isnan(scores[0].logprob)

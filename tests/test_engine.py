@@ -224,12 +224,25 @@ CONTROLS = dict(temperature=1.0, presence_penalty=0.6, frequency_penalty=0.4,
                 repetition_penalty=1.5, min_p=0.08, logit_bias=((2, 1.5), (6, -2.0)))
 
 
+@jax.jit
+def _continuation_logits_device(params):
+  n = len(ex.CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)),
+                            jnp.asarray(ex.CONTINUATIONS)], axis=1)
+  return model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _continuation_logits():
+  """The target's logits before each of the L tokens of every continuation of PROMPT (one
+  forward over all of them, shared by the laws below)."""
+  return _continuation_logits_device(ex.target_params())
+
+
 @functools.partial(jax.jit, static_argnames=("min_p",))
-def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bias, min_p):
+def _controlled_law_device(logits, presence, frequency, repetition, bias_ids, bias, min_p):
   n = len(ex.CONTINUATIONS)
   cont = jnp.asarray(ex.CONTINUATIONS)
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
-  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
   # The generated tokens before step i: the continuation's first i.
   onehot = jax.nn.one_hot(cont, ex.V, dtype=jnp.int32)
   counts = jnp.cumsum(onehot, axis=1) - onehot
@@ -244,7 +257,7 @@ def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bi
 def _controlled_law(c):
   ids, biases = zip(*c["logit_bias"])
   law = np.asarray(_controlled_law_device(
-      ex.target_params(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
+      _continuation_logits(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
       jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32), c["min_p"]), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((ex.V,) * ex.L)
@@ -313,11 +326,8 @@ def _toy_grammar():
 
 
 @jax.jit
-def _masked_law_device(params, allowed_nlv):
-  n = len(ex.CONTINUATIONS)
+def _masked_law_device(logits, allowed_nlv):
   cont = jnp.asarray(ex.CONTINUATIONS)
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
-  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
   probs = sampling.probabilities(jnp.where(allowed_nlv, logits, -jnp.inf), 1.0, 0, 1.0)
   return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
 
@@ -341,7 +351,7 @@ def _masked_law(pattern):
         # A prefix outside the language has probability 0 already: any mask will do.
         memo[prefix] = memo[prefix] if any(memo[prefix]) else [True] * ex.V
       allowed[row, j] = memo[prefix]
-  law = np.asarray(_masked_law_device(ex.target_params(), allowed), np.float64)
+  law = np.asarray(_masked_law_device(_continuation_logits(), allowed), np.float64)
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 
 

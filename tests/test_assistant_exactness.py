@@ -38,7 +38,7 @@ ASSISTANT = assistant.AssistantConfig(
 
 @functools.lru_cache(maxsize=None)
 def assistant_params():
-  p = model.init_params(ASSISTANT, jax.random.key(7))
+  p = jax.jit(model.init_params, static_argnums=0)(ASSISTANT, jax.random.key(7))  # one program
   return dict(p, embed=p["embed"] * 3.0)  # a sharper q, far from uniform
 
 

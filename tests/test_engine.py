@@ -57,19 +57,12 @@ def _target_logits(seq):
 
 @pytest.fixture(scope="module")
 def toy_engine():
-  """The toy pair, K = 3 fixed, with top-3 logprobs (compiled programs are per engine: tests
-  share this one)."""
-  return Engine(_toy_sampler().pair, num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4,
-                logprobs_k=3)
-
-
-@pytest.fixture(scope="module")
-def law_engine():
-  """The toy pair, K = 3 fixed, 128 slots filled 4 prompts per insert call, with the sampling
-  controls compiled in (as launch.serve builds it): the statistical engine tests share its
-  programs, requests with and without controls alike."""
+  """The toy pair, K = 3 fixed, 128 slots filled up to 4 prompts per insert call, with the
+  sampling controls and top-3 logprobs compiled in (as launch.serve builds it). Compiled
+  programs are per engine: the toy-pair tests share this one, requests with and without
+  controls or logprobs alike."""
   return Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
-                max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
+                max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4, logprobs_k=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,14 +84,14 @@ LAW_ROWS = ex.BATCH  # per temperature: the Sampler suite's rows (its docstring 
                     # that many: its negative controls' power, the pooled chi-square's calibration)
 
 
-def test_requests_inserted_into_a_busy_batch_follow_the_target_law(law_engine, monkeypatch):
+def test_requests_inserted_into_a_busy_batch_follow_the_target_law(toy_engine, monkeypatch):
   # Given an engine whose slots are kept busy by filler requests (other prompts and lengths,
   # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
   # temperatures queued between them, so each enters a slot at its own time beside rows at
   # other positions with other settings (4 prompts per insert call), the requests at T = 1 in
   # pairs of samples of one request (streams seed and seed + 2^32, one shared prefill, as
   # n = 2 asks),
-  engine = law_engine
+  engine = toy_engine
   prefilled = []  # per insert call: (prompts prefilled, requests inserted)
   run_insert = engine._run_insert
   monkeypatch.setattr(engine, "_run_insert", lambda *a: prefilled.append(
@@ -192,10 +185,11 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
 
 def test_samples_of_one_prompt_share_one_prefill(toy_engine, monkeypatch):
   engine = toy_engine
-  calls = []
+  calls = []  # per insert call: (prompts prefilled, requests inserted)
   run_insert = engine._run_insert
-  monkeypatch.setattr(engine, "_run_insert", lambda *a, **kw: calls.append(a[1].shape)
-                      or run_insert(*a, **kw))
+  monkeypatch.setattr(engine, "_run_insert", lambda *a, **kw: calls.append(
+      (int(np.sum(np.any(a[1].reshape(len(a[1]), -1) < engine.num_slots, axis=1))),
+       int(np.sum(a[1] < engine.num_slots)))) or run_insert(*a, **kw))
   # Given 3 seeded samples of one prompt (as n = 3 asks: streams seed + j * 2^32, one of them
   # with other filters) submitted together,
   probe = GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=1.0, seed=11)
@@ -204,14 +198,14 @@ def test_samples_of_one_prompt_share_one_prefill(toy_engine, monkeypatch):
   shared = engine.submit_all([(ex.PROMPT, p) for p in params], share_prefill=True)
   _drain(engine)
   shared = [r.result() for r in shared]
-  # then the prompt was prefilled once, into the 3 slots (a fan of 4, one entry dropped),
-  assert calls == [(1, 4)]
+  # then the prompt was prefilled once, into the 3 slots,
+  assert calls == [(1, 3)]
   # and each sample is what the same request gives alone (its own prefill): the copies are
   # independent samples, each on its own stream, not one sample repeated. (Equal prompts not
   # submitted as samples are prefilled each on its own.)
   calls.clear()
   alone = engine.generate([ex.PROMPT] * 3, params)
-  assert calls == [(1,)] * 3
+  assert calls == [(3, 3)]
   assert [r.tokens for r in shared] == [r.tokens for r in alone]
   assert len({tuple(r.tokens) for r in shared}) == 3
 
@@ -263,11 +257,11 @@ def _controlled_law(c):
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 
 
-def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation(law_engine):
+def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation(toy_engine):
   # Given requests with every control at once (repetition, frequency and presence penalties
   # counting the row's own earlier tokens, min_p, logit_bias), decoded with K = 3 drafts
   # (each drafted position penalised with the drafted prefix's counts),
-  engine = law_engine
+  engine = toy_engine
   rng = np.random.default_rng(1)
   requests = engine.submit_all([(ex.PROMPT, GenerationParams(
       max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **CONTROLS))
@@ -433,11 +427,13 @@ def test_grammar_mask_on_the_draft_only_fails_the_same_test(monkeypatch):
   assert min(ex.law_pvalues(wrong, _masked_law(TOY_REGEX))) < ex.NEGATIVE_P
 
 
-def test_controls_need_an_engine_built_with_them(toy_engine):
+def test_controls_need_an_engine_built_with_them(byte_engine):
+  engine, _ = byte_engine
   with pytest.raises(ValueError, match="controls=True"):
-    toy_engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
+    engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
   with pytest.raises(ValueError, match="repetition_penalty"):
-    toy_engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
+    engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
+  assert engine.queue_length == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,8 +251,9 @@ def _controlled_law_device(logits, presence, frequency, repetition, bias_ids, bi
 def _controlled_law(c):
   ids, biases = zip(*c["logit_bias"])
   law = np.asarray(_controlled_law_device(
-      _continuation_logits(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
-      jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32), c["min_p"]), np.float64)
+      _continuation_logits(), c["presence_penalty"], c["frequency_penalty"],
+      c["repetition_penalty"], jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32),
+      c["min_p"]), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 

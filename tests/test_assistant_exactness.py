@@ -38,7 +38,7 @@ ASSISTANT = assistant.AssistantConfig(
 
 @functools.lru_cache(maxsize=None)
 def assistant_params():
-  p = model.init_params(ASSISTANT, jax.random.key(7))
+  p = jax.jit(model.init_params, static_argnums=0)(ASSISTANT, jax.random.key(7))  # one program
   return dict(p, embed=p["embed"] * 3.0)  # a sharper q, far from uniform
 
 
@@ -47,9 +47,15 @@ def pair() -> Pair:
               draft_cfg=ASSISTANT)
 
 
-def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0):
-  # A Sampler of its own per call: its programs are traced afresh (a monkeypatched rule takes).
-  result = Sampler(pair()).generate(
+@functools.lru_cache(maxsize=None)
+def one_device() -> Sampler:
+  """The pair on one device; its compiled programs are shared by the module's unpatched runs."""
+  return Sampler(pair())
+
+
+def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0, sampler=None):
+  # By default a Sampler of its own: its programs are traced afresh (a monkeypatched rule takes).
+  result = (sampler or Sampler(pair())).generate(
       [ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K, seed=seed,
       sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
       draft_source=DraftSource("assistant", greedy=greedy_drafts))
@@ -58,7 +64,11 @@ def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0):
   return result.tokens, ex.judged_acceptance(result), result.accepted
 
 
-_runs = functools.lru_cache(maxsize=None)(_run)
+@functools.lru_cache(maxsize=None)
+def _runs(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0):
+  """_run on the shared one-device Sampler, each run once (tests asking different questions of
+  one run share it)."""
+  return _run(greedy_drafts, seed, temperature, top_k, top_p, sampler=one_device())
 
 
 @pytest.mark.parametrize("greedy_drafts", [False, True], ids=["sampled", "one_hot"])
@@ -104,8 +114,8 @@ def test_claiming_a_wrong_draft_distribution_fails(monkeypatch):
 
 def test_greedy_speculative_equals_greedy_autoregressive():
   rows, _, _ = _runs(False, 14, 0.0)
-  want = Sampler(pair()).generate([ex.PROMPT] * 2, max_new_tokens=ex.MAX_NEW, k=0,
-                                  sampling=SamplingParams(temperature=0.0)).tokens[0]
+  want = one_device().generate([ex.PROMPT] * 2, max_new_tokens=ex.MAX_NEW, k=0,
+                               sampling=SamplingParams(temperature=0.0)).tokens[0]
   assert all(r == want for r in rows)
 
 
@@ -192,9 +202,9 @@ def test_assistant_on_a_2x4_mesh_follows_the_filtered_law():
       prompts, max_new_tokens=ex.MAX_NEW, k=K,
       sampling=SamplingParams(**dict(options, temperature=0.0)),
       draft_source=DraftSource("assistant")).tokens)
-  one_device = np.array(Sampler(pair()).generate(
+  alone = np.array(one_device().generate(
       prompts, max_new_tokens=ex.MAX_NEW, k=K, sampling=SamplingParams(temperature=0.0),
       draft_source=DraftSource("assistant")).tokens)
-  assert len({tuple(r) for r in one_device.tolist()}) > 100  # the rows differ
+  assert len({tuple(r) for r in alone.tolist()}) > 100  # the rows differ
   # Sharded reductions round differently: a near-tie of the target's logits may flip, rarely.
-  assert np.mean(np.all(greedy == one_device, axis=1)) > 0.995
+  assert np.mean(np.all(greedy == alone, axis=1)) > 0.995

@@ -41,10 +41,28 @@ def _drain(engine):
     pass
 
 
+@jax.jit
+def _forward_device(params, tokens_bt):
+  return model.forward_full(params, ex.TARGET, tokens_bt)
+
+
+def _target_logits(seq):
+  """The target's logits (float64) at every position of one token sequence, from one forward
+  without cache or loop; right-padded to one width so every call shares one program (padding
+  is invisible to the causal positions before it)."""
+  row = np.zeros((1, 32), np.int32)
+  row[0, :len(seq)] = seq
+  return np.asarray(_forward_device(ex.target_params(), row)[0, :len(seq)], np.float64)
+
+
 @pytest.fixture(scope="module")
 def toy_engine():
-  """The toy pair, K = 3 fixed (compiled programs are per engine: tests share this one)."""
-  return Engine(_toy_sampler().pair, num_slots=32, max_len=40, k=3, adaptive_k=False, max_top_k=4)
+  """The toy pair, K = 3 fixed, 128 slots filled up to 4 prompts per insert call, with the
+  sampling controls and top-3 logprobs compiled in (as launch.serve builds it). Compiled
+  programs are per engine: the toy-pair tests share this one, requests with and without
+  controls or logprobs alike."""
+  return Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
+                max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4, logprobs_k=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,20 +84,19 @@ LAW_ROWS = ex.BATCH  # per temperature: the Sampler suite's rows (its docstring 
                     # that many: its negative controls' power, the pooled chi-square's calibration)
 
 
-def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
+def test_requests_inserted_into_a_busy_batch_follow_the_target_law(toy_engine, monkeypatch):
   # Given an engine whose slots are kept busy by filler requests (other prompts and lengths,
   # greedy and sampled, top-p and top-k), and requests for the enumerated prompt at two
   # temperatures queued between them, so each enters a slot at its own time beside rows at
   # other positions with other settings (4 prompts per insert call), the requests at T = 1 in
   # pairs of samples of one request (streams seed and seed + 2^32, one shared prefill, as
   # n = 2 asks),
-  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
-                  max_top_k=4, prefill_rows=4)
+  engine = toy_engine
   prefilled = []  # per insert call: (prompts prefilled, requests inserted)
   run_insert = engine._run_insert
-  engine._run_insert = lambda *a: prefilled.append(
+  monkeypatch.setattr(engine, "_run_insert", lambda *a: prefilled.append(
       (int(np.sum(np.any(a[1].reshape(len(a[1]), -1) < 128, axis=1))),
-       int(np.sum(a[1] < 128)))) or run_insert(*a)
+       int(np.sum(a[1] < 128)))) or run_insert(*a))
   rng = np.random.default_rng(0)
   fillers = iter(_fillers(rng, LAW_ROWS))
   law = {1.0: [], 0.7: []}
@@ -121,16 +138,10 @@ def test_requests_inserted_into_a_busy_batch_follow_the_target_law():
 
 def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine):
   # Given ragged greedy prompts queued among sampled requests (other temperatures, top-p,
-  # top-k) in one engine, and the target's greedy continuations (rows with a near-tie on the
-  # path excluded, as in test_exactness),
+  # top-k) in one engine,
   n = 256
   engine = toy_engine
-  sampler = Sampler(engine.pair)
   prompts = ex.GREEDY_PROMPTS[:n]
-  want = np.array(sampler.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
-                                   sampling=ex.GREEDY).tokens)
-  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
-  assert clear.mean() > 0.97
   rng = np.random.default_rng(1)
   greedy = []
   for prompt, filler in zip(prompts, _fillers(rng, n)):
@@ -138,8 +149,14 @@ def test_greedy_requests_in_a_mixed_batch_equal_greedy_autoregressive(toy_engine
                                                          temperature=0.0, top_p=0.5)))
     engine.submit(*filler)
   _drain(engine)
-  # then every greedy request is the target's greedy continuation, token for token.
+  # then every greedy request is the target's greedy continuation, token for token: each token
+  # the argmax of the target's logits given the prompt and the tokens before it, from one
+  # forward over the whole row (no cache, no loop; rows with a near-tie on the path excluded,
+  # as in test_exactness).
   got = np.array([r.result().tokens for r in greedy])
+  path, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, got)
+  assert clear.mean() > 0.97
+  want = np.argmax(path, axis=-1)
   bad = np.flatnonzero(clear & np.any(got != want, axis=1))
   assert bad.size == 0, f"{bad.size} rows differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
 
@@ -168,10 +185,11 @@ def test_seeded_request_does_not_depend_on_what_shares_the_batch(toy_engine):
 
 def test_samples_of_one_prompt_share_one_prefill(toy_engine, monkeypatch):
   engine = toy_engine
-  calls = []
+  calls = []  # per insert call: (prompts prefilled, requests inserted)
   run_insert = engine._run_insert
-  monkeypatch.setattr(engine, "_run_insert", lambda *a, **kw: calls.append(a[1].shape)
-                      or run_insert(*a, **kw))
+  monkeypatch.setattr(engine, "_run_insert", lambda *a, **kw: calls.append(
+      (int(np.sum(np.any(a[1].reshape(len(a[1]), -1) < engine.num_slots, axis=1))),
+       int(np.sum(a[1] < engine.num_slots)))) or run_insert(*a, **kw))
   # Given 3 seeded samples of one prompt (as n = 3 asks: streams seed + j * 2^32, one of them
   # with other filters) submitted together,
   probe = GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=1.0, seed=11)
@@ -180,14 +198,14 @@ def test_samples_of_one_prompt_share_one_prefill(toy_engine, monkeypatch):
   shared = engine.submit_all([(ex.PROMPT, p) for p in params], share_prefill=True)
   _drain(engine)
   shared = [r.result() for r in shared]
-  # then the prompt was prefilled once, into the 3 slots (a fan of 4, one entry dropped),
-  assert calls == [(1, 4)]
+  # then the prompt was prefilled once, into the 3 slots,
+  assert calls == [(1, 3)]
   # and each sample is what the same request gives alone (its own prefill): the copies are
   # independent samples, each on its own stream, not one sample repeated. (Equal prompts not
   # submitted as samples are prefilled each on its own.)
   calls.clear()
   alone = engine.generate([ex.PROMPT] * 3, params)
-  assert calls == [(1,)] * 3
+  assert calls == [(3, 3)]
   assert [r.tokens for r in shared] == [r.tokens for r in alone]
   assert len({tuple(r.tokens) for r in shared}) == 3
 
@@ -200,12 +218,25 @@ CONTROLS = dict(temperature=1.0, presence_penalty=0.6, frequency_penalty=0.4,
                 repetition_penalty=1.5, min_p=0.08, logit_bias=((2, 1.5), (6, -2.0)))
 
 
+@jax.jit
+def _continuation_logits_device(params):
+  n = len(ex.CONTINUATIONS)
+  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)),
+                            jnp.asarray(ex.CONTINUATIONS)], axis=1)
+  return model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _continuation_logits():
+  """The target's logits before each of the L tokens of every continuation of PROMPT (one
+  forward over all of them, shared by the laws below)."""
+  return _continuation_logits_device(ex.target_params())
+
+
 @functools.partial(jax.jit, static_argnames=("min_p",))
-def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bias, min_p):
+def _controlled_law_device(logits, presence, frequency, repetition, bias_ids, bias, min_p):
   n = len(ex.CONTINUATIONS)
   cont = jnp.asarray(ex.CONTINUATIONS)
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
-  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
   # The generated tokens before step i: the continuation's first i.
   onehot = jax.nn.one_hot(cont, ex.V, dtype=jnp.int32)
   counts = jnp.cumsum(onehot, axis=1) - onehot
@@ -220,18 +251,18 @@ def _controlled_law_device(params, presence, frequency, repetition, bias_ids, bi
 def _controlled_law(c):
   ids, biases = zip(*c["logit_bias"])
   law = np.asarray(_controlled_law_device(
-      ex.target_params(), c["presence_penalty"], c["frequency_penalty"], c["repetition_penalty"],
-      jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32), c["min_p"]), np.float64)
+      _continuation_logits(), c["presence_penalty"], c["frequency_penalty"],
+      c["repetition_penalty"], jnp.asarray(ids, jnp.int32), jnp.asarray(biases, jnp.float32),
+      c["min_p"]), np.float64)
   assert abs(law.sum() - 1) < 1e-4
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 
 
-def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
+def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation(toy_engine):
   # Given requests with every control at once (repetition, frequency and presence penalties
   # counting the row's own earlier tokens, min_p, logit_bias), decoded with K = 3 drafts
   # (each drafted position penalised with the drafted prefix's counts),
-  engine = Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
-                  max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4)
+  engine = toy_engine
   rng = np.random.default_rng(1)
   requests = engine.submit_all([(ex.PROMPT, GenerationParams(
       max_new_tokens=ex.L, seed=int(rng.integers(2 ** 63)), **CONTROLS))
@@ -260,8 +291,7 @@ def test_penalties_min_p_and_logit_bias_keep_the_target_law_under_speculation():
                       bias=dict(CONTROLS["logit_bias"]))
   for s, done in enumerate(both):
     seq = list(ex.PROMPT) + done.tokens
-    logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
-                                           np.asarray([seq], np.int32))[0], np.float64)
+    logits = _target_logits(seq)
     for j, lp in enumerate(done.logprobs):
       at = logits[len(ex.PROMPT) - 1 + j]
       if s % 2:
@@ -291,15 +321,13 @@ def _toy_grammar():
 
 
 @jax.jit
-def _masked_law_device(params, allowed_nlv):
-  n = len(ex.CONTINUATIONS)
+def _masked_law_device(logits, allowed_nlv):
   cont = jnp.asarray(ex.CONTINUATIONS)
-  tokens = jnp.concatenate([jnp.tile(jnp.asarray(ex.PROMPT, jnp.int32), (n, 1)), cont], axis=1)
-  logits = model.forward_full(params, ex.TARGET, tokens)[:, len(ex.PROMPT) - 1:-1]
   probs = sampling.probabilities(jnp.where(allowed_nlv, logits, -jnp.inf), 1.0, 0, 1.0)
   return jnp.prod(jnp.take_along_axis(probs, cont[..., None], axis=-1)[..., 0], axis=1)
 
 
+@functools.lru_cache(maxsize=None)
 def _masked_law(pattern):
   """The target's law with each token restricted to those that keep the text a prefix of a
   string of the language, by the `regex` module's partial matching (not the automaton under
@@ -318,7 +346,7 @@ def _masked_law(pattern):
         # A prefix outside the language has probability 0 already: any mask will do.
         memo[prefix] = memo[prefix] if any(memo[prefix]) else [True] * ex.V
       allowed[row, j] = memo[prefix]
-  law = np.asarray(_masked_law_device(ex.target_params(), allowed), np.float64)
+  law = np.asarray(_masked_law_device(_continuation_logits(), allowed), np.float64)
   return (law / law.sum()).reshape((ex.V,) * ex.L)
 
 
@@ -400,11 +428,13 @@ def test_grammar_mask_on_the_draft_only_fails_the_same_test(monkeypatch):
   assert min(ex.law_pvalues(wrong, _masked_law(TOY_REGEX))) < ex.NEGATIVE_P
 
 
-def test_controls_need_an_engine_built_with_them(toy_engine):
+def test_controls_need_an_engine_built_with_them(byte_engine):
+  engine, _ = byte_engine
   with pytest.raises(ValueError, match="controls=True"):
-    toy_engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
+    engine.submit([1, 2], GenerationParams(presence_penalty=0.5))
   with pytest.raises(ValueError, match="repetition_penalty"):
-    toy_engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
+    engine.submit([1, 2], GenerationParams(repetition_penalty=0.0))
+  assert engine.queue_length == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +445,8 @@ LOGPROB_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
 
 
 @pytest.mark.parametrize("k", [0, 3])
-def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_engine, k):
-  engine = toy_logprobs_engine
+def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_engine, k):
+  engine = toy_engine
   rng = np.random.default_rng(k)
   prompts = [rng.integers(0, ex.V, int(rng.integers(2, 9))).tolist() for _ in range(8)]
   params = [GenerationParams(max_new_tokens=14, seed=i, logprobs=3,
@@ -430,7 +460,6 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
   requests = engine.submit_all(list(zip(prompts, params)))
   while engine.step(k=k):
     pass
-  full = jax.jit(lambda tokens: model.forward_full(ex.target_params(), ex.TARGET, tokens))
   for prompt, p, r in zip(prompts, params, requests):
     done = r.result()
     assert len(done.logprobs) == len(done.tokens) >= 1
@@ -438,7 +467,7 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
     # distribution (or its raw one: temperature 1, no filters) recomputed in float64 from one
     # forward over the whole sequence,
     seq = prompt + done.tokens
-    logits = np.asarray(full(np.asarray([seq], np.int32))[0], np.float64)
+    logits = _target_logits(seq)
     for j, lp in enumerate(done.logprobs):
       q = ts.reference(logits[len(prompt) - 1 + j], *((1.0, 0, 1.0) if p.raw_logprobs else
                                                       (p.temperature, p.top_k, p.top_p)))
@@ -451,16 +480,16 @@ def test_logprobs_equal_a_numpy_recompute_from_full_forward_logits(toy_logprobs_
         np.testing.assert_allclose(np.log(q[list(ids)]), lps, atol=2e-5)
 
 
-def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_logprobs_engine):
-  engine = toy_logprobs_engine
+def test_a_request_without_logprobs_gets_none_and_too_many_are_refused(toy_engine):
+  engine = toy_engine
   (r,) = engine.generate([[1, 2, 3]], GenerationParams(max_new_tokens=3, seed=0))
   assert r.logprobs is None
   with pytest.raises(ValueError, match="logprobs_k=3"):
     engine.submit([1, 2], GenerationParams(logprobs=4))
 
 
-def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
-  engine = toy_logprobs_engine
+def test_prompt_scores_are_the_targets_own_logprobs(toy_engine):
+  engine = toy_engine
   prompt = [3, 1, 4, 1, 5, 2, 6, 5, 3]
   # Given a prompt scored (between steps, as the engine's thread does),
   future = engine.score(prompt, top=2)
@@ -468,8 +497,7 @@ def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
   scores = future.result(timeout=0)
   # then the first token has nothing before it, and each later token's logprob and top 2 are
   # the target's log-softmax at the position before it (temperature 1, no filters).
-  logits = np.asarray(model.forward_full(ex.target_params(), ex.TARGET,
-                                         np.asarray([prompt], np.int32))[0], np.float64)
+  logits = _target_logits(prompt)
   logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   assert [s.token for s in scores] == prompt and math.isnan(scores[0].logprob)
@@ -481,12 +509,6 @@ def test_prompt_scores_are_the_targets_own_logprobs(toy_logprobs_engine):
     engine.score(prompt, top=4)
 
 
-@pytest.fixture(scope="module")
-def toy_logprobs_engine():
-  return Engine(_toy_sampler().pair, num_slots=8, max_len=40, k=3, adaptive_k=False, max_top_k=4,
-                logprobs_k=3)
-
-
 # ---------------------------------------------------------------------------------------------
 # Streams, stop strings, cancellation: a tiny byte-level model, driven step by step here (the
 # server tests run it on its background thread).
@@ -496,8 +518,9 @@ def byte_engine():
   target = get_preset("tiny").replace(name="tiny_bytes", vocab_size=260, tokenizer="bytes")
   draft = target.replace(name="tiny_bytes_draft", num_layers=1)
   tok = ByteTokenizer()
-  sampler = Sampler.from_params(model.init_params(target, jax.random.key(0)), target,
-                    draft_params=model.init_params(draft, jax.random.key(1)), draft_cfg=draft,
+  init = jax.jit(model.init_params, static_argnums=0)  # one program, not one per op
+  sampler = Sampler.from_params(init(target, jax.random.key(0)), target,
+                    draft_params=init(draft, jax.random.key(1)), draft_cfg=draft,
                     eos_ids=tok.eos_ids)
   engine = Engine(sampler.pair, num_slots=4, max_len=128, k=2, adaptive_k=False, tokenizer=tok,
                   rounds_per_step=2)

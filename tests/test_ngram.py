@@ -204,25 +204,30 @@ def test_bad_draft_sources_are_refused():
 # ---------------------------------------------------------------------------------------------
 # Through the serving engine.
 
-def _drain(engine):
-  while engine.step():
-    pass
+@pytest.fixture(scope="module")
+def sources_engine(single):
+  """An engine whose K policy may choose among the draft model, n-gram lookup and hybrid, at
+  K = 0 or 2 (tests that set the source and K of each step share its programs)."""
+  from spec_tpu.serving import Engine
+  return Engine(single.pair, num_slots=8, max_len=40, k=2, k_max=2, max_top_k=4, ks=(0, 2),
+                sources=("model", "ngram", "hybrid"))
 
 
-def test_hybrid_engine_greedy_equals_autoregressive_after_the_draft_catches_up(single):
-  # Given an engine with hybrid drafting whose first steps run at K = 0 (the draft model is
-  # not run, so it falls behind and must catch up before speculating),
-  from spec_tpu.serving import Engine, GenerationParams
+def test_hybrid_engine_greedy_equals_autoregressive_after_the_draft_catches_up(single,
+                                                                               sources_engine):
+  # Given an engine drafting with hybrid whose steps run at K = 0 two in every four (the draft
+  # model is not run, so it falls behind and must catch up before speculating), requests
+  # entering its slots at K = 0 and K = 2 steps alike,
+  from spec_tpu.serving import GenerationParams
   n = 64
   prompts = ex.GREEDY_PROMPTS[:n]
   want, clear = ex._greedy_reference(single)
-  engine = Engine(single.pair, num_slots=n, max_len=40, k=K, adaptive_k=False, max_top_k=4,
-                  draft_source=HYBRID)
+  engine = sources_engine
   requests = [engine.submit(p, GenerationParams(max_new_tokens=ex.MAX_NEW, temperature=0.0))
               for p in prompts]
-  engine.step(k=0)
-  engine.step(k=0)
-  _drain(engine)
+  steps = 0
+  while engine.step(k=(0, 0, 2, 2)[steps % 4], source="hybrid"):
+    steps += 1
   # then every request is the target's greedy continuation,
   got = np.array([r.result().tokens for r in requests])
   bad = np.flatnonzero(clear[:n] & np.any(got != want[:n], axis=1))
@@ -234,7 +239,7 @@ def test_hybrid_engine_greedy_equals_autoregressive_after_the_draft_catches_up(s
   assert sum(s.accepted - s.ngram_accepted for s in stats) > 0
 
 
-def test_ngram_engine_without_draft_model_calibrates_and_serves():
+def test_ngram_engine_without_draft_model_calibrates_and_serves(single):
   # Given a target with no draft model and n-gram drafting, adaptive K over 0..2,
   from spec_tpu.serving import Engine, GenerationParams
   sampler = Sampler.from_params(ex.target_params(), ex.TARGET, draft_source=NGRAM)
@@ -246,18 +251,16 @@ def test_ngram_engine_without_draft_model_calibrates_and_serves():
   out = engine.generate(ex.GREEDY_PROMPTS[:8], GenerationParams(max_new_tokens=ex.MAX_NEW,
                                                                 temperature=0.0))
   # then each is the target's greedy continuation (at whatever K the policy chose).
-  want = np.array(sampler.generate(ex.GREEDY_PROMPTS[:8], max_new_tokens=ex.MAX_NEW, k=0,
-                                   sampling=ex.GREEDY).tokens)
-  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), ex.GREEDY_PROMPTS[:8], want)
+  want, clear = (x[:8] for x in ex._greedy_reference(single))
   got = np.array([c.tokens for c in out])
   assert np.array_equal(got[clear], want[clear])
 
 
-def test_engine_choosing_sources_per_step_runs_the_policys_choice_and_stays_exact(single):
+def test_engine_choosing_sources_per_step_runs_the_policys_choice_and_stays_exact(
+    single, sources_engine):
   # Given an engine whose K policy chooses among the draft model, n-gram lookup and hybrid,
-  from spec_tpu.serving import Engine, GenerationParams
-  engine = Engine(single.pair, num_slots=8, max_len=40, k=2, k_max=2, max_top_k=4, ks=(0, 2),
-                  sources=("model", "ngram", "hybrid"))
+  from spec_tpu.serving import GenerationParams
+  engine = sources_engine
   # when it calibrates, it times a round of every (source, K) and measures each source,
   report = engine.calibrate(rounds=2, repeats=1)
   engine.window_rounds = 10 ** 6  # below, the choice is set by hand and stays
@@ -267,9 +270,7 @@ def test_engine_choosing_sources_per_step_runs_the_policys_choice_and_stays_exac
   assert report["chosen_source"] == engine.source and report["chosen_k"] == engine.k
   prompts, greedy = ex.GREEDY_PROMPTS[:8], GenerationParams(max_new_tokens=ex.MAX_NEW,
                                                             temperature=0.0)
-  want = np.array(single.generate(prompts, max_new_tokens=ex.MAX_NEW, k=0,
-                                  sampling=ex.GREEDY).tokens)
-  _, clear = ex.greedy_path(ex.TARGET, ex.target_params(), prompts, want)
+  want, clear = (x[:8] for x in ex._greedy_reference(single))
   # and a policy given round costs where every source can pay (this machine's timings of a
   # tiny pair may favour none),
   from spec_tpu.decoding.k_policy import AdaptiveK

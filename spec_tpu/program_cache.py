@@ -12,15 +12,19 @@ fn itself (a module-level function), the static values (hashable: a LoopSpec, fl
 ModelConfig), each argument's tree structure and every leaf's shape, dtype, weak type and
 sharding, the jit options (in and out shardings, donated arguments), the compiler options and
 JAX's tracing configuration. Programs that differ in any of these never share an entry; fn must
-close over nothing else (no Engine: an entry would keep its device state alive). Entries are
-dropped least recently used first past `max_size`; an Engine or Sampler keeps the programs it
-took for its own lifetime anyway.
+close over nothing else (no Engine: an entry would keep its device state alive). The code is
+checked too: an entry is used only while every module-level name of spec_tpu's modules still
+holds the object it held when the entry was traced (a monkeypatched function or constant, a
+reloaded module, model.accelerator_forms make new entries); changes to other packages' code
+within a process are not seen. Entries are dropped least recently used first past `max_size`;
+an Engine or Sampler keeps the programs it took for its own lifetime anyway.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import sys
 import threading
 from typing import Callable
 
@@ -36,7 +40,8 @@ class ProgramCache:
   def __init__(self, max_size: int = 64):
     self.max_size = max_size  # compiled executables hold code, not weights
     self.hits = self.misses = 0  # lookups (a miss traces, lowers and compiles)
-    self._programs: collections.OrderedDict = collections.OrderedDict()
+    self._programs: collections.OrderedDict = collections.OrderedDict()  # key -> (program, code)
+    self._code = ()  # the latest code snapshot, shared by the entries made under it
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -52,17 +57,20 @@ class ProgramCache:
            None if compiler_options is None else tuple(sorted(compiler_options.items())),
            _trace_context())
     with self._lock:
-      program = self._programs.get(key)
-      if program is not None:
+      entry = self._programs.get(key)
+      if entry is not None and _unchanged(entry[1]):
         self._programs.move_to_end(key)
         self.hits += 1
-        return program
+        return entry[0]
       self.misses += 1
     # Compiled outside the lock: one engine's lookups do not wait for another's compile.
     program = jax.jit(functools.partial(fn, *static), **jit_options).lower(*args).compile(
         compiler_options)
     with self._lock:
-      program = self._programs.setdefault(key, program)
+      # The code as traced (after any import the trace made).
+      if len(self._code) != len(_modules()) or not _unchanged(self._code):
+        self._code = _snapshot()
+      self._programs[key] = (program, self._code)
       self._programs.move_to_end(key)
       while len(self._programs) > self.max_size:
         self._programs.popitem(last=False)
@@ -76,6 +84,25 @@ class ProgramCache:
 
 PROGRAMS = ProgramCache()  # the process's, which Engines and Samplers use
 compiled = PROGRAMS.compiled
+
+
+def _modules():
+  return [m for name, m in list(sys.modules.items())
+          if m is not None and (name == "spec_tpu" or name.startswith("spec_tpu."))]
+
+
+def _snapshot():
+  """Every module-level name of spec_tpu's loaded modules with its value: the functions and
+  constants a trace reads through them (a test's monkeypatch, model.accelerator_forms and a
+  reloaded module rebind them)."""
+  return tuple((vars(m), tuple(vars(m).items())) for m in _modules())
+
+
+def _unchanged(code) -> bool:
+  """Each name still holds the very object it held (the snapshot keeps those alive, so no
+  other object can take one's id)."""
+  missing = object()
+  return all(names.get(name, missing) is value for names, items in code for name, value in items)
 
 
 def _leaf(x):

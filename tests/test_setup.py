@@ -96,7 +96,11 @@ def _scaled(factor, x):
   return x * factor
 
 
-def test_programs_that_differ_in_anything_they_depend_on_are_compiled_apart():
+def _times_attention_block(x):
+  return x * model.ATTENTION_BLOCK  # read through the library's module when traced
+
+
+def test_programs_that_differ_in_anything_they_depend_on_are_compiled_apart(monkeypatch):
   # Given a program cache of two entries and the arguments a program is made from,
   cache = program_cache.ProgramCache(max_size=2)
   one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
@@ -126,11 +130,20 @@ def test_programs_that_differ_in_anything_they_depend_on_are_compiled_apart():
   x = np.arange(4, dtype=np.float32)
   np.testing.assert_array_equal(make(static=(3.0,))(x), 3 * x)
   np.testing.assert_array_equal(first(x), 2 * x)
-  # the cache holds at most its bound, the least recently used dropped first.
+  # the cache holds at most its bound, the least recently used dropped first;
   assert len(cache) == 2
   misses = cache.misses
   make()
   assert cache.misses == misses + 1
+  # and a program whose code changed since (a library function or constant rebound, as a
+  # test's monkeypatch or model.accelerator_forms does) is traced again, then and after.
+  times_block = lambda: cache.compiled(_times_attention_block, (), (x,))
+  np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  with monkeypatch.context() as patch:
+    patch.setattr(model, "ATTENTION_BLOCK", model.ATTENTION_BLOCK + 3)
+    np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  assert cache.misses == misses + 4
 
 
 def test_engine_settings_build_the_engine_they_describe(checkpoints):

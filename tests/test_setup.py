@@ -1,13 +1,17 @@
 """The library's setup path, used as a library user would (no launcher code): checkpoints onto a
 mesh as a Pair, and an Engine serving a request from it."""
 
+import gc
 import json
 import os
+import weakref
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from spec_tpu import setup, sharding
+from spec_tpu import program_cache, setup, sharding
 from spec_tpu.checkpoints import checkpoint
 from spec_tpu.decoding.sampler import Sampler
 from spec_tpu.decoding.sampling import SamplingParams
@@ -48,6 +52,100 @@ def test_a_checkpoint_pair_on_a_2x4_mesh_serves_a_request(checkpoints):
   assert done.stats.judged > 0
 
 
+def test_a_second_engine_and_sampler_take_their_programs_from_the_process(checkpoints):
+  # Given an Engine and a Sampler over a pair on a 2x4 mesh that served requests (sampled,
+  # seeded; one greedy) and so compiled their programs (the ones the test above runs),
+  mesh = sharding.make_mesh((2, 4))
+  prompts = [[3, 17, 5, 42, 8], [9, 1, 4]]
+  params = [GenerationParams(max_new_tokens=12, temperature=1.0, seed=7),
+            GenerationParams(max_new_tokens=12, temperature=0.0)]
+
+  def serve(pair):
+    engine = Engine(pair, num_slots=2, max_len=48, k=2, adaptive_k=False, max_top_k=4)
+    done = [d.tokens for d in engine.generate(prompts, params)]
+    fixed = Sampler(pair).generate(prompts[:1], max_new_tokens=12, seed=3,
+                                   sampling=SamplingParams(temperature=1.0)).tokens
+    return engine, done, fixed
+
+  first, done, fixed = serve(setup.load_checkpoints(*checkpoints, mesh=mesh))
+  # when the same checkpoints are loaded again and a second Engine and Sampler with the same
+  # settings serve the same requests,
+  events = []
+  listen = lambda event, seconds, **_: events.append(event)
+  again = setup.load_checkpoints(*checkpoints, mesh=mesh)  # (loading traces shape checks)
+  misses = program_cache.PROGRAMS.misses
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    second, done_again, fixed_again = serve(again)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  # then nothing is traced, lowered or compiled: every program comes from the process's cache,
+  made = [e for e in events if e.startswith("/jax/core/compile/")]
+  assert made == [] and program_cache.PROGRAMS.misses == misses
+  assert second._step_program(2, "model") is first._step_program(2, "model")
+  # and the tokens are the first ones (the same seeds, the same programs).
+  assert done_again == done and fixed_again == fixed and len(done[0]) == 12
+  # The cache keeps programs, not the engines that made them (nor their device state).
+  ref = weakref.ref(first)
+  del first
+  gc.collect()
+  assert ref() is None
+
+
+def _scaled(factor, x):
+  return x * factor
+
+
+def _times_attention_block(x):
+  return x * model.ATTENTION_BLOCK  # read through the library's module when traced
+
+
+def test_programs_that_differ_in_anything_they_depend_on_are_compiled_apart(monkeypatch):
+  # Given a program cache of two entries and the arguments a program is made from,
+  cache = program_cache.ProgramCache(max_size=2)
+  one_device = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+  other = sharding.make_mesh((1, 1), devices=jax.devices()[1:2])
+  on = lambda mesh: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  base = dict(static=(2.0,), shape=(4,), dtype=jnp.float32, sharding=on(one_device), donate=(),
+              options=None)
+
+  def make(**change):
+    a = dict(base, **change)
+    return cache.compiled(_scaled, a["static"], (jax.ShapeDtypeStruct(a["shape"], a["dtype"]),),
+                          in_shardings=(a["sharding"],), donate_argnums=a["donate"],
+                          compiler_options=a["options"])
+
+  first = make()
+  # when the same program is asked for again, then it is the one compiled before;
+  assert make() is first and (cache.hits, cache.misses) == (1, 1)
+  # when any one thing it depends on differs (a static value, an argument's shape, dtype or
+  # sharding, donation, compiler options), then that program is compiled apart
+  changes = [dict(static=(3.0,)), dict(shape=(8,)), dict(dtype=jnp.int32),
+             dict(sharding=on(other)), dict(donate=(0,)),
+             dict(options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})]
+  for i, change in enumerate(changes):
+    program = make(**change)
+    assert program is not first and cache.misses == 2 + i, change
+  # and computes its own function;
+  x = np.arange(4, dtype=np.float32)
+  np.testing.assert_array_equal(make(static=(3.0,))(x), 3 * x)
+  np.testing.assert_array_equal(first(x), 2 * x)
+  # the cache holds at most its bound, the least recently used dropped first;
+  assert len(cache) == 2
+  misses = cache.misses
+  make()
+  assert cache.misses == misses + 1
+  # and a program whose code changed since (a library function or constant rebound, as a
+  # test's monkeypatch or model.accelerator_forms does) is traced again, then and after.
+  times_block = lambda: cache.compiled(_times_attention_block, (), (x,))
+  np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  with monkeypatch.context() as patch:
+    patch.setattr(model, "ATTENTION_BLOCK", model.ATTENTION_BLOCK + 3)
+    np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  np.testing.assert_array_equal(times_block()(x), model.ATTENTION_BLOCK * x)
+  assert cache.misses == misses + 4
+
+
 def test_engine_settings_build_the_engine_they_describe(checkpoints):
   # Given a config's engine section (configs/common.py) with non-default values,
   from configs import common
@@ -66,9 +164,14 @@ def test_engine_settings_build_the_engine_they_describe(checkpoints):
   assert engine.ks == (0, 1, 2, 4)
   assert (engine.logprobs_k, engine.controls, engine.max_logit_bias) == (3, True, 7)
   assert engine.max_queue is None  # the server's bound (serve.max_queue), not the engine's
-  # and a launcher whose requests ask for neither leaves the extras out.
+  # A second engine from them takes the programs the first made (its state's, here),
+  misses = program_cache.PROGRAMS.misses
+  setup.build_engine(pair, settings)
+  assert program_cache.PROGRAMS.misses == misses
+  # and a launcher whose requests ask for neither leaves the extras out (compiling its own).
   plain = setup.build_engine(pair, settings, per_request_extras=False, max_queue=5)
   assert (plain.logprobs_k, plain.controls, plain.max_queue) == (0, False, 5)
+  assert program_cache.PROGRAMS.misses == misses + 1
 
 
 def test_draft_kind_reaches_the_pair_and_the_engine(checkpoints):

@@ -17,7 +17,6 @@ With a Gemma 4 assistant drafter (an AssistantConfig as the draft), the assistan
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from spec_tpu.decoding import decode, prompts as prompts_lib
 from spec_tpu.decoding.draft_source import DraftSource
-from spec_tpu import sharding
+from spec_tpu import program_cache, sharding
 from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig
 from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
@@ -92,7 +91,7 @@ class Result:
 
 class Sampler:
   """Whole batches over a Pair: one compiled decode program per (shapes, K, static sampling
-  options), kept per Sampler."""
+  options), taken from the process's program cache (program_cache.py)."""
 
   def __init__(self, pair: Pair, *, max_cache_len: int | None = None,
                cache_len: int | None = None, coupling: str = "rejection"):
@@ -158,7 +157,6 @@ class Sampler:
     rep = sharding.replicated(mesh)
     n = max(spec.k, 1)
     max_new = spec.out_len - spec.k
-    fn = functools.partial(decode.generate, spec)
     # The state lives and dies inside the program (created at prefill, carried by the while
     # loop), so nothing needs donating; the compiler updates it in place.
     d = self.target_cfg.d_model
@@ -166,12 +164,6 @@ class Sampler:
     dd = self.draft_cfg.d_model if draft_images else None
     soft_sharding = None if soft_len is None else rows(batch, soft_len, d)
     draft_soft_sharding = rows(batch, soft_len, dd) if draft_images else None
-    jitted = jax.jit(fn, in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep,
-                                       soft_sharding, draft_soft_sharding),
-                     out_shardings=(rows(batch, max_new), rows(batch),
-                                    decode.Stats(rows(batch), rows(batch), rows(batch, n),
-                                                 rows(batch, n), rows(batch), rows(batch),
-                                                 rows(batch))))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     args = (self.target_params, self.draft_params if _reads_draft(spec) else None,
             jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
@@ -181,7 +173,14 @@ class Sampler:
                                                                self.target_cfg.dtype),
             jax.ShapeDtypeStruct((batch, soft_len, dd), self.draft_cfg.dtype)
             if draft_images else None)
-    return jitted.lower(*args).compile(self.pair.compiler_options())
+    return program_cache.compiled(
+        decode.generate, (spec,), args,
+        in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep, soft_sharding,
+                      draft_soft_sharding),
+        out_shardings=(rows(batch, max_new), rows(batch),
+                       decode.Stats(rows(batch), rows(batch), rows(batch, n), rows(batch, n),
+                                    rows(batch), rows(batch), rows(batch))),
+        compiler_options=self.pair.compiler_options())
 
   def encode_images(self, images: Sequence) -> np.ndarray:
     """Soft tokens (u j d) of images (anything vision/image.py reads), the encoder compiled
@@ -201,11 +200,10 @@ class Sampler:
       size = cfg.vision.image_size
       tp, dp = self.pair.param_shardings(draft)
       rows = sharding.batch_sharding(self.mesh, (n, size, size, 3), self.target_rules)
-      fn = jax.jit(lambda params, images: model.encode_images(params, cfg, images),
-                   in_shardings=(dp if draft else tp, rows))
-      self._programs[key] = fn.lower(
-          params, jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)).compile(
-              self.pair.compiler_options())
+      self._programs[key] = program_cache.compiled(
+          _encode_images, (cfg,),
+          (params, jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)),
+          in_shardings=(dp if draft else tp, rows), compiler_options=self.pair.compiler_options())
     batch = np.zeros((n,) + pixels[0].shape, np.float32)
     batch[:len(pixels)] = pixels
     return to_host(self._programs[key](params, batch))[:len(pixels)]
@@ -292,6 +290,10 @@ class Sampler:
                   reached=stats.reached_bn[:, :n], accepted_at=stats.accepted_bn[:, :n], k=k,
                   seconds=seconds, ngram_judged=stats.ngram_judged_b,
                   ngram_accepted=stats.ngram_accepted_b, draft_kind=spec.source.kind)
+
+
+def _encode_images(cfg: ModelConfig, params, images):
+  return model.encode_images(params, cfg, images)
 
 
 def _reads_draft(spec: decode.LoopSpec) -> bool:

@@ -103,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from spec_tpu import profiling, sharding
+from spec_tpu import profiling, program_cache, sharding
 from spec_tpu.decoding import decode, k_policy, prompts as prompts_lib
 from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu.decoding.sampler import to_host
@@ -147,6 +147,19 @@ def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
   token = logprobs.token.tolist()
   ids, lps = logprobs.top_ids[:, :top].tolist(), logprobs.top[:, :top].tolist()
   return [TokenLogprob(t, token[j], tuple(zip(ids[j], lps[j]))) for j, t in enumerate(tokens)]
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_state(spec: decode.LoopSpec, num_slots: int) -> decode.State:
+  """The resident state's shapes and dtypes, traced once per (spec, slots) in a process."""
+  return jax.eval_shape(functools.partial(decode.init_state, spec, num_slots))
+
+
+def _insert(spec: decode.LoopSpec, with_draft: bool, *args):
+  """The insert program: decode.insert's arguments, then the prompts' images when it takes
+  them (a module-level function: the process-wide program cache keys on it)."""
+  return decode.insert(spec, *args[:7], with_draft=with_draft,
+                       pixels=args[7] if len(args) > 7 else None)
 
 
 class Engine:
@@ -287,7 +300,7 @@ class Engine:
     self._programs = {}
     mesh, rules = pair.mesh, pair.target_rules
     self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
-    self._abstract = jax.eval_shape(lambda: decode.init_state(self._spec, self.num_slots))
+    self._abstract = _abstract_state(self._spec, self.num_slots)
     if self.grammar_states:
       self.grammar_pool_bytes = sum(x.size * x.dtype.itemsize
                                     for x in jax.tree.leaves(self._abstract.grammar_pool))
@@ -296,8 +309,8 @@ class Engine:
                    self.grammar_classes, self.grammar_masks, num_tokens,
                    self.grammar_pool_bytes / 2 ** 20)
     self._state_sh = self._state_shardings()
-    self._state = jax.jit(lambda: decode.init_state(self._spec, self.num_slots),
-                          out_shardings=self._state_sh)()
+    self._state = program_cache.compiled(decode.init_state, (self._spec, self.num_slots), (),
+                                         out_shardings=self._state_sh)()
     # Round costs for the K policy (profiling.cost_clock: CPU time on the CPU backend).
     self._cost_clock = profiling.cost_clock(pair.platform)
     self._params = (pair.target_params, pair.draft_params if reads_draft else None)
@@ -1087,11 +1100,11 @@ class Engine:
     key = ("score", t)
     if key not in self._programs:
       rep = sharding.replicated(self.pair.mesh)
-      fn = functools.partial(decode.prompt_logprobs, self._spec)
-      jitted = jax.jit(fn, in_shardings=(self._param_sh[0], rep),
-                       out_shardings=decode.Logprobs(rep, rep, rep))
-      args = (self._params[0], jax.ShapeDtypeStruct((1, t), jnp.int32))
-      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+      self._programs[key] = program_cache.compiled(
+          decode.prompt_logprobs, (self._spec,),
+          (self._params[0], jax.ShapeDtypeStruct((1, t), jnp.int32)),
+          in_shardings=(self._param_sh[0], rep), out_shardings=decode.Logprobs(rep, rep, rep),
+          compiler_options=self.pair.compiler_options())
     return self._programs[key]
 
   def _logprobs_sh(self, *shape):
@@ -1119,15 +1132,6 @@ class Engine:
         size = self.pair.target_cfg.vision.image_size
         image_args = (sds((r, images, size, size, 3), jnp.float32),)
         image_sh = (row(r, images, size, size, 3),)
-
-      def fn(*args):
-        return decode.insert(self._spec, *args[:7], with_draft=with_draft,
-                             pixels=args[7] if images else None)
-
-      jitted = jax.jit(fn, donate_argnums=(2,),
-                       in_shardings=(*self._param_sh, self._state_sh, row(*slots_shape),
-                                     row(r, t), row(r), rows_sh, *image_sh),
-                       out_shardings=(self._state_sh, row(n), row(n), self._logprobs_sh(n)))
       args = (*self._params, self._abstract, sds(slots_shape, jnp.int32),
               sds((r, t), jnp.int32), sds((r,), jnp.int32),
               decode.Rows(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n,), jnp.int32),
@@ -1137,7 +1141,12 @@ class Engine:
                           sds((n,), bool) if raw else None,
                           sds((n,), jnp.int32) if self.grammar_states else None),
               *image_args)
-      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+      self._programs[key] = program_cache.compiled(
+          _insert, (self._spec, with_draft), args, donate_argnums=(2,),
+          in_shardings=(*self._param_sh, self._state_sh, row(*slots_shape), row(r, t), row(r),
+                        rows_sh, *image_sh),
+          out_shardings=(self._state_sh, row(n), row(n), self._logprobs_sh(n)),
+          compiler_options=self.pair.compiler_options())
     return self._programs[key]
 
   def _grammar_program(self):
@@ -1147,14 +1156,14 @@ class Engine:
           self.grammar_masks
       v = self.pair.target_cfg.num_tokens
       rep = sharding.replicated(self.pair.mesh)
-      jitted = jax.jit(functools.partial(decode.write_grammars, self._spec), donate_argnums=(0,),
-                       in_shardings=(self._state_sh,) + (rep,) * 5,
-                       out_shardings=self._state_sh)
       sds = jax.ShapeDtypeStruct
-      self._programs[key] = jitted.lower(
-          self._abstract, sds((r,), jnp.int32), sds((r, s, c), jnp.int32),
-          sds((r, v), jnp.int32), sds((r, s), jnp.int32),
-          sds((r, m, -(-v // 32)), jnp.uint32)).compile(self.pair.compiler_options())
+      args = (self._abstract, sds((r,), jnp.int32), sds((r, s, c), jnp.int32),
+              sds((r, v), jnp.int32), sds((r, s), jnp.int32),
+              sds((r, m, -(-v // 32)), jnp.uint32))
+      self._programs[key] = program_cache.compiled(
+          decode.write_grammars, (self._spec,), args, donate_argnums=(0,),
+          in_shardings=(self._state_sh,) + (rep,) * 5, out_shardings=self._state_sh,
+          compiler_options=self.pair.compiler_options())
     return self._programs[key]
 
   def _step_program(self, k: int, source: str):
@@ -1166,16 +1175,15 @@ class Engine:
                                  source=dataclasses.replace(self._spec.source, kind=source))
       b, row = self.num_slots, self._row
       rep = sharding.replicated(self.pair.mesh)
-      fn = functools.partial(decode.run_rounds, spec)
-      jitted = jax.jit(fn, donate_argnums=(2,),
-                       in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
-                       out_shardings=(self._state_sh,
-                                      decode.Out(row(b, spec.out_len), row(b), rep,
-                                                 self._logprobs_sh(b, spec.out_len))))
       sds = jax.ShapeDtypeStruct
       args = (*self._params, self._abstract, sds((b,), bool), sds((), jnp.int32),
               sds((), bool))
-      self._programs[key] = jitted.lower(*args).compile(self.pair.compiler_options())
+      self._programs[key] = program_cache.compiled(
+          decode.run_rounds, (spec,), args, donate_argnums=(2,),
+          in_shardings=(*self._param_sh, self._state_sh, row(b), rep, rep),
+          out_shardings=(self._state_sh, decode.Out(row(b, spec.out_len), row(b), rep,
+                                                    self._logprobs_sh(b, spec.out_len))),
+          compiler_options=self.pair.compiler_options())
     return self._programs[key]
 
   # ------------------------------------------------------------------ multi-host

@@ -59,15 +59,6 @@ _ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
 _SMALL_VOCAB = [f"--config.{m}.fields.vocab_size=2048" for m in ("model", "draft")]
 
 
-def _PRESET_VOCAB(config_path):  # noqa: N802 (a table entry, as _SMALL_VOCAB)
-  """_SMALL_VOCAB undone: a config's model and draft at their presets' vocabulary sizes."""
-  import importlib
-  from spec_tpu.models import config as config_lib
-  config = importlib.import_module(config_path[:-3].replace("/", ".")).get_config()
-  return [f"--config.{m}.fields.vocab_size="
-          f"{config_lib.get_preset(getattr(config, m).preset).vocab_size}"
-          for m in ("model", "draft")]
-
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
     # One slot length for every prompt set: the sample commands of one config then share their
@@ -118,16 +109,14 @@ SHRINK_CONFIG = {
     ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
     # The plan that keeps its config's top-k filter (see SHRINK), on a TPU and on CPU.
     ("configs/gemma_rg_pair.py", "launch.plan"): ["--config.sampling.top_k=64"],
-    # The prompt must hold an image block (260 tokens) where a plan asks for images, and the
-    # vocabulary the image's delimiter tokens (ids 255999 and 256000): the presets' sizes.
-    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288", *_PRESET_VOCAB(
-        "configs/gemma3_27b.py")],
+    # The 27B's valid vocabulary (the Gemma 3 tokenizer's 262,144) within the shrunk one.
+    ("configs/gemma3_27b.py", "launch.plan"): ["--config.model.fields.valid_vocab_size=2048"],
     # Random 7B weights would be 13 GB: the same shapes, narrower.
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA,
 }
 
-# Appended to the commands of one launcher that give one argument: a flag (whatever its value)
-# or a whole argument as written.
+# Appended to the commands of one launcher that give every argument a row names: each a flag
+# (whatever its value) or a whole argument as written.
 SHRINK_FLAG = {
     # A comparison shrunk to fewer members where every member's code path still runs: a
     # benchmark's "hybrid" source drafts from the n-gram lookup and the model
@@ -139,6 +128,15 @@ SHRINK_FLAG = {
     ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid", *_ONE_K],
     ("launch.benchmark", "--couplings"): _ONE_K,
     ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=auto,ngram"],
+    # A TPU plan of both weight forms plans the int8 one: the float one is what the other TPU
+    # plans of its config compile (on other topologies), and the forms' side-by-side table
+    # comes from the CPU plan of both (configs/default.py's).
+    ("launch.plan", "--tpu", "--quantize=none,int8"): ["--quantize=int8"],
+    # The prompt must hold an image block (260 tokens) where a plan asks for images, and the
+    # shrunk vocabulary the image block's delimiter tokens (Gemma 3's ids 255999 and 256000).
+    ("launch.plan", "--images"): ["--context=288"],
+    ("launch.plan", "--config.model.preset=gemma3_27b_vision"): [
+        "--config.model.fields.vision.start_id=2045", "--config.model.fields.vision.end_id=2046"],
     # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
     # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.
     ("launch.benchmark", "--output_dir=/tmp/bench_llama_ctx512"): ["--ks=0,1"],
@@ -317,8 +315,9 @@ def test_every_documented_command_is_covered():
   stale = [key for key in SHRINK_CONFIG
            if not any((c.config, c.program) == key for c in COMMANDS)]
   assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
-  stale = [key for key in SHRINK_FLAG if not any(c.program == key[0] and key[1] in _keys(c.args)
-                                                 for c in COMMANDS)]
+  stale = [key for key in SHRINK_FLAG
+           if not any(c.program == key[0] and set(key[1:]) <= set(_keys(c.args))
+                      for c in COMMANDS)]
   assert not stale, f"SHRINK_FLAG rows no documented command uses: {stale}"
   examples = [c.text for c in COMMANDS if c.program == PYTHON]
   stale = [old for old in SHRINK_PYTHON if not any(old in code for code in examples)]
@@ -355,8 +354,11 @@ def _argv(command: Command, index: int, root: str) -> list[str]:
     return [PYTHON, code]
   extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
            + SHRINK_CONFIG.get((command.config, command.program), []))
-  for key in _keys(command.args):
-    extra += SHRINK_FLAG.get((command.program, key), [])
+  keys = _keys(command.args)
+  for key in keys:  # in the order the command gives them: a row at its last argument
+    extra += [arg for row, args in SHRINK_FLAG.items()
+              if row[0] == command.program and row[-1] == key and set(row[1:]) <= set(keys)
+              for arg in args]
   argv = [command.program]
   for arg in (*command.args, *extra):
     name, sep, value = arg.partition("=")

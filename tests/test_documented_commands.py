@@ -92,9 +92,10 @@ SHRINK = {
 }
 
 # A plan's model and draft 1024 wide (heads, head sizes and FFW widths as configured, so
-# every weight shards as at full size): the TPU compiler's time grows with the width (the
-# int8 Chinchilla plan on v5e:2x4, shrunk: 10.2 s of CPU time at 8192, 6.5 s at 1024). Not
-# Gemma 4's, whose assistant reads its target's hidden state at the preset's width.
+# every weight shards as at full size): the TPU compiler's time grows with the model's width
+# (the int8 Chinchilla plan on v5e:2x4, shrunk: 10.2 s of CPU time 8192 wide, 6.5 s 1024
+# wide; a narrower FFW changed nothing). Not Gemma 4's, whose assistant reads its target's
+# hidden state at the preset's width.
 _NARROW = [f"--config.{m}.fields.d_model=1024" for m in ("model", "draft")]
 
 # Appended to the commands of one launcher naming one config (--config=..., as written).

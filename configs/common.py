@@ -3,6 +3,9 @@
     model.*     the target: where its weights come from and how it is sharded
       preset        name in spec_tpu.models.config.PRESETS ('' = `fields` give the whole ModelConfig)
       fields.*      ModelConfig fields that override the preset, e.g. --config.model.fields.num_layers=2
+      fields.vision.*  VisionConfig fields that override the preset's image encoder, e.g. the
+                    image block's token ids (start_id, end_id, image_id, newline_id) of a
+                    Gemma 3 variant with another tokenizer
       checkpoint    spec_tpu checkpoint directory ('' = none); a checkpoint carries its own
                     ModelConfig, so preset and fields describe the random-weight fallback (and
                     the plan); only valid_vocab_size, tokenizer and dtype (float leaves cast
@@ -108,19 +111,30 @@ def _field_type(field: dataclasses.Field) -> type:
   return str
 
 
-def model_fields(**values) -> ml_collections.ConfigDict:
-  """One typed placeholder per ModelConfig field (None = take the preset's value), so any field
-  can be overridden from the command line and a misspelt one is an error."""
-  known = {f.name: f for f in dataclasses.fields(config_lib.ModelConfig)}
+def _placeholders(cls, values: dict, nested=None) -> ml_collections.ConfigDict:
+  """One typed placeholder per field of dataclass `cls`, set where `values` gives one; a field
+  named in `nested` (name -> dataclass) holds that dataclass's placeholders in turn."""
+  nested = nested or {}
+  known = {f.name: f for f in dataclasses.fields(cls)}
   unknown = set(values) - set(known)
   if unknown:
-    raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+    raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
   fields = ml_collections.ConfigDict()
   for name, field in known.items():
+    if name in nested:
+      fields[name] = _placeholders(nested[name], values.get(name) or {})
+      continue
     fields[name] = config_dict.placeholder(_field_type(field))
     if name in values:
       fields[name] = values[name]
   return fields
+
+
+def model_fields(**values) -> ml_collections.ConfigDict:
+  """One typed placeholder per ModelConfig field (None = take the preset's value), so any field
+  can be overridden from the command line and a misspelt one is an error; `vision` holds one
+  per VisionConfig field (vision=dict(...) sets some), applied over the preset's encoder."""
+  return _placeholders(config_lib.ModelConfig, values, {"vision": config_lib.VisionConfig})
 
 
 def model_section(preset: str = "", checkpoint: str = "", allow_random: bool = False,

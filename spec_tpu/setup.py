@@ -72,11 +72,26 @@ class Setup:
 # ---------------------------------------------------------------- config -> model configs
 
 def _fields(section) -> dict[str, Any]:
+  """The fields a section sets; `vision` as a dict of the VisionConfig fields it sets."""
   out = {}
   for name, value in section.fields.items():
+    if hasattr(value, "items"):  # a nested section (ConfigDict)
+      value = {k: v for k, v in value.items() if v is not None} or None
     if value is not None:
       out[name] = tuple(value) if isinstance(value, list) else value
   return out
+
+
+def _with_vision(base, fields: dict[str, Any]) -> dict[str, Any]:
+  """`fields` with its vision overrides applied over the base config's encoder (a config with
+  no preset: over Gemma 3's)."""
+  if "vision" not in fields:
+    return fields
+  if base is not None and base.vision is None:
+    raise ValueError(f"fields.vision sets {sorted(fields['vision'])}, but preset {base.name!r} "
+                     "has no vision encoder (e.g. a *_vision preset has)")
+  vision = base.vision if base is not None else config_lib.VisionConfig()
+  return dict(fields, vision=vision.replace(**fields["vision"]))
 
 
 # ModelConfig fields a config may set on top of a checkpoint's own config (no param shape changes).
@@ -125,6 +140,7 @@ def _model_setup(section, role: str, *, need_weights: bool) -> ModelSetup | None
                      f"(or --config.{section_name(role)}.allow_random=True for random weights)")
   try:
     base = config_lib.get_preset(section.preset) if section.preset else None
+    fields = _with_vision(base, fields)
     cfg = base.replace(**fields) if base else config_lib.ModelConfig(**fields)
     if quantize:
       cfg = cfg.replace(quantize=quantize)  # random weights are made, then quantized

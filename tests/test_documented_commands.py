@@ -59,15 +59,6 @@ _ONE_K = ["--config.engine.k=1", "--config.engine.k_max=1"]
 _SMALL_VOCAB = [f"--config.{m}.fields.vocab_size=2048" for m in ("model", "draft")]
 
 
-def _PRESET_VOCAB(config_path):  # noqa: N802 (a table entry, as _SMALL_VOCAB)
-  """_SMALL_VOCAB undone: a config's model and draft at their presets' vocabulary sizes."""
-  import importlib
-  from spec_tpu.models import config as config_lib
-  config = importlib.import_module(config_path[:-3].replace("/", ".")).get_config()
-  return [f"--config.{m}.fields.vocab_size="
-          f"{config_lib.get_preset(getattr(config, m).preset).vocab_size}"
-          for m in ("model", "draft")]
-
 # Appended to every command of a launcher: fewer tokens, layers, repeats and seconds; the same code.
 SHRINK = {
     # One slot length for every prompt set: the sample commands of one config then share their
@@ -100,6 +91,13 @@ SHRINK = {
                            "--latency_requests=2", "--repeats=1", *_ONE_K],
 }
 
+# A plan's model and draft 1024 wide (heads, head sizes and FFW widths as configured, so
+# every weight shards as at full size): the TPU compiler's time grows with the model's width
+# (the int8 Chinchilla plan on v5e:2x4, shrunk: 10.2 s of CPU time 8192 wide, 6.5 s 1024
+# wide; a narrower FFW changed nothing). Not Gemma 4's, whose assistant reads its target's
+# hidden state at the preset's width.
+_NARROW = [f"--config.{m}.fields.d_model=1024" for m in ("model", "draft")]
+
 # Appended to the commands of one launcher naming one config (--config=..., as written).
 _SMALL_LLAMA = [f"--config.{m}.fields.{k}={v}" for m in ("model", "draft") for k, v in
                 dict(num_layers=1, d_model=64, num_heads=2, num_kv_heads=2, head_dim=32,
@@ -117,17 +115,20 @@ SHRINK_CONFIG = {
     # tokenizer here has 2048.
     ("configs/gemma3_27b.py", "launch.sample"): ["--config.model.fields.valid_vocab_size=2048"],
     # The plan that keeps its config's top-k filter (see SHRINK), on a TPU and on CPU.
-    ("configs/gemma_rg_pair.py", "launch.plan"): ["--config.sampling.top_k=64"],
-    # The prompt must hold an image block (260 tokens) where a plan asks for images, and the
-    # vocabulary the image's delimiter tokens (ids 255999 and 256000): the presets' sizes.
-    ("configs/gemma3_27b.py", "launch.plan"): ["--context=288", *_PRESET_VOCAB(
-        "configs/gemma3_27b.py")],
+    ("configs/gemma_rg_pair.py", "launch.plan"): ["--config.sampling.top_k=64", *_NARROW],
+    # The 27B's valid vocabulary (the Gemma 3 tokenizer's 262,144) within the shrunk one.
+    ("configs/gemma3_27b.py", "launch.plan"): ["--config.model.fields.valid_vocab_size=2048",
+                                               *_NARROW],
+    ("configs/chinchilla_70b.py", "launch.plan"): _NARROW,
+    ("configs/chinchilla_70b.py:2x8", "launch.plan"): _NARROW,
+    ("configs/gemma2_27b.py", "launch.plan"): _NARROW,
+    ("configs/recurrentgemma_9b.py", "launch.plan"): _NARROW,
     # Random 7B weights would be 13 GB: the same shapes, narrower.
     ("configs/llama_7b_bench.py", "launch.benchmark"): _SMALL_LLAMA,
 }
 
-# Appended to the commands of one launcher that give one argument: a flag (whatever its value)
-# or a whole argument as written.
+# Appended to the commands of one launcher that give every argument a row names: each a flag
+# (whatever its value) or a whole argument as written.
 SHRINK_FLAG = {
     # A comparison shrunk to fewer members where every member's code path still runs: a
     # benchmark's "hybrid" source drafts from the n-gram lookup and the model
@@ -139,6 +140,19 @@ SHRINK_FLAG = {
     ("launch.benchmark", "--draft_kinds"): ["--draft_kinds=none,hybrid", *_ONE_K],
     ("launch.benchmark", "--couplings"): _ONE_K,
     ("launch.serve_bench", "--draft_kinds"): ["--draft_kinds=auto,ngram"],
+    # A TPU plan of both weight forms plans the int8 one: the float one is what the other TPU
+    # plans of its config compile (on other topologies), and the forms' side-by-side table
+    # comes from the CPU plan of both (configs/default.py's).
+    ("launch.plan", "--tpu", "--quantize=none,int8"): ["--quantize=int8"],
+    # Gemma 3's image encoder with the image block's delimiters (its ids 255999 and 256000)
+    # inside the shrunk vocabulary, and 16 soft tokens an image (4x4, pooled from the same
+    # 64x64 patches) rather than 256: the TPU compiler's time grows with the prefill's length
+    # (that plan: 18.1 s of CPU time with a 260-token image block, 13.5 s with a 20-token one).
+    ("launch.plan", "--config.model.preset=gemma3_27b_vision"): [
+        "--config.model.fields.vision.start_id=2045", "--config.model.fields.vision.end_id=2046",
+        "--config.model.fields.vision.num_soft_tokens=16"],
+    # The prompt must hold the image blocks where a plan asks for images (20 tokens each here).
+    ("launch.plan", "--images"): ["--context=40"],
     # The Llama-shaped pair's speculative point (the GPU command's), in the run whose results
     # test_benchmark_writes_table_json_and_plot reads; its other runs compile K = 0 alone.
     ("launch.benchmark", "--output_dir=/tmp/bench_llama_ctx512"): ["--ks=0,1"],
@@ -151,6 +165,7 @@ SHRINK_PYTHON = {
     "num_slots=8": "num_slots=2",
     "max_len=1024, k=4)": "max_len=64, k=1, k_max=1)",  # calibrates two rounds, not five
     "max_new_tokens=64": "max_new_tokens=8",
+    "max_new_tokens=32, k=4,": "max_new_tokens=8, k=1,",  # one draft step to compile, not four
 }
 PYTHON = "python"  # the program of a Python example: its one argument is the code
 
@@ -317,8 +332,9 @@ def test_every_documented_command_is_covered():
   stale = [key for key in SHRINK_CONFIG
            if not any((c.config, c.program) == key for c in COMMANDS)]
   assert not stale, f"SHRINK_CONFIG rows no documented command uses: {stale}"
-  stale = [key for key in SHRINK_FLAG if not any(c.program == key[0] and key[1] in _keys(c.args)
-                                                 for c in COMMANDS)]
+  stale = [key for key in SHRINK_FLAG
+           if not any(c.program == key[0] and set(key[1:]) <= set(_keys(c.args))
+                      for c in COMMANDS)]
   assert not stale, f"SHRINK_FLAG rows no documented command uses: {stale}"
   examples = [c.text for c in COMMANDS if c.program == PYTHON]
   stale = [old for old in SHRINK_PYTHON if not any(old in code for code in examples)]
@@ -355,8 +371,11 @@ def _argv(command: Command, index: int, root: str) -> list[str]:
     return [PYTHON, code]
   extra = (SHRINK.get(command.program, [])  # a program with no row fails the coverage test
            + SHRINK_CONFIG.get((command.config, command.program), []))
-  for key in _keys(command.args):
-    extra += SHRINK_FLAG.get((command.program, key), [])
+  keys = _keys(command.args)
+  for key in keys:  # in the order the command gives them: a row at its last argument
+    extra += [arg for row, args in SHRINK_FLAG.items()
+              if row[0] == command.program and row[-1] == key and set(row[1:]) <= set(keys)
+              for arg in args]
   argv = [command.program]
   for arg in (*command.args, *extra):
     name, sep, value = arg.partition("=")

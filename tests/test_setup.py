@@ -294,6 +294,25 @@ def test_serve_limits_come_from_the_serve_section(monkeypatch):
     server.images(c)
 
 
+def test_vision_fields_override_the_presets_encoder_and_need_one():
+  # Given a Gemma 3 vision preset at a small vocabulary, where its image ids do not fit,
+  from configs import common
+  c = common.base()
+  c.model = common.model_section(preset="gemma3_4b_vision", vocab_size=512)
+  c.engine.k = 0
+  with pytest.raises(setup.SetupError, match="vision token ids .* outside the vocabulary"):
+    setup.resolve(c, need_weights=False)
+  # fields.vision.* move the image block's delimiters into it, the rest of the encoder kept;
+  c.model.fields.vision.update(start_id=500, end_id=501)
+  vision = setup.resolve(c, need_weights=False).target.cfg.vision
+  assert vision == config_lib.PRESETS["gemma3_4b_vision"].vision.replace(start_id=500,
+                                                                          end_id=501)
+  # and a preset without an encoder refuses them rather than growing one.
+  c.model.preset = "gemma3_4b"
+  with pytest.raises(setup.SetupError, match="preset 'gemma3_4b' has no vision encoder"):
+    setup.resolve(c, need_weights=False)
+
+
 def test_a_checkpoint_that_does_not_exist_is_a_setup_error(tmp_path):
   with pytest.raises(setup.SetupError, match="target"):
     setup.load_checkpoints(str(tmp_path / "nope"),

@@ -15,8 +15,10 @@ JAX's tracing configuration. Programs that differ in any of these never share an
 close over nothing else (no Engine: an entry would keep its device state alive). The code is
 checked too: an entry is used only while every module-level name of spec_tpu's modules still
 holds the object it held when the entry was traced (a monkeypatched function or constant, a
-reloaded module, model.accelerator_forms make new entries); changes to other packages' code
-within a process are not seen. Entries are dropped least recently used first past `max_size`;
+reloaded module, model.accelerator_forms make new entries); not seen: changes to other
+packages' code, class attributes rebound, the contents of a module-level dict or list changed in
+place, a module dropped from sys.modules and imported again. Static values compare by ==, so a
+setting given as 1, 1.0 or True is one key. Entries are dropped least recently used first past `max_size`;
 an Engine or Sampler keeps the programs it took for its own lifetime anyway.
 """
 

@@ -54,7 +54,8 @@ def one_device() -> Sampler:
 
 
 def _run(greedy_drafts: bool, seed: int, temperature=1.0, top_k=0, top_p=1.0, sampler=None):
-  # By default a Sampler of its own: its programs are traced afresh (a monkeypatched rule takes).
+  # By default a Sampler of its own (a monkeypatched rule rebinds a module-level name, so the
+  # process's program cache traces its programs afresh).
   result = (sampler or Sampler(pair())).generate(
       [ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=K, seed=seed,
       sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),

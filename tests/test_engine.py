@@ -58,9 +58,11 @@ def _target_logits(seq):
 @pytest.fixture(scope="module")
 def toy_engine():
   """The toy pair, K = 3 fixed, 128 slots filled up to 4 prompts per insert call, with the
-  sampling controls and top-3 logprobs compiled in (as launch.serve builds it). Compiled
-  programs are per engine: the toy-pair tests share this one, requests with and without
-  controls or logprobs alike."""
+  sampling controls and top-3 logprobs compiled in (as launch.serve builds it): the toy-pair
+  tests share this one, requests with and without controls or logprobs alike. An engine built
+  without the controls (as the offline runner builds it) is checked by test_coupling.py (its
+  tokens at every K are the Sampler's, whose law test_exactness.py checks) and
+  test_ngram.py."""
   return Engine(_toy_sampler().pair, num_slots=128, max_len=32, k=3, adaptive_k=False,
                 max_top_k=4, prefill_rows=4, controls=True, max_logit_bias=4, logprobs_k=3)
 

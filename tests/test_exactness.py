@@ -500,7 +500,8 @@ def test_wrong_acceptance_rules_fail_the_same_test(monkeypatch):
   # Given the loop with a broken accept(); then the statistic used above rejects it outright,
   # on half the batch each.
   monkeypatch.setattr(rejection, "accept", _wrong_by_row)
-  # A fresh Sampler: compiled programs are cached per instance, so this one traces the patch.
+  # The patch rebinds a module-level name, so the process's program cache (program_cache.py)
+  # traces this Sampler's programs afresh.
   sampler = Sampler.from_params(target_params(), TARGET, draft_params=draft_params(), draft_cfg=DRAFT)
   tokens = _full_rows(_same_prompt(sampler, 3, seed=13))
   for name, rows in [("always_accept", tokens[0::2]), ("resample_from_target", tokens[1::2])]:

@@ -189,9 +189,9 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [9, 8, 7, 3, 3, 1, 0, 2], [
 
 
 def _numpy_params(cfg, seed):
-  """Random weights as model.init_params makes them (identity norms, layer scalars 1, the rest
-  normal over sqrt(d_model)), drawn by numpy: jitting model.init_params for these models costs
-  ~4 CPU-s of XLA compile."""
+  """Random weights of model.init_params's shapes and dtypes (identity norms, layer scalars 1,
+  the rest normal over sqrt(d_model), not init_params's per-weight fan-in scales), drawn by
+  numpy: jitting model.init_params for these models costs ~4 CPU-s of XLA compile."""
   rng = np.random.default_rng(seed)
 
   def draw(path, s):

@@ -215,9 +215,10 @@ def sources_engine(single):
 
 def test_hybrid_engine_greedy_equals_autoregressive_after_the_draft_catches_up(single,
                                                                                sources_engine):
-  # Given an engine drafting with hybrid whose steps run at K = 0 two in every four (the draft
-  # model is not run, so it falls behind and must catch up before speculating), requests
-  # entering its slots at K = 0 and K = 2 steps alike,
+  # Given an engine drafting with hybrid (the pair's n-gram settings, at K = 2: the file's
+  # HYBRID source at K = 3 is the Sampler tests') whose steps run at K = 0 two in every four
+  # (the draft model is not run, so it falls behind and must catch up before speculating),
+  # requests entering its slots at K = 0 and K = 2 steps alike,
   from spec_tpu.serving import GenerationParams
   n = 64
   prompts = ex.GREEDY_PROMPTS[:n]

@@ -153,7 +153,8 @@ def test_int8_pair_follows_the_int8_target_law(int8_pair):
   prompt = jnp.asarray([ex.PROMPT], jnp.int32)
   first_float = jax.nn.softmax(jax.jit(model.forward_full, static_argnums=1)(
       ex.target_params(), ex.TARGET, prompt)[0, -1])
-  assert np.abs(law_int8.sum(axis=(1, 2, 3, 4)) - first_float).max() > 1e-6, \
+  # (above two programs' rounding: int8 moves these probabilities by far more)
+  assert np.abs(law_int8.sum(axis=(1, 2, 3, 4)) - first_float).max() > 1e-3, \
       "quantization did not change the model"
   result = int8_pair.generate([ex.PROMPT] * ex.BATCH, max_new_tokens=ex.MAX_NEW, k=3, seed=41)
   p, each = ex.exactness_pvalue(ex._full_rows(result), target="int8_target")

@@ -413,6 +413,9 @@ class Engine:
         requests[-1].prefill_group = group
         self._next_id += 1
       self._queue.extend(requests)
+      # The gauge follows every submit, not only the engine thread's steps: a scrape during a
+      # long device call sees the queue as it is.
+      self.metrics.set(queue_length=len(self._queue))
       self._lock.notify_all()
     return requests
 

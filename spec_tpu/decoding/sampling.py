@@ -236,13 +236,17 @@ def sample(key, probs_bv, block: int | None = None):
         default=lambda k, p: sample(k, p, p.shape[-1]))
   v = probs_bv.shape[-1]
   block = max(1, min(block, v))
-  nb = -(-v // block)
   probs = probs_bv.astype(F32)
+  u = uniform(key, probs_bv.shape[:-1])[..., None]
+  if block == v:  # one running sum: no block to choose, so no gather of the rows
+    r = u * jnp.sum(probs, axis=-1, keepdims=True)
+    return _first_above(jnp.cumsum(probs, axis=-1), r, probs > 0).astype(jnp.int32)
+  nb = -(-v // block)
   probs = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, nb * block - v)])
   blocks = probs.reshape(probs.shape[:-1] + (nb, block))
   mass = jnp.sum(blocks, axis=-1)
   cdf = jnp.cumsum(mass, axis=-1)
-  r = uniform(key, probs_bv.shape[:-1])[..., None] * cdf[..., -1:]
+  r = u * cdf[..., -1:]
   j = _first_above(cdf, r, mass > 0)
   before = jnp.take_along_axis(cdf - mass, j[..., None], axis=-1)
   inside = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]

@@ -149,12 +149,6 @@ def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
   return [TokenLogprob(t, token[j], tuple(zip(ids[j], lps[j]))) for j, t in enumerate(tokens)]
 
 
-@functools.lru_cache(maxsize=64)
-def _abstract_state(spec: decode.LoopSpec, num_slots: int) -> decode.State:
-  """The resident state's shapes and dtypes, traced once per (spec, slots) in a process."""
-  return jax.eval_shape(functools.partial(decode.init_state, spec, num_slots))
-
-
 def _insert(spec: decode.LoopSpec, with_draft: bool, *args):
   """The insert program: decode.insert's arguments, then the prompts' images when it takes
   them (a module-level function: the process-wide program cache keys on it)."""
@@ -300,7 +294,8 @@ class Engine:
     self._programs = {}
     mesh, rules = pair.mesh, pair.target_rules
     self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
-    self._abstract = _abstract_state(self._spec, self.num_slots)
+    self._abstract = jax.eval_shape(functools.partial(decode.init_state, self._spec,
+                                                      self.num_slots))
     if self.grammar_states:
       self.grammar_pool_bytes = sum(x.size * x.dtype.itemsize
                                     for x in jax.tree.leaves(self._abstract.grammar_pool))

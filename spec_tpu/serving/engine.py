@@ -149,6 +149,12 @@ def _token_logprobs(tokens, logprobs: decode.Logprobs, top: int | None
   return [TokenLogprob(t, token[j], tuple(zip(ids[j], lps[j]))) for j, t in enumerate(tokens)]
 
 
+@functools.lru_cache(maxsize=64)
+def _abstract_state(spec: decode.LoopSpec, num_slots: int) -> decode.State:
+  """The resident state's shapes and dtypes, traced once per (spec, slots) in a process."""
+  return jax.eval_shape(functools.partial(decode.init_state, spec, num_slots))
+
+
 def _insert(spec: decode.LoopSpec, with_draft: bool, *args):
   """The insert program: decode.insert's arguments, then the prompts' images when it takes
   them (a module-level function: the process-wide program cache keys on it)."""
@@ -294,8 +300,7 @@ class Engine:
     self._programs = {}
     mesh, rules = pair.mesh, pair.target_rules
     self._row = lambda *shape: sharding.batch_sharding(mesh, shape, rules)
-    self._abstract = jax.eval_shape(functools.partial(decode.init_state, self._spec,
-                                                      self.num_slots))
+    self._abstract = _abstract_state(self._spec, self.num_slots)
     if self.grammar_states:
       self.grammar_pool_bytes = sum(x.size * x.dtype.itemsize
                                     for x in jax.tree.leaves(self._abstract.grammar_pool))
@@ -408,9 +413,7 @@ class Engine:
         requests[-1].prefill_group = group
         self._next_id += 1
       self._queue.extend(requests)
-      # The gauge follows every submit, not only the engine thread's steps: a scrape during a
-      # long device call sees the queue as it is.
-      self.metrics.set(queue_length=len(self._queue))
+      self._queue_changed()
       self._lock.notify_all()
     return requests
 
@@ -617,6 +620,7 @@ class Engine:
   def _abort_all(self, error):
     with self._lock:
       queued, self._queue = list(self._queue), collections.deque()
+      self._queue_changed()
       scoring, self._scoring = self._scoring, []
     for _, _, future in scoring:
       future.set_exception(RuntimeError("the engine stopped before scoring the prompt"))
@@ -650,7 +654,13 @@ class Engine:
           self._request_tables[r.id] = table
         taken.append(r)
       self._queue.extendleft(reversed(waiting))
+      self._queue_changed()
     return taken
+
+  def _queue_changed(self):
+    """The queue-length gauge follows the queue itself (called under self._lock), not only the
+    engine thread's steps: a scrape during a long device call sees the queue as it is."""
+    self.metrics.set(queue_length=len(self._queue))
 
   def _admit(self, with_draft: bool | None = None):
     free = [i for i, s in enumerate(self._slots) if s is None]
@@ -1069,7 +1079,7 @@ class Engine:
       self._grammar_program()
 
   def _publish_gauges(self):
-    g = dict(queue_length=len(self._queue), active_slots=self.active_slots,
+    g = dict(active_slots=self.active_slots,
              slots=self.num_slots, k=self.k, rounds_per_step=self.pacing.rounds(self.k))
     if self.grammar_states:
       g.update(grammar_tables_in_use=self._tables.in_use, grammar_tables=self.grammar_tables,

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.kernels import amx
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layers
 from spec_tpu.models import layout
@@ -603,14 +604,17 @@ def _scan_groups(body, init, stacked_params):
   A stacked weight's layer slice is a copy on XLA:CPU (its matmuls take whole buffers): inside
   the scan, every weight of every layer was copied out of its stack at every step (40% of a
   batch-8 matmul's time, docs/cpu.md). Unrolled, the slices are fixed, and loop-invariant code
-  motion takes them out of the decode loop: the weights are copied once per program. Elsewhere
-  the scan keeps one group's code in the program whatever the depth.
+  motion takes them out of the decode loop: the weights are copied once per program, and packed
+  once for the AMX kernel (kernels/amx.py) but in a stack of one layer, where XLA leaves the
+  packing in the loop (amx.held_off). Elsewhere the scan keeps one group's code in the program
+  whatever the depth.
   """
   scan = lambda unroll: jax.lax.scan(body, init, stacked_params, unroll=unroll)  # noqa: E731
   groups = jax.tree.leaves(stacked_params)[0].shape[0]
   if _nbytes(stacked_params) // groups < CPU_COPY_MIN_BYTES:
     return scan(1)
-  return jax.lax.platform_dependent(cpu=lambda: scan(True), default=lambda: scan(1))
+  with amx.held_off() if groups == 1 else contextlib.nullcontext():
+    return jax.lax.platform_dependent(cpu=lambda: scan(True), default=lambda: scan(1))
 
 
 def _run_layers(cfg: ModelConfig, params, x_btd, ctx: _Context, cache, unrolled: bool,

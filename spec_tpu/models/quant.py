@@ -29,11 +29,14 @@ step, never read whole), so it stays in the model dtype; norms and biases always
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spec_tpu.kernels import amx
 
 F32 = jnp.float32
 INT8 = "int8"
@@ -102,9 +105,29 @@ def einsum(spec: str, x, w, *, preferred_element_type=None):
         or not _is_product(spec)):
       return plain(x, w)
     return jax.lax.platform_dependent(
-        x, w, cpu=lambda x, w: _natural_dot(spec, x, w, None, x.dtype), default=plain)
+        x, w, cpu=lambda x, w: _cpu_dot(spec, x, w), default=plain)
   return _natural_dot(spec, x, w["w"].astype(x.dtype), w["scale"],
                       preferred_element_type or x.dtype)
+
+
+def _cpu_dot(spec: str, x, w):
+  """A bfloat16 product on CPU: through the AMX kernel (kernels/amx.py) on a weight packed
+  for it where the CPU has AMX and the shapes fit its tiles, else XLA's dot asked for float32.
+  Both sum the float32 products of the same operands and round once to bfloat16."""
+  inputs, out = spec.replace(" ", "").split("->")
+  xs, ws = inputs.split(",")
+  contract = [c for c in ws if c in xs]
+  x_free, w_free = [c for c in xs if c in out], [c for c in ws if c in out]
+  size = lambda axes, names, a: math.prod(a.shape[names.index(c)] for c in axes)  # noqa: E731
+  m, k, n = size(x_free, xs, x), size(contract, xs, x), size(w_free, ws, w)
+  if not (m and amx.available() and amx.fits(k, n)):
+    return _natural_dot(spec, x, w, None, x.dtype)
+  x_mk = jnp.transpose(x, [xs.index(c) for c in x_free + contract]).reshape(m, k)
+  w_kn = jnp.transpose(w, [ws.index(c) for c in contract + w_free]).reshape(k, n)
+  y = amx.matmul(x_mk, amx.pack(w_kn), n).astype(x.dtype)
+  natural = "".join(x_free + w_free)
+  y = y.reshape([x.shape[xs.index(c)] for c in x_free] + [w.shape[ws.index(c)] for c in w_free])
+  return y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
 
 
 def _is_product(spec: str) -> bool:

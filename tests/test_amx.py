@@ -1,0 +1,89 @@
+"""The AMX matmul (spec_tpu/kernels): its products against float64 sums, quant.einsum through it
+against XLA's dot, and a model's logits through it against XLA's, at shapes that take one and
+several work items and both pool threads. Skipped where the CPU has no AMX or no C++ compiler
+builds the kernel."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from spec_tpu.kernels import amx
+from spec_tpu.models import quant
+
+pytestmark = pytest.mark.skipif(amx._load() is None, reason="no AMX kernel on this machine")
+
+
+@pytest.fixture(autouse=True)
+def one_device(monkeypatch):
+  # The suite simulates 8 CPU devices, where the kernel stands aside (amx.available); these
+  # programs run on one.
+  monkeypatch.setattr(amx, "_one_cpu_device", lambda: True)
+
+
+def _bf16(rng, shape, scale=1.0):
+  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 32, 64), (8, 512, 1408), (17, 64, 192), (40, 96, 256)])
+def test_matmul_sums_the_products_in_float32(m, k, n):
+  rng = np.random.default_rng(m + k + n)
+  x, w = _bf16(rng, (m, k)), _bf16(rng, (k, n), 0.05)
+  got = np.asarray(jax.jit(lambda x, w: amx.matmul(x, amx.pack(w), n))(x, w))
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  # bf16 x bf16 products are exact in float32; only the float32 running sums round.
+  assert got.shape == (m, n) and got.dtype == np.float32
+  np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6 * k * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("btd,df->btf", (2, 3, 64), (64, 128)),          # a feed-forward weight
+    ("btd,hde->bthe", (2, 3, 64), (2, 64, 32)),      # heads-major query projection
+    ("bthe,hed->btd", (2, 3, 2, 32), (2, 32, 64)),   # output projection over two axes
+    ("btd,vd->btv", (2, 3, 64), (192, 64)),          # a tied head: the weight transposed
+])
+def test_einsum_matches_xla_dot(spec, x_shape, w_shape, monkeypatch):
+  rng = np.random.default_rng(0)
+  x, w = _bf16(rng, x_shape), _bf16(rng, w_shape, 0.1)
+  run = jax.jit(lambda x, w: quant.einsum(spec, x, w))
+  with_amx = run(x, w)
+  assert "spec_tpu_amx_matmul" in run.lower(x, w).as_text()
+  monkeypatch.setattr(amx, "ENABLED", False)
+  jax.clear_caches()
+  xla = jax.jit(lambda x, w: quant.einsum(spec, x, w))
+  assert "spec_tpu_amx_matmul" not in xla.lower(x, w).as_text()
+  expected = xla(x, w)
+  assert with_amx.shape == expected.shape and with_amx.dtype == expected.dtype == jnp.bfloat16
+  # The same float32 sums up to their order, rounded once to bfloat16: a last-bit difference
+  # at most, where a sum sits on a rounding boundary.
+  np.testing.assert_allclose(np.asarray(with_amx, np.float32), np.asarray(expected, np.float32),
+                             rtol=2 ** -7, atol=1e-6)
+
+
+def test_shapes_off_the_tiles_and_held_off_products_keep_xla_dot():
+  x = jnp.ones((2, 48), jnp.bfloat16)
+  off_tiles = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
+  assert "spec_tpu_amx_matmul" not in off_tiles.lower(x, jnp.ones((48, 64), jnp.bfloat16)).as_text()
+  with amx.held_off():
+    held = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
+    text = held.lower(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.bfloat16)).as_text()
+  assert "spec_tpu_amx_matmul" not in text
+
+
+def test_model_logits_through_the_kernel_match_xla(monkeypatch):
+  # A tiny bfloat16 model whose every product fits the tiles (64-wide, heads of 16).
+  from spec_tpu.models import config, model
+  cfg = config.get_preset("tiny").replace(dtype="bfloat16", d_model=64, ffw_dim=128,
+                                           head_dim=16, num_heads=4, num_kv_heads=4)
+  params = model.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+  run = jax.jit(model.forward_full, static_argnums=1)
+  assert "spec_tpu_amx_matmul" in run.lower(params, cfg, tokens).as_text()
+  with_amx = np.asarray(run(params, cfg, tokens))
+  monkeypatch.setattr(amx, "ENABLED", False)
+  jax.clear_caches()
+  xla = np.asarray(jax.jit(model.forward_full, static_argnums=1)(params, cfg, tokens))
+  # Equal sums up to their order, so bfloat16 activations may round apart now and then.
+  np.testing.assert_allclose(with_amx, xla, rtol=0, atol=0.02 * np.abs(xla).max())
+  assert np.mean(np.argmax(with_amx, -1) == np.argmax(xla, -1)) > 0.9

@@ -61,6 +61,21 @@ def test_einsum_matches_xla_dot(spec, x_shape, w_shape, monkeypatch):
                              rtol=2 ** -7, atol=1e-6)
 
 
+def test_float32_logits_match_xla_dot(monkeypatch):
+  # The head's product asks for float32 (model.logits_of_hidden): the kernel's sums unrounded.
+  rng = np.random.default_rng(1)
+  x, w = _bf16(rng, (2, 3, 64)), _bf16(rng, (192, 64), 0.1)
+  run = jax.jit(lambda x, w: quant.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32))
+  assert "spec_tpu_amx_matmul" in run.lower(x, w).as_text()
+  got = run(x, w)
+  monkeypatch.setattr(amx, "ENABLED", False)
+  jax.clear_caches()
+  expected = jax.jit(lambda x, w: quant.einsum("btd,vd->btv", x, w,
+                                               preferred_element_type=jnp.float32))(x, w)
+  assert got.dtype == expected.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
 def test_shapes_off_the_tiles_and_held_off_products_keep_xla_dot():
   x = jnp.ones((2, 48), jnp.bfloat16)
   off_tiles = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))

@@ -97,23 +97,27 @@ def einsum(spec: str, x, w, *, preferred_element_type=None):
   bfloat16 result, XLA:CPU converts both operands to float32 first: a float32 copy of every
   weight written and read again at every step, which cost more than the products themselves
   at batch 8 (docs/cpu.md). Given bf16 operands and a float32 result it multiplies them as they
-  lie (the same float32 sums, rounded once). Other platforms keep the plain einsum.
+  lie (the same float32 sums, rounded once). On CPUs with AMX it is the AMX kernel's product
+  on a weight packed once per program instead (`_cpu_dot`). Other platforms keep the plain
+  einsum.
   """
   if not is_quantized(w):
     plain = lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)  # noqa: E731
-    if (preferred_element_type is not None or not x.dtype == w.dtype == jnp.bfloat16
+    if (preferred_element_type not in (None, F32) or not x.dtype == w.dtype == jnp.bfloat16
         or not _is_product(spec)):
       return plain(x, w)
+    out_dtype = preferred_element_type or x.dtype
     return jax.lax.platform_dependent(
-        x, w, cpu=lambda x, w: _cpu_dot(spec, x, w), default=plain)
+        x, w, cpu=lambda x, w: _cpu_dot(spec, x, w, out_dtype), default=plain)
   return _natural_dot(spec, x, w["w"].astype(x.dtype), w["scale"],
                       preferred_element_type or x.dtype)
 
 
-def _cpu_dot(spec: str, x, w):
-  """A bfloat16 product on CPU: through the AMX kernel (kernels/amx.py) on a weight packed
-  for it where the CPU has AMX and the shapes fit its tiles, else XLA's dot asked for float32.
-  Both sum the float32 products of the same operands and round once to bfloat16."""
+def _cpu_dot(spec: str, x, w, out_dtype):
+  """A bfloat16 product on CPU, returned as out_dtype (bfloat16, or float32 for logits): through
+  the AMX kernel (kernels/amx.py) on a weight packed for it where the CPU has AMX and the
+  shapes fit its tiles, else XLA's dot asked for float32. Both sum the float32 products of the
+  same operands (rounded once to bfloat16 for a bfloat16 result)."""
   inputs, out = spec.replace(" ", "").split("->")
   xs, ws = inputs.split(",")
   contract = [c for c in ws if c in xs]
@@ -121,10 +125,10 @@ def _cpu_dot(spec: str, x, w):
   size = lambda axes, names, a: math.prod(a.shape[names.index(c)] for c in axes)  # noqa: E731
   m, k, n = size(x_free, xs, x), size(contract, xs, x), size(w_free, ws, w)
   if not (m and amx.available() and amx.fits(k, n)):
-    return _natural_dot(spec, x, w, None, x.dtype)
+    return _natural_dot(spec, x, w, None, out_dtype)
   x_mk = jnp.transpose(x, [xs.index(c) for c in x_free + contract]).reshape(m, k)
   w_kn = jnp.transpose(w, [ws.index(c) for c in contract + w_free]).reshape(k, n)
-  y = amx.matmul(x_mk, amx.pack(w_kn), n).astype(x.dtype)
+  y = amx.matmul(x_mk, amx.pack(w_kn), n).astype(out_dtype)
   natural = "".join(x_free + w_free)
   y = y.reshape([x.shape[xs.index(c)] for c in x_free] + [w.shape[ws.index(c)] for c in w_free])
   return y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])

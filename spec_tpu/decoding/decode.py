@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.kernels import amx
 from spec_tpu.models import assistant as assistant_lib
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import model
@@ -595,7 +596,8 @@ def _draft(spec: LoopSpec, draft_params, state: State, randomness_bn, forced_bn,
   def step(carry, xs):
     dc, x, counts, g, refused = carry
     j, randomness_b = xs
-    logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
+    with amx.held_off():  # a loop inside the decode loop: the packing would stay in it
+      logits, dc = model.forward(draft_params, spec.draft, x[:, None], dc)
     if counts is not None:  # the drafted prefix's own tokens count too
       counts = _count(counts, x[:, None], one)
     nxt, p, g, r = choose(j, randomness_b, logits[:, 0], counts, g)

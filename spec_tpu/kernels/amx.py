@@ -52,10 +52,11 @@ def _one_cpu_device() -> bool:
 @contextlib.contextmanager
 def held_off():
   """Products traced inside keep XLA's dot. For weights whose packing XLA would redo at every
-  step of a decode loop: loop-invariant code motion takes a weight's packing out of the loop
-  when the weight is a layer's slice of a stack of several, but not when the stack holds one
-  layer (its slice is a bare reshape, and XLA:CPU leaves the transpose after it in the loop),
-  and XLA's transpose there costs more than YNNPACK's packing."""
+  step of a decode loop, where XLA's transpose costs more than YNNPACK's packing: loop-invariant
+  code motion takes a weight's packing out of the loop when the weight is a layer's slice of a
+  stack of several, or a weight of its own (a head), but not when the stack holds one layer
+  (its slice is a bare reshape; XLA:CPU leaves the transpose after it in the loop), nor out of
+  a loop inside the decode loop (a draft's steps after its first)."""
   _tracing.held_off = getattr(_tracing, "held_off", 0) + 1
   try:
     yield

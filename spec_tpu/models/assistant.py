@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from spec_tpu.kernels import amx
 from spec_tpu.models import cache as cache_lib
 from spec_tpu.models import layout, model, quant
 from spec_tpu.models.config import AssistantConfig, ModelConfig  # noqa: F401 (re-export)
@@ -92,7 +93,8 @@ def draft(params, acfg: AssistantConfig, target_params, target: ModelConfig,
   writes nothing."""
   def one(state, key_b):
     token, hidden, extra = state
-    logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
+    with amx.held_off():  # a loop inside the decode loop: the packing would stay in it
+      logits, hidden = step(params, acfg, target_params, target, cache, token, hidden)
     nxt, p, extra = propose(key_b, logits, extra)
     return (nxt, hidden, extra), (nxt, p)
 

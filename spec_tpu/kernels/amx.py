@@ -125,8 +125,16 @@ def _build(compiler: str) -> str | None:
   return path
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()  # one build and one registration when threads trace at once
+
+
 def _load():
+  with _LOAD_LOCK:
+    return _load_once()
+
+
+@functools.cache
+def _load_once():
   """The loaded library, registered as an XLA:CPU custom call; None where it cannot run."""
   if not _cpu_has_amx():
     return None

@@ -10,8 +10,9 @@ A program is `fn(*static, *args)` under jax.jit with the given shardings and don
 compiled with the given compiler options. Its key holds everything the executable depends on:
 fn itself (a module-level function), the static values (hashable: a LoopSpec, flags, a
 ModelConfig), each argument's tree structure and every leaf's shape, dtype, weak type and
-sharding, the jit options (in and out shardings, donated arguments), the compiler options and
-JAX's tracing configuration. Programs that differ in any of these never share an entry; fn must
+sharding, the jit options (in and out shardings, donated arguments), the compiler options,
+JAX's tracing configuration and whether the AMX kernel may be traced in (kernels/amx.py).
+Programs that differ in any of these never share an entry; fn must
 close over nothing else (no Engine: an entry would keep its device state alive). The code is
 checked too: an entry is used only while every module-level name of spec_tpu's modules still
 holds the object it held when the entry was traced (a monkeypatched function or constant, a
@@ -31,6 +32,8 @@ import threading
 from typing import Callable
 
 import jax
+
+from spec_tpu.kernels import amx
 # The configuration values jit's own caches key on (x64, matmul precision, ...).
 from jax._src.config import trace_context as _trace_context
 
@@ -57,7 +60,7 @@ class ProgramCache:
     key = (fn, tuple(static), _signature(args),
            tuple(sorted((name, _tree(value)) for name, value in jit_options.items())),
            None if compiler_options is None else tuple(sorted(compiler_options.items())),
-           _trace_context())
+           _trace_context(), amx.scope())
     with self._lock:
       entry = self._programs.get(key)
       if entry is not None and _unchanged(entry[1]):

@@ -3,6 +3,8 @@ against XLA's dot, and a model's logits through it against XLA's, at shapes that
 several work items and both pool threads. Skipped where the CPU has no AMX or no C++ compiler
 builds the kernel."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -18,8 +20,10 @@ pytestmark = pytest.mark.skipif(amx._load() is None, reason="no AMX kernel on th
 @pytest.fixture(autouse=True)
 def one_device(monkeypatch):
   # The suite simulates 8 CPU devices, where the kernel stands aside (amx.available); these
-  # programs run on one.
+  # programs run on one, traced where the kernel may be used (as Sampler.generate's are).
   monkeypatch.setattr(amx, "_one_cpu_device", lambda: True)
+  with amx.used():
+    yield
 
 
 def _bf16(rng, shape, scale=1.0):
@@ -76,14 +80,28 @@ def test_float32_logits_match_xla_dot(monkeypatch):
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
-def test_shapes_off_the_tiles_and_held_off_products_keep_xla_dot():
-  x = jnp.ones((2, 48), jnp.bfloat16)
-  off_tiles = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
-  assert "spec_tpu_amx_matmul" not in off_tiles.lower(x, jnp.ones((48, 64), jnp.bfloat16)).as_text()
+def test_shapes_off_the_tiles_many_rows_and_held_off_products_keep_xla_dot():
+  product = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
+  takes = lambda m, k, n: "spec_tpu_amx_matmul" in product.lower(  # noqa: E731
+      jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)).as_text()
+  assert takes(amx.MAX_ROWS, 64, 64)
+  assert not takes(2, 48, 64) and not takes(2, 64, 96)  # off the tiles
+  assert not takes(amx.MAX_ROWS + 1, 64, 64)  # a prefill's rows: YNNPACK's dot
   with amx.held_off():
     held = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
     text = held.lower(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.bfloat16)).as_text()
   assert "spec_tpu_amx_matmul" not in text
+
+
+def test_products_traced_outside_used_keep_xla_dot():
+  # The default (the engine's programs): another thread, outside this test's amx.used().
+  texts = []
+  traced = lambda: texts.append(jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w)).lower(  # noqa: E731
+      jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.bfloat16)).as_text())
+  thread = threading.Thread(target=traced)
+  thread.start()
+  thread.join()
+  assert len(texts) == 1 and "spec_tpu_amx_matmul" not in texts[0]
 
 
 def test_model_logits_through_the_kernel_match_xla(monkeypatch):

@@ -16,6 +16,7 @@ With a Gemma 4 assistant drafter (an AssistantConfig as the draft), the assistan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from spec_tpu.decoding import decode, prompts as prompts_lib
 from spec_tpu.decoding.draft_source import DraftSource
 from spec_tpu import program_cache, sharding
+from spec_tpu.kernels import amx
 from spec_tpu.models import model
 from spec_tpu.models.config import ModelConfig
 from spec_tpu.models.vision import image as image_lib, prompt as image_prompt
@@ -173,14 +175,17 @@ class Sampler:
                                                                self.target_cfg.dtype),
             jax.ShapeDtypeStruct((batch, soft_len, dd), self.draft_cfg.dtype)
             if draft_images else None)
-    return program_cache.compiled(
-        decode.generate, (spec,), args,
-        in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep, soft_sharding,
-                      draft_soft_sharding),
-        out_shardings=(rows(batch, max_new), rows(batch),
-                       decode.Stats(rows(batch), rows(batch), rows(batch, n), rows(batch, n),
-                                    rows(batch), rows(batch), rows(batch))),
-        compiler_options=self.pair.compiler_options())
+    # The AMX kernel's packing is paid once per call: worth it over a long enough generation.
+    kernel = amx.used() if max_new >= amx.MIN_STEPS else contextlib.nullcontext()
+    with kernel:
+      return program_cache.compiled(
+          decode.generate, (spec,), args,
+          in_shardings=(tp, dp, rows(batch, 1), rows(batch), rep, rep, rep, rep, soft_sharding,
+                        draft_soft_sharding),
+          out_shardings=(rows(batch, max_new), rows(batch),
+                         decode.Stats(rows(batch), rows(batch), rows(batch, n), rows(batch, n),
+                                      rows(batch), rows(batch), rows(batch))),
+          compiler_options=self.pair.compiler_options())
 
   def encode_images(self, images: Sequence) -> np.ndarray:
     """Soft tokens (u j d) of images (anything vision/image.py reads), the encoder compiled

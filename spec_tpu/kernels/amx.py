@@ -30,43 +30,71 @@ import jax.numpy as jnp
 SOURCE = os.path.join(os.path.dirname(__file__), "amx_matmul.cc")
 TARGET = "spec_tpu_amx_matmul"
 K_MULTIPLE, N_MULTIPLE = 32, 64  # the kernel's tiles: 32 contracted values, 4 x 16 outputs
+# Beyond this many rows YNNPACK's dot is as fast or faster: its per-call packing is paid back
+# over the rows (a prefill's), where the kernel streams the weights once per 16 of them.
+MAX_ROWS = 64
 
 ENABLED = True  # False: `available()` says no (tests compare against XLA's dot)
-_tracing = threading.local()  # held_off's depth, per tracing thread (the engine traces on its own)
+# Per tracing thread (the engine traces on its own): `used` and `held_off` depths.
+_tracing = threading.local()
+# A program packs every weight once per call, about 15 decode steps' worth of weight traffic on
+# the comparison pair: programs of fewer steps than this keep XLA's dot (Sampler._program).
+MIN_STEPS = 64
 
 
 def available() -> bool:
   """Whether `matmul` can run in this process (built, loaded, registered with XLA), the process
-  has one CPU device, and the kernel is not held off (`held_off`) for what is being traced.
+  has one CPU device, and what is being traced is inside `used()` and not `held_off()`.
 
   One device: XLA cannot partition a custom call, so in a program sharded over several
   (simulated) CPU devices it would gather every weight onto each of them."""
-  return (ENABLED and not getattr(_tracing, "held_off", 0) and _one_cpu_device()
+  return (ENABLED and _depth("used") > 0 and _depth("held_off") == 0 and _one_cpu_device()
           and _load() is not None)
+
+
+def scope() -> tuple[int, int]:
+  """The tracing thread's (used, held_off) depths: part of a compiled program's key."""
+  return _depth("used"), _depth("held_off")
+
+
+def _depth(name: str) -> int:
+  return getattr(_tracing, name, 0)
+
+
+@contextlib.contextmanager
+def _nested(name: str):
+  setattr(_tracing, name, _depth(name) + 1)
+  try:
+    yield
+  finally:
+    setattr(_tracing, name, _depth(name) - 1)
+
+
+def used():
+  """Products traced inside may take the kernel. For programs that run many decode steps per
+  call (Sampler.generate's): the packing is paid once per call. The engine's programs run a few
+  rounds per call, where packing every weight at every call made serving 2.5x slower."""
+  return _nested("used")
+
+
+def held_off():
+  """Products traced inside keep XLA's dot, even within `used()`. For weights whose packing XLA
+  would redo at every step of a decode loop, where XLA's transpose costs more than YNNPACK's
+  packing: loop-invariant code motion takes a weight's packing out of the loop when the weight
+  is a layer's slice of a stack of several, or a weight of its own (a head), but not when the
+  stack holds one layer (its slice is a bare reshape; XLA:CPU leaves the transpose after it in
+  the loop), nor out of a loop inside the decode loop (a draft's steps after its first)."""
+  return _nested("held_off")
 
 
 def _one_cpu_device() -> bool:
   return len(jax.devices("cpu")) == 1
 
 
-@contextlib.contextmanager
-def held_off():
-  """Products traced inside keep XLA's dot. For weights whose packing XLA would redo at every
-  step of a decode loop, where XLA's transpose costs more than YNNPACK's packing: loop-invariant
-  code motion takes a weight's packing out of the loop when the weight is a layer's slice of a
-  stack of several, or a weight of its own (a head), but not when the stack holds one layer
-  (its slice is a bare reshape; XLA:CPU leaves the transpose after it in the loop), nor out of
-  a loop inside the decode loop (a draft's steps after its first)."""
-  _tracing.held_off = getattr(_tracing, "held_off", 0) + 1
-  try:
-    yield
-  finally:
-    _tracing.held_off -= 1
-
-
-def fits(k: int, n: int) -> bool:
-  """Whether a [*, k] x [k, n] product has the kernel's tile multiples."""
-  return k % K_MULTIPLE == 0 and n % N_MULTIPLE == 0
+def fits(m: int, k: int, n: int) -> bool:
+  """Whether the kernel takes an [m, k] x [k, n] product: a decode step's few rows, on its tile
+  multiples."""
+  return 0 < m <= MAX_ROWS and k % K_MULTIPLE == 0 and n % N_MULTIPLE == 0
 
 
 def pack(w_kn):
@@ -84,7 +112,7 @@ def matmul(x_mk, packed, n: int):
 
 
 def _cpu_has_amx() -> bool:
-  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
     return False
   try:
     with open("/proc/cpuinfo") as f:

@@ -54,7 +54,7 @@ struct Work {
   const char* w;
   char* y;
   int64_t m, k, n;
-  int64_t items, n_items;  // n_items: 64-column items per 16-row band
+  int64_t items, bands;  // bands: 16-row bands of x, the inner order of the items
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -64,8 +64,9 @@ void Run(const std::shared_ptr<Work>& work) {
   int rows = -1;
   const int64_t kp = wk.k / 2;
   for (int64_t i = wk.next.fetch_add(1); i < wk.items; i = wk.next.fetch_add(1)) {
-    const int64_t m0 = (i / wk.n_items) * 16;
-    const int64_t nb = (i % wk.n_items) * 4;  // first 16-column block
+    // Band-major within a 64-column block: its 64 KiB of weights stay in cache for every band.
+    const int64_t m0 = (i % wk.bands) * 16;
+    const int64_t nb = (i / wk.bands) * 4;  // first 16-column block
     const int r = static_cast<int>(wk.m - m0 < 16 ? wk.m - m0 : 16);
     if (r != rows) {
       ConfigureTiles(r);
@@ -114,8 +115,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   work->m = xd[0];
   work->k = xd[1];
   work->n = yd[1];
-  work->n_items = work->n / 64;
-  work->items = ((work->m + 15) / 16) * work->n_items;
+  work->bands = (work->m + 15) / 16;
+  work->items = work->bands * (work->n / 64);
   if (work->items > 1 && pool.num_threads() > 1) {
     pool.Schedule([work] { Run(work); });
   }

@@ -116,7 +116,7 @@ def einsum(spec: str, x, w, *, preferred_element_type=None):
 def _cpu_dot(spec: str, x, w, out_dtype):
   """A bfloat16 product on CPU, returned as out_dtype (bfloat16, or float32 for logits): through
   the AMX kernel (kernels/amx.py) on a weight packed for it where the CPU has AMX and the
-  shapes fit its tiles, else XLA's dot asked for float32. Both sum the float32 products of the
+  product is a decode step's (amx.fits), else XLA's dot asked for float32. Both sum the float32 products of the
   same operands (rounded once to bfloat16 for a bfloat16 result)."""
   inputs, out = spec.replace(" ", "").split("->")
   xs, ws = inputs.split(",")
@@ -124,7 +124,7 @@ def _cpu_dot(spec: str, x, w, out_dtype):
   x_free, w_free = [c for c in xs if c in out], [c for c in ws if c in out]
   size = lambda axes, names, a: math.prod(a.shape[names.index(c)] for c in axes)  # noqa: E731
   m, k, n = size(x_free, xs, x), size(contract, xs, x), size(w_free, ws, w)
-  if not (m and amx.available() and amx.fits(k, n)):
+  if not (amx.fits(m, k, n) and amx.available()):
     return _natural_dot(spec, x, w, None, out_dtype)
   x_mk = jnp.transpose(x, [xs.index(c) for c in x_free + contract]).reshape(m, k)
   w_kn = jnp.transpose(w, [ws.index(c) for c in contract + w_free]).reshape(k, n)
